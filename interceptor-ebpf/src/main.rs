@@ -1,0 +1,340 @@
+//! Kernel half of interceptor.
+//!
+//! - `connect4`/`connect6` (cgroup/connect*): when the caller's cgroup or an ancestor is tagged
+//!   and the destination is an MCP server address, record who dialed what (by socket cookie) and
+//!   rewrite the destination to the proxy listener in the caller's network namespace; refuse the
+//!   connection (`ECONNREFUSED`) when there is no listener — never let it go direct.
+//! - `sock_ops`: when the redirected socket starts its handshake, publish the record under the
+//!   connection tuple the proxy will see from `accept()`.
+//! - `getpeername4`/`getpeername6`: give the agent back the address it dialed.
+//!
+//! All decisions come from maps the daemon fills; see `interceptor-common` for their layout.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        bpf_sock_addr,
+    },
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_set_retval,
+        },
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use interceptor_common::{
+    AF_INET, AF_INET6, Addr, BYPASS_MARK, ConnRecord, Listener, MAX_CGROUP_DEPTH, ServerValue,
+    TagValue, TupleKey, V4_MAPPED_WORD, capacity, stats,
+};
+
+#[map(name = "ICPT_TAGS")]
+static TAGS: HashMap<u64, TagValue> = HashMap::pinned(capacity::TAGS, 0);
+
+#[map(name = "ICPT_SERVERS")]
+static SERVERS: HashMap<Addr, ServerValue> = HashMap::pinned(capacity::SERVERS, 0);
+
+#[map(name = "ICPT_LISTENERS")]
+static LISTENERS: HashMap<u64, Listener> = HashMap::pinned(capacity::LISTENERS, 0);
+
+#[map(name = "ICPT_SOCKS")]
+static SOCKS: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(capacity::SOCKS, 0);
+
+#[map(name = "ICPT_CONNS")]
+static CONNS: LruHashMap<TupleKey, ConnRecord> = LruHashMap::pinned(capacity::CONNS, 0);
+
+#[map(name = "ICPT_STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+/// Return value of a cgroup sock_addr program that lets the call proceed.
+const PROCEED: i32 = 1;
+/// Return value that fails the call; the errno is what `bpf_set_retval` set (default EPERM).
+const REJECT: i32 = 0;
+
+const SOCK_STREAM: u32 = 1;
+const ECONNREFUSED: i32 = 111;
+const TCP_CLOSE: u32 = 7;
+/// 127.0.0.1 as the kernel stores `user_ip4` (network byte order in memory).
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ::1 as four network-order words.
+const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect::<false>(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect::<true>(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    try_getpeername::<false>(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername::<true>(&ctx);
+    PROCEED
+}
+
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    // sock_ops return values are ignored for the callbacks we use.
+    0
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Fail the `connect()` with `ECONNREFUSED`, as if nothing listened: the agent sees an ordinary
+/// refusal and its traffic never leaves towards the real server.
+#[inline(always)]
+fn refuse(counter: u32) -> Result<i32, i32> {
+    count(counter);
+    // SAFETY: helper call with a plain integer.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    Err(REJECT)
+}
+
+/// Is the current task's cgroup, or one of its ancestors, tagged?
+#[inline(always)]
+fn caller_is_tagged() -> bool {
+    // Bounded loop (the verifier accepts it on >= 5.3); level 0 is the root, and the helper
+    // returns 0 past the caller's own level.
+    for level in 0..MAX_CGROUP_DEPTH {
+        // SAFETY: helper call with a plain integer.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if TAGS.get_ptr(id).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+// V6 is a const parameter, not a runtime flag: with a runtime flag the compiler merges the v4
+// and v6 paths into one computed context offset, which the verifier rejects ("dereference of
+// modified ctx ptr").
+#[inline(always)]
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let v6 = V6;
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context pointer, valid for the whole call.
+    let (sock_type, user_port) = unsafe { ((*sa).type_, (*sa).user_port) };
+    if sock_type != SOCK_STREAM {
+        return Ok(PROCEED);
+    }
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = u16::from_be(user_port as u16);
+    let dst = if v6 {
+        // user_ip6 must be read one word at a time (the verifier rejects wider loads).
+        let ip = unsafe {
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ]
+        };
+        Addr::from_v6(ip, port)
+    } else {
+        Addr::from_v4(unsafe { (*sa).user_ip4 }, port)
+    };
+
+    let Some(server) = SERVERS.get_ptr(dst) else {
+        return Ok(PROCEED);
+    };
+    if !caller_is_tagged() {
+        return Ok(PROCEED);
+    }
+    // The daemon's own upstream sockets carry BYPASS_MARK (needs CAP_NET_ADMIN to set).
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    if !sk.is_null() && unsafe { (*sk).mark } == BYPASS_MARK {
+        return Ok(PROCEED);
+    }
+
+    // SAFETY: helpers that take the context pointer.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(listener) = (unsafe { LISTENERS.get(netns_cookie) }) else {
+        return refuse(stats::REFUSED_NO_LISTENER);
+    };
+    // A v4-mapped destination on a dual-stack socket becomes an IPv4 connection: it needs the
+    // IPv4 listener, addressed as ::ffff:127.0.0.1.
+    let mapped = v6 && dst.is_v4_mapped();
+    let proxy_port = if v6 && !mapped {
+        listener.port6
+    } else {
+        listener.port4
+    };
+    if proxy_port == 0 {
+        return refuse(stats::REFUSED_NO_LISTENER);
+    }
+
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let record = ConnRecord {
+        orig_dst: dst,
+        server_id: unsafe { (*server).server_id },
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        family: if v6 { AF_INET6 } else { AF_INET },
+        _pad: 0,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie,
+        socket_cookie,
+        connect_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    // Without a record the proxy could not tell who connected: refuse rather than redirect.
+    if SOCKS.insert(socket_cookie, record, 0).is_err() {
+        return refuse(stats::REFUSED_NO_RECORD);
+    }
+
+    let be_port = u32::from(proxy_port.to_be());
+    unsafe {
+        if v6 {
+            let target = if mapped {
+                [0, 0, V4_MAPPED_WORD, LOOPBACK4]
+            } else {
+                LOOPBACK6
+            };
+            // Word-sized stores only: the verifier rejects wider writes to user_ip6.
+            (*sa).user_ip6[0] = target[0];
+            (*sa).user_ip6[1] = target[1];
+            (*sa).user_ip6[2] = target[2];
+            (*sa).user_ip6[3] = target[3];
+        } else {
+            (*sa).user_ip4 = LOOPBACK4;
+        }
+        (*sa).user_port = be_port;
+    }
+    count(stats::REDIRECTED);
+    Ok(PROCEED)
+}
+
+#[inline(always)]
+fn try_getpeername<const V6: bool>(ctx: &SockAddrContext) {
+    let v6 = V6;
+    let sa = ctx.sock_addr;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(record) = (unsafe { SOCKS.get(cookie) }) else {
+        return;
+    };
+    let dst = record.orig_dst;
+    let be_port = u32::from(dst.port.to_be());
+    unsafe {
+        if v6 {
+            (*sa).user_ip6[0] = dst.ip[0];
+            (*sa).user_ip6[1] = dst.ip[1];
+            (*sa).user_ip6[2] = dst.ip[2];
+            (*sa).user_ip6[3] = dst.ip[3];
+        } else {
+            (*sa).user_ip4 = dst.ip[3];
+        }
+        (*sa).user_port = be_port;
+    }
+    count(stats::PEERNAME_REWRITTEN);
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // args[1] is the new state; the agent's socket is gone, and so is getpeername's need.
+        if ctx.arg(1) == TCP_CLOSE {
+            let _ = SOCKS.remove(cookie);
+        }
+        return;
+    }
+    // TCP_CONNECT_CB runs after the source port is chosen and before the SYN leaves, so the
+    // record is in place before the proxy can accept the connection.
+    let Some(record) = (unsafe { SOCKS.get(cookie) }) else {
+        return;
+    };
+    if ctx.family() == AF_INET6 {
+        publish::<true>(ctx, record);
+    } else {
+        publish::<false>(ctx, record);
+    }
+}
+
+/// Publishes `record` under the connection's tuple and asks for state callbacks.
+// Not inlined, one copy per family: inlined, the compiler merges the v4 and v6 address loads
+// into one load from a computed context offset, which the verifier rejects ("dereference of
+// modified ctx ptr"), volatile or not.
+#[inline(never)]
+fn publish<const V6: bool>(ctx: &SockOpsContext, record: &ConnRecord) {
+    // local_port is in host byte order; remote_port is the network-order port, which the
+    // kernel shifts into the upper 16 bits on little-endian machines.
+    let local_port = ctx.local_port() as u16;
+    let raw = ctx.remote_port();
+    let proxy_port = u16::from_be(if raw >> 16 != 0 { raw >> 16 } else { raw } as u16);
+    let client = if V6 {
+        let ops = ctx.ops;
+        // One volatile 4-byte load per word: the verifier rejects the 8-byte loads the
+        // compiler would otherwise combine them into.
+        let ip = unsafe {
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ]
+        };
+        Addr::from_v6(ip, local_port)
+    } else {
+        Addr::from_v4(ctx.local_ip4(), local_port)
+    };
+    let key = TupleKey {
+        netns_cookie: record.netns_cookie,
+        client,
+        proxy_port,
+        _pad: 0,
+    };
+    if CONNS.insert(key, *record, 0).is_ok() {
+        count(stats::PUBLISHED);
+    }
+    // Ask for state callbacks so the cookie record is dropped when the socket closes.
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

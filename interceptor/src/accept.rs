@@ -1,0 +1,163 @@
+//! Proxy listeners and the per-connection pipeline: accept → find the kernel record → identity →
+//! handle (relay). Listeners bind in [`Proxy::bind`], so a taken port fails at start-up.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use interceptor_common::{Addr, Listener, TupleKey};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{daemon::Daemon, identity::Identity, relay};
+
+/// The proxy's listening sockets in the daemon's network namespace.
+pub struct Proxy {
+    listeners: Vec<TcpListener>,
+    /// What the kernel needs to know to redirect here.
+    pub entry: Listener,
+}
+
+impl Proxy {
+    /// Binds `127.0.0.1:port` and, where IPv6 is available, `[::1]:port`.
+    pub async fn bind(port: u16) -> io::Result<Self> {
+        let v4 = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .await
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or \
+                         is the port taken? (daemon.listen_port)"
+                    ),
+                )
+            })?;
+        let mut entry = Listener {
+            port4: port,
+            ..Default::default()
+        };
+        let mut listeners = vec![v4];
+        match TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await {
+            Ok(v6) => {
+                entry.port6 = port;
+                listeners.push(v6);
+            }
+            // No IPv6 here: the kernel refuses IPv6 MCP connections rather than letting them
+            // go direct (port6 = 0).
+            Err(e) => {
+                warn!(error = %e, "no IPv6 listener on [::1]:{port}; IPv6 MCP connections will be refused")
+            }
+        }
+        Ok(Self { listeners, entry })
+    }
+
+    /// The network-namespace cookie of the listeners.
+    pub fn netns_cookie(&self) -> io::Result<u64> {
+        crate::netns::cookie_of(&self.listeners[0])
+    }
+
+    /// Accepts until the future is dropped.
+    pub async fn run(self, daemon: Arc<Daemon>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            tasks.spawn(accept_loop(listener, daemon.clone()));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+                let span = info_span!("conn", id);
+                tokio::spawn(serve(stream, peer, daemon.clone()).instrument(span));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed; retrying shortly");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One agent connection through the pipeline.
+async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
+    let counters = &daemon.counters;
+    let local_port = match stream.local_addr() {
+        Ok(a) => a.port(),
+        Err(e) => {
+            warn!(error = %e, "accepted socket has no local address; closing");
+            return;
+        }
+    };
+    let key = TupleKey {
+        netns_cookie: daemon.netns_cookie,
+        client: Addr::from(peer),
+        proxy_port: local_port,
+        _pad: 0,
+    };
+    let Some(record) = daemon.kernel.take_conn(&key) else {
+        counters.no_record.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            client.addr = %peer,
+            "no kernel record for this connection; closing it. Only connections the kernel \
+             redirected are served (a direct connection to the proxy port has no identity)"
+        );
+        return;
+    };
+    let identity = Identity::from_record(&record, std::path::Path::new("/proc"));
+    let Some(server) = daemon.config.server(record.server_id) else {
+        warn!(
+            server.id = record.server_id,
+            "record names an unknown server; closing"
+        );
+        return;
+    };
+    info!(
+        client.pid = identity.pid,
+        client.tid = identity.tid,
+        client.uid = identity.uid,
+        client.gid = identity.gid,
+        client.comm = %identity.comm,
+        client.exe = identity.exe.as_deref().unwrap_or("?"),
+        client.cgroup = identity.cgroup.as_deref().unwrap_or("?"),
+        client.cgroup_id = identity.cgroup_id,
+        client.process = %identity.liveness,
+        client.addr = %peer,
+        dst.original = %identity.original_dst,
+        server.name = %server.name,
+        server.upstream = %server.upstream,
+        "connection redirected"
+    );
+    let started = Instant::now();
+    counters.active.fetch_add(1, Ordering::Relaxed);
+    let result = match relay::connect_upstream(server).await {
+        Ok(upstream) => relay::relay(stream, upstream, server).await,
+        Err(e) => Err(e),
+    };
+    counters.active.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Ok(bytes) => {
+            counters.relayed_up.fetch_add(bytes.up, Ordering::Relaxed);
+            counters
+                .relayed_down
+                .fetch_add(bytes.down, Ordering::Relaxed);
+            debug!(
+                bytes.up = bytes.up,
+                bytes.down = bytes.down,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "connection closed"
+            );
+        }
+        Err(e) => {
+            counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, server.name = %server.name, "connection failed");
+        }
+    }
+}

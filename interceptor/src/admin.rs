@@ -1,0 +1,177 @@
+//! The admin socket: a Unix socket (mode 0600, root peers only) speaking one JSON request and
+//! one JSON response per line. `interceptor tag|untag|status` are its clients.
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::daemon::Daemon;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// A request to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Tag a cgroup (path relative to the cgroup v2 mount).
+    Tag { cgroup: String },
+    /// Remove a cgroup's tag.
+    Untag { cgroup: String },
+    /// Everything `status` shows.
+    Status,
+}
+
+/// The listening admin socket.
+pub struct AdminServer {
+    listener: UnixListener,
+}
+
+impl AdminServer {
+    /// Binds `path` (mode 0600). A leftover socket file from a dead daemon is replaced; a live
+    /// daemon answering on it is an error.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        if path.exists() {
+            if StdUnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another interceptor daemon answers on {}; stop it first, or give this \
+                         one its own daemon.admin_socket",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot bind admin socket {}: {e}", path.display()),
+            )
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Self { listener })
+    }
+
+    /// Serves requests until the future is dropped.
+    pub async fn run(self, daemon: Arc<Daemon>) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let daemon = daemon.clone();
+                    tokio::spawn(serve(stream, daemon).instrument(info_span!("admin")));
+                }
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
+    // The socket is 0600 already; checking the peer too keeps a mis-set mode from opening it.
+    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = TokioBufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
+    let response = if uid != 0 {
+        json!({"ok": false, "error": "the admin socket is for root only"})
+    } else {
+        match reader.read_line(&mut line).await {
+            Ok(_) => handle(&daemon, &line),
+            Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
+        }
+    };
+    let mut out = response.to_string();
+    out.push('\n');
+    if let Err(e) = write.write_all(out.as_bytes()).await {
+        debug!(error = %e, "admin client went away");
+    }
+}
+
+fn handle(daemon: &Daemon, line: &str) -> Value {
+    let request: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    let result = match request {
+        Request::Tag { cgroup } => daemon.tag(&cgroup).map(|t| json!(t)),
+        Request::Untag { cgroup } => daemon.untag(&cgroup).map(|t| json!(t)),
+        Request::Status => Ok(daemon.status()),
+    };
+    match result {
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+/// Errors of the admin client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon is not reachable.
+    #[error(
+        "cannot reach the interceptor daemon at {socket}: {error}; is `interceptor run --config …` \
+         running with this config (daemon.admin_socket)?"
+    )]
+    Connect { socket: PathBuf, error: io::Error },
+    /// The exchange broke or the answer was not JSON.
+    #[error("talking to the daemon at {socket}: {message}")]
+    Protocol { socket: PathBuf, message: String },
+    /// The daemon refused the request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the `result` of a successful answer.
+pub fn request(socket: &Path, request: &Request) -> Result<Value, ClientError> {
+    let protocol = |message: String| ClientError::Protocol {
+        socket: socket.to_owned(),
+        message,
+    };
+    let mut stream = StdUnixStream::connect(socket).map_err(|error| ClientError::Connect {
+        socket: socket.to_owned(),
+        error,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| protocol(e.to_string()))?;
+    let mut line = serde_json::to_string(request).map_err(|e| protocol(e.to_string()))?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| protocol(e.to_string()))?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(|e| protocol(e.to_string()))?;
+    let value: Value =
+        serde_json::from_str(&answer).map_err(|e| protocol(format!("bad answer: {e}")))?;
+    if value["ok"] == Value::Bool(true) {
+        Ok(value["result"].clone())
+    } else {
+        Err(ClientError::Refused(
+            value["error"]
+                .as_str()
+                .unwrap_or("unknown error")
+                .to_owned(),
+        ))
+    }
+}

@@ -1,0 +1,344 @@
+//! The kernel side as the daemon sees it: load the embedded object, attach its programs once at
+//! the configured cgroup, pin maps and links under bpffs (so a restart re-adopts them instead of
+//! attaching twice, and tags survive), and typed handles on the maps.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use interceptor_common::{
+    ConnRecord, Listener, ServerValue, TagValue, TupleKey, maps as names, programs, stats,
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::cgroup::{self, Hierarchy};
+
+/// The eBPF object built by `build.rs` from `interceptor-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
+
+/// Where bpffs is normally mounted; mounted there on demand.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// Errors setting up or using the kernel side.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `bpffs_dir` is not on a bpf filesystem and none could be mounted.
+    #[error(
+        "{dir} is not on a bpf filesystem ({message}); mount one with `mount -t bpf bpf {BPFFS_MOUNT}` \
+         or set daemon.bpffs_dir to a folder under a bpffs mount"
+    )]
+    Bpffs { dir: PathBuf, message: String },
+    /// A file or folder under bpffs could not be created or removed.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
+    /// The object could not be loaded (maps created or opened from their pins).
+    #[error(
+        "loading the eBPF object failed: {0}; interceptor needs root (CAP_BPF, CAP_NET_ADMIN) on \
+         Linux >= 5.15 with BTF"
+    )]
+    Load(Box<aya::EbpfError>),
+    /// A program could not be loaded into the kernel or attached.
+    #[error("program {name}: {error}")]
+    Program {
+        name: &'static str,
+        error: Box<ProgramError>,
+    },
+    /// A link could not be pinned.
+    #[error("pinning link {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    /// A map operation failed.
+    #[error("map {name}: {error}")]
+    Map {
+        name: &'static str,
+        error: Box<MapError>,
+    },
+    /// The attach cgroup is unusable.
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |e| Error::Map {
+        name,
+        error: Box::new(e),
+    }
+}
+
+/// One attached program, as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    pub program: &'static str,
+    pub link_id: u32,
+    pub program_id: u32,
+    /// True when the link was found pinned from an earlier run and kept.
+    pub adopted: bool,
+}
+
+/// The loaded kernel side: links held open, maps ready for use.
+pub struct Kernel {
+    pub attachments: Vec<Attachment>,
+    // Holding the links keeps them alive even if someone removes the pins meanwhile.
+    _links: Vec<FdLink>,
+    pub tags: Mutex<HashMap<MapData, u64, TagValue>>,
+    pub servers: Mutex<HashMap<MapData, interceptor_common::Addr, ServerValue>>,
+    pub listeners: Mutex<HashMap<MapData, u64, Listener>>,
+    pub conns: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
+    stats: PerCpuArray<MapData, u64>,
+    pub bpffs_dir: PathBuf,
+}
+
+/// Locks a map handle. A poisoned lock only means another task panicked mid-call; the map
+/// itself lives in the kernel and is still consistent.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Kernel {
+    /// Loads the object with its maps pinned under `bpffs_dir` (reusing existing pins) and makes
+    /// sure each program is attached exactly once at `attach_cgroup` of `hierarchy`.
+    pub fn install(
+        bpffs_dir: &Path,
+        hierarchy: &Hierarchy,
+        attach_cgroup: &str,
+    ) -> Result<Self, Error> {
+        ensure_bpffs(bpffs_dir)?;
+        let links_dir = bpffs_dir.join("links");
+        for dir in [bpffs_dir, links_dir.as_path()] {
+            std::fs::create_dir_all(dir).map_err(|error| Error::Io {
+                path: dir.to_owned(),
+                error,
+            })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpffs_dir)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+
+        let mut attachments = Vec::new();
+        let mut links = Vec::new();
+        for name in programs::ALL {
+            let pin = links_dir.join(name);
+            let (link, adopted) = match adopt(&pin) {
+                Some(link) => (link, true),
+                None => {
+                    let cgroup = hierarchy.open(attach_cgroup)?;
+                    (attach(&mut ebpf, name, cgroup, &pin)?, false)
+                }
+            };
+            let info = link.info().map_err(|e| Error::Pin {
+                path: pin.clone(),
+                message: e.to_string(),
+            })?;
+            attachments.push(Attachment {
+                program: name,
+                link_id: info.id(),
+                program_id: info.program_id(),
+                adopted,
+            });
+            links.push(link);
+        }
+
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(Error::Map {
+                name,
+                error: Box::new(MapError::InvalidName {
+                    name: name.to_owned(),
+                }),
+            })
+        };
+        let tags = take(names::TAGS)?;
+        let servers = take(names::SERVERS)?;
+        let listeners = take(names::LISTENERS)?;
+        let conns = take(names::CONNS)?;
+        let stats_map = take(names::STATS)?;
+        Ok(Self {
+            attachments,
+            _links: links,
+            tags: Mutex::new(HashMap::try_from(tags).map_err(map_err(names::TAGS))?),
+            servers: Mutex::new(HashMap::try_from(servers).map_err(map_err(names::SERVERS))?),
+            listeners: Mutex::new(HashMap::try_from(listeners).map_err(map_err(names::LISTENERS))?),
+            conns: Mutex::new(HashMap::try_from(conns).map_err(map_err(names::CONNS))?),
+            stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,
+            bpffs_dir: bpffs_dir.to_owned(),
+        })
+    }
+
+    /// Kernel counters summed over CPUs, by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        (0..stats::COUNT)
+            .map(|i| {
+                let total = self
+                    .stats
+                    .get(&i, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (stats::NAMES[i as usize], total)
+            })
+            .collect()
+    }
+
+    /// Takes (reads and removes) the record of the connection `key`.
+    pub fn take_conn(&self, key: &TupleKey) -> Option<ConnRecord> {
+        let mut conns = lock(&self.conns);
+        let record = conns.get(key, 0).ok()?;
+        // Consumed: a later connection reusing the tuple must not inherit this identity.
+        let _ = conns.remove(key);
+        Some(record)
+    }
+}
+
+/// A pinned link from an earlier run, if the pin exists and is a valid link.
+fn adopt(pin: &Path) -> Option<FdLink> {
+    if !pin.exists() {
+        return None;
+    }
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => {
+            info!(pin = %pin.display(), "re-adopting pinned link");
+            Some(FdLink::from(link))
+        }
+        Err(e) => {
+            warn!(pin = %pin.display(), error = %e, "stale link pin; replacing it");
+            let _ = std::fs::remove_file(pin);
+            None
+        }
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: std::fs::File,
+    pin: &Path,
+) -> Result<FdLink, Error> {
+    let prog_err = |e: ProgramError| Error::Program {
+        name,
+        error: Box::new(e),
+    };
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| prog_err(ProgramError::UnexpectedProgramType))?;
+    // aya 0.14 on kernels >= 5.7 attaches cgroup programs as BPF links, which always coexist;
+    // `Single` is the only mode the kernel accepts for links (AllowMultiple gives EINVAL).
+    let link: FdLink = if name == programs::SOCK_OPS {
+        let p: &mut SockOps = program.try_into().map_err(prog_err)?;
+        p.load().map_err(prog_err)?;
+        let id = p
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err)?;
+        p.take_link(id)
+            .map_err(prog_err)?
+            .try_into()
+            .map_err(|e: LinkError| Error::Pin {
+                path: pin.to_owned(),
+                message: e.to_string(),
+            })?
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
+        p.load().map_err(prog_err)?;
+        let id = p
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err)?;
+        p.take_link(id)
+            .map_err(prog_err)?
+            .try_into()
+            .map_err(|e: LinkError| Error::Pin {
+                path: pin.to_owned(),
+                message: e.to_string(),
+            })?
+    };
+    let pinned = link.pin(pin).map_err(|e| Error::Pin {
+        path: pin.to_owned(),
+        message: e.to_string(),
+    })?;
+    info!(program = name, pin = %pin.display(), "attached and pinned");
+    Ok(FdLink::from(pinned))
+}
+
+/// Makes sure `dir` is on bpffs, mounting bpffs at /sys/fs/bpf when that is where it belongs.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
+    let mount = Path::new(BPFFS_MOUNT);
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/"));
+    if cgroup::is_bpffs(probe) {
+        return Ok(());
+    }
+    if dir.starts_with(mount) && mount.is_dir() && !cgroup::is_bpffs(mount) {
+        nix::mount::mount(
+            Some("bpf"),
+            mount,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| Error::Bpffs {
+            dir: dir.to_owned(),
+            message: format!("mounting bpffs at {BPFFS_MOUNT} failed: {e}"),
+        })?;
+        info!("mounted bpffs at {BPFFS_MOUNT}");
+        return Ok(());
+    }
+    Err(Error::Bpffs {
+        dir: dir.to_owned(),
+        message: format!("{} is not bpffs", probe.display()),
+    })
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct Removed {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Detaches every pinned link and removes every pin under `bpffs_dir`. Interception stops for
+/// all tagged cgroups; tags are forgotten.
+pub fn uninstall(bpffs_dir: &Path) -> Result<Removed, Error> {
+    let mut removed = Removed::default();
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |error| Error::Io { path, error }
+    };
+    let links_dir = bpffs_dir.join("links");
+    for name in programs::ALL {
+        let pin = links_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        match PinnedLink::from_pin(&pin) {
+            // Unpinning drops the last reference the pin held: the link detaches when the
+            // returned fd closes (unless a running daemon still holds it).
+            Ok(link) => drop(link.unpin().map_err(io_err(&pin))?),
+            Err(_) => std::fs::remove_file(&pin).map_err(io_err(&pin))?,
+        }
+        removed.links.push(name.to_owned());
+    }
+    for name in names::ALL {
+        let pin = bpffs_dir.join(name);
+        if pin.exists() {
+            std::fs::remove_file(&pin).map_err(io_err(&pin))?;
+            removed.maps.push(name.to_owned());
+        }
+    }
+    for dir in [links_dir.as_path(), bpffs_dir] {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(dir)(e)),
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,488 @@
+//! The daemon's TOML configuration, in two layers: the raw serde layer ([`RawConfig`], which
+//! rejects unknown keys) and the validated [`Config`] with addresses resolved, produced once at
+//! load by [`Config::load`] / [`Config::parse`]. Errors name the file, the key and the fix.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, ToSocketAddrs},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Where the CLI looks for the config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/interceptor/interceptor.toml";
+/// Default proxy port on 127.0.0.1 and [::1].
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+/// Default bpffs folder for pinned maps and links.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/interceptor";
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/interceptor/admin.sock";
+
+/// A configuration problem, reported with the file and the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema (unknown key, wrong type).
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is well-formed TOML but not acceptable.
+    #[error("config {path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The file as written. Every table rejects keys it does not know.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub daemon: RawDaemon,
+    /// `[[tag]]` tables: cgroups tagged at every start.
+    #[serde(default, rename = "tag")]
+    pub tags: Vec<RawTag>,
+    /// `[[server]]` tables: the MCP servers whose addresses are intercepted.
+    #[serde(default, rename = "server")]
+    pub servers: Vec<RawServer>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDaemon {
+    /// The proxy listens on 127.0.0.1 and [::1] at this port.
+    pub listen_port: u16,
+    /// Where the programs attach, relative to the cgroup v2 mount; "" means the mount itself
+    /// (every process on the node passes through them; tags select which are redirected).
+    pub cgroup_root: String,
+    /// bpffs folder for the pinned maps and links.
+    pub bpffs_dir: PathBuf,
+    /// Admin socket (root only, mode 0600) used by `tag`, `untag`, `status`.
+    pub admin_socket: PathBuf,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        Self {
+            listen_port: DEFAULT_LISTEN_PORT,
+            cgroup_root: String::new(),
+            bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
+            admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+        }
+    }
+}
+
+/// `[[tag]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTag {
+    /// A cgroup path relative to the cgroup v2 mount, e.g. "/agents"; descendants included.
+    pub cgroup: String,
+}
+
+/// `[[server]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// A short unique name (letters, digits, `_`, `-`, `.`).
+    pub name: String,
+    /// Addresses agents dial, as `ip:port`, `[ipv6]:port` or `host:port` (resolved at load).
+    pub intercept: Vec<String>,
+    /// Where the proxy connects, as `host:port`.
+    pub upstream: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    pub daemon: Daemon,
+    /// Cgroup paths (relative to the cgroup v2 mount) tagged at start.
+    pub tags: Vec<String>,
+    pub servers: Vec<Server>,
+}
+
+/// Validated `[daemon]`.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub listen_port: u16,
+    /// Relative to the cgroup v2 mount; "/" for the mount itself.
+    pub cgroup_root: String,
+    pub bpffs_dir: PathBuf,
+    pub admin_socket: PathBuf,
+}
+
+/// Validated `[[server]]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub name: String,
+    /// Every address (names resolved) that is redirected to the proxy.
+    pub intercept: Vec<SocketAddr>,
+    /// The upstream as written (`host:port`).
+    pub upstream: String,
+    /// The upstream's resolved addresses, tried in order.
+    pub upstream_addrs: Vec<SocketAddr>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text`, reporting errors against `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Validator { path }.validate(raw)
+    }
+
+    /// The server with this id (its index, as the kernel records it).
+    pub fn server(&self, id: u32) -> Option<&Server> {
+        self.servers.get(id as usize)
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::Invalid {
+            path: self.path.to_owned(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, Error> {
+        let daemon = self.daemon(raw.daemon)?;
+        let tags = raw
+            .tags
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                normalize_cgroup_path(&t.cgroup)
+                    .map_err(|m| self.invalid(format!("tag[{i}].cgroup"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut servers = Vec::with_capacity(raw.servers.len());
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut owners: HashMap<SocketAddr, String> = HashMap::new();
+        for (i, s) in raw.servers.into_iter().enumerate() {
+            let key = |k: &str| format!("server[{i}].{k}");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            {
+                return Err(self.invalid(
+                    key("name"),
+                    format!(
+                        "{:?} is not a valid server name; use letters, digits, '_', '-' or '.'",
+                        s.name
+                    ),
+                ));
+            }
+            if let Some(first) = names.insert(s.name.clone(), i) {
+                return Err(self.invalid(
+                    key("name"),
+                    format!(
+                        "server name {:?} is already used by server[{first}]; names must be unique",
+                        s.name
+                    ),
+                ));
+            }
+            if s.intercept.is_empty() {
+                return Err(self.invalid(
+                    key("intercept"),
+                    "no addresses; list the addresses agents dial, e.g. [\"127.0.0.2:8080\"]",
+                ));
+            }
+            let mut intercept = Vec::new();
+            for (j, text) in s.intercept.iter().enumerate() {
+                let k = format!("server[{i}].intercept[{j}]");
+                for addr in resolve(text).map_err(|m| self.invalid(&k, m))? {
+                    let normalized = normalize(addr);
+                    if normalized.ip().is_loopback() && normalized.port() == daemon.listen_port {
+                        return Err(self.invalid(
+                            &k,
+                            format!(
+                                "{text:?} is the proxy's own listener (port {}); \
+                                 intercept the server's address, not the proxy's",
+                                daemon.listen_port
+                            ),
+                        ));
+                    }
+                    if let Some(other) = owners.insert(normalized, s.name.clone()) {
+                        if other != s.name {
+                            return Err(self.invalid(
+                                &k,
+                                format!(
+                                    "{normalized} is already intercepted for server {other:?}; \
+                                     an address can belong to one server only"
+                                ),
+                            ));
+                        }
+                    } else {
+                        intercept.push(normalized);
+                    }
+                }
+            }
+            let upstream_addrs =
+                resolve(&s.upstream).map_err(|m| self.invalid(key("upstream"), m))?;
+            servers.push(Server {
+                name: s.name,
+                intercept,
+                upstream: s.upstream,
+                upstream_addrs,
+            });
+        }
+        Ok(Config {
+            path: self.path.to_owned(),
+            daemon,
+            tags,
+            servers,
+        })
+    }
+
+    fn daemon(&self, raw: RawDaemon) -> Result<Daemon, Error> {
+        if raw.listen_port == 0 {
+            return Err(self.invalid(
+                "daemon.listen_port",
+                "0 is not a usable port; pick a free one, e.g. 15001",
+            ));
+        }
+        let cgroup_root = if raw.cgroup_root.is_empty() {
+            "/".to_owned()
+        } else {
+            normalize_cgroup_path(&raw.cgroup_root)
+                .map_err(|m| self.invalid("daemon.cgroup_root", m))?
+        };
+        for (key, p) in [
+            ("daemon.bpffs_dir", &raw.bpffs_dir),
+            ("daemon.admin_socket", &raw.admin_socket),
+        ] {
+            if !p.is_absolute() {
+                return Err(self.invalid(key, format!("{} is not an absolute path", p.display())));
+            }
+        }
+        Ok(Daemon {
+            listen_port: raw.listen_port,
+            cgroup_root,
+            bpffs_dir: raw.bpffs_dir,
+            admin_socket: raw.admin_socket,
+        })
+    }
+}
+
+/// Checks a cgroup path relative to the cgroup v2 mount: it starts with `/`, has no `.`/`..`
+/// components and no NUL. Trailing slashes are dropped.
+pub fn normalize_cgroup_path(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err(format!(
+            "{p:?} must start with '/' (it is relative to the cgroup v2 mount), e.g. \"/agents\""
+        ));
+    }
+    if p.contains('\0') {
+        return Err(format!("{p:?} contains a NUL byte"));
+    }
+    let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+    if parts.iter().any(|s| *s == "." || *s == "..") {
+        return Err(format!("{p:?} may not contain '.' or '..' components"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// IPv4-mapped IPv6 addresses become IPv4: one address, one key.
+fn normalize(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+/// `ip:port`, `[ipv6]:port`, or `host:port` resolved through the system resolver.
+fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!(
+                "{text:?} has port 0; give the port the server listens on"
+            ));
+        }
+        return Ok(vec![addr]);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!(
+            "{text:?} is not host:port; write e.g. \"127.0.0.2:8080\", \"[::1]:8080\" or \"mcp.internal:8080\""
+        ));
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p != 0 => p,
+        _ => {
+            return Err(format!(
+                "{text:?} has an invalid port {port:?}; use a number from 1 to 65535"
+            ));
+        }
+    };
+    if host.is_empty() || host.starts_with('[') || host.contains(':') {
+        return Err(format!(
+            "{text:?} is not host:port; put IPv6 addresses in brackets, e.g. \"[::1]:8080\""
+        ));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!(
+                "cannot resolve host name {host:?} ({e}); use an IP address, or make the name \
+                 resolvable on this node (DNS or /etc/hosts)"
+            )
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("host name {host:?} resolved to no address"));
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+        [daemon]
+        listen_port = 15001
+        cgroup_root = ""
+        bpffs_dir = "/sys/fs/bpf/interceptor"
+        admin_socket = "/run/interceptor/admin.sock"
+
+        [[tag]]
+        cgroup = "/agents/"
+
+        [[server]]
+        name = "notes"
+        intercept = ["127.0.0.2:8080", "[::1]:8080", "[::ffff:127.0.0.5]:81", "localhost:8081"]
+        upstream = "127.0.0.3:9000"
+    "#;
+
+    #[test]
+    fn accepts_the_documented_example() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.daemon.listen_port, 15001);
+        assert_eq!(c.daemon.cgroup_root, "/");
+        assert_eq!(c.tags, vec!["/agents".to_owned()]);
+        let s = &c.servers[0];
+        assert!(s.intercept.contains(&"127.0.0.2:8080".parse().unwrap()));
+        assert!(s.intercept.contains(&"[::1]:8080".parse().unwrap()));
+        // v4-mapped is normalised to IPv4
+        assert!(s.intercept.contains(&"127.0.0.5:81".parse().unwrap()));
+        // names are resolved at load
+        assert!(s.intercept.contains(&"127.0.0.1:8081".parse().unwrap()));
+        assert_eq!(s.upstream_addrs, vec!["127.0.0.3:9000".parse().unwrap()]);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.daemon.listen_port, DEFAULT_LISTEN_PORT);
+        assert_eq!(c.daemon.bpffs_dir, Path::new(DEFAULT_BPFFS_DIR));
+        assert!(c.servers.is_empty());
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[daemon]\nlisten_prot = 1\n");
+        assert!(e.contains("test.toml") && e.contains("listen_prot"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_names_key_and_fix() {
+        let e = err("[[server]]\nname='a'\nintercept=['127.0.0.2']\nupstream='127.0.0.1:1'\n");
+        assert!(
+            e.contains("server[0].intercept[0]") && e.contains("host:port"),
+            "{e}"
+        );
+        let e =
+            err("[[server]]\nname='a'\nintercept=['127.0.0.2:99999']\nupstream='127.0.0.1:1'\n");
+        assert!(e.contains("invalid port"), "{e}");
+        let e = err("[[server]]\nname='a'\nintercept=['::1:80']\nupstream='127.0.0.1:1'\n");
+        assert!(e.contains("brackets"), "{e}");
+    }
+
+    #[test]
+    fn unresolvable_name_is_reported() {
+        let e = err(
+            "[[server]]\nname='a'\nintercept=['no-such-host.invalid:80']\nupstream='127.0.0.1:1'\n",
+        );
+        assert!(
+            e.contains("cannot resolve host name \"no-such-host.invalid\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_and_addresses_are_rejected() {
+        let e = err(
+            "[[server]]\nname='a'\nintercept=['127.0.0.2:80']\nupstream='127.0.0.1:1'\n\
+             [[server]]\nname='a'\nintercept=['127.0.0.3:80']\nupstream='127.0.0.1:1'\n",
+        );
+        assert!(e.contains("server[1].name") && e.contains("unique"), "{e}");
+        let e = err(
+            "[[server]]\nname='a'\nintercept=['127.0.0.2:80']\nupstream='127.0.0.1:1'\n\
+             [[server]]\nname='b'\nintercept=['[::ffff:127.0.0.2]:80']\nupstream='127.0.0.1:1'\n",
+        );
+        assert!(e.contains("already intercepted for server \"a\""), "{e}");
+    }
+
+    #[test]
+    fn proxy_port_cannot_be_intercepted() {
+        let e =
+            err("[[server]]\nname='a'\nintercept=['127.0.0.1:15001']\nupstream='127.0.0.1:1'\n");
+        assert!(e.contains("proxy's own listener"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_paths_are_checked() {
+        assert_eq!(normalize_cgroup_path("/a//b/").unwrap(), "/a/b");
+        assert_eq!(normalize_cgroup_path("/").unwrap(), "/");
+        assert!(normalize_cgroup_path("agents").is_err());
+        assert!(normalize_cgroup_path("/a/../b").is_err());
+        let e = err("[[tag]]\ncgroup='agents'\n");
+        assert!(e.contains("tag[0].cgroup"), "{e}");
+    }
+
+    #[test]
+    fn bad_server_name() {
+        let e = err("[[server]]\nname='a b'\nintercept=['127.0.0.2:80']\nupstream='127.0.0.1:1'\n");
+        assert!(e.contains("server[0].name"), "{e}");
+    }
+}

@@ -1,0 +1,289 @@
+//! The daemon: state shared by every connection ([`Daemon`], one `Arc`), start-up in a fixed
+//! order (kernel, servers, tags, listeners, admin socket), and shutdown.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use interceptor_common::{Addr, ServerValue, TagValue};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::{
+    accept::Proxy,
+    admin::AdminServer,
+    bpf::{self, Kernel, lock},
+    cgroup::{self, Hierarchy},
+    config::{self, Config},
+};
+
+/// Errors that stop the daemon from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kernel side (load, attach, pins, maps).
+    #[error(transparent)]
+    Bpf(#[from] bpf::Error),
+    /// cgroup discovery or a configured tag.
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    /// A configured tag cannot be applied.
+    #[error("config {path}: `tag[{index}].cgroup`: {message}")]
+    Tag {
+        path: String,
+        index: usize,
+        message: String,
+    },
+    /// Listeners or the admin socket.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Userspace counters (the kernel keeps its own; `status` reports both).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections accepted by the proxy.
+    pub accepted: AtomicU64,
+    /// Accepted connections without a kernel record (closed).
+    pub no_record: AtomicU64,
+    /// Connections currently being relayed.
+    pub active: AtomicU64,
+    /// Bytes relayed agent → upstream.
+    pub relayed_up: AtomicU64,
+    /// Bytes relayed upstream → agent.
+    pub relayed_down: AtomicU64,
+    /// Connections whose upstream could not be reached or broke.
+    pub upstream_errors: AtomicU64,
+}
+
+/// Shared state, one per daemon.
+pub struct Daemon {
+    pub config: Config,
+    pub kernel: Kernel,
+    pub hierarchy: Hierarchy,
+    /// Cookie of the network namespace the proxy listens in.
+    pub netns_cookie: u64,
+    pub listener: interceptor_common::Listener,
+    pub counters: Counters,
+    started: Instant,
+}
+
+/// A tag as `status` lists it.
+#[derive(Debug, Serialize)]
+pub struct TagStatus {
+    pub cgroup: String,
+    pub id: u64,
+    /// False when the cgroup was removed after tagging.
+    pub exists: bool,
+}
+
+impl Daemon {
+    /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
+    pub fn tag(&self, cgroup: &str) -> Result<TagStatus, String> {
+        let cgroup = config::normalize_cgroup_path(cgroup)?;
+        let id = self.hierarchy.id(&cgroup).map_err(|e| e.to_string())?;
+        lock(&self.kernel.tags)
+            .insert(id, TagValue::new(&cgroup), 0)
+            .map_err(|e| format!("cannot tag {cgroup}: {e}"))?;
+        info!(cgroup = %cgroup, cgroup.id = id, "tagged");
+        Ok(TagStatus {
+            cgroup,
+            id,
+            exists: true,
+        })
+    }
+
+    /// Removes the tag of `cgroup`. New connections from it are no longer redirected.
+    pub fn untag(&self, cgroup: &str) -> Result<TagStatus, String> {
+        let cgroup = config::normalize_cgroup_path(cgroup)?;
+        let mut tags = lock(&self.kernel.tags);
+        // Find by id when the cgroup still exists, else by the recorded path.
+        let id = match self.hierarchy.id(&cgroup) {
+            Ok(id) if tags.get(&id, 0).is_ok() => Some(id),
+            _ => tags
+                .iter()
+                .filter_map(Result::ok)
+                .find(|(_, v)| v.path() == cgroup)
+                .map(|(k, _)| k),
+        };
+        let Some(id) = id else {
+            return Err(format!(
+                "{cgroup} is not tagged; `interceptor status` lists the tags"
+            ));
+        };
+        tags.remove(&id)
+            .map_err(|e| format!("cannot untag {cgroup}: {e}"))?;
+        info!(cgroup = %cgroup, cgroup.id = id, "untagged");
+        let exists = self.hierarchy.id(&cgroup).is_ok_and(|cur| cur == id);
+        Ok(TagStatus { cgroup, id, exists })
+    }
+
+    /// Every tag in the (pinned) map.
+    pub fn tags(&self) -> Vec<TagStatus> {
+        let tags = lock(&self.kernel.tags);
+        let mut list: Vec<TagStatus> = tags
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, v)| TagStatus {
+                cgroup: v.path().to_owned(),
+                id,
+                exists: self.hierarchy.id(v.path()).is_ok_and(|cur| cur == id),
+            })
+            .collect();
+        list.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        list
+    }
+
+    /// Everything `interceptor status` shows.
+    pub fn status(&self) -> Value {
+        let c = &self.counters;
+        let kernel: serde_json::Map<String, Value> = self
+            .kernel
+            .counters()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), json!(v)))
+            .collect();
+        json!({
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "config": self.config.path,
+            "cgroup_mount": self.hierarchy.mount,
+            "attach_cgroup": self.config.daemon.cgroup_root,
+            "bpffs_dir": self.kernel.bpffs_dir,
+            "listeners": [{
+                "netns_cookie": self.netns_cookie,
+                "port4": self.listener.port4,
+                "port6": self.listener.port6,
+            }],
+            "programs": self.kernel.attachments,
+            "tags": self.tags(),
+            "servers": self.config.servers.iter().map(|s| json!({
+                "name": s.name,
+                "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "upstream": s.upstream,
+            })).collect::<Vec<_>>(),
+            "counters": {
+                "kernel": kernel,
+                "proxy": {
+                    "accepted": c.accepted.load(Ordering::Relaxed),
+                    "no_record": c.no_record.load(Ordering::Relaxed),
+                    "active": c.active.load(Ordering::Relaxed),
+                    "relayed_bytes_up": c.relayed_up.load(Ordering::Relaxed),
+                    "relayed_bytes_down": c.relayed_down.load(Ordering::Relaxed),
+                    "upstream_errors": c.upstream_errors.load(Ordering::Relaxed),
+                },
+            },
+        })
+    }
+
+    /// Makes the kernel's server map equal to the config: new entries first, then stale ones
+    /// removed, so no configured address is ever briefly missing (that would let it go direct).
+    fn sync_servers(&self) -> Result<(), bpf::Error> {
+        let mut servers = lock(&self.kernel.servers);
+        let mut wanted = HashSet::new();
+        for (id, server) in self.config.servers.iter().enumerate() {
+            for &addr in &server.intercept {
+                let key = Addr::from(addr);
+                wanted.insert(key);
+                servers
+                    .insert(
+                        key,
+                        ServerValue {
+                            server_id: id as u32,
+                            _pad: 0,
+                        },
+                        0,
+                    )
+                    .map_err(|e| bpf::Error::Map {
+                        name: interceptor_common::maps::SERVERS,
+                        error: Box::new(e),
+                    })?;
+            }
+        }
+        let stale: Vec<Addr> = servers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            let _ = servers.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn register_listener(&self) -> Result<(), bpf::Error> {
+        lock(&self.kernel.listeners)
+            .insert(self.netns_cookie, self.listener, 0)
+            .map_err(|e| bpf::Error::Map {
+                name: interceptor_common::maps::LISTENERS,
+                error: Box::new(e),
+            })
+    }
+
+    /// After this, tagged MCP connects in our namespace are refused by the kernel (fail closed)
+    /// until a daemon registers again.
+    fn unregister_listener(&self) {
+        let _ = lock(&self.kernel.listeners).remove(&self.netns_cookie);
+    }
+}
+
+/// Starts the daemon and serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let hierarchy = Hierarchy::discover()?;
+    let kernel = Kernel::install(
+        &config.daemon.bpffs_dir,
+        &hierarchy,
+        &config.daemon.cgroup_root,
+    )?;
+    let proxy = Proxy::bind(config.daemon.listen_port).await?;
+    let netns_cookie = proxy.netns_cookie()?;
+    let admin = AdminServer::bind(&config.daemon.admin_socket)?;
+    let daemon = Arc::new(Daemon {
+        listener: proxy.entry,
+        netns_cookie,
+        kernel,
+        hierarchy,
+        counters: Counters::default(),
+        started: Instant::now(),
+        config,
+    });
+    daemon.sync_servers()?;
+    for (index, cgroup) in daemon.config.tags.iter().enumerate() {
+        daemon.tag(cgroup).map_err(|message| Error::Tag {
+            path: daemon.config.path.display().to_string(),
+            index,
+            message,
+        })?;
+    }
+    daemon.register_listener()?;
+    info!(
+        port = daemon.listener.port4,
+        ipv6 = daemon.listener.port6 != 0,
+        cgroup_mount = %daemon.hierarchy.mount.display(),
+        attach_cgroup = %daemon.config.daemon.cgroup_root,
+        admin_socket = %daemon.config.daemon.admin_socket.display(),
+        servers = daemon.config.servers.len(),
+        tags = daemon.tags().len(),
+        "interceptor ready"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let socket_path = daemon.config.daemon.admin_socket.clone();
+    tokio::select! {
+        _ = proxy.run(daemon.clone()) => warn!("proxy listeners stopped"),
+        _ = admin.run(daemon.clone()) => warn!("admin socket stopped"),
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    daemon.unregister_listener();
+    let _ = std::fs::remove_file(&socket_path);
+    info!("stopped; programs, maps and tags stay pinned (interceptor uninstall removes them)");
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The `interceptor` command: the daemon (`run`) and the operator's tools.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use interceptor::{
+    admin::{self, Request},
+    bpf,
+    config::{Config, DEFAULT_CONFIG_PATH},
+    daemon,
+    telemetry::{self, LogFormat},
+};
+use serde_json::Value;
+
+/// Transparently steer AI agents' MCP connections through an identity-aware proxy.
+///
+/// An eBPF program redirects connections from tagged cgroups to configured MCP server addresses
+/// to a node-local proxy, which knows which process dialed and relays to the real server.
+#[derive(Debug, Parser)]
+#[command(name = "interceptor", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The daemon's TOML config; the admin socket and bpffs folder are read from it.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (root): attach the programs, tag the configured cgroups, serve the proxy.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Log line format on stderr.
+        #[arg(long, value_enum, default_value = "plain")]
+        log_format: LogFormat,
+    },
+    /// Validate a config file and print what it resolves to.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Tag a cgroup (path relative to the cgroup v2 mount, e.g. /agents): its processes' MCP
+    /// connections, and those of its descendants, are redirected from now on.
+    Tag {
+        /// The cgroup, e.g. /agents.
+        cgroup: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove a cgroup's tag: new connections from it are no longer redirected.
+    Untag {
+        /// The cgroup, e.g. /agents.
+        cgroup: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show the running daemon's tags, servers, attached programs and counters.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Detach the programs and remove every pin (maps, links, tags). The daemon must be stopped.
+    /// This is the only way interception stops for tagged cgroups.
+    Uninstall {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("interceptor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, log_format } => {
+            telemetry::init(log_format);
+            let config = Config::load(&config.config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(daemon::run(config))?;
+            Ok(())
+        }
+        Command::Check { config } => {
+            let config = Config::load(&config.config)?;
+            println!("{} is valid", config.path.display());
+            for s in &config.servers {
+                let intercept: Vec<String> = s.intercept.iter().map(ToString::to_string).collect();
+                println!(
+                    "  server {}: intercept {} -> upstream {}",
+                    s.name,
+                    intercept.join(", "),
+                    s.upstream
+                );
+            }
+            for t in &config.tags {
+                println!("  tag {t}");
+            }
+            Ok(())
+        }
+        Command::Tag { cgroup, config } => {
+            let config = Config::load(&config.config)?;
+            let r = admin::request(&config.daemon.admin_socket, &Request::Tag { cgroup })?;
+            println!(
+                "tagged {} (cgroup id {})",
+                r["cgroup"].as_str().unwrap_or("?"),
+                r["id"]
+            );
+            Ok(())
+        }
+        Command::Untag { cgroup, config } => {
+            let config = Config::load(&config.config)?;
+            let r = admin::request(&config.daemon.admin_socket, &Request::Untag { cgroup })?;
+            println!(
+                "untagged {} (cgroup id {})",
+                r["cgroup"].as_str().unwrap_or("?"),
+                r["id"]
+            );
+            Ok(())
+        }
+        Command::Status { json, config } => {
+            let config = Config::load(&config.config)?;
+            let status = admin::request(&config.daemon.admin_socket, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Uninstall { config } => {
+            let config = Config::load(&config.config)?;
+            let socket = &config.daemon.admin_socket;
+            if admin::request(socket, &Request::Status).is_ok() {
+                bail!(
+                    "the daemon is running (it answers on {}); stop it first (SIGTERM), then \
+                     run uninstall again",
+                    socket.display()
+                );
+            }
+            let removed = bpf::uninstall(&config.daemon.bpffs_dir)?;
+            if removed.links.is_empty() && removed.maps.is_empty() {
+                println!(
+                    "nothing installed under {}",
+                    config.daemon.bpffs_dir.display()
+                );
+            } else {
+                println!(
+                    "detached {} program(s) ({}) and removed {} map pin(s) under {}",
+                    removed.links.len(),
+                    removed.links.join(", "),
+                    removed.maps.len(),
+                    config.daemon.bpffs_dir.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_status(s: &Value) {
+    let str_of = |v: &Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    };
+    println!(
+        "daemon pid {} up {}s, config {}",
+        s["pid"],
+        s["uptime_s"],
+        str_of(&s["config"])
+    );
+    println!(
+        "cgroup v2 mount {}, programs attached at {}, pins in {}",
+        str_of(&s["cgroup_mount"]),
+        str_of(&s["attach_cgroup"]),
+        str_of(&s["bpffs_dir"])
+    );
+    for l in s["listeners"].as_array().into_iter().flatten() {
+        println!(
+            "listener netns {}: 127.0.0.1:{} [::1]:{}",
+            l["netns_cookie"], l["port4"], l["port6"]
+        );
+    }
+    println!("programs:");
+    for p in s["programs"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<13} link {} prog {}{}",
+            str_of(&p["program"]),
+            p["link_id"],
+            p["program_id"],
+            if p["adopted"] == Value::Bool(true) {
+                " (re-adopted)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!("tags:");
+    let tags = s["tags"].as_array().cloned().unwrap_or_default();
+    if tags.is_empty() {
+        println!("  (none)");
+    }
+    for t in tags {
+        let gone = if t["exists"] == Value::Bool(true) {
+            ""
+        } else {
+            " (cgroup gone)"
+        };
+        println!("  {} (id {}){gone}", str_of(&t["cgroup"]), t["id"]);
+    }
+    println!("servers:");
+    for sv in s["servers"].as_array().into_iter().flatten() {
+        let intercept: Vec<String> = sv["intercept"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(str_of)
+            .collect();
+        println!(
+            "  {}: {} -> {}",
+            str_of(&sv["name"]),
+            intercept.join(", "),
+            str_of(&sv["upstream"])
+        );
+    }
+    println!("counters:");
+    for scope in ["kernel", "proxy"] {
+        if let Some(map) = s["counters"][scope].as_object() {
+            let parts: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("  {scope}: {}", parts.join(" "));
+        }
+    }
+}
