@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use interceptor::{
     admin::{self, Request},
     bpf,
+    cgroup::Hierarchy,
     config::{Config, DEFAULT_CONFIG_PATH},
     daemon,
     telemetry::{self, LogFormat},
@@ -41,8 +42,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "plain")]
         log_format: LogFormat,
     },
-    /// Validate a config file and print what it resolves to.
+    /// Validate a config file and print what it resolves to (addresses, where programs attach).
     Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -100,9 +104,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(daemon::run(config))?;
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check { json, config } => {
             let config = Config::load(&config.config)?;
+            // Where the programs would attach; a host without cgroup v2 is reported, not fatal.
+            let mount = Hierarchy::discover().map(|h| h.mount);
+            if json {
+                let servers: Vec<Value> = config
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "name": s.name,
+                            "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                            "upstream": s.upstream,
+                            "upstream_addrs": s.upstream_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "config": config.path,
+                    "cgroup_mount": mount.as_ref().ok(),
+                    "attach_cgroup": config.daemon.cgroup_root,
+                    "listen_port": config.daemon.listen_port,
+                    "bpffs_dir": config.daemon.bpffs_dir,
+                    "admin_socket": config.daemon.admin_socket,
+                    "tags": config.tags,
+                    "servers": servers,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
             println!("{} is valid", config.path.display());
+            match &mount {
+                Ok(m) => println!(
+                    "  programs attach at {} ({} under the cgroup v2 mount {})",
+                    m.join(config.daemon.cgroup_root.trim_start_matches('/'))
+                        .display(),
+                    config.daemon.cgroup_root,
+                    m.display()
+                ),
+                Err(e) => println!("  warning: {e}"),
+            }
+            println!(
+                "  proxy on 127.0.0.1:{0} and [::1]:{0}; pins in {1}; admin socket {2}",
+                config.daemon.listen_port,
+                config.daemon.bpffs_dir.display(),
+                config.daemon.admin_socket.display()
+            );
             for s in &config.servers {
                 let intercept: Vec<String> = s.intercept.iter().map(ToString::to_string).collect();
                 println!(

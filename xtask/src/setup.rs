@@ -1,0 +1,209 @@
+//! `cargo xtask setup`: the eBPF toolchain, installed idempotently on a machine that has only
+//! stable Rust (and `RUSTUP_AUTO_INSTALL=0`):
+//! 1. the pinned nightly with `rust-src` (for `-Z build-std=core` on `bpfel-unknown-none`);
+//! 2. `bpf-linker`, built against that nightly's own LLVM (no system LLVM of that version
+//!    exists here): a prefix folder whose `lib/` links to the nightly's `libLLVM.so.*`, then
+//!    `LLVM_PREFIX=… cargo install bpf-linker`. The binary keeps the prefix in its rpath, so the
+//!    prefix stays next to it under `$CARGO_HOME/interceptor-tools/`.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The nightly the eBPF crate builds with; keep in step with `interceptor/build.rs`.
+pub const NIGHTLY: &str = "nightly-2026-10-29";
+/// bpf-linker release matching that nightly's LLVM (23).
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Where the tools live once set up.
+pub struct Tools {
+    pub bpf_linker_bin_dir: PathBuf,
+}
+
+impl Tools {
+    /// PATH with bpf-linker first.
+    pub fn path_env(&self) -> OsString {
+        let mut paths = vec![self.bpf_linker_bin_dir.clone()];
+        if let Some(p) = std::env::var_os("PATH") {
+            paths.extend(std::env::split_paths(&p));
+        }
+        std::env::join_paths(paths).unwrap_or_default()
+    }
+}
+
+fn step(n: usize, what: &str, outcome: &str) {
+    eprintln!("[setup {n}/3] {what}: {outcome}");
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} {:?} failed: {}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo_home() -> Result<PathBuf> {
+    if let Some(h) = std::env::var_os("CARGO_HOME") {
+        return Ok(PathBuf::from(h));
+    }
+    let home = std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cargo"))
+}
+
+/// Makes sure everything is installed; returns where it is.
+pub fn setup() -> Result<Tools> {
+    ensure_nightly()?;
+    let tools_dir = cargo_home()?.join("interceptor-tools");
+    let prefix = ensure_llvm_prefix(&tools_dir)?;
+    let bin_dir = ensure_bpf_linker(&tools_dir, &prefix)?;
+    Ok(Tools {
+        bpf_linker_bin_dir: bin_dir,
+    })
+}
+
+fn ensure_nightly() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context(
+        "rustup is needed to install the pinned nightly for the eBPF build; install rustup first",
+    )?;
+    if toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+        step(1, &format!("toolchain {NIGHTLY}"), "present");
+    } else {
+        step(
+            1,
+            &format!("toolchain {NIGHTLY}"),
+            "installing (minimal profile + rust-src)",
+        );
+        output(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        step(1, "rust-src", "adding");
+        output(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// A folder `P` with `P/lib/libLLVM.so` (and the versioned name) pointing at the nightly's LLVM.
+fn ensure_llvm_prefix(tools_dir: &Path) -> Result<PathBuf> {
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{NIGHTLY}"))
+            .args(["--print", "sysroot"]),
+    )?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    // The real library is `libLLVM.so.<ver>-rust-…`; `libLLVM-<major>-rust-….so` beside it is a
+    // linker script, not the library.
+    let real = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}; is {NIGHTLY} installed completely? Try `rustup toolchain \
+                 uninstall {NIGHTLY}` and `cargo xtask setup` again",
+                lib.display()
+            )
+        })?;
+    let prefix = tools_dir.join(format!("llvm-{NIGHTLY}"));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let file_name = real.file_name().context("library without a file name")?;
+    for name in [Path::new("libLLVM.so"), Path::new(file_name)] {
+        let link = prefix_lib.join(name);
+        if std::fs::read_link(&link).ok().as_deref() == Some(real.as_path()) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&real, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), real.display()))?;
+    }
+    step(
+        2,
+        "LLVM prefix",
+        &format!("{} -> {}", prefix.display(), real.display()),
+    );
+    Ok(prefix)
+}
+
+fn ensure_bpf_linker(tools_dir: &Path, prefix: &Path) -> Result<PathBuf> {
+    let root = tools_dir.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{NIGHTLY}"));
+    let bin_dir = root.join("bin");
+    let bin = bin_dir.join("bpf-linker");
+    if bin.is_file()
+        && Command::new(&bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        step(
+            3,
+            &format!("bpf-linker {BPF_LINKER_VERSION}"),
+            &format!("present ({})", bin.display()),
+        );
+        return Ok(bin_dir);
+    }
+    step(
+        3,
+        &format!("bpf-linker {BPF_LINKER_VERSION}"),
+        "building against the nightly's LLVM (about a minute)",
+    );
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--root",
+        ])
+        .arg(&root)
+        .env("LLVM_PREFIX", prefix)
+        // Build with the stable toolchain whatever directory we are called from.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .status()
+        .context("cannot run cargo install")?;
+    if !status.success() {
+        bail!(
+            "building bpf-linker failed ({status}); it needs the crates.io registry and a C \
+             compiler (gcc). Re-run `cargo xtask setup` once those are available"
+        );
+    }
+    Ok(bin_dir)
+}
