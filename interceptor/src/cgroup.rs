@@ -133,9 +133,9 @@ pub fn process_cgroup(pid: u32) -> io::Result<String> {
 
 /// Is `path` on a mounted bpffs?
 pub fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 

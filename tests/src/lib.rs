@@ -1,1 +1,402 @@
+//! Harness for the privileged integration tests: a test's own cgroup tree, bpffs folder, config
+//! and daemon, all removed by [`TestEnv`]'s `Drop` (also when the test fails), plus small TCP
+//! servers that say who they are.
+//!
+//! Tests run the real `interceptor` binary (path in `INTERCEPTOR_BIN`, set by `cargo xtask
+//! test`) and attach only below a cgroup they created.
 
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde_json::Value;
+
+/// Set to `1` to skip privileged tests explicitly; otherwise a machine without root or BPF fails
+/// them loudly.
+pub const SKIP_ENV: &str = "INTERCEPTOR_SKIP_PRIVILEGED";
+
+/// True when the privileged tests should run; panics when they cannot and nobody asked to skip.
+pub fn privileged() -> bool {
+    if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("skipping privileged test: {SKIP_ENV}=1");
+        return false;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged integration tests need root (they load eBPF programs and create cgroups); \
+         run them via `cargo xtask test` as root, or set {SKIP_ENV}=1 to skip them"
+    );
+    assert!(
+        Path::new("/sys/kernel/btf/vmlinux").exists(),
+        "this kernel has no BTF (/sys/kernel/btf/vmlinux); interceptor needs Linux >= 5.15 with \
+         BTF. Set {SKIP_ENV}=1 to skip these tests"
+    );
+    true
+}
+
+/// The daemon binary under test.
+pub fn interceptor_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("INTERCEPTOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/interceptor");
+    assert!(
+        p.exists(),
+        "no interceptor binary at {}; run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A port that was free a moment ago on 127.0.0.1 and [::1].
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let v4 = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = v4.local_addr().expect("local addr").port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and [::1]");
+}
+
+/// A TCP server that answers each connection with `<label>:<first line it received>` and counts
+/// connections.
+pub struct LabelServer {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl LabelServer {
+    /// Listens on `ip` (port chosen by the kernel).
+    pub fn start(ip: &str, label: &'static str) -> Self {
+        let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut line = String::new();
+                    let _ = BufReader::new(&stream).read_line(&mut line);
+                    let _ = write!(stream, "{label}:{line}");
+                });
+            }
+        });
+        Self { addr, connections }
+    }
+
+    pub fn count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// What `probe-client` reported.
+#[derive(Debug)]
+pub struct ClientResult {
+    pub pid: u32,
+    /// `getpeername()` as the client saw it.
+    pub peer: Option<String>,
+    pub reply: Option<String>,
+    pub error: Option<String>,
+    pub errno: Option<i32>,
+}
+
+impl ClientResult {
+    /// The reply, or a panic that shows what happened instead.
+    pub fn expect_reply(&self) -> &str {
+        self.reply
+            .as_deref()
+            .unwrap_or_else(|| panic!("client got no reply: {self:?}"))
+    }
+}
+
+/// Runs `probe` (the probe-client binary) against `addr` inside the cgroup directory `cgroup_dir`.
+pub fn run_client(probe: &str, cgroup_dir: &Path, addr: &str) -> ClientResult {
+    // The shell moves itself into the cgroup and then becomes the client (same pid).
+    let script = format!(
+        "echo $$ > '{}' && exec \"$0\" \"$1\"",
+        cgroup_dir.join("cgroup.procs").display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script, probe, addr])
+        .output()
+        .expect("run probe-client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "probe-client printed no JSON ({e}): stdout={stdout:?} stderr={:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    ClientResult {
+        pid: v["pid"].as_u64().unwrap_or(0) as u32,
+        peer: v["peer"].as_str().map(str::to_owned),
+        reply: v["reply"].as_str().map(str::to_owned),
+        error: v["error"].as_str().map(str::to_owned),
+        errno: v["errno"].as_i64().map(|e| e as i32),
+    }
+}
+
+/// One `[[server]]` of a test config.
+pub struct ServerSpec {
+    pub name: String,
+    pub intercept: Vec<String>,
+    pub upstream: String,
+}
+
+/// A test's private world: cgroup tree, bpffs folder, config, admin socket, daemon.
+pub struct TestEnv {
+    pub name: String,
+    pub mount: PathBuf,
+    /// The attach cgroup, relative to the mount (`/icpt-it-…`).
+    pub root: String,
+    pub bpffs_dir: PathBuf,
+    pub port: u16,
+    pub tmp: tempfile::TempDir,
+    pub config_path: PathBuf,
+    created: Vec<PathBuf>,
+    daemon: Option<Child>,
+    log_path: PathBuf,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestEnv {
+    /// Creates the test's attach cgroup.
+    pub fn new(label: &str) -> Self {
+        let mount = interceptor::cgroup::cgroup2_mount().expect("cgroup v2 mount");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("icpt-it-{}-{n}-{label}", std::process::id());
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut env = Self {
+            root: format!("/{name}"),
+            bpffs_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            port: free_port(),
+            config_path: tmp.path().join("interceptor.toml"),
+            log_path: tmp.path().join("daemon.log"),
+            tmp,
+            mount,
+            name,
+            created: Vec::new(),
+            daemon: None,
+        };
+        let root = env.root.clone();
+        env.mkdir(&root);
+        env
+    }
+
+    fn mkdir(&mut self, rel: &str) -> PathBuf {
+        let dir = self.dir(rel);
+        if !dir.exists() {
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            self.created.push(dir.clone());
+        }
+        dir
+    }
+
+    /// The directory of a cgroup path relative to the mount.
+    pub fn dir(&self, rel: &str) -> PathBuf {
+        self.mount.join(rel.trim_start_matches('/'))
+    }
+
+    /// Creates `<root>/<sub>` (each level) and returns its path relative to the mount.
+    pub fn cgroup(&mut self, sub: &str) -> String {
+        let mut rel = self.root.clone();
+        for part in sub.split('/').filter(|p| !p.is_empty()) {
+            rel = format!("{rel}/{part}");
+            self.mkdir(&rel);
+        }
+        rel
+    }
+
+    /// Writes the config: servers, and cgroups tagged at start.
+    pub fn write_config(&self, servers: &[ServerSpec], tags: &[&str]) {
+        let mut text = format!(
+            "[daemon]\nlisten_port = {}\ncgroup_root = \"{}\"\nbpffs_dir = \"{}\"\nadmin_socket = \"{}\"\n",
+            self.port,
+            self.root,
+            self.bpffs_dir.display(),
+            self.tmp.path().join("admin.sock").display()
+        );
+        for t in tags {
+            text.push_str(&format!("\n[[tag]]\ncgroup = \"{t}\"\n"));
+        }
+        for s in servers {
+            let intercept: Vec<String> = s.intercept.iter().map(|a| format!("\"{a}\"")).collect();
+            text.push_str(&format!(
+                "\n[[server]]\nname = \"{}\"\nintercept = [{}]\nupstream = \"{}\"\n",
+                s.name,
+                intercept.join(", "),
+                s.upstream
+            ));
+        }
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    /// Starts the daemon and waits until it is ready (or panics with its log).
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let child = Command::new(interceptor_bin())
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,interceptor=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn interceptor");
+        self.daemon = Some(child);
+        let ready_before = self.count_logs("interceptor ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.count_logs("interceptor ready") > ready_before {
+                return;
+            }
+            if let Some(status) = self
+                .daemon
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.daemon = None;
+                panic!(
+                    "daemon exited ({status}) before ready:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready after 30 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the daemon with `signal` and waits for it to exit.
+    pub fn stop_daemon(&mut self, signal: Signal) {
+        let mut child = self.daemon.take().expect("daemon running");
+        let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("daemon did not exit on {signal}");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The daemon's JSON log lines.
+    pub fn logs(&self) -> Vec<Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn count_logs(&self, message: &str) -> usize {
+        self.logs()
+            .iter()
+            .filter(|v| v["message"] == message)
+            .count()
+    }
+
+    /// Waits for a log line with `message` satisfying `pred`.
+    pub fn wait_log(&self, message: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self
+                .logs()
+                .into_iter()
+                .find(|v| v["message"] == message && pred(v))
+            {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {message:?} log line matched:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `interceptor <args> --config <this env's config>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(interceptor_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("run interceptor")
+    }
+
+    /// `interceptor status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = interceptor::bpf::uninstall(&self.bpffs_dir) {
+            eprintln!("cleanup: uninstall {}: {e}", self.bpffs_dir.display());
+        }
+        for dir in self.created.iter().rev() {
+            // Processes left behind (a failed test) would keep the cgroup busy.
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        }
+        for dir in self.created.iter().rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("daemon log of {}:\n{}", self.name, self.log_text());
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The kernel redirect end to end: real programs attached below a test cgroup, real processes
+//! in tagged and untagged cgroups, a real daemon relaying to a real upstream.
+
+use std::net::SocketAddr;
+
+use interceptor_tests::{LabelServer, ServerSpec, TestEnv, privileged, run_client};
+use nix::sys::signal::Signal;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
+const ECONNREFUSED: i32 = 111;
+
+/// An upstream, a "direct" server on the intercepted address (so a connection that is not
+/// redirected gets an answer that says so), and a config intercepting that address.
+struct World {
+    env: TestEnv,
+    upstream: LabelServer,
+    direct: LabelServer,
+}
+
+fn world(label: &str, tags_at_start: &[&str]) -> World {
+    let mut env = TestEnv::new(label);
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let direct = LabelServer::start("127.0.0.2", "direct");
+    let tags: Vec<String> = tags_at_start.iter().map(|t| env.cgroup(t)).collect();
+    let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![direct.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &tag_refs,
+    );
+    World {
+        env,
+        upstream,
+        direct,
+    }
+}
+
+#[test]
+fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("tagged", &["agents"]);
+    w.env.start_daemon();
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let dialed = w.direct.addr.to_string();
+
+    let r = run_client(PROBE, &agents, &dialed);
+    let reply = r.expect_reply();
+    assert!(reply.starts_with("upstream:hello from"), "{r:?}");
+    assert_eq!(
+        w.direct.count(),
+        0,
+        "the dialed address must not be reached"
+    );
+    assert_eq!(w.upstream.count(), 1);
+    // The redirect is invisible to the agent.
+    assert_eq!(r.peer.as_deref(), Some(dialed.as_str()));
+
+    let line = w.env.wait_log("connection redirected", |v| {
+        v["client.pid"].as_u64() == Some(u64::from(r.pid))
+    });
+    assert_eq!(line["client.uid"], 0);
+    assert_eq!(line["client.gid"], 0);
+    assert_eq!(line["client.comm"], "probe-client");
+    assert_eq!(line["client.exe"], PROBE);
+    assert_eq!(line["client.cgroup"], format!("{}/agents", w.env.root));
+    assert_eq!(line["dst.original"], dialed);
+    assert_eq!(line["server.name"], "notes");
+
+    let status = w.env.status();
+    assert_eq!(status["counters"]["kernel"]["redirected"], 1, "{status}");
+    assert_eq!(status["counters"]["proxy"]["accepted"], 1, "{status}");
+    let down = status["counters"]["proxy"]["relayed_bytes_down"].as_u64();
+    assert!(down.is_some_and(|b| b > 0), "{status}");
+    assert_eq!(status["programs"].as_array().map(Vec::len), Some(5));
+    assert_eq!(
+        status["tags"][0]["cgroup"],
+        format!("{}/agents", w.env.root)
+    );
+}
+
+#[test]
+fn untagged_cgroups_and_other_destinations_are_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("untouched", &["agents"]);
+    let other = w.env.cgroup("other");
+    let other_mcp = LabelServer::start("127.0.0.2", "not-mcp");
+    w.env.start_daemon();
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+
+    // Untagged sibling under the same attach point: the programs run, but leave it alone.
+    let r = run_client(PROBE, &w.env.dir(&other), &w.direct.addr.to_string());
+    assert!(r.expect_reply().starts_with("direct:"), "{r:?}");
+    // Tagged, but the destination is not an MCP server address.
+    let r = run_client(PROBE, &agents, &other_mcp.addr.to_string());
+    assert!(r.expect_reply().starts_with("not-mcp:"), "{r:?}");
+    assert_eq!(r.peer.as_deref(), Some(other_mcp.addr.to_string().as_str()));
+    assert_eq!(w.upstream.count(), 0);
+    assert_eq!(w.env.status()["counters"]["kernel"]["redirected"], 0);
+}
+
+#[test]
+fn tags_cover_descendants_created_later_and_untag_stops_new_connections() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("descendants", &[]);
+    let agents = w.env.cgroup("agents");
+    w.env.start_daemon();
+
+    let out = w.env.cli(&["tag", &agents]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Created after tagging, two levels down.
+    let grandchild = w.env.cgroup("agents/team/worker");
+    let dir = w.env.dir(&grandchild);
+    let dialed = w.direct.addr.to_string();
+
+    let r = run_client(PROBE, &dir, &dialed);
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    let line = w.env.wait_log("connection redirected", |v| {
+        v["client.pid"].as_u64() == Some(u64::from(r.pid))
+    });
+    assert_eq!(line["client.cgroup"], grandchild);
+
+    let out = w.env.cli(&["untag", &agents]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = run_client(PROBE, &dir, &dialed);
+    assert!(r.expect_reply().starts_with("direct:"), "{r:?}");
+    assert_eq!(w.upstream.count(), 1);
+
+    // Untagging again is an error that says so.
+    let out = w.env.cli(&["untag", &agents]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not tagged"));
+    // Tagging a cgroup that does not exist is refused with the path.
+    let missing = format!("{}/nope", w.env.root);
+    let out = w.env.cli(&["tag", &missing]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nope"));
+}
+
+#[test]
+fn ipv6_and_v4_mapped_destinations_are_intercepted() {
+    if !privileged() {
+        return;
+    }
+    let mut env = TestEnv::new("ipv6");
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let direct6 = LabelServer::start("::1", "direct6");
+    let direct4 = LabelServer::start("127.0.0.2", "direct4");
+    let agents = env.cgroup("agents");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![direct6.addr.to_string(), direct4.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&agents],
+    );
+    env.start_daemon();
+    let dir = env.dir(&agents);
+
+    let v6 = direct6.addr.to_string();
+    let r = run_client(PROBE, &dir, &v6);
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    assert_eq!(r.peer.as_deref(), Some(v6.as_str()));
+
+    // A dual-stack (AF_INET6) socket dialing the IPv4 server as ::ffff:a.b.c.d.
+    let mapped = SocketAddr::new(
+        std::net::IpAddr::V6(match direct4.addr.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        }),
+        direct4.addr.port(),
+    )
+    .to_string();
+    let r = run_client(PROBE, &dir, &mapped);
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    assert_eq!(r.peer.as_deref(), Some(mapped.as_str()));
+    let line = env.wait_log("connection redirected", |v| {
+        v["client.pid"].as_u64() == Some(u64::from(r.pid))
+    });
+    assert_eq!(line["dst.original"], direct4.addr.to_string());
+
+    assert_eq!(direct6.count() + direct4.count(), 0);
+    assert_eq!(upstream.count(), 2);
+}
+
+#[test]
+fn without_a_listener_tagged_connects_fail_closed_and_a_restart_readopts() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("failclosed", &["agents"]);
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let dialed = w.direct.addr.to_string();
+    w.env.start_daemon();
+    let first = w.env.status();
+
+    // Clean stop: the daemon withdraws its listener; pins (and tags) stay.
+    w.env.stop_daemon(Signal::SIGTERM);
+    let r = run_client(PROBE, &agents, &dialed);
+    assert_eq!(r.errno, Some(ECONNREFUSED), "{r:?}");
+
+    // Crash: the listener entry is still there, but nothing listens behind it.
+    w.env.start_daemon();
+    w.env.stop_daemon(Signal::SIGKILL);
+    let r = run_client(PROBE, &agents, &dialed);
+    assert_eq!(r.errno, Some(ECONNREFUSED), "{r:?}");
+    assert_eq!(
+        w.direct.count(),
+        0,
+        "a tagged connection must never go direct"
+    );
+    assert_eq!(w.upstream.count(), 0);
+
+    // Restart: the same links are re-adopted (no second attachment) and traffic flows again.
+    w.env.start_daemon();
+    let again = w.env.status();
+    let ids = |s: &serde_json::Value| -> Vec<u64> {
+        s["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["link_id"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    assert_eq!(
+        ids(&first),
+        ids(&again),
+        "links must be re-adopted, not re-attached"
+    );
+    assert!(
+        again["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|p| p["adopted"] == true)
+    );
+    let r = run_client(PROBE, &agents, &dialed);
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    assert!(again["counters"]["kernel"]["refused_no_listener"].as_u64() >= Some(1));
+}
+
+#[test]
+fn direct_connections_to_the_proxy_port_are_not_served() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("direct-proxy", &["agents"]);
+    w.env.start_daemon();
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    // Dialing the proxy itself carries no kernel record: no identity, no relay.
+    let r = run_client(PROBE, &agents, &format!("127.0.0.1:{}", w.env.port));
+    assert_eq!(r.reply.as_deref().unwrap_or(""), "", "{r:?}");
+    assert_eq!(w.upstream.count(), 0);
+    w.env.wait_log("no kernel record for this connection; closing it. Only connections the kernel redirected are served (a direct connection to the proxy port has no identity)", |_| true);
+    assert_eq!(w.env.status()["counters"]["proxy"]["no_record"], 1);
+}
+
+#[test]
+fn uninstall_detaches_and_removes_every_pin() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("uninstall", &["agents"]);
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    w.env.start_daemon();
+
+    // Refused while the daemon runs.
+    let out = w.env.cli(&["uninstall"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("daemon is running"));
+
+    w.env.stop_daemon(Signal::SIGTERM);
+    let out = w.env.cli(&["uninstall"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!w.env.bpffs_dir.exists(), "pins left behind");
+    // Interception has stopped: the tagged cgroup reaches the dialed address again.
+    let r = run_client(PROBE, &agents, &w.direct.addr.to_string());
+    assert!(r.expect_reply().starts_with("direct:"), "{r:?}");
+    assert_eq!(w.upstream.count(), 0);
+}
