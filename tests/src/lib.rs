@@ -177,6 +177,10 @@ pub struct TestEnv {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// Daemons start one at a time: the first one on a fresh machine mounts bpffs, and two racing
+/// mounts would stack and hide each other's pins. (Production runs one daemon per node.)
+static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl TestEnv {
     /// Creates the test's attach cgroup.
     pub fn new(label: &str) -> Self {
@@ -252,6 +256,7 @@ impl TestEnv {
     /// Starts the daemon and waits until it is ready (or panics with its log).
     pub fn start_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
+        let _serial = START.lock().unwrap_or_else(|p| p.into_inner());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
