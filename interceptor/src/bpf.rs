@@ -45,7 +45,7 @@ pub enum Error {
     /// The object could not be loaded (maps created or opened from their pins).
     #[error(
         "loading the eBPF object failed: {0}; interceptor needs root (CAP_BPF, CAP_NET_ADMIN) on \
-         Linux >= 5.15 with BTF"
+         Linux >= 5.18 with BTF"
     )]
     Load(Box<aya::EbpfError>),
     /// A program could not be loaded into the kernel or attached.
