@@ -10,6 +10,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::policy::{Policy, RawBinding, RawPolicyOptions, RawRole};
+
 /// Where the CLI looks for the config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/interceptor/interceptor.toml";
 /// Default proxy port on 127.0.0.1 and [::1].
@@ -52,7 +54,48 @@ pub struct RawConfig {
     /// `[[server]]` tables: the MCP servers whose addresses are intercepted.
     #[serde(default, rename = "server")]
     pub servers: Vec<RawServer>,
+    /// `[[role]]` tables: what may be used.
+    #[serde(default, rename = "role")]
+    pub roles: Vec<RawRole>,
+    /// `[[binding]]` tables: who gets which role.
+    #[serde(default, rename = "binding")]
+    pub bindings: Vec<RawBinding>,
+    /// `[policy]`: how denials look.
+    #[serde(default)]
+    pub policy: RawPolicyOptions,
+    /// `[proxy]`: request limits.
+    #[serde(default)]
+    pub proxy: RawProxy,
 }
+
+/// `[proxy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProxy {
+    /// Largest request body accepted (bytes); larger ones get HTTP 413.
+    pub max_body_bytes: usize,
+    /// Deepest JSON nesting accepted in a request.
+    pub max_json_depth: usize,
+    /// Largest JSON response body the proxy buffers to filter (bytes).
+    pub max_response_bytes: usize,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+/// Default `proxy.max_body_bytes`: 4 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+/// Default `proxy.max_json_depth`.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+/// Default `proxy.max_response_bytes`: 16 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 /// `[daemon]`.
 #[derive(Debug, Deserialize)]
@@ -109,6 +152,8 @@ pub struct Config {
     /// Cgroup paths (relative to the cgroup v2 mount) tagged at start.
     pub tags: Vec<String>,
     pub servers: Vec<Server>,
+    pub policy: Policy,
+    pub proxy: RawProxy,
 }
 
 /// Validated `[daemon]`.
@@ -256,11 +301,22 @@ impl Validator<'_> {
                 upstream_addrs,
             });
         }
+        if raw.proxy.max_body_bytes == 0 || raw.proxy.max_json_depth == 0 {
+            return Err(self.invalid(
+                "proxy",
+                "max_body_bytes and max_json_depth must be at least 1",
+            ));
+        }
+        let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
+        let policy = Policy::compile(&raw.roles, &raw.bindings, &raw.policy, &names)
+            .map_err(|(key, message)| self.invalid(key, message))?;
         Ok(Config {
             path: self.path.to_owned(),
             daemon,
             tags,
             servers,
+            policy,
+            proxy: raw.proxy,
         })
     }
 

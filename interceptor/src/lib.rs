@@ -16,5 +16,6 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod relay;
 pub mod telemetry;

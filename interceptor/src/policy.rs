@@ -1,0 +1,923 @@
+//! Two-tier authorisation: which MCP servers an identity may reach, then which tools (and other
+//! methods) on each. Deny by default, deny wins. Patterns are literals, globs (`read_*`) or
+//! regexes (`^…$`). Roles are bound to identities by selectors over the process identity.
+//!
+//! [`Policy::check`] is a pure function of (policy, subject, server, call) returning the
+//! decision and the rule that made it; the proxy uses the same function to decide calls and to
+//! filter `*/list` results.
+
+use std::collections::HashMap;
+
+use globset::{GlobBuilder, GlobMatcher};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Methods a granted server always allows: the session plumbing and discovery. Everything else
+/// must be granted by a role.
+const ALWAYS_ALLOWED: [&str; 7] = [
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+];
+
+/// Tool names outside this set are refused whatever the patterns say: invisible characters and
+/// look-alikes are how a denied tool hides behind an allowed name.
+fn valid_tool_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'))
+}
+
+/// `[[role]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRole {
+    /// Unique role name.
+    pub name: String,
+    /// Tier 1: server names (patterns) this role reaches.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Tier 2: tools this role may call (patterns).
+    #[serde(default)]
+    pub allow_tools: Vec<String>,
+    /// Tools this role may never call (patterns); deny wins over any allow.
+    #[serde(default)]
+    pub deny_tools: Vec<String>,
+    /// Other MCP methods this role may use, e.g. `resources/read`, `prompts/*`.
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    /// Constraints on tool arguments.
+    #[serde(default)]
+    pub tool_args: Vec<RawToolArgs>,
+}
+
+/// `[[role.tool_args]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToolArgs {
+    /// Tool name (pattern) the constraint applies to.
+    pub tool: String,
+    /// JSON pointer into the call's `arguments`, e.g. `/path`.
+    pub pointer: String,
+    /// Allowed values (patterns; globs here treat `/` as a separator, `**` crosses it).
+    pub allow: Vec<String>,
+}
+
+/// `[[binding]]` as written: which identities get a role. Every selector given must match.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBinding {
+    /// The role granted.
+    pub role: String,
+    /// cgroup path patterns (relative to the cgroup v2 mount); `/a/**` also matches `/a`.
+    #[serde(default)]
+    pub cgroup: Option<OneOrMany>,
+    /// uids.
+    #[serde(default)]
+    pub uid: Option<Vec<u32>>,
+    /// gids.
+    #[serde(default)]
+    pub gid: Option<Vec<u32>>,
+    /// Executable path patterns.
+    #[serde(default)]
+    pub exe: Option<OneOrMany>,
+    /// `comm` patterns.
+    #[serde(default)]
+    pub comm: Option<OneOrMany>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// How a denied `tools/call` is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DenyStyle {
+    /// -32602 with a message saying the call was refused by policy.
+    #[default]
+    Policy,
+    /// -32602 `Unknown tool: <name>`, as if the tool did not exist.
+    UnknownTool,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicyOptions {
+    /// Keep denied tools in `tools/list` results instead of hiding them.
+    pub show_denied_tools: bool,
+    /// Answer style for denied calls.
+    pub deny_message: DenyStyle,
+}
+
+/// A compiled pattern: literal, glob, or `^regex$`.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    text: String,
+    kind: PatternKind,
+}
+
+#[derive(Debug, Clone)]
+enum PatternKind {
+    Literal,
+    Glob(GlobMatcher),
+    Regex(Regex),
+}
+
+impl Pattern {
+    /// Compiles `text`. `paths`: globs treat `/` as a separator (`*` stays in one segment).
+    pub fn new(text: &str, paths: bool) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("empty pattern".into());
+        }
+        let kind = if text.len() >= 2 && text.starts_with('^') && text.ends_with('$') {
+            PatternKind::Regex(
+                Regex::new(text).map_err(|e| format!("invalid regex {text:?}: {e}"))?,
+            )
+        } else if text.contains(['*', '?', '[', '{']) {
+            PatternKind::Glob(
+                GlobBuilder::new(text)
+                    .literal_separator(paths)
+                    .build()
+                    .map_err(|e| format!("invalid glob {text:?}: {e}"))?
+                    .compile_matcher(),
+            )
+        } else {
+            PatternKind::Literal
+        };
+        Ok(Self {
+            text: text.to_owned(),
+            kind,
+        })
+    }
+
+    /// Exact, case-sensitive match of the whole string.
+    pub fn matches(&self, s: &str) -> bool {
+        match &self.kind {
+            PatternKind::Literal => self.text == s,
+            PatternKind::Glob(g) => g.is_match(s),
+            PatternKind::Regex(r) => r.is_match(s),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn is_literal(&self) -> bool {
+        matches!(self.kind, PatternKind::Literal)
+    }
+}
+
+fn compile(list: &[String], paths: bool, key: &str) -> Result<Vec<Pattern>, (String, String)> {
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| Pattern::new(p, paths).map_err(|m| (format!("{key}[{i}]"), m)))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct ArgRule {
+    tool: Pattern,
+    pointer: String,
+    allow: Vec<Pattern>,
+}
+
+/// A compiled role.
+#[derive(Debug, Clone)]
+pub struct Role {
+    pub name: String,
+    servers: Vec<Pattern>,
+    allow_tools: Vec<Pattern>,
+    deny_tools: Vec<Pattern>,
+    allow_methods: Vec<Pattern>,
+    tool_args: Vec<ArgRule>,
+}
+
+#[derive(Debug, Clone)]
+struct Binding {
+    index: usize,
+    role: usize,
+    cgroup: Option<Vec<Pattern>>,
+    uid: Option<Vec<u32>>,
+    gid: Option<Vec<u32>>,
+    exe: Option<Vec<Pattern>>,
+    comm: Option<Vec<Pattern>>,
+}
+
+/// The compiled policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    roles: Vec<Role>,
+    bindings: Vec<Binding>,
+    pub show_denied_tools: bool,
+    pub deny_style: DenyStyle,
+}
+
+/// Who is asking: the parts of the process identity bindings select on.
+#[derive(Debug, Clone, Default)]
+pub struct Subject<'a> {
+    pub cgroup: Option<&'a str>,
+    pub uid: u32,
+    pub gid: u32,
+    pub exe: Option<&'a str>,
+    pub comm: &'a str,
+}
+
+/// What is asked: a JSON-RPC method and, for calls, the target and arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub method: &'a str,
+    /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read).
+    pub name: Option<&'a str>,
+    /// `params.arguments`.
+    pub arguments: Option<&'a Value>,
+}
+
+impl<'a> Call<'a> {
+    pub fn method(method: &'a str) -> Self {
+        Self {
+            method,
+            name: None,
+            arguments: None,
+        }
+    }
+
+    pub fn tool(name: &'a str, arguments: Option<&'a Value>) -> Self {
+        Self {
+            method: "tools/call",
+            name: Some(name),
+            arguments,
+        }
+    }
+}
+
+/// The outcome, with the rule that decided it (for logs and audit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allow: bool,
+    pub rule: String,
+    /// Roles that granted the request (empty when denied).
+    pub roles: Vec<String>,
+}
+
+impl Decision {
+    fn deny(rule: impl Into<String>) -> Self {
+        Self {
+            allow: false,
+            rule: rule.into(),
+            roles: Vec::new(),
+        }
+    }
+
+    fn allow(rule: impl Into<String>, roles: Vec<String>) -> Self {
+        Self {
+            allow: true,
+            rule: rule.into(),
+            roles,
+        }
+    }
+}
+
+impl Policy {
+    /// Compiles roles and bindings; `servers` are the configured server names (a literal server
+    /// name in a role must be one of them). Errors are (key, message).
+    pub fn compile(
+        roles: &[RawRole],
+        bindings: &[RawBinding],
+        options: &RawPolicyOptions,
+        servers: &[String],
+    ) -> Result<Self, (String, String)> {
+        let mut by_name = HashMap::new();
+        let mut compiled = Vec::with_capacity(roles.len());
+        for (i, r) in roles.iter().enumerate() {
+            let key = |k: &str| format!("role[{i}].{k}");
+            if r.name.is_empty() {
+                return Err((key("name"), "a role needs a name".into()));
+            }
+            if by_name.insert(r.name.clone(), i).is_some() {
+                return Err((key("name"), format!("role name {:?} is used twice", r.name)));
+            }
+            let server_patterns = compile(&r.servers, false, &key("servers"))?;
+            for (j, p) in server_patterns.iter().enumerate() {
+                if p.is_literal() && !servers.iter().any(|s| s == p.as_str()) {
+                    return Err((
+                        format!("{}[{j}]", key("servers")),
+                        format!(
+                            "unknown server name {:?}; known servers: {}",
+                            p.as_str(),
+                            servers.join(", ")
+                        ),
+                    ));
+                }
+            }
+            let mut tool_args = Vec::new();
+            for (j, a) in r.tool_args.iter().enumerate() {
+                let k = format!("{}[{j}]", key("tool_args"));
+                if !a.pointer.is_empty() && !a.pointer.starts_with('/') {
+                    return Err((
+                        format!("{k}.pointer"),
+                        format!(
+                            "{:?} is not a JSON pointer; write e.g. \"/path\"",
+                            a.pointer
+                        ),
+                    ));
+                }
+                tool_args.push(ArgRule {
+                    tool: Pattern::new(&a.tool, false).map_err(|m| (format!("{k}.tool"), m))?,
+                    pointer: a.pointer.clone(),
+                    allow: compile(&a.allow, true, &format!("{k}.allow"))?,
+                });
+            }
+            compiled.push(Role {
+                name: r.name.clone(),
+                servers: server_patterns,
+                allow_tools: compile(&r.allow_tools, false, &key("allow_tools"))?,
+                deny_tools: compile(&r.deny_tools, false, &key("deny_tools"))?,
+                allow_methods: compile(&r.allow_methods, false, &key("allow_methods"))?,
+                tool_args,
+            });
+        }
+        let mut compiled_bindings = Vec::with_capacity(bindings.len());
+        for (i, b) in bindings.iter().enumerate() {
+            let key = |k: &str| format!("binding[{i}].{k}");
+            let Some(&role) = by_name.get(&b.role) else {
+                return Err((
+                    key("role"),
+                    format!("unknown role {:?}; define it in a [[role]] table", b.role),
+                ));
+            };
+            let pats = |v: &Option<OneOrMany>, k: &str, paths: bool| {
+                v.clone()
+                    .map(|v| compile(&v.into_vec(), paths, &key(k)))
+                    .transpose()
+            };
+            compiled_bindings.push(Binding {
+                index: i,
+                role,
+                cgroup: pats(&b.cgroup, "cgroup", true)?,
+                uid: b.uid.clone(),
+                gid: b.gid.clone(),
+                exe: pats(&b.exe, "exe", true)?,
+                comm: pats(&b.comm, "comm", false)?,
+            });
+        }
+        Ok(Self {
+            roles: compiled,
+            bindings: compiled_bindings,
+            show_denied_tools: options.show_denied_tools,
+            deny_style: options.deny_message,
+        })
+    }
+
+    /// Indexes of the roles bound to `subject`.
+    fn roles_of(&self, subject: &Subject<'_>) -> Vec<usize> {
+        let mut roles: Vec<usize> = self
+            .bindings
+            .iter()
+            .filter(|b| b.matches(subject))
+            .map(|b| b.role)
+            .collect();
+        roles.sort_unstable();
+        roles.dedup();
+        roles
+    }
+
+    /// Decides `call` on `server` for `subject`.
+    pub fn check(&self, subject: &Subject<'_>, server: &str, call: &Call<'_>) -> Decision {
+        let bound = self.roles_of(subject);
+        if bound.is_empty() {
+            return Decision::deny("default deny: no binding matches this identity");
+        }
+        // Tier 1: roles that reach this server.
+        let granting: Vec<&Role> = bound
+            .iter()
+            .map(|&i| &self.roles[i])
+            .filter(|r| r.servers.iter().any(|p| p.matches(server)))
+            .collect();
+        if granting.is_empty() {
+            return Decision::deny(format!(
+                "default deny: no role of this identity grants server {server:?}"
+            ));
+        }
+        let names = || granting.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+
+        if ALWAYS_ALLOWED.contains(&call.method) || call.method.starts_with("notifications/") {
+            return Decision::allow(
+                format!(
+                    "server {server:?} granted; {:?} is always allowed",
+                    call.method
+                ),
+                names(),
+            );
+        }
+        if call.method == "tools/call" {
+            return self.check_tool(&granting, call);
+        }
+        // Other methods: deny wins is moot (no deny_methods); first allowing role decides.
+        for r in &granting {
+            if let Some(p) = r.allow_methods.iter().find(|p| p.matches(call.method)) {
+                return Decision::allow(
+                    format!("role {}: allow_methods {:?}", r.name, p.as_str()),
+                    vec![r.name.clone()],
+                );
+            }
+        }
+        Decision::deny(format!(
+            "default deny: no role allows method {:?} on server {server:?}",
+            call.method
+        ))
+    }
+
+    fn check_tool(&self, granting: &[&Role], call: &Call<'_>) -> Decision {
+        let Some(tool) = call.name else {
+            return Decision::deny("tools/call without a tool name");
+        };
+        if !valid_tool_name(tool) {
+            return Decision::deny(format!(
+                "tool name {tool:?} has characters outside [A-Za-z0-9_.-/] or is too long"
+            ));
+        }
+        // Deny wins: any granting role's deny pattern refuses the call.
+        for r in granting {
+            if let Some(p) = r.deny_tools.iter().find(|p| p.matches(tool)) {
+                return Decision::deny(format!("role {}: deny_tools {:?}", r.name, p.as_str()));
+            }
+        }
+        let allowing: Vec<(&Role, &Pattern)> = granting
+            .iter()
+            .filter_map(|r| {
+                r.allow_tools
+                    .iter()
+                    .find(|p| p.matches(tool))
+                    .map(|p| (*r, p))
+            })
+            .collect();
+        let Some((first, pattern)) = allowing.first() else {
+            return Decision::deny(format!("default deny: no role allows tool {tool:?}"));
+        };
+        // Argument constraints of every granting role apply (a constraint is a deny rule).
+        let args = call.arguments.unwrap_or(&Value::Null);
+        for r in granting {
+            for rule in r.tool_args.iter().filter(|a| a.tool.matches(tool)) {
+                if let Err(why) = rule.check(args) {
+                    return Decision::deny(format!(
+                        "role {}: tool_args for {:?} at {:?}: {why}",
+                        r.name,
+                        rule.tool.as_str(),
+                        rule.pointer
+                    ));
+                }
+            }
+        }
+        Decision::allow(
+            format!("role {}: allow_tools {:?}", first.name, pattern.as_str()),
+            allowing.iter().map(|(r, _)| r.name.clone()).collect(),
+        )
+    }
+
+    /// Whether a listed item may be shown: tools by `tools/call`, prompts by `prompts/get`,
+    /// resources by `resources/read` (argument constraints do not hide a tool).
+    pub fn shows(
+        &self,
+        subject: &Subject<'_>,
+        server: &str,
+        list_method: &str,
+        name: &str,
+    ) -> bool {
+        let method = match list_method {
+            "tools/list" => {
+                if self.show_denied_tools {
+                    return true;
+                }
+                "tools/call"
+            }
+            "prompts/list" => "prompts/get",
+            "resources/list" | "resources/templates/list" => "resources/read",
+            _ => return true,
+        };
+        let call = Call {
+            method,
+            name: Some(name),
+            arguments: None,
+        };
+        if method == "tools/call" {
+            // Listing ignores argument constraints: the tool is usable with the right arguments.
+            let bound = self.roles_of(subject);
+            let granting: Vec<&Role> = bound
+                .iter()
+                .map(|&i| &self.roles[i])
+                .filter(|r| r.servers.iter().any(|p| p.matches(server)))
+                .collect();
+            return valid_tool_name(name)
+                && !granting
+                    .iter()
+                    .any(|r| r.deny_tools.iter().any(|p| p.matches(name)))
+                && granting
+                    .iter()
+                    .any(|r| r.allow_tools.iter().any(|p| p.matches(name)));
+        }
+        self.check(subject, server, &call).allow
+    }
+
+    /// Names of the roles bound to `subject` (for `policy explain`).
+    pub fn bound_roles(&self, subject: &Subject<'_>) -> Vec<(String, usize)> {
+        self.bindings
+            .iter()
+            .filter(|b| b.matches(subject))
+            .map(|b| (self.roles[b.role].name.clone(), b.index))
+            .collect()
+    }
+}
+
+impl Binding {
+    fn matches(&self, s: &Subject<'_>) -> bool {
+        let any = |pats: &Option<Vec<Pattern>>, value: Option<&str>, prefix_ok: bool| match pats {
+            None => true,
+            Some(pats) => value.is_some_and(|v| {
+                pats.iter().any(|p| {
+                    p.matches(v)
+                        || (prefix_ok
+                            && p.as_str().strip_suffix("/**").is_some_and(|base| base == v))
+                })
+            }),
+        };
+        any(&self.cgroup, s.cgroup, true)
+            && self.uid.as_ref().is_none_or(|u| u.contains(&s.uid))
+            && self.gid.as_ref().is_none_or(|g| g.contains(&s.gid))
+            && any(&self.exe, s.exe, false)
+            && any(&self.comm, Some(s.comm), false)
+    }
+}
+
+impl ArgRule {
+    fn check(&self, args: &Value) -> Result<(), String> {
+        let Some(value) = args.pointer(&self.pointer) else {
+            return Err("argument missing".into());
+        };
+        let Some(text) = value.as_str() else {
+            return Err(format!("argument is not a string ({value})"));
+        };
+        // "/srv/notes/../../etc/passwd" matches "/srv/notes/**" textually; refuse traversal.
+        if text.split('/').any(|seg| seg == "..") {
+            return Err(format!("{text:?} contains a '..' segment"));
+        }
+        if self.allow.iter().any(|p| p.matches(text)) {
+            Ok(())
+        } else {
+            Err(format!("{text:?} matches no allowed value"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn policy(toml_text: &str) -> Policy {
+        #[derive(Deserialize)]
+        struct P {
+            #[serde(default)]
+            role: Vec<RawRole>,
+            #[serde(default)]
+            binding: Vec<RawBinding>,
+            #[serde(default)]
+            policy: RawPolicyOptions,
+        }
+        let p: P = toml::from_str(toml_text).unwrap();
+        let servers = vec!["notes".to_owned(), "wiki-en".to_owned(), "admin".to_owned()];
+        Policy::compile(&p.role, &p.binding, &p.policy, &servers).unwrap()
+    }
+
+    const ISSUE_EXAMPLE: &str = r#"
+        [[role]]
+        name = "notes-reader"
+        servers = ["notes", "wiki-*"]
+        allow_tools = ["read_*", "search", "^(get|list)_[a-z_]+$"]
+        deny_tools = ["delete_*", "read_secrets"]
+        allow_methods = ["resources/read", "prompts/*"]
+        [[role.tool_args]]
+        tool = "read_file"
+        pointer = "/path"
+        allow = ["/srv/notes/**"]
+
+        [[role]]
+        name = "admin"
+        servers = ["admin", "notes"]
+        allow_tools = ["*"]
+
+        [[binding]]
+        role = "notes-reader"
+        cgroup = "/agents/**"
+        uid = [1000]
+        exe = ["/usr/bin/python3*"]
+
+        [[binding]]
+        role = "admin"
+        cgroup = "/ops"
+    "#;
+
+    fn agent() -> Subject<'static> {
+        Subject {
+            cgroup: Some("/agents/team-a"),
+            uid: 1000,
+            gid: 1000,
+            exe: Some("/usr/bin/python3.11"),
+            comm: "python3",
+        }
+    }
+
+    /// (subject, server, call, allow, rule fragment)
+    macro_rules! table {
+        ($p:expr, $( ($subject:expr, $server:expr, $call:expr, $allow:expr, $rule:expr) ),+ $(,)?) => {
+            $(
+                let d = $p.check(&$subject, $server, &$call);
+                assert_eq!(d.allow, $allow, "{:?} on {}: {:?}", $call, $server, d);
+                assert!(d.rule.contains($rule), "{:?}: rule {:?} lacks {:?}", $call, d.rule, $rule);
+            )+
+        };
+    }
+
+    #[test]
+    fn two_tiers_deny_by_default_deny_wins() {
+        let p = policy(ISSUE_EXAMPLE);
+        let a = agent();
+        let ops = Subject {
+            cgroup: Some("/ops"),
+            ..Default::default()
+        };
+        let stranger = Subject {
+            cgroup: Some("/other"),
+            uid: 1000,
+            ..agent()
+        };
+        let args_ok = json!({"path": "/srv/notes/a/b.txt"});
+        let args_bad = json!({"path": "/etc/passwd"});
+        let args_dotdot = json!({"path": "/srv/notes/../../etc/passwd"});
+        table!(
+            p,
+            (
+                a,
+                "notes",
+                Call::tool("read_note", None),
+                true,
+                "allow_tools \"read_*\""
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("search", None),
+                true,
+                "allow_tools \"search\""
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("get_page", None),
+                true,
+                "^(get|list)_[a-z_]+$"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("get_Page", None),
+                false,
+                "no role allows tool"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("searchx", None),
+                false,
+                "no role allows tool"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("delete_note", None),
+                false,
+                "deny_tools \"delete_*\""
+            ),
+            // deny wins even though read_* allows it
+            (
+                a,
+                "notes",
+                Call::tool("read_secrets", None),
+                false,
+                "deny_tools \"read_secrets\""
+            ),
+            (
+                a,
+                "wiki-en",
+                Call::tool("read_page", None),
+                true,
+                "allow_tools"
+            ),
+            (
+                a,
+                "admin",
+                Call::tool("read_page", None),
+                false,
+                "grants server \"admin\""
+            ),
+            (
+                a,
+                "notes",
+                Call::method("initialize"),
+                true,
+                "always allowed"
+            ),
+            (
+                a,
+                "notes",
+                Call::method("tools/list"),
+                true,
+                "always allowed"
+            ),
+            (
+                a,
+                "notes",
+                Call::method("notifications/initialized"),
+                true,
+                "always allowed"
+            ),
+            (
+                a,
+                "notes",
+                Call::method("resources/read"),
+                true,
+                "allow_methods \"resources/read\""
+            ),
+            (
+                a,
+                "notes",
+                Call::method("prompts/get"),
+                true,
+                "allow_methods \"prompts/*\""
+            ),
+            (
+                a,
+                "notes",
+                Call::method("completion/complete"),
+                false,
+                "no role allows method"
+            ),
+            (
+                a,
+                "notes",
+                Call::method("tools/call_extra"),
+                false,
+                "no role allows method"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("read_file", Some(&args_ok)),
+                true,
+                "allow_tools"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("read_file", Some(&args_bad)),
+                false,
+                "matches no allowed value"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("read_file", Some(&args_dotdot)),
+                false,
+                "'..' segment"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("read_file", None),
+                false,
+                "argument missing"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("read_\u{200b}note", None),
+                false,
+                "characters outside"
+            ),
+            (
+                a,
+                "notes",
+                Call::tool("read_nоte", None),
+                false,
+                "characters outside"
+            ), // Cyrillic о
+            (
+                stranger,
+                "notes",
+                Call::tool("read_note", None),
+                false,
+                "no binding matches"
+            ),
+            (
+                ops,
+                "admin",
+                Call::tool("anything", None),
+                true,
+                "role admin"
+            ),
+            (
+                ops,
+                "notes",
+                Call::tool("delete_note", None),
+                true,
+                "role admin"
+            ),
+        );
+    }
+
+    #[test]
+    fn every_selector_of_a_binding_must_match() {
+        let p = policy(ISSUE_EXAMPLE);
+        let wrong_uid = Subject { uid: 0, ..agent() };
+        let wrong_exe = Subject {
+            exe: Some("/usr/bin/node"),
+            ..agent()
+        };
+        let base = Subject {
+            cgroup: Some("/agents"),
+            ..agent()
+        };
+        let call = Call::tool("search", None);
+        assert!(!p.check(&wrong_uid, "notes", &call).allow);
+        assert!(!p.check(&wrong_exe, "notes", &call).allow);
+        // "/agents/**" covers "/agents" itself.
+        assert!(p.check(&base, "notes", &call).allow);
+    }
+
+    #[test]
+    fn list_filtering_uses_the_same_rules() {
+        let p = policy(ISSUE_EXAMPLE);
+        let a = agent();
+        assert!(p.shows(&a, "notes", "tools/list", "read_file"));
+        assert!(!p.shows(&a, "notes", "tools/list", "delete_note"));
+        assert!(!p.shows(&a, "notes", "tools/list", "write_note"));
+        assert!(p.shows(&a, "notes", "prompts/list", "summary"));
+        let shown = policy(&format!(
+            "{ISSUE_EXAMPLE}\n[policy]\nshow_denied_tools = true\n"
+        ));
+        assert!(shown.shows(&a, "notes", "tools/list", "write_note"));
+    }
+
+    #[test]
+    fn compile_errors_name_the_key() {
+        let servers = vec!["notes".to_owned()];
+        let role = |servers_: Vec<&str>, tools: Vec<&str>| RawRole {
+            name: "r".into(),
+            servers: servers_.into_iter().map(Into::into).collect(),
+            allow_tools: tools.into_iter().map(Into::into).collect(),
+            deny_tools: vec![],
+            allow_methods: vec![],
+            tool_args: vec![],
+        };
+        let opts = RawPolicyOptions::default();
+        let e = Policy::compile(&[role(vec!["nope"], vec![])], &[], &opts, &servers).unwrap_err();
+        assert_eq!(e.0, "role[0].servers[0]");
+        assert!(e.1.contains("unknown server name \"nope\""));
+        let e = Policy::compile(&[role(vec!["notes"], vec!["^(bad$"])], &[], &opts, &servers)
+            .unwrap_err();
+        assert_eq!(e.0, "role[0].allow_tools[0]");
+        let b = RawBinding {
+            role: "ghost".into(),
+            cgroup: None,
+            uid: None,
+            gid: None,
+            exe: None,
+            comm: None,
+        };
+        let e = Policy::compile(&[], &[b], &opts, &servers).unwrap_err();
+        assert!(e.1.contains("unknown role \"ghost\""), "{e:?}");
+    }
+}
