@@ -1,5 +1,5 @@
 //! Proxy listeners and the per-connection pipeline: accept → find the kernel record → identity →
-//! handle (relay). Listeners bind in [`Proxy::bind`], so a taken port fails at start-up.
+//! handle (the MCP-aware HTTP proxy in [`crate::mcp`]). Listeners bind in [`Proxy::bind`], so a taken port fails at start-up.
 
 use std::{
     io,
@@ -12,7 +12,7 @@ use interceptor_common::{Addr, Listener, TupleKey};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::{daemon::Daemon, identity::Identity, relay};
+use crate::{daemon::Daemon, identity::Identity};
 
 /// The proxy's listening sockets in the daemon's network namespace.
 pub struct Proxy {
@@ -137,27 +137,19 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
     );
     let started = Instant::now();
     counters.active.fetch_add(1, Ordering::Relaxed);
-    let result = match relay::connect_upstream(server).await {
-        Ok(upstream) => relay::relay(stream, upstream, server).await,
-        Err(e) => Err(e),
-    };
+    let server_id = record.server_id as usize;
+    crate::mcp::serve(
+        stream,
+        crate::mcp::Conn {
+            daemon: daemon.clone(),
+            identity,
+            server_id,
+        },
+    )
+    .await;
     counters.active.fetch_sub(1, Ordering::Relaxed);
-    match result {
-        Ok(bytes) => {
-            counters.relayed_up.fetch_add(bytes.up, Ordering::Relaxed);
-            counters
-                .relayed_down
-                .fetch_add(bytes.down, Ordering::Relaxed);
-            debug!(
-                bytes.up = bytes.up,
-                bytes.down = bytes.down,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "connection closed"
-            );
-        }
-        Err(e) => {
-            counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, server.name = %server.name, "connection failed");
-        }
-    }
+    debug!(
+        duration_ms = started.elapsed().as_millis() as u64,
+        "connection closed"
+    );
 }

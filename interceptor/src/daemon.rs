@@ -4,7 +4,7 @@
 use std::{
     collections::HashSet,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -22,6 +22,9 @@ use crate::{
     bpf::{self, Kernel, lock},
     cgroup::{self, Hierarchy},
     config::{self, Config},
+    mcp::Sessions,
+    policy::Policy,
+    upstream::{self, UpstreamClient},
 };
 
 /// Errors that stop the daemon from starting or running.
@@ -58,8 +61,14 @@ pub struct Counters {
     pub relayed_up: AtomicU64,
     /// Bytes relayed upstream → agent.
     pub relayed_down: AtomicU64,
-    /// Connections whose upstream could not be reached or broke.
+    /// Requests whose upstream could not be reached or broke.
     pub upstream_errors: AtomicU64,
+    /// JSON-RPC requests and notifications allowed by policy.
+    pub allowed: AtomicU64,
+    /// JSON-RPC requests and notifications denied by policy.
+    pub denied: AtomicU64,
+    /// HTTP requests refused before any decision (malformed, ambiguous, too large).
+    pub rejected: AtomicU64,
 }
 
 /// Shared state, one per daemon.
@@ -71,6 +80,12 @@ pub struct Daemon {
     pub netns_cookie: u64,
     pub listener: interceptor_common::Listener,
     pub counters: Counters,
+    /// The policy in force; replaced whole on reload, read per request.
+    policy: RwLock<Arc<Policy>>,
+    /// HTTP clients towards each server's upstream, by server index.
+    pub upstreams: Vec<UpstreamClient>,
+    /// Live 2024-11-05 SSE sessions.
+    pub sessions: Sessions,
     started: Instant,
 }
 
@@ -84,6 +99,14 @@ pub struct TagStatus {
 }
 
 impl Daemon {
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
     pub fn tag(&self, cgroup: &str) -> Result<TagStatus, String> {
         let cgroup = config::normalize_cgroup_path(cgroup)?;
@@ -177,6 +200,9 @@ impl Daemon {
                     "relayed_bytes_up": c.relayed_up.load(Ordering::Relaxed),
                     "relayed_bytes_down": c.relayed_down.load(Ordering::Relaxed),
                     "upstream_errors": c.upstream_errors.load(Ordering::Relaxed),
+                    "requests_allowed": c.allowed.load(Ordering::Relaxed),
+                    "requests_denied": c.denied.load(Ordering::Relaxed),
+                    "requests_rejected": c.rejected.load(Ordering::Relaxed),
                 },
             },
         })
@@ -245,6 +271,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let netns_cookie = proxy.netns_cookie()?;
     let admin = AdminServer::bind(&config.daemon.admin_socket)?;
     let daemon = Arc::new(Daemon {
+        policy: RwLock::new(Arc::new(config.policy.clone())),
+        upstreams: config.servers.iter().map(upstream::client).collect(),
+        sessions: Sessions::default(),
         listener: proxy.entry,
         netns_cookie,
         kernel,

@@ -4,7 +4,9 @@
 //! - [`bpf`]: load, attach and pin the kernel programs; the maps they share with us.
 //! - [`accept`]: proxy listeners; per accepted connection, find the kernel's record.
 //! - [`identity`]: turn the kernel record into a process identity (`/proc` enrichment).
-//! - [`relay`]: the handling stage — today a byte relay to the server's upstream.
+//! - [`mcp`]: the handling stage — HTTP, strict JSON-RPC, policy, list filtering, SSE.
+//! - [`policy`]: two-tier RBAC as a pure function.
+//! - [`upstream`]: the HTTP client towards the real server.
 //! - [`admin`]: the root-only admin socket behind `tag`, `untag` and `status`.
 //! - [`config`], [`cgroup`], [`netns`], [`telemetry`]: the supporting cast.
 
@@ -15,7 +17,8 @@ pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod mcp;
 pub mod netns;
 pub mod policy;
-pub mod relay;
 pub mod telemetry;
+pub mod upstream;

@@ -72,8 +72,8 @@ pub fn free_port() -> u16 {
     panic!("no port free on both 127.0.0.1 and [::1]");
 }
 
-/// A TCP server that answers each connection with `<label>:<first line it received>` and counts
-/// connections.
+/// A minimal HTTP server that answers every request with the body `<label>:<request body>` and
+/// counts connections.
 pub struct LabelServer {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
@@ -92,9 +92,39 @@ impl LabelServer {
                 count.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    // One request per connection (answered with Connection: close).
+                    let mut len = 0usize;
                     let mut line = String::new();
-                    let _ = BufReader::new(&stream).read_line(&mut line);
-                    let _ = write!(stream, "{label}:{line}");
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+                        return;
+                    }
+                    let text = format!("{label}:{}", String::from_utf8_lossy(&body));
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n{text}",
+                        text.len()
+                    );
                 });
             }
         });
@@ -229,8 +259,19 @@ impl TestEnv {
         rel
     }
 
-    /// Writes the config: servers, and cgroups tagged at start.
+    /// Writes the config: servers, cgroups tagged at start, and a role granting every server
+    /// and method to everything under the test's cgroup.
     pub fn write_config(&self, servers: &[ServerSpec], tags: &[&str]) {
+        let open = format!(
+            "\n[[role]]\nname = \"open\"\nservers = [\"*\"]\nallow_tools = [\"*\"]\nallow_methods = [\"*\"]\n\
+             \n[[binding]]\nrole = \"open\"\ncgroup = \"{}/**\"\n",
+            self.root
+        );
+        self.write_config_with(servers, tags, &open);
+    }
+
+    /// Writes the config with `extra` TOML (roles, bindings, …) appended.
+    pub fn write_config_with(&self, servers: &[ServerSpec], tags: &[&str], extra: &str) {
         let mut text = format!(
             "[daemon]\nlisten_port = {}\ncgroup_root = \"{}\"\nbpffs_dir = \"{}\"\nadmin_socket = \"{}\"\n",
             self.port,
@@ -250,6 +291,7 @@ impl TestEnv {
                 s.upstream
             ));
         }
+        text.push_str(extra);
         std::fs::write(&self.config_path, text).expect("write config");
     }
 

@@ -50,7 +50,15 @@ fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
 
     let r = run_client(PROBE, &agents, &dialed);
     let reply = r.expect_reply();
-    assert!(reply.starts_with("upstream:hello from"), "{r:?}");
+    // The upstream got the proxy's canonical re-serialisation of the authorised message.
+    assert_eq!(
+        reply,
+        format!(
+            r#"upstream:{{"id":{},"jsonrpc":"2.0","method":"ping"}}"#,
+            r.pid
+        ),
+        "{r:?}"
+    );
     assert_eq!(
         w.direct.count(),
         0,

@@ -1,10 +1,10 @@
-//! An ordinary TCP client, unaware of interceptor: connect to ADDR, say hello, read the reply
-//! until EOF, and print one JSON line with what happened (its pid, what `getpeername()` said,
-//! the reply, or the error).
+//! An ordinary HTTP client, unaware of interceptor: connect to ADDR, POST a JSON-RPC `ping`,
+//! read the response until EOF, and print one JSON line with what happened (its pid, what
+//! `getpeername()` said, the response body, or the error).
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -21,10 +21,20 @@ fn main() {
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let peer = stream.peer_addr()?.to_string();
-        writeln!(stream, "hello from {pid}")?;
-        stream.shutdown(Shutdown::Write)?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{pid},"method":"ping"}}"#);
+        write!(
+            stream,
+            "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let reply = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((peer, reply))
     })();
     let out = match result {

@@ -1,0 +1,582 @@
+//! Strict JSON-RPC parsing for MCP messages from agents.
+//!
+//! Parse strictly, reject what is ambiguous, and forward a re-serialised copy of exactly what
+//! was authorised: every trick that makes a policy proxy and an upstream see different messages
+//! (duplicate keys, escaped duplicates like `"n\u0061me"`, case variants like `"Name"` beside
+//! `"name"`, non-object params, batches hiding calls, deep nesting, invalid UTF-8) is an error
+//! here, before any decision is made.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+/// JSON-RPC error codes used by the proxy.
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// MCP 2026-07-28: an `Mcp-*` header disagrees with the body.
+    pub const HEADER_MISMATCH: i64 = -32020;
+}
+
+/// Top-level members of a JSON-RPC message.
+const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+/// MCP members inside `params` whose case variants are refused (upstreams that decode
+/// case-insensitively would read the variant).
+const PARAM_MEMBERS: [&str; 9] = [
+    "name",
+    "arguments",
+    "uri",
+    "cursor",
+    "_meta",
+    "protocolVersion",
+    "capabilities",
+    "clientInfo",
+    "level",
+];
+
+/// Why a body was refused, with the JSON-RPC code to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    /// The id of the offending message, when it could be read.
+    pub id: Option<Value>,
+}
+
+impl RpcError {
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            id: None,
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(code::INVALID_REQUEST, message)
+    }
+
+    /// The JSON-RPC error object, as a response.
+    pub fn to_response(&self) -> Value {
+        error_response(self.id.clone(), self.code, &self.message)
+    }
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+/// A JSON-RPC error response.
+pub fn error_response(id: Option<Value>, code: i64, message: &str) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id.unwrap_or(Value::Null),
+        "error": {"code": code, "message": message},
+    })
+}
+
+/// One message from the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Has an id; expects a response.
+    Request {
+        id: Value,
+        method: String,
+        params: Option<Map<String, Value>>,
+    },
+    /// No id; no response.
+    Notification {
+        method: String,
+        params: Option<Map<String, Value>>,
+    },
+    /// The agent answering a server-to-client request (sampling, elicitation, roots).
+    Response { id: Value, body: Map<String, Value> },
+}
+
+impl Message {
+    pub fn method(&self) -> Option<&str> {
+        match self {
+            Message::Request { method, .. } | Message::Notification { method, .. } => Some(method),
+            Message::Response { .. } => None,
+        }
+    }
+
+    pub fn id(&self) -> Option<&Value> {
+        match self {
+            Message::Request { id, .. } | Message::Response { id, .. } => Some(id),
+            Message::Notification { .. } => None,
+        }
+    }
+
+    pub fn params(&self) -> Option<&Map<String, Value>> {
+        match self {
+            Message::Request { params, .. } | Message::Notification { params, .. } => {
+                params.as_ref()
+            }
+            Message::Response { .. } => None,
+        }
+    }
+
+    /// The call's target: `params.name` (tools/call, prompts/get) or `params.uri`
+    /// (resources/read, resources/subscribe).
+    pub fn target(&self) -> Option<&str> {
+        let key = match self.method()? {
+            "tools/call" | "prompts/get" => "name",
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => "uri",
+            _ => return None,
+        };
+        self.params()?.get(key)?.as_str()
+    }
+
+    /// `params.arguments` of a tools/call.
+    pub fn arguments(&self) -> Option<&Value> {
+        self.params()?.get("arguments")
+    }
+
+    /// The canonical serialisation forwarded upstream: only the members JSON-RPC defines.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("jsonrpc".into(), Value::from("2.0"));
+        match self {
+            Message::Request { id, method, params } => {
+                m.insert("id".into(), id.clone());
+                m.insert("method".into(), Value::from(method.as_str()));
+                if let Some(p) = params {
+                    m.insert("params".into(), Value::Object(p.clone()));
+                }
+            }
+            Message::Notification { method, params } => {
+                m.insert("method".into(), Value::from(method.as_str()));
+                if let Some(p) = params {
+                    m.insert("params".into(), Value::Object(p.clone()));
+                }
+            }
+            Message::Response { id, body } => {
+                m.insert("id".into(), id.clone());
+                for (k, v) in body {
+                    m.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+/// A parsed body: one message, or a batch (2025-03-26 allowed them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Body {
+    pub messages: Vec<Message>,
+    pub batch: bool,
+}
+
+impl Body {
+    /// The bytes to forward: the canonical form of every message.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let value = if self.batch {
+            Value::Array(self.messages.iter().map(Message::to_value).collect())
+        } else {
+            self.messages
+                .first()
+                .map(Message::to_value)
+                .unwrap_or(Value::Null)
+        };
+        serde_json::to_vec(&value).unwrap_or_default()
+    }
+}
+
+/// Parses an agent's request body strictly.
+pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Body, RpcError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("body is not valid UTF-8: {e}")))?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = Strict {
+        depth: 0,
+        max_depth,
+    }
+    .deserialize(&mut de)
+    .map_err(|e| {
+        let msg = e.to_string();
+        // Our own semantic refusals are invalid requests; the rest is malformed JSON.
+        if msg.contains("duplicate key") || msg.contains("nesting deeper") {
+            RpcError::invalid(msg)
+        } else {
+            RpcError::new(code::PARSE_ERROR, format!("invalid JSON: {msg}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("trailing data after JSON: {e}")))?;
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(RpcError::invalid("empty batch"));
+            }
+            let messages = items
+                .into_iter()
+                .map(classify)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Body {
+                messages,
+                batch: true,
+            })
+        }
+        other => Ok(Body {
+            messages: vec![classify(other)?],
+            batch: false,
+        }),
+    }
+}
+
+fn classify(value: Value) -> Result<Message, RpcError> {
+    let Value::Object(mut obj) = value else {
+        return Err(RpcError::invalid(
+            "a JSON-RPC message must be a JSON object",
+        ));
+    };
+    let id = obj.get("id").cloned();
+    let reply_id = id.clone().filter(|v| v.is_string() || v.is_number());
+    let fail = |message: String| RpcError {
+        code: code::INVALID_REQUEST,
+        message,
+        id: reply_id.clone(),
+    };
+    for key in obj.keys() {
+        if MEMBERS.contains(&key.as_str()) {
+            continue;
+        }
+        if let Some(canon) = MEMBERS.iter().find(|m| m.eq_ignore_ascii_case(key)) {
+            return Err(fail(format!(
+                "member {key:?} is a case variant of {canon:?}; refused as ambiguous"
+            )));
+        }
+        return Err(fail(format!(
+            "unexpected member {key:?} in a JSON-RPC message"
+        )));
+    }
+    if obj.get("jsonrpc") != Some(&Value::from("2.0")) {
+        return Err(fail("\"jsonrpc\" must be \"2.0\"".into()));
+    }
+    if let Some(id) = &id {
+        let valid = id.is_string() || id.as_i64().is_some() || id.as_u64().is_some();
+        if !valid {
+            return Err(fail(format!("id must be a string or an integer, not {id}")));
+        }
+    }
+    match obj.remove("method") {
+        Some(Value::String(method)) => {
+            if obj.contains_key("result") || obj.contains_key("error") {
+                return Err(fail(
+                    "a message cannot have both a method and a result/error".into(),
+                ));
+            }
+            let params = match obj.remove("params") {
+                None => None,
+                Some(Value::Object(p)) => {
+                    check_params(&p).map_err(fail)?;
+                    Some(p)
+                }
+                Some(other) => {
+                    return Err(fail(format!(
+                        "params must be an object, not {}",
+                        type_name(&other)
+                    )));
+                }
+            };
+            if method.is_empty() {
+                return Err(fail("empty method".into()));
+            }
+            let message = match id {
+                Some(id) => Message::Request { id, method, params },
+                None => Message::Notification { method, params },
+            };
+            check_call(&message).map_err(fail)?;
+            Ok(message)
+        }
+        Some(other) => Err(fail(format!(
+            "method must be a string, not {}",
+            type_name(&other)
+        ))),
+        None => {
+            let Some(id) = id.clone() else {
+                return Err(fail("a message needs a method or an id".into()));
+            };
+            if obj.contains_key("params") {
+                return Err(fail("a response cannot have params".into()));
+            }
+            let has_result = obj.contains_key("result");
+            let has_error = obj.contains_key("error");
+            if has_result == has_error {
+                return Err(fail(
+                    "a response needs exactly one of result and error".into(),
+                ));
+            }
+            obj.remove("jsonrpc");
+            obj.remove("id");
+            Ok(Message::Response { id, body: obj })
+        }
+    }
+}
+
+fn check_params(params: &Map<String, Value>) -> Result<(), String> {
+    for key in params.keys() {
+        if PARAM_MEMBERS.contains(&key.as_str()) {
+            continue;
+        }
+        if let Some(canon) = PARAM_MEMBERS.iter().find(|m| m.eq_ignore_ascii_case(key)) {
+            return Err(format!(
+                "params member {key:?} is a case variant of {canon:?}; refused as ambiguous"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Shape checks for the methods the policy looks into.
+fn check_call(message: &Message) -> Result<(), String> {
+    let Some(method) = message.method() else {
+        return Ok(());
+    };
+    let params = message.params();
+    let string_member = |key: &str| -> Result<(), String> {
+        match params.and_then(|p| p.get(key)) {
+            Some(Value::String(_)) => Ok(()),
+            Some(other) => Err(format!(
+                "{method}: params.{key} must be a string, not {}",
+                type_name(other)
+            )),
+            None => Err(format!("{method}: params.{key} is required")),
+        }
+    };
+    match method {
+        "tools/call" => {
+            string_member("name")?;
+            match params.and_then(|p| p.get("arguments")) {
+                None | Some(Value::Object(_)) => Ok(()),
+                Some(other) => Err(format!(
+                    "tools/call: params.arguments must be an object, not {}",
+                    type_name(other)
+                )),
+            }
+        }
+        "prompts/get" => string_member("name"),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string_member("uri"),
+        _ => Ok(()),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A `serde_json::Value` deserializer that refuses duplicate keys (after unescaping, so
+/// `"n\u0061me"` duplicates `"name"`) and nesting deeper than `max_depth`.
+struct Strict {
+    depth: usize,
+    max_depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Strict {
+    fn nested<E: de::Error>(&self) -> Result<Strict, E> {
+        if self.depth + 1 > self.max_depth {
+            return Err(E::custom(format!(
+                "nesting deeper than {} levels",
+                self.max_depth
+            )));
+        }
+        Ok(Strict {
+            depth: self.depth + 1,
+            max_depth: self.max_depth,
+        })
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.nested()?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Strict { ..inner })? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.nested()?;
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(Strict { ..inner })?;
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn ok(text: &str) -> Body {
+        parse(text.as_bytes(), 64).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    fn err(text: &[u8]) -> RpcError {
+        parse(text, 64).expect_err("must be refused")
+    }
+
+    #[test]
+    fn parses_requests_notifications_and_responses() {
+        let b = ok(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read","arguments":{"path":"/a"}}}"#,
+        );
+        assert!(!b.batch);
+        assert_eq!(b.messages[0].method(), Some("tools/call"));
+        assert_eq!(b.messages[0].target(), Some("read"));
+        assert_eq!(b.messages[0].arguments(), Some(&json!({"path": "/a"})));
+        let n = ok(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        assert!(matches!(n.messages[0], Message::Notification { .. }));
+        let r = ok(r#"{"jsonrpc":"2.0","id":"s-1","result":{}}"#);
+        assert!(matches!(r.messages[0], Message::Response { .. }));
+    }
+
+    #[test]
+    fn forwards_only_the_canonical_form() {
+        let b = ok(
+            r#"{ "params" : {"name":"read"}, "method":"tools/call", "id": 7, "jsonrpc":"2.0" }"#,
+        );
+        let v: Value = serde_json::from_slice(&b.to_bytes()).unwrap();
+        assert_eq!(
+            v,
+            json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"read"}})
+        );
+    }
+
+    #[test]
+    fn refuses_duplicate_and_escaped_duplicate_keys() {
+        let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","name":"evil"}}"#);
+        assert_eq!(e.code, code::INVALID_REQUEST);
+        assert!(e.message.contains("duplicate key \"name\""), "{e}");
+        let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","n\u0061me":"evil"}}"#);
+        assert!(e.message.contains("duplicate key"), "{e}");
+        let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}"#);
+        assert!(e.message.contains("duplicate key \"method\""), "{e}");
+    }
+
+    #[test]
+    fn refuses_case_variants() {
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"evil","name":"ok"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","Params":{"name":"evil"},"params":{"name":"ok"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call"}"#,
+            r#"{"jsonrpc":"2.0","ID":1,"method":"tools/call","params":{"name":"x"}}"#,
+        ] {
+            let e = err(body.as_bytes());
+            assert_eq!(e.code, code::INVALID_REQUEST, "{body}");
+            assert!(e.message.contains("case variant"), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_shapes() {
+        for (body, needle) in [
+            (&br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["read"]}"#[..], "params must be an object"),
+            (br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#, "id must be"),
+            (br#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#, "id must be"),
+            (br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, "\"2.0\""),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#, "must be a string"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":[1]}}"#, "arguments must be an object"),
+            (br#"["jsonrpc","2.0"]"#, "must be a JSON object"),
+            (br#"[]"#, "empty batch"),
+            (br#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#, "exactly one"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"x","extra":1}"#, "unexpected member"),
+        ] {
+            let e = err(body);
+            assert!(e.message.contains(needle), "{}: {e}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn refuses_invalid_utf8_trailing_data_and_deep_nesting() {
+        assert_eq!(
+            err(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"p\xffing\"}").code,
+            code::PARSE_ERROR
+        );
+        assert_eq!(
+            err(br#"{"jsonrpc":"2.0","id":1,"method":"ping"} {}"#).code,
+            code::PARSE_ERROR
+        );
+        let deep = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"a","arguments":{{"x":{}1{}}}}}}}"#,
+            "[".repeat(70),
+            "]".repeat(70)
+        );
+        let e = err(deep.as_bytes());
+        assert!(e.message.contains("nesting deeper than 64"), "{e}");
+    }
+
+    #[test]
+    fn batches_are_parsed_element_by_element() {
+        let b = ok(
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"x"}}]"#,
+        );
+        assert!(b.batch);
+        assert_eq!(b.messages.len(), 2);
+        let e = err(br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"tools/call","Params":{}}]"#);
+        assert_eq!(e.id, Some(json!(2)));
+    }
+}

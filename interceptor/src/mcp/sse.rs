@@ -1,0 +1,165 @@
+//! Incremental Server-Sent Events framing: bytes in, complete events out as they arrive (no
+//! buffering of a whole stream). An event the proxy does not change is re-emitted byte for byte.
+
+use bytes::{Bytes, BytesMut};
+
+/// One complete event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The event exactly as received, including its terminating blank line.
+    pub raw: Bytes,
+    /// `event:` (empty = "message").
+    pub event: String,
+    /// `data:` lines joined with `\n`.
+    pub data: String,
+    /// `id:`, if any.
+    pub id: Option<String>,
+}
+
+impl Event {
+    /// A new event with the same type and id and different data.
+    pub fn with_data(&self, data: &str) -> Bytes {
+        let mut out = String::new();
+        if !self.event.is_empty() {
+            out.push_str("event: ");
+            out.push_str(&self.event);
+            out.push('\n');
+        }
+        if let Some(id) = &self.id {
+            out.push_str("id: ");
+            out.push_str(id);
+            out.push('\n');
+        }
+        for line in data.split('\n') {
+            out.push_str("data: ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+        Bytes::from(out)
+    }
+
+    /// A `message` event carrying `data`.
+    pub fn message(data: &str) -> Bytes {
+        Bytes::from(format!("event: message\ndata: {data}\n\n"))
+    }
+}
+
+/// Accumulates bytes and splits them into events.
+#[derive(Debug, Default)]
+pub struct Parser {
+    buf: BytesMut,
+}
+
+impl Parser {
+    /// Feeds `chunk`; returns every event it completed.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<Event> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        while let Some(end) = event_end(&self.buf) {
+            let raw = self.buf.split_to(end).freeze();
+            events.push(parse_event(raw));
+        }
+        events
+    }
+
+    /// Bytes of an incomplete event still held.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// What is left at end of stream (an unterminated event), passed through as is.
+    pub fn finish(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+}
+
+/// Index just past the blank line that ends the first event (`\n\n`, `\r\n\r\n`, `\r\r`).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        let line_end = match buf[i] {
+            b'\n' => i + 1,
+            b'\r' if buf.get(i + 1) == Some(&b'\n') => i + 2,
+            b'\r' if i + 1 < buf.len() => i + 1,
+            b'\r' => return None, // might be the start of \r\n
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // A line break immediately followed by another one ends the event.
+        match buf.get(line_end) {
+            Some(b'\n') => return Some(line_end + 1),
+            Some(b'\r') => match buf.get(line_end + 1) {
+                Some(b'\n') => return Some(line_end + 2),
+                Some(_) => return Some(line_end + 1),
+                None => return None,
+            },
+            _ => i = line_end,
+        }
+    }
+    None
+}
+
+fn parse_event(raw: Bytes) -> Event {
+    let text = String::from_utf8_lossy(&raw);
+    let mut event = String::new();
+    let mut data: Vec<&str> = Vec::new();
+    let mut id = None;
+    for line in text.split(['\n', '\r']) {
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => event = value.to_owned(),
+            "data" => data.push(value),
+            "id" => id = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    Event {
+        event,
+        data: data.join("\n"),
+        id,
+        raw: raw.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_events_across_chunks() {
+        let mut p = Parser::default();
+        assert!(p.push(b"event: endpoint\ndata: /messages?s").is_empty());
+        let e = p.push(b"ession_id=1\n\nid: 7\ndata: {\"a\":\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].event, "endpoint");
+        assert_eq!(e[0].data, "/messages?session_id=1");
+        assert_eq!(
+            &e[0].raw[..],
+            b"event: endpoint\ndata: /messages?session_id=1\n\n"
+        );
+        let e = p.push(b"data: 1}\r\n\r\n: comment\n\n");
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].data, "{\"a\":\n1}");
+        assert_eq!(e[0].id.as_deref(), Some("7"));
+        assert_eq!(p.pending(), 0);
+    }
+
+    #[test]
+    fn rewrites_keep_type_and_id() {
+        let mut p = Parser::default();
+        let e = p.push(b"event: message\nid: 3\ndata: old\n\n").remove(0);
+        assert_eq!(
+            &e.with_data("new")[..],
+            b"event: message\nid: 3\ndata: new\n\n"
+        );
+    }
+}
