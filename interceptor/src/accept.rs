@@ -140,11 +140,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
     let server_id = record.server_id as usize;
     crate::mcp::serve(
         stream,
-        crate::mcp::Conn {
-            daemon: daemon.clone(),
-            identity,
-            server_id,
-        },
+        crate::mcp::Conn::new(daemon.clone(), identity, server_id),
     )
     .await;
     counters.active.fetch_sub(1, Ordering::Relaxed);

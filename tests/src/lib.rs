@@ -77,6 +77,8 @@ pub fn free_port() -> u16 {
 pub struct LabelServer {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    /// Every request body received, in order.
+    pub bodies: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl LabelServer {
@@ -85,11 +87,14 @@ impl LabelServer {
         let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let connections = Arc::new(AtomicUsize::new(0));
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
         let count = connections.clone();
+        let seen = bodies.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
+                let seen = seen.clone();
                 std::thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
@@ -118,7 +123,11 @@ impl LabelServer {
                     if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
                         return;
                     }
-                    let text = format!("{label}:{}", String::from_utf8_lossy(&body));
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    seen.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(body.clone());
+                    let text = format!("{label}:{body}");
                     let _ = write!(
                         stream,
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
@@ -128,7 +137,19 @@ impl LabelServer {
                 });
             }
         });
-        Self { addr, connections }
+        Self {
+            addr,
+            connections,
+            bodies,
+        }
+    }
+
+    /// Request bodies received so far.
+    pub fn bodies(&self) -> Vec<String> {
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn count(&self) -> usize {
@@ -143,6 +164,8 @@ pub struct ClientResult {
     /// `getpeername()` as the client saw it.
     pub peer: Option<String>,
     pub reply: Option<String>,
+    /// HTTP status of the response.
+    pub status: Option<u16>,
     pub error: Option<String>,
     pub errno: Option<i32>,
 }
@@ -158,15 +181,33 @@ impl ClientResult {
 
 /// Runs `probe` (the probe-client binary) against `addr` inside the cgroup directory `cgroup_dir`.
 pub fn run_client(probe: &str, cgroup_dir: &Path, addr: &str) -> ClientResult {
-    // The shell moves itself into the cgroup and then becomes the client (same pid).
+    parse_client(run_in_cgroup(cgroup_dir, probe, &[addr]))
+}
+
+/// Sends the raw HTTP request `request` to `addr` from inside `cgroup_dir`.
+pub fn send_raw(probe: &str, cgroup_dir: &Path, addr: &str, request: &[u8]) -> ClientResult {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), request).expect("write request");
+    let path = file.path().to_string_lossy().into_owned();
+    parse_client(run_in_cgroup(cgroup_dir, probe, &[addr, "--raw", &path]))
+}
+
+/// Runs `program args…` as a process of the cgroup `cgroup_dir`: the shell moves itself into
+/// the cgroup and then becomes the program (same pid), so the kernel attributes its
+/// connections to it.
+pub fn run_in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Output {
     let script = format!(
-        "echo $$ > '{}' && exec \"$0\" \"$1\"",
+        "echo $$ > '{}' && exec \"$@\"",
         cgroup_dir.join("cgroup.procs").display()
     );
-    let out = Command::new("sh")
-        .args(["-c", &script, probe, addr])
+    Command::new("sh")
+        .args(["-c", &script, "sh", program])
+        .args(args)
         .output()
-        .expect("run probe-client");
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+fn parse_client(out: Output) -> ClientResult {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
         panic!(
@@ -178,6 +219,7 @@ pub fn run_client(probe: &str, cgroup_dir: &Path, addr: &str) -> ClientResult {
         pid: v["pid"].as_u64().unwrap_or(0) as u32,
         peer: v["peer"].as_str().map(str::to_owned),
         reply: v["reply"].as_str().map(str::to_owned),
+        status: v["status"].as_u64().map(|s| s as u16),
         error: v["error"].as_str().map(str::to_owned),
         errno: v["errno"].as_i64().map(|e| e as i32),
     }

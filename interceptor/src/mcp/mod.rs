@@ -12,6 +12,7 @@
 //! - 2026-07-28 stateless: `Mcp-Method` / `Mcp-Name` must agree with the body (HTTP 400,
 //!   -32020 otherwise); the decision is made on the body.
 
+pub mod framing;
 pub mod jsonrpc;
 pub mod sse;
 
@@ -77,10 +78,24 @@ pub struct Conn {
     pub daemon: Arc<Daemon>,
     pub identity: Identity,
     pub server_id: usize,
+    /// Framing verdicts for HTTP/1 request heads, in order (see [`framing`]).
+    verdicts: framing::Verdicts,
+}
+
+impl Conn {
+    pub fn new(daemon: Arc<Daemon>, identity: Identity, server_id: usize) -> Self {
+        Self {
+            daemon,
+            identity,
+            server_id,
+            verdicts: framing::Verdicts::default(),
+        }
+    }
 }
 
 /// Serves one redirected connection until the agent closes it.
 pub async fn serve(stream: TcpStream, conn: Conn) {
+    let stream = framing::Watched::new(stream, conn.verdicts.clone());
     let conn = Arc::new(conn);
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -255,7 +270,12 @@ impl Conn {
     }
 
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
-        if let Err(why) = check_framing(req.headers()) {
+        let watched = if req.version() < http::Version::HTTP_2 {
+            lock(&self.verdicts).pop_front().unwrap_or(Ok(()))
+        } else {
+            Ok(())
+        };
+        if let Err(why) = watched.and_then(|()| check_framing(req.headers())) {
             self.daemon
                 .counters
                 .rejected

@@ -1,6 +1,11 @@
-//! An ordinary HTTP client, unaware of interceptor: connect to ADDR, POST a JSON-RPC `ping`,
-//! read the response until EOF, and print one JSON line with what happened (its pid, what
-//! `getpeername()` said, the response body, or the error).
+//! An ordinary HTTP client, unaware of interceptor.
+//!
+//! `probe-client ADDR`: connect to ADDR, POST a JSON-RPC `ping`, read the response until EOF.
+//! `probe-client ADDR --raw FILE`: send FILE's bytes verbatim as the request (for malformed and
+//! malicious requests), then read the response until EOF.
+//!
+//! Prints one JSON line with what happened: its pid, what `getpeername()` said, the response
+//! status and body, or the error.
 
 use std::{
     io::{Read, Write},
@@ -9,9 +14,24 @@ use std::{
 };
 
 fn main() {
-    let Some(addr) = std::env::args().nth(1) else {
-        eprintln!("usage: probe-client ADDR");
+    let mut args = std::env::args().skip(1);
+    let Some(addr) = args.next() else {
+        eprintln!("usage: probe-client ADDR [--raw FILE]");
         std::process::exit(2);
+    };
+    let raw = match (args.next().as_deref(), args.next()) {
+        (Some("--raw"), Some(file)) => match std::fs::read(&file) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("cannot read {file}: {e}");
+                std::process::exit(2);
+            }
+        },
+        (None, _) => None,
+        _ => {
+            eprintln!("usage: probe-client ADDR [--raw FILE]");
+            std::process::exit(2);
+        }
     };
     let pid = std::process::id();
     let result = (|| -> std::io::Result<(String, String)> {
@@ -21,24 +41,30 @@ fn main() {
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let peer = stream.peer_addr()?.to_string();
-        let body = format!(r#"{{"jsonrpc":"2.0","id":{pid},"method":"ping"}}"#);
-        write!(
-            stream,
-            "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-             Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let reply = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((peer, reply))
+        let request = raw.unwrap_or_else(|| {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{pid},"method":"ping"}}"#);
+            format!(
+                "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                 Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        });
+        stream.write_all(&request)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        Ok((peer, String::from_utf8_lossy(&response).into_owned()))
     })();
     let out = match result {
-        Ok((peer, reply)) => serde_json::json!({"pid": pid, "peer": peer, "reply": reply}),
+        Ok((peer, response)) => {
+            let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse::<u16>().ok());
+            serde_json::json!({"pid": pid, "peer": peer, "status": status, "reply": body})
+        }
         Err(e) => serde_json::json!({
             "pid": pid,
             "error": e.to_string(),

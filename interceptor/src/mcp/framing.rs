@@ -1,0 +1,319 @@
+//! A watch on HTTP/1 request framing, beside hyper.
+//!
+//! hyper resolves ambiguous framing the way RFC 9112 allows — identical duplicate
+//! `Content-Length` headers are collapsed, `Content-Length` next to `Transfer-Encoding` is
+//! dropped (and the connection closed afterwards) — so by the time a request reaches the
+//! service, the evidence is gone. A policy point should refuse such requests outright, so this
+//! wrapper watches the bytes hyper reads: it parses each request head with `httparse` (hyper's
+//! own parser) and skips bodies by their framing (`httparse::parse_chunk_size` for chunked ones)
+//! to stay aligned with pipelined requests. It never changes a byte; it only queues a verdict
+//! per request head, which the service takes in order.
+
+use std::{
+    collections::VecDeque,
+    io,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest request head watched; beyond it the watch stops (hyper enforces its own limit).
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+
+/// Verdicts, one per request head, in order: `Err(reason)` for ambiguous framing.
+pub type Verdicts = Arc<Mutex<VecDeque<Result<(), String>>>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd(usize),
+    Trailers,
+    /// Not HTTP/1 (h2c preface) or lost: stop watching.
+    Off,
+}
+
+/// The byte watcher (separate from I/O so it can be tested directly).
+#[derive(Debug)]
+pub struct Scanner {
+    state: State,
+    pending: Vec<u8>,
+    verdicts: Verdicts,
+}
+
+impl Scanner {
+    pub fn new(verdicts: Verdicts) -> Self {
+        Self {
+            state: State::Head,
+            pending: Vec::new(),
+            verdicts,
+        }
+    }
+
+    /// Feeds bytes as hyper reads them.
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.state == State::Off {
+            return;
+        }
+        self.pending.extend_from_slice(data);
+        while let Some(n) = self.step() {
+            self.pending.drain(..n);
+            if self.state == State::Off {
+                self.pending.clear();
+                return;
+            }
+        }
+        if self.state == State::Head && self.pending.len() > MAX_HEAD {
+            self.state = State::Off;
+            self.pending.clear();
+        }
+    }
+
+    /// Consumes what it can from `pending`; `None` when more bytes are needed.
+    fn step(&mut self) -> Option<usize> {
+        let buf = &self.pending[..];
+        if buf.is_empty() {
+            return None;
+        }
+        match self.state {
+            State::Off => None,
+            State::Head => {
+                if buf.starts_with(b"PRI * HTTP/2.0")
+                    || (buf.len() < 14 && b"PRI * HTTP/2.0".starts_with(buf))
+                {
+                    if buf.len() >= 14 {
+                        self.state = State::Off;
+                        return Some(0);
+                    }
+                    return None;
+                }
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut req = httparse::Request::new(&mut headers);
+                match req.parse(buf) {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let (verdict, next) = judge(req.headers);
+                        self.verdicts
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back(verdict);
+                        self.state = next;
+                        Some(n)
+                    }
+                    Ok(httparse::Status::Partial) => None,
+                    // hyper answers malformed heads itself.
+                    Err(_) => {
+                        self.state = State::Off;
+                        Some(0)
+                    }
+                }
+            }
+            State::Body(rem) => {
+                let n = usize::try_from(rem).unwrap_or(usize::MAX).min(buf.len());
+                let left = rem - n as u64;
+                self.state = if left == 0 {
+                    State::Head
+                } else {
+                    State::Body(left)
+                };
+                Some(n)
+            }
+            State::ChunkSize => match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((n, 0))) => {
+                    self.state = State::Trailers;
+                    Some(n)
+                }
+                Ok(httparse::Status::Complete((n, size))) => {
+                    self.state = State::ChunkData(size);
+                    Some(n)
+                }
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => {
+                    self.state = State::Off;
+                    Some(0)
+                }
+            },
+            State::ChunkData(rem) => {
+                let n = usize::try_from(rem).unwrap_or(usize::MAX).min(buf.len());
+                let left = rem - n as u64;
+                self.state = if left == 0 {
+                    State::ChunkEnd(2)
+                } else {
+                    State::ChunkData(left)
+                };
+                Some(n)
+            }
+            State::ChunkEnd(k) => {
+                let n = k.min(buf.len());
+                self.state = if n == k {
+                    State::ChunkSize
+                } else {
+                    State::ChunkEnd(k - n)
+                };
+                Some(n)
+            }
+            State::Trailers => {
+                if buf.starts_with(b"\r\n") {
+                    self.state = State::Head;
+                    return Some(2);
+                }
+                let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+                self.state = State::Head;
+                Some(end + 4)
+            }
+        }
+    }
+}
+
+/// The verdict on one head, and how its body is framed (as hyper will read it).
+fn judge(headers: &[httparse::Header<'_>]) -> (Result<(), String>, State) {
+    let named = |n: &str| -> Vec<&[u8]> {
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(n))
+            .map(|h| h.value)
+            .collect()
+    };
+    let cls = named("content-length");
+    let tes = named("transfer-encoding");
+    let verdict = if cls.len() > 1 {
+        Err("more than one Content-Length header".to_owned())
+    } else if !cls.is_empty() && !tes.is_empty() {
+        Err("both Content-Length and Transfer-Encoding".to_owned())
+    } else if tes.len() > 1 || tes.first().is_some_and(|v| *v != b"chunked") {
+        Err("Transfer-Encoding other than a single \"chunked\"".to_owned())
+    } else {
+        Ok(())
+    };
+    // Follow hyper: Transfer-Encoding wins; chunked if it ends in chunked.
+    let next = if let Some(last) = tes.last() {
+        let v = String::from_utf8_lossy(last).to_ascii_lowercase();
+        if v.trim_end().ends_with("chunked") {
+            State::ChunkSize
+        } else {
+            State::Off
+        }
+    } else if let Some(cl) = cls.first() {
+        match std::str::from_utf8(cl)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            Some(0) => State::Head,
+            Some(len) => State::Body(len),
+            None => State::Off,
+        }
+    } else {
+        State::Head
+    };
+    (verdict, next)
+}
+
+/// An I/O stream whose reads are watched by a [`Scanner`].
+pub struct Watched<T> {
+    inner: T,
+    scanner: Scanner,
+}
+
+impl<T> Watched<T> {
+    pub fn new(inner: T, verdicts: Verdicts) -> Self {
+        Self {
+            inner,
+            scanner: Scanner::new(verdicts),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            this.scanner.feed(&buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts(input: &[&[u8]]) -> Vec<Result<(), String>> {
+        let v = Verdicts::default();
+        let mut s = Scanner::new(v.clone());
+        for chunk in input {
+            s.feed(chunk);
+        }
+        v.lock().unwrap().iter().cloned().collect()
+    }
+
+    #[test]
+    fn pipelined_requests_are_judged_in_order() {
+        let stream: &[u8] = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nPOST /c HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhiGET /d HTTP/1.1\r\n\r\n";
+        let v = verdicts(&[stream]);
+        assert_eq!(v.len(), 4);
+        assert!(v[0].is_ok() && v[1].is_ok() && v[3].is_ok());
+        assert!(
+            v[2].as_ref()
+                .unwrap_err()
+                .contains("more than one Content-Length")
+        );
+        // Byte by byte gives the same answer.
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(verdicts(&bytes), v);
+    }
+
+    #[test]
+    fn ambiguous_heads_are_flagged() {
+        let v = verdicts(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ]);
+        assert!(v[0].as_ref().unwrap_err().contains("both"));
+        let v = verdicts(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
+        ]);
+        assert!(v[0].is_err());
+        let v = verdicts(&[b"POST / HTTP/1.1\r\nTransfer-Encoding:  chunked\r\n\r\n0\r\n\r\n"]);
+        assert!(v[0].is_ok(), "{v:?}");
+    }
+
+    #[test]
+    fn h2c_preface_turns_the_watch_off() {
+        assert!(verdicts(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).is_empty());
+    }
+}

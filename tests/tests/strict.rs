@@ -1,0 +1,176 @@
+//! Every rejection rule of the strict parser and the HTTP layer, sent by a real process in a
+//! tagged cgroup through the kernel redirect. Each malicious form must be refused with the right
+//! status and JSON-RPC code, and the upstream must never receive it.
+
+use interceptor_tests::{LabelServer, ServerSpec, TestEnv, privileged, send_raw};
+use serde_json::Value;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
+
+const POLICY: &str = r#"
+[[role]]
+name = "reader"
+servers = ["notes"]
+allow_tools = ["search", "read_*"]
+deny_tools = ["delete_*"]
+
+[proxy]
+max_body_bytes = 4096
+max_json_depth = 16
+"#;
+
+struct World {
+    env: TestEnv,
+    upstream: LabelServer,
+    dir: std::path::PathBuf,
+}
+
+fn world(label: &str) -> World {
+    let mut env = TestEnv::new(label);
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let agents = env.cgroup("agents");
+    let binding = format!("\n[[binding]]\nrole = \"reader\"\ncgroup = \"{agents}\"\n");
+    env.write_config_with(
+        &[ServerSpec {
+            name: "notes".into(),
+            // Agents dial the server's real address; the proxy reaches the same address
+            // (its own sockets are never redirected).
+            intercept: vec![upstream.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&agents],
+        &format!("{POLICY}{binding}"),
+    );
+    env.start_daemon();
+    let dir = env.dir(&agents);
+    World { env, upstream, dir }
+}
+
+fn post(body: &[u8], extra_headers: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+fn error_code(reply: &str) -> Option<i64> {
+    let v: Value = serde_json::from_str(reply).ok()?;
+    v["error"]["code"].as_i64()
+}
+
+#[test]
+fn malicious_forms_are_refused_and_never_forwarded() {
+    if !privileged() {
+        return;
+    }
+    let w = world("strict");
+    let addr = w.upstream.addr.to_string();
+    let call = |name: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{name}"}}}}"#)
+    };
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search","arguments":{{"q":{}1{}}}}}}}"#,
+        "[".repeat(20),
+        "]".repeat(20)
+    );
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search","arguments":{{"q":"{}"}}}}}}"#,
+        "x".repeat(5000)
+    );
+    let cases: Vec<(&str, Vec<u8>, u16, i64)> = vec![
+        ("duplicate key", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","name":"delete_note"}}"#, ""), 400, -32600),
+        ("escaped duplicate key", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","n\u0061me":"delete_note"}}"#, ""), 400, -32600),
+        ("case-variant Name", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"delete_note","name":"search"}}"#, ""), 400, -32600),
+        ("case-variant Method", post(br#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call"}"#, ""), 400, -32600),
+        ("case-variant Params", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","Params":{"name":"delete_note"},"params":{"name":"search"}}"#, ""), 400, -32600),
+        ("non-object params", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["delete_note"]}"#, ""), 400, -32600),
+        ("invalid UTF-8", post(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"se\xffarch\"}}", ""), 400, -32700),
+        ("too deep", post(deep.as_bytes(), ""), 400, -32600),
+        ("too large", post(big.as_bytes(), ""), 413, -32600),
+        ("denied tool", post(call("delete_note").as_bytes(), ""), 200, -32602),
+        ("unknown tool", post(call("write_note").as_bytes(), ""), 200, -32602),
+        ("look-alike tool name", post(call("se\u{0430}rch").as_bytes(), ""), 200, -32602),
+        ("unknown method", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/exec","params":{}}"#, ""), 200, -32601),
+        ("header/body mismatch", post(call("search").as_bytes(), "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: delete_note\r\n"), 400, -32020),
+        ("missing Mcp-Name (2026-07-28)", post(call("search").as_bytes(), "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\n"), 400, -32020),
+    ];
+    for (what, request, status, code) in cases {
+        let r = send_raw(PROBE, &w.dir, &addr, &request);
+        assert_eq!(r.status, Some(status), "{what}: {r:?}");
+        let reply = r.reply.as_deref().unwrap_or("");
+        assert_eq!(error_code(reply), Some(code), "{what}: {reply}");
+        assert!(
+            w.upstream.bodies().is_empty(),
+            "{what} reached the upstream: {:?}",
+            w.upstream.bodies()
+        );
+    }
+
+    // A batch hiding a denied call is refused whole, with an error for each element.
+    let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_note"}}]"#;
+    let r = send_raw(PROBE, &w.dir, &addr, &post(batch, ""));
+    let v: Value = serde_json::from_str(r.reply.as_deref().unwrap_or("")).expect("batch answer");
+    let errors = v.as_array().expect("array of errors");
+    assert_eq!(errors.len(), 2, "{v}");
+    assert_eq!(errors[0]["id"], 1);
+    assert_eq!(errors[0]["error"]["code"], -32600);
+    assert_eq!(errors[1]["id"], 2);
+    assert_eq!(errors[1]["error"]["code"], -32602);
+    assert!(w.upstream.bodies().is_empty());
+
+    // Ambiguous framing never reaches the JSON layer, let alone the upstream.
+    let body = call("search");
+    for (what, head) in [
+        (
+            "CL + TE",
+            format!(
+                "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                body.len()
+            ),
+        ),
+        (
+            "duplicate CL",
+            format!("Content-Length: {0}\r\nContent-Length: {0}\r\n", body.len()),
+        ),
+        (
+            "obfuscated TE",
+            "Transfer-Encoding: xchunked\r\n".to_owned(),
+        ),
+    ] {
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n{head}Connection: close\r\n\r\n{body}"
+        );
+        let r = send_raw(PROBE, &w.dir, &addr, request.as_bytes());
+        assert!(
+            r.status.is_none_or(|s| s == 400),
+            "{what} must be refused (400 or connection closed): {r:?}"
+        );
+        assert!(
+            w.upstream.bodies().is_empty(),
+            "{what} reached the upstream"
+        );
+    }
+
+    // Control: the allowed call goes through, re-serialised canonically, so the path works and
+    // every refusal above was the proxy's doing.
+    let tricky = br#"{ "params": {"name": "search", "arguments": {"q": "x"}}, "id": 9, "method": "tools/call", "jsonrpc": "2.0" }"#;
+    let r = send_raw(PROBE, &w.dir, &addr, &post(tricky, ""));
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(
+        w.upstream.bodies(),
+        vec![r#"{"id":9,"jsonrpc":"2.0","method":"tools/call","params":{"arguments":{"q":"x"},"name":"search"}}"#.to_owned()]
+    );
+    let status = w.env.status();
+    assert!(
+        status["counters"]["proxy"]["requests_rejected"].as_u64() >= Some(12),
+        "{status}"
+    );
+    assert!(
+        status["counters"]["proxy"]["requests_denied"].as_u64() >= Some(5),
+        "{status}"
+    );
+}
