@@ -60,6 +60,135 @@ pub fn interceptor_bin() -> PathBuf {
     p
 }
 
+/// Python with the official MCP SDK (set up by `cargo xtask setup`).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("INTERCEPTOR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/python-mcp/bin/python")
+        });
+    assert!(
+        p.exists(),
+        "no Python with the MCP SDK at {}; run the tests with `cargo xtask test` (it installs it)",
+        p.display()
+    );
+    p
+}
+
+/// A peer script under `tests/peers/`.
+pub fn peer(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("peers")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A real MCP server (official Python SDK) on 127.0.0.1, killed on drop.
+pub struct McpServer {
+    pub addr: SocketAddr,
+    child: Child,
+    calls: tempfile::NamedTempFile,
+    log: tempfile::NamedTempFile,
+}
+
+impl McpServer {
+    /// Starts `tests/peers/mcp_server.py` with `transport` (`streamable-http` or `sse`).
+    pub fn start(transport: &str) -> Self {
+        let port = free_port();
+        let calls = tempfile::NamedTempFile::new().expect("calls file");
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let child = Command::new(python())
+            .arg(peer("mcp_server.py"))
+            .args([
+                "--transport",
+                transport,
+                "--port",
+                &port.to_string(),
+                "--calls",
+            ])
+            .arg(calls.path())
+            .stdout(log.reopen().expect("log"))
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("start the MCP server");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut server = Self {
+            addr,
+            child,
+            calls,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("MCP server exited ({status}): {}", server.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "MCP server not listening after 30 s: {}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Tool calls the server executed, in order.
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.calls.path())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the official-SDK MCP client (`tests/peers/mcp_client.py`) inside `cgroup_dir` and
+/// returns what it printed.
+pub fn mcp_client(
+    cgroup_dir: &Path,
+    url: &str,
+    transport: &str,
+    mode: &str,
+    calls: &[&str],
+) -> Value {
+    let script = peer("mcp_client.py");
+    let python = python().to_string_lossy().into_owned();
+    let mut args = vec![
+        script.as_str(),
+        "--url",
+        url,
+        "--transport",
+        transport,
+        "--mode",
+        mode,
+    ];
+    for c in calls {
+        args.push("--call");
+        args.push(c);
+    }
+    let out = run_in_cgroup(cgroup_dir, &python, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "MCP client printed no JSON ({e}): stdout={stdout:?} stderr={}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// A port that was free a moment ago on 127.0.0.1 and [::1].
 pub fn free_port() -> u16 {
     for _ in 0..100 {

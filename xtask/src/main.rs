@@ -64,7 +64,7 @@ fn run_task(cli: Cli) -> Result<()> {
     let root = workspace_root()?;
     match cli.command {
         Task::Setup => {
-            setup::setup()?;
+            setup::setup(&root)?;
         }
         Task::Build { release } => {
             build(&root, release)?;
@@ -125,7 +125,7 @@ fn describe(cmd: &Command) -> String {
 
 /// Builds the daemon (and with it the eBPF object); returns the binary's path.
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
-    let tools = setup::setup()?;
+    let tools = setup::setup(root)?;
     let mut cmd = cargo(root, &tools);
     cmd.args(["build", "--package", "interceptor"]);
     if release {
@@ -156,7 +156,7 @@ fn as_root(bin: &Path) -> Command {
 fn test(root: &Path, skip_privileged: bool) -> Result<()> {
     let skip_privileged =
         skip_privileged || std::env::var("INTERCEPTOR_SKIP_PRIVILEGED").is_ok_and(|v| v == "1");
-    let tools = setup::setup()?;
+    let tools = setup::setup(root)?;
     eprintln!("[xtask] step 1/5: formatting");
     run(cargo(root, &tools).args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted; run `cargo fmt --all`")?;
@@ -195,6 +195,7 @@ fn test(root: &Path, skip_privileged: bool) -> Result<()> {
     }
     run(cargo(root, &tools)
         .args(["test", "--package", "interceptor-tests"])
-        .env("INTERCEPTOR_BIN", &bin))?;
+        .env("INTERCEPTOR_BIN", &bin)
+        .env("INTERCEPTOR_PYTHON", &tools.python))?;
     Ok(())
 }

@@ -19,9 +19,14 @@ pub const NIGHTLY: &str = "nightly-2026-10-29";
 /// bpf-linker release matching that nightly's LLVM (23).
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The official MCP Python SDK used by the integration tests (as server and client).
+pub const PYTHON_MCP: &str = "mcp==2.3.0";
+
 /// Where the tools live once set up.
 pub struct Tools {
     pub bpf_linker_bin_dir: PathBuf,
+    /// Python with the MCP SDK (a venv under `target/`).
+    pub python: PathBuf,
 }
 
 impl Tools {
@@ -36,7 +41,7 @@ impl Tools {
 }
 
 fn step(n: usize, what: &str, outcome: &str) {
-    eprintln!("[setup {n}/3] {what}: {outcome}");
+    eprintln!("[setup {n}/4] {what}: {outcome}");
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -63,14 +68,55 @@ fn cargo_home() -> Result<PathBuf> {
 }
 
 /// Makes sure everything is installed; returns where it is.
-pub fn setup() -> Result<Tools> {
+pub fn setup(root: &Path) -> Result<Tools> {
     ensure_nightly()?;
     let tools_dir = cargo_home()?.join("interceptor-tools");
     let prefix = ensure_llvm_prefix(&tools_dir)?;
     let bin_dir = ensure_bpf_linker(&tools_dir, &prefix)?;
+    let python = ensure_python_mcp(root)?;
     Ok(Tools {
         bpf_linker_bin_dir: bin_dir,
+        python,
     })
+}
+
+/// A virtualenv under `target/` with the official MCP Python SDK, for the integration tests
+/// and the demo's MCP client and server.
+fn ensure_python_mcp(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("target").join("python-mcp");
+    let python = venv.join("bin").join("python");
+    let marker = venv.join(".installed");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == PYTHON_MCP) && python.exists() {
+        step(
+            4,
+            &format!("python {PYTHON_MCP}"),
+            &format!("present ({})", venv.display()),
+        );
+        return Ok(python);
+    }
+    step(
+        4,
+        &format!("python {PYTHON_MCP}"),
+        "creating a virtualenv and installing from PyPI",
+    );
+    let system_python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .context("no python3 on PATH; install Python >= 3.10 (e.g. apt-get install python3 python3-venv)")?;
+    output(Command::new(system_python).args(["-m", "venv"]).arg(&venv)).context(
+        "creating the virtualenv failed; on Debian install python3-venv (apt-get install python3-venv)",
+    )?;
+    output(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        PYTHON_MCP,
+    ]))
+    .context("installing the MCP Python SDK from PyPI failed")?;
+    std::fs::write(&marker, PYTHON_MCP).with_context(|| format!("writing {}", marker.display()))?;
+    Ok(python)
 }
 
 fn ensure_nightly() -> Result<()> {

@@ -1,0 +1,149 @@
+//! The official MCP Python SDK on both ends, through the kernel redirect: unmodified clients in
+//! tagged cgroups dial the server's real address; policy decides per identity, per tool.
+//! All three wire generations: Streamable HTTP with the initialize handshake, the 2026-07-28
+//! stateless protocol, and the 2024-11-05 HTTP+SSE transport.
+
+use interceptor_tests::{McpServer, ServerSpec, TestEnv, mcp_client, privileged};
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"
+[[role]]
+name = "reader"
+servers = ["notes"]
+allow_tools = ["read_*", "search"]
+deny_tools = ["delete_*"]
+
+[[role]]
+name = "writer"
+servers = ["notes"]
+allow_tools = ["*"]
+deny_tools = ["delete_*"]
+"#;
+
+struct World {
+    env: TestEnv,
+    server: McpServer,
+    readers: std::path::PathBuf,
+    writers: std::path::PathBuf,
+}
+
+fn world(label: &str, transport: &str) -> World {
+    let mut env = TestEnv::new(label);
+    let server = McpServer::start(transport);
+    let readers = env.cgroup("readers");
+    let writers = env.cgroup("writers");
+    let bindings = format!(
+        "\n[[binding]]\nrole = \"reader\"\ncgroup = \"{readers}\"\n\
+         \n[[binding]]\nrole = \"writer\"\ncgroup = \"{writers}\"\n"
+    );
+    env.write_config_with(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![server.addr.to_string()],
+            upstream: server.addr.to_string(),
+        }],
+        &[&env.root.clone()],
+        &format!("{POLICY}{bindings}"),
+    );
+    env.start_daemon();
+    let readers = env.dir(&readers);
+    let writers = env.dir(&writers);
+    World {
+        env,
+        server,
+        readers,
+        writers,
+    }
+}
+
+fn assert_denied(out: &Value, tool: &str) {
+    let call = &out["calls"][tool];
+    assert_eq!(call["ok"], false, "{tool}: {out}");
+    assert_eq!(call["code"], -32602, "{tool}: {out}");
+    assert!(
+        call["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused by policy")),
+        "{tool}: {out}"
+    );
+}
+
+fn check_reader_and_writer(w: &World, url: &str, transport: &str, mode: &str) {
+    let out = mcp_client(
+        &w.readers,
+        url,
+        transport,
+        mode,
+        &[
+            r#"search={"query":"q"}"#,
+            r#"delete_note={"name":"n"}"#,
+            r#"write_note={"name":"n","text":"t"}"#,
+        ],
+    );
+    assert!(
+        out.get("fatal").is_none(),
+        "{out}\nserver log: {}",
+        w.server.log_text()
+    );
+    assert_eq!(out["tools"], json!(["read_note", "search"]), "{out}");
+    assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    assert_eq!(out["calls"]["search"]["text"], "results for q");
+    assert_denied(&out, "delete_note");
+    assert_denied(&out, "write_note");
+
+    // Another identity, another role, another tool set.
+    let out = mcp_client(
+        &w.writers,
+        url,
+        transport,
+        mode,
+        &[
+            r#"write_note={"name":"n","text":"t"}"#,
+            r#"delete_note={"name":"n"}"#,
+        ],
+    );
+    assert_eq!(
+        out["tools"],
+        json!(["read_note", "search", "write_note"]),
+        "{out}"
+    );
+    assert_eq!(out["calls"]["write_note"]["ok"], true, "{out}");
+    assert_denied(&out, "delete_note");
+
+    // The server executed exactly the allowed calls; denied ones never reached it.
+    assert_eq!(w.server.calls(), vec!["search", "write_note"]);
+    let line = w.env.wait_log("mcp request", |v| {
+        v["authz.decision"] == "deny" && v["mcp.name"] == "delete_note"
+    });
+    assert_eq!(line["authz.rule"], "role reader: deny_tools \"delete_*\"");
+}
+
+#[test]
+fn streamable_http_with_initialize_handshake() {
+    if !privileged() {
+        return;
+    }
+    let w = world("sdk-streamable", "streamable-http");
+    let url = format!("http://{}/mcp", w.server.addr);
+    check_reader_and_writer(&w, &url, "streamable-http", "legacy");
+}
+
+#[test]
+fn stateless_2026_07_28_protocol() {
+    if !privileged() {
+        return;
+    }
+    let w = world("sdk-stateless", "streamable-http");
+    let url = format!("http://{}/mcp", w.server.addr);
+    check_reader_and_writer(&w, &url, "streamable-http", "2026-07-28");
+}
+
+#[test]
+fn legacy_http_sse_denials_arrive_on_the_stream() {
+    if !privileged() {
+        return;
+    }
+    let w = world("sdk-sse", "sse");
+    let url = format!("http://{}/sse", w.server.addr);
+    check_reader_and_writer(&w, &url, "sse", "legacy");
+}
