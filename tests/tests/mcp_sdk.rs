@@ -68,7 +68,7 @@ fn assert_denied(out: &Value, tool: &str) {
     );
 }
 
-fn check_reader_and_writer(w: &World, url: &str, transport: &str, mode: &str) {
+fn check_reader_and_writer(w: &World, url: &str, transport: &str, mode: &str, protocol: &str) {
     let out = mcp_client(
         &w.readers,
         url,
@@ -116,6 +116,7 @@ fn check_reader_and_writer(w: &World, url: &str, transport: &str, mode: &str) {
         v["authz.decision"] == "deny" && v["mcp.name"] == "delete_note"
     });
     assert_eq!(line["authz.rule"], "role reader: deny_tools \"delete_*\"");
+    assert_eq!(line["mcp.protocol"], protocol, "{line}");
 }
 
 #[test]
@@ -125,7 +126,7 @@ fn streamable_http_with_initialize_handshake() {
     }
     let w = world("sdk-streamable", "streamable-http");
     let url = format!("http://{}/mcp", w.server.addr);
-    check_reader_and_writer(&w, &url, "streamable-http", "legacy");
+    check_reader_and_writer(&w, &url, "streamable-http", "legacy", "2025-11-25");
 }
 
 #[test]
@@ -135,7 +136,7 @@ fn stateless_2026_07_28_protocol() {
     }
     let w = world("sdk-stateless", "streamable-http");
     let url = format!("http://{}/mcp", w.server.addr);
-    check_reader_and_writer(&w, &url, "streamable-http", "2026-07-28");
+    check_reader_and_writer(&w, &url, "streamable-http", "2026-07-28", "2026-07-28");
 }
 
 #[test]
@@ -145,5 +146,5 @@ fn legacy_http_sse_denials_arrive_on_the_stream() {
     }
     let w = world("sdk-sse", "sse");
     let url = format!("http://{}/sse", w.server.addr);
-    check_reader_and_writer(&w, &url, "sse", "legacy");
+    check_reader_and_writer(&w, &url, "sse", "legacy", "2024-11-05");
 }

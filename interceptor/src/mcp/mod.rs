@@ -365,11 +365,17 @@ impl Conn {
             return json_response(StatusCode::FORBIDDEN, &err.to_response());
         }
 
+        // The wire generation, for logs: a legacy SSE session, else the negotiated header.
+        let protocol = match (&legacy, parts.headers.get("mcp-protocol-version")) {
+            (Some(_), _) => "2024-11-05".to_owned(),
+            (None, Some(v)) => v.to_str().unwrap_or("invalid").to_owned(),
+            (None, None) => "unspecified".to_owned(),
+        };
         let policy = self.daemon.policy();
         let decisions: Vec<Option<Decision>> = body
             .messages
             .iter()
-            .map(|m| self.decide(&policy, m))
+            .map(|m| self.decide(&policy, m, &protocol))
             .collect();
         let denied = decisions.iter().flatten().any(|d| !d.allow);
         if denied {
@@ -420,7 +426,7 @@ impl Conn {
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
-    fn decide(&self, policy: &Policy, m: &Message) -> Option<Decision> {
+    fn decide(&self, policy: &Policy, m: &Message, protocol: &str) -> Option<Decision> {
         let method = m.method()?;
         let call = Call {
             method,
@@ -433,12 +439,14 @@ impl Conn {
         let name = call.name.unwrap_or("");
         if d.allow {
             counters.allowed.fetch_add(1, Ordering::Relaxed);
-            debug!(mcp.method = method, mcp.name = name, mcp.id = %id, server.name = self.server_name(),
-                authz.decision = "allow", authz.rule = %d.rule, "mcp request");
+            debug!(mcp.method = method, mcp.name = name, mcp.id = %id, mcp.protocol = protocol,
+                server.name = self.server_name(), authz.decision = "allow", authz.rule = %d.rule,
+                "mcp request");
         } else {
             counters.denied.fetch_add(1, Ordering::Relaxed);
-            info!(mcp.method = method, mcp.name = name, mcp.id = %id, server.name = self.server_name(),
-                authz.decision = "deny", authz.rule = %d.rule, "mcp request");
+            info!(mcp.method = method, mcp.name = name, mcp.id = %id, mcp.protocol = protocol,
+                server.name = self.server_name(), authz.decision = "deny", authz.rule = %d.rule,
+                "mcp request");
         }
         Some(d)
     }
