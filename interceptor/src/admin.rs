@@ -32,6 +32,8 @@ pub enum Request {
     Untag { cgroup: String },
     /// Everything `status` shows.
     Status,
+    /// Re-read the config file and apply its policy.
+    Reload,
 }
 
 /// The listening admin socket.
@@ -116,6 +118,7 @@ fn handle(daemon: &Daemon, line: &str) -> Value {
         Request::Tag { cgroup } => daemon.tag(&cgroup).map(|t| json!(t)),
         Request::Untag { cgroup } => daemon.untag(&cgroup).map(|t| json!(t)),
         Request::Status => Ok(daemon.status()),
+        Request::Reload => daemon.reload().map(|r| json!(r)),
     };
     match result {
         Ok(v) => json!({"ok": true, "result": v}),

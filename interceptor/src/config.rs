@@ -69,7 +69,7 @@ pub struct RawConfig {
 }
 
 /// `[proxy]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawProxy {
     /// Largest request body accepted (bytes); larger ones get HTTP 413.
@@ -157,7 +157,7 @@ pub struct Config {
 }
 
 /// Validated `[daemon]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Daemon {
     pub listen_port: u16,
     /// Relative to the cgroup v2 mount; "/" for the mount itself.
@@ -167,7 +167,7 @@ pub struct Daemon {
 }
 
 /// Validated `[[server]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub name: String,
     /// Every address (names resolved) that is redirected to the proxy.
@@ -195,6 +195,34 @@ impl Config {
             message: e.to_string().trim_end().to_owned(),
         })?;
         Validator { path }.validate(raw)
+    }
+
+    /// Only the `[daemon]` section, for the commands that talk to a running daemon or touch its
+    /// pins (`tag`, `status`, `reload`, `uninstall`, …): they must work even while the rest of
+    /// the file is being edited into something invalid.
+    pub fn load_daemon(path: &Path) -> Result<Daemon, Error> {
+        let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let parse_err = |message: String| Error::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| parse_err(e.to_string().trim_end().to_owned()))?;
+        let raw: RawDaemon = match table.get("daemon") {
+            Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| {
+                parse_err(format!("[daemon]: {}", e.to_string().trim_end()))
+            })?,
+            None => RawDaemon::default(),
+        };
+        Validator { path }.daemon(raw)
+    }
+
+    /// The index of the server named `name`.
+    pub fn server_id(&self, name: &str) -> Option<usize> {
+        self.servers.iter().position(|s| s.name == name)
     }
 
     /// The server with this id (its index, as the kernel records it).

@@ -22,7 +22,7 @@ use crate::{
     bpf::{self, Kernel, lock},
     cgroup::{self, Hierarchy},
     config::{self, Config},
-    mcp::Sessions,
+    mcp::{Sessions, Streams},
     policy::Policy,
     upstream::{self, UpstreamClient},
 };
@@ -86,7 +86,22 @@ pub struct Daemon {
     pub upstreams: Vec<UpstreamClient>,
     /// Live 2024-11-05 SSE sessions.
     pub sessions: Sessions,
+    /// Live server-to-agent streams (GET streams, `subscriptions/listen`), for notifications.
+    pub streams: Streams,
     started: Instant,
+}
+
+/// What a reload did.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    /// The policy differs from the one it replaced.
+    pub policy_changed: bool,
+    pub roles: usize,
+    pub bindings: usize,
+    /// Sections that changed in the file but only take effect at the next start.
+    pub not_applied: Vec<&'static str>,
+    /// Server streams that were sent `notifications/tools/list_changed`.
+    pub notified_streams: usize,
 }
 
 /// A tag as `status` lists it.
@@ -105,6 +120,45 @@ impl Daemon {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Re-reads the config file and applies its policy to the next request on every
+    /// connection. An invalid file changes nothing and says why.
+    pub fn reload(&self) -> Result<ReloadReport, String> {
+        let new = Config::load(&self.config.path)
+            .map_err(|e| format!("reload refused, the current policy stays active: {e}"))?;
+        let mut not_applied = Vec::new();
+        if new.daemon != self.config.daemon {
+            not_applied.push("[daemon]");
+        }
+        if new.servers != self.config.servers {
+            not_applied.push("[[server]]");
+        }
+        if new.tags != self.config.tags {
+            not_applied.push("[[tag]] (use interceptor tag/untag)");
+        }
+        if new.proxy != self.config.proxy {
+            not_applied.push("[proxy]");
+        }
+        let policy_changed = new.policy.fingerprint != self.policy().fingerprint;
+        let roles = new.policy.role_names().len();
+        let bindings = new.policy.binding_count();
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.policy);
+        // Agents with a server stream re-list their tools; those without see the new policy on
+        // their next request anyway (decisions are never cached).
+        let notified_streams = if policy_changed {
+            crate::mcp::notify_tools_changed(&self.streams)
+        } else {
+            0
+        };
+        info!(policy_changed, roles, bindings, notified_streams, not_applied = ?not_applied, "policy reloaded");
+        Ok(ReloadReport {
+            policy_changed,
+            roles,
+            bindings,
+            not_applied,
+            notified_streams,
+        })
     }
 
     /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
@@ -186,6 +240,10 @@ impl Daemon {
             }],
             "programs": self.kernel.attachments,
             "tags": self.tags(),
+            "policy": {
+                "roles": self.policy().role_names(),
+                "bindings": self.policy().binding_count(),
+            },
             "servers": self.config.servers.iter().map(|s| json!({
                 "name": s.name,
                 "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -274,6 +332,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         upstreams: config.servers.iter().map(upstream::client).collect(),
         sessions: Sessions::default(),
+        streams: Streams::default(),
         listener: proxy.entry,
         netns_cookie,
         kernel,
@@ -304,13 +363,25 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let socket_path = daemon.config.daemon.admin_socket.clone();
-    tokio::select! {
-        _ = proxy.run(daemon.clone()) => warn!("proxy listeners stopped"),
-        _ = admin.run(daemon.clone()) => warn!("admin socket stopped"),
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+    let mut proxy_task = tokio::spawn(proxy.run(daemon.clone()));
+    let mut admin_task = tokio::spawn(admin.run(daemon.clone()));
+    loop {
+        tokio::select! {
+            _ = &mut proxy_task => { warn!("proxy listeners stopped"); break; }
+            _ = &mut admin_task => { warn!("admin socket stopped"); break; }
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => {
+                if let Err(e) = daemon.reload() {
+                    warn!(error = %e, "SIGHUP reload failed");
+                }
+            }
+        }
     }
+    proxy_task.abort();
+    admin_task.abort();
     daemon.unregister_listener();
     let _ = std::fs::remove_file(&socket_path);
     info!("stopped; programs, maps and tags stay pinned (interceptor uninstall removes them)");

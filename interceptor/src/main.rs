@@ -10,6 +10,7 @@ use interceptor::{
     cgroup::Hierarchy,
     config::{Config, DEFAULT_CONFIG_PATH},
     daemon,
+    policy::{Call, Subject},
     telemetry::{self, LogFormat},
 };
 use serde_json::Value;
@@ -73,11 +74,59 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Re-read the config and apply its policy to the running daemon (also on SIGHUP). An invalid
+    /// file is refused and the current policy stays active.
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Validate and explain the policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Detach the programs and remove every pin (maps, links, tags). The daemon must be stopped.
     /// This is the only way interception stops for tagged cgroups.
     Uninstall {
         #[command(flatten)]
         config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate the config's roles and bindings and list them.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the decision and the rule for one request by one identity.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Server name.
+        #[arg(long)]
+        server: String,
+        /// Tool name (a tools/call).
+        #[arg(long, conflicts_with = "method")]
+        tool: Option<String>,
+        /// Another MCP method, e.g. resources/read.
+        #[arg(long)]
+        method: Option<String>,
+        /// The tool's arguments as JSON (for argument constraints).
+        #[arg(long, value_name = "JSON")]
+        arguments: Option<String>,
+        /// The caller's cgroup path (relative to the cgroup v2 mount).
+        #[arg(long)]
+        cgroup: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
+        #[arg(long, default_value_t = 0)]
+        gid: u32,
+        /// The caller's executable path.
+        #[arg(long)]
+        exe: Option<String>,
+        /// The caller's comm.
+        #[arg(long, default_value = "")]
+        comm: String,
     },
 }
 
@@ -166,8 +215,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tag { cgroup, config } => {
-            let config = Config::load(&config.config)?;
-            let r = admin::request(&config.daemon.admin_socket, &Request::Tag { cgroup })?;
+            let daemon = Config::load_daemon(&config.config)?;
+            let r = admin::request(&daemon.admin_socket, &Request::Tag { cgroup })?;
             println!(
                 "tagged {} (cgroup id {})",
                 r["cgroup"].as_str().unwrap_or("?"),
@@ -176,8 +225,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Untag { cgroup, config } => {
-            let config = Config::load(&config.config)?;
-            let r = admin::request(&config.daemon.admin_socket, &Request::Untag { cgroup })?;
+            let daemon = Config::load_daemon(&config.config)?;
+            let r = admin::request(&daemon.admin_socket, &Request::Untag { cgroup })?;
             println!(
                 "untagged {} (cgroup id {})",
                 r["cgroup"].as_str().unwrap_or("?"),
@@ -186,8 +235,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json, config } => {
-            let config = Config::load(&config.config)?;
-            let status = admin::request(&config.daemon.admin_socket, &Request::Status)?;
+            let daemon = Config::load_daemon(&config.config)?;
+            let status = admin::request(&daemon.admin_socket, &Request::Status)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -195,9 +244,109 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Uninstall { config } => {
+        Command::Reload { config } => {
+            let daemon = Config::load_daemon(&config.config)?;
+            let r = admin::request(&daemon.admin_socket, &Request::Reload)?;
+            println!(
+                "policy reloaded: {} role(s), {} binding(s){}; {} server stream(s) notified",
+                r["roles"],
+                r["bindings"],
+                if r["policy_changed"] == Value::Bool(true) {
+                    ", changed"
+                } else {
+                    ", unchanged"
+                },
+                r["notified_streams"]
+            );
+            if let Some(list) = r["not_applied"].as_array().filter(|l| !l.is_empty()) {
+                let names: Vec<String> = list
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect();
+                println!(
+                    "changed but applied only at the next start: {}",
+                    names.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Check { config }) => {
             let config = Config::load(&config.config)?;
-            let socket = &config.daemon.admin_socket;
+            let roles = config.policy.role_names();
+            println!(
+                "{}: policy is valid: {} role(s) ({}), {} binding(s)",
+                config.path.display(),
+                roles.len(),
+                roles.join(", "),
+                config.policy.binding_count()
+            );
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Explain {
+            config,
+            server,
+            tool,
+            method,
+            arguments,
+            cgroup,
+            uid,
+            gid,
+            exe,
+            comm,
+        }) => {
+            let config = Config::load(&config.config)?;
+            if config.server_id(&server).is_none() {
+                bail!(
+                    "unknown server {server:?}; the config defines: {}",
+                    config
+                        .servers
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let arguments: Option<Value> = arguments
+                .map(|a| {
+                    serde_json::from_str(&a)
+                        .with_context(|| format!("--arguments is not JSON: {a}"))
+                })
+                .transpose()?;
+            let method = match (&tool, &method) {
+                (Some(_), _) => "tools/call".to_owned(),
+                (None, Some(m)) => m.clone(),
+                (None, None) => bail!("give --tool NAME or --method METHOD"),
+            };
+            let subject = Subject {
+                cgroup: cgroup.as_deref(),
+                uid,
+                gid,
+                exe: exe.as_deref(),
+                comm: &comm,
+            };
+            let call = Call {
+                method: &method,
+                name: tool.as_deref(),
+                arguments: arguments.as_ref(),
+            };
+            let bound = config.policy.bound_roles(&subject);
+            if bound.is_empty() {
+                println!("bound roles: none");
+            } else {
+                let names: Vec<String> = bound
+                    .iter()
+                    .map(|(r, i)| format!("{r} (binding[{i}])"))
+                    .collect();
+                println!("bound roles: {}", names.join(", "));
+            }
+            let d = config.policy.check(&subject, &server, &call);
+            println!("decision: {}", if d.allow { "allow" } else { "deny" });
+            println!("rule: {}", d.rule);
+            Ok(())
+        }
+        Command::Uninstall { config } => {
+            let daemon = Config::load_daemon(&config.config)?;
+            let socket = &daemon.admin_socket;
             if admin::request(socket, &Request::Status).is_ok() {
                 bail!(
                     "the daemon is running (it answers on {}); stop it first (SIGTERM), then \
@@ -205,19 +354,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     socket.display()
                 );
             }
-            let removed = bpf::uninstall(&config.daemon.bpffs_dir)?;
+            let removed = bpf::uninstall(&daemon.bpffs_dir)?;
             if removed.links.is_empty() && removed.maps.is_empty() {
-                println!(
-                    "nothing installed under {}",
-                    config.daemon.bpffs_dir.display()
-                );
+                println!("nothing installed under {}", daemon.bpffs_dir.display());
             } else {
                 println!(
                     "detached {} program(s) ({}) and removed {} map pin(s) under {}",
                     removed.links.len(),
                     removed.links.join(", "),
                     removed.maps.len(),
-                    config.daemon.bpffs_dir.display()
+                    daemon.bpffs_dir.display()
                 );
             }
             Ok(())

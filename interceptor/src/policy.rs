@@ -233,6 +233,8 @@ pub struct Policy {
     bindings: Vec<Binding>,
     pub show_denied_tools: bool,
     pub deny_style: DenyStyle,
+    /// Identifies the policy source: equal fingerprints mean the same policy.
+    pub fingerprint: String,
 }
 
 /// Who is asking: the parts of the process identity bindings select on.
@@ -388,6 +390,7 @@ impl Policy {
             bindings: compiled_bindings,
             show_denied_tools: options.show_denied_tools,
             deny_style: options.deny_message,
+            fingerprint: format!("{roles:?}|{bindings:?}|{options:?}"),
         })
     }
 
@@ -539,6 +542,16 @@ impl Policy {
                     .any(|r| r.allow_tools.iter().any(|p| p.matches(name)));
         }
         self.check(subject, server, &call).allow
+    }
+
+    /// Role names, in definition order.
+    pub fn role_names(&self) -> Vec<&str> {
+        self.roles.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// Number of bindings.
+    pub fn binding_count(&self) -> usize {
+        self.bindings.len()
     }
 
     /// Names of the roles bound to `subject` (for `policy explain`).

@@ -321,6 +321,30 @@ pub fn send_raw(probe: &str, cgroup_dir: &Path, addr: &str, request: &[u8]) -> C
     parse_client(run_in_cgroup(cgroup_dir, probe, &[addr, "--raw", &path]))
 }
 
+/// Like [`send_raw`] for a response that stays open (a stream): reads for `read_ms`
+/// and reports what arrived.
+pub fn read_stream(
+    probe: &str,
+    cgroup_dir: &Path,
+    addr: &str,
+    request: &[u8],
+    read_ms: u64,
+) -> ClientResult {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), request).expect("write request");
+    let script = format!(
+        "echo $$ > '{}' && exec \"$@\"",
+        cgroup_dir.join("cgroup.procs").display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script, "sh", probe, addr, "--raw"])
+        .arg(file.path())
+        .env("PROBE_READ_TIMEOUT_MS", read_ms.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("run {probe}: {e}"));
+    parse_client(out)
+}
+
 /// Runs `program args…` as a process of the cgroup `cgroup_dir`: the shell moves itself into
 /// the cgroup and then becomes the program (same pid), so the kernel attributes its
 /// connections to it.
@@ -528,6 +552,11 @@ impl TestEnv {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The running daemon's pid.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
     }
 
     /// The daemon's JSON log lines.

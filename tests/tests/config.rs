@@ -83,3 +83,115 @@ fn a_valid_file_is_summarised() {
     );
     assert!(ok, "{err}");
 }
+
+const POLICY: &str = r#"
+[[server]]
+name = "notes"
+intercept = ["127.0.0.2:8080"]
+upstream = "127.0.0.3:9000"
+
+[[role]]
+name = "notes-reader"
+servers = ["notes"]
+allow_tools = ["read_*", "search"]
+deny_tools = ["delete_*"]
+
+[[binding]]
+role = "notes-reader"
+cgroup = "/agents/**"
+uid = [1000]
+"#;
+
+fn policy_cmd(text: &str, args: &[&str]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(interceptor_bin())
+        .arg("policy")
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run interceptor");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn policy_check_lists_roles_and_refuses_bad_ones() {
+    let (ok, out, _) = policy_cmd(POLICY, &["check"]);
+    assert!(ok);
+    assert!(
+        out.contains("1 role(s) (notes-reader), 1 binding(s)"),
+        "{out}"
+    );
+    let bad = POLICY.replace("servers = [\"notes\"]", "servers = [\"nots\"]");
+    let (ok, _, err) = policy_cmd(&bad, &["check"]);
+    assert!(!ok);
+    assert!(
+        err.contains("role[0].servers[0]") && err.contains("unknown server name \"nots\""),
+        "{err}"
+    );
+    let bad = POLICY.replace("role = \"notes-reader\"", "role = \"nobody\"");
+    let (ok, _, err) = policy_cmd(&bad, &["check"]);
+    assert!(!ok);
+    assert!(
+        err.contains("binding[0].role") && err.contains("unknown role \"nobody\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn policy_explain_prints_decision_and_rule() {
+    let who = [
+        "--cgroup",
+        "/agents/a",
+        "--uid",
+        "1000",
+        "--server",
+        "notes",
+    ];
+    let (ok, out, err) = policy_cmd(
+        POLICY,
+        &[&["explain", "--tool", "read_file"][..], &who].concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("bound roles: notes-reader (binding[0])"),
+        "{out}"
+    );
+    assert!(
+        out.contains("decision: allow")
+            && out.contains("rule: role notes-reader: allow_tools \"read_*\""),
+        "{out}"
+    );
+    let (_, out, _) = policy_cmd(
+        POLICY,
+        &[&["explain", "--tool", "delete_x"][..], &who].concat(),
+    );
+    assert!(
+        out.contains("decision: deny") && out.contains("deny_tools \"delete_*\""),
+        "{out}"
+    );
+    let (_, out, _) = policy_cmd(
+        POLICY,
+        &[
+            "explain",
+            "--tool",
+            "read_file",
+            "--server",
+            "notes",
+            "--uid",
+            "0",
+        ],
+    );
+    assert!(
+        out.contains("bound roles: none") && out.contains("no binding matches"),
+        "{out}"
+    );
+    let (ok, _, err) = policy_cmd(POLICY, &["explain", "--tool", "x", "--server", "wiki"]);
+    assert!(!ok && err.contains("unknown server \"wiki\""), "{err}");
+}

@@ -73,6 +73,35 @@ pub struct LegacySession {
 /// Live legacy sessions, keyed by `"<server id> <path?query>"`.
 pub type Sessions = Mutex<HashMap<String, Arc<LegacySession>>>;
 
+/// Live server-to-agent streams by a stream number: where notifications can be injected.
+#[derive(Default)]
+pub struct Streams {
+    next: std::sync::atomic::AtomicU64,
+    live: Mutex<HashMap<u64, mpsc::UnboundedSender<Bytes>>>,
+}
+
+impl Streams {
+    fn register(&self, tx: mpsc::UnboundedSender<Bytes>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.live).insert(id, tx);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        lock(&self.live).remove(&id);
+    }
+}
+
+/// Sends `notifications/tools/list_changed` on every live server stream; returns how many.
+pub fn notify_tools_changed(streams: &Streams) -> usize {
+    let event =
+        sse::Event::message(r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#);
+    let live = lock(&streams.live);
+    live.values()
+        .filter(|tx| tx.send(event.clone()).is_ok())
+        .count()
+}
+
 /// Everything one agent connection's requests need.
 pub struct Conn {
     pub daemon: Arc<Daemon>,
@@ -317,7 +346,7 @@ impl Conn {
             self.post(parts, bytes).await
         } else {
             // GET (server stream), DELETE (end session), anything else: no JSON-RPC to judge.
-            self.forward(parts, bytes, HashMap::new(), true).await
+            self.forward(parts, bytes, HashMap::new(), false).await
         }
     }
 
@@ -421,7 +450,9 @@ impl Conn {
         if let Some(session) = &legacy {
             lock(&session.pending).extend(lists.clone());
         }
-        self.forward(parts, Bytes::from(body.to_bytes()), lists, false)
+        // 2026-07-28: subscriptions/listen keeps its response open as the server stream.
+        let listen = !body.batch && body.messages[0].method() == Some("subscriptions/listen");
+        self.forward(parts, Bytes::from(body.to_bytes()), lists, listen)
             .await
     }
 
@@ -456,9 +487,10 @@ impl Conn {
         parts: http::request::Parts,
         bytes: Bytes,
         lists: HashMap<String, String>,
-        stream_request: bool,
+        server_stream: bool,
     ) -> Response<ProxyBody> {
         let server = &self.daemon.config.servers[self.server_id];
+        let from_get = parts.method == Method::GET;
         let pq = parts
             .uri
             .path_and_query()
@@ -511,7 +543,8 @@ impl Conn {
             .counters
             .relayed_up
             .fetch_add(up_len, Ordering::Relaxed);
-        self.respond(response, lists, stream_request).await
+        self.respond(response, lists, from_get, server_stream || from_get)
+            .await
     }
 
     async fn respond(
@@ -519,6 +552,7 @@ impl Conn {
         response: Response<Incoming>,
         lists: HashMap<String, String>,
         from_get: bool,
+        server_stream: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         // Content-Length stays for bodies passed through unchanged (a rewritten body gets a
@@ -532,7 +566,9 @@ impl Conn {
             .unwrap_or("")
             .to_ascii_lowercase();
         if content_type.starts_with("text/event-stream") {
-            let body = self.clone().sse_stream(body, lists, from_get);
+            let body = self
+                .clone()
+                .sse_stream(body, lists, from_get, server_stream);
             return Response::from_parts(parts, body);
         }
         if content_type.starts_with("application/json") && !lists.is_empty() {
@@ -627,9 +663,12 @@ impl Conn {
         body: Incoming,
         lists: HashMap<String, String>,
         from_get: bool,
+        server_stream: bool,
     ) -> ProxyBody {
         let (tx, rx) = mpsc::unbounded_channel();
+        let stream_id = server_stream.then(|| self.daemon.streams.register(tx.clone()));
         let state = SseState {
+            stream_id,
             conn: self,
             body,
             parser: sse::Parser::default(),
@@ -677,7 +716,9 @@ impl Conn {
                             }
                         }
                     },
-                    Some(b) = st.rx.recv(), if st.session.is_some() => st.queue.push_back(b),
+                    Some(b) = st.rx.recv(), if st.session.is_some() || st.stream_id.is_some() => {
+                        st.queue.push_back(b);
+                    }
                 }
             }
         });
@@ -697,6 +738,8 @@ struct SseState {
     queue: std::collections::VecDeque<Bytes>,
     /// The legacy session this stream carries, removed from the registry on drop.
     session: Option<(String, Arc<LegacySession>)>,
+    /// Registration in [`Streams`] of a server stream, removed on drop.
+    stream_id: Option<u64>,
     done: bool,
 }
 
@@ -753,6 +796,9 @@ impl SseState {
 
 impl Drop for SseState {
     fn drop(&mut self) {
+        if let Some(id) = self.stream_id.take() {
+            self.conn.daemon.streams.remove(id);
+        }
         if let Some((key, session)) = self.session.take() {
             let mut sessions = lock(&self.conn.daemon.sessions);
             // Only remove our own registration (a reconnect may have replaced it).

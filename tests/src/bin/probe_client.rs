@@ -4,6 +4,9 @@
 //! `probe-client ADDR --raw FILE`: send FILE's bytes verbatim as the request (for malformed and
 //! malicious requests), then read the response until EOF.
 //!
+//! `PROBE_READ_TIMEOUT_MS` (default 5000): how long a read may wait; a stream that stays open
+//! longer ends the read there and what arrived is reported.
+//!
 //! Prints one JSON line with what happened: its pid, what `getpeername()` said, the response
 //! status and body, or the error.
 
@@ -39,7 +42,11 @@ fn main() {
             .parse()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let timeout_ms = std::env::var("PROBE_READ_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5000);
+        stream.set_read_timeout(Some(Duration::from_millis(timeout_ms)))?;
         let peer = stream.peer_addr()?.to_string();
         let request = raw.unwrap_or_else(|| {
             let body = format!(r#"{{"jsonrpc":"2.0","id":{pid},"method":"ping"}}"#);
@@ -53,7 +60,16 @@ fn main() {
         });
         stream.write_all(&request)?;
         let mut response = Vec::new();
-        stream.read_to_end(&mut response)?;
+        if let Err(e) = stream.read_to_end(&mut response) {
+            // A stream that is still open: report what arrived.
+            let timed_out = matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            );
+            if !timed_out || response.is_empty() {
+                return Err(e);
+            }
+        }
         Ok((peer, String::from_utf8_lossy(&response).into_owned()))
     })();
     let out = match result {

@@ -1,0 +1,151 @@
+//! Policy reload: a valid new policy applies to the next request on every connection, an
+//! invalid one is refused and the old one stays, and agents holding a server stream are told to
+//! re-list their tools.
+
+use std::time::Duration;
+
+use interceptor_tests::{McpServer, ServerSpec, TestEnv, mcp_client, privileged, read_stream};
+use nix::sys::signal::{Signal, kill};
+use serde_json::json;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
+
+fn policy(allow_tools: &str) -> String {
+    format!("\n[[role]]\nname = \"reader\"\nservers = [\"notes\"]\nallow_tools = [{allow_tools}]\n")
+}
+
+struct World {
+    env: TestEnv,
+    server: McpServer,
+    agents: std::path::PathBuf,
+    spec: Vec<ServerSpec>,
+    agents_rel: String,
+}
+
+impl World {
+    fn new(label: &str, transport: &str) -> Self {
+        let mut env = TestEnv::new(label);
+        let server = McpServer::start(transport);
+        let agents_rel = env.cgroup("agents");
+        let spec = vec![ServerSpec {
+            name: "notes".into(),
+            intercept: vec![server.addr.to_string()],
+            upstream: server.addr.to_string(),
+        }];
+        let w = Self {
+            agents: env.dir(&agents_rel),
+            env,
+            server,
+            spec,
+            agents_rel,
+        };
+        w.write(&policy(r#""search""#));
+        w
+    }
+
+    fn write(&self, policy: &str) {
+        let binding = format!(
+            "\n[[binding]]\nrole = \"reader\"\ncgroup = \"{}\"\n",
+            self.agents_rel
+        );
+        self.env.write_config_with(
+            &self.spec,
+            &[&self.agents_rel],
+            &format!("{policy}{binding}"),
+        );
+    }
+}
+
+#[test]
+fn reload_applies_valid_policies_and_refuses_invalid_ones() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new("reload", "streamable-http");
+    w.env.start_daemon();
+    let url = format!("http://{}/mcp", w.server.addr);
+    let out = mcp_client(
+        &w.agents,
+        &url,
+        "streamable-http",
+        "legacy",
+        &[r#"read_note={"name":"a"}"#],
+    );
+    assert_eq!(out["tools"], json!(["search"]), "{out}");
+    assert_eq!(out["calls"]["read_note"]["code"], -32602, "{out}");
+
+    // Valid: applies to the next request.
+    w.write(&policy(r#""search", "read_*""#));
+    let r = w.env.cli(&["reload"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("changed"));
+    let out = mcp_client(
+        &w.agents,
+        &url,
+        "streamable-http",
+        "legacy",
+        &[r#"read_note={"name":"a"}"#],
+    );
+    assert_eq!(out["tools"], json!(["read_note", "search"]), "{out}");
+    assert_eq!(out["calls"]["read_note"]["ok"], true, "{out}");
+
+    // Invalid: refused with the reason; the current policy stays.
+    w.write(&policy(r#""^(broken$""#));
+    let r = w.env.cli(&["reload"]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("reload refused") && err.contains("role[0].allow_tools[0]"),
+        "{err}"
+    );
+    let out = mcp_client(
+        &w.agents,
+        &url,
+        "streamable-http",
+        "legacy",
+        &[r#"read_note={"name":"b"}"#],
+    );
+    assert_eq!(out["calls"]["read_note"]["ok"], true, "{out}");
+
+    // SIGHUP reloads too.
+    w.write(&policy(r#""search""#));
+    let pid = w.env.daemon_pid().expect("daemon running");
+    kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGHUP).expect("SIGHUP");
+    w.env.wait_log("policy reloaded", |v| {
+        v["policy_changed"] == true && v["roles"] == 1
+    });
+    let out = mcp_client(
+        &w.agents,
+        &url,
+        "streamable-http",
+        "legacy",
+        &[r#"read_note={"name":"c"}"#],
+    );
+    assert_eq!(out["calls"]["read_note"]["code"], -32602, "{out}");
+    assert_eq!(w.server.calls(), vec!["read_note", "read_note"]);
+}
+
+#[test]
+fn reload_tells_open_server_streams_to_relist_tools() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new("reload-stream", "sse");
+    w.env.start_daemon();
+    let addr = w.server.addr.to_string();
+    let request = format!("GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    let agents = w.agents.clone();
+    let reader =
+        std::thread::spawn(move || read_stream(PROBE, &agents, &addr, request.as_bytes(), 3000));
+    // Wait until the stream is open, then change the policy.
+    w.env.wait_log("legacy SSE session registered", |_| true);
+    std::thread::sleep(Duration::from_millis(100));
+    w.write(&policy(r#""search", "write_note""#));
+    let r = w.env.cli(&["reload"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("1 server stream(s) notified"));
+    let got = reader.join().expect("reader thread");
+    let body = got.reply.unwrap_or_default();
+    assert!(body.contains("event: endpoint"), "{body}");
+    assert!(body.contains("notifications/tools/list_changed"), "{body}");
+}
