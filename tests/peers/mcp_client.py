@@ -38,8 +38,16 @@ async def main() -> dict:
     return out
 
 
+def leaf(e: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
 try:
     print(json.dumps(asyncio.run(main())), flush=True)
 except Exception as e:  # report, do not hide: the test prints it
-    print(json.dumps({"pid": os.getpid(), "fatal": f"{type(e).__name__}: {e}"}), flush=True)
+    cause = leaf(e)
+    print(json.dumps({"pid": os.getpid(), "fatal": f"{type(cause).__name__}: {cause}"}), flush=True)
     raise SystemExit(1)

@@ -1,16 +1,18 @@
 //! `cargo xtask demo`: the whole story on one machine, cleaned up afterwards.
 //!
-//! 1. A small upstream (the "real MCP server") listens on the config's upstream address.
+//! 1. A real MCP server (official Python SDK, `tests/peers/mcp_server.py`) listens on the
+//!    config's upstream address.
 //! 2. The daemon starts with `examples/demo.toml`: programs attach at `/interceptor-demo`, which
-//!    the demo creates (never the machine's root cgroup), and `/interceptor-demo/agents` is tagged.
-//! 3. An unmodified client (curl, or python3 if curl is missing) dials the intercepted address
-//!    from the tagged cgroup — and again from an untagged sibling.
-//! 4. It prints what happened and the identity the daemon saw, then stops the daemon, uninstalls
-//!    the pins and removes the cgroups.
+//!    the demo creates (never the machine's root cgroup), and `/interceptor-demo/agents` is tagged
+//!    and bound to a role that may read and search but never delete.
+//! 3. An unmodified MCP client (official Python SDK) dials the intercepted address from the
+//!    tagged cgroup: it lists tools, calls an allowed one and a denied one. The same client in an
+//!    untagged sibling is not redirected.
+//! 4. It prints what happened, the identity and the policy decisions the daemon logged, then
+//!    stops everything, uninstalls the pins and removes the cgroups.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -23,6 +25,7 @@ struct Cleanup {
     bin: PathBuf,
     config: PathBuf,
     daemon: Option<Child>,
+    upstream: Option<Child>,
     cgroups: Vec<PathBuf>,
 }
 
@@ -42,6 +45,10 @@ impl Drop for Cleanup {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(mut child) = self.upstream.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = Command::new(&self.bin)
             .args(["uninstall", "--config"])
             .arg(&self.config)
@@ -53,7 +60,7 @@ impl Drop for Cleanup {
     }
 }
 
-pub fn run(root: &Path, bin: &Path) -> Result<()> {
+pub fn run(root: &Path, bin: &Path, python: &Path) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo loads eBPF programs and creates cgroups: run it as root");
     }
@@ -95,6 +102,7 @@ pub fn run(root: &Path, bin: &Path) -> Result<()> {
         bin: bin.to_owned(),
         config: config_path.clone(),
         daemon: None,
+        upstream: None,
         cgroups: Vec::new(),
     };
     for dir in [&attach_dir, &tagged_dir, &untagged_dir] {
@@ -105,14 +113,30 @@ pub fn run(root: &Path, bin: &Path) -> Result<()> {
         }
     }
 
-    start_upstream(upstream)?;
-    println!("[demo] upstream MCP server stand-in listening on {upstream}");
+    let calls = root.join("target/demo-upstream-calls.txt");
+    let _ = std::fs::remove_file(&calls);
+    let upstream_log = std::fs::File::create(root.join("target/demo-upstream.log"))?;
+    cleanup.upstream = Some(
+        Command::new(python)
+            .arg(root.join("tests/peers/mcp_server.py"))
+            .args(["--transport", "streamable-http", "--host"])
+            .arg(upstream.ip().to_string())
+            .args(["--port", &upstream.port().to_string(), "--calls"])
+            .arg(&calls)
+            .stdout(upstream_log.try_clone()?)
+            .stderr(upstream_log)
+            .spawn()
+            .context("starting the demo MCP server")?,
+    );
+    wait_port(upstream)?;
+    println!("[demo] real MCP server (official Python SDK) listening on {upstream}");
 
     let log_path = root.join("target/demo-daemon.log");
     let log = std::fs::File::create(&log_path)?;
     let child = Command::new(bin)
         .args(["run", "--log-format", "json", "--config"])
         .arg(&config_path)
+        .env("RUST_LOG", "info,interceptor::mcp=debug")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -124,73 +148,135 @@ pub fn run(root: &Path, bin: &Path) -> Result<()> {
         attach_dir.display()
     );
 
-    let url = format!("http://{dialed}/");
-    println!("\n[demo] 1) unmodified client in the TAGGED cgroup {tagged} dials {dialed}");
-    let (ok, text) = client_in(&tagged_dir, &url)?;
-    println!(
-        "    -> {}",
-        if ok {
-            "REDIRECTED through the proxy"
-        } else {
-            "FAILED"
+    let url = format!("http://{dialed}/mcp");
+    let client = root.join("tests/peers/mcp_client.py");
+    let calls_args = [
+        r#"search={"query":"roadmap"}"#,
+        r#"delete_note={"name":"roadmap"}"#,
+    ];
+    println!("\n[demo] 1) unmodified MCP client in the TAGGED cgroup {tagged} connects to {url}");
+    println!("    it lists tools, calls search (allowed) and delete_note (denied)");
+    let (ok, out) = mcp_client_in(&tagged_dir, python, &client, &url, &calls_args)?;
+    if let Some(v) = &out {
+        println!("    tools it sees: {}", v["tools"]);
+        for (name, result) in v["calls"].as_object().into_iter().flatten() {
+            println!("    {name:<12} -> {result}");
         }
-    );
-    println!("    reply: {}", text.trim());
+    }
 
     let untagged_rel = format!("{attach}/untagged");
-    println!("\n[demo] 2) the same client in the UNTAGGED cgroup {untagged_rel} dials {dialed}");
-    let (ok2, text2) = client_in(&untagged_dir, &url)?;
+    println!("\n[demo] 2) the same client in the UNTAGGED cgroup {untagged_rel}");
+    let (ok2, out2) = mcp_client_in(&untagged_dir, python, &client, &url, &calls_args)?;
     println!(
         "    -> {}",
         if ok2 {
             "reached something directly?"
         } else {
-            "NOT redirected: it went to the dialed address, where nothing listens"
+            "NOT redirected: it dialed 127.0.0.2:8080 itself, where nothing listens"
         }
     );
-    println!("    client said: {}", text2.trim());
+    if let Some(v) = out2 {
+        println!("    client said: {}", v["fatal"]);
+    }
 
     std::thread::sleep(Duration::from_millis(200));
-    println!("\n[demo] identity the daemon saw for the redirected connection:");
+    println!("\n[demo] what the daemon saw:");
     let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut seen = false;
+    let mut denied = false;
     for line in logs.lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
         };
-        if v["message"] == "connection redirected" {
+        if v["message"] == "connection redirected" && !seen {
             seen = true;
+            println!("    connection from:");
             for key in [
                 "client.pid",
                 "client.uid",
-                "client.gid",
                 "client.comm",
                 "client.exe",
                 "client.cgroup",
-                "client.process",
                 "dst.original",
                 "server.name",
-                "server.upstream",
             ] {
-                println!("    {key:<16} {}", v[key]);
+                println!("      {key:<14} {}", v[key]);
             }
         }
+        if v["message"] == "mcp request" && v["mcp.method"] == "tools/call" {
+            denied |= v["authz.decision"] == "deny";
+            println!(
+                "    tools/call {:<12} {:<5} rule: {}",
+                v["mcp.name"].as_str().unwrap_or("?"),
+                v["authz.decision"].as_str().unwrap_or("?"),
+                v["authz.rule"].as_str().unwrap_or("?")
+            );
+        }
     }
-    if !seen {
-        println!("    (none logged; see {})", log_path.display());
-    }
+    let executed = std::fs::read_to_string(&calls).unwrap_or_default();
+    println!(
+        "\n[demo] tool calls the MCP server actually executed: {:?}",
+        executed.lines().collect::<Vec<_>>()
+    );
     println!("\n[demo] interceptor status:");
     let _ = Command::new(bin)
         .args(["status", "--config"])
         .arg(&config_path)
         .status();
-    if !(ok && !ok2 && seen) {
+    if !(ok && !ok2 && seen && denied && !executed.contains("delete_note")) {
         bail!(
             "the demo did not behave as expected; daemon log: {}",
             log_path.display()
         );
     }
     Ok(())
+}
+
+fn wait_port(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "the demo MCP server did not listen on {addr} within 30 s (see target/demo-upstream.log)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Runs the MCP client inside `cgroup_dir`; returns (success, what it printed as JSON).
+fn mcp_client_in(
+    cgroup_dir: &Path,
+    python: &Path,
+    client: &Path,
+    url: &str,
+    calls: &[&str],
+) -> Result<(bool, Option<Value>)> {
+    // The shell moves itself into the cgroup, then becomes the client: same pid, so the kernel
+    // attributes the connection to the client process.
+    let script = format!(
+        "echo $$ > '{}' && exec \"$@\"",
+        cgroup_dir.join("cgroup.procs").display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh"])
+        .arg(python)
+        .arg(client)
+        .args([
+            "--url",
+            url,
+            "--transport",
+            "streamable-http",
+            "--mode",
+            "legacy",
+        ]);
+    for c in calls {
+        cmd.args(["--call", c]);
+    }
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok((out.status.success(), serde_json::from_str(text.trim()).ok()))
 }
 
 fn wait_ready(bin: &Path, config: &Path, log: &Path, cleanup: &mut Cleanup) -> Result<()> {
@@ -217,55 +303,4 @@ fn wait_ready(bin: &Path, config: &Path, log: &Path, cleanup: &mut Cleanup) -> R
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("the daemon did not become ready; log: {}", log.display())
-}
-
-/// Runs an unmodified HTTP client inside `cgroup_dir`; returns (success, what it printed).
-fn client_in(cgroup_dir: &Path, url: &str) -> Result<(bool, String)> {
-    let procs = cgroup_dir.join("cgroup.procs");
-    let client = if which("curl") {
-        format!("exec curl -sS -m 5 '{url}'")
-    } else {
-        format!(
-            "exec python3 -c \"import urllib.request,sys; print(urllib.request.urlopen('{url}', timeout=5).read().decode())\""
-        )
-    };
-    // The shell moves itself into the cgroup, then becomes the client: same pid, so the kernel
-    // attributes the connection to the client process.
-    let script = format!("echo $$ > '{}' && {client}", procs.display());
-    let out = Command::new("sh").args(["-c", &script]).output()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success(), text))
-}
-
-fn which(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-}
-
-/// A tiny HTTP server standing in for the real MCP server.
-fn start_upstream(addr: SocketAddr) -> Result<()> {
-    let listener =
-        TcpListener::bind(addr).with_context(|| format!("binding the demo upstream on {addr}"))?;
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let mut buf = [0u8; 4096];
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = stream.read(&mut buf);
-            let peer = stream
-                .peer_addr()
-                .map(|p| p.to_string())
-                .unwrap_or_default();
-            let body = format!(
-                "hello from the upstream at {addr}; this connection came from {peer} (the proxy)\n"
-            );
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Ok(())
 }

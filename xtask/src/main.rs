@@ -83,7 +83,8 @@ fn run_task(cli: Cli) -> Result<()> {
         }
         Task::Demo => {
             let bin = build(&root, false)?;
-            demo::run(&root, &bin)?;
+            let tools = setup::setup(&root)?;
+            demo::run(&root, &bin, &tools.python)?;
         }
     }
     Ok(())
