@@ -97,9 +97,8 @@ impl McpServer {
     pub fn start(transport: &str) -> Self {
         let port = free_port();
         let calls = tempfile::NamedTempFile::new().expect("calls file");
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let child = Command::new(python())
-            .arg(peer("mcp_server.py"))
+        let mut cmd = Command::new(python());
+        cmd.arg(peer("mcp_server.py"))
             .args([
                 "--transport",
                 transport,
@@ -107,7 +106,23 @@ impl McpServer {
                 &port.to_string(),
                 "--calls",
             ])
-            .arg(calls.path())
+            .arg(calls.path());
+        Self::spawn(cmd, port, calls)
+    }
+
+    /// Starts the `rmcp-peer` binary (official Rust SDK) as a Streamable HTTP server.
+    pub fn start_rmcp(rmcp_peer: &str) -> Self {
+        let port = free_port();
+        let calls = tempfile::NamedTempFile::new().expect("calls file");
+        let mut cmd = Command::new(rmcp_peer);
+        cmd.args(["server", &format!("127.0.0.1:{port}")])
+            .arg(calls.path());
+        Self::spawn(cmd, port, calls)
+    }
+
+    fn spawn(mut cmd: Command, port: u16, calls: tempfile::NamedTempFile) -> Self {
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let child = cmd
             .stdout(log.reopen().expect("log"))
             .stderr(log.reopen().expect("log"))
             .spawn()
@@ -184,6 +199,20 @@ pub fn mcp_client(
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
         panic!(
             "MCP client printed no JSON ({e}): stdout={stdout:?} stderr={}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Runs the official-SDK Rust client (`rmcp-peer client`) inside `cgroup_dir`.
+pub fn rmcp_client(rmcp_peer: &str, cgroup_dir: &Path, url: &str, calls: &[&str]) -> Value {
+    let mut args = vec!["client", url];
+    args.extend_from_slice(calls);
+    let out = run_in_cgroup(cgroup_dir, rmcp_peer, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "rmcp client printed no JSON ({e}): stdout={stdout:?} stderr={}",
             String::from_utf8_lossy(&out.stderr)
         )
     })

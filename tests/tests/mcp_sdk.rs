@@ -1,9 +1,12 @@
-//! The official MCP Python SDK on both ends, through the kernel redirect: unmodified clients in
+//! The official MCP SDKs on both ends, through the kernel redirect: unmodified clients in
 //! tagged cgroups dial the server's real address; policy decides per identity, per tool.
-//! All three wire generations: Streamable HTTP with the initialize handshake, the 2026-07-28
-//! stateless protocol, and the 2024-11-05 HTTP+SSE transport.
+//! Python (`mcp`) over all three wire generations — Streamable HTTP with the initialize
+//! handshake, the 2026-07-28 stateless protocol, the 2024-11-05 HTTP+SSE transport — and Rust
+//! (`rmcp`) over Streamable HTTP, also across SDKs.
 
-use interceptor_tests::{McpServer, ServerSpec, TestEnv, mcp_client, privileged};
+use interceptor_tests::{McpServer, ServerSpec, TestEnv, mcp_client, privileged, rmcp_client};
+
+const RMCP_PEER: &str = env!("CARGO_BIN_EXE_rmcp-peer");
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -28,8 +31,11 @@ struct World {
 }
 
 fn world(label: &str, transport: &str) -> World {
+    world_with(label, McpServer::start(transport))
+}
+
+fn world_with(label: &str, server: McpServer) -> World {
     let mut env = TestEnv::new(label);
-    let server = McpServer::start(transport);
     let readers = env.cgroup("readers");
     let writers = env.cgroup("writers");
     let bindings = format!(
@@ -147,4 +153,84 @@ fn legacy_http_sse_denials_arrive_on_the_stream() {
     let w = world("sdk-sse", "sse");
     let url = format!("http://{}/sse", w.server.addr);
     check_reader_and_writer(&w, &url, "sse", "legacy", "2024-11-05");
+}
+
+/// Same checks with the Rust SDK as the client, against a server of either SDK.
+fn check_rmcp_client(w: &World) {
+    let url = format!("http://{}/mcp", w.server.addr);
+    let out = rmcp_client(
+        RMCP_PEER,
+        &w.readers,
+        &url,
+        &[
+            r#"search={"query":"q"}"#,
+            r#"delete_note={"name":"n"}"#,
+            r#"write_note={"name":"n","text":"t"}"#,
+        ],
+    );
+    assert!(
+        out.get("fatal").is_none(),
+        "{out}\nserver log: {}",
+        w.server.log_text()
+    );
+    assert_eq!(out["tools"], json!(["read_note", "search"]), "{out}");
+    assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    assert_denied(&out, "delete_note");
+    assert_denied(&out, "write_note");
+    let out = rmcp_client(
+        RMCP_PEER,
+        &w.writers,
+        &url,
+        &[r#"write_note={"name":"n","text":"t"}"#],
+    );
+    assert_eq!(
+        out["tools"],
+        json!(["read_note", "search", "write_note"]),
+        "{out}"
+    );
+    assert_eq!(out["calls"]["write_note"]["ok"], true, "{out}");
+    assert_eq!(w.server.calls(), vec!["search", "write_note"]);
+}
+
+#[test]
+fn rust_sdk_client_and_server() {
+    if !privileged() {
+        return;
+    }
+    let w = world_with("rmcp", McpServer::start_rmcp(RMCP_PEER));
+    check_rmcp_client(&w);
+}
+
+#[test]
+fn rust_sdk_client_against_python_server() {
+    if !privileged() {
+        return;
+    }
+    let w = world("rmcp-py", "streamable-http");
+    check_rmcp_client(&w);
+}
+
+#[test]
+fn python_sdk_client_against_rust_server() {
+    if !privileged() {
+        return;
+    }
+    let w = world_with("py-rmcp", McpServer::start_rmcp(RMCP_PEER));
+    let url = format!("http://{}/mcp", w.server.addr);
+    let out = mcp_client(
+        &w.readers,
+        &url,
+        "streamable-http",
+        "legacy",
+        &[r#"search={"query":"q"}"#, r#"delete_note={"name":"n"}"#],
+    );
+    assert!(
+        out.get("fatal").is_none(),
+        "{out}\nserver log: {}",
+        w.server.log_text()
+    );
+    assert_eq!(out["tools"], json!(["read_note", "search"]), "{out}");
+    assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    assert_denied(&out, "delete_note");
+    assert_eq!(w.server.calls(), vec!["search"]);
 }

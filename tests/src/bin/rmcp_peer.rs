@@ -1,0 +1,174 @@
+//! A real MCP peer built on the official Rust SDK (`rmcp`), over Streamable HTTP.
+//!
+//! `rmcp-peer server ADDR CALLS_FILE`: serve tools `read_note`, `search`, `delete_note` and
+//! `write_note`; every executed call is appended to CALLS_FILE.
+//! `rmcp-peer client URL [NAME=JSON …]`: list tools, call each, print one JSON object with what
+//! happened (the same shape as `tests/peers/mcp_client.py`).
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use rmcp::{
+    ErrorData, RoleServer, ServerHandler, ServiceExt,
+    model::{
+        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+        PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    },
+    service::{RequestContext, ServiceError},
+    transport::{
+        StreamableHttpClientTransport,
+        streamable_http_server::{
+            StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+        },
+    },
+};
+use serde_json::{Map, Value, json};
+
+#[derive(Clone)]
+struct Notes {
+    calls: Arc<Mutex<PathBuf>>,
+}
+
+const TOOLS: [&str; 4] = ["read_note", "search", "delete_note", "write_note"];
+
+impl ServerHandler for Notes {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let schema: Map<String, Value> =
+            serde_json::from_value(json!({"type": "object"})).unwrap_or_default();
+        let schema = Arc::new(schema);
+        Ok(ListToolsResult {
+            tools: TOOLS
+                .iter()
+                .map(|name| Tool::new(*name, format!("the {name} tool"), schema.clone()))
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if !TOOLS.contains(&request.name.as_ref()) {
+            return Err(ErrorData::invalid_params(
+                format!("Unknown tool: {}", request.name),
+                None,
+            ));
+        }
+        let path = self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{}", request.name);
+        }
+        Ok(
+            CallToolResult::success(vec![ContentBlock::text(format!("{} done", request.name))])
+                .into(),
+        )
+    }
+}
+
+async fn server(addr: &str, calls: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let notes = Notes {
+        calls: Arc::new(Mutex::new(calls)),
+    };
+    let mut config = StreamableHttpServerConfig::default();
+    // Agents dial the server's own address; any loopback Host is fine for the test.
+    config.allowed_hosts = vec!["127.0.0.1".into(), "localhost".into()];
+    let service: StreamableHttpService<Notes, LocalSessionManager> =
+        StreamableHttpService::new(move || Ok(notes.clone()), Default::default(), config);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn client(url: &str, calls: &[String]) -> Value {
+    let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
+    let peer = match ().serve(transport).await {
+        Ok(p) => p,
+        Err(e) => return json!({"pid": std::process::id(), "fatal": e.to_string()}),
+    };
+    let mut out = json!({"pid": std::process::id(), "calls": {}});
+    match peer.list_all_tools().await {
+        Ok(tools) => {
+            let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
+            names.sort();
+            out["tools"] = json!(names);
+        }
+        Err(e) => out["fatal"] = json!(format!("tools/list: {e}")),
+    }
+    for spec in calls {
+        let (name, raw) = spec.split_once('=').unwrap_or((spec, "{}"));
+        let arguments: Option<Map<String, Value>> = serde_json::from_str(raw).ok();
+        let mut params = CallToolRequestParams::new(name.to_owned());
+        params.arguments = arguments;
+        out["calls"][name] = match peer.call_tool(params).await {
+            Ok(r) => {
+                let text: Vec<String> = r
+                    .content
+                    .iter()
+                    .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+                    .collect();
+                json!({"ok": !r.is_error.unwrap_or(false), "text": text.join(" ")})
+            }
+            Err(ServiceError::McpError(e)) => {
+                json!({"ok": false, "code": e.code.0, "message": e.message})
+            }
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        };
+    }
+    let _ = peer.cancel().await;
+    out
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("server") if args.len() == 3 => {
+            if let Err(e) = server(&args[1], PathBuf::from(&args[2])).await {
+                eprintln!("rmcp-peer server: {e}");
+                std::process::exit(1);
+            }
+        }
+        Some("client") if args.len() >= 2 => {
+            let out = client(&args[1], &args[2..]).await;
+            println!("{out}");
+            if out.get("fatal").is_some() {
+                std::process::exit(1);
+            }
+        }
+        _ => {
+            eprintln!(
+                "usage: rmcp-peer server ADDR CALLS_FILE | rmcp-peer client URL [NAME=JSON …]"
+            );
+            std::process::exit(2);
+        }
+    }
+}
