@@ -174,3 +174,82 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         "{status}"
     );
 }
+
+#[test]
+fn h2c_prior_knowledge_is_served_and_judged_the_same() {
+    if !privileged() {
+        return;
+    }
+    let w = world("h2c");
+    let url = format!("http://{}/mcp", w.upstream.addr);
+    let curl = |body: &str| {
+        interceptor_tests::run_in_cgroup(
+            &w.dir,
+            "curl",
+            &[
+                "-sS",
+                "--http2-prior-knowledge",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+                "-w",
+                "\n%{http_version} %{http_code}",
+                &url,
+            ],
+        )
+    };
+    let out =
+        curl(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_note"}}"#);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("-32602") && text.ends_with("2 200"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(w.upstream.bodies().is_empty());
+    let out = curl(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"search"}}"#);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("upstream:") && text.ends_with("2 200"),
+        "{text}"
+    );
+    assert_eq!(w.upstream.bodies().len(), 1);
+}
+
+#[test]
+fn an_identity_without_a_role_gets_errors_not_silence() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("unbound");
+    // A tagged cgroup no binding names.
+    let other = w.env.cgroup("other");
+    let dir = w.env.dir(&other);
+    let out = w.env.cli(&["tag", &other]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"x","version":"1"}}}"#;
+    let r = send_raw(PROBE, &dir, &w.upstream.addr.to_string(), &post(init, ""));
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let v: Value = serde_json::from_str(r.reply.as_deref().unwrap_or("")).expect("JSON-RPC error");
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["error"]["code"], -32601);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused by policy")),
+        "{v}"
+    );
+    assert!(w.upstream.bodies().is_empty());
+    let line = w
+        .env
+        .wait_log("mcp request", |v| v["mcp.method"] == "initialize");
+    assert_eq!(
+        line["authz.rule"],
+        "default deny: no binding matches this identity"
+    );
+}

@@ -28,7 +28,7 @@ use futures_util::stream;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::Value;
 use tokio::{net::TcpStream, sync::mpsc};
 use tracing::{debug, info, warn};
@@ -45,6 +45,9 @@ use crate::{
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every proxy response.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// How long an agent may take to send a complete HTTP/1 request head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The first protocol revision whose requests must carry `Mcp-Method` / `Mcp-Name`.
 const STATELESS_VERSION: &str = "2026-07-28";
@@ -131,8 +134,13 @@ pub async fn serve(stream: TcpStream, conn: Conn) {
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // An agent that shuts down its write side after the request still gets the response.
-    builder.http1().half_close(true);
+    builder
+        .http1()
+        // An agent that shuts down its write side after the request still gets the response.
+        .half_close(true)
+        // A client that trickles a request head forever does not hold a task forever.
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     if let Err(e) = builder
         .serve_connection(TokioIo::new(stream), service)
         .await
