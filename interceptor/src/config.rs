@@ -94,6 +94,8 @@ impl Default for RawProxy {
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 /// Default `proxy.max_json_depth`.
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+/// Highest `proxy.max_json_depth` accepted (serde_json's own recursion limit is 128).
+pub const MAX_JSON_DEPTH_LIMIT: usize = 120;
 /// Default `proxy.max_response_bytes`: 16 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
 
@@ -329,10 +331,16 @@ impl Validator<'_> {
                 upstream_addrs,
             });
         }
-        if raw.proxy.max_body_bytes == 0 || raw.proxy.max_json_depth == 0 {
+        if raw.proxy.max_body_bytes == 0 || raw.proxy.max_response_bytes == 0 {
             return Err(self.invalid(
                 "proxy",
-                "max_body_bytes and max_json_depth must be at least 1",
+                "max_body_bytes and max_response_bytes must be at least 1",
+            ));
+        }
+        if !(1..=MAX_JSON_DEPTH_LIMIT).contains(&raw.proxy.max_json_depth) {
+            return Err(self.invalid(
+                "proxy.max_json_depth",
+                format!("must be from 1 to {MAX_JSON_DEPTH_LIMIT} (the JSON parser's own limit)"),
             ));
         }
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();

@@ -152,8 +152,11 @@ impl Pattern {
             return Err("empty pattern".into());
         }
         let kind = if text.len() >= 2 && text.starts_with('^') && text.ends_with('$') {
+            // Anchored as a whole: "^a|b$" must not match "a-and-more".
+            let inner = &text[1..text.len() - 1];
             PatternKind::Regex(
-                Regex::new(text).map_err(|e| format!("invalid regex {text:?}: {e}"))?,
+                Regex::new(&format!("^(?:{inner})$"))
+                    .map_err(|e| format!("invalid regex {text:?}: {e}"))?,
             )
         } else if text.contains(['*', '?', '[', '{']) {
             PatternKind::Glob(
@@ -407,23 +410,46 @@ impl Policy {
         roles
     }
 
-    /// Decides `call` on `server` for `subject`.
-    pub fn check(&self, subject: &Subject<'_>, server: &str, call: &Call<'_>) -> Decision {
+    /// Tier 1 alone: may `subject` reach `server` at all? (For requests that carry no
+    /// JSON-RPC message: opening a server stream, ending a session.)
+    pub fn check_server(&self, subject: &Subject<'_>, server: &str) -> Decision {
+        match self.granting(subject, server) {
+            Ok(granting) => Decision::allow(
+                format!("role {}: servers grants {server:?}", granting[0].name),
+                granting.iter().map(|r| r.name.clone()).collect(),
+            ),
+            Err(d) => d,
+        }
+    }
+
+    /// The roles of `subject` that reach `server`, or the denial.
+    fn granting(&self, subject: &Subject<'_>, server: &str) -> Result<Vec<&Role>, Decision> {
         let bound = self.roles_of(subject);
         if bound.is_empty() {
-            return Decision::deny("default deny: no binding matches this identity");
+            return Err(Decision::deny(
+                "default deny: no binding matches this identity",
+            ));
         }
-        // Tier 1: roles that reach this server.
         let granting: Vec<&Role> = bound
             .iter()
             .map(|&i| &self.roles[i])
             .filter(|r| r.servers.iter().any(|p| p.matches(server)))
             .collect();
         if granting.is_empty() {
-            return Decision::deny(format!(
+            return Err(Decision::deny(format!(
                 "default deny: no role of this identity grants server {server:?}"
-            ));
+            )));
         }
+        Ok(granting)
+    }
+
+    /// Decides `call` on `server` for `subject`.
+    pub fn check(&self, subject: &Subject<'_>, server: &str, call: &Call<'_>) -> Decision {
+        // Tier 1: roles that reach this server.
+        let granting = match self.granting(subject, server) {
+            Ok(g) => g,
+            Err(d) => return d,
+        };
         let names = || granting.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
 
         if ALWAYS_ALLOWED.contains(&call.method) || call.method.starts_with("notifications/") {
@@ -527,12 +553,9 @@ impl Policy {
         };
         if method == "tools/call" {
             // Listing ignores argument constraints: the tool is usable with the right arguments.
-            let bound = self.roles_of(subject);
-            let granting: Vec<&Role> = bound
-                .iter()
-                .map(|&i| &self.roles[i])
-                .filter(|r| r.servers.iter().any(|p| p.matches(server)))
-                .collect();
+            let Ok(granting) = self.granting(subject, server) else {
+                return false;
+            };
             return valid_tool_name(name)
                 && !granting
                     .iter()
@@ -869,6 +892,16 @@ mod tests {
                 "role admin"
             ),
         );
+    }
+
+    #[test]
+    fn regex_patterns_match_the_whole_name() {
+        let p = Pattern::new("^get_note|list_notes$", false).unwrap();
+        assert!(p.matches("get_note") && p.matches("list_notes"));
+        assert!(!p.matches("get_note_and_wipe"));
+        assert!(!p.matches("x_list_notes"));
+        let g = Pattern::new("/srv/notes/*", true).unwrap();
+        assert!(g.matches("/srv/notes/a") && !g.matches("/srv/notes/a/b"));
     }
 
     #[test]

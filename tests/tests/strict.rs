@@ -47,8 +47,12 @@ fn world(label: &str) -> World {
 }
 
 fn post(body: &[u8], extra_headers: &str) -> Vec<u8> {
+    request("POST", body, extra_headers)
+}
+
+fn request(method: &str, body: &[u8], extra_headers: &str) -> Vec<u8> {
     let mut r = format!(
-        "POST /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
+        "{method} /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         body.len()
     )
@@ -97,6 +101,11 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         ("unknown method", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/exec","params":{}}"#, ""), 200, -32601),
         ("header/body mismatch", post(call("search").as_bytes(), "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: delete_note\r\n"), 400, -32020),
         ("missing Mcp-Name (2026-07-28)", post(call("search").as_bytes(), "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\n"), 400, -32020),
+        ("repeated Mcp-Name", post(call("search").as_bytes(), "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: search\r\nMcp-Name: delete_note\r\n"), 400, -32020),
+        ("Unicode case variant (long s)", post("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"search\",\"arguments\":{},\"argument\u{17f}\":{\"q\":1}}}".as_bytes(), ""), 400, -32600),
+        ("duplicate ids in a batch", post(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#, ""), 400, -32600),
+        ("PUT with a call", request("PUT", call("search").as_bytes(), ""), 405, -32600),
+        ("GET with a body", request("GET", call("search").as_bytes(), ""), 400, -32600),
     ];
     for (what, request, status, code) in cases {
         let r = send_raw(PROBE, &w.dir, &addr, &request);

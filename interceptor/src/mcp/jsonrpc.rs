@@ -38,6 +38,13 @@ const PARAM_MEMBERS: [&str; 9] = [
     "level",
 ];
 
+/// Case folding for key comparison: `to_uppercase().to_lowercase()` maps the Unicode
+/// look-alikes that case-insensitive decoders fold (`ſ` → `s`, Kelvin `K` → `k`) onto their
+/// ASCII letters, so `"argumentſ"` is caught as a variant of `"arguments"`.
+pub fn fold(key: &str) -> String {
+    key.to_uppercase().to_lowercase()
+}
+
 /// Why a body was refused, with the JSON-RPC code to answer with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RpcError {
@@ -203,7 +210,10 @@ pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Body, RpcError> {
     .map_err(|e| {
         let msg = e.to_string();
         // Our own semantic refusals are invalid requests; the rest is malformed JSON.
-        if msg.contains("duplicate key") || msg.contains("nesting deeper") {
+        if msg.contains("duplicate key")
+            || msg.contains("differ only in case")
+            || msg.contains("nesting deeper")
+        {
             RpcError::invalid(msg)
         } else {
             RpcError::new(code::PARSE_ERROR, format!("invalid JSON: {msg}"))
@@ -220,6 +230,19 @@ pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Body, RpcError> {
                 .into_iter()
                 .map(classify)
                 .collect::<Result<Vec<_>, _>>()?;
+            // Two messages with one id would make their answers indistinguishable.
+            let mut ids = std::collections::HashSet::new();
+            for m in &messages {
+                if let Some(id) = m.id()
+                    && !ids.insert(id.to_string())
+                {
+                    return Err(RpcError {
+                        code: code::INVALID_REQUEST,
+                        message: format!("id {id} appears more than once in the batch"),
+                        id: Some(id.clone()),
+                    });
+                }
+            }
             Ok(Body {
                 messages,
                 batch: true,
@@ -249,7 +272,8 @@ fn classify(value: Value) -> Result<Message, RpcError> {
         if MEMBERS.contains(&key.as_str()) {
             continue;
         }
-        if let Some(canon) = MEMBERS.iter().find(|m| m.eq_ignore_ascii_case(key)) {
+        let folded = fold(key);
+        if let Some(canon) = MEMBERS.iter().find(|m| **m == folded) {
             return Err(fail(format!(
                 "member {key:?} is a case variant of {canon:?}; refused as ambiguous"
             )));
@@ -327,7 +351,8 @@ fn check_params(params: &Map<String, Value>) -> Result<(), String> {
         if PARAM_MEMBERS.contains(&key.as_str()) {
             continue;
         }
-        if let Some(canon) = PARAM_MEMBERS.iter().find(|m| m.eq_ignore_ascii_case(key)) {
+        let folded = fold(key);
+        if let Some(canon) = PARAM_MEMBERS.iter().find(|m| fold(m) == folded) {
             return Err(format!(
                 "params member {key:?} is a case variant of {canon:?}; refused as ambiguous"
             ));
@@ -454,10 +479,18 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let inner = self.nested()?;
         let mut out = Map::new();
+        let mut folded: std::collections::HashMap<String, String> =
+            std::collections::HashMap::new();
         while let Some(key) = map.next_key::<String>()? {
             let value = map.next_value_seed(Strict { ..inner })?;
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            // Case-insensitive decoders downstream would see one key where we see two.
+            if let Some(first) = folded.insert(fold(&key), key.clone()) {
+                return Err(de::Error::custom(format!(
+                    "keys {first:?} and {key:?} differ only in case; refused as ambiguous"
+                )));
             }
             out.insert(key, value);
         }
@@ -518,6 +551,28 @@ mod tests {
     }
 
     #[test]
+    fn refuses_unicode_case_variants_anywhere() {
+        // ſ (U+017F) folds to s: a Go-style decoder would read this as "arguments".
+        let e = err("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"r\",\"arguments\":{\"path\":\"/a\"},\"argument\u{17f}\":{\"path\":\"/etc\"}}}".as_bytes());
+        assert!(e.message.contains("differ only in case"), "{e}");
+        // Inside arguments too: Kelvin sign K (U+212A) folds to k.
+        let e = err("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"r\",\"arguments\":{\"key\":1,\"\u{212a}ey\":2}}}".as_bytes());
+        assert!(e.message.contains("differ only in case"), "{e}");
+        // A lone variant of a member name is refused as well.
+        let e = err("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"nam\u{212a}\":\"x\"}}".as_bytes());
+        assert!(
+            e.message.contains("case variant") || e.message.contains("required"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn refuses_duplicate_ids_in_a_batch() {
+        let e = err(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#);
+        assert!(e.message.contains("more than once"), "{e}");
+    }
+
+    #[test]
     fn refuses_case_variants() {
         for body in [
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"evil","name":"ok"}}"#,
@@ -527,7 +582,10 @@ mod tests {
         ] {
             let e = err(body.as_bytes());
             assert_eq!(e.code, code::INVALID_REQUEST, "{body}");
-            assert!(e.message.contains("case variant"), "{body}: {e}");
+            assert!(
+                e.message.contains("case variant") || e.message.contains("differ only in case"),
+                "{body}: {e}"
+            );
         }
     }
 

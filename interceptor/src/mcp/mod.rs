@@ -12,17 +12,20 @@
 //! - 2026-07-28 stateless: `Mcp-Method` / `Mcp-Name` must agree with the body (HTTP 400,
 //!   -32020 otherwise); the decision is made on the body.
 
+pub mod filter;
 pub mod framing;
+pub mod headers;
 pub mod jsonrpc;
+pub mod session;
 pub mod sse;
 
 use std::{
-    collections::HashMap,
+    collections::VecDeque,
     convert::Infallible,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
-use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::stream;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -33,7 +36,12 @@ use serde_json::Value;
 use tokio::{net::TcpStream, sync::mpsc};
 use tracing::{debug, info, warn};
 
-use self::jsonrpc::{Body, Message, RpcError, code};
+pub use self::session::{Sessions, Streams};
+use self::{
+    headers::{check_framing, check_mcp_headers, skip_header},
+    jsonrpc::{Message, RpcError, code},
+    session::{INJECT_QUEUE, LegacySession, Owner, session_key},
+};
 use crate::{
     bpf::lock,
     daemon::Daemon,
@@ -47,62 +55,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// How long an agent may take to send a complete HTTP/1 request head.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The first protocol revision whose requests must carry `Mcp-Method` / `Mcp-Name`.
-const STATELESS_VERSION: &str = "2026-07-28";
-
-/// List methods whose results are filtered, with the array member and the item's name member.
-fn list_shape(method: &str) -> Option<(&'static str, &'static str)> {
-    match method {
-        "tools/list" => Some(("tools", "name")),
-        "prompts/list" => Some(("prompts", "name")),
-        "resources/list" => Some(("resources", "uri")),
-        "resources/templates/list" => Some(("resourceTemplates", "uriTemplate")),
-        _ => None,
-    }
-}
-
-/// A 2024-11-05 SSE session: the POST URL announced by the `endpoint` event, bound to the
-/// identity that opened the stream.
-pub struct LegacySession {
-    owner: (u32, u64),
-    /// Request id → list method, for filtering responses that arrive on the stream.
-    pending: Mutex<HashMap<String, String>>,
-    /// Events the proxy adds to the stream (errors for denied requests).
-    inject: mpsc::UnboundedSender<Bytes>,
-}
-
-/// Live legacy sessions, keyed by `"<server id> <path?query>"`.
-pub type Sessions = Mutex<HashMap<String, Arc<LegacySession>>>;
-
-/// Live server-to-agent streams by a stream number: where notifications can be injected.
-#[derive(Default)]
-pub struct Streams {
-    next: std::sync::atomic::AtomicU64,
-    live: Mutex<HashMap<u64, mpsc::UnboundedSender<Bytes>>>,
-}
-
-impl Streams {
-    fn register(&self, tx: mpsc::UnboundedSender<Bytes>) -> u64 {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.live).insert(id, tx);
-        id
-    }
-
-    fn remove(&self, id: u64) {
-        lock(&self.live).remove(&id);
-    }
-}
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent h2c streams per agent connection (each may buffer up to `max_body_bytes`).
+const MAX_H2_STREAMS: u32 = 16;
 
 /// Sends `notifications/tools/list_changed` on every live server stream; returns how many.
 pub fn notify_tools_changed(streams: &Streams) -> usize {
-    let event =
-        sse::Event::message(r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#);
-    let live = lock(&streams.live);
-    live.values()
-        .filter(|tx| tx.send(event.clone()).is_ok())
-        .count()
+    streams.broadcast(&sse::Event::message(
+        r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#,
+    ))
 }
 
 /// Everything one agent connection's requests need.
@@ -112,17 +73,6 @@ pub struct Conn {
     pub server_id: usize,
     /// Framing verdicts for HTTP/1 request heads, in order (see [`framing`]).
     verdicts: framing::Verdicts,
-}
-
-impl Conn {
-    pub fn new(daemon: Arc<Daemon>, identity: Identity, server_id: usize) -> Self {
-        Self {
-            daemon,
-            identity,
-            server_id,
-            verdicts: framing::Verdicts::default(),
-        }
-    }
 }
 
 /// Serves one redirected connection until the agent closes it.
@@ -141,6 +91,7 @@ pub async fn serve(stream: TcpStream, conn: Conn) {
         // A client that trickles a request head forever does not hold a task forever.
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
     if let Err(e) = builder
         .serve_connection(TokioIo::new(stream), service)
         .await
@@ -163,135 +114,37 @@ fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
     resp
 }
 
+fn error_response(
+    status: StatusCode,
+    code: i64,
+    message: impl Into<String>,
+) -> Response<ProxyBody> {
+    json_response(status, &RpcError::new(code, message).to_response())
+}
+
 fn empty(status: StatusCode) -> Response<ProxyBody> {
     let mut resp = Response::new(full(Bytes::new()));
     *resp.status_mut() = status;
     resp
 }
 
-/// Refuses ambiguous HTTP framing before the body is read: duplicate `Content-Length`,
-/// `Content-Length` with `Transfer-Encoding`, or any `Transfer-Encoding` other than a plain
-/// `chunked`. (The upstream request is re-framed anyway; this keeps a desync attempt from
-/// being served at all.)
-fn check_framing(headers: &HeaderMap) -> Result<(), String> {
-    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
-    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if cl > 1 {
-        return Err("more than one Content-Length header".into());
-    }
-    if cl == 1 && !te.is_empty() {
-        return Err("both Content-Length and Transfer-Encoding".into());
-    }
-    if te.len() > 1 || te.first().is_some_and(|v| v.as_bytes() != b"chunked") {
-        return Err("Transfer-Encoding other than a single \"chunked\"".into());
-    }
-    Ok(())
-}
-
-/// Hop-by-hop headers and those the proxy sets itself.
-fn skip_header(name: &header::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
-}
-
-/// A header value as text, decoding the `=?base64?…?=` form MCP uses for non-ASCII values.
-fn header_text(v: &HeaderValue) -> Option<String> {
-    let s = v.to_str().ok()?;
-    if let Some(inner) = s
-        .strip_prefix("=?base64?")
-        .and_then(|r| r.strip_suffix("?="))
-    {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(inner)
-            .ok()?;
-        return String::from_utf8(bytes).ok();
-    }
-    Some(s.to_owned())
-}
-
-/// 2026-07-28: `Mcp-Method` / `Mcp-Name` must agree with the body (and are required from that
-/// revision on). Never authorise on them; only check them.
-fn check_mcp_headers(headers: &HeaderMap, body: &Body) -> Result<(), RpcError> {
-    let mismatch = |msg: String, id: Option<&Value>| RpcError {
-        code: code::HEADER_MISMATCH,
-        message: msg,
-        id: id.cloned(),
-    };
-    let stateless = headers
-        .get("mcp-protocol-version")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v >= STATELESS_VERSION);
-    let method_h = headers.get("mcp-method");
-    let name_h = headers.get("mcp-name");
-    if body.batch {
-        if method_h.is_some() || name_h.is_some() {
-            return Err(mismatch(
-                "Mcp-Method/Mcp-Name headers on a batch".into(),
-                None,
-            ));
-        }
-        return Ok(());
-    }
-    let Some(msg) = body.messages.first() else {
-        return Ok(());
-    };
-    let id = msg.id();
-    match (method_h.map(header_text), msg.method()) {
-        (Some(Some(h)), Some(m)) if h != m => {
-            return Err(mismatch(
-                format!("Mcp-Method header {h:?} does not match the body's method {m:?}"),
-                id,
-            ));
-        }
-        (Some(None), _) => return Err(mismatch("Mcp-Method header is not valid text".into(), id)),
-        (Some(_), None) => {
-            return Err(mismatch("Mcp-Method header on a response".into(), id));
-        }
-        (None, Some(m)) if stateless => {
-            return Err(mismatch(
-                format!(
-                    "Mcp-Method header is required (protocol {STATELESS_VERSION}); body has {m:?}"
-                ),
-                id,
-            ));
-        }
-        _ => {}
-    }
-    match (name_h.map(header_text), msg.target()) {
-        (Some(Some(h)), Some(t)) if h != t => Err(mismatch(
-            format!("Mcp-Name header {h:?} does not match the body's {t:?}"),
-            id,
-        )),
-        (Some(None), _) => Err(mismatch("Mcp-Name header is not valid text".into(), id)),
-        (Some(_), None) => Err(mismatch(
-            "Mcp-Name header on a request that names nothing".into(),
-            id,
-        )),
-        (None, Some(t)) if stateless => Err(mismatch(
-            format!("Mcp-Name header is required (protocol {STATELESS_VERSION}); body names {t:?}"),
-            id,
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn id_key(id: &Value) -> String {
-    id.to_string()
+/// Whether a response body is encoded in a way the proxy cannot inspect.
+fn encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 impl Conn {
+    pub fn new(daemon: Arc<Daemon>, identity: Identity, server_id: usize) -> Self {
+        Self {
+            daemon,
+            identity,
+            server_id,
+            verdicts: framing::Verdicts::default(),
+        }
+    }
+
     fn subject(&self) -> Subject<'_> {
         Subject {
             cgroup: self.identity.cgroup.as_deref(),
@@ -302,8 +155,24 @@ impl Conn {
         }
     }
 
+    fn owner(&self) -> Owner {
+        Owner {
+            uid: self.identity.uid,
+            gid: self.identity.gid,
+            cgroup_id: self.identity.cgroup_id,
+            exe: self.identity.exe.clone(),
+        }
+    }
+
     fn server_name(&self) -> &str {
         &self.daemon.config.servers[self.server_id].name
+    }
+
+    fn rejected(&self) {
+        self.daemon
+            .counters
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -313,58 +182,87 @@ impl Conn {
             Ok(())
         };
         if let Err(why) = watched.and_then(|()| check_framing(req.headers())) {
-            self.daemon
-                .counters
-                .rejected
-                .fetch_add(1, Ordering::Relaxed);
+            self.rejected();
             info!(http.method = %req.method(), reason = %why, "request refused: ambiguous framing");
-            let err = RpcError::new(
+            let mut resp = error_response(
+                StatusCode::BAD_REQUEST,
                 code::INVALID_REQUEST,
                 format!("ambiguous HTTP framing: {why}"),
             );
-            return json_response(StatusCode::BAD_REQUEST, &err.to_response());
+            // The rest of this connection's byte stream cannot be trusted either.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+        // MCP uses POST (messages), GET (server stream) and DELETE (end session); anything else
+        // would reach the upstream unjudged.
+        let method = req.method().clone();
+        if method != Method::POST && method != Method::GET && method != Method::DELETE {
+            self.rejected();
+            info!(http.method = %method, "request refused: HTTP method not used by MCP");
+            let mut resp = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                code::INVALID_REQUEST,
+                format!("HTTP method {method} is not used by MCP; use POST, GET or DELETE"),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
+            return resp;
         }
         let (parts, body) = req.into_parts();
         let limit = self.daemon.config.proxy.max_body_bytes;
         let bytes = match Limited::new(body, limit).collect().await {
             Ok(c) => c.to_bytes(),
             Err(e) => {
-                self.daemon
-                    .counters
-                    .rejected
-                    .fetch_add(1, Ordering::Relaxed);
+                self.rejected();
                 let too_large = e.is::<http_body_util::LengthLimitError>();
                 info!(too_large, error = %e, "request body refused");
-                let (status, msg) = if too_large {
-                    (
+                return if too_large {
+                    error_response(
                         StatusCode::PAYLOAD_TOO_LARGE,
+                        code::INVALID_REQUEST,
                         format!("request body over {limit} bytes (proxy.max_body_bytes)"),
                     )
                 } else {
-                    (
+                    error_response(
                         StatusCode::BAD_REQUEST,
+                        code::INVALID_REQUEST,
                         format!("reading request body: {e}"),
                     )
                 };
-                let err = RpcError::new(code::INVALID_REQUEST, msg);
-                return json_response(status, &err.to_response());
             }
         };
-        if parts.method == Method::POST {
-            self.post(parts, bytes).await
-        } else {
-            // GET (server stream), DELETE (end session), anything else: no JSON-RPC to judge.
-            self.forward(parts, bytes, HashMap::new(), false).await
+        if method == Method::POST {
+            return self.post(parts, bytes).await;
         }
-    }
-
-    fn session_key(&self, uri: &http::Uri) -> String {
-        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        format!("{} {pq}", self.server_id)
-    }
-
-    fn owner(&self) -> (u32, u64) {
-        (self.identity.uid, self.identity.cgroup_id)
+        if !bytes.is_empty() {
+            self.rejected();
+            info!(http.method = %method, "request refused: body on a GET/DELETE");
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                format!("a {method} request carries no body in MCP"),
+            );
+        }
+        // No JSON-RPC to judge, but the server itself must be granted (tier 1).
+        let decision = self
+            .daemon
+            .policy()
+            .check_server(&self.subject(), self.server_name());
+        if !decision.allow {
+            self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
+            info!(http.method = %method, server.name = self.server_name(),
+                authz.decision = "deny", authz.rule = %decision.rule, "mcp request");
+            return error_response(
+                StatusCode::FORBIDDEN,
+                code::INVALID_REQUEST,
+                format!(
+                    "server {} refused by policy (interceptor)",
+                    self.server_name()
+                ),
+            );
+        }
+        self.forward(parts, Bytes::new(), false).await
     }
 
     async fn post(
@@ -372,34 +270,43 @@ impl Conn {
         parts: http::request::Parts,
         bytes: Bytes,
     ) -> Response<ProxyBody> {
-        let counters = &self.daemon.counters;
         let body = match jsonrpc::parse(&bytes, self.daemon.config.proxy.max_json_depth) {
             Ok(b) => b,
             Err(e) => {
-                counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.rejected();
                 info!(error = %e, "request refused: malformed JSON-RPC");
                 return json_response(StatusCode::BAD_REQUEST, &e.to_response());
             }
         };
         if let Err(e) = check_mcp_headers(&parts.headers, &body) {
-            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.rejected();
             info!(error = %e, "request refused: Mcp-* header disagrees with the body");
             return json_response(StatusCode::BAD_REQUEST, &e.to_response());
         }
-        let legacy = {
-            let sessions = lock(&self.daemon.sessions);
-            sessions.get(&self.session_key(&parts.uri)).cloned()
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let key = match session_key(self.server_id, pq) {
+            Ok(k) => k,
+            Err(why) => {
+                self.rejected();
+                info!(reason = %why, "request refused: ambiguous request target");
+                return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
+            }
         };
+        let legacy = lock(&self.daemon.sessions).get(&key).cloned();
         if let Some(s) = &legacy
             && s.owner != self.owner()
         {
-            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.rejected();
             warn!("request refused: legacy SSE session belongs to another identity");
-            let err = RpcError::new(
+            return error_response(
+                StatusCode::FORBIDDEN,
                 code::INVALID_REQUEST,
                 "this session belongs to another identity",
             );
-            return json_response(StatusCode::FORBIDDEN, &err.to_response());
         }
 
         // The wire generation, for logs: a legacy SSE session, else the negotiated header.
@@ -414,8 +321,7 @@ impl Conn {
             .iter()
             .map(|m| self.decide(&policy, m, &protocol))
             .collect();
-        let denied = decisions.iter().flatten().any(|d| !d.allow);
-        if denied {
+        if decisions.iter().flatten().any(|d| !d.allow) {
             let errors: Vec<Value> = body
                 .messages
                 .iter()
@@ -435,7 +341,18 @@ impl Conn {
             if let Some(session) = legacy {
                 // 2024-11-05: the answer travels on the SSE stream.
                 for e in &errors {
-                    let _ = session.inject.send(sse::Event::message(&e.to_string()));
+                    if session
+                        .inject
+                        .try_send(sse::Event::message(&e.to_string()))
+                        .is_err()
+                    {
+                        warn!("legacy SSE stream is not being read; refusing the request");
+                        return error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            code::INTERNAL_ERROR,
+                            "the session's event stream is not being read",
+                        );
+                    }
                 }
                 return empty(StatusCode::ACCEPTED);
             }
@@ -445,22 +362,9 @@ impl Conn {
                 (true, _) => json_response(StatusCode::OK, &Value::Array(errors)),
             };
         }
-        let lists: HashMap<String, String> = body
-            .messages
-            .iter()
-            .filter_map(|m| match m {
-                Message::Request { id, method, .. } if list_shape(method).is_some() => {
-                    Some((id_key(id), method.clone()))
-                }
-                _ => None,
-            })
-            .collect();
-        if let Some(session) = &legacy {
-            lock(&session.pending).extend(lists.clone());
-        }
         // 2026-07-28: subscriptions/listen keeps its response open as the server stream.
         let listen = !body.batch && body.messages[0].method() == Some("subscriptions/listen");
-        self.forward(parts, Bytes::from(body.to_bytes()), lists, listen)
+        self.forward(parts, Bytes::from(body.to_bytes()), listen)
             .await
     }
 
@@ -494,8 +398,7 @@ impl Conn {
         self: &Arc<Self>,
         parts: http::request::Parts,
         bytes: Bytes,
-        lists: HashMap<String, String>,
-        server_stream: bool,
+        listen: bool,
     ) -> Response<ProxyBody> {
         let server = &self.daemon.config.servers[self.server_id];
         let from_get = parts.method == Method::GET;
@@ -507,8 +410,11 @@ impl Conn {
         let uri = match format!("http://{}{pq}", server.upstream).parse::<http::Uri>() {
             Ok(u) => u,
             Err(e) => {
-                let err = RpcError::new(code::INVALID_REQUEST, format!("bad request target: {e}"));
-                return json_response(StatusCode::BAD_REQUEST, &err.to_response());
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_REQUEST,
+                    format!("bad request target: {e}"),
+                );
             }
         };
         let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
@@ -517,13 +423,19 @@ impl Conn {
                 builder = builder.header(name, value);
             }
         }
-        builder = builder.header(header::HOST, server.upstream.as_str());
+        // The proxy must read what comes back, so it asks for no content encoding.
+        builder = builder
+            .header(header::HOST, server.upstream.as_str())
+            .header(header::ACCEPT_ENCODING, "identity");
         let up_len = bytes.len() as u64;
         let request = match builder.body(Full::new(bytes)) {
             Ok(r) => r,
             Err(e) => {
-                let err = RpcError::new(code::INVALID_REQUEST, format!("cannot forward: {e}"));
-                return json_response(StatusCode::BAD_REQUEST, &err.to_response());
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_REQUEST,
+                    format!("cannot forward: {e}"),
+                );
             }
         };
         let response = match self.daemon.upstreams[self.server_id].request(request).await {
@@ -537,154 +449,116 @@ impl Conn {
                     .map(ToString::to_string)
                     .unwrap_or_else(|| e.to_string());
                 warn!(server.name = %server.name, error = %cause, "upstream request failed");
-                let err = RpcError::new(
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
                     code::INTERNAL_ERROR,
                     format!(
                         "interceptor: upstream {} of server {} failed: {cause}",
                         server.upstream, server.name
                     ),
                 );
-                return json_response(StatusCode::BAD_GATEWAY, &err.to_response());
             }
         };
         self.daemon
             .counters
             .relayed_up
             .fetch_add(up_len, Ordering::Relaxed);
-        self.respond(response, lists, from_get, server_stream || from_get)
-            .await
+        self.respond(response, from_get, listen || from_get).await
     }
 
+    /// Relays the upstream's answer: SSE event by event, anything else read whole (bounded) so
+    /// list results are filtered. What the proxy cannot inspect is refused, not passed.
     async fn respond(
         self: &Arc<Self>,
         response: Response<Incoming>,
-        lists: HashMap<String, String>,
         from_get: bool,
         server_stream: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
-        // Content-Length stays for bodies passed through unchanged (a rewritten body gets a
-        // fresh one from its new length).
-        let content_length = parts.headers.get(header::CONTENT_LENGTH).cloned();
+        if encoded(&parts.headers) {
+            warn!("upstream answered with a content encoding the proxy cannot inspect");
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                code::INTERNAL_ERROR,
+                "upstream response is content-encoded; the proxy asked for identity encoding",
+            );
+        }
         parts.headers.retain_non_hop();
-        let content_type = parts
+        let sse = parts
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if content_type.starts_with("text/event-stream") {
-            let body = self
-                .clone()
-                .sse_stream(body, lists, from_get, server_stream);
+            .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/event-stream"));
+        if sse {
+            let body = self.clone().sse_stream(body, from_get, server_stream);
             return Response::from_parts(parts, body);
         }
-        if content_type.starts_with("application/json") && !lists.is_empty() {
-            let limit = self.daemon.config.proxy.max_response_bytes;
-            let bytes = match Limited::new(body, limit).collect().await {
-                Ok(c) => c.to_bytes(),
-                Err(e) => {
-                    warn!(error = %e, "upstream response unreadable or too large");
-                    let err =
-                        RpcError::new(code::INTERNAL_ERROR, format!("upstream response: {e}"));
-                    return json_response(StatusCode::BAD_GATEWAY, &err.to_response());
-                }
-            };
-            let out = match serde_json::from_slice::<Value>(&bytes) {
-                Ok(mut v) => {
-                    match &mut v {
-                        Value::Array(items) => {
-                            for item in items {
-                                self.filter_response(&lists, item);
-                            }
-                        }
-                        item => self.filter_response(&lists, item),
-                    }
-                    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
-                }
-                Err(_) => bytes,
-            };
-            self.daemon
-                .counters
-                .relayed_down
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
-            return Response::from_parts(parts, full(out));
-        }
-        if let Some(cl) = content_length {
-            parts.headers.insert(header::CONTENT_LENGTH, cl);
-        }
-        let daemon = self.daemon.clone();
-        let counted = body.map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                daemon
-                    .counters
-                    .relayed_down
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+        let limit = self.daemon.config.proxy.max_response_bytes;
+        let bytes = match Limited::new(body, limit).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) => {
+                warn!(error = %e, "upstream response unreadable or too large");
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    code::INTERNAL_ERROR,
+                    format!("upstream response unreadable or over {limit} bytes: {e}"),
+                );
             }
-            f
-        });
-        Response::from_parts(parts, counted.map_err(BoxError::from).boxed())
+        };
+        // Whatever its content type says, a body that parses as JSON is filtered: a lenient
+        // client would read it as JSON too.
+        let out = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(mut v) => {
+                if self.filter(&mut v) > 0 {
+                    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+                } else {
+                    bytes
+                }
+            }
+            Err(_) => bytes,
+        };
+        self.daemon
+            .counters
+            .relayed_down
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Response::from_parts(parts, full(out))
     }
 
-    /// Filters a list result in `response` if it answers one of `lists`' requests.
-    fn filter_response(&self, lists: &HashMap<String, String>, response: &mut Value) {
-        let Some(method) = response.get("id").and_then(|id| lists.get(&id_key(id))) else {
-            return;
-        };
-        self.filter_list(method, response);
-    }
-
-    fn filter_list(&self, method: &str, response: &mut Value) {
-        let Some((member, key)) = list_shape(method) else {
-            return;
-        };
-        let policy = self.daemon.policy();
-        let subject = self.subject();
-        let server = self.server_name();
-        let Some(result) = response.get_mut("result").and_then(Value::as_object_mut) else {
-            return;
-        };
-        if let Some(items) = result.get_mut(member).and_then(Value::as_array_mut) {
-            let before = items.len();
-            items.retain(|item| {
-                item.get(key)
-                    .and_then(Value::as_str)
-                    .is_some_and(|name| policy.shows(&subject, server, method, name))
-            });
-            debug!(
-                mcp.method = method,
-                shown = items.len(),
-                hidden = before - items.len(),
-                "list filtered"
-            );
+    /// Filters list-shaped results in `message`; returns how many items were hidden.
+    fn filter(&self, message: &mut Value) -> usize {
+        let hidden = filter::filter(
+            &self.daemon.policy(),
+            &self.subject(),
+            self.server_name(),
+            message,
+        );
+        if hidden > 0 {
+            debug!(hidden, "list filtered");
         }
-        // 2026-07-28 cache hints: this answer is specific to this identity.
-        if result.contains_key("cacheScope") {
-            result.insert("cacheScope".into(), Value::from("private"));
-        }
+        hidden
     }
 
     /// Relays an SSE body event by event: list results filtered, legacy `endpoint` events
-    /// registered as sessions, injected events (errors for denied legacy requests) merged in.
+    /// registered as sessions, injected events (errors for denied legacy requests,
+    /// notifications) merged in.
     fn sse_stream(
         self: Arc<Self>,
         body: Incoming,
-        lists: HashMap<String, String>,
         from_get: bool,
         server_stream: bool,
     ) -> ProxyBody {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(INJECT_QUEUE);
         let stream_id = server_stream.then(|| self.daemon.streams.register(tx.clone()));
+        let max = self.daemon.config.proxy.max_response_bytes;
         let state = SseState {
+            parser: sse::Parser::new(max),
             stream_id,
             conn: self,
             body,
-            parser: sse::Parser::default(),
-            lists,
             from_get,
             tx: Some(tx),
             rx,
-            queue: std::collections::VecDeque::new(),
+            queue: VecDeque::new(),
             session: None,
             done: false,
         };
@@ -701,14 +575,23 @@ impl Conn {
                 if st.done {
                     return None;
                 }
+                let listening = st.session.is_some() || st.stream_id.is_some();
                 tokio::select! {
                     frame = st.body.frame() => match frame {
                         Some(Ok(f)) => {
-                            if let Some(d) = f.data_ref() {
-                                let events = st.parser.push(d);
-                                for e in events {
-                                    let out = st.event(e);
-                                    st.queue.push_back(out);
+                            let Some(d) = f.data_ref() else { continue };
+                            match st.parser.push(d) {
+                                Ok(events) => {
+                                    for e in events {
+                                        let out = st.event(e);
+                                        st.queue.push_back(out);
+                                    }
+                                }
+                                Err(e) => {
+                                    // Fail closed: never pass an event the proxy could not judge.
+                                    warn!(error = %e, "closing the stream");
+                                    st.done = true;
+                                    return Some((Err(BoxError::from(e)), st));
                                 }
                             }
                         }
@@ -718,15 +601,13 @@ impl Conn {
                         }
                         None => {
                             st.done = true;
-                            let rest = st.parser.finish();
-                            if !rest.is_empty() {
-                                st.queue.push_back(rest);
+                            if let Some(e) = st.parser.finish() {
+                                let out = st.event(e);
+                                st.queue.push_back(out);
                             }
                         }
                     },
-                    Some(b) = st.rx.recv(), if st.session.is_some() || st.stream_id.is_some() => {
-                        st.queue.push_back(b);
-                    }
+                    Some(b) = st.rx.recv(), if listening => st.queue.push_back(b),
                 }
             }
         });
@@ -739,11 +620,10 @@ struct SseState {
     conn: Arc<Conn>,
     body: Incoming,
     parser: sse::Parser,
-    lists: HashMap<String, String>,
     from_get: bool,
-    tx: Option<mpsc::UnboundedSender<Bytes>>,
-    rx: mpsc::UnboundedReceiver<Bytes>,
-    queue: std::collections::VecDeque<Bytes>,
+    tx: Option<mpsc::Sender<Bytes>>,
+    rx: mpsc::Receiver<Bytes>,
+    queue: VecDeque<Bytes>,
     /// The legacy session this stream carries, removed from the registry on drop.
     session: Option<(String, Arc<LegacySession>)>,
     /// Registration in [`Streams`] of a server stream, removed on drop.
@@ -757,26 +637,15 @@ impl SseState {
             self.register(&e.data);
             return e.raw;
         }
-        let Ok(mut v) = serde_json::from_str::<Value>(&e.data) else {
-            return e.raw;
-        };
-        let Some(id) = v
-            .get("id")
-            .filter(|_| v.get("method").is_none())
-            .map(id_key)
-        else {
-            return e.raw;
-        };
-        let method = match &self.session {
-            Some((_, s)) => lock(&s.pending).remove(&id),
-            None => self.lists.get(&id).cloned(),
-        };
-        match method {
-            Some(m) => {
-                self.conn.filter_list(&m, &mut v);
-                e.with_data(&v.to_string())
+        match serde_json::from_str::<Value>(&e.data) {
+            Ok(mut v) => {
+                if self.conn.filter(&mut v) > 0 {
+                    e.with_data(&v.to_string())
+                } else {
+                    e.raw
+                }
             }
-            None => e.raw,
+            Err(_) => e.raw,
         }
     }
 
@@ -790,10 +659,15 @@ impl SseState {
                 .unwrap_or_else(|| endpoint.to_owned()),
             Err(_) => endpoint.to_owned(),
         };
-        let key = format!("{} {pq}", self.conn.server_id);
+        let key = match session_key(self.conn.server_id, &pq) {
+            Ok(k) => k,
+            Err(why) => {
+                warn!(endpoint = %pq, reason = %why, "legacy SSE endpoint not registered");
+                return;
+            }
+        };
         let session = Arc::new(LegacySession {
             owner: self.conn.owner(),
-            pending: Mutex::new(HashMap::new()),
             inject: tx,
         });
         lock(&self.conn.daemon.sessions).insert(key.clone(), session.clone());
@@ -849,92 +723,5 @@ impl RetainNonHop for HeaderMap {
         for k in drop {
             self.remove(&k);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn ambiguous_framing_is_refused() {
-        assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
-        assert!(check_framing(&headers(&[("transfer-encoding", "chunked")])).is_ok());
-        assert!(
-            check_framing(&headers(&[
-                ("content-length", "5"),
-                ("content-length", "5")
-            ]))
-            .is_err()
-        );
-        assert!(
-            check_framing(&headers(&[
-                ("content-length", "5"),
-                ("transfer-encoding", "chunked")
-            ]))
-            .is_err()
-        );
-        assert!(check_framing(&headers(&[("transfer-encoding", "xchunked")])).is_err());
-        assert!(check_framing(&headers(&[("transfer-encoding", "chunked, identity")])).is_err());
-    }
-
-    fn body(text: &str) -> Body {
-        jsonrpc::parse(text.as_bytes(), 64).unwrap()
-    }
-
-    #[test]
-    fn mcp_headers_must_match_the_body() {
-        let call =
-            body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read"}}"#);
-        let v = ("mcp-protocol-version", "2026-07-28");
-        assert!(
-            check_mcp_headers(
-                &headers(&[v, ("mcp-method", "tools/call"), ("mcp-name", "read")]),
-                &call
-            )
-            .is_ok()
-        );
-        let e = check_mcp_headers(
-            &headers(&[v, ("mcp-method", "tools/call"), ("mcp-name", "delete")]),
-            &call,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, code::HEADER_MISMATCH);
-        let e = check_mcp_headers(
-            &headers(&[v, ("mcp-method", "tools/list"), ("mcp-name", "read")]),
-            &call,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, code::HEADER_MISMATCH);
-        // Required from 2026-07-28 on, optional before.
-        assert!(check_mcp_headers(&headers(&[v]), &call).is_err());
-        assert!(
-            check_mcp_headers(&headers(&[("mcp-protocol-version", "2025-06-18")]), &call).is_ok()
-        );
-        // Non-ASCII names travel base64-encoded.
-        let uni =
-            body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"lire_é"}}"#);
-        let enc = format!(
-            "=?base64?{}?=",
-            base64::engine::general_purpose::STANDARD.encode("lire_é")
-        );
-        assert!(
-            check_mcp_headers(
-                &headers(&[v, ("mcp-method", "tools/call"), ("mcp-name", &enc)]),
-                &uni
-            )
-            .is_ok()
-        );
     }
 }

@@ -46,21 +46,45 @@ impl Event {
 }
 
 /// Accumulates bytes and splits them into events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Parser {
     buf: BytesMut,
+    /// Bytes of `buf` already searched for an event end (minus a little overlap).
+    scanned: usize,
+    /// Largest event accepted.
+    max_event: usize,
 }
 
+/// An event grew past the parser's limit.
+#[derive(Debug, thiserror::Error)]
+#[error("an SSE event is larger than {0} bytes (proxy.max_response_bytes)")]
+pub struct TooLarge(pub usize);
+
 impl Parser {
+    pub fn new(max_event: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            scanned: 0,
+            max_event,
+        }
+    }
+
     /// Feeds `chunk`; returns every event it completed.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<Event> {
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Event>, TooLarge> {
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
-        while let Some(end) = event_end(&self.buf) {
+        // Resume the search where the last one stopped (3 bytes back: a terminator may straddle
+        // two chunks), so a large event arriving in small chunks is scanned once.
+        while let Some(end) = event_end(&self.buf, self.scanned.saturating_sub(3)) {
             let raw = self.buf.split_to(end).freeze();
             events.push(parse_event(raw));
+            self.scanned = 0;
         }
-        events
+        self.scanned = self.buf.len();
+        if self.buf.len() > self.max_event {
+            return Err(TooLarge(self.max_event));
+        }
+        Ok(events)
     }
 
     /// Bytes of an incomplete event still held.
@@ -68,15 +92,20 @@ impl Parser {
         self.buf.len()
     }
 
-    /// What is left at end of stream (an unterminated event), passed through as is.
-    pub fn finish(&mut self) -> Bytes {
-        self.buf.split().freeze()
+    /// What is left at end of stream: an unterminated event, parsed like the others so it is
+    /// judged the same way (some clients act on it).
+    pub fn finish(&mut self) -> Option<Event> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        Some(parse_event(self.buf.split().freeze()))
     }
 }
 
-/// Index just past the blank line that ends the first event (`\n\n`, `\r\n\r\n`, `\r\r`).
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// Index just past the blank line that ends the first event (`\n\n`, `\r\n\r\n`, `\r\r`),
+/// searching from `from`.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     while i < buf.len() {
         let line_end = match buf[i] {
             b'\n' => i + 1,
@@ -135,10 +164,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn terminators_split_across_chunks_and_size_limits() {
+        let mut p = Parser::new(64);
+        let mut got = Vec::new();
+        for b in b"data: a\r\n\r\ndata: b\n\n".iter() {
+            got.extend(p.push(&[*b]).unwrap());
+        }
+        assert_eq!(
+            got.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(p.push(&[b'x'; 65]).is_err());
+        let mut p = Parser::new(64);
+        p.push(b"data: tail").unwrap();
+        assert_eq!(p.finish().map(|e| e.data), Some("tail".to_owned()));
+    }
+
+    #[test]
     fn splits_events_across_chunks() {
-        let mut p = Parser::default();
-        assert!(p.push(b"event: endpoint\ndata: /messages?s").is_empty());
-        let e = p.push(b"ession_id=1\n\nid: 7\ndata: {\"a\":\n");
+        let mut p = Parser::new(1024);
+        assert!(
+            p.push(b"event: endpoint\ndata: /messages?s")
+                .unwrap()
+                .is_empty()
+        );
+        let e = p.push(b"ession_id=1\n\nid: 7\ndata: {\"a\":\n").unwrap();
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].event, "endpoint");
         assert_eq!(e[0].data, "/messages?session_id=1");
@@ -146,7 +196,7 @@ mod tests {
             &e[0].raw[..],
             b"event: endpoint\ndata: /messages?session_id=1\n\n"
         );
-        let e = p.push(b"data: 1}\r\n\r\n: comment\n\n");
+        let e = p.push(b"data: 1}\r\n\r\n: comment\n\n").unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].data, "{\"a\":\n1}");
         assert_eq!(e[0].id.as_deref(), Some("7"));
@@ -155,8 +205,11 @@ mod tests {
 
     #[test]
     fn rewrites_keep_type_and_id() {
-        let mut p = Parser::default();
-        let e = p.push(b"event: message\nid: 3\ndata: old\n\n").remove(0);
+        let mut p = Parser::new(1024);
+        let e = p
+            .push(b"event: message\nid: 3\ndata: old\n\n")
+            .unwrap()
+            .remove(0);
         assert_eq!(
             &e.with_data("new")[..],
             b"event: message\nid: 3\ndata: new\n\n"

@@ -1,0 +1,237 @@
+//! Header rules: ambiguous framing, hop-by-hop headers, and the 2026-07-28 `Mcp-*` headers
+//! that must agree with the body.
+
+use base64::Engine as _;
+use http::{HeaderMap, HeaderValue, header};
+use serde_json::Value;
+
+use super::jsonrpc::{Body, RpcError, code};
+
+/// The first protocol revision whose requests must carry `Mcp-Method` / `Mcp-Name`.
+pub const STATELESS_VERSION: &str = "2026-07-28";
+
+/// Refuses ambiguous HTTP framing before the body is read: duplicate `Content-Length`,
+/// `Content-Length` with `Transfer-Encoding`, or any `Transfer-Encoding` other than a plain
+/// `chunked`. (The upstream request is re-framed anyway; this keeps a desync attempt from
+/// being served at all.)
+pub fn check_framing(headers: &HeaderMap) -> Result<(), String> {
+    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if cl > 1 {
+        return Err("more than one Content-Length header".into());
+    }
+    if cl == 1 && !te.is_empty() {
+        return Err("both Content-Length and Transfer-Encoding".into());
+    }
+    if te.len() > 1 || te.first().is_some_and(|v| v.as_bytes() != b"chunked") {
+        return Err("Transfer-Encoding other than a single \"chunked\"".into());
+    }
+    Ok(())
+}
+
+/// Hop-by-hop headers and those the proxy sets itself (`accept-encoding`: the proxy must be
+/// able to read what comes back, so it asks for identity encoding).
+pub fn skip_header(name: &header::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "accept-encoding"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// A header value as text, decoding the `=?base64?…?=` form MCP uses for non-ASCII values.
+fn header_text(v: &HeaderValue) -> Option<String> {
+    let s = v.to_str().ok()?;
+    if let Some(inner) = s
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(inner)
+            .ok()?;
+        return String::from_utf8(bytes).ok();
+    }
+    Some(s.to_owned())
+}
+
+/// 2026-07-28: `Mcp-Method` / `Mcp-Name` must agree with the body (and are required from that
+/// revision on). Never authorise on them; only check them.
+pub fn check_mcp_headers(headers: &HeaderMap, body: &Body) -> Result<(), RpcError> {
+    let mismatch = |msg: String, id: Option<&Value>| RpcError {
+        code: code::HEADER_MISMATCH,
+        message: msg,
+        id: id.cloned(),
+    };
+    for name in ["mcp-method", "mcp-name", "mcp-protocol-version"] {
+        if headers.get_all(name).iter().count() > 1 {
+            // One copy checked, another read by someone downstream: refuse the ambiguity.
+            return Err(mismatch(format!("repeated {name} header"), None));
+        }
+    }
+    let stateless = headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v >= STATELESS_VERSION);
+    let method_h = headers.get("mcp-method");
+    let name_h = headers.get("mcp-name");
+    if body.batch {
+        if method_h.is_some() || name_h.is_some() {
+            return Err(mismatch(
+                "Mcp-Method/Mcp-Name headers on a batch".into(),
+                None,
+            ));
+        }
+        return Ok(());
+    }
+    let Some(msg) = body.messages.first() else {
+        return Ok(());
+    };
+    let id = msg.id();
+    match (method_h.map(header_text), msg.method()) {
+        (Some(Some(h)), Some(m)) if h != m => {
+            return Err(mismatch(
+                format!("Mcp-Method header {h:?} does not match the body's method {m:?}"),
+                id,
+            ));
+        }
+        (Some(None), _) => return Err(mismatch("Mcp-Method header is not valid text".into(), id)),
+        (Some(_), None) => {
+            return Err(mismatch("Mcp-Method header on a response".into(), id));
+        }
+        (None, Some(m)) if stateless => {
+            return Err(mismatch(
+                format!(
+                    "Mcp-Method header is required (protocol {STATELESS_VERSION}); body has {m:?}"
+                ),
+                id,
+            ));
+        }
+        _ => {}
+    }
+    match (name_h.map(header_text), msg.target()) {
+        (Some(Some(h)), Some(t)) if h != t => Err(mismatch(
+            format!("Mcp-Name header {h:?} does not match the body's {t:?}"),
+            id,
+        )),
+        (Some(None), _) => Err(mismatch("Mcp-Name header is not valid text".into(), id)),
+        (Some(_), None) => Err(mismatch(
+            "Mcp-Name header on a request that names nothing".into(),
+            id,
+        )),
+        (None, Some(t)) if stateless => Err(mismatch(
+            format!("Mcp-Name header is required (protocol {STATELESS_VERSION}); body names {t:?}"),
+            id,
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
+        assert!(check_framing(&headers(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(
+            check_framing(&headers(&[
+                ("content-length", "5"),
+                ("content-length", "5")
+            ]))
+            .is_err()
+        );
+        assert!(
+            check_framing(&headers(&[
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked")
+            ]))
+            .is_err()
+        );
+        assert!(check_framing(&headers(&[("transfer-encoding", "xchunked")])).is_err());
+        assert!(check_framing(&headers(&[("transfer-encoding", "chunked, identity")])).is_err());
+    }
+
+    fn body(text: &str) -> Body {
+        crate::mcp::jsonrpc::parse(text.as_bytes(), 64).unwrap()
+    }
+
+    #[test]
+    fn mcp_headers_must_match_the_body() {
+        let call =
+            body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read"}}"#);
+        let v = ("mcp-protocol-version", "2026-07-28");
+        assert!(
+            check_mcp_headers(
+                &headers(&[v, ("mcp-method", "tools/call"), ("mcp-name", "read")]),
+                &call
+            )
+            .is_ok()
+        );
+        let e = check_mcp_headers(
+            &headers(&[v, ("mcp-method", "tools/call"), ("mcp-name", "delete")]),
+            &call,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::HEADER_MISMATCH);
+        let e = check_mcp_headers(
+            &headers(&[v, ("mcp-method", "tools/list"), ("mcp-name", "read")]),
+            &call,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::HEADER_MISMATCH);
+        // Required from 2026-07-28 on, optional before.
+        assert!(check_mcp_headers(&headers(&[v]), &call).is_err());
+        assert!(
+            check_mcp_headers(&headers(&[("mcp-protocol-version", "2025-06-18")]), &call).is_ok()
+        );
+        // Repeated headers are ambiguous.
+        assert!(
+            check_mcp_headers(
+                &headers(&[
+                    v,
+                    ("mcp-method", "tools/call"),
+                    ("mcp-name", "read"),
+                    ("mcp-name", "delete")
+                ]),
+                &call
+            )
+            .is_err()
+        );
+        // Non-ASCII names travel base64-encoded.
+        let uni =
+            body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"lire_é"}}"#);
+        let enc = format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode("lire_é")
+        );
+        assert!(
+            check_mcp_headers(
+                &headers(&[v, ("mcp-method", "tools/call"), ("mcp-name", &enc)]),
+                &uni
+            )
+            .is_ok()
+        );
+    }
+}
