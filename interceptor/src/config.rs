@@ -10,7 +10,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::policy::{Policy, RawBinding, RawPolicyOptions, RawRole};
+use crate::{
+    audit::RawAudit,
+    policy::{Policy, RawBinding, RawPolicyOptions, RawRole},
+};
 
 /// Where the CLI looks for the config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/interceptor/interceptor.toml";
@@ -66,6 +69,9 @@ pub struct RawConfig {
     /// `[proxy]`: request limits.
     #[serde(default)]
     pub proxy: RawProxy,
+    /// `[audit]`: the audit log.
+    #[serde(default)]
+    pub audit: RawAudit,
 }
 
 /// `[proxy]`.
@@ -156,6 +162,7 @@ pub struct Config {
     pub servers: Vec<Server>,
     pub policy: Policy,
     pub proxy: RawProxy,
+    pub audit: RawAudit,
 }
 
 /// Validated `[daemon]`.
@@ -343,6 +350,16 @@ impl Validator<'_> {
                 format!("must be from 1 to {MAX_JSON_DEPTH_LIMIT} (the JSON parser's own limit)"),
             ));
         }
+        let audit = raw.audit;
+        if !audit.path.is_absolute() {
+            return Err(self.invalid(
+                "audit.path",
+                format!("{} is not an absolute path", audit.path.display()),
+            ));
+        }
+        if audit.max_file_bytes < 4096 {
+            return Err(self.invalid("audit.max_file_bytes", "must be at least 4096"));
+        }
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
         let policy = Policy::compile(&raw.roles, &raw.bindings, &raw.policy, &names)
             .map_err(|(key, message)| self.invalid(key, message))?;
@@ -353,6 +370,7 @@ impl Validator<'_> {
             servers,
             policy,
             proxy: raw.proxy,
+            audit,
         })
     }
 

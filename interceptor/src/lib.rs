@@ -7,11 +7,13 @@
 //! - [`mcp`]: the handling stage — HTTP, strict JSON-RPC, policy, list filtering, SSE.
 //! - [`policy`]: two-tier RBAC as a pure function.
 //! - [`upstream`]: the HTTP client towards the real server.
+//! - [`audit`]: the hash-chained, write-ahead audit log.
 //! - [`admin`]: the root-only admin socket behind `tag`, `untag` and `status`.
 //! - [`config`], [`cgroup`], [`netns`], [`telemetry`]: the supporting cast.
 
 pub mod accept;
 pub mod admin;
+pub mod audit;
 pub mod bpf;
 pub mod cgroup;
 pub mod config;
