@@ -12,7 +12,9 @@ use interceptor_common::{Addr, Listener, TupleKey};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::{daemon::Daemon, identity::Identity};
+use serde_json::json;
+
+use crate::{audit, daemon::Daemon, identity::Identity};
 
 /// The proxy's listening sockets in the daemon's network namespace.
 pub struct Proxy {
@@ -138,14 +140,36 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
     let started = Instant::now();
     counters.active.fetch_add(1, Ordering::Relaxed);
     let server_id = record.server_id as usize;
-    crate::mcp::serve(
-        stream,
-        crate::mcp::Conn::new(daemon.clone(), identity, server_id),
-    )
-    .await;
+    let who = identity.audit_json();
+    daemon.audit.record_later(audit::event(
+        "connection.open",
+        json!({
+            "identity": who,
+            "server": server.name,
+            "client": peer.to_string(),
+            "dst_original": identity.original_dst.to_string(),
+        }),
+    ));
+    let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
+    crate::mcp::serve(stream, conn.clone()).await;
     counters.active.fetch_sub(1, Ordering::Relaxed);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let (up, down, requests) = conn.totals();
+    daemon.audit.record_later(audit::event(
+        "connection.close",
+        json!({
+            "identity": who,
+            "server": server.name,
+            "duration_ms": duration_ms,
+            "bytes_up": up,
+            "bytes_down": down,
+            "requests": requests,
+        }),
+    ));
     debug!(
-        duration_ms = started.elapsed().as_millis() as u64,
+        duration_ms,
+        bytes.up = up,
+        bytes.down = down,
         "connection closed"
     );
 }

@@ -105,6 +105,16 @@ pub enum Error {
     Unavailable(String),
 }
 
+/// An event named `name` with the members of `fields` (a JSON object).
+pub fn event(name: &str, fields: Value) -> Map<String, Value> {
+    let mut m = match fields {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    m.insert("event".into(), Value::from(name));
+    m
+}
+
 /// Replaces values of secret-looking keys at any depth and truncates large payloads.
 pub fn redact(cfg: &RawAudit, arguments: &Value) -> Value {
     fn walk(v: &Value, keys: &[String]) -> Value {
@@ -180,7 +190,7 @@ fn unseal(line: &str) -> Option<(String, &str)> {
 }
 
 struct Job {
-    event: Map<String, Value>,
+    events: Vec<Map<String, Value>>,
     ack: Option<tokio::sync::oneshot::Sender<Result<(), Error>>>,
 }
 
@@ -271,17 +281,26 @@ impl Audit {
     /// Records `event` (an object with at least `event`); returns when it is durable according
     /// to the configured mode. Adds `v` and `ts`; the writer adds `seq`, `prev_hash`, `hash`.
     pub async fn record(&self, event: Map<String, Value>) -> Result<(), Error> {
-        let event = stamp(event);
+        self.record_all(vec![event]).await
+    }
+
+    /// Records `events` together (one write, all or none); returns when they are durable
+    /// according to the configured mode.
+    pub async fn record_all(&self, events: Vec<Map<String, Value>>) -> Result<(), Error> {
+        let events = events.into_iter().map(stamp).collect();
         if self.durability == Durability::Async {
+            if !self.healthy() {
+                return Err(Error::Unavailable("the last write failed".into()));
+            }
             return self
                 .tx
-                .send(Job { event, ack: None })
+                .send(Job { events, ack: None })
                 .map_err(|_| Error::Unavailable("the writer has stopped".into()));
         }
         let (ack, done) = tokio::sync::oneshot::channel();
         self.tx
             .send(Job {
-                event,
+                events,
                 ack: Some(ack),
             })
             .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
@@ -292,7 +311,7 @@ impl Audit {
     /// Records `event` without waiting (events that gate nothing: responses, closes).
     pub fn record_later(&self, event: Map<String, Value>) {
         let _ = self.tx.send(Job {
-            event: stamp(event),
+            events: vec![stamp(event)],
             ack: None,
         });
     }
@@ -302,7 +321,7 @@ impl Audit {
         let (ack, done) = tokio::sync::oneshot::channel();
         self.tx
             .send(Job {
-                event: stamp(event),
+                events: vec![stamp(event)],
                 ack: Some(ack),
             })
             .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
@@ -450,8 +469,12 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let (events, acks): (Vec<_>, Vec<_>) =
-                jobs.into_iter().map(|j| (j.event, j.ack)).unzip();
+            let mut events = Vec::new();
+            let mut acks = Vec::new();
+            for job in jobs {
+                events.extend(job.events);
+                acks.push(job.ack);
+            }
             let n = events.len() as u64;
             let result = self.write_batch(events).map_err(|e| e.to_string());
             match &result {
@@ -700,7 +723,7 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(100));
         let path = dir.path().join("audit.jsonl");
-        let v = verify(&[path.clone()]).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 4);
 
@@ -709,26 +732,31 @@ mod tests {
         // Edit
         let edited = text.replace("\"e1\"", "\"eX\"");
         std::fs::write(&path, &edited).unwrap();
-        let v = verify(&[path.clone()]).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(2), "{:?}", v.broken);
         // Delete a line in the middle
         let deleted = format!("{}\n{}\n{}\n", lines[0], lines[2], lines[3]);
         std::fs::write(&path, &deleted).unwrap();
-        let v = verify(&[path.clone()]).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(2), "{:?}", v.broken);
         // Swap two lines
         let swapped = format!("{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[1], lines[3]);
         std::fs::write(&path, &swapped).unwrap();
-        assert!(verify(&[path.clone()]).unwrap().broken.is_some());
+        assert!(
+            verify(std::slice::from_ref(&path))
+                .unwrap()
+                .broken
+                .is_some()
+        );
         // Torn tail: reported as such, then repaired at the next start.
         std::fs::write(&path, format!("{text}{{\"event\":\"half")).unwrap();
-        let v = verify(&[path.clone()]).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_some(), "{v:?}");
         {
             let a = Audit::open(cfg(dir.path(), Durability::Fsync)).unwrap();
             a.record(event("after-repair")).await.unwrap();
         }
-        let v = verify(&[path.clone()]).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_none(), "{v:?}");
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\"audit.repair\""));

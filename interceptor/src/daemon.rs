@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::{
     accept::Proxy,
     admin::AdminServer,
+    audit::{self, Audit},
     bpf::{self, Kernel, lock},
     cgroup::{self, Hierarchy},
     config::{self, Config},
@@ -46,6 +47,9 @@ pub enum Error {
     /// Listeners or the admin socket.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The audit log cannot be opened: the daemon does not serve unaudited.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::Error),
 }
 
 /// Userspace counters (the kernel keeps its own; `status` reports both).
@@ -88,6 +92,8 @@ pub struct Daemon {
     pub sessions: Sessions,
     /// Live server-to-agent streams (GET streams, `subscriptions/listen`), for notifications.
     pub streams: Streams,
+    /// The audit log.
+    pub audit: Audit,
     started: Instant,
 }
 
@@ -152,6 +158,16 @@ impl Daemon {
             0
         };
         info!(policy_changed, roles, bindings, notified_streams, not_applied = ?not_applied, "policy reloaded");
+        self.audit.record_later(audit::event(
+            "policy.reload",
+            json!({
+                "outcome": "applied",
+                "policy_changed": policy_changed,
+                "roles": roles,
+                "bindings": bindings,
+                "not_applied": not_applied,
+            }),
+        ));
         Ok(ReloadReport {
             policy_changed,
             roles,
@@ -169,6 +185,10 @@ impl Daemon {
             .insert(id, TagValue::new(&cgroup), 0)
             .map_err(|e| format!("cannot tag {cgroup}: {e}"))?;
         info!(cgroup = %cgroup, cgroup.id = id, "tagged");
+        self.audit.record_later(audit::event(
+            "tag",
+            json!({"cgroup": cgroup, "cgroup_id": id}),
+        ));
         Ok(TagStatus {
             cgroup,
             id,
@@ -197,6 +217,10 @@ impl Daemon {
         tags.remove(&id)
             .map_err(|e| format!("cannot untag {cgroup}: {e}"))?;
         info!(cgroup = %cgroup, cgroup.id = id, "untagged");
+        self.audit.record_later(audit::event(
+            "untag",
+            json!({"cgroup": cgroup, "cgroup_id": id}),
+        ));
         let exists = self.hierarchy.id(&cgroup).is_ok_and(|cur| cur == id);
         Ok(TagStatus { cgroup, id, exists })
     }
@@ -249,6 +273,14 @@ impl Daemon {
                 "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "upstream": s.upstream,
             })).collect::<Vec<_>>(),
+            "audit": {
+                "path": self.audit.config.path,
+                "durability": format!("{:?}", self.audit.config.durability).to_lowercase(),
+                "healthy": self.audit.healthy(),
+                "events": self.audit.stats.events.load(Ordering::Relaxed),
+                "failures": self.audit.stats.failures.load(Ordering::Relaxed),
+                "syncs": self.audit.stats.syncs.load(Ordering::Relaxed),
+            },
             "counters": {
                 "kernel": kernel,
                 "proxy": {
@@ -319,6 +351,8 @@ impl Daemon {
 
 /// Starts the daemon and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
+    // First: nothing is served unless it can be audited.
+    let audit = Audit::open(config.audit.clone())?;
     let hierarchy = Hierarchy::discover()?;
     let kernel = Kernel::install(
         &config.daemon.bpffs_dir,
@@ -333,6 +367,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         upstreams: config.servers.iter().map(upstream::client).collect(),
         sessions: Sessions::default(),
         streams: Streams::default(),
+        audit,
         listener: proxy.entry,
         netns_cookie,
         kernel,
@@ -341,6 +376,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
         started: Instant::now(),
         config,
     });
+    daemon
+        .audit
+        .record(audit::event(
+            "daemon.start",
+            json!({
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "config": daemon.config.path,
+                "programs": daemon.kernel.attachments,
+            }),
+        ))
+        .await?;
     daemon.sync_servers()?;
     for (index, cgroup) in daemon.config.tags.iter().enumerate() {
         daemon.tag(cgroup).map_err(|message| Error::Tag {
@@ -349,6 +396,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             message,
         })?;
     }
+
     daemon.register_listener()?;
     info!(
         port = daemon.listener.port4,
@@ -384,6 +432,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
     admin_task.abort();
     daemon.unregister_listener();
     let _ = std::fs::remove_file(&socket_path);
+    if let Err(e) = daemon
+        .audit
+        .record(audit::event(
+            "daemon.stop",
+            json!({"pid": std::process::id()}),
+        ))
+        .await
+    {
+        warn!(error = %e, "could not record daemon.stop");
+    }
     info!("stopped; programs, maps and tags stay pinned (interceptor uninstall removes them)");
     Ok(())
 }

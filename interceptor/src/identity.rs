@@ -103,6 +103,27 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The `identity` object of audit events. `container`, `pod` and `workload_id` are null
+    /// until identity enrichment names them.
+    pub fn audit_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": self.pid,
+            "tid": self.tid,
+            "uid": self.uid,
+            "gid": self.gid,
+            "comm": self.comm,
+            "exe": self.exe,
+            "cgroup": self.cgroup,
+            "cgroup_id": self.cgroup_id,
+            "container": null,
+            "pod": null,
+            "workload_id": null,
+            "process": self.liveness,
+        })
+    }
+}
+
 /// Field 22 (`starttime`, clock ticks since boot) of a `/proc/<pid>/stat` line. `comm` (field 2)
 /// may contain spaces and parentheses, so fields are counted after its last `)`.
 fn start_time_ticks(stat: &str) -> Option<u64> {

@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use interceptor::{
     admin::{self, Request},
-    bpf,
+    audit, bpf,
     cgroup::Hierarchy,
     config::{Config, DEFAULT_CONFIG_PATH},
     daemon,
@@ -83,11 +83,46 @@ enum Command {
     /// Validate and explain the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Inspect the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Detach the programs and remove every pin (maps, links, tags). The daemon must be stopped.
     /// This is the only way interception stops for tagged cgroups.
     Uninstall {
         #[command(flatten)]
         config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files (oldest first; rotated files before the live one).
+    /// Exits non-zero on any edit, deletion, reordering or truncation in the middle; a torn
+    /// last line (a crash mid-write) is reported but is not a failure.
+    Verify {
+        /// Audit files, in chain order.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print audit events readably (the file from `[audit] path` of the config).
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Keep printing new events as they are written.
+        #[arg(long)]
+        follow: bool,
+        /// Only events whose identity (pid, cgroup, exe, comm, uid, workload id) contains this.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only events about this tool.
+        #[arg(long)]
+        tool: Option<String>,
+        /// Only events with this decision (allow or deny).
+        #[arg(long)]
+        decision: Option<String>,
+        /// Print the raw JSON lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -344,6 +379,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("rule: {}", d.rule);
             Ok(())
         }
+        Command::Audit(AuditCommand::Verify { paths }) => {
+            let v = audit::verify(&paths).context("reading the audit files")?;
+            if let Some((path, line, why)) = v.broken {
+                bail!(
+                    "audit chain broken at {}:{line}: {why} ({} valid event(s) before it)",
+                    path.display(),
+                    v.events
+                );
+            }
+            println!(
+                "audit chain intact: {} event(s) in {} file(s)",
+                v.events,
+                paths.len()
+            );
+            if let Some((path, line)) = v.torn_tail {
+                println!(
+                    "note: {}:{line} is a torn last line (the writer stopped mid-line); the daemon \
+                     cuts it off and records the repair at its next start",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Tail {
+            config,
+            follow,
+            identity,
+            tool,
+            decision,
+            json,
+        }) => {
+            let config = Config::load(&config.config)?;
+            let filter = TailFilter {
+                identity,
+                tool,
+                decision,
+            };
+            tail(&config.audit.path, follow, &filter, json)
+        }
         Command::Uninstall { config } => {
             let daemon = Config::load_daemon(&config.config)?;
             let socket = &daemon.admin_socket;
@@ -367,6 +441,125 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+struct TailFilter {
+    identity: Option<String>,
+    tool: Option<String>,
+    decision: Option<String>,
+}
+
+impl TailFilter {
+    fn keeps(&self, v: &Value) -> bool {
+        let text = |x: &Value| {
+            x.as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| x.to_string())
+        };
+        if let Some(want) = &self.identity {
+            let id = &v["identity"];
+            let hit = ["pid", "uid", "cgroup", "exe", "comm", "workload_id"]
+                .iter()
+                .any(|k| !id[*k].is_null() && text(&id[*k]).contains(want.as_str()));
+            if !hit {
+                return false;
+            }
+        }
+        if let Some(want) = &self.tool
+            && v["tool"].as_str() != Some(want.as_str())
+        {
+            return false;
+        }
+        if let Some(want) = &self.decision
+            && v["decision"].as_str() != Some(want.as_str())
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// One event as a line a person reads.
+fn render(v: &Value) -> String {
+    let s = |x: &Value| {
+        x.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| x.to_string())
+    };
+    let who = &v["identity"];
+    let who = if who.is_object() {
+        format!(
+            " pid={} uid={} comm={} cgroup={}",
+            who["pid"],
+            who["uid"],
+            s(&who["comm"]),
+            s(&who["cgroup"])
+        )
+    } else {
+        String::new()
+    };
+    let mut line = format!("{} #{} {}{who}", s(&v["ts"]), v["seq"], s(&v["event"]));
+    for key in [
+        "server",
+        "method",
+        "tool",
+        "decision",
+        "rule",
+        "outcome",
+        "error_code",
+        "latency_us",
+        "cgroup",
+        "reason",
+    ] {
+        if !v[key].is_null() {
+            line.push_str(&format!(" {key}={}", s(&v[key])));
+        }
+    }
+    if !v["arguments"].is_null() {
+        line.push_str(&format!(" arguments={}", v["arguments"]));
+    }
+    line
+}
+
+fn tail(
+    path: &std::path::Path,
+    follow: bool,
+    filter: &TailFilter,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "cannot open the audit log {} ([audit] path)",
+            path.display()
+        )
+    })?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 || !line.ends_with('\n') {
+            if !follow {
+                return Ok(());
+            }
+            // Wait for the rest of a line being written, or for new lines.
+            let back = line.len() as i64;
+            reader.seek_relative(-back)?;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(line.trim_end()) else {
+            continue;
+        };
+        if filter.keeps(&v) {
+            if json {
+                print!("{line}");
+            } else {
+                println!("{}", render(&v));
+            }
         }
     }
 }
@@ -437,6 +630,20 @@ fn print_status(s: &Value) {
             str_of(&sv["upstream"])
         );
     }
+    let a = &s["audit"];
+    println!(
+        "audit: {} ({}), {}, {} event(s), {} failure(s), {} sync(s)",
+        str_of(&a["path"]),
+        str_of(&a["durability"]),
+        if a["healthy"] == Value::Bool(true) {
+            "healthy"
+        } else {
+            "FAILING"
+        },
+        a["events"],
+        a["failures"],
+        a["syncs"]
+    );
     println!("counters:");
     for scope in ["kernel", "proxy"] {
         if let Some(map) = s["counters"][scope].as_object() {

@@ -516,6 +516,12 @@ impl TestEnv {
             ));
         }
         text.push_str(extra);
+        if !extra.contains("[audit]") {
+            text.push_str(&format!(
+                "\n[audit]\npath = \"{}\"\n",
+                self.audit_path().display()
+            ));
+        }
         std::fs::write(&self.config_path, text).expect("write config");
     }
 
@@ -581,6 +587,20 @@ impl TestEnv {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The audit log of this environment's daemon.
+    pub fn audit_path(&self) -> PathBuf {
+        self.tmp.path().join("audit.jsonl")
+    }
+
+    /// The audit events written so far.
+    pub fn audit_events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// The running daemon's pid.

@@ -20,10 +20,13 @@ pub mod session;
 pub mod sse;
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     convert::Infallible,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -32,7 +35,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 use tokio::{net::TcpStream, sync::mpsc};
 use tracing::{debug, info, warn};
 
@@ -43,6 +46,7 @@ use self::{
     session::{INJECT_QUEUE, LegacySession, Owner, session_key},
 };
 use crate::{
+    audit,
     bpf::lock,
     daemon::Daemon,
     identity::Identity,
@@ -73,12 +77,28 @@ pub struct Conn {
     pub server_id: usize,
     /// Framing verdicts for HTTP/1 request heads, in order (see [`framing`]).
     verdicts: framing::Verdicts,
+    /// The `identity` object of this connection's audit events.
+    who: Value,
+    up: AtomicU64,
+    down: AtomicU64,
+    requests: AtomicU64,
 }
 
+/// A forwarded request waiting for its response (for `mcp.response` events).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    method: String,
+    target: Option<String>,
+    started: Instant,
+    session: Option<String>,
+}
+
+/// Pending requests by JSON-RPC id (as JSON text).
+pub type PendingMap = HashMap<String, Pending>;
+
 /// Serves one redirected connection until the agent closes it.
-pub async fn serve(stream: TcpStream, conn: Conn) {
+pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     let stream = framing::Watched::new(stream, conn.verdicts.clone());
-    let conn = Arc::new(conn);
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
@@ -138,10 +158,83 @@ fn encoded(headers: &HeaderMap) -> bool {
 impl Conn {
     pub fn new(daemon: Arc<Daemon>, identity: Identity, server_id: usize) -> Self {
         Self {
+            who: identity.audit_json(),
             daemon,
             identity,
             server_id,
             verdicts: framing::Verdicts::default(),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// (bytes forwarded up, bytes relayed down, JSON-RPC messages) so far.
+    pub fn totals(&self) -> (u64, u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records one `mcp.response` event for `response` if it answers a pending request.
+    fn audit_response(&self, pending: &mut PendingMap, response: &Value) {
+        let items: Vec<&Value> = match response {
+            Value::Array(a) => a.iter().collect(),
+            other => vec![other],
+        };
+        for r in items {
+            if r.get("method").is_some() {
+                continue;
+            }
+            let Some(p) = r.get("id").and_then(|id| pending.remove(&id.to_string())) else {
+                continue;
+            };
+            let id = r.get("id").cloned().unwrap_or(Value::Null);
+            let (outcome, code) = match (r.get("result"), r.get("error")) {
+                (Some(res), _) if res.get("isError") == Some(&Value::Bool(true)) => {
+                    ("tool_error", None)
+                }
+                (Some(_), _) => ("result", None),
+                (None, Some(e)) => ("error", e.get("code").cloned()),
+                (None, None) => ("unknown", None),
+            };
+            self.daemon.audit.record_later(audit::event(
+                "mcp.response",
+                json!({
+                    "identity": self.who,
+                    "server": self.server_name(),
+                    "method": p.method,
+                    "tool": if p.method == "tools/call" { p.target.clone() } else { None },
+                    "name": p.target,
+                    "id": id,
+                    "outcome": outcome,
+                    "error_code": code,
+                    "latency_us": p.started.elapsed().as_micros() as u64,
+                    "session": p.session,
+                }),
+            ));
+        }
+    }
+
+    /// `mcp.response` events for requests that will get no upstream answer.
+    fn audit_failed(&self, pending: PendingMap, outcome: &str) {
+        for (id, p) in pending {
+            self.daemon.audit.record_later(audit::event(
+                "mcp.response",
+                json!({
+                    "identity": self.who,
+                    "server": self.server_name(),
+                    "method": p.method,
+                    "tool": if p.method == "tools/call" { p.target.clone() } else { None },
+                    "name": p.target,
+                    "id": serde_json::from_str::<Value>(&id).unwrap_or(Value::Null),
+                    "outcome": outcome,
+                    "latency_us": p.started.elapsed().as_micros() as u64,
+                    "session": p.session,
+                }),
+            ));
         }
     }
 
@@ -262,7 +355,8 @@ impl Conn {
                 ),
             );
         }
-        self.forward(parts, Bytes::new(), false).await
+        self.forward(parts, Bytes::new(), false, PendingMap::new())
+            .await
     }
 
     async fn post(
@@ -315,13 +409,53 @@ impl Conn {
             (None, Some(v)) => v.to_str().unwrap_or("invalid").to_owned(),
             (None, None) => "unspecified".to_owned(),
         };
+        let session_id = match &legacy {
+            Some(_) => Some(pq.to_owned()),
+            None => parts
+                .headers
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
         let policy = self.daemon.policy();
         let decisions: Vec<Option<Decision>> = body
             .messages
             .iter()
             .map(|m| self.decide(&policy, m, &protocol))
             .collect();
-        if decisions.iter().flatten().any(|d| !d.allow) {
+        self.requests
+            .fetch_add(body.messages.len() as u64, Ordering::Relaxed);
+        // Write-ahead: every request and notification is in the audit log before anything is
+        // forwarded; if the log cannot be written, allowed requests are refused (fail closed).
+        let events: Vec<Map<String, Value>> = body
+            .messages
+            .iter()
+            .zip(&decisions)
+            .filter_map(|(m, d)| {
+                let d = d.as_ref()?;
+                Some(self.request_event(m, d, session_id.as_deref(), &protocol))
+            })
+            .collect();
+        let denied = decisions.iter().flatten().any(|d| !d.allow);
+        if let Err(e) = self.daemon.audit.record_all(events).await {
+            warn!(error = %e, "audit log unavailable; request not forwarded");
+            if !denied {
+                let id = if body.batch {
+                    None
+                } else {
+                    body.messages[0].id().cloned()
+                };
+                return json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &jsonrpc::error_response(
+                        id,
+                        code::INTERNAL_ERROR,
+                        &format!("interceptor: request not forwarded: {e}"),
+                    ),
+                );
+            }
+        }
+        if denied {
             let errors: Vec<Value> = body
                 .messages
                 .iter()
@@ -362,10 +496,67 @@ impl Conn {
                 (true, _) => json_response(StatusCode::OK, &Value::Array(errors)),
             };
         }
+        let mut pending: PendingMap = body
+            .messages
+            .iter()
+            .filter_map(|m| match m {
+                Message::Request { id, method, .. } => Some((
+                    id.to_string(),
+                    Pending {
+                        method: method.clone(),
+                        target: m.target().map(str::to_owned),
+                        started: Instant::now(),
+                        session: session_id.clone(),
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        if let Some(session) = &legacy {
+            // 2024-11-05: responses arrive on the session's stream.
+            let mut p = lock(&session.pending);
+            if p.len() + pending.len() <= session::MAX_PENDING {
+                p.extend(pending.drain());
+            }
+        }
         // 2026-07-28: subscriptions/listen keeps its response open as the server stream.
         let listen = !body.batch && body.messages[0].method() == Some("subscriptions/listen");
-        self.forward(parts, Bytes::from(body.to_bytes()), listen)
+        self.forward(parts, Bytes::from(body.to_bytes()), listen, pending)
             .await
+    }
+
+    /// The `mcp.request` event for one message.
+    fn request_event(
+        &self,
+        m: &Message,
+        d: &Decision,
+        session: Option<&str>,
+        protocol: &str,
+    ) -> Map<String, Value> {
+        let method = m.method().unwrap_or("");
+        let config = &self.daemon.audit.config;
+        let arguments = match (method, m.params()) {
+            ("tools/call", _) => m.arguments().map(|a| audit::redact(config, a)),
+            (_, Some(p)) => Some(audit::redact(config, &Value::Object(p.clone()))),
+            (_, None) => None,
+        };
+        audit::event(
+            "mcp.request",
+            json!({
+                "identity": self.who,
+                "server": self.server_name(),
+                "method": method,
+                "tool": if method == "tools/call" { m.target() } else { None },
+                "name": m.target(),
+                "id": m.id(),
+                "arguments": arguments,
+                "decision": if d.allow { "allow" } else { "deny" },
+                "rule": d.rule,
+                "roles": d.roles,
+                "session": session,
+                "protocol": protocol,
+            }),
+        )
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
@@ -399,6 +590,7 @@ impl Conn {
         parts: http::request::Parts,
         bytes: Bytes,
         listen: bool,
+        pending: PendingMap,
     ) -> Response<ProxyBody> {
         let server = &self.daemon.config.servers[self.server_id];
         let from_get = parts.method == Method::GET;
@@ -449,6 +641,7 @@ impl Conn {
                     .map(ToString::to_string)
                     .unwrap_or_else(|| e.to_string());
                 warn!(server.name = %server.name, error = %cause, "upstream request failed");
+                self.audit_failed(pending, "upstream_error");
                 return error_response(
                     StatusCode::BAD_GATEWAY,
                     code::INTERNAL_ERROR,
@@ -463,7 +656,9 @@ impl Conn {
             .counters
             .relayed_up
             .fetch_add(up_len, Ordering::Relaxed);
-        self.respond(response, from_get, listen || from_get).await
+        self.up.fetch_add(up_len, Ordering::Relaxed);
+        self.respond(response, from_get, listen || from_get, pending)
+            .await
     }
 
     /// Relays the upstream's answer: SSE event by event, anything else read whole (bounded) so
@@ -473,9 +668,11 @@ impl Conn {
         response: Response<Incoming>,
         from_get: bool,
         server_stream: bool,
+        mut pending: PendingMap,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         if encoded(&parts.headers) {
+            self.audit_failed(pending, "upstream_error");
             warn!("upstream answered with a content encoding the proxy cannot inspect");
             return error_response(
                 StatusCode::BAD_GATEWAY,
@@ -490,7 +687,9 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/event-stream"));
         if sse {
-            let body = self.clone().sse_stream(body, from_get, server_stream);
+            let body = self
+                .clone()
+                .sse_stream(body, from_get, server_stream, pending);
             return Response::from_parts(parts, body);
         }
         let limit = self.daemon.config.proxy.max_response_bytes;
@@ -498,6 +697,7 @@ impl Conn {
             Ok(c) => c.to_bytes(),
             Err(e) => {
                 warn!(error = %e, "upstream response unreadable or too large");
+                self.audit_failed(pending, "upstream_error");
                 return error_response(
                     StatusCode::BAD_GATEWAY,
                     code::INTERNAL_ERROR,
@@ -509,6 +709,7 @@ impl Conn {
         // client would read it as JSON too.
         let out = match serde_json::from_slice::<Value>(&bytes) {
             Ok(mut v) => {
+                self.audit_response(&mut pending, &v);
                 if self.filter(&mut v) > 0 {
                     Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
                 } else {
@@ -517,10 +718,15 @@ impl Conn {
             }
             Err(_) => bytes,
         };
+        // Requests a 202 or a non-JSON answer leaves without a JSON-RPC response.
+        if !pending.is_empty() {
+            self.audit_failed(pending, "no_response");
+        }
         self.daemon
             .counters
             .relayed_down
             .fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.down.fetch_add(out.len() as u64, Ordering::Relaxed);
         Response::from_parts(parts, full(out))
     }
 
@@ -546,11 +752,13 @@ impl Conn {
         body: Incoming,
         from_get: bool,
         server_stream: bool,
+        pending: PendingMap,
     ) -> ProxyBody {
         let (tx, rx) = mpsc::channel(INJECT_QUEUE);
         let stream_id = server_stream.then(|| self.daemon.streams.register(tx.clone()));
         let max = self.daemon.config.proxy.max_response_bytes;
         let state = SseState {
+            pending,
             parser: sse::Parser::new(max),
             stream_id,
             conn: self,
@@ -570,6 +778,7 @@ impl Conn {
                         .counters
                         .relayed_down
                         .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    st.conn.down.fetch_add(b.len() as u64, Ordering::Relaxed);
                     return Some((Ok(Frame::data(b)), st));
                 }
                 if st.done {
@@ -628,6 +837,8 @@ struct SseState {
     session: Option<(String, Arc<LegacySession>)>,
     /// Registration in [`Streams`] of a server stream, removed on drop.
     stream_id: Option<u64>,
+    /// Requests of the POST this stream answers.
+    pending: PendingMap,
     done: bool,
 }
 
@@ -639,6 +850,10 @@ impl SseState {
         }
         match serde_json::from_str::<Value>(&e.data) {
             Ok(mut v) => {
+                match &self.session {
+                    Some((_, s)) => self.conn.audit_response(&mut lock(&s.pending), &v),
+                    None => self.conn.audit_response(&mut self.pending, &v),
+                }
                 if self.conn.filter(&mut v) > 0 {
                     e.with_data(&v.to_string())
                 } else {
@@ -669,6 +884,7 @@ impl SseState {
         let session = Arc::new(LegacySession {
             owner: self.conn.owner(),
             inject: tx,
+            pending: std::sync::Mutex::new(PendingMap::new()),
         });
         lock(&self.conn.daemon.sessions).insert(key.clone(), session.clone());
         debug!(session = %pq, "legacy SSE session registered");

@@ -27,11 +27,17 @@ pub struct Owner {
     pub exe: Option<String>,
 }
 
+/// Most requests awaiting a response on one legacy stream (beyond it, responses go unaudited
+/// as `mcp.response` — the requests themselves are always audited).
+pub const MAX_PENDING: usize = 4096;
+
 /// A 2024-11-05 SSE session.
 pub struct LegacySession {
     pub owner: Owner,
     /// Events the proxy adds to the stream (errors for denied requests).
     pub inject: mpsc::Sender<Bytes>,
+    /// Requests posted to the session whose responses will arrive on the stream.
+    pub pending: Mutex<super::PendingMap>,
 }
 
 /// Live legacy sessions, keyed by [`session_key`].
