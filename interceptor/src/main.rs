@@ -212,6 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "listen_port": config.daemon.listen_port,
                     "bpffs_dir": config.daemon.bpffs_dir,
                     "admin_socket": config.daemon.admin_socket,
+                    "audit_path": config.audit.path,
                     "tags": config.tags,
                     "servers": servers,
                 });

@@ -218,12 +218,27 @@ pub fn run(root: &Path, bin: &Path, python: &Path) -> Result<()> {
         "\n[demo] tool calls the MCP server actually executed: {:?}",
         executed.lines().collect::<Vec<_>>()
     );
+    println!(
+        "\n[demo] the audit log (interceptor audit tail), every request written before it was forwarded:"
+    );
+    let _ = Command::new(bin)
+        .args(["audit", "tail", "--config"])
+        .arg(&config_path)
+        .status();
+    let audit_path = check["audit_path"]
+        .as_str()
+        .unwrap_or("/run/interceptor-demo/audit.jsonl");
+    println!("\n[demo] interceptor audit verify {audit_path}:");
+    let verified = Command::new(bin)
+        .args(["audit", "verify", audit_path])
+        .status()
+        .is_ok_and(|s| s.success());
     println!("\n[demo] interceptor status:");
     let _ = Command::new(bin)
         .args(["status", "--config"])
         .arg(&config_path)
         .status();
-    if !(ok && !ok2 && seen && denied && !executed.contains("delete_note")) {
+    if !(ok && !ok2 && seen && denied && verified && !executed.contains("delete_note")) {
         bail!(
             "the demo did not behave as expected; daemon log: {}",
             log_path.display()

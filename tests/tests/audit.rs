@@ -1,0 +1,280 @@
+//! The audit log, end to end: real clients (official Python SDK) in tagged cgroups calling a real
+//! server through the redirect; the events, their fields, the hash chain, crash safety, secrets,
+//! and fail-closed behaviour when the log cannot be written.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use interceptor_tests::{McpServer, ServerSpec, TestEnv, interceptor_bin, mcp_client, privileged};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"
+[[role]]
+name = "reader"
+servers = ["notes"]
+allow_tools = ["read_*", "search"]
+deny_tools = ["delete_*"]
+"#;
+
+struct World {
+    env: TestEnv,
+    server: McpServer,
+    agents: PathBuf,
+    url: String,
+}
+
+fn world(label: &str, audit: Option<&str>) -> World {
+    let mut env = TestEnv::new(label);
+    let server = McpServer::start("streamable-http");
+    let agents_rel = env.cgroup("agents");
+    let mut extra =
+        format!("{POLICY}\n[[binding]]\nrole = \"reader\"\ncgroup = \"{agents_rel}\"\n");
+    if let Some(a) = audit {
+        extra.push_str(a);
+    }
+    env.write_config_with(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![server.addr.to_string()],
+            upstream: server.addr.to_string(),
+        }],
+        &[&agents_rel],
+        &extra,
+    );
+    env.start_daemon();
+    World {
+        agents: env.dir(&agents_rel),
+        url: format!("http://{}/mcp", server.addr),
+        env,
+        server,
+    }
+}
+
+fn verify(paths: &[&Path]) -> (bool, String) {
+    let out = Command::new(interceptor_bin())
+        .args(["audit", "verify"])
+        .args(paths)
+        .output()
+        .expect("run audit verify");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn every_request_yields_the_expected_events() {
+    if !privileged() {
+        return;
+    }
+    let w = world("audit-events", None);
+    let out = mcp_client(
+        &w.agents,
+        &w.url,
+        "streamable-http",
+        "legacy",
+        &[
+            r#"search={"query":"q","api_key":"sk-NEVER-IN-THE-LOG","nested":{"password":"hunter2"}}"#,
+            r#"delete_note={"name":"n"}"#,
+        ],
+    );
+    assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    let pid = out["pid"].as_u64().expect("client pid");
+    let cgroup = format!("{}/agents", w.env.root);
+    // mcp.response events are written after the answer; give the writer a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let events = w.env.audit_events();
+    let find = |event: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        events
+            .iter()
+            .find(|e| e["event"] == event && pred(e))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {event} event matched in {events:#?}"))
+    };
+    let start = find("daemon.start", &|_| true);
+    assert_eq!(start["seq"], 1);
+    assert_eq!(start["v"], 1);
+
+    let allow = find("mcp.request", &|e| e["tool"] == "search");
+    assert_eq!(allow["decision"], "allow");
+    assert_eq!(allow["rule"], "role reader: allow_tools \"search\"");
+    assert_eq!(allow["server"], "notes");
+    assert_eq!(allow["method"], "tools/call");
+    assert_eq!(allow["identity"]["pid"], pid);
+    assert_eq!(allow["identity"]["uid"], 0);
+    assert_eq!(allow["identity"]["cgroup"], cgroup.as_str());
+    assert!(
+        allow["identity"]["exe"]
+            .as_str()
+            .is_some_and(|e| e.contains("python"))
+    );
+    assert_eq!(allow["arguments"]["query"], "q");
+    assert_eq!(allow["arguments"]["api_key"], "[REDACTED]");
+    assert_eq!(allow["arguments"]["nested"]["password"], "[REDACTED]");
+    assert!(allow["session"].is_string(), "{allow}");
+    assert_eq!(allow["protocol"], "2025-11-25");
+    for key in ["ts", "seq", "prev_hash", "hash"] {
+        assert!(!allow[key].is_null(), "{key} missing: {allow}");
+    }
+
+    let deny = find("mcp.request", &|e| e["tool"] == "delete_note");
+    assert_eq!(deny["decision"], "deny");
+    assert_eq!(deny["rule"], "role reader: deny_tools \"delete_*\"");
+
+    let response = find("mcp.response", &|e| e["tool"] == "search");
+    assert_eq!(response["outcome"], "result");
+    assert!(response["latency_us"].as_u64().is_some());
+    assert_eq!(response["id"], allow["id"]);
+    // The initialize handshake and the list are requests too.
+    find("mcp.request", &|e| e["method"] == "initialize");
+    find("mcp.request", &|e| e["method"] == "tools/list");
+    find("connection.open", &|e| e["identity"]["pid"] == pid);
+
+    let text = std::fs::read_to_string(w.env.audit_path()).expect("audit file");
+    assert!(!text.contains("sk-NEVER-IN-THE-LOG") && !text.contains("hunter2"));
+    let (ok, report) = verify(&[&w.env.audit_path()]);
+    assert!(ok, "{report}");
+
+    // Edit one line: verify fails and names it.
+    let edited = text.replacen("\"tools/list\"", "\"tools/lisT\"", 1);
+    let copy = w.env.tmp.path().join("edited.jsonl");
+    std::fs::write(&copy, edited).expect("write copy");
+    let (ok, report) = verify(&[&copy]);
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains("edited.jsonl:") && report.contains("hash mismatch"),
+        "{report}"
+    );
+}
+
+#[test]
+fn sigkill_loses_no_forwarded_call_and_the_chain_holds() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("audit-crash", None);
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let dir = w.agents.clone();
+            let url = w.url.clone();
+            std::thread::spawn(move || {
+                let calls: Vec<String> = (0..4)
+                    .map(|j| format!(r#"search={{"query":"c{i}-{j}"}}"#))
+                    .collect();
+                let refs: Vec<&str> = calls.iter().map(String::as_str).collect();
+                mcp_client(&dir, &url, "streamable-http", "legacy", &refs)
+            })
+        })
+        .collect();
+    // Kill while calls are flowing: once the server has executed a couple.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while w.server.calls().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    w.env.stop_daemon(Signal::SIGKILL);
+    for c in clients {
+        let _ = c.join();
+    }
+    w.env.start_daemon();
+    let (ok, report) = verify(&[&w.env.audit_path()]);
+    assert!(ok, "{report}");
+    // Every call the server executed was recorded (write-ahead) as an allowed request.
+    let executed = w.server.calls().len();
+    let recorded = w
+        .env
+        .audit_events()
+        .iter()
+        .filter(|e| {
+            e["event"] == "mcp.request" && e["tool"] == "search" && e["decision"] == "allow"
+        })
+        .count();
+    assert!(
+        executed > 0,
+        "nothing ran before the kill; the test proves nothing"
+    );
+    assert!(
+        recorded >= executed,
+        "{recorded} recorded < {executed} executed"
+    );
+}
+
+#[test]
+fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
+    if !privileged() {
+        return;
+    }
+    // A tiny filesystem the test owns, so "disk full" is real and repairable.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mount = dir.path().join("fs");
+    std::fs::create_dir(&mount).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &mount,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=256k"),
+    )
+    .expect("mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(mount.clone());
+    let log = mount.join("audit.jsonl");
+    let audit = format!(
+        "\n[audit]\npath = \"{}\"\ndurability = \"fsync\"\n",
+        log.display()
+    );
+    let w = world("audit-full", Some(&audit));
+
+    let out = mcp_client(
+        &w.agents,
+        &w.url,
+        "streamable-http",
+        "legacy",
+        &[r#"search={"query":"before"}"#],
+    );
+    assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+
+    // Fill the filesystem.
+    let filler = mount.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 512 * 1024]);
+    let out = mcp_client(
+        &w.agents,
+        &w.url,
+        "streamable-http",
+        "legacy",
+        &[r#"search={"query":"during"}"#],
+    );
+    let text = out.to_string();
+    assert!(
+        out.get("fatal").is_some() || out["calls"]["search"]["ok"] == false,
+        "{out}"
+    );
+    assert!(
+        text.contains("audit log unavailable") || text.contains("503"),
+        "{out}"
+    );
+    assert!(!w.server.calls().iter().any(|c| c == "search") || w.server.calls().len() == 1);
+    let status = w.env.status();
+    assert_eq!(status["audit"]["healthy"], false, "{status}");
+
+    // Repair: calls flow again, and the chain is intact.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let out = mcp_client(
+        &w.agents,
+        &w.url,
+        "streamable-http",
+        "legacy",
+        &[r#"search={"query":"after"}"#],
+    );
+    assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    assert_eq!(w.server.calls(), vec!["search", "search"]);
+    let (ok, report) = verify(&[&log]);
+    assert!(ok, "{report}");
+    assert_eq!(w.env.status()["audit"]["healthy"], json!(true));
+}
