@@ -151,7 +151,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
         }),
     ));
     let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
+    daemon.metrics.connections.inc();
+    daemon.metrics.active_connections.inc();
     crate::mcp::serve(stream, conn.clone()).await;
+    daemon.metrics.active_connections.dec();
     counters.active.fetch_sub(1, Ordering::Relaxed);
     let duration_ms = started.elapsed().as_millis() as u64;
     let (up, down, requests) = conn.totals();

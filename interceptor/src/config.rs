@@ -118,6 +118,8 @@ pub struct RawDaemon {
     pub bpffs_dir: PathBuf,
     /// Admin socket (root only, mode 0600) used by `tag`, `untag`, `status`.
     pub admin_socket: PathBuf,
+    /// Prometheus endpoint (`ip:port`, serving `/metrics`); "" = off.
+    pub metrics_addr: String,
 }
 
 impl Default for RawDaemon {
@@ -127,6 +129,7 @@ impl Default for RawDaemon {
             cgroup_root: String::new(),
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
             admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            metrics_addr: String::new(),
         }
     }
 }
@@ -173,6 +176,8 @@ pub struct Daemon {
     pub cgroup_root: String,
     pub bpffs_dir: PathBuf,
     pub admin_socket: PathBuf,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Validated `[[server]]`.
@@ -395,11 +400,25 @@ impl Validator<'_> {
                 return Err(self.invalid(key, format!("{} is not an absolute path", p.display())));
             }
         }
+        let metrics_addr = if raw.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(raw.metrics_addr.parse::<SocketAddr>().map_err(|_| {
+                self.invalid(
+                    "daemon.metrics_addr",
+                    format!(
+                        "{:?} is not ip:port; write e.g. \"127.0.0.1:9464\", or \"\" to turn metrics off",
+                        raw.metrics_addr
+                    ),
+                )
+            })?)
+        };
         Ok(Daemon {
             listen_port: raw.listen_port,
             cgroup_root,
             bpffs_dir: raw.bpffs_dir,
             admin_socket: raw.admin_socket,
+            metrics_addr,
         })
     }
 }

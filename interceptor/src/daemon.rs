@@ -94,6 +94,8 @@ pub struct Daemon {
     pub streams: Streams,
     /// The audit log.
     pub audit: Audit,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     started: Instant,
 }
 
@@ -362,12 +364,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let proxy = Proxy::bind(config.daemon.listen_port).await?;
     let netns_cookie = proxy.netns_cookie()?;
     let admin = AdminServer::bind(&config.daemon.admin_socket)?;
+    let metrics_listener = match config.daemon.metrics_addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         upstreams: config.servers.iter().map(upstream::client).collect(),
         sessions: Sessions::default(),
         streams: Streams::default(),
         audit,
+        metrics: crate::metrics::Metrics::default(),
         listener: proxy.entry,
         netns_cookie,
         kernel,
@@ -415,6 +422,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let socket_path = daemon.config.daemon.admin_socket.clone();
     let mut proxy_task = tokio::spawn(proxy.run(daemon.clone()));
     let mut admin_task = tokio::spawn(admin.run(daemon.clone()));
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, daemon.clone())));
     loop {
         tokio::select! {
             _ = &mut proxy_task => { warn!("proxy listeners stopped"); break; }
@@ -430,6 +439,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     proxy_task.abort();
     admin_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     daemon.unregister_listener();
     let _ = std::fs::remove_file(&socket_path);
     if let Err(e) = daemon

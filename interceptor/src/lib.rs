@@ -20,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod mcp;
+pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod telemetry;

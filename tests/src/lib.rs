@@ -427,6 +427,8 @@ pub struct TestEnv {
     created: Vec<PathBuf>,
     daemon: Option<Child>,
     log_path: PathBuf,
+    /// Extra `key = value` lines for the `[daemon]` table.
+    pub daemon_extra: String,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -453,6 +455,7 @@ impl TestEnv {
             name,
             created: Vec::new(),
             daemon: None,
+            daemon_extra: String::new(),
         };
         let root = env.root.clone();
         env.mkdir(&root);
@@ -503,6 +506,7 @@ impl TestEnv {
             self.bpffs_dir.display(),
             self.tmp.path().join("admin.sock").display()
         );
+        text.push_str(&self.daemon_extra);
         for t in tags {
             text.push_str(&format!("\n[[tag]]\ncgroup = \"{t}\"\n"));
         }

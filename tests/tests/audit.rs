@@ -27,7 +27,12 @@ struct World {
 }
 
 fn world(label: &str, audit: Option<&str>) -> World {
+    world_with(label, audit, "")
+}
+
+fn world_with(label: &str, audit: Option<&str>, daemon_extra: &str) -> World {
     let mut env = TestEnv::new(label);
+    env.daemon_extra = daemon_extra.to_owned();
     let server = McpServer::start("streamable-http");
     let agents_rel = env.cgroup("agents");
     let mut extra =
@@ -277,4 +282,46 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
     let (ok, report) = verify(&[&log]);
     assert!(ok, "{report}");
     assert_eq!(w.env.status()["audit"]["healthy"], json!(true));
+}
+
+#[test]
+fn metrics_count_requests_denials_and_kernel_redirects() {
+    if !privileged() {
+        return;
+    }
+    let port = interceptor_tests::free_port();
+    let w = world_with(
+        "metrics",
+        None,
+        &format!("metrics_addr = \"127.0.0.1:{port}\"\n"),
+    );
+    let out = mcp_client(
+        &w.agents,
+        &w.url,
+        "streamable-http",
+        "legacy",
+        &[r#"search={"query":"q"}"#, r#"delete_note={"name":"n"}"#],
+    );
+    assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("response");
+    for needle in [
+        "interceptor_requests_total{server=\"notes\",method=\"tools/call\",decision=\"allow\"} 1",
+        "interceptor_requests_total{server=\"notes\",method=\"tools/call\",decision=\"deny\"} 1",
+        "interceptor_denials_total{server=\"notes\",rule=\"role reader: deny_tools \\\"delete_*\\\"\"} 1",
+        "interceptor_upstream_latency_seconds_bucket",
+        "interceptor_connections_total",
+        "interceptor_kernel_events_total{event=\"redirected\"}",
+        "interceptor_audit_events_total",
+        "interceptor_audit_healthy 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
 }

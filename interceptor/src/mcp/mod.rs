@@ -569,6 +569,24 @@ impl Conn {
         };
         let d = policy.check(&self.subject(), self.server_name(), &call);
         let counters = &self.daemon.counters;
+        let metrics = &self.daemon.metrics;
+        metrics
+            .requests
+            .get_or_create(&crate::metrics::RequestLabels {
+                server: self.server_name().to_owned(),
+                method: method.to_owned(),
+                decision: if d.allow { "allow" } else { "deny" }.to_owned(),
+            })
+            .inc();
+        if !d.allow {
+            metrics
+                .denials
+                .get_or_create(&crate::metrics::RuleLabels {
+                    server: self.server_name().to_owned(),
+                    rule: d.rule.clone(),
+                })
+                .inc();
+        }
         let id = m.id().map(ToString::to_string).unwrap_or_default();
         let name = call.name.unwrap_or("");
         if d.allow {
@@ -630,9 +648,24 @@ impl Conn {
                 );
             }
         };
-        let response = match self.daemon.upstreams[self.server_id].request(request).await {
+        let sent = Instant::now();
+        let labels = crate::metrics::ServerLabels {
+            server: server.name.clone(),
+        };
+        let result = self.daemon.upstreams[self.server_id].request(request).await;
+        self.daemon
+            .metrics
+            .upstream_latency
+            .get_or_create(&labels)
+            .observe(sent.elapsed().as_secs_f64());
+        let response = match result {
             Ok(r) => r,
             Err(e) => {
+                self.daemon
+                    .metrics
+                    .upstream_errors
+                    .get_or_create(&labels)
+                    .inc();
                 self.daemon
                     .counters
                     .upstream_errors

@@ -1,0 +1,231 @@
+//! Prometheus metrics (`[daemon] metrics_addr`, off by default): the proxy's own metrics from a
+//! `prometheus-client` registry, plus the kernel's redirect counters (read from the per-CPU map
+//! at scrape time) and the audit writer's counters.
+
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::daemon::Daemon;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub server: String,
+    pub method: String,
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub server: String,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// The proxy's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Counter,
+    pub active_connections: Gauge,
+    pub requests: Family<RequestLabels, Counter>,
+    pub denials: Family<RuleLabels, Counter>,
+    pub rejected: Counter,
+    pub upstream_latency: Family<ServerLabels, Histogram, fn() -> Histogram>,
+    pub upstream_errors: Family<ServerLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("interceptor");
+        let connections = Counter::default();
+        let active_connections = Gauge::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let denials = Family::<RuleLabels, Counter>::default();
+        let rejected = Counter::default();
+        let upstream_latency =
+            Family::<ServerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let upstream_errors = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Agent connections accepted by the proxy",
+            connections.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "Agent connections being served",
+            active_connections.clone(),
+        );
+        registry.register(
+            "requests",
+            "JSON-RPC requests and notifications, by server, method and decision",
+            requests.clone(),
+        );
+        registry.register(
+            "denials",
+            "Denied requests, by the rule that denied them",
+            denials.clone(),
+        );
+        registry.register(
+            "rejected_requests",
+            "HTTP requests refused before any decision (malformed, ambiguous, too large)",
+            rejected.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from forwarding a request to the upstream's response headers",
+            upstream_latency.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Requests whose upstream could not be reached",
+            upstream_errors.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            active_connections,
+            requests,
+            denials,
+            rejected,
+            upstream_latency,
+            upstream_errors,
+        }
+    }
+}
+
+impl Metrics {
+    /// The exposition text: the registry, then the kernel and audit counters.
+    pub fn render(&self, daemon: &Daemon) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        // `encode` ends with "# EOF" (OpenMetrics); put the extra families before it.
+        if let Some(stripped) = out.strip_suffix("# EOF\n") {
+            out = stripped.to_owned();
+        }
+        let _ = writeln!(
+            out,
+            "# HELP interceptor_kernel_events Redirect events counted by the eBPF programs."
+        );
+        let _ = writeln!(out, "# TYPE interceptor_kernel_events counter");
+        for (name, value) in daemon.kernel.counters() {
+            let _ = writeln!(
+                out,
+                "interceptor_kernel_events_total{{event=\"{name}\"}} {value}"
+            );
+        }
+        let stats = &daemon.audit.stats;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        for (name, help, value) in [
+            ("audit_events", "Audit events written", load(&stats.events)),
+            (
+                "audit_failures",
+                "Audit write failures (requests were refused)",
+                load(&stats.failures),
+            ),
+            (
+                "audit_fsyncs",
+                "fdatasync calls on the audit log",
+                load(&stats.syncs),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP interceptor_{name} {help}.");
+            let _ = writeln!(out, "# TYPE interceptor_{name} counter");
+            let _ = writeln!(out, "interceptor_{name}_total {value}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP interceptor_audit_fsync_seconds Time spent in fdatasync on the audit log."
+        );
+        let _ = writeln!(out, "# TYPE interceptor_audit_fsync_seconds counter");
+        let _ = writeln!(
+            out,
+            "interceptor_audit_fsync_seconds_total {}",
+            Duration::from_micros(load(&stats.sync_micros)).as_secs_f64()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP interceptor_audit_healthy 1 while the audit log is writable.\n# TYPE interceptor_audit_healthy gauge\ninterceptor_audit_healthy {}",
+            u8::from(daemon.audit.healthy())
+        );
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// Binds the metrics listener (so a taken address fails at start-up).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for metrics on {addr} (daemon.metrics_addr): {e}"),
+        )
+    })
+}
+
+/// Serves `GET /metrics` until the future is dropped.
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics endpoint listening");
+    }
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let daemon = daemon.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(daemon.metrics.render(&daemon))))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                    };
+                    resp.map_err(|e| std::io::Error::other(e.to_string()))
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
