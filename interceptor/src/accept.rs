@@ -113,7 +113,11 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
         );
         return;
     };
-    let identity = Identity::from_record(&record, std::path::Path::new("/proc"));
+    let identity = Identity::from_record(
+        &record,
+        std::path::Path::new("/proc"),
+        &daemon.config.naming,
+    );
     let Some(server) = daemon.config.server(record.server_id) else {
         warn!(
             server.id = record.server_id,
@@ -131,6 +135,9 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
         client.cgroup = identity.cgroup.as_deref().unwrap_or("?"),
         client.cgroup_id = identity.cgroup_id,
         client.process = %identity.liveness,
+        client.container = identity.placement.container.as_deref().unwrap_or(""),
+        client.pod = identity.placement.pod.as_deref().unwrap_or(""),
+        client.workload_id = identity.workload_id.as_deref().unwrap_or("?"),
         client.addr = %peer,
         dst.original = %identity.original_dst,
         server.name = %server.name,

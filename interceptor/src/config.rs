@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::{
     audit::RawAudit,
     policy::{Policy, RawBinding, RawPolicyOptions, RawRole},
+    workload::RawIdentity,
 };
 
 /// Where the CLI looks for the config when `--config` is not given.
@@ -72,6 +73,19 @@ pub struct RawConfig {
     /// `[audit]`: the audit log.
     #[serde(default)]
     pub audit: RawAudit,
+    /// `[identity]`: how workloads are named.
+    #[serde(default)]
+    pub identity: RawIdentity,
+}
+
+/// Validated `[identity]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Naming {
+    pub trust_domain: String,
+    /// The node name (the host name when the config says "").
+    pub node: String,
+    /// The workload id template.
+    pub template: String,
 }
 
 /// `[proxy]`.
@@ -166,6 +180,7 @@ pub struct Config {
     pub policy: Policy,
     pub proxy: RawProxy,
     pub audit: RawAudit,
+    pub naming: Naming,
 }
 
 /// Validated `[daemon]`.
@@ -365,6 +380,31 @@ impl Validator<'_> {
         if audit.max_file_bytes < 4096 {
             return Err(self.invalid("audit.max_file_bytes", "must be at least 4096"));
         }
+        let id = raw.identity;
+        if id.trust_domain.is_empty()
+            || !id.trust_domain.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+            })
+        {
+            return Err(self.invalid(
+                "identity.trust_domain",
+                format!(
+                    "{:?} is not a valid trust domain; use lowercase letters, digits, '.', '-', '_' (e.g. \"example.org\")",
+                    id.trust_domain
+                ),
+            ));
+        }
+        crate::workload::check_template(&id.workload_id)
+            .map_err(|m| self.invalid("identity.workload_id", m))?;
+        let naming = Naming {
+            node: if id.node.is_empty() {
+                crate::workload::host_name()
+            } else {
+                id.node
+            },
+            trust_domain: id.trust_domain,
+            template: id.workload_id,
+        };
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
         let policy = Policy::compile(&raw.roles, &raw.bindings, &raw.policy, &names)
             .map_err(|(key, message)| self.invalid(key, message))?;
@@ -376,6 +416,7 @@ impl Validator<'_> {
             policy,
             proxy: raw.proxy,
             audit,
+            naming,
         })
     }
 

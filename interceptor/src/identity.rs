@@ -8,6 +8,11 @@ use std::{fmt, net::SocketAddr, path::Path};
 use interceptor_common::ConnRecord;
 use serde::Serialize;
 
+use crate::{
+    config::Naming,
+    workload::{self, Placement, placement},
+};
+
 /// Whether the process that connected is still the one behind `pid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -54,11 +59,16 @@ pub struct Identity {
     pub netns_cookie: u64,
     /// The address the agent dialed.
     pub original_dst: SocketAddr,
+    /// Container and pod, parsed from the cgroup path.
+    pub placement: Placement,
+    /// The stable workload id (from `[identity] workload_id`); none when the process could
+    /// not be inspected (its cgroup path is unknown).
+    pub workload_id: Option<String>,
 }
 
 impl Identity {
     /// Builds the identity for `record`, reading `/proc` under `proc_root` (normally `/proc`).
-    pub fn from_record(record: &ConnRecord, proc_root: &Path) -> Self {
+    pub fn from_record(record: &ConnRecord, proc_root: &Path, naming: &Naming) -> Self {
         let pid = record.tgid;
         let dir = proc_root.join(pid.to_string());
         let start_time_ns = std::fs::read_to_string(dir.join("stat"))
@@ -86,12 +96,32 @@ impl Identity {
         } else {
             (None, None)
         };
+        let placement = cgroup.as_deref().map(placement).unwrap_or_default();
+        let comm = record.comm().to_owned();
+        let workload_id = cgroup.as_deref().map(|cgroup_path| {
+            workload::render(
+                &naming.template,
+                &workload::Fields {
+                    trust_domain: &naming.trust_domain,
+                    node: &naming.node,
+                    cgroup_path,
+                    uid: record.uid,
+                    gid: record.gid,
+                    exe: exe.as_deref().unwrap_or(""),
+                    comm: &comm,
+                    container: placement.container.as_deref().unwrap_or(""),
+                    pod: placement.pod.as_deref().unwrap_or(""),
+                },
+            )
+        });
         Self {
+            placement,
+            workload_id,
             pid,
             tid: record.pid,
             uid: record.uid,
             gid: record.gid,
-            comm: record.comm().to_owned(),
+            comm,
             cgroup_id: record.cgroup_id,
             cgroup,
             exe,
@@ -104,8 +134,7 @@ impl Identity {
 }
 
 impl Identity {
-    /// The `identity` object of audit events. `container`, `pod` and `workload_id` are null
-    /// until identity enrichment names them.
+    /// The `identity` object of audit events.
     pub fn audit_json(&self) -> serde_json::Value {
         serde_json::json!({
             "pid": self.pid,
@@ -116,9 +145,11 @@ impl Identity {
             "exe": self.exe,
             "cgroup": self.cgroup,
             "cgroup_id": self.cgroup_id,
-            "container": null,
-            "pod": null,
-            "workload_id": null,
+            "container": self.placement.container,
+            "runtime": self.placement.runtime,
+            "pod": self.placement.pod,
+            "qos": self.placement.qos,
+            "workload_id": self.workload_id,
             "process": self.liveness,
         })
     }
@@ -165,20 +196,38 @@ mod tests {
         }
     }
 
+    fn naming() -> Naming {
+        Naming {
+            trust_domain: "example.org".into(),
+            node: "n1".into(),
+            template: workload::DEFAULT_TEMPLATE.into(),
+        }
+    }
+
     #[test]
     fn own_process_is_alive_and_enriched() {
-        let id = Identity::from_record(&record_for_self(u64::MAX / 2), Path::new("/proc"));
+        let id = Identity::from_record(
+            &record_for_self(u64::MAX / 2),
+            Path::new("/proc"),
+            &naming(),
+        );
         assert_eq!(id.liveness, Liveness::Alive);
         assert!(id.exe.is_some());
         assert!(id.cgroup.as_deref().is_some_and(|c| c.starts_with('/')));
         assert_eq!(id.original_dst, "127.0.0.2:8080".parse().unwrap());
         assert_eq!(id.comm, "test");
+        let wid = id.workload_id.expect("workload id");
+        assert!(
+            wid.starts_with("spiffe://example.org/node/n1/cgroup/"),
+            "{wid}"
+        );
+        assert!(wid.ends_with(&format!("/uid/{}", id.uid)), "{wid}");
     }
 
     #[test]
     fn a_process_younger_than_the_connect_is_a_reused_pid() {
         // Connect "happened" at boot: our process started later, so the pid cannot be the caller.
-        let id = Identity::from_record(&record_for_self(0), Path::new("/proc"));
+        let id = Identity::from_record(&record_for_self(0), Path::new("/proc"), &naming());
         assert_eq!(id.liveness, Liveness::PidReused);
         assert!(id.exe.is_none() && id.cgroup.is_none());
     }
@@ -186,7 +235,7 @@ mod tests {
     #[test]
     fn a_vanished_process_is_exited() {
         let dir = tempfile::tempdir().unwrap();
-        let id = Identity::from_record(&record_for_self(1), dir.path());
+        let id = Identity::from_record(&record_for_self(1), dir.path(), &naming());
         assert_eq!(id.liveness, Liveness::Exited);
     }
 }

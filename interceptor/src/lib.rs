@@ -25,3 +25,4 @@ pub mod netns;
 pub mod policy;
 pub mod telemetry;
 pub mod upstream;
+pub mod workload;

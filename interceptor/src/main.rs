@@ -162,6 +162,9 @@ enum PolicyCommand {
         /// The caller's comm.
         #[arg(long, default_value = "")]
         comm: String,
+        /// The caller's workload id.
+        #[arg(long)]
+        workload_id: Option<String>,
     },
 }
 
@@ -329,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gid,
             exe,
             comm,
+            workload_id,
         }) => {
             let config = Config::load(&config.config)?;
             if config.server_id(&server).is_none() {
@@ -359,6 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 gid,
                 exe: exe.as_deref(),
                 comm: &comm,
+                workload_id: workload_id.as_deref(),
             };
             let call = Call {
                 method: &method,

@@ -91,6 +91,9 @@ pub struct RawBinding {
     /// `comm` patterns.
     #[serde(default)]
     pub comm: Option<OneOrMany>,
+    /// Workload id patterns (see `[identity] workload_id`).
+    #[serde(default)]
+    pub workload_id: Option<OneOrMany>,
 }
 
 /// A string or a list of strings.
@@ -227,6 +230,7 @@ struct Binding {
     gid: Option<Vec<u32>>,
     exe: Option<Vec<Pattern>>,
     comm: Option<Vec<Pattern>>,
+    workload_id: Option<Vec<Pattern>>,
 }
 
 /// The compiled policy.
@@ -248,6 +252,7 @@ pub struct Subject<'a> {
     pub gid: u32,
     pub exe: Option<&'a str>,
     pub comm: &'a str,
+    pub workload_id: Option<&'a str>,
 }
 
 /// What is asked: a JSON-RPC method and, for calls, the target and arguments.
@@ -386,6 +391,7 @@ impl Policy {
                 gid: b.gid.clone(),
                 exe: pats(&b.exe, "exe", true)?,
                 comm: pats(&b.comm, "comm", false)?,
+                workload_id: pats(&b.workload_id, "workload_id", true)?,
             });
         }
         Ok(Self {
@@ -604,6 +610,7 @@ impl Binding {
             && self.gid.as_ref().is_none_or(|g| g.contains(&s.gid))
             && any(&self.exe, s.exe, false)
             && any(&self.comm, Some(s.comm), false)
+            && any(&self.workload_id, s.workload_id, false)
     }
 }
 
@@ -683,6 +690,7 @@ mod tests {
             gid: 1000,
             exe: Some("/usr/bin/python3.11"),
             comm: "python3",
+            workload_id: Some("spiffe://example.org/node/n1/cgroup/agents/team-a/uid/1000"),
         }
     }
 
@@ -924,6 +932,23 @@ mod tests {
     }
 
     #[test]
+    fn bindings_select_on_workload_ids() {
+        let p = policy(&format!(
+            "{ISSUE_EXAMPLE}\n[[binding]]\nrole = \"admin\"\nworkload_id = \"spiffe://example.org/node/*/cgroup/ops/**\"\n"
+        ));
+        let ops = Subject {
+            workload_id: Some("spiffe://example.org/node/n1/cgroup/ops/x/uid/0"),
+            ..Default::default()
+        };
+        assert!(p.check(&ops, "admin", &Call::tool("x", None)).allow);
+        let other = Subject {
+            workload_id: Some("spiffe://example.org/node/n1/cgroup/agents/uid/0"),
+            ..Default::default()
+        };
+        assert!(!p.check(&other, "admin", &Call::tool("x", None)).allow);
+    }
+
+    #[test]
     fn list_filtering_uses_the_same_rules() {
         let p = policy(ISSUE_EXAMPLE);
         let a = agent();
@@ -962,6 +987,7 @@ mod tests {
             gid: None,
             exe: None,
             comm: None,
+            workload_id: None,
         };
         let e = Policy::compile(&[], &[b], &opts, &servers).unwrap_err();
         assert!(e.1.contains("unknown role \"ghost\""), "{e:?}");

@@ -80,6 +80,7 @@ mod tests {
             gid: None,
             exe: None,
             comm: None,
+            workload_id: None,
         };
         let policy = Policy::compile(
             &[role],

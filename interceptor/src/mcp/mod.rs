@@ -245,6 +245,7 @@ impl Conn {
             gid: self.identity.gid,
             exe: self.identity.exe.as_deref(),
             comm: &self.identity.comm,
+            workload_id: self.identity.workload_id.as_deref(),
         }
     }
 
