@@ -15,6 +15,7 @@ pub mod accept;
 pub mod admin;
 pub mod audit;
 pub mod bpf;
+pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;

@@ -1,0 +1,411 @@
+//! The node CA: it mints a short-lived client certificate per workload id (URI SAN = the
+//! workload id) for upstream mTLS, and signs per-request identity assertions (compact JWS,
+//! ES256) that upstreams verify with the key set `interceptor ca jwks` prints.
+//!
+//! Keys of minted certificates live in memory only. Minting happens outside any lock, so a slow
+//! mint never blocks other connections; a certificate is reused until a third of its lifetime
+//! is left.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine as _;
+use p256::{
+    ecdsa::{Signature, SigningKey, signature::Signer},
+    pkcs8::DecodePrivateKey,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::bpf::lock;
+
+/// Default `[ca] leaf_ttl`.
+pub const DEFAULT_LEAF_TTL: &str = "1h";
+
+/// `[ca]`: where the node CA is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCa {
+    /// CA certificate (PEM): the node CA `interceptor ca init` made, or an intermediate CA
+    /// issued by the organisation's PKI.
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8, ECDSA P-256); must not be readable by group or others.
+    pub key: PathBuf,
+    /// Lifetime of minted client certificates, e.g. "1h", "10m", "2s".
+    #[serde(default = "default_ttl")]
+    pub leaf_ttl: String,
+}
+
+fn default_ttl() -> String {
+    DEFAULT_LEAF_TTL.into()
+}
+
+/// CA errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// The key file is readable by others.
+    #[error(
+        "{path} is readable by group or others (mode {mode:o}); the node CA key must be private: chmod 600 {path}"
+    )]
+    KeyExposed { path: PathBuf, mode: u32 },
+    /// The certificate or key is not usable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// `interceptor ca init --dir D`: a new node CA in `D/ca.pem` and `D/ca-key.pem` (ECDSA P-256,
+/// key mode 0600). Existing files are never overwritten.
+pub fn init(dir: &Path, node: &str) -> Result<(PathBuf, PathBuf), Error> {
+    std::fs::create_dir_all(dir).map_err(file_err(dir))?;
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(Error::File {
+                path: p.clone(),
+                message: "already exists; remove it first if you really want a new CA".into(),
+            });
+        }
+    }
+    let key = KeyPair::generate().map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("interceptor node CA {node}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(365);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(file_err(&key_path))?;
+    std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes())
+        .map_err(file_err(&key_path))?;
+    std::fs::write(&cert_path, cert.pem()).map_err(file_err(&cert_path))?;
+    Ok((cert_path, key_path))
+}
+
+/// A minted client certificate.
+pub struct Leaf {
+    pub chain: Vec<CertificateDer<'static>>,
+    key_der: Vec<u8>,
+    pub not_after: SystemTime,
+    minted: SystemTime,
+}
+
+impl Leaf {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    /// Still usable without renewal: more than a third of its lifetime left.
+    fn fresh(&self, now: SystemTime) -> bool {
+        let life = self
+            .not_after
+            .duration_since(self.minted)
+            .unwrap_or_default();
+        self.not_after
+            .duration_since(now)
+            .is_ok_and(|left| left > life / 3)
+    }
+}
+
+/// The loaded node CA.
+pub struct NodeCa {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: CertificateDer<'static>,
+    signer: SigningKey,
+    kid: String,
+    leaf_ttl: Duration,
+    cache: Mutex<HashMap<String, Arc<Leaf>>>,
+    /// Certificates minted so far.
+    pub mints: AtomicU64,
+}
+
+/// Parses "1h", "90s", "10m" (humantime).
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); write e.g. \"1h\", \"10m\", \"30s\"")
+    })?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than one second"));
+    }
+    Ok(d)
+}
+
+impl NodeCa {
+    /// Loads the CA; refuses a key readable by group or others.
+    pub fn load(cfg: &RawCa) -> Result<Self, Error> {
+        let meta = std::fs::metadata(&cfg.key).map_err(file_err(&cfg.key))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::KeyExposed {
+                path: cfg.key.clone(),
+                mode,
+            });
+        }
+        let key_pem = std::fs::read_to_string(&cfg.key).map_err(file_err(&cfg.key))?;
+        let cert_pem = std::fs::read_to_string(&cfg.cert).map_err(file_err(&cfg.cert))?;
+        let invalid = |what: &str, e: String| Error::Invalid(format!("{what}: {e}"));
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| invalid(&format!("CA key {}", cfg.key.display()), e.to_string()))?;
+        let signer = SigningKey::from_pkcs8_pem(&key_pem).map_err(|e| {
+            invalid(
+                &format!("CA key {} (must be ECDSA P-256, PKCS#8)", cfg.key.display()),
+                e.to_string(),
+            )
+        })?;
+        let ca_der = pem::parse(&cert_pem)
+            .map_err(|e| {
+                invalid(
+                    &format!("CA certificate {}", cfg.cert.display()),
+                    e.to_string(),
+                )
+            })?
+            .into_contents();
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| {
+            invalid(
+                &format!("CA certificate {}", cfg.cert.display()),
+                e.to_string(),
+            )
+        })?;
+        let leaf_ttl = parse_ttl(&cfg.leaf_ttl).map_err(Error::Invalid)?;
+        let public = signer.verifying_key().to_encoded_point(false);
+        let kid = hex16(&Sha256::digest(public.as_bytes()));
+        Ok(Self {
+            issuer,
+            ca_der: CertificateDer::from(ca_der),
+            signer,
+            kid,
+            leaf_ttl,
+            cache: Mutex::new(HashMap::new()),
+            mints: AtomicU64::new(0),
+        })
+    }
+
+    /// The client certificate for `workload_id`, minted on first use and renewed before expiry.
+    pub fn leaf(&self, workload_id: &str) -> Result<Arc<Leaf>, Error> {
+        let now = SystemTime::now();
+        if let Some(l) = lock(&self.cache).get(workload_id)
+            && l.fresh(now)
+        {
+            return Ok(l.clone());
+        }
+        let leaf = Arc::new(self.mint(workload_id, now)?);
+        lock(&self.cache).insert(workload_id.to_owned(), leaf.clone());
+        Ok(leaf)
+    }
+
+    fn mint(&self, workload_id: &str, now: SystemTime) -> Result<Leaf, Error> {
+        let invalid = |e: rcgen::Error| Error::Invalid(format!("minting for {workload_id}: {e}"));
+        let key = KeyPair::generate().map_err(invalid)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "interceptor workload");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(
+            workload_id
+                .try_into()
+                .map_err(|e: rcgen::Error| invalid(e))?,
+        )];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let start = time::OffsetDateTime::from(now);
+        // A little backdating absorbs clock skew between node and upstream.
+        params.not_before = start - time::Duration::seconds(30);
+        params.not_after = start + self.leaf_ttl;
+        let cert = params.signed_by(&key, &self.issuer).map_err(invalid)?;
+        self.mints.fetch_add(1, Ordering::Relaxed);
+        Ok(Leaf {
+            chain: vec![cert.der().clone(), self.ca_der.clone()],
+            key_der: key.serialize_der(),
+            not_after: now + self.leaf_ttl,
+            minted: now,
+        })
+    }
+
+    /// A compact JWS (ES256) over `claims`.
+    pub fn sign(&self, claims: &Value) -> String {
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let header = json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig: Signature = self.signer.sign(input.as_bytes());
+        format!("{input}.{}", b64(&sig.to_bytes()))
+    }
+
+    /// The JSON Web Key Set that verifies [`NodeCa::sign`].
+    pub fn jwks(&self) -> Value {
+        let public = p256::PublicKey::from(self.signer.verifying_key());
+        let mut jwk: Value = serde_json::from_str(&public.to_jwk_string()).unwrap_or(json!({}));
+        jwk["kid"] = Value::from(self.kid.as_str());
+        jwk["alg"] = Value::from("ES256");
+        jwk["use"] = Value::from("sig");
+        json!({"keys": [jwk]})
+    }
+}
+
+fn hex16(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random identifier (128 bits, hex) for `jti`.
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
+    // The OS RNG does not fail on Linux >= 3.17 once seeded; fall back to time if it ever does.
+    if getrandom::fill(&mut b).is_err() {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = t.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use p256::ecdsa::{VerifyingKey, signature::Verifier};
+
+    use super::*;
+
+    fn ca(dir: &Path, ttl: &str) -> NodeCa {
+        let (cert, key) = init(dir, "test-node").unwrap();
+        NodeCa::load(&RawCa {
+            cert,
+            key,
+            leaf_ttl: ttl.into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn init_writes_a_private_key_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, key) = init(dir.path(), "n").unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(init(dir.path(), "n").is_err());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = NodeCa::load(&RawCa {
+            cert: dir.path().join("ca.pem"),
+            key,
+            leaf_ttl: "1h".into(),
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn leaves_carry_the_workload_id_and_are_cached_until_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1h");
+        let a = ca
+            .leaf("spiffe://example.org/node/n/cgroup/a/uid/1")
+            .unwrap();
+        let again = ca
+            .leaf("spiffe://example.org/node/n/cgroup/a/uid/1")
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+        let b = ca
+            .leaf("spiffe://example.org/node/n/cgroup/b/uid/1")
+            .unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!(ca.mints.load(Ordering::Relaxed), 2);
+        let (_, cert) = x509_parser::parse_x509_certificate(&a.chain[0]).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|g| match g {
+                x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, vec!["spiffe://example.org/node/n/cgroup/a/uid/1"]);
+    }
+
+    #[test]
+    fn short_lived_leaves_are_renewed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1s");
+        let a = ca.leaf("spiffe://x/w").unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        let b = ca.leaf("spiffe://x/w").unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &b),
+            "a leaf with a third of its life left must be renewed"
+        );
+    }
+
+    #[test]
+    fn assertions_verify_with_the_jwks() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1h");
+        let token = ca.sign(&json!({"sub": "spiffe://x/w", "aud": "notes"}));
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let jwks = ca.jwks();
+        let k = &jwks["keys"][0];
+        assert_eq!(k["alg"], "ES256");
+        let jwk = json!({"kty": k["kty"], "crv": k["crv"], "x": k["x"], "y": k["y"]}).to_string();
+        let public = p256::PublicKey::from_jwk_str(&jwk).unwrap();
+        let vk = VerifyingKey::from(public);
+        let sig_bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[2])
+            .unwrap();
+        let sig = Signature::from_slice(&sig_bytes).unwrap();
+        vk.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+            .unwrap();
+        assert_eq!(random_id().len(), 32);
+        assert_ne!(random_id(), random_id());
+    }
+}
