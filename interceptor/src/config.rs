@@ -3,7 +3,7 @@
 //! load by [`Config::load`] / [`Config::parse`]. Errors name the file, the key and the fix.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
 };
@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::{
     audit::RawAudit,
+    ca::RawCa,
     policy::{Policy, RawBinding, RawPolicyOptions, RawRole},
     workload::RawIdentity,
 };
@@ -76,6 +77,9 @@ pub struct RawConfig {
     /// `[identity]`: how workloads are named.
     #[serde(default)]
     pub identity: RawIdentity,
+    /// `[ca]`: the node CA (client certificates, identity assertions).
+    #[serde(default)]
+    pub ca: Option<RawCa>,
 }
 
 /// Validated `[identity]`.
@@ -86,6 +90,10 @@ pub struct Naming {
     pub node: String,
     /// The workload id template.
     pub template: String,
+    /// Header carrying the signed identity assertion (lowercase).
+    pub assertion_header: String,
+    /// Lifetime of an assertion.
+    pub assertion_ttl: std::time::Duration,
 }
 
 /// `[proxy]`.
@@ -164,8 +172,43 @@ pub struct RawServer {
     pub name: String,
     /// Addresses agents dial, as `ip:port`, `[ipv6]:port` or `host:port` (resolved at load).
     pub intercept: Vec<String>,
-    /// Where the proxy connects, as `host:port`.
+    /// Where the proxy connects: `host:port` or `http://host:port` (plain), or
+    /// `https://host:port` (mutual TLS; needs `tls` and `[ca]`).
     pub upstream: String,
+    /// How the upstream's certificate is verified (https upstreams).
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// Headers added to every forwarded request, their values read from files (credentials the
+    /// agent never holds).
+    #[serde(default)]
+    pub inject_headers: BTreeMap<String, RawInject>,
+    /// Forward the agent's own `Authorization` header (dropped by default).
+    #[serde(default)]
+    pub pass_authorization: bool,
+}
+
+/// `tls = { … }` of a `[[server]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// CA certificate(s) (PEM) that issued the upstream's certificate.
+    pub ca: PathBuf,
+    /// The name the upstream's certificate must carry (DNS name or IP address).
+    pub server_name: String,
+    /// Optional: a URI SAN the upstream's certificate must also carry, e.g. its SPIFFE id.
+    #[serde(default)]
+    pub server_id: Option<String>,
+}
+
+/// One `inject_headers` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInject {
+    /// File holding the value (re-read for every request, so it can be rotated).
+    pub file: PathBuf,
+    /// Put before the file's content, e.g. "Bearer ".
+    #[serde(default)]
+    pub prefix: String,
 }
 
 /// The validated configuration.
@@ -181,6 +224,7 @@ pub struct Config {
     pub proxy: RawProxy,
     pub audit: RawAudit,
     pub naming: Naming,
+    pub ca: Option<RawCa>,
 }
 
 /// Validated `[daemon]`.
@@ -205,6 +249,12 @@ pub struct Server {
     pub upstream: String,
     /// The upstream's resolved addresses, tried in order.
     pub upstream_addrs: Vec<SocketAddr>,
+    /// `host:port` of the upstream (without scheme), for the Host header.
+    pub authority: String,
+    /// Mutual TLS towards the upstream.
+    pub tls: Option<RawTls>,
+    pub inject_headers: BTreeMap<String, RawInject>,
+    pub pass_authorization: bool,
 }
 
 impl Config {
@@ -349,13 +399,68 @@ impl Validator<'_> {
                     }
                 }
             }
+            let (https, authority) = match s.upstream.split_once("://") {
+                Some(("https", rest)) => (true, rest.trim_end_matches('/').to_owned()),
+                Some(("http", rest)) => (false, rest.trim_end_matches('/').to_owned()),
+                Some((scheme, _)) => {
+                    return Err(self.invalid(
+                        key("upstream"),
+                        format!("scheme {scheme:?} is not supported; use https://host:port or http://host:port"),
+                    ));
+                }
+                None => (false, s.upstream.clone()),
+            };
             let upstream_addrs =
-                resolve(&s.upstream).map_err(|m| self.invalid(key("upstream"), m))?;
+                resolve(&authority).map_err(|m| self.invalid(key("upstream"), m))?;
+            match (&s.tls, https) {
+                (None, true) => {
+                    return Err(self.invalid(
+                        key("tls"),
+                        format!(
+                            "upstream {} is https: add tls = {{ ca = \"…\", server_name = \"…\" }} to say how its certificate is verified",
+                            s.upstream
+                        ),
+                    ));
+                }
+                (Some(_), false) => {
+                    return Err(self.invalid(
+                        key("upstream"),
+                        format!("tls is set but upstream {} is not https://", s.upstream),
+                    ));
+                }
+                (Some(tls), true) => {
+                    crate::upstream::load_roots(&tls.ca)
+                        .map_err(|m| self.invalid(format!("server[{i}].tls.ca"), m))?;
+                    if rustls::pki_types::ServerName::try_from(tls.server_name.as_str()).is_err() {
+                        return Err(self.invalid(
+                            format!("server[{i}].tls.server_name"),
+                            format!("{:?} is not a DNS name or IP address", tls.server_name),
+                        ));
+                    }
+                }
+                (None, false) => {}
+            }
+            for (name, inject) in &s.inject_headers {
+                let k = format!("server[{i}].inject_headers.{name}");
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(self.invalid(k, format!("{name:?} is not a valid header name")));
+                }
+                if !inject.file.is_file() {
+                    return Err(self.invalid(
+                        k,
+                        format!("{} does not exist or is not a file", inject.file.display()),
+                    ));
+                }
+            }
             servers.push(Server {
                 name: s.name,
                 intercept,
                 upstream: s.upstream,
                 upstream_addrs,
+                authority,
+                tls: s.tls,
+                inject_headers: s.inject_headers,
+                pass_authorization: s.pass_authorization,
             });
         }
         if raw.proxy.max_body_bytes == 0 || raw.proxy.max_response_bytes == 0 {
@@ -396,7 +501,25 @@ impl Validator<'_> {
         }
         crate::workload::check_template(&id.workload_id)
             .map_err(|m| self.invalid("identity.workload_id", m))?;
+        if http::HeaderName::from_bytes(id.assertion_header.as_bytes()).is_err() {
+            return Err(self.invalid(
+                "identity.assertion_header",
+                format!("{:?} is not a valid header name", id.assertion_header),
+            ));
+        }
+        let assertion_ttl = crate::ca::parse_ttl(&id.assertion_ttl)
+            .map_err(|m| self.invalid("identity.assertion_ttl", m))?;
+        if let Some(ca) = &raw.ca {
+            crate::ca::parse_ttl(&ca.leaf_ttl).map_err(|m| self.invalid("ca.leaf_ttl", m))?;
+        } else if let Some(i) = servers.iter().position(|s| s.tls.is_some()) {
+            return Err(self.invalid(
+                format!("server[{i}].upstream"),
+                "an https upstream needs client certificates: configure [ca] (interceptor ca init --dir D creates one)",
+            ));
+        }
         let naming = Naming {
+            assertion_header: id.assertion_header.to_ascii_lowercase(),
+            assertion_ttl,
             node: if id.node.is_empty() {
                 crate::workload::host_name()
             } else {
@@ -417,6 +540,7 @@ impl Validator<'_> {
             proxy: raw.proxy,
             audit,
             naming,
+            ca: raw.ca,
         })
     }
 

@@ -21,11 +21,12 @@ use crate::{
     admin::AdminServer,
     audit::{self, Audit},
     bpf::{self, Kernel, lock},
+    ca::NodeCa,
     cgroup::{self, Hierarchy},
     config::{self, Config},
     mcp::{Sessions, Streams},
     policy::Policy,
-    upstream::{self, UpstreamClient},
+    upstream::Upstream,
 };
 
 /// Errors that stop the daemon from starting or running.
@@ -50,6 +51,19 @@ pub enum Error {
     /// The audit log cannot be opened: the daemon does not serve unaudited.
     #[error(transparent)]
     Audit(#[from] crate::audit::Error),
+    /// The node CA cannot be used.
+    #[error("config {path}: [ca]: {error}")]
+    Ca {
+        path: String,
+        error: crate::ca::Error,
+    },
+    /// A server's upstream TLS settings cannot be used.
+    #[error("config {path}: server {server}: {message}")]
+    Upstream {
+        path: String,
+        server: String,
+        message: String,
+    },
 }
 
 /// Userspace counters (the kernel keeps its own; `status` reports both).
@@ -86,8 +100,10 @@ pub struct Daemon {
     pub counters: Counters,
     /// The policy in force; replaced whole on reload, read per request.
     policy: RwLock<Arc<Policy>>,
-    /// HTTP clients towards each server's upstream, by server index.
-    pub upstreams: Vec<UpstreamClient>,
+    /// The way to each server's upstream, by server index.
+    pub upstreams: Vec<Upstream>,
+    /// The node CA, when `[ca]` is configured.
+    pub ca: Option<NodeCa>,
     /// Live 2024-11-05 SSE sessions.
     pub sessions: Sessions,
     /// Live server-to-agent streams (GET streams, `subscriptions/listen`), for notifications.
@@ -355,6 +371,27 @@ impl Daemon {
 pub async fn run(config: Config) -> Result<(), Error> {
     // First: nothing is served unless it can be audited.
     let audit = Audit::open(config.audit.clone())?;
+    let path = config.path.display().to_string();
+    let ca = config
+        .ca
+        .as_ref()
+        .map(NodeCa::load)
+        .transpose()
+        .map_err(|error| Error::Ca {
+            path: path.clone(),
+            error,
+        })?;
+    let upstreams = config
+        .servers
+        .iter()
+        .map(|s| {
+            Upstream::new(s).map_err(|message| Error::Upstream {
+                path: path.clone(),
+                server: s.name.clone(),
+                message,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let hierarchy = Hierarchy::discover()?;
     let kernel = Kernel::install(
         &config.daemon.bpffs_dir,
@@ -370,7 +407,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let daemon = Arc::new(Daemon {
         policy: RwLock::new(Arc::new(config.policy.clone())),
-        upstreams: config.servers.iter().map(upstream::client).collect(),
+        upstreams,
+        ca,
         sessions: Sessions::default(),
         streams: Streams::default(),
         audit,

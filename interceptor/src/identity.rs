@@ -201,6 +201,8 @@ mod tests {
             trust_domain: "example.org".into(),
             node: "n1".into(),
             template: workload::DEFAULT_TEMPLATE.into(),
+            assertion_header: "interceptor-identity".into(),
+            assertion_ttl: std::time::Duration::from_secs(60),
         }
     }
 

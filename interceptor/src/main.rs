@@ -86,9 +86,28 @@ enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The node CA: client certificates for upstream mTLS and identity assertions.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Detach the programs and remove every pin (maps, links, tags). The daemon must be stopped.
     /// This is the only way interception stops for tagged cgroups.
     Uninstall {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a node CA (ECDSA P-256): DIR/ca.pem and DIR/ca-key.pem (mode 0600). Point
+    /// `[ca] cert` and `key` at them.
+    Init {
+        /// Where to write the files (created if missing; existing files are never replaced).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print the JSON Web Key Set that verifies the identity assertions.
+    Jwks {
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -383,6 +402,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let d = config.policy.check(&subject, &server, &call);
             println!("decision: {}", if d.allow { "allow" } else { "deny" });
             println!("rule: {}", d.rule);
+            Ok(())
+        }
+        Command::Ca(CaCommand::Init { dir }) => {
+            let (cert, key) = interceptor::ca::init(&dir, &interceptor::workload::host_name())?;
+            println!(
+                "node CA created:\n  cert {}\n  key  {} (mode 0600)",
+                cert.display(),
+                key.display()
+            );
+            println!(
+                "add to the config:\n[ca]\ncert = \"{}\"\nkey = \"{}\"\nleaf_ttl = \"1h\"",
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
+        Command::Ca(CaCommand::Jwks { config }) => {
+            let config = Config::load(&config.config)?;
+            let Some(raw) = &config.ca else {
+                bail!(
+                    "{} has no [ca] section; configure the node CA first",
+                    config.path.display()
+                );
+            };
+            let ca = interceptor::ca::NodeCa::load(raw)?;
+            println!("{}", serde_json::to_string_pretty(&ca.jwks())?);
             Ok(())
         }
         Command::Audit(AuditCommand::Verify { paths }) => {

@@ -1,12 +1,22 @@
-//! The way to the real MCP server: an HTTP/1.1 client per server with keep-alive pooling. Its
-//! sockets carry [`BYPASS_MARK`] so the connect hooks never redirect the proxy's own traffic.
+//! The way to the real MCP server: a pooled HTTP/1.1 client whose sockets carry
+//! [`BYPASS_MARK`] (so the connect hooks never redirect the proxy's own traffic), over plain TCP
+//! or mutual TLS 1.3.
+//!
+//! With TLS, each workload gets its own client — and so its own connection pool — presenting
+//! that workload's certificate from the node CA; the pool is replaced when the certificate is
+//! renewed. The upstream's certificate is verified by rustls' webpki verifier against the
+//! configured CA and name; an optional `server_id` (URI SAN) is checked by wrapping that
+//! verifier, never by re-implementing it. A failed handshake fails the request: there is no
+//! plaintext fallback.
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
     net::SocketAddr,
+    path::Path,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -14,39 +24,272 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::{
-    client::legacy::Client,
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
     rt::{TokioExecutor, TokioIo},
 };
 use interceptor_common::BYPASS_MARK;
-use tokio::net::{TcpSocket, TcpStream};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use crate::config::Server;
+use crate::{
+    bpf::lock,
+    ca::{Leaf, NodeCa},
+    config::{RawTls, Server},
+};
 
 /// How long to wait for the upstream's TCP handshake before trying the next address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// HTTP client for one server.
+/// HTTP client for one server (plain) or one (workload, server) pair (TLS).
 pub type UpstreamClient = Client<MarkedConnector, Full<Bytes>>;
 
-/// Builds the client for `server`.
-pub fn client(server: &Server) -> UpstreamClient {
+/// Reads the PEM certificates in `path` into a root store.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    let mut n = 0;
+    for item in ::pem::parse_many(&pem).map_err(|e| format!("{}: not PEM: {e}", path.display()))? {
+        if item.tag() == "CERTIFICATE" {
+            roots
+                .add(CertificateDer::from(item.into_contents()))
+                .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+/// The upstream side of one server.
+pub struct Upstream {
+    addrs: Arc<[SocketAddr]>,
+    upstream: Arc<str>,
+    plain: UpstreamClient,
+    tls: Option<TlsUpstream>,
+}
+
+struct TlsUpstream {
+    verifier: Arc<dyn ServerCertVerifier>,
+    server_name: ServerName<'static>,
+    /// Per workload id: the certificate the pool presents, and the pool.
+    clients: Mutex<HashMap<String, (Arc<Leaf>, UpstreamClient)>>,
+}
+
+/// Why no client could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The workload has no id (its process could not be inspected), so no certificate.
+    #[error("no workload id for this process, so no client certificate can be minted")]
+    NoWorkloadId,
+    /// Minting failed.
+    #[error("minting the client certificate failed: {0}")]
+    Mint(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+impl Upstream {
+    /// Prepares the upstream side of `server` (roots and verifier built once).
+    pub fn new(server: &Server) -> Result<Self, String> {
+        let addrs: Arc<[SocketAddr]> = server.upstream_addrs.clone().into();
+        let upstream: Arc<str> = server.upstream.clone().into();
+        let tls = server.tls.as_ref().map(TlsUpstream::new).transpose()?;
+        Ok(Self {
+            plain: build(addrs.clone(), upstream.clone(), None),
+            addrs,
+            upstream,
+            tls,
+        })
+    }
+
+    /// The client for a request from `workload_id`.
+    pub fn client(
+        &self,
+        ca: Option<&NodeCa>,
+        workload_id: Option<&str>,
+    ) -> Result<UpstreamClient, Error> {
+        let Some(tls) = &self.tls else {
+            return Ok(self.plain.clone());
+        };
+        let wid = workload_id.ok_or(Error::NoWorkloadId)?;
+        let ca = ca.ok_or_else(|| Error::Mint("no [ca] configured".into()))?;
+        let leaf = ca.leaf(wid).map_err(|e| Error::Mint(e.to_string()))?;
+        let mut clients = lock(&tls.clients);
+        if let Some((l, c)) = clients.get(wid)
+            && Arc::ptr_eq(l, &leaf)
+        {
+            return Ok(c.clone());
+        }
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| Error::Tls(e.to_string()))?
+                .dangerous()
+                .with_custom_certificate_verifier(tls.verifier.clone())
+                .with_client_auth_cert(leaf.chain.clone(), leaf.key())
+                .map_err(|e| Error::Tls(e.to_string()))?;
+        // A renewed certificate gets a fresh pool: connections keep the identity they were
+        // opened with. (Session resumption is on by default in rustls.)
+        let client = build(
+            self.addrs.clone(),
+            self.upstream.clone(),
+            Some((
+                TlsConnector::from(Arc::new(config)),
+                tls.server_name.clone(),
+            )),
+        );
+        clients.insert(wid.to_owned(), (leaf, client.clone()));
+        Ok(client)
+    }
+}
+
+impl TlsUpstream {
+    fn new(t: &RawTls) -> Result<Self, String> {
+        let roots = Arc::new(load_roots(&t.ca)?);
+        let inner = WebPkiServerVerifier::builder_with_provider(
+            roots,
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| format!("building the verifier for {}: {e}", t.ca.display()))?;
+        let verifier: Arc<dyn ServerCertVerifier> = match &t.server_id {
+            Some(id) => Arc::new(ServerIdVerifier {
+                inner,
+                server_id: id.clone(),
+            }),
+            None => inner,
+        };
+        let server_name = ServerName::try_from(t.server_name.clone())
+            .map_err(|e| format!("server_name {:?}: {e}", t.server_name))?;
+        Ok(Self {
+            verifier,
+            server_name,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+fn build(
+    addrs: Arc<[SocketAddr]>,
+    upstream: Arc<str>,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(MarkedConnector {
-            addrs: server.upstream_addrs.clone().into(),
-            upstream: server.upstream.clone().into(),
+            addrs,
+            upstream,
+            tls,
         })
 }
 
-/// Connects to the server's resolved upstream addresses (whatever the request URI says).
-#[derive(Clone, Debug)]
+/// The webpki verifier plus one check: the certificate must carry `server_id` as a URI SAN.
+#[derive(Debug)]
+struct ServerIdVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    server_id: String,
+}
+
+impl ServerCertVerifier for ServerIdVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let uris = uri_sans(end_entity);
+        if !uris.iter().any(|u| u == &self.server_id) {
+            return Err(rustls::Error::General(format!(
+                "upstream certificate does not carry server_id {} (its URI SANs: {})",
+                self.server_id,
+                if uris.is_empty() {
+                    "none".to_owned()
+                } else {
+                    uris.join(", ")
+                }
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The URI subject alternative names of a certificate.
+pub fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connects to the server's resolved upstream addresses (whatever the request URI says), with
+/// TLS when configured.
+#[derive(Clone)]
 pub struct MarkedConnector {
     addrs: Arc<[SocketAddr]>,
     upstream: Arc<str>,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 impl tower_service::Service<http::Uri> for MarkedConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<Io>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -57,19 +300,94 @@ impl tower_service::Service<http::Uri> for MarkedConnector {
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
         let addrs = self.addrs.clone();
         let upstream = self.upstream.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            let mut tcp = None;
             for &addr in addrs.iter() {
                 match connect_marked(addr).await {
-                    Ok(s) => return Ok(TokioIo::new(s)),
+                    Ok(s) => {
+                        tcp = Some(s);
+                        break;
+                    }
                     Err(e) => last = e,
                 }
             }
-            Err(io::Error::new(
-                last.kind(),
-                format!("cannot connect to upstream {upstream}: {last}"),
-            ))
+            let Some(tcp) = tcp else {
+                return Err(io::Error::new(
+                    last.kind(),
+                    format!("cannot connect to upstream {upstream}: {last}"),
+                ));
+            };
+            match tls {
+                None => Ok(TokioIo::new(Io::Plain(tcp))),
+                Some((connector, name)) => {
+                    let stream =
+                        tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+                            .await
+                            .map_err(|_| {
+                                io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                            })?
+                            .map_err(|e| {
+                                io::Error::new(
+                                    io::ErrorKind::ConnectionAborted,
+                                    format!("TLS handshake with upstream {upstream} failed: {e}"),
+                                )
+                            })?;
+                    Ok(TokioIo::new(Io::Tls(Box::new(stream))))
+                }
+            }
         })
+    }
+}
+
+/// A connection to an upstream: plain TCP or TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection for Io {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

@@ -95,6 +95,10 @@ pub struct RawIdentity {
     /// Template of the workload id; placeholders: {trust_domain} {node} {cgroup_path} {uid}
     /// {gid} {exe} {comm} {container} {pod}.
     pub workload_id: String,
+    /// Header carrying the signed identity assertion on forwarded requests.
+    pub assertion_header: String,
+    /// Lifetime of an assertion, e.g. "60s".
+    pub assertion_ttl: String,
 }
 
 impl Default for RawIdentity {
@@ -103,6 +107,8 @@ impl Default for RawIdentity {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             node: String::new(),
             workload_id: DEFAULT_TEMPLATE.into(),
+            assertion_header: "Interceptor-Identity".into(),
+            assertion_ttl: "60s".into(),
         }
     }
 }

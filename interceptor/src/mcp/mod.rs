@@ -356,8 +356,14 @@ impl Conn {
                 ),
             );
         }
-        self.forward(parts, Bytes::new(), false, PendingMap::new())
-            .await
+        self.forward(
+            parts,
+            Bytes::new(),
+            false,
+            PendingMap::new(),
+            &decision.roles,
+        )
+        .await
     }
 
     async fn post(
@@ -522,7 +528,14 @@ impl Conn {
         }
         // 2026-07-28: subscriptions/listen keeps its response open as the server stream.
         let listen = !body.batch && body.messages[0].method() == Some("subscriptions/listen");
-        self.forward(parts, Bytes::from(body.to_bytes()), listen, pending)
+        let mut roles: Vec<String> = decisions
+            .iter()
+            .flatten()
+            .flat_map(|d| d.roles.clone())
+            .collect();
+        roles.sort();
+        roles.dedup();
+        self.forward(parts, Bytes::from(body.to_bytes()), listen, pending, &roles)
             .await
     }
 
@@ -610,8 +623,28 @@ impl Conn {
         bytes: Bytes,
         listen: bool,
         pending: PendingMap,
+        roles: &[String],
     ) -> Response<ProxyBody> {
         let server = &self.daemon.config.servers[self.server_id];
+        let naming = &self.daemon.config.naming;
+        let client = match self.daemon.upstreams[self.server_id].client(
+            self.daemon.ca.as_ref(),
+            self.identity.workload_id.as_deref(),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(server.name = %server.name, error = %e, "no upstream client");
+                self.audit_failed(pending, "upstream_error");
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    code::INTERNAL_ERROR,
+                    format!(
+                        "interceptor: upstream {} of server {}: {e}",
+                        server.upstream, server.name
+                    ),
+                );
+            }
+        };
         let from_get = parts.method == Method::GET;
         let pq = parts
             .uri
@@ -630,14 +663,61 @@ impl Conn {
         };
         let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
         for (name, value) in &parts.headers {
-            if !skip_header(name) {
+            // The agent may not speak for the node (assertion header) nor, unless the server
+            // allows it, pass its own credentials.
+            let dropped = skip_header(name)
+                || name.as_str() == naming.assertion_header
+                || (name == header::AUTHORIZATION && !server.pass_authorization)
+                || server
+                    .inject_headers
+                    .keys()
+                    .any(|k| k.eq_ignore_ascii_case(name.as_str()));
+            if !dropped {
                 builder = builder.header(name, value);
             }
         }
         // The proxy must read what comes back, so it asks for no content encoding.
         builder = builder
-            .header(header::HOST, server.upstream.as_str())
+            .header(header::HOST, server.authority.as_str())
             .header(header::ACCEPT_ENCODING, "identity");
+        for (name, inject) in &server.inject_headers {
+            match std::fs::read_to_string(&inject.file) {
+                Ok(v) => {
+                    builder =
+                        builder.header(name.as_str(), format!("{}{}", inject.prefix, v.trim_end()))
+                }
+                Err(e) => {
+                    warn!(server.name = %server.name, file = %inject.file.display(), error = %e, "credential file unreadable");
+                    self.audit_failed(pending, "upstream_error");
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        code::INTERNAL_ERROR,
+                        format!(
+                            "interceptor: credential for server {} unavailable",
+                            server.name
+                        ),
+                    );
+                }
+            }
+        }
+        if let (Some(ca), Some(wid)) = (&self.daemon.ca, &self.identity.workload_id) {
+            let now = crate::ca::unix_now();
+            let claims = json!({
+                "iss": naming.node,
+                "sub": wid,
+                "aud": server.name,
+                "iat": now,
+                "exp": now + naming.assertion_ttl.as_secs(),
+                "jti": crate::ca::random_id(),
+                "uid": self.identity.uid,
+                "exe": self.identity.exe,
+                "cgroup": self.identity.cgroup,
+                "container": self.identity.placement.container,
+                "pod": self.identity.placement.pod,
+                "roles": roles,
+            });
+            builder = builder.header(naming.assertion_header.as_str(), ca.sign(&claims));
+        }
         let up_len = bytes.len() as u64;
         let request = match builder.body(Full::new(bytes)) {
             Ok(r) => r,
@@ -653,7 +733,7 @@ impl Conn {
         let labels = crate::metrics::ServerLabels {
             server: server.name.clone(),
         };
-        let result = self.daemon.upstreams[self.server_id].request(request).await;
+        let result = client.request(request).await;
         self.daemon
             .metrics
             .upstream_latency
