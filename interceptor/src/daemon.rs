@@ -291,6 +291,9 @@ impl Daemon {
                 "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "upstream": s.upstream,
             })).collect::<Vec<_>>(),
+            "ca": self.ca.as_ref().map(|ca| json!({
+                "mints": ca.mints.load(Ordering::Relaxed),
+            })),
             "audit": {
                 "path": self.audit.config.path,
                 "durability": format!("{:?}", self.audit.config.durability).to_lowercase(),

@@ -120,6 +120,15 @@ impl McpServer {
         Self::spawn(cmd, port, calls)
     }
 
+    /// Starts an arbitrary server command listening on 127.0.0.1:`port`.
+    pub fn spawn_cmd(cmd: Command, port: u16) -> Self {
+        Self::spawn(
+            cmd,
+            port,
+            tempfile::NamedTempFile::new().expect("calls file"),
+        )
+    }
+
     fn spawn(mut cmd: Command, port: u16, calls: tempfile::NamedTempFile) -> Self {
         let log = tempfile::NamedTempFile::new().expect("log file");
         let child = cmd

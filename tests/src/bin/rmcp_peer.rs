@@ -2,6 +2,9 @@
 //!
 //! `rmcp-peer server ADDR CALLS_FILE`: serve tools `read_note`, `search`, `delete_note` and
 //! `write_note`; every executed call is appended to CALLS_FILE.
+//! `rmcp-peer server-tls ADDR CALLS_FILE CERT KEY CLIENT_CA SEEN_FILE`: the same behind a rustls
+//! acceptor that requires a client certificate from CLIENT_CA; for every request it appends to
+//! SEEN_FILE a JSON line with the client certificate's URI SANs and the identity-related headers.
 //! `rmcp-peer client URL [NAME=JSON …]`: list tools, call each, print one JSON object with what
 //! happened (the same shape as `tests/peers/mcp_client.py`).
 
@@ -108,6 +111,118 @@ async fn server(addr: &str, calls: PathBuf) -> Result<(), Box<dyn std::error::Er
     }
 }
 
+struct TlsArgs {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    seen: PathBuf,
+}
+
+fn pem_items(path: &PathBuf) -> Vec<pem::Pem> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    pem::parse_many(bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+async fn server_tls(
+    addr: &str,
+    calls: PathBuf,
+    tls: TlsArgs,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for item in pem_items(&tls.client_ca) {
+        roots.add(CertificateDer::from(item.into_contents()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let chain: Vec<CertificateDer<'static>> = pem_items(&tls.cert)
+        .into_iter()
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        pem_items(&tls.key).remove(0).into_contents(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let notes = Notes {
+        calls: Arc::new(Mutex::new(calls)),
+    };
+    let mut config = StreamableHttpServerConfig::default();
+    config.allowed_hosts = vec!["127.0.0.1".into(), "localhost".into(), "notes.test".into()];
+    let service: StreamableHttpService<Notes, LocalSessionManager> =
+        StreamableHttpService::new(move || Ok(notes.clone()), Default::default(), config);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let seen = Arc::new(tls.seen);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            // A client without an acceptable certificate fails here.
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            let sans: Vec<String> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
+                .and_then(|(_, cert)| {
+                    cert.subject_alternative_name().ok().flatten().map(|san| {
+                        san.value
+                            .general_names
+                            .iter()
+                            .filter_map(|g| match g {
+                                x509_parser::extensions::GeneralName::URI(u) => {
+                                    Some((*u).to_owned())
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                })
+                .unwrap_or_default();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let header = |n: &str| {
+                        req.headers()
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let line = json!({
+                        "client_uri_sans": sans,
+                        "identity": header("interceptor-identity"),
+                        "authorization": header("authorization"),
+                        "x_api_key": header("x-api-key"),
+                        "method": req.method().as_str(),
+                    });
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(seen.as_ref())
+                    {
+                        let _ = writeln!(f, "{line}");
+                    }
+                    let mut service = service.clone();
+                    tower_service::Service::call(&mut service, req)
+                });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
 async fn client(url: &str, calls: &[String]) -> Value {
     let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
     let peer = match ().serve(transport).await {
@@ -154,6 +269,18 @@ async fn main() {
         Some("server") if args.len() == 3 => {
             if let Err(e) = server(&args[1], PathBuf::from(&args[2])).await {
                 eprintln!("rmcp-peer server: {e}");
+                std::process::exit(1);
+            }
+        }
+        Some("server-tls") if args.len() == 7 => {
+            let tls = TlsArgs {
+                cert: PathBuf::from(&args[3]),
+                key: PathBuf::from(&args[4]),
+                client_ca: PathBuf::from(&args[5]),
+                seen: PathBuf::from(&args[6]),
+            };
+            if let Err(e) = server_tls(&args[1], PathBuf::from(&args[2]), tls).await {
+                eprintln!("rmcp-peer server-tls: {e}");
                 std::process::exit(1);
             }
         }

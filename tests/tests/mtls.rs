@@ -1,0 +1,323 @@
+#![expect(
+    clippy::unwrap_used,
+    reason = "test fixtures: any failure is a test failure"
+)]
+
+//! Identity leaves the node: real mutual TLS 1.3 towards an MCP server (official Rust SDK behind
+//! a rustls acceptor that requires client certificates from the node CA), through the kernel
+//! redirect, with per-workload certificates, signed assertions and injected credentials.
+
+use std::{collections::HashSet, path::Path, process::Command};
+
+use base64::Engine as _;
+use interceptor_tests::{
+    McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, mcp_client, privileged,
+    rmcp_client, send_raw,
+};
+use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use serde_json::{Value, json};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
+const RMCP_PEER: &str = env!("CARGO_BIN_EXE_rmcp-peer");
+
+/// A CA and a server certificate for the upstream: DNS notes.test, IP 127.0.0.1, URI
+/// spiffe://upstream.test/notes.
+fn upstream_pki(dir: &Path) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["notes.test".to_owned()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    params.subject_alt_names.push(SanType::URI(
+        "spiffe://upstream.test/notes".try_into().unwrap(),
+    ));
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    // Another CA that never issued anything the upstream holds.
+    let other_key = KeyPair::generate().unwrap();
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    std::fs::write(
+        dir.join("other-ca.pem"),
+        other.self_signed(&other_key).unwrap().pem(),
+    )
+    .unwrap();
+}
+
+fn seen(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn verify_jws(token: &str, jwks: &Value) -> Value {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "{token}");
+    let b64 = |s: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .expect("base64url")
+    };
+    let header: Value = serde_json::from_slice(&b64(parts[0])).expect("header");
+    assert_eq!(header["alg"], "ES256");
+    let key = jwks["keys"]
+        .as_array()
+        .and_then(|ks| ks.iter().find(|k| k["kid"] == header["kid"]))
+        .expect("kid in JWKS");
+    let jwk =
+        json!({"kty": key["kty"], "crv": key["crv"], "x": key["x"], "y": key["y"]}).to_string();
+    let vk = VerifyingKey::from(p256::PublicKey::from_jwk_str(&jwk).expect("JWK"));
+    let sig = Signature::from_slice(&b64(parts[2])).expect("signature");
+    vk.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .expect("the assertion verifies with the JWKS");
+    serde_json::from_slice(&b64(parts[1])).expect("claims")
+}
+
+#[test]
+fn upstream_sees_each_workloads_certificate_and_a_verifiable_assertion() {
+    if !privileged() {
+        return;
+    }
+    let mut env = TestEnv::new("mtls");
+    let dir = env.tmp.path().to_owned();
+    let out = Command::new(interceptor_bin())
+        .args(["ca", "init", "--dir"])
+        .arg(dir.join("ca"))
+        .output()
+        .expect("ca init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    upstream_pki(&dir);
+    let token = dir.join("token");
+    std::fs::write(&token, "upstream-secret\n").unwrap();
+
+    let port = free_port();
+    let seen_file = dir.join("seen.jsonl");
+    let server = McpServer::spawn_cmd(
+        {
+            let mut c = Command::new(RMCP_PEER);
+            c.args(["server-tls", &format!("127.0.0.1:{port}")])
+                .arg(dir.join("calls"))
+                .arg(dir.join("server.pem"))
+                .arg(dir.join("server-key.pem"))
+                .arg(dir.join("ca/ca.pem"))
+                .arg(&seen_file);
+            c
+        },
+        port,
+    );
+    let readers = env.cgroup("readers");
+    let writers = env.cgroup("writers");
+    let intercept = |p: u16| format!("127.0.0.2:{p}");
+    let (p_ok, p_name, p_id, p_ca) = (free_port(), free_port(), free_port(), free_port());
+    let upstream = format!("https://127.0.0.1:{port}");
+    let tls = |ca: &str, name: &str, id: &str| {
+        format!(
+            "tls = {{ ca = \"{}\", server_name = \"{name}\", server_id = \"{id}\" }}",
+            dir.join(ca).display()
+        )
+    };
+    let servers = format!(
+        r#"
+[[server]]
+name = "notes"
+intercept = ["{ok}"]
+upstream = "{upstream}"
+{tls_ok}
+inject_headers = {{ X-Api-Key = {{ file = "{token}" }} }}
+
+[[server]]
+name = "wrong-name"
+intercept = ["{name}"]
+upstream = "{upstream}"
+{tls_name}
+
+[[server]]
+name = "wrong-id"
+intercept = ["{id}"]
+upstream = "{upstream}"
+{tls_id}
+
+[[server]]
+name = "untrusted"
+intercept = ["{ca}"]
+upstream = "{upstream}"
+{tls_ca}
+
+[ca]
+cert = "{cacert}"
+key = "{cakey}"
+leaf_ttl = "2s"
+
+[[role]]
+name = "all"
+servers = ["*"]
+allow_tools = ["*"]
+
+[[binding]]
+role = "all"
+cgroup = "{root}/**"
+"#,
+        ok = intercept(p_ok),
+        name = intercept(p_name),
+        id = intercept(p_id),
+        ca = intercept(p_ca),
+        tls_ok = tls(
+            "upstream-ca.pem",
+            "notes.test",
+            "spiffe://upstream.test/notes"
+        ),
+        tls_name = tls(
+            "upstream-ca.pem",
+            "other.test",
+            "spiffe://upstream.test/notes"
+        ),
+        tls_id = tls(
+            "upstream-ca.pem",
+            "notes.test",
+            "spiffe://upstream.test/other"
+        ),
+        tls_ca = tls("other-ca.pem", "notes.test", "spiffe://upstream.test/notes"),
+        token = token.display(),
+        cacert = dir.join("ca/ca.pem").display(),
+        cakey = dir.join("ca/ca-key.pem").display(),
+        root = env.root,
+    );
+    env.write_config_with(&[] as &[ServerSpec], &[&readers, &writers], &servers);
+    env.start_daemon();
+
+    // Two agents in two cgroups, two SDKs.
+    let url = format!("http://{}/mcp", intercept(p_ok));
+    let a = rmcp_client(
+        RMCP_PEER,
+        &env.dir(&readers),
+        &url,
+        &[r#"search={"q":"a"}"#],
+    );
+    assert_eq!(a["calls"]["search"]["ok"], true, "{a}\n{}", env.log_text());
+    let b = mcp_client(
+        &env.dir(&writers),
+        &url,
+        "streamable-http",
+        "legacy",
+        &[r#"read_note={"name":"b"}"#],
+    );
+    assert_eq!(
+        b["calls"]["read_note"]["ok"],
+        true,
+        "{b}\n{}",
+        server.log_text()
+    );
+
+    let lines = seen(&seen_file);
+    assert!(!lines.is_empty());
+    let sans: HashSet<String> = lines
+        .iter()
+        .flat_map(|l| l["client_uri_sans"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(sans.len(), 2, "{sans:?}");
+    assert!(
+        sans.iter()
+            .any(|s| s.contains(&format!("/cgroup{readers}/"))),
+        "{sans:?}"
+    );
+    assert!(
+        sans.iter()
+            .any(|s| s.contains(&format!("/cgroup{writers}/"))),
+        "{sans:?}"
+    );
+
+    let out = Command::new(interceptor_bin())
+        .args(["ca", "jwks", "--config"])
+        .arg(&env.config_path)
+        .output()
+        .expect("ca jwks");
+    let jwks: Value = serde_json::from_slice(&out.stdout).expect("JWKS JSON");
+    let mut jtis = HashSet::new();
+    for l in &lines {
+        let token = l["identity"].as_str().expect("assertion on every request");
+        let claims = verify_jws(token, &jwks);
+        assert_eq!(claims["aud"], "notes");
+        let sub = claims["sub"].as_str().unwrap_or_default().to_owned();
+        // The assertion names the same workload as the certificate of the connection.
+        assert!(
+            l["client_uri_sans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|x| x == &json!(sub))),
+            "{l}"
+        );
+        assert!(claims["exp"].as_u64() > claims["iat"].as_u64());
+        assert!(
+            jtis.insert(claims["jti"].as_str().unwrap_or_default().to_owned()),
+            "jti reused"
+        );
+        assert_eq!(l["x_api_key"], "upstream-secret");
+        assert!(l["authorization"].is_null());
+    }
+
+    // The agent's own identity header and Authorization are not forwarded.
+    let before = seen(&seen_file).len();
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let forged = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    send_raw(
+        PROBE,
+        &env.dir(&readers),
+        &intercept(p_ok),
+        forged.as_bytes(),
+    );
+    let after = seen(&seen_file);
+    assert!(after.len() > before);
+    let last = &after[after.len() - 1];
+    assert_ne!(last["identity"], "forged");
+    assert!(last["authorization"].is_null(), "{last}");
+    assert_eq!(last["x_api_key"], "upstream-secret");
+
+    // A 2-second certificate is renewed without failing calls.
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    let a = rmcp_client(
+        RMCP_PEER,
+        &env.dir(&readers),
+        &url,
+        &[r#"search={"q":"again"}"#],
+    );
+    assert_eq!(a["calls"]["search"]["ok"], true, "{a}");
+    assert!(env.status()["ca"]["mints"].as_u64() >= Some(3));
+
+    // Wrong name, wrong server_id, untrusted CA: a clear error, and nothing reaches the server.
+    let before = seen(&seen_file).len();
+    for (p, needle) in [
+        (p_name, "certificate"),
+        (p_id, "server_id"),
+        (p_ca, "certificate"),
+    ] {
+        let r = send_raw(PROBE, &env.dir(&readers), &intercept(p), forged.as_bytes());
+        assert_eq!(r.status, Some(502), "{r:?}");
+        let reply = r.reply.unwrap_or_default();
+        assert!(
+            reply.contains("-32603") && reply.contains(needle),
+            "{reply}"
+        );
+    }
+    assert_eq!(
+        seen(&seen_file).len(),
+        before,
+        "a failed handshake must send nothing"
+    );
+}
