@@ -23,9 +23,13 @@ pub mod maps {
     pub const CONNS: &str = "ICPT_CONNS";
     /// Per-CPU counters, indexed by [`crate::stats`].
     pub const STATS: &str = "ICPT_STATS";
+    /// Revocations: [`crate::BlockKey`] → [`crate::BlockValue`].
+    pub const BLOCKS: &str = "ICPT_BLOCKS";
+    /// Global switches the programs read, one [`crate::State`] at index 0.
+    pub const STATE: &str = "ICPT_STATE";
 
     /// Every map the daemon pins, for status and uninstall.
-    pub const ALL: [&str; 6] = [TAGS, SERVERS, LISTENERS, SOCKS, CONNS, STATS];
+    pub const ALL: [&str; 8] = [TAGS, SERVERS, LISTENERS, SOCKS, CONNS, STATS, BLOCKS, STATE];
 }
 
 /// Names of the programs in the object; also the file names of their pinned links.
@@ -48,6 +52,7 @@ pub mod capacity {
     pub const LISTENERS: u32 = 1024;
     pub const SOCKS: u32 = 65536;
     pub const CONNS: u32 = 65536;
+    pub const BLOCKS: u32 = 4096;
 }
 
 /// Indexes into the per-CPU counter array.
@@ -62,8 +67,12 @@ pub mod stats {
     pub const PUBLISHED: u32 = 3;
     /// `getpeername()` answers rewritten to the dialed address.
     pub const PEERNAME_REWRITTEN: u32 = 4;
+    /// MCP connections refused because the caller is revoked.
+    pub const REFUSED_REVOKED: u32 = 5;
+    /// Connections (any destination) refused by an all-egress block.
+    pub const REFUSED_EGRESS: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
     /// Names, in index order, for status output.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -71,6 +80,8 @@ pub mod stats {
         "refused_no_record",
         "published",
         "peername_rewritten",
+        "refused_revoked",
+        "refused_egress",
     ];
 }
 
@@ -196,6 +207,61 @@ pub struct ConnRecord {
     pub comm: [u8; 16],
 }
 
+/// What a [`BlockKey`] names.
+pub mod block {
+    /// A cgroup (by id); covers its descendants.
+    pub const CGROUP: u32 = 1;
+    /// A uid.
+    pub const UID: u32 = 2;
+    /// A process (tgid).
+    pub const PID: u32 = 3;
+    /// A workload id (by hash; enforced by the proxy only: the kernel cannot compute it).
+    pub const WORKLOAD: u32 = 4;
+
+    /// Flag: MCP connections are refused.
+    pub const MCP: u32 = 1;
+    /// Flag: every outbound connection is refused (cgroups only).
+    pub const ALL_EGRESS: u32 = 2;
+}
+
+/// Key of [`maps::BLOCKS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BlockKey {
+    /// One of [`block`]'s kinds.
+    pub kind: u32,
+    pub _pad: u32,
+    pub id: u64,
+}
+
+/// Room for a revocation's reason and label in [`BlockValue`].
+pub const BLOCK_TEXT: usize = 256;
+
+/// Value of [`maps::BLOCKS`]. The kernel reads `flags`; the rest is for `status` and restarts.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockValue {
+    /// [`block::MCP`] and/or [`block::ALL_EGRESS`].
+    pub flags: u32,
+    pub _pad: u32,
+    /// Unix time of the revocation.
+    pub since: u64,
+    /// What was revoked, as given (cgroup path, pid, uid, workload id), NUL-padded UTF-8.
+    pub label: [u8; BLOCK_TEXT],
+    /// Why, NUL-padded UTF-8.
+    pub reason: [u8; BLOCK_TEXT],
+}
+
+/// Value of [`maps::STATE`] (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// How many all-egress blocks exist; 0 lets the programs skip that check entirely.
+    pub egress_blocks: u32,
+    /// How many kernel-enforced MCP blocks exist; 0 skips that check.
+    pub mcp_blocks: u32,
+}
+
 /// Key of [`maps::CONNS`]: the agent's end of a redirected connection, as the proxy sees it from
 /// `accept()` (peer address and local port) in a given network namespace.
 #[repr(C)]
@@ -215,6 +281,9 @@ const _: () = assert!(core::mem::size_of::<TupleKey>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 96);
 const _: () = assert!(core::mem::size_of::<Listener>() == 8);
 const _: () = assert!(core::mem::size_of::<TagValue>() == 8 + TAG_PATH_MAX);
+const _: () = assert!(core::mem::size_of::<BlockKey>() == 16);
+const _: () = assert!(core::mem::size_of::<BlockValue>() == 16 + 2 * BLOCK_TEXT);
+const _: () = assert!(core::mem::size_of::<State>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -229,6 +298,44 @@ mod user {
     unsafe impl aya::Pod for Listener {}
     unsafe impl aya::Pod for ConnRecord {}
     unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for BlockKey {}
+    unsafe impl aya::Pod for BlockValue {}
+    unsafe impl aya::Pod for State {}
+
+    fn text(buf: &[u8]) -> &str {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        core::str::from_utf8(&buf[..end]).unwrap_or("?")
+    }
+
+    fn fill(s: &str) -> [u8; BLOCK_TEXT] {
+        let mut end = s.len().min(BLOCK_TEXT);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut buf = [0u8; BLOCK_TEXT];
+        buf[..end].copy_from_slice(&s.as_bytes()[..end]);
+        buf
+    }
+
+    impl BlockValue {
+        pub fn new(flags: u32, since: u64, label: &str, reason: &str) -> Self {
+            Self {
+                flags,
+                _pad: 0,
+                since,
+                label: fill(label),
+                reason: fill(reason),
+            }
+        }
+
+        pub fn label(&self) -> &str {
+            text(&self.label)
+        }
+
+        pub fn reason(&self) -> &str {
+            text(&self.reason)
+        }
+    }
 
     impl From<SocketAddr> for Addr {
         fn from(sa: SocketAddr) -> Self {

@@ -28,12 +28,13 @@ use aya_ebpf::{
         },
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
-    AF_INET, AF_INET6, Addr, BYPASS_MARK, ConnRecord, Listener, MAX_CGROUP_DEPTH, ServerValue,
-    TagValue, TupleKey, V4_MAPPED_WORD, capacity, stats,
+    AF_INET, AF_INET6, Addr, BYPASS_MARK, BlockKey, BlockValue, ConnRecord, Listener,
+    MAX_CGROUP_DEPTH, ServerValue, State, TagValue, TupleKey, V4_MAPPED_WORD, block, capacity,
+    stats,
 };
 
 #[map(name = "ICPT_TAGS")]
@@ -53,6 +54,12 @@ static CONNS: LruHashMap<TupleKey, ConnRecord> = LruHashMap::pinned(capacity::CO
 
 #[map(name = "ICPT_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[map(name = "ICPT_BLOCKS")]
+static BLOCKS: HashMap<BlockKey, BlockValue> = HashMap::pinned(capacity::BLOCKS, 0);
+
+#[map(name = "ICPT_STATE")]
+static STATE: Array<State> = Array::pinned(1, 0);
 
 /// Return value of a cgroup sock_addr program that lets the call proceed.
 const PROCEED: i32 = 1;
@@ -136,6 +143,43 @@ fn caller_is_tagged() -> bool {
     false
 }
 
+#[inline(always)]
+fn block_flags(kind: u32, id: u64) -> u32 {
+    let key = BlockKey { kind, _pad: 0, id };
+    match BLOCKS.get_ptr(key) {
+        // SAFETY: a map value pointer, valid for this call.
+        Some(v) => unsafe { (*v).flags },
+        None => 0,
+    }
+}
+
+/// The block flags that apply to the caller: its cgroup or an ancestor, its uid, its process.
+#[inline(always)]
+fn caller_blocks() -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid = bpf_get_current_uid_gid() as u32;
+    let mut flags =
+        block_flags(block::UID, u64::from(uid)) | block_flags(block::PID, pid_tgid >> 32);
+    for level in 0..MAX_CGROUP_DEPTH {
+        // SAFETY: helper call with a plain integer.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        flags |= block_flags(block::CGROUP, id);
+    }
+    flags
+}
+
+/// Global switches (userspace keeps the block counts so the common case skips the lookups).
+#[inline(always)]
+fn state() -> State {
+    match STATE.get(0) {
+        Some(s) => *s,
+        None => State::default(),
+    }
+}
+
 // V6 is a const parameter, not a runtime flag: with a runtime flag the compiler merges the v4
 // and v6 paths into one computed context offset, which the verifier rejects ("dereference of
 // modified ctx ptr").
@@ -145,6 +189,16 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: `sa` is the program's context pointer, valid for the whole call.
     let (sock_type, user_port) = unsafe { ((*sa).type_, (*sa).user_port) };
+    // The daemon's own upstream sockets carry BYPASS_MARK (needs CAP_NET_ADMIN to set).
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    if !sk.is_null() && unsafe { (*sk).mark } == BYPASS_MARK {
+        return Ok(PROCEED);
+    }
+    let st = state();
+    // Containment: an all-egress block refuses every outbound connection of the cgroup.
+    if st.egress_blocks != 0 && caller_blocks() & block::ALL_EGRESS != 0 {
+        return refuse(stats::REFUSED_EGRESS);
+    }
     if sock_type != SOCK_STREAM {
         return Ok(PROCEED);
     }
@@ -171,12 +225,10 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     if !caller_is_tagged() {
         return Ok(PROCEED);
     }
-    // The daemon's own upstream sockets carry BYPASS_MARK (needs CAP_NET_ADMIN to set).
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    if !sk.is_null() && unsafe { (*sk).mark } == BYPASS_MARK {
-        return Ok(PROCEED);
+    // Revoked: refused here, at connect(), not only at the proxy.
+    if st.mcp_blocks != 0 && caller_blocks() & (block::MCP | block::ALL_EGRESS) != 0 {
+        return refuse(stats::REFUSED_REVOKED);
     }
-
     // SAFETY: helpers that take the context pointer.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(listener) = (unsafe { LISTENERS.get(netns_cookie) }) else {

@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use serde_json::json;
 
-use crate::{audit, daemon::Daemon, identity::Identity};
+use crate::{audit, bpf::lock, daemon::Daemon, identity::Identity};
 
 /// The proxy's listening sockets in the daemon's network namespace.
 pub struct Proxy {
@@ -77,7 +77,7 @@ async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>) {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
                 let span = info_span!("conn", id);
-                tokio::spawn(serve(stream, peer, daemon.clone()).instrument(span));
+                tokio::spawn(serve(stream, peer, daemon.clone(), id).instrument(span));
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: back off instead of spinning.
@@ -89,7 +89,7 @@ async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>) {
 }
 
 /// One agent connection through the pipeline.
-async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
+async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64) {
     let counters = &daemon.counters;
     let local_port = match stream.local_addr() {
         Ok(a) => a.port(),
@@ -158,10 +158,17 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>) {
         }),
     ));
     let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
+    if let Some(reason) = daemon.revocation_for(&conn.identity) {
+        // Revoked after connect() passed (a workload-id revocation, or a race): every request
+        // on this connection is answered with the revocation.
+        conn.revoke(reason);
+    }
+    lock(&daemon.live).insert(id, conn.clone());
     daemon.metrics.connections.inc();
     daemon.metrics.active_connections.inc();
     crate::mcp::serve(stream, conn.clone()).await;
     daemon.metrics.active_connections.dec();
+    lock(&daemon.live).remove(&id);
     counters.active.fetch_sub(1, Ordering::Relaxed);
     let duration_ms = started.elapsed().as_millis() as u64;
     let (up, down, requests) = conn.totals();

@@ -34,6 +34,16 @@ pub enum Request {
     Status,
     /// Re-read the config file and apply its policy.
     Reload,
+    /// Revoke an identity.
+    Revoke {
+        selector: crate::revoke::Selector,
+        #[serde(default)]
+        reason: String,
+        #[serde(default)]
+        all_egress: bool,
+    },
+    /// Lift a revocation.
+    Unrevoke { selector: crate::revoke::Selector },
 }
 
 /// The listening admin socket.
@@ -119,6 +129,14 @@ fn handle(daemon: &Daemon, line: &str) -> Value {
         Request::Untag { cgroup } => daemon.untag(&cgroup).map(|t| json!(t)),
         Request::Status => Ok(daemon.status()),
         Request::Reload => daemon.reload().map(|r| json!(r)),
+        Request::Revoke {
+            selector,
+            reason,
+            all_egress,
+        } => daemon
+            .revoke(selector, &reason, all_egress)
+            .map(|(r, closed)| json!({"revocation": r, "closed_connections": closed})),
+        Request::Unrevoke { selector } => daemon.unrevoke(selector).map(|s| json!({"selector": s})),
     };
     match result {
         Ok(v) => json!({"ok": true, "result": v}),

@@ -10,14 +10,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
 use interceptor_common::{
-    ConnRecord, Listener, ServerValue, TagValue, TupleKey, maps as names, programs, stats,
+    BlockKey, BlockValue, ConnRecord, Listener, ServerValue, State, TagValue, TupleKey,
+    maps as names, programs, stats,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -94,6 +95,8 @@ pub struct Kernel {
     pub servers: Mutex<HashMap<MapData, interceptor_common::Addr, ServerValue>>,
     pub listeners: Mutex<HashMap<MapData, u64, Listener>>,
     pub conns: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
+    pub blocks: Mutex<HashMap<MapData, BlockKey, BlockValue>>,
+    pub state: Mutex<Array<MapData, State>>,
     stats: PerCpuArray<MapData, u64>,
     pub bpffs_dir: PathBuf,
 }
@@ -162,6 +165,8 @@ impl Kernel {
         let listeners = take(names::LISTENERS)?;
         let conns = take(names::CONNS)?;
         let stats_map = take(names::STATS)?;
+        let blocks = take(names::BLOCKS)?;
+        let state = take(names::STATE)?;
         Ok(Self {
             attachments,
             _links: links,
@@ -169,6 +174,8 @@ impl Kernel {
             servers: Mutex::new(HashMap::try_from(servers).map_err(map_err(names::SERVERS))?),
             listeners: Mutex::new(HashMap::try_from(listeners).map_err(map_err(names::LISTENERS))?),
             conns: Mutex::new(HashMap::try_from(conns).map_err(map_err(names::CONNS))?),
+            blocks: Mutex::new(HashMap::try_from(blocks).map_err(map_err(names::BLOCKS))?),
+            state: Mutex::new(Array::try_from(state).map_err(map_err(names::STATE))?),
             stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,
             bpffs_dir: bpffs_dir.to_owned(),
         })
@@ -186,6 +193,34 @@ impl Kernel {
                 (stats::NAMES[i as usize], total)
             })
             .collect()
+    }
+
+    /// Entries in each map, for status.
+    pub fn map_fill(&self) -> Vec<(&'static str, usize, u32)> {
+        use interceptor_common::capacity;
+        vec![
+            (names::TAGS, lock(&self.tags).keys().count(), capacity::TAGS),
+            (
+                names::SERVERS,
+                lock(&self.servers).keys().count(),
+                capacity::SERVERS,
+            ),
+            (
+                names::LISTENERS,
+                lock(&self.listeners).keys().count(),
+                capacity::LISTENERS,
+            ),
+            (
+                names::CONNS,
+                lock(&self.conns).keys().count(),
+                capacity::CONNS,
+            ),
+            (
+                names::BLOCKS,
+                lock(&self.blocks).keys().count(),
+                capacity::BLOCKS,
+            ),
+        ]
     }
 
     /// Takes (reads and removes) the record of the connection `key`.

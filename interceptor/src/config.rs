@@ -142,6 +142,8 @@ pub struct RawDaemon {
     pub admin_socket: PathBuf,
     /// Prometheus endpoint (`ip:port`, serving `/metrics`); "" = off.
     pub metrics_addr: String,
+    /// On SIGTERM, how long in-flight requests may take to finish before the daemon exits.
+    pub drain_grace: String,
 }
 
 impl Default for RawDaemon {
@@ -152,6 +154,7 @@ impl Default for RawDaemon {
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
             admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             metrics_addr: String::new(),
+            drain_grace: "10s".into(),
         }
     }
 }
@@ -237,6 +240,8 @@ pub struct Daemon {
     pub admin_socket: PathBuf,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// SIGTERM grace period.
+    pub drain_grace: std::time::Duration,
 }
 
 /// Validated `[[server]]`.
@@ -578,7 +583,17 @@ impl Validator<'_> {
                 )
             })?)
         };
+        let drain_grace = humantime::parse_duration(&raw.drain_grace).map_err(|e| {
+            self.invalid(
+                "daemon.drain_grace",
+                format!(
+                    "{:?} is not a duration ({e}); write e.g. \"10s\"",
+                    raw.drain_grace
+                ),
+            )
+        })?;
         Ok(Daemon {
+            drain_grace,
             listen_port: raw.listen_port,
             cgroup_root,
             bpffs_dir: raw.bpffs_dir,

@@ -26,6 +26,7 @@ use crate::{
     config::{self, Config},
     mcp::{Sessions, Streams},
     policy::Policy,
+    revoke::{Revocation, Selector},
     upstream::Upstream,
 };
 
@@ -112,6 +113,12 @@ pub struct Daemon {
     pub audit: Audit,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Revocations in force (the pinned block map is their persistent form).
+    revocations: RwLock<Vec<Revocation>>,
+    /// Set on SIGTERM: connections finish their in-flight requests and close.
+    pub draining: tokio::sync::watch::Sender<bool>,
+    /// Live agent connections, by connection number, so a revocation can close them.
+    pub live: std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::mcp::Conn>>>,
     started: Instant,
 }
 
@@ -193,6 +200,134 @@ impl Daemon {
             not_applied,
             notified_streams,
         })
+    }
+
+    /// Revokes `selector`: kernel block (persisted), live connections closed, audit event.
+    /// Returns the revocation and how many live connections were closed.
+    pub fn revoke(
+        &self,
+        selector: Selector,
+        reason: &str,
+        all_egress: bool,
+    ) -> Result<(Revocation, usize), String> {
+        let (selector, key) = selector.key(&self.hierarchy)?;
+        if all_egress && !matches!(selector, Selector::Cgroup(_)) {
+            return Err("--all-egress applies to a cgroup (--cgroup P)".into());
+        }
+        let revocation = Revocation {
+            selector,
+            all_egress,
+            reason: if reason.is_empty() {
+                "revoked by operator".into()
+            } else {
+                reason.to_owned()
+            },
+            since: crate::ca::unix_now(),
+            key,
+        };
+        lock(&self.kernel.blocks)
+            .insert(key, revocation.row(), 0)
+            .map_err(|e| format!("cannot store the revocation: {e}"))?;
+        {
+            let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
+            list.retain(|r| r.key != key);
+            list.push(revocation.clone());
+        }
+        self.sync_block_state()?;
+        let closed = self.close_revoked();
+        warn!(revoked = %revocation.selector.label(), reason = %revocation.reason, all_egress, closed, "revoked");
+        self.audit.record_later(audit::event(
+            "revoke",
+            json!({
+                "selector": revocation.selector,
+                "reason": revocation.reason,
+                "all_egress": all_egress,
+                "closed_connections": closed,
+            }),
+        ));
+        Ok((revocation, closed))
+    }
+
+    /// Lifts the revocation of `selector`.
+    pub fn unrevoke(&self, selector: Selector) -> Result<Selector, String> {
+        let (selector, key) = selector.key(&self.hierarchy)?;
+        let removed = {
+            let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
+            let before = list.len();
+            list.retain(|r| r.key != key);
+            before != list.len()
+        };
+        if !removed {
+            return Err(format!(
+                "{} is not revoked; `interceptor status` lists the revocations",
+                selector.label()
+            ));
+        }
+        let _ = lock(&self.kernel.blocks).remove(&key);
+        self.sync_block_state()?;
+        info!(unrevoked = %selector.label(), "unrevoked");
+        self.audit
+            .record_later(audit::event("unrevoke", json!({"selector": selector})));
+        Ok(selector)
+    }
+
+    /// The revocation that applies to `identity`, if any (its reason).
+    pub fn revocation_for(&self, identity: &crate::identity::Identity) -> Option<String> {
+        self.revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|r| r.selector.matches(identity))
+            .map(|r| format!("{} ({})", r.reason, r.selector.label()))
+    }
+
+    /// Revokes every live connection a revocation now covers; returns how many.
+    fn close_revoked(&self) -> usize {
+        let live: Vec<Arc<crate::mcp::Conn>> = lock(&self.live).values().cloned().collect();
+        live.iter()
+            .filter_map(|c| self.revocation_for(&c.identity).map(|why| c.revoke(why)))
+            .count()
+    }
+
+    /// Tells the programs how many blocks exist (0 lets them skip the lookups).
+    fn sync_block_state(&self) -> Result<(), String> {
+        let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
+        let kernel: Vec<&Revocation> = list
+            .iter()
+            .filter(|r| !matches!(r.selector, Selector::WorkloadId(_)))
+            .collect();
+        let state = interceptor_common::State {
+            egress_blocks: kernel.iter().filter(|r| r.all_egress).count() as u32,
+            mcp_blocks: kernel.len() as u32,
+        };
+        lock(&self.kernel.state)
+            .set(0, state, 0)
+            .map_err(|e| format!("cannot update the programs' state: {e}"))
+    }
+
+    /// Loads the revocations persisted in the pinned map (at start).
+    fn load_revocations(&self) -> Result<(), String> {
+        let rows: Vec<Revocation> = lock(&self.kernel.blocks)
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| Revocation::from_row(k, &v))
+            .collect();
+        if !rows.is_empty() {
+            info!(
+                count = rows.len(),
+                "revocations re-adopted from the pinned map"
+            );
+        }
+        *self.revocations.write().unwrap_or_else(|p| p.into_inner()) = rows;
+        self.sync_block_state()
+    }
+
+    /// Revocations in force.
+    pub fn revocations(&self) -> Vec<Revocation> {
+        self.revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
@@ -282,6 +417,10 @@ impl Daemon {
             }],
             "programs": self.kernel.attachments,
             "tags": self.tags(),
+            "revocations": self.revocations(),
+            "maps": self.kernel.map_fill().into_iter().map(|(name, used, cap)| json!({
+                "name": name, "entries": used, "capacity": cap,
+            })).collect::<Vec<_>>(),
             "policy": {
                 "roles": self.policy().role_names(),
                 "bindings": self.policy().binding_count(),
@@ -416,6 +555,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         streams: Streams::default(),
         audit,
         metrics: crate::metrics::Metrics::default(),
+        revocations: RwLock::new(Vec::new()),
+        draining: tokio::sync::watch::Sender::new(false),
+        live: std::sync::Mutex::new(std::collections::HashMap::new()),
         listener: proxy.entry,
         netns_cookie,
         kernel,
@@ -436,6 +578,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }),
         ))
         .await?;
+    daemon
+        .load_revocations()
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
     daemon.sync_servers()?;
     for (index, cgroup) in daemon.config.tags.iter().enumerate() {
         daemon.tag(cgroup).map_err(|message| Error::Tag {
@@ -478,12 +623,26 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
         }
     }
+    // Drain: stop accepting, refuse new tagged connects in the kernel (fail closed), let
+    // in-flight requests finish up to the grace period.
     proxy_task.abort();
+    daemon.unregister_listener();
+    daemon.draining.send_replace(true);
+    let grace = daemon.config.daemon.drain_grace;
+    let deadline = Instant::now() + grace;
+    while daemon.counters.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let left = daemon.counters.active.load(Ordering::Relaxed);
+    if left > 0 {
+        warn!(connections = left, grace = ?grace, "grace period over; closing the remaining connections");
+    } else {
+        info!("drained");
+    }
     admin_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
-    daemon.unregister_listener();
     let _ = std::fs::remove_file(&socket_path);
     if let Err(e) = daemon
         .audit

@@ -24,6 +24,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod netns;
 pub mod policy;
+pub mod revoke;
 pub mod telemetry;
 pub mod upstream;
 pub mod workload;

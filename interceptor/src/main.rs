@@ -83,6 +83,28 @@ enum Command {
     /// Validate and explain the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Cut an identity off now: live connections closed (in-flight requests answered with the
+    /// revocation), new MCP connections refused at connect() by the kernel. Persists across
+    /// restarts until `unrevoke`.
+    Revoke {
+        #[command(flatten)]
+        who: Who,
+        /// Why (recorded in status and the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Refuse every outbound connection of the cgroup, not only MCP ones (with --cgroup).
+        #[arg(long, requires = "cgroup")]
+        all_egress: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Lift a revocation.
+    Unrevoke {
+        #[command(flatten)]
+        who: Who,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -95,6 +117,38 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+/// Exactly one identity selector.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Who {
+    /// A cgroup (relative to the cgroup v2 mount) and everything below it.
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// A process id.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// A user id.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// A workload id.
+    #[arg(long)]
+    workload_id: Option<String>,
+}
+
+impl Who {
+    fn selector(self) -> interceptor::revoke::Selector {
+        use interceptor::revoke::Selector;
+        match (self.cgroup, self.pid, self.uid, self.workload_id) {
+            (Some(c), ..) => Selector::Cgroup(c),
+            (_, Some(p), ..) => Selector::Pid(p),
+            (_, _, Some(u), _) => Selector::Uid(u),
+            (_, _, _, Some(w)) => Selector::WorkloadId(w),
+            // clap's group guarantees one of them.
+            (None, None, None, None) => Selector::Pid(0),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -404,6 +458,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("rule: {}", d.rule);
             Ok(())
         }
+        Command::Revoke {
+            who,
+            reason,
+            all_egress,
+            config,
+        } => {
+            let daemon = Config::load_daemon(&config.config)?;
+            let r = admin::request(
+                &daemon.admin_socket,
+                &Request::Revoke {
+                    selector: who.selector(),
+                    reason,
+                    all_egress,
+                },
+            )?;
+            println!(
+                "revoked {} ({}); {} live connection(s) closed",
+                r["revocation"]["selector"], r["revocation"]["reason"], r["closed_connections"]
+            );
+            Ok(())
+        }
+        Command::Unrevoke { who, config } => {
+            let daemon = Config::load_daemon(&config.config)?;
+            let r = admin::request(
+                &daemon.admin_socket,
+                &Request::Unrevoke {
+                    selector: who.selector(),
+                },
+            )?;
+            println!("unrevoked {}", r["selector"]);
+            Ok(())
+        }
         Command::Ca(CaCommand::Init { dir }) => {
             let (cert, key) = interceptor::ca::init(&dir, &interceptor::workload::host_name())?;
             println!(
@@ -665,6 +751,33 @@ fn print_status(s: &Value) {
             " (cgroup gone)"
         };
         println!("  {} (id {}){gone}", str_of(&t["cgroup"]), t["id"]);
+    }
+    println!("revocations:");
+    let revs = s["revocations"].as_array().cloned().unwrap_or_default();
+    if revs.is_empty() {
+        println!("  (none)");
+    }
+    for r in revs {
+        println!(
+            "  {}{} since {}: {}",
+            r["selector"],
+            if r["all_egress"] == Value::Bool(true) {
+                " (all egress)"
+            } else {
+                ""
+            },
+            r["since"],
+            str_of(&r["reason"])
+        );
+    }
+    println!("maps:");
+    for m in s["maps"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<15} {}/{}",
+            str_of(&m["name"]),
+            m["entries"],
+            m["capacity"]
+        );
     }
     println!("servers:");
     for sv in s["servers"].as_array().into_iter().flatten() {

@@ -251,6 +251,11 @@ pub struct LabelServer {
 impl LabelServer {
     /// Listens on `ip` (port chosen by the kernel).
     pub fn start(ip: &str, label: &'static str) -> Self {
+        Self::start_slow(ip, label, Duration::ZERO)
+    }
+
+    /// Like [`LabelServer::start`], answering each request after `delay`.
+    pub fn start_slow(ip: &str, label: &'static str, delay: Duration) -> Self {
         let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let connections = Arc::new(AtomicUsize::new(0));
@@ -294,6 +299,7 @@ impl LabelServer {
                     seen.lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(body.clone());
+                    std::thread::sleep(delay);
                     let text = format!("{label}:{body}");
                     let _ = write!(
                         stream,

@@ -82,6 +82,9 @@ pub struct Conn {
     up: AtomicU64,
     down: AtomicU64,
     requests: AtomicU64,
+    /// Set (with the reason) when the identity is revoked: in-flight requests are answered
+    /// with an error naming it and the connection closes.
+    revoked: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// A forwarded request waiting for its response (for `mcp.response` events).
@@ -96,9 +99,34 @@ pub struct Pending {
 /// Pending requests by JSON-RPC id (as JSON text).
 pub type PendingMap = HashMap<String, Pending>;
 
+/// Resolves once the connection is revoked (never, if it is not).
+async fn until_revoked(rx: &mut tokio::sync::watch::Receiver<Option<String>>) {
+    loop {
+        if rx.borrow_and_update().is_some() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Resolves once the flag is set (never, if it is not).
+async fn until_set(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Serves one redirected connection until the agent closes it.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     let stream = framing::Watched::new(stream, conn.verdicts.clone());
+    let conn_ref = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
@@ -112,10 +140,30 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
-    if let Err(e) = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
+    let mut revoked = conn_ref.revoked.subscribe();
+    // Revoked before the first request: serve it, so every request gets an answer naming the
+    // revocation (then `Connection: close`), rather than a bare reset.
+    let revoked_at_start = conn_ref.revoked_reason().is_some();
+    let mut draining = conn_ref.daemon.draining.subscribe();
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        r = connection.as_mut() => r,
+        _ = until_set(&mut draining) => {
+            // SIGTERM: finish what is in flight, then close (the daemon bounds the wait).
+            connection.as_mut().graceful_shutdown();
+            connection.as_mut().await
+        }
+        _ = until_revoked(&mut revoked), if !revoked_at_start => {
+            // In-flight requests answer with the revocation; then the connection closes.
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(Duration::from_millis(500), connection.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "agent connection ended with an error");
     }
 }
@@ -166,7 +214,33 @@ impl Conn {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            revoked: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Revokes this connection (idempotent).
+    pub fn revoke(&self, reason: String) {
+        self.revoked.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn revoked_reason(&self) -> Option<String> {
+        self.revoked.borrow().clone()
+    }
+
+    /// The answer to a request of a revoked identity.
+    fn revoked_error(reason: &str, id: Option<Value>) -> Value {
+        jsonrpc::error_response(
+            id,
+            code::INTERNAL_ERROR,
+            &format!("interceptor: access revoked: {reason}"),
+        )
     }
 
     /// (bytes forwarded up, bytes relayed down, JSON-RPC messages) so far.
@@ -338,6 +412,16 @@ impl Conn {
                 format!("a {method} request carries no body in MCP"),
             );
         }
+        if let Some(reason) = self.revoked_reason() {
+            let mut resp = error_response(
+                StatusCode::FORBIDDEN,
+                code::INTERNAL_ERROR,
+                format!("interceptor: access revoked: {reason}"),
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
         // No JSON-RPC to judge, but the server itself must be granted (tier 1).
         let decision = self
             .daemon
@@ -379,6 +463,29 @@ impl Conn {
                 return json_response(StatusCode::BAD_REQUEST, &e.to_response());
             }
         };
+        if let Some(reason) = self.revoked_reason() {
+            info!(reason = %reason, "request refused: identity revoked");
+            let errors: Vec<Value> = body
+                .messages
+                .iter()
+                .filter_map(|m| {
+                    m.id()
+                        .map(|id| Self::revoked_error(&reason, Some(id.clone())))
+                })
+                .collect();
+            let mut resp = match (body.batch, errors.len()) {
+                (_, 0) => error_response(
+                    StatusCode::FORBIDDEN,
+                    code::INTERNAL_ERROR,
+                    format!("interceptor: access revoked: {reason}"),
+                ),
+                (false, _) => json_response(StatusCode::FORBIDDEN, &errors[0]),
+                (true, _) => json_response(StatusCode::FORBIDDEN, &Value::Array(errors)),
+            };
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
         if let Err(e) = check_mcp_headers(&parts.headers, &body) {
             self.rejected();
             info!(error = %e, "request refused: Mcp-* header disagrees with the body");
@@ -733,7 +840,24 @@ impl Conn {
         let labels = crate::metrics::ServerLabels {
             server: server.name.clone(),
         };
-        let result = client.request(request).await;
+        let mut revoked = self.revoked.subscribe();
+        let result = tokio::select! {
+            r = client.request(request) => r,
+            _ = until_revoked(&mut revoked) => {
+                let reason = self.revoked_reason().unwrap_or_default();
+                let ids: Vec<Value> = pending
+                    .keys()
+                    .filter_map(|k| serde_json::from_str(k).ok())
+                    .collect();
+                self.audit_failed(pending, "revoked");
+                let body = match ids.len() {
+                    1 => Self::revoked_error(&reason, ids.into_iter().next()),
+                    0 => Self::revoked_error(&reason, None),
+                    _ => Value::Array(ids.into_iter().map(|id| Self::revoked_error(&reason, Some(id))).collect()),
+                };
+                return json_response(StatusCode::FORBIDDEN, &body);
+            }
+        };
         self.daemon
             .metrics
             .upstream_latency
@@ -899,7 +1023,19 @@ impl Conn {
                     return None;
                 }
                 let listening = st.session.is_some() || st.stream_id.is_some();
+                let mut revoked = st.conn.revoked.subscribe();
                 tokio::select! {
+                    _ = until_revoked(&mut revoked) => {
+                        let reason = st.conn.revoked_reason().unwrap_or_default();
+                        for id in st.pending.keys() {
+                            let id = serde_json::from_str(id).ok();
+                            let e = Conn::revoked_error(&reason, id);
+                            st.queue.push_back(sse::Event::message(&e.to_string()));
+                        }
+                        let pending = std::mem::take(&mut st.pending);
+                        st.conn.audit_failed(pending, "revoked");
+                        st.done = true;
+                    }
                     frame = st.body.frame() => match frame {
                         Some(Ok(f)) => {
                             let Some(d) = f.data_ref() else { continue };

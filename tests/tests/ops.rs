@@ -1,0 +1,268 @@
+//! Operating it: revocation (kernel block map + live connections), all-egress containment,
+//! persistence across restarts, and draining on SIGTERM.
+
+use std::time::{Duration, Instant};
+
+use interceptor_tests::{
+    LabelServer, McpServer, ServerSpec, TestEnv, privileged, read_stream, run_client, send_raw,
+};
+use nix::sys::signal::Signal;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
+const ECONNREFUSED: i32 = 111;
+
+fn world(label: &str, upstream: &LabelServer) -> (TestEnv, String, String) {
+    let mut env = TestEnv::new(label);
+    let a = env.cgroup("agents/a");
+    let b = env.cgroup("agents/b");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![upstream.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&format!("{}/agents", env.root)],
+    );
+    env.start_daemon();
+    (env, a, b)
+}
+
+fn cli_ok(env: &TestEnv, args: &[&str]) -> String {
+    let out = env.cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let (mut env, a, b) = world("revoke", &upstream);
+    let (dir_a, dir_b) = (env.dir(&a), env.dir(&b));
+    let addr = upstream.addr.to_string();
+    assert!(
+        run_client(PROBE, &dir_a, &addr)
+            .expect_reply()
+            .starts_with("upstream:")
+    );
+
+    // Revoke /agents/a: the kernel refuses its next connect, the upstream sees nothing.
+    let out = cli_ok(&env, &["revoke", "--cgroup", &a, "--reason", "incident 42"]);
+    assert!(out.contains("revoked"), "{out}");
+    let seen = upstream.count();
+    let r = run_client(PROBE, &dir_a, &addr);
+    assert_eq!(r.errno, Some(ECONNREFUSED), "{r:?}");
+    assert_eq!(upstream.count(), seen);
+    // Other agents are unaffected.
+    assert!(
+        run_client(PROBE, &dir_b, &addr)
+            .expect_reply()
+            .starts_with("upstream:")
+    );
+    let status = env.status();
+    assert_eq!(
+        status["revocations"][0]["selector"]["cgroup"],
+        a.as_str(),
+        "{status}"
+    );
+    assert_eq!(status["revocations"][0]["reason"], "incident 42");
+    assert!(status["counters"]["kernel"]["refused_revoked"].as_u64() >= Some(1));
+    assert!(status["maps"].as_array().is_some_and(|m| {
+        m.iter()
+            .any(|x| x["name"] == "ICPT_BLOCKS" && x["entries"] == 1)
+    }));
+
+    // Persists across a restart (also a crash).
+    env.stop_daemon(Signal::SIGKILL);
+    env.start_daemon();
+    assert_eq!(
+        env.status()["revocations"][0]["selector"]["cgroup"],
+        a.as_str()
+    );
+    assert_eq!(run_client(PROBE, &dir_a, &addr).errno, Some(ECONNREFUSED));
+
+    // Unrevoke restores.
+    cli_ok(&env, &["unrevoke", "--cgroup", &a]);
+    assert!(
+        run_client(PROBE, &dir_a, &addr)
+            .expect_reply()
+            .starts_with("upstream:")
+    );
+    let out = env.cli(&["unrevoke", "--cgroup", &a]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not revoked")
+    );
+
+    // By uid: every agent of that user (here root) is refused in the kernel.
+    cli_ok(&env, &["revoke", "--uid", "0"]);
+    assert_eq!(run_client(PROBE, &dir_b, &addr).errno, Some(ECONNREFUSED));
+    cli_ok(&env, &["unrevoke", "--uid", "0"]);
+
+    // By workload id: enforced by the proxy (connect succeeds, every request is refused).
+    let wid = format!(
+        "spiffe://interceptor.local/node/{}/cgroup{b}/uid/0",
+        hostname()
+    );
+    cli_ok(
+        &env,
+        &["revoke", "--workload-id", &wid, "--reason", "rotated"],
+    );
+    let seen = upstream.count();
+    let r = run_client(PROBE, &dir_b, &addr);
+    assert_eq!(r.status, Some(403), "{r:?}");
+    assert!(
+        r.reply
+            .as_deref()
+            .unwrap_or("")
+            .contains("access revoked: rotated"),
+        "{r:?}"
+    );
+    assert_eq!(upstream.count(), seen);
+    cli_ok(&env, &["unrevoke", "--workload-id", &wid]);
+    assert!(
+        run_client(PROBE, &dir_b, &addr)
+            .expect_reply()
+            .starts_with("upstream:")
+    );
+
+    let events = env.audit_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "revoke" && e["reason"] == "incident 42")
+    );
+    assert!(events.iter().any(|e| e["event"] == "unrevoke"));
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn revocation_closes_live_streams() {
+    if !privileged() {
+        return;
+    }
+    let mut env = TestEnv::new("revoke-live");
+    let server = McpServer::start("sse");
+    let a = env.cgroup("agents");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![server.addr.to_string()],
+            upstream: server.addr.to_string(),
+        }],
+        &[&a],
+    );
+    env.start_daemon();
+    let addr = server.addr.to_string();
+    let request = format!("GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    let dir = env.dir(&a);
+    let reader = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = read_stream(PROBE, &dir, &addr, request.as_bytes(), 8000);
+        (r, started.elapsed())
+    });
+    env.wait_log("legacy SSE session registered", |_| true);
+    let revoked_at = Instant::now();
+    cli_ok(&env, &["revoke", "--cgroup", &a, "--reason", "cut off"]);
+    let (r, total) = reader.join().expect("reader");
+    let after_revoke = revoked_at.elapsed();
+    assert!(r.reply.unwrap_or_default().contains("event: endpoint"));
+    // The stream ended because of the revocation, long before the reader's own 8 s limit.
+    assert!(
+        total < Duration::from_secs(7),
+        "stream still open after the revocation"
+    );
+    assert!(after_revoke < Duration::from_secs(3), "{after_revoke:?}");
+}
+
+#[test]
+fn all_egress_contains_a_cgroup() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let other = LabelServer::start("127.0.0.4", "other");
+    let (env, a, b) = world("egress", &upstream);
+    let (dir_a, dir_b) = (env.dir(&a), env.dir(&b));
+    let other_addr = other.addr.to_string();
+    assert!(
+        run_client(PROBE, &dir_a, &other_addr)
+            .expect_reply()
+            .starts_with("other:")
+    );
+    cli_ok(
+        &env,
+        &[
+            "revoke",
+            "--cgroup",
+            &a,
+            "--all-egress",
+            "--reason",
+            "contain",
+        ],
+    );
+    // Not only MCP: any destination.
+    assert_eq!(
+        run_client(PROBE, &dir_a, &other_addr).errno,
+        Some(ECONNREFUSED)
+    );
+    assert!(
+        run_client(PROBE, &dir_b, &other_addr)
+            .expect_reply()
+            .starts_with("other:")
+    );
+    assert_eq!(other.count(), 2);
+    cli_ok(&env, &["unrevoke", "--cgroup", &a]);
+    assert!(
+        run_client(PROBE, &dir_a, &other_addr)
+            .expect_reply()
+            .starts_with("other:")
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(1500));
+    let (mut env, a, _) = world("drain", &upstream);
+    let dir = env.dir(&a);
+    let addr = upstream.addr.to_string();
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let in_flight = std::thread::spawn(move || send_raw(PROBE, &dir, &addr, request.as_bytes()));
+    // Wait until the request is at the upstream, then stop the daemon.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.bodies().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    env.stop_daemon(Signal::SIGTERM);
+    let r = in_flight.join().expect("client");
+    assert_eq!(
+        r.status,
+        Some(200),
+        "the in-flight request must finish: {r:?}"
+    );
+    assert!(r.reply.unwrap_or_default().starts_with("slow:"));
+    assert!(env.log_text().contains("drained"));
+    // And new connects are refused (fail closed) now that the daemon is gone.
+    let dir = env.dir(&a);
+    assert_eq!(
+        run_client(PROBE, &dir, &upstream.addr.to_string()).errno,
+        Some(ECONNREFUSED)
+    );
+}
