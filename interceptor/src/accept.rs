@@ -16,68 +16,112 @@ use serde_json::json;
 
 use crate::{audit, bpf::lock, daemon::Daemon, identity::Identity};
 
-/// The proxy's listening sockets in the daemon's network namespace.
+/// The proxy's listening sockets in one network namespace.
 pub struct Proxy {
     listeners: Vec<TcpListener>,
     /// What the kernel needs to know to redirect here.
     pub entry: Listener,
+    /// Cookie of the namespace the listeners live in (the kernel keys its records by it).
+    pub netns_cookie: u64,
+}
+
+/// Binds `127.0.0.1:port` and, where IPv6 is available, `[::1]:port`, in the calling thread's
+/// network namespace.
+fn bind_std(port: u16) -> io::Result<(Vec<std::net::TcpListener>, Listener)> {
+    let v4 = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).map_err(
+        |e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or is the \
+                 port taken? (daemon.listen_port)"
+                ),
+            )
+        },
+    )?;
+    v4.set_nonblocking(true)?;
+    let mut entry = Listener {
+        port4: port,
+        ..Default::default()
+    };
+    let mut listeners = vec![v4];
+    match std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+        Ok(v6) => {
+            v6.set_nonblocking(true)?;
+            entry.port6 = port;
+            listeners.push(v6);
+        }
+        // No IPv6 here: the kernel refuses IPv6 MCP connections rather than letting them go
+        // direct (port6 = 0).
+        Err(e) => {
+            warn!(error = %e, "no IPv6 listener on [::1]:{port}; IPv6 MCP connections will be refused")
+        }
+    }
+    Ok((listeners, entry))
 }
 
 impl Proxy {
-    /// Binds `127.0.0.1:port` and, where IPv6 is available, `[::1]:port`.
+    /// Binds in the daemon's own network namespace.
     pub async fn bind(port: u16) -> io::Result<Self> {
-        let v4 = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-            .await
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or \
-                         is the port taken? (daemon.listen_port)"
-                    ),
-                )
-            })?;
-        let mut entry = Listener {
-            port4: port,
-            ..Default::default()
-        };
-        let mut listeners = vec![v4];
-        match TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await {
-            Ok(v6) => {
-                entry.port6 = port;
-                listeners.push(v6);
-            }
-            // No IPv6 here: the kernel refuses IPv6 MCP connections rather than letting them
-            // go direct (port6 = 0).
-            Err(e) => {
-                warn!(error = %e, "no IPv6 listener on [::1]:{port}; IPv6 MCP connections will be refused")
-            }
-        }
-        Ok(Self { listeners, entry })
+        let (listeners, entry) = bind_std(port)?;
+        Self::from_std(listeners, entry)
     }
 
-    /// The network-namespace cookie of the listeners.
-    pub fn netns_cookie(&self) -> io::Result<u64> {
-        crate::netns::cookie_of(&self.listeners[0])
+    /// Binds inside the network namespace `ns` (e.g. `/proc/<pid>/ns/net`): a short-lived thread
+    /// enters it, binds, and ends; the sockets stay in that namespace, the daemon does not.
+    pub async fn bind_in(ns: &std::path::Path, port: u16) -> io::Result<Self> {
+        let ns = ns.to_owned();
+        let (listeners, entry) = tokio::task::spawn_blocking(move || {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        let file = std::fs::File::open(&ns)?;
+                        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                            |e| io::Error::other(format!("entering {}: {e}", ns.display())),
+                        )?;
+                        bind_std(port)
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("binding thread panicked")))
+            })
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Self::from_std(listeners, entry)
+    }
+
+    fn from_std(listeners: Vec<std::net::TcpListener>, entry: Listener) -> io::Result<Self> {
+        let netns_cookie = crate::netns::cookie_of(&listeners[0])?;
+        let listeners = listeners
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            listeners,
+            entry,
+            netns_cookie,
+        })
     }
 
     /// Accepts until the future is dropped.
     pub async fn run(self, daemon: Arc<Daemon>) {
         let mut tasks = tokio::task::JoinSet::new();
         for listener in self.listeners {
-            tasks.spawn(accept_loop(listener, daemon.clone()));
+            tasks.spawn(accept_loop(listener, daemon.clone(), self.netns_cookie));
         }
         while tasks.join_next().await.is_some() {}
     }
 }
 
-async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>) {
+async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>, netns_cookie: u64) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
                 let span = info_span!("conn", id);
-                tokio::spawn(serve(stream, peer, daemon.clone(), id).instrument(span));
+                tokio::spawn(
+                    serve(stream, peer, daemon.clone(), id, netns_cookie).instrument(span),
+                );
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: back off instead of spinning.
@@ -89,7 +133,13 @@ async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>) {
 }
 
 /// One agent connection through the pipeline.
-async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64) {
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    daemon: Arc<Daemon>,
+    id: u64,
+    netns_cookie: u64,
+) {
     let counters = &daemon.counters;
     let local_port = match stream.local_addr() {
         Ok(a) => a.port(),
@@ -99,7 +149,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64
         }
     };
     let key = TupleKey {
-        netns_cookie: daemon.netns_cookie,
+        netns_cookie,
         client: Addr::from(peer),
         proxy_port: local_port,
         _pad: 0,

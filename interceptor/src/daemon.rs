@@ -115,11 +115,57 @@ pub struct Daemon {
     pub metrics: crate::metrics::Metrics,
     /// Revocations in force (the pinned block map is their persistent form).
     revocations: RwLock<Vec<Revocation>>,
+    /// Proxy listeners opened inside other network namespaces, by namespace inode.
+    ns_listeners: std::sync::Mutex<std::collections::HashMap<u64, NsListener>>,
     /// Set on SIGTERM: connections finish their in-flight requests and close.
     pub draining: tokio::sync::watch::Sender<bool>,
     /// Live agent connections, by connection number, so a revocation can close them.
     pub live: std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::mcp::Conn>>>,
     started: Instant,
+}
+
+/// A listener inside another network namespace.
+struct NsListener {
+    cookie: u64,
+    entry: interceptor_common::Listener,
+    /// A process of a tagged cgroup seen in the namespace when it was opened.
+    pid: u32,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How often the tagged cgroups are scanned for processes in other network namespaces.
+const NAMESPACE_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The inode of a process's network namespace.
+fn netns_inode(pid: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Network namespaces (inode → a pid in it) of the processes under the cgroup directories.
+fn namespaces_under(dirs: &[std::path::PathBuf]) -> std::collections::HashMap<u64, u32> {
+    let mut found = std::collections::HashMap::new();
+    let mut stack: Vec<std::path::PathBuf> = dirs.to_vec();
+    while let Some(dir) = stack.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                if let (Some(ino), Ok(p)) = (netns_inode(pid), pid.parse::<u32>()) {
+                    found.entry(ino).or_insert(p);
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found
 }
 
 /// What a reload did.
@@ -200,6 +246,83 @@ impl Daemon {
             not_applied,
             notified_streams,
         })
+    }
+
+    /// Opens a listener in every network namespace where a tagged process lives, and closes
+    /// those whose namespace has no tagged process any more. Until a namespace has its listener,
+    /// its tagged processes' MCP connects are refused (fail closed).
+    async fn refresh_namespaces(self: &Arc<Self>) {
+        let own = netns_inode("self");
+        let dirs: Vec<std::path::PathBuf> = self
+            .tags()
+            .into_iter()
+            .filter(|t| t.exists)
+            .map(|t| self.hierarchy.dir(&t.cgroup))
+            .collect();
+        let found = tokio::task::spawn_blocking(move || namespaces_under(&dirs))
+            .await
+            .unwrap_or_default();
+        let wanted: std::collections::HashMap<u64, u32> = found
+            .into_iter()
+            .filter(|(ino, _)| Some(*ino) != own)
+            .collect();
+        let stale: Vec<u64> = lock(&self.ns_listeners)
+            .keys()
+            .filter(|ino| !wanted.contains_key(ino))
+            .copied()
+            .collect();
+        for ino in stale {
+            if let Some(l) = lock(&self.ns_listeners).remove(&ino) {
+                l.task.abort();
+                let _ = lock(&self.kernel.listeners).remove(&l.cookie);
+                info!(
+                    netns.inode = ino,
+                    netns.cookie = l.cookie,
+                    "listener closed: no tagged process left in its network namespace"
+                );
+            }
+        }
+        for (ino, pid) in wanted {
+            if lock(&self.ns_listeners).contains_key(&ino) {
+                continue;
+            }
+            let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+            match Proxy::bind_in(&ns, self.config.daemon.listen_port).await {
+                Ok(proxy) => {
+                    let (cookie, entry) = (proxy.netns_cookie, proxy.entry);
+                    if let Err(e) = lock(&self.kernel.listeners).insert(cookie, entry, 0) {
+                        warn!(netns.inode = ino, error = %e, "cannot register the listener");
+                        continue;
+                    }
+                    let task = tokio::spawn(proxy.run(self.clone()));
+                    info!(
+                        netns.inode = ino,
+                        netns.cookie = cookie,
+                        pid,
+                        "listener opened in another network namespace"
+                    );
+                    lock(&self.ns_listeners).insert(
+                        ino,
+                        NsListener {
+                            cookie,
+                            entry,
+                            pid,
+                            task,
+                        },
+                    );
+                }
+                Err(e) => {
+                    warn!(netns.inode = ino, pid, error = %e, "cannot open a listener in the network namespace; its tagged processes stay refused")
+                }
+            }
+        }
+    }
+
+    fn unregister_ns_listeners(&self) {
+        for (_, l) in lock(&self.ns_listeners).drain() {
+            l.task.abort();
+            let _ = lock(&self.kernel.listeners).remove(&l.cookie);
+        }
     }
 
     /// Revokes `selector`: kernel block (persisted), live connections closed, audit event.
@@ -410,11 +533,21 @@ impl Daemon {
             "cgroup_mount": self.hierarchy.mount,
             "attach_cgroup": self.config.daemon.cgroup_root,
             "bpffs_dir": self.kernel.bpffs_dir,
-            "listeners": [{
+            "listeners": std::iter::once(json!({
                 "netns_cookie": self.netns_cookie,
                 "port4": self.listener.port4,
                 "port6": self.listener.port6,
-            }],
+                "own": true,
+            }))
+            .chain(lock(&self.ns_listeners).iter().map(|(ino, l)| json!({
+                "netns_cookie": l.cookie,
+                "netns_inode": ino,
+                "port4": l.entry.port4,
+                "port6": l.entry.port6,
+                "pid": l.pid,
+                "own": false,
+            })))
+            .collect::<Vec<_>>(),
             "programs": self.kernel.attachments,
             "tags": self.tags(),
             "revocations": self.revocations(),
@@ -541,7 +674,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         &config.daemon.cgroup_root,
     )?;
     let proxy = Proxy::bind(config.daemon.listen_port).await?;
-    let netns_cookie = proxy.netns_cookie()?;
+    let netns_cookie = proxy.netns_cookie;
     let admin = AdminServer::bind(&config.daemon.admin_socket)?;
     let metrics_listener = match config.daemon.metrics_addr {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
@@ -557,6 +690,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         metrics: crate::metrics::Metrics::default(),
         revocations: RwLock::new(Vec::new()),
         draining: tokio::sync::watch::Sender::new(false),
+        ns_listeners: std::sync::Mutex::new(std::collections::HashMap::new()),
         live: std::sync::Mutex::new(std::collections::HashMap::new()),
         listener: proxy.entry,
         netns_cookie,
@@ -610,6 +744,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut admin_task = tokio::spawn(admin.run(daemon.clone()));
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, daemon.clone())));
+    let ns_task = tokio::spawn({
+        let daemon = daemon.clone();
+        async move {
+            loop {
+                daemon.refresh_namespaces().await;
+                tokio::time::sleep(NAMESPACE_SCAN).await;
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = &mut proxy_task => { warn!("proxy listeners stopped"); break; }
@@ -626,7 +769,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Drain: stop accepting, refuse new tagged connects in the kernel (fail closed), let
     // in-flight requests finish up to the grace period.
     proxy_task.abort();
+    ns_task.abort();
     daemon.unregister_listener();
+    daemon.unregister_ns_listeners();
     daemon.draining.send_replace(true);
     let grace = daemon.config.daemon.drain_grace;
     let deadline = Instant::now() + grace;

@@ -1,0 +1,167 @@
+//! Agents in their own network namespaces (`ip netns add` + veth): the daemon opens a listener
+//! inside each namespace where a tagged process lives; identical tuples in two namespaces never
+//! collide, and each request is attributed to the right process.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use interceptor_tests::{LabelServer, ServerSpec, TestEnv, privileged};
+use serde_json::Value;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
+
+/// A network namespace this test made; deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Self {
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        // Both namespaces draw source ports from a single port, so their tuples are identical.
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_local_port_range=40000 40000",
+        ]);
+        Self(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `program args…` inside cgroup directory `cg` and namespace `ns`. The cgroup is joined first:
+/// `ip netns exec` mounts a fresh /sys, without the cgroup hierarchy. (It execs without
+/// forking, so the pid, and with it the cgroup, stays.)
+fn in_ns(ns: &str, cg: &std::path::Path, program: &str, args: &[&str]) -> Command {
+    let script = format!(
+        "echo $$ > '{}' && exec \"$@\"",
+        cg.join("cgroup.procs").display()
+    );
+    let mut c = Command::new("sh");
+    c.args(["-c", &script, "sh", "ip", "netns", "exec", ns, program])
+        .args(args);
+    c
+}
+
+#[test]
+fn agents_in_two_namespaces_are_intercepted_and_told_apart() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let mut env = TestEnv::new("netns");
+    let a = env.cgroup("agents/a");
+    let b = env.cgroup("agents/b");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec!["127.0.0.2:8080".into()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&format!("{}/agents", env.root)],
+    );
+    let base = format!("icpt-{}-{}", std::process::id(), env.port);
+    let (na, nb) = (
+        Netns::new(format!("{base}-a")),
+        Netns::new(format!("{base}-b")),
+    );
+    // A veth pair between them, as container namespaces have.
+    run(&[
+        "ip", "link", "add", "icpt-va", "netns", &na.0, "type", "veth", "peer", "name", "icpt-vb",
+        "netns", &nb.0,
+    ]);
+    env.start_daemon();
+
+    let (dir_a, dir_b) = (env.dir(&a), env.dir(&b));
+    let _holders = [
+        Holder(
+            in_ns(&na.0, &dir_a, "sleep", &["60"])
+                .spawn()
+                .expect("holder a"),
+        ),
+        Holder(
+            in_ns(&nb.0, &dir_b, "sleep", &["60"])
+                .spawn()
+                .expect("holder b"),
+        ),
+    ];
+    // The daemon finds both namespaces and opens a listener in each.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let listeners = env.status()["listeners"].as_array().map_or(0, Vec::len);
+        if listeners == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "listeners not opened: {}",
+            env.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let probe = |ns: &str, dir: &std::path::Path| -> Value {
+        let out = in_ns(ns, dir, PROBE, &["127.0.0.2:8080"])
+            .stderr(Stdio::piped())
+            .output()
+            .expect("probe");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "probe printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let ra = probe(&na.0, &dir_a);
+    let rb = probe(&nb.0, &dir_b);
+    for r in [&ra, &rb] {
+        assert!(
+            r["reply"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("upstream:")),
+            "{r}"
+        );
+        assert_eq!(r["peer"], "127.0.0.2:8080");
+    }
+    // Each request attributed to its own process and cgroup, despite identical tuples.
+    let la = env.wait_log("connection redirected", |v| v["client.pid"] == ra["pid"]);
+    let lb = env.wait_log("connection redirected", |v| v["client.pid"] == rb["pid"]);
+    assert_eq!(la["client.cgroup"], a.as_str());
+    assert_eq!(lb["client.cgroup"], b.as_str());
+    assert_eq!(
+        la["client.addr"], lb["client.addr"],
+        "the tuples were meant to be identical"
+    );
+    assert_eq!(upstream.count(), 2);
+}
