@@ -85,11 +85,6 @@ pub mod stats {
     ];
 }
 
-/// Sockets the daemon opens towards upstreams carry this `SO_MARK`, and the connect hooks leave
-/// them alone, so an upstream that is itself an intercepted address cannot loop back into the
-/// proxy. Setting `SO_MARK` needs `CAP_NET_ADMIN`, which unprivileged agents lack.
-pub const BYPASS_MARK: u32 = 0x1ce7_0001;
-
 /// How many cgroup ancestors (including the caller's own cgroup) are checked against the tags.
 pub const MAX_CGROUP_DEPTH: i32 = 32;
 
@@ -260,6 +255,13 @@ pub struct State {
     pub egress_blocks: u32,
     /// How many kernel-enforced MCP blocks exist; 0 skips that check.
     pub mcp_blocks: u32,
+    /// The running daemon's process id (0: none). Its own upstream connections are never
+    /// redirected — recognised by process *and* cgroup, which an agent cannot forge (a socket
+    /// mark can be set by any process with CAP_NET_RAW, which containers get by default).
+    pub daemon_tgid: u32,
+    pub _pad: u32,
+    /// The running daemon's cgroup id.
+    pub daemon_cgroup: u64,
 }
 
 /// Key of [`maps::CONNS`]: the agent's end of a redirected connection, as the proxy sees it from
@@ -283,7 +285,7 @@ const _: () = assert!(core::mem::size_of::<Listener>() == 8);
 const _: () = assert!(core::mem::size_of::<TagValue>() == 8 + TAG_PATH_MAX);
 const _: () = assert!(core::mem::size_of::<BlockKey>() == 16);
 const _: () = assert!(core::mem::size_of::<BlockValue>() == 16 + 2 * BLOCK_TEXT);
-const _: () = assert!(core::mem::size_of::<State>() == 8);
+const _: () = assert!(core::mem::size_of::<State>() == 24);
 
 #[cfg(feature = "user")]
 mod user {

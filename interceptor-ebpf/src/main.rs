@@ -32,9 +32,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
-    AF_INET, AF_INET6, Addr, BYPASS_MARK, BlockKey, BlockValue, ConnRecord, Listener,
-    MAX_CGROUP_DEPTH, ServerValue, State, TagValue, TupleKey, V4_MAPPED_WORD, block, capacity,
-    stats,
+    AF_INET, AF_INET6, Addr, BlockKey, BlockValue, ConnRecord, Listener, MAX_CGROUP_DEPTH,
+    ServerValue, State, TagValue, TupleKey, V4_MAPPED_WORD, block, capacity, stats,
 };
 
 #[map(name = "ICPT_TAGS")]
@@ -189,15 +188,18 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: `sa` is the program's context pointer, valid for the whole call.
     let (sock_type, user_port) = unsafe { ((*sa).type_, (*sa).user_port) };
-    // The daemon's own upstream sockets carry BYPASS_MARK (needs CAP_NET_ADMIN to set).
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    if !sk.is_null() && unsafe { (*sk).mark } == BYPASS_MARK {
-        return Ok(PROCEED);
-    }
     let st = state();
     // Containment: an all-egress block refuses every outbound connection of the cgroup.
     if st.egress_blocks != 0 && caller_blocks() & block::ALL_EGRESS != 0 {
         return refuse(stats::REFUSED_EGRESS);
+    }
+    // The daemon's own upstream connections, recognised by process and cgroup.
+    if st.daemon_tgid != 0
+        && (bpf_get_current_pid_tgid() >> 32) as u32 == st.daemon_tgid
+        // SAFETY: helper without arguments.
+        && unsafe { bpf_get_current_cgroup_id() } == st.daemon_cgroup
+    {
+        return Ok(PROCEED);
     }
     if sock_type != SOCK_STREAM {
         return Ok(PROCEED);

@@ -208,12 +208,13 @@ async fn serve(
         }),
     ));
     let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
+    // Registered before the check, so a revocation made in between still finds it.
+    lock(&daemon.live).insert(id, conn.clone());
     if let Some(reason) = daemon.revocation_for(&conn.identity) {
         // Revoked after connect() passed (a workload-id revocation, or a race): every request
         // on this connection is answered with the revocation.
         conn.revoke(reason);
     }
-    lock(&daemon.live).insert(id, conn.clone());
     daemon.metrics.connections.inc();
     daemon.metrics.active_connections.inc();
     crate::mcp::serve(stream, conn.clone()).await;

@@ -181,6 +181,10 @@ fn unseal(line: &str) -> Option<(String, &str)> {
         return None;
     }
     let split = line.len() - TAIL;
+    // A tampered line may put a multi-byte character across the split: not a valid seal.
+    if !line.is_char_boundary(split) {
+        return None;
+    }
     let (body, tail) = line.split_at(split);
     let hash = tail.strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
     if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -225,7 +229,22 @@ impl Audit {
                 .map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
         }
         let mut file = open_log(&config.path).map_err(|e| open_err(e.to_string()))?;
-        let tail = read_tail(&mut file).map_err(|e| open_err(e.to_string()))?;
+        // One writer per log: a second daemon would see the first one's line in progress as
+        // torn, cut it, and fork the chain.
+        lock_exclusive(&file).map_err(|e| {
+            open_err(format!(
+                "{e}; another interceptor daemon is writing this log (one daemon per node)"
+            ))
+        })?;
+        let mut tail = read_tail(&mut file).map_err(|e| open_err(e.to_string()))?;
+        if tail.valid_len == 0 && tail.torn.is_none() {
+            // A new or emptied file (rotation, logrotate, removal): continue the chain from the
+            // newest rotated file beside it.
+            if let Some((seq, hash)) = newest_rotated_head(&config.path) {
+                tail.last_seq = seq;
+                tail.last_hash = hash;
+            }
+        }
         let (tx, rx) = mpsc::channel();
         let healthy = Arc::new(AtomicBool::new(true));
         let stats = Arc::new(Stats::default());
@@ -287,7 +306,15 @@ impl Audit {
     /// Records `events` together (one write, all or none); returns when they are durable
     /// according to the configured mode.
     pub async fn record_all(&self, events: Vec<Map<String, Value>>) -> Result<(), Error> {
-        let events = events.into_iter().map(stamp).collect();
+        if events.is_empty() {
+            // Nothing to write: no verdict on the log's health either way.
+            return if self.healthy() {
+                Ok(())
+            } else {
+                Err(Error::Unavailable("the last write failed".into()))
+            };
+        }
+        let events: Vec<_> = events.into_iter().map(stamp).collect();
         if self.durability == Durability::Async {
             if !self.healthy() {
                 return Err(Error::Unavailable("the last write failed".into()));
@@ -338,6 +365,35 @@ fn stamp(mut event: Map<String, Value>) -> Map<String, Value> {
     event
 }
 
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid fd; flock has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// (seq, hash) of the last event in the newest `<path>.<time>` file beside `path`.
+fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
+    let dir = path.parent()?;
+    let prefix = format!("{}.", path.file_name()?.to_string_lossy());
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .max()?;
+    let mut f = File::open(newest).ok()?;
+    let t = read_tail(&mut f).ok()?;
+    (t.last_seq > 0).then_some((t.last_seq, t.last_hash))
+}
+
 fn open_log(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
@@ -358,11 +414,21 @@ struct Tail {
 /// Reads the last complete line for `seq`/`hash` and detects a torn last line.
 fn read_tail(file: &mut File) -> io::Result<Tail> {
     let len = file.metadata()?.len();
-    // Enough to hold the last line or two (events are small; arguments are capped).
-    let window = len.min(1 << 20);
-    file.seek(SeekFrom::Start(len - window))?;
-    let mut buf = Vec::with_capacity(window as usize);
-    file.read_to_end(&mut buf)?;
+    // Enough to hold the last complete line and whatever follows it: grow the window until it
+    // holds a line break before the last line (or reaches the start of the file).
+    let mut window = len.min(1 << 20);
+    let mut buf;
+    loop {
+        file.seek(SeekFrom::Start(len - window))?;
+        buf = Vec::with_capacity(window as usize);
+        file.read_to_end(&mut buf)?;
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let breaks = body.iter().filter(|&&b| b == b'\n').count();
+        if window == len || breaks >= 2 {
+            break;
+        }
+        window = (window * 4).min(len);
+    }
     let mut valid_end = buf.len();
     let mut torn = None;
     if !buf.is_empty() && buf.last() != Some(&b'\n') {
@@ -476,7 +542,11 @@ impl Writer {
                 acks.push(job.ack);
             }
             let n = events.len() as u64;
-            let result = self.write_batch(events).map_err(|e| e.to_string());
+            let result = if events.is_empty() {
+                Ok(())
+            } else {
+                self.write_batch(events).map_err(|e| e.to_string())
+            };
             match &result {
                 Ok(()) => {
                     self.stats.events.fetch_add(n, Ordering::Relaxed);
@@ -645,7 +715,7 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                 return Ok(out);
             }
             if let Some(ps) = prev_seq
-                && seq != ps + 1
+                && Some(seq) != ps.checked_add(1)
             {
                 out.broken = fail(format!(
                     "seq {seq} follows {ps}: records are missing or reordered"
@@ -761,6 +831,50 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\"audit.repair\""));
         assert_eq!(v.events, 6);
+    }
+
+    #[tokio::test]
+    async fn one_writer_per_log_and_a_fresh_file_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), Durability::Fsync);
+        c.max_file_bytes = 4096;
+        let a = Audit::open(c.clone()).unwrap();
+        let e = Audit::open(c.clone())
+            .err()
+            .expect("a second writer is refused");
+        assert!(e.to_string().contains("another interceptor daemon"), "{e}");
+        for i in 0..30 {
+            a.record(event(&format!("padding-event-{i:04}-{}", "x".repeat(40))))
+                .await
+                .unwrap();
+        }
+        drop(a);
+        std::thread::sleep(Duration::from_millis(100));
+        // The live file vanishes (logrotate, an operator): the next start continues the chain
+        // from the newest rotated file.
+        std::fs::remove_file(dir.path().join("audit.jsonl")).unwrap();
+        let a = Audit::open(c).unwrap();
+        a.record(event("after")).await.unwrap();
+        drop(a);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p != &dir.path().join("audit.jsonl"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no rotation happened");
+        files.push(dir.path().join("audit.jsonl"));
+        let v = verify(&files).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        // The new file's first event continues the sequence of the rotated ones.
+        let live = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let first: Value = serde_json::from_str(live.lines().next().unwrap()).unwrap();
+        assert!(first["seq"].as_u64() > Some(1), "{first}");
+    }
+
+    #[test]
+    fn tampered_multibyte_lines_do_not_panic() {
+        assert!(unseal(&format!("{{\"a\":\"{}\"}}", "é".repeat(60))).is_none());
     }
 
     #[tokio::test]

@@ -168,6 +168,20 @@ fn namespaces_under(dirs: &[std::path::PathBuf]) -> std::collections::HashMap<u6
     found
 }
 
+/// This process's id and cgroup id, for the programs to recognise its own connections.
+fn own_identity() -> (u32, u64) {
+    let cgroup_id = crate::cgroup::process_cgroup(std::process::id())
+        .ok()
+        .and_then(|p| {
+            crate::cgroup::cgroup2_mount()
+                .ok()
+                .map(|m| Hierarchy { mount: m })
+                .and_then(|h| h.id(&p).ok())
+        })
+        .unwrap_or(0);
+    (std::process::id(), cgroup_id)
+}
+
 /// What a reload did.
 #[derive(Debug, Serialize)]
 pub struct ReloadReport {
@@ -334,6 +348,15 @@ impl Daemon {
         all_egress: bool,
     ) -> Result<(Revocation, usize), String> {
         let (selector, key) = selector.key(&self.hierarchy)?;
+        // The label is how the revocation is rebuilt after a restart: it must fit whole.
+        if selector.label().len() > interceptor_common::BLOCK_TEXT {
+            return Err(format!(
+                "{} is longer than {} bytes and cannot be stored; revoke a shorter selector \
+                 (its cgroup, uid or pid) instead",
+                selector.label(),
+                interceptor_common::BLOCK_TEXT
+            ));
+        }
         if all_egress && !matches!(selector, Selector::Cgroup(_)) {
             return Err("--all-egress applies to a cgroup (--cgroup P)".into());
         }
@@ -356,8 +379,10 @@ impl Daemon {
             list.retain(|r| r.key != key);
             list.push(revocation.clone());
         }
-        self.sync_block_state()?;
+        // Close live connections whatever happens next: the revocation is already in force at
+        // the proxy.
         let closed = self.close_revoked();
+        self.sync_block_state()?;
         warn!(revoked = %revocation.selector.label(), reason = %revocation.reason, all_egress, closed, "revoked");
         self.audit.record_later(audit::event(
             "revoke",
@@ -396,12 +421,19 @@ impl Daemon {
 
     /// The revocation that applies to `identity`, if any (its reason).
     pub fn revocation_for(&self, identity: &crate::identity::Identity) -> Option<String> {
-        self.revocations
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = list.iter().find(|r| r.selector.matches(identity)) {
+            return Some(format!("{} ({})", r.reason, r.selector.label()));
+        }
+        // Workload-id revocations are enforced here only: an identity whose workload id could
+        // not be computed (its process vanished) cannot be cleared of them. Fail closed.
+        let workload_revocations = list
             .iter()
-            .find(|r| r.selector.matches(identity))
-            .map(|r| format!("{} ({})", r.reason, r.selector.label()))
+            .any(|r| matches!(r.selector, Selector::WorkloadId(_)));
+        (workload_revocations && identity.workload_id.is_none()).then(|| {
+            "the caller's identity could not be established while workload-id revocations are in force"
+                .to_owned()
+        })
     }
 
     /// Revokes every live connection a revocation now covers; returns how many.
@@ -419,13 +451,25 @@ impl Daemon {
             .iter()
             .filter(|r| !matches!(r.selector, Selector::WorkloadId(_)))
             .collect();
+        let (daemon_tgid, daemon_cgroup) = if self.draining_or_stopped() {
+            (0, 0)
+        } else {
+            own_identity()
+        };
         let state = interceptor_common::State {
             egress_blocks: kernel.iter().filter(|r| r.all_egress).count() as u32,
             mcp_blocks: kernel.len() as u32,
+            daemon_tgid,
+            _pad: 0,
+            daemon_cgroup,
         };
         lock(&self.kernel.state)
             .set(0, state, 0)
             .map_err(|e| format!("cannot update the programs' state: {e}"))
+    }
+
+    fn draining_or_stopped(&self) -> bool {
+        *self.draining.borrow()
     }
 
     /// Loads the revocations persisted in the pinned map (at start).
@@ -773,6 +817,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     daemon.unregister_listener();
     daemon.unregister_ns_listeners();
     daemon.draining.send_replace(true);
+    // Forget the daemon's identity in the programs (a later process reusing the pid gets no
+    // exemption).
+    let _ = daemon.sync_block_state();
     let grace = daemon.config.daemon.drain_grace;
     let deadline = Instant::now() + grace;
     while daemon.counters.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {

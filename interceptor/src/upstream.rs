@@ -1,6 +1,6 @@
-//! The way to the real MCP server: a pooled HTTP/1.1 client whose sockets carry
-//! [`BYPASS_MARK`] (so the connect hooks never redirect the proxy's own traffic), over plain TCP
-//! or mutual TLS 1.3.
+//! The way to the real MCP server: a pooled HTTP/1.1 client over plain TCP or mutual TLS 1.3.
+//! (The connect hooks recognise the daemon's own connections by process and cgroup and never
+//! redirect them.)
 //!
 //! With TLS, each workload gets its own client — and so its own connection pool — presenting
 //! that workload's certificate from the node CA; the pool is replaced when the certificate is
@@ -30,7 +30,6 @@ use hyper_util::{
     },
     rt::{TokioExecutor, TokioIo},
 };
-use interceptor_common::BYPASS_MARK;
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
     client::{
@@ -391,13 +390,12 @@ impl AsyncWrite for Io {
     }
 }
 
-/// A TCP connection carrying [`BYPASS_MARK`].
+/// A TCP connection to the upstream.
 pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    socket2::SockRef::from(&socket).set_mark(BYPASS_MARK)?;
     socket.set_nodelay(true)?;
     tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
         .await

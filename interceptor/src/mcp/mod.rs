@@ -60,6 +60,8 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// How long an agent may take to send a complete HTTP/1 request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest method, tool or resource name written to the audit log as is.
+const MAX_AUDIT_NAME: usize = 1024;
 /// Concurrent h2c streams per agent connection (each may buffer up to `max_body_bytes`).
 const MAX_H2_STREAMS: u32 = 16;
 
@@ -661,14 +663,25 @@ impl Conn {
             (_, Some(p)) => Some(audit::redact(config, &Value::Object(p.clone()))),
             (_, None) => None,
         };
+        let cap = |s: &str| -> String {
+            if s.len() <= MAX_AUDIT_NAME {
+                return s.to_owned();
+            }
+            let mut end = MAX_AUDIT_NAME;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…[truncated]", &s[..end])
+        };
+        let target = m.target().map(cap);
         audit::event(
             "mcp.request",
             json!({
                 "identity": self.who,
                 "server": self.server_name(),
-                "method": method,
-                "tool": if method == "tools/call" { m.target() } else { None },
-                "name": m.target(),
+                "method": cap(method),
+                "tool": if method == "tools/call" { target.clone() } else { None },
+                "name": target,
                 "id": m.id(),
                 "arguments": arguments,
                 "decision": if d.allow { "allow" } else { "deny" },
@@ -841,8 +854,10 @@ impl Conn {
             server: server.name.clone(),
         };
         let mut revoked = self.revoked.subscribe();
+        // Checked again after the audit write and before anything leaves; the revocation
+        // branch is polled first.
         let result = tokio::select! {
-            r = client.request(request) => r,
+            biased;
             _ = until_revoked(&mut revoked) => {
                 let reason = self.revoked_reason().unwrap_or_default();
                 let ids: Vec<Value> = pending
@@ -857,6 +872,7 @@ impl Conn {
                 };
                 return json_response(StatusCode::FORBIDDEN, &body);
             }
+            r = client.request(request) => r,
         };
         self.daemon
             .metrics

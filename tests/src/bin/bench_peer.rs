@@ -231,7 +231,7 @@ async fn audit_bench(dir: &str, mode: &str, writers: u64, events: u64) -> Value 
         "events_per_s": (per * writers) as f64 / secs,
         "fsyncs": syncs,
         "events_per_fsync": if syncs == 0 { 0.0 } else { (per * writers) as f64 / syncs as f64 },
-        "mean_fsync_us": if syncs == 0 { 0 } else { sync_us / syncs },
+        "mean_fsync_us": sync_us.checked_div(syncs).unwrap_or(0),
     })
 }
 
