@@ -2,6 +2,7 @@
 //! eBPF side, build, the full test suite (unit, lint, privileged integration), running the
 //! daemon, and the demo.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -48,6 +49,8 @@ enum Task {
     },
     /// Build, start the daemon with examples/demo.toml, and show a tagged and an untagged client.
     Demo,
+    /// Measure every cost against a baseline in the same run (release build, root).
+    Bench,
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,6 +83,19 @@ fn run_task(cli: Cli) -> Result<()> {
             if !status.success() {
                 bail!("interceptor exited with {status}");
             }
+        }
+        Task::Bench => {
+            let bin = build(&root, true)?;
+            let tools = setup::setup(&root)?;
+            run(cargo(&root, &tools).args([
+                "build",
+                "--release",
+                "--package",
+                "interceptor-tests",
+                "--bin",
+                "bench-peer",
+            ]))?;
+            bench::run(&root, &bin, &root.join("target/release/bench-peer"))?;
         }
         Task::Demo => {
             let bin = build(&root, false)?;
