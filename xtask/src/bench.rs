@@ -184,13 +184,15 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
     let probe_addr: SocketAddr = "127.0.0.3:9".parse()?;
     write_config(
         &config,
-        1,
-        &rel,
-        Path::new("/sys/fs/bpf/x"),
-        Path::new("/run/x"),
-        probe_addr,
-        Path::new("/tmp/x"),
-        "write",
+        &Cfg {
+            port: 1,
+            root: &rel,
+            bpffs: Path::new("/sys/fs/bpf/x"),
+            sock: Path::new("/run/x"),
+            upstream: probe_addr,
+            audit: Path::new("/tmp/x"),
+            durability: "write",
+        },
     )?;
     let mount = cgroup_mount(bin, &config)?;
     let attach = mount.join(&name);
@@ -230,7 +232,16 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
         let audit = out_dir.join(format!("audit-{mode}.jsonl"));
         let _ = std::fs::remove_file(&audit);
         write_config(
-            &config, port, &rel, &bpffs, &sock, upstream, &audit, durability,
+            &config,
+            &Cfg {
+                port,
+                root: &rel,
+                bpffs: &bpffs,
+                sock: &sock,
+                upstream,
+                audit: &audit,
+                durability,
+            },
         )?;
         let daemon = start_daemon(bin, &config, &out_dir.join(format!("daemon-{mode}.log")))?;
         let pid = daemon.id();
