@@ -41,7 +41,48 @@ impl Tools {
 }
 
 fn step(n: usize, what: &str, outcome: &str) {
-    eprintln!("[setup {n}/4] {what}: {outcome}");
+    eprintln!("[setup {n}/5] {what}: {outcome}");
+}
+
+/// Commands the tests and the demo run (network namespaces, h2c, sysctl), and the Debian
+/// packages that provide them.
+const SYSTEM_TOOLS: [(&str, &str); 3] =
+    [("ip", "iproute2"), ("curl", "curl"), ("sysctl", "procps")];
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(cmd).is_file())
+}
+
+/// Installs missing system tools from Debian's packages (as root).
+fn ensure_system_tools() -> Result<()> {
+    let missing: Vec<&str> = SYSTEM_TOOLS
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        step(5, "system tools (ip, curl, sysctl)", "present");
+        return Ok(());
+    }
+    step(
+        5,
+        "system tools",
+        &format!("installing {}", missing.join(" ")),
+    );
+    output(Command::new("apt-get").arg("update").arg("-q"))
+        .context("apt-get update failed; install iproute2, curl and procps by hand")?;
+    output(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {} failed", missing.join(" ")))?;
+    Ok(())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -74,6 +115,7 @@ pub fn setup(root: &Path) -> Result<Tools> {
     let prefix = ensure_llvm_prefix(&tools_dir)?;
     let bin_dir = ensure_bpf_linker(&tools_dir, &prefix)?;
     let python = ensure_python_mcp(root)?;
+    ensure_system_tools()?;
     Ok(Tools {
         bpf_linker_bin_dir: bin_dir,
         python,

@@ -235,11 +235,15 @@ async fn audit_bench(dir: &str, mode: &str, writers: u64, events: u64) -> Value 
     })
 }
 
-/// Median ns per call of `f` over batches.
+/// Median ns per call of `f` over batches of about 20 ms each.
 fn time_ns(mut f: impl FnMut()) -> u64 {
+    // Calibrate: how many calls fill ~20 ms.
+    let t = Instant::now();
+    f();
+    let one = t.elapsed().as_nanos().max(1) as u64;
+    let n = (20_000_000 / one).clamp(1, 100_000);
     let mut batches = Vec::new();
-    for _ in 0..15 {
-        let n = 2000;
+    for _ in 0..9 {
         let t = Instant::now();
         for _ in 0..n {
             f();
