@@ -192,6 +192,13 @@ fn error_response(
     json_response(status, &RpcError::new(code, message).to_response())
 }
 
+/// `resp` with `Connection: close`: the rest of this connection is not to be served.
+fn closing(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 fn empty(status: StatusCode) -> Response<ProxyBody> {
     let mut resp = Response::new(full(Bytes::new()));
     *resp.status_mut() = status;
@@ -354,15 +361,12 @@ impl Conn {
         if let Err(why) = watched.and_then(|()| check_framing(req.headers())) {
             self.rejected();
             info!(http.method = %req.method(), reason = %why, "request refused: ambiguous framing");
-            let mut resp = error_response(
+            // The rest of this connection's byte stream cannot be trusted either.
+            return closing(error_response(
                 StatusCode::BAD_REQUEST,
                 code::INVALID_REQUEST,
                 format!("ambiguous HTTP framing: {why}"),
-            );
-            // The rest of this connection's byte stream cannot be trusted either.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
+            ));
         }
         // MCP uses POST (messages), GET (server stream) and DELETE (end session); anything else
         // would reach the upstream unjudged.
@@ -415,14 +419,11 @@ impl Conn {
             );
         }
         if let Some(reason) = self.revoked_reason() {
-            let mut resp = error_response(
+            return closing(error_response(
                 StatusCode::FORBIDDEN,
                 code::INTERNAL_ERROR,
                 format!("interceptor: access revoked: {reason}"),
-            );
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
+            ));
         }
         // No JSON-RPC to judge, but the server itself must be granted (tier 1).
         let decision = self
@@ -475,7 +476,7 @@ impl Conn {
                         .map(|id| Self::revoked_error(&reason, Some(id.clone())))
                 })
                 .collect();
-            let mut resp = match (body.batch, errors.len()) {
+            return closing(match (body.batch, errors.len()) {
                 (_, 0) => error_response(
                     StatusCode::FORBIDDEN,
                     code::INTERNAL_ERROR,
@@ -483,10 +484,7 @@ impl Conn {
                 ),
                 (false, _) => json_response(StatusCode::FORBIDDEN, &errors[0]),
                 (true, _) => json_response(StatusCode::FORBIDDEN, &Value::Array(errors)),
-            };
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
+            });
         }
         if let Err(e) = check_mcp_headers(&parts.headers, &body) {
             self.rejected();
