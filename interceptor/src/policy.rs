@@ -214,6 +214,8 @@ struct ArgRule {
 #[derive(Debug, Clone)]
 pub struct Role {
     pub name: String,
+    /// Position in the policy (for the pattern indexes).
+    index: usize,
     servers: Vec<Pattern>,
     allow_tools: Vec<Pattern>,
     deny_tools: Vec<Pattern>,
@@ -242,6 +244,78 @@ pub struct Policy {
     pub deny_style: DenyStyle,
     /// Identifies the policy source: equal fingerprints mean the same policy.
     pub fingerprint: String,
+    /// Every role's `allow_tools` in one matcher (a decision is one pass, not roles × patterns).
+    allow_index: ToolIndex,
+    /// Every role's `deny_tools` in one matcher.
+    deny_index: ToolIndex,
+}
+
+/// Tool patterns of every role compiled together: literals in a hash map, globs in one
+/// `GlobSet`, regexes in one `RegexSet`; a match names (role, pattern) pairs.
+#[derive(Debug, Clone, Default)]
+struct ToolIndex {
+    literals: HashMap<String, Vec<(usize, usize)>>,
+    globs: globset::GlobSet,
+    glob_ids: Vec<(usize, usize)>,
+    regexes: regex::RegexSet,
+    regex_ids: Vec<(usize, usize)>,
+}
+
+impl ToolIndex {
+    fn build(roles: &[Role], patterns: fn(&Role) -> &Vec<Pattern>) -> Result<Self, String> {
+        let mut literals: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        let mut globs = globset::GlobSetBuilder::new();
+        let mut glob_ids = Vec::new();
+        let mut regex_sources = Vec::new();
+        let mut regex_ids = Vec::new();
+        for role in roles {
+            for (i, p) in patterns(role).iter().enumerate() {
+                let id = (role.index, i);
+                match &p.kind {
+                    PatternKind::Literal => literals.entry(p.text.clone()).or_default().push(id),
+                    PatternKind::Glob(_) => {
+                        globs.add(
+                            GlobBuilder::new(&p.text)
+                                .literal_separator(false)
+                                .build()
+                                .map_err(|e| e.to_string())?,
+                        );
+                        glob_ids.push(id);
+                    }
+                    PatternKind::Regex(r) => {
+                        regex_sources.push(r.as_str().to_owned());
+                        regex_ids.push(id);
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            literals,
+            globs: globs.build().map_err(|e| e.to_string())?,
+            glob_ids,
+            regexes: regex::RegexSet::new(&regex_sources).map_err(|e| e.to_string())?,
+            regex_ids,
+        })
+    }
+
+    /// Every (role, pattern) that matches `name`, ordered by role then pattern.
+    fn matches(&self, name: &str) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = self.literals.get(name).cloned().unwrap_or_default();
+        out.extend(
+            self.globs
+                .matches(name)
+                .into_iter()
+                .map(|i| self.glob_ids[i]),
+        );
+        out.extend(
+            self.regexes
+                .matches(name)
+                .into_iter()
+                .map(|i| self.regex_ids[i]),
+        );
+        out.sort_unstable();
+        out
+    }
 }
 
 /// Who is asking: the parts of the process identity bindings select on.
@@ -361,6 +435,7 @@ impl Policy {
                 });
             }
             compiled.push(Role {
+                index: i,
                 name: r.name.clone(),
                 servers: server_patterns,
                 allow_tools: compile(&r.allow_tools, false, &key("allow_tools"))?,
@@ -394,12 +469,22 @@ impl Policy {
                 workload_id: pats(&b.workload_id, "workload_id", true)?,
             });
         }
+        let index_err = |m: String| {
+            (
+                "role".to_owned(),
+                format!("compiling the tool patterns: {m}"),
+            )
+        };
+        let allow_index = ToolIndex::build(&compiled, |r| &r.allow_tools).map_err(index_err)?;
+        let deny_index = ToolIndex::build(&compiled, |r| &r.deny_tools).map_err(index_err)?;
         Ok(Self {
             roles: compiled,
             bindings: compiled_bindings,
             show_denied_tools: options.show_denied_tools,
             deny_style: options.deny_message,
             fingerprint: format!("{roles:?}|{bindings:?}|{options:?}"),
+            allow_index,
+            deny_index,
         })
     }
 
@@ -494,21 +579,32 @@ impl Policy {
                 "tool name {tool:?} has characters outside [A-Za-z0-9_.-/] or is too long"
             ));
         }
-        // Deny wins: any granting role's deny pattern refuses the call.
+        let mut granted = vec![false; self.roles.len()];
         for r in granting {
-            if let Some(p) = r.deny_tools.iter().find(|p| p.matches(tool)) {
-                return Decision::deny(format!("role {}: deny_tools {:?}", r.name, p.as_str()));
+            granted[r.index] = true;
+        }
+        // Deny wins: any granting role's deny pattern refuses the call.
+        if let Some((r, p)) = self
+            .deny_index
+            .matches(tool)
+            .into_iter()
+            .find(|(r, _)| granted[*r])
+        {
+            let role = &self.roles[r];
+            return Decision::deny(format!(
+                "role {}: deny_tools {:?}",
+                role.name,
+                role.deny_tools[p].as_str()
+            ));
+        }
+        // The first matching pattern of each granting role, in role order.
+        let mut allowing: Vec<(&Role, &Pattern)> = Vec::new();
+        for (r, p) in self.allow_index.matches(tool) {
+            if granted[r] && allowing.last().is_none_or(|(last, _)| last.index != r) {
+                let role = &self.roles[r];
+                allowing.push((role, &role.allow_tools[p]));
             }
         }
-        let allowing: Vec<(&Role, &Pattern)> = granting
-            .iter()
-            .filter_map(|r| {
-                r.allow_tools
-                    .iter()
-                    .find(|p| p.matches(tool))
-                    .map(|p| (*r, p))
-            })
-            .collect();
         let Some((first, pattern)) = allowing.first() else {
             return Decision::deny(format!("default deny: no role allows tool {tool:?}"));
         };
@@ -562,13 +658,21 @@ impl Policy {
             let Ok(granting) = self.granting(subject, server) else {
                 return false;
             };
+            let mut granted = vec![false; self.roles.len()];
+            for r in &granting {
+                granted[r.index] = true;
+            }
             return valid_tool_name(name)
-                && !granting
+                && !self
+                    .deny_index
+                    .matches(name)
                     .iter()
-                    .any(|r| r.deny_tools.iter().any(|p| p.matches(name)))
-                && granting
+                    .any(|(r, _)| granted[*r])
+                && self
+                    .allow_index
+                    .matches(name)
                     .iter()
-                    .any(|r| r.allow_tools.iter().any(|p| p.matches(name)));
+                    .any(|(r, _)| granted[*r]);
         }
         self.check(subject, server, &call).allow
     }
