@@ -52,16 +52,9 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn in_cgroup(dir: &Path, program: &Path, args: &[&str]) -> Result<Value> {
-    let script = format!(
-        "echo $$ > '{}' && exec \"$@\"",
-        dir.join("cgroup.procs").display()
-    );
-    let out = Command::new("sh")
-        .args(["-c", &script, "sh"])
-        .arg(program)
-        .args(args)
-        .output()?;
+/// Runs `program args…` in the cgroup `dir` and parses the JSON line it prints last.
+fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<Value> {
+    let out = crate::in_cgroup(dir, program).args(args).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().unwrap_or("");
     serde_json::from_str(last).with_context(|| {
@@ -157,14 +150,7 @@ fn start_daemon(bin: &Path, config: &Path, log: &Path) -> Result<Child> {
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let ok = Command::new(bin)
-            .args(["status", "--json", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
+        if crate::daemon_answers(bin, config) {
             return Ok(child);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -254,12 +240,12 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
             let (mut d50, mut i50, mut d99, mut i99, mut drps, mut irps) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             for _ in 0..ROUNDS {
-                let d = in_cgroup(
+                let d = run_in(
                     &attach.join("direct"),
                     peer,
                     &["client", &url, &n.to_string(), &conc.to_string()],
                 )?;
-                let i = in_cgroup(
+                let i = run_in(
                     &attach.join("tagged"),
                     peer,
                     &["client", &url, &n.to_string(), &conc.to_string()],
@@ -291,16 +277,7 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
         if mode == "write" {
             // Memory per idle agent connection.
             let before = rss_kib(pid);
-            let mut holder = Command::new("sh")
-                .args([
-                    "-c",
-                    &format!(
-                        "echo $$ > '{}' && exec \"$@\"",
-                        attach.join("tagged/cgroup.procs").display()
-                    ),
-                    "sh",
-                ])
-                .arg(peer)
+            let mut holder = crate::in_cgroup(&attach.join("tagged"), peer)
                 .args(["hold", &url, "1000", "5"])
                 .stdout(Stdio::piped())
                 .spawn()?;
@@ -313,8 +290,8 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
             let other = format!("127.0.0.4:{other_port}");
             let (mut tagged, mut none) = (vec![], vec![]);
             for _ in 0..ROUNDS {
-                let t = in_cgroup(&attach.join("tagged"), peer, &["connect", &other, "5000"])?;
-                let n = in_cgroup(&dirs[3], peer, &["connect", &other, "5000"])?;
+                let t = run_in(&attach.join("tagged"), peer, &["connect", &other, "5000"])?;
+                let n = run_in(&dirs[3], peer, &["connect", &other, "5000"])?;
                 tagged.push(t["ns_per_connect"].as_f64().unwrap_or(0.0));
                 none.push(n["ns_per_connect"].as_f64().unwrap_or(0.0));
             }

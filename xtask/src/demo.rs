@@ -268,24 +268,15 @@ fn mcp_client_in(
     url: &str,
     calls: &[&str],
 ) -> Result<(bool, Option<Value>)> {
-    // The shell moves itself into the cgroup, then becomes the client: same pid, so the kernel
-    // attributes the connection to the client process.
-    let script = format!(
-        "echo $$ > '{}' && exec \"$@\"",
-        cgroup_dir.join("cgroup.procs").display()
-    );
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", &script, "sh"])
-        .arg(python)
-        .arg(client)
-        .args([
-            "--url",
-            url,
-            "--transport",
-            "streamable-http",
-            "--mode",
-            "legacy",
-        ]);
+    let mut cmd = crate::in_cgroup(cgroup_dir, python);
+    cmd.arg(client).args([
+        "--url",
+        url,
+        "--transport",
+        "streamable-http",
+        "--mode",
+        "legacy",
+    ]);
     for c in calls {
         cmd.args(["--call", c]);
     }
@@ -305,14 +296,7 @@ fn wait_ready(bin: &Path, config: &Path, log: &Path, cleanup: &mut Cleanup) -> R
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         }
-        let ok = Command::new(bin)
-            .args(["status", "--json", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
+        if crate::daemon_answers(bin, config) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -155,6 +155,29 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
         .join("interceptor"))
 }
 
+/// Whether the daemon of `config` answers on its admin socket.
+fn daemon_answers(bin: &Path, config: &Path) -> bool {
+    Command::new(bin)
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `program` run as a process of the cgroup directory `dir`: the shell moves itself into the
+/// cgroup, then becomes the program (same pid), so the kernel attributes its connections to it.
+fn in_cgroup(dir: &Path, program: &Path) -> Command {
+    let script = format!(
+        "echo $$ > '{}' && exec \"$@\"",
+        dir.join("cgroup.procs").display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh"]).arg(program);
+    cmd
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

@@ -283,41 +283,34 @@ impl Conn {
                 (None, Some(e)) => ("error", e.get("code").cloned()),
                 (None, None) => ("unknown", None),
             };
-            self.daemon.audit.record_later(audit::event(
-                "mcp.response",
-                json!({
-                    "identity": self.who,
-                    "server": self.server_name(),
-                    "method": p.method,
-                    "tool": if p.method == "tools/call" { p.target.clone() } else { None },
-                    "name": p.target,
-                    "id": id,
-                    "outcome": outcome,
-                    "error_code": code,
-                    "latency_us": p.started.elapsed().as_micros() as u64,
-                    "session": p.session,
-                }),
-            ));
+            self.audit_response_event(&p, id, outcome, code);
         }
+    }
+
+    /// Records the `mcp.response` event of pending request `p`.
+    fn audit_response_event(&self, p: &Pending, id: Value, outcome: &str, code: Option<Value>) {
+        self.daemon.audit.record_later(audit::event(
+            "mcp.response",
+            json!({
+                "identity": self.who,
+                "server": self.server_name(),
+                "method": p.method,
+                "tool": if p.method == "tools/call" { p.target.as_deref() } else { None },
+                "name": p.target,
+                "id": id,
+                "outcome": outcome,
+                "error_code": code,
+                "latency_us": p.started.elapsed().as_micros() as u64,
+                "session": p.session,
+            }),
+        ));
     }
 
     /// `mcp.response` events for requests that will get no upstream answer.
     fn audit_failed(&self, pending: PendingMap, outcome: &str) {
         for (id, p) in pending {
-            self.daemon.audit.record_later(audit::event(
-                "mcp.response",
-                json!({
-                    "identity": self.who,
-                    "server": self.server_name(),
-                    "method": p.method,
-                    "tool": if p.method == "tools/call" { p.target.clone() } else { None },
-                    "name": p.target,
-                    "id": serde_json::from_str::<Value>(&id).unwrap_or(Value::Null),
-                    "outcome": outcome,
-                    "latency_us": p.started.elapsed().as_micros() as u64,
-                    "session": p.session,
-                }),
-            ));
+            let id = serde_json::from_str::<Value>(&id).unwrap_or(Value::Null);
+            self.audit_response_event(&p, id, outcome, None);
         }
     }
 
