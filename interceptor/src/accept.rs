@@ -12,8 +12,6 @@ use interceptor_common::{Addr, Listener, TupleKey};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use serde_json::json;
-
 use crate::{audit, bpf::lock, daemon::Daemon, identity::Identity};
 
 /// The proxy's listening sockets in one network namespace.
@@ -197,17 +195,15 @@ async fn serve(
     let started = Instant::now();
     counters.active.fetch_add(1, Ordering::Relaxed);
     let server_id = record.server_id as usize;
-    let who = identity.audit_json();
-    daemon.audit.record_later(audit::event(
-        "connection.open",
-        json!({
-            "identity": who,
-            "server": server.name,
-            "client": peer.to_string(),
-            "dst_original": identity.original_dst.to_string(),
-        }),
-    ));
     let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
+    let who = conn.who.clone();
+    daemon.audit.record_later(
+        audit::Event::new("connection.open")
+            .raw("identity", &who)
+            .field("server", &server.name)
+            .field("client", &peer.to_string())
+            .field("dst_original", &conn.identity.original_dst.to_string()),
+    );
     // Registered before the check, so a revocation made in between still finds it.
     lock(&daemon.live).insert(id, conn.clone());
     if let Some(reason) = daemon.revocation_for(&conn.identity) {
@@ -223,17 +219,15 @@ async fn serve(
     counters.active.fetch_sub(1, Ordering::Relaxed);
     let duration_ms = started.elapsed().as_millis() as u64;
     let (up, down, requests) = conn.totals();
-    daemon.audit.record_later(audit::event(
-        "connection.close",
-        json!({
-            "identity": who,
-            "server": server.name,
-            "duration_ms": duration_ms,
-            "bytes_up": up,
-            "bytes_down": down,
-            "requests": requests,
-        }),
-    ));
+    daemon.audit.record_later(
+        audit::Event::new("connection.close")
+            .raw("identity", &who)
+            .field("server", &server.name)
+            .field("duration_ms", &duration_ms)
+            .field("bytes_up", &up)
+            .field("bytes_down", &down)
+            .field("requests", &requests),
+    );
     debug!(
         duration_ms,
         bytes.up = up,

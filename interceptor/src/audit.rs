@@ -2,7 +2,10 @@
 //!
 //! - [`Audit::record`] returns once the event is in the file (`write`, the default: it survives
 //!   a daemon crash; `fdatasync` runs at least every 50 ms), on stable storage (`fsync`: one
-//!   `fdatasync` shared by every event written together — group commit), or queued (`async`).
+//!   `fdatasync` shared by every event written while the previous one ran — group commit), or
+//!   queued (`async`). The `write(2)` happens on the caller's thread under one lock; events that
+//!   gate nothing ([`Audit::record_later`]) ride along with the next write or are flushed by a
+//!   background thread within [`FLUSH_DELAY`].
 //! - Each line ends with `"hash"`: the SHA-256 (hex) of the line's text up to that member plus
 //!   the closing brace, i.e. of the event with its `seq` and `prev_hash` (the previous line's
 //!   hash). Editing, deleting, reordering or inserting a line breaks the chain; rotation keeps
@@ -20,17 +23,18 @@ use std::{
     os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Condvar, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc,
     },
     time::{Duration, Instant, SystemTime},
 };
 
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
+
+use crate::bpf::lock;
 
 /// Version of the event schema (`"v"` in every event).
 pub const SCHEMA_VERSION: u64 = 1;
@@ -40,8 +44,6 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 pub const DEFAULT_PATH: &str = "/var/log/interceptor/audit.jsonl";
 /// In `write` mode, the longest an event waits for `fdatasync`.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
-/// Most events written (and synced) together.
-const MAX_BATCH: usize = 1024;
 
 /// When an event counts as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -105,51 +107,192 @@ pub enum Error {
     Unavailable(String),
 }
 
-/// An event named `name` with the members of `fields` (a JSON object).
-pub fn event(name: &str, fields: Value) -> Map<String, Value> {
-    let mut m = match fields {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    m.insert("event".into(), Value::from(name));
-    m
+/// One event, ready to be chained: its members as JSON text without the enclosing braces
+/// (`"event":"mcp.request","v":1,"ts":"…",…`). The writer puts `seq` and `prev_hash` in front
+/// and the `hash` member at the end. Built member by member straight into text: the hot path
+/// never goes through a JSON map.
+#[derive(Debug, Clone)]
+pub struct Event(Vec<u8>);
+
+impl Event {
+    /// An event named `name`, stamped now.
+    pub fn new(name: &str) -> Self {
+        Self::stamped(name, &timestamp(SystemTime::now()))
+    }
+
+    fn stamped(name: &str, ts: &str) -> Self {
+        let mut b = Vec::with_capacity(512);
+        b.extend_from_slice(b"\"event\":");
+        json_into(&mut b, name);
+        b.extend_from_slice(b",\"v\":");
+        b.extend_from_slice(SCHEMA_VERSION.to_string().as_bytes());
+        b.extend_from_slice(b",\"ts\":");
+        json_into(&mut b, ts);
+        Self(b)
+    }
+
+    /// Adds member `key` with `value` serialised.
+    pub fn field(mut self, key: &str, value: &(impl serde::Serialize + ?Sized)) -> Self {
+        self.key(key);
+        json_into(&mut self.0, value);
+        self
+    }
+
+    /// Adds member `key` whose value is JSON text this process produced (an [`Identity`] or
+    /// redacted arguments), copied as is.
+    ///
+    /// [`Identity`]: crate::identity::Identity
+    pub fn raw(mut self, key: &str, json: &str) -> Self {
+        self.key(key);
+        self.0.extend_from_slice(json.as_bytes());
+        self
+    }
+
+    fn key(&mut self, key: &str) {
+        self.0.push(b',');
+        json_into(&mut self.0, key);
+        self.0.push(b':');
+    }
+
+    /// The event's members as text.
+    pub fn members(&self) -> &str {
+        // Only JSON text (valid UTF-8) is ever appended.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
 }
 
-/// Replaces values of secret-looking keys at any depth and truncates large payloads.
-pub fn redact(cfg: &RawAudit, arguments: &Value) -> Value {
-    fn walk(v: &Value, keys: &[String]) -> Value {
-        match v {
-            Value::Object(m) => Value::Object(
-                m.iter()
-                    .map(|(k, v)| {
-                        let lower = k.to_lowercase();
-                        if keys.iter().any(|p| lower.contains(p.as_str())) {
-                            (k.clone(), Value::from("[REDACTED]"))
-                        } else {
-                            (k.clone(), walk(v, keys))
-                        }
-                    })
-                    .collect(),
-            ),
-            Value::Array(a) => Value::Array(a.iter().map(|v| walk(v, keys)).collect()),
-            other => other.clone(),
+/// Appends `value` as JSON (serde_json cannot fail on the types used here: strings, numbers,
+/// `Value`s, string-keyed structs).
+fn json_into(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// An event named `name` with the members of `fields` (a JSON object; its `ts`, if any, is
+/// used as the event time). For events off the hot path.
+pub fn event(name: &str, fields: Value) -> Event {
+    let Value::Object(m) = fields else {
+        return Event::new(name);
+    };
+    let mut e = match m.get("ts").and_then(Value::as_str) {
+        Some(ts) => Event::stamped(name, ts),
+        None => Event::new(name),
+    };
+    for (k, v) in &m {
+        if !matches!(
+            k.as_str(),
+            "event" | "v" | "ts" | "seq" | "prev_hash" | "hash"
+        ) {
+            e = e.field(k, v);
         }
     }
-    let keys: Vec<String> = cfg.redact_keys.iter().map(|k| k.to_lowercase()).collect();
-    let redacted = walk(arguments, &keys);
-    let text = serde_json::to_string(&redacted).unwrap_or_default();
-    if text.len() > cfg.max_argument_bytes {
-        return json!({
-            "[TRUNCATED]": true,
-            "bytes": text.len(),
-            "sha256": hex(&Sha256::digest(text.as_bytes())),
-        });
-    }
-    redacted
+    e
 }
 
+/// Argument redaction: values of secret-looking keys at any depth become `"[REDACTED]"`, and
+/// arguments longer than `max_argument_bytes` (after redaction) are replaced by a marker with
+/// their length and SHA-256.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    /// Lower-cased `redact_keys`.
+    keys: Vec<String>,
+    max_bytes: usize,
+}
+
+impl Redactor {
+    pub fn new(cfg: &RawAudit) -> Self {
+        Self {
+            keys: cfg.redact_keys.iter().map(|k| k.to_lowercase()).collect(),
+            max_bytes: cfg.max_argument_bytes,
+        }
+    }
+
+    /// `arguments`, redacted, as JSON text.
+    pub fn redact(&self, arguments: &Value) -> String {
+        let mut out = Vec::with_capacity(256);
+        self.walk(&mut out, arguments);
+        self.finish(out)
+    }
+
+    /// An object of members (e.g. a request's `params`), redacted, as JSON text.
+    pub fn redact_object(&self, members: &serde_json::Map<String, Value>) -> String {
+        let mut out = Vec::with_capacity(256);
+        self.walk_object(&mut out, members);
+        self.finish(out)
+    }
+
+    fn finish(&self, out: Vec<u8>) -> String {
+        if out.len() > self.max_bytes {
+            let marker = json!({
+                "[TRUNCATED]": true,
+                "bytes": out.len(),
+                "sha256": hex(&Sha256::digest(&out)),
+            });
+            return marker.to_string();
+        }
+        String::from_utf8(out).unwrap_or_else(|_| "null".into())
+    }
+
+    fn walk_object(&self, out: &mut Vec<u8>, m: &serde_json::Map<String, Value>) {
+        out.push(b'{');
+        for (i, (k, v)) in m.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_into(out, k);
+            out.push(b':');
+            if self.secret(k) {
+                out.extend_from_slice(b"\"[REDACTED]\"");
+            } else {
+                self.walk(out, v);
+            }
+        }
+        out.push(b'}');
+    }
+
+    fn walk(&self, out: &mut Vec<u8>, v: &Value) {
+        match v {
+            Value::Object(m) => self.walk_object(out, m),
+            Value::Array(a) => {
+                out.push(b'[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    self.walk(out, v);
+                }
+                out.push(b']');
+            }
+            other => json_into(out, other),
+        }
+    }
+
+    /// Whether `key` contains one of the redacted keys, case-insensitively.
+    fn secret(&self, key: &str) -> bool {
+        if key.is_ascii() {
+            let k = key.as_bytes();
+            self.keys.iter().any(|p| {
+                p.is_empty()
+                    || k.windows(p.len())
+                        .any(|w| w.eq_ignore_ascii_case(p.as_bytes()))
+            })
+        } else {
+            let lower = key.to_lowercase();
+            self.keys.iter().any(|p| lower.contains(p.as_str()))
+        }
+    }
+}
+
+/// Lower-case hex.
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 /// RFC 3339, UTC, microseconds.
@@ -157,20 +300,24 @@ pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
-/// Builds the line for `event` (which already has `seq` and `prev_hash`): its canonical text
-/// with `"hash"` appended as the last member; returns (line, hash).
-fn seal(event: &Map<String, Value>) -> (String, String) {
-    let body = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
-    let hash = hex(&Sha256::digest(body.as_bytes()));
-    let mut line = String::with_capacity(body.len() + 80);
-    line.push_str(&body[..body.len() - 1]);
-    if body.len() > 2 {
-        line.push(',');
-    }
-    line.push_str("\"hash\":\"");
-    line.push_str(&hash);
-    line.push_str("\"}\n");
-    (line, hash)
+/// Appends the line of the event with `members` at `seq` after `prev`: its text with `"hash"`
+/// appended as the last member, where the hash is the SHA-256 of the text before it plus the
+/// closing brace. Returns the hash.
+fn seal_into(buf: &mut Vec<u8>, seq: u64, prev: &str, members: &[u8]) -> String {
+    let start = buf.len();
+    buf.extend_from_slice(b"{\"seq\":");
+    buf.extend_from_slice(seq.to_string().as_bytes());
+    buf.extend_from_slice(b",\"prev_hash\":\"");
+    buf.extend_from_slice(prev.as_bytes());
+    buf.extend_from_slice(b"\",");
+    buf.extend_from_slice(members);
+    buf.push(b'}');
+    let hash = hex(&Sha256::digest(&buf[start..]));
+    buf.pop();
+    buf.extend_from_slice(b",\"hash\":\"");
+    buf.extend_from_slice(hash.as_bytes());
+    buf.extend_from_slice(b"\"}\n");
+    hash
 }
 
 /// Splits a line into (the sealed body, the hash it claims); `None` when the line does not end
@@ -193,11 +340,6 @@ fn unseal(line: &str) -> Option<(String, &str)> {
     Some((format!("{body}}}"), hash))
 }
 
-struct Job {
-    events: Vec<Map<String, Value>>,
-    ack: Option<tokio::sync::oneshot::Sender<Result<(), Error>>>,
-}
-
 /// Counters the audit log keeps (for status and metrics).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -209,16 +351,43 @@ pub struct Stats {
 }
 
 /// The audit log handle shared by the daemon.
+///
+/// Writes happen on the caller's thread under one lock (`write` mode costs a `write(2)`, no
+/// thread hand-off); a background thread flushes deferred events ([`Audit::record_later`])
+/// within [`FLUSH_DELAY`], runs the group `fdatasync` that `fsync`-mode callers wait for, and
+/// the periodic one of `write` mode.
 pub struct Audit {
-    tx: mpsc::Sender<Job>,
-    durability: Durability,
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    background: Option<std::thread::JoinHandle<()>>,
     pub stats: Arc<Stats>,
     pub config: RawAudit,
+    pub redactor: Redactor,
 }
 
+struct Shared {
+    writer: Mutex<Writer>,
+    bg: Mutex<Background>,
+    wake: Condvar,
+    durability: Durability,
+    healthy: AtomicBool,
+    stats: Arc<Stats>,
+}
+
+/// Work for the background thread.
+#[derive(Default)]
+struct Background {
+    /// Deferred events are waiting.
+    flush: bool,
+    /// Callers waiting for an `fdatasync` covering what they wrote.
+    sync_waiters: Vec<tokio::sync::oneshot::Sender<Result<(), Error>>>,
+    stop: bool,
+}
+
+/// How long deferred events wait, so that several share one `write(2)`.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(1);
+
 impl Audit {
-    /// Opens (or creates) the log, repairs a torn last line, and starts the writer thread.
+    /// Opens (or creates) the log, repairs a torn last line, and starts the background thread.
     pub fn open(config: RawAudit) -> Result<Self, Error> {
         let open_err = |message: String| Error::Open {
             path: config.path.clone(),
@@ -245,20 +414,17 @@ impl Audit {
                 tail.last_hash = hash;
             }
         }
-        let (tx, rx) = mpsc::channel();
-        let healthy = Arc::new(AtomicBool::new(true));
         let stats = Arc::new(Stats::default());
         let mut writer = Writer {
             path: config.path.clone(),
-            file,
+            file: Arc::new(file),
             len: tail.valid_len,
             seq: tail.last_seq,
             prev_hash: tail.last_hash.clone(),
-            durability: config.durability,
             max_file_bytes: config.max_file_bytes,
-            last_sync: Instant::now(),
             dirty: false,
-            healthy: healthy.clone(),
+            later: Vec::new(),
+            path_checked: Instant::now(),
             stats: stats.clone(),
         };
         if let Some(torn) = &tail.torn {
@@ -270,99 +436,245 @@ impl Audit {
                 .file
                 .set_len(tail.valid_len)
                 .map_err(|e| open_err(format!("truncating the torn last line: {e}")))?;
-            let mut repair = Map::new();
-            repair.insert("event".into(), "audit.repair".into());
-            repair.insert("ts".into(), timestamp(SystemTime::now()).into());
-            repair.insert("torn_bytes".into(), torn.len().into());
-            repair.insert("torn_sha256".into(), hex(&Sha256::digest(torn)).into());
+            let repair = Event::new("audit.repair")
+                .field("torn_bytes", &torn.len())
+                .field("torn_sha256", &hex(&Sha256::digest(torn)));
             writer
                 .write_batch(vec![repair])
                 .map_err(|e| open_err(format!("recording the repair: {e}")))?;
         }
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| open_err(format!("starting the writer thread: {e}")))?;
-        Ok(Self {
-            tx,
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(writer),
+            bg: Mutex::new(Background::default()),
+            wake: Condvar::new(),
             durability: config.durability,
-            healthy,
+            healthy: AtomicBool::new(true),
+            stats: stats.clone(),
+        });
+        let bg = shared.clone();
+        let background = std::thread::Builder::new()
+            .name("audit-sync".into())
+            .spawn(move || bg.background())
+            .map_err(|e| open_err(format!("starting the background thread: {e}")))?;
+        Ok(Self {
+            shared,
+            background: Some(background),
             stats,
+            redactor: Redactor::new(&config),
             config,
         })
     }
 
     /// Whether the last write succeeded.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.shared.healthy.load(Ordering::Relaxed)
     }
 
-    /// Records `event` (an object with at least `event`); returns when it is durable according
-    /// to the configured mode. Adds `v` and `ts`; the writer adds `seq`, `prev_hash`, `hash`.
-    pub async fn record(&self, event: Map<String, Value>) -> Result<(), Error> {
+    fn unavailable(&self) -> Result<(), Error> {
+        if self.healthy() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable("the last write failed".into()))
+        }
+    }
+
+    /// Records `event`; returns when it is durable according to the configured mode. The
+    /// writer adds `seq`, `prev_hash`, `hash`.
+    pub async fn record(&self, event: Event) -> Result<(), Error> {
         self.record_all(vec![event]).await
     }
 
     /// Records `events` together (one write, all or none); returns when they are durable
-    /// according to the configured mode.
-    pub async fn record_all(&self, events: Vec<Map<String, Value>>) -> Result<(), Error> {
+    /// according to the configured mode: written (`write`), on stable storage (`fsync`), or
+    /// queued (`async`).
+    pub async fn record_all(&self, events: Vec<Event>) -> Result<(), Error> {
         if events.is_empty() {
             // Nothing to write: no verdict on the log's health either way.
-            return if self.healthy() {
+            return self.unavailable();
+        }
+        match self.shared.durability {
+            Durability::Async => {
+                self.unavailable()?;
+                self.shared.defer(events);
                 Ok(())
-            } else {
-                Err(Error::Unavailable("the last write failed".into()))
-            };
-        }
-        let events: Vec<_> = events.into_iter().map(stamp).collect();
-        if self.durability == Durability::Async {
-            if !self.healthy() {
-                return Err(Error::Unavailable("the last write failed".into()));
             }
-            return self
-                .tx
-                .send(Job { events, ack: None })
-                .map_err(|_| Error::Unavailable("the writer has stopped".into()));
+            Durability::Write => self.shared.write(events),
+            Durability::Fsync => {
+                self.shared.write(events)?;
+                self.shared
+                    .request_sync()
+                    .await
+                    .map_err(|_| Error::Unavailable("the audit thread has stopped".into()))?
+            }
         }
-        let (ack, done) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Job {
-                events,
-                ack: Some(ack),
-            })
-            .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
-        done.await
-            .map_err(|_| Error::Unavailable("the writer has stopped".into()))?
     }
 
-    /// Records `event` without waiting (events that gate nothing: responses, closes).
-    pub fn record_later(&self, event: Map<String, Value>) {
-        let _ = self.tx.send(Job {
-            events: vec![stamp(event)],
-            ack: None,
-        });
+    /// Records `event` without waiting (events that gate nothing: responses, closes); it is
+    /// written within [`FLUSH_DELAY`], or with the next recorded event, whichever is first.
+    pub fn record_later(&self, event: Event) {
+        self.shared.defer(vec![event]);
     }
 
     /// Records `event` and waits, from synchronous code (start-up, shutdown, admin).
-    pub fn record_blocking(&self, event: Map<String, Value>) -> Result<(), Error> {
-        let (ack, done) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Job {
-                events: vec![stamp(event)],
-                ack: Some(ack),
-            })
-            .map_err(|_| Error::Unavailable("the writer has stopped".into()))?;
-        done.blocking_recv()
-            .map_err(|_| Error::Unavailable("the writer has stopped".into()))?
+    pub fn record_blocking(&self, event: Event) -> Result<(), Error> {
+        self.shared.write(vec![event])?;
+        if self.shared.durability == Durability::Fsync {
+            return self
+                .shared
+                .request_sync()
+                .blocking_recv()
+                .map_err(|_| Error::Unavailable("the audit thread has stopped".into()))?;
+        }
+        Ok(())
     }
 }
 
-fn stamp(mut event: Map<String, Value>) -> Map<String, Value> {
-    event.insert("v".into(), SCHEMA_VERSION.into());
-    event
-        .entry("ts")
-        .or_insert_with(|| timestamp(SystemTime::now()).into());
-    event
+impl Drop for Audit {
+    fn drop(&mut self) {
+        lock(&self.shared.bg).stop = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.background.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    /// Writes the deferred events and then `events` in one `write(2)`, under the writer lock.
+    fn write(&self, events: Vec<Event>) -> Result<(), Error> {
+        let mut w = lock(&self.writer);
+        let mut batch = std::mem::take(&mut w.later);
+        batch.extend(events);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len() as u64;
+        let result = w.write_batch(batch);
+        drop(w);
+        match result {
+            Ok(()) => {
+                self.stats.events.fetch_add(n, Ordering::Relaxed);
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    info!("audit log writable again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    let path = lock(&self.writer).path.clone();
+                    error!(error = %e, path = %path.display(), "audit log write failed; refusing requests until it recovers");
+                }
+                Err(Error::Unavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// Queues `events` for the background thread.
+    fn defer(&self, events: Vec<Event>) {
+        lock(&self.writer).later.extend(events);
+        let mut bg = lock(&self.bg);
+        if !bg.flush {
+            bg.flush = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Asks for an `fdatasync` covering everything written so far.
+    fn request_sync(&self) -> tokio::sync::oneshot::Receiver<Result<(), Error>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.bg).sync_waiters.push(tx);
+        self.wake.notify_one();
+        rx
+    }
+
+    /// The background thread: deferred events, group `fdatasync`, periodic `fdatasync`.
+    fn background(&self) {
+        let mut last_sync = Instant::now();
+        loop {
+            let (flush, waiters, stop) = {
+                let mut bg = lock(&self.bg);
+                while !bg.stop && !bg.flush && bg.sync_waiters.is_empty() {
+                    let left = SYNC_INTERVAL.saturating_sub(last_sync.elapsed());
+                    if left.is_zero() {
+                        break;
+                    }
+                    bg = self
+                        .wake
+                        .wait_timeout(bg, left)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                (
+                    std::mem::take(&mut bg.flush),
+                    std::mem::take(&mut bg.sync_waiters),
+                    bg.stop,
+                )
+            };
+            if flush {
+                if !stop && waiters.is_empty() {
+                    // Let a few more deferred events join this write, unless someone waits for
+                    // an fdatasync meanwhile (they are picked up on the next turn).
+                    let bg = lock(&self.bg);
+                    if bg.sync_waiters.is_empty() && !bg.stop {
+                        let _ = self.wake.wait_timeout(bg, FLUSH_DELAY);
+                    }
+                }
+                // A failure is counted and logged by write(); nobody waits for these events.
+                let _ = self.write(Vec::new());
+            }
+            let periodic = last_sync.elapsed() >= SYNC_INTERVAL;
+            if !waiters.is_empty() || periodic || stop {
+                let result = self.sync();
+                last_sync = Instant::now();
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+            if stop {
+                let _ = self.write(Vec::new());
+                let _ = self.sync();
+                return;
+            }
+        }
+    }
+
+    /// `fdatasync` of everything written so far (nothing to do if nothing was).
+    fn sync(&self) -> Result<(), Error> {
+        let file = {
+            let mut w = lock(&self.writer);
+            if !w.dirty {
+                return self.healthy_or_err();
+            }
+            w.dirty = false;
+            w.file.clone()
+        };
+        let started = Instant::now();
+        match file.sync_data() {
+            Ok(()) => {
+                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .sync_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.writer).dirty = true;
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.healthy.store(false, Ordering::Relaxed);
+                error!(error = %e, "audit log fdatasync failed; refusing requests until a write succeeds");
+                Err(Error::Unavailable(format!("fdatasync: {e}")))
+            }
+        }
+    }
+
+    fn healthy_or_err(&self) -> Result<(), Error> {
+        if self.healthy.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(Error::Unavailable("the last write failed".into()))
+        }
+    }
 }
 
 fn lock_exclusive(file: &File) -> io::Result<()> {
@@ -502,116 +814,39 @@ fn read_tail_prefix(file: &mut File, valid_len: u64, torn: Option<Vec<u8>>) -> i
 
 struct Writer {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     len: u64,
     seq: u64,
     prev_hash: String,
-    durability: Durability,
     max_file_bytes: u64,
-    last_sync: Instant,
+    /// Written since the last `fdatasync`.
     dirty: bool,
-    healthy: Arc<AtomicBool>,
+    /// Deferred events, written before the next batch.
+    later: Vec<Event>,
+    /// When the path was last compared with the open file.
+    path_checked: Instant,
     stats: Arc<Stats>,
 }
 
+/// How often the writer checks that its path still names the file it writes.
+const PATH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        loop {
-            let first = match rx.recv_timeout(SYNC_INTERVAL) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.periodic_sync();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.periodic_sync();
-                    return;
-                }
-            };
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            let mut events = Vec::new();
-            let mut acks = Vec::new();
-            for job in jobs {
-                events.extend(job.events);
-                acks.push(job.ack);
-            }
-            let n = events.len() as u64;
-            let result = if events.is_empty() {
-                Ok(())
-            } else {
-                self.write_batch(events).map_err(|e| e.to_string())
-            };
-            match &result {
-                Ok(()) => {
-                    self.stats.events.fetch_add(n, Ordering::Relaxed);
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
-                        info!("audit log writable again");
-                    }
-                }
-                Err(e) => {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    if self.healthy.swap(false, Ordering::Relaxed) {
-                        error!(error = %e, path = %self.path.display(), "audit log write failed; refusing requests until it recovers");
-                    }
-                }
-            }
-            for ack in acks.into_iter().flatten() {
-                let _ = ack.send(result.clone().map_err(Error::Unavailable));
-            }
-            if self.durability == Durability::Write {
-                self.periodic_sync();
-            }
-        }
-    }
-
-    fn periodic_sync(&mut self) {
-        if self.dirty && self.last_sync.elapsed() >= SYNC_INTERVAL {
-            let _ = self.sync();
-        }
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
-        let started = Instant::now();
-        self.file.sync_data()?;
-        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .sync_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        self.last_sync = Instant::now();
-        self.dirty = false;
-        Ok(())
-    }
-
     /// Seals and writes `events` in one `write`, rolling back a partial write so a failure
     /// never leaves half a line in the middle of the chain.
-    fn write_batch(&mut self, events: Vec<Map<String, Value>>) -> io::Result<()> {
+    fn write_batch(&mut self, events: Vec<Event>) -> io::Result<()> {
         self.ensure_file()?;
-        let (mut seq, mut prev) = (self.seq, self.prev_hash.clone());
-        let mut buf = String::new();
-        for mut event in events {
+        let mut seq = self.seq;
+        let mut prev = self.prev_hash.clone();
+        let mut buf = Vec::with_capacity(events.iter().map(|e| e.0.len() + 200).sum());
+        for event in &events {
             seq += 1;
-            event.insert("seq".into(), seq.into());
-            event.insert("prev_hash".into(), Value::from(prev.as_str()));
-            let (line, hash) = seal(&event);
-            buf.push_str(&line);
-            prev = hash;
+            prev = seal_into(&mut buf, seq, &prev, &event.0);
         }
         if self.len > 0 && self.len + buf.len() as u64 > self.max_file_bytes {
             self.rotate()?;
         }
-        if let Err(e) = self.file.write_all(buf.as_bytes()) {
-            let _ = self.file.set_len(self.len);
-            return Err(e);
-        }
-        if self.durability == Durability::Fsync
-            && let Err(e) = self.sync()
-        {
+        if let Err(e) = (&*self.file).write_all(&buf) {
             let _ = self.file.set_len(self.len);
             return Err(e);
         }
@@ -622,9 +857,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Re-creates the file if it was removed (or replaced) under us.
+    /// Re-creates the file if it was removed (checked before every write) or renamed away
+    /// (checked at most every [`PATH_CHECK_INTERVAL`]; until then events go on into the renamed
+    /// file, where the chain stays intact).
     fn ensure_file(&mut self) -> io::Result<()> {
         let current = self.file.metadata()?;
+        if current.nlink() > 0 && self.path_checked.elapsed() < PATH_CHECK_INTERVAL {
+            return Ok(());
+        }
+        self.path_checked = Instant::now();
         let on_disk = std::fs::metadata(&self.path).ok();
         let same = on_disk
             .as_ref()
@@ -633,19 +874,22 @@ impl Writer {
             return Ok(());
         }
         warn!(path = %self.path.display(), "audit log was removed or replaced; re-creating it");
-        self.file = open_log(&self.path)?;
+        self.file = Arc::new(open_log(&self.path)?);
         self.len = self.file.metadata()?.len();
         Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        let _ = self.sync();
+        // The rotated file is complete on disk before its successor starts.
+        if self.file.sync_data().is_ok() {
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        }
         let stamp = humantime::format_rfc3339_micros(SystemTime::now())
             .to_string()
             .replace(':', "");
         let rotated = PathBuf::from(format!("{}.{stamp}", self.path.display()));
         std::fs::rename(&self.path, &rotated)?;
-        self.file = open_log(&self.path)?;
+        self.file = Arc::new(open_log(&self.path)?);
         self.len = 0;
         info!(rotated = %rotated.display(), "audit log rotated");
         Ok(())
@@ -742,39 +986,124 @@ mod tests {
         }
     }
 
-    fn event(name: &str) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("event".into(), name.into());
-        m
+    fn event(name: &str) -> Event {
+        Event::new(name)
     }
 
     #[test]
     fn seal_and_unseal_round_trip() {
-        let mut e = event("x");
-        e.insert("seq".into(), 1.into());
-        let (line, hash) = seal(&e);
+        let e = Event::new("x")
+            .field("n", &1)
+            .field("text", "a \"quoted\" ü")
+            .raw("who", r#"{"uid":1}"#);
+        let mut buf = Vec::new();
+        let hash = seal_into(&mut buf, 7, GENESIS, &e.0);
+        let line = String::from_utf8(buf).unwrap();
         let (body, h) = unseal(line.trim_end()).unwrap();
         assert_eq!(h, hash);
         assert_eq!(hex(&Sha256::digest(body.as_bytes())), hash);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["prev_hash"], GENESIS);
+        assert_eq!(v["event"], "x");
+        assert_eq!(v["v"], SCHEMA_VERSION);
+        assert_eq!(v["text"], "a \"quoted\" ü");
+        assert_eq!(v["who"]["uid"], 1);
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn map_events_keep_their_time_and_cannot_forge_chain_members() {
+        let e = super::event(
+            "x",
+            json!({"ts": "2026-01-01T00:00:00.000000Z", "seq": 99, "hash": "h", "a": [1]}),
+        );
+        let v: Value = serde_json::from_str(&format!("{{{}}}", e.members())).unwrap();
+        assert_eq!(v["ts"], "2026-01-01T00:00:00.000000Z");
+        assert_eq!(v["a"], json!([1]));
+        assert!(v.get("seq").is_none() && v.get("hash").is_none(), "{v}");
     }
 
     #[test]
     fn redaction_at_any_depth_and_truncation() {
-        let c = RawAudit::default();
+        let r = Redactor::new(&RawAudit::default());
+        let redact = |v: Value| serde_json::from_str::<Value>(&r.redact(&v)).unwrap();
         let v = redact(
-            &c,
-            &json!({"path":"/a","nested":{"API_Key":"k","list":[{"password":"p"}]},"AccessToken":"t"}),
+            json!({"path":"/a","nested":{"API_Key":"k","list":[{"password":"p"}]},"AccessToken":"t","Pässword":"x","note":"token"}),
         );
         assert_eq!(v["path"], "/a");
         assert_eq!(v["nested"]["API_Key"], "[REDACTED]");
         assert_eq!(v["nested"]["list"][0]["password"], "[REDACTED]");
         assert_eq!(v["AccessToken"], "[REDACTED]");
-        let big = redact(
-            &c,
-            &json!({"blob": "x".repeat(5000), "token": "secret-value"}),
-        );
+        assert_eq!(v["note"], "token", "values are not keys");
+        assert_eq!(v["Pässword"], "x", "no match: ä is not a");
+        let mut cfg = RawAudit::default();
+        cfg.redact_keys.push("PÄSS".into());
+        let r2 = Redactor::new(&cfg);
+        let v: Value = serde_json::from_str(&r2.redact(&json!({"xPässwordx": 1}))).unwrap();
+        assert_eq!(v["xPässwordx"], "[REDACTED]");
+        let big = redact(json!({"blob": "x".repeat(5000), "token": "secret-value"}));
         assert_eq!(big["[TRUNCATED]"], true);
         assert!(!big.to_string().contains("secret-value"));
+        assert_eq!(big["sha256"].as_str().unwrap().len(), 64);
+    }
+
+    #[tokio::test]
+    async fn deferred_events_are_flushed_and_chained() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
+        a.record_later(event("later-1"));
+        a.record(event("now")).await.unwrap();
+        // Written with the next recorded event, in order.
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let names: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["event"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(names, ["later-1", "now"]);
+        // Or by the background thread on its own.
+        a.record_later(event("later-2"));
+        let path = dir.path().join("audit.jsonl");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&path).unwrap().contains("later-2") {
+            assert!(Instant::now() < deadline, "deferred event never written");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        a.record_later(event("at-drop"));
+        drop(a);
+        assert!(std::fs::read_to_string(&path).unwrap().contains("at-drop"));
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.events, 4);
+    }
+
+    #[tokio::test]
+    async fn concurrent_fsync_writers_share_fdatasyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Fsync)).unwrap());
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25 {
+                    a.record(event(&format!("w{w}-{i}"))).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let syncs = a.stats.syncs.load(Ordering::Relaxed);
+        assert!(syncs >= 1, "fsync mode never ran fdatasync");
+        drop(a);
+        let v = verify(&[dir.path().join("audit.jsonl")]).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.events, 200);
     }
 
     #[tokio::test]

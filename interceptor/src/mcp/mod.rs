@@ -35,7 +35,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::{net::TcpStream, sync::mpsc};
 use tracing::{debug, info, warn};
 
@@ -79,8 +79,8 @@ pub struct Conn {
     pub server_id: usize,
     /// Framing verdicts for HTTP/1 request heads, in order (see [`framing`]).
     verdicts: framing::Verdicts,
-    /// The `identity` object of this connection's audit events.
-    who: Value,
+    /// The `identity` object of this connection's audit events, as JSON text.
+    pub who: Arc<str>,
     up: AtomicU64,
     down: AtomicU64,
     requests: AtomicU64,
@@ -215,7 +215,7 @@ fn encoded(headers: &HeaderMap) -> bool {
 impl Conn {
     pub fn new(daemon: Arc<Daemon>, identity: Identity, server_id: usize) -> Self {
         Self {
-            who: identity.audit_json(),
+            who: identity.audit_json().to_string().into(),
             daemon,
             identity,
             server_id,
@@ -289,21 +289,24 @@ impl Conn {
 
     /// Records the `mcp.response` event of pending request `p`.
     fn audit_response_event(&self, p: &Pending, id: Value, outcome: &str, code: Option<Value>) {
-        self.daemon.audit.record_later(audit::event(
-            "mcp.response",
-            json!({
-                "identity": self.who,
-                "server": self.server_name(),
-                "method": p.method,
-                "tool": if p.method == "tools/call" { p.target.as_deref() } else { None },
-                "name": p.target,
-                "id": id,
-                "outcome": outcome,
-                "error_code": code,
-                "latency_us": p.started.elapsed().as_micros() as u64,
-                "session": p.session,
-            }),
-        ));
+        let tool = if p.method == "tools/call" {
+            p.target.as_deref()
+        } else {
+            None
+        };
+        self.daemon.audit.record_later(
+            audit::Event::new("mcp.response")
+                .raw("identity", &self.who)
+                .field("server", self.server_name())
+                .field("method", &p.method)
+                .field("tool", &tool)
+                .field("name", &p.target)
+                .field("id", &id)
+                .field("outcome", outcome)
+                .field("error_code", &code)
+                .field("latency_us", &(p.started.elapsed().as_micros() as u64))
+                .field("session", &p.session),
+        );
     }
 
     /// `mcp.response` events for requests that will get no upstream answer.
@@ -534,7 +537,7 @@ impl Conn {
             .fetch_add(body.messages.len() as u64, Ordering::Relaxed);
         // Write-ahead: every request and notification is in the audit log before anything is
         // forwarded; if the log cannot be written, allowed requests are refused (fail closed).
-        let events: Vec<Map<String, Value>> = body
+        let events: Vec<audit::Event> = body
             .messages
             .iter()
             .zip(&decisions)
@@ -646,12 +649,12 @@ impl Conn {
         d: &Decision,
         session: Option<&str>,
         protocol: &str,
-    ) -> Map<String, Value> {
+    ) -> audit::Event {
         let method = m.method().unwrap_or("");
-        let config = &self.daemon.audit.config;
+        let redactor = &self.daemon.audit.redactor;
         let arguments = match (method, m.params()) {
-            ("tools/call", _) => m.arguments().map(|a| audit::redact(config, a)),
-            (_, Some(p)) => Some(audit::redact(config, &Value::Object(p.clone()))),
+            ("tools/call", _) => m.arguments().map(|a| redactor.redact(a)),
+            (_, Some(p)) => Some(redactor.redact_object(p)),
             (_, None) => None,
         };
         let cap = |s: &str| -> String {
@@ -665,23 +668,24 @@ impl Conn {
             format!("{}…[truncated]", &s[..end])
         };
         let target = m.target().map(cap);
-        audit::event(
-            "mcp.request",
-            json!({
-                "identity": self.who,
-                "server": self.server_name(),
-                "method": cap(method),
-                "tool": if method == "tools/call" { target.clone() } else { None },
-                "name": target,
-                "id": m.id(),
-                "arguments": arguments,
-                "decision": if d.allow { "allow" } else { "deny" },
-                "rule": d.rule,
-                "roles": d.roles,
-                "session": session,
-                "protocol": protocol,
-            }),
-        )
+        let tool = if method == "tools/call" {
+            target.as_deref()
+        } else {
+            None
+        };
+        audit::Event::new("mcp.request")
+            .raw("identity", &self.who)
+            .field("server", self.server_name())
+            .field("method", &cap(method))
+            .field("tool", &tool)
+            .field("name", &target)
+            .field("id", &m.id())
+            .raw("arguments", arguments.as_deref().unwrap_or("null"))
+            .field("decision", if d.allow { "allow" } else { "deny" })
+            .field("rule", &d.rule)
+            .field("roles", &d.roles)
+            .field("session", &session)
+            .field("protocol", protocol)
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
