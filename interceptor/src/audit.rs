@@ -320,6 +320,13 @@ fn seal_into(buf: &mut Vec<u8>, seq: u64, prev: &str, members: &[u8]) -> String 
     hash
 }
 
+/// The chained line of `event` at `seq` after `prev` (what the writer appends), and its hash.
+pub fn seal_line(seq: u64, prev: &str, event: &Event) -> (Vec<u8>, String) {
+    let mut buf = Vec::with_capacity(event.0.len() + 200);
+    let hash = seal_into(&mut buf, seq, prev, &event.0);
+    (buf, hash)
+}
+
 /// Splits a line into (the sealed body, the hash it claims); `None` when the line does not end
 /// in a hash member.
 fn unseal(line: &str) -> Option<(String, &str)> {

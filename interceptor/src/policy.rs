@@ -210,6 +210,21 @@ struct ArgRule {
     allow: Vec<Pattern>,
 }
 
+/// Tier 1 of a decision for one (identity, server): the granting roles in role order (or the
+/// denial), and a mask over all roles for the pattern indexes.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    roles: Result<Vec<usize>, Decision>,
+    mask: Vec<bool>,
+}
+
+impl Grant {
+    /// Whether the server is granted at all.
+    pub fn server_granted(&self) -> bool {
+        self.roles.is_ok()
+    }
+}
+
 /// A compiled role.
 #[derive(Debug, Clone)]
 pub struct Role {
@@ -504,59 +519,86 @@ impl Policy {
     /// Tier 1 alone: may `subject` reach `server` at all? (For requests that carry no
     /// JSON-RPC message: opening a server stream, ending a session.)
     pub fn check_server(&self, subject: &Subject<'_>, server: &str) -> Decision {
-        match self.granting(subject, server) {
-            Ok(granting) => Decision::allow(
-                format!("role {}: servers grants {server:?}", granting[0].name),
-                granting.iter().map(|r| r.name.clone()).collect(),
+        self.check_server_granted(&self.grant(subject, server), server)
+    }
+
+    /// [`Policy::check_server`] with tier 1 already resolved.
+    pub fn check_server_granted(&self, grant: &Grant, server: &str) -> Decision {
+        match &grant.roles {
+            Ok(roles) => Decision::allow(
+                format!(
+                    "role {}: servers grants {server:?}",
+                    self.roles[roles[0]].name
+                ),
+                self.names(roles),
             ),
-            Err(d) => d,
+            Err(d) => d.clone(),
         }
     }
 
-    /// The roles of `subject` that reach `server`, or the denial.
-    fn granting(&self, subject: &Subject<'_>, server: &str) -> Result<Vec<&Role>, Decision> {
+    /// Tier 1: the roles of `subject` that reach `server`. It depends only on the identity and
+    /// the policy, so a connection resolves it once and reuses it for every request.
+    pub fn grant(&self, subject: &Subject<'_>, server: &str) -> Grant {
+        let mut mask = vec![false; self.roles.len()];
         let bound = self.roles_of(subject);
         if bound.is_empty() {
-            return Err(Decision::deny(
-                "default deny: no binding matches this identity",
-            ));
+            return Grant {
+                roles: Err(Decision::deny(
+                    "default deny: no binding matches this identity",
+                )),
+                mask,
+            };
         }
-        let granting: Vec<&Role> = bound
-            .iter()
-            .map(|&i| &self.roles[i])
-            .filter(|r| r.servers.iter().any(|p| p.matches(server)))
+        let granting: Vec<usize> = bound
+            .into_iter()
+            .filter(|&i| self.roles[i].servers.iter().any(|p| p.matches(server)))
             .collect();
         if granting.is_empty() {
-            return Err(Decision::deny(format!(
-                "default deny: no role of this identity grants server {server:?}"
-            )));
+            return Grant {
+                roles: Err(Decision::deny(format!(
+                    "default deny: no role of this identity grants server {server:?}"
+                ))),
+                mask,
+            };
         }
-        Ok(granting)
+        for &i in &granting {
+            mask[i] = true;
+        }
+        Grant {
+            roles: Ok(granting),
+            mask,
+        }
+    }
+
+    fn names(&self, roles: &[usize]) -> Vec<String> {
+        roles.iter().map(|&i| self.roles[i].name.clone()).collect()
     }
 
     /// Decides `call` on `server` for `subject`.
     pub fn check(&self, subject: &Subject<'_>, server: &str, call: &Call<'_>) -> Decision {
-        // Tier 1: roles that reach this server.
-        let granting = match self.granting(subject, server) {
-            Ok(g) => g,
-            Err(d) => return d,
-        };
-        let names = || granting.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        self.check_granted(&self.grant(subject, server), server, call)
+    }
 
+    /// [`Policy::check`] with tier 1 already resolved (`grant` must come from this policy).
+    pub fn check_granted(&self, grant: &Grant, server: &str, call: &Call<'_>) -> Decision {
+        let roles = match &grant.roles {
+            Ok(r) => r.as_slice(),
+            Err(d) => return d.clone(),
+        };
         if ALWAYS_ALLOWED.contains(&call.method) || call.method.starts_with("notifications/") {
             return Decision::allow(
                 format!(
                     "server {server:?} granted; {:?} is always allowed",
                     call.method
                 ),
-                names(),
+                self.names(roles),
             );
         }
         if call.method == "tools/call" {
-            return self.check_tool(&granting, call);
+            return self.check_tool(roles, &grant.mask, call);
         }
         // Other methods: deny wins is moot (no deny_methods); first allowing role decides.
-        for r in &granting {
+        for r in roles.iter().map(|&i| &self.roles[i]) {
             if let Some(p) = r.allow_methods.iter().find(|p| p.matches(call.method)) {
                 return Decision::allow(
                     format!("role {}: allow_methods {:?}", r.name, p.as_str()),
@@ -570,7 +612,7 @@ impl Policy {
         ))
     }
 
-    fn check_tool(&self, granting: &[&Role], call: &Call<'_>) -> Decision {
+    fn check_tool(&self, roles: &[usize], granted: &[bool], call: &Call<'_>) -> Decision {
         let Some(tool) = call.name else {
             return Decision::deny("tools/call without a tool name");
         };
@@ -578,10 +620,6 @@ impl Policy {
             return Decision::deny(format!(
                 "tool name {tool:?} has characters outside [A-Za-z0-9_.-/] or is too long"
             ));
-        }
-        let mut granted = vec![false; self.roles.len()];
-        for r in granting {
-            granted[r.index] = true;
         }
         // Deny wins: any granting role's deny pattern refuses the call.
         if let Some((r, p)) = self
@@ -610,7 +648,7 @@ impl Policy {
         };
         // Argument constraints of every granting role apply (a constraint is a deny rule).
         let args = call.arguments.unwrap_or(&Value::Null);
-        for r in granting {
+        for r in roles.iter().map(|&i| &self.roles[i]) {
             for rule in r.tool_args.iter().filter(|a| a.tool.matches(tool)) {
                 if let Err(why) = rule.check(args) {
                     return Decision::deny(format!(
@@ -637,6 +675,17 @@ impl Policy {
         list_method: &str,
         name: &str,
     ) -> bool {
+        self.shows_granted(&self.grant(subject, server), server, list_method, name)
+    }
+
+    /// [`Policy::shows`] with tier 1 already resolved.
+    pub fn shows_granted(
+        &self,
+        grant: &Grant,
+        server: &str,
+        list_method: &str,
+        name: &str,
+    ) -> bool {
         let method = match list_method {
             "tools/list" => {
                 if self.show_denied_tools {
@@ -655,13 +704,10 @@ impl Policy {
         };
         if method == "tools/call" {
             // Listing ignores argument constraints: the tool is usable with the right arguments.
-            let Ok(granting) = self.granting(subject, server) else {
+            if grant.roles.is_err() {
                 return false;
-            };
-            let mut granted = vec![false; self.roles.len()];
-            for r in &granting {
-                granted[r.index] = true;
             }
+            let granted = &grant.mask;
             return valid_tool_name(name)
                 && !self
                     .deny_index
@@ -674,7 +720,7 @@ impl Policy {
                     .iter()
                     .any(|(r, _)| granted[*r]);
         }
-        self.check(subject, server, &call).allow
+        self.check_granted(grant, server, &call).allow
     }
 
     /// Role names, in definition order.

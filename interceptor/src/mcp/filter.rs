@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::policy::{Policy, Subject};
+use crate::policy::{Grant, Policy, Subject};
 
 /// Result member, the item's name member, and the list method it stands for.
 const SHAPES: [(&str, &str, &str); 4] = [
@@ -22,10 +22,15 @@ const SHAPES: [(&str, &str, &str); 4] = [
 /// Filters every list-shaped result in `message` (one JSON-RPC message or a batch); returns how
 /// many items were hidden.
 pub fn filter(policy: &Policy, subject: &Subject<'_>, server: &str, message: &mut Value) -> usize {
+    filter_granted(policy, &policy.grant(subject, server), server, message)
+}
+
+/// [`filter`] with the identity's tier 1 already resolved (see [`Policy::grant`]).
+pub fn filter_granted(policy: &Policy, grant: &Grant, server: &str, message: &mut Value) -> usize {
     match message {
         Value::Array(items) => items
             .iter_mut()
-            .map(|m| filter(policy, subject, server, m))
+            .map(|m| filter_granted(policy, grant, server, m))
             .sum(),
         Value::Object(obj) => {
             let Some(result) = obj.get_mut("result").and_then(Value::as_object_mut) else {
@@ -42,7 +47,7 @@ pub fn filter(policy: &Policy, subject: &Subject<'_>, server: &str, message: &mu
                 items.retain(|item| {
                     item.get(key)
                         .and_then(Value::as_str)
-                        .is_some_and(|name| policy.shows(subject, server, method, name))
+                        .is_some_and(|name| policy.shows_granted(grant, server, method, name))
                 });
                 hidden += before - items.len();
             }

@@ -50,7 +50,7 @@ use crate::{
     bpf::lock,
     daemon::Daemon,
     identity::Identity,
-    policy::{Call, Decision, DenyStyle, Policy, Subject},
+    policy::{Call, Decision, DenyStyle, Grant, Policy, Subject},
 };
 
 /// Errors carried by response bodies.
@@ -87,6 +87,8 @@ pub struct Conn {
     /// Set (with the reason) when the identity is revoked: in-flight requests are answered
     /// with an error naming it and the connection closes.
     revoked: tokio::sync::watch::Sender<Option<String>>,
+    /// Tier 1 of the policy for this identity and server, resolved once per policy generation.
+    grant: std::sync::Mutex<Option<(Arc<Policy>, Arc<Grant>)>>,
 }
 
 /// A forwarded request waiting for its response (for `mcp.response` events).
@@ -224,7 +226,22 @@ impl Conn {
             down: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             revoked: tokio::sync::watch::Sender::new(None),
+            grant: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The current policy and this connection's tier-1 grant under it.
+    fn policy(&self) -> (Arc<Policy>, Arc<Grant>) {
+        let policy = self.daemon.policy();
+        let mut cached = lock(&self.grant);
+        if let Some((p, g)) = cached.as_ref()
+            && Arc::ptr_eq(p, &policy)
+        {
+            return (policy, g.clone());
+        }
+        let grant = Arc::new(policy.grant(&self.subject(), self.server_name()));
+        *cached = Some((policy.clone(), grant.clone()));
+        (policy, grant)
     }
 
     /// Revokes this connection (idempotent).
@@ -422,10 +439,8 @@ impl Conn {
             ));
         }
         // No JSON-RPC to judge, but the server itself must be granted (tier 1).
-        let decision = self
-            .daemon
-            .policy()
-            .check_server(&self.subject(), self.server_name());
+        let (policy, grant) = self.policy();
+        let decision = policy.check_server_granted(&grant, self.server_name());
         if !decision.allow {
             self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
             info!(http.method = %method, server.name = self.server_name(),
@@ -527,11 +542,11 @@ impl Conn {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         };
-        let policy = self.daemon.policy();
+        let (policy, grant) = self.policy();
         let decisions: Vec<Option<Decision>> = body
             .messages
             .iter()
-            .map(|m| self.decide(&policy, m, &protocol))
+            .map(|m| self.decide(&policy, &grant, m, &protocol))
             .collect();
         self.requests
             .fetch_add(body.messages.len() as u64, Ordering::Relaxed);
@@ -689,14 +704,20 @@ impl Conn {
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
-    fn decide(&self, policy: &Policy, m: &Message, protocol: &str) -> Option<Decision> {
+    fn decide(
+        &self,
+        policy: &Policy,
+        grant: &Grant,
+        m: &Message,
+        protocol: &str,
+    ) -> Option<Decision> {
         let method = m.method()?;
         let call = Call {
             method,
             name: m.target(),
             arguments: m.arguments(),
         };
-        let d = policy.check(&self.subject(), self.server_name(), &call);
+        let d = policy.check_granted(grant, self.server_name(), &call);
         let counters = &self.daemon.counters;
         let metrics = &self.daemon.metrics;
         metrics
@@ -981,12 +1002,8 @@ impl Conn {
 
     /// Filters list-shaped results in `message`; returns how many items were hidden.
     fn filter(&self, message: &mut Value) -> usize {
-        let hidden = filter::filter(
-            &self.daemon.policy(),
-            &self.subject(),
-            self.server_name(),
-            message,
-        );
+        let (policy, grant) = self.policy();
+        let hidden = filter::filter_granted(&policy, &grant, self.server_name(), message);
         if hidden > 0 {
             debug!(hidden, "list filtered");
         }
