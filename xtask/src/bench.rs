@@ -1,16 +1,22 @@
-//! `cargo xtask bench`: every cost against a baseline measured in the same run, alternating
-//! A and B rounds to cancel drift on a shared, noisy machine. Prints a table and writes
-//! `target/bench/results.json`.
+//! `cargo xtask bench [--quick]`: every cost against a baseline measured in the same run,
+//! alternating A and B rounds to cancel drift on a shared, noisy machine. Prints a table with
+//! the targets and writes `target/bench/results.json`.
 //!
 //! Measured:
 //! 1. `tools/call` round trips (1 KiB arguments, keep-alive) at concurrency 1 and 16: direct
-//!    (client in an untagged cgroup) vs through the kernel redirect and the proxy (parse, policy,
-//!    audit in `write` mode), and with `fsync` audit.
+//!    (plain HTTP, client in an untagged cgroup) vs through the kernel redirect and the proxy
+//!    (parse, policy, identity assertion, audit) to the upstream over mTLS with the workload's
+//!    certificate; audit `write` and `fsync`. A plain byte relay is measured too: the cost of
+//!    any extra hop on this machine, which no proxy can go below.
 //! 2. `connect()` to a non-MCP address: from a tagged cgroup with the programs attached vs from a
 //!    cgroup with no program.
-//! 3. Daemon RSS idle and per idle agent connection (1,000 keep-alive connections).
-//! 4. Audit events/s with 16 writers, `write` and `fsync`, and events per `fdatasync`.
-//! 5. Micro: parse + re-serialise, policy decision (100 roles, 1,000 patterns), 500-tool filter.
+//! 3. First request on a fresh agent connection: warm (the workload's upstream pool is open)
+//!    and cold (a new workload: certificate minted, TLS handshake), vs direct.
+//! 4. Daemon RSS idle and per idle agent connection (1,000 keep-alive connections).
+//! 5. Audit events/s with 16 writers, `write` and `fsync`; events per `fdatasync` and the
+//!    device's `fdatasync` time.
+//! 6. Micro-benchmarks (criterion, `interceptor/benches/micro.rs`), read from
+//!    `target/criterion`.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -22,7 +28,47 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-const ROUNDS: usize = 5;
+/// How much of everything to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    rounds: usize,
+    c1_requests: u64,
+    c16_requests: u64,
+    fresh_warm: u64,
+    fresh_cold: usize,
+    audit_write_events: u64,
+    audit_fsync_events: u64,
+    /// `--warm-up-time` and `--measurement-time` of each criterion benchmark (s).
+    pub criterion_secs: (&'static str, &'static str),
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rounds: 3,
+                c1_requests: 1000,
+                c16_requests: 4000,
+                fresh_warm: 50,
+                fresh_cold: 5,
+                audit_write_events: 32_000,
+                audit_fsync_events: 2000,
+                criterion_secs: ("0.5", "1"),
+            }
+        } else {
+            Self {
+                rounds: 5,
+                c1_requests: 3000,
+                c16_requests: 16_000,
+                fresh_warm: 200,
+                fresh_cold: 15,
+                audit_write_events: 100_000,
+                audit_fsync_events: 4000,
+                criterion_secs: ("2", "5"),
+            }
+        }
+    }
+}
 
 struct Kill(Vec<Child>, Vec<PathBuf>, PathBuf, PathBuf);
 
@@ -67,6 +113,7 @@ fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<Value> {
 }
 
 fn median(v: &mut [f64]) -> f64 {
+    // (callers pass their samples; sorting in place is fine)
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
@@ -87,7 +134,12 @@ struct Cfg<'a> {
     root: &'a str,
     bpffs: &'a Path,
     sock: &'a Path,
-    upstream: SocketAddr,
+    /// What agents dial (intercepted).
+    intercept: SocketAddr,
+    /// Where the proxy goes, over mTLS.
+    upstream_tls: SocketAddr,
+    pki: &'a Path,
+    ca: &'a Path,
     audit: &'a Path,
     durability: &'a str,
 }
@@ -98,7 +150,10 @@ fn write_config(path: &Path, c: &Cfg<'_>) -> Result<()> {
         root,
         bpffs,
         sock,
-        upstream,
+        intercept,
+        upstream_tls,
+        pki,
+        ca,
         audit,
         durability,
     } = c;
@@ -116,8 +171,13 @@ cgroup = "{root}/tagged"
 
 [[server]]
 name = "bench"
-intercept = ["{upstream}"]
-upstream = "{upstream}"
+intercept = ["{intercept}"]
+upstream = "https://{upstream_tls}"
+tls = {{ ca = "{pki}/upstream-ca.pem", server_name = "bench.test" }}
+
+[ca]
+cert = "{ca}/ca.pem"
+key = "{ca}/ca-key.pem"
 
 [[role]]
 name = "bench"
@@ -134,6 +194,8 @@ durability = "{durability}"
 "#,
             bpffs = bpffs.display(),
             sock = sock.display(),
+            pki = pki.display(),
+            ca = ca.display(),
             audit = audit.display(),
         ),
     )?;
@@ -158,28 +220,80 @@ fn start_daemon(bin: &Path, config: &Path, log: &Path) -> Result<Child> {
     bail!("daemon did not start; see {}", log.display())
 }
 
-pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
+/// Medians over the rounds of one client run per variant, alternating the variants.
+fn compare(
+    plan: &Plan,
+    peer: &Path,
+    variants: &[(&str, &Path, &str)],
+    args: &[&str],
+) -> Result<Value> {
+    let mut samples: Vec<[Vec<f64>; 3]> = variants.iter().map(|_| Default::default()).collect();
+    for _ in 0..plan.rounds {
+        for (i, (name, cgroup, url)) in variants.iter().enumerate() {
+            let mut a = vec!["client", url];
+            a.extend_from_slice(args);
+            let r = run_in(cgroup, peer, &a)?;
+            if r["errors"].as_u64() != Some(0) {
+                bail!("{name} run had errors: {r}");
+            }
+            for (k, key) in ["p50_us", "p99_us", "rps"].iter().enumerate() {
+                samples[i][k].push(r[key].as_f64().unwrap_or(0.0));
+            }
+        }
+    }
+    let mut out = json!({});
+    for ((name, _, _), s) in variants.iter().zip(&mut samples) {
+        let spread = |v: &[f64]| {
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+            json!([lo, hi])
+        };
+        let [p50, p99, rps] = s;
+        out[*name] = json!({
+            "p50_us": median(p50), "p99_us": median(p99), "rps": median(rps),
+            "p50_spread": spread(p50), "rps_spread": spread(rps),
+        });
+    }
+    Ok(out)
+}
+
+pub fn run(root: &Path, bin: &Path, peer: &Path, plan: Plan) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks load eBPF programs and create cgroups: run them as root");
     }
+    let started = Instant::now();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let name = format!("interceptor-bench-{}", std::process::id());
     let rel = format!("/{name}");
     let config = out_dir.join("bench.toml");
-    let probe_addr: SocketAddr = "127.0.0.3:9".parse()?;
-    write_config(
-        &config,
-        &Cfg {
-            port: 1,
-            root: &rel,
-            bpffs: Path::new("/sys/fs/bpf/x"),
-            sock: Path::new("/run/x"),
-            upstream: probe_addr,
-            audit: Path::new("/tmp/x"),
-            durability: "write",
-        },
-    )?;
+    let pki = out_dir.join("pki");
+    let ca = out_dir.join("ca");
+    let _ = std::fs::remove_dir_all(&ca);
+    let quiet = |cmd: &mut Command| -> Result<()> {
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    quiet(Command::new(peer).arg("pki").arg(&pki))?;
+    quiet(Command::new(bin).args(["ca", "init", "--dir"]).arg(&ca))?;
+    let placeholder: SocketAddr = "127.0.0.3:9".parse()?;
+    let mut cfg = Cfg {
+        port: 1,
+        root: &rel,
+        bpffs: Path::new("/sys/fs/bpf/x"),
+        sock: Path::new("/run/x"),
+        intercept: placeholder,
+        upstream_tls: placeholder,
+        pki: &pki,
+        ca: &ca,
+        audit: Path::new("/tmp/x"),
+        durability: "write",
+    };
+    write_config(&config, &cfg)?;
     let mount = cgroup_mount(bin, &config)?;
     let attach = mount.join(&name);
     let dirs = vec![
@@ -191,112 +305,107 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
     for d in &dirs {
         std::fs::create_dir_all(d)?;
     }
+    let (tagged, direct, noprog) = (dirs[1].clone(), dirs[2].clone(), dirs[3].clone());
     let mut guard = Kill(Vec::new(), dirs.clone(), bin.to_owned(), config.clone());
-    let up_port = free_port()?;
-    let upstream: SocketAddr = format!("127.0.0.3:{up_port}").parse()?;
-    guard.0.push(
-        Command::new(peer)
-            .args(["upstream", &upstream.to_string()])
+
+    let plain: SocketAddr = format!("127.0.0.3:{}", free_port()?).parse()?;
+    let tls: SocketAddr = format!("127.0.0.5:{}", free_port()?).parse()?;
+    let other = format!("127.0.0.4:{}", free_port()?);
+    let relay = format!("127.0.0.1:{}", free_port()?);
+    let spawn = |args: &[&str]| -> Result<Child> {
+        Ok(Command::new(peer)
+            .args(args)
             .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let other_port = free_port()?;
+            .spawn()?)
+    };
+    guard.0.push(spawn(&["upstream", &plain.to_string()])?);
+    guard.0.push(spawn(&["upstream", &other])?);
+    guard.0.push(spawn(&["relay", &relay, &plain.to_string()])?);
     guard.0.push(
         Command::new(peer)
-            .args(["upstream", &format!("127.0.0.4:{other_port}")])
+            .args(["upstream-tls", &tls.to_string()])
+            .arg(&pki)
+            .arg(ca.join("ca.pem"))
             .stdout(Stdio::null())
             .spawn()?,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let port = free_port()?;
+    let url = format!("http://{plain}/mcp");
+    let relay_url = format!("http://{relay}/mcp");
     let bpffs = PathBuf::from("/sys/fs/bpf").join(&name);
     let sock = out_dir.join("admin.sock");
-    let url = format!("http://{upstream}/mcp");
-    let mut results = json!({});
+    cfg.port = free_port()?;
+    cfg.bpffs = &bpffs;
+    cfg.sock = &sock;
+    cfg.intercept = plain;
+    cfg.upstream_tls = tls;
+    let mut results = json!({"quick": plan.rounds < 5});
 
-    for (mode, durability) in [("write", "write"), ("fsync", "fsync")] {
-        let audit = out_dir.join(format!("audit-{mode}.jsonl"));
-        let _ = std::fs::remove_file(&audit);
-        write_config(
-            &config,
-            &Cfg {
-                port,
-                root: &rel,
-                bpffs: &bpffs,
-                sock: &sock,
-                upstream,
-                audit: &audit,
-                durability,
-            },
-        )?;
+    let audits = ["write", "fsync"].map(|m| (m, out_dir.join(format!("audit-{m}.jsonl"))));
+    for (mode, audit) in &audits {
+        let mode = *mode;
+        let _ = std::fs::remove_file(audit);
+        cfg.audit = audit;
+        cfg.durability = mode;
+        write_config(&config, &cfg)?;
         let daemon = start_daemon(bin, &config, &out_dir.join(format!("daemon-{mode}.log")))?;
         let pid = daemon.id();
         guard.0.push(daemon);
         if mode == "write" {
             results["memory"]["idle_rss_kib"] = json!(rss_kib(pid));
         }
-        for conc in [1u64, 16] {
-            let n = if conc == 1 { 2000 } else { 8000 };
-            let (mut d50, mut i50, mut d99, mut i99, mut drps, mut irps) =
-                (vec![], vec![], vec![], vec![], vec![], vec![]);
-            for _ in 0..ROUNDS {
-                let d = run_in(
-                    &attach.join("direct"),
-                    peer,
-                    &["client", &url, &n.to_string(), &conc.to_string()],
-                )?;
-                let i = run_in(
-                    &attach.join("tagged"),
-                    peer,
-                    &["client", &url, &n.to_string(), &conc.to_string()],
-                )?;
-                if i["errors"].as_u64() != Some(0) {
-                    bail!("intercepted run had errors: {i}");
-                }
-                d50.push(d["p50_us"].as_f64().unwrap_or(0.0));
-                d99.push(d["p99_us"].as_f64().unwrap_or(0.0));
-                drps.push(d["rps"].as_f64().unwrap_or(0.0));
-                i50.push(i["p50_us"].as_f64().unwrap_or(0.0));
-                i99.push(i["p99_us"].as_f64().unwrap_or(0.0));
-                irps.push(i["rps"].as_f64().unwrap_or(0.0));
+        for (conc, n) in [(1u64, plan.c1_requests), (16, plan.c16_requests)] {
+            let mut variants = vec![
+                ("direct", direct.as_path(), url.as_str()),
+                ("interceptor", tagged.as_path(), url.as_str()),
+            ];
+            if mode == "write" {
+                variants.push(("relay", direct.as_path(), relay_url.as_str()));
             }
-            let (d50m, i50m, d99m, i99m, drm, irm) = (
-                median(&mut d50),
-                median(&mut i50),
-                median(&mut d99),
-                median(&mut i99),
-                median(&mut drps),
-                median(&mut irps),
-            );
-            results["requests"][mode][format!("c{conc}")] = json!({
-                "direct_p50_us": d50m, "interceptor_p50_us": i50m, "added_p50_us": i50m - d50m,
-                "direct_p99_us": d99m, "interceptor_p99_us": i99m, "added_p99_us": i99m - d99m,
-                "direct_rps": drm, "interceptor_rps": irm, "throughput_ratio": if drm > 0.0 { irm / drm } else { 0.0 },
-            });
+            let r = compare(&plan, peer, &variants, &[&n.to_string(), &conc.to_string()])?;
+            results["requests"][mode][format!("c{conc}")] = r;
         }
         if mode == "write" {
             // Memory per idle agent connection.
             let before = rss_kib(pid);
-            let mut holder = crate::in_cgroup(&attach.join("tagged"), peer)
-                .args(["hold", &url, "1000", "5"])
+            let mut holder = crate::in_cgroup(&tagged, peer)
+                .args(["hold", &url, "1000", "4"])
                 .stdout(Stdio::piped())
                 .spawn()?;
-            std::thread::sleep(Duration::from_millis(3500));
+            let mut line = String::new();
+            if let Some(out) = holder.stdout.as_mut() {
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+            }
             let after = rss_kib(pid);
             let _ = holder.wait();
+            results["memory"]["held"] = serde_json::from_str(&line).unwrap_or(Value::Null);
             results["memory"]["per_idle_connection_kib"] =
                 json!((after.saturating_sub(before)) as f64 / 1000.0);
             // connect() cost of the hook on a non-MCP destination.
-            let other = format!("127.0.0.4:{other_port}");
-            let (mut tagged, mut none) = (vec![], vec![]);
-            for _ in 0..ROUNDS {
-                let t = run_in(&attach.join("tagged"), peer, &["connect", &other, "5000"])?;
-                let n = run_in(&dirs[3], peer, &["connect", &other, "5000"])?;
-                tagged.push(t["ns_per_connect"].as_f64().unwrap_or(0.0));
-                none.push(n["ns_per_connect"].as_f64().unwrap_or(0.0));
+            let (mut t, mut no) = (vec![], vec![]);
+            for round in 0..plan.rounds * 2 {
+                // Alternate which goes first: the first run after a burst of closes is slower.
+                let order = if round % 2 == 0 {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
+                for tagged_first in order {
+                    let (cg, out) = if tagged_first {
+                        (&tagged, &mut t)
+                    } else {
+                        (&noprog, &mut no)
+                    };
+                    out.push(
+                        run_in(cg, peer, &["connect", &other, "5000"])?["ns_per_connect"]
+                            .as_f64()
+                            .unwrap_or(0.0),
+                    );
+                }
             }
-            let (t, n) = (median(&mut tagged), median(&mut none));
-            results["connect"] = json!({"tagged_ns": t, "no_program_ns": n, "ratio": if n > 0.0 { t / n } else { 0.0 }});
+            let (t, no) = (median(&mut t), median(&mut no));
+            results["connect"] = json!({"tagged_ns": t, "no_program_ns": no, "ratio": if no > 0.0 { t / no } else { 0.0 }});
+            results["fresh"] = fresh(&plan, peer, &url, &tagged, &direct, &mut guard)?;
         }
         if let Some(mut d) = guard.0.pop() {
             let _ = nix::sys::signal::kill(
@@ -306,22 +415,25 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
             let _ = d.wait();
         }
     }
-    for mode in ["write", "fsync"] {
+    for (mode, events) in [
+        ("write", plan.audit_write_events),
+        ("fsync", plan.audit_fsync_events),
+    ] {
         let out = Command::new(peer)
             .args([
                 "audit",
                 &out_dir.display().to_string(),
                 mode,
                 "16",
-                if mode == "write" { "100000" } else { "4000" },
+                &events.to_string(),
             ])
             .output()?;
         let _ = std::fs::remove_file(out_dir.join(format!("bench-{mode}.jsonl")));
         results["audit"][mode] = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     }
-    let out = Command::new(peer).arg("micro").output()?;
-    results["micro"] = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     drop(guard);
+    results["micro"] = criterion_medians(&root.join("target/criterion"));
+    results["seconds"] = json!(started.elapsed().as_secs());
 
     std::fs::write(
         out_dir.join("results.json"),
@@ -332,80 +444,243 @@ pub fn run(root: &Path, bin: &Path, peer: &Path) -> Result<()> {
     Ok(())
 }
 
+/// First request on fresh connections: warm (the workload's pool is open) in one process, and
+/// cold (every sample a new workload in a new cgroup: certificate minted, TLS handshake).
+fn fresh(
+    plan: &Plan,
+    peer: &Path,
+    url: &str,
+    tagged: &Path,
+    direct: &Path,
+    guard: &mut Kill,
+) -> Result<Value> {
+    let n = plan.fresh_warm.to_string();
+    let (mut dw, mut iw) = (vec![], vec![]);
+    for _ in 0..plan.rounds {
+        dw.push(
+            run_in(direct, peer, &["fresh", url, &n])?["p50_us"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
+        let i = run_in(tagged, peer, &["fresh", url, &n])?;
+        if i["errors"].as_u64() != Some(0) {
+            bail!("fresh intercepted connections had errors: {i}");
+        }
+        iw.push(i["p50_us"].as_f64().unwrap_or(0.0));
+    }
+    let (mut dc, mut ic) = (vec![], vec![]);
+    for k in 0..plan.fresh_cold {
+        let cold = tagged.join(format!("cold-{k}"));
+        std::fs::create_dir_all(&cold)?;
+        guard.1.push(cold.clone());
+        dc.push(
+            run_in(direct, peer, &["fresh", url, "1"])?["p50_us"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
+        let i = run_in(&cold, peer, &["fresh", url, "1"])?;
+        if i["errors"].as_u64() != Some(0) {
+            bail!("a cold workload's first request failed: {i}");
+        }
+        ic.push(i["p50_us"].as_f64().unwrap_or(0.0));
+    }
+    let (dw, iw, dc, ic) = (
+        median(&mut dw),
+        median(&mut iw),
+        median(&mut dc),
+        median(&mut ic),
+    );
+    Ok(json!({
+        "warm": {"direct_us": dw, "interceptor_us": iw, "added_us": iw - dw},
+        "cold": {"direct_us": dc, "interceptor_us": ic, "added_us": ic - dc},
+    }))
+}
+
+/// Median (ns) of every criterion benchmark under `dir`.
+fn criterion_medians(dir: &Path) -> Value {
+    let mut out = json!({});
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let estimates = e.path().join("new/estimates.json");
+        let Ok(text) = std::fs::read_to_string(&estimates) else {
+            continue;
+        };
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            out[e.file_name().to_string_lossy().as_ref()] = v["median"]["point_estimate"].clone();
+        }
+    }
+    out
+}
+
 fn print_table(r: &Value) {
     let f = |v: &Value| {
         v.as_f64()
             .map(|x| format!("{x:.1}"))
             .unwrap_or_else(|| "?".into())
     };
-    println!(
-        "\n{:<44} {:>12} {:>12} {:>12}",
-        "measure", "baseline", "interceptor", "difference"
+    let mark = |ok: bool| if ok { "ok" } else { "MISSED" };
+    let row = |m: &str, base: String, val: String, diff: String, target: String| {
+        println!("{m:<46} {base:>11} {val:>11} {diff:>11}  {target}");
+    };
+    println!();
+    row(
+        "measure",
+        "baseline".into(),
+        "interceptor".into(),
+        "difference".into(),
+        "target".into(),
     );
+    let fsync_us = r["audit"]["fsync"]["mean_fsync_us"].as_f64().unwrap_or(0.0);
     for mode in ["write", "fsync"] {
         for c in ["c1", "c16"] {
             let x = &r["requests"][mode][c];
-            println!(
-                "{:<44} {:>12} {:>12} {:>12}",
-                format!("tools/call p50 µs ({mode} audit, {c})"),
-                f(&x["direct_p50_us"]),
-                f(&x["interceptor_p50_us"]),
-                f(&x["added_p50_us"])
+            let (d, i) = (&x["direct"], &x["interceptor"]);
+            let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+            let add50 = num(i, "p50_us") - num(d, "p50_us");
+            let add99 = num(i, "p99_us") - num(d, "p99_us");
+            let ratio = if num(d, "rps") > 0.0 {
+                num(i, "rps") / num(d, "rps")
+            } else {
+                0.0
+            };
+            let (t50, t99) = match (mode, c) {
+                ("write", "c1") => (
+                    format!("<= +60 {}", mark(add50 <= 60.0)),
+                    format!("<= +250 {}", mark(add99 <= 250.0)),
+                ),
+                ("fsync", "c1") => (
+                    format!(
+                        "<= fdatasync ({fsync_us:.0}) + 60 {}",
+                        mark(add50 <= fsync_us + 60.0)
+                    ),
+                    String::new(),
+                ),
+                _ => (String::new(), String::new()),
+            };
+            row(
+                &format!("tools/call p50 µs ({mode} audit, {c})"),
+                f(&d["p50_us"]),
+                f(&i["p50_us"]),
+                format!("+{add50:.0}"),
+                t50,
             );
-            println!(
-                "{:<44} {:>12} {:>12} {:>12}",
-                format!("tools/call p99 µs ({mode} audit, {c})"),
-                f(&x["direct_p99_us"]),
-                f(&x["interceptor_p99_us"]),
-                f(&x["added_p99_us"])
+            row(
+                &format!("tools/call p99 µs ({mode} audit, {c})"),
+                f(&d["p99_us"]),
+                f(&i["p99_us"]),
+                format!("+{add99:.0}"),
+                t99,
             );
-            println!(
-                "{:<44} {:>12} {:>12} {:>12}",
-                format!("requests/s ({mode} audit, {c})"),
-                f(&x["direct_rps"]),
-                f(&x["interceptor_rps"]),
-                format!("x{}", f(&x["throughput_ratio"]))
+            let tr = if mode == "write" && c == "c16" {
+                format!(">= x0.6 {}", mark(ratio >= 0.6))
+            } else {
+                String::new()
+            };
+            row(
+                &format!("requests/s ({mode} audit, {c})"),
+                f(&d["rps"]),
+                f(&i["rps"]),
+                format!("x{ratio:.2}"),
+                tr,
             );
+            if mode == "write" {
+                let y = &x["relay"];
+                let rr = if num(d, "rps") > 0.0 {
+                    num(y, "rps") / num(d, "rps")
+                } else {
+                    0.0
+                };
+                row(
+                    &format!("  reference: byte relay p50 µs ({c})"),
+                    f(&d["p50_us"]),
+                    f(&y["p50_us"]),
+                    format!("+{:.0}", num(y, "p50_us") - num(d, "p50_us")),
+                    format!("relay throughput x{rr:.2}"),
+                );
+            }
         }
     }
     let c = &r["connect"];
-    println!(
-        "{:<44} {:>12} {:>12} {:>12}",
+    let ratio = c["ratio"].as_f64().unwrap_or(0.0);
+    row(
         "connect()+close ns, non-MCP",
         f(&c["no_program_ns"]),
         f(&c["tagged_ns"]),
-        format!("x{}", f(&c["ratio"]))
+        format!("x{ratio:.3}"),
+        format!("<= x1.03 {}", mark(ratio <= 1.03)),
     );
-    println!(
-        "{:<44} {:>12} {:>12}",
-        "daemon RSS idle KiB",
-        "",
-        f(&r["memory"]["idle_rss_kib"])
-    );
-    println!(
-        "{:<44} {:>12} {:>12}",
-        "KiB per idle agent connection",
-        "",
-        f(&r["memory"]["per_idle_connection_kib"])
-    );
-    for mode in ["write", "fsync"] {
-        let a = &r["audit"][mode];
-        println!(
-            "{:<44} {:>12} {:>12} {:>12}",
-            format!("audit events/s, 16 writers ({mode})"),
-            "",
-            f(&a["events_per_s"]),
-            format!("{}/fsync", f(&a["events_per_fsync"]))
+    for (k, limit) in [("warm", 150.0), ("cold", 1500.0)] {
+        let x = &r["fresh"][k];
+        let add = x["added_us"].as_f64().unwrap_or(f64::MAX);
+        row(
+            &format!("fresh connection, first request µs ({k})"),
+            f(&x["direct_us"]),
+            f(&x["interceptor_us"]),
+            format!("+{add:.0}"),
+            format!("<= +{limit} {}", mark(add <= limit)),
         );
     }
+    let idle = r["memory"]["idle_rss_kib"].as_f64().unwrap_or(f64::MAX);
+    row(
+        "daemon RSS idle KiB",
+        String::new(),
+        f(&r["memory"]["idle_rss_kib"]),
+        String::new(),
+        format!("<= 20480 {}", mark(idle <= 20480.0)),
+    );
+    let per = r["memory"]["per_idle_connection_kib"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    row(
+        "KiB per idle agent connection",
+        String::new(),
+        f(&r["memory"]["per_idle_connection_kib"]),
+        String::new(),
+        format!("<= 16 {}", mark(per <= 16.0)),
+    );
+    let w = &r["audit"]["write"];
+    let eps = w["events_per_s"].as_f64().unwrap_or(0.0);
+    row(
+        "audit events/s, 16 writers (write)",
+        String::new(),
+        f(&w["events_per_s"]),
+        String::new(),
+        format!(">= 50000 {}", mark(eps >= 50_000.0)),
+    );
+    let fs = &r["audit"]["fsync"];
+    let per_sync = fs["events_per_fsync"].as_f64().unwrap_or(0.0);
+    row(
+        "audit events per fdatasync, 16 writers",
+        f(&fs["mean_fsync_us"]),
+        f(&fs["events_per_fsync"]),
+        String::new(),
+        format!(">= 8 {}", mark(per_sync >= 8.0)),
+    );
     let m = &r["micro"];
-    for k in [
-        "parse_reserialize_ns",
-        "policy_decision_ns",
-        "filter_500_tools_ns",
+    for (k, limit) in [
+        ("parse_reserialise", Some(5000.0)),
+        ("parse_reserialise_1kib", None),
+        ("policy_decision", Some(1000.0)),
+        ("policy_decision_first", None),
+        ("filter_500_tools", None),
+        ("audit_request_event", None),
+        ("assertion_sign", None),
     ] {
-        println!("{:<44} {:>12} {:>12}", k, "", f(&m[k]));
+        let v = m[k].as_f64().unwrap_or(f64::MAX);
+        let target = limit
+            .map(|l| format!("< {l} ns {}", mark(v < l)))
+            .unwrap_or_default();
+        row(
+            &format!("micro: {k} ns"),
+            String::new(),
+            f(&m[k]),
+            String::new(),
+            target,
+        );
     }
+    println!("\n{} s in all", r["seconds"]);
 }
 
 /// The cgroup v2 mount, as the daemon finds it (`interceptor check --json`).

@@ -49,8 +49,13 @@ enum Task {
     },
     /// Build, start the daemon with examples/demo.toml, and show a tagged and an untagged client.
     Demo,
-    /// Measure every cost against a baseline in the same run (release build, root).
-    Bench,
+    /// Measure every cost against a baseline in the same run (release build, root); prints a
+    /// table with the targets and writes target/bench/results.json.
+    Bench {
+        /// Fewer rounds and requests: finishes in under 3 minutes once built.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -84,7 +89,7 @@ fn run_task(cli: Cli) -> Result<()> {
                 bail!("interceptor exited with {status}");
             }
         }
-        Task::Bench => {
+        Task::Bench { quick } => {
             let bin = build(&root, true)?;
             let tools = setup::setup(&root)?;
             run(cargo(&root, &tools).args([
@@ -95,7 +100,23 @@ fn run_task(cli: Cli) -> Result<()> {
                 "--bin",
                 "bench-peer",
             ]))?;
-            bench::run(&root, &bin, &root.join("target/release/bench-peer"))?;
+            let plan = bench::Plan::new(quick);
+            // Micro-benchmarks first (criterion writes target/criterion; bench::run reads it).
+            let _ = std::fs::remove_dir_all(root.join("target/criterion"));
+            let (warm, measure) = plan.criterion_secs;
+            run(cargo(&root, &tools).args([
+                "bench",
+                "--package",
+                "interceptor",
+                "--bench",
+                "micro",
+                "--",
+                "--warm-up-time",
+                warm,
+                "--measurement-time",
+                measure,
+            ]))?;
+            bench::run(&root, &bin, &root.join("target/release/bench-peer"), plan)?;
         }
         Task::Demo => {
             let bin = build(&root, false)?;

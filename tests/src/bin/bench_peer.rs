@@ -8,7 +8,14 @@
 //! - `bench-peer hold URL COUNT SECONDS`: opens COUNT keep-alive connections, one request each,
 //!   and keeps them idle for SECONDS.
 //! - `bench-peer audit DIR MODE WRITERS EVENTS`: audit events/s with concurrent writers.
-//! - `bench-peer micro`: parse + re-serialise, policy decision, list filtering (ns per op).
+//! - `bench-peer pki DIR`: a CA and a server certificate for `bench.test` / 127.0.0.0/8 peers
+//!   (`upstream-ca.pem`, `server.pem`, `server-key.pem`).
+//! - `bench-peer upstream-tls ADDR DIR CLIENT_CA`: the same upstream behind TLS 1.3 requiring a
+//!   client certificate issued by CLIENT_CA (the node CA).
+//! - `bench-peer relay LISTEN TARGET`: a byte relay (no parsing at all): the cost of any extra
+//!   hop on this machine, for reference.
+//! - `bench-peer fresh URL COUNT`: COUNT times: a new connection and its first request; latency
+//!   percentiles of connect + first response.
 
 use std::{
     net::SocketAddr,
@@ -30,6 +37,36 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Answers every POST with a JSON-RPC result for the request's id.
+async fn serve<I>(io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let id = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("id").cloned())
+            .unwrap_or(Value::Null);
+        let out =
+            json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"ok"}]}});
+        Ok::<_, std::convert::Infallible>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(out.to_string())))
+                .unwrap_or_default(),
+        )
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
 async fn upstream(addr: &str) {
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     loop {
@@ -37,29 +74,95 @@ async fn upstream(addr: &str) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        tokio::spawn(serve(stream));
+    }
+}
+
+fn pki(dir: &str) -> Value {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let dir = std::path::Path::new(dir);
+    std::fs::create_dir_all(dir).expect("pki dir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).expect("write");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["bench.test".to_owned()]).expect("params");
+    for ip in ["127.0.0.3", "127.0.0.5"] {
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(ip.parse().expect("ip")));
+    }
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).expect("write");
+    json!({"pki": dir})
+}
+
+async fn upstream_tls(addr: &str, dir: &str, client_ca: &str) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let dir = std::path::Path::new(dir);
+    let pem =
+        |p: &std::path::Path| pem::parse_many(std::fs::read(p).expect("read PEM")).expect("PEM");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for item in pem(std::path::Path::new(client_ca)) {
+        roots
+            .add(CertificateDer::from(item.into_contents()))
+            .expect("client CA");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let chain: Vec<CertificateDer<'static>> = pem(&dir.join("server.pem"))
+        .into_iter()
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        pem(&dir.join("server-key.pem")).remove(0).into_contents(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|c| c.to_bytes())
-                    .unwrap_or_default();
-                let id = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("id").cloned())
-                    .unwrap_or(Value::Null);
-                let out = json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"ok"}]}});
-                Ok::<_, std::convert::Infallible>(
-                    Response::builder()
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(out.to_string())))
-                        .unwrap_or_default(),
-                )
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            // A client without a certificate from the node CA fails here.
+            if let Ok(tls) = acceptor.accept(stream).await {
+                serve(tls).await;
+            }
+        });
+    }
+}
+
+async fn relay(listen: &str, target: &str) {
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    let target: SocketAddr = target.parse().expect("target ip:port");
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
         });
     }
 }
@@ -82,7 +185,7 @@ async fn connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest
     send
 }
 
-async fn client(url: &str, requests: u64, concurrency: u64) -> Value {
+fn target(url: &str) -> (hyper::Uri, SocketAddr) {
     let uri: hyper::Uri = url.parse().expect("url");
     let addr: SocketAddr = uri
         .authority()
@@ -90,6 +193,40 @@ async fn client(url: &str, requests: u64, concurrency: u64) -> Value {
         .as_str()
         .parse()
         .expect("ip:port");
+    (uri, addr)
+}
+
+fn call_request(uri: &hyper::Uri, addr: SocketAddr, id: u64) -> Request<Full<Bytes>> {
+    Request::post(uri.clone())
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(call_body(id))))
+        .expect("request")
+}
+
+/// Connect + first request on fresh connections, one after another.
+async fn fresh(url: &str, count: u64) -> Value {
+    let (uri, addr) = target(url);
+    let mut lat = Vec::new();
+    let mut errors = 0u64;
+    for i in 0..count {
+        let t = Instant::now();
+        let mut send = connection(addr).await;
+        match send.send_request(call_request(&uri, addr, i + 1)).await {
+            Ok(resp) if resp.status().is_success() => {
+                let _ = resp.into_body().collect().await;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            _ => errors += 1,
+        }
+    }
+    lat.sort_unstable();
+    json!({"n": lat.len(), "errors": errors, "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99), "first_us": lat.first()})
+}
+
+async fn client(url: &str, requests: u64, concurrency: u64) -> Value {
+    let (uri, addr) = target(url);
     let per = requests / concurrency.max(1);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -100,13 +237,7 @@ async fn client(url: &str, requests: u64, concurrency: u64) -> Value {
             let mut lat = Vec::with_capacity(per as usize);
             let mut errors = 0u64;
             for i in 0..per {
-                let body = call_body(w * per + i + 1);
-                let req = Request::post(uri.clone())
-                    .header("host", addr.to_string())
-                    .header("content-type", "application/json")
-                    .header("accept", "application/json, text/event-stream")
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("request");
+                let req = call_request(&uri, addr, w * per + i + 1);
                 let t = Instant::now();
                 match send.send_request(req).await {
                     Ok(resp) => {
@@ -159,23 +290,12 @@ fn connect_loop(addr: &str, count: u64) -> Value {
 }
 
 async fn hold(url: &str, count: u64, seconds: u64) -> Value {
-    let uri: hyper::Uri = url.parse().expect("url");
-    let addr: SocketAddr = uri
-        .authority()
-        .expect("authority")
-        .as_str()
-        .parse()
-        .expect("ip:port");
+    let (uri, addr) = target(url);
     let mut held = Vec::new();
     let mut ok = 0;
     for i in 0..count {
         let mut send = connection(addr).await;
-        let req = Request::post(uri.clone())
-            .header("host", addr.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(call_body(i + 1))))
-            .expect("request");
-        if let Ok(resp) = send.send_request(req).await {
+        if let Ok(resp) = send.send_request(call_request(&uri, addr, i + 1)).await {
             let _ = resp.into_body().collect().await;
             ok += 1;
         }
@@ -235,87 +355,6 @@ async fn audit_bench(dir: &str, mode: &str, writers: u64, events: u64) -> Value 
     })
 }
 
-/// Median ns per call of `f` over batches of about 20 ms each.
-fn time_ns(mut f: impl FnMut()) -> u64 {
-    // Calibrate: how many calls fill ~20 ms.
-    let t = Instant::now();
-    f();
-    let one = t.elapsed().as_nanos().max(1) as u64;
-    let n = (20_000_000 / one).clamp(1, 100_000);
-    let mut batches = Vec::new();
-    for _ in 0..9 {
-        let t = Instant::now();
-        for _ in 0..n {
-            f();
-        }
-        batches.push(t.elapsed().as_nanos() as u64 / n);
-    }
-    batches.sort_unstable();
-    batches[batches.len() / 2]
-}
-
-fn micro() -> Value {
-    use interceptor::{
-        mcp::jsonrpc,
-        policy::{Call, Policy, RawBinding, RawPolicyOptions, RawRole, Subject},
-    };
-    let body = json!({"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/srv/notes/a.txt","limit":100}}}).to_string();
-    let parse_ns = time_ns(|| {
-        let b = jsonrpc::parse(body.as_bytes(), 64).expect("parse");
-        std::hint::black_box(b.to_bytes());
-    });
-    // 100 roles with 10 patterns each (1,000 patterns), every role bound to the subject.
-    let roles: Vec<RawRole> = (0..100)
-        .map(|r| RawRole {
-            name: format!("r{r}"),
-            servers: vec!["notes".into()],
-            allow_tools: (0..8)
-                .map(|p| format!("tool_{r}_{p}_*"))
-                .chain([format!("^t{r}_[a-z]+$")])
-                .collect(),
-            deny_tools: vec![format!("deny_{r}")],
-            allow_methods: vec![],
-            tool_args: vec![],
-        })
-        .collect();
-    let bindings: Vec<RawBinding> = (0..100)
-        .map(|r| RawBinding {
-            role: format!("r{r}"),
-            cgroup: None,
-            uid: Some(vec![1000]),
-            gid: None,
-            exe: None,
-            comm: None,
-            workload_id: None,
-        })
-        .collect();
-    let policy = Policy::compile(
-        &roles,
-        &bindings,
-        &RawPolicyOptions::default(),
-        &["notes".into()],
-    )
-    .expect("policy");
-    let subject = Subject {
-        uid: 1000,
-        ..Default::default()
-    };
-    let decide_ns = time_ns(|| {
-        std::hint::black_box(policy.check(&subject, "notes", &Call::tool("tool_99_7_x", None)));
-    });
-    let tools: Vec<Value> = (0..500)
-        .map(|i| json!({"name": format!("tool_{}_{}_x", i % 100, i % 9), "description": "d", "inputSchema": {"type":"object"}}))
-        .collect();
-    let list = json!({"jsonrpc":"2.0","id":1,"result":{"tools": tools}});
-    let filter_ns = time_ns(|| {
-        let mut v = list.clone();
-        std::hint::black_box(interceptor::mcp::filter::filter(
-            &policy, &subject, "notes", &mut v,
-        ));
-    });
-    json!({"parse_reserialize_ns": parse_ns, "policy_decision_ns": decide_ns, "filter_500_tools_ns": filter_ns})
-}
-
 #[tokio::main]
 async fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
@@ -330,7 +369,16 @@ async fn main() {
         "connect" => connect_loop(&arg(1), num(2)),
         "hold" => hold(&arg(1), num(2), num(3)).await,
         "audit" => audit_bench(&arg(1), &arg(2), num(3), num(4)).await,
-        "micro" => micro(),
+        "pki" => pki(&arg(1)),
+        "upstream-tls" => {
+            upstream_tls(&arg(1), &arg(2), &arg(3)).await;
+            return;
+        }
+        "relay" => {
+            relay(&arg(1), &arg(2)).await;
+            return;
+        }
+        "fresh" => fresh(&arg(1), num(2)).await,
         _ => {
             eprintln!("usage: see the module documentation");
             std::process::exit(2);
