@@ -90,22 +90,31 @@ fn run_task(cli: Cli) -> Result<()> {
             }
         }
         Task::Bench { quick } => {
-            let bin = build(&root, true)?;
             let tools = setup::setup(&root)?;
+            // The daemon and the criterion benches in one build: with the benches' dev-
+            // dependencies in the same feature resolution, `cargo bench` below reuses it
+            // instead of rebuilding the library with other features.
             run(cargo(&root, &tools).args([
                 "build",
                 "--release",
+                "--package",
+                "interceptor",
+                "--bins",
+                "--benches",
                 "--package",
                 "interceptor-tests",
                 "--bin",
                 "bench-peer",
             ]))?;
+            let bin = root.join("target/release/interceptor");
             let plan = bench::Plan::new(quick);
             // Micro-benchmarks first (criterion writes target/criterion; bench::run reads it).
             let _ = std::fs::remove_dir_all(root.join("target/criterion"));
             let (warm, measure) = plan.criterion_secs;
             run(cargo(&root, &tools).args([
                 "bench",
+                "--profile",
+                "release",
                 "--package",
                 "interceptor",
                 "--bench",
