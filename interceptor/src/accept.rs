@@ -196,10 +196,9 @@ async fn serve(
     counters.active.fetch_add(1, Ordering::Relaxed);
     let server_id = record.server_id as usize;
     let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
-    let who = conn.who.clone();
     daemon.audit.record_later(
         audit::Event::new("connection.open")
-            .raw("identity", &who)
+            .raw("identity", &conn.who)
             .field("server", &server.name)
             .field("client", &peer.to_string())
             .field("dst_original", &conn.identity.original_dst.to_string()),
@@ -221,7 +220,7 @@ async fn serve(
     let (up, down, requests) = conn.totals();
     daemon.audit.record_later(
         audit::Event::new("connection.close")
-            .raw("identity", &who)
+            .raw("identity", &conn.who)
             .field("server", &server.name)
             .field("duration_ms", &duration_ms)
             .field("bytes_up", &up)

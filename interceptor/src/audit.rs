@@ -125,7 +125,7 @@ impl Event {
         b.extend_from_slice(b"\"event\":");
         json_into(&mut b, name);
         b.extend_from_slice(b",\"v\":");
-        b.extend_from_slice(SCHEMA_VERSION.to_string().as_bytes());
+        json_into(&mut b, &SCHEMA_VERSION);
         b.extend_from_slice(b",\"ts\":");
         json_into(&mut b, ts);
         Self(b)
@@ -152,12 +152,6 @@ impl Event {
         self.0.push(b',');
         json_into(&mut self.0, key);
         self.0.push(b':');
-    }
-
-    /// The event's members as text.
-    pub fn members(&self) -> &str {
-        // Only JSON text (valid UTF-8) is ever appended.
-        std::str::from_utf8(&self.0).unwrap_or("")
     }
 }
 
@@ -306,7 +300,7 @@ pub fn timestamp(t: SystemTime) -> String {
 fn seal_into(buf: &mut Vec<u8>, seq: u64, prev: &str, members: &[u8]) -> String {
     let start = buf.len();
     buf.extend_from_slice(b"{\"seq\":");
-    buf.extend_from_slice(seq.to_string().as_bytes());
+    json_into(buf, &seq);
     buf.extend_from_slice(b",\"prev_hash\":\"");
     buf.extend_from_slice(prev.as_bytes());
     buf.extend_from_slice(b"\",");
@@ -372,6 +366,8 @@ pub struct Audit {
 }
 
 struct Shared {
+    /// The log's path (for messages; the writer has its own copy).
+    path: PathBuf,
     writer: Mutex<Writer>,
     bg: Mutex<Background>,
     wake: Condvar,
@@ -451,6 +447,7 @@ impl Audit {
                 .map_err(|e| open_err(format!("recording the repair: {e}")))?;
         }
         let shared = Arc::new(Shared {
+            path: config.path.clone(),
             writer: Mutex::new(writer),
             bg: Mutex::new(Background::default()),
             wake: Condvar::new(),
@@ -477,14 +474,6 @@ impl Audit {
         self.shared.healthy.load(Ordering::Relaxed)
     }
 
-    fn unavailable(&self) -> Result<(), Error> {
-        if self.healthy() {
-            Ok(())
-        } else {
-            Err(Error::Unavailable("the last write failed".into()))
-        }
-    }
-
     /// Records `event`; returns when it is durable according to the configured mode. The
     /// writer adds `seq`, `prev_hash`, `hash`.
     pub async fn record(&self, event: Event) -> Result<(), Error> {
@@ -497,11 +486,11 @@ impl Audit {
     pub async fn record_all(&self, events: Vec<Event>) -> Result<(), Error> {
         if events.is_empty() {
             // Nothing to write: no verdict on the log's health either way.
-            return self.unavailable();
+            return self.shared.healthy_or_err();
         }
         match self.shared.durability {
             Durability::Async => {
-                self.unavailable()?;
+                self.shared.healthy_or_err()?;
                 self.shared.defer(events);
                 Ok(())
             }
@@ -569,8 +558,7 @@ impl Shared {
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 if self.healthy.swap(false, Ordering::Relaxed) {
-                    let path = lock(&self.writer).path.clone();
-                    error!(error = %e, path = %path.display(), "audit log write failed; refusing requests until it recovers");
+                    error!(error = %e, path = %self.path.display(), "audit log write failed; refusing requests until it recovers");
                 }
                 Err(Error::Unavailable(e.to_string()))
             }
@@ -618,8 +606,17 @@ impl Shared {
                     bg.stop,
                 )
             };
+            if stop {
+                // Deferred events, then one last fdatasync for them and for any waiter.
+                let _ = self.write(Vec::new());
+                let result = self.sync();
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+                return;
+            }
             if flush {
-                if !stop && waiters.is_empty() {
+                if waiters.is_empty() {
                     // Let a few more deferred events join this write, unless someone waits for
                     // an fdatasync meanwhile (they are picked up on the next turn).
                     let bg = lock(&self.bg);
@@ -630,18 +627,12 @@ impl Shared {
                 // A failure is counted and logged by write(); nobody waits for these events.
                 let _ = self.write(Vec::new());
             }
-            let periodic = last_sync.elapsed() >= SYNC_INTERVAL;
-            if !waiters.is_empty() || periodic || stop {
+            if !waiters.is_empty() || last_sync.elapsed() >= SYNC_INTERVAL {
                 let result = self.sync();
                 last_sync = Instant::now();
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
-            }
-            if stop {
-                let _ = self.write(Vec::new());
-                let _ = self.sync();
-                return;
             }
         }
     }
@@ -669,7 +660,7 @@ impl Shared {
                 lock(&self.writer).dirty = true;
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.healthy.store(false, Ordering::Relaxed);
-                error!(error = %e, "audit log fdatasync failed; refusing requests until a write succeeds");
+                error!(error = %e, path = %self.path.display(), "audit log fdatasync failed; refusing requests until a write succeeds");
                 Err(Error::Unavailable(format!("fdatasync: {e}")))
             }
         }
@@ -997,6 +988,20 @@ mod tests {
         Event::new(name)
     }
 
+    /// The rotated files beside `dir/audit.jsonl`, oldest first, then the live one.
+    fn rotated_then_live(dir: &Path) -> Vec<PathBuf> {
+        let live = dir.join("audit.jsonl");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p != &live)
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no rotation happened");
+        files.push(live);
+        files
+    }
+
     #[test]
     fn seal_and_unseal_round_trip() {
         let e = Event::new("x")
@@ -1025,10 +1030,14 @@ mod tests {
             "x",
             json!({"ts": "2026-01-01T00:00:00.000000Z", "seq": 99, "hash": "h", "a": [1]}),
         );
-        let v: Value = serde_json::from_str(&format!("{{{}}}", e.members())).unwrap();
+        let (line, _) = seal_line(1, GENESIS, &e);
+        let v: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["ts"], "2026-01-01T00:00:00.000000Z");
         assert_eq!(v["a"], json!([1]));
-        assert!(v.get("seq").is_none() && v.get("hash").is_none(), "{v}");
+        assert_eq!(v["seq"], 1, "the writer's seq, not the map's: {v}");
+        let text = String::from_utf8_lossy(&line);
+        assert!(!text.contains("\"hash\":\"h\""), "{text}");
+        assert!(!text.contains("\"seq\":99"), "{text}");
     }
 
     #[test]
@@ -1192,15 +1201,7 @@ mod tests {
         let a = Audit::open(c).unwrap();
         a.record(event("after")).await.unwrap();
         drop(a);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p != &dir.path().join("audit.jsonl"))
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no rotation happened");
-        files.push(dir.path().join("audit.jsonl"));
-        let v = verify(&files).unwrap();
+        let v = verify(&rotated_then_live(dir.path())).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         // The new file's first event continues the sequence of the rotated ones.
         let live = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
@@ -1222,15 +1223,7 @@ mod tests {
         for i in 0..10 {
             a.record(event(&format!("event-number-{i}"))).await.unwrap();
         }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p != &dir.path().join("audit.jsonl"))
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no rotation happened");
-        files.push(dir.path().join("audit.jsonl"));
-        let v = verify(&files).unwrap();
+        let v = verify(&rotated_then_live(dir.path())).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 10);
     }

@@ -218,13 +218,6 @@ pub struct Grant {
     mask: Vec<bool>,
 }
 
-impl Grant {
-    /// Whether the server is granted at all.
-    pub fn server_granted(&self) -> bool {
-        self.roles.is_ok()
-    }
-}
-
 /// A compiled role.
 #[derive(Debug, Clone)]
 pub struct Role {

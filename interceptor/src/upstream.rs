@@ -81,6 +81,34 @@ pub struct Upstream {
     upstream: Arc<str>,
     plain: UpstreamClient,
     tls: Option<TlsUpstream>,
+    /// The `inject_headers` credential files.
+    credentials: CredentialFiles,
+}
+
+/// What tells a changed file apart: device, inode, size, modification time (s, ns).
+type FileStamp = (u64, u64, u64, i64, i64);
+
+/// Contents of credential files, read again whenever a file changes (a rotated secret counts
+/// from the next request), otherwise served from memory: one `statx` per request instead of
+/// open, read and close.
+#[derive(Default)]
+pub struct CredentialFiles(Mutex<HashMap<std::path::PathBuf, (FileStamp, Arc<str>)>>);
+
+impl CredentialFiles {
+    /// The credential in `path`, trailing whitespace trimmed.
+    pub fn read(&self, path: &Path) -> io::Result<Arc<str>> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let stamp = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+        if let Some((seen, value)) = lock(&self.0).get(path)
+            && *seen == stamp
+        {
+            return Ok(value.clone());
+        }
+        let value: Arc<str> = std::fs::read_to_string(path)?.trim_end().into();
+        lock(&self.0).insert(path.to_owned(), (stamp, value.clone()));
+        Ok(value)
+    }
 }
 
 struct TlsUpstream {
@@ -115,7 +143,13 @@ impl Upstream {
             addrs,
             upstream,
             tls,
+            credentials: CredentialFiles::default(),
         })
+    }
+
+    /// The credential of an `inject_headers` entry (see [`CredentialFiles`]).
+    pub fn credential(&self, path: &Path) -> io::Result<Arc<str>> {
+        self.credentials.read(path)
     }
 
     /// The client for a request from `workload_id`.
@@ -405,4 +439,36 @@ pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
                 format!("connect to {addr} timed out"),
             )
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_files_are_read_again_only_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let files = CredentialFiles::default();
+        let a = files.read(&path).unwrap();
+        assert_eq!(&*a, "first");
+        assert!(
+            Arc::ptr_eq(&a, &files.read(&path).unwrap()),
+            "served from memory"
+        );
+        // Rotation by rename (a new inode), as secret managers do.
+        let next = dir.path().join("token.new");
+        std::fs::write(&next, "second").unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        assert_eq!(&*files.read(&path).unwrap(), "second");
+        // Rewritten in place with another length.
+        std::fs::write(&path, "third-value").unwrap();
+        assert_eq!(&*files.read(&path).unwrap(), "third-value");
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            files.read(&path).is_err(),
+            "a removed file is an error, not the old value"
+        );
+    }
 }

@@ -715,3 +715,71 @@ impl Drop for TestEnv {
         }
     }
 }
+
+/// The PEM blocks of `path` (panics with the path when unreadable: test set-up).
+pub fn pem_items(path: &Path) -> Vec<pem::Pem> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    pem::parse_many(bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Writes a CA (`upstream-ca.pem`) and a server certificate it issued (`server.pem`,
+/// `server-key.pem`) for `dns`, `ips` and an optional URI SAN into `dir`, as an upstream MCP
+/// server would hold them.
+pub fn write_server_pki(dir: &Path, dns: &str, ips: &[&str], uri: Option<&str>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    std::fs::create_dir_all(dir).expect("PKI directory");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).expect("write CA");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let mut params = CertificateParams::new(vec![dns.to_owned()]).expect("server params");
+    for ip in ips {
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(ip.parse().expect("IP SAN")));
+    }
+    if let Some(uri) = uri {
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.try_into().expect("URI SAN")));
+    }
+    let cert = params.signed_by(&key, &issuer).expect("server certificate");
+    std::fs::write(dir.join("server.pem"), cert.pem()).expect("write certificate");
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).expect("write key");
+}
+
+/// A TLS 1.3 acceptor serving `cert`/`key` that requires a client certificate issued by
+/// `client_ca` (the node CA), as an upstream behind mTLS does.
+pub fn mtls_acceptor(cert: &Path, key: &Path, client_ca: &Path) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for item in pem_items(client_ca) {
+        roots
+            .add(CertificateDer::from(item.into_contents()))
+            .expect("client CA certificate");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("client certificate verifier");
+    let chain: Vec<CertificateDer<'static>> = pem_items(cert)
+        .into_iter()
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        pem_items(key).remove(0).into_contents(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server TLS configuration");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}

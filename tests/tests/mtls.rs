@@ -12,10 +12,10 @@ use std::{collections::HashSet, path::Path, process::Command};
 use base64::Engine as _;
 use interceptor_tests::{
     McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, mcp_client, privileged,
-    rmcp_client, send_raw,
+    rmcp_client, send_raw, write_server_pki,
 };
 use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::{Value, json};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
@@ -24,23 +24,12 @@ const RMCP_PEER: &str = env!("CARGO_BIN_EXE_rmcp-peer");
 /// A CA and a server certificate for the upstream: DNS notes.test, IP 127.0.0.1, URI
 /// spiffe://upstream.test/notes.
 fn upstream_pki(dir: &Path) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["notes.test".to_owned()]).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    params.subject_alt_names.push(SanType::URI(
-        "spiffe://upstream.test/notes".try_into().unwrap(),
-    ));
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    write_server_pki(
+        dir,
+        "notes.test",
+        &["127.0.0.1"],
+        Some("spiffe://upstream.test/notes"),
+    );
     // Another CA that never issued anything the upstream holds.
     let other_key = KeyPair::generate().unwrap();
     let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();

@@ -113,7 +113,6 @@ fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<Value> {
 }
 
 fn median(v: &mut [f64]) -> f64 {
-    // (callers pass their samples; sorting in place is fine)
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }

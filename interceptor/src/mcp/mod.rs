@@ -306,17 +306,12 @@ impl Conn {
 
     /// Records the `mcp.response` event of pending request `p`.
     fn audit_response_event(&self, p: &Pending, id: Value, outcome: &str, code: Option<Value>) {
-        let tool = if p.method == "tools/call" {
-            p.target.as_deref()
-        } else {
-            None
-        };
         self.daemon.audit.record_later(
             audit::Event::new("mcp.response")
                 .raw("identity", &self.who)
                 .field("server", self.server_name())
                 .field("method", &p.method)
-                .field("tool", &tool)
+                .field("tool", &tool_of(&p.method, p.target.as_deref()))
                 .field("name", &p.target)
                 .field("id", &id)
                 .field("outcome", outcome)
@@ -324,6 +319,17 @@ impl Conn {
                 .field("latency_us", &(p.started.elapsed().as_micros() as u64))
                 .field("session", &p.session),
         );
+    }
+
+    /// The answer when the upstream side fails: the pending requests are audited as
+    /// `upstream_error`, and the agent gets HTTP 502 with JSON-RPC -32603 saying why.
+    fn upstream_failed(
+        &self,
+        pending: PendingMap,
+        message: impl Into<String>,
+    ) -> Response<ProxyBody> {
+        self.audit_failed(pending, "upstream_error");
+        error_response(StatusCode::BAD_GATEWAY, code::INTERNAL_ERROR, message)
     }
 
     /// `mcp.response` events for requests that will get no upstream answer.
@@ -683,16 +689,11 @@ impl Conn {
             format!("{}…[truncated]", &s[..end])
         };
         let target = m.target().map(cap);
-        let tool = if method == "tools/call" {
-            target.as_deref()
-        } else {
-            None
-        };
         audit::Event::new("mcp.request")
             .raw("identity", &self.who)
             .field("server", self.server_name())
             .field("method", &cap(method))
-            .field("tool", &tool)
+            .field("tool", &tool_of(method, target.as_deref()))
             .field("name", &target)
             .field("id", &m.id())
             .raw("arguments", arguments.as_deref().unwrap_or("null"))
@@ -770,10 +771,8 @@ impl Conn {
             Ok(c) => c,
             Err(e) => {
                 warn!(server.name = %server.name, error = %e, "no upstream client");
-                self.audit_failed(pending, "upstream_error");
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    code::INTERNAL_ERROR,
+                return self.upstream_failed(
+                    pending,
                     format!(
                         "interceptor: upstream {} of server {}: {e}",
                         server.upstream, server.name
@@ -817,17 +816,12 @@ impl Conn {
             .header(header::HOST, server.authority.as_str())
             .header(header::ACCEPT_ENCODING, "identity");
         for (name, inject) in &server.inject_headers {
-            match std::fs::read_to_string(&inject.file) {
-                Ok(v) => {
-                    builder =
-                        builder.header(name.as_str(), format!("{}{}", inject.prefix, v.trim_end()))
-                }
+            match self.daemon.upstreams[self.server_id].credential(&inject.file) {
+                Ok(v) => builder = builder.header(name.as_str(), format!("{}{v}", inject.prefix)),
                 Err(e) => {
                     warn!(server.name = %server.name, file = %inject.file.display(), error = %e, "credential file unreadable");
-                    self.audit_failed(pending, "upstream_error");
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        code::INTERNAL_ERROR,
+                    return self.upstream_failed(
+                        pending,
                         format!(
                             "interceptor: credential for server {} unavailable",
                             server.name
@@ -911,10 +905,8 @@ impl Conn {
                     .map(ToString::to_string)
                     .unwrap_or_else(|| e.to_string());
                 warn!(server.name = %server.name, error = %cause, "upstream request failed");
-                self.audit_failed(pending, "upstream_error");
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    code::INTERNAL_ERROR,
+                return self.upstream_failed(
+                    pending,
                     format!(
                         "interceptor: upstream {} of server {} failed: {cause}",
                         server.upstream, server.name
@@ -942,11 +934,9 @@ impl Conn {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         if encoded(&parts.headers) {
-            self.audit_failed(pending, "upstream_error");
             warn!("upstream answered with a content encoding the proxy cannot inspect");
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                code::INTERNAL_ERROR,
+            return self.upstream_failed(
+                pending,
                 "upstream response is content-encoded; the proxy asked for identity encoding",
             );
         }
@@ -967,10 +957,8 @@ impl Conn {
             Ok(c) => c.to_bytes(),
             Err(e) => {
                 warn!(error = %e, "upstream response unreadable or too large");
-                self.audit_failed(pending, "upstream_error");
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    code::INTERNAL_ERROR,
+                return self.upstream_failed(
+                    pending,
                     format!("upstream response unreadable or over {limit} bytes: {e}"),
                 );
             }
@@ -1183,6 +1171,11 @@ impl Drop for SseState {
             }
         }
     }
+}
+
+/// The `tool` member of audit events: the target of a `tools/call`, nothing for other methods.
+fn tool_of<'a>(method: &str, target: Option<&'a str>) -> Option<&'a str> {
+    target.filter(|_| method == "tools/call")
 }
 
 /// The answer to a denied request: -32602 for calls that name a target (the code MCP uses for

@@ -79,60 +79,22 @@ async fn upstream(addr: &str) {
 }
 
 fn pki(dir: &str) -> Value {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    let dir = std::path::Path::new(dir);
-    std::fs::create_dir_all(dir).expect("pki dir");
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).expect("CA");
-    std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem()).expect("write");
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::new(vec!["bench.test".to_owned()]).expect("params");
-    for ip in ["127.0.0.3", "127.0.0.5"] {
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(ip.parse().expect("ip")));
-    }
-    let cert = params.signed_by(&key, &issuer).expect("cert");
-    std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
-    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).expect("write");
+    interceptor_tests::write_server_pki(
+        std::path::Path::new(dir),
+        "bench.test",
+        &["127.0.0.3", "127.0.0.5"],
+        None,
+    );
     json!({"pki": dir})
 }
 
 async fn upstream_tls(addr: &str, dir: &str, client_ca: &str) {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let dir = std::path::Path::new(dir);
-    let pem =
-        |p: &std::path::Path| pem::parse_many(std::fs::read(p).expect("read PEM")).expect("PEM");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for item in pem(std::path::Path::new(client_ca)) {
-        roots
-            .add(CertificateDer::from(item.into_contents()))
-            .expect("client CA");
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .expect("verifier");
-    let chain: Vec<CertificateDer<'static>> = pem(&dir.join("server.pem"))
-        .into_iter()
-        .map(|p| CertificateDer::from(p.into_contents()))
-        .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        pem(&dir.join("server-key.pem")).remove(0).into_contents(),
-    ));
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = interceptor_tests::mtls_acceptor(
+        &dir.join("server.pem"),
+        &dir.join("server-key.pem"),
+        std::path::Path::new(client_ca),
+    );
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     loop {
         let Ok((stream, _)) = listener.accept().await else {

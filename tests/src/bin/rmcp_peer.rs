@@ -118,39 +118,12 @@ struct TlsArgs {
     seen: PathBuf,
 }
 
-fn pem_items(path: &PathBuf) -> Vec<pem::Pem> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    pem::parse_many(bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 async fn server_tls(
     addr: &str,
     calls: PathBuf,
     tls: TlsArgs,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for item in pem_items(&tls.client_ca) {
-        roots.add(CertificateDer::from(item.into_contents()))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()?;
-    let chain: Vec<CertificateDer<'static>> = pem_items(&tls.cert)
-        .into_iter()
-        .map(|p| CertificateDer::from(p.into_contents()))
-        .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        pem_items(&tls.key).remove(0).into_contents(),
-    ));
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = interceptor_tests::mtls_acceptor(&tls.cert, &tls.key, &tls.client_ca);
     let notes = Notes {
         calls: Arc::new(Mutex::new(calls)),
     };
