@@ -382,9 +382,14 @@ struct Background {
     /// Deferred events are waiting.
     flush: bool,
     /// Callers waiting for an `fdatasync` covering what they wrote.
-    sync_waiters: Vec<tokio::sync::oneshot::Sender<Result<(), Error>>>,
+    sync_waiters: Vec<SyncWaiter>,
     stop: bool,
 }
+
+type SyncWaiter = tokio::sync::oneshot::Sender<Result<(), Error>>;
+
+/// Longest a group `fdatasync` waits for the writers of the previous group to come back.
+const GROUP_WAIT: Duration = Duration::from_micros(200);
 
 /// How long deferred events wait, so that several share one `write(2)`.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(1);
@@ -586,8 +591,11 @@ impl Shared {
     /// The background thread: deferred events, group `fdatasync`, periodic `fdatasync`.
     fn background(&self) {
         let mut last_sync = Instant::now();
+        // Callers the previous group `fdatasync` answered: with several concurrent writers,
+        // the ones it just woke are still writing when the next sync could start.
+        let mut last_group = 0;
         loop {
-            let (flush, waiters, stop) = {
+            let (flush, mut waiters, stop) = {
                 let mut bg = lock(&self.bg);
                 while !bg.stop && !bg.flush && bg.sync_waiters.is_empty() {
                     let left = SYNC_INTERVAL.saturating_sub(last_sync.elapsed());
@@ -627,7 +635,11 @@ impl Shared {
                 // A failure is counted and logged by write(); nobody waits for these events.
                 let _ = self.write(Vec::new());
             }
+            if !waiters.is_empty() && waiters.len() < last_group {
+                self.gather(&mut waiters, last_group);
+            }
             if !waiters.is_empty() || last_sync.elapsed() >= SYNC_INTERVAL {
+                last_group = waiters.len();
                 let result = self.sync();
                 last_sync = Instant::now();
                 for w in waiters {
@@ -635,6 +647,26 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Waits up to [`GROUP_WAIT`] for as many sync waiters as the previous group had, so that
+    /// concurrent writers woken by one `fdatasync` share the next one instead of splitting
+    /// into a small and a large group. A single writer never waits here (its group is 1).
+    fn gather(&self, waiters: &mut Vec<SyncWaiter>, want: usize) {
+        let deadline = Instant::now() + GROUP_WAIT;
+        let mut bg = lock(&self.bg);
+        while waiters.len() + bg.sync_waiters.len() < want && !bg.stop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            bg = self
+                .wake
+                .wait_timeout(bg, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        waiters.append(&mut bg.sync_waiters);
     }
 
     /// `fdatasync` of everything written so far (nothing to do if nothing was).
