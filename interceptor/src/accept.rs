@@ -116,10 +116,28 @@ async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>, netns_cookie: u
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
-                let span = info_span!("conn", id);
-                tokio::spawn(
-                    serve(stream, peer, daemon.clone(), id, netns_cookie).instrument(span),
-                );
+                // The connection moves to a worker's event loop (see crate::workers).
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, client.addr = %peer, "cannot hand the accepted socket to a worker; closing it");
+                        continue;
+                    }
+                };
+                let task = {
+                    let daemon = daemon.clone();
+                    async move {
+                        match TcpStream::from_std(stream) {
+                            Ok(stream) => serve(stream, peer, daemon, id, netns_cookie).await,
+                            Err(e) => {
+                                warn!(error = %e, client.addr = %peer, "cannot register the accepted socket with its worker; closing it")
+                            }
+                        }
+                    }
+                };
+                daemon
+                    .workers
+                    .spawn(task.instrument(info_span!("conn", id)));
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: back off instead of spinning.

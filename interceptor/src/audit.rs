@@ -608,11 +608,9 @@ impl Shared {
                         .map(|(g, _)| g)
                         .unwrap_or_else(|p| p.into_inner().0);
                 }
-                (
-                    std::mem::take(&mut bg.flush),
-                    std::mem::take(&mut bg.sync_waiters),
-                    bg.stop,
-                )
+                // `flush` stays set until the write below: deferred events that arrive
+                // meanwhile ride along without waking this thread again.
+                (bg.flush, std::mem::take(&mut bg.sync_waiters), bg.stop)
             };
             if stop {
                 // Deferred events, then one last fdatasync for them and for any waiter.
@@ -624,14 +622,16 @@ impl Shared {
                 return;
             }
             if flush {
-                if waiters.is_empty() {
-                    // Let a few more deferred events join this write, unless someone waits for
-                    // an fdatasync meanwhile (they are picked up on the next turn).
-                    let bg = lock(&self.bg);
-                    if bg.sync_waiters.is_empty() && !bg.stop {
-                        let _ = self.wake.wait_timeout(bg, FLUSH_DELAY);
-                    }
-                }
+                // Let more deferred events join this write (usually a recorded event takes
+                // them first), unless someone waits for an fdatasync meanwhile (picked up on
+                // the next turn) or the audit stops.
+                let mut bg = self.wait_for(FLUSH_DELAY, |bg| {
+                    !waiters.is_empty() || !bg.sync_waiters.is_empty()
+                });
+                // Cleared before the write takes the queue: an event deferred after the write
+                // finds the flag clear and wakes this thread.
+                bg.flush = false;
+                drop(bg);
                 // A failure is counted and logged by write(); nobody waits for these events.
                 let _ = self.write(Vec::new());
             }
@@ -653,9 +653,21 @@ impl Shared {
     /// concurrent writers woken by one `fdatasync` share the next one instead of splitting
     /// into a small and a large group. A single writer never waits here (its group is 1).
     fn gather(&self, waiters: &mut Vec<SyncWaiter>, want: usize) {
-        let deadline = Instant::now() + GROUP_WAIT;
+        let mut bg = self.wait_for(GROUP_WAIT, |bg| {
+            waiters.len() + bg.sync_waiters.len() >= want
+        });
+        waiters.append(&mut bg.sync_waiters);
+    }
+
+    /// Waits up to `limit` until `done` holds or the audit stops; returns the held lock.
+    fn wait_for(
+        &self,
+        limit: Duration,
+        done: impl Fn(&Background) -> bool,
+    ) -> std::sync::MutexGuard<'_, Background> {
+        let deadline = Instant::now() + limit;
         let mut bg = lock(&self.bg);
-        while waiters.len() + bg.sync_waiters.len() < want && !bg.stop {
+        while !done(&bg) && !bg.stop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -666,7 +678,7 @@ impl Shared {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
-        waiters.append(&mut bg.sync_waiters);
+        bg
     }
 
     /// `fdatasync` of everything written so far (nothing to do if nothing was).

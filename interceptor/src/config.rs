@@ -127,6 +127,9 @@ pub const MAX_JSON_DEPTH_LIMIT: usize = 120;
 /// Default `proxy.max_response_bytes`: 16 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
 
+/// Most `daemon.workers` accepted.
+pub const MAX_WORKERS: usize = 1024;
+
 /// `[daemon]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -144,6 +147,9 @@ pub struct RawDaemon {
     pub metrics_addr: String,
     /// On SIGTERM, how long in-flight requests may take to finish before the daemon exits.
     pub drain_grace: String,
+    /// Threads serving agent connections, each with its own event loop and upstream pools;
+    /// 0 = one per CPU.
+    pub workers: usize,
 }
 
 impl Default for RawDaemon {
@@ -155,6 +161,7 @@ impl Default for RawDaemon {
             admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             metrics_addr: String::new(),
             drain_grace: "10s".into(),
+            workers: 0,
         }
     }
 }
@@ -242,6 +249,8 @@ pub struct Daemon {
     pub metrics_addr: Option<SocketAddr>,
     /// SIGTERM grace period.
     pub drain_grace: std::time::Duration,
+    /// Connection worker threads (resolved: at least 1).
+    pub workers: usize,
 }
 
 /// Validated `[[server]]`.
@@ -592,8 +601,19 @@ impl Validator<'_> {
                 ),
             )
         })?;
+        let workers = match raw.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n if n > MAX_WORKERS => {
+                return Err(self.invalid(
+                    "daemon.workers",
+                    format!("{n} is more than {MAX_WORKERS}; write 0 for one per CPU"),
+                ));
+            }
+            n => n,
+        };
         Ok(Daemon {
             drain_grace,
+            workers,
             listen_port: raw.listen_port,
             cgroup_root,
             bpffs_dir: raw.bpffs_dir,
@@ -725,6 +745,24 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn workers_default_to_one_per_cpu_and_are_bounded() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(parse("").expect("valid").daemon.workers, cpus);
+        assert_eq!(
+            parse("[daemon]\nworkers = 3\n")
+                .expect("valid")
+                .daemon
+                .workers,
+            3
+        );
+        let e = err("[daemon]\nworkers = 5000\n");
+        assert!(
+            e.contains("daemon.workers") && e.contains("5000") && e.contains("write 0"),
+            "{e}"
+        );
     }
 
     #[test]

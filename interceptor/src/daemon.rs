@@ -28,6 +28,7 @@ use crate::{
     policy::Policy,
     revoke::{Revocation, Selector},
     upstream::Upstream,
+    workers::Workers,
 };
 
 /// Errors that stop the daemon from starting or running.
@@ -121,6 +122,8 @@ pub struct Daemon {
     pub draining: tokio::sync::watch::Sender<bool>,
     /// Live agent connections, by connection number, so a revocation can close them.
     pub live: std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::mcp::Conn>>>,
+    /// The threads agent connections are served on.
+    pub workers: crate::workers::Workers,
     started: Instant,
 }
 
@@ -704,10 +707,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .servers
         .iter()
         .map(|s| {
-            Upstream::new(s).map_err(|message| Error::Upstream {
-                path: path.clone(),
-                server: s.name.clone(),
-                message,
+            Upstream::new(s, Workers::slots(config.daemon.workers)).map_err(|message| {
+                Error::Upstream {
+                    path: path.clone(),
+                    server: s.name.clone(),
+                    message,
+                }
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -724,7 +729,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
+    let workers = Workers::start(config.daemon.workers)?;
     let daemon = Arc::new(Daemon {
+        workers,
         policy: RwLock::new(Arc::new(config.policy.clone())),
         upstreams,
         ca,
@@ -831,6 +838,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     } else {
         info!("drained");
     }
+    // Closes what is left (their tasks end with their workers' event loops).
+    daemon.workers.stop();
     admin_task.abort();
     if let Some(t) = metrics_task {
         t.abort();

@@ -27,4 +27,5 @@ pub mod policy;
 pub mod revoke;
 pub mod telemetry;
 pub mod upstream;
+pub mod workers;
 pub mod workload;

@@ -56,6 +56,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP client for one server (plain) or one (workload, server) pair (TLS).
 pub type UpstreamClient = Client<MarkedConnector, Full<Bytes>>;
 
+/// One client (and so one pool) per worker slot.
+type Pools = Box<[UpstreamClient]>;
+
 /// Reads the PEM certificates in `path` into a root store.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -79,7 +82,11 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
 pub struct Upstream {
     addrs: Arc<[SocketAddr]>,
     upstream: Arc<str>,
-    plain: UpstreamClient,
+    /// One pool per worker slot ([`crate::workers::slot`]): a pooled connection is driven by
+    /// the event loop that opened it, so requests only use their own worker's connections.
+    plain: Pools,
+    /// Worker slots.
+    slots: usize,
     tls: Option<TlsUpstream>,
     /// The `inject_headers` credential files.
     credentials: CredentialFiles,
@@ -114,8 +121,8 @@ impl CredentialFiles {
 struct TlsUpstream {
     verifier: Arc<dyn ServerCertVerifier>,
     server_name: ServerName<'static>,
-    /// Per workload id: the certificate the pool presents, and the pool.
-    clients: Mutex<HashMap<String, (Arc<Leaf>, UpstreamClient)>>,
+    /// Per workload id: the certificate the pools present, and a pool per worker slot.
+    clients: Mutex<HashMap<String, (Arc<Leaf>, Pools)>>,
 }
 
 /// Why no client could be had.
@@ -133,13 +140,18 @@ pub enum Error {
 }
 
 impl Upstream {
-    /// Prepares the upstream side of `server` (roots and verifier built once).
-    pub fn new(server: &Server) -> Result<Self, String> {
+    /// Prepares the upstream side of `server` (roots and verifier built once) for `slots`
+    /// worker slots ([`crate::workers::Workers::slots`]).
+    pub fn new(server: &Server, slots: usize) -> Result<Self, String> {
         let addrs: Arc<[SocketAddr]> = server.upstream_addrs.clone().into();
         let upstream: Arc<str> = server.upstream.clone().into();
         let tls = server.tls.as_ref().map(TlsUpstream::new).transpose()?;
+        let slots = slots.max(1);
         Ok(Self {
-            plain: build(addrs.clone(), upstream.clone(), None),
+            plain: (0..slots)
+                .map(|_| build(addrs.clone(), upstream.clone(), None))
+                .collect(),
+            slots,
             addrs,
             upstream,
             tls,
@@ -152,14 +164,15 @@ impl Upstream {
         self.credentials.read(path)
     }
 
-    /// The client for a request from `workload_id`.
+    /// The client for a request from `workload_id`, with the calling worker's pool.
     pub fn client(
         &self,
         ca: Option<&NodeCa>,
         workload_id: Option<&str>,
     ) -> Result<UpstreamClient, Error> {
+        let slot = crate::workers::slot() % self.slots;
         let Some(tls) = &self.tls else {
-            return Ok(self.plain.clone());
+            return Ok(self.plain[slot].clone());
         };
         let wid = workload_id.ok_or(Error::NoWorkloadId)?;
         let ca = ca.ok_or_else(|| Error::Mint("no [ca] configured".into()))?;
@@ -168,7 +181,7 @@ impl Upstream {
         if let Some((l, c)) = clients.get(wid)
             && Arc::ptr_eq(l, &leaf)
         {
-            return Ok(c.clone());
+            return Ok(c[slot].clone());
         }
         let config =
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -178,17 +191,21 @@ impl Upstream {
                 .with_custom_certificate_verifier(tls.verifier.clone())
                 .with_client_auth_cert(leaf.chain.clone(), leaf.key())
                 .map_err(|e| Error::Tls(e.to_string()))?;
-        // A renewed certificate gets a fresh pool: connections keep the identity they were
-        // opened with. (Session resumption is on by default in rustls.)
-        let client = build(
-            self.addrs.clone(),
-            self.upstream.clone(),
-            Some((
-                TlsConnector::from(Arc::new(config)),
-                tls.server_name.clone(),
-            )),
-        );
-        clients.insert(wid.to_owned(), (leaf, client.clone()));
+        // A renewed certificate gets fresh pools: connections keep the identity they were
+        // opened with. (Session resumption is on by default in rustls; the workers' pools
+        // share one configuration and so its session cache.)
+        let connector = TlsConnector::from(Arc::new(config));
+        let pools: Pools = (0..self.slots)
+            .map(|_| {
+                build(
+                    self.addrs.clone(),
+                    self.upstream.clone(),
+                    Some((connector.clone(), tls.server_name.clone())),
+                )
+            })
+            .collect();
+        let client = pools[slot].clone();
+        clients.insert(wid.to_owned(), (leaf, pools));
         Ok(client)
     }
 }

@@ -1,0 +1,166 @@
+//! Connection workers: agent connections are served on `daemon.workers` threads, each running
+//! its own single-threaded event loop with its own upstream connection pools.
+//!
+//! Why not the work-stealing runtime for everything: a proxied request there hops between
+//! threads (the agent connection's task, the pooled upstream connection's task, whichever
+//! thread polled the I/O driver), and every hop to a parked thread is a futex wake-up, an
+//! inter-processor interrupt on a VM. Here an agent connection, the upstream connections its
+//! requests use and their I/O stay on one thread; the only hand-off is the accepted socket.
+//! The main runtime keeps the control plane (accept, admin socket, metrics, namespace
+//! discovery), as Envoy keeps its main thread apart from its workers.
+
+use std::{
+    cell::Cell,
+    future::Future,
+    io,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+use tokio::{runtime::Handle, sync::oneshot};
+
+use crate::bpf::lock;
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The current thread's slot for per-worker state: `1..=count` on a worker, 0 anywhere else
+/// (the main runtime, tests).
+pub fn slot() -> usize {
+    SLOT.with(Cell::get)
+}
+
+/// The worker threads.
+pub struct Workers {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+    /// Each worker's stop signal and thread; emptied by [`Workers::stop`].
+    threads: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
+}
+
+impl Workers {
+    /// Starts `count` (at least 1) workers, named `worker-1`….
+    pub fn start(count: usize) -> io::Result<Self> {
+        let count = count.max(1);
+        let mut handles = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        for index in 1..=count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || {
+                    SLOT.set(index);
+                    // Runs the spawned connections until told to stop (or the sender is gone);
+                    // dropping the runtime then closes the connections still open.
+                    runtime.block_on(async {
+                        let _ = stopped.await;
+                    });
+                })
+                .map_err(|e| {
+                    io::Error::other(format!("starting connection worker {index}: {e}"))
+                })?;
+            threads.push((stop, thread));
+        }
+        Ok(Self {
+            handles,
+            next: AtomicUsize::new(0),
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Slots of per-worker state to keep: one per worker plus slot 0.
+    pub fn slots(count: usize) -> usize {
+        count.max(1) + 1
+    }
+
+    /// Runs `task` on the next worker (round robin).
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        // A stopped worker drops the task, which is what stopping means.
+        drop(self.handles[i].spawn(task));
+    }
+
+    /// Stops every worker and waits for its thread: connections still open are closed. Call it
+    /// from outside the workers (a worker cannot join itself); later calls do nothing.
+    pub fn stop(&self) {
+        let (stops, threads): (Vec<_>, Vec<_>) = std::mem::take(&mut *lock(&self.threads))
+            .into_iter()
+            .unzip();
+        for stop in stops {
+            // The receiver is gone only if the worker already ended.
+            let _ = stop.send(());
+        }
+        for thread in threads {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_run_on_worker_threads_round_robin_and_stop_closes_them() {
+        let workers = Workers::start(2).expect("start");
+        assert_eq!(slot(), 0, "the calling thread is not a worker");
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let tx = tx.clone();
+            workers.spawn(async move {
+                let _ = tx.send((slot(), std::thread::current().name().map(str::to_owned)));
+            });
+        }
+        let mut seen: Vec<_> = (0..4)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(5))
+                    .expect("ran")
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (1, Some("worker-1".to_owned())),
+                (1, Some("worker-1".to_owned())),
+                (2, Some("worker-2".to_owned())),
+                (2, Some("worker-2".to_owned())),
+            ]
+        );
+        // A task still pending when the workers stop is dropped (its guard says so).
+        let (dropped_tx, dropped_rx) = std::sync::mpsc::channel::<()>();
+        struct Guard(std::sync::mpsc::Sender<()>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        let guard = Guard(dropped_tx);
+        workers.spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+        workers.stop();
+        dropped_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the pending task was dropped when its worker stopped");
+        // Idempotent.
+        workers.stop();
+    }
+}
