@@ -250,6 +250,14 @@ cgroup = "{root}/**"
             "{l}"
         );
         assert!(claims["exp"].as_u64() > claims["iat"].as_u64());
+        // Signed for this request (or, on a keep-alive connection, just before it): fresh,
+        // and naming the roles that granted it.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let iat = claims["iat"].as_u64().unwrap_or_default();
+        assert!(iat <= now && iat + 120 >= now, "iat {iat}, now {now}");
+        assert_eq!(claims["roles"], json!(["all"]), "{claims}");
         assert!(
             jtis.insert(claims["jti"].as_str().unwrap_or_default().to_owned()),
             "jti reused"

@@ -89,7 +89,24 @@ pub struct Conn {
     revoked: tokio::sync::watch::Sender<Option<String>>,
     /// Tier 1 of the policy for this identity and server, resolved once per policy generation.
     grant: std::sync::Mutex<Option<(Arc<Policy>, Arc<Grant>)>>,
+    /// The identity assertion for this connection's next request, signed while the previous
+    /// one waited for its upstream (see [`Conn::presign`]).
+    presigned: std::sync::Mutex<Option<Presigned>>,
 }
+
+/// An identity assertion signed ahead of the request that will carry it: its own `jti`, used
+/// at most once.
+struct Presigned {
+    /// The roles it names; a request granted by other roles gets a fresh signature.
+    roles: Vec<String>,
+    /// When its claims (`iat`) were taken.
+    at: Instant,
+    token: String,
+}
+
+/// Oldest a pre-signed assertion may be when a request takes it (its `iat` lags by at most
+/// this); an older one is dropped and the request signs its own.
+const PRESIGNED_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// A forwarded request waiting for its response (for `mcp.response` events).
 #[derive(Debug, Clone)]
@@ -227,7 +244,66 @@ impl Conn {
             requests: AtomicU64::new(0),
             revoked: tokio::sync::watch::Sender::new(None),
             grant: std::sync::Mutex::new(None),
+            presigned: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The claims of an identity assertion for a request granted by `roles`.
+    fn assertion_claims(&self, workload_id: &str, roles: &[String]) -> Value {
+        let naming = &self.daemon.config.naming;
+        let now = crate::ca::unix_now();
+        json!({
+            "iss": naming.node,
+            "sub": workload_id,
+            "aud": self.server_name(),
+            "iat": now,
+            "exp": now + naming.assertion_ttl.as_secs(),
+            "jti": crate::ca::random_id(),
+            "uid": self.identity.uid,
+            "exe": self.identity.exe,
+            "cgroup": self.identity.cgroup,
+            "container": self.identity.placement.container,
+            "pod": self.identity.placement.pod,
+            "roles": roles,
+        })
+    }
+
+    /// The identity assertion for a request granted by `roles`: the pre-signed one if it names
+    /// the same roles and is fresh, otherwise signed now (ES256 costs tens of µs).
+    fn assertion(&self, ca: &crate::ca::NodeCa, workload_id: &str, roles: &[String]) -> String {
+        if let Some(p) = lock(&self.presigned).take()
+            && p.roles == roles
+            && p.at.elapsed() < PRESIGNED_MAX_AGE
+        {
+            return p.token;
+        }
+        ca.sign(&self.assertion_claims(workload_id, roles))
+    }
+
+    /// Signs the assertion for the connection's next request in a task of its own, which the
+    /// worker runs while this request waits for the upstream: at `concurrency 1` the signature
+    /// is then off the request path. Only keep-alive connections (from their second request
+    /// on) do this, so a one-shot connection does not sign twice.
+    fn presign(self: &Arc<Self>, roles: &[String]) {
+        if self.daemon.ca.is_none()
+            || self.identity.workload_id.is_none()
+            || self.requests.load(Ordering::Relaxed) < 2
+        {
+            return;
+        }
+        let conn = self.clone();
+        let roles = roles.to_vec();
+        tokio::spawn(async move {
+            // Behind the pooled connection's task, which is about to write this request: the
+            // upstream gets it first, then the worker signs while waiting for the answer.
+            tokio::task::yield_now().await;
+            let (Some(ca), Some(wid)) = (&conn.daemon.ca, &conn.identity.workload_id) else {
+                return;
+            };
+            let at = Instant::now();
+            let token = ca.sign(&conn.assertion_claims(wid, &roles));
+            *lock(&conn.presigned) = Some(Presigned { roles, at, token });
+        });
     }
 
     /// The current policy and this connection's tier-1 grant under it.
@@ -831,22 +907,10 @@ impl Conn {
             }
         }
         if let (Some(ca), Some(wid)) = (&self.daemon.ca, &self.identity.workload_id) {
-            let now = crate::ca::unix_now();
-            let claims = json!({
-                "iss": naming.node,
-                "sub": wid,
-                "aud": server.name,
-                "iat": now,
-                "exp": now + naming.assertion_ttl.as_secs(),
-                "jti": crate::ca::random_id(),
-                "uid": self.identity.uid,
-                "exe": self.identity.exe,
-                "cgroup": self.identity.cgroup,
-                "container": self.identity.placement.container,
-                "pod": self.identity.placement.pod,
-                "roles": roles,
-            });
-            builder = builder.header(naming.assertion_header.as_str(), ca.sign(&claims));
+            builder = builder.header(
+                naming.assertion_header.as_str(),
+                self.assertion(ca, wid, roles),
+            );
         }
         let up_len = bytes.len() as u64;
         let request = match builder.body(Full::new(bytes)) {
@@ -863,6 +927,7 @@ impl Conn {
         let labels = crate::metrics::ServerLabels {
             server: server.name.clone(),
         };
+        self.presign(roles);
         let mut revoked = self.revoked.subscribe();
         // Checked again after the audit write and before anything leaves; the revocation
         // branch is polled first.
