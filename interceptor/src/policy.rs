@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{Candidate, GlobBuilder, GlobMatcher};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -216,6 +216,9 @@ struct ArgRule {
 pub struct Grant {
     roles: Result<Vec<usize>, Decision>,
     mask: Vec<bool>,
+    /// The granting roles that constrain tool arguments (usually none), so a call does not
+    /// walk every granting role to find out.
+    constraining: Vec<usize>,
 }
 
 /// A compiled role.
@@ -226,6 +229,8 @@ pub struct Role {
     index: usize,
     servers: Vec<Pattern>,
     allow_tools: Vec<Pattern>,
+    /// The decision rule of each `allow_tools` pattern, written once at compile time.
+    allow_rules: Vec<String>,
     deny_tools: Vec<Pattern>,
     allow_methods: Vec<Pattern>,
     tool_args: Vec<ArgRule>,
@@ -306,22 +311,26 @@ impl ToolIndex {
         })
     }
 
-    /// Every (role, pattern) that matches `name`, ordered by role then pattern.
-    fn matches(&self, name: &str) -> Vec<(usize, usize)> {
+    /// Every (role, pattern) that matches `name` (`candidate` is the same name prepared for
+    /// glob matching), ordered by role then pattern. Nothing is allocated when nothing matches,
+    /// the usual case for deny patterns, and the regex set is only asked which patterns match
+    /// once its DFA has said that one does.
+    fn matches(&self, name: &str, candidate: &Candidate<'_>) -> Vec<(usize, usize)> {
         let mut out: Vec<(usize, usize)> = self.literals.get(name).cloned().unwrap_or_default();
-        out.extend(
-            self.globs
-                .matches(name)
-                .into_iter()
-                .map(|i| self.glob_ids[i]),
-        );
-        out.extend(
-            self.regexes
-                .matches(name)
-                .into_iter()
-                .map(|i| self.regex_ids[i]),
-        );
-        out.sort_unstable();
+        let mut globs = Vec::new();
+        self.globs.matches_candidate_into(candidate, &mut globs);
+        out.extend(globs.into_iter().map(|i| self.glob_ids[i]));
+        if self.regexes.is_match(name) {
+            out.extend(
+                self.regexes
+                    .matches(name)
+                    .into_iter()
+                    .map(|i| self.regex_ids[i]),
+            );
+        }
+        if out.len() > 1 {
+            out.sort_unstable();
+        }
         out
     }
 }
@@ -442,11 +451,16 @@ impl Policy {
                     allow: compile(&a.allow, true, &format!("{k}.allow"))?,
                 });
             }
+            let allow_tools = compile(&r.allow_tools, false, &key("allow_tools"))?;
             compiled.push(Role {
                 index: i,
                 name: r.name.clone(),
                 servers: server_patterns,
-                allow_tools: compile(&r.allow_tools, false, &key("allow_tools"))?,
+                allow_rules: allow_tools
+                    .iter()
+                    .map(|p| format!("role {}: allow_tools {:?}", r.name, p.as_str()))
+                    .collect(),
+                allow_tools,
                 deny_tools: compile(&r.deny_tools, false, &key("deny_tools"))?,
                 allow_methods: compile(&r.allow_methods, false, &key("allow_methods"))?,
                 tool_args,
@@ -540,6 +554,7 @@ impl Policy {
                     "default deny: no binding matches this identity",
                 )),
                 mask,
+                constraining: Vec::new(),
             };
         }
         let granting: Vec<usize> = bound
@@ -552,14 +567,21 @@ impl Policy {
                     "default deny: no role of this identity grants server {server:?}"
                 ))),
                 mask,
+                constraining: Vec::new(),
             };
         }
         for &i in &granting {
             mask[i] = true;
         }
+        let constraining = granting
+            .iter()
+            .copied()
+            .filter(|&i| !self.roles[i].tool_args.is_empty())
+            .collect();
         Grant {
             roles: Ok(granting),
             mask,
+            constraining,
         }
     }
 
@@ -588,7 +610,7 @@ impl Policy {
             );
         }
         if call.method == "tools/call" {
-            return self.check_tool(roles, &grant.mask, call);
+            return self.check_tool(grant, call);
         }
         // Other methods: deny wins is moot (no deny_methods); first allowing role decides.
         for r in roles.iter().map(|&i| &self.roles[i]) {
@@ -605,7 +627,8 @@ impl Policy {
         ))
     }
 
-    fn check_tool(&self, roles: &[usize], granted: &[bool], call: &Call<'_>) -> Decision {
+    fn check_tool(&self, grant: &Grant, call: &Call<'_>) -> Decision {
+        let granted = &grant.mask;
         let Some(tool) = call.name else {
             return Decision::deny("tools/call without a tool name");
         };
@@ -614,10 +637,11 @@ impl Policy {
                 "tool name {tool:?} has characters outside [A-Za-z0-9_.-/] or is too long"
             ));
         }
+        let candidate = Candidate::new(tool);
         // Deny wins: any granting role's deny pattern refuses the call.
         if let Some((r, p)) = self
             .deny_index
-            .matches(tool)
+            .matches(tool, &candidate)
             .into_iter()
             .find(|(r, _)| granted[*r])
         {
@@ -629,19 +653,18 @@ impl Policy {
             ));
         }
         // The first matching pattern of each granting role, in role order.
-        let mut allowing: Vec<(&Role, &Pattern)> = Vec::new();
-        for (r, p) in self.allow_index.matches(tool) {
+        let mut allowing: Vec<(&Role, usize)> = Vec::new();
+        for (r, p) in self.allow_index.matches(tool, &candidate) {
             if granted[r] && allowing.last().is_none_or(|(last, _)| last.index != r) {
-                let role = &self.roles[r];
-                allowing.push((role, &role.allow_tools[p]));
+                allowing.push((&self.roles[r], p));
             }
         }
-        let Some((first, pattern)) = allowing.first() else {
+        let Some(&(first, pattern)) = allowing.first() else {
             return Decision::deny(format!("default deny: no role allows tool {tool:?}"));
         };
         // Argument constraints of every granting role apply (a constraint is a deny rule).
         let args = call.arguments.unwrap_or(&Value::Null);
-        for r in roles.iter().map(|&i| &self.roles[i]) {
+        for r in grant.constraining.iter().map(|&i| &self.roles[i]) {
             for rule in r.tool_args.iter().filter(|a| a.tool.matches(tool)) {
                 if let Err(why) = rule.check(args) {
                     return Decision::deny(format!(
@@ -654,7 +677,7 @@ impl Policy {
             }
         }
         Decision::allow(
-            format!("role {}: allow_tools {:?}", first.name, pattern.as_str()),
+            first.allow_rules[pattern].clone(),
             allowing.iter().map(|(r, _)| r.name.clone()).collect(),
         )
     }
@@ -701,15 +724,16 @@ impl Policy {
                 return false;
             }
             let granted = &grant.mask;
+            let candidate = Candidate::new(name);
             return valid_tool_name(name)
                 && !self
                     .deny_index
-                    .matches(name)
+                    .matches(name, &candidate)
                     .iter()
                     .any(|(r, _)| granted[*r])
                 && self
                     .allow_index
-                    .matches(name)
+                    .matches(name, &candidate)
                     .iter()
                     .any(|(r, _)| granted[*r]);
         }
@@ -1042,6 +1066,75 @@ mod tests {
                 true,
                 "role admin"
             ),
+        );
+    }
+
+    #[test]
+    fn argument_constraints_of_every_granting_role_apply_and_only_theirs() {
+        let p = policy(
+            r#"
+            [[role]]
+            name = "open"
+            servers = ["notes"]
+            allow_tools = ["read_file"]
+
+            [[role]]
+            name = "fenced"
+            servers = ["notes"]
+            allow_tools = ["read_*"]
+            [[role.tool_args]]
+            tool = "read_file"
+            pointer = "/path"
+            allow = ["/srv/**"]
+
+            [[role]]
+            name = "elsewhere"
+            servers = ["admin"]
+            allow_tools = ["*"]
+            [[role.tool_args]]
+            tool = "*"
+            pointer = "/path"
+            allow = ["/nowhere"]
+
+            [[binding]]
+            role = "open"
+            uid = [1000]
+            [[binding]]
+            role = "fenced"
+            uid = [1000]
+            [[binding]]
+            role = "elsewhere"
+            uid = [1000]
+        "#,
+        );
+        let a = agent();
+        let grant = p.grant(&a, "notes");
+        let call = |path: &str| {
+            let args = json!({ "path": path });
+            p.check_granted(&grant, "notes", &Call::tool("read_file", Some(&args)))
+        };
+        let inside = call("/srv/a.txt");
+        assert!(inside.allow, "{inside:?}");
+        assert_eq!(inside.roles, vec!["open".to_owned(), "fenced".to_owned()]);
+        assert_eq!(inside.rule, "role open: allow_tools \"read_file\"");
+        // "open" alone would allow it; "fenced" also grants the call, so its constraint holds.
+        let outside = call("/etc/passwd");
+        assert!(!outside.allow, "{outside:?}");
+        assert!(
+            outside.rule.contains("role fenced: tool_args"),
+            "{outside:?}"
+        );
+        // "elsewhere" is bound but does not grant this server: its constraint is not applied
+        // (it would refuse /srv/a.txt), and on its own server it is.
+        let admin = p.grant(&a, "admin");
+        let d = p.check_granted(
+            &admin,
+            "admin",
+            &Call::tool("read_file", Some(&json!({ "path": "/srv/a.txt" }))),
+        );
+        assert!(
+            !d.allow && d.rule.contains("role elsewhere: tool_args"),
+            "{d:?}"
         );
     }
 
