@@ -183,17 +183,44 @@ pub struct Body {
 }
 
 impl Body {
-    /// The bytes to forward: the canonical form of every message.
+    /// The bytes to forward: the canonical form of every message ([`Message::to_value`],
+    /// serialised without copying the message).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let value = if self.batch {
-            Value::Array(self.messages.iter().map(Message::to_value).collect())
+        let result = if self.batch {
+            serde_json::to_vec(&self.messages.iter().map(Canonical).collect::<Vec<_>>())
         } else {
-            self.messages
-                .first()
-                .map(Message::to_value)
-                .unwrap_or(Value::Null)
+            match self.messages.first() {
+                Some(m) => serde_json::to_vec(&Canonical(m)),
+                None => serde_json::to_vec(&Value::Null),
+            }
         };
-        serde_json::to_vec(&value).unwrap_or_default()
+        result.unwrap_or_default()
+    }
+}
+
+/// A message in its canonical form, serialised in place: members in the order of
+/// [`Message::to_value`]'s map (sorted), parameters as they were read.
+struct Canonical<'a>(&'a Message);
+
+impl serde::Serialize for Canonical<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (id, method, params) = match self.0 {
+            Message::Request { id, method, params } => (Some(id), method, params),
+            Message::Notification { method, params } => (None, method, params),
+            // Rare (an agent answering the server): merged members, sorted by the map.
+            Message::Response { .. } => return self.0.to_value().serialize(s),
+        };
+        let mut m = s.serialize_map(None)?;
+        if let Some(id) = id {
+            m.serialize_entry("id", id)?;
+        }
+        m.serialize_entry("jsonrpc", "2.0")?;
+        m.serialize_entry("method", method)?;
+        if let Some(p) = params {
+            m.serialize_entry("params", p)?;
+        }
+        m.end()
     }
 }
 
@@ -479,15 +506,29 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let inner = self.nested()?;
         let mut out = Map::new();
-        let mut folded: std::collections::HashMap<String, String> =
-            std::collections::HashMap::new();
+        // Folded keys, once the object is too large to compare each new key with every other.
+        let mut folded: Option<std::collections::HashSet<String>> = None;
         while let Some(key) = map.next_key::<String>()? {
             let value = map.next_value_seed(Strict { ..inner })?;
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
             // Case-insensitive decoders downstream would see one key where we see two.
-            if let Some(first) = folded.insert(fold(&key), key.clone()) {
+            let variant = match &mut folded {
+                None if out.len() < FOLD_SCAN_MAX => {
+                    out.keys().find(|k| same_fold(k, &key)).cloned()
+                }
+                _ => {
+                    let set =
+                        folded.get_or_insert_with(|| out.keys().map(|k| fold_fast(k)).collect());
+                    if set.insert(fold_fast(&key)) {
+                        None
+                    } else {
+                        out.keys().find(|k| same_fold(k, &key)).cloned()
+                    }
+                }
+            };
+            if let Some(first) = variant {
                 return Err(de::Error::custom(format!(
                     "keys {first:?} and {key:?} differ only in case; refused as ambiguous"
                 )));
@@ -495,6 +536,28 @@ impl<'de> Visitor<'de> for Strict {
             out.insert(key, value);
         }
         Ok(Value::Object(out))
+    }
+}
+
+/// Up to this many keys, a new key is compared with each one already read (no allocation);
+/// beyond, folded keys go into a set.
+const FOLD_SCAN_MAX: usize = 16;
+
+/// [`fold`], without the Unicode tables for ASCII keys (where it is ASCII lower-casing).
+fn fold_fast(key: &str) -> String {
+    if key.is_ascii() {
+        key.to_ascii_lowercase()
+    } else {
+        fold(key)
+    }
+}
+
+/// Whether two keys fold to the same text.
+fn same_fold(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        fold(a) == fold(b)
     }
 }
 
@@ -564,6 +627,54 @@ mod tests {
             e.message.contains("case variant") || e.message.contains("required"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn case_variants_are_found_in_large_objects_too() {
+        // Past FOLD_SCAN_MAX keys the check switches to a set of folded keys: a variant is
+        // caught whether it is ASCII or Unicode, early or late, and distinct keys pass.
+        let many: Vec<String> = (0..40).map(|i| format!("\"key{i}\":{i}")).collect();
+        let body = |extra: &str| {
+            format!(
+                "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{{\"name\":\"r\",\"arguments\":{{{},{extra}}}}}}}",
+                many.join(",")
+            )
+        };
+        for extra in ["\"KEY3\":0", "\"Key39\":0", "\"\u{212a}ey20\":0"] {
+            let e = err(body(extra).as_bytes());
+            assert!(e.message.contains("differ only in case"), "{extra}: {e}");
+        }
+        let b = ok(&body("\"key40\":40"));
+        assert_eq!(
+            b.messages[0]
+                .arguments()
+                .and_then(Value::as_object)
+                .map(Map::len),
+            Some(41)
+        );
+    }
+
+    #[test]
+    fn canonical_bytes_are_the_canonical_value_serialised() {
+        for text in [
+            r#"{"method":"tools/call","params":{"name":"r","arguments":{"b":[1,{"z":null}],"a":"\u00e9\n"}},"id":"x","jsonrpc":"2.0"}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":3,"result":{"roots":[]}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}]"#,
+        ] {
+            let b = ok(text);
+            let expected = if b.batch {
+                Value::Array(b.messages.iter().map(Message::to_value).collect())
+            } else {
+                b.messages[0].to_value()
+            };
+            assert_eq!(
+                String::from_utf8(b.to_bytes()).unwrap_or_default(),
+                serde_json::to_string(&expected).unwrap_or_default(),
+                "{text}"
+            );
+        }
     }
 
     #[test]
