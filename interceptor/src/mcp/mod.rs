@@ -22,6 +22,8 @@ pub mod sse;
 use std::{
     collections::{HashMap, VecDeque},
     convert::Infallible,
+    future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -144,40 +146,92 @@ async fn until_set(rx: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// The HTTP/2 connection preface (h2c with prior knowledge); anything else is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the agent opens with the HTTP/2 preface, looked at without consuming it: hyper then
+/// reads the first request itself, into a buffer sized for it (handing it a pre-read prefix,
+/// as a version-sniffing wrapper does, made its 8 KiB read buffer grow to 16 KiB on every
+/// connection). `None`: the agent closed or failed before sending anything.
+async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if !H2_PREFACE.starts_with(&buf[..n]) {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // Part of the preface so far: peeking again would return at once, so wait a little.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Serves one redirected connection until the agent closes it.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
-    let stream = framing::Watched::new(stream, conn.verdicts.clone());
+    let mut draining = conn.daemon.draining.subscribe();
+    // A client that never sends a byte does not hold a task forever either.
+    let h2 = tokio::select! {
+        found = tokio::time::timeout(HEADER_READ_TIMEOUT, speaks_h2(&stream)) => match found {
+            Ok(Some(h2)) => h2,
+            _ => return,
+        },
+        _ = until_set(&mut draining) => return,
+    };
+    let io = TokioIo::new(framing::Watched::new(stream, conn.verdicts.clone()));
     let conn_ref = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // An agent that shuts down its write side after the request still gets the response.
-        .half_close(true)
-        // A client that trickles a request head forever does not hold a task forever.
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
-    let mut revoked = conn_ref.revoked.subscribe();
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder.max_concurrent_streams(MAX_H2_STREAMS);
+        let connection = builder.serve_connection(io, service);
+        drive(connection, |c| c.graceful_shutdown(), &conn_ref, draining).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            // An agent that shuts down its write side after the request still gets the
+            // response.
+            .half_close(true)
+            // A client that trickles a request head forever does not hold a task forever.
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let connection = builder.serve_connection(io, service);
+        drive(connection, |c| c.graceful_shutdown(), &conn_ref, draining).await;
+    }
+}
+
+/// Runs a served connection to its end, shutting it down gracefully on SIGTERM or revocation.
+async fn drive<F, E>(
+    connection: F,
+    graceful_shutdown: impl Fn(Pin<&mut F>),
+    conn: &Conn,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut revoked = conn.revoked.subscribe();
     // Revoked before the first request: serve it, so every request gets an answer naming the
     // revocation (then `Connection: close`), rather than a bare reset.
-    let revoked_at_start = conn_ref.revoked_reason().is_some();
-    let mut draining = conn_ref.daemon.draining.subscribe();
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let revoked_at_start = conn.revoked_reason().is_some();
     tokio::pin!(connection);
     let result = tokio::select! {
         r = connection.as_mut() => r,
         _ = until_set(&mut draining) => {
             // SIGTERM: finish what is in flight, then close (the daemon bounds the wait).
-            connection.as_mut().graceful_shutdown();
+            graceful_shutdown(connection.as_mut());
             connection.as_mut().await
         }
         _ = until_revoked(&mut revoked), if !revoked_at_start => {
             // In-flight requests answer with the revocation; then the connection closes.
-            connection.as_mut().graceful_shutdown();
+            graceful_shutdown(connection.as_mut());
             match tokio::time::timeout(Duration::from_millis(500), connection.as_mut()).await {
                 Ok(r) => r,
                 Err(_) => Ok(()),
@@ -1275,5 +1329,60 @@ impl RetainNonHop for HeaderMap {
         for k in drop {
             self.remove(&k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// What `speaks_h2` says about a connection whose client sends `parts` (pausing between
+    /// them) and then closes.
+    async fn sniff(parts: &'static [&'static [u8]]) -> Option<bool> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            for part in parts {
+                s.write_all(part).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let (server, _) = listener.accept().await.expect("accept");
+        let found = speaks_h2(&server).await;
+        client.await.expect("client");
+        found
+    }
+
+    #[tokio::test]
+    async fn the_h2_preface_is_recognised_without_being_consumed() {
+        assert_eq!(sniff(&[H2_PREFACE]).await, Some(true));
+        // The preface in pieces: the sniffer waits for the rest.
+        assert_eq!(
+            sniff(&[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n"]).await,
+            Some(true)
+        );
+        assert_eq!(sniff(&[b"POST /mcp HTTP/1.1\r\n"]).await, Some(false));
+        // Diverges from the preface after a common start.
+        assert_eq!(sniff(&[b"PRI * HTTP/1.1\r\n"]).await, Some(false));
+        // A short HTTP/1 request is not held up waiting for 24 bytes.
+        assert_eq!(sniff(&[b"GET / HTTP/1.0\r\n\r\n"]).await, Some(false));
+        assert_eq!(sniff(&[]).await, None);
+        // Nothing is consumed: the bytes are still there for hyper.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"POST /mcp HTTP/1.1\r\n").await.expect("write");
+        let (server, _) = listener.accept().await.expect("accept");
+        assert_eq!(speaks_h2(&server).await, Some(false));
+        let mut buf = [0u8; 20];
+        let n = server.try_read(&mut buf).expect("read");
+        assert_eq!(&buf[..n], b"POST /mcp HTTP/1.1\r\n");
     }
 }
