@@ -249,8 +249,19 @@ pub struct Daemon {
     pub metrics_addr: Option<SocketAddr>,
     /// SIGTERM grace period.
     pub drain_grace: std::time::Duration,
-    /// Connection worker threads (resolved: at least 1).
+    /// Connection worker threads as configured (0 = one per CPU; see [`Daemon::worker_count`]).
     pub workers: usize,
+}
+
+impl Daemon {
+    /// Connection worker threads to start: `workers`, or one per CPU for 0. Resolved when the
+    /// daemon starts (kept unresolved here so a reload compares what was written).
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// Validated `[[server]]`.
@@ -601,16 +612,13 @@ impl Validator<'_> {
                 ),
             )
         })?;
-        let workers = match raw.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n if n > MAX_WORKERS => {
-                return Err(self.invalid(
-                    "daemon.workers",
-                    format!("{n} is more than {MAX_WORKERS}; write 0 for one per CPU"),
-                ));
-            }
-            n => n,
-        };
+        let workers = raw.workers;
+        if workers > MAX_WORKERS {
+            return Err(self.invalid(
+                "daemon.workers",
+                format!("{workers} is more than {MAX_WORKERS}; write 0 for one per CPU"),
+            ));
+        }
         Ok(Daemon {
             drain_grace,
             workers,
@@ -750,12 +758,12 @@ mod tests {
     #[test]
     fn workers_default_to_one_per_cpu_and_are_bounded() {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(parse("").expect("valid").daemon.workers, cpus);
+        assert_eq!(parse("").expect("valid").daemon.worker_count(), cpus);
         assert_eq!(
             parse("[daemon]\nworkers = 3\n")
                 .expect("valid")
                 .daemon
-                .workers,
+                .worker_count(),
             3
         );
         let e = err("[daemon]\nworkers = 5000\n");

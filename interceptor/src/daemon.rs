@@ -703,16 +703,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
             path: path.clone(),
             error,
         })?;
+    let worker_count = config.daemon.worker_count();
     let upstreams = config
         .servers
         .iter()
         .map(|s| {
-            Upstream::new(s, Workers::slots(config.daemon.workers)).map_err(|message| {
-                Error::Upstream {
-                    path: path.clone(),
-                    server: s.name.clone(),
-                    message,
-                }
+            Upstream::new(s, Workers::slots(worker_count)).map_err(|message| Error::Upstream {
+                path: path.clone(),
+                server: s.name.clone(),
+                message,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -729,7 +728,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let workers = Workers::start(config.daemon.workers)?;
+    let workers = Workers::start(worker_count)?;
     let daemon = Arc::new(Daemon {
         workers,
         policy: RwLock::new(Arc::new(config.policy.clone())),

@@ -43,37 +43,57 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` (at least 1) workers, named `worker-1`….
+    /// Starts `count` (at least 1) workers, named `worker-1`…. Each runtime is built on its
+    /// own thread (a runtime must not be dropped inside another one's async context, which is
+    /// where this is called from, should a later worker fail to start).
     pub fn start(count: usize) -> io::Result<Self> {
         let count = count.max(1);
-        let mut handles = Vec::with_capacity(count);
-        let mut threads = Vec::with_capacity(count);
+        let mut workers = Self {
+            handles: Vec::with_capacity(count),
+            next: AtomicUsize::new(0),
+            threads: Mutex::new(Vec::with_capacity(count)),
+        };
         for index in 1..=count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
             let (stop, stopped) = oneshot::channel::<()>();
+            let (ready, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     SLOT.set(index);
-                    // Runs the spawned connections until told to stop (or the sender is gone);
-                    // dropping the runtime then closes the connections still open.
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(runtime.handle().clone()));
+                    // Runs the spawned connections until told to stop (or the sender is
+                    // gone); dropping the runtime then closes the connections still open.
                     runtime.block_on(async {
                         let _ = stopped.await;
                     });
                 })
                 .map_err(|e| {
-                    io::Error::other(format!("starting connection worker {index}: {e}"))
+                    io::Error::other(format!(
+                        "starting connection worker {index} of {count}: {e}; lower daemon.workers \
+                         or raise the service's task limit"
+                    ))
                 })?;
-            threads.push((stop, thread));
+            // Registered first, so that on an error below `workers` (dropped) stops it.
+            lock(&workers.threads).push((stop, thread));
+            let handle = handle
+                .recv()
+                .map_err(|_| io::Error::other(format!("connection worker {index} died starting")))?
+                .map_err(|e| {
+                    io::Error::other(format!("connection worker {index}: runtime: {e}"))
+                })?;
+            workers.handles.push(handle);
         }
-        Ok(Self {
-            handles,
-            next: AtomicUsize::new(0),
-            threads: Mutex::new(threads),
-        })
+        Ok(workers)
     }
 
     /// Slots of per-worker state to keep: one per worker plus slot 0.

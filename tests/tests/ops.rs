@@ -172,15 +172,41 @@ fn revocation_closes_live_streams() {
         (r, started.elapsed())
     });
     env.wait_log("legacy SSE session registered", |_| true);
+    // A connection that has not sent a byte yet is closed by the revocation too.
+    let idle = {
+        let (dir, addr) = (env.dir(&a), server.addr.to_string());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let r = read_stream(PROBE, &dir, &addr, b"", 8000);
+            (r, started.elapsed())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env
+        .logs()
+        .iter()
+        .filter(|v| v["message"] == "connection redirected")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{}", env.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let revoked_at = Instant::now();
     cli_ok(&env, &["revoke", "--cgroup", &a, "--reason", "cut off"]);
     let (r, total) = reader.join().expect("reader");
+    let (idle, idle_total) = idle.join().expect("idle reader");
     let after_revoke = revoked_at.elapsed();
     assert!(r.reply.unwrap_or_default().contains("event: endpoint"));
     // The stream ended because of the revocation, long before the reader's own 8 s limit.
     assert!(
         total < Duration::from_secs(7),
         "stream still open after the revocation"
+    );
+    assert!(
+        idle_total < Duration::from_secs(7),
+        "idle connection still open after the revocation: {:?}",
+        idle.error
     );
     assert!(after_revoke < Duration::from_secs(3), "{after_revoke:?}");
 }

@@ -506,7 +506,8 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let inner = self.nested()?;
         let mut out = Map::new();
-        // Folded keys, once the object is too large to compare each new key with every other.
+        // Folded keys, once the object is too large to compare each new key with every other,
+        // or has a non-ASCII key (Unicode folding allocates: each key is folded once then).
         let mut folded: Option<std::collections::HashSet<String>> = None;
         while let Some(key) = map.next_key::<String>()? {
             let value = map.next_value_seed(Strict { ..inner })?;
@@ -515,8 +516,9 @@ impl<'de> Visitor<'de> for Strict {
             }
             // Case-insensitive decoders downstream would see one key where we see two.
             let variant = match &mut folded {
-                None if out.len() < FOLD_SCAN_MAX => {
-                    out.keys().find(|k| same_fold(k, &key)).cloned()
+                // Every key so far is ASCII too (else the set exists): no folding needed.
+                None if out.len() < FOLD_SCAN_MAX && key.is_ascii() => {
+                    out.keys().find(|k| k.eq_ignore_ascii_case(&key)).cloned()
                 }
                 _ => {
                     let set =
@@ -539,8 +541,8 @@ impl<'de> Visitor<'de> for Strict {
     }
 }
 
-/// Up to this many keys, a new key is compared with each one already read (no allocation);
-/// beyond, folded keys go into a set.
+/// Up to this many ASCII keys, a new key is compared with each one already read (no
+/// allocation); beyond, or from the first non-ASCII key, folded keys go into a set.
 const FOLD_SCAN_MAX: usize = 16;
 
 /// [`fold`], without the Unicode tables for ASCII keys (where it is ASCII lower-casing).

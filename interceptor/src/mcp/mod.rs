@@ -94,6 +94,8 @@ pub struct Conn {
     /// The identity assertion for this connection's next request, signed while the previous
     /// one waited for its upstream (see [`Conn::presign`]).
     presigned: std::sync::Mutex<Option<Presigned>>,
+    /// When the last request was forwarded (the pace that decides whether to pre-sign).
+    last_forward: std::sync::Mutex<Option<Instant>>,
 }
 
 /// An identity assertion signed ahead of the request that will carry it: its own `jti`, used
@@ -109,6 +111,10 @@ struct Presigned {
 /// Oldest a pre-signed assertion may be when a request takes it (its `iat` lags by at most
 /// this); an older one is dropped and the request signs its own.
 const PRESIGNED_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Shortest `identity.assertion_ttl` with which assertions are pre-signed: with shorter ones
+/// the second of age could leave too little validity.
+const PRESIGN_MIN_TTL: Duration = Duration::from_secs(10);
 
 /// A forwarded request waiting for its response (for `mcp.response` events).
 #[derive(Debug, Clone)]
@@ -155,6 +161,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// connection). `None`: the agent closed or failed before sending anything.
 async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
     let mut buf = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut buf).await.ok()?;
         if n == 0 {
@@ -166,21 +173,29 @@ async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
         if n == H2_PREFACE.len() {
             return Some(true);
         }
-        // Part of the preface so far: peeking again would return at once, so wait a little.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Part of the preface so far (rare: clients send it in one piece). Peeking again would
+        // return at once, so wait, longer each time: a client that stops mid-preface costs a
+        // few wake-ups until the caller's timeout, not a busy loop.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
     }
 }
 
 /// Serves one redirected connection until the agent closes it.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     let mut draining = conn.daemon.draining.subscribe();
-    // A client that never sends a byte does not hold a task forever either.
+    let mut revoked = conn.revoked.subscribe();
+    let revoked_at_start = conn.revoked_reason().is_some();
+    // A client that never sends a byte does not hold a task forever either; draining and a
+    // revocation close an idle connection at once (one revoked before it was accepted is
+    // served, so its requests are answered with the revocation).
     let h2 = tokio::select! {
         found = tokio::time::timeout(HEADER_READ_TIMEOUT, speaks_h2(&stream)) => match found {
             Ok(Some(h2)) => h2,
             _ => return,
         },
         _ = until_set(&mut draining) => return,
+        _ = until_revoked(&mut revoked), if !revoked_at_start => return,
     };
     let io = TokioIo::new(framing::Watched::new(stream, conn.verdicts.clone()));
     let conn_ref = conn.clone();
@@ -299,6 +314,7 @@ impl Conn {
             revoked: tokio::sync::watch::Sender::new(None),
             grant: std::sync::Mutex::new(None),
             presigned: std::sync::Mutex::new(None),
+            last_forward: std::sync::Mutex::new(None),
         }
     }
 
@@ -336,12 +352,22 @@ impl Conn {
 
     /// Signs the assertion for the connection's next request in a task of its own, which the
     /// worker runs while this request waits for the upstream: at `concurrency 1` the signature
-    /// is then off the request path. Only keep-alive connections (from their second request
-    /// on) do this, so a one-shot connection does not sign twice.
+    /// is then off the request path. Only when it will likely be used: the agent forwarded its
+    /// previous request less than [`PRESIGNED_MAX_AGE`] ago (a one-shot connection or an agent
+    /// that pauses between calls would only sign twice), no unused one is waiting (concurrent
+    /// HTTP/2 streams), and assertions live long enough ([`PRESIGN_MIN_TTL`]) for the age not
+    /// to matter.
     fn presign(self: &Arc<Self>, roles: &[String]) {
         if self.daemon.ca.is_none()
             || self.identity.workload_id.is_none()
-            || self.requests.load(Ordering::Relaxed) < 2
+            || self.daemon.config.naming.assertion_ttl < PRESIGN_MIN_TTL
+        {
+            return;
+        }
+        let now = Instant::now();
+        let previous = lock(&self.last_forward).replace(now);
+        if previous.is_none_or(|p| now.duration_since(p) >= PRESIGNED_MAX_AGE)
+            || lock(&self.presigned).is_some()
         {
             return;
         }
@@ -981,7 +1007,10 @@ impl Conn {
         let labels = crate::metrics::ServerLabels {
             server: server.name.clone(),
         };
-        self.presign(roles);
+        if !from_get && !listen {
+            // Streams (GET, subscriptions/listen) are long-lived: no next request to sign for.
+            self.presign(roles);
+        }
         let mut revoked = self.revoked.subscribe();
         // Checked again after the audit write and before anything leaves; the revocation
         // branch is polled first.
