@@ -576,6 +576,7 @@ impl Daemon {
         json!({
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs(),
+            "workers": self.workers.count(),
             "config": self.config.path,
             "cgroup_mount": self.hierarchy.mount,
             "attach_cgroup": self.config.daemon.cgroup_root,

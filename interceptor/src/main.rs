@@ -708,9 +708,10 @@ fn print_status(s: &Value) {
             .unwrap_or_else(|| v.to_string())
     };
     println!(
-        "daemon pid {} up {}s, config {}",
+        "daemon pid {} up {}s, {} connection workers, config {}",
         s["pid"],
         s["uptime_s"],
+        s["workers"],
         str_of(&s["config"])
     );
     println!(

@@ -96,6 +96,11 @@ impl Workers {
         Ok(workers)
     }
 
+    /// Number of workers.
+    pub fn count(&self) -> usize {
+        self.handles.len()
+    }
+
     /// Slots of per-worker state to keep: one per worker plus slot 0.
     pub fn slots(count: usize) -> usize {
         count.max(1) + 1

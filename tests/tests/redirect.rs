@@ -110,7 +110,11 @@ fn untagged_cgroups_and_other_destinations_are_untouched() {
     assert!(r.expect_reply().starts_with("not-mcp:"), "{r:?}");
     assert_eq!(r.peer.as_deref(), Some(other_mcp.addr.to_string().as_str()));
     assert_eq!(w.upstream.count(), 0);
-    assert_eq!(w.env.status()["counters"]["kernel"]["redirected"], 0);
+    let status = w.env.status();
+    assert_eq!(status["counters"]["kernel"]["redirected"], 0);
+    // daemon.workers = 0: one connection worker per CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    assert_eq!(status["workers"].as_u64(), Some(cpus), "{status}");
 }
 
 #[test]
