@@ -93,9 +93,7 @@ pub struct Conn {
     grant: std::sync::Mutex<Option<(Arc<Policy>, Arc<Grant>)>>,
     /// The identity assertion for this connection's next request, signed while the previous
     /// one waited for its upstream (see [`Conn::presign`]).
-    presigned: std::sync::Mutex<Option<Presigned>>,
-    /// When the last request was forwarded (the pace that decides whether to pre-sign).
-    last_forward: std::sync::Mutex<Option<Instant>>,
+    presigner: Presigner,
 }
 
 /// An identity assertion signed ahead of the request that will carry it: its own `jti`, used
@@ -106,6 +104,43 @@ struct Presigned {
     /// When its claims (`iat`) were taken.
     at: Instant,
     token: String,
+}
+
+/// A connection's pre-signed assertion and the pace of its requests: at most one assertion
+/// waits, and each is handed out once.
+#[derive(Default)]
+struct Presigner(std::sync::Mutex<PresignState>);
+
+#[derive(Default)]
+struct PresignState {
+    waiting: Option<Presigned>,
+    /// When the connection's last request was forwarded.
+    last_forward: Option<Instant>,
+}
+
+impl Presigner {
+    /// The waiting assertion, if it names `roles` and was signed less than
+    /// [`PRESIGNED_MAX_AGE`] before `now`. A waiting one is used up either way.
+    fn take(&self, roles: &[String], now: Instant) -> Option<String> {
+        let p = lock(&self.0).waiting.take()?;
+        (p.roles == roles && now.saturating_duration_since(p.at) < PRESIGNED_MAX_AGE)
+            .then_some(p.token)
+    }
+
+    /// Whether to sign one for the next request, this one being forwarded at `now`: only if
+    /// the previous request was forwarded less than [`PRESIGNED_MAX_AGE`] earlier (the next
+    /// will likely come as soon) and none is waiting.
+    fn wanted(&self, now: Instant) -> bool {
+        let mut state = lock(&self.0);
+        let previous = state.last_forward.replace(now);
+        state.waiting.is_none()
+            && previous.is_some_and(|p| now.saturating_duration_since(p) < PRESIGNED_MAX_AGE)
+    }
+
+    /// Keeps `p` for the next request (replacing any waiting one).
+    fn offer(&self, p: Presigned) {
+        lock(&self.0).waiting = Some(p);
+    }
 }
 
 /// Oldest a pre-signed assertion may be when a request takes it (its `iat` lags by at most
@@ -313,8 +348,7 @@ impl Conn {
             requests: AtomicU64::new(0),
             revoked: tokio::sync::watch::Sender::new(None),
             grant: std::sync::Mutex::new(None),
-            presigned: std::sync::Mutex::new(None),
-            last_forward: std::sync::Mutex::new(None),
+            presigner: Presigner::default(),
         }
     }
 
@@ -341,11 +375,8 @@ impl Conn {
     /// The identity assertion for a request granted by `roles`: the pre-signed one if it names
     /// the same roles and is fresh, otherwise signed now (ES256 costs tens of µs).
     fn assertion(&self, ca: &crate::ca::NodeCa, workload_id: &str, roles: &[String]) -> String {
-        if let Some(p) = lock(&self.presigned).take()
-            && p.roles == roles
-            && p.at.elapsed() < PRESIGNED_MAX_AGE
-        {
-            return p.token;
+        if let Some(token) = self.presigner.take(roles, Instant::now()) {
+            return token;
         }
         ca.sign(&self.assertion_claims(workload_id, roles))
     }
@@ -361,13 +392,7 @@ impl Conn {
         if self.daemon.ca.is_none()
             || self.identity.workload_id.is_none()
             || self.daemon.config.naming.assertion_ttl < PRESIGN_MIN_TTL
-        {
-            return;
-        }
-        let now = Instant::now();
-        let previous = lock(&self.last_forward).replace(now);
-        if previous.is_none_or(|p| now.duration_since(p) >= PRESIGNED_MAX_AGE)
-            || lock(&self.presigned).is_some()
+            || !self.presigner.wanted(Instant::now())
         {
             return;
         }
@@ -382,7 +407,7 @@ impl Conn {
             };
             let at = Instant::now();
             let token = ca.sign(&conn.assertion_claims(wid, &roles));
-            *lock(&conn.presigned) = Some(Presigned { roles, at, token });
+            conn.presigner.offer(Presigned { roles, at, token });
         });
     }
 
@@ -1385,6 +1410,41 @@ mod tests {
         let found = speaks_h2(&server).await;
         client.await.expect("client");
         found
+    }
+
+    #[test]
+    fn a_presigned_assertion_is_used_once_for_the_same_roles_while_fresh() {
+        let roles = vec!["readers".to_owned()];
+        let t0 = Instant::now();
+        let offer = |p: &Presigner, at: Instant, token: &str| {
+            p.offer(Presigned {
+                roles: roles.clone(),
+                at,
+                token: token.to_owned(),
+            })
+        };
+        let p = Presigner::default();
+        // The first request of a connection, and one after a pause, pre-sign nothing.
+        assert!(!p.wanted(t0));
+        assert!(!p.wanted(t0 + PRESIGNED_MAX_AGE * 2));
+        // Requests coming quickly do.
+        assert!(p.wanted(t0 + PRESIGNED_MAX_AGE * 2 + Duration::from_millis(5)));
+        offer(&p, t0, "a");
+        // Not while one is waiting (concurrent streams).
+        assert!(!p.wanted(t0 + PRESIGNED_MAX_AGE * 2 + Duration::from_millis(6)));
+        assert_eq!(
+            p.take(&roles, t0 + Duration::from_millis(10)),
+            Some("a".into())
+        );
+        // Used once.
+        assert_eq!(p.take(&roles, t0 + Duration::from_millis(11)), None);
+        // Other roles: not used, and used up.
+        offer(&p, t0, "b");
+        assert_eq!(p.take(&["writers".to_owned()], t0), None);
+        assert_eq!(p.take(&roles, t0), None);
+        // Too old: not used.
+        offer(&p, t0, "c");
+        assert_eq!(p.take(&roles, t0 + PRESIGNED_MAX_AGE), None);
     }
 
     #[tokio::test]
