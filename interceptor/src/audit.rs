@@ -502,10 +502,7 @@ impl Audit {
             Durability::Write => self.shared.write(events),
             Durability::Fsync => {
                 self.shared.write(events)?;
-                self.shared
-                    .request_sync()
-                    .await
-                    .map_err(|_| Error::Unavailable("the audit thread has stopped".into()))?
+                self.shared.request_sync().await.map_err(thread_stopped)?
             }
         }
     }
@@ -524,10 +521,15 @@ impl Audit {
                 .shared
                 .request_sync()
                 .blocking_recv()
-                .map_err(|_| Error::Unavailable("the audit thread has stopped".into()))?;
+                .map_err(thread_stopped)?;
         }
         Ok(())
     }
+}
+
+/// The error of an `fdatasync` request the background thread will never answer.
+fn thread_stopped(_: tokio::sync::oneshot::error::RecvError) -> Error {
+    Error::Unavailable("the audit thread has stopped".into())
 }
 
 impl Drop for Audit {
@@ -596,18 +598,11 @@ impl Shared {
         let mut last_group = 0;
         loop {
             let (flush, mut waiters, stop) = {
-                let mut bg = lock(&self.bg);
-                while !bg.stop && !bg.flush && bg.sync_waiters.is_empty() {
-                    let left = SYNC_INTERVAL.saturating_sub(last_sync.elapsed());
-                    if left.is_zero() {
-                        break;
-                    }
-                    bg = self
-                        .wake
-                        .wait_timeout(bg, left)
-                        .map(|(g, _)| g)
-                        .unwrap_or_else(|p| p.into_inner().0);
-                }
+                // Until there is work, or the periodic fdatasync is due.
+                let mut bg = self
+                    .wait_for(SYNC_INTERVAL.saturating_sub(last_sync.elapsed()), |bg| {
+                        bg.flush || !bg.sync_waiters.is_empty()
+                    });
                 // `flush` stays set until the write below: deferred events that arrive
                 // meanwhile ride along without waking this thread again.
                 (bg.flush, std::mem::take(&mut bg.sync_waiters), bg.stop)

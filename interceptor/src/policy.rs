@@ -333,6 +333,18 @@ impl ToolIndex {
         }
         out
     }
+
+    /// The first (role, pattern) matching `name` whose role is `granted`.
+    fn first_granted(
+        &self,
+        name: &str,
+        candidate: &Candidate<'_>,
+        granted: &[bool],
+    ) -> Option<(usize, usize)> {
+        self.matches(name, candidate)
+            .into_iter()
+            .find(|(r, _)| granted[*r])
+    }
 }
 
 /// Who is asking: the parts of the process identity bindings select on.
@@ -523,13 +535,8 @@ impl Policy {
         roles
     }
 
-    /// Tier 1 alone: may `subject` reach `server` at all? (For requests that carry no
-    /// JSON-RPC message: opening a server stream, ending a session.)
-    pub fn check_server(&self, subject: &Subject<'_>, server: &str) -> Decision {
-        self.check_server_granted(&self.grant(subject, server), server)
-    }
-
-    /// [`Policy::check_server`] with tier 1 already resolved.
+    /// Tier 1 alone, already resolved: may the identity reach `server` at all? (For requests
+    /// that carry no JSON-RPC message: opening a server stream, ending a session.)
     pub fn check_server_granted(&self, grant: &Grant, server: &str) -> Decision {
         match &grant.roles {
             Ok(roles) => Decision::allow(
@@ -546,30 +553,27 @@ impl Policy {
     /// Tier 1: the roles of `subject` that reach `server`. It depends only on the identity and
     /// the policy, so a connection resolves it once and reuses it for every request.
     pub fn grant(&self, subject: &Subject<'_>, server: &str) -> Grant {
-        let mut mask = vec![false; self.roles.len()];
+        let denied = |d: Decision| Grant {
+            roles: Err(d),
+            mask: vec![false; self.roles.len()],
+            constraining: Vec::new(),
+        };
         let bound = self.roles_of(subject);
         if bound.is_empty() {
-            return Grant {
-                roles: Err(Decision::deny(
-                    "default deny: no binding matches this identity",
-                )),
-                mask,
-                constraining: Vec::new(),
-            };
+            return denied(Decision::deny(
+                "default deny: no binding matches this identity",
+            ));
         }
         let granting: Vec<usize> = bound
             .into_iter()
             .filter(|&i| self.roles[i].servers.iter().any(|p| p.matches(server)))
             .collect();
         if granting.is_empty() {
-            return Grant {
-                roles: Err(Decision::deny(format!(
-                    "default deny: no role of this identity grants server {server:?}"
-                ))),
-                mask,
-                constraining: Vec::new(),
-            };
+            return denied(Decision::deny(format!(
+                "default deny: no role of this identity grants server {server:?}"
+            )));
         }
+        let mut mask = vec![false; self.roles.len()];
         for &i in &granting {
             mask[i] = true;
         }
@@ -639,12 +643,7 @@ impl Policy {
         }
         let candidate = Candidate::new(tool);
         // Deny wins: any granting role's deny pattern refuses the call.
-        if let Some((r, p)) = self
-            .deny_index
-            .matches(tool, &candidate)
-            .into_iter()
-            .find(|(r, _)| granted[*r])
-        {
+        if let Some((r, p)) = self.deny_index.first_granted(tool, &candidate, granted) {
             let role = &self.roles[r];
             return Decision::deny(format!(
                 "role {}: deny_tools {:?}",
@@ -726,16 +725,14 @@ impl Policy {
             let granted = &grant.mask;
             let candidate = Candidate::new(name);
             return valid_tool_name(name)
-                && !self
+                && self
                     .deny_index
-                    .matches(name, &candidate)
-                    .iter()
-                    .any(|(r, _)| granted[*r])
+                    .first_granted(name, &candidate, granted)
+                    .is_none()
                 && self
                     .allow_index
-                    .matches(name, &candidate)
-                    .iter()
-                    .any(|(r, _)| granted[*r]);
+                    .first_granted(name, &candidate, granted)
+                    .is_some();
         }
         self.check_granted(grant, server, &call).allow
     }

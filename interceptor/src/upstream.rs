@@ -85,8 +85,6 @@ pub struct Upstream {
     /// One pool per worker slot ([`crate::workers::slot`]): a pooled connection is driven by
     /// the event loop that opened it, so requests only use their own worker's connections.
     plain: Pools,
-    /// Worker slots.
-    slots: usize,
     tls: Option<TlsUpstream>,
     /// The `inject_headers` credential files.
     credentials: CredentialFiles,
@@ -146,12 +144,8 @@ impl Upstream {
         let addrs: Arc<[SocketAddr]> = server.upstream_addrs.clone().into();
         let upstream: Arc<str> = server.upstream.clone().into();
         let tls = server.tls.as_ref().map(TlsUpstream::new).transpose()?;
-        let slots = slots.max(1);
         Ok(Self {
-            plain: (0..slots)
-                .map(|_| build(addrs.clone(), upstream.clone(), None))
-                .collect(),
-            slots,
+            plain: pools(slots, &addrs, &upstream, None),
             addrs,
             upstream,
             tls,
@@ -170,7 +164,7 @@ impl Upstream {
         ca: Option<&NodeCa>,
         workload_id: Option<&str>,
     ) -> Result<UpstreamClient, Error> {
-        let slot = crate::workers::slot() % self.slots;
+        let slot = crate::workers::slot() % self.plain.len();
         let Some(tls) = &self.tls else {
             return Ok(self.plain[slot].clone());
         };
@@ -195,15 +189,12 @@ impl Upstream {
         // opened with. (Session resumption is on by default in rustls; the workers' pools
         // share one configuration and so its session cache.)
         let connector = TlsConnector::from(Arc::new(config));
-        let pools: Pools = (0..self.slots)
-            .map(|_| {
-                build(
-                    self.addrs.clone(),
-                    self.upstream.clone(),
-                    Some((connector.clone(), tls.server_name.clone())),
-                )
-            })
-            .collect();
+        let pools = pools(
+            self.plain.len(),
+            &self.addrs,
+            &self.upstream,
+            Some((&connector, &tls.server_name)),
+        );
         let client = pools[slot].clone();
         clients.insert(wid.to_owned(), (leaf, pools));
         Ok(client)
@@ -234,6 +225,24 @@ impl TlsUpstream {
             clients: Mutex::new(HashMap::new()),
         })
     }
+}
+
+/// One client per worker slot (at least one), sharing `tls` (and so its session cache).
+fn pools(
+    slots: usize,
+    addrs: &Arc<[SocketAddr]>,
+    upstream: &Arc<str>,
+    tls: Option<(&TlsConnector, &ServerName<'static>)>,
+) -> Pools {
+    (0..slots.max(1))
+        .map(|_| {
+            build(
+                addrs.clone(),
+                upstream.clone(),
+                tls.map(|(c, n)| (c.clone(), n.clone())),
+            )
+        })
+        .collect()
 }
 
 fn build(

@@ -218,22 +218,22 @@ async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
 
 /// Serves one redirected connection until the agent closes it.
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
-    let mut draining = conn.daemon.draining.subscribe();
-    let mut revoked = conn.revoked.subscribe();
-    let revoked_at_start = conn.revoked_reason().is_some();
+    let mut closers = Closers {
+        draining: conn.daemon.draining.subscribe(),
+        revoked: conn.revoked.subscribe(),
+        revoked_at_start: conn.revoked_reason().is_some(),
+    };
     // A client that never sends a byte does not hold a task forever either; draining and a
-    // revocation close an idle connection at once (one revoked before it was accepted is
-    // served, so its requests are answered with the revocation).
+    // revocation close an idle connection at once.
     let h2 = tokio::select! {
         found = tokio::time::timeout(HEADER_READ_TIMEOUT, speaks_h2(&stream)) => match found {
             Ok(Some(h2)) => h2,
             _ => return,
         },
-        _ = until_set(&mut draining) => return,
-        _ = until_revoked(&mut revoked), if !revoked_at_start => return,
+        _ = until_set(&mut closers.draining) => return,
+        _ = until_revoked(&mut closers.revoked), if !closers.revoked_at_start => return,
     };
     let io = TokioIo::new(framing::Watched::new(stream, conn.verdicts.clone()));
-    let conn_ref = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
@@ -242,7 +242,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder.max_concurrent_streams(MAX_H2_STREAMS);
         let connection = builder.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), &conn_ref, draining).await;
+        drive(connection, |c| c.graceful_shutdown(), closers).await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -253,33 +253,34 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
         let connection = builder.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), &conn_ref, draining).await;
+        drive(connection, |c| c.graceful_shutdown(), closers).await;
     }
 }
 
+/// What ends a connection early: SIGTERM (`draining`) and a revocation made after it was
+/// accepted (one revoked before is served, so every request gets an answer naming the
+/// revocation, then `Connection: close`, rather than a bare reset).
+struct Closers {
+    draining: tokio::sync::watch::Receiver<bool>,
+    revoked: tokio::sync::watch::Receiver<Option<String>>,
+    revoked_at_start: bool,
+}
+
 /// Runs a served connection to its end, shutting it down gracefully on SIGTERM or revocation.
-async fn drive<F, E>(
-    connection: F,
-    graceful_shutdown: impl Fn(Pin<&mut F>),
-    conn: &Conn,
-    mut draining: tokio::sync::watch::Receiver<bool>,
-) where
+async fn drive<F, E>(connection: F, graceful_shutdown: impl Fn(Pin<&mut F>), mut closers: Closers)
+where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut revoked = conn.revoked.subscribe();
-    // Revoked before the first request: serve it, so every request gets an answer naming the
-    // revocation (then `Connection: close`), rather than a bare reset.
-    let revoked_at_start = conn.revoked_reason().is_some();
     tokio::pin!(connection);
     let result = tokio::select! {
         r = connection.as_mut() => r,
-        _ = until_set(&mut draining) => {
+        _ = until_set(&mut closers.draining) => {
             // SIGTERM: finish what is in flight, then close (the daemon bounds the wait).
             graceful_shutdown(connection.as_mut());
             connection.as_mut().await
         }
-        _ = until_revoked(&mut revoked), if !revoked_at_start => {
+        _ = until_revoked(&mut closers.revoked), if !closers.revoked_at_start => {
             // In-flight requests answer with the revocation; then the connection closes.
             graceful_shutdown(connection.as_mut());
             match tokio::time::timeout(Duration::from_millis(500), connection.as_mut()).await {
@@ -1392,21 +1393,28 @@ mod tests {
 
     use super::*;
 
-    /// What `speaks_h2` says about a connection whose client sends `parts` (pausing between
-    /// them) and then closes.
-    async fn sniff(parts: &'static [&'static [u8]]) -> Option<bool> {
+    /// A loopback connection: (client end, server end).
+    async fn connected() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    /// What `speaks_h2` says about a connection whose client sends `parts` (pausing between
+    /// them) and then closes.
+    async fn sniff(parts: &'static [&'static [u8]]) -> Option<bool> {
+        let (mut c, server) = connected().await;
         let client = tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await.expect("connect");
             for part in parts {
-                s.write_all(part).await.expect("write");
+                c.write_all(part).await.expect("write");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
-        let (server, _) = listener.accept().await.expect("accept");
         let found = speaks_h2(&server).await;
         client.await.expect("client");
         found
@@ -1462,13 +1470,8 @@ mod tests {
         assert_eq!(sniff(&[b"GET / HTTP/1.0\r\n\r\n"]).await, Some(false));
         assert_eq!(sniff(&[]).await, None);
         // Nothing is consumed: the bytes are still there for hyper.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut c = TcpStream::connect(addr).await.expect("connect");
+        let (mut c, server) = connected().await;
         c.write_all(b"POST /mcp HTTP/1.1\r\n").await.expect("write");
-        let (server, _) = listener.accept().await.expect("accept");
         assert_eq!(speaks_h2(&server).await, Some(false));
         let mut buf = [0u8; 20];
         let n = server.try_read(&mut buf).expect("read");
