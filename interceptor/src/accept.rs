@@ -148,7 +148,9 @@ async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>, netns_cookie: u
     }
 }
 
-/// One agent connection through the pipeline.
+/// One agent connection through the pipeline. The work before and after serving is done by
+/// synchronous functions: their locals (kernel record, identity, log fields) would otherwise
+/// take room in this future for as long as the connection stays open.
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -156,12 +158,29 @@ async fn serve(
     id: u64,
     netns_cookie: u64,
 ) {
+    let Some(conn) = open(&stream, peer, &daemon, id, netns_cookie) else {
+        return;
+    };
+    let started = Instant::now();
+    crate::mcp::serve(stream, conn.clone()).await;
+    close(&conn, id, started);
+}
+
+/// Finds the kernel record of an accepted connection and builds its identity; registers the
+/// connection as live. `None` (with the reason logged): close it unserved.
+fn open(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    daemon: &Arc<Daemon>,
+    id: u64,
+    netns_cookie: u64,
+) -> Option<Arc<crate::mcp::Conn>> {
     let counters = &daemon.counters;
     let local_port = match stream.local_addr() {
         Ok(a) => a.port(),
         Err(e) => {
             warn!(error = %e, "accepted socket has no local address; closing");
-            return;
+            return None;
         }
     };
     let key = TupleKey {
@@ -177,7 +196,7 @@ async fn serve(
             "no kernel record for this connection; closing it. Only connections the kernel \
              redirected are served (a direct connection to the proxy port has no identity)"
         );
-        return;
+        return None;
     };
     let identity = Identity::from_record(
         &record,
@@ -189,7 +208,7 @@ async fn serve(
             server.id = record.server_id,
             "record names an unknown server; closing"
         );
-        return;
+        return None;
     };
     info!(
         client.pid = identity.pid,
@@ -210,7 +229,6 @@ async fn serve(
         server.upstream = %server.upstream,
         "connection redirected"
     );
-    let started = Instant::now();
     counters.active.fetch_add(1, Ordering::Relaxed);
     let server_id = record.server_id as usize;
     let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
@@ -230,16 +248,21 @@ async fn serve(
     }
     daemon.metrics.connections.inc();
     daemon.metrics.active_connections.inc();
-    crate::mcp::serve(stream, conn.clone()).await;
+    Some(conn)
+}
+
+/// Unregisters a connection that was served and records its close.
+fn close(conn: &crate::mcp::Conn, id: u64, started: Instant) {
+    let daemon = &conn.daemon;
     daemon.metrics.active_connections.dec();
     lock(&daemon.live).remove(&id);
-    counters.active.fetch_sub(1, Ordering::Relaxed);
+    daemon.counters.active.fetch_sub(1, Ordering::Relaxed);
     let duration_ms = started.elapsed().as_millis() as u64;
     let (up, down, requests) = conn.totals();
     daemon.audit.record_later(
         audit::Event::new("connection.close")
             .raw("identity", &conn.who)
-            .field("server", &server.name)
+            .field("server", conn.server_name())
             .field("duration_ms", &duration_ms)
             .field("bytes_up", &up)
             .field("bytes_down", &down)

@@ -88,7 +88,7 @@ pub struct Conn {
     requests: AtomicU64,
     /// Set (with the reason) when the identity is revoked: in-flight requests are answered
     /// with an error naming it and the connection closes.
-    revoked: tokio::sync::watch::Sender<Option<String>>,
+    revoked: Revocation,
     /// Tier 1 of the policy for this identity and server, resolved once per policy generation.
     grant: std::sync::Mutex<Option<(Arc<Policy>, Arc<Grant>)>>,
     /// The identity assertion for this connection's next request, signed while the previous
@@ -163,14 +163,36 @@ pub struct Pending {
 /// Pending requests by JSON-RPC id (as JSON text).
 pub type PendingMap = HashMap<String, Pending>;
 
-/// Resolves once the connection is revoked (never, if it is not).
-async fn until_revoked(rx: &mut tokio::sync::watch::Receiver<Option<String>>) {
-    loop {
-        if rx.borrow_and_update().is_some() {
-            return;
+/// A connection's revocation: set once, with its reason; whoever waits for it is woken. (A
+/// `watch` channel would do, at ~350 bytes more per connection.)
+#[derive(Default)]
+struct Revocation {
+    reason: std::sync::OnceLock<String>,
+    notify: tokio::sync::Notify,
+}
+
+impl Revocation {
+    /// Sets the reason and wakes the waiters; a later call changes nothing.
+    fn set(&self, reason: String) {
+        if self.reason.set(reason).is_ok() {
+            self.notify.notify_waiters();
         }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
+    }
+
+    fn reason(&self) -> Option<&str> {
+        self.reason.get().map(String::as_str)
+    }
+
+    /// Resolves once revoked (at once if it already is; never, if it never is).
+    async fn wait(&self) {
+        loop {
+            // Registered before the check: `notify_waiters` reaches a `Notified` from its
+            // creation on, so a revocation between the check and the await is not missed.
+            let notified = self.notify.notified();
+            if self.reason().is_some() {
+                return;
+            }
+            notified.await;
         }
     }
 }
@@ -220,8 +242,8 @@ async fn speaks_h2(stream: &TcpStream) -> Option<bool> {
 pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     let mut closers = Closers {
         draining: conn.daemon.draining.subscribe(),
-        revoked: conn.revoked.subscribe(),
         revoked_at_start: conn.revoked_reason().is_some(),
+        conn: conn.clone(),
     };
     // A client that never sends a byte does not hold a task forever either; draining and a
     // revocation close an idle connection at once.
@@ -231,29 +253,48 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
             _ => return,
         },
         _ = until_set(&mut closers.draining) => return,
-        _ = until_revoked(&mut closers.revoked), if !closers.revoked_at_start => return,
+        _ = closers.conn.revoked.wait(), if !closers.revoked_at_start => return,
     };
     let io = TokioIo::new(framing::Watched::new(stream, conn.verdicts.clone()));
+    // The request handler's future lives on the heap while a request is in flight: hyper
+    // reserves room for it for the connection's lifetime otherwise, ~3.5 KiB per idle
+    // connection.
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        Box::pin(async move { Ok::<_, Infallible>(conn.handle(req).await) })
     });
+    // The connections are built inside the awaited expressions, never held in a local: a
+    // moved-from local still takes room in this future's state.
     if h2 {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder.max_concurrent_streams(MAX_H2_STREAMS);
-        let connection = builder.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), closers).await;
+        // HTTP/2's connection state is large and rare; on the heap, HTTP/1 connections do not
+        // reserve room for it.
+        Box::pin(async move {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder.max_concurrent_streams(MAX_H2_STREAMS);
+            drive(
+                std::pin::pin!(builder.serve_connection(io, service)),
+                |c| c.graceful_shutdown(),
+                closers,
+            )
+            .await
+        })
+        .await;
     } else {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            // An agent that shuts down its write side after the request still gets the
-            // response.
-            .half_close(true)
-            // A client that trickles a request head forever does not hold a task forever.
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        let connection = builder.serve_connection(io, service);
-        drive(connection, |c| c.graceful_shutdown(), closers).await;
+        drive(
+            std::pin::pin!(
+                hyper::server::conn::http1::Builder::new()
+                    // An agent that shuts down its write side after the request still gets the
+                    // response.
+                    .half_close(true)
+                    // A client that trickles a request head forever does not hold a task forever.
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(io, service)
+            ),
+            |c| c.graceful_shutdown(),
+            closers,
+        )
+        .await;
     }
 }
 
@@ -262,17 +303,20 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
 /// revocation, then `Connection: close`, rather than a bare reset).
 struct Closers {
     draining: tokio::sync::watch::Receiver<bool>,
-    revoked: tokio::sync::watch::Receiver<Option<String>>,
+    /// The connection, for its revocation.
+    conn: Arc<Conn>,
     revoked_at_start: bool,
 }
 
 /// Runs a served connection to its end, shutting it down gracefully on SIGTERM or revocation.
-async fn drive<F, E>(connection: F, graceful_shutdown: impl Fn(Pin<&mut F>), mut closers: Closers)
-where
+async fn drive<F, E>(
+    mut connection: Pin<&mut F>,
+    graceful_shutdown: impl Fn(Pin<&mut F>),
+    mut closers: Closers,
+) where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(connection);
     let result = tokio::select! {
         r = connection.as_mut() => r,
         _ = until_set(&mut closers.draining) => {
@@ -280,7 +324,7 @@ where
             graceful_shutdown(connection.as_mut());
             connection.as_mut().await
         }
-        _ = until_revoked(&mut closers.revoked), if !closers.revoked_at_start => {
+        _ = closers.conn.revoked.wait(), if !closers.revoked_at_start => {
             // In-flight requests answer with the revocation; then the connection closes.
             graceful_shutdown(connection.as_mut());
             match tokio::time::timeout(Duration::from_millis(500), connection.as_mut()).await {
@@ -347,7 +391,7 @@ impl Conn {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             requests: AtomicU64::new(0),
-            revoked: tokio::sync::watch::Sender::new(None),
+            revoked: Revocation::default(),
             grant: std::sync::Mutex::new(None),
             presigner: Presigner::default(),
         }
@@ -428,18 +472,11 @@ impl Conn {
 
     /// Revokes this connection (idempotent).
     pub fn revoke(&self, reason: String) {
-        self.revoked.send_if_modified(|r| {
-            if r.is_none() {
-                *r = Some(reason);
-                true
-            } else {
-                false
-            }
-        });
+        self.revoked.set(reason);
     }
 
-    fn revoked_reason(&self) -> Option<String> {
-        self.revoked.borrow().clone()
+    fn revoked_reason(&self) -> Option<&str> {
+        self.revoked.reason()
     }
 
     /// The answer to a request of a revoked identity.
@@ -542,7 +579,7 @@ impl Conn {
         }
     }
 
-    fn server_name(&self) -> &str {
+    pub(crate) fn server_name(&self) -> &str {
         &self.daemon.config.servers[self.server_id].name
     }
 
@@ -672,7 +709,7 @@ impl Conn {
                 .iter()
                 .filter_map(|m| {
                     m.id()
-                        .map(|id| Self::revoked_error(&reason, Some(id.clone())))
+                        .map(|id| Self::revoked_error(reason, Some(id.clone())))
                 })
                 .collect();
             return closing(match (body.batch, errors.len()) {
@@ -1037,12 +1074,11 @@ impl Conn {
             // Streams (GET, subscriptions/listen) are long-lived: no next request to sign for.
             self.presign(roles);
         }
-        let mut revoked = self.revoked.subscribe();
         // Checked again after the audit write and before anything leaves; the revocation
         // branch is polled first.
         let result = tokio::select! {
             biased;
-            _ = until_revoked(&mut revoked) => {
+            _ = self.revoked.wait() => {
                 let reason = self.revoked_reason().unwrap_or_default();
                 let ids: Vec<Value> = pending
                     .keys()
@@ -1050,9 +1086,9 @@ impl Conn {
                     .collect();
                 self.audit_failed(pending, "revoked");
                 let body = match ids.len() {
-                    1 => Self::revoked_error(&reason, ids.into_iter().next()),
-                    0 => Self::revoked_error(&reason, None),
-                    _ => Value::Array(ids.into_iter().map(|id| Self::revoked_error(&reason, Some(id))).collect()),
+                    1 => Self::revoked_error(reason, ids.into_iter().next()),
+                    0 => Self::revoked_error(reason, None),
+                    _ => Value::Array(ids.into_iter().map(|id| Self::revoked_error(reason, Some(id))).collect()),
                 };
                 return json_response(StatusCode::FORBIDDEN, &body);
             }
@@ -1213,13 +1249,12 @@ impl Conn {
                     return None;
                 }
                 let listening = st.session.is_some() || st.stream_id.is_some();
-                let mut revoked = st.conn.revoked.subscribe();
                 tokio::select! {
-                    _ = until_revoked(&mut revoked) => {
+                    _ = st.conn.revoked.wait() => {
                         let reason = st.conn.revoked_reason().unwrap_or_default();
                         for id in st.pending.keys() {
                             let id = serde_json::from_str(id).ok();
-                            let e = Conn::revoked_error(&reason, id);
+                            let e = Conn::revoked_error(reason, id);
                             st.queue.push_back(sse::Event::message(&e.to_string()));
                         }
                         let pending = std::mem::take(&mut st.pending);
@@ -1392,6 +1427,28 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_revocation_wakes_its_waiters_once_with_the_first_reason() {
+        let r = Arc::new(Revocation::default());
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "no revocation yet");
+        r.set("first".into());
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter is woken")
+            .expect("waiter");
+        r.set("second".into());
+        assert_eq!(r.reason(), Some("first"));
+        // Already revoked: resolves at once.
+        tokio::time::timeout(Duration::from_secs(5), r.wait())
+            .await
+            .expect("resolves at once");
+    }
 
     /// A loopback connection: (client end, server end).
     async fn connected() -> (TcpStream, TcpStream) {
