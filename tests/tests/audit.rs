@@ -244,6 +244,12 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
         &[r#"search={"query":"before"}"#],
     );
     assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    // fsync mode: the call waited for an fdatasync, which status counts and times.
+    let status = w.env.status();
+    assert!(
+        status["audit"]["syncs"].as_u64().unwrap_or(0) >= 1 && status["audit"]["sync_us"].is_u64(),
+        "{status}"
+    );
 
     // Fill the filesystem.
     let filler = mount.join("filler");

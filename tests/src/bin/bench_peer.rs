@@ -14,6 +14,9 @@
 //!   client certificate issued by CLIENT_CA (the node CA).
 //! - `bench-peer relay LISTEN TARGET`: a byte relay (no parsing at all): the cost of any extra
 //!   hop on this machine, for reference.
+//! - `bench-peer hook-stats BPFFS_DIR`: run count and total run time (ns) of the programs
+//!   attached by the links pinned under `BPFFS_DIR/links` (the kernel counts them while
+//!   `kernel.bpf_stats_enabled` is 1).
 //! - `bench-peer fresh URL COUNT`: COUNT times: a new connection and its first request; latency
 //!   percentiles of connect + first response.
 
@@ -238,6 +241,25 @@ async fn client(url: &str, requests: u64, concurrency: u64) -> Value {
     })
 }
 
+fn hook_stats(bpffs: &str) -> Value {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let links = std::path::Path::new(bpffs).join("links");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&links).expect("links folder") {
+        let path = entry.expect("link pin").path();
+        let link = FdLink::from(PinnedLink::from_pin(&path).expect("pinned link"));
+        ids.push(link.info().expect("link info").program_id());
+    }
+    let (mut run_ns, mut runs) = (0u64, 0u64);
+    for info in aya::programs::loaded_programs().flatten() {
+        if ids.contains(&info.id()) {
+            run_ns += info.run_time().as_nanos() as u64;
+            runs += info.run_count();
+        }
+    }
+    json!({"programs": ids.len(), "run_ns": run_ns, "runs": runs})
+}
+
 fn connect_loop(addr: &str, count: u64) -> Value {
     let addr: SocketAddr = addr.parse().expect("addr");
     let started = Instant::now();
@@ -336,6 +358,7 @@ async fn main() {
         }
         "client" => client(&arg(1), num(2), num(3)).await,
         "connect" => connect_loop(&arg(1), num(2)),
+        "hook-stats" => hook_stats(&arg(1)),
         "hold" => hold(&arg(1), num(2), num(3)).await,
         "audit" => audit_bench(&arg(1), &arg(2), num(3), num(4)).await,
         "pki" => pki(&arg(1)),
