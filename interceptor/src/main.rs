@@ -15,7 +15,7 @@ use interceptor::{
 };
 use serde_json::Value;
 
-/// The daemon's allocator. With glibc's, each idle agent connection kept ~3 KiB more resident:
+/// The daemon's allocator. With glibc's, each idle agent connection kept ~4 KiB more resident:
 /// its buffers sit between allocator headers that touch their pages, while jemalloc packs
 /// same-size buffers page-aligned, so their untouched pages stay off RSS (benchmarks.md).
 #[global_allocator]

@@ -398,11 +398,15 @@ pub fn run(root: &Path, bin: &Path, peer: &Path, plan: Plan) -> Result<()> {
             if mode == "write" {
                 variants.push(("relay", direct.as_path(), relay_url.as_str()));
             }
-            let before = audit_syncs(bin, &config)?;
+            // fsync mode: the fdatasync these requests waited for, as the daemon timed it (a
+            // lone small append may sync slower than the audit benchmark's batches).
+            let before = if mode == "fsync" {
+                Some(audit_syncs(bin, &config)?)
+            } else {
+                None
+            };
             let mut r = compare(&plan, peer, &variants, &[&n.to_string(), &conc.to_string()])?;
-            if mode == "fsync" {
-                // The fdatasync these requests waited for, as the daemon timed it: a lone small
-                // append syncs slower than the audit benchmark's batches.
+            if let Some(before) = before {
                 let after = audit_syncs(bin, &config)?;
                 let syncs = after.0.saturating_sub(before.0);
                 r["daemon_fdatasync_us"] = json!(
