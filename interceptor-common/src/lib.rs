@@ -27,6 +27,10 @@ pub mod maps {
     pub const BLOCKS: &str = "ICPT_BLOCKS";
     /// Global switches the programs read, one [`crate::State`] at index 0.
     pub const STATE: &str = "ICPT_STATE";
+    /// When a process last changed, by slot `tgid % capacity::PROC_SLOTS`: `u64` boot-clock ns
+    /// of its last `exec` or task exit. Not pinned: it serves the running daemon's identity
+    /// cache, which starts empty, and lives as long as the daemon holds it.
+    pub const PROC_CHANGES: &str = "ICPT_PROC_CHANGES";
 
     /// Every map the daemon pins, for status and uninstall.
     pub const ALL: [&str; 8] = [TAGS, SERVERS, LISTENERS, SOCKS, CONNS, STATS, BLOCKS, STATE];
@@ -40,8 +44,19 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "getpeername6";
     pub const SOCK_OPS: &str = "sock_ops";
 
-    /// Every program the daemon attaches.
+    /// Every program the daemon attaches to the cgroup (links pinned).
     pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS];
+
+    /// Raw tracepoint `sched_process_exec`: bumps [`crate::maps::PROC_CHANGES`].
+    pub const PROC_EXEC: &str = "proc_exec";
+    /// Raw tracepoint `sched_process_exit`: bumps [`crate::maps::PROC_CHANGES`].
+    pub const PROC_EXIT: &str = "proc_exit";
+    /// The raw tracepoint programs, attached while the daemon runs (not pinned), with the
+    /// tracepoint each one serves (raw tracepoints need no tracefs).
+    pub const TRACEPOINTS: [(&str, &str); 2] = [
+        (PROC_EXEC, "sched_process_exec"),
+        (PROC_EXIT, "sched_process_exit"),
+    ];
 }
 
 /// Map capacities. The record maps are LRU so that records nobody consumes (a client that
@@ -53,6 +68,9 @@ pub mod capacity {
     pub const SOCKS: u32 = 65536;
     pub const CONNS: u32 = 65536;
     pub const BLOCKS: u32 = 4096;
+    /// Slots of [`crate::maps::PROC_CHANGES`] (512 KiB). Processes whose ids share a slot
+    /// invalidate each other's cached identity: a cache miss, never a stale hit.
+    pub const PROC_SLOTS: u32 = 65536;
 }
 
 /// Indexes into the per-CPU counter array.

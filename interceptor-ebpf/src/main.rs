@@ -7,10 +7,17 @@
 //! - `sock_ops`: when the redirected socket starts its handshake, publish the record under the
 //!   connection tuple the proxy will see from `accept()`.
 //! - `getpeername4`/`getpeername6`: give the agent back the address it dialed.
+//! - `proc_exec`/`proc_exit` (raw tracepoints `sched_process_exec`/`sched_process_exit`): count
+//!   each process's changes of image and of tasks, so the daemon knows when what it read from
+//!   `/proc` about a process may be out of date.
 //!
 //! All decisions come from maps the daemon fills; see `interceptor-common` for their layout.
 #![no_std]
 #![no_main]
+// The bpf target has no atomic read-modify-write in `core::sync::atomic`; the intrinsic lowers
+// to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use core::ptr::read_volatile;
 
@@ -27,9 +34,9 @@ use aya_ebpf::{
             bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_set_retval,
         },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, map, raw_tracepoint, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{RawTracePointContext, SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
     AF_INET, AF_INET6, Addr, BlockKey, BlockValue, ConnRecord, Listener, MAX_CGROUP_DEPTH,
@@ -59,6 +66,9 @@ static BLOCKS: HashMap<BlockKey, BlockValue> = HashMap::pinned(capacity::BLOCKS,
 
 #[map(name = "ICPT_STATE")]
 static STATE: Array<State> = Array::pinned(1, 0);
+
+#[map(name = "ICPT_PROC_CHANGES")]
+static PROC_CHANGES: Array<u64> = Array::with_max_entries(capacity::PROC_SLOTS, 0);
 
 /// Return value of a cgroup sock_addr program that lets the call proceed.
 const PROCEED: i32 = 1;
@@ -104,6 +114,37 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     try_sock_ops(&ctx);
     // sock_ops return values are ignored for the callbacks we use.
     0
+}
+
+/// An `exec` replaced the calling process's image (its executable, hence its identity).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn proc_exec(_ctx: RawTracePointContext) -> i32 {
+    process_changed();
+    0
+}
+
+/// A task exited. Any exit counts, not only the thread-group leader's: the leader may end
+/// before its other threads, and only the last exit frees the process id for reuse.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn proc_exit(_ctx: RawTracePointContext) -> i32 {
+    process_changed();
+    0
+}
+
+/// Bumps the change counter of the calling process's slot.
+#[inline(always)]
+fn process_changed() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if let Some(slot) = PROC_CHANGES.get_ptr_mut(tgid % capacity::PROC_SLOTS) {
+        // SAFETY: an aligned u64 inside the map's value area, which other CPUs update only
+        // atomically too. Atomic so that no concurrent bump is lost: a lost one could bring
+        // the counter back to a value the daemon has seen.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, 1,
+            )
+        };
+    }
 }
 
 #[inline(always)]

@@ -198,10 +198,12 @@ fn open(
         );
         return None;
     };
-    let identity = Identity::from_record(
+    let identity = Identity::from_record_cached(
         &record,
         std::path::Path::new("/proc"),
         &daemon.config.naming,
+        &daemon.proc_cache,
+        |tgid| daemon.kernel.process_changes(tgid),
     );
     let Some(server) = daemon.config.server(record.server_id) else {
         warn!(

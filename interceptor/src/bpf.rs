@@ -12,7 +12,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -55,6 +55,9 @@ pub enum Error {
         name: &'static str,
         error: Box<ProgramError>,
     },
+    /// A link's kernel details could not be read.
+    #[error("program {name}: link: {message}")]
+    Link { name: &'static str, message: String },
     /// A link could not be pinned.
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
@@ -86,11 +89,25 @@ pub struct Attachment {
     pub adopted: bool,
 }
 
+/// A raw tracepoint program attached for as long as the daemon runs, as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tracepoint {
+    pub program: &'static str,
+    pub tracepoint: &'static str,
+    pub link_id: u32,
+    pub program_id: u32,
+}
+
 /// The loaded kernel side: links held open, maps ready for use.
 pub struct Kernel {
     pub attachments: Vec<Attachment>,
+    /// The process-change tracepoints; empty when they could not be attached (the identity
+    /// cache is then off and every connection reads `/proc`).
+    pub tracepoints: Vec<Tracepoint>,
     // Holding the links keeps them alive even if someone removes the pins meanwhile.
     _links: Vec<FdLink>,
+    /// Per-slot change counters of processes, bumped by the tracepoints; `None` without them.
+    proc_changes: Option<Array<MapData, u64>>,
     pub tags: Mutex<HashMap<MapData, u64, TagValue>>,
     pub servers: Mutex<HashMap<MapData, interceptor_common::Addr, ServerValue>>,
     pub listeners: Mutex<HashMap<MapData, u64, Listener>>,
@@ -152,6 +169,7 @@ impl Kernel {
             links.push(link);
         }
 
+        let tracepoints = attach_tracepoints(&mut ebpf, &mut links);
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(Error::Map {
                 name,
@@ -167,9 +185,28 @@ impl Kernel {
         let stats_map = take(names::STATS)?;
         let blocks = take(names::BLOCKS)?;
         let state = take(names::STATE)?;
+        let (tracepoints, proc_changes) = match tracepoints {
+            Ok(tracepoints) => (
+                tracepoints,
+                take(names::PROC_CHANGES)
+                    .and_then(|m| Array::try_from(m).map_err(map_err(names::PROC_CHANGES)))
+                    .map_err(|e| warn!(error = %e, "identity cache off: no process-change map"))
+                    .ok(),
+            ),
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "identity cache off: the process-change tracepoints could not be attached; \
+                     every connection reads /proc"
+                );
+                (Vec::new(), None)
+            }
+        };
         Ok(Self {
             attachments,
+            tracepoints,
             _links: links,
+            proc_changes,
             tags: Mutex::new(HashMap::try_from(tags).map_err(map_err(names::TAGS))?),
             servers: Mutex::new(HashMap::try_from(servers).map_err(map_err(names::SERVERS))?),
             listeners: Mutex::new(HashMap::try_from(listeners).map_err(map_err(names::LISTENERS))?),
@@ -221,6 +258,15 @@ impl Kernel {
                 capacity::BLOCKS,
             ),
         ]
+    }
+
+    /// The change counter of the slot of process `tgid`: it moves whenever a process in that
+    /// slot execs or one of its tasks exits. `None` when the tracepoints are not attached or
+    /// the read failed: nothing about the process may then be taken from a cache.
+    pub fn process_changes(&self, tgid: u32) -> Option<u64> {
+        let map = self.proc_changes.as_ref()?;
+        map.get(&(tgid % interceptor_common::capacity::PROC_SLOTS), 0)
+            .ok()
     }
 
     /// Takes (reads and removes) the record of the connection `key`.
@@ -299,6 +345,38 @@ fn attach(
     })?;
     info!(program = name, pin = %pin.display(), "attached and pinned");
     Ok(FdLink::from(pinned))
+}
+
+/// Loads and attaches the process-change tracepoints; their links live in `links` (not pinned:
+/// they serve this daemon's cache and go with it).
+fn attach_tracepoints(ebpf: &mut Ebpf, links: &mut Vec<FdLink>) -> Result<Vec<Tracepoint>, Error> {
+    let mut attached = Vec::new();
+    for (name, tracepoint) in programs::TRACEPOINTS {
+        let prog_err = |e: ProgramError| Error::Program {
+            name,
+            error: Box::new(e),
+        };
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| prog_err(ProgramError::UnexpectedProgramType))?
+            .try_into()
+            .map_err(prog_err)?;
+        program.load().map_err(prog_err)?;
+        let id = program.attach(tracepoint).map_err(prog_err)?;
+        let link = FdLink::from(program.take_link(id).map_err(prog_err)?);
+        let info = link.info().map_err(|e| Error::Link {
+            name,
+            message: e.to_string(),
+        })?;
+        attached.push(Tracepoint {
+            program: name,
+            tracepoint,
+            link_id: info.id(),
+            program_id: info.program_id(),
+        });
+        links.push(link);
+    }
+    Ok(attached)
 }
 
 /// Makes sure `dir` is on bpffs, mounting bpffs at /sys/fs/bpf when that is where it belongs.

@@ -124,6 +124,8 @@ pub struct Daemon {
     pub live: std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::mcp::Conn>>>,
     /// The threads agent connections are served on.
     pub workers: crate::workers::Workers,
+    /// What `/proc` said about agent processes, while the kernel reports no change to them.
+    pub proc_cache: crate::identity::ProcCache,
     started: Instant,
 }
 
@@ -597,6 +599,11 @@ impl Daemon {
             })))
             .collect::<Vec<_>>(),
             "programs": self.kernel.attachments,
+            "tracepoints": self.kernel.tracepoints,
+            "identity_cache": {
+                "enabled": !self.kernel.tracepoints.is_empty(),
+                "stats": self.proc_cache.stats(),
+            },
             "tags": self.tags(),
             "revocations": self.revocations(),
             "maps": self.kernel.map_fill().into_iter().map(|(name, used, cap)| json!({
@@ -751,6 +758,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         kernel,
         hierarchy,
         counters: Counters::default(),
+        proc_cache: crate::identity::ProcCache::default(),
         started: Instant::now(),
         config,
     });

@@ -3,7 +3,17 @@
 //! everything beyond pid/uid/gid/comm/cgroup id is read here, and checked against the record so a
 //! reused pid is reported rather than trusted.
 
-use std::{fmt, net::SocketAddr, path::Path};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use interceptor_common::ConnRecord;
 use serde::Serialize;
@@ -66,33 +76,169 @@ pub struct Identity {
     pub workload_id: Option<String>,
 }
 
-impl Identity {
-    /// Builds the identity for `record`, reading `/proc` under `proc_root` (normally `/proc`).
-    pub fn from_record(record: &ConnRecord, proc_root: &Path, naming: &Naming) -> Self {
-        let pid = record.tgid;
-        let dir = proc_root.join(pid.to_string());
+/// What `/proc/<pid>` says about a process.
+#[derive(Debug, Clone, Default)]
+struct ProcFacts {
+    /// Start time, ns since boot; `None`: the process is gone.
+    start_time_ns: Option<u64>,
+    exe: Option<String>,
+    cgroup: Option<String>,
+}
+
+impl ProcFacts {
+    /// Reads them; exe and cgroup only from a process that started before `connect_boot_ns`
+    /// (otherwise it is not the caller).
+    fn read(dir: &Path, connect_boot_ns: u64) -> Self {
         let start_time_ns = std::fs::read_to_string(dir.join("stat"))
             .ok()
             .and_then(|stat| start_time_ticks(&stat))
             .map(ticks_to_ns);
-        let liveness = match start_time_ns {
-            None => Liveness::Exited,
-            // One tick of slack: start times are only tick-precise.
-            Some(start) if start > record.connect_boot_ns + ticks_to_ns(1) => Liveness::PidReused,
-            Some(_) => Liveness::Alive,
+        let mut facts = Self {
+            start_time_ns,
+            ..Self::default()
         };
+        if liveness(start_time_ns, connect_boot_ns) == Liveness::Alive {
+            facts.exe = std::fs::read_link(dir.join("exe"))
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned());
+            facts.cgroup = std::fs::read_to_string(dir.join("cgroup"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("0::").map(|p| p.trim_end().to_owned()))
+                });
+        }
+        facts
+    }
+}
+
+/// Whether a process that started at `start_time_ns` can have connected at `connect_boot_ns`.
+fn liveness(start_time_ns: Option<u64>, connect_boot_ns: u64) -> Liveness {
+    match start_time_ns {
+        None => Liveness::Exited,
+        // One tick of slack: start times are only tick-precise.
+        Some(start) if start > connect_boot_ns + ticks_to_ns(1) => Liveness::PidReused,
+        Some(_) => Liveness::Alive,
+    }
+}
+
+/// How long a cached reading of `/proc` is used at most, even with no change reported: bounds
+/// how long a renamed cgroup keeps its old path in identities.
+const CACHE_TTL: Duration = Duration::from_secs(10);
+/// Processes kept; beyond that, expired readings are dropped, or all of them.
+const CACHE_CAPACITY: usize = 16_384;
+
+/// Readings of `/proc` by (process id, cgroup id), each kept with the kernel's change counter
+/// of its process slot as it was *before* the reading. A reading is used only while that
+/// counter has not moved: the `proc_exec`/`proc_exit` tracepoints bump it when a process of the
+/// slot execs (new executable) or one of its tasks exits (a process id is reused only after
+/// its last task exits). A process that moves to another cgroup has another key.
+#[derive(Default)]
+pub struct ProcCache {
+    entries: Mutex<HashMap<(u32, u64), Cached>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+struct Cached {
+    changes: u64,
+    read_at: Instant,
+    facts: ProcFacts,
+}
+
+/// Use counts of a [`ProcCache`], for status.
+#[derive(Debug, Serialize)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub entries: usize,
+}
+
+impl ProcCache {
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            entries: self.entries.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        }
+    }
+
+    /// The facts about the process behind `record`: cached while `changes` (the kernel's
+    /// counter for the process's slot, `None` when unknown) stays put, read otherwise.
+    fn facts(
+        &self,
+        record: &ConnRecord,
+        proc_root: &Path,
+        changes: impl Fn(u32) -> Option<u64>,
+    ) -> ProcFacts {
+        let dir = proc_root.join(record.tgid.to_string());
+        // Read before /proc: a change during the reading moves it past what is stored.
+        let Some(before) = changes(record.tgid) else {
+            return ProcFacts::read(&dir, record.connect_boot_ns);
+        };
+        let key = (record.tgid, record.cgroup_id);
+        {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = entries.get(&key)
+                && c.changes == before
+                && c.read_at.elapsed() < CACHE_TTL
+            {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return c.facts.clone();
+            }
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let facts = ProcFacts::read(&dir, record.connect_boot_ns);
+        // Only a complete reading of a live process is worth keeping.
+        if facts.exe.is_some() && facts.cgroup.is_some() {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= CACHE_CAPACITY {
+                entries.retain(|_, c| c.read_at.elapsed() < CACHE_TTL);
+                if entries.len() >= CACHE_CAPACITY {
+                    entries.clear();
+                }
+            }
+            entries.insert(
+                key,
+                Cached {
+                    changes: before,
+                    read_at: Instant::now(),
+                    facts: facts.clone(),
+                },
+            );
+        }
+        facts
+    }
+}
+
+impl Identity {
+    /// Builds the identity for `record`, reading `/proc` under `proc_root` (normally `/proc`).
+    pub fn from_record(record: &ConnRecord, proc_root: &Path, naming: &Naming) -> Self {
+        let facts = ProcFacts::read(
+            &proc_root.join(record.tgid.to_string()),
+            record.connect_boot_ns,
+        );
+        Self::build(record, facts, naming)
+    }
+
+    /// Like [`Identity::from_record`], through `cache` (see [`ProcCache`]); `changes` reads the
+    /// kernel's change counter of a process's slot.
+    pub fn from_record_cached(
+        record: &ConnRecord,
+        proc_root: &Path,
+        naming: &Naming,
+        cache: &ProcCache,
+        changes: impl Fn(u32) -> Option<u64>,
+    ) -> Self {
+        let facts = cache.facts(record, proc_root, changes);
+        Self::build(record, facts, naming)
+    }
+
+    fn build(record: &ConnRecord, facts: ProcFacts, naming: &Naming) -> Self {
+        let liveness = liveness(facts.start_time_ns, record.connect_boot_ns);
+        // A cached reading is of the process alive now; the connect may predate it (pid reused).
         let (exe, cgroup) = if liveness == Liveness::Alive {
-            (
-                std::fs::read_link(dir.join("exe"))
-                    .ok()
-                    .map(|p| p.to_string_lossy().into_owned()),
-                std::fs::read_to_string(dir.join("cgroup"))
-                    .ok()
-                    .and_then(|t| {
-                        t.lines()
-                            .find_map(|l| l.strip_prefix("0::").map(|p| p.trim_end().to_owned()))
-                    }),
-            )
+            (facts.exe, facts.cgroup)
         } else {
             (None, None)
         };
@@ -117,7 +263,7 @@ impl Identity {
         Self {
             placement,
             workload_id,
-            pid,
+            pid: record.tgid,
             tid: record.pid,
             uid: record.uid,
             gid: record.gid,
@@ -125,7 +271,7 @@ impl Identity {
             cgroup_id: record.cgroup_id,
             cgroup,
             exe,
-            start_time_ns,
+            start_time_ns: facts.start_time_ns,
             liveness,
             netns_cookie: record.netns_cookie,
             original_dst: record.orig_dst.into(),
@@ -232,6 +378,70 @@ mod tests {
         let id = Identity::from_record(&record_for_self(0), Path::new("/proc"), &naming());
         assert_eq!(id.liveness, Liveness::PidReused);
         assert!(id.exe.is_none() && id.cgroup.is_none());
+    }
+
+    /// A fake `/proc/<tgid>` with start time tick 100, `exe` → `exe` and cgroup `cgroup`.
+    fn fake_proc(root: &Path, tgid: u32, exe: &str, cgroup: &str) {
+        let dir = root.join(tgid.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let stat = format!("{tgid} (agent) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 100 0 0");
+        std::fs::write(dir.join("stat"), stat).unwrap();
+        let _ = std::fs::remove_file(dir.join("exe"));
+        std::os::unix::fs::symlink(exe, dir.join("exe")).unwrap();
+        std::fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+    }
+
+    #[test]
+    fn the_cache_serves_a_process_until_the_kernel_reports_a_change() {
+        let root = tempfile::tempdir().unwrap();
+        let mut record = record_for_self(u64::MAX / 2);
+        record.tgid = 4242;
+        record.cgroup_id = 7;
+        fake_proc(root.path(), 4242, "/usr/bin/agent", "/agents/a");
+        let cache = ProcCache::default();
+        let id = |record: &ConnRecord, changes: Option<u64>| {
+            Identity::from_record_cached(record, root.path(), &naming(), &cache, |tgid| {
+                assert_eq!(tgid, 4242);
+                changes
+            })
+        };
+        assert_eq!(id(&record, Some(3)).exe.as_deref(), Some("/usr/bin/agent"));
+        // The process execs: /proc says so at once, the cache until the counter moves.
+        fake_proc(root.path(), 4242, "/tmp/other", "/agents/a");
+        let cached = id(&record, Some(3));
+        assert_eq!(cached.exe.as_deref(), Some("/usr/bin/agent"));
+        assert_eq!(cached.cgroup.as_deref(), Some("/agents/a"));
+        assert_eq!(cached.liveness, Liveness::Alive);
+        assert_eq!(id(&record, Some(4)).exe.as_deref(), Some("/tmp/other"));
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.entries), (1, 2, 1));
+        // No counter (tracepoints missing, map unreadable): always read, never cached.
+        fake_proc(root.path(), 4242, "/usr/bin/third", "/agents/a");
+        assert_eq!(id(&record, None).exe.as_deref(), Some("/usr/bin/third"));
+        assert_eq!(cache.stats().hits, 1);
+        // Another cgroup id is another key.
+        let mut moved = record;
+        moved.cgroup_id = 8;
+        assert_eq!(id(&moved, Some(4)).exe.as_deref(), Some("/usr/bin/third"));
+        assert_eq!(cache.stats().entries, 2);
+    }
+
+    #[test]
+    fn a_cached_process_younger_than_the_connect_is_still_a_reused_pid() {
+        let root = tempfile::tempdir().unwrap();
+        let mut record = record_for_self(u64::MAX / 2);
+        record.tgid = 4243;
+        fake_proc(root.path(), 4243, "/usr/bin/agent", "/agents/a");
+        let cache = ProcCache::default();
+        let changes = |_| Some(1);
+        let id = Identity::from_record_cached(&record, root.path(), &naming(), &cache, changes);
+        assert_eq!(id.liveness, Liveness::Alive);
+        // A connect recorded before that process started (start tick 100) is not its own.
+        record.connect_boot_ns = 0;
+        let id = Identity::from_record_cached(&record, root.path(), &naming(), &cache, changes);
+        assert_eq!(id.liveness, Liveness::PidReused);
+        assert!(id.exe.is_none() && id.cgroup.is_none() && id.workload_id.is_none());
+        assert_eq!(cache.stats().hits, 1);
     }
 
     #[test]

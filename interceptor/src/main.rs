@@ -784,6 +784,26 @@ fn print_status(s: &Value) {
             }
         );
     }
+    for t in s["tracepoints"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<13} link {} prog {} ({})",
+            str_of(&t["program"]),
+            t["link_id"],
+            t["program_id"],
+            str_of(&t["tracepoint"])
+        );
+    }
+    let cache = &s["identity_cache"];
+    if cache["enabled"] == Value::Bool(true) {
+        println!(
+            "identity cache: {} hits, {} misses, {} processes",
+            cache["stats"]["hits"], cache["stats"]["misses"], cache["stats"]["entries"]
+        );
+    } else {
+        println!(
+            "identity cache: off (no process-change tracepoints; every connection reads /proc)"
+        );
+    }
     println!("tags:");
     let tags = s["tags"].as_array().cloned().unwrap_or_default();
     if tags.is_empty() {

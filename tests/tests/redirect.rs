@@ -311,3 +311,80 @@ fn uninstall_detaches_and_removes_every_pin() {
     assert!(r.expect_reply().starts_with("direct:"), "{r:?}");
     assert_eq!(w.upstream.count(), 0);
 }
+
+#[test]
+fn identity_follows_exec_and_is_cached_until_the_process_changes() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("exec", &["agents"]);
+    w.env.start_daemon();
+    let status = w.env.status();
+    let tracepoints: Vec<&str> = status["tracepoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["tracepoint"].as_str())
+        .collect();
+    assert_eq!(
+        tracepoints,
+        ["sched_process_exec", "sched_process_exit"],
+        "{status}"
+    );
+    assert_eq!(status["identity_cache"]["enabled"], true, "{status}");
+
+    // One process: two connections as the probe, then it execs another executable (same pid)
+    // and makes two more. Each second connection may take its identity from the cache; the
+    // third must name the new executable.
+    let bin = tempfile::tempdir().expect("temp dir");
+    let other = bin.path().join("other-agent");
+    std::fs::copy(PROBE, &other).expect("copy the probe");
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let dialed = w.direct.addr.to_string();
+    let script = format!(
+        "echo $$ > '{}' && exec \"$@\"",
+        agents.join("cgroup.procs").display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script, "sh", PROBE, &dialed])
+        .env("PROBE_CONNECTIONS", "2")
+        .env("PROBE_THEN_EXEC", &other)
+        .output()
+        .expect("run the probe");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("probe output"))
+        .collect();
+    assert_eq!(lines.len(), 4, "{out:?}");
+    let pid = lines[0]["pid"].as_u64().expect("pid");
+    for l in &lines {
+        assert_eq!(l["pid"].as_u64(), Some(pid), "one process: {lines:?}");
+        assert!(
+            l["reply"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("upstream:")),
+            "{lines:?}"
+        );
+    }
+
+    let other = other.to_string_lossy().into_owned();
+    let exes = || -> Vec<String> {
+        w.env
+            .logs()
+            .iter()
+            .filter(|v| {
+                v["message"] == "connection redirected" && v["client.pid"].as_u64() == Some(pid)
+            })
+            .map(|v| v["client.exe"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while exes().len() < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let exes = exes();
+    assert_eq!(exes, [PROBE, PROBE, other.as_str(), other.as_str()]);
+    let cache = &w.env.status()["identity_cache"]["stats"];
+    assert!(cache["hits"].as_u64() >= Some(2), "{cache}");
+    assert!(cache["misses"].as_u64() >= Some(2), "{cache}");
+}

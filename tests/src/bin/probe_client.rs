@@ -7,8 +7,11 @@
 //! `PROBE_READ_TIMEOUT_MS` (default 5000): how long a read may wait; a stream that stays open
 //! longer ends the read there and what arrived is reported.
 //!
-//! Prints one JSON line with what happened: its pid, what `getpeername()` said, the response
-//! status and body, or the error.
+//! `PROBE_CONNECTIONS` (default 1): send the request that many times, each on a new connection.
+//! `PROBE_THEN_EXEC=PATH`: afterwards, become PATH (same pid) with the same arguments.
+//!
+//! Prints one JSON line per connection with what happened: its pid, what `getpeername()` said,
+//! the response status and body, or the error.
 
 use std::{
     io::{Read, Write},
@@ -36,6 +39,26 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let connections: usize = std::env::var("PROBE_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for _ in 0..connections {
+        probe(&addr, raw.clone());
+    }
+    if let Some(next) = std::env::var_os("PROBE_THEN_EXEC") {
+        use std::os::unix::process::CommandExt;
+        let e = std::process::Command::new(&next)
+            .args(std::env::args_os().skip(1))
+            .env_remove("PROBE_THEN_EXEC")
+            .exec();
+        eprintln!("cannot exec {}: {e}", next.to_string_lossy());
+        std::process::exit(2);
+    }
+}
+
+/// One connection: send the request, print what happened.
+fn probe(addr: &str, raw: Option<Vec<u8>>) {
     let pid = std::process::id();
     let result = (|| -> std::io::Result<(String, String)> {
         let target: SocketAddr = addr
