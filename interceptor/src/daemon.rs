@@ -126,6 +126,8 @@ pub struct Daemon {
     pub workers: crate::workers::Workers,
     /// What `/proc` said about agent processes, while the kernel reports no change to them.
     pub proc_cache: crate::identity::ProcCache,
+    /// Identity assertions signed ahead for workloads' next requests.
+    pub presigns: crate::mcp::WorkloadPresigns,
     started: Instant,
 }
 
@@ -759,6 +761,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         hierarchy,
         counters: Counters::default(),
         proc_cache: crate::identity::ProcCache::default(),
+        presigns: crate::mcp::WorkloadPresigns::default(),
         started: Instant::now(),
         config,
     });

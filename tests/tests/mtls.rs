@@ -211,7 +211,18 @@ cgroup = "{root}/**"
         server.log_text()
     );
 
+    // Agents that connect per call: several processes of one workload, one request each, in
+    // quick succession. From the second on, their assertions are signed ahead for the
+    // workload; each must still be its own (checked with all the others below).
+    let before_one_shot = seen(&seen_file).len();
+    for _ in 0..4 {
+        // A sessionless ping: the SDK server answers 400, which is fine here; what matters is
+        // that it was forwarded (counted below from what the upstream saw).
+        let r = interceptor_tests::run_client(PROBE, &env.dir(&readers), &intercept(p_ok));
+        assert!(r.status.is_some(), "{r:?}");
+    }
     let lines = seen(&seen_file);
+    assert_eq!(lines.len(), before_one_shot + 4);
     assert!(!lines.is_empty());
     let sans: HashSet<String> = lines
         .iter()

@@ -94,6 +94,8 @@ pub struct Conn {
     /// The identity assertion for this connection's next request, signed while the previous
     /// one waited for its upstream (see [`Conn::presign`]).
     presigner: Presigner,
+    /// Key of this connection's workload in [`WorkloadPresigns`]; `None` without assertions.
+    presign_key: Option<Arc<str>>,
 }
 
 /// An identity assertion signed ahead of the request that will carry it: its own `jti`, used
@@ -106,23 +108,20 @@ struct Presigned {
     token: String,
 }
 
-/// A connection's pre-signed assertion and the pace of its requests: at most one assertion
+/// A pre-signed assertion and the pace of the requests it is for: at most one assertion
 /// waits, and each is handed out once.
-#[derive(Default)]
-struct Presigner(std::sync::Mutex<PresignState>);
-
 #[derive(Default)]
 struct PresignState {
     waiting: Option<Presigned>,
-    /// When the connection's last request was forwarded.
+    /// When the last request was forwarded.
     last_forward: Option<Instant>,
 }
 
-impl Presigner {
+impl PresignState {
     /// The waiting assertion, if it names `roles` and was signed less than
     /// [`PRESIGNED_MAX_AGE`] before `now`. A waiting one is used up either way.
-    fn take(&self, roles: &[String], now: Instant) -> Option<String> {
-        let p = lock(&self.0).waiting.take()?;
+    fn take(&mut self, roles: &[String], now: Instant) -> Option<String> {
+        let p = self.waiting.take()?;
         (p.roles == roles && now.saturating_duration_since(p.at) < PRESIGNED_MAX_AGE)
             .then_some(p.token)
     }
@@ -130,16 +129,69 @@ impl Presigner {
     /// Whether to sign one for the next request, this one being forwarded at `now`: only if
     /// the previous request was forwarded less than [`PRESIGNED_MAX_AGE`] earlier (the next
     /// will likely come as soon) and none is waiting.
-    fn wanted(&self, now: Instant) -> bool {
-        let mut state = lock(&self.0);
-        let previous = state.last_forward.replace(now);
-        state.waiting.is_none()
+    fn wanted(&mut self, now: Instant) -> bool {
+        let previous = self.last_forward.replace(now);
+        self.waiting.is_none()
             && previous.is_some_and(|p| now.saturating_duration_since(p) < PRESIGNED_MAX_AGE)
+    }
+
+    /// Whether it serves nothing any more at `now`.
+    fn stale(&self, now: Instant) -> bool {
+        self.last_forward
+            .is_none_or(|t| now.saturating_duration_since(t) >= PRESIGNED_MAX_AGE)
+            && self
+                .waiting
+                .as_ref()
+                .is_none_or(|p| now.saturating_duration_since(p.at) >= PRESIGNED_MAX_AGE)
+    }
+}
+
+/// A connection's pre-signed assertion (for its own next request).
+#[derive(Default)]
+struct Presigner(std::sync::Mutex<PresignState>);
+
+impl Presigner {
+    fn take(&self, roles: &[String], now: Instant) -> Option<String> {
+        lock(&self.0).take(roles, now)
+    }
+
+    fn wanted(&self, now: Instant) -> bool {
+        lock(&self.0).wanted(now)
     }
 
     /// Keeps `p` for the next request (replacing any waiting one).
     fn offer(&self, p: Presigned) {
         lock(&self.0).waiting = Some(p);
+    }
+}
+
+/// Assertions pre-signed for a workload's next request on any connection (a new one, above
+/// all: agents that open a connection per call), by everything their claims share besides the
+/// roles (server, workload id, uid, exe, cgroup, container, pod; see [`Conn::presign_key`]).
+/// Paced like a connection's own, over all of the workload's requests that had none.
+#[derive(Default)]
+pub struct WorkloadPresigns(std::sync::Mutex<HashMap<Arc<str>, PresignState>>);
+
+/// Workloads tracked before those idle for [`PRESIGNED_MAX_AGE`] are dropped.
+const WORKLOAD_PRESIGNS: usize = 4096;
+
+impl WorkloadPresigns {
+    fn take(&self, key: &str, roles: &[String], now: Instant) -> Option<String> {
+        lock(&self.0).get_mut(key)?.take(roles, now)
+    }
+
+    fn wanted(&self, key: &Arc<str>, now: Instant) -> bool {
+        let mut map = lock(&self.0);
+        if map.len() >= WORKLOAD_PRESIGNS && !map.contains_key(key) {
+            map.retain(|_, state| !state.stale(now));
+        }
+        map.entry(key.clone()).or_default().wanted(now)
+    }
+
+    fn offer(&self, key: &str, p: Presigned) {
+        if let Some(state) = lock(&self.0).get_mut(key) {
+            state.waiting = Some(p);
+        }
     }
 }
 
@@ -384,8 +436,6 @@ impl Conn {
     pub fn new(daemon: Arc<Daemon>, identity: Identity, server_id: usize) -> Self {
         Self {
             who: identity.audit_json().to_string().into(),
-            daemon,
-            identity,
             server_id,
             verdicts: framing::Verdicts::default(),
             up: AtomicU64::new(0),
@@ -394,7 +444,26 @@ impl Conn {
             revoked: Revocation::default(),
             grant: std::sync::Mutex::new(None),
             presigner: Presigner::default(),
+            presign_key: Self::presign_key(&daemon, &identity, server_id),
+            daemon,
+            identity,
         }
+    }
+
+    /// Everything an assertion's claims take from the connection (all but `iat`, `exp`, `jti`
+    /// and the roles): connections with equal keys get identical assertions.
+    fn presign_key(daemon: &Daemon, identity: &Identity, server_id: usize) -> Option<Arc<str>> {
+        daemon.ca.as_ref()?;
+        let claims = json!([
+            server_id,
+            identity.workload_id.as_deref()?,
+            identity.uid,
+            identity.exe,
+            identity.cgroup,
+            identity.placement.container,
+            identity.placement.pod,
+        ]);
+        Some(claims.to_string().into())
     }
 
     /// The claims of an identity assertion for a request granted by `roles`.
@@ -417,30 +486,46 @@ impl Conn {
         })
     }
 
-    /// The identity assertion for a request granted by `roles`: the pre-signed one if it names
-    /// the same roles and is fresh, otherwise signed now (ES256 costs tens of µs).
+    /// The identity assertion for a request granted by `roles`: a pre-signed one (this
+    /// connection's, else its workload's) if it names the same roles and is fresh, otherwise
+    /// signed now (ES256 costs tens of µs).
     fn assertion(&self, ca: &crate::ca::NodeCa, workload_id: &str, roles: &[String]) -> String {
-        if let Some(token) = self.presigner.take(roles, Instant::now()) {
+        let now = Instant::now();
+        if let Some(token) = self.presigner.take(roles, now) {
+            return token;
+        }
+        if let Some(key) = &self.presign_key
+            && let Some(token) = self.daemon.presigns.take(key, roles, now)
+        {
             return token;
         }
         ca.sign(&self.assertion_claims(workload_id, roles))
     }
 
-    /// Signs the assertion for the connection's next request in a task of its own, which the
-    /// worker runs while this request waits for the upstream: at `concurrency 1` the signature
-    /// is then off the request path. Only when it will likely be used: the agent forwarded its
-    /// previous request less than [`PRESIGNED_MAX_AGE`] ago (a one-shot connection or an agent
-    /// that pauses between calls would only sign twice), no unused one is waiting (concurrent
-    /// HTTP/2 streams), and assertions live long enough ([`PRESIGN_MIN_TTL`]) for the age not
-    /// to matter.
+    /// Signs the assertion for the next request in a task of its own, which the worker runs
+    /// while this request waits for the upstream: at `concurrency 1` the signature is then off
+    /// the request path. Only when it will likely be used: for this connection, if the agent
+    /// forwarded its previous request on it less than [`PRESIGNED_MAX_AGE`] ago; otherwise for
+    /// the workload's next request on any connection, if the workload's previous request that
+    /// had none came as recently (agents that connect per call). Never while an unused one
+    /// waits (concurrent HTTP/2 streams), and only when assertions live long enough
+    /// ([`PRESIGN_MIN_TTL`]) for the age not to matter.
     fn presign(self: &Arc<Self>, roles: &[String]) {
         if self.daemon.ca.is_none()
             || self.identity.workload_id.is_none()
             || self.daemon.config.naming.assertion_ttl < PRESIGN_MIN_TTL
-            || !self.presigner.wanted(Instant::now())
         {
             return;
         }
+        let now = Instant::now();
+        let for_workload = if self.presigner.wanted(now) {
+            None
+        } else {
+            match &self.presign_key {
+                Some(key) if self.daemon.presigns.wanted(key, now) => Some(key.clone()),
+                _ => return,
+            }
+        };
         let conn = self.clone();
         let roles = roles.to_vec();
         tokio::spawn(async move {
@@ -452,7 +537,11 @@ impl Conn {
             };
             let at = Instant::now();
             let token = ca.sign(&conn.assertion_claims(wid, &roles));
-            conn.presigner.offer(Presigned { roles, at, token });
+            let p = Presigned { roles, at, token };
+            match for_workload {
+                None => conn.presigner.offer(p),
+                Some(key) => conn.daemon.presigns.offer(&key, p),
+            }
         });
     }
 
@@ -1510,6 +1599,54 @@ mod tests {
         // Too old: not used.
         offer(&p, t0, "c");
         assert_eq!(p.take(&roles, t0 + PRESIGNED_MAX_AGE), None);
+    }
+
+    #[test]
+    fn a_workload_presign_serves_its_next_request_on_any_connection_once() {
+        let roles = vec!["readers".to_owned()];
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let presigns = WorkloadPresigns::default();
+        let (a, b): (Arc<str>, Arc<str>) =
+            ("[0,\"spiffe://a\"]".into(), "[0,\"spiffe://b\"]".into());
+        let offer = |key: &str, token: &str| {
+            presigns.offer(
+                key,
+                Presigned {
+                    roles: roles.clone(),
+                    at: t0,
+                    token: token.to_owned(),
+                },
+            )
+        };
+        // A workload's first request pre-signs nothing; its next one within the second does.
+        assert!(!presigns.wanted(&a, t0));
+        assert!(presigns.wanted(&a, t0 + ms(5)));
+        offer(&a, "a1");
+        // Another workload neither sees it nor is paced by it.
+        assert_eq!(presigns.take(&b, &roles, t0 + ms(6)), None);
+        assert!(!presigns.wanted(&b, t0 + ms(6)));
+        // Not while one waits; then taken once, by whichever connection comes first.
+        assert!(!presigns.wanted(&a, t0 + ms(7)));
+        assert_eq!(presigns.take(&a, &roles, t0 + ms(8)), Some("a1".into()));
+        assert_eq!(presigns.take(&a, &roles, t0 + ms(9)), None);
+        // Other roles: not used, and used up.
+        offer(&a, "a2");
+        assert_eq!(
+            presigns.take(&a, &["writers".to_owned()], t0 + ms(10)),
+            None
+        );
+        assert_eq!(presigns.take(&a, &roles, t0 + ms(11)), None);
+        // An offer for a workload nobody tracks is dropped.
+        offer("[1]", "x");
+        assert_eq!(presigns.take("[1]", &roles, t0 + ms(12)), None);
+        // A full table drops the workloads idle for a second before tracking a new one.
+        for i in 0..WORKLOAD_PRESIGNS {
+            presigns.wanted(&Arc::from(format!("[{i}]")), t0);
+        }
+        let later = t0 + PRESIGNED_MAX_AGE * 2;
+        assert!(!presigns.wanted(&Arc::from("[new]"), later));
+        assert!(lock(&presigns.0).len() < 10, "idle workloads dropped");
     }
 
     #[tokio::test]
