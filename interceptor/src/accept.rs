@@ -163,13 +163,24 @@ impl Proxy {
 
 /// Accepts on one worker and serves each connection there.
 async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>, netns_cookie: u64) {
+    // Every accepted connection has the listener's port as its own (no getsockname each).
+    let local_port = match listener.local_addr() {
+        Ok(a) => a.port(),
+        Err(e) => {
+            warn!(error = %e, "a proxy listener has no local address; not accepting on it");
+            return;
+        }
+    };
+    let at = Local {
+        netns_cookie,
+        port: local_port,
+    };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
                 tokio::spawn(
-                    serve(stream, peer, daemon.clone(), id, netns_cookie)
-                        .instrument(info_span!("conn", id)),
+                    serve(stream, peer, daemon.clone(), id, at).instrument(info_span!("conn", id)),
                 );
             }
             Err(e) => {
@@ -181,17 +192,19 @@ async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>, netns_cookie: u
     }
 }
 
+/// Where a connection was accepted: the namespace's cookie and the listener's port, the proxy's
+/// half of the tuple the kernel published the record under.
+#[derive(Clone, Copy)]
+struct Local {
+    netns_cookie: u64,
+    port: u16,
+}
+
 /// One agent connection through the pipeline. The work before and after serving is done by
 /// synchronous functions: their locals (kernel record, identity, log fields) would otherwise
 /// take room in this future for as long as the connection stays open.
-async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    daemon: Arc<Daemon>,
-    id: u64,
-    netns_cookie: u64,
-) {
-    let Some(conn) = open(&stream, peer, &daemon, id, netns_cookie) else {
+async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64, at: Local) {
+    let Some(conn) = open(peer, &daemon, id, at) else {
         return;
     };
     let started = Instant::now();
@@ -202,24 +215,16 @@ async fn serve(
 /// Finds the kernel record of an accepted connection and builds its identity; registers the
 /// connection as live. `None` (with the reason logged): close it unserved.
 fn open(
-    stream: &TcpStream,
     peer: SocketAddr,
     daemon: &Arc<Daemon>,
     id: u64,
-    netns_cookie: u64,
+    at: Local,
 ) -> Option<Arc<crate::mcp::Conn>> {
     let counters = &daemon.counters;
-    let local_port = match stream.local_addr() {
-        Ok(a) => a.port(),
-        Err(e) => {
-            warn!(error = %e, "accepted socket has no local address; closing");
-            return None;
-        }
-    };
     let key = TupleKey {
-        netns_cookie,
+        netns_cookie: at.netns_cookie,
         client: Addr::from(peer),
-        proxy_port: local_port,
+        proxy_port: at.port,
         _pad: 0,
     };
     let Some(record) = daemon.kernel.take_conn(&key) else {
