@@ -27,9 +27,10 @@ pub mod maps {
     pub const BLOCKS: &str = "ICPT_BLOCKS";
     /// Global switches the programs read, one [`crate::State`] at index 0.
     pub const STATE: &str = "ICPT_STATE";
-    /// When a process last changed, by slot `tgid % capacity::PROC_SLOTS`: `u64` boot-clock ns
-    /// of its last `exec` or task exit. Not pinned: it serves the running daemon's identity
-    /// cache, which starts empty, and lives as long as the daemon holds it.
+    /// Change counters of processes, by slot `tgid % capacity::PROC_SLOTS`: a `u64` bumped on
+    /// every `exec` and every task exit of a process in the slot. Not pinned: it serves the
+    /// running daemon's identity cache, which starts empty, and lives as long as the daemon
+    /// holds it.
     pub const PROC_CHANGES: &str = "ICPT_PROC_CHANGES";
 
     /// Every map the daemon pins, for status and uninstall.

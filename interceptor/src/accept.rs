@@ -14,72 +14,40 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{audit, bpf::lock, daemon::Daemon, identity::Identity};
 
-/// The proxy's listening sockets in one network namespace: for each address, one socket per
-/// connection worker in one `SO_REUSEPORT` group, so each worker accepts its own share of the
-/// connections (the kernel spreads them by connection hash) and serves them on the thread that
-/// accepted them. Envoy and nginx (`reuseport`) listen the same way.
+/// The proxy's listening sockets in one network namespace.
 pub struct Proxy {
-    /// `copies` sockets on 127.0.0.1, then as many on [::1] if IPv6 is available.
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<TcpListener>,
     /// What the kernel needs to know to redirect here.
     pub entry: Listener,
     /// Cookie of the namespace the listeners live in (the kernel keys its records by it).
     pub netns_cookie: u64,
 }
 
-/// Binds `copies` listening sockets on `addr` in one `SO_REUSEPORT` group. A plain bind comes
-/// first and is released: it fails if anything holds the port, including another daemon's
-/// group (which a second group of the same user could otherwise join and split the
-/// connections with).
-fn bind_group(addr: SocketAddr, copies: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    use socket2::{Domain, Socket, Type};
-    let socket = || Socket::new(Domain::for_address(addr), Type::STREAM, None);
-    {
-        let probe = socket()?;
-        if addr.is_ipv6() {
-            probe.set_only_v6(true)?;
-        }
-        // As std's listeners do: connections of an earlier run in TIME_WAIT do not block.
-        probe.set_reuse_address(true)?;
-        probe.bind(&addr.into())?;
-    }
-    (0..copies.max(1))
-        .map(|_| {
-            let s = socket()?;
-            if addr.is_ipv6() {
-                s.set_only_v6(true)?;
-            }
-            s.set_reuse_address(true)?;
-            s.set_reuse_port(true)?;
-            s.set_nonblocking(true)?;
-            s.bind(&addr.into())?;
-            s.listen(1024)?;
-            Ok(s.into())
-        })
-        .collect()
-}
-
-/// Binds `127.0.0.1:port` and, where IPv6 is available, `[::1]:port`, `copies` sockets each,
-/// in the calling thread's network namespace.
-fn bind_std(port: u16, copies: usize) -> io::Result<(Vec<std::net::TcpListener>, Listener)> {
-    let mut listeners =
-        bind_group(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), copies).map_err(|e| {
+/// Binds `127.0.0.1:port` and, where IPv6 is available, `[::1]:port`, in the calling thread's
+/// network namespace.
+fn bind_std(port: u16) -> io::Result<(Vec<std::net::TcpListener>, Listener)> {
+    let v4 = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).map_err(
+        |e| {
             io::Error::new(
                 e.kind(),
                 format!(
                     "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or is the \
-                     port taken? (daemon.listen_port)"
+                 port taken? (daemon.listen_port)"
                 ),
             )
-        })?;
+        },
+    )?;
+    v4.set_nonblocking(true)?;
     let mut entry = Listener {
         port4: port,
         ..Default::default()
     };
-    match bind_group(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), copies) {
+    let mut listeners = vec![v4];
+    match std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
         Ok(v6) => {
+            v6.set_nonblocking(true)?;
             entry.port6 = port;
-            listeners.extend(v6);
+            listeners.push(v6);
         }
         // No IPv6 here: the kernel refuses IPv6 MCP connections rather than letting them go
         // direct (port6 = 0).
@@ -91,16 +59,15 @@ fn bind_std(port: u16, copies: usize) -> io::Result<(Vec<std::net::TcpListener>,
 }
 
 impl Proxy {
-    /// Binds in the daemon's own network namespace, `copies` sockets per address (one per
-    /// connection worker).
-    pub async fn bind(port: u16, copies: usize) -> io::Result<Self> {
-        let (listeners, entry) = bind_std(port, copies)?;
+    /// Binds in the daemon's own network namespace.
+    pub async fn bind(port: u16) -> io::Result<Self> {
+        let (listeners, entry) = bind_std(port)?;
         Self::from_std(listeners, entry)
     }
 
     /// Binds inside the network namespace `ns` (e.g. `/proc/<pid>/ns/net`): a short-lived thread
     /// enters it, binds, and ends; the sockets stay in that namespace, the daemon does not.
-    pub async fn bind_in(ns: &std::path::Path, port: u16, copies: usize) -> io::Result<Self> {
+    pub async fn bind_in(ns: &std::path::Path, port: u16) -> io::Result<Self> {
         let ns = ns.to_owned();
         let (listeners, entry) = tokio::task::spawn_blocking(move || {
             std::thread::scope(|scope| {
@@ -110,7 +77,7 @@ impl Proxy {
                         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                             |e| io::Error::other(format!("entering {}: {e}", ns.display())),
                         )?;
-                        bind_std(port, copies)
+                        bind_std(port)
                     })
                     .join()
                     .unwrap_or_else(|_| Err(io::Error::other("binding thread panicked")))
@@ -123,6 +90,10 @@ impl Proxy {
 
     fn from_std(listeners: Vec<std::net::TcpListener>, entry: Listener) -> io::Result<Self> {
         let netns_cookie = crate::netns::cookie_of(&listeners[0])?;
+        let listeners = listeners
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             listeners,
             entry,
@@ -130,58 +101,54 @@ impl Proxy {
         })
     }
 
-    /// Accepts until the future is dropped: each socket's accept loop runs on its own worker
-    /// (socket k of an address on worker k), and stops when this future is dropped.
+    /// Accepts until the future is dropped.
     pub async fn run(self, daemon: Arc<Daemon>) {
-        /// Aborts the accept loops when `run` is dropped (the daemon drains, or a namespace's
-        /// listener is closed).
-        struct Loops(Vec<tokio::task::JoinHandle<()>>);
-        impl Drop for Loops {
-            fn drop(&mut self) {
-                for task in &self.0 {
-                    task.abort();
-                }
-            }
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            tasks.spawn(accept_loop(listener, daemon.clone(), self.netns_cookie));
         }
-        let mut loops = Loops(Vec::with_capacity(self.listeners.len()));
-        for (k, listener) in self.listeners.into_iter().enumerate() {
-            let daemon_for_loop = daemon.clone();
-            let netns_cookie = self.netns_cookie;
-            loops.0.push(daemon.workers.spawn_on(k, async move {
-                // Registered with the worker's own event loop.
-                match TcpListener::from_std(listener) {
-                    Ok(listener) => accept_loop(listener, daemon_for_loop, netns_cookie).await,
-                    Err(e) => warn!(error = %e, "cannot register a proxy listener with its worker"),
-                }
-            }));
-        }
-        for task in &mut loops.0 {
-            let _ = task.await;
-        }
+        while tasks.join_next().await.is_some() {}
     }
 }
 
-/// Accepts on one worker and serves each connection there.
 async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>, netns_cookie: u64) {
     // Every accepted connection has the listener's port as its own (no getsockname each).
-    let local_port = match listener.local_addr() {
-        Ok(a) => a.port(),
+    let at = match listener.local_addr() {
+        Ok(a) => Local {
+            netns_cookie,
+            port: a.port(),
+        },
         Err(e) => {
             warn!(error = %e, "a proxy listener has no local address; not accepting on it");
             return;
         }
     };
-    let at = Local {
-        netns_cookie,
-        port: local_port,
-    };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
-                tokio::spawn(
-                    serve(stream, peer, daemon.clone(), id, at).instrument(info_span!("conn", id)),
-                );
+                // The connection moves to a worker's event loop (see crate::workers).
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, client.addr = %peer, "cannot hand the accepted socket to a worker; closing it");
+                        continue;
+                    }
+                };
+                let task = {
+                    let daemon = daemon.clone();
+                    async move {
+                        match TcpStream::from_std(stream) {
+                            Ok(stream) => serve(stream, peer, daemon, id, at).await,
+                            Err(e) => {
+                                warn!(error = %e, client.addr = %peer, "cannot register the accepted socket with its worker; closing it")
+                            }
+                        }
+                    }
+                };
+                daemon
+                    .workers
+                    .spawn(task.instrument(info_span!("conn", id)));
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and friends: back off instead of spinning.
@@ -242,6 +209,7 @@ fn open(
         &daemon.config.naming,
         &daemon.proc_cache,
         |tgid| daemon.kernel.process_changes(tgid),
+        |path| daemon.hierarchy.id(path).ok(),
     );
     let Some(server) = daemon.config.server(record.server_id) else {
         warn!(
@@ -314,39 +282,4 @@ fn close(conn: &crate::mcp::Conn, id: u64, started: Instant) {
         bytes.down = down,
         "connection closed"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_group_per_port_and_each_socket_accepts() {
-        let (listeners, _) = bind_std(0, 1).expect("bind an ephemeral port");
-        let port = listeners[0].local_addr().expect("address").port();
-        drop(listeners);
-        let (group, entry) = bind_std(port, 3).expect("bind a group of three");
-        assert_eq!(entry.port4, port);
-        let v4: Vec<_> = group
-            .iter()
-            .filter(|l| l.local_addr().is_ok_and(|a| a.is_ipv4()))
-            .collect();
-        assert_eq!(v4.len(), 3);
-        // A second daemon cannot join the group and split the connections.
-        let again = bind_std(port, 3).expect_err("the port is taken");
-        assert!(
-            again.to_string().contains("is another daemon running"),
-            "{again}"
-        );
-        // Every connection lands on one of the group's sockets.
-        for _ in 0..6 {
-            let _c = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        let accepted: usize = v4
-            .iter()
-            .map(|l| std::iter::from_fn(|| l.accept().ok()).count())
-            .sum();
-        assert_eq!(accepted, 6);
-    }
 }

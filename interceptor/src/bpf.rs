@@ -347,10 +347,12 @@ fn attach(
     Ok(FdLink::from(pinned))
 }
 
-/// Loads and attaches the process-change tracepoints; their links live in `links` (not pinned:
-/// they serve this daemon's cache and go with it).
+/// Loads and attaches the process-change tracepoints, all or none; their links join `links`
+/// (not pinned: they serve this daemon's cache and go with it).
 fn attach_tracepoints(ebpf: &mut Ebpf, links: &mut Vec<FdLink>) -> Result<Vec<Tracepoint>, Error> {
     let mut attached = Vec::new();
+    // Dropped (detached) on an error below: half of the pair would only cost.
+    let mut own = Vec::new();
     for (name, tracepoint) in programs::TRACEPOINTS {
         let prog_err = |e: ProgramError| Error::Program {
             name,
@@ -374,8 +376,9 @@ fn attach_tracepoints(ebpf: &mut Ebpf, links: &mut Vec<FdLink>) -> Result<Vec<Tr
             link_id: info.id(),
             program_id: info.program_id(),
         });
-        links.push(link);
+        own.push(link);
     }
+    links.append(&mut own);
     Ok(attached)
 }
 

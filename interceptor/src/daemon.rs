@@ -308,7 +308,7 @@ impl Daemon {
                 continue;
             }
             let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-            match Proxy::bind_in(&ns, self.config.daemon.listen_port, self.workers.count()).await {
+            match Proxy::bind_in(&ns, self.config.daemon.listen_port).await {
                 Ok(proxy) => {
                     let (cookie, entry) = (proxy.netns_cookie, proxy.entry);
                     if let Err(e) = lock(&self.kernel.listeners).insert(cookie, entry, 0) {
@@ -734,7 +734,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         &hierarchy,
         &config.daemon.cgroup_root,
     )?;
-    let proxy = Proxy::bind(config.daemon.listen_port, worker_count).await?;
+    let proxy = Proxy::bind(config.daemon.listen_port).await?;
     let netns_cookie = proxy.netns_cookie;
     let admin = AdminServer::bind(&config.daemon.admin_socket)?;
     let metrics_listener = match config.daemon.metrics_addr {

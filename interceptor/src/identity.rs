@@ -132,7 +132,8 @@ const CACHE_CAPACITY: usize = 16_384;
 /// of its process slot as it was *before* the reading. A reading is used only while that
 /// counter has not moved: the `proc_exec`/`proc_exit` tracepoints bump it when a process of the
 /// slot execs (new executable) or one of its tasks exits (a process id is reused only after
-/// its last task exits). A process that moves to another cgroup has another key.
+/// its last task exits). A process that moves to another cgroup has another key, and a reading
+/// is kept only if its cgroup path is the one the connection was made from.
 #[derive(Default)]
 pub struct ProcCache {
     entries: Mutex<HashMap<(u32, u64), Cached>>,
@@ -165,11 +166,15 @@ impl ProcCache {
 
     /// The facts about the process behind `record`: cached while `changes` (the kernel's
     /// counter for the process's slot, `None` when unknown) stays put, read otherwise.
+    /// `cgroup_id` gives the id of a cgroup path: a reading is kept only if its path is the
+    /// cgroup the record was made in (a process that moved in between would otherwise leave
+    /// its new path under the old cgroup's key; a move does not count as a change).
     fn facts(
         &self,
         record: &ConnRecord,
         proc_root: &Path,
         changes: impl Fn(u32) -> Option<u64>,
+        cgroup_id: impl Fn(&str) -> Option<u64>,
     ) -> ProcFacts {
         let dir = proc_root.join(record.tgid.to_string());
         // Read before /proc: a change during the reading moves it past what is stored.
@@ -189,8 +194,10 @@ impl ProcCache {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let facts = ProcFacts::read(&dir, record.connect_boot_ns);
-        // Only a complete reading of a live process is worth keeping.
-        if facts.exe.is_some() && facts.cgroup.is_some() {
+        // Only a complete reading of a live process, in the cgroup it connected from.
+        if facts.exe.is_some()
+            && facts.cgroup.as_deref().and_then(&cgroup_id) == Some(record.cgroup_id)
+        {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if entries.len() >= CACHE_CAPACITY {
                 entries.retain(|_, c| c.read_at.elapsed() < CACHE_TTL);
@@ -222,15 +229,16 @@ impl Identity {
     }
 
     /// Like [`Identity::from_record`], through `cache` (see [`ProcCache`]); `changes` reads the
-    /// kernel's change counter of a process's slot.
+    /// kernel's change counter of a process's slot, `cgroup_id` the id of a cgroup path.
     pub fn from_record_cached(
         record: &ConnRecord,
         proc_root: &Path,
         naming: &Naming,
         cache: &ProcCache,
         changes: impl Fn(u32) -> Option<u64>,
+        cgroup_id: impl Fn(&str) -> Option<u64>,
     ) -> Self {
-        let facts = cache.facts(record, proc_root, changes);
+        let facts = cache.facts(record, proc_root, changes, cgroup_id);
         Self::build(record, facts, naming)
     }
 
@@ -400,10 +408,17 @@ mod tests {
         fake_proc(root.path(), 4242, "/usr/bin/agent", "/agents/a");
         let cache = ProcCache::default();
         let id = |record: &ConnRecord, changes: Option<u64>| {
-            Identity::from_record_cached(record, root.path(), &naming(), &cache, |tgid| {
-                assert_eq!(tgid, 4242);
-                changes
-            })
+            Identity::from_record_cached(
+                record,
+                root.path(),
+                &naming(),
+                &cache,
+                |tgid| {
+                    assert_eq!(tgid, 4242);
+                    changes
+                },
+                |path| (path == "/agents/a").then_some(record.cgroup_id),
+            )
         };
         assert_eq!(id(&record, Some(3)).exe.as_deref(), Some("/usr/bin/agent"));
         // The process execs: /proc says so at once, the cache until the counter moves.
@@ -427,6 +442,30 @@ mod tests {
     }
 
     #[test]
+    fn a_process_that_moved_after_connecting_is_read_but_not_cached() {
+        let root = tempfile::tempdir().unwrap();
+        let mut record = record_for_self(u64::MAX / 2);
+        record.tgid = 4244;
+        record.cgroup_id = 7;
+        // Connected from cgroup 7; /proc already shows its new cgroup (id 8).
+        fake_proc(root.path(), 4244, "/usr/bin/agent", "/agents/b");
+        let cache = ProcCache::default();
+        for _ in 0..2 {
+            let id = Identity::from_record_cached(
+                &record,
+                root.path(),
+                &naming(),
+                &cache,
+                |_| Some(1),
+                |path| (path == "/agents/b").then_some(8),
+            );
+            assert_eq!(id.cgroup.as_deref(), Some("/agents/b"));
+        }
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.entries), (0, 2, 0));
+    }
+
+    #[test]
     fn a_cached_process_younger_than_the_connect_is_still_a_reused_pid() {
         let root = tempfile::tempdir().unwrap();
         let mut record = record_for_self(u64::MAX / 2);
@@ -434,11 +473,14 @@ mod tests {
         fake_proc(root.path(), 4243, "/usr/bin/agent", "/agents/a");
         let cache = ProcCache::default();
         let changes = |_| Some(1);
-        let id = Identity::from_record_cached(&record, root.path(), &naming(), &cache, changes);
+        let at_a = |_: &str| Some(0);
+        let id =
+            Identity::from_record_cached(&record, root.path(), &naming(), &cache, changes, at_a);
         assert_eq!(id.liveness, Liveness::Alive);
         // A connect recorded before that process started (start tick 100) is not its own.
         record.connect_boot_ns = 0;
-        let id = Identity::from_record_cached(&record, root.path(), &naming(), &cache, changes);
+        let id =
+            Identity::from_record_cached(&record, root.path(), &naming(), &cache, changes, at_a);
         assert_eq!(id.liveness, Liveness::PidReused);
         assert!(id.exe.is_none() && id.cgroup.is_none() && id.workload_id.is_none());
         assert_eq!(cache.stats().hits, 1);

@@ -5,10 +5,9 @@
 //! threads (the agent connection's task, the pooled upstream connection's task, whichever
 //! thread polled the I/O driver), and every hop to a parked thread is a futex wake-up, an
 //! inter-processor interrupt on a VM. Here an agent connection, the upstream connections its
-//! requests use and their I/O stay on one thread, from `accept()` on: every worker accepts on
-//! its own listening socket (`SO_REUSEPORT`, see [`crate::accept`]). The main runtime keeps
-//! the control plane (admin socket, metrics, namespace discovery), as Envoy keeps its main
-//! thread apart from its workers.
+//! requests use and their I/O stay on one thread; the only hand-off is the accepted socket.
+//! The main runtime keeps the control plane (accept, admin socket, metrics, namespace
+//! discovery), as Envoy keeps its main thread apart from its workers.
 
 use std::{
     cell::Cell,
@@ -105,15 +104,6 @@ impl Workers {
     /// Slots of per-worker state to keep: one per worker plus slot 0.
     pub fn slots(count: usize) -> usize {
         count.max(1) + 1
-    }
-
-    /// Runs `task` on worker `index % count`; the handle can abort it from any thread.
-    pub fn spawn_on(
-        &self,
-        index: usize,
-        task: impl Future<Output = ()> + Send + 'static,
-    ) -> tokio::task::JoinHandle<()> {
-        self.handles[index % self.handles.len()].spawn(task)
     }
 
     /// Runs `task` on the next worker (round robin).

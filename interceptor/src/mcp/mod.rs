@@ -155,14 +155,34 @@ impl Presigner {
         lock(&self.0).take(roles, now)
     }
 
-    fn wanted(&self, now: Instant) -> bool {
-        lock(&self.0).wanted(now)
+    /// What to sign ahead as this connection forwards a request at `now`.
+    fn pace(&self, now: Instant) -> Pace {
+        let mut state = lock(&self.0);
+        let first = state.last_forward.is_none();
+        if state.wanted(now) {
+            Pace::Connection
+        } else if first {
+            Pace::Workload
+        } else {
+            Pace::Nothing
+        }
     }
 
     /// Keeps `p` for the next request (replacing any waiting one).
     fn offer(&self, p: Presigned) {
         lock(&self.0).waiting = Some(p);
     }
+}
+
+/// What a forwarded request pre-signs for (see [`Conn::presign`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Pace {
+    /// The connection's own next request.
+    Connection,
+    /// The workload's next request on any connection, if the workload's pace wants one (only
+    /// from a connection's first request: a connection never has two waiting).
+    Workload,
+    Nothing,
 }
 
 /// Assertions pre-signed for a workload's next request on any connection (a new one, above
@@ -172,7 +192,8 @@ impl Presigner {
 #[derive(Default)]
 pub struct WorkloadPresigns(std::sync::Mutex<HashMap<Arc<str>, PresignState>>);
 
-/// Workloads tracked before those idle for [`PRESIGNED_MAX_AGE`] are dropped.
+/// Most workloads tracked: when full, those idle for [`PRESIGNED_MAX_AGE`] are dropped; if
+/// none is, a new workload is not tracked (its requests sign inline).
 const WORKLOAD_PRESIGNS: usize = 4096;
 
 impl WorkloadPresigns {
@@ -184,6 +205,9 @@ impl WorkloadPresigns {
         let mut map = lock(&self.0);
         if map.len() >= WORKLOAD_PRESIGNS && !map.contains_key(key) {
             map.retain(|_, state| !state.stale(now));
+            if map.len() >= WORKLOAD_PRESIGNS {
+                return false;
+            }
         }
         map.entry(key.clone()).or_default().wanted(now)
     }
@@ -505,11 +529,11 @@ impl Conn {
     /// Signs the assertion for the next request in a task of its own, which the worker runs
     /// while this request waits for the upstream: at `concurrency 1` the signature is then off
     /// the request path. Only when it will likely be used: for this connection, if the agent
-    /// forwarded its previous request on it less than [`PRESIGNED_MAX_AGE`] ago; otherwise for
-    /// the workload's next request on any connection, if the workload's previous request that
-    /// had none came as recently (agents that connect per call). Never while an unused one
-    /// waits (concurrent HTTP/2 streams), and only when assertions live long enough
-    /// ([`PRESIGN_MIN_TTL`]) for the age not to matter.
+    /// forwarded its previous request on it less than [`PRESIGNED_MAX_AGE`] ago; on a
+    /// connection's first request, for the workload's next request on any connection, if the
+    /// workload's previous such request came as recently (agents that connect per call). Never
+    /// while an unused one waits (concurrent HTTP/2 streams), and only when assertions live
+    /// long enough ([`PRESIGN_MIN_TTL`]) for the age not to matter.
     fn presign(self: &Arc<Self>, roles: &[String]) {
         if self.daemon.ca.is_none()
             || self.identity.workload_id.is_none()
@@ -518,13 +542,13 @@ impl Conn {
             return;
         }
         let now = Instant::now();
-        let for_workload = if self.presigner.wanted(now) {
-            None
-        } else {
-            match &self.presign_key {
+        let for_workload = match self.presigner.pace(now) {
+            Pace::Connection => None,
+            Pace::Workload => match &self.presign_key {
                 Some(key) if self.daemon.presigns.wanted(key, now) => Some(key.clone()),
                 _ => return,
-            }
+            },
+            Pace::Nothing => return,
         };
         let conn = self.clone();
         let roles = roles.to_vec();
@@ -1578,14 +1602,21 @@ mod tests {
             })
         };
         let p = Presigner::default();
-        // The first request of a connection, and one after a pause, pre-sign nothing.
-        assert!(!p.wanted(t0));
-        assert!(!p.wanted(t0 + PRESIGNED_MAX_AGE * 2));
-        // Requests coming quickly do.
-        assert!(p.wanted(t0 + PRESIGNED_MAX_AGE * 2 + Duration::from_millis(5)));
+        // The first request of a connection may pre-sign for its workload only; one after a
+        // pause pre-signs nothing.
+        assert_eq!(p.pace(t0), Pace::Workload);
+        assert_eq!(p.pace(t0 + PRESIGNED_MAX_AGE * 2), Pace::Nothing);
+        // Requests coming quickly do, for the connection.
+        assert_eq!(
+            p.pace(t0 + PRESIGNED_MAX_AGE * 2 + Duration::from_millis(5)),
+            Pace::Connection
+        );
         offer(&p, t0, "a");
-        // Not while one is waiting (concurrent streams).
-        assert!(!p.wanted(t0 + PRESIGNED_MAX_AGE * 2 + Duration::from_millis(6)));
+        // Not while one is waiting (concurrent streams), for the workload neither.
+        assert_eq!(
+            p.pace(t0 + PRESIGNED_MAX_AGE * 2 + Duration::from_millis(6)),
+            Pace::Nothing
+        );
         assert_eq!(
             p.take(&roles, t0 + Duration::from_millis(10)),
             Some("a".into())
@@ -1647,6 +1678,14 @@ mod tests {
         let later = t0 + PRESIGNED_MAX_AGE * 2;
         assert!(!presigns.wanted(&Arc::from("[new]"), later));
         assert!(lock(&presigns.0).len() < 10, "idle workloads dropped");
+        // A table full of active workloads tracks no new one.
+        for i in 0..WORKLOAD_PRESIGNS {
+            presigns.wanted(&Arc::from(format!("[{i}]")), later);
+        }
+        let key: Arc<str> = Arc::from("[newer]");
+        assert!(!presigns.wanted(&key, later + ms(1)));
+        assert!(!presigns.wanted(&key, later + ms(2)));
+        assert!(!lock(&presigns.0).contains_key(&key));
     }
 
     #[tokio::test]
