@@ -153,6 +153,8 @@ pub struct NodeCa {
     jws_key: ring::signature::EcdsaKeyPair,
     rng: ring::rand::SystemRandom,
     kid: String,
+    /// The JWS protected header (`alg`, `typ`, `kid`), base64url-encoded once.
+    jws_header: String,
     leaf_ttl: Duration,
     cache: Mutex<HashMap<String, Arc<Leaf>>>,
     /// Certificates minted so far.
@@ -218,6 +220,8 @@ impl NodeCa {
         )
         .map_err(|e| invalid(&format!("CA key {}", cfg.key.display()), e.to_string()))?;
         let kid = hex16(&Sha256::digest(public.as_bytes()));
+        let jws_header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"alg": "ES256", "typ": "JWT", "kid": kid}).to_string());
         Ok(Self {
             issuer,
             ca_der: CertificateDer::from(ca_der),
@@ -225,6 +229,7 @@ impl NodeCa {
             jws_key,
             rng,
             kid,
+            jws_header,
             leaf_ttl,
             cache: Mutex::new(HashMap::new()),
             mints: AtomicU64::new(0),
@@ -273,22 +278,24 @@ impl NodeCa {
     }
 
     /// A compact JWS (ES256) over `claims`.
-    pub fn sign(&self, claims: &Value) -> String {
-        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-        let header = json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
-        let input = format!(
-            "{}.{}",
-            b64(header.to_string().as_bytes()),
-            b64(claims.to_string().as_bytes())
-        );
+    pub fn sign(&self, claims: &impl serde::Serialize) -> String {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        // Serialising plain data to a Vec cannot fail; an empty payload would fail upstream.
+        let payload = serde_json::to_vec(claims).unwrap_or_default();
+        let mut jws = String::with_capacity(self.jws_header.len() + payload.len() * 4 / 3 + 100);
+        jws.push_str(&self.jws_header);
+        jws.push('.');
+        b64.encode_string(&payload, &mut jws);
         // ring fails only if the system RNG does; an empty signature then fails verification
         // upstream (the request is refused there) rather than the daemon panicking.
         let sig = self
             .jws_key
-            .sign(&self.rng, input.as_bytes())
+            .sign(&self.rng, jws.as_bytes())
             .map(|s| s.as_ref().to_vec())
             .unwrap_or_default();
-        format!("{input}.{}", b64(&sig))
+        jws.push('.');
+        b64.encode_string(&sig, &mut jws);
+        jws
     }
 
     /// The JSON Web Key Set that verifies [`NodeCa::sign`].
@@ -302,8 +309,9 @@ impl NodeCa {
     }
 }
 
+/// Hex of the first 8 bytes.
 fn hex16(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    crate::audit::hex(&bytes[..bytes.len().min(8)])
 }
 
 /// Seconds since the Unix epoch.
@@ -325,7 +333,7 @@ pub fn random_id() -> String {
             .unwrap_or(0);
         b = t.to_le_bytes();
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::audit::hex(&b)
 }
 
 #[cfg(test)]

@@ -174,6 +174,24 @@ impl Presigner {
     }
 }
 
+/// The claims of an identity assertion (README: "Identity and mTLS"), serialised straight into
+/// the JWS payload.
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    iat: u64,
+    exp: u64,
+    jti: String,
+    uid: u32,
+    exe: Option<&'a str>,
+    cgroup: Option<&'a str>,
+    container: Option<&'a str>,
+    pod: Option<&'a str>,
+    roles: &'a [String],
+}
+
 /// What a forwarded request pre-signs for (see [`Conn::presign`]).
 #[derive(Debug, PartialEq, Eq)]
 enum Pace {
@@ -491,23 +509,23 @@ impl Conn {
     }
 
     /// The claims of an identity assertion for a request granted by `roles`.
-    fn assertion_claims(&self, workload_id: &str, roles: &[String]) -> Value {
+    fn assertion_claims<'a>(&'a self, workload_id: &'a str, roles: &'a [String]) -> Claims<'a> {
         let naming = &self.daemon.config.naming;
         let now = crate::ca::unix_now();
-        json!({
-            "iss": naming.node,
-            "sub": workload_id,
-            "aud": self.server_name(),
-            "iat": now,
-            "exp": now + naming.assertion_ttl.as_secs(),
-            "jti": crate::ca::random_id(),
-            "uid": self.identity.uid,
-            "exe": self.identity.exe,
-            "cgroup": self.identity.cgroup,
-            "container": self.identity.placement.container,
-            "pod": self.identity.placement.pod,
-            "roles": roles,
-        })
+        Claims {
+            iss: &naming.node,
+            sub: workload_id,
+            aud: self.server_name(),
+            iat: now,
+            exp: now + naming.assertion_ttl.as_secs(),
+            jti: crate::ca::random_id(),
+            uid: self.identity.uid,
+            exe: self.identity.exe.as_deref(),
+            cgroup: self.identity.cgroup.as_deref(),
+            container: self.identity.placement.container.as_deref(),
+            pod: self.identity.placement.pod.as_deref(),
+            roles,
+        }
     }
 
     /// The identity assertion for a request granted by `roles`: a pre-signed one (this
