@@ -169,30 +169,8 @@ impl Kernel {
             links.push(link);
         }
 
-        let tracepoints = attach_tracepoints(&mut ebpf, &mut links);
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name).ok_or(Error::Map {
-                name,
-                error: Box::new(MapError::InvalidName {
-                    name: name.to_owned(),
-                }),
-            })
-        };
-        let tags = take(names::TAGS)?;
-        let servers = take(names::SERVERS)?;
-        let listeners = take(names::LISTENERS)?;
-        let conns = take(names::CONNS)?;
-        let stats_map = take(names::STATS)?;
-        let blocks = take(names::BLOCKS)?;
-        let state = take(names::STATE)?;
-        let (tracepoints, proc_changes) = match tracepoints {
-            Ok(tracepoints) => (
-                tracepoints,
-                take(names::PROC_CHANGES)
-                    .and_then(|m| Array::try_from(m).map_err(map_err(names::PROC_CHANGES)))
-                    .map_err(|e| warn!(error = %e, "identity cache off: no process-change map"))
-                    .ok(),
-            ),
+        let (tracepoints, proc_changes) = match track_processes(&mut ebpf, &mut links) {
+            Ok((tracepoints, map)) => (tracepoints, Some(map)),
             Err(e) => {
                 warn!(
                     error = %e,
@@ -202,6 +180,14 @@ impl Kernel {
                 (Vec::new(), None)
             }
         };
+        let mut take = |name| take_map(&mut ebpf, name);
+        let tags = take(names::TAGS)?;
+        let servers = take(names::SERVERS)?;
+        let listeners = take(names::LISTENERS)?;
+        let conns = take(names::CONNS)?;
+        let stats_map = take(names::STATS)?;
+        let blocks = take(names::BLOCKS)?;
+        let state = take(names::STATE)?;
         Ok(Self {
             attachments,
             tracepoints,
@@ -260,6 +246,11 @@ impl Kernel {
         ]
     }
 
+    /// Whether process changes are tracked (the identity cache is on).
+    pub fn tracks_processes(&self) -> bool {
+        self.proc_changes.is_some()
+    }
+
     /// The change counter of the slot of process `tgid`: it moves whenever a process in that
     /// slot execs or one of its tasks exits. `None` when the tracepoints are not attached or
     /// the read failed: nothing about the process may then be taken from a cache.
@@ -277,6 +268,16 @@ impl Kernel {
         let _ = conns.remove(key);
         Some(record)
     }
+}
+
+/// Takes the map `name` out of the loaded object.
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or(Error::Map {
+        name,
+        error: Box::new(MapError::InvalidName {
+            name: name.to_owned(),
+        }),
+    })
 }
 
 /// A pinned link from an earlier run, if the pin exists and is a valid link.
@@ -347,11 +348,14 @@ fn attach(
     Ok(FdLink::from(pinned))
 }
 
-/// Loads and attaches the process-change tracepoints, all or none; their links join `links`
-/// (not pinned: they serve this daemon's cache and go with it).
-fn attach_tracepoints(ebpf: &mut Ebpf, links: &mut Vec<FdLink>) -> Result<Vec<Tracepoint>, Error> {
+/// Loads and attaches the process-change tracepoints and takes their counter map, all or
+/// none; their links join `links` (not pinned: they serve this daemon's cache and go with it).
+fn track_processes(
+    ebpf: &mut Ebpf,
+    links: &mut Vec<FdLink>,
+) -> Result<(Vec<Tracepoint>, Array<MapData, u64>), Error> {
     let mut attached = Vec::new();
-    // Dropped (detached) on an error below: half of the pair would only cost.
+    // Dropped (detached) on an error below: half of the set would only cost.
     let mut own = Vec::new();
     for (name, tracepoint) in programs::TRACEPOINTS {
         let prog_err = |e: ProgramError| Error::Program {
@@ -378,8 +382,10 @@ fn attach_tracepoints(ebpf: &mut Ebpf, links: &mut Vec<FdLink>) -> Result<Vec<Tr
         });
         own.push(link);
     }
+    let map = Array::try_from(take_map(ebpf, names::PROC_CHANGES)?)
+        .map_err(map_err(names::PROC_CHANGES))?;
     links.append(&mut own);
-    Ok(attached)
+    Ok((attached, map))
 }
 
 /// Makes sure `dir` is on bpffs, mounting bpffs at /sys/fs/bpf when that is where it belongs.

@@ -603,7 +603,7 @@ impl Daemon {
             "programs": self.kernel.attachments,
             "tracepoints": self.kernel.tracepoints,
             "identity_cache": {
-                "enabled": !self.kernel.tracepoints.is_empty(),
+                "enabled": self.kernel.tracks_processes(),
                 "stats": self.proc_cache.stats(),
             },
             "tags": self.tags(),

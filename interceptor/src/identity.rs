@@ -19,6 +19,7 @@ use interceptor_common::ConnRecord;
 use serde::Serialize;
 
 use crate::{
+    bpf::lock,
     config::Naming,
     workload::{self, Placement, placement},
 };
@@ -86,6 +87,14 @@ struct ProcFacts {
 }
 
 impl ProcFacts {
+    /// Reads them for the process behind `record` from `proc_root` (normally `/proc`).
+    fn of(record: &ConnRecord, proc_root: &Path) -> Self {
+        Self::read(
+            &proc_root.join(record.tgid.to_string()),
+            record.connect_boot_ns,
+        )
+    }
+
     /// Reads them; exe and cgroup only from a process that started before `connect_boot_ns`
     /// (otherwise it is not the caller).
     fn read(dir: &Path, connect_boot_ns: u64) -> Self {
@@ -160,7 +169,7 @@ impl ProcCache {
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
-            entries: self.entries.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            entries: lock(&self.entries).len(),
         }
     }
 
@@ -176,14 +185,13 @@ impl ProcCache {
         changes: impl Fn(u32) -> Option<u64>,
         cgroup_id: impl Fn(&str) -> Option<u64>,
     ) -> ProcFacts {
-        let dir = proc_root.join(record.tgid.to_string());
         // Read before /proc: a change during the reading moves it past what is stored.
         let Some(before) = changes(record.tgid) else {
-            return ProcFacts::read(&dir, record.connect_boot_ns);
+            return ProcFacts::of(record, proc_root);
         };
         let key = (record.tgid, record.cgroup_id);
         {
-            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let entries = lock(&self.entries);
             if let Some(c) = entries.get(&key)
                 && c.changes == before
                 && c.read_at.elapsed() < CACHE_TTL
@@ -193,12 +201,12 @@ impl ProcCache {
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let facts = ProcFacts::read(&dir, record.connect_boot_ns);
+        let facts = ProcFacts::of(record, proc_root);
         // Only a complete reading of a live process, in the cgroup it connected from.
         if facts.exe.is_some()
             && facts.cgroup.as_deref().and_then(&cgroup_id) == Some(record.cgroup_id)
         {
-            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let mut entries = lock(&self.entries);
             if entries.len() >= CACHE_CAPACITY {
                 entries.retain(|_, c| c.read_at.elapsed() < CACHE_TTL);
                 if entries.len() >= CACHE_CAPACITY {
@@ -221,11 +229,7 @@ impl ProcCache {
 impl Identity {
     /// Builds the identity for `record`, reading `/proc` under `proc_root` (normally `/proc`).
     pub fn from_record(record: &ConnRecord, proc_root: &Path, naming: &Naming) -> Self {
-        let facts = ProcFacts::read(
-            &proc_root.join(record.tgid.to_string()),
-            record.connect_boot_ns,
-        );
-        Self::build(record, facts, naming)
+        Self::build(record, ProcFacts::of(record, proc_root), naming)
     }
 
     /// Like [`Identity::from_record`], through `cache` (see [`ProcCache`]); `changes` reads the

@@ -553,20 +553,18 @@ impl Conn {
     /// while an unused one waits (concurrent HTTP/2 streams), and only when assertions live
     /// long enough ([`PRESIGN_MIN_TTL`]) for the age not to matter.
     fn presign(self: &Arc<Self>, roles: &[String]) {
-        if self.daemon.ca.is_none()
-            || self.identity.workload_id.is_none()
-            || self.daemon.config.naming.assertion_ttl < PRESIGN_MIN_TTL
-        {
+        // No key: no assertions (no CA, or no workload id).
+        let Some(key) = &self.presign_key else {
+            return;
+        };
+        if self.daemon.config.naming.assertion_ttl < PRESIGN_MIN_TTL {
             return;
         }
         let now = Instant::now();
         let for_workload = match self.presigner.pace(now) {
             Pace::Connection => None,
-            Pace::Workload => match &self.presign_key {
-                Some(key) if self.daemon.presigns.wanted(key, now) => Some(key.clone()),
-                _ => return,
-            },
-            Pace::Nothing => return,
+            Pace::Workload if self.daemon.presigns.wanted(key, now) => Some(key.clone()),
+            Pace::Workload | Pace::Nothing => return,
         };
         let conn = self.clone();
         let roles = roles.to_vec();
