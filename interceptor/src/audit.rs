@@ -3,7 +3,8 @@
 //! - [`Audit::record`] returns once the event is in the file (`write`, the default: it survives
 //!   a daemon crash; `fdatasync` runs at least every 50 ms), on stable storage (`fsync`: one
 //!   `fdatasync` shared by every event written while the previous one ran — group commit), or
-//!   queued (`async`). The `write(2)` happens on the caller's thread under one lock; events that
+//!   queued (`async`). The `write(2)` happens on a caller's thread; callers that come while one
+//!   writes queue without blocking their thread and the next turn writes them together; events that
 //!   gate nothing ([`Audit::record_later`]) ride along with the next write or are flushed by a
 //!   background thread within [`FLUSH_DELAY`].
 //! - Each line ends with `"hash"`: the SHA-256 (hex) of the line's text up to that member plus
@@ -353,8 +354,11 @@ pub struct Stats {
 
 /// The audit log handle shared by the daemon.
 ///
-/// Writes happen on the caller's thread under one lock (`write` mode costs a `write(2)`, no
-/// thread hand-off); a background thread flushes deferred events ([`Audit::record_later`])
+/// Writes happen on a caller's thread (`write` mode costs a `write(2)`, no thread hand-off).
+/// Callers that come while another one writes queue behind it and never block their thread:
+/// the writing caller ends its turn by handing the queue to the first of them, which writes
+/// every queued event in one `write(2)` (see [`Shared::write_in_turn`]). A background thread
+/// flushes deferred events ([`Audit::record_later`])
 /// within [`FLUSH_DELAY`], runs the group `fdatasync` that `fsync`-mode callers wait for, and
 /// the periodic one of `write` mode.
 pub struct Audit {
@@ -368,7 +372,10 @@ pub struct Audit {
 struct Shared {
     /// The log's path (for messages; the writer has its own copy).
     path: PathBuf,
+    /// Held for a `write(2)`, by the caller whose turn it is or by the background thread.
     writer: Mutex<Writer>,
+    /// Deferred events and callers waiting for their turn; never held across a syscall.
+    queue: Mutex<Queue>,
     bg: Mutex<Background>,
     wake: Condvar,
     durability: Durability,
@@ -387,6 +394,30 @@ struct Background {
 }
 
 type SyncWaiter = tokio::sync::oneshot::Sender<Result<(), Error>>;
+
+/// What waits to be written.
+#[derive(Default)]
+struct Queue {
+    /// Deferred events, written before the next batch.
+    later: Vec<Event>,
+    /// A caller is writing; callers that come meanwhile wait in `waiting`.
+    busy: bool,
+    waiting: std::collections::VecDeque<Waiter>,
+}
+
+/// A caller queued behind the one writing.
+struct Waiter {
+    events: Vec<Event>,
+    turn: tokio::sync::oneshot::Sender<Turn>,
+}
+
+/// What a queued caller is told.
+enum Turn {
+    /// Its events were written by the caller before it (with this outcome).
+    Written(Result<(), Error>),
+    /// It writes now: its own events (handed back) and everything queued behind it.
+    Lead(Vec<Event>),
+}
 
 /// Longest a group `fdatasync` waits for the writers of the previous group to come back.
 const GROUP_WAIT: Duration = Duration::from_micros(200);
@@ -431,7 +462,6 @@ impl Audit {
             prev_hash: tail.last_hash.clone(),
             max_file_bytes: config.max_file_bytes,
             dirty: false,
-            later: Vec::new(),
             path_checked: Instant::now(),
             stats: stats.clone(),
         };
@@ -454,6 +484,7 @@ impl Audit {
         let shared = Arc::new(Shared {
             path: config.path.clone(),
             writer: Mutex::new(writer),
+            queue: Mutex::new(Queue::default()),
             bg: Mutex::new(Background::default()),
             wake: Condvar::new(),
             durability: config.durability,
@@ -499,9 +530,9 @@ impl Audit {
                 self.shared.defer(events);
                 Ok(())
             }
-            Durability::Write => self.shared.write(events),
+            Durability::Write => self.shared.write_in_turn(events).await,
             Durability::Fsync => {
-                self.shared.write(events)?;
+                self.shared.write_in_turn(events).await?;
                 self.shared.request_sync().await.map_err(thread_stopped)?
             }
         }
@@ -543,10 +574,87 @@ impl Drop for Audit {
 }
 
 impl Shared {
+    /// Writes `events` in the caller's turn: at once if nobody is writing, otherwise after
+    /// queueing behind the caller who is, without blocking the thread. A turn writes the
+    /// caller's events and those of every caller queued at that moment in one `write(2)`, answers
+    /// them, and hands the turn to the first caller that queued meanwhile, so that under
+    /// concurrency each `write(2)` carries a group and no worker thread waits on a lock held
+    /// across a syscall. All or none of a group is written; every member gets the outcome.
+    async fn write_in_turn(&self, events: Vec<Event>) -> Result<(), Error> {
+        let mine = {
+            let mut q = lock(&self.queue);
+            if q.busy {
+                let (turn, rx) = tokio::sync::oneshot::channel();
+                q.waiting.push_back(Waiter { events, turn });
+                Err(rx)
+            } else {
+                q.busy = true;
+                Ok(events)
+            }
+        };
+        let events = match mine {
+            Ok(events) => events,
+            Err(rx) => match rx.await {
+                Ok(Turn::Written(result)) => return result,
+                Ok(Turn::Lead(events)) => events,
+                // Only if the turn before panicked: nothing is known of these events.
+                Err(_) => {
+                    return Err(Error::Unavailable(
+                        "the audit write ahead of this one did not finish".into(),
+                    ));
+                }
+            },
+        };
+        // Hands the turn on however this one ends.
+        struct EndTurn<'a>(&'a Shared);
+        impl Drop for EndTurn<'_> {
+            fn drop(&mut self) {
+                self.0.pass_turn();
+            }
+        }
+        let _end = EndTurn(self);
+        let queued: Vec<Waiter> = lock(&self.queue).waiting.drain(..).collect();
+        let mut batch = events;
+        let mut turns = Vec::with_capacity(queued.len());
+        for w in queued {
+            batch.extend(w.events);
+            turns.push(w.turn);
+        }
+        let result = self.write(batch);
+        for turn in turns {
+            // A caller that gave up meanwhile is not told; its events are written.
+            let _ = turn.send(Turn::Written(result.clone()));
+        }
+        result
+    }
+
+    /// Ends a turn: hands it to the first queued caller still waiting, or marks the log idle.
+    fn pass_turn(&self) {
+        loop {
+            let next = {
+                let mut q = lock(&self.queue);
+                match q.waiting.pop_front() {
+                    Some(next) => next,
+                    None => {
+                        q.busy = false;
+                        return;
+                    }
+                }
+            };
+            match next.turn.send(Turn::Lead(next.events)) {
+                Ok(()) => return,
+                // It gave up waiting (its request is gone): its events are still recorded,
+                // with the next write, and the turn goes to the one after it.
+                Err(Turn::Lead(events)) => self.defer(events),
+                Err(Turn::Written(_)) => {}
+            }
+        }
+    }
+
     /// Writes the deferred events and then `events` in one `write(2)`, under the writer lock.
     fn write(&self, events: Vec<Event>) -> Result<(), Error> {
         let mut w = lock(&self.writer);
-        let mut batch = std::mem::take(&mut w.later);
+        let mut batch = std::mem::take(&mut lock(&self.queue).later);
         batch.extend(events);
         if batch.is_empty() {
             return Ok(());
@@ -574,7 +682,7 @@ impl Shared {
 
     /// Queues `events` for the background thread.
     fn defer(&self, events: Vec<Event>) {
-        lock(&self.writer).later.extend(events);
+        lock(&self.queue).later.extend(events);
         let mut bg = lock(&self.bg);
         if !bg.flush {
             bg.flush = true;
@@ -858,8 +966,6 @@ struct Writer {
     max_file_bytes: u64,
     /// Written since the last `fdatasync`.
     dirty: bool,
-    /// Deferred events, written before the next batch.
-    later: Vec<Event>,
     /// When the path was last compared with the open file.
     path_checked: Instant,
     stats: Arc<Stats>,
@@ -1110,17 +1216,7 @@ mod tests {
         a.record_later(event("later-1"));
         a.record(event("now")).await.unwrap();
         // Written with the next recorded event, in order.
-        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-        let names: Vec<String> = text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["event"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
-        assert_eq!(names, ["later-1", "now"]);
+        assert_eq!(names(&dir.path().join("audit.jsonl")), ["later-1", "now"]);
         // Or by the background thread on its own.
         a.record_later(event("later-2"));
         let path = dir.path().join("audit.jsonl");
@@ -1159,6 +1255,104 @@ mod tests {
         let v = verify(&[dir.path().join("audit.jsonl")]).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 200);
+    }
+
+    /// The event names in `path`, in file order.
+    fn names(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["event"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_on_several_threads_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        let mut tasks = Vec::new();
+        for w in 0..16 {
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200 {
+                    // Each returns only once its events are in the file.
+                    a.record_all(vec![
+                        event(&format!("w{w}-{i}-a")),
+                        event(&format!("w{w}-{i}-b")),
+                    ])
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(!lock(&a.shared.queue).busy, "the last turn ended");
+        let writes = a.stats.events.load(Ordering::Relaxed);
+        drop(a);
+        let path = dir.path().join("audit.jsonl");
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.events, 16 * 200 * 2);
+        assert_eq!(writes, 16 * 200 * 2);
+        // Every event once; each writer's in its order, a record's events together.
+        let names = names(&path);
+        for w in 0..16 {
+            let mine: Vec<&String> = names
+                .iter()
+                .filter(|n| n.starts_with(&format!("w{w}-")))
+                .collect();
+            let want: Vec<String> = (0..200)
+                .flat_map(|i| [format!("w{w}-{i}-a"), format!("w{w}-{i}-b")])
+                .collect();
+            assert_eq!(mine, want.iter().collect::<Vec<_>>());
+        }
+        for (i, n) in names.iter().enumerate() {
+            if let Some(head) = n.strip_suffix("-a") {
+                assert_eq!(
+                    names[i + 1],
+                    format!("{head}-b"),
+                    "a record split at line {i}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_turn_passes_over_a_caller_that_gave_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
+        // Someone is writing: callers queue behind it.
+        lock(&a.shared.queue).busy = true;
+        let mut gave_up = Box::pin(a.record(event("gave-up")));
+        let mut waits = Box::pin(a.record(event("waits")));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(gave_up.as_mut().poll(&mut cx).is_pending());
+        assert!(waits.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(lock(&a.shared.queue).waiting.len(), 2);
+        drop(gave_up);
+        // The writer's turn ends: the next caller still waiting writes, nothing is lost.
+        a.shared.pass_turn();
+        tokio::time::timeout(Duration::from_secs(10), waits)
+            .await
+            .expect("the turn never reached the waiting caller")
+            .unwrap();
+        assert!(!lock(&a.shared.queue).busy);
+        assert_eq!(names(&path), ["gave-up", "waits"]);
+        // A caller now writes at once.
+        a.record(event("next")).await.unwrap();
+        drop(a);
+        assert_eq!(names(&path), ["gave-up", "waits", "next"]);
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
     }
 
     #[tokio::test]
