@@ -380,7 +380,7 @@ pub fn run(root: &Path, bin: &Path, peer: &Path, plan: Plan) -> Result<()> {
     let audits = ["write", "fsync"].map(|m| (m, out_dir.join(format!("audit-{m}.jsonl"))));
     for (mode, audit) in &audits {
         let mode = *mode;
-        let _ = std::fs::remove_file(audit);
+        remove_log(audit);
         cfg.audit = audit;
         cfg.durability = mode;
         write_config(&config, &cfg)?;
@@ -496,6 +496,8 @@ pub fn run(root: &Path, bin: &Path, peer: &Path, plan: Plan) -> Result<()> {
         ("write", plan.audit_write_events),
         ("fsync", plan.audit_fsync_events),
     ] {
+        let log = out_dir.join(format!("bench-{mode}.jsonl"));
+        remove_log(&log);
         let out = Command::new(peer)
             .args([
                 "audit",
@@ -505,7 +507,7 @@ pub fn run(root: &Path, bin: &Path, peer: &Path, plan: Plan) -> Result<()> {
                 &events.to_string(),
             ])
             .output()?;
-        let _ = std::fs::remove_file(out_dir.join(format!("bench-{mode}.jsonl")));
+        remove_log(&log);
         results["audit"][mode] = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     }
     drop(guard);
@@ -790,4 +792,23 @@ fn cgroup_mount(bin: &Path, config: &Path) -> Result<PathBuf> {
         .as_str()
         .map(PathBuf::from)
         .context("no cgroup v2 mount on this machine")
+}
+
+/// Removes a log this run writes and the files it was rotated into by earlier runs (they
+/// would pile up, and a fresh file would continue their chain).
+fn remove_log(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let rotated = format!("{name}.");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&rotated))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
