@@ -4,7 +4,7 @@
 //!   a daemon crash; `fdatasync` runs at least every 50 ms), on stable storage (`fsync`: one
 //!   `fdatasync` shared by every event written while the previous one ran — group commit), or
 //!   queued (`async`). The `write(2)` happens on a caller's thread; callers that come while one
-//!   writes queue without blocking their thread and the next turn writes them together; events that
+//!   writes queue without blocking their thread and it writes theirs too, a group at a time; events that
 //!   gate nothing ([`Audit::record_later`]) ride along with the next write or are flushed by a
 //!   background thread within [`FLUSH_DELAY`].
 //! - Each line ends with `"hash"`: the SHA-256 (hex) of the line's text up to that member plus
@@ -346,6 +346,8 @@ fn unseal(line: &str) -> Option<(String, &str)> {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub events: AtomicU64,
+    /// `write(2)` calls that wrote events (a group each).
+    pub writes: AtomicU64,
     pub failures: AtomicU64,
     pub syncs: AtomicU64,
     /// Total fdatasync time, µs.
@@ -355,9 +357,9 @@ pub struct Stats {
 /// The audit log handle shared by the daemon.
 ///
 /// Writes happen on a caller's thread (`write` mode costs a `write(2)`, no thread hand-off).
-/// Callers that come while another one writes queue behind it and never block their thread:
-/// the writing caller ends its turn by handing the queue to the first of them, which writes
-/// every queued event in one `write(2)` (see [`Shared::write_in_turn`]). A background thread
+/// Callers that come while another one writes queue behind it without blocking their thread,
+/// and that caller writes the queued events too, a group per `write(2)` (see
+/// [`Shared::write_in_turn`]). A background thread
 /// flushes deferred events ([`Audit::record_later`])
 /// within [`FLUSH_DELAY`], runs the group `fdatasync` that `fsync`-mode callers wait for, and
 /// the periodic one of `write` mode.
@@ -413,10 +415,45 @@ struct Waiter {
 
 /// What a queued caller is told.
 enum Turn {
-    /// Its events were written by the caller before it (with this outcome).
+    /// Its events were written by the caller whose turn it was (with this outcome).
     Written(Result<(), Error>),
-    /// It writes now: its own events (handed back) and everything queued behind it.
-    Lead(Vec<Event>),
+    /// That turn ended first: try again with these (its own) events.
+    Retry(Vec<Event>),
+}
+
+/// How many groups that queued during a turn's own write the turn writes too, before it lets
+/// them try again (bounds the time one caller spends writing for others).
+const EXTRA_ROUNDS: usize = 3;
+
+/// A queued caller's wait; if the caller gives up after being told to try again, its events
+/// are still recorded.
+struct Queued<'a> {
+    rx: tokio::sync::oneshot::Receiver<Turn>,
+    answered: bool,
+    shared: &'a Shared,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        // Unanswered: once closed, a turn that drains this caller still writes its events
+        // (the answer is just not delivered); an answer already sent is handled here.
+        self.rx.close();
+        if let Ok(Turn::Retry(events)) = self.rx.try_recv() {
+            self.shared.defer(events);
+        }
+    }
+}
+
+/// Ends a turn when dropped (see [`Shared::end_turn`]).
+struct EndTurn<'a>(&'a Shared);
+
+impl Drop for EndTurn<'_> {
+    fn drop(&mut self) {
+        self.0.end_turn();
+    }
 }
 
 /// Longest a group `fdatasync` waits for the writers of the previous group to come back.
@@ -575,78 +612,81 @@ impl Drop for Audit {
 
 impl Shared {
     /// Writes `events` in the caller's turn: at once if nobody is writing, otherwise after
-    /// queueing behind the caller who is, without blocking the thread. A turn writes the
-    /// caller's events and those of every caller queued at that moment in one `write(2)`, answers
-    /// them, and hands the turn to the first caller that queued meanwhile, so that under
-    /// concurrency each `write(2)` carries a group and no worker thread waits on a lock held
-    /// across a syscall. All or none of a group is written; every member gets the outcome.
-    async fn write_in_turn(&self, events: Vec<Event>) -> Result<(), Error> {
-        let mine = {
-            let mut q = lock(&self.queue);
-            if q.busy {
+    /// queueing behind the caller who is, without blocking the thread. The caller whose turn it
+    /// is writes its events with those of every caller queued at that moment in one `write(2)`,
+    /// then the group that queued meanwhile, and so on for at most [`EXTRA_ROUNDS`] more
+    /// groups; callers still queued after that are told to try again (whichever of them runs
+    /// first writes for the others). So under concurrency a `write(2)` carries a group, callers
+    /// that queue never block their thread, and no caller waits for another particular task to
+    /// be polled. The caller whose turn it is may wait for the background thread's `write(2)`.
+    /// All or none of a group is written; every member gets the outcome.
+    async fn write_in_turn(&self, mut events: Vec<Event>) -> Result<(), Error> {
+        loop {
+            let rx = {
+                let mut q = lock(&self.queue);
+                if !q.busy {
+                    q.busy = true;
+                    break;
+                }
                 let (turn, rx) = tokio::sync::oneshot::channel();
                 q.waiting.push_back(Waiter { events, turn });
-                Err(rx)
-            } else {
-                q.busy = true;
-                Ok(events)
-            }
-        };
-        let events = match mine {
-            Ok(events) => events,
-            Err(rx) => match rx.await {
+                rx
+            };
+            let mut waiting = Queued {
+                rx,
+                answered: false,
+                shared: self,
+            };
+            let turn = (&mut waiting.rx).await;
+            waiting.answered = true;
+            match turn {
                 Ok(Turn::Written(result)) => return result,
-                Ok(Turn::Lead(events)) => events,
+                Ok(Turn::Retry(mine)) => events = mine,
                 // Only if the turn before panicked: nothing is known of these events.
                 Err(_) => {
                     return Err(Error::Unavailable(
                         "the audit write ahead of this one did not finish".into(),
                     ));
                 }
-            },
-        };
-        // Hands the turn on however this one ends.
-        struct EndTurn<'a>(&'a Shared);
-        impl Drop for EndTurn<'_> {
-            fn drop(&mut self) {
-                self.0.pass_turn();
             }
         }
+        // Ends the turn however this one ends (callers still queued try again).
         let _end = EndTurn(self);
-        let queued: Vec<Waiter> = lock(&self.queue).waiting.drain(..).collect();
-        let mut batch = events;
-        let mut turns = Vec::with_capacity(queued.len());
-        for w in queued {
-            batch.extend(w.events);
-            turns.push(w.turn);
+        let mut result = None;
+        let mut mine = Some(events);
+        for _ in 0..=EXTRA_ROUNDS {
+            let queued: Vec<Waiter> = lock(&self.queue).waiting.drain(..).collect();
+            if queued.is_empty() && mine.is_none() {
+                break;
+            }
+            let mut batch = mine.take().unwrap_or_default();
+            let mut turns = Vec::with_capacity(queued.len());
+            for w in queued {
+                batch.extend(w.events);
+                turns.push(w.turn);
+            }
+            let outcome = self.write(batch);
+            for turn in turns {
+                // A caller that gave up meanwhile is not told; its events are written.
+                let _ = turn.send(Turn::Written(outcome.clone()));
+            }
+            result.get_or_insert(outcome);
         }
-        let result = self.write(batch);
-        for turn in turns {
-            // A caller that gave up meanwhile is not told; its events are written.
-            let _ = turn.send(Turn::Written(result.clone()));
-        }
-        result
+        result.unwrap_or(Ok(()))
     }
 
-    /// Ends a turn: hands it to the first queued caller still waiting, or marks the log idle.
-    fn pass_turn(&self) {
-        loop {
-            let next = {
-                let mut q = lock(&self.queue);
-                match q.waiting.pop_front() {
-                    Some(next) => next,
-                    None => {
-                        q.busy = false;
-                        return;
-                    }
-                }
-            };
-            match next.turn.send(Turn::Lead(next.events)) {
-                Ok(()) => return,
+    /// Ends a turn: the log is free again, and callers still queued try again.
+    fn end_turn(&self) {
+        let queued: Vec<Waiter> = {
+            let mut q = lock(&self.queue);
+            q.busy = false;
+            q.waiting.drain(..).collect()
+        };
+        for w in queued {
+            if let Err(Turn::Retry(events)) = w.turn.send(Turn::Retry(w.events)) {
                 // It gave up waiting (its request is gone): its events are still recorded,
-                // with the next write, and the turn goes to the one after it.
-                Err(Turn::Lead(events)) => self.defer(events),
-                Err(Turn::Written(_)) => {}
+                // with the next write.
+                self.defer(events);
             }
         }
     }
@@ -665,6 +705,7 @@ impl Shared {
         match result {
             Ok(()) => {
                 self.stats.events.fetch_add(n, Ordering::Relaxed);
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
                 if !self.healthy.swap(true, Ordering::Relaxed) {
                     info!("audit log writable again");
                 }
@@ -1271,36 +1312,59 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_writers_on_several_threads_take_turns() {
+    /// `future`, or a failure if it takes more than 10 s (a lost turn hangs).
+    async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("an audit write never finished")
+    }
+
+    #[test]
+    fn concurrent_writers_on_several_event_loops_take_turns() {
         let dir = tempfile::tempdir().unwrap();
         let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
-        let mut tasks = Vec::new();
-        for w in 0..16 {
-            let a = a.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..200 {
-                    // Each returns only once its events are in the file.
-                    a.record_all(vec![
-                        event(&format!("w{w}-{i}-a")),
-                        event(&format!("w{w}-{i}-b")),
-                    ])
-                    .await
-                    .unwrap();
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
+        // As the daemon's workers: one single-threaded event loop per thread.
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let mut tasks = Vec::new();
+                        for w in 0..4 {
+                            let a = a.clone();
+                            let w = t * 4 + w;
+                            tasks.push(tokio::spawn(async move {
+                                for i in 0..200 {
+                                    let record = vec![
+                                        event(&format!("w{w}-{i}-a")),
+                                        event(&format!("w{w}-{i}-b")),
+                                    ];
+                                    within(a.record_all(record)).await.unwrap();
+                                }
+                            }));
+                        }
+                        for t in tasks {
+                            t.await.unwrap();
+                        }
+                    });
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
         }
         assert!(!lock(&a.shared.queue).busy, "the last turn ended");
-        let writes = a.stats.events.load(Ordering::Relaxed);
+        let events = a.stats.events.load(Ordering::Relaxed);
         drop(a);
         let path = dir.path().join("audit.jsonl");
         let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 16 * 200 * 2);
-        assert_eq!(writes, 16 * 200 * 2);
+        assert_eq!(events, 16 * 200 * 2);
         // Every event once; each writer's in its order, a record's events together.
         let names = names(&path);
         for w in 0..16 {
@@ -1324,33 +1388,73 @@ mod tests {
         }
     }
 
+    /// Polls `future` once (it must be waiting).
+    fn poll_once<F: std::future::Future + Unpin>(future: &mut F) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::pin::Pin::new(future).poll(&mut cx).is_pending());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_queued_behind_a_write_go_out_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        // A write(2) that stalls: the background thread holds the writer.
+        let stall = lock(&a.shared.writer);
+        let first = tokio::spawn({
+            let a = a.clone();
+            async move { a.record(event("first")).await }
+        });
+        while !lock(&a.shared.queue).busy {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // These queue (the thread they run on is not blocked) and are written by the first
+        // caller's turn, in one write(2).
+        let mut queued: Vec<_> = ["q1", "q2", "q3"]
+            .map(|n| Box::pin(a.record(event(n))))
+            .into_iter()
+            .collect();
+        for q in &mut queued {
+            poll_once(q);
+        }
+        drop(stall);
+        within(first).await.unwrap().unwrap();
+        for q in queued {
+            within(q).await.unwrap();
+        }
+        assert_eq!(names(&path), ["first", "q1", "q2", "q3"]);
+        assert_eq!(a.stats.writes.load(Ordering::Relaxed), 2);
+        assert!(!lock(&a.shared.queue).busy);
+    }
+
     #[tokio::test]
-    async fn a_turn_passes_over_a_caller_that_gave_up() {
+    async fn callers_that_give_up_waiting_lose_no_event_and_no_turn() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
         // Someone is writing: callers queue behind it.
         lock(&a.shared.queue).busy = true;
-        let mut gave_up = Box::pin(a.record(event("gave-up")));
+        let mut before = Box::pin(a.record(event("gave-up-queued")));
         let mut waits = Box::pin(a.record(event("waits")));
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        assert!(gave_up.as_mut().poll(&mut cx).is_pending());
-        assert!(waits.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(lock(&a.shared.queue).waiting.len(), 2);
-        drop(gave_up);
-        // The writer's turn ends: the next caller still waiting writes, nothing is lost.
-        a.shared.pass_turn();
-        tokio::time::timeout(Duration::from_secs(10), waits)
-            .await
-            .expect("the turn never reached the waiting caller")
-            .unwrap();
+        let mut after = Box::pin(a.record(event("gave-up-told")));
+        for f in [&mut before, &mut waits, &mut after] {
+            poll_once(f);
+        }
+        assert_eq!(lock(&a.shared.queue).waiting.len(), 3);
+        drop(before);
+        // The turn ends: the callers still queued are told to try again; one that is told and
+        // gives up before it runs again keeps its event and blocks nobody.
+        a.shared.end_turn();
+        drop(after);
+        within(waits).await.unwrap();
         assert!(!lock(&a.shared.queue).busy);
-        assert_eq!(names(&path), ["gave-up", "waits"]);
-        // A caller now writes at once.
-        a.record(event("next")).await.unwrap();
+        assert_eq!(names(&path), ["gave-up-queued", "gave-up-told", "waits"]);
+        within(a.record(event("next"))).await.unwrap();
         drop(a);
-        assert_eq!(names(&path), ["gave-up", "waits", "next"]);
+        assert_eq!(
+            names(&path),
+            ["gave-up-queued", "gave-up-told", "waits", "next"]
+        );
         let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
     }

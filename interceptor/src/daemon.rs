@@ -628,6 +628,8 @@ impl Daemon {
                 "durability": format!("{:?}", self.audit.config.durability).to_lowercase(),
                 "healthy": self.audit.healthy(),
                 "events": self.audit.stats.events.load(Ordering::Relaxed),
+                // write(2) calls: concurrent requests share them.
+                "writes": self.audit.stats.writes.load(Ordering::Relaxed),
                 "failures": self.audit.stats.failures.load(Ordering::Relaxed),
                 "syncs": self.audit.stats.syncs.load(Ordering::Relaxed),
                 // Total time in fdatasync, µs (the mean over syncs is what fsync mode adds).

@@ -867,7 +867,7 @@ fn print_status(s: &Value) {
         .map(|us| format!(", mean {us} µs"))
         .unwrap_or_default();
     println!(
-        "audit: {} ({}), {}, {} event(s), {} failure(s), {syncs} sync(s){mean_sync}",
+        "audit: {} ({}), {}, {} event(s) in {} write(s), {} failure(s), {syncs} sync(s){mean_sync}",
         str_of(&a["path"]),
         str_of(&a["durability"]),
         if a["healthy"] == Value::Bool(true) {
@@ -876,6 +876,7 @@ fn print_status(s: &Value) {
             "FAILING"
         },
         a["events"],
+        a["writes"],
         a["failures"],
     );
     println!("counters:");
