@@ -98,7 +98,7 @@ impl ProcFacts {
     /// Reads them; exe and cgroup only from a process that started before `connect_boot_ns`
     /// (otherwise it is not the caller).
     fn read(dir: &Path, connect_boot_ns: u64) -> Self {
-        let start_time_ns = std::fs::read_to_string(dir.join("stat"))
+        let start_time_ns = read_proc(&dir.join("stat"))
             .ok()
             .and_then(|stat| start_time_ticks(&stat))
             .map(ticks_to_ns);
@@ -110,15 +110,36 @@ impl ProcFacts {
             facts.exe = std::fs::read_link(dir.join("exe"))
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned());
-            facts.cgroup = std::fs::read_to_string(dir.join("cgroup"))
-                .ok()
-                .and_then(|t| {
-                    t.lines()
-                        .find_map(|l| l.strip_prefix("0::").map(|p| p.trim_end().to_owned()))
-                });
+            facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(|p| p.trim_end().to_owned()))
+            });
         }
         facts
     }
+}
+
+/// Reads a small `/proc` file in one `read(2)` and one that sees the end (`read_to_string`
+/// asks `statx` for a length, which `/proc` reports as 0, then grows its buffer from 32 bytes:
+/// eight syscalls for `stat`). Bytes that are not UTF-8 are replaced: a process may give
+/// itself any name, and `stat` carries it.
+fn read_proc(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
 }
 
 /// Whether a process that started at `start_time_ns` can have connected at `connect_boot_ns`.
@@ -401,6 +422,22 @@ mod tests {
         let _ = std::fs::remove_file(dir.join("exe"));
         std::os::unix::fs::symlink(exe, dir.join("exe")).unwrap();
         std::fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+    }
+
+    #[test]
+    fn a_process_named_in_bytes_that_are_not_utf8_is_still_read() {
+        let root = tempfile::tempdir().unwrap();
+        fake_proc(root.path(), 4242, "/usr/bin/agent", "/agents/a");
+        let stat = root.path().join("4242/stat");
+        std::fs::write(
+            &stat,
+            b"4242 (ag\xff\xfe) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 100 0 0",
+        )
+        .unwrap();
+        let facts = ProcFacts::read(&root.path().join("4242"), u64::MAX / 2);
+        assert_eq!(facts.start_time_ns, Some(ticks_to_ns(100)));
+        assert_eq!(facts.exe.as_deref(), Some("/usr/bin/agent"));
+        assert_eq!(facts.cgroup.as_deref(), Some("/agents/a"));
     }
 
     #[test]
