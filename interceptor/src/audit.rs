@@ -21,7 +21,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
-    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::{
         Arc, Condvar, Mutex,
@@ -998,6 +998,58 @@ fn read_tail_prefix(file: &mut File, valid_len: u64, torn: Option<Vec<u8>>) -> i
     })
 }
 
+/// What tells whether the log's path still names the open file: links, inode, device. Read
+/// with a `statx` that asks for nothing else: asking for timestamps (as `File::metadata` does)
+/// makes the kernel give the next write a fine-grained timestamp and so a journalled inode
+/// update (multigrain timestamps, Linux 6.13+): 4.9 -> 8.8 µs per 2.4 KB append on ext4 here.
+#[derive(Debug, PartialEq, Eq)]
+struct FileId {
+    links: u32,
+    ino: u64,
+    dev: (u32, u32),
+}
+
+impl FileId {
+    fn of_open(file: &File) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        Self::statx(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+    }
+
+    fn of_path(path: &Path) -> io::Result<Self> {
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Self::statx(libc::AT_FDCWD, &path, 0)
+    }
+
+    fn statx(dirfd: libc::c_int, path: &std::ffi::CStr, flags: libc::c_int) -> io::Result<Self> {
+        let mut st = std::mem::MaybeUninit::<libc::statx>::zeroed();
+        // SAFETY: a NUL-terminated path, and a buffer of the size statx fills.
+        let rc = unsafe {
+            libc::statx(
+                dirfd,
+                path.as_ptr(),
+                flags,
+                libc::STATX_NLINK | libc::STATX_INO,
+                st.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: statx succeeded, and zeroed memory is a valid statx anyway.
+        let st = unsafe { st.assume_init() };
+        Ok(Self {
+            links: st.stx_nlink,
+            ino: st.stx_ino,
+            dev: (st.stx_dev_major, st.stx_dev_minor),
+        })
+    }
+
+    fn same_file(&self, other: &Self) -> bool {
+        self.ino == other.ino && self.dev == other.dev
+    }
+}
+
 struct Writer {
     path: PathBuf,
     file: Arc<File>,
@@ -1045,16 +1097,13 @@ impl Writer {
     /// (checked at most every [`PATH_CHECK_INTERVAL`]; until then events go on into the renamed
     /// file, where the chain stays intact).
     fn ensure_file(&mut self) -> io::Result<()> {
-        let current = self.file.metadata()?;
-        if current.nlink() > 0 && self.path_checked.elapsed() < PATH_CHECK_INTERVAL {
+        let current = FileId::of_open(&self.file)?;
+        if current.links > 0 && self.path_checked.elapsed() < PATH_CHECK_INTERVAL {
             return Ok(());
         }
         self.path_checked = Instant::now();
-        let on_disk = std::fs::metadata(&self.path).ok();
-        let same = on_disk
-            .as_ref()
-            .is_some_and(|m| m.ino() == current.ino() && m.dev() == current.dev());
-        if current.nlink() > 0 && same {
+        let same = FileId::of_path(&self.path).is_ok_and(|on_disk| on_disk.same_file(&current));
+        if current.links > 0 && same {
             return Ok(());
         }
         warn!(path = %self.path.display(), "audit log was removed or replaced; re-creating it");
@@ -1544,6 +1593,26 @@ mod tests {
         let live = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
         let first: Value = serde_json::from_str(live.lines().next().unwrap()).unwrap();
         assert!(first["seq"].as_u64() > Some(1), "{first}");
+    }
+
+    #[tokio::test]
+    async fn a_log_removed_or_renamed_while_open_is_re_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
+        a.record(event("first")).await.unwrap();
+        // Removed: noticed at the next write.
+        std::fs::remove_file(&path).unwrap();
+        a.record(event("after-removal")).await.unwrap();
+        assert_eq!(names(&path), ["after-removal"]);
+        // Renamed away: noticed within the path check interval; until then the renamed file
+        // gets the events.
+        let moved = dir.path().join("moved.jsonl");
+        std::fs::rename(&path, &moved).unwrap();
+        std::thread::sleep(PATH_CHECK_INTERVAL + Duration::from_millis(20));
+        a.record(event("after-rename")).await.unwrap();
+        assert_eq!(names(&path), ["after-rename"]);
+        assert_eq!(names(&moved), ["after-removal"]);
     }
 
     #[test]
