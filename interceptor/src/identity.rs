@@ -98,20 +98,26 @@ impl ProcFacts {
     /// Reads them; exe and cgroup only from a process that started before `connect_boot_ns`
     /// (otherwise it is not the caller).
     fn read(dir: &Path, connect_boot_ns: u64) -> Self {
+        // A process may give itself any name, and `stat` carries it: bytes that are not UTF-8
+        // are replaced (the fields after the name are digits).
         let start_time_ns = read_proc(&dir.join("stat"))
             .ok()
-            .and_then(|stat| start_time_ticks(&stat))
+            .and_then(|stat| start_time_ticks(&String::from_utf8_lossy(&stat)))
             .map(ticks_to_ns);
         let mut facts = Self {
             start_time_ns,
             ..Self::default()
         };
         if liveness(start_time_ns, connect_boot_ns) == Liveness::Alive {
+            // Paths that are not UTF-8 give no exe / no cgroup (and so no workload id), which
+            // bindings never match: replaced bytes would let two paths share one identity.
             facts.exe = std::fs::read_link(dir.join("exe"))
                 .ok()
-                .map(|p| p.to_string_lossy().into_owned());
-            facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(|t| {
-                t.lines()
+                .and_then(|p| p.into_os_string().into_string().ok());
+            facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(|bytes| {
+                String::from_utf8(bytes)
+                    .ok()?
+                    .lines()
                     .find_map(|l| l.strip_prefix("0::").map(|p| p.trim_end().to_owned()))
             });
         }
@@ -121,9 +127,8 @@ impl ProcFacts {
 
 /// Reads a small `/proc` file in one `read(2)` and one that sees the end (`read_to_string`
 /// asks `statx` for a length, which `/proc` reports as 0, then grows its buffer from 32 bytes:
-/// eight syscalls for `stat`). Bytes that are not UTF-8 are replaced: a process may give
-/// itself any name, and `stat` carries it.
-fn read_proc(path: &Path) -> std::io::Result<String> {
+/// eight syscalls for `stat`).
+fn read_proc(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 4096];
@@ -139,7 +144,8 @@ fn read_proc(path: &Path) -> std::io::Result<String> {
             Err(e) => return Err(e),
         }
     }
-    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+    buf.truncate(len);
+    Ok(buf)
 }
 
 /// Whether a process that started at `start_time_ns` can have connected at `connect_boot_ns`.
@@ -425,7 +431,8 @@ mod tests {
     }
 
     #[test]
-    fn a_process_named_in_bytes_that_are_not_utf8_is_still_read() {
+    fn a_name_that_is_not_utf8_is_read_a_path_that_is_not_is_not_guessed() {
+        use std::os::unix::ffi::OsStrExt;
         let root = tempfile::tempdir().unwrap();
         fake_proc(root.path(), 4242, "/usr/bin/agent", "/agents/a");
         let stat = root.path().join("4242/stat");
@@ -438,6 +445,16 @@ mod tests {
         assert_eq!(facts.start_time_ns, Some(ticks_to_ns(100)));
         assert_eq!(facts.exe.as_deref(), Some("/usr/bin/agent"));
         assert_eq!(facts.cgroup.as_deref(), Some("/agents/a"));
+        // Paths that are not UTF-8 are not guessed at.
+        std::fs::write(root.path().join("4242/cgroup"), b"0::/agents/a\xff\n").unwrap();
+        let exe = root.path().join("4242/exe");
+        std::fs::remove_file(&exe).unwrap();
+        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(b"/usr/bin/ag\xffent"), &exe)
+            .unwrap();
+        let facts = ProcFacts::read(&root.path().join("4242"), u64::MAX / 2);
+        assert_eq!(facts.cgroup, None);
+        assert_eq!(facts.exe, None);
+        assert!(facts.start_time_ns.is_some());
     }
 
     #[test]
