@@ -19,7 +19,7 @@
 //! The schema is documented in `docs/audit.md`.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::{File, Metadata, OpenOptions},
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
@@ -438,10 +438,29 @@ impl Drop for Queued<'_> {
         if self.answered {
             return;
         }
-        // Unanswered: once closed, a turn that drains this caller still writes its events
-        // (the answer is just not delivered); an answer already sent is handled here.
+        // Unanswered. Once closed, a turn that already took this caller's events writes them
+        // (the answer is just not delivered), and one that would tell it to retry defers them.
+        // Otherwise they are still queued: they move to the deferred events now, ahead of
+        // anything its connection defers after giving up (its close).
         self.rx.close();
-        if let Ok(Turn::Retry(events)) = self.rx.try_recv() {
+        let mut events = Vec::new();
+        {
+            let mut q = lock(&self.shared.queue);
+            let mut i = 0;
+            while i < q.waiting.len() {
+                if q.waiting[i].turn.is_closed() {
+                    if let Some(w) = q.waiting.remove(i) {
+                        events.extend(w.events);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        if let Ok(Turn::Retry(mine)) = self.rx.try_recv() {
+            events.extend(mine);
+        }
+        if !events.is_empty() {
             self.shared.defer(events);
         }
     }
@@ -655,17 +674,23 @@ impl Shared {
         let mut result = None;
         let mut mine = Some(events);
         for _ in 0..=EXTRA_ROUNDS {
-            let queued: Vec<Waiter> = lock(&self.queue).waiting.drain(..).collect();
-            if queued.is_empty() && mine.is_none() {
+            // The deferred events and the queue are taken together under the writer lock:
+            // whatever is deferred after this (a connection's close) goes into a later write.
+            let writer = lock(&self.writer);
+            let mut q = lock(&self.queue);
+            if q.waiting.is_empty() && mine.is_none() {
                 break;
             }
-            let mut batch = mine.take().unwrap_or_default();
+            let mut batch = std::mem::take(&mut q.later);
+            let queued: Vec<Waiter> = q.waiting.drain(..).collect();
+            drop(q);
+            batch.extend(mine.take().unwrap_or_default());
             let mut turns = Vec::with_capacity(queued.len());
             for w in queued {
                 batch.extend(w.events);
                 turns.push(w.turn);
             }
-            let outcome = self.write(batch);
+            let outcome = self.write_locked(writer, batch);
             for turn in turns {
                 // A caller that gave up meanwhile is not told; its events are written.
                 let _ = turn.send(Turn::Written(outcome.clone()));
@@ -693,9 +718,18 @@ impl Shared {
 
     /// Writes the deferred events and then `events` in one `write(2)`, under the writer lock.
     fn write(&self, events: Vec<Event>) -> Result<(), Error> {
-        let mut w = lock(&self.writer);
+        let writer = lock(&self.writer);
         let mut batch = std::mem::take(&mut lock(&self.queue).later);
         batch.extend(events);
+        self.write_locked(writer, batch)
+    }
+
+    /// Writes `batch` in one `write(2)` with the writer lock held, and counts the outcome.
+    fn write_locked(
+        &self,
+        mut w: std::sync::MutexGuard<'_, Writer>,
+        batch: Vec<Event>,
+    ) -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -874,6 +908,22 @@ fn lock_exclusive(file: &File) -> io::Result<()> {
     }
 }
 
+/// Opens the file that continues the log (re-created or rotated) and takes its lock, so one
+/// daemon per log holds for the new file too.
+fn open_successor(path: &Path) -> io::Result<File> {
+    let file = open_log(path)?;
+    lock_exclusive(&file).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "locking the new {}: {e}; another process holds it (one daemon per node)",
+                path.display()
+            ),
+        )
+    })?;
+    Ok(file)
+}
+
 /// (seq, hash) of the last event in the newest `<path>.<time>` file beside `path`.
 fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
     let dir = path.parent()?;
@@ -1013,12 +1063,28 @@ impl FileId {
     fn of_open(file: &File) -> io::Result<Self> {
         use std::os::fd::AsRawFd;
         Self::statx(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+            .or_else(|e| Self::fallback(e, || file.metadata()))
     }
 
     fn of_path(path: &Path) -> io::Result<Self> {
-        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Self::statx(libc::AT_FDCWD, &path, 0)
+        Self::statx(libc::AT_FDCWD, &c_path, 0)
+            .or_else(|e| Self::fallback(e, || std::fs::metadata(path)))
+    }
+
+    /// Where `statx` is missing or filtered (old kernels, seccomp), the full `stat`.
+    fn fallback(e: io::Error, stat: impl FnOnce() -> io::Result<Metadata>) -> io::Result<Self> {
+        if !matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+            return Err(e);
+        }
+        use std::os::unix::fs::MetadataExt;
+        let m = stat()?;
+        Ok(Self {
+            links: u32::try_from(m.nlink()).unwrap_or(u32::MAX),
+            ino: m.ino(),
+            dev: (libc::major(m.dev()), libc::minor(m.dev())),
+        })
     }
 
     fn statx(dirfd: libc::c_int, path: &std::ffi::CStr, flags: libc::c_int) -> io::Result<Self> {
@@ -1107,7 +1173,7 @@ impl Writer {
             return Ok(());
         }
         warn!(path = %self.path.display(), "audit log was removed or replaced; re-creating it");
-        self.file = Arc::new(open_log(&self.path)?);
+        self.file = Arc::new(open_successor(&self.path)?);
         self.len = self.file.metadata()?.len();
         Ok(())
     }
@@ -1122,7 +1188,7 @@ impl Writer {
             .replace(':', "");
         let rotated = PathBuf::from(format!("{}.{stamp}", self.path.display()));
         std::fs::rename(&self.path, &rotated)?;
-        self.file = Arc::new(open_log(&self.path)?);
+        self.file = Arc::new(open_successor(&self.path)?);
         self.len = 0;
         info!(rotated = %rotated.display(), "audit log rotated");
         Ok(())
@@ -1444,7 +1510,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn callers_queued_behind_a_write_go_out_together() {
+    async fn callers_queued_behind_a_stalled_write_go_out_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
@@ -1457,8 +1523,8 @@ mod tests {
         while !lock(&a.shared.queue).busy {
             std::thread::sleep(Duration::from_millis(1));
         }
-        // These queue (the thread they run on is not blocked) and are written by the first
-        // caller's turn, in one write(2).
+        // These queue (the thread they run on is not blocked); the first caller's turn takes
+        // the queue once it holds the writer, so all four go out in one write(2).
         let mut queued: Vec<_> = ["q1", "q2", "q3"]
             .map(|n| Box::pin(a.record(event(n))))
             .into_iter()
@@ -1472,7 +1538,7 @@ mod tests {
             within(q).await.unwrap();
         }
         assert_eq!(names(&path), ["first", "q1", "q2", "q3"]);
-        assert_eq!(a.stats.writes.load(Ordering::Relaxed), 2);
+        assert_eq!(a.stats.writes.load(Ordering::Relaxed), 1);
         assert!(!lock(&a.shared.queue).busy);
     }
 
@@ -1490,20 +1556,27 @@ mod tests {
             poll_once(f);
         }
         assert_eq!(lock(&a.shared.queue).waiting.len(), 3);
+        // A caller that gives up while queued leaves the queue; its event is deferred ahead of
+        // what its connection defers next (its close).
         drop(before);
+        assert_eq!(lock(&a.shared.queue).waiting.len(), 2);
+        a.record_later(event("close-after-giving-up"));
         // The turn ends: the callers still queued are told to try again; one that is told and
         // gives up before it runs again keeps its event and blocks nobody.
         a.shared.end_turn();
         drop(after);
         within(waits).await.unwrap();
         assert!(!lock(&a.shared.queue).busy);
-        assert_eq!(names(&path), ["gave-up-queued", "gave-up-told", "waits"]);
+        let written = [
+            "gave-up-queued",
+            "close-after-giving-up",
+            "gave-up-told",
+            "waits",
+        ];
+        assert_eq!(names(&path), written);
         within(a.record(event("next"))).await.unwrap();
         drop(a);
-        assert_eq!(
-            names(&path),
-            ["gave-up-queued", "gave-up-told", "waits", "next"]
-        );
+        assert_eq!(names(&path), [&written[..], &["next"]].concat());
         let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
     }
@@ -1613,6 +1686,19 @@ mod tests {
         a.record(event("after-rename")).await.unwrap();
         assert_eq!(names(&path), ["after-rename"]);
         assert_eq!(names(&moved), ["after-removal"]);
+        // Replaced by another file while still linked elsewhere (so only the path comparison
+        // can tell): the events go to the file now at the path, which the log locks.
+        let kept = dir.path().join("kept.jsonl");
+        std::fs::hard_link(&path, &kept).unwrap();
+        let other = dir.path().join("other.jsonl");
+        std::fs::write(&other, "").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        std::thread::sleep(PATH_CHECK_INTERVAL + Duration::from_millis(20));
+        a.record(event("after-replace")).await.unwrap();
+        assert_eq!(names(&path), ["after-replace"]);
+        assert_eq!(names(&kept), ["after-rename"]);
+        let again = File::open(&path).unwrap();
+        assert!(lock_exclusive(&again).is_err(), "the new file is locked");
     }
 
     #[test]

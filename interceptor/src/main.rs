@@ -866,8 +866,13 @@ fn print_status(s: &Value) {
         .and_then(|us| us.checked_div(syncs))
         .map(|us| format!(", mean {us} µs"))
         .unwrap_or_default();
+    // `writes` is absent from a daemon older than this command.
+    let writes = a["writes"]
+        .as_u64()
+        .map(|w| format!(" in {w} write(s)"))
+        .unwrap_or_default();
     println!(
-        "audit: {} ({}), {}, {} event(s) in {} write(s), {} failure(s), {syncs} sync(s){mean_sync}",
+        "audit: {} ({}), {}, {} event(s){writes}, {} failure(s), {syncs} sync(s){mean_sync}",
         str_of(&a["path"]),
         str_of(&a["durability"]),
         if a["healthy"] == Value::Bool(true) {
@@ -876,7 +881,6 @@ fn print_status(s: &Value) {
             "FAILING"
         },
         a["events"],
-        a["writes"],
         a["failures"],
     );
     println!("counters:");
