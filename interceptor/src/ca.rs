@@ -130,6 +130,11 @@ impl Leaf {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 
+    /// Past its `not_after`: of no use to anyone any more.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.not_after <= now
+    }
+
     /// Still usable without renewal: more than a third of its lifetime left.
     fn fresh(&self, now: SystemTime) -> bool {
         let life = self
@@ -245,7 +250,11 @@ impl NodeCa {
             return Ok(l.clone());
         }
         let leaf = Arc::new(self.mint(workload_id, now)?);
-        lock(&self.cache).insert(workload_id.to_owned(), leaf.clone());
+        let mut cache = lock(&self.cache);
+        // Workloads come and go (a cgroup per pod or job): certificates that expired go when
+        // another is minted, so the cache holds the workloads seen within one lifetime.
+        cache.retain(|_, l| !l.expired(now));
+        cache.insert(workload_id.to_owned(), leaf.clone());
         Ok(leaf)
     }
 
@@ -411,6 +420,18 @@ mod tests {
             !Arc::ptr_eq(&a, &b),
             "a leaf with a third of its life left must be renewed"
         );
+    }
+
+    #[test]
+    fn expired_leaves_leave_the_cache_when_another_is_minted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1s");
+        ca.leaf("spiffe://x/gone").unwrap();
+        ca.leaf("spiffe://x/also-gone").unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        ca.leaf("spiffe://x/new").unwrap();
+        let cached: Vec<String> = lock(&ca.cache).keys().cloned().collect();
+        assert_eq!(cached, ["spiffe://x/new"]);
     }
 
     #[test]

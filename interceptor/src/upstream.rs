@@ -196,6 +196,10 @@ impl Upstream {
             Some((&connector, &tls.server_name)),
         );
         let client = pools[slot].clone();
+        // Pools of certificates that expired (workloads gone, or renewed) go: requests still
+        // using one hold their own handle.
+        let now = std::time::SystemTime::now();
+        clients.retain(|_, (l, _)| !l.expired(now));
         clients.insert(wid.to_owned(), (leaf, pools));
         Ok(client)
     }
@@ -470,6 +474,45 @@ pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools_of_expired_certificates_go_when_another_workload_connects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::ca::init(dir.path(), "n").unwrap();
+        let ca = NodeCa::load(&crate::ca::RawCa {
+            cert: cert.clone(),
+            key,
+            leaf_ttl: "1s".into(),
+        })
+        .unwrap();
+        let server = Server {
+            name: "notes".into(),
+            intercept: vec![],
+            upstream: "127.0.0.1:9".into(),
+            upstream_addrs: vec!["127.0.0.1:9".parse().unwrap()],
+            authority: "127.0.0.1:9".into(),
+            tls: Some(RawTls {
+                ca: cert,
+                server_name: "notes.test".into(),
+                server_id: None,
+            }),
+            inject_headers: Default::default(),
+            pass_authorization: false,
+        };
+        let up = Upstream::new(&server, 2).unwrap();
+        let workloads = |up: &Upstream| -> Vec<String> {
+            let tls = up.tls.as_ref().unwrap();
+            let mut ids: Vec<String> = lock(&tls.clients).keys().cloned().collect();
+            ids.sort();
+            ids
+        };
+        up.client(Some(&ca), Some("spiffe://x/a")).unwrap();
+        up.client(Some(&ca), Some("spiffe://x/b")).unwrap();
+        assert_eq!(workloads(&up), ["spiffe://x/a", "spiffe://x/b"]);
+        std::thread::sleep(Duration::from_millis(1100));
+        up.client(Some(&ca), Some("spiffe://x/c")).unwrap();
+        assert_eq!(workloads(&up), ["spiffe://x/c"]);
+    }
 
     #[test]
     fn credential_files_are_read_again_only_when_they_change() {
