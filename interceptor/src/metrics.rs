@@ -24,6 +24,42 @@ use tracing::{info, warn};
 
 use crate::daemon::Daemon;
 
+/// The MCP methods `requests_total` names; any other method an agent sends counts as `other`.
+/// Label values are kept for the daemon's life, so they must not come from agents unchecked.
+const METHODS: [&str; 22] = [
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "prompts/list",
+    "prompts/get",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "completion/complete",
+    "logging/setLevel",
+    "tasks/get",
+    "tasks/list",
+    "tasks/result",
+    "tasks/cancel",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/roots/list_changed",
+];
+
+/// `method` as a `requests_total` label.
+pub fn method_label(method: &str) -> &str {
+    if METHODS.contains(&method) {
+        method
+    } else {
+        "other"
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub server: String,
@@ -227,5 +263,22 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_mcp_methods_name_a_series() {
+        assert_eq!(method_label("tools/call"), "tools/call");
+        assert_eq!(
+            method_label("notifications/initialized"),
+            "notifications/initialized"
+        );
+        assert_eq!(method_label("tools/call2"), "other");
+        assert_eq!(method_label("notifications/x-1"), "other");
+        assert_eq!(method_label(""), "other");
     }
 }

@@ -393,6 +393,10 @@ pub struct Decision {
     pub rule: String,
     /// Roles that granted the request (empty when denied).
     pub roles: Vec<String>,
+    /// The rule without what the agent sent (tool names, methods, argument values), where
+    /// `rule` quotes it: metrics label by this, so an agent cannot mint label values.
+    #[serde(skip)]
+    generic: Option<String>,
 }
 
 impl Decision {
@@ -401,6 +405,15 @@ impl Decision {
             allow: false,
             rule: rule.into(),
             roles: Vec::new(),
+            generic: None,
+        }
+    }
+
+    /// A denial whose rule quotes the agent's input; `generic` says it without.
+    fn deny_quoting(rule: String, generic: impl Into<String>) -> Self {
+        Self {
+            generic: Some(generic.into()),
+            ..Self::deny(rule)
         }
     }
 
@@ -409,7 +422,14 @@ impl Decision {
             allow: true,
             rule: rule.into(),
             roles,
+            generic: None,
         }
+    }
+
+    /// A denial's rule as a metrics label: only policy text (role names, patterns, server
+    /// names).
+    pub fn rule_label(&self) -> &str {
+        self.generic.as_deref().unwrap_or(&self.rule)
     }
 }
 
@@ -625,10 +645,13 @@ impl Policy {
                 );
             }
         }
-        Decision::deny(format!(
-            "default deny: no role allows method {:?} on server {server:?}",
-            call.method
-        ))
+        Decision::deny_quoting(
+            format!(
+                "default deny: no role allows method {:?} on server {server:?}",
+                call.method
+            ),
+            format!("default deny: no role allows the method on server {server:?}"),
+        )
     }
 
     fn check_tool(&self, grant: &Grant, call: &Call<'_>) -> Decision {
@@ -637,9 +660,10 @@ impl Policy {
             return Decision::deny("tools/call without a tool name");
         };
         if !valid_tool_name(tool) {
-            return Decision::deny(format!(
-                "tool name {tool:?} has characters outside [A-Za-z0-9_.-/] or is too long"
-            ));
+            return Decision::deny_quoting(
+                format!("tool name {tool:?} has characters outside [A-Za-z0-9_.-/] or is too long"),
+                "tool name has characters outside [A-Za-z0-9_.-/] or is too long",
+            );
         }
         let candidate = Candidate::new(tool);
         // Deny wins: any granting role's deny pattern refuses the call.
@@ -659,19 +683,23 @@ impl Policy {
             }
         }
         let Some(&(first, pattern)) = allowing.first() else {
-            return Decision::deny(format!("default deny: no role allows tool {tool:?}"));
+            return Decision::deny_quoting(
+                format!("default deny: no role allows tool {tool:?}"),
+                "default deny: no role allows the tool",
+            );
         };
         // Argument constraints of every granting role apply (a constraint is a deny rule).
         let args = call.arguments.unwrap_or(&Value::Null);
         for r in grant.constraining.iter().map(|&i| &self.roles[i]) {
             for rule in r.tool_args.iter().filter(|a| a.tool.matches(tool)) {
                 if let Err(why) = rule.check(args) {
-                    return Decision::deny(format!(
-                        "role {}: tool_args for {:?} at {:?}: {why}",
+                    let which = format!(
+                        "role {}: tool_args for {:?} at {:?}",
                         r.name,
                         rule.tool.as_str(),
                         rule.pointer
-                    ));
+                    );
+                    return Decision::deny_quoting(format!("{which}: {why}"), which);
                 }
             }
         }
@@ -856,6 +884,27 @@ mod tests {
             comm: "python3",
             workload_id: Some("spiffe://example.org/node/n1/cgroup/agents/team-a/uid/1000"),
         }
+    }
+
+    #[test]
+    fn rule_labels_carry_no_agent_input() {
+        let p = policy(ISSUE_EXAMPLE);
+        let bad_path = json!({"path": "/etc/agent-chosen-1"});
+        let cases = [
+            Call::tool("agent-chosen-1", None),
+            Call::tool("agent chosen\u{200b}1", None),
+            Call::method("agent/chosen-1"),
+            Call::tool("read_file", Some(&bad_path)),
+        ];
+        for call in cases {
+            let d = p.check(&agent(), "notes", &call);
+            assert!(!d.allow, "{call:?}");
+            assert!(d.rule.contains("agent"), "the audit keeps it: {:?}", d.rule);
+            assert!(!d.rule_label().contains("agent"), "{:?}", d.rule_label());
+        }
+        // Rules made of policy text only label as they read.
+        let d = p.check(&agent(), "notes", &Call::tool("delete_x", None));
+        assert_eq!(d.rule_label(), d.rule);
     }
 
     /// (subject, server, call, allow, rule fragment)

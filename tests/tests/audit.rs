@@ -306,9 +306,14 @@ fn metrics_count_requests_denials_and_kernel_redirects() {
         &w.url,
         "streamable-http",
         "legacy",
-        &[r#"search={"query":"q"}"#, r#"delete_note={"name":"n"}"#],
+        &[
+            r#"search={"query":"q"}"#,
+            r#"delete_note={"name":"n"}"#,
+            r#"made_up_tool_7f3a={}"#,
+        ],
     );
     assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    assert_ne!(out["calls"]["made_up_tool_7f3a"]["ok"], true, "{out}");
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
     use std::io::{Read, Write};
     write!(
@@ -320,14 +325,17 @@ fn metrics_count_requests_denials_and_kernel_redirects() {
     stream.read_to_string(&mut text).expect("response");
     for needle in [
         "interceptor_requests_total{server=\"notes\",method=\"tools/call\",decision=\"allow\"} 1",
-        "interceptor_requests_total{server=\"notes\",method=\"tools/call\",decision=\"deny\"} 1",
+        "interceptor_requests_total{server=\"notes\",method=\"tools/call\",decision=\"deny\"} 2",
         "interceptor_denials_total{server=\"notes\",rule=\"role reader: deny_tools \\\"delete_*\\\"\"} 1",
         "interceptor_upstream_latency_seconds_bucket",
         "interceptor_connections_total",
         "interceptor_kernel_events_total{event=\"redirected\"}",
         "interceptor_audit_events_total",
         "interceptor_audit_healthy 1",
+        // A name the agent made up is not a label value.
+        "interceptor_denials_total{server=\"notes\",rule=\"default deny: no role allows the tool\"} 1",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
+    assert!(!text.contains("made_up_tool_7f3a"), "{text}");
 }

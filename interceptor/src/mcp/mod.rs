@@ -1073,7 +1073,7 @@ impl Conn {
             .requests
             .get_or_create(&crate::metrics::RequestLabels {
                 server: self.server_name().to_owned(),
-                method: method.to_owned(),
+                method: crate::metrics::method_label(method).to_owned(),
                 decision: if d.allow { "allow" } else { "deny" }.to_owned(),
             })
             .inc();
@@ -1082,7 +1082,7 @@ impl Conn {
                 .denials
                 .get_or_create(&crate::metrics::RuleLabels {
                     server: self.server_name().to_owned(),
-                    rule: d.rule.clone(),
+                    rule: d.rule_label().to_owned(),
                 })
                 .inc();
         }
