@@ -117,6 +117,30 @@ pub fn init(dir: &Path, node: &str) -> Result<(PathBuf, PathBuf), Error> {
     Ok((cert_path, key_path))
 }
 
+/// Most workloads whose certificates (and upstream pools) are kept: beyond, the oldest go
+/// (and are minted again if they come back). A workload id template with agent-settable parts
+/// (`{comm}`, `{exe}`, `{gid}`) would otherwise let an agent grow these without bound.
+#[cfg(not(test))]
+pub const MAX_WORKLOADS: usize = 16_384;
+#[cfg(test)]
+pub const MAX_WORKLOADS: usize = 4;
+
+/// Drops the entries whose certificate expired and, to make room for one more, the oldest
+/// beyond [`MAX_WORKLOADS`].
+pub fn evict<V>(map: &mut HashMap<String, V>, now: SystemTime, leaf: impl Fn(&V) -> &Leaf) {
+    map.retain(|_, v| !leaf(v).expired(now));
+    while map.len() >= MAX_WORKLOADS {
+        let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, v)| leaf(v).not_after)
+            .map(|(k, _)| k.clone())
+        else {
+            break;
+        };
+        map.remove(&oldest);
+    }
+}
+
 /// A minted client certificate.
 pub struct Leaf {
     pub chain: Vec<CertificateDer<'static>>,
@@ -253,7 +277,7 @@ impl NodeCa {
         let mut cache = lock(&self.cache);
         // Workloads come and go (a cgroup per pod or job): certificates that expired go when
         // another is minted, so the cache holds the workloads seen within one lifetime.
-        cache.retain(|_, l| !l.expired(now));
+        evict(&mut cache, now, |l| l);
         cache.insert(workload_id.to_owned(), leaf.clone());
         Ok(leaf)
     }
@@ -425,13 +449,36 @@ mod tests {
     #[test]
     fn expired_leaves_leave_the_cache_when_another_is_minted() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ca(dir.path(), "1s");
+        let ca = ca(dir.path(), "2s");
         ca.leaf("spiffe://x/gone").unwrap();
         ca.leaf("spiffe://x/also-gone").unwrap();
-        std::thread::sleep(Duration::from_millis(1100));
+        std::thread::sleep(Duration::from_millis(800));
+        ca.leaf("spiffe://x/aging").unwrap();
+        // The first two expired; "aging" is due for renewal but still valid: it stays.
+        std::thread::sleep(Duration::from_millis(1400));
         ca.leaf("spiffe://x/new").unwrap();
-        let cached: Vec<String> = lock(&ca.cache).keys().cloned().collect();
-        assert_eq!(cached, ["spiffe://x/new"]);
+        ca.leaf("spiffe://x/newer").unwrap();
+        let mut cached: Vec<String> = lock(&ca.cache).keys().cloned().collect();
+        cached.sort();
+        assert_eq!(
+            cached,
+            ["spiffe://x/aging", "spiffe://x/new", "spiffe://x/newer"]
+        );
+    }
+
+    #[test]
+    fn the_oldest_leaves_go_beyond_the_workload_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1h");
+        for i in 0..MAX_WORKLOADS + 2 {
+            ca.leaf(&format!("spiffe://x/w{i}")).unwrap();
+            // Distinct expiry times (they are second-precise in the certificate, not here).
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let cache = lock(&ca.cache);
+        assert_eq!(cache.len(), MAX_WORKLOADS);
+        assert!(!cache.contains_key("spiffe://x/w0") && !cache.contains_key("spiffe://x/w1"));
+        assert!(cache.contains_key(&format!("spiffe://x/w{}", MAX_WORKLOADS + 1)));
     }
 
     #[test]

@@ -26,10 +26,11 @@ use crate::daemon::Daemon;
 
 /// The MCP methods `requests_total` names; any other method an agent sends counts as `other`.
 /// Label values are kept for the daemon's life, so they must not come from agents unchecked.
-const METHODS: [&str; 22] = [
+const METHODS: [&str; 23] = [
     "initialize",
     "ping",
     "server/discover",
+    "subscriptions/listen",
     "tools/list",
     "tools/call",
     "prompts/list",

@@ -28,7 +28,7 @@ use hyper_util::{
         Client,
         connect::{Connected, Connection},
     },
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
@@ -196,10 +196,9 @@ impl Upstream {
             Some((&connector, &tls.server_name)),
         );
         let client = pools[slot].clone();
-        // Pools of certificates that expired (workloads gone, or renewed) go: requests still
-        // using one hold their own handle.
-        let now = std::time::SystemTime::now();
-        clients.retain(|_, (l, _)| !l.expired(now));
+        // Pools of certificates that expired (workloads gone, or renewed) go, and the oldest
+        // beyond the cap: requests still using one hold their own handle.
+        crate::ca::evict(&mut clients, std::time::SystemTime::now(), |(l, _)| l);
         clients.insert(wid.to_owned(), (leaf, pools));
         Ok(client)
     }
@@ -255,6 +254,9 @@ fn build(
     tls: Option<(TlsConnector, ServerName<'static>)>,
 ) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
+        // With a timer the pool closes idle connections on its own; without one only a later
+        // checkout would (a departed workload's connections stayed open until its pool went).
+        .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(MarkedConnector {
             addrs,
@@ -482,7 +484,7 @@ mod tests {
         let ca = NodeCa::load(&crate::ca::RawCa {
             cert: cert.clone(),
             key,
-            leaf_ttl: "1s".into(),
+            leaf_ttl: "2s".into(),
         })
         .unwrap();
         let server = Server {
@@ -507,11 +509,13 @@ mod tests {
             ids
         };
         up.client(Some(&ca), Some("spiffe://x/a")).unwrap();
+        std::thread::sleep(Duration::from_millis(800));
         up.client(Some(&ca), Some("spiffe://x/b")).unwrap();
         assert_eq!(workloads(&up), ["spiffe://x/a", "spiffe://x/b"]);
-        std::thread::sleep(Duration::from_millis(1100));
+        // a's certificate expired; b's is due for renewal but still valid: its pools stay.
+        std::thread::sleep(Duration::from_millis(1400));
         up.client(Some(&ca), Some("spiffe://x/c")).unwrap();
-        assert_eq!(workloads(&up), ["spiffe://x/c"]);
+        assert_eq!(workloads(&up), ["spiffe://x/b", "spiffe://x/c"]);
     }
 
     #[test]

@@ -64,6 +64,18 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest method, tool or resource name written to the audit log as is.
 const MAX_AUDIT_NAME: usize = 1024;
+
+/// `s` cut to [`MAX_AUDIT_NAME`] bytes (on a character boundary), marked when cut.
+fn capped(s: &str) -> String {
+    if s.len() <= MAX_AUDIT_NAME {
+        return s.to_owned();
+    }
+    let mut end = MAX_AUDIT_NAME;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[truncated]", &s[..end])
+}
 /// Concurrent h2c streams per agent connection (each may buffer up to `max_body_bytes`).
 const MAX_H2_STREAMS: u32 = 16;
 
@@ -981,9 +993,11 @@ impl Conn {
             .filter_map(|m| match m {
                 Message::Request { id, method, .. } => Some((
                     id.to_string(),
+                    // Kept until the response: as long as the audit event names them, no longer
+                    // (a URI or method may be megabytes; a session holds thousands).
                     Pending {
-                        method: method.clone(),
-                        target: m.target().map(str::to_owned),
+                        method: capped(method),
+                        target: m.target().map(capped),
                         started: Instant::now(),
                         session: session_id.clone(),
                     },
@@ -1026,21 +1040,11 @@ impl Conn {
             (_, Some(p)) => Some(redactor.redact_object(p)),
             (_, None) => None,
         };
-        let cap = |s: &str| -> String {
-            if s.len() <= MAX_AUDIT_NAME {
-                return s.to_owned();
-            }
-            let mut end = MAX_AUDIT_NAME;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            format!("{}…[truncated]", &s[..end])
-        };
-        let target = m.target().map(cap);
+        let target = m.target().map(capped);
         audit::Event::new("mcp.request")
             .raw("identity", &self.who)
             .field("server", self.server_name())
-            .field("method", &cap(method))
+            .field("method", &capped(method))
             .field("tool", &tool_of(method, target.as_deref()))
             .field("name", &target)
             .field("id", &m.id())
