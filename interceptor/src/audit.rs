@@ -19,6 +19,7 @@
 //! The schema is documented in `docs/audit.md`.
 
 use std::{
+    collections::VecDeque,
     fs::{File, Metadata, OpenOptions},
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
     os::unix::fs::OpenOptionsExt,
@@ -404,7 +405,7 @@ struct Queue {
     later: Vec<Event>,
     /// A caller is writing; callers that come meanwhile wait in `waiting`.
     busy: bool,
-    waiting: std::collections::VecDeque<Waiter>,
+    waiting: VecDeque<Waiter>,
 }
 
 /// A caller queued behind the one writing.
@@ -443,20 +444,14 @@ impl Drop for Queued<'_> {
         // Otherwise they are still queued: they move to the deferred events now, ahead of
         // anything its connection defers after giving up (its close).
         self.rx.close();
-        let mut events = Vec::new();
-        {
+        let gone = {
             let mut q = lock(&self.shared.queue);
-            let mut i = 0;
-            while i < q.waiting.len() {
-                if q.waiting[i].turn.is_closed() {
-                    if let Some(w) = q.waiting.remove(i) {
-                        events.extend(w.events);
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-        }
+            let (gone, still): (VecDeque<Waiter>, _) =
+                q.waiting.drain(..).partition(|w| w.turn.is_closed());
+            q.waiting = still;
+            gone
+        };
+        let mut events: Vec<Event> = gone.into_iter().flat_map(|w| w.events).collect();
         if let Ok(Turn::Retry(mine)) = self.rx.try_recv() {
             events.extend(mine);
         }

@@ -37,7 +37,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{net::TcpStream, sync::mpsc};
 use tracing::{debug, info, warn};
 
@@ -64,6 +64,8 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest method, tool or resource name written to the audit log as is.
 const MAX_AUDIT_NAME: usize = 1024;
+/// Concurrent h2c streams per agent connection (each may buffer up to `max_body_bytes`).
+const MAX_H2_STREAMS: u32 = 16;
 
 /// `s` cut to [`MAX_AUDIT_NAME`] bytes (on a character boundary), marked when cut.
 fn capped(s: &str) -> String {
@@ -76,8 +78,6 @@ fn capped(s: &str) -> String {
     }
     format!("{}…[truncated]", &s[..end])
 }
-/// Concurrent h2c streams per agent connection (each may buffer up to `max_body_bytes`).
-const MAX_H2_STREAMS: u32 = 16;
 
 /// Sends `notifications/tools/list_changed` on every live server stream; returns how many.
 pub fn notify_tools_changed(streams: &Streams) -> usize {
@@ -508,16 +508,17 @@ impl Conn {
     /// and the roles): connections with equal keys get identical assertions.
     fn presign_key(daemon: &Daemon, identity: &Identity, server_id: usize) -> Option<Arc<str>> {
         daemon.ca.as_ref()?;
-        let claims = json!([
+        let claims = (
             server_id,
             identity.workload_id.as_deref()?,
             identity.uid,
-            identity.exe,
-            identity.cgroup,
-            identity.placement.container,
-            identity.placement.pod,
-        ]);
-        Some(claims.to_string().into())
+            &identity.exe,
+            &identity.cgroup,
+            &identity.placement.container,
+            &identity.placement.pod,
+        );
+        // Plain data: serialising it cannot fail.
+        serde_json::to_string(&claims).ok().map(Into::into)
     }
 
     /// The claims of an identity assertion for a request granted by `roles`.
