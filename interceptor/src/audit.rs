@@ -5,8 +5,10 @@
 //!   `fdatasync` shared by every event written while the previous one ran — group commit), or
 //!   queued (`async`). The `write(2)` happens on a caller's thread; callers that come while one
 //!   writes queue without blocking their thread and it writes theirs too, a group at a time; events that
-//!   gate nothing ([`Audit::record_later`]) ride along with the next write or are flushed by a
-//!   background thread within [`FLUSH_DELAY`].
+//!   gate nothing ([`Audit::record_later`]) ride along with the next write, are written by the
+//!   connection worker that deferred them when it goes idle ([`Audit::idle_flusher`]), or are
+//!   flushed by a background thread within [`FLUSH_DELAY`] (elsewhere and in `async` mode) or
+//!   [`SYNC_INTERVAL`] (a worker that never idles).
 //! - Each line ends with `"hash"`: the SHA-256 (hex) of the line's text up to that member plus
 //!   the closing brace, i.e. of the event with its `seq` and `prev_hash` (the previous line's
 //!   hash). Editing, deleting, reordering or inserting a line breaks the chain; rotation keeps
@@ -360,10 +362,11 @@ pub struct Stats {
 /// Writes happen on a caller's thread (`write` mode costs a `write(2)`, no thread hand-off).
 /// Callers that come while another one writes queue behind it without blocking their thread,
 /// and that caller writes the queued events too, a group per `write(2)` (see
-/// [`Shared::write_in_turn`]). A background thread
-/// flushes deferred events ([`Audit::record_later`])
-/// within [`FLUSH_DELAY`], runs the group `fdatasync` that `fsync`-mode callers wait for, and
-/// the periodic one of `write` mode.
+/// [`Shared::write_in_turn`]). Deferred events ([`Audit::record_later`]) ride along with the
+/// next write or are written by the connection worker that deferred them when it goes idle
+/// ([`Audit::idle_flusher`]). A background thread writes the rest (within [`FLUSH_DELAY`],
+/// or [`SYNC_INTERVAL`] for a worker that stays busy), runs the group `fdatasync` that
+/// `fsync`-mode callers wait for, and the periodic one of `write` mode.
 pub struct Audit {
     shared: Arc<Shared>,
     background: Option<std::thread::JoinHandle<()>>,
@@ -382,8 +385,16 @@ struct Shared {
     bg: Mutex<Background>,
     wake: Condvar,
     durability: Durability,
+    /// Events deferred on a connection worker are written when that worker goes idle (see
+    /// [`Audit::idle_flusher`]) instead of by the background thread.
+    idle_flush: AtomicBool,
     healthy: AtomicBool,
     stats: Arc<Stats>,
+}
+
+thread_local! {
+    /// This thread deferred events that it writes when it goes idle.
+    static DEFERRED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Work for the background thread.
@@ -539,6 +550,7 @@ impl Audit {
             bg: Mutex::new(Background::default()),
             wake: Condvar::new(),
             durability: config.durability,
+            idle_flush: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             stats: stats.clone(),
         });
@@ -590,9 +602,29 @@ impl Audit {
     }
 
     /// Records `event` without waiting (events that gate nothing: responses, closes); it is
-    /// written within [`FLUSH_DELAY`], or with the next recorded event, whichever is first.
+    /// written with the next recorded event, when this connection worker goes idle (see
+    /// [`Audit::idle_flusher`]), or by the background thread (within [`FLUSH_DELAY`] off the
+    /// workers, [`SYNC_INTERVAL`] for a worker that stays busy), whichever is first.
     pub fn record_later(&self, event: Event) {
         self.shared.defer(vec![event]);
+    }
+
+    /// The function a connection worker calls whenever it is about to go idle (tokio's
+    /// `on_thread_park`): from then on, events deferred on a worker thread are written by that
+    /// worker then (or with an earlier write) instead of by the background thread, which
+    /// saves a cross-thread wake-up, on the request path, per response. A worker that never
+    /// goes idle and writes nothing else leaves them to the background thread's periodic turn
+    /// ([`SYNC_INTERVAL`]). `async` mode keeps every write on the background thread.
+    pub fn idle_flusher(&self) -> impl Fn() + Send + Sync + Clone + 'static {
+        if self.shared.durability != Durability::Async {
+            self.shared.idle_flush.store(true, Ordering::Relaxed);
+        }
+        let shared = self.shared.clone();
+        move || {
+            if DEFERRED_HERE.replace(false) {
+                shared.flush_idle();
+            }
+        }
     }
 
     /// Records `event` and waits, from synchronous code (start-up, shutdown, admin).
@@ -666,6 +698,34 @@ impl Shared {
         }
         // Ends the turn however this one ends (callers still queued try again).
         let _end = EndTurn(self);
+        self.write_turn(events)
+    }
+
+    /// Writes the deferred events now, from a connection worker about to go idle, unless
+    /// another caller is writing (it may have taken the deferred events before these came;
+    /// the background thread then writes them after it).
+    fn flush_idle(&self) {
+        {
+            let mut q = lock(&self.queue);
+            if q.later.is_empty() {
+                return;
+            }
+            if q.busy {
+                drop(q);
+                self.wake_background();
+                return;
+            }
+            q.busy = true;
+        }
+        let _end = EndTurn(self);
+        // A failure is counted and logged; nobody waits for these events.
+        let _ = self.write_turn(Vec::new());
+    }
+
+    /// The writing part of a turn (the caller set `busy` and ends the turn): the deferred
+    /// events, `events` and the queued callers' events in one `write(2)`, then the groups that
+    /// queued meanwhile (see [`Shared::write_in_turn`]).
+    fn write_turn(&self, events: Vec<Event>) -> Result<(), Error> {
         let mut result = None;
         let mut mine = Some(events);
         for _ in 0..=EXTRA_ROUNDS {
@@ -750,9 +810,19 @@ impl Shared {
         }
     }
 
-    /// Queues `events` for the background thread.
+    /// Queues `events` for the next write: this worker's when it goes idle (see
+    /// [`Audit::idle_flusher`]), otherwise the background thread's.
     fn defer(&self, events: Vec<Event>) {
         lock(&self.queue).later.extend(events);
+        if self.idle_flush.load(Ordering::Relaxed) && crate::workers::slot() != 0 {
+            DEFERRED_HERE.set(true);
+            return;
+        }
+        self.wake_background();
+    }
+
+    /// Has the background thread write the deferred events within [`FLUSH_DELAY`].
+    fn wake_background(&self) {
         let mut bg = lock(&self.bg);
         if !bg.flush {
             bg.flush = true;
@@ -806,6 +876,9 @@ impl Shared {
                 bg.flush = false;
                 drop(bg);
                 // A failure is counted and logged by write(); nobody waits for these events.
+                let _ = self.write(Vec::new());
+            } else if !lock(&self.queue).later.is_empty() {
+                // Deferred on a worker that has not gone idle since (and written nothing).
                 let _ = self.write(Vec::new());
             }
             if !waiters.is_empty() && waiters.len() < last_group {
@@ -1427,6 +1500,72 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), future)
             .await
             .expect("an audit write never finished")
+    }
+
+    /// Whether an event named `name` shows up in `path` within `limit`.
+    fn shows_up(path: &Path, name: &str, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.contains(&format!("\"event\":\"{name}\"")) {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn events_deferred_on_a_worker_are_written_when_it_goes_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        let workers = crate::workers::Workers::start(1, a.idle_flusher()).unwrap();
+        {
+            // The audit thread is held: it cannot write them, and a deferral that tried to
+            // wake it would block the worker.
+            let _held = lock(&a.shared.bg);
+            let on_worker = a.clone();
+            workers.spawn(async move { on_worker.record_later(event("deferred-on-worker")) });
+            assert!(
+                shows_up(
+                    &a.shared.path,
+                    "deferred-on-worker",
+                    Duration::from_secs(10)
+                ),
+                "the worker did not write its deferred event when it went idle"
+            );
+        }
+        workers.stop();
+        drop(a);
+        let v = verify(&[dir.path().join("audit.jsonl")]).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+    }
+
+    #[test]
+    fn events_deferred_on_a_worker_that_stays_busy_are_written_by_the_audit_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        let workers = crate::workers::Workers::start(1, a.idle_flusher()).unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let on_worker = a.clone();
+        workers.spawn(async move {
+            on_worker.record_later(event("deferred-on-busy-worker"));
+            // Busy without yielding: the worker does not go idle until released.
+            let _ = released.recv_timeout(Duration::from_secs(10));
+        });
+        let written = shows_up(
+            &a.shared.path,
+            "deferred-on-busy-worker",
+            Duration::from_secs(5),
+        );
+        let _ = release.send(());
+        workers.stop();
+        assert!(
+            written,
+            "an event deferred on a busy worker waited for it to go idle"
+        );
     }
 
     #[test]

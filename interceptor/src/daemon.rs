@@ -790,7 +790,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let workers = Workers::start(worker_count)?;
+    let workers = Workers::start(worker_count, audit.idle_flusher())?;
     let daemon = Arc::new(Daemon {
         workers,
         policy: RwLock::new(Arc::new(config.policy.clone())),

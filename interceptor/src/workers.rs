@@ -18,6 +18,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     thread::JoinHandle,
+    time::Duration,
 };
 
 use tokio::{runtime::Handle, sync::oneshot};
@@ -34,6 +35,23 @@ pub fn slot() -> usize {
     SLOT.with(Cell::get)
 }
 
+/// How often an idle worker wakes up; see [`heartbeat`].
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Keeps a timer of the worker's due within [`HEARTBEAT`], so that the per-request timers
+/// (hyper's header-read timeout, 30 s, armed again after every response) are never the
+/// earliest one. Tokio wakes its I/O driver whenever a timer is registered that is due before
+/// the driver's planned wake-up, even from the thread that runs the driver and is busy
+/// polling (tokio-rs/tokio#5207): with no other timer that was one `write(2)` to the worker's
+/// own eventfd and one extra `epoll_wait` per request.
+async fn heartbeat() {
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        beat.tick().await;
+    }
+}
+
 /// The worker threads.
 pub struct Workers {
     handles: Vec<Handle>,
@@ -43,10 +61,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` (at least 1) workers, named `worker-1`…. Each runtime is built on its
-    /// own thread (a runtime must not be dropped inside another one's async context, which is
-    /// where this is called from, should a later worker fail to start).
-    pub fn start(count: usize) -> io::Result<Self> {
+    /// Starts `count` (at least 1) workers, named `worker-1`…; each calls `on_idle` whenever
+    /// it is about to wait for I/O or timers (the audit log's deferred events). Each runtime
+    /// is built on its own thread (a runtime must not be dropped inside another one's async
+    /// context, which is where this is called from, should a later worker fail to start).
+    pub fn start(
+        count: usize,
+        on_idle: impl Fn() + Send + Sync + Clone + 'static,
+    ) -> io::Result<Self> {
         let count = count.max(1);
         let mut workers = Self {
             handles: Vec::with_capacity(count),
@@ -56,12 +78,14 @@ impl Workers {
         for index in 1..=count {
             let (stop, stopped) = oneshot::channel::<()>();
             let (ready, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
+            let on_idle = on_idle.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     SLOT.set(index);
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        .on_thread_park(on_idle)
                         .build()
                     {
                         Ok(r) => r,
@@ -74,7 +98,10 @@ impl Workers {
                     // Runs the spawned connections until told to stop (or the sender is
                     // gone); dropping the runtime then closes the connections still open.
                     runtime.block_on(async {
-                        let _ = stopped.await;
+                        tokio::select! {
+                            _ = stopped => {}
+                            _ = heartbeat() => {}
+                        }
                     });
                 })
                 .map_err(|e| {
@@ -143,7 +170,7 @@ mod tests {
 
     #[test]
     fn tasks_run_on_worker_threads_round_robin_and_stop_closes_them() {
-        let workers = Workers::start(2).expect("start");
+        let workers = Workers::start(2, || {}).expect("start");
         assert_eq!(slot(), 0, "the calling thread is not a worker");
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..4 {
