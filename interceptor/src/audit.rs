@@ -46,7 +46,8 @@ pub const SCHEMA_VERSION: u64 = 1;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Default `[audit] path`.
 pub const DEFAULT_PATH: &str = "/var/log/interceptor/audit.jsonl";
-/// In `write` mode, the longest an event waits for `fdatasync`.
+/// In `write` mode, the longest an event waits for `fdatasync`; also how soon the background
+/// thread writes events deferred on a worker that stays busy.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
 /// When an event counts as recorded.
@@ -385,15 +386,15 @@ struct Shared {
     bg: Mutex<Background>,
     wake: Condvar,
     durability: Durability,
-    /// Events deferred on a connection worker are written when that worker goes idle (see
-    /// [`Audit::idle_flusher`]) instead of by the background thread.
-    idle_flush: AtomicBool,
     healthy: AtomicBool,
     stats: Arc<Stats>,
 }
 
 thread_local! {
-    /// This thread deferred events that it writes when it goes idle.
+    /// The log (its [`Shared`]'s address) whose deferred events this thread writes when it goes
+    /// idle (see [`Audit::idle_flusher`]); 0 for none.
+    static IDLE_WRITER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// This thread deferred events to that log since it last wrote them.
     static DEFERRED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -550,7 +551,6 @@ impl Audit {
             bg: Mutex::new(Background::default()),
             wake: Condvar::new(),
             durability: config.durability,
-            idle_flush: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             stats: stats.clone(),
         });
@@ -609,19 +609,25 @@ impl Audit {
         self.shared.defer(vec![event]);
     }
 
-    /// The function a connection worker calls whenever it is about to go idle (tokio's
-    /// `on_thread_park`): from then on, events deferred on a worker thread are written by that
-    /// worker then (or with an earlier write) instead of by the background thread, which
-    /// saves a cross-thread wake-up, on the request path, per response. A worker that never
-    /// goes idle and writes nothing else leaves them to the background thread's periodic turn
-    /// ([`SYNC_INTERVAL`]). `async` mode keeps every write on the background thread.
+    /// The function a connection worker calls when it starts and whenever it is about to go
+    /// idle (tokio's `on_thread_park`): from its first call, events this log defers on that
+    /// thread are written by it then (or with an earlier write) instead of by the background
+    /// thread, which saves a cross-thread wake-up, on the request path, per response. A worker
+    /// that never goes idle and writes nothing else leaves them to the background thread's
+    /// periodic turn ([`SYNC_INTERVAL`]). `async` mode keeps every write on the background
+    /// thread.
     pub fn idle_flusher(&self) -> impl Fn() + Send + Sync + Clone + 'static {
-        if self.shared.durability != Durability::Async {
-            self.shared.idle_flush.store(true, Ordering::Relaxed);
-        }
         let shared = self.shared.clone();
+        let enabled = shared.durability != Durability::Async;
         move || {
-            if DEFERRED_HERE.replace(false) {
+            if !enabled {
+                return;
+            }
+            // Deferrals on this thread count from the first call (a worker makes it when it
+            // starts).
+            IDLE_WRITER.set(shared.address());
+            // Ending the turn may defer the events of callers that gave up meanwhile.
+            while DEFERRED_HERE.replace(false) {
                 shared.flush_idle();
             }
         }
@@ -757,17 +763,24 @@ impl Shared {
 
     /// Ends a turn: the log is free again, and callers still queued try again.
     fn end_turn(&self) {
-        let queued: Vec<Waiter> = {
+        let mut gave_up = false;
+        {
             let mut q = lock(&self.queue);
             q.busy = false;
-            q.waiting.drain(..).collect()
-        };
-        for w in queued {
-            if let Err(Turn::Retry(events)) = w.turn.send(Turn::Retry(w.events)) {
-                // It gave up waiting (its request is gone): its events are still recorded,
-                // with the next write.
-                self.defer(events);
+            let queued: Vec<Waiter> = q.waiting.drain(..).collect();
+            for w in queued {
+                if let Err(Turn::Retry(events)) = w.turn.send(Turn::Retry(w.events)) {
+                    // It gave up waiting (its request is gone): its events are still recorded,
+                    // with the next write. Deferred under the queue lock, which the caller's
+                    // `Queued::drop` takes before its connection can defer anything else (its
+                    // close), so they stay ahead of it.
+                    q.later.extend(events);
+                    gave_up = true;
+                }
             }
+        }
+        if gave_up {
+            self.deferred();
         }
     }
 
@@ -814,11 +827,22 @@ impl Shared {
     /// [`Audit::idle_flusher`]), otherwise the background thread's.
     fn defer(&self, events: Vec<Event>) {
         lock(&self.queue).later.extend(events);
-        if self.idle_flush.load(Ordering::Relaxed) && crate::workers::slot() != 0 {
+        self.deferred();
+    }
+
+    /// Events were deferred: noted for this thread's idle moment if it writes them then,
+    /// otherwise the background thread is woken.
+    fn deferred(&self) {
+        if IDLE_WRITER.get() == self.address() {
             DEFERRED_HERE.set(true);
-            return;
+        } else {
+            self.wake_background();
         }
-        self.wake_background();
+    }
+
+    /// Identifies this log for [`IDLE_WRITER`].
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 
     /// Has the background thread write the deferred events within [`FLUSH_DELAY`].

@@ -61,8 +61,9 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` (at least 1) workers, named `worker-1`…; each calls `on_idle` whenever
-    /// it is about to wait for I/O or timers (the audit log's deferred events). Each runtime
+    /// Starts `count` (at least 1) workers, named `worker-1`…; each calls `on_idle` when it
+    /// starts and whenever it is about to wait for I/O or timers (the audit log's deferred
+    /// events). Each runtime
     /// is built on its own thread (a runtime must not be dropped inside another one's async
     /// context, which is where this is called from, should a later worker fail to start).
     pub fn start(
@@ -83,6 +84,7 @@ impl Workers {
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     SLOT.set(index);
+                    on_idle();
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .on_thread_park(on_idle)
