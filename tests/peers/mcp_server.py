@@ -6,6 +6,8 @@ reached the server.
 
 import argparse
 
+import anyio
+
 from mcp.server.mcpserver import MCPServer
 
 parser = argparse.ArgumentParser()
@@ -13,6 +15,11 @@ parser.add_argument("--transport", choices=["streamable-http", "sse"], required=
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--calls", required=True, help="file that records each tool call")
+parser.add_argument(
+    "--with-slow-tool",
+    action="store_true",
+    help="also offer read_slowly, which answers after a given number of seconds",
+)
 args = parser.parse_args()
 
 server = MCPServer("notes")
@@ -49,6 +56,17 @@ def write_note(name: str, text: str) -> str:
     """Write a note."""
     record("write_note")
     return f"wrote {name}"
+
+
+async def read_slowly(name: str, seconds: float) -> str:
+    """Read a note, slowly (a call still in flight when a test cuts it off)."""
+    record("read_slowly")
+    await anyio.sleep(seconds)
+    return f"contents of {name}"
+
+
+if args.with_slow_tool:
+    server.tool()(read_slowly)
 
 
 @server.prompt()

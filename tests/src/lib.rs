@@ -95,6 +95,11 @@ pub struct McpServer {
 impl McpServer {
     /// Starts `tests/peers/mcp_server.py` with `transport` (`streamable-http` or `sse`).
     pub fn start(transport: &str) -> Self {
+        Self::start_with(transport, &[])
+    }
+
+    /// Like [`McpServer::start`], with more arguments for the script (`--with-slow-tool`).
+    pub fn start_with(transport: &str, args: &[&str]) -> Self {
         let port = free_port();
         let calls = tempfile::NamedTempFile::new().expect("calls file");
         let mut cmd = Command::new(python());
@@ -106,8 +111,28 @@ impl McpServer {
                 &port.to_string(),
                 "--calls",
             ])
-            .arg(calls.path());
+            .arg(calls.path())
+            .args(args);
         Self::spawn(cmd, port, calls)
+    }
+
+    /// Kills the server now (SIGKILL: its connections drop mid-exchange).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `limit` until the server has executed a call of `tool`.
+    pub fn wait_call(&self, tool: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.calls().iter().any(|c| c == tool) {
+            assert!(
+                Instant::now() < deadline,
+                "the server executed no {tool} call within {limit:?}: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts the `rmcp-peer` binary (official Rust SDK) as a Streamable HTTP server.
@@ -179,6 +204,27 @@ impl Drop for McpServer {
     }
 }
 
+/// The command line of the official-SDK MCP client (`tests/peers/mcp_client.py`).
+fn mcp_client_args(url: &str, transport: &str, mode: &str, calls: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        peer("mcp_client.py").as_str(),
+        "--url",
+        url,
+        "--transport",
+        transport,
+        "--mode",
+        mode,
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    for c in calls {
+        args.push("--call".into());
+        args.push((*c).to_owned());
+    }
+    args
+}
+
 /// Runs the official-SDK MCP client (`tests/peers/mcp_client.py`) inside `cgroup_dir` and
 /// returns what it printed.
 pub fn mcp_client(
@@ -188,21 +234,9 @@ pub fn mcp_client(
     mode: &str,
     calls: &[&str],
 ) -> Value {
-    let script = peer("mcp_client.py");
     let python = python().to_string_lossy().into_owned();
-    let mut args = vec![
-        script.as_str(),
-        "--url",
-        url,
-        "--transport",
-        transport,
-        "--mode",
-        mode,
-    ];
-    for c in calls {
-        args.push("--call");
-        args.push(c);
-    }
+    let args = mcp_client_args(url, transport, mode, calls);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_in_cgroup(cgroup_dir, &python, &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
@@ -393,15 +427,45 @@ pub fn read_stream(
 /// the cgroup and then becomes the program (same pid), so the kernel attributes its
 /// connections to it.
 pub fn run_in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Output {
+    in_cgroup(cgroup_dir, program, args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// The command that runs `program args…` as a process of the cgroup `cgroup_dir`.
+fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
     let script = format!(
         "echo $$ > '{}' && exec \"$@\"",
         cgroup_dir.join("cgroup.procs").display()
     );
-    Command::new("sh")
-        .args(["-c", &script, "sh", program])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh", program]).args(args);
+    cmd
+}
+
+/// The official-SDK MCP client started in the background inside `cgroup_dir` (for calls a
+/// test cuts off); killed and reaped on drop.
+pub struct BackgroundClient(Child);
+
+impl BackgroundClient {
+    pub fn start(cgroup_dir: &Path, url: &str, transport: &str, calls: &[&str]) -> Self {
+        let python = python().to_string_lossy().into_owned();
+        let args = mcp_client_args(url, transport, "legacy", calls);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = in_cgroup(cgroup_dir, &python, &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the MCP client");
+        Self(child)
+    }
+}
+
+impl Drop for BackgroundClient {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn parse_client(out: Output) -> ClientResult {

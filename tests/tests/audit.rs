@@ -7,7 +7,9 @@ use std::{
     process::Command,
 };
 
-use interceptor_tests::{McpServer, ServerSpec, TestEnv, interceptor_bin, mcp_client, privileged};
+use interceptor_tests::{
+    BackgroundClient, McpServer, ServerSpec, TestEnv, interceptor_bin, mcp_client, privileged,
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -31,9 +33,31 @@ fn world(label: &str, audit: Option<&str>) -> World {
 }
 
 fn world_with(label: &str, audit: Option<&str>, daemon_extra: &str) -> World {
+    world_on(
+        label,
+        audit,
+        daemon_extra,
+        McpServer::start("streamable-http"),
+        "mcp",
+    )
+}
+
+/// A world whose server (on `transport`) also offers `read_slowly`.
+fn slow_world(label: &str, transport: &str, daemon_extra: &str) -> World {
+    let server = McpServer::start_with(transport, &["--with-slow-tool"]);
+    let path = if transport == "sse" { "sse" } else { "mcp" };
+    world_on(label, None, daemon_extra, server, path)
+}
+
+fn world_on(
+    label: &str,
+    audit: Option<&str>,
+    daemon_extra: &str,
+    server: McpServer,
+    path: &str,
+) -> World {
     let mut env = TestEnv::new(label);
     env.daemon_extra = daemon_extra.to_owned();
-    let server = McpServer::start("streamable-http");
     let agents_rel = env.cgroup("agents");
     let mut extra =
         format!("{POLICY}\n[[binding]]\nrole = \"reader\"\ncgroup = \"{agents_rel}\"\n");
@@ -52,10 +76,90 @@ fn world_with(label: &str, audit: Option<&str>, daemon_extra: &str) -> World {
     env.start_daemon();
     World {
         agents: env.dir(&agents_rel),
-        url: format!("http://{}/mcp", server.addr),
+        url: format!("http://{}/{path}", server.addr),
         env,
         server,
     }
+}
+
+/// The `mcp.response` event of the `read_slowly` call, once written (deferred events follow
+/// their request shortly), checked against its `mcp.request`.
+fn slow_call_response(env: &TestEnv) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let events = env.audit_events();
+        let request = events
+            .iter()
+            .find(|e| e["event"] == "mcp.request" && e["tool"] == "read_slowly");
+        let response = events
+            .iter()
+            .find(|e| e["event"] == "mcp.response" && e["tool"] == "read_slowly");
+        if let (Some(request), Some(response)) = (request, response) {
+            assert_eq!(request["decision"], "allow", "{request}");
+            assert_eq!(response["id"], request["id"], "{response}");
+            assert_eq!(response["identity"], request["identity"], "{response}");
+            assert!(response["seq"].as_u64() > request["seq"].as_u64());
+            return response.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mcp.request and mcp.response pair for read_slowly in {events:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+const SLOW_CALL: &str = r#"read_slowly={"name":"n","seconds":60}"#;
+
+#[test]
+fn a_call_its_server_drops_midway_gets_an_upstream_error_response_event() {
+    if !privileged() {
+        return;
+    }
+    // Legacy SSE: the answer would come on the session's stream; Streamable HTTP: on the
+    // POST's own event stream. Either stream breaks when the server dies mid-call.
+    for transport in ["sse", "streamable-http"] {
+        let mut w = slow_world(&format!("cutoff-{transport}"), transport, "");
+        let client = BackgroundClient::start(&w.agents, &w.url, transport, &[SLOW_CALL]);
+        w.server
+            .wait_call("read_slowly", std::time::Duration::from_secs(30));
+        w.server.kill();
+        let response = slow_call_response(&w.env);
+        assert_eq!(
+            response["outcome"], "upstream_error",
+            "{transport}: {response}"
+        );
+        drop(client);
+        let (ok, report) = verify(&[&w.env.audit_path()]);
+        assert!(ok, "{report}");
+    }
+}
+
+#[test]
+fn a_call_in_flight_when_the_daemon_stops_gets_a_cancelled_response_event() {
+    if !privileged() {
+        return;
+    }
+    let mut w = slow_world("cancelled", "streamable-http", "drain_grace = \"300ms\"\n");
+    let client = BackgroundClient::start(&w.agents, &w.url, "streamable-http", &[SLOW_CALL]);
+    w.server
+        .wait_call("read_slowly", std::time::Duration::from_secs(30));
+    w.env.stop_daemon(Signal::SIGTERM);
+    drop(client);
+    let response = slow_call_response(&w.env);
+    assert_eq!(response["outcome"], "cancelled", "{response}");
+    // Recorded before the daemon's own last word.
+    let events = w.env.audit_events();
+    let stop = events
+        .iter()
+        .find(|e| e["event"] == "daemon.stop")
+        .expect("daemon.stop recorded");
+    assert!(
+        response["seq"].as_u64() < stop["seq"].as_u64(),
+        "{events:#?}"
+    );
+    let (ok, report) = verify(&[&w.env.audit_path()]);
+    assert!(ok, "{report}");
 }
 
 fn verify(paths: &[&Path]) -> (bool, String) {

@@ -269,6 +269,52 @@ pub struct Pending {
 /// Pending requests by JSON-RPC id (as JSON text).
 pub type PendingMap = HashMap<String, Pending>;
 
+/// Requests of one agent request whose `mcp.response` is not recorded yet. Whatever is still
+/// in it when it is dropped is recorded as `cancelled`: the agent went away before the answer
+/// (closed its connection or stream), or the daemon stopped. So every audited request that is
+/// allowed gets one `mcp.response`, however its exchange ends.
+pub struct Awaiting {
+    conn: Arc<Conn>,
+    map: PendingMap,
+}
+
+impl Awaiting {
+    fn new(conn: &Arc<Conn>, map: PendingMap) -> Self {
+        Self {
+            conn: conn.clone(),
+            map,
+        }
+    }
+
+    /// Records the requests still awaited as answered with `outcome` (and JSON-RPC error
+    /// `code`, if the proxy answered with one).
+    fn settle(&mut self, outcome: &str, code: Option<i64>) {
+        if !self.map.is_empty() {
+            let map = std::mem::take(&mut self.map);
+            self.conn.audit_failed(map, outcome, code);
+        }
+    }
+}
+
+impl std::ops::Deref for Awaiting {
+    type Target = PendingMap;
+    fn deref(&self) -> &PendingMap {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Awaiting {
+    fn deref_mut(&mut self) -> &mut PendingMap {
+        &mut self.map
+    }
+}
+
+impl Drop for Awaiting {
+    fn drop(&mut self) {
+        self.settle("cancelled", None);
+    }
+}
+
 /// A connection's revocation: set once, with its reason; whoever waits for it is woken. (A
 /// `watch` channel would do, at ~350 bytes more per connection.)
 #[derive(Default)]
@@ -686,18 +732,19 @@ impl Conn {
     /// `upstream_error`, and the agent gets HTTP 502 with JSON-RPC -32603 saying why.
     fn upstream_failed(
         &self,
-        pending: PendingMap,
+        mut pending: Awaiting,
         message: impl Into<String>,
     ) -> Response<ProxyBody> {
-        self.audit_failed(pending, "upstream_error");
+        pending.settle("upstream_error", None);
         error_response(StatusCode::BAD_GATEWAY, code::INTERNAL_ERROR, message)
     }
 
     /// `mcp.response` events for requests that will get no upstream answer.
-    fn audit_failed(&self, pending: PendingMap, outcome: &str) {
+    fn audit_failed(&self, pending: PendingMap, outcome: &str, code: Option<i64>) {
+        let code = code.map(Value::from);
         for (id, p) in pending {
             let id = serde_json::from_str::<Value>(&id).unwrap_or(Value::Null);
-            self.audit_response_event(&p, id, outcome, None);
+            self.audit_response_event(&p, id, outcome, code.clone());
         }
     }
 
@@ -825,7 +872,7 @@ impl Conn {
             parts,
             Bytes::new(),
             false,
-            PendingMap::new(),
+            Awaiting::new(self, PendingMap::new()),
             &decision.roles,
         )
         .await
@@ -988,7 +1035,7 @@ impl Conn {
                 (true, _) => json_response(StatusCode::OK, &Value::Array(errors)),
             };
         }
-        let mut pending: PendingMap = body
+        let map: PendingMap = body
             .messages
             .iter()
             .filter_map(|m| match m {
@@ -1006,10 +1053,15 @@ impl Conn {
                 _ => None,
             })
             .collect();
+        let mut pending = Awaiting::new(self, map);
         if let Some(session) = &legacy {
-            // 2024-11-05: responses arrive on the session's stream.
+            // 2024-11-05: responses arrive on the session's stream, unless it has ended
+            // meanwhile (then the POST's own answer settles them).
             let mut p = lock(&session.pending);
-            if p.len() + pending.len() <= session::MAX_PENDING {
+            if let Some(p) = p
+                .as_mut()
+                .filter(|p| p.len() + pending.len() <= session::MAX_PENDING)
+            {
                 p.extend(pending.drain());
             }
         }
@@ -1112,7 +1164,7 @@ impl Conn {
         parts: http::request::Parts,
         bytes: Bytes,
         listen: bool,
-        pending: PendingMap,
+        mut pending: Awaiting,
         roles: &[String],
     ) -> Response<ProxyBody> {
         let server = &self.daemon.config.servers[self.server_id];
@@ -1142,6 +1194,7 @@ impl Conn {
         let uri = match format!("http://{}{pq}", server.upstream).parse::<http::Uri>() {
             Ok(u) => u,
             Err(e) => {
+                pending.settle("error", Some(code::INVALID_REQUEST));
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     code::INVALID_REQUEST,
@@ -1193,6 +1246,7 @@ impl Conn {
         let request = match builder.body(Full::new(bytes)) {
             Ok(r) => r,
             Err(e) => {
+                pending.settle("error", Some(code::INVALID_REQUEST));
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     code::INVALID_REQUEST,
@@ -1218,7 +1272,7 @@ impl Conn {
                     .keys()
                     .filter_map(|k| serde_json::from_str(k).ok())
                     .collect();
-                self.audit_failed(pending, "revoked");
+                pending.settle("revoked", None);
                 let body = match ids.len() {
                     1 => Self::revoked_error(reason, ids.into_iter().next()),
                     0 => Self::revoked_error(reason, None),
@@ -1274,7 +1328,7 @@ impl Conn {
         response: Response<Incoming>,
         from_get: bool,
         server_stream: bool,
-        mut pending: PendingMap,
+        mut pending: Awaiting,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         if encoded(&parts.headers) {
@@ -1321,9 +1375,7 @@ impl Conn {
             Err(_) => bytes,
         };
         // Requests a 202 or a non-JSON answer leaves without a JSON-RPC response.
-        if !pending.is_empty() {
-            self.audit_failed(pending, "no_response");
-        }
+        pending.settle("no_response", None);
         self.daemon
             .counters
             .relayed_down
@@ -1350,7 +1402,7 @@ impl Conn {
         body: Incoming,
         from_get: bool,
         server_stream: bool,
-        pending: PendingMap,
+        pending: Awaiting,
     ) -> ProxyBody {
         let (tx, rx) = mpsc::channel(INJECT_QUEUE);
         let stream_id = server_stream.then(|| self.daemon.streams.register(tx.clone()));
@@ -1367,6 +1419,7 @@ impl Conn {
             queue: VecDeque::new(),
             session: None,
             done: false,
+            ended: "cancelled",
         };
         let s = stream::unfold(state, |mut st| async move {
             loop {
@@ -1391,8 +1444,8 @@ impl Conn {
                             let e = Conn::revoked_error(reason, id);
                             st.queue.push_back(sse::Event::message(&e.to_string()));
                         }
-                        let pending = std::mem::take(&mut st.pending);
-                        st.conn.audit_failed(pending, "revoked");
+                        st.pending.settle("revoked", None);
+                        st.ended = "revoked";
                         st.done = true;
                     }
                     frame = st.body.frame() => match frame {
@@ -1408,16 +1461,19 @@ impl Conn {
                                 Err(e) => {
                                     // Fail closed: never pass an event the proxy could not judge.
                                     warn!(error = %e, "closing the stream");
+                                    st.ended = "upstream_error";
                                     st.done = true;
                                     return Some((Err(BoxError::from(e)), st));
                                 }
                             }
                         }
                         Some(Err(e)) => {
+                            st.ended = "upstream_error";
                             st.done = true;
                             return Some((Err(BoxError::from(e)), st));
                         }
                         None => {
+                            st.ended = "no_response";
                             st.done = true;
                             if let Some(e) = st.parser.finish() {
                                 let out = st.event(e);
@@ -1447,8 +1503,12 @@ struct SseState {
     /// Registration in [`Streams`] of a server stream, removed on drop.
     stream_id: Option<u64>,
     /// Requests of the POST this stream answers.
-    pending: PendingMap,
+    pending: Awaiting,
     done: bool,
+    /// The outcome of requests (this POST's, or the legacy session's) still unanswered when
+    /// the stream ends: `no_response` if the upstream ended it, `upstream_error`, `revoked`,
+    /// or `cancelled` if the agent went away first.
+    ended: &'static str,
 }
 
 impl SseState {
@@ -1460,7 +1520,11 @@ impl SseState {
         match serde_json::from_str::<Value>(&e.data) {
             Ok(mut v) => {
                 match &self.session {
-                    Some((_, s)) => self.conn.audit_response(&mut lock(&s.pending), &v),
+                    Some((_, s)) => {
+                        if let Some(p) = lock(&s.pending).as_mut() {
+                            self.conn.audit_response(p, &v);
+                        }
+                    }
                     None => self.conn.audit_response(&mut self.pending, &v),
                 }
                 if self.conn.filter(&mut v) > 0 {
@@ -1493,7 +1557,7 @@ impl SseState {
         let session = Arc::new(LegacySession {
             owner: self.conn.owner(),
             inject: tx,
-            pending: std::sync::Mutex::new(PendingMap::new()),
+            pending: std::sync::Mutex::new(Some(PendingMap::new())),
         });
         lock(&self.conn.daemon.sessions).insert(key.clone(), session.clone());
         debug!(session = %pq, "legacy SSE session registered");
@@ -1507,12 +1571,20 @@ impl Drop for SseState {
             self.conn.daemon.streams.remove(id);
         }
         if let Some((key, session)) = self.session.take() {
-            let mut sessions = lock(&self.conn.daemon.sessions);
-            // Only remove our own registration (a reconnect may have replaced it).
-            if sessions.get(&key).is_some_and(|s| Arc::ptr_eq(s, &session)) {
-                sessions.remove(&key);
+            {
+                let mut sessions = lock(&self.conn.daemon.sessions);
+                // Only remove our own registration (a reconnect may have replaced it).
+                if sessions.get(&key).is_some_and(|s| Arc::ptr_eq(s, &session)) {
+                    sessions.remove(&key);
+                }
+            }
+            // Closed: requests posted from now on are settled by their own POST's answer.
+            let unanswered = lock(&session.pending).take();
+            if let Some(unanswered) = unanswered {
+                self.conn.audit_failed(unanswered, self.ended, None);
             }
         }
+        self.pending.settle(self.ended, None);
     }
 }
 

@@ -36,8 +36,9 @@ pub struct LegacySession {
     pub owner: Owner,
     /// Events the proxy adds to the stream (errors for denied requests).
     pub inject: mpsc::Sender<Bytes>,
-    /// Requests posted to the session whose responses will arrive on the stream.
-    pub pending: Mutex<super::PendingMap>,
+    /// Requests posted to the session whose responses will arrive on the stream; `None` once
+    /// the stream has ended (its unanswered requests are then audited).
+    pub pending: Mutex<Option<super::PendingMap>>,
 }
 
 /// Live legacy sessions, keyed by [`session_key`].
