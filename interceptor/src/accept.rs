@@ -174,9 +174,28 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64
     let Some(conn) = open(peer, &daemon, id, at) else {
         return;
     };
-    let started = Instant::now();
-    crate::mcp::serve(stream, conn.clone()).await;
-    close(&conn, id, started);
+    // Declared before the connection is served, so dropped after it (with its requests' last
+    // audit events) however the task ends: served to the end, or dropped with its worker when
+    // the daemon stops after the grace period.
+    let _closing = Closing {
+        conn: conn.clone(),
+        id,
+        started: Instant::now(),
+    };
+    crate::mcp::serve(stream, conn).await;
+}
+
+/// Closes a connection's books when dropped: see [`close`].
+struct Closing {
+    conn: Arc<crate::mcp::Conn>,
+    id: u64,
+    started: Instant,
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        close(&self.conn, self.id, self.started);
+    }
 }
 
 /// Finds the kernel record of an accepted connection and builds its identity; registers the

@@ -158,6 +158,24 @@ fn a_call_in_flight_when_the_daemon_stops_gets_a_cancelled_response_event() {
         response["seq"].as_u64() < stop["seq"].as_u64(),
         "{events:#?}"
     );
+    // The client's connections, cut when the workers stopped, are closed in the log too: after
+    // the cancelled call, before daemon.stop.
+    let mine = |name: &str| -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| e["event"] == name && e["identity"] == response["identity"])
+            .filter_map(|e| e["seq"].as_u64())
+            .collect()
+    };
+    let (opens, closes) = (mine("connection.open"), mine("connection.close"));
+    assert!(!opens.is_empty(), "{events:#?}");
+    assert_eq!(opens.len(), closes.len(), "{events:#?}");
+    let response_seq = response["seq"].as_u64().unwrap_or(0);
+    let stop_seq = stop["seq"].as_u64().unwrap_or(0);
+    assert!(
+        closes.iter().any(|&c| c > response_seq) && closes.iter().all(|&c| c < stop_seq),
+        "{events:#?}"
+    );
     let (ok, report) = verify(&[&w.env.audit_path()]);
     assert!(ok, "{report}");
 }
