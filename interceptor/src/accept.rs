@@ -171,8 +171,10 @@ struct Local {
 /// synchronous functions: their locals (kernel record, identity, log fields) would otherwise
 /// take room in this future for as long as the connection stays open.
 async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64, at: Local) {
-    let Some(conn) = open(peer, &daemon, id, at) else {
-        return;
+    let conn = match open(peer, &daemon, id, at) {
+        Opened::Conn(conn) => conn,
+        Opened::Closed => return,
+        Opened::OverLimit => return refuse_over_limit(stream, &daemon).await,
     };
     // Declared before the connection is served, so dropped after it (with its requests' last
     // audit events) however the task ends: served to the end, or dropped with its worker when
@@ -198,14 +200,18 @@ impl Drop for Closing {
     }
 }
 
+/// What becomes of an accepted connection.
+enum Opened {
+    Conn(Arc<crate::mcp::Conn>),
+    /// Closed unserved (the reason is logged).
+    Closed,
+    /// Its cgroup has `daemon.max_connections_per_cgroup` open already.
+    OverLimit,
+}
+
 /// Finds the kernel record of an accepted connection and builds its identity; registers the
-/// connection as live. `None` (with the reason logged): close it unserved.
-fn open(
-    peer: SocketAddr,
-    daemon: &Arc<Daemon>,
-    id: u64,
-    at: Local,
-) -> Option<Arc<crate::mcp::Conn>> {
+/// connection as live.
+fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
     let counters = &daemon.counters;
     let key = TupleKey {
         netns_cookie: at.netns_cookie,
@@ -220,8 +226,25 @@ fn open(
             "no kernel record for this connection; closing it. Only connections the kernel \
              redirected are served (a direct connection to the proxy port has no identity)"
         );
-        return None;
+        return Opened::Closed;
     };
+    if !admit(daemon, record.cgroup_id) {
+        let refused = counters.over_limit.fetch_add(1, Ordering::Relaxed) + 1;
+        daemon.metrics.refused_connections.inc();
+        // Logged at 1, 2, 4, 8, … refusals: a client retrying in a loop cannot flood the log.
+        if refused.is_power_of_two() {
+            warn!(
+                client.addr = %peer,
+                client.pid = record.tgid,
+                cgroup.id = record.cgroup_id,
+                limit = daemon.config.daemon.max_connections_per_cgroup,
+                refused_so_far = refused,
+                "connection refused: its cgroup has daemon.max_connections_per_cgroup agent \
+                 connections open; close idle ones in the agent or raise the limit"
+            );
+        }
+        return Opened::OverLimit;
+    }
     let identity = Identity::from_record_cached(
         &record,
         std::path::Path::new("/proc"),
@@ -235,7 +258,8 @@ fn open(
             server.id = record.server_id,
             "record names an unknown server; closing"
         );
-        return None;
+        uncount(daemon, record.cgroup_id);
+        return Opened::Closed;
     };
     info!(
         client.pid = identity.pid,
@@ -275,12 +299,72 @@ fn open(
     }
     daemon.metrics.connections.inc();
     daemon.metrics.active_connections.inc();
-    Some(conn)
+    Opened::Conn(conn)
+}
+
+/// Counts a connection of cgroup `cgroup_id` in, unless the cgroup already has
+/// `daemon.max_connections_per_cgroup` open (one agent, or a pod of them, cannot take all of
+/// the daemon's memory and descriptors). [`close`] counts it out.
+fn admit(daemon: &Daemon, cgroup_id: u64) -> bool {
+    let limit = daemon.config.daemon.max_connections_per_cgroup;
+    let mut open = lock(&daemon.per_cgroup);
+    let n = open.entry(cgroup_id).or_insert(0);
+    if limit != 0 && *n >= limit {
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+/// Counts a connection of cgroup `cgroup_id` out (see [`admit`]).
+fn uncount(daemon: &Daemon, cgroup_id: u64) {
+    let mut open = lock(&daemon.per_cgroup);
+    if let Some(n) = open.get_mut(&cgroup_id) {
+        *n -= 1;
+        if *n == 0 {
+            open.remove(&cgroup_id);
+        }
+    }
+}
+
+/// How long a refused connection's request is read and dropped after the answer, so that
+/// closing does not reset the connection before the agent has read why.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Answers a connection over its cgroup's limit with HTTP 503 and a JSON-RPC error saying
+/// why, then closes it.
+async fn refuse_over_limit(mut stream: TcpStream, daemon: &Daemon) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = daemon.config.daemon.max_connections_per_cgroup;
+    let body = crate::mcp::jsonrpc::error_response(
+        None,
+        crate::mcp::jsonrpc::code::INTERNAL_ERROR,
+        &format!(
+            "interceptor: this cgroup has {limit} MCP connections open, the most \
+             daemon.max_connections_per_cgroup allows; close idle ones and retry"
+        ),
+    )
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Bounded in time: an agent that reads nothing does not hold this task.
+    let _ = tokio::time::timeout(LINGER, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// Unregisters a connection that was served and records its close.
 fn close(conn: &crate::mcp::Conn, id: u64, started: Instant) {
     let daemon = &conn.daemon;
+    uncount(daemon, conn.identity.cgroup_id);
     daemon.metrics.active_connections.dec();
     lock(&daemon.live).remove(&id);
     daemon.counters.active.fetch_sub(1, Ordering::Relaxed);

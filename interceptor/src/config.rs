@@ -129,6 +129,8 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 /// Most `daemon.workers` accepted.
 pub const MAX_WORKERS: usize = 1024;
+/// Default `daemon.max_connections_per_cgroup`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CGROUP: u32 = 1024;
 
 /// `[daemon]`.
 #[derive(Debug, Deserialize)]
@@ -150,6 +152,8 @@ pub struct RawDaemon {
     /// Threads serving agent connections, each with its own event loop and upstream pools;
     /// 0 = one per CPU.
     pub workers: usize,
+    /// Agent connections served at once for one cgroup; more are refused; 0 = no limit.
+    pub max_connections_per_cgroup: u32,
 }
 
 impl Default for RawDaemon {
@@ -162,6 +166,7 @@ impl Default for RawDaemon {
             metrics_addr: String::new(),
             drain_grace: "10s".into(),
             workers: 0,
+            max_connections_per_cgroup: DEFAULT_MAX_CONNECTIONS_PER_CGROUP,
         }
     }
 }
@@ -251,6 +256,8 @@ pub struct Daemon {
     pub drain_grace: std::time::Duration,
     /// Connection worker threads as configured (0 = one per CPU; see [`Daemon::worker_count`]).
     pub workers: usize,
+    /// Agent connections served at once per cgroup (0 = no limit).
+    pub max_connections_per_cgroup: u32,
 }
 
 impl Daemon {
@@ -622,6 +629,7 @@ impl Validator<'_> {
         Ok(Daemon {
             drain_grace,
             workers,
+            max_connections_per_cgroup: raw.max_connections_per_cgroup,
             listen_port: raw.listen_port,
             cgroup_root,
             bpffs_dir: raw.bpffs_dir,

@@ -75,6 +75,9 @@ pub struct Counters {
     pub accepted: AtomicU64,
     /// Accepted connections without a kernel record (closed).
     pub no_record: AtomicU64,
+    /// Accepted connections refused because their cgroup had as many as
+    /// `daemon.max_connections_per_cgroup` open.
+    pub over_limit: AtomicU64,
     /// Connections currently being relayed.
     pub active: AtomicU64,
     /// Bytes relayed agent → upstream.
@@ -122,6 +125,8 @@ pub struct Daemon {
     pub draining: tokio::sync::watch::Sender<bool>,
     /// Live agent connections, by connection number, so a revocation can close them.
     pub live: std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::mcp::Conn>>>,
+    /// Live agent connections per cgroup id, for `daemon.max_connections_per_cgroup`.
+    pub per_cgroup: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
     /// The threads agent connections are served on.
     pub workers: crate::workers::Workers,
     /// What `/proc` said about agent processes, while the kernel reports no change to them.
@@ -687,6 +692,7 @@ impl Daemon {
                 "proxy": {
                     "accepted": c.accepted.load(Ordering::Relaxed),
                     "no_record": c.no_record.load(Ordering::Relaxed),
+                    "over_limit": c.over_limit.load(Ordering::Relaxed),
                     "active": c.active.load(Ordering::Relaxed),
                     "relayed_bytes_up": c.relayed_up.load(Ordering::Relaxed),
                     "relayed_bytes_down": c.relayed_down.load(Ordering::Relaxed),
@@ -804,6 +810,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         draining: tokio::sync::watch::Sender::new(false),
         ns_listeners: std::sync::Mutex::new(std::collections::HashMap::new()),
         live: std::sync::Mutex::new(std::collections::HashMap::new()),
+        per_cgroup: std::sync::Mutex::new(std::collections::HashMap::new()),
         listener: proxy.entry,
         netns_cookie,
         kernel,

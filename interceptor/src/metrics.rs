@@ -89,6 +89,7 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Counter,
     pub active_connections: Gauge,
+    pub refused_connections: Counter,
     pub requests: Family<RequestLabels, Counter>,
     pub denials: Family<RuleLabels, Counter>,
     pub rejected: Counter,
@@ -101,6 +102,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("interceptor");
         let connections = Counter::default();
         let active_connections = Gauge::default();
+        let refused_connections = Counter::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let denials = Family::<RuleLabels, Counter>::default();
         let rejected = Counter::default();
@@ -118,6 +120,11 @@ impl Default for Metrics {
             "active_connections",
             "Agent connections being served",
             active_connections.clone(),
+        );
+        registry.register(
+            "refused_connections",
+            "Agent connections refused: their cgroup had daemon.max_connections_per_cgroup open",
+            refused_connections.clone(),
         );
         registry.register(
             "requests",
@@ -148,6 +155,7 @@ impl Default for Metrics {
             registry,
             connections,
             active_connections,
+            refused_connections,
             requests,
             denials,
             rejected,

@@ -257,6 +257,79 @@ fn all_egress_contains_a_cgroup() {
 }
 
 #[test]
+fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(1500));
+    let mut env = TestEnv::new("conn-limit");
+    env.daemon_extra = "max_connections_per_cgroup = 2\n".into();
+    let a = env.cgroup("agents/a");
+    let b = env.cgroup("agents/b");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![upstream.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&format!("{}/agents", env.root)],
+    );
+    env.start_daemon();
+    let addr = upstream.addr.to_string();
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Two requests in flight hold cgroup a's two connections.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (dir, addr, request) = (env.dir(&a), addr.clone(), request.clone());
+            std::thread::spawn(move || send_raw(PROBE, &dir, &addr, request.as_bytes()))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.bodies().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the two requests never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A third from the same cgroup is refused, with an answer that says why and what to do…
+    let refused = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
+    assert_eq!(refused.status, Some(503), "{refused:?}");
+    let reply = refused.reply.clone().unwrap_or_default();
+    assert!(
+        reply.contains("max_connections_per_cgroup") && reply.contains("\"jsonrpc\""),
+        "{refused:?}"
+    );
+    assert_eq!(
+        upstream.bodies().len(),
+        2,
+        "the refused request reached the upstream"
+    );
+    // …while another cgroup is served meanwhile.
+    let other = send_raw(PROBE, &env.dir(&b), &addr, request.as_bytes());
+    assert_eq!(other.status, Some(200), "{other:?}");
+    for h in held {
+        let r = h.join().expect("client");
+        assert_eq!(r.status, Some(200), "{r:?}");
+    }
+    // Once they closed, cgroup a is served again.
+    let again = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
+    assert_eq!(again.status, Some(200), "{again:?}");
+    let status = env.status();
+    assert_eq!(status["counters"]["proxy"]["over_limit"], 1, "{status}");
+    assert!(
+        env.log_text()
+            .contains("connection refused: its cgroup has"),
+        "{}",
+        env.log_text()
+    );
+}
+
+#[test]
 fn sigterm_drains_in_flight_requests() {
     if !privileged() {
         return;
