@@ -5,7 +5,7 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use interceptor_common::{Addr, Listener, TupleKey};
@@ -176,27 +176,26 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64
         Opened::Closed => return,
         Opened::OverLimit => return refuse_over_limit(stream, &daemon).await,
     };
-    // Declared before the connection is served, so dropped after it (with its requests' last
-    // audit events) however the task ends: served to the end, or dropped with its worker when
-    // the daemon stops after the grace period.
+    // Unregisters the connection however the task ends: served to the end, or dropped with
+    // its worker when the daemon stops after the grace period. (Its `connection.close` is
+    // recorded when the last reference to it goes: HTTP/2 streams run as tasks of their own
+    // and may finish later.)
     let _closing = Closing {
         conn: conn.clone(),
         id,
-        started: Instant::now(),
     };
     crate::mcp::serve(stream, conn).await;
 }
 
-/// Closes a connection's books when dropped: see [`close`].
+/// Unregisters a connection when dropped: see [`close`].
 struct Closing {
     conn: Arc<crate::mcp::Conn>,
     id: u64,
-    started: Instant,
 }
 
 impl Drop for Closing {
     fn drop(&mut self) {
-        close(&self.conn, self.id, self.started);
+        close(&self.conn, self.id);
     }
 }
 
@@ -361,28 +360,18 @@ async fn refuse_over_limit(mut stream: TcpStream, daemon: &Daemon) {
     .await;
 }
 
-/// Unregisters a connection that was served and records its close.
-fn close(conn: &crate::mcp::Conn, id: u64, started: Instant) {
+/// Unregisters a connection that was served.
+fn close(conn: &crate::mcp::Conn, id: u64) {
     let daemon = &conn.daemon;
     uncount(daemon, conn.identity.cgroup_id);
     daemon.metrics.active_connections.dec();
     lock(&daemon.live).remove(&id);
     daemon.counters.active.fetch_sub(1, Ordering::Relaxed);
-    let duration_ms = started.elapsed().as_millis() as u64;
     let (up, down, requests) = conn.totals();
-    daemon.audit.record_later(
-        audit::Event::new("connection.close")
-            .raw("identity", &conn.who)
-            .field("server", conn.server_name())
-            .field("duration_ms", &duration_ms)
-            .field("bytes_up", &up)
-            .field("bytes_down", &down)
-            .field("requests", &requests),
-    );
     debug!(
-        duration_ms,
         bytes.up = up,
         bytes.down = down,
+        requests,
         "connection closed"
     );
 }

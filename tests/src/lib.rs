@@ -493,6 +493,18 @@ pub struct ServerSpec {
     pub upstream: String,
 }
 
+impl ServerSpec {
+    /// Server `name` whose agents dial the upstream's own address `addr` (the proxy reaches
+    /// the same address: its own sockets are never redirected).
+    pub fn direct(name: &str, addr: impl ToString) -> Self {
+        Self {
+            name: name.into(),
+            intercept: vec![addr.to_string()],
+            upstream: addr.to_string(),
+        }
+    }
+}
+
 /// A test's private world: cgroup tree, bpffs folder, config, admin socket, daemon.
 pub struct TestEnv {
     pub name: String,

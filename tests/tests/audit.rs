@@ -8,7 +8,8 @@ use std::{
 };
 
 use interceptor_tests::{
-    BackgroundClient, McpServer, ServerSpec, TestEnv, interceptor_bin, mcp_client, privileged,
+    BackgroundClient, LabelServer, McpServer, ServerSpec, TestEnv, interceptor_bin, mcp_client,
+    privileged,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -133,6 +134,60 @@ fn a_call_its_server_drops_midway_gets_an_upstream_error_response_event() {
         let (ok, report) = verify(&[&w.env.audit_path()]);
         assert!(ok, "{report}");
     }
+}
+
+#[test]
+fn an_http2_call_the_agent_abandons_is_cancelled_before_its_connection_closes() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", std::time::Duration::from_secs(3));
+    let mut env = TestEnv::new("h2-cancel");
+    let agents = env.cgroup("agents");
+    env.write_config_with(
+        &[ServerSpec::direct("notes", upstream.addr)],
+        &[&agents],
+        &format!("{POLICY}\n[[binding]]\nrole = \"reader\"\ncgroup = \"{agents}\"\n"),
+    );
+    env.start_daemon();
+    // curl gives up after 1 s: it resets the stream and closes the connection while the call
+    // waits for the upstream. On HTTP/2 the call runs as a task of its own, apart from the
+    // connection's.
+    let out = interceptor_tests::run_in_cgroup(
+        &env.dir(&agents),
+        "curl",
+        &[
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "1",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search"}}"#,
+            &format!("http://{}/mcp", upstream.addr),
+        ],
+    );
+    assert!(!out.status.success(), "curl was to give up");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (response, close) = loop {
+        let events = env.audit_events();
+        let find = |name: &str| events.iter().find(|e| e["event"] == name).cloned();
+        if let (Some(r), Some(c)) = (find("mcp.response"), find("connection.close")) {
+            break (r, c);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mcp.response and connection.close: {events:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(response["outcome"], "cancelled", "{response}");
+    assert_eq!(response["tool"], "search", "{response}");
+    assert!(
+        response["seq"].as_u64() < close["seq"].as_u64(),
+        "connection.close came first: {close}"
+    );
 }
 
 #[test]

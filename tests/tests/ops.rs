@@ -267,11 +267,7 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
     let a = env.cgroup("agents/a");
     let b = env.cgroup("agents/b");
     env.write_config(
-        &[ServerSpec {
-            name: "notes".into(),
-            intercept: vec![upstream.addr.to_string()],
-            upstream: upstream.addr.to_string(),
-        }],
+        &[ServerSpec::direct("notes", upstream.addr)],
         &[&format!("{}/agents", env.root)],
     );
     env.start_daemon();

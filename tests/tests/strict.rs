@@ -130,6 +130,31 @@ fn malicious_forms_are_refused_and_never_forwarded() {
     assert_eq!(errors[1]["id"], 2);
     assert_eq!(errors[1]["error"]["code"], -32602);
     assert!(w.upstream.bodies().is_empty());
+    // The allowed call it carried is recorded as answered with that error; the denied one has
+    // its decision and no response.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let response = loop {
+        let events = w.env.audit_events();
+        if let Some(e) = events
+            .iter()
+            .find(|e| e["event"] == "mcp.response" && e["tool"] == "search" && e["id"] == 1)
+        {
+            assert!(
+                !events
+                    .iter()
+                    .any(|e| e["event"] == "mcp.response" && e["tool"] == "delete_note"),
+                "{events:#?}"
+            );
+            break e.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mcp.response for the batch's allowed call: {events:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(response["outcome"], "error", "{response}");
+    assert_eq!(response["error_code"], -32600, "{response}");
 
     // Ambiguous framing never reaches the JSON layer, let alone the upstream.
     let body = call("search");

@@ -108,6 +108,25 @@ pub struct Conn {
     presigner: Presigner,
     /// Key of this connection's workload in [`WorkloadPresigns`]; `None` without assertions.
     presign_key: Option<Arc<str>>,
+    opened: Instant,
+}
+
+impl Drop for Conn {
+    /// `connection.close`, once nothing of the connection is left: its requests' last audit
+    /// events (held by their handlers and streams, which on HTTP/2 run as tasks of their own)
+    /// come before it.
+    fn drop(&mut self) {
+        let (up, down, requests) = self.totals();
+        self.daemon.audit.record_later(
+            audit::Event::new("connection.close")
+                .raw("identity", &self.who)
+                .field("server", self.server_name())
+                .field("duration_ms", &(self.opened.elapsed().as_millis() as u64))
+                .field("bytes_up", &up)
+                .field("bytes_down", &down)
+                .field("requests", &requests),
+        );
+    }
 }
 
 /// An identity assertion signed ahead of the request that will carry it: its own `jti`, used
@@ -284,6 +303,12 @@ impl Awaiting {
             conn: conn.clone(),
             map,
         }
+    }
+
+    /// Forgets the requests: their `mcp.request` events were not written, so no response is
+    /// recorded either.
+    fn forget(&mut self) {
+        self.map.clear();
     }
 
     /// Records the requests still awaited as answered with `outcome` (and JSON-RPC error
@@ -547,6 +572,7 @@ impl Conn {
             presign_key: Self::presign_key(&daemon, &identity, server_id),
             daemon,
             identity,
+            opened: Instant::now(),
         }
     }
 
@@ -976,7 +1002,32 @@ impl Conn {
             })
             .collect();
         let denied = decisions.iter().flatten().any(|d| !d.allow);
+        // The allowed requests' answers are owed from here on: built before their events are
+        // written, so one dropped meanwhile (agent gone, daemon stopping) still gets its
+        // `cancelled` after them.
+        let map: PendingMap = body
+            .messages
+            .iter()
+            .zip(&decisions)
+            .filter_map(|(m, d)| match (m, d) {
+                (Message::Request { id, method, .. }, Some(d)) if d.allow => Some((
+                    id.to_string(),
+                    // Kept until the response: as long as the audit event names them, no longer
+                    // (a URI or method may be megabytes; a session holds thousands).
+                    Pending {
+                        method: capped(method),
+                        target: m.target().map(capped),
+                        started: Instant::now(),
+                        session: session_id.clone(),
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        let mut pending = Awaiting::new(self, map);
         if let Err(e) = self.daemon.audit.record_all(events).await {
+            // Not recorded (or, in `fsync` mode, not made durable): no response is either.
+            pending.forget();
             warn!(error = %e, "audit log unavailable; request not forwarded");
             if !denied {
                 let id = if body.batch {
@@ -995,6 +1046,8 @@ impl Conn {
             }
         }
         if denied {
+            // The allowed requests of a refused batch are answered -32600 below.
+            pending.settle("error", Some(code::INVALID_REQUEST));
             let errors: Vec<Value> = body
                 .messages
                 .iter()
@@ -1035,36 +1088,12 @@ impl Conn {
                 (true, _) => json_response(StatusCode::OK, &Value::Array(errors)),
             };
         }
-        let map: PendingMap = body
-            .messages
-            .iter()
-            .filter_map(|m| match m {
-                Message::Request { id, method, .. } => Some((
-                    id.to_string(),
-                    // Kept until the response: as long as the audit event names them, no longer
-                    // (a URI or method may be megabytes; a session holds thousands).
-                    Pending {
-                        method: capped(method),
-                        target: m.target().map(capped),
-                        started: Instant::now(),
-                        session: session_id.clone(),
-                    },
-                )),
-                _ => None,
-            })
-            .collect();
-        let mut pending = Awaiting::new(self, map);
-        if let Some(session) = &legacy {
-            // 2024-11-05: responses arrive on the session's stream, unless it has ended
-            // meanwhile (then the POST's own answer settles them).
-            let mut p = lock(&session.pending);
-            if let Some(p) = p
-                .as_mut()
-                .filter(|p| p.len() + pending.len() <= session::MAX_PENDING)
-            {
-                p.extend(pending.drain());
-            }
-        }
+        // 2024-11-05: responses arrive on the session's stream, unless it has ended meanwhile
+        // (then the POST's own answer settles them).
+        let moved = match &legacy {
+            Some(session) => self.move_to_session(session, &mut pending),
+            None => Vec::new(),
+        };
         // 2026-07-28: subscriptions/listen keeps its response open as the server stream.
         let listen = !body.batch && body.messages[0].method() == Some("subscriptions/listen");
         let mut roles: Vec<String> = decisions
@@ -1074,8 +1103,54 @@ impl Conn {
             .collect();
         roles.sort();
         roles.dedup();
-        self.forward(parts, Bytes::from(body.to_bytes()), listen, pending, &roles)
-            .await
+        let response = self
+            .forward(parts, Bytes::from(body.to_bytes()), listen, pending, &roles)
+            .await;
+        if let Some(session) = &legacy
+            && !moved.is_empty()
+            && !response.status().is_success()
+        {
+            // The POST failed (upstream unreachable, refused it, revoked): no answer will come
+            // on the stream for the requests it carried.
+            let taken: PendingMap = lock(&session.pending)
+                .as_mut()
+                .map(|p| moved.iter().filter_map(|id| p.remove_entry(id)).collect())
+                .unwrap_or_default();
+            let outcome = match self.revoked_reason() {
+                Some(_) => "revoked",
+                None => "upstream_error",
+            };
+            self.audit_failed(taken, outcome, None);
+        }
+        response
+    }
+
+    /// Moves `pending` into the legacy session's map, whose stream carries their answers, and
+    /// returns their ids; leaves them if the stream has ended or the map is full. A request
+    /// whose id is still awaited in the session displaces that one, recorded as
+    /// `no_response` (one answer cannot be told from the other).
+    fn move_to_session(&self, session: &LegacySession, pending: &mut Awaiting) -> Vec<String> {
+        let mut displaced = PendingMap::new();
+        let moved = {
+            let mut p = lock(&session.pending);
+            let Some(p) = p
+                .as_mut()
+                .filter(|p| p.len() + pending.len() <= session::MAX_PENDING)
+            else {
+                return Vec::new();
+            };
+            pending
+                .drain()
+                .map(|(id, request)| {
+                    if let Some(earlier) = p.insert(id.clone(), request) {
+                        displaced.insert(id.clone(), earlier);
+                    }
+                    id
+                })
+                .collect()
+        };
+        self.audit_failed(displaced, "no_response", None);
+        moved
     }
 
     /// The `mcp.request` event for one message.
