@@ -4,7 +4,10 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -171,10 +174,11 @@ struct Local {
 /// synchronous functions: their locals (kernel record, identity, log fields) would otherwise
 /// take room in this future for as long as the connection stays open.
 async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64, at: Local) {
-    let conn = match open(peer, &daemon, id, at) {
-        Opened::Conn(conn) => conn,
+    let (conn, admission) = match open(peer, &daemon, id, at) {
+        Opened::Conn(conn, admission) => (conn, admission),
         Opened::Closed => return,
-        Opened::OverLimit => return refuse_over_limit(stream, &daemon).await,
+        // On the heap: its buffers would otherwise take room in every connection's future.
+        Opened::OverLimit => return Box::pin(refuse_over_limit(stream, daemon)).await,
     };
     // Unregisters the connection however the task ends: served to the end, or dropped with
     // its worker when the daemon stops after the grace period. (Its `connection.close` is
@@ -183,6 +187,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64
     let _closing = Closing {
         conn: conn.clone(),
         id,
+        _admission: admission,
     };
     crate::mcp::serve(stream, conn).await;
 }
@@ -191,6 +196,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64
 struct Closing {
     conn: Arc<crate::mcp::Conn>,
     id: u64,
+    _admission: Admission,
 }
 
 impl Drop for Closing {
@@ -201,7 +207,7 @@ impl Drop for Closing {
 
 /// What becomes of an accepted connection.
 enum Opened {
-    Conn(Arc<crate::mcp::Conn>),
+    Conn(Arc<crate::mcp::Conn>, Admission),
     /// Closed unserved (the reason is logged).
     Closed,
     /// Its cgroup has `daemon.max_connections_per_cgroup` open already.
@@ -227,11 +233,12 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
         );
         return Opened::Closed;
     };
-    if !admit(daemon, record.cgroup_id) {
+    let Some(admission) = Admission::new(daemon, record.cgroup_id) else {
         let refused = counters.over_limit.fetch_add(1, Ordering::Relaxed) + 1;
         daemon.metrics.refused_connections.inc();
-        // Logged at 1, 2, 4, 8, … refusals: a client retrying in a loop cannot flood the log.
-        if refused.is_power_of_two() {
+        // At most once a second: a client retrying in a loop cannot flood the log.
+        let now = crate::ca::unix_now();
+        if counters.over_limit_logged.swap(now, Ordering::Relaxed) != now {
             warn!(
                 client.addr = %peer,
                 client.pid = record.tgid,
@@ -239,11 +246,12 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
                 limit = daemon.config.daemon.max_connections_per_cgroup,
                 refused_so_far = refused,
                 "connection refused: its cgroup has daemon.max_connections_per_cgroup agent \
-                 connections open; close idle ones in the agent or raise the limit"
+                 connections open; close idle ones in the agent or raise the limit (logged \
+                 at most once a second; refused_so_far counts all)"
             );
         }
         return Opened::OverLimit;
-    }
+    };
     let identity = Identity::from_record_cached(
         &record,
         std::path::Path::new("/proc"),
@@ -257,7 +265,6 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
             server.id = record.server_id,
             "record names an unknown server; closing"
         );
-        uncount(daemon, record.cgroup_id);
         return Opened::Closed;
     };
     info!(
@@ -298,30 +305,43 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
     }
     daemon.metrics.connections.inc();
     daemon.metrics.active_connections.inc();
-    Opened::Conn(conn)
+    Opened::Conn(conn, admission)
 }
 
-/// Counts a connection of cgroup `cgroup_id` in, unless the cgroup already has
-/// `daemon.max_connections_per_cgroup` open (one agent, or a pod of them, cannot take all of
-/// the daemon's memory and descriptors). [`close`] counts it out.
-fn admit(daemon: &Daemon, cgroup_id: u64) -> bool {
-    let limit = daemon.config.daemon.max_connections_per_cgroup;
-    let mut open = lock(&daemon.per_cgroup);
-    let n = open.entry(cgroup_id).or_insert(0);
-    if limit != 0 && *n >= limit {
-        return false;
+/// A connection counted against its cgroup's `daemon.max_connections_per_cgroup` (the
+/// process's own cgroup: each container of a pod is one); counted out when dropped, however
+/// the connection ends.
+struct Admission {
+    daemon: Arc<Daemon>,
+    cgroup_id: u64,
+}
+
+impl Admission {
+    /// Counts a connection of cgroup `cgroup_id` in, unless the cgroup already has the limit
+    /// open (one agent cannot take all of the daemon's memory and descriptors).
+    fn new(daemon: &Arc<Daemon>, cgroup_id: u64) -> Option<Self> {
+        let limit = daemon.config.daemon.max_connections_per_cgroup;
+        let mut open = lock(&daemon.per_cgroup);
+        let n = open.entry(cgroup_id).or_insert(0);
+        if limit != 0 && *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            daemon: daemon.clone(),
+            cgroup_id,
+        })
     }
-    *n += 1;
-    true
 }
 
-/// Counts a connection of cgroup `cgroup_id` out (see [`admit`]).
-fn uncount(daemon: &Daemon, cgroup_id: u64) {
-    let mut open = lock(&daemon.per_cgroup);
-    if let Some(n) = open.get_mut(&cgroup_id) {
-        *n -= 1;
-        if *n == 0 {
-            open.remove(&cgroup_id);
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut open = lock(&self.daemon.per_cgroup);
+        if let Some(n) = open.get_mut(&self.cgroup_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.cgroup_id);
+            }
         }
     }
 }
@@ -329,11 +349,18 @@ fn uncount(daemon: &Daemon, cgroup_id: u64) {
 /// How long a refused connection's request is read and dropped after the answer, so that
 /// closing does not reset the connection before the agent has read why.
 const LINGER: Duration = Duration::from_millis(500);
+/// Most refused connections lingering at once; beyond, they are closed at once (a client
+/// retrying in a loop cannot pin the daemon's descriptors with them).
+const MAX_LINGERING: u64 = 64;
 
 /// Answers a connection over its cgroup's limit with HTTP 503 and a JSON-RPC error saying
 /// why, then closes it.
-async fn refuse_over_limit(mut stream: TcpStream, daemon: &Daemon) {
+async fn refuse_over_limit(mut stream: TcpStream, daemon: Arc<Daemon>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lingering = Lingering::count(&daemon.counters.lingering);
+    if lingering.before >= MAX_LINGERING {
+        return;
+    }
     let limit = daemon.config.daemon.max_connections_per_cgroup;
     let body = crate::mcp::jsonrpc::error_response(
         None,
@@ -360,10 +387,29 @@ async fn refuse_over_limit(mut stream: TcpStream, daemon: &Daemon) {
     .await;
 }
 
+/// One refused connection being answered, counted while it lasts.
+struct Lingering<'a> {
+    count: &'a AtomicU64,
+    /// How many there were before this one.
+    before: u64,
+}
+
+impl<'a> Lingering<'a> {
+    fn count(count: &'a AtomicU64) -> Self {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        Self { count, before }
+    }
+}
+
+impl Drop for Lingering<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Unregisters a connection that was served.
 fn close(conn: &crate::mcp::Conn, id: u64) {
     let daemon = &conn.daemon;
-    uncount(daemon, conn.identity.cgroup_id);
     daemon.metrics.active_connections.dec();
     lock(&daemon.live).remove(&id);
     daemon.counters.active.fetch_sub(1, Ordering::Relaxed);

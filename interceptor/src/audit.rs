@@ -110,6 +110,12 @@ pub enum Error {
     /// An event could not be written; requests are refused until writing works again.
     #[error("audit log unavailable ({0}); requests are refused until it is writable again")]
     Unavailable(String),
+    /// `fsync` mode: the events were written but could not be made durable.
+    #[error(
+        "audit log not durable ({0}); the events are in the file, requests are refused until \
+         it syncs again"
+    )]
+    NotDurable(String),
 }
 
 /// One event, ready to be chained: its members as JSON text without the enclosing braces
@@ -596,7 +602,11 @@ impl Audit {
             Durability::Write => self.shared.write_in_turn(events).await,
             Durability::Fsync => {
                 self.shared.write_in_turn(events).await?;
-                self.shared.request_sync().await.map_err(thread_stopped)?
+                match self.shared.request_sync().await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(Error::NotDurable(e.to_string())),
+                    Err(_) => Err(Error::NotDurable("the audit thread has stopped".into())),
+                }
             }
         }
     }

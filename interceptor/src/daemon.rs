@@ -78,6 +78,10 @@ pub struct Counters {
     /// Accepted connections refused because their cgroup had as many as
     /// `daemon.max_connections_per_cgroup` open.
     pub over_limit: AtomicU64,
+    /// When (Unix seconds) a refusal over the limit was last logged.
+    pub over_limit_logged: AtomicU64,
+    /// Refused connections being answered (see `accept::refuse_over_limit`).
+    pub lingering: AtomicU64,
     /// Connections currently being relayed.
     pub active: AtomicU64,
     /// Bytes relayed agent → upstream.

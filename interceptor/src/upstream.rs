@@ -277,8 +277,8 @@ const REMEMBERED_CHAINS: usize = 64;
 struct UpstreamVerifier {
     inner: Arc<dyn ServerCertVerifier>,
     server_id: Option<String>,
-    /// SHA-256 of (name, chain, OCSP response) → accepted until (Unix seconds).
-    accepted: Mutex<HashMap<[u8; 32], u64>>,
+    /// SHA-256 of (name, chain, OCSP response) → (verified at, accepted until), Unix seconds.
+    accepted: Mutex<HashMap<[u8; 32], (u64, u64)>>,
 }
 
 impl std::fmt::Debug for UpstreamVerifier {
@@ -364,9 +364,10 @@ impl ServerCertVerifier for UpstreamVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let key = Self::key(end_entity, intermediates, server_name, ocsp_response);
         let now_s = now.as_secs();
+        // A clock stepped back past the verification takes nothing as verified.
         if lock(&self.accepted)
             .get(&key)
-            .is_some_and(|&until| now_s < until)
+            .is_some_and(|&(at, until)| at <= now_s && now_s < until)
         {
             return Ok(ServerCertVerified::assertion());
         }
@@ -381,9 +382,9 @@ impl ServerCertVerifier for UpstreamVerifier {
         let until = earliest_expiry(std::iter::once(end_entity).chain(intermediates))
             .min(now_s + REMEMBER_CHAIN.as_secs());
         let mut accepted = lock(&self.accepted);
-        accepted.retain(|_, &mut u| now_s < u);
+        accepted.retain(|_, &mut (at, until)| at <= now_s && now_s < until);
         if accepted.len() < REMEMBERED_CHAINS {
-            accepted.insert(key, until);
+            accepted.insert(key, (now_s, until));
         }
         Ok(verified)
     }
@@ -655,6 +656,10 @@ mod tests {
         assert!(!verify(&bad, &[], &name, at(now)));
         assert!(!verify(&bad, &[], &name, at(now)));
         assert_eq!(calls(), before + 3);
+        // Nor before the moment it was verified (a clock stepped back).
+        assert!(verify(&good, &[], &name, at(now)));
+        assert!(verify(&good, &[], &name, at(now - 1)));
+        assert_eq!(calls(), before + 5, "taken as verified before it was");
     }
 
     #[test]

@@ -283,6 +283,15 @@ pub struct Pending {
     target: Option<String>,
     started: Instant,
     session: Option<String>,
+    /// The HTTP request that carried it (see [`next_post`]): a failed legacy POST takes back
+    /// its own requests from the session, not a later one's that reused an id.
+    post: u64,
+}
+
+/// A number for each HTTP request carrying JSON-RPC requests.
+fn next_post() -> u64 {
+    static POSTS: AtomicU64 = AtomicU64::new(0);
+    POSTS.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Pending requests by JSON-RPC id (as JSON text).
@@ -1005,6 +1014,7 @@ impl Conn {
         // The allowed requests' answers are owed from here on: built before their events are
         // written, so one dropped meanwhile (agent gone, daemon stopping) still gets its
         // `cancelled` after them.
+        let post = next_post();
         let map: PendingMap = body
             .messages
             .iter()
@@ -1019,6 +1029,7 @@ impl Conn {
                         target: m.target().map(capped),
                         started: Instant::now(),
                         session: session_id.clone(),
+                        post,
                     },
                 )),
                 _ => None,
@@ -1026,8 +1037,14 @@ impl Conn {
             .collect();
         let mut pending = Awaiting::new(self, map);
         if let Err(e) = self.daemon.audit.record_all(events).await {
-            // Not recorded (or, in `fsync` mode, not made durable): no response is either.
-            pending.forget();
+            match e {
+                // In the file, not on stable storage: answered with the error below.
+                audit::Error::NotDurable(_) if !denied => {
+                    pending.settle("error", Some(code::INTERNAL_ERROR));
+                }
+                // Not recorded: no response is either.
+                _ => pending.forget(),
+            }
             warn!(error = %e, "audit log unavailable; request not forwarded");
             if !denied {
                 let id = if body.batch {
@@ -1114,7 +1131,18 @@ impl Conn {
             // on the stream for the requests it carried.
             let taken: PendingMap = lock(&session.pending)
                 .as_mut()
-                .map(|p| moved.iter().filter_map(|id| p.remove_entry(id)).collect())
+                .map(|p| {
+                    moved
+                        .iter()
+                        .filter_map(|id| {
+                            if p.get(id).is_some_and(|e| e.post == post) {
+                                p.remove_entry(id)
+                            } else {
+                                None
+                            }
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             let outcome = match self.revoked_reason() {
                 Some(_) => "revoked",
