@@ -636,6 +636,10 @@ impl Daemon {
         json!({
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs(),
+            "open_files_limit": nix::sys::resource::getrlimit(
+                nix::sys::resource::Resource::RLIMIT_NOFILE,
+            )
+            .map_or(0, |(soft, _)| soft),
             "workers": self.workers.count(),
             "config": self.config.path,
             "cgroup_mount": self.hierarchy.mount,
@@ -762,7 +766,34 @@ impl Daemon {
 
 /// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
 /// binary hands start-up garbage back to the kernel there).
+/// Below this many open files the daemon warns that it may run out of descriptors.
+const FEW_FILES: u64 = 16_384;
+
+/// Raises the soft limit on open files to the hard one (each agent connection takes two
+/// descriptors, one more per upstream connection; a service manager's default soft limit,
+/// often 1,024, would cap the daemon at a few hundred connections while the hard limit is far
+/// higher). Returns the limit in force.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
 pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
+    let fd_limit = raise_fd_limit();
+    if fd_limit < FEW_FILES {
+        warn!(
+            open_files = fd_limit,
+            "the daemon may hold at most this many open files (RLIMIT_NOFILE, hard limit): \
+             agent connections beyond about half of it fail; raise it (e.g. LimitNOFILE= in the \
+             service's unit)"
+        );
+    }
     // First: nothing is served unless it can be audited.
     let audit = Audit::open(config.audit.clone())?;
     let path = config.path.display().to_string();
@@ -938,6 +969,18 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // Start below the hard limit (this test process's own limit; restored below).
+        let lower = (hard / 2).max(64).min(hard);
+        setrlimit(Resource::RLIMIT_NOFILE, lower, hard).unwrap();
+        assert_eq!(raise_fd_limit(), hard);
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    }
 
     #[test]
     fn namespace_lookups_are_cached_until_the_kernel_reports_a_change() {

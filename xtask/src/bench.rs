@@ -288,7 +288,7 @@ fn compare(
         let [p50, p99, rps] = s;
         out[*name] = json!({
             "p50_us": median(p50), "p99_us": median(p99), "rps": median(rps),
-            "p50_spread": spread(p50), "rps_spread": spread(rps),
+            "p50_spread": spread(p50), "p99_spread": spread(p99), "rps_spread": spread(rps),
         });
     }
     Ok(out)
