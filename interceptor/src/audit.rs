@@ -604,6 +604,9 @@ impl Audit {
                 self.shared.write_in_turn(events).await?;
                 match self.shared.request_sync().await {
                     Ok(Ok(())) => Ok(()),
+                    Ok(Err(Error::Unavailable(why) | Error::NotDurable(why))) => {
+                        Err(Error::NotDurable(why))
+                    }
                     Ok(Err(e)) => Err(Error::NotDurable(e.to_string())),
                     Err(_) => Err(Error::NotDurable("the audit thread has stopped".into())),
                 }

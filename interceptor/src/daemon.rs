@@ -764,8 +764,6 @@ impl Daemon {
     }
 }
 
-/// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
-/// binary hands start-up garbage back to the kernel there).
 /// Below this many open files the daemon warns that it may run out of descriptors.
 const FEW_FILES: u64 = 16_384;
 
@@ -773,25 +771,29 @@ const FEW_FILES: u64 = 16_384;
 /// descriptors, one more per upstream connection; a service manager's default soft limit,
 /// often 1,024, would cap the daemon at a few hundred connections while the hard limit is far
 /// higher). Returns the limit in force.
-pub fn raise_fd_limit() -> u64 {
+pub fn raise_fd_limit() -> Option<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 0;
-    };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return hard;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    // The kernel refuses more than fs.nr_open, which may have been lowered since.
+    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .map_or(hard, |n| n.min(hard));
+    if soft < most && setrlimit(Resource::RLIMIT_NOFILE, most, hard).is_ok() {
+        return Some(most);
     }
-    soft
+    Some(soft)
 }
 
+/// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
+/// binary hands start-up garbage back to the kernel there).
 pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
-    let fd_limit = raise_fd_limit();
-    if fd_limit < FEW_FILES {
+    if let Some(limit) = raise_fd_limit().filter(|&l| l < FEW_FILES) {
         warn!(
-            open_files = fd_limit,
-            "the daemon may hold at most this many open files (RLIMIT_NOFILE, hard limit): \
-             agent connections beyond about half of it fail; raise it (e.g. LimitNOFILE= in the \
-             service's unit)"
+            open_files = limit,
+            "the daemon may hold at most this many open files (its RLIMIT_NOFILE, raised as far \
+             as the hard limit allows): agent connections beyond about half of it fail; raise \
+             the hard limit (e.g. LimitNOFILE= in the service's unit)"
         );
     }
     // First: nothing is served unless it can be audited.
@@ -977,8 +979,9 @@ mod tests {
         // Start below the hard limit (this test process's own limit; restored below).
         let lower = (hard / 2).max(64).min(hard);
         setrlimit(Resource::RLIMIT_NOFILE, lower, hard).unwrap();
-        assert_eq!(raise_fd_limit(), hard);
-        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+        let raised = raise_fd_limit().unwrap();
+        assert!(raised > lower, "{raised} <= {lower}");
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (raised, hard));
         setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
     }
 

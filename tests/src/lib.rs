@@ -432,8 +432,9 @@ pub fn run_in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Output 
         .unwrap_or_else(|e| panic!("run {program}: {e}"))
 }
 
-/// The command that runs `program args…` as a process of the cgroup `cgroup_dir`.
-fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
+/// The command that runs `program args…` as a process of the cgroup `cgroup_dir` (the shell
+/// `exec`s it: the child's pid is the program's).
+pub fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
     let script = format!(
         "echo $$ > '{}' && exec \"$@\"",
         cgroup_dir.join("cgroup.procs").display()

@@ -141,7 +141,7 @@ fn an_http2_call_the_agent_abandons_is_cancelled_before_its_connection_closes() 
     if !privileged() {
         return;
     }
-    let upstream = LabelServer::start_slow("127.0.0.3", "slow", std::time::Duration::from_secs(3));
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", std::time::Duration::from_secs(5));
     let mut env = TestEnv::new("h2-cancel");
     let agents = env.cgroup("agents");
     env.write_config_with(
@@ -150,25 +150,36 @@ fn an_http2_call_the_agent_abandons_is_cancelled_before_its_connection_closes() 
         &format!("{POLICY}\n[[binding]]\nrole = \"reader\"\ncgroup = \"{agents}\"\n"),
     );
     env.start_daemon();
-    // curl gives up after 1 s: it resets the stream and closes the connection while the call
-    // waits for the upstream. On HTTP/2 the call runs as a task of its own, apart from the
-    // connection's.
-    let out = interceptor_tests::run_in_cgroup(
+    // curl is killed while the call waits for the upstream: its connection goes, with the
+    // stream on it. On HTTP/2 the call runs as a task of its own, apart from the connection's.
+    let mut curl = interceptor_tests::in_cgroup(
         &env.dir(&agents),
         "curl",
         &[
             "-sS",
             "--http2-prior-knowledge",
-            "--max-time",
-            "1",
             "-H",
             "Content-Type: application/json",
             "--data-binary",
             r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search"}}"#,
             &format!("http://{}/mcp", upstream.addr),
         ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start curl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while upstream.bodies().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = curl.kill();
+    let _ = curl.wait();
+    assert_eq!(
+        upstream.bodies().len(),
+        1,
+        "the call never reached the upstream"
     );
-    assert!(!out.status.success(), "curl was to give up");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let (response, close) = loop {
         let events = env.audit_events();

@@ -312,7 +312,17 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
         let r = h.join().expect("client");
         assert_eq!(r.status, Some(200), "{r:?}");
     }
-    // Once they closed, cgroup a is served again.
+    // Once they closed (the proxy's side too: the clients may see the answer first), cgroup a
+    // is served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.status()["counters"]["proxy"]["active"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "connections still open: {}",
+            env.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let again = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
     assert_eq!(again.status, Some(200), "{again:?}");
     let status = env.status();

@@ -1038,9 +1038,12 @@ impl Conn {
         let mut pending = Awaiting::new(self, map);
         if let Err(e) = self.daemon.audit.record_all(events).await {
             match e {
-                // In the file, not on stable storage: answered with the error below.
-                audit::Error::NotDurable(_) if !denied => {
-                    pending.settle("error", Some(code::INTERNAL_ERROR));
+                // In the file, not on stable storage: answered with the error below (or, in a
+                // batch refused for a denied request, with -32600 further down).
+                audit::Error::NotDurable(_) => {
+                    if !denied {
+                        pending.settle("error", Some(code::INTERNAL_ERROR));
+                    }
                 }
                 // Not recorded: no response is either.
                 _ => pending.forget(),
