@@ -12,14 +12,17 @@ use std::{
 };
 
 use interceptor_common::{Addr, Listener, TupleKey};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpStream,
+};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{audit, bpf::lock, daemon::Daemon, identity::Identity};
 
 /// The proxy's listening sockets in one network namespace.
 pub struct Proxy {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<AsyncFd<socket2::Socket>>,
     /// What the kernel needs to know to redirect here.
     pub entry: Listener,
     /// Cookie of the namespace the listeners live in (the kernel keys its records by it).
@@ -95,7 +98,14 @@ impl Proxy {
         let netns_cookie = crate::netns::cookie_of(&listeners[0])?;
         let listeners = listeners
             .into_iter()
-            .map(TcpListener::from_std)
+            .map(|l| {
+                // SAFETY: the socket owns its descriptor, which stays open and the same until
+                // the AsyncFd drops the socket.
+                unsafe {
+                    AsyncFd::register_with_interest(socket2::Socket::from(l), Interest::READABLE)
+                }
+                .map_err(|e| io::Error::other(format!("registering a proxy listener: {e}")))
+            })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             listeners,
@@ -114,30 +124,43 @@ impl Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, daemon: Arc<Daemon>, netns_cookie: u64) {
+/// Accepts a connection: `accept4(2)` gives the socket non-blocking, close-on-exec, and its
+/// peer's address in one call, unregistered: it goes straight to a worker's event loop (a
+/// `tokio::net::TcpListener` would register it with this runtime first, two `epoll_ctl`
+/// calls on the path of every new connection).
+fn accept_one(listener: &socket2::Socket) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (socket, addr) = listener.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection with no IP peer address"))?;
+    Ok((socket.into(), peer))
+}
+
+async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, netns_cookie: u64) {
     // Every accepted connection has the listener's port as its own (no getsockname each).
-    let at = match listener.local_addr() {
-        Ok(a) => Local {
+    let at = match listener.get_ref().local_addr().map(|a| a.as_socket()) {
+        Ok(Some(a)) => Local {
             netns_cookie,
             port: a.port(),
         },
-        Err(e) => {
-            warn!(error = %e, "a proxy listener has no local address; not accepting on it");
+        Ok(None) | Err(_) => {
+            warn!("a proxy listener has no local IP address; not accepting on it");
             return;
         }
     };
     loop {
-        match listener.accept().await {
+        let accepted = match listener.readable().await {
+            Ok(mut ready) => match ready.try_io(|l| accept_one(l.get_ref())) {
+                Ok(result) => result,
+                // Drained: wait for the next one.
+                Err(_would_block) => continue,
+            },
+            Err(e) => Err(e),
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
                 // The connection moves to a worker's event loop (see crate::workers).
-                let stream = match stream.into_std() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, client.addr = %peer, "cannot hand the accepted socket to a worker; closing it");
-                        continue;
-                    }
-                };
                 let task = {
                     let daemon = daemon.clone();
                     async move {
