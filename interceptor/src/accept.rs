@@ -312,7 +312,7 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
     counters.active.fetch_add(1, Ordering::Relaxed);
     let server_id = record.server_id as usize;
     let conn = Arc::new(crate::mcp::Conn::new(daemon.clone(), identity, server_id));
-    conn.opened(
+    daemon.audit.record_later(
         audit::Event::new("connection.open")
             .raw("identity", &conn.who)
             .field("server", &server.name)

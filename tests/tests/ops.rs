@@ -192,35 +192,10 @@ fn revocation_closes_live_streams() {
         assert!(Instant::now() < deadline, "{}", env.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The stream's connection.open is in the log while it is open (written with its first
-    // request, the GET), not only when it closes.
-    let count = |events: &[serde_json::Value], name: &str| {
-        events.iter().filter(|e| e["event"] == name).count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let events = env.audit_events();
-        if count(&events, "connection.open") >= 1 {
-            assert_eq!(count(&events, "connection.close"), 0, "{events:#?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no connection.open: {events:#?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let revoked_at = Instant::now();
     cli_ok(&env, &["revoke", "--cgroup", &a, "--reason", "cut off"]);
     let (r, total) = reader.join().expect("reader");
     let (idle, idle_total) = idle.join().expect("idle reader");
-    // Both connections, the idle one included (its open goes with its close), are in the log.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let events = env.audit_events();
-        if count(&events, "connection.open") == 2 && count(&events, "connection.close") == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "opens and closes: {events:#?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let after_revoke = revoked_at.elapsed();
     assert!(r.reply.unwrap_or_default().contains("event: endpoint"));
     // The stream ended because of the revocation, long before the reader's own 8 s limit.

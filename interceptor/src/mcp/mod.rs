@@ -109,10 +109,6 @@ pub struct Conn {
     /// Key of this connection's workload in [`WorkloadPresigns`]; `None` without assertions.
     presign_key: Option<Arc<str>>,
     opened: Instant,
-    /// `connection.open`, until it is written with the connection's first recorded request
-    /// (one `write(2)` for both, on the path of a new connection's first request) or, for any
-    /// other first request or none, deferred then.
-    opening: std::sync::Mutex<Option<audit::Event>>,
 }
 
 impl Drop for Conn {
@@ -120,7 +116,6 @@ impl Drop for Conn {
     /// events (held by their handlers and streams, which on HTTP/2 run as tasks of their own)
     /// come before it.
     fn drop(&mut self) {
-        self.record_opening();
         let (up, down, requests) = self.totals();
         self.daemon.audit.record_later(
             audit::Event::new("connection.close")
@@ -587,24 +582,6 @@ impl Conn {
             daemon,
             identity,
             opened: Instant::now(),
-            opening: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// Holds `connection.open` for the connection's first request (see [`Conn::opening`]).
-    pub fn opened(&self, event: audit::Event) {
-        *lock(&self.opening) = Some(event);
-    }
-
-    /// `connection.open`, if not yet recorded.
-    fn take_opening(&self) -> Option<audit::Event> {
-        lock(&self.opening).take()
-    }
-
-    /// Defers `connection.open` if not yet recorded.
-    fn record_opening(&self) {
-        if let Some(open) = self.take_opening() {
-            self.daemon.audit.record_later(open);
         }
     }
 
@@ -856,10 +833,6 @@ impl Conn {
         // MCP uses POST (messages), GET (server stream) and DELETE (end session); anything else
         // would reach the upstream unjudged.
         let method = req.method().clone();
-        if method != Method::POST {
-            // Only a POST's messages are recorded ahead; a stream may stay open for hours.
-            self.record_opening();
-        }
         if method != Method::POST && method != Method::GET && method != Method::DELETE {
             self.rejected();
             info!(http.method = %method, "request refused: HTTP method not used by MCP");
@@ -1028,14 +1001,14 @@ impl Conn {
             .fetch_add(body.messages.len() as u64, Ordering::Relaxed);
         // Write-ahead: every request and notification is in the audit log before anything is
         // forwarded; if the log cannot be written, allowed requests are refused (fail closed).
-        let opening = self.take_opening();
-        let events: Vec<audit::Event> = opening
+        let events: Vec<audit::Event> = body
+            .messages
             .iter()
-            .cloned()
-            .chain(body.messages.iter().zip(&decisions).filter_map(|(m, d)| {
+            .zip(&decisions)
+            .filter_map(|(m, d)| {
                 let d = d.as_ref()?;
                 Some(self.request_event(m, d, session_id.as_deref(), &protocol))
-            }))
+            })
             .collect();
         let denied = decisions.iter().flatten().any(|d| !d.allow);
         // The allowed requests' answers are owed from here on: built before their events are
@@ -1072,14 +1045,8 @@ impl Conn {
                         pending.settle("error", Some(code::INTERNAL_ERROR));
                     }
                 }
-                // Not recorded: no response is either; the connection's open goes with a later
-                // write.
-                _ => {
-                    pending.forget();
-                    if let Some(open) = opening {
-                        self.daemon.audit.record_later(open);
-                    }
-                }
+                // Not recorded: no response is either.
+                _ => pending.forget(),
             }
             warn!(error = %e, "audit log unavailable; request not forwarded");
             if !denied {
