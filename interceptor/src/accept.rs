@@ -143,21 +143,19 @@ async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, ne
             netns_cookie,
             port: a.port(),
         },
-        Ok(None) | Err(_) => {
+        Ok(None) => {
             warn!("a proxy listener has no local IP address; not accepting on it");
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "a proxy listener has no local address; not accepting on it");
             return;
         }
     };
     loop {
-        let accepted = match listener.readable().await {
-            Ok(mut ready) => match ready.try_io(|l| accept_one(l.get_ref())) {
-                Ok(result) => result,
-                // Drained: wait for the next one.
-                Err(_would_block) => continue,
-            },
-            Err(e) => Err(e),
-        };
-        match accepted {
+        // Waits for readiness and retries on WouldBlock itself, within the task's cooperative
+        // budget (a burst of connects cannot hold the thread, nor delay an abort).
+        match listener.async_io(Interest::READABLE, accept_one).await {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
                 // The connection moves to a worker's event loop (see crate::workers).
@@ -177,9 +175,16 @@ async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, ne
                     .spawn(task.instrument(info_span!("conn", id)));
             }
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed; retrying shortly");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of descriptors or memory: back off instead of spinning. Anything else
+                // concerns that one connection (aborted, refused by a firewall rule, …).
+                let exhausted = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                warn!(error = %e, "accept failed{}", if exhausted { "; retrying shortly" } else { "" });
+                if exhausted {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     }
