@@ -751,8 +751,13 @@ fn print_status(s: &Value) {
             .map(str::to_owned)
             .unwrap_or_else(|| v.to_string())
     };
+    // Absent from a daemon older than this command.
+    let files = s["open_files_limit"]
+        .as_u64()
+        .map(|n| format!(", open files up to {n}"))
+        .unwrap_or_default();
     println!(
-        "daemon pid {} up {}s, {} connection workers, config {}",
+        "daemon pid {} up {}s, {} connection workers{files}, config {}",
         s["pid"],
         s["uptime_s"],
         s["workers"],

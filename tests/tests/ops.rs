@@ -327,6 +327,13 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
     assert_eq!(again.status, Some(200), "{again:?}");
     let status = env.status();
     assert_eq!(status["counters"]["proxy"]["over_limit"], 1, "{status}");
+    assert!(status["open_files_limit"].as_u64() > Some(0), "{status}");
+    // The operator's view says so too.
+    let text = cli_ok(&env, &["status"]);
+    assert!(
+        text.contains("over_limit=1") && text.contains("open files up to"),
+        "{text}"
+    );
     assert!(
         env.log_text()
             .contains("connection refused: its cgroup has"),
