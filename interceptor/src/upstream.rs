@@ -605,12 +605,9 @@ mod tests {
 
     #[test]
     fn an_accepted_chain_is_remembered_only_as_it_was_and_until_it_expires() {
-        let (cert, _) = {
-            let dir = tempfile::tempdir().unwrap();
-            let (cert, key) = crate::ca::init(dir.path(), "n").unwrap();
-            (std::fs::read(cert).unwrap(), key)
-        };
-        let pem = pem::parse(&cert).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = crate::ca::init(dir.path(), "n").unwrap();
+        let pem = pem::parse(std::fs::read(cert).unwrap()).unwrap();
         let good = CertificateDer::from(pem.contents().to_vec());
         let expiry = earliest_expiry([&good]);
         assert!(expiry > 0, "notAfter read");

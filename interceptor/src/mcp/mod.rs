@@ -1132,21 +1132,7 @@ impl Conn {
         {
             // The POST failed (upstream unreachable, refused it, revoked): no answer will come
             // on the stream for the requests it carried.
-            let taken: PendingMap = lock(&session.pending)
-                .as_mut()
-                .map(|p| {
-                    moved
-                        .iter()
-                        .filter_map(|id| {
-                            if p.get(id).is_some_and(|e| e.post == post) {
-                                p.remove_entry(id)
-                            } else {
-                                None
-                            }
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let taken = Self::take_back_from_session(session, &moved, post);
             let outcome = match self.revoked_reason() {
                 Some(_) => "revoked",
                 None => "upstream_error",
@@ -1154,6 +1140,22 @@ impl Conn {
             self.audit_failed(taken, outcome, None);
         }
         response
+    }
+
+    /// The requests `ids` of POST `post` still awaited in the legacy session (an id a later
+    /// POST reused is that POST's, and stays).
+    fn take_back_from_session(session: &LegacySession, ids: &[String], post: u64) -> PendingMap {
+        let mut taken = PendingMap::new();
+        if let Some(p) = lock(&session.pending).as_mut() {
+            for id in ids {
+                if p.get(id).is_some_and(|e| e.post == post)
+                    && let Some((id, request)) = p.remove_entry(id)
+                {
+                    taken.insert(id, request);
+                }
+            }
+        }
+        taken
     }
 
     /// Moves `pending` into the legacy session's map, whose stream carries their answers, and
