@@ -124,15 +124,16 @@ impl McpServer {
 
     /// Waits up to `limit` until the server has executed a call of `tool`.
     pub fn wait_call(&self, tool: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while !self.calls().iter().any(|c| c == tool) {
-            assert!(
-                Instant::now() < deadline,
-                "the server executed no {tool} call within {limit:?}: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            limit,
+            || self.calls().iter().any(|c| c == tool).then_some(()),
+            || {
+                format!(
+                    "the server executed no {tool} call within {limit:?}: {}",
+                    self.log_text()
+                )
+            },
+        );
     }
 
     /// Starts the `rmcp-peer` binary (official Rust SDK) as a Streamable HTTP server.
@@ -259,6 +260,41 @@ pub fn rmcp_client(rmcp_peer: &str, cgroup_dir: &Path, url: &str, calls: &[&str]
             String::from_utf8_lossy(&out.stderr)
         )
     })
+}
+
+/// What `probe` gives first, asked every 20 ms for up to `limit`; a failure saying `why()`
+/// (asked then, so it can show the state that never came) otherwise.
+pub fn eventually<T>(
+    limit: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+    why: impl FnOnce() -> String,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        if Instant::now() >= deadline {
+            panic!("{}", why());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// curl speaking HTTP/2 without negotiation (h2c prior knowledge) from inside `cgroup_dir`:
+/// POSTs `body` as JSON to `url`, with `extra` curl arguments.
+pub fn h2c_post(cgroup_dir: &Path, url: &str, body: &str, extra: &[&str]) -> Command {
+    let mut args = vec![
+        "-sS",
+        "--http2-prior-knowledge",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        body,
+    ];
+    args.extend_from_slice(extra);
+    args.push(url);
+    in_cgroup(cgroup_dir, "curl", &args)
 }
 
 /// A port that was free a moment ago on 127.0.0.1 and [::1].
@@ -434,7 +470,7 @@ pub fn run_in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Output 
 
 /// The command that runs `program args…` as a process of the cgroup `cgroup_dir` (the shell
 /// `exec`s it: the child's pid is the program's).
-pub fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
+fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
     let script = format!(
         "echo $$ > '{}' && exec \"$@\"",
         cgroup_dir.join("cgroup.procs").display()

@@ -5,11 +5,12 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use interceptor_tests::{
-    BackgroundClient, LabelServer, McpServer, ServerSpec, TestEnv, interceptor_bin, mcp_client,
-    privileged,
+    BackgroundClient, LabelServer, McpServer, ServerSpec, TestEnv, eventually, interceptor_bin,
+    mcp_client, privileged,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -86,28 +87,30 @@ fn world_on(
 /// The `mcp.response` event of the `read_slowly` call, once written (deferred events follow
 /// their request shortly), checked against its `mcp.request`.
 fn slow_call_response(env: &TestEnv) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let events = env.audit_events();
-        let request = events
+    let find = |events: &[Value], name: &str| {
+        events
             .iter()
-            .find(|e| e["event"] == "mcp.request" && e["tool"] == "read_slowly");
-        let response = events
-            .iter()
-            .find(|e| e["event"] == "mcp.response" && e["tool"] == "read_slowly");
-        if let (Some(request), Some(response)) = (request, response) {
-            assert_eq!(request["decision"], "allow", "{request}");
-            assert_eq!(response["id"], request["id"], "{response}");
-            assert_eq!(response["identity"], request["identity"], "{response}");
-            assert!(response["seq"].as_u64() > request["seq"].as_u64());
-            return response.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no mcp.request and mcp.response pair for read_slowly in {events:#?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+            .find(|e| e["event"] == name && e["tool"] == "read_slowly")
+            .cloned()
+    };
+    let (request, response) = eventually(
+        Duration::from_secs(10),
+        || {
+            let events = env.audit_events();
+            find(&events, "mcp.request").zip(find(&events, "mcp.response"))
+        },
+        || {
+            format!(
+                "no mcp.request and mcp.response pair for read_slowly in {:#?}",
+                env.audit_events()
+            )
+        },
+    );
+    assert_eq!(request["decision"], "allow", "{request}");
+    assert_eq!(response["id"], request["id"], "{response}");
+    assert_eq!(response["identity"], request["identity"], "{response}");
+    assert!(response["seq"].as_u64() > request["seq"].as_u64());
+    response
 }
 
 const SLOW_CALL: &str = r#"read_slowly={"name":"n","seconds":60}"#;
@@ -122,8 +125,7 @@ fn a_call_its_server_drops_midway_gets_an_upstream_error_response_event() {
     for transport in ["sse", "streamable-http"] {
         let mut w = slow_world(&format!("cutoff-{transport}"), transport, "");
         let client = BackgroundClient::start(&w.agents, &w.url, transport, &[SLOW_CALL]);
-        w.server
-            .wait_call("read_slowly", std::time::Duration::from_secs(30));
+        w.server.wait_call("read_slowly", Duration::from_secs(30));
         w.server.kill();
         let response = slow_call_response(&w.env);
         assert_eq!(
@@ -141,7 +143,7 @@ fn an_http2_call_the_agent_abandons_is_cancelled_before_its_connection_closes() 
     if !privileged() {
         return;
     }
-    let upstream = LabelServer::start_slow("127.0.0.3", "slow", std::time::Duration::from_secs(5));
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_secs(5));
     let mut env = TestEnv::new("h2-cancel");
     let agents = env.cgroup("agents");
     env.write_config_with(
@@ -152,26 +154,19 @@ fn an_http2_call_the_agent_abandons_is_cancelled_before_its_connection_closes() 
     env.start_daemon();
     // curl is killed while the call waits for the upstream: its connection goes, with the
     // stream on it. On HTTP/2 the call runs as a task of its own, apart from the connection's.
-    let mut curl = interceptor_tests::in_cgroup(
+    let mut curl = interceptor_tests::h2c_post(
         &env.dir(&agents),
-        "curl",
-        &[
-            "-sS",
-            "--http2-prior-knowledge",
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search"}}"#,
-            &format!("http://{}/mcp", upstream.addr),
-        ],
+        &format!("http://{}/mcp", upstream.addr),
+        r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search"}}"#,
+        &[],
     )
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null())
     .spawn()
     .expect("start curl");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while upstream.bodies().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.bodies().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
     let _ = curl.kill();
     let _ = curl.wait();
@@ -180,19 +175,20 @@ fn an_http2_call_the_agent_abandons_is_cancelled_before_its_connection_closes() 
         1,
         "the call never reached the upstream"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let (response, close) = loop {
-        let events = env.audit_events();
-        let find = |name: &str| events.iter().find(|e| e["event"] == name).cloned();
-        if let (Some(r), Some(c)) = (find("mcp.response"), find("connection.close")) {
-            break (r, c);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no mcp.response and connection.close: {events:#?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let (response, close) = eventually(
+        Duration::from_secs(10),
+        || {
+            let events = env.audit_events();
+            let find = |name: &str| events.iter().find(|e| e["event"] == name).cloned();
+            find("mcp.response").zip(find("connection.close"))
+        },
+        || {
+            format!(
+                "no mcp.response and connection.close: {:#?}",
+                env.audit_events()
+            )
+        },
+    );
     assert_eq!(response["outcome"], "cancelled", "{response}");
     assert_eq!(response["tool"], "search", "{response}");
     assert!(
@@ -208,8 +204,7 @@ fn a_call_in_flight_when_the_daemon_stops_gets_a_cancelled_response_event() {
     }
     let mut w = slow_world("cancelled", "streamable-http", "drain_grace = \"300ms\"\n");
     let client = BackgroundClient::start(&w.agents, &w.url, "streamable-http", &[SLOW_CALL]);
-    w.server
-        .wait_call("read_slowly", std::time::Duration::from_secs(30));
+    w.server.wait_call("read_slowly", Duration::from_secs(30));
     w.env.stop_daemon(Signal::SIGTERM);
     drop(client);
     let response = slow_call_response(&w.env);
@@ -277,7 +272,7 @@ fn every_request_yields_the_expected_events() {
     let pid = out["pid"].as_u64().expect("client pid");
     let cgroup = format!("{}/agents", w.env.root);
     // mcp.response events are written after the answer; give the writer a moment.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300));
     let events = w.env.audit_events();
     let find = |event: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
         events
@@ -362,9 +357,9 @@ fn sigkill_loses_no_forwarded_call_and_the_chain_holds() {
         })
         .collect();
     // Kill while calls are flowing: once the server has executed a couple.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while w.server.calls().len() < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.server.calls().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
     w.env.stop_daemon(Signal::SIGKILL);
     for c in clients {

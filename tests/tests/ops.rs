@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use interceptor_tests::{
-    LabelServer, McpServer, ServerSpec, TestEnv, privileged, read_stream, run_client, send_raw,
+    LabelServer, McpServer, ServerSpec, TestEnv, eventually, privileged, read_stream, run_client,
+    send_raw,
 };
 use nix::sys::signal::Signal;
 
@@ -284,14 +285,11 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
             std::thread::spawn(move || send_raw(PROBE, &dir, &addr, request.as_bytes()))
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while upstream.bodies().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the two requests never reached the upstream"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(
+        Duration::from_secs(10),
+        || (upstream.bodies().len() >= 2).then_some(()),
+        || "the two requests never reached the upstream".into(),
+    );
     // A third from the same cgroup is refused, with an answer that says why and what to do…
     let refused = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
     assert_eq!(refused.status, Some(503), "{refused:?}");
@@ -314,15 +312,11 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
     }
     // Once they closed (the proxy's side too: the clients may see the answer first), cgroup a
     // is served again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while env.status()["counters"]["proxy"]["active"] != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "connections still open: {}",
-            env.status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        Duration::from_secs(10),
+        || (env.status()["counters"]["proxy"]["active"] == 0).then_some(()),
+        || format!("connections still open: {}", env.status()),
+    );
     let again = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
     assert_eq!(again.status, Some(200), "{again:?}");
     let status = env.status();

@@ -2,7 +2,9 @@
 //! tagged cgroup through the kernel redirect. Each malicious form must be refused with the right
 //! status and JSON-RPC code, and the upstream must never receive it.
 
-use interceptor_tests::{LabelServer, ServerSpec, TestEnv, privileged, send_raw};
+use interceptor_tests::{
+    LabelServer, ServerSpec, TestEnv, eventually, h2c_post, privileged, send_raw,
+};
 use serde_json::Value;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
@@ -132,27 +134,28 @@ fn malicious_forms_are_refused_and_never_forwarded() {
     assert!(w.upstream.bodies().is_empty());
     // The allowed call it carried is recorded as answered with that error; the denied one has
     // its decision and no response.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let response = loop {
-        let events = w.env.audit_events();
-        if let Some(e) = events
+    let response = eventually(
+        std::time::Duration::from_secs(10),
+        || {
+            w.env
+                .audit_events()
+                .into_iter()
+                .find(|e| e["event"] == "mcp.response" && e["tool"] == "search" && e["id"] == 1)
+        },
+        || {
+            format!(
+                "no mcp.response for the batch's allowed call: {:#?}",
+                w.env.audit_events()
+            )
+        },
+    );
+    let events = w.env.audit_events();
+    assert!(
+        !events
             .iter()
-            .find(|e| e["event"] == "mcp.response" && e["tool"] == "search" && e["id"] == 1)
-        {
-            assert!(
-                !events
-                    .iter()
-                    .any(|e| e["event"] == "mcp.response" && e["tool"] == "delete_note"),
-                "{events:#?}"
-            );
-            break e.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no mcp.response for the batch's allowed call: {events:#?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+            .any(|e| e["event"] == "mcp.response" && e["tool"] == "delete_note"),
+        "{events:#?}"
+    );
     assert_eq!(response["outcome"], "error", "{response}");
     assert_eq!(response["error_code"], -32600, "{response}");
 
@@ -217,21 +220,14 @@ fn h2c_prior_knowledge_is_served_and_judged_the_same() {
     let w = world("h2c");
     let url = format!("http://{}/mcp", w.upstream.addr);
     let curl = |body: &str| {
-        interceptor_tests::run_in_cgroup(
+        h2c_post(
             &w.dir,
-            "curl",
-            &[
-                "-sS",
-                "--http2-prior-knowledge",
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                body,
-                "-w",
-                "\n%{http_version} %{http_code}",
-                &url,
-            ],
+            &url,
+            body,
+            &["-w", "\n%{http_version} %{http_code}"],
         )
+        .output()
+        .expect("run curl")
     };
     let out =
         curl(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_note"}}"#);
