@@ -110,6 +110,7 @@ fn cargo_home() -> Result<PathBuf> {
 
 /// Makes sure everything is installed; returns where it is.
 pub fn setup(root: &Path) -> Result<Tools> {
+    warn_if_disk_is_short(root);
     ensure_nightly()?;
     let tools_dir = cargo_home()?.join("interceptor-tools");
     let prefix = ensure_llvm_prefix(&tools_dir)?;
@@ -120,6 +121,30 @@ pub fn setup(root: &Path) -> Result<Tools> {
         bpf_linker_bin_dir: bin_dir,
         python,
     })
+}
+
+/// What a fresh `cargo xtask test` writes, measured: `target/` peaks at about 4 GiB (debug
+/// builds keep line tables only, see the workspace's Cargo.toml), the nightly toolchain 0.7 GiB.
+const DISK_NEEDED: u64 = 6 << 30;
+
+/// Warns, before hours of building end in "No space left on device", when the filesystem that
+/// holds `target/` has less free space than a fresh build and test run needs. Only a warning:
+/// an incremental build needs much less.
+fn warn_if_disk_is_short(root: &Path) {
+    let Ok(stat) = nix::sys::statvfs::statvfs(root) else {
+        return;
+    };
+    let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+    if free < DISK_NEEDED {
+        eprintln!(
+            "[setup] warning: {} has {:.1} GiB free; a fresh build and test run needs about \
+             {} GiB (target/ and the nightly toolchain). Free some space (`cargo clean` removes \
+             target/) if the build fails with \"No space left on device\".",
+            root.display(),
+            free as f64 / f64::from(1u32 << 30),
+            DISK_NEEDED >> 30,
+        );
+    }
 }
 
 /// A virtualenv under `target/` with the official MCP Python SDK, for the integration tests
