@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::daemon::Daemon;
+use crate::{daemon::Daemon, identity::Actor};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -100,17 +100,21 @@ impl AdminServer {
 
 async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     // The socket is 0600 already; checking the peer too keeps a mis-set mode from opening it.
-    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+    // Its credentials also say who caused the audit events of what it asks.
+    let peer = stream.peer_cred().ok().map(|c| Actor {
+        pid: c.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+        uid: c.uid(),
+        gid: c.gid(),
+    });
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = TokioBufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-    let response = if uid != 0 {
-        json!({"ok": false, "error": "the admin socket is for root only"})
-    } else {
-        match reader.read_line(&mut line).await {
-            Ok(_) => handle(&daemon, &line),
+    let response = match peer {
+        Some(peer) if peer.uid == 0 => match reader.read_line(&mut line).await {
+            Ok(_) => handle(&daemon, &line, peer),
             Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
-        }
+        },
+        _ => json!({"ok": false, "error": "the admin socket is for root only"}),
     };
     let mut out = response.to_string();
     out.push('\n');
@@ -119,24 +123,27 @@ async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     }
 }
 
-fn handle(daemon: &Daemon, line: &str) -> Value {
+/// Answers one request of `peer`.
+fn handle(daemon: &Daemon, line: &str, peer: Actor) -> Value {
     let request: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
     };
     let result = match request {
-        Request::Tag { cgroup } => daemon.tag(&cgroup).map(|t| json!(t)),
-        Request::Untag { cgroup } => daemon.untag(&cgroup).map(|t| json!(t)),
+        Request::Tag { cgroup } => daemon.tag(&cgroup, peer).map(|t| json!(t)),
+        Request::Untag { cgroup } => daemon.untag(&cgroup, peer).map(|t| json!(t)),
         Request::Status => Ok(daemon.status()),
-        Request::Reload => daemon.reload().map(|r| json!(r)),
+        Request::Reload => daemon.reload(peer).map(|r| json!(r)),
         Request::Revoke {
             selector,
             reason,
             all_egress,
         } => daemon
-            .revoke(selector, &reason, all_egress)
+            .revoke(selector, &reason, all_egress, peer)
             .map(|(r, closed)| json!({"revocation": r, "closed_connections": closed})),
-        Request::Unrevoke { selector } => daemon.unrevoke(selector).map(|s| json!({"selector": s})),
+        Request::Unrevoke { selector } => daemon
+            .unrevoke(selector, peer)
+            .map(|s| json!({"selector": s})),
     };
     match result {
         Ok(v) => json!({"ok": true, "result": v}),

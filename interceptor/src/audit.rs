@@ -353,7 +353,7 @@ fn unseal(line: &str) -> Option<(String, &str)> {
 }
 
 /// Counters the audit log keeps (for status and metrics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub events: AtomicU64,
     /// `write(2)` calls that wrote events (a group each).
@@ -362,6 +362,24 @@ pub struct Stats {
     pub syncs: AtomicU64,
     /// Total fdatasync time, µs.
     pub sync_micros: AtomicU64,
+    /// Each fdatasync's time, seconds (the metrics' `audit_fsync_seconds`).
+    pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            events: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            sync_micros: AtomicU64::new(0),
+            // 50 µs … ~1.6 s
+            sync_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16),
+            ),
+        }
+    }
 }
 
 /// The audit log handle shared by the daemon.
@@ -496,7 +514,9 @@ pub const FLUSH_DELAY: Duration = Duration::from_millis(1);
 
 impl Audit {
     /// Opens (or creates) the log, repairs a torn last line, and starts the background thread.
-    pub fn open(config: RawAudit) -> Result<Self, Error> {
+    /// `opener` is the `identity` object (JSON text) of the process opening it, recorded with
+    /// a repair.
+    pub fn open(config: RawAudit, opener: &str) -> Result<Self, Error> {
         let open_err = |message: String| Error::Open {
             path: config.path.clone(),
             message,
@@ -544,6 +564,7 @@ impl Audit {
                 .set_len(tail.valid_len)
                 .map_err(|e| open_err(format!("truncating the torn last line: {e}")))?;
             let repair = Event::new("audit.repair")
+                .raw("identity", opener)
                 .field("torn_bytes", &torn.len())
                 .field("torn_sha256", &hex(&Sha256::digest(torn)));
             writer
@@ -977,10 +998,12 @@ impl Shared {
         let started = Instant::now();
         match file.sync_data() {
             Ok(()) => {
+                let took = started.elapsed();
                 self.stats.syncs.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .sync_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                self.stats.sync_seconds.observe(took.as_secs_f64());
                 Ok(())
             }
             Err(e) => {
@@ -1382,6 +1405,9 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
 mod tests {
     use super::*;
 
+    /// The `identity` of the process opening the log in these tests.
+    const OPENER: &str = r#"{"pid":1,"comm":"test"}"#;
+
     fn cfg(dir: &Path, durability: Durability) -> RawAudit {
         RawAudit {
             path: dir.join("audit.jsonl"),
@@ -1473,7 +1499,7 @@ mod tests {
     #[tokio::test]
     async fn deferred_events_are_flushed_and_chained() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
+        let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
         a.record_later(event("later-1"));
         a.record(event("now")).await.unwrap();
         // Written with the next recorded event, in order.
@@ -1497,7 +1523,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_fsync_writers_share_fdatasyncs() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Fsync)).unwrap());
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Fsync), OPENER).unwrap());
         let mut tasks = Vec::new();
         for w in 0..8 {
             let a = a.clone();
@@ -1557,7 +1583,7 @@ mod tests {
     #[test]
     fn events_deferred_on_a_worker_are_written_when_it_goes_idle() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
         let workers = crate::workers::Workers::start(1, a.idle_flusher()).unwrap();
         {
             // The audit thread is held: it cannot write them, and a deferral that tried to
@@ -1583,7 +1609,7 @@ mod tests {
     #[test]
     fn events_deferred_on_a_worker_that_stays_busy_are_written_by_the_audit_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
         let workers = crate::workers::Workers::start(1, a.idle_flusher()).unwrap();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let on_worker = a.clone();
@@ -1608,7 +1634,7 @@ mod tests {
     #[test]
     fn concurrent_writers_on_several_event_loops_take_turns() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
         // As the daemon's workers: one single-threaded event loop per thread.
         let threads: Vec<_> = (0..4)
             .map(|t| {
@@ -1684,7 +1710,7 @@ mod tests {
     async fn callers_queued_behind_a_stalled_write_go_out_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write)).unwrap());
+        let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
         // A write(2) that stalls: the background thread holds the writer.
         let stall = lock(&a.shared.writer);
         let first = tokio::spawn({
@@ -1717,7 +1743,7 @@ mod tests {
     async fn callers_that_give_up_waiting_lose_no_event_and_no_turn() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
+        let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
         // Someone is writing: callers queue behind it.
         lock(&a.shared.queue).busy = true;
         let mut before = Box::pin(a.record(event("gave-up-queued")));
@@ -1756,14 +1782,14 @@ mod tests {
     async fn chain_survives_restart_and_detects_edits() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let a = Audit::open(cfg(dir.path(), Durability::Fsync)).unwrap();
+            let a = Audit::open(cfg(dir.path(), Durability::Fsync), OPENER).unwrap();
             for i in 0..3 {
                 a.record(event(&format!("e{i}"))).await.unwrap();
             }
         }
         std::thread::sleep(Duration::from_millis(100));
         {
-            let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
+            let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
             a.record(event("after-restart")).await.unwrap();
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -1798,13 +1824,18 @@ mod tests {
         let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_some(), "{v:?}");
         {
-            let a = Audit::open(cfg(dir.path(), Durability::Fsync)).unwrap();
+            let a = Audit::open(cfg(dir.path(), Durability::Fsync), OPENER).unwrap();
             a.record(event("after-repair")).await.unwrap();
         }
         let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_none(), "{v:?}");
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("\"audit.repair\""));
+        let repair: Value = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|e| e["event"] == "audit.repair")
+            .expect("the repair is recorded");
+        assert_eq!(repair["identity"]["comm"], "test", "{repair}");
         assert_eq!(v.events, 6);
     }
 
@@ -1813,8 +1844,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(dir.path(), Durability::Fsync);
         c.max_file_bytes = 4096;
-        let a = Audit::open(c.clone()).unwrap();
-        let e = Audit::open(c.clone())
+        let a = Audit::open(c.clone(), OPENER).unwrap();
+        let e = Audit::open(c.clone(), OPENER)
             .err()
             .expect("a second writer is refused");
         assert!(e.to_string().contains("another interceptor daemon"), "{e}");
@@ -1828,7 +1859,7 @@ mod tests {
         // The live file vanishes (logrotate, an operator): the next start continues the chain
         // from the newest rotated file.
         std::fs::remove_file(dir.path().join("audit.jsonl")).unwrap();
-        let a = Audit::open(c).unwrap();
+        let a = Audit::open(c, OPENER).unwrap();
         a.record(event("after")).await.unwrap();
         drop(a);
         let v = verify(&rotated_then_live(dir.path())).unwrap();
@@ -1843,7 +1874,7 @@ mod tests {
     async fn a_log_removed_or_renamed_while_open_is_re_created() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Audit::open(cfg(dir.path(), Durability::Write)).unwrap();
+        let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
         a.record(event("first")).await.unwrap();
         // Removed: noticed at the next write.
         std::fs::remove_file(&path).unwrap();
@@ -1882,7 +1913,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(dir.path(), Durability::Fsync);
         c.max_file_bytes = 600;
-        let a = Audit::open(c).unwrap();
+        let a = Audit::open(c, OPENER).unwrap();
         for i in 0..10 {
             a.record(event(&format!("event-number-{i}"))).await.unwrap();
         }

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashSet,
+    path::Path,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -24,6 +25,7 @@ use crate::{
     ca::NodeCa,
     cgroup::{self, Hierarchy},
     config::{self, Config},
+    identity::Actor,
     mcp::{Sessions, Streams},
     policy::Policy,
     revoke::{Revocation, Selector},
@@ -266,9 +268,21 @@ impl Daemon {
 
     /// Re-reads the config file and applies its policy to the next request on every
     /// connection. An invalid file changes nothing and says why.
-    pub fn reload(&self) -> Result<ReloadReport, String> {
-        let new = Config::load(&self.config.path)
-            .map_err(|e| format!("reload refused, the current policy stays active: {e}"))?;
+    pub fn reload(&self, by: Actor) -> Result<ReloadReport, String> {
+        let new = match Config::load(&self.config.path) {
+            Ok(new) => new,
+            Err(e) => {
+                let reason = e.to_string();
+                self.audit.record_later(self.event_by(
+                    by,
+                    "policy.reload",
+                    json!({"outcome": "refused", "reason": reason}),
+                ));
+                return Err(format!(
+                    "reload refused, the current policy stays active: {reason}"
+                ));
+            }
+        };
         let mut not_applied = Vec::new();
         if new.daemon != self.config.daemon {
             not_applied.push("[daemon]");
@@ -294,7 +308,8 @@ impl Daemon {
             0
         };
         info!(policy_changed, roles, bindings, notified_streams, not_applied = ?not_applied, "policy reloaded");
-        self.audit.record_later(audit::event(
+        self.audit.record_later(self.event_by(
+            by,
             "policy.reload",
             json!({
                 "outcome": "applied",
@@ -409,6 +424,7 @@ impl Daemon {
         selector: Selector,
         reason: &str,
         all_egress: bool,
+        by: Actor,
     ) -> Result<(Revocation, usize), String> {
         let (selector, key) = selector.key(&self.hierarchy)?;
         // The label is how the revocation is rebuilt after a restart: it must fit whole.
@@ -447,7 +463,8 @@ impl Daemon {
         let closed = self.close_revoked();
         self.sync_block_state()?;
         warn!(revoked = %revocation.selector.label(), reason = %revocation.reason, all_egress, closed, "revoked");
-        self.audit.record_later(audit::event(
+        self.audit.record_later(self.event_by(
+            by,
             "revoke",
             json!({
                 "selector": revocation.selector,
@@ -460,7 +477,7 @@ impl Daemon {
     }
 
     /// Lifts the revocation of `selector`.
-    pub fn unrevoke(&self, selector: Selector) -> Result<Selector, String> {
+    pub fn unrevoke(&self, selector: Selector, by: Actor) -> Result<Selector, String> {
         let (selector, key) = selector.key(&self.hierarchy)?;
         let removed = {
             let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
@@ -478,7 +495,7 @@ impl Daemon {
         self.sync_block_state()?;
         info!(unrevoked = %selector.label(), "unrevoked");
         self.audit
-            .record_later(audit::event("unrevoke", json!({"selector": selector})));
+            .record_later(self.event_by(by, "unrevoke", json!({"selector": selector})));
         Ok(selector)
     }
 
@@ -561,14 +578,15 @@ impl Daemon {
     }
 
     /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
-    pub fn tag(&self, cgroup: &str) -> Result<TagStatus, String> {
+    pub fn tag(&self, cgroup: &str, by: Actor) -> Result<TagStatus, String> {
         let cgroup = config::normalize_cgroup_path(cgroup)?;
         let id = self.hierarchy.id(&cgroup).map_err(|e| e.to_string())?;
         lock(&self.kernel.tags)
             .insert(id, TagValue::new(&cgroup), 0)
             .map_err(|e| format!("cannot tag {cgroup}: {e}"))?;
         info!(cgroup = %cgroup, cgroup.id = id, "tagged");
-        self.audit.record_later(audit::event(
+        self.audit.record_later(self.event_by(
+            by,
             "tag",
             json!({"cgroup": cgroup, "cgroup_id": id}),
         ));
@@ -580,7 +598,7 @@ impl Daemon {
     }
 
     /// Removes the tag of `cgroup`. New connections from it are no longer redirected.
-    pub fn untag(&self, cgroup: &str) -> Result<TagStatus, String> {
+    pub fn untag(&self, cgroup: &str, by: Actor) -> Result<TagStatus, String> {
         let cgroup = config::normalize_cgroup_path(cgroup)?;
         let mut tags = lock(&self.kernel.tags);
         // Find by id when the cgroup still exists, else by the recorded path.
@@ -600,12 +618,25 @@ impl Daemon {
         tags.remove(&id)
             .map_err(|e| format!("cannot untag {cgroup}: {e}"))?;
         info!(cgroup = %cgroup, cgroup.id = id, "untagged");
-        self.audit.record_later(audit::event(
+        self.audit.record_later(self.event_by(
+            by,
             "untag",
             json!({"cgroup": cgroup, "cgroup_id": id}),
         ));
         let exists = self.hierarchy.id(&cgroup).is_ok_and(|cur| cur == id);
         Ok(TagStatus { cgroup, id, exists })
+    }
+
+    /// An audit event that `by` caused, with its `identity` (read from `/proc` now).
+    fn event_by(&self, by: Actor, name: &str, fields: serde_json::Value) -> audit::Event {
+        audit::event(name, fields).raw("identity", &self.identity_of(by))
+    }
+
+    /// The `identity` object of `by`'s audit events.
+    pub fn identity_of(&self, by: Actor) -> String {
+        by.audit_json(Path::new("/proc"), &self.config.naming, |cgroup| {
+            self.hierarchy.id(cgroup).ok()
+        })
     }
 
     /// Every tag in the (pinned) map.
@@ -796,8 +827,14 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
              the hard limit (e.g. LimitNOFILE= in the service's unit)"
         );
     }
+    let hierarchy = Hierarchy::discover()?;
     // First: nothing is served unless it can be audited.
-    let audit = Audit::open(config.audit.clone())?;
+    let audit = Audit::open(
+        config.audit.clone(),
+        &Actor::daemon().audit_json(Path::new("/proc"), &config.naming, |cgroup| {
+            hierarchy.id(cgroup).ok()
+        }),
+    )?;
     let path = config.path.display().to_string();
     let ca = config
         .ca
@@ -820,7 +857,6 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let hierarchy = Hierarchy::discover()?;
     let kernel = Kernel::install(
         &config.daemon.bpffs_dir,
         &hierarchy,
@@ -834,6 +870,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         None => None,
     };
     let workers = Workers::start(worker_count, audit.idle_flusher())?;
+    let metrics = crate::metrics::Metrics::new(&audit.stats);
     let daemon = Arc::new(Daemon {
         workers,
         policy: RwLock::new(Arc::new(config.policy.clone())),
@@ -842,7 +879,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         sessions: Sessions::default(),
         streams: Streams::default(),
         audit,
-        metrics: crate::metrics::Metrics::default(),
+        metrics,
         revocations: RwLock::new(Vec::new()),
         draining: tokio::sync::watch::Sender::new(false),
         ns_listeners: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -860,7 +897,8 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     });
     daemon
         .audit
-        .record(audit::event(
+        .record(daemon.event_by(
+            Actor::daemon(),
             "daemon.start",
             json!({
                 "pid": std::process::id(),
@@ -875,11 +913,13 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
     daemon.sync_servers()?;
     for (index, cgroup) in daemon.config.tags.iter().enumerate() {
-        daemon.tag(cgroup).map_err(|message| Error::Tag {
-            path: daemon.config.path.display().to_string(),
-            index,
-            message,
-        })?;
+        daemon
+            .tag(cgroup, Actor::daemon())
+            .map_err(|message| Error::Tag {
+                path: daemon.config.path.display().to_string(),
+                index,
+                message,
+            })?;
     }
 
     daemon.register_listener()?;
@@ -920,7 +960,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
-                if let Err(e) = daemon.reload() {
+                if let Err(e) = daemon.reload(Actor::daemon()) {
                     warn!(error = %e, "SIGHUP reload failed");
                 }
             }
@@ -956,7 +996,8 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     let _ = std::fs::remove_file(&socket_path);
     if let Err(e) = daemon
         .audit
-        .record(audit::event(
+        .record(daemon.event_by(
+            Actor::daemon(),
             "daemon.stop",
             json!({"pid": std::process::id()}),
         ))

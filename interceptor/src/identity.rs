@@ -153,7 +153,9 @@ fn liveness(start_time_ns: Option<u64>, connect_boot_ns: u64) -> Liveness {
     match start_time_ns {
         None => Liveness::Exited,
         // One tick of slack: start times are only tick-precise.
-        Some(start) if start > connect_boot_ns + ticks_to_ns(1) => Liveness::PidReused,
+        Some(start) if start > connect_boot_ns.saturating_add(ticks_to_ns(1)) => {
+            Liveness::PidReused
+        }
         Some(_) => Liveness::Alive,
     }
 }
@@ -284,19 +286,13 @@ impl Identity {
         let placement = cgroup.as_deref().map(placement).unwrap_or_default();
         let comm = record.comm().to_owned();
         let workload_id = cgroup.as_deref().map(|cgroup_path| {
-            workload::render(
-                &naming.template,
-                &workload::Fields {
-                    trust_domain: &naming.trust_domain,
-                    node: &naming.node,
-                    cgroup_path,
-                    uid: record.uid,
-                    gid: record.gid,
-                    exe: exe.as_deref().unwrap_or(""),
-                    comm: &comm,
-                    container: placement.container.as_deref().unwrap_or(""),
-                    pod: placement.pod.as_deref().unwrap_or(""),
-                },
+            workload_id(
+                naming,
+                cgroup_path,
+                (record.uid, record.gid),
+                exe.as_deref(),
+                &comm,
+                &placement,
             )
         });
         Self {
@@ -319,8 +315,68 @@ impl Identity {
 }
 
 impl Identity {
-    /// The `identity` object of audit events.
-    pub fn audit_json(&self) -> serde_json::Value {
+    /// The `identity` object of audit events, as JSON text.
+    pub fn audit_json(&self) -> String {
+        AuditIdentity {
+            pid: self.pid,
+            tid: self.tid,
+            uid: self.uid,
+            gid: self.gid,
+            comm: &self.comm,
+            exe: self.exe.as_deref(),
+            cgroup: self.cgroup.as_deref(),
+            cgroup_id: Some(self.cgroup_id),
+            placement: &self.placement,
+            workload_id: self.workload_id.as_deref(),
+            process: self.liveness,
+        }
+        .to_json()
+    }
+}
+
+/// The workload id `[identity] workload_id` gives a process.
+fn workload_id(
+    naming: &Naming,
+    cgroup_path: &str,
+    (uid, gid): (u32, u32),
+    exe: Option<&str>,
+    comm: &str,
+    placement: &Placement,
+) -> String {
+    workload::render(
+        &naming.template,
+        &workload::Fields {
+            trust_domain: &naming.trust_domain,
+            node: &naming.node,
+            cgroup_path,
+            uid,
+            gid,
+            exe: exe.unwrap_or(""),
+            comm,
+            container: placement.container.as_deref().unwrap_or(""),
+            pod: placement.pod.as_deref().unwrap_or(""),
+        },
+    )
+}
+
+/// The `identity` object of audit events (docs/audit.md), for a connection's process and for
+/// an [`Actor`] alike.
+struct AuditIdentity<'a> {
+    pid: u32,
+    tid: u32,
+    uid: u32,
+    gid: u32,
+    comm: &'a str,
+    exe: Option<&'a str>,
+    cgroup: Option<&'a str>,
+    cgroup_id: Option<u64>,
+    placement: &'a Placement,
+    workload_id: Option<&'a str>,
+    process: Liveness,
+}
+
+impl AuditIdentity<'_> {
+    fn to_json(&self) -> String {
         serde_json::json!({
             "pid": self.pid,
             "tid": self.tid,
@@ -335,8 +391,73 @@ impl Identity {
             "pod": self.placement.pod,
             "qos": self.placement.qos,
             "workload_id": self.workload_id,
-            "process": self.liveness,
+            "process": self.process,
         })
+        .to_string()
+    }
+}
+
+/// Who caused an audit event that no agent connection caused: the admin client behind a tag,
+/// revocation or reload (its credentials from the admin socket), or the daemon itself (start,
+/// stop, the config file's tags, a reload on SIGHUP, a repaired log).
+#[derive(Debug, Clone, Copy)]
+pub struct Actor {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Actor {
+    /// This daemon.
+    pub fn daemon() -> Self {
+        Self {
+            pid: std::process::id(),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        }
+    }
+
+    /// The `identity` object of its audit events, as JSON text: the members of a connection's
+    /// identity, read from `/proc` now (`tid` is the pid; `process` is `exited` when the
+    /// process is already gone, with no exe or cgroup). `cgroup_id` looks a cgroup path's id
+    /// up.
+    pub fn audit_json(
+        &self,
+        proc_root: &Path,
+        naming: &Naming,
+        cgroup_id: impl Fn(&str) -> Option<u64>,
+    ) -> String {
+        let dir = proc_root.join(self.pid.to_string());
+        let facts = ProcFacts::read(&dir, u64::MAX);
+        let process = liveness(facts.start_time_ns, u64::MAX);
+        let comm = read_proc(&dir.join("comm"))
+            .map(|b| String::from_utf8_lossy(&b).trim_end().to_owned())
+            .unwrap_or_default();
+        let placement = facts.cgroup.as_deref().map(placement).unwrap_or_default();
+        let workload_id = facts.cgroup.as_deref().map(|cgroup_path| {
+            workload_id(
+                naming,
+                cgroup_path,
+                (self.uid, self.gid),
+                facts.exe.as_deref(),
+                &comm,
+                &placement,
+            )
+        });
+        AuditIdentity {
+            pid: self.pid,
+            tid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+            comm: &comm,
+            exe: facts.exe.as_deref(),
+            cgroup: facts.cgroup.as_deref(),
+            cgroup_id: facts.cgroup.as_deref().and_then(cgroup_id),
+            placement: &placement,
+            workload_id: workload_id.as_deref(),
+            process,
+        }
+        .to_json()
     }
 }
 
@@ -379,6 +500,41 @@ mod tests {
             orig_dst: "127.0.0.2:8080".parse::<SocketAddr>().unwrap().into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_actor_is_described_like_a_connection_from_proc() {
+        let me = Actor::daemon();
+        let json: serde_json::Value =
+            serde_json::from_str(&me.audit_json(Path::new("/proc"), &naming(), |_| Some(42)))
+                .unwrap();
+        assert_eq!(json["pid"], me.pid);
+        assert_eq!(json["tid"], me.pid);
+        assert_eq!(json["uid"], me.uid);
+        assert_eq!(json["process"], "alive");
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(json["comm"], comm.trim_end());
+        assert_eq!(
+            json["exe"],
+            std::env::current_exe().unwrap().to_str().unwrap()
+        );
+        assert!(
+            json["cgroup"].as_str().is_some_and(|c| c.starts_with('/')),
+            "{json}"
+        );
+        assert_eq!(json["cgroup_id"], 42);
+        assert!(json["workload_id"].is_string(), "{json}");
+        // A process that is gone: said so, nothing made up.
+        let gone = Actor {
+            pid: u32::MAX - 1,
+            uid: 0,
+            gid: 0,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&gone.audit_json(Path::new("/proc"), &naming(), |_| Some(1)))
+                .unwrap();
+        assert_eq!(json["process"], "exited");
+        assert!(json["exe"].is_null() && json["cgroup"].is_null() && json["workload_id"].is_null());
     }
 
     fn naming() -> Naming {

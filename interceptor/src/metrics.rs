@@ -97,8 +97,9 @@ pub struct Metrics {
     pub upstream_errors: Family<ServerLabels, Counter>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// The registry, with the audit log's fsync histogram from `audit`.
+    pub fn new(audit: &crate::audit::Stats) -> Self {
         let mut registry = Registry::with_prefix("interceptor");
         let connections = Counter::default();
         let active_connections = Gauge::default();
@@ -147,6 +148,11 @@ impl Default for Metrics {
             upstream_latency.clone(),
         );
         registry.register(
+            "audit_fsync_seconds",
+            "Time each fdatasync on the audit log took",
+            audit.sync_seconds.clone(),
+        );
+        registry.register(
             "upstream_errors",
             "Requests whose upstream could not be reached",
             upstream_errors.clone(),
@@ -163,10 +169,8 @@ impl Default for Metrics {
             upstream_errors,
         }
     }
-}
 
-impl Metrics {
-    /// The exposition text: the registry, then the kernel and audit counters.
+    /// The exposition text: the registry, then the kernel, audit and CA counters.
     pub fn render(&self, daemon: &Daemon) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
@@ -199,21 +203,16 @@ impl Metrics {
                 "fdatasync calls on the audit log",
                 load(&stats.syncs),
             ),
+            (
+                "certificate_mints",
+                "Workload certificates minted by the node CA",
+                daemon.ca.as_ref().map_or(0, |ca| load(&ca.mints)),
+            ),
         ] {
             let _ = writeln!(out, "# HELP interceptor_{name} {help}.");
             let _ = writeln!(out, "# TYPE interceptor_{name} counter");
             let _ = writeln!(out, "interceptor_{name}_total {value}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP interceptor_audit_fsync_seconds Time spent in fdatasync on the audit log."
-        );
-        let _ = writeln!(out, "# TYPE interceptor_audit_fsync_seconds counter");
-        let _ = writeln!(
-            out,
-            "interceptor_audit_fsync_seconds_total {}",
-            Duration::from_micros(load(&stats.sync_micros)).as_secs_f64()
-        );
         let _ = writeln!(
             out,
             "# HELP interceptor_audit_healthy 1 while the audit log is writable.\n# TYPE interceptor_audit_healthy gauge\ninterceptor_audit_healthy {}",

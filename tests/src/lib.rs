@@ -297,6 +297,20 @@ pub fn h2c_post(cgroup_dir: &Path, url: &str, body: &str, extra: &[&str]) -> Com
     in_cgroup(cgroup_dir, "curl", &args)
 }
 
+/// The daemon's metrics page (`daemon.metrics_addr` = 127.0.0.1:`port`), HTTP head included.
+pub fn scrape_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("metrics request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("metrics response");
+    text
+}
+
 /// A port that was free a moment ago on 127.0.0.1 and [::1].
 pub fn free_port() -> u16 {
     for _ in 0..100 {

@@ -284,6 +284,16 @@ fn every_request_yields_the_expected_events() {
     let start = find("daemon.start", &|_| true);
     assert_eq!(start["seq"], 1);
     assert_eq!(start["v"], 1);
+    // Every event says who: the agent for its connection's events, the daemon for its own.
+    let daemon_pid = w.env.daemon_pid().expect("daemon running");
+    assert_eq!(start["identity"]["pid"], daemon_pid, "{start}");
+    assert_eq!(start["identity"]["comm"], "interceptor", "{start}");
+    assert_eq!(start["identity"]["uid"], 0, "{start}");
+    for e in &events {
+        for key in ["pid", "uid", "gid", "comm", "workload_id", "cgroup", "exe"] {
+            assert!(e["identity"].get(key).is_some(), "no identity.{key} in {e}");
+        }
+    }
 
     let allow = find("mcp.request", &|e| e["tool"] == "search");
     assert_eq!(allow["decision"], "allow");
@@ -497,15 +507,7 @@ fn metrics_count_requests_denials_and_kernel_redirects() {
     );
     assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
     assert_ne!(out["calls"]["made_up_tool_7f3a"]["ok"], true, "{out}");
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    use std::io::{Read, Write};
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
+    let text = interceptor_tests::scrape_metrics(port);
     for needle in [
         "interceptor_requests_total{server=\"notes\",method=\"tools/call\",decision=\"allow\"} 1",
         "interceptor_requests_total{server=\"notes\",method=\"tools/call\",decision=\"deny\"} 2",
@@ -515,6 +517,9 @@ fn metrics_count_requests_denials_and_kernel_redirects() {
         "interceptor_kernel_events_total{event=\"redirected\"}",
         "interceptor_audit_events_total",
         "interceptor_audit_healthy 1",
+        "interceptor_audit_fsync_seconds_bucket",
+        // No [ca] here: nothing minted.
+        "interceptor_certificate_mints_total 0",
         // A name the agent made up is not a label value.
         "interceptor_denials_total{server=\"notes\",rule=\"default deny: no role allows the tool\"} 1",
     ] {

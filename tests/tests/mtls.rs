@@ -12,7 +12,7 @@ use std::{collections::HashSet, path::Path, process::Command};
 use base64::Engine as _;
 use interceptor_tests::{
     McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, mcp_client, privileged,
-    rmcp_client, send_raw, write_server_pki,
+    rmcp_client, scrape_metrics, send_raw, write_server_pki,
 };
 use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
@@ -185,6 +185,8 @@ cgroup = "{root}/**"
         cakey = dir.join("ca/ca-key.pem").display(),
         root = env.root,
     );
+    let metrics_port = free_port();
+    env.daemon_extra = format!("metrics_addr = \"127.0.0.1:{metrics_port}\"\n");
     env.write_config_with(&[] as &[ServerSpec], &[&readers, &writers], &servers);
     env.start_daemon();
 
@@ -306,7 +308,13 @@ cgroup = "{root}/**"
         &[r#"search={"q":"again"}"#],
     );
     assert_eq!(a["calls"]["search"]["ok"], true, "{a}");
-    assert!(env.status()["ca"]["mints"].as_u64() >= Some(3));
+    let mints = env.status()["ca"]["mints"].as_u64().expect("ca.mints");
+    assert!(mints >= 3, "{mints}");
+    let metrics = scrape_metrics(metrics_port);
+    assert!(
+        metrics.contains(&format!("interceptor_certificate_mints_total {mints}\n")),
+        "{metrics}"
+    );
 
     // Wrong name, wrong server_id, untrusted CA: a clear error, and nothing reaches the server.
     let before = seen(&seen_file).len();

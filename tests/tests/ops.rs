@@ -133,10 +133,16 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     );
 
     let events = env.audit_events();
-    assert!(
-        events
-            .iter()
-            .any(|e| e["event"] == "revoke" && e["reason"] == "incident 42")
+    let revoke = events
+        .iter()
+        .find(|e| e["event"] == "revoke" && e["reason"] == "incident 42")
+        .expect("revoke event");
+    // Who revoked: the CLI process that asked, not the daemon.
+    assert_eq!(revoke["identity"]["comm"], "interceptor", "{revoke}");
+    assert_ne!(
+        revoke["identity"]["pid"],
+        env.daemon_pid().expect("daemon running"),
+        "{revoke}"
     );
     assert!(events.iter().any(|e| e["event"] == "unrevoke"));
 }

@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
-use interceptor_tests::{McpServer, ServerSpec, TestEnv, mcp_client, privileged, read_stream};
+use interceptor_tests::{
+    McpServer, ServerSpec, TestEnv, eventually, mcp_client, privileged, read_stream,
+};
 use nix::sys::signal::{Signal, kill};
-use serde_json::json;
+use serde_json::{Value, json};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
 
@@ -123,6 +125,52 @@ fn reload_applies_valid_policies_and_refuses_invalid_ones() {
     );
     assert_eq!(out["calls"]["read_note"]["code"], -32602, "{out}");
     assert_eq!(w.server.calls(), vec!["read_note", "read_note"]);
+
+    // Each reload is audited with who asked: the CLI (its process, from the admin socket) or
+    // the daemon itself for SIGHUP; the refused one with its reason.
+    let reloads = eventually(
+        Duration::from_secs(5),
+        || {
+            let reloads: Vec<Value> = w
+                .env
+                .audit_events()
+                .into_iter()
+                .filter(|e| e["event"] == "policy.reload")
+                .collect();
+            (reloads.len() == 3).then_some(reloads)
+        },
+        || {
+            format!(
+                "not three policy.reload events: {:#?}",
+                w.env.audit_events()
+            )
+        },
+    );
+    let [by_cli, refused, by_signal] = &reloads[..] else {
+        unreachable!()
+    };
+    for (event, outcome) in [
+        (by_cli, "applied"),
+        (refused, "refused"),
+        (by_signal, "applied"),
+    ] {
+        assert_eq!(event["outcome"], outcome, "{event}");
+    }
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("role[0].allow_tools[0]")),
+        "{refused}"
+    );
+    for event in [by_cli, refused] {
+        assert_eq!(event["identity"]["comm"], "interceptor", "{event}");
+        assert_eq!(event["identity"]["uid"], 0, "{event}");
+        assert_ne!(
+            event["identity"]["pid"], pid,
+            "the CLI's, not the daemon's: {event}"
+        );
+    }
+    assert_eq!(by_signal["identity"]["pid"], pid, "{by_signal}");
 }
 
 #[test]

@@ -569,7 +569,7 @@ fn encoded(headers: &HeaderMap) -> bool {
 impl Conn {
     pub fn new(daemon: Arc<Daemon>, identity: Identity, server_id: usize) -> Self {
         Self {
-            who: identity.audit_json().to_string().into(),
+            who: identity.audit_json().into(),
             server_id,
             verdicts: framing::Verdicts::default(),
             up: AtomicU64::new(0),

@@ -306,11 +306,14 @@ async fn audit_bench(dir: &str, mode: &str, writers: u64, events: u64) -> Value 
         _ => Durability::Write,
     };
     let audit = Arc::new(
-        Audit::open(RawAudit {
-            path: std::path::Path::new(dir).join(format!("bench-{mode}.jsonl")),
-            durability,
-            ..Default::default()
-        })
+        Audit::open(
+            RawAudit {
+                path: std::path::Path::new(dir).join(format!("bench-{mode}.jsonl")),
+                durability,
+                ..Default::default()
+            },
+            r#"{"comm":"bench-peer"}"#,
+        )
         .expect("audit"),
     );
     let per = events / writers.max(1);
