@@ -196,8 +196,8 @@ pub fn event(name: &str, fields: Value) -> Event {
 }
 
 /// Argument redaction: values of secret-looking keys at any depth become `"[REDACTED]"`, and
-/// arguments longer than `max_argument_bytes` (after redaction) are replaced by a marker with
-/// their length and SHA-256.
+/// arguments longer than `max_argument_bytes` (after redaction) are truncated: a marker with
+/// their length, their SHA-256 and the first `max_argument_bytes` of their text.
 #[derive(Debug, Clone)]
 pub struct Redactor {
     /// Lower-cased `redact_keys`.
@@ -228,15 +228,23 @@ impl Redactor {
     }
 
     fn finish(&self, out: Vec<u8>) -> String {
-        if out.len() > self.max_bytes {
+        let Ok(text) = String::from_utf8(out) else {
+            return "null".into();
+        };
+        if text.len() > self.max_bytes {
+            let mut cut = self.max_bytes;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
             let marker = json!({
                 "[TRUNCATED]": true,
-                "bytes": out.len(),
-                "sha256": hex(&Sha256::digest(&out)),
+                "bytes": text.len(),
+                "sha256": hex(&Sha256::digest(text.as_bytes())),
+                "head": &text[..cut],
             });
             return marker.to_string();
         }
-        String::from_utf8(out).unwrap_or_else(|_| "null".into())
+        text
     }
 
     fn walk_object(&self, out: &mut Vec<u8>, m: &serde_json::Map<String, Value>) {
@@ -1490,10 +1498,18 @@ mod tests {
         let r2 = Redactor::new(&cfg);
         let v: Value = serde_json::from_str(&r2.redact(&json!({"xPässwordx": 1}))).unwrap();
         assert_eq!(v["xPässwordx"], "[REDACTED]");
-        let big = redact(json!({"blob": "x".repeat(5000), "token": "secret-value"}));
+        let big = redact(json!({"token": "secret-value", "blob": "é".repeat(5000)}));
         assert_eq!(big["[TRUNCATED]"], true);
         assert!(!big.to_string().contains("secret-value"));
-        assert_eq!(big["sha256"].as_str().unwrap().len(), 64);
+        let text = r#"{"blob":""#.to_owned() + &"é".repeat(5000) + r#"","token":"[REDACTED]"}"#;
+        assert_eq!(big["bytes"], text.len());
+        assert_eq!(big["sha256"], hex(&Sha256::digest(text.as_bytes())));
+        // The head is the redacted text's start, cut within the limit at a character boundary.
+        let head = big["head"].as_str().unwrap();
+        assert!(
+            text.starts_with(head) && head.len() >= 4095 && head.len() <= 4096,
+            "{head}"
+        );
     }
 
     #[tokio::test]
