@@ -101,16 +101,15 @@ impl AdminServer {
 async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     // The socket is 0600 already; checking the peer too keeps a mis-set mode from opening it.
     // Its credentials also say who caused the audit events of what it asks.
-    let peer = stream.peer_cred().ok().map(|c| Actor {
-        pid: c.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
-        uid: c.uid(),
-        gid: c.gid(),
-    });
+    let peer = stream
+        .peer_cred()
+        .ok()
+        .map(|c| Actor::admin(c.pid(), c.uid(), c.gid()));
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = TokioBufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
     let response = match peer {
-        Some(peer) if peer.uid == 0 => match reader.read_line(&mut line).await {
+        Some(peer) if peer.uid() == 0 => match reader.read_line(&mut line).await {
             Ok(_) => handle(&daemon, &line, peer),
             Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
         },

@@ -318,8 +318,9 @@ impl Identity {
     /// The `identity` object of audit events, as JSON text.
     pub fn audit_json(&self) -> String {
         AuditIdentity {
-            pid: self.pid,
-            tid: self.tid,
+            kind: "agent",
+            pid: Some(self.pid),
+            tid: Some(self.tid),
             uid: self.uid,
             gid: self.gid,
             comm: &self.comm,
@@ -328,7 +329,7 @@ impl Identity {
             cgroup_id: Some(self.cgroup_id),
             placement: &self.placement,
             workload_id: self.workload_id.as_deref(),
-            process: self.liveness,
+            process: Some(self.liveness),
         }
         .to_json()
     }
@@ -362,8 +363,11 @@ fn workload_id(
 /// The `identity` object of audit events (docs/audit.md), for a connection's process and for
 /// an [`Actor`] alike.
 struct AuditIdentity<'a> {
-    pid: u32,
-    tid: u32,
+    /// `agent`, `admin` or `daemon`.
+    kind: &'static str,
+    /// None: not known (an admin client in another pid namespace).
+    pid: Option<u32>,
+    tid: Option<u32>,
     uid: u32,
     gid: u32,
     comm: &'a str,
@@ -372,12 +376,14 @@ struct AuditIdentity<'a> {
     cgroup_id: Option<u64>,
     placement: &'a Placement,
     workload_id: Option<&'a str>,
-    process: Liveness,
+    /// None: not looked at (no pid).
+    process: Option<Liveness>,
 }
 
 impl AuditIdentity<'_> {
     fn to_json(&self) -> String {
         serde_json::json!({
+            "kind": self.kind,
             "pid": self.pid,
             "tid": self.tid,
             "uid": self.uid,
@@ -402,37 +408,76 @@ impl AuditIdentity<'_> {
 /// stop, the config file's tags, a reload on SIGHUP, a repaired log).
 #[derive(Debug, Clone, Copy)]
 pub struct Actor {
-    pub pid: u32,
-    pub uid: u32,
-    pub gid: u32,
+    kind: ActorKind,
+    /// None: not known (the kernel gives 0 for a peer outside the daemon's pid namespace).
+    pid: Option<u32>,
+    uid: u32,
+    gid: u32,
+    /// CLOCK_BOOTTIME (ns) when it was seen asking: a process with its pid that started later
+    /// is another one (the pid was reused).
+    seen_boot_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActorKind {
+    Admin,
+    Daemon,
 }
 
 impl Actor {
     /// This daemon.
     pub fn daemon() -> Self {
         Self {
-            pid: std::process::id(),
+            kind: ActorKind::Daemon,
+            pid: Some(std::process::id()),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
+            // Its own pid cannot be reused while it runs.
+            seen_boot_ns: u64::MAX,
         }
+    }
+
+    /// An admin client with these socket credentials, asking now.
+    pub fn admin(pid: Option<i32>, uid: u32, gid: u32) -> Self {
+        Self {
+            kind: ActorKind::Admin,
+            pid: pid.and_then(|p| u32::try_from(p).ok()).filter(|&p| p != 0),
+            uid,
+            gid,
+            seen_boot_ns: boot_ns(),
+        }
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.uid
     }
 
     /// The `identity` object of its audit events, as JSON text: the members of a connection's
     /// identity, read from `/proc` now (`tid` is the pid; `process` is `exited` when the
-    /// process is already gone, with no exe or cgroup). `cgroup_id` looks a cgroup path's id
-    /// up.
+    /// process is already gone and `pid-reused` when its pid names a later process, both with
+    /// no exe or cgroup; with no pid known, null). `cgroup_id` looks a cgroup path's id up.
     pub fn audit_json(
         &self,
         proc_root: &Path,
         naming: &Naming,
         cgroup_id: impl Fn(&str) -> Option<u64>,
     ) -> String {
-        let dir = proc_root.join(self.pid.to_string());
-        let facts = ProcFacts::read(&dir, u64::MAX);
-        let process = liveness(facts.start_time_ns, u64::MAX);
-        let comm = read_proc(&dir.join("comm"))
-            .map(|b| String::from_utf8_lossy(&b).trim_end().to_owned())
-            .unwrap_or_default();
+        let (facts, comm, process) = match self.pid {
+            Some(pid) => {
+                let dir = proc_root.join(pid.to_string());
+                let facts = ProcFacts::read(&dir, self.seen_boot_ns);
+                let process = liveness(facts.start_time_ns, self.seen_boot_ns);
+                let comm = if process == Liveness::Alive {
+                    read_proc(&dir.join("comm"))
+                        .map(|b| String::from_utf8_lossy(&b).trim_end().to_owned())
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                (facts, comm, Some(process))
+            }
+            None => (ProcFacts::default(), String::new(), None),
+        };
         let placement = facts.cgroup.as_deref().map(placement).unwrap_or_default();
         let workload_id = facts.cgroup.as_deref().map(|cgroup_path| {
             workload_id(
@@ -445,6 +490,10 @@ impl Actor {
             )
         });
         AuditIdentity {
+            kind: match self.kind {
+                ActorKind::Admin => "admin",
+                ActorKind::Daemon => "daemon",
+            },
             pid: self.pid,
             tid: self.pid,
             uid: self.uid,
@@ -459,6 +508,20 @@ impl Actor {
         }
         .to_json()
     }
+}
+
+/// CLOCK_BOOTTIME now, ns: the clock of `/proc/<pid>/stat` start times and of the kernel's
+/// connect records.
+fn boot_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| {
+            u64::try_from(t.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+        })
+        // No clock: no reuse check (as before there was one).
+        .unwrap_or(u64::MAX)
 }
 
 /// Field 22 (`starttime`, clock ticks since boot) of a `/proc/<pid>/stat` line. `comm` (field 2)
@@ -504,13 +567,16 @@ mod tests {
 
     #[test]
     fn an_actor_is_described_like_a_connection_from_proc() {
-        let me = Actor::daemon();
-        let json: serde_json::Value =
-            serde_json::from_str(&me.audit_json(Path::new("/proc"), &naming(), |_| Some(42)))
-                .unwrap();
-        assert_eq!(json["pid"], me.pid);
-        assert_eq!(json["tid"], me.pid);
-        assert_eq!(json["uid"], me.uid);
+        let read = |actor: Actor| -> serde_json::Value {
+            serde_json::from_str(&actor.audit_json(Path::new("/proc"), &naming(), |_| Some(42)))
+                .unwrap()
+        };
+        let me = std::process::id();
+        let json = read(Actor::daemon());
+        assert_eq!(json["kind"], "daemon");
+        assert_eq!(json["pid"], me);
+        assert_eq!(json["tid"], me);
+        assert_eq!(json["uid"], nix::unistd::getuid().as_raw());
         assert_eq!(json["process"], "alive");
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         assert_eq!(json["comm"], comm.trim_end());
@@ -524,17 +590,30 @@ mod tests {
         );
         assert_eq!(json["cgroup_id"], 42);
         assert!(json["workload_id"].is_string(), "{json}");
-        // A process that is gone: said so, nothing made up.
-        let gone = Actor {
-            pid: u32::MAX - 1,
-            uid: 0,
-            gid: 0,
-        };
-        let json: serde_json::Value =
-            serde_json::from_str(&gone.audit_json(Path::new("/proc"), &naming(), |_| Some(1)))
-                .unwrap();
-        assert_eq!(json["process"], "exited");
-        assert!(json["exe"].is_null() && json["cgroup"].is_null() && json["workload_id"].is_null());
+        // An admin client that asked now: the same, as admin.
+        let admin = read(Actor::admin(Some(me as i32), 0, 0));
+        assert_eq!(admin["kind"], "admin");
+        assert_eq!(
+            (&admin["exe"], &admin["process"]),
+            (&json["exe"], &json["process"])
+        );
+        // Gone, or its pid taken by a process that started after it asked: said so, nothing
+        // of the other process taken.
+        let gone = read(Actor::admin(Some(i32::MAX - 1), 0, 0));
+        assert_eq!(gone["process"], "exited");
+        assert!(gone["exe"].is_null() && gone["cgroup"].is_null() && gone["workload_id"].is_null());
+        let mut earlier = Actor::admin(Some(me as i32), 0, 0);
+        earlier.seen_boot_ns = 0;
+        let reused = read(earlier);
+        assert_eq!(reused["process"], "pid-reused");
+        assert!(reused["exe"].is_null() && reused["comm"] == "", "{reused}");
+        // A peer in another pid namespace (the kernel gives pid 0): no pid, nothing looked up.
+        let unknown = read(Actor::admin(Some(0), 0, 0));
+        assert!(
+            unknown["pid"].is_null() && unknown["process"].is_null(),
+            "{unknown}"
+        );
+        assert!(unknown["exe"].is_null(), "{unknown}");
     }
 
     fn naming() -> Naming {

@@ -225,17 +225,18 @@ enum AuditCommand {
     Tail {
         #[command(flatten)]
         config: ConfigArg,
-        /// Keep printing new events as they are written.
+        /// Keep printing new events as they are written, across rotations of the file.
         #[arg(long)]
         follow: bool,
-        /// Only events whose identity (pid, cgroup, exe, comm, uid, workload id) contains this.
+        /// Only agents' events whose identity (pid, cgroup, exe, comm, uid, workload id)
+        /// contains this.
         #[arg(long)]
         identity: Option<String>,
         /// Only events about this tool.
         #[arg(long)]
         tool: Option<String>,
-        /// Only events with this decision (allow or deny).
-        #[arg(long)]
+        /// Only events with this decision.
+        #[arg(long, value_parser = ["allow", "deny"])]
         decision: Option<String>,
         /// Print the raw JSON lines.
         #[arg(long)]
@@ -641,9 +642,13 @@ impl TailFilter {
         };
         if let Some(want) = &self.identity {
             let id = &v["identity"];
-            let hit = ["pid", "uid", "cgroup", "exe", "comm", "workload_id"]
-                .iter()
-                .any(|k| !id[*k].is_null() && text(&id[*k]).contains(want.as_str()));
+            // Agents' identities only, not the admin client's or the daemon's (older logs
+            // have identities without a kind, and only on agents' events).
+            let agent = matches!(id["kind"].as_str(), None | Some("agent"));
+            let hit = agent
+                && ["pid", "uid", "cgroup", "exe", "comm", "workload_id"]
+                    .iter()
+                    .any(|k| !id[*k].is_null() && text(&id[*k]).contains(want.as_str()));
             if !hit {
                 return false;
             }
@@ -670,16 +675,24 @@ fn render(v: &Value) -> String {
             .unwrap_or_else(|| x.to_string())
     };
     let who = &v["identity"];
-    let who = if who.is_object() {
-        format!(
+    let who = match who["kind"].as_str() {
+        // Who asked (an admin client or the daemon), apart from the event's own members.
+        Some(kind @ ("admin" | "daemon")) => {
+            format!(
+                " by={kind}:{}[{}] uid={}",
+                s(&who["comm"]),
+                who["pid"],
+                who["uid"]
+            )
+        }
+        _ if who.is_object() => format!(
             " pid={} uid={} comm={} cgroup={}",
             who["pid"],
             who["uid"],
             s(&who["comm"]),
             s(&who["cgroup"])
-        )
-    } else {
-        String::new()
+        ),
+        _ => String::new(),
     };
     let mut line = format!("{} #{} {}{who}", s(&v["ts"]), v["seq"], s(&v["event"]));
     for key in [
@@ -710,21 +723,54 @@ fn tail(
     filter: &TailFilter,
     json: bool,
 ) -> anyhow::Result<()> {
-    use std::io::BufRead;
-    let file = std::fs::File::open(path).with_context(|| {
-        format!(
-            "cannot open the audit log {} ([audit] path)",
-            path.display()
-        )
-    })?;
-    let mut reader = std::io::BufReader::new(file);
+    use std::{io::BufRead, os::unix::fs::MetadataExt};
+    let open = || {
+        std::fs::File::open(path).with_context(|| {
+            format!(
+                "cannot open the audit log {} ([audit] path)",
+                path.display()
+            )
+        })
+    };
+    let mut reader = std::io::BufReader::new(open()?);
     let mut line = String::new();
+    let mut last_seq = None;
+    let emit = |v: &Value, line: &str| {
+        if filter.keeps(v) {
+            if json {
+                println!("{line}");
+            } else {
+                println!("{}", render(v));
+            }
+        }
+    };
+    // The file was seen rotated away (renamed, a new one at the path) at its end.
+    let mut rotated = false;
     loop {
         line.clear();
         let n = reader.read_line(&mut line)?;
         if n == 0 || !line.ends_with('\n') {
             if !follow {
                 return Ok(());
+            }
+            if n == 0 && rotated {
+                // Read to its end once more after the rotation was seen (lines written just
+                // before it): go on with the new file from its start.
+                if let Ok(file) = open() {
+                    reader = std::io::BufReader::new(file);
+                    rotated = false;
+                    continue;
+                }
+            } else if n == 0 {
+                rotated = std::fs::metadata(path).is_ok_and(|now| {
+                    reader
+                        .get_ref()
+                        .metadata()
+                        .is_ok_and(|open| (open.dev(), open.ino()) != (now.dev(), now.ino()))
+                });
+                if rotated {
+                    continue;
+                }
             }
             // Wait for the rest of a line being written, or for new lines.
             let back = line.len() as i64;
@@ -735,14 +781,71 @@ fn tail(
         let Ok(v) = serde_json::from_str::<Value>(line.trim_end()) else {
             continue;
         };
-        if filter.keeps(&v) {
-            if json {
-                print!("{line}");
-            } else {
-                println!("{}", render(&v));
+        if let Some(seq) = v["seq"].as_u64() {
+            // Following: the log rotated more than once between two looks, and the files in
+            // between are read from their rotated names.
+            if follow
+                && let Some(last) = last_seq
+                && seq > last + 1
+            {
+                for (missed, text) in rotated_between(path, last, seq) {
+                    emit(&missed, &text);
+                }
             }
+            last_seq = Some(seq);
+        }
+        emit(&v, line.trim_end());
+    }
+}
+
+/// Events with `after < seq < before` from the rotated files of the log at `path`
+/// (`<path>.<UTC time>`, in name order = time order), oldest first, each with its line.
+fn rotated_between(path: &std::path::Path, after: u64, before: u64) -> Vec<(Value, String)> {
+    use std::io::BufRead;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let dir = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let read = |file: &std::path::Path| -> Vec<(Value, String)> {
+        std::fs::File::open(file)
+            .map(|f| {
+                std::io::BufReader::new(f)
+                    .lines()
+                    .map_while(Result::ok)
+                    .filter_map(|l| Some((serde_json::from_str::<Value>(&l).ok()?, l)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Newest first, back to the file that holds `after + 1`.
+    let mut missed = Vec::new();
+    for file in files.iter().rev() {
+        let events = read(file);
+        let first = events.first().and_then(|(e, _)| e["seq"].as_u64());
+        missed.push(
+            events
+                .into_iter()
+                .filter(|(e, _)| e["seq"].as_u64().is_some_and(|s| after < s && s < before))
+                .collect::<Vec<_>>(),
+        );
+        if first.is_none_or(|f| f <= after + 1) {
+            break;
         }
     }
+    missed.into_iter().rev().flatten().collect()
 }
 
 fn print_status(s: &Value) {

@@ -328,6 +328,62 @@ fn every_request_yields_the_expected_events() {
     // The initialize handshake and the list are requests too.
     find("mcp.request", &|e| e["method"] == "initialize");
     find("mcp.request", &|e| e["method"] == "tools/list");
+
+    // `audit tail`: readable lines, filtered by the agent's identity, decision and tool.
+    let tail = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["audit", "tail"];
+        all.extend_from_slice(args);
+        let out = w.env.cli(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let everything = tail(&[]);
+    assert_eq!(everything.len(), events.len(), "{everything:#?}");
+    assert!(
+        everything[0].contains(" daemon.start by=daemon:interceptor["),
+        "{}",
+        everything[0]
+    );
+    let denied = tail(&["--identity", &cgroup, "--decision", "deny"]);
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert!(
+        denied[0].contains(" mcp.request pid=")
+            && denied[0].contains("tool=delete_note")
+            && denied[0].contains("decision=deny"),
+        "{}",
+        denied[0]
+    );
+    let search = tail(&["--identity", &pid.to_string(), "--tool", "search"]);
+    assert!(
+        search.iter().any(|l| l.contains(" mcp.request "))
+            && search.iter().any(|l| l.contains(" mcp.response ")),
+        "{search:#?}"
+    );
+    assert!(
+        search.iter().all(|l| l.contains("tool=search")),
+        "{search:#?}"
+    );
+    // The daemon's own events are not an agent's: uid 0 matches the agent's events only.
+    assert!(
+        tail(&["--identity", "0"])
+            .iter()
+            .all(|l| !l.contains(" by=")),
+        "daemon events matched an agent filter"
+    );
+    let bad = w.env.cli(&["audit", "tail", "--decision", "maybe"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("allow"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     find("connection.open", &|e| e["identity"]["pid"] == pid);
 
     let text = std::fs::read_to_string(w.env.audit_path()).expect("audit file");
@@ -481,6 +537,92 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
     let (ok, report) = verify(&[&log]);
     assert!(ok, "{report}");
     assert_eq!(w.env.status()["audit"]["healthy"], json!(true));
+}
+
+#[test]
+fn audit_tail_follows_the_log_across_rotations() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let audit = format!(
+        "\n[audit]\npath = \"{}\"\nmax_file_bytes = 4096\n",
+        log.display()
+    );
+    let w = world("audit-follow", Some(&audit));
+    let mut follow = KillOnDrop(
+        Command::new(interceptor_bin())
+            .args(["audit", "tail", "--follow", "--json", "--config"])
+            .arg(&w.env.config_path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start audit tail --follow"),
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = follow.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx
+                .send(serde_json::from_str(&line).expect("JSON line"))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    // Each client run writes several KiB of events: the log rotates more than once.
+    for query in ["one", "two", "three"] {
+        let out = mcp_client(
+            &w.agents,
+            &w.url,
+            "streamable-http",
+            "legacy",
+            &[&format!(r#"search={{"query":"{query}"}}"#)],
+        );
+        assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    }
+    let rotated = std::fs::read_dir(dir.path())
+        .expect("log dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("audit.jsonl."))
+        })
+        .count();
+    assert!(rotated >= 2, "the log rotated {rotated} times");
+    // Every event once, in order, from the first file to the current one.
+    let mut seen: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen
+        .iter()
+        .filter(|e| e["event"] == "mcp.response" && e["tool"] == "search")
+        .count()
+        < 3
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(e) => seen.push(e),
+            Err(_) => panic!("tail --follow stopped short: {seen:#?}"),
+        }
+    }
+    let seqs: Vec<u64> = seen.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs.len(), seen.len());
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "events missed or repeated across rotations");
+}
+
+/// Kills a process this test started however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
