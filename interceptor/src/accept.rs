@@ -22,7 +22,8 @@ use crate::{audit, bpf::lock, daemon::Daemon, identity::Identity};
 
 /// The proxy's listening sockets in one network namespace.
 pub struct Proxy {
-    listeners: Vec<AsyncFd<socket2::Socket>>,
+    /// Non-blocking; each is registered with the event loop of the worker that accepts on it.
+    listeners: Vec<socket2::Socket>,
     /// What the kernel needs to know to redirect here.
     pub entry: Listener,
     /// Cookie of the namespace the listeners live in (the kernel keys its records by it).
@@ -96,31 +97,41 @@ impl Proxy {
 
     fn from_std(listeners: Vec<std::net::TcpListener>, entry: Listener) -> io::Result<Self> {
         let netns_cookie = crate::netns::cookie_of(&listeners[0])?;
-        let listeners = listeners
-            .into_iter()
-            .map(|l| {
-                // SAFETY: the socket owns its descriptor, which stays open and the same until
-                // the AsyncFd drops the socket.
-                unsafe {
-                    AsyncFd::register_with_interest(socket2::Socket::from(l), Interest::READABLE)
-                }
-                .map_err(|e| io::Error::other(format!("registering a proxy listener: {e}")))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
-            listeners,
+            listeners: listeners.into_iter().map(socket2::Socket::from).collect(),
             entry,
             netns_cookie,
         })
     }
 
-    /// Accepts until the future is dropped.
+    /// Accepts until the future is dropped: each listener on a worker of its own (round robin),
+    /// which serves what it accepts or hands it to a less loaded worker
+    /// ([`crate::workers::Workers::spawn_connection`]).
     pub async fn run(self, daemon: Arc<Daemon>) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for listener in self.listeners {
-            tasks.spawn(accept_loop(listener, daemon.clone(), self.netns_cookie));
+        let accepting: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|listener| {
+                AbortOnDrop(daemon.workers.spawn(accept_loop(
+                    listener,
+                    daemon.clone(),
+                    self.netns_cookie,
+                )))
+            })
+            .collect();
+        for mut task in accepting {
+            // Ends only if the worker stops or the loop gives up on its listener.
+            let _ = (&mut task.0).await;
         }
-        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Aborts a task (here: a listener's accept loop on its worker) when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -136,7 +147,16 @@ fn accept_one(listener: &socket2::Socket) -> io::Result<(std::net::TcpStream, So
     Ok((socket.into(), peer))
 }
 
-async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, netns_cookie: u64) {
+async fn accept_loop(listener: socket2::Socket, daemon: Arc<Daemon>, netns_cookie: u64) {
+    // SAFETY: the socket owns its descriptor, which stays open and the same until the AsyncFd
+    // drops the socket.
+    let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot register a proxy listener with its worker; not accepting on it");
+            return;
+        }
+    };
     // Every accepted connection has the listener's port as its own (no getsockname each).
     let at = match listener.get_ref().local_addr().map(|a| a.as_socket()) {
         Ok(Some(a)) => Local {
@@ -158,7 +178,7 @@ async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, ne
         match listener.async_io(Interest::READABLE, accept_one).await {
             Ok((stream, peer)) => {
                 let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
-                // The connection moves to a worker's event loop (see crate::workers).
+                // Served here or on a less loaded worker (see crate::workers).
                 let task = {
                     let daemon = daemon.clone();
                     async move {
@@ -172,7 +192,7 @@ async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, ne
                 };
                 daemon
                     .workers
-                    .spawn(task.instrument(info_span!("conn", id)));
+                    .spawn_connection(task.instrument(info_span!("conn", id)));
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning. Anything else

@@ -5,16 +5,18 @@
 //! threads (the agent connection's task, the pooled upstream connection's task, whichever
 //! thread polled the I/O driver), and every hop to a parked thread is a futex wake-up, an
 //! inter-processor interrupt on a VM. Here an agent connection, the upstream connections its
-//! requests use and their I/O stay on one thread; the only hand-off is the accepted socket.
-//! The main runtime keeps the control plane (accept, admin socket, metrics, namespace
-//! discovery), as Envoy keeps its main thread apart from its workers.
+//! requests use and their I/O stay on one thread. Each proxy listener is accepted on by one
+//! worker, which serves a new connection itself unless another worker has fewer connections
+//! (Envoy's exact connection balancing), so the accepted socket is handed to another thread
+//! only when that balances the load. The main runtime keeps the control plane (admin socket,
+//! metrics, namespace discovery), as Envoy keeps its main thread apart from its workers.
 
 use std::{
     cell::Cell,
     future::Future,
     io,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     thread::JoinHandle,
@@ -56,6 +58,8 @@ async fn heartbeat() {
 pub struct Workers {
     handles: Vec<Handle>,
     next: AtomicUsize,
+    /// Connections each worker serves (index = slot − 1), for [`Workers::spawn_connection`].
+    connections: Arc<[AtomicUsize]>,
     /// Each worker's stop signal and thread; emptied by [`Workers::stop`].
     threads: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
 }
@@ -74,6 +78,7 @@ impl Workers {
         let mut workers = Self {
             handles: Vec::with_capacity(count),
             next: AtomicUsize::new(0),
+            connections: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             threads: Mutex::new(Vec::with_capacity(count)),
         };
         for index in 1..=count {
@@ -135,11 +140,34 @@ impl Workers {
         count.max(1) + 1
     }
 
-    /// Runs `task` on the next worker (round robin).
-    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+    /// Runs `task` on the next worker (round robin). A stopped worker drops the task, which is
+    /// what stopping means.
+    pub fn spawn(
+        &self,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        // A stopped worker drops the task, which is what stopping means.
-        drop(self.handles[i].spawn(task));
+        self.handles[i].spawn(task)
+    }
+
+    /// Runs a connection's `task` on the worker serving the fewest connections, the calling
+    /// worker when it is one of those (no hand-off to another thread, no wake-up of it). The
+    /// worker's count includes the task until the task ends or is dropped.
+    pub fn spawn_connection(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let here = slot().checked_sub(1);
+        let load = |i: usize| self.connections[i].load(Ordering::Relaxed);
+        let least = (0..self.handles.len())
+            .min_by_key(|&i| load(i))
+            .unwrap_or(0);
+        let target = match here {
+            Some(h) if h < self.handles.len() && load(h) <= load(least) => h,
+            _ => least,
+        };
+        let serving = Serving::new(self.connections.clone(), target);
+        drop(self.handles[target].spawn(async move {
+            let _serving = serving;
+            task.await;
+        }));
     }
 
     /// Stops every worker and waits for its thread: connections still open are closed. Call it
@@ -157,6 +185,25 @@ impl Workers {
                 let _ = thread.join();
             }
         }
+    }
+}
+
+/// One connection counted on its worker while alive.
+struct Serving {
+    connections: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+impl Serving {
+    fn new(connections: Arc<[AtomicUsize]>, index: usize) -> Self {
+        connections[index].fetch_add(1, Ordering::Relaxed);
+        Self { connections, index }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.connections[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -215,6 +262,59 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(5))
             .expect("the pending task was dropped when its worker stopped");
         // Idempotent.
+        workers.stop();
+    }
+
+    #[test]
+    fn connections_go_to_the_least_loaded_worker_the_accepting_one_on_a_tie() {
+        let workers = Arc::new(Workers::start(2, || {}).expect("start"));
+        let (ran, slots) = std::sync::mpsc::channel();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let hold = |ran: std::sync::mpsc::Sender<usize>| {
+            let mut released = released.clone();
+            async move {
+                let _ = ran.send(slot());
+                let _ = released.wait_for(|r| *r).await;
+            }
+        };
+        let next = || {
+            slots
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("ran")
+        };
+        let load = |w: &Workers| -> Vec<usize> {
+            w.connections
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect()
+        };
+        // From outside the workers: the least loaded, the first of equals.
+        for expected in [1, 2, 1] {
+            workers.spawn_connection(hold(ran.clone()));
+            assert_eq!(next(), expected);
+        }
+        assert_eq!(load(&workers), [2, 1]);
+        // Accepted on worker 2, which has fewer: served there.
+        let (on, conn) = (workers.clone(), hold(ran.clone()));
+        drop(workers.handles[1].spawn(async move { on.spawn_connection(conn) }));
+        assert_eq!(next(), 2);
+        assert_eq!(load(&workers), [2, 2]);
+        // Accepted on worker 1, which now has as many as worker 2: served there too.
+        let (on, conn) = (workers.clone(), hold(ran.clone()));
+        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
+        assert_eq!(next(), 1);
+        // Accepted on worker 1, which has more: handed to worker 2.
+        let (on, conn) = (workers.clone(), hold(ran.clone()));
+        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
+        assert_eq!(next(), 2);
+        assert_eq!(load(&workers), [3, 3]);
+        // Ended connections are no longer counted.
+        release.send_replace(true);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while load(&workers) != [0, 0] {
+            assert!(std::time::Instant::now() < deadline, "{:?}", load(&workers));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         workers.stop();
     }
 }
