@@ -104,26 +104,136 @@ impl Proxy {
         })
     }
 
-    /// Accepts until the future is dropped: each listener on a worker of its own (round robin),
-    /// which serves what it accepts or hands it to a less loaded worker
-    /// ([`crate::workers::Workers::spawn_connection`]).
-    pub async fn run(self, daemon: Arc<Daemon>) {
-        let accepting: Vec<_> = self
-            .listeners
-            .into_iter()
-            .map(|listener| {
-                AbortOnDrop(daemon.workers.spawn(accept_loop(
-                    listener,
-                    daemon.clone(),
-                    self.netns_cookie,
-                )))
-            })
-            .collect();
-        for mut task in accepting {
-            // Ends only if the worker stops or the loop gives up on its listener.
-            let _ = (&mut task.0).await;
+    /// Starts accepting: each listener is registered with the event loop of a connection
+    /// worker (round robin), whose task accepts on it and serves what it accepts, or hands it to
+    /// a less loaded worker ([`crate::workers::Workers::spawn_connection`]). The returned
+    /// future, run on the control plane, takes over connections that a stalled worker (a long
+    /// synchronous step, a slow disk) leaves waiting on its listener for [`STALL_CHECK`]; the
+    /// accepting stops when it is dropped. Fails if a listener cannot be registered.
+    pub fn start(
+        self,
+        daemon: &Arc<Daemon>,
+    ) -> io::Result<impl Future<Output = ()> + Send + 'static> {
+        let mut accepting = Vec::with_capacity(self.listeners.len());
+        for listener in self.listeners {
+            // Every accepted connection has the listener's port as its own (no getsockname
+            // each).
+            let port = listener
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("a proxy listener has no local IP address"))?
+                .port();
+            let at = Local {
+                netns_cookie: self.netns_cookie,
+                port,
+            };
+            // The same listening socket, for the control plane's stall check.
+            let spare = listener.try_clone()?;
+            let (worker, handle) = daemon.workers.next();
+            let listener = {
+                let _on_worker = handle.enter();
+                // SAFETY: the socket owns its descriptor, which stays open and the same until
+                // the AsyncFd drops the socket.
+                unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+                    .map_err(|e| io::Error::other(format!("registering a proxy listener: {e}")))?
+            };
+            let task = handle.spawn(accept_loop(listener, daemon.clone(), at));
+            accepting.push(Accepting {
+                spare,
+                at,
+                worker,
+                _task: AbortOnDrop(task),
+            });
+        }
+        Ok(watch_for_stalls(accepting, daemon.clone()))
+    }
+}
+
+/// How long a connection may wait on a listener before the control plane accepts it in place
+/// of the listener's worker (between one and two of these).
+pub const STALL_CHECK: Duration = Duration::from_millis(100);
+
+/// Connections the control plane accepts per listener and check at most.
+const STALL_TAKEOVER: usize = 256;
+
+/// A listener accepted on by a worker.
+struct Accepting {
+    spare: socket2::Socket,
+    at: Local,
+    worker: usize,
+    _task: AbortOnDrop,
+}
+
+/// Serves, on other workers, the connections a stalled worker leaves waiting on its listener
+/// (see [`take_over_stalled`]).
+async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
+    let spares: Vec<&socket2::Socket> = accepting.iter().map(|a| &a.spare).collect();
+    take_over_stalled(&spares, |i, taken| {
+        let a = &accepting[i];
+        daemon
+            .counters
+            .stall_takeovers
+            .fetch_add(taken.len() as u64, Ordering::Relaxed);
+        warn!(
+            worker = a.worker + 1,
+            port = a.at.port,
+            connections = taken.len(),
+            "a connection worker left new connections waiting for {STALL_CHECK:?}; accepted \
+             them for it"
+        );
+        for (stream, peer) in taken {
+            dispatch(stream, peer, &daemon, a.at, Some(a.worker));
+        }
+    })
+    .await
+}
+
+/// Every [`STALL_CHECK`], looks whether connections wait on each of `listeners`; those still
+/// waiting at the next look are accepted here (at most [`STALL_TAKEOVER`] a look) and given to
+/// `take` with the listener's index. Connections are accepted within microseconds otherwise,
+/// so this rarely finds any waiting twice; under a flood it takes a share, which is harmless.
+async fn take_over_stalled(
+    listeners: &[&socket2::Socket],
+    mut take: impl FnMut(usize, Vec<(std::net::TcpStream, SocketAddr)>),
+) {
+    let mut tick = tokio::time::interval(STALL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut waited = vec![false; listeners.len()];
+    loop {
+        tick.tick().await;
+        for (i, (listener, waited)) in listeners.iter().zip(&mut waited).enumerate() {
+            let waiting = has_waiting(listener);
+            if !(waiting && *waited) {
+                *waited = waiting;
+                continue;
+            }
+            *waited = false;
+            let mut taken = Vec::new();
+            while taken.len() < STALL_TAKEOVER {
+                match accept_one(listener) {
+                    Ok(conn) => taken.push(conn),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        break;
+                    }
+                }
+            }
+            if !taken.is_empty() {
+                take(i, taken);
+            }
         }
     }
+}
+
+/// Whether connections wait to be accepted on `listener`.
+fn has_waiting(listener: &socket2::Socket) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        listener.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 /// Aborts a task (here: a listener's accept loop on its worker) when dropped.
@@ -147,53 +257,38 @@ fn accept_one(listener: &socket2::Socket) -> io::Result<(std::net::TcpStream, So
     Ok((socket.into(), peer))
 }
 
-async fn accept_loop(listener: socket2::Socket, daemon: Arc<Daemon>, netns_cookie: u64) {
-    // SAFETY: the socket owns its descriptor, which stays open and the same until the AsyncFd
-    // drops the socket.
-    let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(error = %e, "cannot register a proxy listener with its worker; not accepting on it");
-            return;
+/// Has an accepted connection served: on the least loaded worker, the current one when it is
+/// among them, never on `avoid` when there is another.
+fn dispatch(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    daemon: &Arc<Daemon>,
+    at: Local,
+    avoid: Option<usize>,
+) {
+    let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+    let task = {
+        let daemon = daemon.clone();
+        async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream, peer, daemon, id, at).await,
+                Err(e) => {
+                    warn!(error = %e, client.addr = %peer, "cannot register the accepted socket with its worker; closing it")
+                }
+            }
         }
     };
-    // Every accepted connection has the listener's port as its own (no getsockname each).
-    let at = match listener.get_ref().local_addr().map(|a| a.as_socket()) {
-        Ok(Some(a)) => Local {
-            netns_cookie,
-            port: a.port(),
-        },
-        Ok(None) => {
-            warn!("a proxy listener has no local IP address; not accepting on it");
-            return;
-        }
-        Err(e) => {
-            warn!(error = %e, "a proxy listener has no local address; not accepting on it");
-            return;
-        }
-    };
+    daemon
+        .workers
+        .spawn_connection(task.instrument(info_span!("conn", id)), avoid);
+}
+
+async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, at: Local) {
     loop {
         // Waits for readiness and retries on WouldBlock itself, within the task's cooperative
         // budget (a burst of connects cannot hold the thread, nor delay an abort).
         match listener.async_io(Interest::READABLE, accept_one).await {
-            Ok((stream, peer)) => {
-                let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
-                // Served here or on a less loaded worker (see crate::workers).
-                let task = {
-                    let daemon = daemon.clone();
-                    async move {
-                        match TcpStream::from_std(stream) {
-                            Ok(stream) => serve(stream, peer, daemon, id, at).await,
-                            Err(e) => {
-                                warn!(error = %e, client.addr = %peer, "cannot register the accepted socket with its worker; closing it")
-                            }
-                        }
-                    }
-                };
-                daemon
-                    .workers
-                    .spawn_connection(task.instrument(info_span!("conn", id)));
-            }
+            Ok((stream, peer)) => dispatch(stream, peer, &daemon, at, None),
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning. Anything else
                 // concerns that one connection (aborted, refused by a firewall rule, …).
@@ -468,4 +563,51 @@ fn close(conn: &crate::mcp::Conn, id: u64) {
         requests,
         "connection closed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_left_waiting_are_taken_over_and_accepted_ones_are_not() {
+        let listener =
+            socket2::Socket::from(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("IP");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let listeners = [&listener];
+        let watcher = take_over_stalled(&listeners, |i, taken| {
+            for (_, peer) in taken {
+                let _ = tx.send((i, peer));
+            }
+        });
+        let body = async {
+            // Accepted by its "worker" at once: never taken over.
+            let quick = std::net::TcpStream::connect(addr).expect("connect");
+            let (_served, _) = accept_one(&listener).expect("accepted by its worker");
+            tokio::time::sleep(STALL_CHECK * 3).await;
+            assert!(
+                rx.try_recv().is_err(),
+                "an accepted connection was taken over"
+            );
+            drop(quick);
+            // Left waiting (no worker accepts): taken over, with its peer address.
+            let waiting = std::net::TcpStream::connect(addr).expect("connect");
+            let (index, peer) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("taken over")
+                .expect("watcher alive");
+            assert_eq!(index, 0);
+            assert_eq!(peer, waiting.local_addr().expect("client address"));
+        };
+        tokio::select! {
+            () = watcher => unreachable!("the watcher runs until dropped"),
+            () = body => {}
+        }
+    }
 }

@@ -75,6 +75,9 @@ pub enum Error {
 pub struct Counters {
     /// Connections accepted by the proxy.
     pub accepted: AtomicU64,
+    /// Connections the control plane accepted for a stalled worker (see
+    /// `accept::STALL_CHECK`).
+    pub stall_takeovers: AtomicU64,
     /// Accepted connections without a kernel record (closed).
     pub no_record: AtomicU64,
     /// Accepted connections refused because their cgroup had as many as
@@ -379,14 +382,19 @@ impl Daemon {
                 continue;
             }
             let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-            match Proxy::bind_in(&ns, self.config.daemon.listen_port).await {
-                Ok(proxy) => {
+            let bound = Proxy::bind_in(&ns, self.config.daemon.listen_port)
+                .await
+                .and_then(|proxy| {
                     let (cookie, entry) = (proxy.netns_cookie, proxy.entry);
+                    Ok((cookie, entry, proxy.start(self)?))
+                });
+            match bound {
+                Ok((cookie, entry, accepting)) => {
                     if let Err(e) = lock(&self.kernel.listeners).insert(cookie, entry, 0) {
                         warn!(netns.inode = ino, error = %e, "cannot register the listener");
                         continue;
                     }
-                    let task = tokio::spawn(proxy.run(self.clone()));
+                    let task = tokio::spawn(accepting);
                     info!(
                         netns.inode = ino,
                         netns.cookie = cookie,
@@ -732,6 +740,7 @@ impl Daemon {
                     "accepted": c.accepted.load(Ordering::Relaxed),
                     "no_record": c.no_record.load(Ordering::Relaxed),
                     "over_limit": c.over_limit.load(Ordering::Relaxed),
+                    "stall_takeovers": c.stall_takeovers.load(Ordering::Relaxed),
                     "active": c.active.load(Ordering::Relaxed),
                     "relayed_bytes_up": c.relayed_up.load(Ordering::Relaxed),
                     "relayed_bytes_down": c.relayed_down.load(Ordering::Relaxed),
@@ -922,6 +931,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             })?;
     }
 
+    let accepting = proxy.start(&daemon)?;
     daemon.register_listener()?;
     info!(
         port = daemon.listener.port4,
@@ -939,7 +949,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let socket_path = daemon.config.daemon.admin_socket.clone();
-    let mut proxy_task = tokio::spawn(proxy.run(daemon.clone()));
+    let mut proxy_task = tokio::spawn(accepting);
     let mut admin_task = tokio::spawn(admin.run(daemon.clone()));
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, daemon.clone())));

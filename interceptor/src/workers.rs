@@ -7,8 +7,9 @@
 //! inter-processor interrupt on a VM. Here an agent connection, the upstream connections its
 //! requests use and their I/O stay on one thread. Each proxy listener is accepted on by one
 //! worker, which serves a new connection itself unless another worker has fewer connections
-//! (Envoy's exact connection balancing), so the accepted socket is handed to another thread
-//! only when that balances the load. The main runtime keeps the control plane (admin socket,
+//! (after Envoy's exact connection balancing), so the accepted socket is handed to another
+//! thread only when that balances the load (or when its worker stalls: see
+//! `accept::STALL_CHECK`). The main runtime keeps the control plane (admin socket,
 //! metrics, namespace discovery), as Envoy keeps its main thread apart from its workers.
 
 use std::{
@@ -146,17 +147,28 @@ impl Workers {
         &self,
         task: impl Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
+        self.next().1.spawn(task)
+    }
+
+    /// The next worker (round robin): its index (slot − 1) and its event loop.
+    pub fn next(&self) -> (usize, &Handle) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        self.handles[i].spawn(task)
+        (i, &self.handles[i])
     }
 
     /// Runs a connection's `task` on the worker serving the fewest connections, the calling
-    /// worker when it is one of those (no hand-off to another thread, no wake-up of it). The
-    /// worker's count includes the task until the task ends or is dropped.
-    pub fn spawn_connection(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let here = slot().checked_sub(1);
+    /// worker when it is one of those (no hand-off to another thread, no wake-up of it), and
+    /// not on worker `avoid` (an index) if there is another. The worker's count includes the
+    /// task until the task ends or is dropped.
+    pub fn spawn_connection(
+        &self,
+        task: impl Future<Output = ()> + Send + 'static,
+        avoid: Option<usize>,
+    ) {
+        let here = slot().checked_sub(1).filter(|&h| Some(h) != avoid);
         let load = |i: usize| self.connections[i].load(Ordering::Relaxed);
         let least = (0..self.handles.len())
+            .filter(|&i| Some(i) != avoid || self.handles.len() == 1)
             .min_by_key(|&i| load(i))
             .unwrap_or(0);
         let target = match here {
@@ -290,24 +302,31 @@ mod tests {
         };
         // From outside the workers: the least loaded, the first of equals.
         for expected in [1, 2, 1] {
-            workers.spawn_connection(hold(ran.clone()));
+            workers.spawn_connection(hold(ran.clone()), None);
             assert_eq!(next(), expected);
         }
         assert_eq!(load(&workers), [2, 1]);
         // Accepted on worker 2, which has fewer: served there.
         let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[1].spawn(async move { on.spawn_connection(conn) }));
+        drop(workers.handles[1].spawn(async move { on.spawn_connection(conn, None) }));
         assert_eq!(next(), 2);
         assert_eq!(load(&workers), [2, 2]);
         // Accepted on worker 1, which now has as many as worker 2: served there too.
         let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
+        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn, None) }));
         assert_eq!(next(), 1);
         // Accepted on worker 1, which has more: handed to worker 2.
         let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
+        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn, None) }));
         assert_eq!(next(), 2);
         assert_eq!(load(&workers), [3, 3]);
+        // Taken over from a stalled worker: never served on it.
+        workers.spawn_connection(hold(ran.clone()), Some(0));
+        assert_eq!(next(), 2);
+        let (on, conn) = (workers.clone(), hold(ran.clone()));
+        drop(workers.handles[1].spawn(async move { on.spawn_connection(conn, Some(1)) }));
+        assert_eq!(next(), 1);
+        assert_eq!(load(&workers), [4, 4]);
         // Ended connections are no longer counted.
         release.send_replace(true);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
