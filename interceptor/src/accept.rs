@@ -270,6 +270,11 @@ fn dispatch(
     let task = {
         let daemon = daemon.clone();
         async move {
+            // Each event of a server stream goes out when it comes, not held back (Nagle)
+            // until the agent acknowledges the previous one.
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(error = %e, client.addr = %peer, "cannot set TCP_NODELAY on an agent connection");
+            }
             match TcpStream::from_std(stream) {
                 Ok(stream) => serve(stream, peer, daemon, id, at).await,
                 Err(e) => {
