@@ -137,23 +137,26 @@ impl Proxy {
                 unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
                     .map_err(|e| io::Error::other(format!("registering a proxy listener: {e}")))?
             };
-            let task = handle.spawn(accept_loop(listener, daemon.clone(), at));
+            let accepted = Arc::new(AtomicU64::new(0));
+            let task = handle.spawn(accept_loop(listener, daemon.clone(), at, accepted.clone()));
             accepting.push(Accepting {
                 spare,
                 at,
                 worker,
-                _task: AbortOnDrop(task),
+                accepted,
+                task: AbortOnDrop(task),
             });
         }
         Ok(watch_for_stalls(accepting, daemon.clone()))
     }
 }
 
-/// How long a connection may wait on a listener before the control plane accepts it in place
-/// of the listener's worker (between one and two of these).
+/// How often the control plane looks for connections a stalled worker leaves waiting on its
+/// listener; they are accepted for it at the second look that finds them waiting with no
+/// accept by the worker in between (after 100–200 ms).
 pub const STALL_CHECK: Duration = Duration::from_millis(100);
 
-/// Connections the control plane accepts per listener and check at most.
+/// Connections the control plane accepts per listener and look at most.
 const STALL_TAKEOVER: usize = 256;
 
 /// A listener accepted on by a worker.
@@ -161,69 +164,106 @@ struct Accepting {
     spare: socket2::Socket,
     at: Local,
     worker: usize,
-    _task: AbortOnDrop,
+    /// Connections its worker accepted so far: its progress.
+    accepted: Arc<AtomicU64>,
+    task: AbortOnDrop,
 }
 
-/// Serves, on other workers, the connections a stalled worker leaves waiting on its listener
-/// (see [`take_over_stalled`]).
+/// What the stall check saw of a listener at its last look.
+#[derive(Debug, Default, Clone, Copy)]
+struct Look {
+    waiting: bool,
+    accepted: u64,
+}
+
+impl Look {
+    /// Takes a look: whether connections wait on the listener, and how many its worker has
+    /// accepted so far. True when its worker is stalled: connections waited at both looks and
+    /// the worker accepted none in between. (A busy worker that keeps accepting may leave the
+    /// queue non-empty at every look; that is no stall.)
+    fn stalled(&mut self, waiting: bool, accepted: u64) -> bool {
+        let stalled = waiting && self.waiting && accepted == self.accepted;
+        *self = Self { waiting, accepted };
+        stalled
+    }
+}
+
+/// Every [`STALL_CHECK`], looks at each listener; connections that a stalled worker leaves
+/// waiting are accepted here and served by the other workers, and the stalled worker gets no
+/// new connections until it accepts again ([`crate::workers::Workers::set_stalled`]). Ends
+/// when an accept loop ends (its listener is dead). With one worker there is no other to
+/// serve them: it only waits for the accept loops.
 async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
-    let spares: Vec<&socket2::Socket> = accepting.iter().map(|a| &a.spare).collect();
-    take_over_stalled(&spares, |i, taken| {
-        let a = &accepting[i];
-        daemon
-            .counters
-            .stall_takeovers
-            .fetch_add(taken.len() as u64, Ordering::Relaxed);
-        warn!(
-            worker = a.worker + 1,
-            port = a.at.port,
-            connections = taken.len(),
-            "a connection worker left new connections waiting for {STALL_CHECK:?}; accepted \
-             them for it"
-        );
-        for (stream, peer) in taken {
-            dispatch(stream, peer, &daemon, a.at, Some(a.worker));
-        }
-    })
-    .await
-}
-
-/// Every [`STALL_CHECK`], looks whether connections wait on each of `listeners`; those still
-/// waiting at the next look are accepted here (at most [`STALL_TAKEOVER`] a look) and given to
-/// `take` with the listener's index. Connections are accepted within microseconds otherwise,
-/// so this rarely finds any waiting twice; under a flood it takes a share, which is harmless.
-async fn take_over_stalled(
-    listeners: &[&socket2::Socket],
-    mut take: impl FnMut(usize, Vec<(std::net::TcpStream, SocketAddr)>),
-) {
     let mut tick = tokio::time::interval(STALL_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut waited = vec![false; listeners.len()];
+    let mut looks = vec![(Look::default(), false); accepting.len()];
     loop {
         tick.tick().await;
-        for (i, (listener, waited)) in listeners.iter().zip(&mut waited).enumerate() {
-            let waiting = has_waiting(listener);
-            if !(waiting && *waited) {
-                *waited = waiting;
+        if let Some(a) = accepting.iter().find(|a| a.task.0.is_finished()) {
+            warn!(
+                port = a.at.port,
+                worker = a.worker + 1,
+                "a proxy accept loop ended"
+            );
+            return;
+        }
+        if daemon.workers.count() < 2 {
+            continue;
+        }
+        for (a, (look, stalled)) in accepting.iter().zip(&mut looks) {
+            let accepted = a.accepted.load(Ordering::Relaxed);
+            let before = look.accepted;
+            if !look.stalled(has_waiting(&a.spare), accepted) {
+                if *stalled && accepted != before {
+                    *stalled = false;
+                    daemon.workers.set_stalled(a.worker, false);
+                    info!(
+                        worker = a.worker + 1,
+                        port = a.at.port,
+                        "the connection worker accepts again"
+                    );
+                }
                 continue;
             }
-            *waited = false;
-            let mut taken = Vec::new();
-            while taken.len() < STALL_TAKEOVER {
-                match accept_one(listener) {
-                    Ok(conn) => taken.push(conn),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        break;
-                    }
-                }
+            if !*stalled {
+                *stalled = true;
+                daemon.workers.set_stalled(a.worker, true);
+                warn!(
+                    worker = a.worker + 1,
+                    port = a.at.port,
+                    "a connection worker left new connections waiting for {STALL_CHECK:?} \
+                     without accepting any; accepting them for it, and giving new connections \
+                     to the other workers until it accepts again"
+                );
             }
-            if !taken.is_empty() {
-                take(i, taken);
+            let taken = take_waiting(&a.spare, STALL_TAKEOVER);
+            daemon
+                .counters
+                .stall_takeovers
+                .fetch_add(taken.len() as u64, Ordering::Relaxed);
+            // A full batch: more may wait; take them at the next look.
+            look.waiting = taken.len() == STALL_TAKEOVER;
+            for (stream, peer) in taken {
+                dispatch(stream, peer, &daemon, a.at);
             }
         }
     }
+}
+
+/// Accepts up to `max` connections waiting on `listener`.
+fn take_waiting(listener: &socket2::Socket, max: usize) -> Vec<(std::net::TcpStream, SocketAddr)> {
+    let mut taken = Vec::new();
+    while taken.len() < max {
+        match accept_one(listener) {
+            Ok(conn) => taken.push(conn),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                break;
+            }
+        }
+    }
+    taken
 }
 
 /// Whether connections wait to be accepted on `listener`.
@@ -258,14 +298,8 @@ fn accept_one(listener: &socket2::Socket) -> io::Result<(std::net::TcpStream, So
 }
 
 /// Has an accepted connection served: on the least loaded worker, the current one when it is
-/// among them, never on `avoid` when there is another.
-fn dispatch(
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    daemon: &Arc<Daemon>,
-    at: Local,
-    avoid: Option<usize>,
-) {
+/// among them (see [`crate::workers::Workers::spawn_connection`]).
+fn dispatch(stream: std::net::TcpStream, peer: SocketAddr, daemon: &Arc<Daemon>, at: Local) {
     let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
     let task = {
         let daemon = daemon.clone();
@@ -285,15 +319,23 @@ fn dispatch(
     };
     daemon
         .workers
-        .spawn_connection(task.instrument(info_span!("conn", id)), avoid);
+        .spawn_connection(task.instrument(info_span!("conn", id)));
 }
 
-async fn accept_loop(listener: AsyncFd<socket2::Socket>, daemon: Arc<Daemon>, at: Local) {
+async fn accept_loop(
+    listener: AsyncFd<socket2::Socket>,
+    daemon: Arc<Daemon>,
+    at: Local,
+    accepted: Arc<AtomicU64>,
+) {
     loop {
         // Waits for readiness and retries on WouldBlock itself, within the task's cooperative
         // budget (a burst of connects cannot hold the thread, nor delay an abort).
         match listener.async_io(Interest::READABLE, accept_one).await {
-            Ok((stream, peer)) => dispatch(stream, peer, &daemon, at, None),
+            Ok((stream, peer)) => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                dispatch(stream, peer, &daemon, at);
+            }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning. Anything else
                 // concerns that one connection (aborted, refused by a firewall rule, …).
@@ -574,8 +616,27 @@ fn close(conn: &crate::mcp::Conn, id: u64) {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn connections_left_waiting_are_taken_over_and_accepted_ones_are_not() {
+    #[test]
+    fn a_worker_is_stalled_when_connections_wait_twice_with_no_accept_between() {
+        let mut look = Look::default();
+        // Nothing waiting, or waiting at one look only: fine.
+        assert!(!look.stalled(false, 0));
+        assert!(!look.stalled(true, 0));
+        // Waiting again and no accept since: stalled.
+        assert!(look.stalled(true, 0));
+        // A busy worker that keeps accepting while the queue is never empty: fine.
+        let mut busy = Look::default();
+        for accepted in [5, 9, 14, 20] {
+            assert!(!busy.stalled(true, accepted));
+        }
+        // It stops accepting with connections waiting: stalled at the next look.
+        assert!(busy.stalled(true, 20));
+        // Drained (by the control plane) and nothing new: fine again.
+        assert!(!busy.stalled(false, 20));
+    }
+
+    #[test]
+    fn waiting_connections_are_taken_up_to_a_limit() {
         let listener =
             socket2::Socket::from(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
         listener.set_nonblocking(true).expect("non-blocking");
@@ -584,35 +645,17 @@ mod tests {
             .expect("address")
             .as_socket()
             .expect("IP");
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let listeners = [&listener];
-        let watcher = take_over_stalled(&listeners, |i, taken| {
-            for (_, peer) in taken {
-                let _ = tx.send((i, peer));
-            }
-        });
-        let body = async {
-            // Accepted by its "worker" at once: never taken over.
-            let quick = std::net::TcpStream::connect(addr).expect("connect");
-            let (_served, _) = accept_one(&listener).expect("accepted by its worker");
-            tokio::time::sleep(STALL_CHECK * 3).await;
-            assert!(
-                rx.try_recv().is_err(),
-                "an accepted connection was taken over"
-            );
-            drop(quick);
-            // Left waiting (no worker accepts): taken over, with its peer address.
-            let waiting = std::net::TcpStream::connect(addr).expect("connect");
-            let (index, peer) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .expect("taken over")
-                .expect("watcher alive");
-            assert_eq!(index, 0);
-            assert_eq!(peer, waiting.local_addr().expect("client address"));
-        };
-        tokio::select! {
-            () = watcher => unreachable!("the watcher runs until dropped"),
-            () = body => {}
-        }
+        assert!(!has_waiting(&listener));
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        assert!(has_waiting(&listener));
+        let first = take_waiting(&listener, 2);
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].1, clients[0].local_addr().expect("client address"));
+        assert!(has_waiting(&listener));
+        assert_eq!(take_waiting(&listener, 2).len(), 1);
+        assert!(!has_waiting(&listener));
+        assert!(take_waiting(&listener, 2).is_empty());
     }
 }

@@ -18,7 +18,7 @@ use std::{
     io,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
@@ -61,6 +61,8 @@ pub struct Workers {
     next: AtomicUsize,
     /// Connections each worker serves (index = slot − 1), for [`Workers::spawn_connection`].
     connections: Arc<[AtomicUsize]>,
+    /// Workers found stalled (see `accept::STALL_CHECK`): given no new connections.
+    stalled: Box<[AtomicBool]>,
     /// Each worker's stop signal and thread; emptied by [`Workers::stop`].
     threads: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
 }
@@ -80,6 +82,7 @@ impl Workers {
             handles: Vec::with_capacity(count),
             next: AtomicUsize::new(0),
             connections: (0..count).map(|_| AtomicUsize::new(0)).collect(),
+            stalled: (0..count).map(|_| AtomicBool::new(false)).collect(),
             threads: Mutex::new(Vec::with_capacity(count)),
         };
         for index in 1..=count {
@@ -156,23 +159,32 @@ impl Workers {
         (i, &self.handles[i])
     }
 
+    /// Marks worker `index` (slot − 1) as stalled or not: a stalled worker gets no new
+    /// connections while another worker is not stalled.
+    pub fn set_stalled(&self, index: usize, stalled: bool) {
+        if let Some(flag) = self.stalled.get(index) {
+            flag.store(stalled, Ordering::Relaxed);
+        }
+    }
+
     /// Runs a connection's `task` on the worker serving the fewest connections, the calling
     /// worker when it is one of those (no hand-off to another thread, no wake-up of it), and
-    /// not on worker `avoid` (an index) if there is another. The worker's count includes the
-    /// task until the task ends or is dropped.
-    pub fn spawn_connection(
-        &self,
-        task: impl Future<Output = ()> + Send + 'static,
-        avoid: Option<usize>,
-    ) {
-        let here = slot().checked_sub(1).filter(|&h| Some(h) != avoid);
+    /// not on a stalled worker while there is another. The worker's count includes the task
+    /// until the task ends or is dropped.
+    pub fn spawn_connection(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let open = |i: &usize| !self.stalled[*i].load(Ordering::Relaxed);
+        let any_open = (0..self.handles.len()).any(|i| open(&i));
+        let candidate = |i: &usize| !any_open || open(i);
+        let here = slot()
+            .checked_sub(1)
+            .filter(|h| *h < self.handles.len() && candidate(h));
         let load = |i: usize| self.connections[i].load(Ordering::Relaxed);
         let least = (0..self.handles.len())
-            .filter(|&i| Some(i) != avoid || self.handles.len() == 1)
+            .filter(candidate)
             .min_by_key(|&i| load(i))
             .unwrap_or(0);
         let target = match here {
-            Some(h) if h < self.handles.len() && load(h) <= load(least) => h,
+            Some(h) if load(h) <= load(least) => h,
             _ => least,
         };
         let serving = Serving::new(self.connections.clone(), target);
@@ -302,31 +314,38 @@ mod tests {
         };
         // From outside the workers: the least loaded, the first of equals.
         for expected in [1, 2, 1] {
-            workers.spawn_connection(hold(ran.clone()), None);
+            workers.spawn_connection(hold(ran.clone()));
             assert_eq!(next(), expected);
         }
         assert_eq!(load(&workers), [2, 1]);
         // Accepted on worker 2, which has fewer: served there.
         let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[1].spawn(async move { on.spawn_connection(conn, None) }));
+        drop(workers.handles[1].spawn(async move { on.spawn_connection(conn) }));
         assert_eq!(next(), 2);
         assert_eq!(load(&workers), [2, 2]);
         // Accepted on worker 1, which now has as many as worker 2: served there too.
         let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn, None) }));
+        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
         assert_eq!(next(), 1);
         // Accepted on worker 1, which has more: handed to worker 2.
         let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn, None) }));
+        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
         assert_eq!(next(), 2);
         assert_eq!(load(&workers), [3, 3]);
-        // Taken over from a stalled worker: never served on it.
-        workers.spawn_connection(hold(ran.clone()), Some(0));
+        // A stalled worker gets none, even accepted on it, while the other is not stalled.
+        workers.set_stalled(0, true);
+        workers.spawn_connection(hold(ran.clone()));
         assert_eq!(next(), 2);
         let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[1].spawn(async move { on.spawn_connection(conn, Some(1)) }));
+        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
+        assert_eq!(next(), 2);
+        // Both stalled: placed by load as usual.
+        workers.set_stalled(1, true);
+        workers.spawn_connection(hold(ran.clone()));
         assert_eq!(next(), 1);
-        assert_eq!(load(&workers), [4, 4]);
+        workers.set_stalled(0, false);
+        workers.set_stalled(1, false);
+        assert_eq!(load(&workers), [4, 5]);
         // Ended connections are no longer counted.
         release.send_replace(true);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -378,3 +378,81 @@ fn sigterm_drains_in_flight_requests() {
         Some(ECONNREFUSED)
     );
 }
+
+/// Stops one thread of another process (ptrace: the rest of the process runs on); lets it go
+/// when dropped, and the kernel does if this test dies.
+struct ThreadStop(nix::unistd::Pid);
+
+impl ThreadStop {
+    fn new(tid: i32) -> Self {
+        use nix::sys::{ptrace, wait};
+        let tid = nix::unistd::Pid::from_raw(tid);
+        ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace seize");
+        let stop = Self(tid);
+        ptrace::interrupt(tid).expect("ptrace interrupt");
+        wait::waitpid(tid, Some(wait::WaitPidFlag::__WALL)).expect("thread stopped");
+        stop
+    }
+}
+
+impl Drop for ThreadStop {
+    fn drop(&mut self) {
+        let _ = nix::sys::ptrace::detach(self.0, None);
+    }
+}
+
+#[test]
+fn a_stalled_worker_does_not_hold_up_new_connections() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "served");
+    let mut env = TestEnv::new("stall");
+    env.daemon_extra = "workers = 2\n".into();
+    let a = env.cgroup("agents");
+    env.write_config(&[ServerSpec::direct("notes", upstream.addr)], &[&a]);
+    env.start_daemon();
+    let addr = upstream.addr.to_string();
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let served = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
+    assert_eq!(served.status, Some(200), "{served:?}");
+    // The first worker accepts on the IPv4 listener (listeners go to workers round robin).
+    // Stopped, as by a long synchronous step: new connections are still served, by the other.
+    let daemon = env.daemon_pid().expect("daemon running");
+    let tid = std::fs::read_dir(format!("/proc/{daemon}/task"))
+        .expect("daemon threads")
+        .filter_map(Result::ok)
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "worker-1")
+        })
+        .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
+        .expect("thread worker-1");
+    {
+        let _stopped = ThreadStop::new(tid);
+        for _ in 0..2 {
+            let r = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
+            assert_eq!(r.status, Some(200), "{r:?}");
+        }
+        let status = env.status();
+        assert!(
+            status["counters"]["proxy"]["stall_takeovers"].as_u64() >= Some(1),
+            "{status}"
+        );
+    }
+    assert!(
+        env.log_text().contains("left new connections waiting"),
+        "{}",
+        env.log_text()
+    );
+    // Going again, it accepts its listener's connections itself.
+    let before = env.status()["counters"]["proxy"]["stall_takeovers"].clone();
+    for _ in 0..3 {
+        let r = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
+        assert_eq!(r.status, Some(200), "{r:?}");
+    }
+    assert_eq!(env.status()["counters"]["proxy"]["stall_takeovers"], before);
+}
