@@ -12,6 +12,15 @@ use nix::sys::signal::Signal;
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
 const ECONNREFUSED: i32 = 111;
 
+/// An MCP `ping` POST on a connection the client closes after the answer.
+fn ping_request() -> String {
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+    format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 fn world(label: &str, upstream: &LabelServer) -> (TestEnv, String, String) {
     let mut env = TestEnv::new(label);
     let a = env.cgroup("agents/a");
@@ -279,11 +288,7 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
     );
     env.start_daemon();
     let addr = upstream.addr.to_string();
-    let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
-    let request = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let request = ping_request();
     // Two requests in flight hold cgroup a's two connections.
     let held: Vec<_> = (0..2)
         .map(|_| {
@@ -351,11 +356,7 @@ fn sigterm_drains_in_flight_requests() {
     let (mut env, a, _) = world("drain", &upstream);
     let dir = env.dir(&a);
     let addr = upstream.addr.to_string();
-    let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
-    let request = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let request = ping_request();
     let in_flight = std::thread::spawn(move || send_raw(PROBE, &dir, &addr, request.as_bytes()));
     // Wait until the request is at the upstream, then stop the daemon.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -413,11 +414,7 @@ fn a_stalled_worker_does_not_hold_up_new_connections() {
     env.write_config(&[ServerSpec::direct("notes", upstream.addr)], &[&a]);
     env.start_daemon();
     let addr = upstream.addr.to_string();
-    let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
-    let request = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let request = ping_request();
     let served = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
     assert_eq!(served.status, Some(200), "{served:?}");
     // The first worker accepts on the IPv4 listener (listeners go to workers round robin).
