@@ -190,13 +190,16 @@ impl Look {
 
 /// Every [`STALL_CHECK`], looks at each listener; connections that a stalled worker leaves
 /// waiting are accepted here and served by the other workers, and the stalled worker gets no
-/// new connections until it accepts again ([`crate::workers::Workers::set_stalled`]). Ends
+/// new connections until it next goes idle ([`crate::workers::Workers::set_stalled`]); while
+/// it is marked, its listener's connections are taken at the first look that finds them. Ends
 /// when an accept loop ends (its listener is dead). With one worker there is no other to
-/// serve them: it only waits for the accept loops.
+/// serve them: it only waits for the accept loops. (Only workers that accept on a listener are
+/// looked at; a worker stalled in the audit log's `write(2)` holds the log's turn, so requests
+/// on the other workers wait for it too.)
 async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
     let mut tick = tokio::time::interval(STALL_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut looks = vec![(Look::default(), false); accepting.len()];
+    let mut looks = vec![Look::default(); accepting.len()];
     loop {
         tick.tick().await;
         if let Some(a) = accepting.iter().find(|a| a.task.0.is_finished()) {
@@ -207,33 +210,23 @@ async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
             );
             return;
         }
-        if daemon.workers.count() < 2 {
+        let workers = &daemon.workers;
+        if workers.count() < 2 {
             continue;
         }
-        for (a, (look, stalled)) in accepting.iter().zip(&mut looks) {
-            let accepted = a.accepted.load(Ordering::Relaxed);
-            let before = look.accepted;
-            if !look.stalled(has_waiting(&a.spare), accepted) {
-                if *stalled && accepted != before {
-                    *stalled = false;
-                    daemon.workers.set_stalled(a.worker, false);
-                    info!(
-                        worker = a.worker + 1,
-                        port = a.at.port,
-                        "the connection worker accepts again"
-                    );
-                }
+        for (a, look) in accepting.iter().zip(&mut looks) {
+            let waiting = has_waiting(&a.spare);
+            let stalled = look.stalled(waiting, a.accepted.load(Ordering::Relaxed));
+            if !(stalled || waiting && workers.is_stalled(a.worker)) {
                 continue;
             }
-            if !*stalled {
-                *stalled = true;
-                daemon.workers.set_stalled(a.worker, true);
+            if !workers.set_stalled(a.worker) {
                 warn!(
                     worker = a.worker + 1,
                     port = a.at.port,
                     "a connection worker left new connections waiting for {STALL_CHECK:?} \
                      without accepting any; accepting them for it, and giving new connections \
-                     to the other workers until it accepts again"
+                     to the other workers until it is idle again"
                 );
             }
             let taken = take_waiting(&a.spare, STALL_TAKEOVER);
@@ -241,8 +234,6 @@ async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
                 .counters
                 .stall_takeovers
                 .fetch_add(taken.len() as u64, Ordering::Relaxed);
-            // A full batch: more may wait; take them at the next look.
-            look.waiting = taken.len() == STALL_TAKEOVER;
             for (stream, peer) in taken {
                 dispatch(stream, peer, &daemon, a.at);
             }

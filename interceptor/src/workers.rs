@@ -61,8 +61,9 @@ pub struct Workers {
     next: AtomicUsize,
     /// Connections each worker serves (index = slot − 1), for [`Workers::spawn_connection`].
     connections: Arc<[AtomicUsize]>,
-    /// Workers found stalled (see `accept::STALL_CHECK`): given no new connections.
-    stalled: Box<[AtomicBool]>,
+    /// Workers found stalled (see `accept::STALL_CHECK`): given no new connections. A worker
+    /// clears its own flag whenever it goes idle (a worker waiting for work is not stalled).
+    stalled: Arc<[AtomicBool]>,
     /// Each worker's stop signal and thread; emptied by [`Workers::stop`].
     threads: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
 }
@@ -89,6 +90,7 @@ impl Workers {
             let (stop, stopped) = oneshot::channel::<()>();
             let (ready, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
             let on_idle = on_idle.clone();
+            let stalled = workers.stalled.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
@@ -96,7 +98,10 @@ impl Workers {
                     on_idle();
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
-                        .on_thread_park(on_idle)
+                        .on_thread_park(move || {
+                            stalled[index - 1].store(false, Ordering::Relaxed);
+                            on_idle();
+                        })
                         .build()
                     {
                         Ok(r) => r,
@@ -159,12 +164,19 @@ impl Workers {
         (i, &self.handles[i])
     }
 
-    /// Marks worker `index` (slot − 1) as stalled or not: a stalled worker gets no new
-    /// connections while another worker is not stalled.
-    pub fn set_stalled(&self, index: usize, stalled: bool) {
-        if let Some(flag) = self.stalled.get(index) {
-            flag.store(stalled, Ordering::Relaxed);
-        }
+    /// Marks worker `index` (slot − 1) as stalled: it gets no new connections while another
+    /// worker is not stalled, until it next goes idle. Returns whether it was marked already.
+    pub fn set_stalled(&self, index: usize) -> bool {
+        self.stalled
+            .get(index)
+            .is_some_and(|flag| flag.swap(true, Ordering::Relaxed))
+    }
+
+    /// Whether worker `index` (slot − 1) is marked stalled.
+    pub fn is_stalled(&self, index: usize) -> bool {
+        self.stalled
+            .get(index)
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
     }
 
     /// Runs a connection's `task` on the worker serving the fewest connections, the calling
@@ -332,20 +344,24 @@ mod tests {
         drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
         assert_eq!(next(), 2);
         assert_eq!(load(&workers), [3, 3]);
-        // A stalled worker gets none, even accepted on it, while the other is not stalled.
-        workers.set_stalled(0, true);
+        // A stalled worker gets none while the other is not stalled.
+        assert!(!workers.set_stalled(0));
+        assert!(workers.set_stalled(0), "marked already");
         workers.spawn_connection(hold(ran.clone()));
-        assert_eq!(next(), 2);
-        let (on, conn) = (workers.clone(), hold(ran.clone()));
-        drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
         assert_eq!(next(), 2);
         // Both stalled: placed by load as usual.
-        workers.set_stalled(1, true);
+        workers.set_stalled(1);
         workers.spawn_connection(hold(ran.clone()));
         assert_eq!(next(), 1);
-        workers.set_stalled(0, false);
-        workers.set_stalled(1, false);
-        assert_eq!(load(&workers), [4, 5]);
+        assert_eq!(load(&workers), [4, 4]);
+        // A worker that goes idle clears its own mark.
+        workers.set_stalled(0);
+        drop(workers.handles[0].spawn(async {}));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while workers.is_stalled(0) {
+            assert!(std::time::Instant::now() < deadline, "still marked");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         // Ended connections are no longer counted.
         release.send_replace(true);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -380,6 +380,12 @@ fn sigterm_drains_in_flight_requests() {
     );
 }
 
+/// The numbers of epoll_wait, epoll_pwait and epoll_pwait2 (`/proc/<pid>/task/<tid>/syscall`).
+#[cfg(target_arch = "x86_64")]
+const EPOLL_WAITS: [u32; 3] = [232, 281, 441];
+#[cfg(target_arch = "aarch64")]
+const EPOLL_WAITS: [u32; 2] = [22, 441];
+
 /// Stops one thread of another process (ptrace: the rest of the process runs on); lets it go
 /// when dropped, and the kernel does if this test dies.
 struct ThreadStop(nix::unistd::Pid);
@@ -428,6 +434,19 @@ fn a_stalled_worker_does_not_hold_up_new_connections() {
         })
         .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
         .expect("thread worker-1");
+    // Stopped while it waits for work (in epoll_wait), so that it holds nothing the other
+    // worker needs (the audit log's turn, a lock).
+    let idle = || {
+        std::fs::read_to_string(format!("/proc/{daemon}/task/{tid}/syscall"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+            .is_some_and(|nr| EPOLL_WAITS.contains(&nr))
+    };
+    eventually(
+        Duration::from_secs(10),
+        || idle().then_some(()),
+        || format!("worker-1 ({tid}) never waited for work"),
+    );
     {
         let _stopped = ThreadStop::new(tid);
         for _ in 0..2 {
