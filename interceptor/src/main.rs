@@ -717,13 +717,21 @@ fn render(v: &Value) -> String {
     line
 }
 
+/// How long `audit tail --follow` reads on in a file after another one appeared at its path:
+/// the daemon goes on writing to a log renamed away until it next checks its path (at most
+/// every 100 ms).
+const ROTATION_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn tail(
     path: &std::path::Path,
     follow: bool,
     filter: &TailFilter,
     json: bool,
 ) -> anyhow::Result<()> {
-    use std::{io::BufRead, os::unix::fs::MetadataExt};
+    use std::{
+        io::{BufRead, Seek, SeekFrom},
+        os::unix::fs::MetadataExt,
+    };
     let open = || {
         std::fs::File::open(path).with_context(|| {
             format!(
@@ -735,6 +743,11 @@ fn tail(
     let mut reader = std::io::BufReader::new(open()?);
     let mut line = String::new();
     let mut last_seq = None;
+    // When another file was first seen at the path (rotated, or re-created).
+    let mut replaced_at: Option<std::time::Instant> = None;
+    // Reading the first event of a file followed after another: a `seq` gap there means
+    // files rotated away meanwhile.
+    let mut switched = false;
     let emit = |v: &Value, line: &str| {
         if filter.keeps(v) {
             if json {
@@ -744,8 +757,6 @@ fn tail(
             }
         }
     };
-    // The file was seen rotated away (renamed, a new one at the path) at its end.
-    let mut rotated = false;
     loop {
         line.clear();
         let n = reader.read_line(&mut line)?;
@@ -753,28 +764,41 @@ fn tail(
             if !follow {
                 return Ok(());
             }
-            if n == 0 && rotated {
-                // Read to its end once more after the rotation was seen (lines written just
-                // before it): go on with the new file from its start.
-                if let Ok(file) = open() {
-                    reader = std::io::BufReader::new(file);
-                    rotated = false;
-                    continue;
-                }
-            } else if n == 0 {
-                rotated = std::fs::metadata(path).is_ok_and(|now| {
-                    reader
-                        .get_ref()
-                        .metadata()
-                        .is_ok_and(|open| (open.dev(), open.ino()) != (now.dev(), now.ino()))
-                });
-                if rotated {
-                    continue;
-                }
+            // Back to the start of the unfinished line, dropping what was buffered, so that
+            // it is read from the file again.
+            reader.seek(SeekFrom::Current(-(line.len() as i64)))?;
+            let at = reader.stream_position()?;
+            let file = reader.get_ref().metadata()?;
+            if file.len() < at {
+                // Cut below what was read (a torn line cut at the daemon's start, a failed
+                // write rolled back): go on from its new end.
+                eprintln!(
+                    "audit tail: {} was truncated to {} bytes; following from there",
+                    path.display(),
+                    file.len()
+                );
+                reader.seek(SeekFrom::Start(file.len()))?;
             }
-            // Wait for the rest of a line being written, or for new lines.
-            let back = line.len() as i64;
-            reader.seek_relative(-back)?;
+            let replaced = std::fs::metadata(path)
+                .is_ok_and(|now| (now.dev(), now.ino()) != (file.dev(), file.ino()));
+            match replaced_at {
+                None if replaced => replaced_at = Some(std::time::Instant::now()),
+                Some(t) if t.elapsed() >= ROTATION_GRACE => {
+                    if let Ok(new) = open() {
+                        if n > 0 {
+                            eprintln!(
+                                "audit tail: the previous file ended in an unfinished line \
+                                 ({n} bytes); following the new one"
+                            );
+                        }
+                        reader = std::io::BufReader::new(new);
+                        replaced_at = None;
+                        switched = true;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
             std::thread::sleep(std::time::Duration::from_millis(200));
             continue;
         }
@@ -782,15 +806,11 @@ fn tail(
             continue;
         };
         if let Some(seq) = v["seq"].as_u64() {
-            // Following: the log rotated more than once between two looks, and the files in
-            // between are read from their rotated names.
-            if follow
+            if std::mem::take(&mut switched)
                 && let Some(last) = last_seq
                 && seq > last + 1
             {
-                for (missed, text) in rotated_between(path, last, seq) {
-                    emit(&missed, &text);
-                }
+                rotated_between(path, last, seq, &emit);
             }
             last_seq = Some(seq);
         }
@@ -798,12 +818,13 @@ fn tail(
     }
 }
 
-/// Events with `after < seq < before` from the rotated files of the log at `path`
-/// (`<path>.<UTC time>`, in name order = time order), oldest first, each with its line.
-fn rotated_between(path: &std::path::Path, after: u64, before: u64) -> Vec<(Value, String)> {
+/// Emits the events with `after < seq < before` from the rotated files of the log at `path`
+/// (`<path>.<UTC time>`, in name order = time order), oldest first: from the newest file
+/// back to the one that holds `after + 1`, each read line by line.
+fn rotated_between(path: &std::path::Path, after: u64, before: u64, emit: &dyn Fn(&Value, &str)) {
     use std::io::BufRead;
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Vec::new();
+        return;
     };
     let prefix = format!("{}.", name.to_string_lossy());
     let dir = if dir.as_os_str().is_empty() {
@@ -819,33 +840,29 @@ fn rotated_between(path: &std::path::Path, after: u64, before: u64) -> Vec<(Valu
         .map(|e| e.path())
         .collect();
     files.sort();
-    let read = |file: &std::path::Path| -> Vec<(Value, String)> {
+    let lines = |file: &std::path::Path| {
         std::fs::File::open(file)
-            .map(|f| {
-                std::io::BufReader::new(f)
-                    .lines()
-                    .map_while(Result::ok)
-                    .filter_map(|l| Some((serde_json::from_str::<Value>(&l).ok()?, l)))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok))
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| Some((serde_json::from_str::<Value>(&l).ok()?, l)))
     };
-    // Newest first, back to the file that holds `after + 1`.
-    let mut missed = Vec::new();
-    for file in files.iter().rev() {
-        let events = read(file);
-        let first = events.first().and_then(|(e, _)| e["seq"].as_u64());
-        missed.push(
-            events
-                .into_iter()
-                .filter(|(e, _)| e["seq"].as_u64().is_some_and(|s| after < s && s < before))
-                .collect::<Vec<_>>(),
-        );
-        if first.is_none_or(|f| f <= after + 1) {
-            break;
+    let first_seq =
+        |file: &std::path::Path| lines(file).next().and_then(|(v, _)| v["seq"].as_u64());
+    let from = files
+        .iter()
+        .rposition(|f| first_seq(f).is_none_or(|s| s <= after + 1))
+        .unwrap_or(0);
+    for file in &files[from..] {
+        for (v, l) in lines(file) {
+            match v["seq"].as_u64() {
+                Some(s) if s >= before => return,
+                Some(s) if s > after => emit(&v, &l),
+                _ => {}
+            }
         }
     }
-    missed.into_iter().rev().flatten().collect()
 }
 
 fn print_status(s: &Value) {

@@ -551,30 +551,21 @@ fn audit_tail_follows_the_log_across_rotations() {
         log.display()
     );
     let w = world("audit-follow", Some(&audit));
-    let mut follow = KillOnDrop(
-        Command::new(interceptor_bin())
-            .args(["audit", "tail", "--follow", "--json", "--config"])
-            .arg(&w.env.config_path)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("start audit tail --follow"),
-    );
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    let stdout = follow.0.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx
-                .send(serde_json::from_str(&line).expect("JSON line"))
-                .is_err()
-            {
-                break;
+    let (_follow, lines) = follow_tail(&w.env.config_path);
+    let rx = {
+        let (tx, rx) = std::sync::mpsc::channel::<Value>();
+        std::thread::spawn(move || {
+            for line in lines {
+                if tx
+                    .send(serde_json::from_str(&line).expect("JSON line"))
+                    .is_err()
+                {
+                    break;
+                }
             }
-        }
-    });
+        });
+        rx
+    };
     // Each client run writes several KiB of events: the log rotates more than once.
     for query in ["one", "two", "three"] {
         let out = mcp_client(
@@ -613,6 +604,68 @@ fn audit_tail_follows_the_log_across_rotations() {
     assert_eq!(seqs.len(), seen.len());
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, expected, "events missed or repeated across rotations");
+}
+
+#[test]
+fn audit_tail_follows_a_log_cut_below_what_it_read() {
+    // No daemon needed: the log is written here, as the daemon's start-up repair would (a torn
+    // last line cut off, then the next event appended).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let config = dir.path().join("interceptor.toml");
+    std::fs::write(&config, format!("[audit]\npath = \"{}\"\n", log.display())).expect("config");
+    let line = |seq: u64, event: &str| format!("{{\"event\":\"{event}\",\"seq\":{seq}}}\n");
+    std::fs::write(
+        &log,
+        format!("{}{}{{\"event\":\"torn", line(1, "a"), line(2, "b")),
+    )
+    .expect("log");
+    let (_follow, rx) = follow_tail(&config);
+    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("a line");
+    assert_eq!(next(), line(1, "a").trim_end());
+    assert_eq!(next(), line(2, "b").trim_end());
+    // Let it wait at the unfinished line, then cut it off and append.
+    std::thread::sleep(Duration::from_millis(500));
+    let whole = line(1, "a").len() + line(2, "b").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .expect("open log");
+    file.set_len(whole as u64).expect("cut the torn line");
+    drop(file);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .expect("open log");
+    std::io::Write::write_all(&mut file, line(3, "audit.repair").as_bytes()).expect("append");
+    assert_eq!(next(), line(3, "audit.repair").trim_end());
+}
+
+/// `interceptor audit tail --follow --json` with `config`, running, and its lines as printed.
+fn follow_tail(config: &Path) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let mut follow = KillOnDrop(
+        Command::new(interceptor_bin())
+            .args(["audit", "tail", "--follow", "--json", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start audit tail --follow"),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (follow, rx)
 }
 
 /// Kills a process this test started however the test ends.
