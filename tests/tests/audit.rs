@@ -608,37 +608,44 @@ fn audit_tail_follows_the_log_across_rotations() {
 
 #[test]
 fn audit_tail_follows_a_log_cut_below_what_it_read() {
-    // No daemon needed: the log is written here, as the daemon's start-up repair would (a torn
-    // last line cut off, then the next event appended).
+    // No daemon needed: the log is written here, as the daemon would: a torn last line cut off
+    // at its start, then a write that failed rolled back below lines already read.
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("audit.jsonl");
     let config = dir.path().join("interceptor.toml");
     std::fs::write(&config, format!("[audit]\npath = \"{}\"\n", log.display())).expect("config");
     let line = |seq: u64, event: &str| format!("{{\"event\":\"{event}\",\"seq\":{seq}}}\n");
-    std::fs::write(
-        &log,
-        format!("{}{}{{\"event\":\"torn", line(1, "a"), line(2, "b")),
-    )
-    .expect("log");
+    let cut_to = |len: usize| {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .expect("open log");
+        file.set_len(len as u64).expect("cut the log");
+    };
+    let append = |text: &str| {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("open log");
+        std::io::Write::write_all(&mut file, text.as_bytes()).expect("append");
+    };
+    let (first, second) = (line(1, "a"), line(2, "a-long-event-name-to-be-rolled-back"));
+    std::fs::write(&log, format!("{first}{second}{{\"event\":\"torn")).expect("log");
     let (_follow, rx) = follow_tail(&config);
     let next = || rx.recv_timeout(Duration::from_secs(10)).expect("a line");
-    assert_eq!(next(), line(1, "a").trim_end());
-    assert_eq!(next(), line(2, "b").trim_end());
-    // Let it wait at the unfinished line, then cut it off and append.
-    std::thread::sleep(Duration::from_millis(500));
-    let whole = line(1, "a").len() + line(2, "b").len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&log)
-        .expect("open log");
-    file.set_len(whole as u64).expect("cut the torn line");
-    drop(file);
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log)
-        .expect("open log");
-    std::io::Write::write_all(&mut file, line(3, "audit.repair").as_bytes()).expect("append");
-    assert_eq!(next(), line(3, "audit.repair").trim_end());
+    assert_eq!(next(), first.trim_end());
+    assert_eq!(next(), second.trim_end());
+    // Let it wait at the unfinished line each time before the log changes under it.
+    let settle = || std::thread::sleep(Duration::from_millis(500));
+    settle();
+    cut_to(first.len() + second.len());
+    append(&line(3, "b"));
+    assert_eq!(next(), line(3, "b").trim_end());
+    settle();
+    cut_to(first.len());
+    settle();
+    append(&line(4, "c"));
+    assert_eq!(next(), line(4, "c").trim_end());
 }
 
 /// `interceptor audit tail --follow --json` with `config`, running, and its lines as printed.
