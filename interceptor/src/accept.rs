@@ -152,9 +152,15 @@ impl Proxy {
 }
 
 /// How often the control plane looks for connections a stalled worker leaves waiting on its
-/// listener; they are accepted for it at the second look that finds them waiting with no
-/// accept by the worker in between (after 100–200 ms).
+/// listener while it finds some waiting; they are accepted for it at the second look that
+/// finds them waiting with no accept by the worker in between.
 pub const STALL_CHECK: Duration = Duration::from_millis(100);
+
+/// The longest pause between two looks: while no connection is found waiting the pause
+/// doubles from [`STALL_CHECK`] up to this, so that an idle daemon with listeners in many
+/// namespaces does not wake ten times a second for each. A stall is noticed 0.1–1.7 s after
+/// the first connection it holds up.
+const STALL_CHECK_IDLE: Duration = Duration::from_millis(1600);
 
 /// Connections the control plane accepts per listener and look at most.
 const STALL_TAKEOVER: usize = 256;
@@ -188,7 +194,7 @@ impl Look {
     }
 }
 
-/// Every [`STALL_CHECK`], looks at each listener; connections that a stalled worker leaves
+/// Looks at each listener (see [`STALL_CHECK`]); connections that a stalled worker leaves
 /// waiting are accepted here and served by the other workers, and the stalled worker gets no
 /// new connections until it next goes idle ([`crate::workers::Workers::set_stalled`]); while
 /// it is marked, its listener's connections are taken at the first look that finds them. Ends
@@ -197,11 +203,10 @@ impl Look {
 /// looked at; a worker stalled in the audit log's `write(2)` holds the log's turn, so requests
 /// on the other workers wait for it too.)
 async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
-    let mut tick = tokio::time::interval(STALL_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause = STALL_CHECK;
     let mut looks = vec![Look::default(); accepting.len()];
     loop {
-        tick.tick().await;
+        tokio::time::sleep(pause).await;
         if let Some(a) = accepting.iter().find(|a| a.task.0.is_finished()) {
             warn!(
                 port = a.at.port,
@@ -212,10 +217,13 @@ async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
         }
         let workers = &daemon.workers;
         if workers.count() < 2 {
+            pause = STALL_CHECK_IDLE;
             continue;
         }
+        let mut any_waiting = false;
         for (a, look) in accepting.iter().zip(&mut looks) {
             let waiting = has_waiting(&a.spare);
+            any_waiting |= waiting;
             let stalled = look.stalled(waiting, a.accepted.load(Ordering::Relaxed));
             if !(stalled || waiting && workers.is_stalled(a.worker)) {
                 continue;
@@ -238,6 +246,11 @@ async fn watch_for_stalls(accepting: Vec<Accepting>, daemon: Arc<Daemon>) {
                 dispatch(stream, peer, &daemon, a.at);
             }
         }
+        pause = if any_waiting {
+            STALL_CHECK
+        } else {
+            (pause * 2).min(STALL_CHECK_IDLE)
+        };
     }
 }
 
