@@ -108,7 +108,7 @@ impl Proxy {
     /// worker (round robin), whose task accepts on it and serves what it accepts, or hands it to
     /// a less loaded worker ([`crate::workers::Workers::spawn_connection`]). The returned
     /// future, run on the control plane, takes over connections that a stalled worker (a long
-    /// synchronous step, a slow disk) leaves waiting on its listener for [`STALL_CHECK`]; the
+    /// synchronous step) leaves waiting on its listener (see [`STALL_CHECK`]); the
     /// accepting stops when it is dropped. Fails if a listener cannot be registered.
     pub fn start(
         self,

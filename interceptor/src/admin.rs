@@ -128,20 +128,22 @@ fn handle(daemon: &Daemon, line: &str, peer: Actor) -> Value {
         Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
     };
+    // Who asked, for the audit events of what changes (read from /proc when needed).
+    let by = || daemon.identity_of(peer);
     let result = match request {
-        Request::Tag { cgroup } => daemon.tag(&cgroup, peer).map(|t| json!(t)),
-        Request::Untag { cgroup } => daemon.untag(&cgroup, peer).map(|t| json!(t)),
+        Request::Tag { cgroup } => daemon.tag(&cgroup, &by()).map(|t| json!(t)),
+        Request::Untag { cgroup } => daemon.untag(&cgroup, &by()).map(|t| json!(t)),
         Request::Status => Ok(daemon.status()),
-        Request::Reload => daemon.reload(peer).map(|r| json!(r)),
+        Request::Reload => daemon.reload(&by()).map(|r| json!(r)),
         Request::Revoke {
             selector,
             reason,
             all_egress,
         } => daemon
-            .revoke(selector, &reason, all_egress, peer)
+            .revoke(selector, &reason, all_egress, &by())
             .map(|(r, closed)| json!({"revocation": r, "closed_connections": closed})),
         Request::Unrevoke { selector } => daemon
-            .unrevoke(selector, peer)
+            .unrevoke(selector, &by())
             .map(|s| json!({"selector": s})),
     };
     match result {

@@ -271,7 +271,7 @@ impl Daemon {
 
     /// Re-reads the config file and applies its policy to the next request on every
     /// connection. An invalid file changes nothing and says why.
-    pub fn reload(&self, by: Actor) -> Result<ReloadReport, String> {
+    pub fn reload(&self, by: &str) -> Result<ReloadReport, String> {
         let new = match Config::load(&self.config.path) {
             Ok(new) => new,
             Err(e) => {
@@ -432,7 +432,7 @@ impl Daemon {
         selector: Selector,
         reason: &str,
         all_egress: bool,
-        by: Actor,
+        by: &str,
     ) -> Result<(Revocation, usize), String> {
         let (selector, key) = selector.key(&self.hierarchy)?;
         // The label is how the revocation is rebuilt after a restart: it must fit whole.
@@ -485,7 +485,7 @@ impl Daemon {
     }
 
     /// Lifts the revocation of `selector`.
-    pub fn unrevoke(&self, selector: Selector, by: Actor) -> Result<Selector, String> {
+    pub fn unrevoke(&self, selector: Selector, by: &str) -> Result<Selector, String> {
         let (selector, key) = selector.key(&self.hierarchy)?;
         let removed = {
             let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
@@ -586,7 +586,7 @@ impl Daemon {
     }
 
     /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
-    pub fn tag(&self, cgroup: &str, by: Actor) -> Result<TagStatus, String> {
+    pub fn tag(&self, cgroup: &str, by: &str) -> Result<TagStatus, String> {
         let cgroup = config::normalize_cgroup_path(cgroup)?;
         let id = self.hierarchy.id(&cgroup).map_err(|e| e.to_string())?;
         lock(&self.kernel.tags)
@@ -606,7 +606,7 @@ impl Daemon {
     }
 
     /// Removes the tag of `cgroup`. New connections from it are no longer redirected.
-    pub fn untag(&self, cgroup: &str, by: Actor) -> Result<TagStatus, String> {
+    pub fn untag(&self, cgroup: &str, by: &str) -> Result<TagStatus, String> {
         let cgroup = config::normalize_cgroup_path(cgroup)?;
         let mut tags = lock(&self.kernel.tags);
         // Find by id when the cgroup still exists, else by the recorded path.
@@ -635,16 +635,14 @@ impl Daemon {
         Ok(TagStatus { cgroup, id, exists })
     }
 
-    /// An audit event that `by` caused, with its `identity` (read from `/proc` now).
-    fn event_by(&self, by: Actor, name: &str, fields: serde_json::Value) -> audit::Event {
-        audit::event(name, fields).raw("identity", &self.identity_of(by))
+    /// An audit event caused by the process whose `identity` object (JSON text) is `by`.
+    fn event_by(&self, by: &str, name: &str, fields: serde_json::Value) -> audit::Event {
+        audit::event(name, fields).raw("identity", by)
     }
 
-    /// The `identity` object of `by`'s audit events.
+    /// The `identity` object of `by`'s audit events, read from `/proc` now.
     pub fn identity_of(&self, by: Actor) -> String {
-        by.audit_json(Path::new("/proc"), &self.config.naming, |cgroup| {
-            self.hierarchy.id(cgroup).ok()
-        })
+        identity_json(by, &self.config.naming, &self.hierarchy)
     }
 
     /// Every tag in the (pinned) map.
@@ -825,6 +823,13 @@ pub fn raise_fd_limit() -> Option<u64> {
     Some(soft)
 }
 
+/// The `identity` object (JSON text) of `by`'s audit events, read from `/proc` now.
+fn identity_json(by: Actor, naming: &config::Naming, hierarchy: &Hierarchy) -> String {
+    by.audit_json(Path::new("/proc"), naming, |cgroup| {
+        hierarchy.id(cgroup).ok()
+    })
+}
+
 /// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
 /// binary hands start-up garbage back to the kernel there).
 pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
@@ -837,13 +842,10 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         );
     }
     let hierarchy = Hierarchy::discover()?;
+    // Who the daemon's own events name (read once: its process does not change).
+    let daemon_identity = identity_json(Actor::daemon(), &config.naming, &hierarchy);
     // First: nothing is served unless it can be audited.
-    let audit = Audit::open(
-        config.audit.clone(),
-        &Actor::daemon().audit_json(Path::new("/proc"), &config.naming, |cgroup| {
-            hierarchy.id(cgroup).ok()
-        }),
-    )?;
+    let audit = Audit::open(config.audit.clone(), &daemon_identity)?;
     let path = config.path.display().to_string();
     let ca = config
         .ca
@@ -907,7 +909,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     daemon
         .audit
         .record(daemon.event_by(
-            Actor::daemon(),
+            &daemon_identity,
             "daemon.start",
             json!({
                 "pid": std::process::id(),
@@ -923,7 +925,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     daemon.sync_servers()?;
     for (index, cgroup) in daemon.config.tags.iter().enumerate() {
         daemon
-            .tag(cgroup, Actor::daemon())
+            .tag(cgroup, &daemon_identity)
             .map_err(|message| Error::Tag {
                 path: daemon.config.path.display().to_string(),
                 index,
@@ -970,7 +972,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
-                if let Err(e) = daemon.reload(Actor::daemon()) {
+                if let Err(e) = daemon.reload(&daemon_identity) {
                     warn!(error = %e, "SIGHUP reload failed");
                 }
             }
@@ -1007,7 +1009,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     if let Err(e) = daemon
         .audit
         .record(daemon.event_by(
-            Actor::daemon(),
+            &daemon_identity,
             "daemon.stop",
             json!({"pid": std::process::id()}),
         ))

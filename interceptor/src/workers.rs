@@ -99,7 +99,12 @@ impl Workers {
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .on_thread_park(move || {
-                            stalled[index - 1].store(false, Ordering::Relaxed);
+                            // Read first: a store on every park would dirty a line other
+                            // workers read.
+                            let mark = &stalled[index - 1];
+                            if mark.load(Ordering::Relaxed) {
+                                mark.store(false, Ordering::Relaxed);
+                            }
                             on_idle();
                         })
                         .build()
@@ -150,7 +155,8 @@ impl Workers {
     }
 
     /// Runs `task` on the next worker (round robin). A stopped worker drops the task, which is
-    /// what stopping means.
+    /// what stopping means. (Connections go through [`Workers::spawn_connection`].)
+    #[cfg(test)]
     pub fn spawn(
         &self,
         task: impl Future<Output = ()> + Send + 'static,
