@@ -132,13 +132,38 @@ pub fn evict<V>(map: &mut HashMap<String, V>, now: SystemTime, leaf: impl Fn(&V)
     while map.len() >= MAX_WORKLOADS {
         let Some(oldest) = map
             .iter()
-            .min_by_key(|(_, v)| leaf(v).not_after)
+            .min_by_key(|(_, v)| leaf(v).minted)
             .map(|(k, _)| k.clone())
         else {
             break;
         };
         map.remove(&oldest);
     }
+}
+
+/// The PEM text of a P-256 private key as PKCS#8: PKCS#8 (`PRIVATE KEY`) as is, SEC1
+/// (`EC PRIVATE KEY`, what `openssl ecparam -genkey` writes) converted.
+fn pkcs8_pem(text: &str) -> Result<String, String> {
+    if !text.contains("-----BEGIN EC PRIVATE KEY-----") {
+        return Ok(text.to_owned());
+    }
+    use p256::pkcs8::EncodePrivateKey as _;
+    // openssl writes an `EC PARAMETERS` block first.
+    let blocks = pem::parse_many(text).map_err(|e| e.to_string())?;
+    let sec1 = blocks
+        .iter()
+        .find(|b| b.tag() == "EC PRIVATE KEY")
+        .ok_or("no EC PRIVATE KEY block")?;
+    let key = p256::SecretKey::from_sec1_der(sec1.contents()).map_err(|e| e.to_string())?;
+    key.to_pkcs8_pem(Default::default())
+        .map(|pem| pem.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `t` rounded up to a whole second.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    UNIX_EPOCH + Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 /// A minted client certificate.
@@ -212,9 +237,18 @@ impl NodeCa {
                 mode,
             });
         }
-        let key_pem = std::fs::read_to_string(&cfg.key).map_err(file_err(&cfg.key))?;
+        let key_text = std::fs::read_to_string(&cfg.key).map_err(file_err(&cfg.key))?;
         let cert_pem = std::fs::read_to_string(&cfg.cert).map_err(file_err(&cfg.cert))?;
         let invalid = |what: &str, e: String| Error::Invalid(format!("{what}: {e}"));
+        let key_pem = pkcs8_pem(&key_text).map_err(|e| {
+            invalid(
+                &format!(
+                    "CA key {} (must be ECDSA P-256, PKCS#8 or SEC1 PEM)",
+                    cfg.key.display()
+                ),
+                e,
+            )
+        })?;
         let key = KeyPair::from_pem(&key_pem)
             .map_err(|e| invalid(&format!("CA key {}", cfg.key.display()), e.to_string()))?;
         let signer = SigningKey::from_pkcs8_pem(&key_pem).map_err(|e| {
@@ -231,6 +265,25 @@ impl NodeCa {
                 )
             })?
             .into_contents();
+        // A key that is not the certificate's would mint leaves no upstream accepts.
+        let (_, cert) = x509_parser::parse_x509_certificate(&ca_der).map_err(|e| {
+            invalid(
+                &format!("CA certificate {}", cfg.cert.display()),
+                e.to_string(),
+            )
+        })?;
+        if cert.public_key().subject_public_key.data.as_ref()
+            != signer.verifying_key().to_encoded_point(false).as_bytes()
+        {
+            return Err(invalid(
+                &format!("CA key {}", cfg.key.display()),
+                format!(
+                    "it is not the key of the CA certificate {}; point [ca] key at that \
+                     certificate's private key",
+                    cfg.cert.display()
+                ),
+            ));
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| {
             invalid(
                 &format!("CA certificate {}", cfg.cert.display()),
@@ -299,13 +352,17 @@ impl NodeCa {
         let start = time::OffsetDateTime::from(now);
         // A little backdating absorbs clock skew between node and upstream.
         params.not_before = start - time::Duration::seconds(30);
-        params.not_after = start + self.leaf_ttl;
+        // X.509 times are whole seconds (rcgen drops the fraction): renewal and expiry are
+        // judged on the time the certificate states, never past it (rounded up, so a leaf
+        // lives at least `leaf_ttl`).
+        let not_after = whole_seconds(now + self.leaf_ttl);
+        params.not_after = time::OffsetDateTime::from(not_after);
         let cert = params.signed_by(&key, &self.issuer).map_err(invalid)?;
         self.mints.fetch_add(1, Ordering::Relaxed);
         Ok(Leaf {
             chain: vec![cert.der().clone(), self.ca_der.clone()],
             key_der: key.serialize_der(),
-            not_after: now + self.leaf_ttl,
+            not_after,
             minted: now,
         })
     }
@@ -434,11 +491,97 @@ mod tests {
     }
 
     #[test]
+    fn a_sec1_key_from_openssl_is_accepted_and_a_foreign_key_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-out",
+            "sec1.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "sec1.pem",
+            "-subj",
+            "/CN=org intermediate",
+            "-days",
+            "2",
+            "-out",
+            "ca.pem",
+        ]);
+        let text = std::fs::read_to_string(d.join("sec1.pem")).unwrap();
+        assert!(text.contains("BEGIN EC PRIVATE KEY"), "{text}");
+        std::fs::set_permissions(d.join("sec1.pem"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let raw = |key: &str| RawCa {
+            cert: d.join("ca.pem"),
+            key: d.join(key),
+            leaf_ttl: "1h".into(),
+        };
+        let ca = NodeCa::load(&raw("sec1.pem")).unwrap();
+        let leaf = ca.leaf("spiffe://x/w").unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf.chain[0]).unwrap();
+        assert_eq!(cert.issuer().to_string(), "CN=org intermediate");
+        // Another key than the certificate's is refused with the reason.
+        let (_, other) = init(&d.join("other"), "n").unwrap();
+        let e = NodeCa::load(&raw(other.to_str().unwrap())).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("is not the key of the CA certificate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_leaf_is_judged_by_the_expiry_its_certificate_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "2s");
+        let before = SystemTime::now();
+        let leaf = ca.leaf("spiffe://x/w").unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf.chain[0]).unwrap();
+        let stated = UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64);
+        assert_eq!(leaf.not_after, stated);
+        assert!(stated >= before + Duration::from_secs(2));
+        assert!(stated < SystemTime::now() + Duration::from_secs(3));
+    }
+
+    /// Sleeps until `t` (at once if it passed).
+    fn sleep_until(t: SystemTime) {
+        if let Ok(d) = t.duration_since(SystemTime::now()) {
+            std::thread::sleep(d);
+        }
+    }
+
+    #[test]
     fn short_lived_leaves_are_renewed() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ca(dir.path(), "1s");
         let a = ca.leaf("spiffe://x/w").unwrap();
-        std::thread::sleep(Duration::from_millis(700));
+        let life = a.not_after.duration_since(a.minted).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &ca.leaf("spiffe://x/w").unwrap()),
+            "still fresh"
+        );
+        // Its expiry is whole seconds: a third of what it states is left from here.
+        sleep_until(a.not_after - life / 3 + Duration::from_millis(20));
         let b = ca.leaf("spiffe://x/w").unwrap();
         assert!(
             !Arc::ptr_eq(&a, &b),
@@ -450,12 +593,13 @@ mod tests {
     fn expired_leaves_leave_the_cache_when_another_is_minted() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ca(dir.path(), "2s");
-        ca.leaf("spiffe://x/gone").unwrap();
-        ca.leaf("spiffe://x/also-gone").unwrap();
-        std::thread::sleep(Duration::from_millis(800));
+        let gone = ca.leaf("spiffe://x/gone").unwrap().not_after;
+        let gone = gone.max(ca.leaf("spiffe://x/also-gone").unwrap().not_after);
+        // Minted 1.5 s before those expire: due for renewal when they have, but still valid
+        // (2 s at least from its mint).
+        sleep_until(gone - Duration::from_millis(1500));
         ca.leaf("spiffe://x/aging").unwrap();
-        // The first two expired; "aging" is due for renewal but still valid: it stays.
-        std::thread::sleep(Duration::from_millis(1400));
+        sleep_until(gone + Duration::from_millis(50));
         ca.leaf("spiffe://x/new").unwrap();
         ca.leaf("spiffe://x/newer").unwrap();
         let mut cached: Vec<String> = lock(&ca.cache).keys().cloned().collect();
@@ -472,7 +616,7 @@ mod tests {
         let ca = ca(dir.path(), "1h");
         for i in 0..MAX_WORKLOADS + 2 {
             ca.leaf(&format!("spiffe://x/w{i}")).unwrap();
-            // Distinct expiry times (they are second-precise in the certificate, not here).
+            // Distinct mint times.
             std::thread::sleep(Duration::from_millis(2));
         }
         let cache = lock(&ca.cache);
