@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use interceptor_common::{Addr, ServerValue, TagValue};
+use interceptor_common::{Addr, BlockKey, ServerValue, TagValue};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
@@ -486,20 +486,30 @@ impl Daemon {
 
     /// Lifts the revocation of `selector`.
     pub fn unrevoke(&self, selector: Selector, by: &str) -> Result<Selector, String> {
-        let (selector, key) = selector.key(&self.hierarchy)?;
-        let removed = {
+        let selector = selector.normalized()?;
+        // Found by what was revoked, not only by the current key: a revoked cgroup may have
+        // been removed, or re-created at its path (another id), since.
+        let current = selector.clone().key(&self.hierarchy).ok().map(|(_, k)| k);
+        let removed: Vec<BlockKey> = {
             let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
-            let before = list.len();
-            list.retain(|r| r.key != key);
-            before != list.len()
+            let (gone, kept) = std::mem::take(&mut *list)
+                .into_iter()
+                .partition(|r: &Revocation| r.selector == selector || Some(r.key) == current);
+            *list = kept;
+            gone.into_iter().map(|r| r.key).collect()
         };
-        if !removed {
+        if removed.is_empty() {
             return Err(format!(
                 "{} is not revoked; `interceptor status` lists the revocations",
                 selector.label()
             ));
         }
-        let _ = lock(&self.kernel.blocks).remove(&key);
+        {
+            let mut blocks = lock(&self.kernel.blocks);
+            for key in &removed {
+                let _ = blocks.remove(key);
+            }
+        }
         self.sync_block_state()?;
         info!(unrevoked = %selector.label(), "unrevoked");
         self.audit

@@ -137,7 +137,7 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
         /// Refuse every outbound connection of the cgroup, not only MCP ones (with --cgroup).
-        #[arg(long, requires = "cgroup")]
+        #[arg(long)]
         all_egress: bool,
         #[command(flatten)]
         config: ConfigArg,
@@ -509,6 +509,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             all_egress,
             config,
         } => {
+            if all_egress && who.cgroup.is_none() {
+                // clap's `requires` does not reach into the flattened selector group.
+                use clap::CommandFactory as _;
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "--all-egress applies to a cgroup: give --cgroup P",
+                    )
+                    .exit();
+            }
             let daemon = Config::load_daemon(&config.config)?;
             let r = admin::request(
                 &daemon.admin_socket,

@@ -48,12 +48,19 @@ impl Selector {
         })
     }
 
+    /// The selector in the form revocations are stored under (a cgroup path normalised).
+    pub fn normalized(self) -> Result<Self, String> {
+        Ok(match self {
+            Selector::Cgroup(p) => Selector::Cgroup(config::normalize_cgroup_path(&p)?),
+            other => other,
+        })
+    }
+
     /// Normalises the selector and computes its map key.
     pub fn key(self, hierarchy: &Hierarchy) -> Result<(Self, BlockKey), String> {
         let key = |kind, id| BlockKey { kind, _pad: 0, id };
-        Ok(match self {
+        Ok(match self.normalized()? {
             Selector::Cgroup(p) => {
-                let p = config::normalize_cgroup_path(&p)?;
                 let id = hierarchy.id(&p).map_err(|e| e.to_string())?;
                 (Selector::Cgroup(p), key(block::CGROUP, id))
             }

@@ -77,6 +77,19 @@ fn missing_file_says_which() {
 }
 
 #[test]
+fn all_egress_without_a_cgroup_is_a_usage_error() {
+    // Refused before the config is read or the daemon asked.
+    let out = Command::new(interceptor_bin())
+        .args(["revoke", "--uid", "2", "--all-egress"])
+        .args(["--config", "/nonexistent/interceptor.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--all-egress applies to a cgroup"), "{err}");
+}
+
+#[test]
 fn a_valid_file_is_summarised() {
     let (ok, err) = check(
         "[[server]]\nname = \"notes\"\nintercept = [\"127.0.0.2:8080\", \"[::1]:8080\"]\nupstream = \"127.0.0.3:9000\"\n",

@@ -114,6 +114,13 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     assert_eq!(run_client(PROBE, &dir_b, &addr).errno, Some(ECONNREFUSED));
     cli_ok(&env, &["unrevoke", "--uid", "0"]);
 
+    // A revoked cgroup removed meanwhile is still found by its path, and unrevoked.
+    let gone = env.cgroup("agents/gone");
+    cli_ok(&env, &["revoke", "--cgroup", &gone]);
+    std::fs::remove_dir(env.dir(&gone)).expect("remove the revoked cgroup");
+    cli_ok(&env, &["unrevoke", "--cgroup", &gone]);
+    assert_eq!(env.status()["revocations"], serde_json::json!([]));
+
     // By workload id: enforced by the proxy (connect succeeds, every request is refused).
     let wid = format!(
         "spiffe://interceptor.local/node/{}/cgroup{b}/uid/0",
