@@ -277,7 +277,7 @@ pub struct Server {
     pub name: String,
     /// Every address (names resolved) that is redirected to the proxy.
     pub intercept: Vec<SocketAddr>,
-    /// The upstream as written (`host:port`).
+    /// The upstream as written (`host:port`, `http://host:port` or `https://host:port`).
     pub upstream: String,
     /// The upstream's resolved addresses, tried in order.
     pub upstream_addrs: Vec<SocketAddr>,

@@ -15,10 +15,12 @@ use serde_json::Value;
 
 /// Methods a granted server always allows: the session plumbing and discovery. Everything else
 /// must be granted by a role.
-const ALWAYS_ALLOWED: [&str; 7] = [
+const ALWAYS_ALLOWED: [&str; 8] = [
     "initialize",
     "ping",
     "server/discover",
+    // 2026-07-28's server stream (what a GET is to the older generations).
+    "subscriptions/listen",
     "tools/list",
     "prompts/list",
     "resources/list",
@@ -1018,6 +1020,13 @@ mod tests {
                 a,
                 "notes",
                 Call::method("notifications/initialized"),
+                true,
+                "always allowed"
+            ),
+            (
+                a,
+                "notes",
+                Call::method("subscriptions/listen"),
                 true,
                 "always allowed"
             ),

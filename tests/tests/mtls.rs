@@ -251,6 +251,8 @@ cgroup = "{root}/**"
     let jwks: Value = serde_json::from_slice(&out.stdout).expect("JWKS JSON");
     let mut jtis = HashSet::new();
     for l in &lines {
+        // The upstream is configured as https://host:port: the request target is the agent's.
+        assert_eq!(l["target"], "/mcp", "{l}");
         let token = l["identity"].as_str().expect("assertion on every request");
         let claims = verify_jws(token, &jwks);
         assert_eq!(claims["aud"], "notes");

@@ -108,6 +108,7 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         ("duplicate ids in a batch", post(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#, ""), 400, -32600),
         ("PUT with a call", request("PUT", call("search").as_bytes(), ""), 405, -32600),
         ("GET with a body", request("GET", call("search").as_bytes(), ""), 400, -32600),
+        ("plain body labelled gzip", post(call("search").as_bytes(), "Content-Encoding: gzip\r\n"), 415, -32600),
     ];
     for (what, request, status, code) in cases {
         let r = send_raw(PROBE, &w.dir, &addr, &request);
@@ -177,6 +178,24 @@ fn malicious_forms_are_refused_and_never_forwarded() {
             "obfuscated TE",
             "Transfer-Encoding: xchunked\r\n".to_owned(),
         ),
+        (
+            // Past what the framing watch follows (hyper takes heads up to ~400 KiB), whether
+            // it arrives in one read or in many.
+            "head over 64 KiB",
+            format!(
+                "X-Pad: {}\r\nContent-Length: {}\r\n",
+                "a".repeat(70_000),
+                body.len()
+            ),
+        ),
+        (
+            "head far over 64 KiB",
+            format!(
+                "X-Pad: {}\r\nContent-Length: {}\r\n",
+                "a".repeat(150_000),
+                body.len()
+            ),
+        ),
     ] {
         let request = format!(
             "POST /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n{head}Connection: close\r\n\r\n{body}"
@@ -191,6 +210,24 @@ fn malicious_forms_are_refused_and_never_forwarded() {
             "{what} reached the upstream"
         );
     }
+
+    // A chunk size hyper takes but the framing watch cannot parse (over 16 hex digits, with
+    // leading zeros): the watch can no longer vouch for the connection, so the request
+    // pipelined after it is refused, not served.
+    let denied = call("delete_note");
+    let allowed = call("search");
+    let pipelined = format!(
+        "POST /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0000000000000000{:04x}\r\n{denied}\r\n0\r\n\r\n\
+         POST /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{allowed}",
+        denied.len(),
+        allowed.len()
+    );
+    let r = send_raw(PROBE, &w.dir, &addr, pipelined.as_bytes());
+    let reply = r.reply.as_deref().unwrap_or("");
+    assert!(reply.contains("could not be followed"), "{r:?}");
+    assert!(w.upstream.bodies().is_empty(), "{:?}", w.upstream.bodies());
 
     // Control: the allowed call goes through, re-serialised canonically, so the path works and
     // every refusal above was the proxy's doing.
@@ -274,7 +311,24 @@ fn an_identity_without_a_role_gets_errors_not_silence() {
             .is_some_and(|m| m.contains("refused by policy")),
         "{v}"
     );
+    // Nothing else reaches the server either: not an answer to a server's request (no method
+    // to judge, but the server is not granted), not a stream.
+    let answer = br#"{"jsonrpc":"2.0","id":"srv-1","result":{"action":"accept"}}"#;
+    let r = send_raw(PROBE, &dir, &w.upstream.addr.to_string(), &post(answer, ""));
+    assert_eq!(r.status, Some(403), "{r:?}");
+    let r = send_raw(
+        PROBE,
+        &dir,
+        &w.upstream.addr.to_string(),
+        &request("GET", b"", ""),
+    );
+    assert_eq!(r.status, Some(403), "{r:?}");
     assert!(w.upstream.bodies().is_empty());
+    assert_eq!(
+        w.upstream.count(),
+        0,
+        "nothing may reach an ungranted server"
+    );
     let line = w
         .env
         .wait_log("mcp request", |v| v["mcp.method"] == "initialize");

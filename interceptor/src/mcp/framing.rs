@@ -19,8 +19,10 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Largest request head watched; beyond it the watch stops (hyper enforces its own limit).
+/// Largest request head accepted; a longer one is refused and the watch stops (the
+/// connection is closed with the refusal).
 const MAX_HEAD: usize = 64 * 1024;
+const HEAD_TOO_LONG: &str = "request head over 64 KiB";
 const MAX_HEADERS: usize = 128;
 
 /// Verdicts, one per request head, in order: `Err(reason)` for ambiguous framing.
@@ -74,11 +76,22 @@ impl Scanner {
                 pending = Vec::new();
             }
         }
-        if self.state == State::Off || (self.state == State::Head && pending.len() > MAX_HEAD) {
+        if self.state == State::Head && pending.len() > MAX_HEAD {
+            // Refused, not followed further (hyper would take up to ~400 KiB).
+            self.push(Err(HEAD_TOO_LONG.to_owned()));
             self.state = State::Off;
+        }
+        if self.state == State::Off {
             pending = Vec::new();
         }
         self.pending = pending;
+    }
+
+    fn push(&self, verdict: Result<(), String>) {
+        self.verdicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(verdict);
     }
 
     /// Steps through `buf` as far as it can; returns how many bytes were consumed.
@@ -115,10 +128,11 @@ impl Scanner {
                 match req.parse(buf) {
                     Ok(httparse::Status::Complete(n)) => {
                         let (verdict, next) = judge(req.headers);
-                        self.verdicts
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push_back(verdict);
+                        self.push(if n > MAX_HEAD {
+                            Err(HEAD_TOO_LONG.to_owned())
+                        } else {
+                            verdict
+                        });
                         self.state = next;
                         Some(n)
                     }
@@ -345,6 +359,25 @@ mod tests {
         assert!(v[0].is_err());
         let v = verdicts(&[b"POST / HTTP/1.1\r\nTransfer-Encoding:  chunked\r\n\r\n0\r\n\r\n"]);
         assert!(v[0].is_ok(), "{v:?}");
+    }
+
+    #[test]
+    fn heads_over_the_limit_are_refused_in_one_read_or_many() {
+        let head = format!("POST / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let whole = verdicts(&[head.as_bytes()]);
+        let pieces: Vec<&[u8]> = head.as_bytes().chunks(8192).collect();
+        for v in [whole, verdicts(&pieces)] {
+            assert_eq!(v, vec![Err(HEAD_TOO_LONG.to_owned())]);
+        }
+    }
+
+    #[test]
+    fn an_unparseable_chunk_size_leaves_later_requests_without_a_verdict() {
+        let v = verdicts(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n000000000000000003\r\nabc\r\n0\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        ]);
+        // One verdict for the first head; the service refuses a request it has none for.
+        assert_eq!(v, vec![Ok(())]);
     }
 
     #[test]

@@ -30,12 +30,14 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), String> {
 }
 
 /// Hop-by-hop headers and those the proxy sets itself (`accept-encoding`: the proxy must be
-/// able to read what comes back, so it asks for identity encoding).
+/// able to read what comes back, so it asks for identity encoding; `expect`: the body was
+/// read whole before anything is forwarded).
 pub fn skip_header(name: &header::HeaderName) -> bool {
     matches!(
         name.as_str(),
         "accept-encoding"
             | "connection"
+            | "expect"
             | "keep-alive"
             | "proxy-connection"
             | "proxy-authenticate"

@@ -815,11 +815,18 @@ impl Conn {
     }
 
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
-        let watched = if req.version() < http::Version::HTTP_2 {
-            lock(&self.verdicts).pop_front().unwrap_or(Ok(()))
-        } else {
-            Ok(())
-        };
+        let watched =
+            if req.version() < http::Version::HTTP_2 {
+                // No verdict: the watch lost this connection's framing (a chunk size or head it
+                // could not parse) and cannot vouch for this request. Fail closed.
+                lock(&self.verdicts).pop_front().unwrap_or_else(|| {
+                    Err("the request framing on this connection could not be followed (a malformed \
+                     chunk size or request head); reconnect"
+                    .into())
+                })
+            } else {
+                Ok(())
+            };
         if let Err(why) = watched.and_then(|()| check_framing(req.headers())) {
             self.rejected();
             info!(http.method = %req.method(), reason = %why, "request refused: ambiguous framing");
@@ -891,17 +898,7 @@ impl Conn {
         let (policy, grant) = self.policy();
         let decision = policy.check_server_granted(&grant, self.server_name());
         if !decision.allow {
-            self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
-            info!(http.method = %method, server.name = self.server_name(),
-                authz.decision = "deny", authz.rule = %decision.rule, "mcp request");
-            return error_response(
-                StatusCode::FORBIDDEN,
-                code::INVALID_REQUEST,
-                format!(
-                    "server {} refused by policy (interceptor)",
-                    self.server_name()
-                ),
-            );
+            return self.server_refused(method.as_str(), &decision);
         }
         self.forward(
             parts,
@@ -913,11 +910,42 @@ impl Conn {
         .await
     }
 
+    /// The answer to an HTTP request that carries nothing to judge but the server (a GET or
+    /// DELETE, or a POST of responses to the server's requests) when no role grants the server.
+    fn server_refused(&self, what: &str, decision: &Decision) -> Response<ProxyBody> {
+        self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
+        info!(http.method = what, server.name = self.server_name(),
+            authz.decision = "deny", authz.rule = %decision.rule, "mcp request");
+        error_response(
+            StatusCode::FORBIDDEN,
+            code::INVALID_REQUEST,
+            format!(
+                "server {} refused by policy (interceptor)",
+                self.server_name()
+            ),
+        )
+    }
+
     async fn post(
         self: &Arc<Self>,
         parts: http::request::Parts,
         bytes: Bytes,
     ) -> Response<ProxyBody> {
+        // What is judged must be what is read: no compressed (or otherwise encoded) bodies.
+        if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING)
+            && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            self.rejected();
+            info!(content_encoding = ?encoding, "request refused: encoded body");
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code::INVALID_REQUEST,
+                format!(
+                    "Content-Encoding {encoding:?} is not accepted on MCP requests (the \
+                     interceptor reads what it judges); send the JSON uncompressed"
+                ),
+            );
+        }
         let body = match jsonrpc::parse(&bytes, self.daemon.config.proxy.max_json_depth) {
             Ok(b) => b,
             Err(e) => {
@@ -992,6 +1020,14 @@ impl Conn {
                 .map(str::to_owned),
         };
         let (policy, grant) = self.policy();
+        // Responses to the server's requests have no method to judge (they pass, unaudited:
+        // they are no requests), but they reach the server only if it is granted (tier 1).
+        if body.messages.iter().any(|m| m.method().is_none()) {
+            let decision = policy.check_server_granted(&grant, self.server_name());
+            if !decision.allow {
+                return self.server_refused("POST (responses)", &decision);
+            }
+        }
         let decisions: Vec<Option<Decision>> = body
             .messages
             .iter()
@@ -1299,7 +1335,9 @@ impl Conn {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let uri = match format!("http://{}{pq}", server.upstream).parse::<http::Uri>() {
+        // The authority without the configured scheme: hyper's client takes the request
+        // target from this URI's path, and TLS (if any) is the pool's business.
+        let uri = match format!("http://{}{pq}", server.authority).parse::<http::Uri>() {
             Ok(u) => u,
             Err(e) => {
                 pending.settle("error", Some(code::INVALID_REQUEST));

@@ -178,6 +178,7 @@ async fn server_tls(
                         "authorization": header("authorization"),
                         "x_api_key": header("x-api-key"),
                         "method": req.method().as_str(),
+                        "target": req.uri().path_and_query().map(|p| p.as_str()),
                     });
                     if let Ok(mut f) = std::fs::OpenOptions::new()
                         .create(true)
