@@ -33,8 +33,24 @@ pub mod maps {
     /// holds it.
     pub const PROC_CHANGES: &str = "ICPT_PROC_CHANGES";
 
+    /// The proxy's listening sockets: [`crate::ListenKey`] → socket (a `SOCKHASH`). The kernel
+    /// drops a socket from it when the socket closes, so a redirect goes only to a listener
+    /// the daemon still holds: after a crash, a process that binds the freed port (any user
+    /// can) receives nothing.
+    pub const LISTEN_SOCKS: &str = "ICPT_LISTEN_SK";
+
     /// Every map the daemon pins, for status and uninstall.
-    pub const ALL: [&str; 8] = [TAGS, SERVERS, LISTENERS, SOCKS, CONNS, STATS, BLOCKS, STATE];
+    pub const ALL: [&str; 9] = [
+        TAGS,
+        SERVERS,
+        LISTENERS,
+        LISTEN_SOCKS,
+        SOCKS,
+        CONNS,
+        STATS,
+        BLOCKS,
+        STATE,
+    ];
 }
 
 /// Names of the programs in the object; also the file names of their pinned links.
@@ -66,6 +82,8 @@ pub mod capacity {
     pub const TAGS: u32 = 4096;
     pub const SERVERS: u32 = 4096;
     pub const LISTENERS: u32 = 1024;
+    /// Two sockets (IPv4, IPv6) per listener.
+    pub const LISTEN_SOCKS: u32 = 2 * LISTENERS;
     pub const SOCKS: u32 = 65536;
     pub const CONNS: u32 = 65536;
     pub const BLOCKS: u32 = 4096;
@@ -190,6 +208,17 @@ pub struct Listener {
     pub _pad: u32,
 }
 
+/// Key of [`maps::LISTEN_SOCKS`]: the proxy's listening socket of one address family in one
+/// network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenKey {
+    pub netns_cookie: u64,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+    pub _pad: u32,
+}
+
 /// What the kernel knows about one redirected connection, captured in `connect*` — the only hook
 /// that runs in the connecting process's context.
 #[repr(C)]
@@ -301,6 +330,7 @@ const _: () = assert!(core::mem::size_of::<Addr>() == 20);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnRecord>() == 96);
 const _: () = assert!(core::mem::size_of::<Listener>() == 8);
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 16);
 const _: () = assert!(core::mem::size_of::<TagValue>() == 8 + TAG_PATH_MAX);
 const _: () = assert!(core::mem::size_of::<BlockKey>() == 16);
 const _: () = assert!(core::mem::size_of::<BlockValue>() == 16 + 2 * BLOCK_TEXT);
@@ -317,6 +347,7 @@ mod user {
     unsafe impl aya::Pod for TagValue {}
     unsafe impl aya::Pod for ServerValue {}
     unsafe impl aya::Pod for Listener {}
+    unsafe impl aya::Pod for ListenKey {}
     unsafe impl aya::Pod for ConnRecord {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for BlockKey {}

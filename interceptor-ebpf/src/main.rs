@@ -31,16 +31,18 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_set_retval,
+            bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_set_retval,
+            bpf_sk_release,
         },
     },
     macros::{cgroup_sock_addr, map, raw_tracepoint, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{RawTracePointContext, SockAddrContext, SockOpsContext},
 };
 use interceptor_common::{
-    AF_INET, AF_INET6, Addr, BlockKey, BlockValue, ConnRecord, Listener, MAX_CGROUP_DEPTH,
-    ServerValue, State, TagValue, TupleKey, V4_MAPPED_WORD, block, capacity, stats,
+    AF_INET, AF_INET6, Addr, BlockKey, BlockValue, ConnRecord, ListenKey, Listener,
+    MAX_CGROUP_DEPTH, ServerValue, State, TagValue, TupleKey, V4_MAPPED_WORD, block, capacity,
+    stats,
 };
 
 #[map(name = "ICPT_TAGS")]
@@ -51,6 +53,9 @@ static SERVERS: HashMap<Addr, ServerValue> = HashMap::pinned(capacity::SERVERS, 
 
 #[map(name = "ICPT_LISTENERS")]
 static LISTENERS: HashMap<u64, Listener> = HashMap::pinned(capacity::LISTENERS, 0);
+
+#[map(name = "ICPT_LISTEN_SK")]
+static LISTEN_SOCKS: SockHash<ListenKey> = SockHash::pinned(capacity::LISTEN_SOCKS, 0);
 
 #[map(name = "ICPT_SOCKS")]
 static SOCKS: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(capacity::SOCKS, 0);
@@ -211,6 +216,30 @@ fn caller_blocks() -> u32 {
     flags
 }
 
+/// Whether the daemon still holds its listening socket of `family` in the namespace. Its
+/// port alone proves nothing once the daemon is gone: any process may bind it then.
+#[inline(always)]
+fn daemon_listens(netns_cookie: u64, family: u32) -> bool {
+    let key = ListenKey {
+        netns_cookie,
+        family,
+        _pad: 0,
+    };
+    // SAFETY: a map lookup with a pointer to a key on the stack; a socket map hands out a
+    // referenced socket (or null), released at once: only its presence matters.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            core::ptr::from_ref(&LISTEN_SOCKS).cast_mut().cast(),
+            core::ptr::from_ref(&key).cast(),
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
+}
+
 /// Global switches (userspace keeps the block counts so the common case skips the lookups).
 #[inline(always)]
 fn state() -> State {
@@ -285,7 +314,9 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     } else {
         listener.port4
     };
-    if proxy_port == 0 {
+    if proxy_port == 0
+        || !daemon_listens(netns_cookie, if v6 && !mapped { AF_INET6 } else { AF_INET })
+    {
         return refuse(stats::REFUSED_NO_LISTENER);
     }
 

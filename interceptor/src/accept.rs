@@ -114,6 +114,9 @@ impl Proxy {
         self,
         daemon: &Arc<Daemon>,
     ) -> io::Result<impl Future<Output = ()> + Send + 'static> {
+        daemon
+            .kernel
+            .register_listen_sockets(self.netns_cookie, &self.listeners)?;
         let mut accepting = Vec::with_capacity(self.listeners.len());
         for listener in self.listeners {
             // Every accepted connection has the listener's port as its own (no getsockname

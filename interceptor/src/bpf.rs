@@ -10,14 +10,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
 use interceptor_common::{
-    BlockKey, BlockValue, ConnRecord, Listener, ServerValue, State, TagValue, TupleKey,
+    BlockKey, BlockValue, ConnRecord, ListenKey, Listener, ServerValue, State, TagValue, TupleKey,
     maps as names, programs, stats,
 };
 use serde::Serialize;
@@ -111,6 +111,8 @@ pub struct Kernel {
     pub tags: Mutex<HashMap<MapData, u64, TagValue>>,
     pub servers: Mutex<HashMap<MapData, interceptor_common::Addr, ServerValue>>,
     pub listeners: Mutex<HashMap<MapData, u64, Listener>>,
+    /// The proxy's listening sockets; the kernel redirects only to one that is in here.
+    listen_socks: Mutex<SockHash<MapData, ListenKey>>,
     pub conns: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
     pub blocks: Mutex<HashMap<MapData, BlockKey, BlockValue>>,
     pub state: Mutex<Array<MapData, State>>,
@@ -184,6 +186,7 @@ impl Kernel {
         let tags = take(names::TAGS)?;
         let servers = take(names::SERVERS)?;
         let listeners = take(names::LISTENERS)?;
+        let listen_socks = take(names::LISTEN_SOCKS)?;
         let conns = take(names::CONNS)?;
         let stats_map = take(names::STATS)?;
         let blocks = take(names::BLOCKS)?;
@@ -196,6 +199,9 @@ impl Kernel {
             tags: Mutex::new(HashMap::try_from(tags).map_err(map_err(names::TAGS))?),
             servers: Mutex::new(HashMap::try_from(servers).map_err(map_err(names::SERVERS))?),
             listeners: Mutex::new(HashMap::try_from(listeners).map_err(map_err(names::LISTENERS))?),
+            listen_socks: Mutex::new(
+                SockHash::try_from(listen_socks).map_err(map_err(names::LISTEN_SOCKS))?,
+            ),
             conns: Mutex::new(HashMap::try_from(conns).map_err(map_err(names::CONNS))?),
             blocks: Mutex::new(HashMap::try_from(blocks).map_err(map_err(names::BLOCKS))?),
             state: Mutex::new(Array::try_from(state).map_err(map_err(names::STATE))?),
@@ -234,6 +240,11 @@ impl Kernel {
                 capacity::LISTENERS,
             ),
             (
+                names::LISTEN_SOCKS,
+                lock(&self.listen_socks).keys().count(),
+                capacity::LISTEN_SOCKS,
+            ),
+            (
                 names::CONNS,
                 lock(&self.conns).keys().count(),
                 capacity::CONNS,
@@ -258,6 +269,36 @@ impl Kernel {
         let map = self.proc_changes.as_ref()?;
         map.get(&(tgid % interceptor_common::capacity::PROC_SLOTS), 0)
             .ok()
+    }
+
+    /// Registers the proxy's listening sockets of the namespace `netns_cookie`: until then (and
+    /// once they close: the kernel drops them) its tagged MCP connects are refused.
+    pub fn register_listen_sockets(
+        &self,
+        netns_cookie: u64,
+        sockets: &[socket2::Socket],
+    ) -> io::Result<()> {
+        let mut map = lock(&self.listen_socks);
+        for socket in sockets {
+            let v6 = socket.local_addr()?.is_ipv6();
+            let key = ListenKey {
+                netns_cookie,
+                family: if v6 {
+                    interceptor_common::AF_INET6
+                } else {
+                    interceptor_common::AF_INET
+                },
+                _pad: 0,
+            };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+            map.insert(key, fd, 0).map_err(|e| {
+                io::Error::other(format!(
+                    "cannot register a proxy listener with the kernel ({}): {e}",
+                    names::LISTEN_SOCKS
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     /// Takes (reads and removes) the record of the connection `key`.

@@ -239,6 +239,20 @@ fn without_a_listener_tagged_connects_fail_closed_and_a_restart_readopts() {
         "a tagged connection must never go direct"
     );
     assert_eq!(w.upstream.count(), 0);
+    // Whoever binds the freed proxy port meanwhile (any user may) receives nothing: the kernel
+    // redirects only to the daemon's own listening socket.
+    {
+        let squatter = std::net::TcpListener::bind(("127.0.0.1", w.env.port))
+            .expect("the crashed daemon's port is free");
+        squatter.set_nonblocking(true).expect("non-blocking");
+        let r = run_client(PROBE, &agents, &dialed);
+        assert_eq!(r.errno, Some(ECONNREFUSED), "{r:?}");
+        assert_eq!(
+            squatter.accept().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "a tagged connection reached a listener that is not the daemon's"
+        );
+    }
 
     // Restart: the same links are re-adopted (no second attachment) and traffic flows again.
     w.env.start_daemon();
