@@ -166,6 +166,14 @@ fn whole_seconds(t: SystemTime) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
+/// Sleeps until `t` (at once if it passed): tests of expiry, which is whole seconds.
+#[cfg(test)]
+pub(crate) fn sleep_until(t: SystemTime) {
+    if let Ok(d) = t.duration_since(SystemTime::now()) {
+        std::thread::sleep(d);
+    }
+}
+
 /// A minted client certificate.
 pub struct Leaf {
     pub chain: Vec<CertificateDer<'static>>,
@@ -561,13 +569,6 @@ mod tests {
         assert_eq!(leaf.not_after, stated);
         assert!(stated >= before + Duration::from_secs(2));
         assert!(stated < SystemTime::now() + Duration::from_secs(3));
-    }
-
-    /// Sleeps until `t` (at once if it passed).
-    fn sleep_until(t: SystemTime) {
-        if let Ok(d) = t.duration_since(SystemTime::now()) {
-            std::thread::sleep(d);
-        }
     }
 
     #[test]

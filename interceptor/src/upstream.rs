@@ -691,11 +691,12 @@ mod tests {
             ids
         };
         up.client(Some(&ca), Some("spiffe://x/a")).unwrap();
-        std::thread::sleep(Duration::from_millis(800));
+        let gone = ca.leaf("spiffe://x/a").unwrap().not_after;
+        crate::ca::sleep_until(gone - Duration::from_millis(1500));
         up.client(Some(&ca), Some("spiffe://x/b")).unwrap();
         assert_eq!(workloads(&up), ["spiffe://x/a", "spiffe://x/b"]);
         // a's certificate expired; b's is due for renewal but still valid: its pools stay.
-        std::thread::sleep(Duration::from_millis(1400));
+        crate::ca::sleep_until(gone + Duration::from_millis(50));
         up.client(Some(&ca), Some("spiffe://x/c")).unwrap();
         assert_eq!(workloads(&up), ["spiffe://x/b", "spiffe://x/c"]);
     }
