@@ -258,8 +258,14 @@ pub mod block {
     pub const UID: u32 = 2;
     /// A process (tgid).
     pub const PID: u32 = 3;
-    /// A workload id (by hash; enforced by the proxy only: the kernel cannot compute it).
+    /// A workload id (by hash) whose template the kernel cannot match: enforced by the proxy
+    /// only.
     pub const WORKLOAD: u32 = 4;
+    /// A workload id read back into its process's own cgroup (id): the template is built from
+    /// the cgroup path only (and what follows from it).
+    pub const WORKLOAD_CGROUP: u32 = 5;
+    /// A workload id read back into its process's own cgroup (id) and uid (`aux`).
+    pub const WORKLOAD_CGROUP_UID: u32 = 6;
 
     /// Flag: MCP connections are refused.
     pub const MCP: u32 = 1;
@@ -273,7 +279,8 @@ pub mod block {
 pub struct BlockKey {
     /// One of [`block`]'s kinds.
     pub kind: u32,
-    pub _pad: u32,
+    /// The uid for [`block::WORKLOAD_CGROUP_UID`]; 0 otherwise.
+    pub aux: u32,
     pub id: u64,
 }
 

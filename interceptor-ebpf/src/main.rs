@@ -189,8 +189,8 @@ fn caller_is_tagged() -> bool {
 }
 
 #[inline(always)]
-fn block_flags(kind: u32, id: u64) -> u32 {
-    let key = BlockKey { kind, _pad: 0, id };
+fn block_flags(kind: u32, aux: u32, id: u64) -> u32 {
+    let key = BlockKey { kind, aux, id };
     match BLOCKS.get_ptr(key) {
         // SAFETY: a map value pointer, valid for this call.
         Some(v) => unsafe { (*v).flags },
@@ -198,20 +198,25 @@ fn block_flags(kind: u32, id: u64) -> u32 {
     }
 }
 
-/// The block flags that apply to the caller: its cgroup or an ancestor, its uid, its process.
+/// The block flags that apply to the caller: its cgroup or an ancestor, its uid, its process,
+/// its workload (own cgroup, and uid).
 #[inline(always)]
 fn caller_blocks() -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid = bpf_get_current_uid_gid() as u32;
-    let mut flags =
-        block_flags(block::UID, u64::from(uid)) | block_flags(block::PID, pid_tgid >> 32);
+    // SAFETY: helper without arguments.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    let mut flags = block_flags(block::UID, 0, u64::from(uid))
+        | block_flags(block::PID, 0, pid_tgid >> 32)
+        | block_flags(block::WORKLOAD_CGROUP, 0, own)
+        | block_flags(block::WORKLOAD_CGROUP_UID, uid, own);
     for level in 0..MAX_CGROUP_DEPTH {
         // SAFETY: helper call with a plain integer.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
             break;
         }
-        flags |= block_flags(block::CGROUP, id);
+        flags |= block_flags(block::CGROUP, 0, id);
     }
     flags
 }

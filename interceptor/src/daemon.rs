@@ -434,7 +434,7 @@ impl Daemon {
         all_egress: bool,
         by: &str,
     ) -> Result<(Revocation, usize), String> {
-        let (selector, key) = selector.key(&self.hierarchy)?;
+        let (selector, key) = selector.key(&self.hierarchy, &self.config.naming)?;
         // The label is how the revocation is rebuilt after a restart: it must fit whole.
         if selector.label().len() > interceptor_common::BLOCK_TEXT {
             return Err(format!(
@@ -456,6 +456,7 @@ impl Daemon {
                 reason.to_owned()
             },
             since: crate::ca::unix_now(),
+            enforced_by: crate::revoke::enforced_by(&key),
             key,
         };
         lock(&self.kernel.blocks)
@@ -489,7 +490,11 @@ impl Daemon {
         let selector = selector.normalized()?;
         // Found by what was revoked, not only by the current key: a revoked cgroup may have
         // been removed, or re-created at its path (another id), since.
-        let current = selector.clone().key(&self.hierarchy).ok().map(|(_, k)| k);
+        let current = selector
+            .clone()
+            .key(&self.hierarchy, &self.config.naming)
+            .ok()
+            .map(|(_, k)| k);
         let removed: Vec<BlockKey> = {
             let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
             let (gone, kept) = std::mem::take(&mut *list)
@@ -545,10 +550,7 @@ impl Daemon {
     /// Tells the programs how many blocks exist (0 lets them skip the lookups).
     fn sync_block_state(&self) -> Result<(), String> {
         let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
-        let kernel: Vec<&Revocation> = list
-            .iter()
-            .filter(|r| !matches!(r.selector, Selector::WorkloadId(_)))
-            .collect();
+        let kernel: Vec<&Revocation> = list.iter().filter(|r| r.in_kernel()).collect();
         let (daemon_tgid, daemon_cgroup) = if self.draining_or_stopped() {
             (0, 0)
         } else {

@@ -529,8 +529,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             println!(
-                "revoked {} ({}); {} live connection(s) closed",
-                r["revocation"]["selector"], r["revocation"]["reason"], r["closed_connections"]
+                "revoked {} ({}); {} live connection(s) closed; new connects refused by the {}",
+                r["revocation"]["selector"],
+                r["revocation"]["reason"],
+                r["closed_connections"],
+                r["revocation"]["enforced_by"].as_str().unwrap_or("proxy"),
             );
             Ok(())
         }
@@ -959,7 +962,7 @@ fn print_status(s: &Value) {
     }
     for r in revs {
         println!(
-            "  {}{} since {}: {}",
+            "  {}{} since {} (enforced by the {}): {}",
             r["selector"],
             if r["all_egress"] == Value::Bool(true) {
                 " (all egress)"
@@ -967,6 +970,7 @@ fn print_status(s: &Value) {
                 ""
             },
             r["since"],
+            str_of(&r["enforced_by"]),
             str_of(&r["reason"])
         );
     }

@@ -1,8 +1,9 @@
 //! Revocation, the kill switch: by cgroup (and its descendants), process, uid or workload id.
 //!
 //! A revocation is a row in the pinned `ICPT_BLOCKS` map, so it survives restarts and the kernel
-//! enforces it at `connect()` (cgroup, pid, uid; a workload id is something only the proxy can
-//! compute, so the proxy enforces those). The daemon also closes every live connection of a
+//! enforces it at `connect()` (cgroup, pid, uid, and a workload id read back into its cgroup and
+//! uid where the template allows; other workload ids only the proxy can compute, so the proxy
+//! enforces those). The daemon also closes every live connection of a
 //! matching identity, answering in-flight requests with an error that names the revocation.
 
 use interceptor_common::{BlockKey, BlockValue, block};
@@ -56,9 +57,15 @@ impl Selector {
         })
     }
 
-    /// Normalises the selector and computes its map key.
-    pub fn key(self, hierarchy: &Hierarchy) -> Result<(Self, BlockKey), String> {
-        let key = |kind, id| BlockKey { kind, _pad: 0, id };
+    /// Normalises the selector and computes its map key. A workload id gets a key the kernel
+    /// matches (its process's own cgroup, and uid) when the template is built from those and
+    /// the cgroup exists; otherwise a hash only the proxy acts on.
+    pub fn key(
+        self,
+        hierarchy: &Hierarchy,
+        naming: &config::Naming,
+    ) -> Result<(Self, BlockKey), String> {
+        let key = |kind, id| BlockKey { kind, aux: 0, id };
         Ok(match self.normalized()? {
             Selector::Cgroup(p) => {
                 let id = hierarchy.id(&p).map_err(|e| e.to_string())?;
@@ -69,6 +76,24 @@ impl Selector {
             Selector::WorkloadId(w) => {
                 if w.is_empty() {
                     return Err("empty workload id".into());
+                }
+                let in_kernel = crate::workload::kernel_match(
+                    &naming.template,
+                    &naming.trust_domain,
+                    &naming.node,
+                    &w,
+                )
+                .and_then(|m| Some((hierarchy.id(&m.cgroup_path).ok()?, m.uid)));
+                if let Some((cgroup_id, uid)) = in_kernel {
+                    let k = match uid {
+                        Some(uid) => BlockKey {
+                            kind: block::WORKLOAD_CGROUP_UID,
+                            aux: uid,
+                            id: cgroup_id,
+                        },
+                        None => key(block::WORKLOAD_CGROUP, cgroup_id),
+                    };
+                    return Ok((Selector::WorkloadId(w), k));
                 }
                 let digest = Sha256::digest(w.as_bytes());
                 let mut id = [0u8; 8];
@@ -104,11 +129,28 @@ pub struct Revocation {
     pub reason: String,
     /// Unix time it was made.
     pub since: u64,
+    /// `kernel` (connects refused at `connect()`, and the proxy) or `proxy` (a workload id
+    /// whose template the kernel cannot match, or whose cgroup did not exist when revoked).
+    pub enforced_by: &'static str,
     #[serde(skip)]
     pub key: BlockKey,
 }
 
+/// [`Revocation::enforced_by`] for a row keyed `key`.
+pub fn enforced_by(key: &BlockKey) -> &'static str {
+    if key.kind == block::WORKLOAD {
+        "proxy"
+    } else {
+        "kernel"
+    }
+}
+
 impl Revocation {
+    /// Whether the kernel refuses the revoked identity's connects.
+    pub fn in_kernel(&self) -> bool {
+        self.key.kind != block::WORKLOAD
+    }
+
     /// Rebuilds a revocation from its map row (at start).
     pub fn from_row(key: BlockKey, value: &BlockValue) -> Option<Self> {
         Some(Self {
@@ -116,6 +158,7 @@ impl Revocation {
             all_egress: value.flags & block::ALL_EGRESS != 0,
             reason: value.reason().to_owned(),
             since: value.since,
+            enforced_by: enforced_by(&key),
             key,
         })
     }

@@ -60,6 +60,8 @@ pub fn placement(cgroup: &str) -> Placement {
             .into_iter()
             .find_map(|(prefix, rt)| s.strip_prefix(prefix).map(|id| (id, rt)))
         });
+        // CRI-O under the cgroupfs driver: "crio-<id>" without ".scope".
+        let scoped = scoped.or_else(|| seg.strip_prefix("crio-").map(|id| (id, "crio")));
         match scoped {
             Some((id, rt)) if is_container_id(id) => {
                 p.container = Some(id.to_owned());
@@ -187,6 +189,97 @@ pub fn render(template: &str, f: &Fields<'_>) -> String {
         .replace("{pod}", &encode(f.pod, false))
 }
 
+/// What the kernel can match a workload id on: its process's own cgroup and, when the
+/// template names it, its uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelMatch {
+    /// Relative to the cgroup v2 mount.
+    pub cgroup_path: String,
+    pub uid: Option<u32>,
+}
+
+/// Reads workload id `id` back into what the kernel can match, when `template` is built from
+/// the cgroup path (and the uid) alone: `{trust_domain}`, `{node}`, `{cgroup_path}`, `{uid}`,
+/// and `{container}` / `{pod}`, which follow from the cgroup path. `None` when the template
+/// needs what the kernel is not told (`{gid}` is, but not `{exe}` or `{comm}`; kept to the
+/// cgroup path and uid), lacks `{cgroup_path}`, or does not render `id` at all. Every reading
+/// is checked by rendering it again: only a cgroup and uid whose processes have exactly this
+/// workload id are returned.
+pub fn kernel_match(
+    template: &str,
+    trust_domain: &str,
+    node: &str,
+    id: &str,
+) -> Option<KernelMatch> {
+    let mut pattern = String::from("^");
+    // Which placeholder each capture group is.
+    let mut groups: Vec<&str> = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        pattern.push_str(&regex::escape(&rest[..open]));
+        let close = rest[open..].find('}')? + open;
+        let name = &rest[open + 1..close];
+        match name {
+            "trust_domain" => pattern.push_str(&regex::escape(&encode(trust_domain, false))),
+            "node" => pattern.push_str(&regex::escape(&encode(node, false))),
+            "cgroup_path" => {
+                pattern.push_str("([A-Za-z0-9._/%-]*)");
+                groups.push(name);
+            }
+            "uid" => {
+                pattern.push_str("([0-9]+)");
+                groups.push(name);
+            }
+            "container" | "pod" => pattern.push_str("[A-Za-z0-9._%-]*"),
+            _ => return None,
+        }
+        rest = &rest[close + 1..];
+    }
+    pattern.push_str(&regex::escape(rest));
+    pattern.push('$');
+    let caps = regex::Regex::new(&pattern).ok()?.captures(id)?;
+    let captured = |which: &str| {
+        let i = groups.iter().position(|g| *g == which)?;
+        caps.get(i + 1).map(|m| m.as_str())
+    };
+    let cgroup_path = decode(captured("cgroup_path")?)?;
+    let uid = match captured("uid") {
+        Some(u) => Some(u.parse().ok()?),
+        None => None,
+    };
+    let placement = placement(&cgroup_path);
+    let again = render(
+        template,
+        &Fields {
+            trust_domain,
+            node,
+            cgroup_path: &cgroup_path,
+            uid: uid.unwrap_or(0),
+            gid: 0,
+            exe: "",
+            comm: "",
+            container: placement.container.as_deref().unwrap_or(""),
+            pod: placement.pod.as_deref().unwrap_or(""),
+        },
+    );
+    (again == id).then_some(KernelMatch { cgroup_path, uid })
+}
+
+/// Undoes [`encode`]'s percent-encoding.
+fn decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// This host's name (for `node = ""`).
 pub fn host_name() -> String {
     nix::unistd::gethostname()
@@ -210,6 +303,78 @@ mod tests {
         Option<&'static str>,
         Option<&'static str>,
     );
+
+    #[test]
+    fn workload_ids_are_read_back_for_the_kernel_when_the_template_allows() {
+        let id = |cgroup: &str, uid: u32, t: &str| {
+            let p = placement(cgroup);
+            render(
+                t,
+                &Fields {
+                    trust_domain: "example.org",
+                    node: "n 1",
+                    cgroup_path: cgroup,
+                    uid,
+                    gid: 7,
+                    exe: "/bin/agent",
+                    comm: "agent",
+                    container: p.container.as_deref().unwrap_or(""),
+                    pod: p.pod.as_deref().unwrap_or(""),
+                },
+            )
+        };
+        let read = |t: &str, w: &str| kernel_match(t, "example.org", "n 1", w);
+        let pod_cgroup = format!("/kubepods/pod{POD}/{ID}");
+        for (cgroup, uid) in [
+            ("/agents/a", 1000),
+            ("/agents/with space/uid/5", 0),
+            (pod_cgroup.as_str(), 65534),
+        ] {
+            let w = id(cgroup, uid, DEFAULT_TEMPLATE);
+            assert_eq!(
+                read(DEFAULT_TEMPLATE, &w),
+                Some(KernelMatch {
+                    cgroup_path: cgroup.to_owned(),
+                    uid: Some(uid)
+                }),
+                "{w}"
+            );
+        }
+        // Without the uid; with what follows from the cgroup path.
+        let t = "spiffe://{trust_domain}/pod/{pod}/c/{container}{cgroup_path}";
+        assert_eq!(
+            read(t, &id(&pod_cgroup, 3, t)),
+            Some(KernelMatch {
+                cgroup_path: pod_cgroup.clone(),
+                uid: None
+            })
+        );
+        // A pod that does not follow from the cgroup read back: not this template's id.
+        let forged = id(&pod_cgroup, 3, t).replacen(
+            &format!("/pod/{POD}/"),
+            "/pod/00000000-0000-0000-0000-000000000000/",
+            1,
+        );
+        assert_ne!(forged, id(&pod_cgroup, 3, t));
+        assert_eq!(read(t, &forged), None);
+        // What the kernel is not told, or no cgroup path: the proxy's alone.
+        for t in [
+            "spiffe://{trust_domain}/exe{exe}{cgroup_path}",
+            "spiffe://{trust_domain}/{comm}{cgroup_path}",
+            "spiffe://{trust_domain}/uid/{uid}",
+        ] {
+            assert_eq!(read(t, &id("/agents/a", 1, t)), None, "{t}");
+        }
+        // Another trust domain or node, or garbage.
+        assert_eq!(
+            read(
+                DEFAULT_TEMPLATE,
+                &id("/a", 1, DEFAULT_TEMPLATE).replace("example.org", "x.org")
+            ),
+            None
+        );
+        assert_eq!(read(DEFAULT_TEMPLATE, "spiffe://nope"), None);
+    }
 
     #[test]
     fn real_world_cgroup_shapes() {
@@ -261,6 +426,14 @@ mod tests {
                 Some("crio"),
                 Some(POD),
                 Some("besteffort"),
+            ),
+            (
+                // CRI-O with the cgroupfs driver.
+                format!("/kubepods/burstable/pod{POD}/crio-{ID}"),
+                Some(ID),
+                Some("crio"),
+                Some(POD),
+                Some("burstable"),
             ),
             (
                 format!("/kubepods.slice/kubepods-pod{pod_us}.slice/cri-containerd-{ID}.scope"),

@@ -441,6 +441,32 @@ pub fn run_client(probe: &str, cgroup_dir: &Path, addr: &str) -> ClientResult {
     parse_client(run_in_cgroup(cgroup_dir, probe, &[addr]))
 }
 
+/// Like [`run_client`], as user and group `uid` (it joins the cgroup as root first). The
+/// probe runs from a copy in a world-readable folder: the checkout may not be.
+pub fn run_client_as(probe: &str, cgroup_dir: &Path, addr: &str, uid: u32) -> ClientResult {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod temp dir");
+    let copy = dir.path().join("probe-client");
+    std::fs::copy(probe, &copy).expect("copy the probe");
+    let id = uid.to_string();
+    let copy = copy.to_string_lossy().into_owned();
+    parse_client(run_in_cgroup(
+        cgroup_dir,
+        "setpriv",
+        &[
+            "--reuid",
+            &id,
+            "--regid",
+            &id,
+            "--clear-groups",
+            &copy,
+            addr,
+        ],
+    ))
+}
+
 /// Sends the raw HTTP request `request` to `addr` from inside `cgroup_dir`.
 pub fn send_raw(probe: &str, cgroup_dir: &Path, addr: &str, request: &[u8]) -> ClientResult {
     let file = tempfile::NamedTempFile::new().expect("temp file");

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use interceptor_tests::{
     LabelServer, McpServer, ServerSpec, TestEnv, eventually, privileged, read_stream, run_client,
-    send_raw,
+    run_client_as, send_raw,
 };
 use nix::sys::signal::Signal;
 
@@ -121,17 +121,42 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     cli_ok(&env, &["unrevoke", "--cgroup", &gone]);
     assert_eq!(env.status()["revocations"], serde_json::json!([]));
 
-    // By workload id: enforced by the proxy (connect succeeds, every request is refused).
-    let wid = format!(
-        "spiffe://interceptor.local/node/{}/cgroup{b}/uid/0",
-        hostname()
-    );
+    // By workload id: the default template is the cgroup path and uid, which the kernel
+    // matches: refused at connect().
+    let wid = |cgroup: &str| {
+        format!(
+            "spiffe://interceptor.local/node/{}/cgroup{cgroup}/uid/0",
+            hostname()
+        )
+    };
+    let out = cli_ok(&env, &["revoke", "--workload-id", &wid(&b)]);
+    assert!(out.contains("refused by the kernel"), "{out}");
+    let seen = upstream.count();
+    assert_eq!(run_client(PROBE, &dir_b, &addr).errno, Some(ECONNREFUSED));
+    assert_eq!(upstream.count(), seen);
+    // Another uid in the same cgroup is another workload.
+    let r = run_client_as(PROBE, &dir_b, &addr, 65534);
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    assert_eq!(env.status()["revocations"][0]["enforced_by"], "kernel");
+    cli_ok(&env, &["unrevoke", "--workload-id", &wid(&b)]);
+
+    // A workload whose cgroup does not exist yet is enforced by the proxy (the kernel matches
+    // cgroups by id): its connect succeeds, every request is refused.
+    let later = format!("{}/agents/later", env.root);
     cli_ok(
         &env,
-        &["revoke", "--workload-id", &wid, "--reason", "rotated"],
+        &[
+            "revoke",
+            "--workload-id",
+            &wid(&later),
+            "--reason",
+            "rotated",
+        ],
     );
+    assert_eq!(env.status()["revocations"][0]["enforced_by"], "proxy");
+    env.cgroup("agents/later");
     let seen = upstream.count();
-    let r = run_client(PROBE, &dir_b, &addr);
+    let r = run_client(PROBE, &env.dir(&later), &addr);
     assert_eq!(r.status, Some(403), "{r:?}");
     assert!(
         r.reply
@@ -141,9 +166,9 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
         "{r:?}"
     );
     assert_eq!(upstream.count(), seen);
-    cli_ok(&env, &["unrevoke", "--workload-id", &wid]);
+    cli_ok(&env, &["unrevoke", "--workload-id", &wid(&later)]);
     assert!(
-        run_client(PROBE, &dir_b, &addr)
+        run_client(PROBE, &env.dir(&later), &addr)
             .expect_reply()
             .starts_with("upstream:")
     );
