@@ -122,6 +122,8 @@ pub struct Daemon {
     pub sessions: Sessions,
     /// Live server-to-agent streams (GET streams, `subscriptions/listen`), for notifications.
     pub streams: Streams,
+    /// Streamable HTTP sessions and the identities that opened them.
+    pub bound_sessions: crate::mcp::BoundSessions,
     /// The audit log.
     pub audit: Audit,
     /// Prometheus metrics.
@@ -752,6 +754,8 @@ impl Daemon {
                     "over_limit": c.over_limit.load(Ordering::Relaxed),
                     "stall_takeovers": c.stall_takeovers.load(Ordering::Relaxed),
                     "active": c.active.load(Ordering::Relaxed),
+                    // Streamable HTTP sessions bound to the identity that opened them.
+                    "bound_sessions": self.bound_sessions.count(),
                     "relayed_bytes_up": c.relayed_up.load(Ordering::Relaxed),
                     "relayed_bytes_down": c.relayed_down.load(Ordering::Relaxed),
                     "upstream_errors": c.upstream_errors.load(Ordering::Relaxed),
@@ -900,6 +904,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         upstreams,
         ca,
         sessions: Sessions::default(),
+        bound_sessions: Default::default(),
         streams: Streams::default(),
         audit,
         metrics,

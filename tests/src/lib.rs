@@ -340,6 +340,24 @@ impl LabelServer {
 
     /// Like [`LabelServer::start`], answering each request after `delay`.
     pub fn start_slow(ip: &str, label: &'static str, delay: Duration) -> Self {
+        Self::serve(ip, delay, move |body| {
+            ("text/plain", format!("{label}:{body}").into_bytes())
+        })
+    }
+
+    /// Answers every request with `body` as `application/json` (bytes as given).
+    pub fn start_fixed(ip: &str, body: &'static [u8]) -> Self {
+        Self::serve(ip, Duration::ZERO, move |_| {
+            ("application/json", body.to_vec())
+        })
+    }
+
+    fn serve(
+        ip: &str,
+        delay: Duration,
+        answer: impl Fn(&str) -> (&'static str, Vec<u8>) + Send + Sync + 'static,
+    ) -> Self {
+        let answer = Arc::new(answer);
         let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = listener.local_addr().expect("local addr");
         let connections = Arc::new(AtomicUsize::new(0));
@@ -351,6 +369,7 @@ impl LabelServer {
                 let Ok(mut stream) = stream else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
                 let seen = seen.clone();
+                let answer = answer.clone();
                 std::thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
@@ -384,13 +403,14 @@ impl LabelServer {
                         .unwrap_or_else(|p| p.into_inner())
                         .push(body.clone());
                     std::thread::sleep(delay);
-                    let text = format!("{label}:{body}");
+                    let (content_type, reply) = answer(&body);
                     let _ = write!(
                         stream,
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                         Connection: close\r\n\r\n{text}",
-                        text.len()
+                        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n",
+                        reply.len()
                     );
+                    let _ = stream.write_all(&reply);
                 });
             }
         });
@@ -423,11 +443,21 @@ pub struct ClientResult {
     pub reply: Option<String>,
     /// HTTP status of the response.
     pub status: Option<u16>,
+    /// The response's status line and headers.
+    pub head: Option<String>,
     pub error: Option<String>,
     pub errno: Option<i32>,
 }
 
 impl ClientResult {
+    /// The value of response header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.as_deref()?.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
     /// The reply, or a panic that shows what happened instead.
     pub fn expect_reply(&self) -> &str {
         self.reply
@@ -558,6 +588,7 @@ fn parse_client(out: Output) -> ClientResult {
         peer: v["peer"].as_str().map(str::to_owned),
         reply: v["reply"].as_str().map(str::to_owned),
         status: v["status"].as_u64().map(|s| s as u16),
+        head: v["head"].as_str().map(str::to_owned),
         error: v["error"].as_str().map(str::to_owned),
         errno: v["errno"].as_i64().map(|e| e as i32),
     }

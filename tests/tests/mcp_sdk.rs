@@ -4,9 +4,12 @@
 //! handshake, the 2026-07-28 stateless protocol, the 2024-11-05 HTTP+SSE transport — and Rust
 //! (`rmcp`) over Streamable HTTP, also across SDKs.
 
-use interceptor_tests::{McpServer, ServerSpec, TestEnv, mcp_client, privileged, rmcp_client};
+use interceptor_tests::{
+    McpServer, ServerSpec, TestEnv, mcp_client, privileged, rmcp_client, send_raw,
+};
 
 const RMCP_PEER: &str = env!("CARGO_BIN_EXE_rmcp-peer");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -233,4 +236,80 @@ fn python_sdk_client_against_rust_server() {
     assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
     assert_denied(&out, "delete_note");
     assert_eq!(w.server.calls(), vec!["search"]);
+}
+
+#[test]
+fn a_session_belongs_to_the_identity_that_opened_it() {
+    if !privileged() {
+        return;
+    }
+    let w = world_with("session-owner", McpServer::start_rmcp(RMCP_PEER));
+    let addr = w.server.addr.to_string();
+    let request = |method: &str, session: Option<&str>, body: &str| {
+        let session = session
+            .map(|s| format!("Mcp-Session-Id: {s}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "{method} /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\n{session}Content-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"probe","version":"1"}}}"#;
+    let r = send_raw(PROBE, &w.readers, &addr, &request("POST", None, init));
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let session = r.header("mcp-session-id").expect("a session id").to_owned();
+    assert_eq!(w.env.status()["counters"]["proxy"]["bound_sessions"], 1);
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let r = send_raw(
+        PROBE,
+        &w.readers,
+        &addr,
+        &request("POST", Some(&session), initialized),
+    );
+    assert_eq!(r.status, Some(202), "{r:?}");
+
+    // Another identity (granted the same server) that learns the id can neither post into
+    // the session, attach to its stream, nor end it.
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+    for (method, body) in [("POST", list), ("GET", ""), ("DELETE", "")] {
+        let r = send_raw(
+            PROBE,
+            &w.writers,
+            &addr,
+            &request(method, Some(&session), body),
+        );
+        assert_eq!(r.status, Some(403), "{method}: {r:?}");
+        assert!(
+            r.reply
+                .as_deref()
+                .unwrap_or("")
+                .contains("belongs to another identity"),
+            "{method}: {r:?}"
+        );
+    }
+    // Its owner still can, and ends it; the id is then nobody's (the server forgot it too).
+    let r = send_raw(
+        PROBE,
+        &w.readers,
+        &addr,
+        &request("POST", Some(&session), list),
+    );
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let r = send_raw(
+        PROBE,
+        &w.readers,
+        &addr,
+        &request("DELETE", Some(&session), ""),
+    );
+    assert!(r.status.is_some_and(|s| (200..300).contains(&s)), "{r:?}");
+    let r = send_raw(
+        PROBE,
+        &w.writers,
+        &addr,
+        &request("POST", Some(&session), list),
+    );
+    assert_ne!(r.status, Some(403), "{r:?}");
 }

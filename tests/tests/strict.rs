@@ -28,8 +28,11 @@ struct World {
 }
 
 fn world(label: &str) -> World {
+    world_with(label, LabelServer::start("127.0.0.3", "upstream"))
+}
+
+fn world_with(label: &str, upstream: LabelServer) -> World {
     let mut env = TestEnv::new(label);
-    let upstream = LabelServer::start("127.0.0.3", "upstream");
     let agents = env.cgroup("agents");
     let binding = format!("\n[[binding]]\nrole = \"reader\"\ncgroup = \"{agents}\"\n");
     env.write_config_with(
@@ -335,5 +338,29 @@ fn an_identity_without_a_role_gets_errors_not_silence() {
     assert_eq!(
         line["authz.rule"],
         "default deny: no binding matches this identity"
+    );
+}
+
+#[test]
+fn list_results_behind_a_byte_order_mark_are_filtered_too() {
+    if !privileged() {
+        return;
+    }
+    // Python's json reads a body that starts with a UTF-8 BOM; so must the filter.
+    let w = world_with(
+        "bom",
+        LabelServer::start_fixed(
+            "127.0.0.3",
+            b"\xEF\xBB\xBF{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"search\"},{\"name\":\"delete_note\"}]}}",
+        ),
+    );
+    let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let r = send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(list, ""));
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let v: Value = serde_json::from_str(r.reply.as_deref().unwrap_or("")).expect("plain JSON");
+    assert_eq!(
+        v["result"]["tools"],
+        serde_json::json!([{"name": "search"}]),
+        "{v}"
     );
 }

@@ -41,11 +41,11 @@ use serde_json::Value;
 use tokio::{net::TcpStream, sync::mpsc};
 use tracing::{debug, info, warn};
 
-pub use self::session::{Sessions, Streams};
+pub use self::session::{BoundSessions, Sessions, Streams};
 use self::{
     headers::{check_framing, check_mcp_headers, skip_header},
     jsonrpc::{Message, RpcError, code},
-    session::{INJECT_QUEUE, LegacySession, Owner, session_key},
+    session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, session_key},
 };
 use crate::{
     audit,
@@ -54,6 +54,9 @@ use crate::{
     identity::Identity,
     policy::{Call, Decision, DenyStyle, Grant, Policy, Subject},
 };
+
+/// A UTF-8 byte order mark.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Errors carried by response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -900,6 +903,9 @@ impl Conn {
         if !decision.allow {
             return self.server_refused(method.as_str(), &decision);
         }
+        if let Some(refused) = self.foreign_session(&parts.headers) {
+            return refused;
+        }
         self.forward(
             parts,
             Bytes::new(),
@@ -924,6 +930,38 @@ impl Conn {
                 self.server_name()
             ),
         )
+    }
+
+    /// A Streamable HTTP session the request names must be the caller's own (see
+    /// [`session::BoundSessions`]); `Some` is the refusal.
+    fn foreign_session(&self, headers: &http::HeaderMap) -> Option<Response<ProxyBody>> {
+        let mut ids = headers.get_all("mcp-session-id").iter();
+        let id = ids.next()?;
+        if ids.next().is_some() {
+            self.rejected();
+            info!("request refused: repeated Mcp-Session-Id");
+            return Some(error_response(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "repeated Mcp-Session-Id header",
+            ));
+        }
+        match self
+            .daemon
+            .bound_sessions
+            .check(self.server_id, id.as_bytes(), &self.owner())
+        {
+            SessionUse::Own => None,
+            SessionUse::Foreign => {
+                self.rejected();
+                warn!("request refused: the Mcp-Session-Id belongs to another identity");
+                Some(error_response(
+                    StatusCode::FORBIDDEN,
+                    code::INVALID_REQUEST,
+                    "this session belongs to another identity",
+                ))
+            }
+        }
     }
 
     async fn post(
@@ -1003,6 +1041,9 @@ impl Conn {
                 code::INVALID_REQUEST,
                 "this session belongs to another identity",
             );
+        }
+        if let Some(refused) = self.foreign_session(&parts.headers) {
+            return refused;
         }
 
         // The wire generation, for logs: a legacy SSE session, else the negotiated header.
@@ -1330,6 +1371,10 @@ impl Conn {
             }
         };
         let from_get = parts.method == Method::GET;
+        // A session this request ends is forgotten once the upstream agrees.
+        let ending = (parts.method == Method::DELETE)
+            .then(|| parts.headers.get("mcp-session-id").cloned())
+            .flatten();
         let pq = parts
             .uri
             .path_and_query()
@@ -1463,6 +1508,16 @@ impl Conn {
             .relayed_up
             .fetch_add(up_len, Ordering::Relaxed);
         self.up.fetch_add(up_len, Ordering::Relaxed);
+        let sessions = &self.daemon.bound_sessions;
+        if let Some(id) = response.headers().get("mcp-session-id") {
+            // Named by the upstream (the answer to initialize): the caller's from now on.
+            sessions.check(self.server_id, id.as_bytes(), &self.owner());
+        }
+        if let Some(id) = ending
+            && response.status().is_success()
+        {
+            sessions.end(self.server_id, id.as_bytes());
+        }
         self.respond(response, from_get, listen || from_get, pending)
             .await
     }
@@ -1508,11 +1563,13 @@ impl Conn {
             }
         };
         // Whatever its content type says, a body that parses as JSON is filtered: a lenient
-        // client would read it as JSON too.
-        let out = match serde_json::from_slice::<Value>(&bytes) {
+        // client would read it as JSON too (also behind a UTF-8 BOM, which Python's json
+        // skips; such a body goes out re-serialised, without it).
+        let text = bytes.strip_prefix(UTF8_BOM).unwrap_or(&bytes);
+        let out = match serde_json::from_slice::<Value>(text) {
             Ok(mut v) => {
                 self.audit_response(&mut pending, &v);
-                if self.filter(&mut v) > 0 {
+                if self.filter(&mut v) > 0 || text.len() != bytes.len() {
                     Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
                 } else {
                     bytes

@@ -67,6 +67,76 @@ pub fn session_key(server_id: usize, path_and_query: &str) -> Result<String, Str
     Ok(format!("{server_id} {path}?{}", query.join("&")))
 }
 
+/// Most Streamable HTTP sessions whose owner is kept; beyond, those idle longest are forgotten
+/// (and bound again to whoever uses them next).
+#[cfg(not(test))]
+const MAX_BOUND_SESSIONS: usize = 16_384;
+#[cfg(test)]
+const MAX_BOUND_SESSIONS: usize = 8;
+
+/// Streamable HTTP sessions (`Mcp-Session-Id`) bound to the identity that opened them, so
+/// that another identity that learns a session id cannot attach to its stream, answer its
+/// server's requests or end it. A session is bound when the upstream names it (the answer to
+/// `initialize`) or, for one opened before the daemon started, at its first use; it is
+/// forgotten when it is ended (`DELETE`). Keyed by a digest of server and id (ids are the
+/// server's, of any length).
+#[derive(Default)]
+pub struct BoundSessions {
+    map: Mutex<HashMap<[u8; 32], (Owner, std::time::Instant)>>,
+}
+
+/// What [`BoundSessions::check`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionUse {
+    /// The caller's own session (or now bound to it).
+    Own,
+    /// Another identity's.
+    Foreign,
+}
+
+fn session_digest(server_id: usize, session: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update((server_id as u64).to_le_bytes());
+    h.update(session);
+    h.finalize().into()
+}
+
+impl BoundSessions {
+    /// Binds `session` to `owner` unless it is bound already; says whose it is.
+    pub fn check(&self, server_id: usize, session: &[u8], owner: &Owner) -> SessionUse {
+        let key = session_digest(server_id, session);
+        let now = std::time::Instant::now();
+        let mut map = lock(&self.map);
+        if let Some((bound, used)) = map.get_mut(&key) {
+            if bound != owner {
+                return SessionUse::Foreign;
+            }
+            *used = now;
+            return SessionUse::Own;
+        }
+        if map.len() >= MAX_BOUND_SESSIONS {
+            // Forget the eighth idle longest (amortised: not a scan per new session).
+            let mut ages: Vec<std::time::Instant> = map.values().map(|(_, t)| *t).collect();
+            ages.sort_unstable();
+            let cut = ages[MAX_BOUND_SESSIONS / 8];
+            map.retain(|_, (_, t)| *t > cut);
+        }
+        map.insert(key, (owner.clone(), now));
+        SessionUse::Own
+    }
+
+    /// Forgets `session` (ended).
+    pub fn end(&self, server_id: usize, session: &[u8]) {
+        lock(&self.map).remove(&session_digest(server_id, session));
+    }
+
+    /// Sessions bound now.
+    pub fn count(&self) -> usize {
+        lock(&self.map).len()
+    }
+}
+
 /// Live server-to-agent streams, where notifications can be injected.
 #[derive(Default)]
 pub struct Streams {
@@ -97,6 +167,46 @@ impl Streams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn owner(uid: u32) -> Owner {
+        Owner {
+            uid,
+            gid: uid,
+            cgroup_id: 7,
+            exe: Some("/usr/bin/agent".into()),
+        }
+    }
+
+    #[test]
+    fn a_session_belongs_to_whoever_it_was_bound_to() {
+        let s = BoundSessions::default();
+        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Own);
+        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Own);
+        assert_eq!(s.check(0, b"abc", &owner(2)), SessionUse::Foreign);
+        // Another server's session of the same id is another session.
+        assert_eq!(s.check(1, b"abc", &owner(2)), SessionUse::Own);
+        s.end(0, b"abc");
+        assert_eq!(s.check(0, b"abc", &owner(2)), SessionUse::Own);
+    }
+
+    #[test]
+    fn the_sessions_idle_longest_go_beyond_the_cap() {
+        let s = BoundSessions::default();
+        for i in 0..MAX_BOUND_SESSIONS {
+            s.check(0, format!("s{i}").as_bytes(), &owner(1));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // s0 was used last: it stays when room is made.
+        s.check(0, b"s0", &owner(1));
+        s.check(0, b"new", &owner(1));
+        assert!(s.count() <= MAX_BOUND_SESSIONS);
+        assert_eq!(s.check(0, b"s0", &owner(2)), SessionUse::Foreign);
+        assert_eq!(
+            s.check(0, b"s1", &owner(2)),
+            SessionUse::Own,
+            "s1 was forgotten"
+        );
+    }
 
     #[test]
     fn one_session_however_its_url_is_written() {

@@ -102,7 +102,7 @@ fn probe(addr: &str, raw: Option<Vec<u8>>) {
                 .split_whitespace()
                 .nth(1)
                 .and_then(|s| s.parse::<u16>().ok());
-            serde_json::json!({"pid": pid, "peer": peer, "status": status, "reply": body})
+            serde_json::json!({"pid": pid, "peer": peer, "status": status, "head": head, "reply": body})
         }
         Err(e) => serde_json::json!({
             "pid": pid,
