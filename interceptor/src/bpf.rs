@@ -4,6 +4,7 @@
 
 use std::{
     io,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
 };
@@ -152,7 +153,17 @@ impl Kernel {
         for name in programs::ALL {
             let pin = links_dir.join(name);
             let (link, adopted) = match adopt(&pin) {
-                Some(link) => (link, true),
+                Some(link) => {
+                    // This binary's program replaces the one the link runs (an upgrade takes
+                    // effect at restart, with no moment without a program: the kernel swaps it).
+                    if let Err(e) = replace_program(&mut ebpf, name, &pin) {
+                        warn!(program = name, error = %e,
+                            "cannot replace the program of the pinned link; it keeps running the \
+                             program of the daemon that attached it (`interceptor uninstall` \
+                             and a start attach this one)");
+                    }
+                    (link, true)
+                }
                 None => {
                     let cgroup = hierarchy.open(attach_cgroup)?;
                     (attach(&mut ebpf, name, cgroup, &pin)?, false)
@@ -339,19 +350,109 @@ fn adopt(pin: &Path) -> Option<FdLink> {
     }
 }
 
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> Error + Copy {
+    move |e| Error::Program {
+        name,
+        error: Box::new(e),
+    }
+}
+
+/// Program `name` of the object.
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, Error> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| program_error(name)(ProgramError::UnexpectedProgramType))
+}
+
+/// Loads program `name` and makes the link pinned at `pin` run it.
+fn replace_program(ebpf: &mut Ebpf, name: &'static str, pin: &Path) -> Result<(), Error> {
+    let prog_err = program_error(name);
+    let program = program(ebpf, name)?;
+    let fd = if name == programs::SOCK_OPS {
+        let p: &mut SockOps = program.try_into().map_err(prog_err)?;
+        p.load().map_err(prog_err)?;
+        p.fd().map_err(prog_err)?.as_fd().as_raw_fd()
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
+        p.load().map_err(prog_err)?;
+        p.fd().map_err(prog_err)?.as_fd().as_raw_fd()
+    };
+    update_link(pin, fd).map_err(|e| Error::Pin {
+        path: pin.to_owned(),
+        message: format!("BPF_LINK_UPDATE: {e}"),
+    })?;
+    info!(program = name, pin = %pin.display(), "program replaced in its pinned link");
+    Ok(())
+}
+
+/// `BPF_LINK_UPDATE` of the link pinned at `pin` to program `prog_fd` (aya 0.14 offers it only
+/// for XDP and TC links): the kernel swaps the program atomically.
+fn update_link(pin: &Path, prog_fd: std::os::fd::RawFd) -> io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // The `bpf_attr` members of the two commands; explicit padding, all of it zero (the kernel
+    // refuses non-zero bytes past the fields a command uses).
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    /// `bpf(cmd, attr)`, the result or the error.
+    fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a `bpf_attr` member (repr(C), zero padding) that outlives the
+        // call; the size is its own.
+        let r =
+            unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &get)?;
+    // SAFETY: a descriptor the kernel just gave us, owned from here on.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let update = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &update).map(drop)
+}
+
 fn attach(
     ebpf: &mut Ebpf,
     name: &'static str,
     cgroup: std::fs::File,
     pin: &Path,
 ) -> Result<FdLink, Error> {
-    let prog_err = |e: ProgramError| Error::Program {
-        name,
-        error: Box::new(e),
-    };
-    let program = ebpf
-        .program_mut(name)
-        .ok_or_else(|| prog_err(ProgramError::UnexpectedProgramType))?;
+    let prog_err = program_error(name);
+    let program = program(ebpf, name)?;
     // aya 0.14 on kernels >= 5.7 attaches cgroup programs as BPF links, which always coexist;
     // `Single` is the only mode the kernel accepts for links (AllowMultiple gives EINVAL).
     let link: FdLink = if name == programs::SOCK_OPS {

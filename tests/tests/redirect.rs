@@ -257,18 +257,24 @@ fn without_a_listener_tagged_connects_fail_closed_and_a_restart_readopts() {
     // Restart: the same links are re-adopted (no second attachment) and traffic flows again.
     w.env.start_daemon();
     let again = w.env.status();
-    let ids = |s: &serde_json::Value| -> Vec<u64> {
+    let ids = |s: &serde_json::Value, which: &str| -> Vec<u64> {
         s["programs"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|p| p["link_id"].as_u64().unwrap_or(0))
+            .map(|p| p[which].as_u64().unwrap_or(0))
             .collect()
     };
     assert_eq!(
-        ids(&first),
-        ids(&again),
+        ids(&first, "link_id"),
+        ids(&again, "link_id"),
         "links must be re-adopted, not re-attached"
+    );
+    // Each link now runs the restarted daemon's program (an upgrade takes effect in place).
+    let (before, after) = (ids(&first, "program_id"), ids(&again, "program_id"));
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| b != a),
+        "{before:?} → {after:?}"
     );
     assert!(
         again["programs"]
