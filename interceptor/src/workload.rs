@@ -243,6 +243,12 @@ pub fn kernel_match(
         caps.get(i + 1).map(|m| m.as_str())
     };
     let cgroup_path = decode(captured("cgroup_path")?)?;
+    // Only a path as the kernel reports a process's cgroup: an alias (`..`, `//`, a trailing
+    // `/`) of another cgroup renders a workload id no process has, and must not resolve to
+    // that cgroup.
+    if crate::config::normalize_cgroup_path(&cgroup_path).ok()? != cgroup_path {
+        return None;
+    }
     let uid = match captured("uid") {
         Some(u) => Some(u.parse().ok()?),
         None => None,
@@ -365,6 +371,26 @@ mod tests {
         ] {
             assert_eq!(read(t, &id("/agents/a", 1, t)), None, "{t}");
         }
+        // Aliases of a cgroup's path name no process's workload.
+        for alias in [
+            "/agents/a/",
+            "/agents/x/../a",
+            "/agents//a",
+            "/agents/./a",
+            "",
+        ] {
+            let w = format!("spiffe://example.org/node/n%201/cgroup{alias}/uid/1");
+            assert_eq!(read(DEFAULT_TEMPLATE, &w), None, "{w}");
+        }
+        let root = id("/", 0, DEFAULT_TEMPLATE);
+        assert_eq!(
+            read(DEFAULT_TEMPLATE, &root),
+            Some(KernelMatch {
+                cgroup_path: "/".into(),
+                uid: Some(0)
+            }),
+            "{root}"
+        );
         // Another trust domain or node, or garbage.
         assert_eq!(
             read(
