@@ -212,8 +212,15 @@ fn judge(headers: &[httparse::Header<'_>]) -> (Result<(), String>, State) {
     };
     let cls = named("content-length");
     let tes = named("transfer-encoding");
+    let plain_number = |v: &[u8]| {
+        let v = v.trim_ascii();
+        !v.is_empty() && v.iter().all(u8::is_ascii_digit)
+    };
     let verdict = if cls.len() > 1 {
         Err("more than one Content-Length header".to_owned())
+    } else if cls.first().is_some_and(|v| !plain_number(v)) {
+        // "5, 5" is a list hyper folds into one length.
+        Err("a Content-Length that is not one plain number".to_owned())
     } else if !cls.is_empty() && !tes.is_empty() {
         Err("both Content-Length and Transfer-Encoding".to_owned())
     } else if tes.len() > 1 || tes.first().is_some_and(|v| *v != b"chunked") {
@@ -357,6 +364,8 @@ mod tests {
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
         ]);
         assert!(v[0].is_err());
+        let v = verdicts(&[b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello"]);
+        assert!(v[0].as_ref().unwrap_err().contains("plain number"), "{v:?}");
         let v = verdicts(&[b"POST / HTTP/1.1\r\nTransfer-Encoding:  chunked\r\n\r\n0\r\n\r\n"]);
         assert!(v[0].is_ok(), "{v:?}");
     }

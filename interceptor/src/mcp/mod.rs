@@ -806,6 +806,17 @@ impl Conn {
         }
     }
 
+    /// Who a Streamable HTTP session belongs to: the workload (uid, gid, cgroup), not the
+    /// executable (an upgraded agent's reads "… (deleted)" until it restarts).
+    fn session_owner(&self) -> Owner {
+        Owner {
+            uid: self.identity.uid,
+            gid: self.identity.gid,
+            cgroup_id: self.identity.cgroup_id,
+            exe: None,
+        }
+    }
+
     pub(crate) fn server_name(&self) -> &str {
         &self.daemon.config.servers[self.server_id].name
     }
@@ -949,9 +960,9 @@ impl Conn {
         match self
             .daemon
             .bound_sessions
-            .check(self.server_id, id.as_bytes(), &self.owner())
+            .check(self.server_id, id.as_bytes(), &self.session_owner())
         {
-            SessionUse::Own => None,
+            SessionUse::Own | SessionUse::Unbound => None,
             SessionUse::Foreign => {
                 self.rejected();
                 warn!("request refused: the Mcp-Session-Id belongs to another identity");
@@ -970,8 +981,11 @@ impl Conn {
         bytes: Bytes,
     ) -> Response<ProxyBody> {
         // What is judged must be what is read: no compressed (or otherwise encoded) bodies.
-        if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING)
-            && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+        if let Some(encoding) = parts
+            .headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .find(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
         {
             self.rejected();
             info!(content_encoding = ?encoding, "request refused: encoded body");
@@ -1371,10 +1385,8 @@ impl Conn {
             }
         };
         let from_get = parts.method == Method::GET;
-        // A session this request ends is forgotten once the upstream agrees.
-        let ending = (parts.method == Method::DELETE)
-            .then(|| parts.headers.get("mcp-session-id").cloned())
-            .flatten();
+        let session = parts.headers.get("mcp-session-id").cloned();
+        let ending = parts.method == Method::DELETE;
         let pq = parts
             .uri
             .path_and_query()
@@ -1508,15 +1520,22 @@ impl Conn {
             .relayed_up
             .fetch_add(up_len, Ordering::Relaxed);
         self.up.fetch_add(up_len, Ordering::Relaxed);
-        let sessions = &self.daemon.bound_sessions;
-        if let Some(id) = response.headers().get("mcp-session-id") {
-            // Named by the upstream (the answer to initialize): the caller's from now on.
-            sessions.check(self.server_id, id.as_bytes(), &self.owner());
-        }
-        if let Some(id) = ending
-            && response.status().is_success()
-        {
-            sessions.end(self.server_id, id.as_bytes());
+        if response.status().is_success() {
+            let sessions = &self.daemon.bound_sessions;
+            let named = response.headers().get("mcp-session-id");
+            match (named, session) {
+                // A session this request ended is forgotten.
+                (_, Some(id)) if ending => sessions.end(self.server_id, id.as_bytes()),
+                // Named by the upstream (the answer to initialize): the caller's from now on.
+                (Some(id), _) => {
+                    sessions.bind(self.server_id, id.as_bytes(), &self.session_owner(), true)
+                }
+                // A session the upstream accepted from the caller: its, unless bound already.
+                (None, Some(id)) => {
+                    sessions.bind(self.server_id, id.as_bytes(), &self.session_owner(), false)
+                }
+                (None, None) => {}
+            }
         }
         self.respond(response, from_get, listen || from_get, pending)
             .await

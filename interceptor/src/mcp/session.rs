@@ -67,19 +67,26 @@ pub fn session_key(server_id: usize, path_and_query: &str) -> Result<String, Str
     Ok(format!("{server_id} {path}?{}", query.join("&")))
 }
 
-/// Most Streamable HTTP sessions whose owner is kept; beyond, those idle longest are forgotten
-/// (and bound again to whoever uses them next).
+/// Most Streamable HTTP sessions whose owner is kept; beyond, those idle longest are forgotten.
 #[cfg(not(test))]
-const MAX_BOUND_SESSIONS: usize = 16_384;
+const MAX_BOUND_SESSIONS: usize = 65_536;
 #[cfg(test)]
-const MAX_BOUND_SESSIONS: usize = 8;
+const MAX_BOUND_SESSIONS: usize = 16;
+/// Most sessions kept per identity: beyond, its own idle longest go, so that one identity
+/// opening sessions in a loop cannot push other identities' bindings out.
+#[cfg(not(test))]
+const MAX_SESSIONS_PER_OWNER: usize = 1024;
+#[cfg(test)]
+const MAX_SESSIONS_PER_OWNER: usize = 4;
 
-/// Streamable HTTP sessions (`Mcp-Session-Id`) bound to the identity that opened them, so
-/// that another identity that learns a session id cannot attach to its stream, answer its
-/// server's requests or end it. A session is bound when the upstream names it (the answer to
-/// `initialize`) or, for one opened before the daemon started, at its first use; it is
-/// forgotten when it is ended (`DELETE`). Keyed by a digest of server and id (ids are the
-/// server's, of any length).
+/// Streamable HTTP sessions (`Mcp-Session-Id`) bound to the identity that opened them (uid,
+/// gid, cgroup), so that another identity that learns a session id cannot attach to its
+/// stream, answer its server's requests or end it. The upstream is the authority on which
+/// sessions exist: a session is bound when an answer of the upstream names it (the answer to
+/// `initialize`), and one the daemon has not seen (opened before it started, or forgotten) is
+/// bound to the first identity whose request with it the upstream accepts. It is forgotten
+/// when it is ended (`DELETE`). Keyed by a digest of server and id (ids are the server's, of
+/// any length).
 #[derive(Default)]
 pub struct BoundSessions {
     map: Mutex<HashMap<[u8; 32], (Owner, std::time::Instant)>>,
@@ -88,10 +95,12 @@ pub struct BoundSessions {
 /// What [`BoundSessions::check`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SessionUse {
-    /// The caller's own session (or now bound to it).
+    /// The caller's own session.
     Own,
     /// Another identity's.
     Foreign,
+    /// Not bound (yet): bound to the caller once the upstream accepts the request.
+    Unbound,
 }
 
 fn session_digest(server_id: usize, session: &[u8]) -> [u8; 32] {
@@ -102,28 +111,61 @@ fn session_digest(server_id: usize, session: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Forgets the eighth of `entries` idle longest (amortised: not a scan per new session).
+fn forget_oldest(
+    map: &mut HashMap<[u8; 32], (Owner, std::time::Instant)>,
+    of: Option<&Owner>,
+    entries: usize,
+) {
+    let mine = |o: &Owner| of.is_none_or(|of| of == o);
+    let mut ages: Vec<std::time::Instant> = map
+        .values()
+        .filter(|(o, _)| mine(o))
+        .map(|(_, t)| *t)
+        .collect();
+    ages.sort_unstable();
+    if let Some(&cut) = ages.get(entries / 8) {
+        map.retain(|_, (o, t)| !mine(o) || *t > cut);
+    }
+}
+
 impl BoundSessions {
-    /// Binds `session` to `owner` unless it is bound already; says whose it is.
+    /// Whose `session` is, seen from `owner`.
     pub fn check(&self, server_id: usize, session: &[u8], owner: &Owner) -> SessionUse {
+        let key = session_digest(server_id, session);
+        match lock(&self.map).get_mut(&key) {
+            Some((bound, _)) if bound != owner => SessionUse::Foreign,
+            Some((_, used)) => {
+                *used = std::time::Instant::now();
+                SessionUse::Own
+            }
+            None => SessionUse::Unbound,
+        }
+    }
+
+    /// Binds `session` to `owner` after the upstream accepted a request of `owner` with it, or
+    /// named it in an answer to `owner`. `named`: the upstream named it (authoritative: a
+    /// binding made before is replaced); else it is bound only if it is not already.
+    pub fn bind(&self, server_id: usize, session: &[u8], owner: &Owner, named: bool) {
         let key = session_digest(server_id, session);
         let now = std::time::Instant::now();
         let mut map = lock(&self.map);
         if let Some((bound, used)) = map.get_mut(&key) {
-            if bound != owner {
-                return SessionUse::Foreign;
+            if named || bound == owner {
+                *bound = owner.clone();
+                *used = now;
             }
-            *used = now;
-            return SessionUse::Own;
+            return;
+        }
+        let own = map.values().filter(|(o, _)| o == owner).count();
+        if own >= MAX_SESSIONS_PER_OWNER {
+            forget_oldest(&mut map, Some(owner), own);
         }
         if map.len() >= MAX_BOUND_SESSIONS {
-            // Forget the eighth idle longest (amortised: not a scan per new session).
-            let mut ages: Vec<std::time::Instant> = map.values().map(|(_, t)| *t).collect();
-            ages.sort_unstable();
-            let cut = ages[MAX_BOUND_SESSIONS / 8];
-            map.retain(|_, (_, t)| *t > cut);
+            let all = map.len();
+            forget_oldest(&mut map, None, all);
         }
         map.insert(key, (owner.clone(), now));
-        SessionUse::Own
     }
 
     /// Forgets `session` (ended).
@@ -178,32 +220,53 @@ mod tests {
     }
 
     #[test]
-    fn a_session_belongs_to_whoever_it_was_bound_to() {
+    fn a_session_belongs_to_whoever_the_upstream_bound_it_to() {
         let s = BoundSessions::default();
-        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Own);
+        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Unbound);
+        s.bind(0, b"abc", &owner(1), true);
         assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Own);
         assert_eq!(s.check(0, b"abc", &owner(2)), SessionUse::Foreign);
-        // Another server's session of the same id is another session.
-        assert_eq!(s.check(1, b"abc", &owner(2)), SessionUse::Own);
-        s.end(0, b"abc");
+        // First use of a session bound already changes nothing; the upstream naming it does.
+        s.bind(0, b"abc", &owner(2), false);
+        assert_eq!(s.check(0, b"abc", &owner(2)), SessionUse::Foreign);
+        s.bind(0, b"abc", &owner(2), true);
         assert_eq!(s.check(0, b"abc", &owner(2)), SessionUse::Own);
+        // Another server's session of the same id is another session.
+        assert_eq!(s.check(1, b"abc", &owner(1)), SessionUse::Unbound);
+        s.end(0, b"abc");
+        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Unbound);
+    }
+
+    #[test]
+    fn one_identity_opening_sessions_cannot_push_out_anothers() {
+        let s = BoundSessions::default();
+        s.bind(0, b"victim", &owner(1), true);
+        for i in 0..10 * MAX_BOUND_SESSIONS {
+            s.bind(0, format!("s{i}").as_bytes(), &owner(2), true);
+        }
+        assert_eq!(s.check(0, b"victim", &owner(2)), SessionUse::Foreign);
+        assert!(s.count() <= 1 + MAX_SESSIONS_PER_OWNER);
+        // The flooding identity keeps its newest sessions.
+        let last = format!("s{}", 10 * MAX_BOUND_SESSIONS - 1);
+        assert_eq!(s.check(0, last.as_bytes(), &owner(2)), SessionUse::Own);
     }
 
     #[test]
     fn the_sessions_idle_longest_go_beyond_the_cap() {
         let s = BoundSessions::default();
         for i in 0..MAX_BOUND_SESSIONS {
-            s.check(0, format!("s{i}").as_bytes(), &owner(1));
+            // Each identity within its own cap.
+            s.bind(0, format!("s{i}").as_bytes(), &owner(i as u32), true);
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         // s0 was used last: it stays when room is made.
-        s.check(0, b"s0", &owner(1));
-        s.check(0, b"new", &owner(1));
+        assert_eq!(s.check(0, b"s0", &owner(0)), SessionUse::Own);
+        s.bind(0, b"new", &owner(99), true);
         assert!(s.count() <= MAX_BOUND_SESSIONS);
-        assert_eq!(s.check(0, b"s0", &owner(2)), SessionUse::Foreign);
+        assert_eq!(s.check(0, b"s0", &owner(1)), SessionUse::Foreign);
         assert_eq!(
             s.check(0, b"s1", &owner(2)),
-            SessionUse::Own,
+            SessionUse::Unbound,
             "s1 was forgotten"
         );
     }

@@ -53,7 +53,12 @@ pub struct Parser {
     scanned: usize,
     /// Largest event accepted.
     max_event: usize,
+    /// Past the stream's start (where a UTF-8 byte order mark is dropped, as the SSE spec
+    /// has clients do: an event behind it must be judged, not taken for an unknown field).
+    started: bool,
 }
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// An event grew past the parser's limit.
 #[derive(Debug, thiserror::Error)]
@@ -66,12 +71,22 @@ impl Parser {
             buf: BytesMut::new(),
             scanned: 0,
             max_event,
+            started: false,
         }
     }
 
     /// Feeds `chunk`; returns every event it completed.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Event>, TooLarge> {
         self.buf.extend_from_slice(chunk);
+        if !self.started {
+            if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) {
+                return Ok(Vec::new());
+            }
+            if self.buf.starts_with(BOM) {
+                let _ = self.buf.split_to(BOM.len());
+            }
+            self.started = true;
+        }
         let mut events = Vec::new();
         // Resume the search where the last one stopped (3 bytes back: a terminator may straddle
         // two chunks), so a large event arriving in small chunks is scanned once.
@@ -178,6 +193,23 @@ mod tests {
         let mut p = Parser::new(64);
         p.push(b"data: tail").unwrap();
         assert_eq!(p.finish().map(|e| e.data), Some("tail".to_owned()));
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_dropped() {
+        let stream = b"\xEF\xBB\xBFdata: {\"a\":1}\n\n\xEF\xBB\xBFdata: x\n\n";
+        for size in [1, 2, stream.len()] {
+            let mut p = Parser::new(1024);
+            let mut got = Vec::new();
+            for chunk in stream.chunks(size) {
+                got.extend(p.push(chunk).unwrap());
+            }
+            assert_eq!(got.len(), 2, "chunks of {size}");
+            assert_eq!(got[0].data, "{\"a\":1}");
+            assert_eq!(&got[0].raw[..], b"data: {\"a\":1}\n\n");
+            // Only at the start: later it is part of a field name.
+            assert_eq!(got[1].data, "");
+        }
     }
 
     #[test]
