@@ -809,21 +809,31 @@ impl Binding {
 }
 
 impl ArgRule {
+    /// Why the arguments fail this rule. The reason never quotes the value: it becomes the
+    /// audit event's `rule`, which is not redacted (the value is in `arguments`, redacted).
     fn check(&self, args: &Value) -> Result<(), String> {
         let Some(value) = args.pointer(&self.pointer) else {
             return Err("argument missing".into());
         };
         let Some(text) = value.as_str() else {
-            return Err(format!("argument is not a string ({value})"));
+            let kind = match value {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::Array(_) => "an array",
+                Value::Object(_) => "an object",
+                Value::String(_) => "a string",
+            };
+            return Err(format!("argument is {kind}, not a string"));
         };
         // "/srv/notes/../../etc/passwd" matches "/srv/notes/**" textually; refuse traversal.
         if text.split('/').any(|seg| seg == "..") {
-            return Err(format!("{text:?} contains a '..' segment"));
+            return Err("the value contains a '..' segment".into());
         }
         if self.allow.iter().any(|p| p.matches(text)) {
             Ok(())
         } else {
-            Err(format!("{text:?} matches no allowed value"))
+            Err("the value matches no allowed pattern".into())
         }
     }
 }
@@ -896,7 +906,6 @@ mod tests {
             Call::tool("agent-chosen-1", None),
             Call::tool("agent chosen\u{200b}1", None),
             Call::method("agent/chosen-1"),
-            Call::tool("read_file", Some(&bad_path)),
         ];
         for call in cases {
             let d = p.check(&agent(), "notes", &call);
@@ -904,6 +913,10 @@ mod tests {
             assert!(d.rule.contains("agent"), "the audit keeps it: {:?}", d.rule);
             assert!(!d.rule_label().contains("agent"), "{:?}", d.rule_label());
         }
+        // An argument value is in neither (the audit has it in the redacted arguments).
+        let d = p.check(&agent(), "notes", &Call::tool("read_file", Some(&bad_path)));
+        assert!(!d.allow);
+        assert!(!d.rule.contains("agent"), "{:?}", d.rule);
         // Rules made of policy text only label as they read.
         let d = p.check(&agent(), "notes", &Call::tool("delete_x", None));
         assert_eq!(d.rule_label(), d.rule);
@@ -1070,7 +1083,7 @@ mod tests {
                 "notes",
                 Call::tool("read_file", Some(&args_bad)),
                 false,
-                "matches no allowed value"
+                "matches no allowed pattern"
             ),
             (
                 a,
@@ -1122,6 +1135,36 @@ mod tests {
                 "role admin"
             ),
         );
+    }
+
+    #[test]
+    fn refused_argument_values_are_never_quoted_in_the_rule() {
+        // The rule goes to the audit log as is; the arguments go there redacted.
+        let p = policy(
+            r#"
+            [[role]]
+            name = "fenced"
+            servers = ["notes"]
+            allow_tools = ["login"]
+            [[role.tool_args]]
+            tool = "login"
+            pointer = "/password"
+            allow = ["guest-*"]
+
+            [[binding]]
+            role = "fenced"
+            uid = [1000]
+            "#,
+        );
+        for args in [
+            json!({"password": "hunter2"}),
+            json!({"password": {"token": "hunter2"}}),
+            json!({"password": "../hunter2"}),
+        ] {
+            let d = p.check(&agent(), "notes", &Call::tool("login", Some(&args)));
+            assert!(!d.allow, "{args}");
+            assert!(!d.rule.contains("hunter2"), "{}", d.rule);
+        }
     }
 
     #[test]
