@@ -8,6 +8,8 @@ const NIGHTLY: &str = "nightly-2026-10-29";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=PATH");
+    // aya-build watches the eBPF crate; the types it shares with the daemon live here too.
+    println!("cargo:rerun-if-changed=../interceptor-common/src");
     if which_bpf_linker().is_none() {
         bail!(
             "bpf-linker is not on PATH, so the eBPF programs cannot be built.\n\

@@ -772,8 +772,19 @@ impl Daemon {
     fn sync_servers(&self) -> Result<(), bpf::Error> {
         let mut servers = lock(&self.kernel.servers);
         let mut wanted = HashSet::new();
+        let configured: HashSet<std::net::SocketAddr> = self
+            .config
+            .servers
+            .iter()
+            .flat_map(|s| s.intercept.iter().copied())
+            .collect();
         for (id, server) in self.config.servers.iter().enumerate() {
-            for &addr in &server.intercept {
+            let aliases = server
+                .intercept
+                .iter()
+                .filter_map(|a| unspecified_alias(*a))
+                .filter(|a| !configured.contains(a));
+            for addr in server.intercept.iter().copied().chain(aliases) {
                 let key = Addr::from(addr);
                 wanted.insert(key);
                 servers
@@ -816,6 +827,19 @@ impl Daemon {
     fn unregister_listener(&self) {
         let _ = lock(&self.kernel.listeners).remove(&self.netns_cookie);
     }
+}
+
+/// The address that reaches `addr` without naming it: a connect to `0.0.0.0:P` goes to
+/// `127.0.0.1:P`, one to `[::]:P` to `[::1]:P` (the kernel fills in loopback). Intercepted
+/// too, or dialing the unspecified address would pass a loopback server's interception by.
+fn unspecified_alias(addr: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, addr.port()))
 }
 
 /// Below this many open files the daemon warns that it may run out of descriptors.

@@ -174,11 +174,16 @@ fn ipv6_and_v4_mapped_destinations_are_intercepted() {
     let upstream = LabelServer::start("127.0.0.3", "upstream");
     let direct6 = LabelServer::start("::1", "direct6");
     let direct4 = LabelServer::start("127.0.0.2", "direct4");
+    let local = LabelServer::start("127.0.0.1", "local");
     let agents = env.cgroup("agents");
     env.write_config(
         &[ServerSpec {
             name: "notes".into(),
-            intercept: vec![direct6.addr.to_string(), direct4.addr.to_string()],
+            intercept: vec![
+                direct6.addr.to_string(),
+                direct4.addr.to_string(),
+                local.addr.to_string(),
+            ],
             upstream: upstream.addr.to_string(),
         }],
         &[&agents],
@@ -208,8 +213,17 @@ fn ipv6_and_v4_mapped_destinations_are_intercepted() {
     });
     assert_eq!(line["dst.original"], direct4.addr.to_string());
 
-    assert_eq!(direct6.count() + direct4.count(), 0);
-    assert_eq!(upstream.count(), 2);
+    // The unspecified address reaches loopback (the kernel fills it in): intercepted like the
+    // loopback address it stands for.
+    for dialed in [
+        format!("0.0.0.0:{}", local.addr.port()),
+        format!("[::]:{}", direct6.addr.port()),
+    ] {
+        let r = run_client(PROBE, &dir, &dialed);
+        assert!(r.expect_reply().starts_with("upstream:"), "{dialed}: {r:?}");
+    }
+    assert_eq!(direct6.count() + direct4.count() + local.count(), 0);
+    assert_eq!(upstream.count(), 4);
 }
 
 #[test]

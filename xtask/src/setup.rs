@@ -44,10 +44,15 @@ fn step(n: usize, what: &str, outcome: &str) {
     eprintln!("[setup {n}/5] {what}: {outcome}");
 }
 
-/// Commands the tests and the demo run (network namespaces, h2c, sysctl), and the Debian
-/// packages that provide them.
-const SYSTEM_TOOLS: [(&str, &str); 3] =
-    [("ip", "iproute2"), ("curl", "curl"), ("sysctl", "procps")];
+/// Commands the tests and the demo run (network namespaces, h2c, sysctl, an organisation's CA
+/// made the usual way, dropping privileges), and the Debian packages that provide them.
+const SYSTEM_TOOLS: [(&str, &str); 5] = [
+    ("ip", "iproute2"),
+    ("curl", "curl"),
+    ("sysctl", "procps"),
+    ("openssl", "openssl"),
+    ("setpriv", "util-linux"),
+];
 
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH")
@@ -65,7 +70,7 @@ fn ensure_system_tools() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        step(5, "system tools (ip, curl, sysctl)", "present");
+        step(5, "system tools (ip, curl, sysctl, openssl, setpriv)", "present");
         return Ok(());
     }
     step(
@@ -74,7 +79,7 @@ fn ensure_system_tools() -> Result<()> {
         &format!("installing {}", missing.join(" ")),
     );
     output(Command::new("apt-get").arg("update").arg("-q"))
-        .context("apt-get update failed; install iproute2, curl and procps by hand")?;
+        .with_context(|| format!("apt-get update failed; install {} by hand", missing.join(" ")))?;
     output(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
