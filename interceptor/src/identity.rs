@@ -214,9 +214,19 @@ impl ProcCache {
         changes: impl Fn(u32) -> Option<u64>,
         cgroup_id: impl Fn(&str) -> Option<u64>,
     ) -> ProcFacts {
+        // Only the cgroup the kernel saw at connect: a process that moved since (its `/proc`
+        // shows another) is judged as of no cgroup (no cgroup binding, no workload id), never
+        // as of the one it moved to.
+        let read = || {
+            let mut facts = ProcFacts::of(record, proc_root);
+            if facts.cgroup.as_deref().and_then(&cgroup_id) != Some(record.cgroup_id) {
+                facts.cgroup = None;
+            }
+            facts
+        };
         // Read before /proc: a change during the reading moves it past what is stored.
         let Some(before) = changes(record.tgid) else {
-            return ProcFacts::of(record, proc_root);
+            return read();
         };
         let key = (record.tgid, record.cgroup_id);
         {
@@ -230,11 +240,9 @@ impl ProcCache {
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let facts = ProcFacts::of(record, proc_root);
+        let facts = read();
         // Only a complete reading of a live process, in the cgroup it connected from.
-        if facts.exe.is_some()
-            && facts.cgroup.as_deref().and_then(&cgroup_id) == Some(record.cgroup_id)
-        {
+        if facts.exe.is_some() && facts.cgroup.is_some() {
             let mut entries = lock(&self.entries);
             if entries.len() >= CACHE_CAPACITY {
                 entries.retain(|_, c| c.read_at.elapsed() < CACHE_TTL);
@@ -735,7 +743,7 @@ mod tests {
     }
 
     #[test]
-    fn a_process_that_moved_after_connecting_is_read_but_not_cached() {
+    fn a_process_that_moved_after_connecting_has_no_cgroup_and_is_not_cached() {
         let root = tempfile::tempdir().unwrap();
         let mut record = record_for_self(u64::MAX / 2);
         record.tgid = 4244;
@@ -752,7 +760,10 @@ mod tests {
                 |_| Some(1),
                 |path| (path == "/agents/b").then_some(8),
             );
-            assert_eq!(id.cgroup.as_deref(), Some("/agents/b"));
+            // Not the cgroup it moved to: judged as of no cgroup (no binding matches).
+            assert_eq!(id.cgroup, None);
+            assert_eq!(id.workload_id, None);
+            assert_eq!(id.exe.as_deref(), Some("/usr/bin/agent"));
         }
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.entries), (0, 2, 0));
