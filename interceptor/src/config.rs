@@ -312,10 +312,23 @@ impl Config {
     /// pins (`tag`, `status`, `reload`, `uninstall`, …): they must work even while the rest of
     /// the file is being edited into something invalid.
     pub fn load_daemon(path: &Path) -> Result<Daemon, Error> {
-        let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
-            path: path.to_owned(),
-            error,
-        })?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            // Nothing at the default path: the built-in `[daemon]` defaults (admin socket,
+            // bpffs folder), which a daemon started from another file may well use.
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_CONFIG_PATH) =>
+            {
+                String::new()
+            }
+            Err(error) => {
+                return Err(Error::Read {
+                    path: path.to_owned(),
+                    error,
+                });
+            }
+        };
         let parse_err = |message: String| Error::Parse {
             path: path.to_owned(),
             message,

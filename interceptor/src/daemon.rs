@@ -601,7 +601,7 @@ impl Daemon {
 
     /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
     pub fn tag(&self, cgroup: &str, by: &str) -> Result<TagStatus, String> {
-        let cgroup = config::normalize_cgroup_path(cgroup)?;
+        let cgroup = self.taggable(cgroup)?;
         let id = self.hierarchy.id(&cgroup).map_err(|e| e.to_string())?;
         lock(&self.kernel.tags)
             .insert(id, TagValue::new(&cgroup), 0)
@@ -617,6 +617,62 @@ impl Daemon {
             id,
             exists: true,
         })
+    }
+
+    /// `cgroup` normalised, if it is where the programs see connections (at or below
+    /// `daemon.cgroup_root`).
+    fn taggable(&self, cgroup: &str) -> Result<String, String> {
+        let cgroup = config::normalize_cgroup_path(cgroup)?;
+        let root = &self.config.daemon.cgroup_root;
+        let below = root == "/"
+            || cgroup == *root
+            || cgroup
+                .strip_prefix(root.as_str())
+                .is_some_and(|r| r.starts_with('/'));
+        if !below {
+            return Err(format!(
+                "{cgroup} is outside daemon.cgroup_root {root}, where the programs are attached: \
+                 its connections are never seen; tag a cgroup below {root}, or attach higher \
+                 (daemon.cgroup_root)"
+            ));
+        }
+        Ok(cgroup)
+    }
+
+    /// A configured tag whose cgroup does not exist yet: kept under a key no cgroup has (so
+    /// it matches nothing) until [`Daemon::follow_tags`] finds the cgroup.
+    fn tag_pending(&self, cgroup: &str) -> Result<TagStatus, String> {
+        let cgroup = self.taggable(cgroup)?;
+        let id = pending_tag_key(&cgroup);
+        lock(&self.kernel.tags)
+            .insert(id, TagValue::new(&cgroup), 0)
+            .map_err(|e| format!("cannot tag {cgroup}: {e}"))?;
+        warn!(cgroup = %cgroup, "tagged cgroup does not exist yet; tagged once it is created");
+        Ok(TagStatus {
+            cgroup,
+            id,
+            exists: false,
+        })
+    }
+
+    /// Tags follow their cgroup's path: a tagged cgroup created (configured before it
+    /// existed) or re-created (removed and made again: a new id) is tagged under its id now.
+    pub fn follow_tags(&self) {
+        let mut tags = lock(&self.kernel.tags);
+        let moved: Vec<(u64, u64, TagValue)> = tags
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, value)| {
+                let id = self.hierarchy.id(value.path()).ok()?;
+                (id != key).then_some((key, id, value))
+            })
+            .collect();
+        for (old, id, value) in moved {
+            if tags.insert(id, value, 0).is_ok() {
+                let _ = tags.remove(&old);
+                info!(cgroup = %value.path(), cgroup.id = id, "tagged cgroup (re)created: tagged");
+            }
+        }
     }
 
     /// Removes the tag of `cgroup`. New connections from it are no longer redirected.
@@ -829,6 +885,16 @@ impl Daemon {
     }
 }
 
+/// The tag key of a cgroup that does not exist yet: the top bit set (cgroup ids are inode
+/// numbers, far below it), so it matches no cgroup.
+fn pending_tag_key(cgroup: &str) -> u64 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(cgroup.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(bytes) | 1 << 63
+}
+
 /// The address that reaches `addr` without naming it: a connect to `0.0.0.0:P` goes to
 /// `127.0.0.1:P`, one to `[::]:P` to `[::1]:P` (the kernel fills in loopback). Intercepted
 /// too, or dialing the unspecified address would pass a loopback server's interception by.
@@ -965,13 +1031,18 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
     daemon.sync_servers()?;
     for (index, cgroup) in daemon.config.tags.iter().enumerate() {
-        daemon
-            .tag(cgroup, &daemon_identity)
-            .map_err(|message| Error::Tag {
-                path: daemon.config.path.display().to_string(),
-                index,
-                message,
-            })?;
+        let missing =
+            config::normalize_cgroup_path(cgroup).is_ok_and(|c| daemon.hierarchy.id(&c).is_err());
+        if missing {
+            daemon.tag_pending(cgroup)
+        } else {
+            daemon.tag(cgroup, &daemon_identity)
+        }
+        .map_err(|message| Error::Tag {
+            path: daemon.config.path.display().to_string(),
+            index,
+            message,
+        })?;
     }
 
     let accepting = proxy.start(&daemon)?;
@@ -1001,6 +1072,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         async move {
             let mut cache = NetnsCache::default();
             loop {
+                daemon.follow_tags();
                 daemon.refresh_namespaces(&mut cache).await;
                 tokio::time::sleep(NAMESPACE_SCAN).await;
             }

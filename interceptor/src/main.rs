@@ -72,7 +72,8 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct ConfigArg {
-    /// The daemon's TOML config; the admin socket and bpffs folder are read from it.
+    /// The daemon's TOML config; the admin socket and bpffs folder are read from it (without
+    /// a file at the default path: their built-in defaults).
     #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
 }

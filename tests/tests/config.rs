@@ -90,6 +90,32 @@ fn all_egress_without_a_cgroup_is_a_usage_error() {
 }
 
 #[test]
+fn without_a_file_at_the_default_path_the_cli_uses_the_built_in_defaults() {
+    if std::path::Path::new("/etc/interceptor/interceptor.toml").exists() {
+        return; // this machine has one: the case cannot be shown here
+    }
+    // No daemon is asked to listen on the default socket in the tests: the CLI gets as far as
+    // trying it, instead of stopping at the missing file.
+    let out = Command::new(interceptor_bin())
+        .arg("status")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("cannot read config"), "{err}");
+    assert!(
+        err.contains("/run/interceptor/admin.sock") || out.status.success(),
+        "{err}"
+    );
+    // A file named explicitly must exist.
+    let out = Command::new(interceptor_bin())
+        .args(["status", "--config", "/nonexistent/interceptor.toml"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config"));
+}
+
+#[test]
 fn a_valid_file_is_summarised() {
     let (ok, err) = check(
         "[[server]]\nname = \"notes\"\nintercept = [\"127.0.0.2:8080\", \"[::1]:8080\"]\nupstream = \"127.0.0.3:9000\"\n",

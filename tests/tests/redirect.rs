@@ -1,9 +1,9 @@
 //! The kernel redirect end to end: real programs attached below a test cgroup, real processes
 //! in tagged and untagged cgroups, a real daemon relaying to a real upstream.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
-use interceptor_tests::{LabelServer, ServerSpec, TestEnv, privileged, run_client};
+use interceptor_tests::{LabelServer, ServerSpec, TestEnv, eventually, privileged, run_client};
 use nix::sys::signal::Signal;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
@@ -163,6 +163,58 @@ fn tags_cover_descendants_created_later_and_untag_stops_new_connections() {
     let out = w.env.cli(&["tag", &missing]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nope"));
+}
+
+#[test]
+fn tags_follow_their_path_and_stay_inside_the_attach_point() {
+    if !privileged() {
+        return;
+    }
+    // Configured before its cgroup exists: the daemon starts, and tags it once it appears.
+    let mut w = world("follow", &[]);
+    let agents = format!("{}/agents", w.env.root);
+    w.env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![w.direct.addr.to_string()],
+            upstream: w.upstream.addr.to_string(),
+        }],
+        &[&agents],
+    );
+    w.env.start_daemon();
+    assert_eq!(w.env.status()["tags"][0]["exists"], false);
+    let created = w.env.cgroup("agents");
+    assert_eq!(created, agents);
+    let dir = w.env.dir(&agents);
+    let dialed = w.direct.addr.to_string();
+    let redirected = || {
+        eventually(
+            Duration::from_secs(5),
+            || {
+                let r = run_client(PROBE, &dir, &dialed);
+                r.reply
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("upstream:"))
+                    .then_some(())
+            },
+            || format!("{agents} is not redirected: {}", w.env.status()),
+        )
+    };
+    redirected();
+    // Removed and made again (a new cgroup id): still tagged.
+    std::fs::remove_dir(&dir).expect("rmdir the tagged cgroup");
+    std::fs::create_dir(&dir).expect("mkdir it again");
+    redirected();
+    assert_eq!(w.env.status()["tags"][0]["exists"], true);
+
+    // A cgroup outside daemon.cgroup_root is never seen by the programs: refused, with why.
+    let out = w.env.cli(&["tag", "/"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outside daemon.cgroup_root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

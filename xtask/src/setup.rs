@@ -70,7 +70,11 @@ fn ensure_system_tools() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        step(5, "system tools (ip, curl, sysctl, openssl, setpriv)", "present");
+        step(
+            5,
+            "system tools (ip, curl, sysctl, openssl, setpriv)",
+            "present",
+        );
         return Ok(());
     }
     step(
@@ -78,8 +82,12 @@ fn ensure_system_tools() -> Result<()> {
         "system tools",
         &format!("installing {}", missing.join(" ")),
     );
-    output(Command::new("apt-get").arg("update").arg("-q"))
-        .with_context(|| format!("apt-get update failed; install {} by hand", missing.join(" ")))?;
+    output(Command::new("apt-get").arg("update").arg("-q")).with_context(|| {
+        format!(
+            "apt-get update failed; install {} by hand",
+            missing.join(" ")
+        )
+    })?;
     output(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
