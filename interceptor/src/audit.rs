@@ -200,15 +200,24 @@ pub fn event(name: &str, fields: Value) -> Event {
 /// their length, their SHA-256 and the first `max_argument_bytes` of their text.
 #[derive(Debug, Clone)]
 pub struct Redactor {
-    /// Lower-cased `redact_keys`.
+    /// `redact_keys` in [`key_form`].
     keys: Vec<String>,
     max_bytes: usize,
+}
+
+/// A key as redaction compares it: lower case, without `_`, `-`, `.` and spaces, so that
+/// `api_key` also catches `apiKey`, `api-key` and `X-Api-Key`.
+fn key_form(key: &str) -> String {
+    key.chars()
+        .filter(|c| !matches!(c, '_' | '-' | '.' | ' '))
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 impl Redactor {
     pub fn new(cfg: &RawAudit) -> Self {
         Self {
-            keys: cfg.redact_keys.iter().map(|k| k.to_lowercase()).collect(),
+            keys: cfg.redact_keys.iter().map(|k| key_form(k)).collect(),
             max_bytes: cfg.max_argument_bytes,
         }
     }
@@ -281,18 +290,26 @@ impl Redactor {
         }
     }
 
-    /// Whether `key` contains one of the redacted keys, case-insensitively.
+    /// Whether `key` contains one of the redacted keys, compared in [`key_form`].
     fn secret(&self, key: &str) -> bool {
-        if key.is_ascii() {
-            let k = key.as_bytes();
-            self.keys.iter().any(|p| {
-                p.is_empty()
-                    || k.windows(p.len())
-                        .any(|w| w.eq_ignore_ascii_case(p.as_bytes()))
-            })
+        if key.is_ascii() && key.len() <= 128 {
+            // The common case, without allocating: short ASCII keys.
+            let mut buf = [0u8; 128];
+            let mut n = 0;
+            for b in key
+                .bytes()
+                .filter(|b| !matches!(b, b'_' | b'-' | b'.' | b' '))
+            {
+                buf[n] = b.to_ascii_lowercase();
+                n += 1;
+            }
+            let k = &buf[..n];
+            self.keys
+                .iter()
+                .any(|p| p.is_empty() || k.windows(p.len()).any(|w| w == p.as_bytes()))
         } else {
-            let lower = key.to_lowercase();
-            self.keys.iter().any(|p| lower.contains(p.as_str()))
+            let form = key_form(key);
+            self.keys.iter().any(|p| form.contains(p.as_str()))
         }
     }
 }
@@ -1492,6 +1509,14 @@ mod tests {
         assert_eq!(v["nested"]["list"][0]["password"], "[REDACTED]");
         assert_eq!(v["AccessToken"], "[REDACTED]");
         assert_eq!(v["note"], "token", "values are not keys");
+        // Spelled the other usual ways.
+        let w = redact(
+            json!({"apiKey":"k","x-api-key":"k","Api.Key":"k","set-cookie":"c","apiary":"a"}),
+        );
+        for k in ["apiKey", "x-api-key", "Api.Key", "set-cookie"] {
+            assert_eq!(w[k], "[REDACTED]", "{k}");
+        }
+        assert_eq!(w["apiary"], "a");
         assert_eq!(v["Pässword"], "x", "no match: ä is not a");
         let mut cfg = RawAudit::default();
         cfg.redact_keys.push("PÄSS".into());

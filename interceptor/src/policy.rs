@@ -27,6 +27,15 @@ const ALWAYS_ALLOWED: [&str; 8] = [
     "resources/templates/list",
 ];
 
+/// Agent input (a method, a tool name) as a rule quotes it: Debug-quoted, at most 128
+/// characters (the audit event's `rule` is not capped otherwise).
+fn quoted(s: &str) -> String {
+    match s.char_indices().nth(128) {
+        Some((cut, _)) => format!("{:?}…", &s[..cut]),
+        None => format!("{s:?}"),
+    }
+}
+
 /// Tool names outside this set are refused whatever the patterns say: invisible characters and
 /// look-alikes are how a denied tool hides behind an allowed name.
 fn valid_tool_name(name: &str) -> bool {
@@ -649,8 +658,8 @@ impl Policy {
         }
         Decision::deny_quoting(
             format!(
-                "default deny: no role allows method {:?} on server {server:?}",
-                call.method
+                "default deny: no role allows method {} on server {server:?}",
+                quoted(call.method)
             ),
             format!("default deny: no role allows the method on server {server:?}"),
         )
@@ -663,7 +672,10 @@ impl Policy {
         };
         if !valid_tool_name(tool) {
             return Decision::deny_quoting(
-                format!("tool name {tool:?} has characters outside [A-Za-z0-9_.-/] or is too long"),
+                format!(
+                    "tool name {} has characters outside [A-Za-z0-9_.-/] or is too long",
+                    quoted(tool)
+                ),
                 "tool name has characters outside [A-Za-z0-9_.-/] or is too long",
             );
         }
