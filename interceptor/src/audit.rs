@@ -593,7 +593,7 @@ impl Audit {
                 .field("torn_bytes", &torn.len())
                 .field("torn_sha256", &hex(&Sha256::digest(torn)));
             writer
-                .write_batch(vec![repair])
+                .write_batch(&[repair])
                 .map_err(|e| open_err(format!("recording the repair: {e}")))?;
         }
         let shared = Arc::new(Shared {
@@ -625,6 +625,11 @@ impl Audit {
         self.shared.healthy.load(Ordering::Relaxed)
     }
 
+    /// The `seq` of the last event written: what the log's last line must carry.
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.shared.writer).seq
+    }
+
     /// Records `event`; returns when it is durable according to the configured mode. The
     /// writer adds `seq`, `prev_hash`, `hash`.
     pub async fn record(&self, event: Event) -> Result<(), Error> {
@@ -641,7 +646,11 @@ impl Audit {
         }
         match self.shared.durability {
             Durability::Async => {
-                self.shared.healthy_or_err()?;
+                if self.shared.healthy_or_err().is_err() {
+                    // After a failure, written now: that tries the log again (a repaired one
+                    // takes them and is healthy again; a broken one refuses them).
+                    return self.shared.write(events);
+                }
                 self.shared.defer(events);
                 Ok(())
             }
@@ -802,6 +811,7 @@ impl Shared {
                 break;
             }
             let mut batch = std::mem::take(&mut q.later);
+            let deferred = batch.len();
             let queued: Vec<Waiter> = q.waiting.drain(..).collect();
             drop(q);
             batch.extend(mine.take().unwrap_or_default());
@@ -810,7 +820,7 @@ impl Shared {
                 batch.extend(w.events);
                 turns.push(w.turn);
             }
-            let outcome = self.write_locked(writer, batch);
+            let outcome = self.write_locked(writer, batch, deferred);
             for turn in turns {
                 // A caller that gave up meanwhile is not told; its events are written.
                 let _ = turn.send(Turn::Written(outcome.clone()));
@@ -847,21 +857,33 @@ impl Shared {
     fn write(&self, events: Vec<Event>) -> Result<(), Error> {
         let writer = lock(&self.writer);
         let mut batch = std::mem::take(&mut lock(&self.queue).later);
+        let deferred = batch.len();
         batch.extend(events);
-        self.write_locked(writer, batch)
+        self.write_locked(writer, batch, deferred)
     }
 
-    /// Writes `batch` in one `write(2)` with the writer lock held, and counts the outcome.
+    /// Writes `batch` in one `write(2)` with the writer lock held, and counts the outcome. If
+    /// the write fails, its first `deferred` events (responses, closes, admin events: recorded
+    /// without a caller waiting) go back to the front of the queue for the next write; the
+    /// others' callers are told and refuse what the events were for.
     fn write_locked(
         &self,
         mut w: std::sync::MutexGuard<'_, Writer>,
-        batch: Vec<Event>,
+        mut batch: Vec<Event>,
+        deferred: usize,
     ) -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
         }
         let n = batch.len() as u64;
-        let result = w.write_batch(batch);
+        let result = w.write_batch(&batch);
+        if result.is_err() && deferred > 0 {
+            // Under the writer lock still: no other write comes between.
+            batch.truncate(deferred);
+            let mut q = lock(&self.queue);
+            batch.append(&mut q.later);
+            q.later = batch;
+        }
         drop(w);
         match result {
             Ok(()) => {
@@ -1289,12 +1311,12 @@ const PATH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 impl Writer {
     /// Seals and writes `events` in one `write`, rolling back a partial write so a failure
     /// never leaves half a line in the middle of the chain.
-    fn write_batch(&mut self, events: Vec<Event>) -> io::Result<()> {
+    fn write_batch(&mut self, events: &[Event]) -> io::Result<()> {
         self.ensure_file()?;
         let mut seq = self.seq;
         let mut prev = self.prev_hash.clone();
         let mut buf = Vec::with_capacity(events.iter().map(|e| e.0.len() + 200).sum());
-        for event in &events {
+        for event in events {
             seq += 1;
             prev = seal_into(&mut buf, seq, &prev, &event.0);
         }
@@ -1356,27 +1378,77 @@ pub struct Verification {
     pub broken: Option<(PathBuf, usize, String)>,
     /// A torn last line at the very end (a crash mid-write), not a break in the chain.
     pub torn_tail: Option<(PathBuf, usize)>,
+    /// The files in the order verified (by their first record's `seq`).
+    pub order: Vec<PathBuf>,
+    /// The chain's first record, when it is not the log's first (`seq` 1): its earlier
+    /// records are in rotated files that were not given.
+    pub starts_at: Option<u64>,
+    /// `audit.repair` events met (file, line): a torn tail the daemon cut off at a start.
+    pub repairs: Vec<(PathBuf, usize)>,
 }
 
-/// Verifies the chain across `paths`, in the order given (oldest first).
+/// The `seq` of the first record of `path`, if it has a readable one.
+fn first_seq(path: &Path) -> Option<u64> {
+    let mut line = Vec::new();
+    BufReader::new(File::open(path).ok()?)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    let text = std::str::from_utf8(&line).ok()?;
+    let (body, _) = unseal(text.strip_suffix('\n')?)?;
+    serde_json::from_str::<Value>(&body).ok()?["seq"].as_u64()
+}
+
+/// Whether another file of the same log may sit beside `path`: one named like it up to the
+/// first `.` (`audit.jsonl` and `audit.jsonl.<time>` when rotated).
+fn has_rotated_siblings(path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return false;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = name.to_string_lossy();
+    let stem = name.split('.').next().unwrap_or(&name).to_owned();
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| {
+            let other = e.file_name().to_string_lossy().into_owned();
+            other != name && other.starts_with(&stem)
+        })
+    })
+}
+
+/// Verifies the chain across `paths`, put in chain order (by each file's first `seq`; a file
+/// without a readable first record keeps its place after those).
 pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
-    let mut out = Verification::default();
+    let mut order: Vec<(Option<u64>, usize, &PathBuf)> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (first_seq(p), i, p))
+        .collect();
+    order.sort_by_key(|&(seq, i, _)| (seq.is_none(), seq, i));
+    let paths: Vec<PathBuf> = order.into_iter().map(|(_, _, p)| p.clone()).collect();
+    let mut out = Verification {
+        order: paths.clone(),
+        ..Verification::default()
+    };
     let mut prev: Option<String> = None;
     let mut prev_seq: Option<u64> = None;
     for (fi, path) in paths.iter().enumerate() {
         let file = File::open(path)?;
         let mut reader = BufReader::new(file);
-        let mut line = String::new();
+        let mut bytes = Vec::new();
         let mut n = 0;
         loop {
-            line.clear();
-            let read = reader.read_line(&mut line)?;
+            bytes.clear();
+            let read = reader.read_until(b'\n', &mut bytes)?;
             if read == 0 {
                 break;
             }
             n += 1;
             let last_of_all = fi + 1 == paths.len() && reader.fill_buf()?.is_empty();
-            let Some(text) = line.strip_suffix('\n') else {
+            let Some(line) = bytes.strip_suffix(b"\n") else {
                 if last_of_all {
                     out.torn_tail = Some((path.clone(), n));
                     return Ok(out);
@@ -1385,6 +1457,10 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                 return Ok(out);
             };
             let fail = |why: String| Some((path.clone(), n, why));
+            let Ok(text) = std::str::from_utf8(line) else {
+                out.broken = fail("not UTF-8 (edited or corrupted)".into());
+                return Ok(out);
+            };
             let Some((body, hash)) = unseal(text) else {
                 out.broken = fail("no hash at the end of the line (edited or truncated)".into());
                 return Ok(out);
@@ -1401,22 +1477,39 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                 out.broken = fail("seq or prev_hash missing".into());
                 return Ok(out);
             };
-            if let Some(expected) = &prev
-                && p != expected
-            {
-                out.broken = fail(format!(
-                    "prev_hash does not match the previous record (seq {}): a record was deleted, inserted or reordered",
-                    prev_seq.unwrap_or(0)
-                ));
-                return Ok(out);
+            match (&prev, prev_seq) {
+                (Some(expected), _) if p != expected => {
+                    out.broken = fail(format!(
+                        "prev_hash does not match the previous record (seq {}): a record was deleted, inserted or reordered",
+                        prev_seq.unwrap_or(0)
+                    ));
+                    return Ok(out);
+                }
+                (_, Some(ps)) if Some(seq) != ps.checked_add(1) => {
+                    out.broken = fail(format!(
+                        "seq {seq} follows {ps}: records are missing or reordered"
+                    ));
+                    return Ok(out);
+                }
+                // The chain's head: the log's first record, or one continuing rotated files.
+                (None, None) if seq == 1 && p != GENESIS => {
+                    out.broken = fail("seq 1 does not start from the genesis hash".into());
+                    return Ok(out);
+                }
+                (None, None) if seq != 1 => {
+                    if !has_rotated_siblings(path) && prev.is_none() && fi == 0 {
+                        out.broken = fail(format!(
+                            "the log starts at seq {seq}, and no rotated file is beside it: \
+                             the records before it were deleted"
+                        ));
+                        return Ok(out);
+                    }
+                    out.starts_at = Some(seq);
+                }
+                _ => {}
             }
-            if let Some(ps) = prev_seq
-                && Some(seq) != ps.checked_add(1)
-            {
-                out.broken = fail(format!(
-                    "seq {seq} follows {ps}: records are missing or reordered"
-                ));
-                return Ok(out);
+            if v["event"] == "audit.repair" {
+                out.repairs.push((path.clone(), n));
             }
             prev = Some(hash.to_owned());
             prev_seq = Some(seq);
@@ -1851,6 +1944,19 @@ mod tests {
         std::fs::write(&path, &deleted).unwrap();
         let v = verify(std::slice::from_ref(&path)).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(2), "{:?}", v.broken);
+        // Delete the first line (nothing rotated beside it to hold it)
+        let headless = format!("{}\n{}\n{}\n", lines[1], lines[2], lines[3]);
+        std::fs::write(&path, &headless).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(v.broken.as_ref().map(|b| b.1), Some(1), "{:?}", v.broken);
+        // A byte that is not UTF-8, in the middle: that line, not an I/O error
+        let mut garbled = lines[0].as_bytes().to_vec();
+        garbled.extend(b"\n\xff\xfe\n");
+        garbled.extend(lines[2].as_bytes());
+        garbled.push(b'\n');
+        std::fs::write(&path, &garbled).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(v.broken.as_ref().map(|b| b.1), Some(2), "{:?}", v.broken);
         // Swap two lines
         let swapped = format!("{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[1], lines[3]);
         std::fs::write(&path, &swapped).unwrap();
@@ -1958,8 +2064,22 @@ mod tests {
         for i in 0..10 {
             a.record(event(&format!("event-number-{i}"))).await.unwrap();
         }
-        let v = verify(&rotated_then_live(dir.path())).unwrap();
+        let files = rotated_then_live(dir.path());
+        let v = verify(&files).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 10);
+        assert_eq!(v.starts_at, None);
+        // Given in any order (a shell glob puts the live file first): chain order is found.
+        let mut shuffled = files.clone();
+        shuffled.rotate_left(1);
+        shuffled.reverse();
+        let v = verify(&shuffled).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!((v.events, &v.order), (10, &files));
+        // The live file alone continues rotated ones: fine, and said so.
+        let live = files.last().unwrap();
+        let v = verify(std::slice::from_ref(live)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert!(v.starts_at.is_some_and(|s| s > 1), "{v:?}");
     }
 }

@@ -795,6 +795,8 @@ impl Daemon {
                 "durability": format!("{:?}", self.audit.config.durability).to_lowercase(),
                 "healthy": self.audit.healthy(),
                 "events": self.audit.stats.events.load(Ordering::Relaxed),
+                // The last line's seq: a log whose last records were deleted ends before it.
+                "seq": self.audit.last_seq(),
                 // write(2) calls: concurrent requests share them.
                 "writes": self.audit.stats.writes.load(Ordering::Relaxed),
                 "failures": self.audit.stats.failures.load(Ordering::Relaxed),

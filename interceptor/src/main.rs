@@ -218,7 +218,7 @@ enum AuditCommand {
     /// Exits non-zero on any edit, deletion, reordering or truncation in the middle; a torn
     /// last line (a crash mid-write) is reported but is not a failure.
     Verify {
-        /// Audit files, in chain order.
+        /// Audit files (the live one and rotated ones, any order: they are put in chain order).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -589,6 +589,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 v.events,
                 paths.len()
             );
+            if v.order != paths {
+                let order: Vec<String> = v.order.iter().map(|p| p.display().to_string()).collect();
+                println!("note: verified in chain order: {}", order.join(", "));
+            }
+            if let Some(seq) = v.starts_at {
+                println!(
+                    "note: the chain given starts at seq {seq}; the records before it are in \
+                     rotated files not given (pass them too to verify from the start)"
+                );
+            }
+            for (path, line) in &v.repairs {
+                println!(
+                    "note: {}:{line} records a repair: the daemon cut off a torn last line at a \
+                     start (its sha256 is in the event)",
+                    path.display()
+                );
+            }
             if let Some((path, line)) = v.torn_tail {
                 println!(
                     "note: {}:{line} is a torn last line (the writer stopped mid-line); the daemon \
@@ -755,7 +772,8 @@ fn tail(
         })
     };
     let mut reader = std::io::BufReader::new(open()?);
-    let mut line = String::new();
+    // Bytes: a line torn inside a multi-byte character, or garbled, is shown, not fatal.
+    let mut buf: Vec<u8> = Vec::new();
     let mut last_seq = None;
     // When another file was first seen at the path (rotated, or re-created).
     let mut replaced_at: Option<std::time::Instant> = None;
@@ -772,15 +790,15 @@ fn tail(
         }
     };
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 || !line.ends_with('\n') {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf)?;
+        if n == 0 || buf.last() != Some(&b'\n') {
             if !follow {
                 return Ok(());
             }
             // Back to the start of the unfinished line, dropping what was buffered, so that
             // it is read from the file again.
-            reader.seek(SeekFrom::Current(-(line.len() as i64)))?;
+            reader.seek(SeekFrom::Current(-(buf.len() as i64)))?;
             let at = reader.stream_position()?;
             let file = reader.get_ref().metadata()?;
             if file.len() < at {
@@ -816,6 +834,7 @@ fn tail(
             std::thread::sleep(std::time::Duration::from_millis(200));
             continue;
         }
+        let line = String::from_utf8_lossy(&buf);
         let Ok(v) = serde_json::from_str::<Value>(line.trim_end()) else {
             continue;
         };
@@ -856,7 +875,12 @@ fn rotated_between(path: &std::path::Path, after: u64, before: u64, emit: &dyn F
     files.sort();
     let lines = |file: &std::path::Path| {
         std::fs::File::open(file)
-            .map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok))
+            .map(|f| {
+                std::io::BufReader::new(f)
+                    .split(b'\n')
+                    .map_while(Result::ok)
+                    .map(|l| String::from_utf8_lossy(&l).into_owned())
+            })
             .ok()
             .into_iter()
             .flatten()

@@ -537,6 +537,45 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
     let (ok, report) = verify(&[&log]);
     assert!(ok, "{report}");
     assert_eq!(w.env.status()["audit"]["healthy"], json!(true));
+    // What was recorded without a caller waiting (connections opened and closed while the
+    // disk was full) was kept for a later write, not lost with the failed one.
+    let count = |events: &[Value], name: &str| events.iter().filter(|e| e["event"] == name).count();
+    eventually(
+        std::time::Duration::from_secs(5),
+        || {
+            let events: Vec<Value> = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let (open, close) = (
+                count(&events, "connection.open"),
+                count(&events, "connection.close"),
+            );
+            (open == close && open >= 3).then_some(())
+        },
+        || {
+            format!(
+                "connections opened and closed do not match: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        },
+    );
+    // status names the last seq written: what the log's last line carries.
+    eventually(
+        std::time::Duration::from_secs(5),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let last: Value = serde_json::from_str(text.lines().last()?).ok()?;
+            (w.env.status()["audit"]["seq"] == last["seq"]).then_some(())
+        },
+        || {
+            format!(
+                "status audit.seq is not the last line's: {}",
+                w.env.status()
+            )
+        },
+    );
 }
 
 #[test]
