@@ -43,6 +43,10 @@ use crate::bpf::lock;
 /// Version of the event schema (`"v"` in every event).
 pub const SCHEMA_VERSION: u64 = 1;
 /// `prev_hash` of the very first event.
+/// Most events recorded without a caller waiting (responses, closes, admin events) kept for
+/// a later write while the log is unwritable.
+pub const MAX_BACKLOG: usize = 100_000;
+
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Default `[audit] path`.
 pub const DEFAULT_PATH: &str = "/var/log/interceptor/audit.jsonl";
@@ -207,7 +211,7 @@ pub struct Redactor {
 
 /// A key as redaction compares it: lower case, without `_`, `-`, `.` and spaces, so that
 /// `api_key` also catches `apiKey`, `api-key` and `X-Api-Key`.
-fn key_form(key: &str) -> String {
+pub(crate) fn key_form(key: &str) -> String {
     key.chars()
         .filter(|c| !matches!(c, '_' | '-' | '.' | ' '))
         .flat_map(char::to_lowercase)
@@ -384,6 +388,11 @@ pub struct Stats {
     /// `write(2)` calls that wrote events (a group each).
     pub writes: AtomicU64,
     pub failures: AtomicU64,
+    /// Events recorded without a caller waiting that were dropped: the log stayed unwritable
+    /// while more than [`MAX_BACKLOG`] of them queued.
+    pub lost: AtomicU64,
+    /// Of those, how many no `audit.lost` event has recorded yet.
+    lost_unrecorded: AtomicU64,
     pub syncs: AtomicU64,
     /// Total fdatasync time, µs.
     pub sync_micros: AtomicU64,
@@ -397,6 +406,8 @@ impl Default for Stats {
             events: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            lost_unrecorded: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_micros: AtomicU64::new(0),
             // 50 µs … ~1.6 s
@@ -428,6 +439,9 @@ pub struct Audit {
 struct Shared {
     /// The log's path (for messages; the writer has its own copy).
     path: PathBuf,
+    /// The `identity` object of the process that opened the log (the daemon), for the events
+    /// the log records about itself.
+    opener: String,
     /// Held for a `write(2)`, by the caller whose turn it is or by the background thread.
     writer: Mutex<Writer>,
     /// Deferred events and callers waiting for their turn; never held across a syscall.
@@ -598,6 +612,7 @@ impl Audit {
         }
         let shared = Arc::new(Shared {
             path: config.path.clone(),
+            opener: opener.to_owned(),
             writer: Mutex::new(writer),
             queue: Mutex::new(Queue::default()),
             bg: Mutex::new(Background::default()),
@@ -882,6 +897,16 @@ impl Shared {
             batch.truncate(deferred);
             let mut q = lock(&self.queue);
             batch.append(&mut q.later);
+            if batch.len() > MAX_BACKLOG {
+                // The log stays unwritable: the oldest go (counted, and recorded once it
+                // takes events again), rather than memory and every retry growing for good.
+                let lost = batch.len() - MAX_BACKLOG;
+                batch.drain(..lost);
+                self.stats.lost.fetch_add(lost as u64, Ordering::Relaxed);
+                self.stats
+                    .lost_unrecorded
+                    .fetch_add(lost as u64, Ordering::Relaxed);
+            }
             q.later = batch;
         }
         drop(w);
@@ -891,6 +916,13 @@ impl Shared {
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
                 if !self.healthy.swap(true, Ordering::Relaxed) {
                     info!("audit log writable again");
+                    let lost = self.stats.lost_unrecorded.swap(0, Ordering::Relaxed);
+                    if lost > 0 {
+                        error!(lost, "audit events were lost while the log was unwritable");
+                        let lost = event("audit.lost", json!({ "events": lost }))
+                            .raw("identity", &self.opener);
+                        self.defer(vec![lost]);
+                    }
                 }
                 Ok(())
             }
@@ -1398,9 +1430,10 @@ fn first_seq(path: &Path) -> Option<u64> {
     serde_json::from_str::<Value>(&body).ok()?["seq"].as_u64()
 }
 
-/// Whether another file of the same log may sit beside `path`: one named like it up to the
-/// first `.` (`audit.jsonl` and `audit.jsonl.<time>` when rotated).
-fn has_rotated_siblings(path: &Path) -> bool {
+/// Whether a file of the same log that was not given may sit beside `path`: one named like it
+/// up to the first `.` (`audit.jsonl` and `audit.jsonl.<time>` when rotated), other than the
+/// `given` ones.
+fn has_rotated_siblings(path: &Path, given: &[PathBuf]) -> bool {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return false;
     };
@@ -1409,12 +1442,16 @@ fn has_rotated_siblings(path: &Path) -> bool {
     } else {
         dir
     };
+    let given: Vec<PathBuf> = given
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
     let name = name.to_string_lossy();
     let stem = name.split('.').next().unwrap_or(&name).to_owned();
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries.filter_map(Result::ok).any(|e| {
-            let other = e.file_name().to_string_lossy().into_owned();
-            other != name && other.starts_with(&stem)
+            e.file_name().to_string_lossy().starts_with(&stem)
+                && std::fs::canonicalize(e.path()).is_ok_and(|p| !given.contains(&p))
         })
     })
 }
@@ -1497,7 +1534,7 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                     return Ok(out);
                 }
                 (None, None) if seq != 1 => {
-                    if !has_rotated_siblings(path) && prev.is_none() && fi == 0 {
+                    if !has_rotated_siblings(path, &paths) && prev.is_none() && fi == 0 {
                         out.broken = fail(format!(
                             "the log starts at seq {seq}, and no rotated file is beside it: \
                              the records before it were deleted"
@@ -2076,6 +2113,18 @@ mod tests {
         let v = verify(&shuffled).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!((v.events, &v.order), (10, &files));
+        // Every file given, the oldest's first line deleted: nothing else could hold it.
+        let oldest = &files[0];
+        let text = std::fs::read_to_string(oldest).unwrap();
+        let rest: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        std::fs::write(oldest, &rest).unwrap();
+        let v = verify(&files).unwrap();
+        assert_eq!(
+            v.broken.as_ref().map(|b| (&b.0, b.1)),
+            Some((oldest, 1)),
+            "{v:?}"
+        );
+        std::fs::write(oldest, &text).unwrap();
         // The live file alone continues rotated ones: fine, and said so.
         let live = files.last().unwrap();
         let v = verify(std::slice::from_ref(live)).unwrap();

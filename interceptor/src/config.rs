@@ -312,23 +312,10 @@ impl Config {
     /// pins (`tag`, `status`, `reload`, `uninstall`, …): they must work even while the rest of
     /// the file is being edited into something invalid.
     pub fn load_daemon(path: &Path) -> Result<Daemon, Error> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            // Nothing at the default path: the built-in `[daemon]` defaults (admin socket,
-            // bpffs folder), which a daemon started from another file may well use.
-            Err(error)
-                if error.kind() == std::io::ErrorKind::NotFound
-                    && path == Path::new(DEFAULT_CONFIG_PATH) =>
-            {
-                String::new()
-            }
-            Err(error) => {
-                return Err(Error::Read {
-                    path: path.to_owned(),
-                    error,
-                });
-            }
-        };
+        let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
+            path: path.to_owned(),
+            error,
+        })?;
         let parse_err = |message: String| Error::Parse {
             path: path.to_owned(),
             message,
@@ -342,6 +329,14 @@ impl Config {
             None => RawDaemon::default(),
         };
         Validator { path }.daemon(raw)
+    }
+
+    /// The built-in `[daemon]` settings (no file).
+    pub fn default_daemon() -> Result<Daemon, Error> {
+        Validator {
+            path: Path::new(DEFAULT_CONFIG_PATH),
+        }
+        .daemon(RawDaemon::default())
     }
 
     /// The index of the server named `name`.
@@ -375,7 +370,7 @@ impl Validator<'_> {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                normalize_cgroup_path(&t.cgroup)
+                taggable(&t.cgroup, &daemon.cgroup_root)
                     .map_err(|m| self.invalid(format!("tag[{i}].cgroup"), m))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -530,6 +525,20 @@ impl Validator<'_> {
         if audit.max_file_bytes < 4096 {
             return Err(self.invalid("audit.max_file_bytes", "must be at least 4096"));
         }
+        if let Some((i, k)) = audit
+            .redact_keys
+            .iter()
+            .enumerate()
+            .find(|(_, k)| crate::audit::key_form(k).is_empty())
+        {
+            return Err(self.invalid(
+                format!("audit.redact_keys[{i}]"),
+                format!(
+                    "{k:?} has nothing left to match once case, '_', '-', '.' and spaces are set \
+                     aside: it would redact every key; name a word such as \"token\""
+                ),
+            ));
+        }
         let id = raw.identity;
         if id.trust_domain.is_empty()
             || !id.trust_domain.bytes().all(|b| {
@@ -668,6 +677,34 @@ pub fn normalize_cgroup_path(p: &str) -> Result<String, String> {
         return Err(format!("{p:?} may not contain '.' or '..' components"));
     }
     Ok(format!("/{}", parts.join("/")))
+}
+
+/// `cgroup` normalised, if it can be tagged: at or below `root` (`daemon.cgroup_root`, where
+/// the programs are attached: they see nothing outside it), and short enough for its path to
+/// be kept whole in the pinned tag (tags are followed and untagged by it).
+pub fn taggable(cgroup: &str, root: &str) -> Result<String, String> {
+    let cgroup = normalize_cgroup_path(cgroup)?;
+    if cgroup.len() >= interceptor_common::TAG_PATH_MAX {
+        return Err(format!(
+            "{cgroup} is {} bytes long; a tagged cgroup's path must be shorter than {} (tag a \
+             parent)",
+            cgroup.len(),
+            interceptor_common::TAG_PATH_MAX
+        ));
+    }
+    let below = root == "/"
+        || cgroup == root
+        || cgroup
+            .strip_prefix(root)
+            .is_some_and(|r| r.starts_with('/'));
+    if !below {
+        return Err(format!(
+            "{cgroup} is outside daemon.cgroup_root {root}, where the programs are attached: its \
+             connections are never seen; tag a cgroup below {root}, or attach higher \
+             (daemon.cgroup_root)"
+        ));
+    }
+    Ok(cgroup)
 }
 
 /// IPv4-mapped IPv6 addresses become IPv4: one address, one key.
@@ -812,6 +849,23 @@ mod tests {
         assert!(e.contains("invalid port"), "{e}");
         let e = err("[[server]]\nname='a'\nintercept=['::1:80']\nupstream='127.0.0.1:1'\n");
         assert!(e.contains("brackets"), "{e}");
+    }
+
+    #[test]
+    fn tags_and_redaction_keys_that_cannot_work_are_refused() {
+        let e = err("[daemon]\ncgroup_root = '/agents'\n[[tag]]\ncgroup = '/other'\n");
+        assert!(
+            e.contains("tag[0].cgroup") && e.contains("outside daemon.cgroup_root"),
+            "{e}"
+        );
+        let long = format!("/agents/{}", "x".repeat(300));
+        let e = err(&format!("[[tag]]\ncgroup = '{long}'\n"));
+        assert!(
+            e.contains("tag[0].cgroup") && e.contains("tag a parent"),
+            "{e}"
+        );
+        let e = err("[audit]\nredact_keys = ['token', '-_']\n");
+        assert!(e.contains("audit.redact_keys[1]"), "{e}");
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct Daemon {
     pub streams: Streams,
     /// Streamable HTTP sessions and the identities that opened them.
     pub bound_sessions: crate::mcp::BoundSessions,
+    /// The daemon's own `identity` object (JSON text), for the events it causes itself.
+    own_identity: String,
     /// The audit log.
     pub audit: Audit,
     /// Prometheus metrics.
@@ -622,21 +624,7 @@ impl Daemon {
     /// `cgroup` normalised, if it is where the programs see connections (at or below
     /// `daemon.cgroup_root`).
     fn taggable(&self, cgroup: &str) -> Result<String, String> {
-        let cgroup = config::normalize_cgroup_path(cgroup)?;
-        let root = &self.config.daemon.cgroup_root;
-        let below = root == "/"
-            || cgroup == *root
-            || cgroup
-                .strip_prefix(root.as_str())
-                .is_some_and(|r| r.starts_with('/'));
-        if !below {
-            return Err(format!(
-                "{cgroup} is outside daemon.cgroup_root {root}, where the programs are attached: \
-                 its connections are never seen; tag a cgroup below {root}, or attach higher \
-                 (daemon.cgroup_root)"
-            ));
-        }
-        Ok(cgroup)
+        config::taggable(cgroup, &self.config.daemon.cgroup_root)
     }
 
     /// A configured tag whose cgroup does not exist yet: kept under a key no cgroup has (so
@@ -647,7 +635,13 @@ impl Daemon {
         lock(&self.kernel.tags)
             .insert(id, TagValue::new(&cgroup), 0)
             .map_err(|e| format!("cannot tag {cgroup}: {e}"))?;
-        warn!(cgroup = %cgroup, "tagged cgroup does not exist yet; tagged once it is created");
+        warn!(cgroup = %cgroup, "tagged cgroup does not exist yet; tagged once it is created \
+            (until then its processes are not redirected: tag a parent that exists)");
+        self.audit.record_later(self.event_by(
+            &self.own_identity,
+            "tag",
+            json!({"cgroup": cgroup, "cgroup_id": null, "pending": true}),
+        ));
         Ok(TagStatus {
             cgroup,
             id,
@@ -657,20 +651,35 @@ impl Daemon {
 
     /// Tags follow their cgroup's path: a tagged cgroup created (configured before it
     /// existed) or re-created (removed and made again: a new id) is tagged under its id now.
+    /// The entry under the old id stays (a cgroup renamed away keeps its tag; `untag` removes
+    /// every entry of the path), except a pending one, which never matched a cgroup. Between
+    /// the cgroup's creation and this (at most [`NAMESPACE_SCAN`]) its processes are not
+    /// redirected: tag a parent that exists for cgroups created on the fly.
     pub fn follow_tags(&self) {
         let mut tags = lock(&self.kernel.tags);
-        let moved: Vec<(u64, u64, TagValue)> = tags
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(key, value)| {
-                let id = self.hierarchy.id(value.path()).ok()?;
-                (id != key).then_some((key, id, value))
-            })
-            .collect();
-        for (old, id, value) in moved {
+        let entries: Vec<(u64, TagValue)> = tags.iter().filter_map(Result::ok).collect();
+        let known: HashSet<u64> = entries.iter().map(|(k, _)| *k).collect();
+        for (key, value) in entries {
+            // A path cut to fit (from an older daemon) names another cgroup, if any.
+            if value.path().len() >= interceptor_common::TAG_PATH_MAX {
+                continue;
+            }
+            let Ok(id) = self.hierarchy.id(value.path()) else {
+                continue;
+            };
+            if known.contains(&id) {
+                continue;
+            }
             if tags.insert(id, value, 0).is_ok() {
-                let _ = tags.remove(&old);
+                if key & PENDING_TAG != 0 {
+                    let _ = tags.remove(&key);
+                }
                 info!(cgroup = %value.path(), cgroup.id = id, "tagged cgroup (re)created: tagged");
+                self.audit.record_later(self.event_by(
+                    &self.own_identity,
+                    "tag",
+                    json!({"cgroup": value.path(), "cgroup_id": id, "followed": true}),
+                ));
             }
         }
     }
@@ -679,22 +688,25 @@ impl Daemon {
     pub fn untag(&self, cgroup: &str, by: &str) -> Result<TagStatus, String> {
         let cgroup = config::normalize_cgroup_path(cgroup)?;
         let mut tags = lock(&self.kernel.tags);
-        // Find by id when the cgroup still exists, else by the recorded path.
-        let id = match self.hierarchy.id(&cgroup) {
-            Ok(id) if tags.get(&id, 0).is_ok() => Some(id),
-            _ => tags
-                .iter()
-                .filter_map(Result::ok)
-                .find(|(_, v)| v.path() == cgroup)
-                .map(|(k, _)| k),
-        };
-        let Some(id) = id else {
+        // Every entry of the cgroup: by its id, and by the recorded path (a cgroup removed or
+        // re-created since, one configured before it existed), so none is tagged again later.
+        let current = self.hierarchy.id(&cgroup).ok();
+        let mut ids: Vec<u64> = tags
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| Some(*k) == current || v.path() == cgroup)
+            .map(|(k, _)| k)
+            .collect();
+        ids.sort_unstable_by_key(|k| Some(*k) != current);
+        let Some(&id) = ids.first() else {
             return Err(format!(
                 "{cgroup} is not tagged; `interceptor status` lists the tags"
             ));
         };
-        tags.remove(&id)
-            .map_err(|e| format!("cannot untag {cgroup}: {e}"))?;
+        for key in &ids {
+            tags.remove(key)
+                .map_err(|e| format!("cannot untag {cgroup}: {e}"))?;
+        }
         info!(cgroup = %cgroup, cgroup.id = id, "untagged");
         self.audit.record_later(self.event_by(
             by,
@@ -800,6 +812,8 @@ impl Daemon {
                 // write(2) calls: concurrent requests share them.
                 "writes": self.audit.stats.writes.load(Ordering::Relaxed),
                 "failures": self.audit.stats.failures.load(Ordering::Relaxed),
+                // Events dropped while the log stayed unwritable (an audit.lost event says so).
+                "lost": self.audit.stats.lost.load(Ordering::Relaxed),
                 "syncs": self.audit.stats.syncs.load(Ordering::Relaxed),
                 // Total time in fdatasync, µs (the mean over syncs is what fsync mode adds).
                 "sync_us": self.audit.stats.sync_micros.load(Ordering::Relaxed),
@@ -894,8 +908,11 @@ fn pending_tag_key(cgroup: &str) -> u64 {
     let digest = sha2::Sha256::digest(cgroup.as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
-    u64::from_le_bytes(bytes) | 1 << 63
+    u64::from_le_bytes(bytes) | PENDING_TAG
 }
+
+/// The bit that marks [`pending_tag_key`]s.
+pub const PENDING_TAG: u64 = 1 << 63;
 
 /// The address that reaches `addr` without naming it: a connect to `0.0.0.0:P` goes to
 /// `127.0.0.1:P`, one to `[::]:P` to `[::1]:P` (the kernel fills in loopback). Intercepted
@@ -998,6 +1015,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         sessions: Sessions::default(),
         bound_sessions: Default::default(),
         streams: Streams::default(),
+        own_identity: daemon_identity.clone(),
         audit,
         metrics,
         revocations: RwLock::new(Vec::new()),

@@ -89,10 +89,17 @@ struct ProcFacts {
 impl ProcFacts {
     /// Reads them for the process behind `record` from `proc_root` (normally `/proc`).
     fn of(record: &ConnRecord, proc_root: &Path) -> Self {
-        Self::read(
-            &proc_root.join(record.tgid.to_string()),
-            record.connect_boot_ns,
-        )
+        let dir = proc_root.join(record.tgid.to_string());
+        let mut facts = Self::read(&dir, record.connect_boot_ns);
+        // The kernel recorded the cgroup of the thread that connected; in a threaded cgroup
+        // subtree it is not the process's (the thread's own file says).
+        if record.pid != record.tgid && facts.cgroup.is_some() {
+            let task = dir.join("task").join(record.pid.to_string()).join("cgroup");
+            if let Some(own) = read_proc(&task).ok().and_then(unified_path) {
+                facts.cgroup = Some(own);
+            }
+        }
+        facts
     }
 
     /// Reads them; exe and cgroup only from a process that started before `connect_boot_ns`
@@ -114,15 +121,18 @@ impl ProcFacts {
             facts.exe = std::fs::read_link(dir.join("exe"))
                 .ok()
                 .and_then(|p| p.into_os_string().into_string().ok());
-            facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(|bytes| {
-                String::from_utf8(bytes)
-                    .ok()?
-                    .lines()
-                    .find_map(|l| l.strip_prefix("0::").map(|p| p.trim_end().to_owned()))
-            });
+            facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(unified_path);
         }
         facts
     }
+}
+
+/// The cgroup v2 path in a `/proc/…/cgroup` file (its `0::` line), if it is UTF-8.
+fn unified_path(bytes: Vec<u8>) -> Option<String> {
+    String::from_utf8(bytes)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(|p| p.trim_end().to_owned()))
 }
 
 /// Reads a small `/proc` file in one `read(2)` and one that sees the end (`read_to_string`

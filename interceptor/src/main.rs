@@ -72,10 +72,31 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct ConfigArg {
-    /// The daemon's TOML config; the admin socket and bpffs folder are read from it (without
-    /// a file at the default path: their built-in defaults).
-    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// The daemon's TOML config [default: /etc/interceptor/interceptor.toml]; the admin socket
+    /// and bpffs folder are read from it (commands that talk to the daemon use their built-in
+    /// defaults when no file is at the default path).
+    #[arg(long = "config", value_name = "FILE")]
+    given: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The config file: as given, or the default path.
+    fn file(&self) -> PathBuf {
+        self.given
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+
+    /// The `[daemon]` section the commands that talk to the daemon need: from the file given,
+    /// else from the default path, else (no file there) the built-in defaults, which a daemon
+    /// started from another file may well use.
+    fn daemon(&self) -> Result<interceptor::config::Daemon, interceptor::config::Error> {
+        let file = self.file();
+        if self.given.is_none() && !file.exists() {
+            return Config::default_daemon();
+        }
+        Config::load_daemon(&file)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,7 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, log_format } => {
             telemetry::init(log_format);
-            let config = Config::load(&config.config)?;
+            let config = Config::load(&config.file())?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -311,7 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { json, config } => {
-            let config = Config::load(&config.config)?;
+            let config = Config::load(&config.file())?;
             // Where the programs would attach; a host without cgroup v2 is reported, not fatal.
             let mount = Hierarchy::discover().map(|h| h.mount);
             if json {
@@ -373,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tag { cgroup, config } => {
-            let daemon = Config::load_daemon(&config.config)?;
+            let daemon = config.daemon()?;
             let r = admin::request(&daemon.admin_socket, &Request::Tag { cgroup })?;
             println!(
                 "tagged {} (cgroup id {})",
@@ -383,7 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Untag { cgroup, config } => {
-            let daemon = Config::load_daemon(&config.config)?;
+            let daemon = config.daemon()?;
             let r = admin::request(&daemon.admin_socket, &Request::Untag { cgroup })?;
             println!(
                 "untagged {} (cgroup id {})",
@@ -393,7 +414,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json, config } => {
-            let daemon = Config::load_daemon(&config.config)?;
+            let daemon = config.daemon()?;
             let status = admin::request(&daemon.admin_socket, &Request::Status)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -403,7 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reload { config } => {
-            let daemon = Config::load_daemon(&config.config)?;
+            let daemon = config.daemon()?;
             let r = admin::request(&daemon.admin_socket, &Request::Reload)?;
             println!(
                 "policy reloaded: {} role(s), {} binding(s){}; {} server stream(s) notified",
@@ -429,7 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy(PolicyCommand::Check { config }) => {
-            let config = Config::load(&config.config)?;
+            let config = Config::load(&config.file())?;
             let roles = config.policy.role_names();
             println!(
                 "{}: policy is valid: {} role(s) ({}), {} binding(s)",
@@ -453,7 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             comm,
             workload_id,
         }) => {
-            let config = Config::load(&config.config)?;
+            let config = Config::load(&config.file())?;
             if config.server_id(&server).is_none() {
                 bail!(
                     "unknown server {server:?}; the config defines: {}",
@@ -520,7 +541,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                     .exit();
             }
-            let daemon = Config::load_daemon(&config.config)?;
+            let daemon = config.daemon()?;
             let r = admin::request(
                 &daemon.admin_socket,
                 &Request::Revoke {
@@ -539,7 +560,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Unrevoke { who, config } => {
-            let daemon = Config::load_daemon(&config.config)?;
+            let daemon = config.daemon()?;
             let r = admin::request(
                 &daemon.admin_socket,
                 &Request::Unrevoke {
@@ -564,7 +585,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(CaCommand::Jwks { config }) => {
-            let config = Config::load(&config.config)?;
+            let config = Config::load(&config.file())?;
             let Some(raw) = &config.ca else {
                 bail!(
                     "{} has no [ca] section; configure the node CA first",
@@ -623,7 +644,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             decision,
             json,
         }) => {
-            let config = Config::load(&config.config)?;
+            let config = Config::load(&config.file())?;
             let filter = TailFilter {
                 identity,
                 tool,
@@ -632,7 +653,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tail(&config.audit.path, follow, &filter, json)
         }
         Command::Uninstall { config } => {
-            let daemon = Config::load_daemon(&config.config)?;
+            // Never the built-in defaults: a daemon running from another file would not be
+            // seen and its pins would go under it.
+            let daemon = Config::load_daemon(&config.file())?;
             let socket = &daemon.admin_socket;
             if admin::request(socket, &Request::Status).is_ok() {
                 bail!(
@@ -973,12 +996,20 @@ fn print_status(s: &Value) {
         println!("  (none)");
     }
     for t in tags {
+        let id = t["id"].as_u64().unwrap_or(0);
+        if id & interceptor::daemon::PENDING_TAG != 0 {
+            println!(
+                "  {} (pending: tagged once the cgroup is created)",
+                str_of(&t["cgroup"])
+            );
+            continue;
+        }
         let gone = if t["exists"] == Value::Bool(true) {
             ""
         } else {
-            " (cgroup gone)"
+            " (cgroup gone or re-created: the tag follows the path)"
         };
-        println!("  {} (id {}){gone}", str_of(&t["cgroup"]), t["id"]);
+        println!("  {} (id {id}){gone}", str_of(&t["cgroup"]));
     }
     println!("revocations:");
     let revs = s["revocations"].as_array().cloned().unwrap_or_default();

@@ -638,8 +638,8 @@ impl Policy {
         if ALWAYS_ALLOWED.contains(&call.method) || call.method.starts_with("notifications/") {
             return Decision::allow(
                 format!(
-                    "server {server:?} granted; {:?} is always allowed",
-                    call.method
+                    "server {server:?} granted; {} is always allowed",
+                    quoted(call.method)
                 ),
                 self.names(roles),
             );

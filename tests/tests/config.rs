@@ -106,9 +106,24 @@ fn without_a_file_at_the_default_path_the_cli_uses_the_built_in_defaults() {
         err.contains("/run/interceptor/admin.sock") || out.status.success(),
         "{err}"
     );
-    // A file named explicitly must exist.
+    // A file named explicitly must exist, the default path too when named.
+    for named in [
+        "/nonexistent/interceptor.toml",
+        "/etc/interceptor/interceptor.toml",
+    ] {
+        let out = Command::new(interceptor_bin())
+            .args(["status", "--config", named])
+            .output()
+            .expect("run");
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot read config"),
+            "{named}"
+        );
+    }
+    // uninstall never guesses: a daemon running from another file would lose its pins.
     let out = Command::new(interceptor_bin())
-        .args(["status", "--config", "/nonexistent/interceptor.toml"])
+        .arg("uninstall")
         .output()
         .expect("run");
     assert!(!out.status.success());

@@ -206,6 +206,19 @@ fn tags_follow_their_path_and_stay_inside_the_attach_point() {
     std::fs::create_dir(&dir).expect("mkdir it again");
     redirected();
     assert_eq!(w.env.status()["tags"][0]["exists"], true);
+    // Untagged, it stays so however often it is made again (no entry of its path is left).
+    let out = w.env.cli(&["untag", &agents]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir(&dir).expect("rmdir");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = run_client(PROBE, &dir, &dialed);
+    assert!(r.expect_reply().starts_with("direct:"), "{r:?}");
+    assert_eq!(w.env.status()["tags"], serde_json::json!([]));
 
     // A cgroup outside daemon.cgroup_root is never seen by the programs: refused, with why.
     let out = w.env.cli(&["tag", "/"]);
