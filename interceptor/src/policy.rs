@@ -411,6 +411,12 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A refusal made before any policy rule was consulted (malformed headers, a session of
+    /// another identity, a revocation); `rule` says why, in the proxy's words only.
+    pub fn refused(rule: impl Into<String>) -> Self {
+        Self::deny(rule)
+    }
+
     fn deny(rule: impl Into<String>) -> Self {
         Self {
             allow: false,

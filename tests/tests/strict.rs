@@ -125,6 +125,35 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         );
     }
 
+    // Requests refused before any policy decision are in the audit log too, denied with why.
+    let refused = eventually(
+        std::time::Duration::from_secs(10),
+        || {
+            let events = w.env.audit_events();
+            let found: Vec<Value> = events
+                .into_iter()
+                .filter(|e| {
+                    e["event"] == "mcp.request"
+                        && e["rule"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("refused before policy"))
+                })
+                .collect();
+            (found.len() >= 3).then_some(found)
+        },
+        || format!("no refused requests audited: {:#?}", w.env.audit_events()),
+    );
+    assert!(
+        refused.iter().all(|e| e["decision"] == "deny"),
+        "{refused:#?}"
+    );
+    assert!(
+        refused.iter().any(
+            |e| e["tool"] == "search" && e["rule"].as_str().is_some_and(|r| r.contains("Mcp-"))
+        ),
+        "{refused:#?}"
+    );
+
     // A batch hiding a denied call is refused whole, with an error for each element.
     let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_note"}}]"#;
     let r = send_raw(PROBE, &w.dir, &addr, &post(batch, ""));

@@ -975,6 +975,21 @@ impl Conn {
         }
     }
 
+    /// Records the requests and notifications of a body refused before any policy decision
+    /// (every JSON-RPC request is in the audit log, refused ones too), denied with `why`.
+    fn record_refused(&self, headers: &http::HeaderMap, body: &jsonrpc::Body, why: &str) {
+        let decision = Decision::refused(format!("refused before policy: {}", capped(why)));
+        let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
+        let protocol = headers
+            .get("mcp-protocol-version")
+            .map_or("unspecified", |v| v.to_str().unwrap_or("invalid"));
+        for m in body.messages.iter().filter(|m| m.method().is_some()) {
+            self.daemon
+                .audit
+                .record_later(self.request_event(m, &decision, session, protocol));
+        }
+    }
+
     async fn post(
         self: &Arc<Self>,
         parts: http::request::Parts,
@@ -1008,6 +1023,7 @@ impl Conn {
         };
         if let Some(reason) = self.revoked_reason() {
             info!(reason = %reason, "request refused: identity revoked");
+            self.record_refused(&parts.headers, &body, &format!("access revoked: {reason}"));
             let errors: Vec<Value> = body
                 .messages
                 .iter()
@@ -1029,6 +1045,7 @@ impl Conn {
         if let Err(e) = check_mcp_headers(&parts.headers, &body) {
             self.rejected();
             info!(error = %e, "request refused: Mcp-* header disagrees with the body");
+            self.record_refused(&parts.headers, &body, &e.message);
             return json_response(StatusCode::BAD_REQUEST, &e.to_response());
         }
         let pq = parts
@@ -1041,6 +1058,7 @@ impl Conn {
             Err(why) => {
                 self.rejected();
                 info!(reason = %why, "request refused: ambiguous request target");
+                self.record_refused(&parts.headers, &body, &why);
                 return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
             }
         };
@@ -1050,6 +1068,11 @@ impl Conn {
         {
             self.rejected();
             warn!("request refused: legacy SSE session belongs to another identity");
+            self.record_refused(
+                &parts.headers,
+                &body,
+                "the session belongs to another identity",
+            );
             return error_response(
                 StatusCode::FORBIDDEN,
                 code::INVALID_REQUEST,
@@ -1057,6 +1080,11 @@ impl Conn {
             );
         }
         if let Some(refused) = self.foreign_session(&parts.headers) {
+            self.record_refused(
+                &parts.headers,
+                &body,
+                "the session belongs to another identity (or its id is repeated)",
+            );
             return refused;
         }
 
@@ -1080,6 +1108,7 @@ impl Conn {
         if body.messages.iter().any(|m| m.method().is_none()) {
             let decision = policy.check_server_granted(&grant, self.server_name());
             if !decision.allow {
+                self.record_refused(&parts.headers, &body, &decision.rule);
                 return self.server_refused("POST (responses)", &decision);
             }
         }
