@@ -45,7 +45,7 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// `prev_hash` of the very first event.
 /// Most events recorded without a caller waiting (responses, closes, admin events) kept for
 /// a later write while the log is unwritable.
-pub const MAX_BACKLOG: usize = 100_000;
+pub const MAX_BACKLOG: usize = 10_000;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Default `[audit] path`.

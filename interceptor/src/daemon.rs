@@ -650,15 +650,16 @@ impl Daemon {
     }
 
     /// Tags follow their cgroup's path: a tagged cgroup created (configured before it
-    /// existed) or re-created (removed and made again: a new id) is tagged under its id now.
-    /// The entry under the old id stays (a cgroup renamed away keeps its tag; `untag` removes
-    /// every entry of the path), except a pending one, which never matched a cgroup. Between
-    /// the cgroup's creation and this (at most [`NAMESPACE_SCAN`]) its processes are not
-    /// redirected: tag a parent that exists for cgroups created on the fly.
+    /// existed) or re-created (removed and made again: a new id) is tagged under its id now,
+    /// and its entry under the old id goes (ids are not reused; a service whose cgroup is made
+    /// anew at each restart must not fill the map). Between the cgroup's creation and this (at
+    /// most [`NAMESPACE_SCAN`]) its processes are not redirected: tag a parent that exists for
+    /// cgroups created on the fly. (A tagged cgroup renamed away loses its tag once another
+    /// is made at its old path.)
     pub fn follow_tags(&self) {
         let mut tags = lock(&self.kernel.tags);
         let entries: Vec<(u64, TagValue)> = tags.iter().filter_map(Result::ok).collect();
-        let known: HashSet<u64> = entries.iter().map(|(k, _)| *k).collect();
+        let mut known: HashSet<u64> = entries.iter().map(|(k, _)| *k).collect();
         for (key, value) in entries {
             // A path cut to fit (from an older daemon) names another cgroup, if any.
             if value.path().len() >= interceptor_common::TAG_PATH_MAX {
@@ -667,19 +668,28 @@ impl Daemon {
             let Ok(id) = self.hierarchy.id(value.path()) else {
                 continue;
             };
-            if known.contains(&id) {
+            if id == key {
                 continue;
             }
-            if tags.insert(id, value, 0).is_ok() {
-                if key & PENDING_TAG != 0 {
+            if known.contains(&id) {
+                // Tagged under its id already (`tag`, or another entry of the path followed).
+                let _ = tags.remove(&key);
+                continue;
+            }
+            match tags.insert(id, value, 0) {
+                Ok(()) => {
+                    known.insert(id);
                     let _ = tags.remove(&key);
+                    info!(cgroup = %value.path(), cgroup.id = id, "tagged cgroup (re)created: tagged");
+                    self.audit.record_later(self.event_by(
+                        &self.own_identity,
+                        "tag",
+                        json!({"cgroup": value.path(), "cgroup_id": id, "followed": true}),
+                    ));
                 }
-                info!(cgroup = %value.path(), cgroup.id = id, "tagged cgroup (re)created: tagged");
-                self.audit.record_later(self.event_by(
-                    &self.own_identity,
-                    "tag",
-                    json!({"cgroup": value.path(), "cgroup_id": id, "followed": true}),
-                ));
+                Err(e) => {
+                    warn!(cgroup = %value.path(), error = %e, "cannot tag the (re)created cgroup; its processes are not redirected");
+                }
             }
         }
     }

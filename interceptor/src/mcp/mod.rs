@@ -978,6 +978,11 @@ impl Conn {
     /// Records the requests and notifications of a body refused before any policy decision
     /// (every JSON-RPC request is in the audit log, refused ones too), denied with `why`.
     fn record_refused(&self, headers: &http::HeaderMap, body: &jsonrpc::Body, why: &str) {
+        // While the log is unwritable nothing is recorded (requests are refused without events
+        // then too): refusals must not pile up in its backlog.
+        if !self.daemon.audit.healthy() {
+            return;
+        }
         let decision = Decision::refused(format!("refused before policy: {}", capped(why)));
         let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
         let protocol = headers
@@ -1108,7 +1113,11 @@ impl Conn {
         if body.messages.iter().any(|m| m.method().is_none()) {
             let decision = policy.check_server_granted(&grant, self.server_name());
             if !decision.allow {
-                self.record_refused(&parts.headers, &body, &decision.rule);
+                self.record_refused(
+                    &parts.headers,
+                    &body,
+                    &format!("no role grants the server ({})", decision.rule),
+                );
                 return self.server_refused("POST (responses)", &decision);
             }
         }
