@@ -393,3 +393,24 @@ fn list_results_behind_a_byte_order_mark_are_filtered_too() {
         "{v}"
     );
 }
+
+#[test]
+fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
+    if !privileged() {
+        return;
+    }
+    // Python's json reads NaN; the filter's strict parser does not: never passed on.
+    let w = world_with(
+        "nan",
+        LabelServer::start_fixed(
+            "127.0.0.3",
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"search\"},{\"name\":\"delete_note\"}],\"x\":NaN}}",
+        ),
+    );
+    let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let r = send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(list, ""));
+    let reply = r.reply.as_deref().unwrap_or("");
+    assert!(!reply.contains("delete_note"), "{r:?}");
+    assert_ne!(r.status, Some(200), "{r:?}");
+    assert!(reply.contains("not strict JSON"), "{r:?}");
+}

@@ -58,6 +58,15 @@ use crate::{
 /// A UTF-8 byte order mark.
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// Whether a lenient JSON reader would take `text` for a JSON object or array: its first byte
+/// past whitespace (and a byte order mark) opens one.
+fn looks_like_json(text: &[u8]) -> bool {
+    let text = text.strip_prefix(UTF8_BOM).unwrap_or(text);
+    text.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'{' | b'['))
+}
+
 /// Errors carried by response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every proxy response.
@@ -1632,6 +1641,18 @@ impl Conn {
                     bytes
                 }
             }
+            // What a lenient client would still read as JSON (Python's json takes NaN and
+            // Infinity) is refused: it could carry a list the filter never saw.
+            Err(e) if looks_like_json(text) => {
+                warn!(error = %e, "upstream answer looks like JSON but is not strict JSON");
+                return self.upstream_failed(
+                    pending,
+                    format!(
+                        "upstream answer is not strict JSON ({e}); the interceptor must read \
+                         what it passes on"
+                    ),
+                );
+            }
             Err(_) => bytes,
         };
         // Requests a 202 or a non-JSON answer leaves without a JSON-RPC response.
@@ -1793,6 +1814,11 @@ impl SseState {
                     e.raw
                 }
             }
+            // Not passed: a lenient client could read it as a list the filter never saw.
+            Err(err) if looks_like_json(e.data.as_bytes()) => {
+                warn!(error = %err, "SSE event from the upstream looks like JSON but is not strict JSON; dropped");
+                Bytes::new()
+            }
             Err(_) => e.raw,
         }
     }
@@ -1890,6 +1916,16 @@ impl RetainNonHop for HeaderMap {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn what_a_lenient_reader_takes_for_json() {
+        for text in [&b"{}"[..], b"  [1]", b"\xEF\xBB\xBF {\"x\":NaN}", b"\n{"] {
+            assert!(super::looks_like_json(text), "{text:?}");
+        }
+        for text in [&b""[..], b"ok", b"event: x", b"\"str\"", b"<html>"] {
+            assert!(!super::looks_like_json(text), "{text:?}");
+        }
+    }
     use tokio::io::AsyncWriteExt;
 
     use super::*;
