@@ -370,21 +370,34 @@ fn an_identity_without_a_role_gets_errors_not_silence() {
     );
 }
 
+/// What an agent of the reader role gets for `tools/list` from an upstream that answers every
+/// request with `body`.
+fn tools_list_answered_with(label: &str, body: &'static [u8]) -> interceptor_tests::ClientResult {
+    let w = world_with(label, LabelServer::start_fixed("127.0.0.3", body));
+    let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(list, ""))
+}
+
+/// A list with a tool the reader may use and one it may not.
+macro_rules! listing {
+    ($prefix:literal, $suffix:literal) => {
+        concat!(
+            $prefix,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_note"}]"#,
+            $suffix,
+            "}}"
+        )
+        .as_bytes()
+    };
+}
+
 #[test]
 fn list_results_behind_a_byte_order_mark_are_filtered_too() {
     if !privileged() {
         return;
     }
     // Python's json reads a body that starts with a UTF-8 BOM; so must the filter.
-    let w = world_with(
-        "bom",
-        LabelServer::start_fixed(
-            "127.0.0.3",
-            b"\xEF\xBB\xBF{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"search\"},{\"name\":\"delete_note\"}]}}",
-        ),
-    );
-    let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
-    let r = send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(list, ""));
+    let r = tools_list_answered_with("bom", listing!("\u{feff}", ""));
     assert_eq!(r.status, Some(200), "{r:?}");
     let v: Value = serde_json::from_str(r.reply.as_deref().unwrap_or("")).expect("plain JSON");
     assert_eq!(
@@ -400,15 +413,7 @@ fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
         return;
     }
     // Python's json reads NaN; the filter's strict parser does not: never passed on.
-    let w = world_with(
-        "nan",
-        LabelServer::start_fixed(
-            "127.0.0.3",
-            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"search\"},{\"name\":\"delete_note\"}],\"x\":NaN}}",
-        ),
-    );
-    let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
-    let r = send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(list, ""));
+    let r = tools_list_answered_with("nan", listing!("", r#","x":NaN"#));
     let reply = r.reply.as_deref().unwrap_or("");
     assert!(!reply.contains("delete_note"), "{r:?}");
     assert_ne!(r.status, Some(200), "{r:?}");
