@@ -993,8 +993,12 @@ impl Shared {
                 (bg.flush, std::mem::take(&mut bg.sync_waiters), bg.stop)
             };
             if stop {
-                // Deferred events, then one last fdatasync for them and for any waiter.
+                // Deferred events, then one last fdatasync for them and for any waiter. A write
+                // that finds the log writable again defers an `audit.lost`: written too.
                 let _ = self.write(Vec::new());
+                if !lock(&self.queue).later.is_empty() {
+                    let _ = self.write(Vec::new());
+                }
                 let result = self.sync();
                 for w in waiters {
                     let _ = w.send(result.clone());
