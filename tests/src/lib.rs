@@ -347,9 +347,12 @@ impl LabelServer {
 
     /// Answers every request with `body` as `application/json` (bytes as given).
     pub fn start_fixed(ip: &str, body: &'static [u8]) -> Self {
-        Self::serve(ip, Duration::ZERO, move |_| {
-            ("application/json", body.to_vec())
-        })
+        Self::start_fixed_as(ip, "application/json", body)
+    }
+
+    /// Answers every request with `body` as `content_type` (bytes as given).
+    pub fn start_fixed_as(ip: &str, content_type: &'static str, body: &'static [u8]) -> Self {
+        Self::serve(ip, Duration::ZERO, move |_| (content_type, body.to_vec()))
     }
 
     fn serve(

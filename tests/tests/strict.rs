@@ -371,9 +371,21 @@ fn an_identity_without_a_role_gets_errors_not_silence() {
 }
 
 /// What an agent of the reader role gets for `tools/list` from an upstream that answers every
-/// request with `body`.
+/// request with `body` (JSON).
 fn tools_list_answered_with(label: &str, body: &'static [u8]) -> interceptor_tests::ClientResult {
-    let w = world_with(label, LabelServer::start_fixed("127.0.0.3", body));
+    tools_list_answered_as(label, "application/json", body)
+}
+
+/// Like [`tools_list_answered_with`], the answer of type `content_type`.
+fn tools_list_answered_as(
+    label: &str,
+    content_type: &'static str,
+    body: &'static [u8],
+) -> interceptor_tests::ClientResult {
+    let w = world_with(
+        label,
+        LabelServer::start_fixed_as("127.0.0.3", content_type, body),
+    );
     let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
     send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(list, ""))
 }
@@ -418,4 +430,17 @@ fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
     assert!(!reply.contains("delete_note"), "{r:?}");
     assert_ne!(r.status, Some(200), "{r:?}");
     assert!(reply.contains("not strict JSON"), "{r:?}");
+    // In an SSE stream the event is dropped; the strict one after it is filtered and passed.
+    let stream = concat!(
+        "event: message\ndata: ",
+        r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"delete_note"}],"x":NaN}}"#,
+        "\n\nevent: message\ndata: ",
+        r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_note"}]}}"#,
+        "\n\n"
+    );
+    let r = tools_list_answered_as("nan-sse", "text/event-stream", stream.as_bytes());
+    let reply = r.reply.as_deref().unwrap_or("");
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert!(!reply.contains("delete_note"), "{r:?}");
+    assert!(reply.contains(r#""name":"search""#), "{r:?}");
 }
