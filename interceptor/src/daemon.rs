@@ -460,7 +460,6 @@ impl Daemon {
                 reason.to_owned()
             },
             since: crate::ca::unix_now(),
-            enforced_by: crate::revoke::enforced_by(&key),
             key,
         };
         lock(&self.kernel.blocks)
@@ -603,7 +602,7 @@ impl Daemon {
 
     /// Tags `cgroup` (relative to the cgroup v2 mount). Idempotent.
     pub fn tag(&self, cgroup: &str, by: &str) -> Result<TagStatus, String> {
-        let cgroup = self.taggable(cgroup)?;
+        let cgroup = config::taggable(cgroup, &self.config.daemon.cgroup_root)?;
         let id = self.hierarchy.id(&cgroup).map_err(|e| e.to_string())?;
         lock(&self.kernel.tags)
             .insert(id, TagValue::new(&cgroup), 0)
@@ -621,16 +620,10 @@ impl Daemon {
         })
     }
 
-    /// `cgroup` normalised, if it is where the programs see connections (at or below
-    /// `daemon.cgroup_root`).
-    fn taggable(&self, cgroup: &str) -> Result<String, String> {
-        config::taggable(cgroup, &self.config.daemon.cgroup_root)
-    }
-
     /// A configured tag whose cgroup does not exist yet: kept under a key no cgroup has (so
     /// it matches nothing) until [`Daemon::follow_tags`] finds the cgroup.
     fn tag_pending(&self, cgroup: &str) -> Result<TagStatus, String> {
-        let cgroup = self.taggable(cgroup)?;
+        let cgroup = config::taggable(cgroup, &self.config.daemon.cgroup_root)?;
         let id = pending_tag_key(&cgroup);
         lock(&self.kernel.tags)
             .insert(id, TagValue::new(&cgroup), 0)

@@ -129,20 +129,19 @@ pub struct Revocation {
     pub reason: String,
     /// Unix time it was made.
     pub since: u64,
-    /// `kernel` (connects refused at `connect()`, and the proxy) or `proxy` (a workload id
-    /// whose template the kernel cannot match, or whose cgroup did not exist when revoked).
-    pub enforced_by: &'static str,
-    #[serde(skip)]
+    /// Shown as `enforced_by`: `kernel` (connects refused at `connect()`, and the proxy) or
+    /// `proxy` (a workload id whose template the kernel cannot match, or whose cgroup did not
+    /// exist when revoked): what the key's kind says.
+    #[serde(rename = "enforced_by", serialize_with = "enforcement")]
     pub key: BlockKey,
 }
 
-/// [`Revocation::enforced_by`] for a row keyed `key`.
-pub fn enforced_by(key: &BlockKey) -> &'static str {
-    if key.kind == block::WORKLOAD {
+fn enforcement<S: serde::Serializer>(key: &BlockKey, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if key.kind == block::WORKLOAD {
         "proxy"
     } else {
         "kernel"
-    }
+    })
 }
 
 impl Revocation {
@@ -158,7 +157,6 @@ impl Revocation {
             all_egress: value.flags & block::ALL_EGRESS != 0,
             reason: value.reason().to_owned(),
             since: value.since,
-            enforced_by: enforced_by(&key),
             key,
         })
     }

@@ -248,6 +248,16 @@ pub fn mcp_client(
     })
 }
 
+/// The JSON objects of a JSON-lines file (an audit log, what a test upstream saw): none if
+/// it cannot be read, unreadable lines left out.
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Runs the official-SDK Rust client (`rmcp-peer client`) inside `cgroup_dir`.
 pub fn rmcp_client(rmcp_peer: &str, cgroup_dir: &Path, url: &str, calls: &[&str]) -> Value {
     let mut args = vec!["client", url];
@@ -802,11 +812,7 @@ impl TestEnv {
 
     /// The audit events written so far.
     pub fn audit_events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        json_lines(&self.audit_path())
     }
 
     /// The running daemon's pid.

@@ -10,7 +10,7 @@ use std::{
 
 use interceptor_tests::{
     BackgroundClient, LabelServer, McpServer, ServerSpec, TestEnv, eventually, interceptor_bin,
-    mcp_client, privileged,
+    json_lines, mcp_client, privileged,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -543,11 +543,7 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
     eventually(
         std::time::Duration::from_secs(5),
         || {
-            let events: Vec<Value> = std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+            let events = json_lines(&log);
             let (open, close) = (
                 count(&events, "connection.open"),
                 count(&events, "connection.close"),
@@ -565,8 +561,7 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
     eventually(
         std::time::Duration::from_secs(5),
         || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let last: Value = serde_json::from_str(text.lines().last()?).ok()?;
+            let last = json_lines(&log).pop()?;
             (w.env.status()["audit"]["seq"] == last["seq"]).then_some(())
         },
         || {

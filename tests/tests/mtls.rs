@@ -11,7 +11,7 @@ use std::{collections::HashSet, path::Path, process::Command};
 
 use base64::Engine as _;
 use interceptor_tests::{
-    McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, mcp_client, privileged,
+    McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, json_lines, mcp_client, privileged,
     rmcp_client, scrape_metrics, send_raw, write_server_pki,
 };
 use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
@@ -39,14 +39,6 @@ fn upstream_pki(dir: &Path) {
         other.self_signed(&other_key).unwrap().pem(),
     )
     .unwrap();
-}
-
-fn seen(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 fn verify_jws(token: &str, jwks: &Value) -> Value {
@@ -216,14 +208,14 @@ cgroup = "{root}/**"
     // Agents that connect per call: several processes of one workload, one request each, in
     // quick succession. From the second on, their assertions are signed ahead for the
     // workload; each must still be its own (checked with all the others below).
-    let before_one_shot = seen(&seen_file).len();
+    let before_one_shot = json_lines(&seen_file).len();
     for _ in 0..4 {
         // A sessionless ping: the SDK server answers 400, which is fine here; what matters is
         // that it was forwarded (counted below from what the upstream saw).
         let r = interceptor_tests::run_client(PROBE, &env.dir(&readers), &intercept(p_ok));
         assert!(r.status.is_some(), "{r:?}");
     }
-    let lines = seen(&seen_file);
+    let lines = json_lines(&seen_file);
     assert_eq!(lines.len(), before_one_shot + 4);
     assert!(!lines.is_empty());
     let sans: HashSet<String> = lines
@@ -282,7 +274,7 @@ cgroup = "{root}/**"
     }
 
     // The agent's own identity header and Authorization are not forwarded.
-    let before = seen(&seen_file).len();
+    let before = json_lines(&seen_file).len();
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let forged = format!(
         "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -294,7 +286,7 @@ cgroup = "{root}/**"
         &intercept(p_ok),
         forged.as_bytes(),
     );
-    let after = seen(&seen_file);
+    let after = json_lines(&seen_file);
     assert!(after.len() > before);
     let last = &after[after.len() - 1];
     assert_ne!(last["identity"], "forged");
@@ -319,7 +311,7 @@ cgroup = "{root}/**"
     );
 
     // Wrong name, wrong server_id, untrusted CA: a clear error, and nothing reaches the server.
-    let before = seen(&seen_file).len();
+    let before = json_lines(&seen_file).len();
     for (p, needle) in [
         (p_name, "certificate"),
         (p_id, "server_id"),
@@ -334,7 +326,7 @@ cgroup = "{root}/**"
         );
     }
     assert_eq!(
-        seen(&seen_file).len(),
+        json_lines(&seen_file).len(),
         before,
         "a failed handshake must send nothing"
     );
