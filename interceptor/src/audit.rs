@@ -14,7 +14,8 @@
 //!   hash). Editing, deleting, reordering or inserting a line breaks the chain; rotation keeps
 //!   it (the first line of a new file names the last hash of the previous one).
 //! - A torn last line (the daemon died mid-write) is cut off at the next start and the repair is
-//!   recorded as an `audit.repair` event.
+//!   recorded as an `audit.repair` event; a complete last line that is not a valid record (an
+//!   edit: no crash leaves one) is kept, and the chain continues from the record before it.
 //! - If the file cannot be written (disk full, removed and not re-creatable, permission), the
 //!   error is returned, counted and logged, and callers refuse to forward: fail closed.
 //!
@@ -573,7 +574,7 @@ impl Audit {
             ))
         })?;
         let mut tail = read_tail(&mut file).map_err(|e| open_err(e.to_string()))?;
-        if tail.valid_len == 0 && tail.torn.is_none() {
+        if tail.valid_len == 0 && tail.torn.is_none() && tail.invalid.is_none() {
             // A new or emptied file (rotation, logrotate, removal): continue the chain from the
             // newest rotated file beside it.
             if let Some((seq, hash)) = newest_rotated_head(&config.path) {
@@ -593,6 +594,8 @@ impl Audit {
             path_checked: Instant::now(),
             stats: stats.clone(),
         };
+        let mut repair = Event::new("audit.repair").raw("identity", opener);
+        let mut repaired = false;
         if let Some(torn) = &tail.torn {
             warn!(
                 bytes = torn.len(),
@@ -602,10 +605,35 @@ impl Audit {
                 .file
                 .set_len(tail.valid_len)
                 .map_err(|e| open_err(format!("truncating the torn last line: {e}")))?;
-            let repair = Event::new("audit.repair")
-                .raw("identity", opener)
+            repair = repair
                 .field("torn_bytes", &torn.len())
                 .field("torn_sha256", &hex(&Sha256::digest(torn)));
+            repaired = true;
+        }
+        if tail.unterminated {
+            warn!(
+                "the audit log's last record lacks its line break (a write stopped just before it); adding it"
+            );
+            (&*writer.file)
+                .write_all(b"\n")
+                .map_err(|e| open_err(format!("ending the last record's line: {e}")))?;
+            writer.len += 1;
+            repair = repair.field("line_break_added", &true);
+            repaired = true;
+        }
+        if let Some(invalid) = &tail.invalid {
+            warn!(
+                bytes = invalid.len(),
+                "the audit log's last line is not a valid record: it was edited (no crash leaves \
+                 a complete invalid line); kept as evidence, the chain continues from the last \
+                 valid record before it and `interceptor audit verify` reports the line"
+            );
+            repair = repair
+                .field("invalid_line_bytes", &invalid.len())
+                .field("invalid_line_sha256", &hex(&Sha256::digest(invalid)));
+            repaired = true;
+        }
+        if repaired {
             writer
                 .write_batch(&[repair])
                 .map_err(|e| open_err(format!("recording the repair: {e}")))?;
@@ -1167,96 +1195,105 @@ struct Tail {
     valid_len: u64,
     last_seq: u64,
     last_hash: String,
+    /// An unterminated last line that is not a whole record continuing the chain: what a
+    /// crash left of a write. Cut off at the next start.
     torn: Option<Vec<u8>>,
+    /// The last record is whole and continues the chain but its line break is missing (the
+    /// write stopped just before it): the break is added at the next start.
+    unterminated: bool,
+    /// A complete last line that is not a valid record: no crash leaves one (a write ends with
+    /// its line break), so it was edited. Kept as evidence (`audit verify` names it); the
+    /// chain continues from the last valid record before it.
+    invalid: Option<Vec<u8>>,
 }
 
-/// Reads the last complete line for `seq`/`hash` and detects a torn last line.
+/// A line that is a sealed record whose hash matches: its `seq` and hash.
+fn record_of(line: &[u8]) -> Option<(u64, String, String)> {
+    let (body, hash) = unseal(std::str::from_utf8(line).ok()?)?;
+    if hex(&Sha256::digest(body.as_bytes())) != hash {
+        return None;
+    }
+    let v = serde_json::from_str::<Value>(&body).ok()?;
+    Some((
+        v["seq"].as_u64()?,
+        v["prev_hash"].as_str()?.to_owned(),
+        hash.to_owned(),
+    ))
+}
+
+/// Reads the end of the log: the last valid record's `seq`/hash, a torn last line, a last
+/// record missing its line break, an edited last line.
 fn read_tail(file: &mut File) -> io::Result<Tail> {
     let len = file.metadata()?.len();
-    // Enough to hold the last complete line and whatever follows it: grow the window until it
-    // holds a line break before the last line (or reaches the start of the file).
+    // Enough to hold the last two complete lines and whatever follows them: grow the window
+    // until it holds three line breaks (or reaches the start of the file).
     let mut window = len.min(1 << 20);
     let mut buf;
     loop {
         file.seek(SeekFrom::Start(len - window))?;
         buf = Vec::with_capacity(window as usize);
         file.read_to_end(&mut buf)?;
-        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let breaks = body.iter().filter(|&&b| b == b'\n').count();
-        if window == len || breaks >= 2 {
+        let breaks = buf.iter().filter(|&&b| b == b'\n').count();
+        if window == len || breaks >= 3 {
             break;
         }
         window = (window * 4).min(len);
     }
-    let mut valid_end = buf.len();
-    let mut torn = None;
-    if !buf.is_empty() && buf.last() != Some(&b'\n') {
-        let start = buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-        torn = Some(buf[start..].to_vec());
-        valid_end = start;
-    }
-    let complete = &buf[..valid_end];
-    let last_line = complete
+    let base = len - window;
+    // A window that does not start the file starts mid-line: that part is never looked at.
+    let first = if base == 0 {
+        0
+    } else {
+        buf.iter()
+            .position(|&b| b == b'\n')
+            .map_or(buf.len(), |p| p + 1)
+    };
+    let complete_end = buf
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1)
+        .max(first);
+    let mut lines = buf[first..complete_end]
         .strip_suffix(b"\n")
-        .unwrap_or(complete)
-        .rsplit(|&b| b == b'\n')
-        .next()
-        .unwrap_or(&[]);
-    let (mut last_seq, mut last_hash) = (0, GENESIS.to_owned());
-    if !last_line.is_empty() {
-        let text = String::from_utf8_lossy(last_line);
-        match (serde_json::from_str::<Value>(&text), unseal(&text)) {
-            (Ok(v), Some((_, hash))) => {
-                last_seq = v["seq"].as_u64().unwrap_or(0);
-                last_hash = hash.to_owned();
+        .into_iter()
+        .flat_map(|complete| complete.rsplit(|&b| b == b'\n'));
+    let mut tail = Tail {
+        valid_len: base + complete_end as u64,
+        last_seq: 0,
+        last_hash: GENESIS.to_owned(),
+        torn: None,
+        unterminated: false,
+        invalid: None,
+    };
+    if let Some(last) = lines.next() {
+        let found = match record_of(last) {
+            Some(r) => Some(r),
+            None => {
+                tail.invalid = Some(last.to_vec());
+                lines.find_map(record_of)
             }
-            // A complete but unreadable last line: treat it as torn too.
-            _ => {
-                let start = complete[..complete.len().saturating_sub(1)]
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |p| p + 1);
-                let mut t = complete[start..].to_vec();
-                t.extend(torn.take().unwrap_or_default());
-                torn = Some(t);
-                valid_end = start;
-                if start > 0 {
-                    return read_tail_prefix(file, len - window + start as u64, torn);
-                }
-            }
+        };
+        if let Some((seq, _, hash)) = found {
+            (tail.last_seq, tail.last_hash) = (seq, hash);
         }
     }
-    Ok(Tail {
-        valid_len: len - window + valid_end as u64,
-        last_seq,
-        last_hash,
-        torn,
-    })
-}
-
-/// Like [`read_tail`] for a file whose valid part ends at `valid_len`.
-fn read_tail_prefix(file: &mut File, valid_len: u64, torn: Option<Vec<u8>>) -> io::Result<Tail> {
-    let window = valid_len.min(1 << 20);
-    file.seek(SeekFrom::Start(valid_len - window))?;
-    let mut buf = vec![0; window as usize];
-    file.read_exact(&mut buf)?;
-    let last = buf
-        .strip_suffix(b"\n")
-        .unwrap_or(&buf)
-        .rsplit(|&b| b == b'\n')
-        .next()
-        .unwrap_or(&[]);
-    let text = String::from_utf8_lossy(last);
-    let (seq, hash) = match (serde_json::from_str::<Value>(&text), unseal(&text)) {
-        (Ok(v), Some((_, h))) => (v["seq"].as_u64().unwrap_or(0), h.to_owned()),
-        _ => (0, GENESIS.to_owned()),
-    };
-    Ok(Tail {
-        valid_len,
-        last_seq: seq,
-        last_hash: hash,
-        torn,
-    })
+    let rest = &buf[complete_end..];
+    if !rest.is_empty() {
+        match record_of(rest) {
+            Some((seq, prev, hash))
+                if tail.valid_len == 0
+                    || (tail.invalid.is_none()
+                        && seq == tail.last_seq + 1
+                        && prev == tail.last_hash) =>
+            {
+                (tail.last_seq, tail.last_hash) = (seq, hash);
+                tail.valid_len = len;
+                tail.unterminated = true;
+            }
+            _ => tail.torn = Some(rest.to_vec()),
+        }
+    }
+    Ok(tail)
 }
 
 /// What tells whether the log's path still names the open file: links, inode, device. Read
@@ -1414,13 +1451,28 @@ pub struct Verification {
     pub broken: Option<(PathBuf, usize, String)>,
     /// A torn last line at the very end (a crash mid-write), not a break in the chain.
     pub torn_tail: Option<(PathBuf, usize)>,
+    /// The last record is valid but lacks its line break (a write stopped just before it).
+    pub unterminated: Option<(PathBuf, usize)>,
     /// The files in the order verified (by their first record's `seq`).
     pub order: Vec<PathBuf>,
     /// The chain's first record, when it is not the log's first (`seq` 1): its earlier
     /// records are in rotated files that were not given.
     pub starts_at: Option<u64>,
-    /// `audit.repair` events met (file, line): a torn tail the daemon cut off at a start.
+    /// `audit.repair` events met (file, line): what the daemon found at the log's end at a
+    /// start (a torn line cut off, a line break added, an edited last line kept).
     pub repairs: Vec<(PathBuf, usize)>,
+}
+
+/// Whether `torn` (an unterminated last line) can be what a crash left of the record after
+/// (`prev_seq`, `prev_hash`): a record starts with its `seq` and `prev_hash`, so the bytes
+/// written must agree with those as far as they go.
+fn torn_continues(torn: &[u8], prev_hash: Option<&str>, prev_seq: Option<u64>) -> bool {
+    let head = match (prev_hash, prev_seq) {
+        (Some(hash), Some(seq)) => format!("{{\"seq\":{},\"prev_hash\":\"{hash}\",", seq + 1),
+        _ => "{\"seq\":".to_owned(),
+    };
+    let head = head.as_bytes();
+    torn.starts_with(head) || head.starts_with(torn)
 }
 
 /// The `seq` of the first record of `path`, if it has a readable one.
@@ -1489,15 +1541,32 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
             }
             n += 1;
             let last_of_all = fi + 1 == paths.len() && reader.fill_buf()?.is_empty();
-            let Some(line) = bytes.strip_suffix(b"\n") else {
-                if last_of_all {
-                    out.torn_tail = Some((path.clone(), n));
+            let fail = |why: String| Some((path.clone(), n, why));
+            let line = match bytes.strip_suffix(b"\n") {
+                Some(line) => line,
+                None if !last_of_all => {
+                    out.broken = fail("line is not terminated".into());
                     return Ok(out);
                 }
-                out.broken = Some((path.clone(), n, "line is not terminated".into()));
-                return Ok(out);
+                // The writer stopped mid-line (a crash): what is there is the start of the
+                // record that continues the chain. A whole record without its line break is
+                // checked like any other (an edit must not pass for a torn write).
+                None => {
+                    if std::str::from_utf8(&bytes).is_ok_and(|t| unseal(t).is_some()) {
+                        &bytes[..]
+                    } else if torn_continues(&bytes, prev.as_deref(), prev_seq) {
+                        out.torn_tail = Some((path.clone(), n));
+                        return Ok(out);
+                    } else {
+                        out.broken = fail(
+                            "the unterminated last line is neither a whole record nor the \
+                             start of the next one (edited)"
+                                .into(),
+                        );
+                        return Ok(out);
+                    }
+                }
             };
-            let fail = |why: String| Some((path.clone(), n, why));
             let Ok(text) = std::str::from_utf8(line) else {
                 out.broken = fail("not UTF-8 (edited or corrupted)".into());
                 return Ok(out);
@@ -1555,6 +1624,9 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
             prev = Some(hash.to_owned());
             prev_seq = Some(seq);
             out.events += 1;
+            if bytes.last() != Some(&b'\n') {
+                out.unterminated = Some((path.clone(), n));
+            }
         }
     }
     Ok(out)
@@ -1954,6 +2026,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_edited_last_line_is_not_taken_for_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        {
+            let a = Audit::open(cfg(dir.path(), Durability::Fsync), OPENER).unwrap();
+            for i in 0..3 {
+                a.record(event(&format!("e{i}"))).await.unwrap();
+            }
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let verify_with = |content: &str| {
+            std::fs::write(&path, content).unwrap();
+            verify(std::slice::from_ref(&path)).unwrap()
+        };
+        // The last record edited and its line break removed: an edit, not a torn write.
+        let edited = text.replace("\"e2\"", "\"eX\"");
+        let v = verify_with(edited.trim_end());
+        assert_eq!(v.broken.as_ref().map(|b| b.1), Some(3), "{v:?}");
+        // Cut short, with its seq edited: not the start of the record after line 2 either.
+        let renumbered = text.replace("{\"seq\":3,", "{\"seq\":9,");
+        let v = verify_with(&renumbered[..renumbered.len() - 90]);
+        assert_eq!(v.broken.as_ref().map(|b| b.1), Some(3), "{v:?}");
+        // A prefix of the real record is a torn write.
+        let v = verify_with(&text[..text.len() - 90]);
+        assert!(v.broken.is_none() && v.torn_tail.is_some(), "{v:?}");
+        assert_eq!(v.events, 2);
+
+        // A whole record without its line break counts; the daemon adds the break.
+        let v = verify_with(text.trim_end());
+        assert!(v.broken.is_none() && v.torn_tail.is_none(), "{v:?}");
+        assert_eq!((v.events, v.unterminated.map(|u| u.1)), (3, Some(3)));
+        {
+            let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+            a.record(event("after")).await.unwrap();
+        }
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert!(v.broken.is_none() && v.unterminated.is_none(), "{v:?}");
+        assert_eq!((v.events, v.repairs.len()), (5, 1), "{v:?}");
+        let log = std::fs::read_to_string(&path).unwrap();
+        let repair: Value = serde_json::from_str(log.lines().nth(3).unwrap()).unwrap();
+        assert_eq!(repair["line_break_added"], true, "{repair}");
+
+        // A complete, edited last line is kept as evidence: verify goes on failing on it.
+        let edited = log.replace("\"after\"", "\"other\"");
+        std::fs::write(&path, &edited).unwrap();
+        {
+            let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+            a.record(event("later")).await.unwrap();
+        }
+        let log = std::fs::read_to_string(&path).unwrap();
+        assert!(log.starts_with(&edited), "the edited line was cut: {log}");
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(v.broken.as_ref().map(|b| b.1), Some(5), "{v:?}");
+        let repair: Value = serde_json::from_str(log.lines().nth(5).unwrap()).unwrap();
+        assert_eq!(repair["event"], "audit.repair", "{repair}");
+        assert_eq!(
+            repair["invalid_line_sha256"],
+            hex(&Sha256::digest(edited.lines().nth(4).unwrap())),
+            "{repair}"
+        );
+        // The chain goes on from the last valid record (seq 4), not from the edited line.
+        let (_, fourth) = unseal(log.lines().nth(3).unwrap()).unwrap();
+        assert_eq!(repair["prev_hash"], fourth, "{repair}");
+        assert_eq!(repair["seq"], 5, "{repair}");
+    }
+
+    #[tokio::test]
     async fn chain_survives_restart_and_detects_edits() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -2008,7 +2147,12 @@ mod tests {
                 .is_some()
         );
         // Torn tail: reported as such, then repaired at the next start.
-        std::fs::write(&path, format!("{text}{{\"event\":\"half")).unwrap();
+        let (_, last_hash) = unseal(lines[3]).unwrap();
+        std::fs::write(
+            &path,
+            format!("{text}{{\"seq\":5,\"prev_hash\":\"{}", &last_hash[..20]),
+        )
+        .unwrap();
         let v = verify(std::slice::from_ref(&path)).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_some(), "{v:?}");
         {

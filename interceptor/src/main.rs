@@ -622,8 +622,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for (path, line) in &v.repairs {
                 println!(
-                    "note: {}:{line} records a repair: the daemon cut off a torn last line at a \
-                     start (its sha256 is in the event)",
+                    "note: {}:{line} records a repair at a daemon start: a torn last line cut \
+                     off, or a missing line break added (see the event)",
+                    path.display()
+                );
+            }
+            if let Some((path, line)) = v.unterminated {
+                println!(
+                    "note: {}:{line}, the last record, lacks its line break (the writer stopped \
+                     just before it); the daemon adds it at its next start",
                     path.display()
                 );
             }
