@@ -273,11 +273,13 @@ cgroup = "{root}/**"
         assert!(l["authorization"].is_null());
     }
 
-    // The agent's own identity header and Authorization are not forwarded.
+    // The agent's own identity header, Authorization and claims about the client
+    // (X-Forwarded-For, Forwarded) are not forwarded; the body is declared as the proxy wrote
+    // it (UTF-8 JSON), whatever the agent declared.
     let before = json_lines(&seen_file).len();
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let forged = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nX-Forwarded-For: 127.9.9.9\r\nForwarded: for=127.9.9.9\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     send_raw(
@@ -292,6 +294,25 @@ cgroup = "{root}/**"
     assert_ne!(last["identity"], "forged");
     assert!(last["authorization"].is_null(), "{last}");
     assert_eq!(last["x_api_key"], "upstream-secret");
+    assert_eq!(last["content_type"], "application/json", "{last}");
+    assert!(
+        last["x_forwarded_for"].is_null() && last["forwarded"].is_null(),
+        "{last}"
+    );
+    // A body declared in another charset (the TypeScript SDK would decode UTF-7, and so read
+    // other JSON than the proxy judged) is refused, and nothing reaches the server.
+    let before = json_lines(&seen_file).len();
+    let utf7 = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json; charset=\"UTF-7\"\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let refused = send_raw(PROBE, &env.dir(&readers), &intercept(p_ok), utf7.as_bytes());
+    assert_eq!(refused.status, Some(415), "{refused:?}");
+    assert_eq!(
+        json_lines(&seen_file).len(),
+        before,
+        "a UTF-7 body was forwarded"
+    );
 
     // A 2-second certificate is renewed without failing calls.
     std::thread::sleep(std::time::Duration::from_millis(2200));

@@ -29,26 +29,60 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), String> {
     Ok(())
 }
 
-/// Hop-by-hop headers and those the proxy sets itself (`accept-encoding`: the proxy must be
+/// Hop-by-hop headers, those the proxy sets itself (`accept-encoding`: the proxy must be
 /// able to read what comes back, so it asks for identity encoding; `expect`: the body was
-/// read whole before anything is forwarded).
+/// read whole before anything is forwarded), and the headers proxies use to tell a server
+/// who the client is (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Client-IP`): an agent's
+/// own copies would be believed by a server that trusts its proxy.
 pub fn skip_header(name: &header::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "accept-encoding"
-            | "connection"
-            | "expect"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
+    let name = name.as_str();
+    name.starts_with("x-forwarded-")
+        || matches!(
+            name,
+            "accept-encoding"
+                | "connection"
+                | "expect"
+                | "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "host"
+                | "content-length"
+                | "forwarded"
+                | "x-real-ip"
+                | "x-client-ip"
+        )
+}
+
+/// MCP bodies are UTF-8 JSON, and the proxy judges them as such; a request declaring another
+/// charset (`application/json; charset=utf-7`) could be read differently by the server (the
+/// TypeScript SDK decodes by the declared charset). Refused; the forwarded request declares
+/// `application/json` itself.
+pub fn check_charset(headers: &HeaderMap) -> Result<(), String> {
+    for value in headers.get_all(header::CONTENT_TYPE) {
+        let text = value
+            .to_str()
+            .map_err(|_| "Content-Type is not ASCII".to_owned())?;
+        for param in text.split(';').skip(1) {
+            let Some((key, charset)) = param.split_once('=') else {
+                continue;
+            };
+            let charset = charset.trim().trim_matches('"');
+            if key.trim().eq_ignore_ascii_case("charset")
+                && !charset.eq_ignore_ascii_case("utf-8")
+                && !charset.eq_ignore_ascii_case("utf8")
+            {
+                return Err(format!(
+                    "Content-Type {text:?}: MCP bodies are UTF-8 JSON; send charset=utf-8 or none"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A header value as text, decoding the `=?base64?…?=` form MCP uses for non-ASCII values.
@@ -141,6 +175,37 @@ pub fn check_mcp_headers(headers: &HeaderMap, body: &Body) -> Result<(), RpcErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_utf8_bodies_are_taken() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/json;charset=\"UTF-8\"",
+            "application/json; charset=utf8; x=y",
+            "text/plain",
+        ] {
+            assert!(
+                check_charset(&headers(&[("content-type", ok)])).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "application/json; charset=utf-7",
+            "application/json; CHARSET=\"utf-16\"",
+            "application/json; x=y; charset=latin1",
+        ] {
+            assert!(
+                check_charset(&headers(&[("content-type", bad)])).is_err(),
+                "{bad}"
+            );
+        }
+        let two = headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "application/json; charset=utf-7"),
+        ]);
+        assert!(check_charset(&two).is_err());
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

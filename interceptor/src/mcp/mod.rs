@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 
 pub use self::session::{BoundSessions, Sessions, Streams};
 use self::{
-    headers::{check_framing, check_mcp_headers, skip_header},
+    headers::{check_charset, check_framing, check_mcp_headers, skip_header},
     jsonrpc::{Message, RpcError, code},
     session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, session_key},
 };
@@ -1027,6 +1027,15 @@ impl Conn {
                 ),
             );
         }
+        if let Err(why) = check_charset(&parts.headers) {
+            self.rejected();
+            info!(reason = %why, "request refused: charset");
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code::INVALID_REQUEST,
+                why,
+            );
+        }
         let body = match jsonrpc::parse(&bytes, self.daemon.config.proxy.max_json_depth) {
             Ok(b) => b,
             Err(e) => {
@@ -1457,6 +1466,7 @@ impl Conn {
             // The agent may not speak for the node (assertion header) nor, unless the server
             // allows it, pass its own credentials.
             let dropped = skip_header(name)
+                || name == header::CONTENT_TYPE
                 || name.as_str() == naming.assertion_header
                 || (name == header::AUTHORIZATION && !server.pass_authorization)
                 || server
@@ -1471,6 +1481,10 @@ impl Conn {
         builder = builder
             .header(header::HOST, server.authority.as_str())
             .header(header::ACCEPT_ENCODING, "identity");
+        if parts.method == Method::POST {
+            // What is forwarded is the canonical UTF-8 JSON the proxy judged.
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
         for (name, inject) in &server.inject_headers {
             match self.daemon.upstreams[self.server_id].credential(&inject.file) {
                 Ok(v) => builder = builder.header(name.as_str(), format!("{}{v}", inject.prefix)),

@@ -177,6 +177,9 @@ async fn server_tls(
                         "identity": header("interceptor-identity"),
                         "authorization": header("authorization"),
                         "x_api_key": header("x-api-key"),
+                        "content_type": header("content-type"),
+                        "x_forwarded_for": header("x-forwarded-for"),
+                        "forwarded": header("forwarded"),
                         "method": req.method().as_str(),
                         "target": req.uri().path_and_query().map(|p| p.as_str()),
                     });
