@@ -553,7 +553,7 @@ pub fn run_in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Output 
 
 /// The command that runs `program args…` as a process of the cgroup `cgroup_dir` (the shell
 /// `exec`s it: the child's pid is the program's).
-fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
+pub fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
     let script = format!(
         "echo $$ > '{}' && exec \"$@\"",
         cgroup_dir.join("cgroup.procs").display()
@@ -563,9 +563,21 @@ fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
     cmd
 }
 
+/// A process a test started: killed and reaped however the test ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The official-SDK MCP client started in the background inside `cgroup_dir` (for calls a
 /// test cuts off); killed and reaped on drop.
-pub struct BackgroundClient(Child);
+pub struct BackgroundClient {
+    _process: KillOnDrop,
+}
 
 impl BackgroundClient {
     pub fn start(cgroup_dir: &Path, url: &str, transport: &str, calls: &[&str]) -> Self {
@@ -577,14 +589,9 @@ impl BackgroundClient {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the MCP client");
-        Self(child)
-    }
-}
-
-impl Drop for BackgroundClient {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        Self {
+            _process: KillOnDrop(child),
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use std::{
 };
 
 use interceptor_tests::{
-    BackgroundClient, LabelServer, McpServer, ServerSpec, TestEnv, eventually, interceptor_bin,
-    json_lines, mcp_client, privileged,
+    BackgroundClient, KillOnDrop, LabelServer, McpServer, ServerSpec, TestEnv, eventually,
+    interceptor_bin, json_lines, mcp_client, privileged,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -707,16 +707,6 @@ fn follow_tail(config: &Path) -> (KillOnDrop, std::sync::mpsc::Receiver<String>)
         }
     });
     (follow, rx)
-}
-
-/// Kills a process this test started however the test ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

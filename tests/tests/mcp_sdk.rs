@@ -5,7 +5,8 @@
 //! (`rmcp`) over Streamable HTTP, also across SDKs.
 
 use interceptor_tests::{
-    McpServer, ServerSpec, TestEnv, mcp_client, privileged, rmcp_client, send_raw,
+    KillOnDrop, McpServer, ServerSpec, TestEnv, in_cgroup, mcp_client, privileged, python,
+    rmcp_client, send_raw,
 };
 
 const RMCP_PEER: &str = env!("CARGO_BIN_EXE_rmcp-peer");
@@ -158,6 +159,73 @@ fn legacy_http_sse_denials_arrive_on_the_stream() {
     check_reader_and_writer(&w, &url, "sse", "legacy", "2024-11-05");
 }
 
+/// Holds a 2024-11-05 SSE stream open from a process in `cgroup_dir`: the endpoint URL its
+/// `endpoint` event named, and the process (killed on drop).
+fn hold_legacy_stream(cgroup_dir: &std::path::Path, addr: &str) -> (String, KillOnDrop) {
+    const HOLD: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+s.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+buf = b""
+while b"event: endpoint" not in buf or not buf.split(b"event: endpoint", 1)[1].split(b"data: ", 1)[-1].count(b"\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        sys.exit("stream ended before its endpoint event: " + repr(buf))
+    buf += chunk
+print(buf.split(b"event: endpoint", 1)[1].split(b"data: ", 1)[1].split(b"\n", 1)[0].decode().strip(), flush=True)
+time.sleep(30)
+"#;
+    let python = python().to_string_lossy().into_owned();
+    let mut child = KillOnDrop(
+        in_cgroup(cgroup_dir, &python, &["-c", HOLD, addr])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the stream holder"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the endpoint URL");
+    assert!(line.contains("session_id="), "no endpoint: {line:?}");
+    (line.trim().to_owned(), child)
+}
+
+#[test]
+fn a_legacy_session_belongs_to_the_identity_that_opened_it() {
+    if !privileged() {
+        return;
+    }
+    let w = world("sse-owner", "sse");
+    let addr = w.server.addr.to_string();
+    let (endpoint, _stream) = hold_legacy_stream(&w.readers, &addr);
+    let post = |target: &str| {
+        let body = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let (path, id) = endpoint.split_once("session_id=").expect("session_id");
+    // The session's URL from another identity: refused by the owner check.
+    let r = send_raw(PROBE, &w.writers, &addr, &post(&endpoint));
+    assert_eq!(r.status, Some(403), "{r:?}");
+    // The same session reached through another URL (the server reads only `session_id`, and
+    // parses it leniently): refused, not forwarded unchecked.
+    for other in [
+        format!("{endpoint}&x=1"),
+        format!("{path}session_id={}", id.to_uppercase()),
+        format!("{path}session_id={{{id}}}"),
+    ] {
+        let r = send_raw(PROBE, &w.writers, &addr, &post(&other));
+        assert_eq!(r.status, Some(404), "{other}: {r:?}");
+    }
+}
+
 /// Same checks with the Rust SDK as the client, against a server of either SDK.
 fn check_rmcp_client(w: &World) {
     let url = format!("http://{}/mcp", w.server.addr);
@@ -290,6 +358,15 @@ fn a_session_belongs_to_the_identity_that_opened_it() {
             "{method}: {r:?}"
         );
     }
+    // An id with a space in it is no id: refused before anything is looked up.
+    let spaced = format!("{session} x");
+    let r = send_raw(
+        PROBE,
+        &w.writers,
+        &addr,
+        &request("POST", Some(&spaced), list),
+    );
+    assert_eq!(r.status, Some(400), "{r:?}");
     // Its owner still can, and ends it; the id is then nobody's (the server forgot it too).
     let r = send_raw(
         PROBE,

@@ -966,6 +966,18 @@ impl Conn {
                 "repeated Mcp-Session-Id header",
             ));
         }
+        // Session ids are visible ASCII (the specification); a value with anything else
+        // (h2 keeps a trailing tab that HTTP/1 parsers and servers trim) would be another
+        // key here but the same session upstream.
+        if !id.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b)) {
+            self.rejected();
+            info!("request refused: Mcp-Session-Id is not visible ASCII");
+            return Some(error_response(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "Mcp-Session-Id must be visible ASCII (0x21-0x7E), without spaces or tabs",
+            ));
+        }
         match self
             .daemon
             .bound_sessions
@@ -1085,7 +1097,25 @@ impl Conn {
                 return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
             }
         };
-        let legacy = lock(&self.daemon.sessions).get(&key).cloned();
+        let (legacy, message_path) = {
+            let sessions = lock(&self.daemon.sessions);
+            (sessions.get(&key).cloned(), sessions.message_path(&key))
+        };
+        if legacy.is_none() && message_path {
+            self.rejected();
+            warn!(target = %pq, "request refused: a legacy SSE message path, but no live session's URL");
+            self.record_refused(
+                &parts.headers,
+                &body,
+                "not the URL of a live legacy SSE session",
+            );
+            return error_response(
+                StatusCode::NOT_FOUND,
+                code::INVALID_REQUEST,
+                "no legacy SSE session has this URL: post to the URL of your stream's endpoint \
+                 event, as given",
+            );
+        }
         if let Some(s) = &legacy
             && s.owner != self.owner()
         {
@@ -1871,13 +1901,7 @@ impl Drop for SseState {
             self.conn.daemon.streams.remove(id);
         }
         if let Some((key, session)) = self.session.take() {
-            {
-                let mut sessions = lock(&self.conn.daemon.sessions);
-                // Only remove our own registration (a reconnect may have replaced it).
-                if sessions.get(&key).is_some_and(|s| Arc::ptr_eq(s, &session)) {
-                    sessions.remove(&key);
-                }
-            }
+            lock(&self.conn.daemon.sessions).remove(&key, &session);
             // Closed: requests posted from now on are settled by their own POST's answer.
             let unanswered = lock(&session.pending).take();
             if let Some(unanswered) = unanswered {

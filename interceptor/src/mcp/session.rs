@@ -42,7 +42,56 @@ pub struct LegacySession {
 }
 
 /// Live legacy sessions, keyed by [`session_key`].
-pub type Sessions = Mutex<HashMap<String, Arc<LegacySession>>>;
+pub type Sessions = Mutex<LegacySessions>;
+
+/// Live legacy sessions, and the message paths they use: a POST to such a path must name a
+/// live session exactly. (Servers read only their session parameter, and leniently: Python's
+/// `UUID(hex=…)` takes upper case, hyphens, braces and a `urn:uuid:` prefix. A URL that is
+/// not the session's key but reaches its session anyway — `?session_id=<A>&x=1`, or the id
+/// written differently — would otherwise skip the owner check.)
+#[derive(Default)]
+pub struct LegacySessions {
+    live: HashMap<String, Arc<LegacySession>>,
+    /// Live sessions per message path (the key up to its `?`).
+    paths: HashMap<String, usize>,
+}
+
+/// The message path part of a [`session_key`].
+fn path_of(key: &str) -> &str {
+    key.split_once('?').map_or(key, |(path, _)| path)
+}
+
+impl LegacySessions {
+    pub fn get(&self, key: &str) -> Option<&Arc<LegacySession>> {
+        self.live.get(key)
+    }
+
+    /// Whether a live session posts to the path of `key` (so `key` must be one of them).
+    pub fn message_path(&self, key: &str) -> bool {
+        self.paths.contains_key(path_of(key))
+    }
+
+    pub fn insert(&mut self, key: String, session: Arc<LegacySession>) {
+        let path = path_of(&key).to_owned();
+        if self.live.insert(key, session).is_none() {
+            *self.paths.entry(path).or_default() += 1;
+        }
+    }
+
+    /// Removes `key` if it is still `session` (a reconnect may have replaced it).
+    pub fn remove(&mut self, key: &str, session: &Arc<LegacySession>) {
+        if !self.live.get(key).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            return;
+        }
+        self.live.remove(key);
+        if let Some(n) = self.paths.get_mut(path_of(key)) {
+            *n -= 1;
+            if *n == 0 {
+                self.paths.remove(path_of(key));
+            }
+        }
+    }
+}
 
 /// A canonical key for a session URL: the percent-decoded path and the decoded query pairs in
 /// sorted order, so the same URL written differently (`%5F` for `_`, reordered parameters)
