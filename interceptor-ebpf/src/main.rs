@@ -402,7 +402,21 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == BPF_SOCK_OPS_STATE_CB {
         // args[1] is the new state; the agent's socket is gone, and so is getpeername's need.
+        // Its tuple record goes too if the proxy never took it (a connection reset in the
+        // accept queue, e.g. when the daemon stopped): another process that bound the same
+        // source port and dialled the proxy port directly would otherwise be served as it.
+        // (This runs before the socket releases its port, so no new connection can have
+        // published a record under the tuple yet.)
         if ctx.arg(1) == TCP_CLOSE {
+            if let Some(record) = unsafe { SOCKS.get(cookie) } {
+                let netns_cookie = record.netns_cookie;
+                let key = if ctx.family() == AF_INET6 {
+                    tuple_key::<true>(ctx, netns_cookie)
+                } else {
+                    tuple_key::<false>(ctx, netns_cookie)
+                };
+                let _ = CONNS.remove(&key);
+            }
             let _ = SOCKS.remove(cookie);
         }
         return;
@@ -420,11 +434,23 @@ fn try_sock_ops(ctx: &SockOpsContext) {
 }
 
 /// Publishes `record` under the connection's tuple and asks for state callbacks.
+fn publish<const V6: bool>(ctx: &SockOpsContext, record: &ConnRecord) {
+    let key = tuple_key::<V6>(ctx, record.netns_cookie);
+    if CONNS.insert(key, *record, 0).is_ok() {
+        count(stats::PUBLISHED);
+    }
+    // Ask for state callbacks so the records are dropped when the socket closes.
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
+}
+
+/// The key the proxy finds the agent socket's record by: its namespace, its address, and the
+/// proxy's port (where the connection was redirected).
 // Not inlined, one copy per family: inlined, the compiler merges the v4 and v6 address loads
 // into one load from a computed context offset, which the verifier rejects ("dereference of
 // modified ctx ptr"), volatile or not.
 #[inline(never)]
-fn publish<const V6: bool>(ctx: &SockOpsContext, record: &ConnRecord) {
+fn tuple_key<const V6: bool>(ctx: &SockOpsContext, netns_cookie: u64) -> TupleKey {
     // local_port is in host byte order; remote_port is the network-order port, which the
     // kernel shifts into the upper 16 bits on little-endian machines.
     let local_port = ctx.local_port() as u16;
@@ -446,18 +472,12 @@ fn publish<const V6: bool>(ctx: &SockOpsContext, record: &ConnRecord) {
     } else {
         Addr::from_v4(ctx.local_ip4(), local_port)
     };
-    let key = TupleKey {
-        netns_cookie: record.netns_cookie,
+    TupleKey {
+        netns_cookie,
         client,
         proxy_port,
         _pad: 0,
-    };
-    if CONNS.insert(key, *record, 0).is_ok() {
-        count(stats::PUBLISHED);
     }
-    // Ask for state callbacks so the cookie record is dropped when the socket closes.
-    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-    let _ = ctx.set_cb_flags(flags as i32);
 }
 
 #[cfg(not(test))]

@@ -199,6 +199,21 @@ impl Kernel {
         let listeners = take(names::LISTENERS)?;
         let listen_socks = take(names::LISTEN_SOCKS)?;
         let conns = take(names::CONNS)?;
+        let mut conns = HashMap::try_from(conns).map_err(map_err(names::CONNS))?;
+        // Records of connections a previous daemon never accepted (reset with its listener)
+        // name no live connection; this daemon's listeners are not registered yet, so none
+        // is new. Kept, one could be claimed by a process dialling the proxy port directly
+        // from the same source port.
+        let stale: Vec<TupleKey> = conns.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = conns.remove(key);
+        }
+        if !stale.is_empty() {
+            info!(
+                records = stale.len(),
+                "dropped connection records no daemon took"
+            );
+        }
         let stats_map = take(names::STATS)?;
         let blocks = take(names::BLOCKS)?;
         let state = take(names::STATE)?;
@@ -213,7 +228,7 @@ impl Kernel {
             listen_socks: Mutex::new(
                 SockHash::try_from(listen_socks).map_err(map_err(names::LISTEN_SOCKS))?,
             ),
-            conns: Mutex::new(HashMap::try_from(conns).map_err(map_err(names::CONNS))?),
+            conns: Mutex::new(conns),
             blocks: Mutex::new(HashMap::try_from(blocks).map_err(map_err(names::BLOCKS))?),
             state: Mutex::new(Array::try_from(state).map_err(map_err(names::STATE))?),
             stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,

@@ -553,7 +553,7 @@ pub fn run_in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Output 
 
 /// The command that runs `program args…` as a process of the cgroup `cgroup_dir` (the shell
 /// `exec`s it: the child's pid is the program's).
-pub fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
+fn in_cgroup(cgroup_dir: &Path, program: &str, args: &[&str]) -> Command {
     let script = format!(
         "echo $$ > '{}' && exec \"$@\"",
         cgroup_dir.join("cgroup.procs").display()
@@ -571,6 +571,27 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A Python `script` (with `args`) started inside `cgroup_dir`, once it has printed its first
+/// line: that line, and the process (killed on drop).
+pub fn python_in_cgroup(cgroup_dir: &Path, script: &str, args: &[&str]) -> (String, KillOnDrop) {
+    let python = python().to_string_lossy().into_owned();
+    let mut args_all = vec!["-c", script];
+    args_all.extend_from_slice(args);
+    let mut child = KillOnDrop(
+        in_cgroup(cgroup_dir, &python, &args_all)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the Python script"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the script's first line");
+    (line.trim().to_owned(), child)
 }
 
 /// The official-SDK MCP client started in the background inside `cgroup_dir` (for calls a

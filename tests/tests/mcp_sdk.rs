@@ -5,7 +5,7 @@
 //! (`rmcp`) over Streamable HTTP, also across SDKs.
 
 use interceptor_tests::{
-    KillOnDrop, McpServer, ServerSpec, TestEnv, in_cgroup, mcp_client, privileged, python,
+    KillOnDrop, McpServer, ServerSpec, TestEnv, mcp_client, privileged, python_in_cgroup,
     rmcp_client, send_raw,
 };
 
@@ -176,21 +176,9 @@ while b"event: endpoint" not in buf or not buf.split(b"event: endpoint", 1)[1].s
 print(buf.split(b"event: endpoint", 1)[1].split(b"data: ", 1)[1].split(b"\n", 1)[0].decode().strip(), flush=True)
 time.sleep(30)
 "#;
-    let python = python().to_string_lossy().into_owned();
-    let mut child = KillOnDrop(
-        in_cgroup(cgroup_dir, &python, &["-c", HOLD, addr])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the stream holder"),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.0.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("the endpoint URL");
+    let (line, child) = python_in_cgroup(cgroup_dir, HOLD, &[addr]);
     assert!(line.contains("session_id="), "no endpoint: {line:?}");
-    (line.trim().to_owned(), child)
+    (line, child)
 }
 
 #[test]

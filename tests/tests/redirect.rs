@@ -487,3 +487,69 @@ fn identity_follows_exec_and_is_cached_until_the_process_changes() {
     assert!(cache["hits"].as_u64() >= Some(2), "{cache}");
     assert!(cache["misses"].as_u64() >= Some(2), "{cache}");
 }
+
+#[test]
+fn a_connection_record_no_daemon_took_serves_nobody_later() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("stale-record", &["agents"]);
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let dialed = w.direct.addr.to_string();
+    w.env.start_daemon();
+    // The daemon stops accepting; an agent's connection is redirected and waits in its accept
+    // queue (the kernel published its record); then the daemon dies, which resets it.
+    let pid = nix::unistd::Pid::from_raw(w.env.daemon_pid().expect("daemon") as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop the daemon");
+    const AGENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+print(s.getsockname()[1], flush=True)
+try:
+    s.recv(1)
+except OSError:
+    pass
+"#;
+    let (port, mut agent) = interceptor_tests::python_in_cgroup(&agents, AGENT, &[&dialed]);
+    let port: u16 = port.parse().expect("a port");
+    w.env.stop_daemon(Signal::SIGKILL);
+    eventually(
+        Duration::from_secs(5),
+        || agent.0.try_wait().ok().flatten(),
+        || "the agent's connection was not reset".into(),
+    );
+    w.env.start_daemon();
+
+    // Another process (untagged: this test's own) binds the agent's source port and dials
+    // the proxy port directly: it must not be served as the agent.
+    const IMPOSTOR: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.connect(("127.0.0.1", int(sys.argv[2])))
+body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+s.settimeout(5)
+reply = b""
+try:
+    while chunk := s.recv(4096):
+        reply += chunk
+except OSError:
+    pass
+print(len(reply))
+"#;
+    let out = std::process::Command::new(interceptor_tests::python())
+        .args(["-c", IMPOSTOR, &port.to_string(), &w.env.port.to_string()])
+        .output()
+        .expect("run the impostor");
+    let received = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        received.trim(),
+        "0",
+        "served as the agent: {received} / {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.upstream.count(), 0, "the impostor's request was relayed");
+}
