@@ -845,38 +845,24 @@ impl Daemon {
     /// Makes the kernel's server map equal to the config: new entries first, then stale ones
     /// removed, so no configured address is ever briefly missing (that would let it go direct).
     fn sync_servers(&self) -> Result<(), bpf::Error> {
+        let wanted = intercepted(&self.config.servers);
         let mut servers = lock(&self.kernel.servers);
-        let mut wanted = HashSet::new();
-        let configured: HashSet<std::net::SocketAddr> = self
-            .config
-            .servers
-            .iter()
-            .flat_map(|s| s.intercept.iter().copied())
-            .collect();
-        for (id, server) in self.config.servers.iter().enumerate() {
-            let aliases = server
-                .intercept
-                .iter()
-                .filter_map(|a| unspecified_alias(*a))
-                .filter(|a| !configured.contains(a));
-            for addr in server.intercept.iter().copied().chain(aliases) {
-                let key = Addr::from(addr);
-                wanted.insert(key);
-                servers
-                    .insert(
-                        key,
-                        ServerValue {
-                            server_id: id as u32,
-                            _pad: 0,
-                        },
-                        0,
-                    )
-                    .map_err(|e| bpf::Error::Map {
-                        name: interceptor_common::maps::SERVERS,
-                        error: Box::new(e),
-                    })?;
-            }
+        for (&addr, &id) in &wanted {
+            servers
+                .insert(
+                    Addr::from(addr),
+                    ServerValue {
+                        server_id: id as u32,
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .map_err(|e| bpf::Error::Map {
+                    name: interceptor_common::maps::SERVERS,
+                    error: Box::new(e),
+                })?;
         }
+        let wanted: HashSet<Addr> = wanted.keys().map(|&a| Addr::from(a)).collect();
         let stale: Vec<Addr> = servers
             .keys()
             .filter_map(Result::ok)
@@ -917,17 +903,44 @@ fn pending_tag_key(cgroup: &str) -> u64 {
 /// The bit that marks [`pending_tag_key`]s.
 pub const PENDING_TAG: u64 = 1 << 63;
 
-/// The address that reaches `addr` without naming it: a connect to `0.0.0.0:P` goes to
-/// `127.0.0.1:P`, one to `[::]:P` to `[::1]:P` (the kernel fills in loopback). Intercepted
-/// too, or dialing the unspecified address would pass a loopback server's interception by.
-fn unspecified_alias(addr: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(v6) if v6 == Ipv6Addr::LOCALHOST => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => return None,
-    };
-    Some(std::net::SocketAddr::new(ip, addr.port()))
+/// Every address the kernel redirects, and the server each one is: first the `intercept`
+/// addresses; then each server's own upstream addresses (an agent dialling the real server
+/// directly must not pass policy by); then the addresses that reach a loopback one without
+/// naming it (a connect to `0.0.0.0:P` goes to `127.0.0.1:P`, one to `[::]:P` to `[::1]:P`,
+/// or to `127.0.0.1:P` from a socket bound to a v4-mapped address: the kernel fills in
+/// loopback). An address already taken keeps its server.
+pub fn intercepted(
+    servers: &[crate::config::Server],
+) -> std::collections::BTreeMap<std::net::SocketAddr, usize> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let mut map = std::collections::BTreeMap::new();
+    for (id, server) in servers.iter().enumerate() {
+        for &addr in &server.intercept {
+            map.entry(addr).or_insert(id);
+        }
+    }
+    for (id, server) in servers.iter().enumerate() {
+        for &addr in &server.upstream_addrs {
+            map.entry(addr).or_insert(id);
+        }
+    }
+    let direct: Vec<(SocketAddr, usize)> = map.iter().map(|(&a, &id)| (a, id)).collect();
+    let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    // [::1]:P before 127.0.0.1:P for [::]:P: that is where an ordinary IPv6 socket goes.
+    for v6_first in [true, false] {
+        for &(addr, id) in &direct {
+            let aliases: &[IpAddr] = match addr.ip() {
+                IpAddr::V6(ip) if ip == Ipv6Addr::LOCALHOST && v6_first => &[any6],
+                IpAddr::V4(ip) if ip == Ipv4Addr::LOCALHOST && !v6_first => &[any4, any6],
+                _ => &[],
+            };
+            for &ip in aliases {
+                map.entry(SocketAddr::new(ip, addr.port())).or_insert(id);
+            }
+        }
+    }
+    map
 }
 
 /// Below this many open files the daemon warns that it may run out of descriptors.
@@ -1160,6 +1173,37 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intercepted_addresses_cover_upstreams_and_loopback_aliases() {
+        let config = crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            r#"
+[[server]]
+name = "a"
+intercept = ["127.0.0.1:8080"]
+upstream = "127.0.0.3:9000"
+[[server]]
+name = "b"
+intercept = ["[::1]:8081", "127.0.0.1:8081", "127.0.0.1:9000"]
+upstream = "127.0.0.1:8081"
+"#,
+        )
+        .unwrap();
+        let map = intercepted(&config.servers);
+        let at = |a: &str| map.get(&a.parse().unwrap()).copied();
+        assert_eq!(at("127.0.0.1:8080"), Some(0));
+        assert_eq!(at("0.0.0.0:8080"), Some(0));
+        // [::]:8080 from a socket bound to a v4-mapped address goes to 127.0.0.1:8080.
+        assert_eq!(at("[::]:8080"), Some(0));
+        // a's upstream, dialled directly.
+        assert_eq!(at("127.0.0.3:9000"), Some(0));
+        // [::]:8081 is where an ordinary IPv6 socket reaches [::1]:8081.
+        assert_eq!((at("[::]:8081"), at("0.0.0.0:8081")), (Some(1), Some(1)));
+        // An intercept address keeps its server over another server's upstream.
+        assert_eq!(at("127.0.0.1:9000"), Some(1));
+        assert_eq!(map.len(), 11, "{map:?}");
+    }
 
     #[test]
     fn the_open_files_limit_is_raised_to_the_hard_limit() {

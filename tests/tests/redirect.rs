@@ -89,6 +89,17 @@ fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
         status["tags"][0]["cgroup"],
         format!("{}/agents", w.env.root)
     );
+
+    // Dialling the real server (the upstream) directly is no way around policy: it is
+    // intercepted too, as the same server.
+    let upstream = w.upstream.addr.to_string();
+    let r = run_client(PROBE, &agents, &upstream);
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    let line = w.env.wait_log("connection redirected", |v| {
+        v["client.pid"].as_u64() == Some(u64::from(r.pid))
+    });
+    assert_eq!(line["dst.original"], upstream);
+    assert_eq!(line["server.name"], "notes");
 }
 
 #[test]
@@ -287,6 +298,22 @@ fn ipv6_and_v4_mapped_destinations_are_intercepted() {
         let r = run_client(PROBE, &dir, &dialed);
         assert!(r.expect_reply().starts_with("upstream:"), "{dialed}: {r:?}");
     }
+    // [::]:P from an IPv6 socket bound to a v4-mapped address goes to 127.0.0.1:P.
+    const MAPPED_ANY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.bind(("::ffff:127.0.0.1", 0))
+body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+try:
+    s.connect(("::", int(sys.argv[1])))
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    print(s.recv(4096).split(b"\r\n\r\n")[-1].decode(errors="replace"))
+except OSError as e:
+    print("error", e.errno)
+"#;
+    let (reply, _agent) =
+        interceptor_tests::python_in_cgroup(&dir, MAPPED_ANY, &[&local.addr.port().to_string()]);
+    assert!(!reply.starts_with("local:"), "{reply}");
     assert_eq!(direct6.count() + direct4.count() + local.count(), 0);
     assert_eq!(upstream.count(), 4);
 }
