@@ -343,6 +343,19 @@ async fn accept_loop(
                 accepted.fetch_add(1, Ordering::Relaxed);
                 dispatch(stream, peer, &daemon, at);
             }
+            // The listener itself is gone (closed under the daemon: `ss -K` in a namespace an
+            // agent owns): end, rather than spin on an error that readiness keeps reporting.
+            // Its namespace's listener is opened again by the namespace scan; the host's ends
+            // the daemon (fail closed: the kernel refuses tagged connects without it).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EBADF | libc::ENOTSOCK | libc::EOPNOTSUPP)
+                ) =>
+            {
+                warn!(error = %e, port = at.port, netns.cookie = at.netns_cookie, "the proxy listener no longer accepts; its accept loop ends");
+                return;
+            }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning. Anything else
                 // concerns that one connection (aborted, refused by a firewall rule, …).

@@ -382,8 +382,21 @@ impl Daemon {
             }
         }
         for (ino, pid) in wanted {
-            if lock(&self.ns_listeners).contains_key(&ino) {
-                continue;
+            {
+                let mut listeners = lock(&self.ns_listeners);
+                match listeners.get(&ino) {
+                    Some(l) if l.task.is_finished() => {
+                        // Its listener died (closed under the daemon): open it again.
+                        let _ = lock(&self.kernel.listeners).remove(&l.cookie);
+                        warn!(
+                            netns.inode = ino,
+                            "the listener in this network namespace ended; opening it again"
+                        );
+                        listeners.remove(&ino);
+                    }
+                    Some(_) => continue,
+                    None => {}
+                }
             }
             let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
             let bound = Proxy::bind_in(&ns, self.config.daemon.listen_port)

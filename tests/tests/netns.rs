@@ -48,7 +48,8 @@ impl Drop for Holder {
     }
 }
 
-fn run(args: &[&str]) {
+/// Runs `args`, which must succeed; its standard output.
+fn run(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -58,6 +59,7 @@ fn run(args: &[&str]) {
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `program args…` inside cgroup directory `cg` and namespace `ns`. The cgroup is joined first:
@@ -164,4 +166,53 @@ fn agents_in_two_namespaces_are_intercepted_and_told_apart() {
         "the tuples were meant to be identical"
     );
     assert_eq!(upstream.count(), 2);
+
+    // A listener closed under the daemon (anyone owning the namespace can `ss -K` it) ends its
+    // accept loop instead of spinning on it, and the namespace scan opens it again.
+    let killed = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &na.0,
+        "ss",
+        "-K",
+        "-tl",
+        &format!("sport = :{}", env.port),
+    ]);
+    assert!(
+        killed.contains(&env.port.to_string()),
+        "ss -K closed nothing: {killed}"
+    );
+    env.wait_log(
+        "the proxy listener no longer accepts; its accept loop ends",
+        |_| true,
+    );
+    env.wait_log(
+        "the listener in this network namespace ended; opening it again",
+        |_| true,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = probe(&na.0, &dir_a);
+        if r["reply"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("upstream:"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "namespace a not served again: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let accept_failures = env
+        .logs()
+        .iter()
+        .filter(|v| v["message"] == "accept failed")
+        .count();
+    assert!(
+        accept_failures < 10,
+        "{accept_failures} accept failures logged"
+    );
 }
