@@ -683,13 +683,31 @@ pub fn normalize_cgroup_path(p: &str) -> Result<String, String> {
 /// the programs are attached: they see nothing outside it), and short enough for its path to
 /// be kept whole in the pinned tag (tags are followed and untagged by it).
 pub fn taggable(cgroup: &str, root: &str) -> Result<String, String> {
-    let cgroup = normalize_cgroup_path(cgroup)?;
+    let cgroup = seen_by_programs(cgroup, root)?;
     if cgroup.len() >= interceptor_common::TAG_PATH_MAX {
         return Err(format!(
             "{cgroup} is {} bytes long; a tagged cgroup's path must be shorter than {} (tag a \
              parent)",
             cgroup.len(),
             interceptor_common::TAG_PATH_MAX
+        ));
+    }
+    Ok(cgroup)
+}
+
+/// `cgroup` (normalised) if the kernel programs can act on it: below `root` (the attach
+/// point) and at most [`interceptor_common::MAX_CGROUP_DEPTH`]` - 1` levels deep (the
+/// programs look at that many levels of a process's ancestry). Tags and cgroup revocations
+/// must be.
+pub fn seen_by_programs(cgroup: &str, root: &str) -> Result<String, String> {
+    let cgroup = normalize_cgroup_path(cgroup)?;
+    let depth = cgroup.split('/').filter(|c| !c.is_empty()).count();
+    if depth >= interceptor_common::MAX_CGROUP_DEPTH as usize {
+        return Err(format!(
+            "{cgroup} is {depth} levels deep; the kernel programs look at the first {} levels \
+             of a process's cgroup ancestry: use an ancestor at most {} levels deep",
+            interceptor_common::MAX_CGROUP_DEPTH,
+            interceptor_common::MAX_CGROUP_DEPTH - 1
         ));
     }
     let below = root == "/"
@@ -700,7 +718,7 @@ pub fn taggable(cgroup: &str, root: &str) -> Result<String, String> {
     if !below {
         return Err(format!(
             "{cgroup} is outside daemon.cgroup_root {root}, where the programs are attached: its \
-             connections are never seen; tag a cgroup below {root}, or attach higher \
+             connections are never seen; use a cgroup below {root}, or attach higher \
              (daemon.cgroup_root)"
         ));
     }
@@ -763,6 +781,20 @@ fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_programs_see_cgroups_below_the_attach_point_31_levels_deep() {
+        let deep = |n: usize| (0..n).map(|i| format!("/l{i}")).collect::<String>();
+        assert_eq!(
+            super::seen_by_programs(&deep(31), "").as_deref(),
+            Ok(&*deep(31))
+        );
+        let e = super::seen_by_programs(&deep(32), "").unwrap_err();
+        assert!(e.contains("32 levels deep"), "{e}");
+        assert!(super::taggable(&deep(32), "/").is_err());
+        let e = super::seen_by_programs("/other/x", "/agents").unwrap_err();
+        assert!(e.contains("outside daemon.cgroup_root"), "{e}");
+        assert!(super::seen_by_programs("/agents/x", "/agents").is_ok());
+    }
     use super::*;
 
     fn parse(text: &str) -> Result<Config, Error> {

@@ -451,6 +451,11 @@ impl Daemon {
         all_egress: bool,
         by: &str,
     ) -> Result<(Revocation, usize), String> {
+        if let Selector::Cgroup(cgroup) = &selector {
+            // Outside the attach point its connections are never intercepted: nothing to
+            // refuse, and a kernel row there would claim an enforcement that never happens.
+            config::seen_by_programs(cgroup, &self.config.daemon.cgroup_root)?;
+        }
         let (selector, key) = selector.key(&self.hierarchy, &self.config.naming)?;
         // The label is how the revocation is rebuilt after a restart: it must fit whole.
         if selector.label().len() > interceptor_common::BLOCK_TEXT {

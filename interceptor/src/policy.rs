@@ -165,6 +165,14 @@ impl Pattern {
         if text.is_empty() {
             return Err("empty pattern".into());
         }
+        // Half an anchor is a regex written wrong: taken as a literal or glob it would match
+        // nothing (no tool name or path has `^` or `$`), silently (a deny that denies nothing).
+        if text.starts_with('^') != text.ends_with('$') {
+            return Err(format!(
+                "{text:?} looks like a regex but is not anchored at both ends: a regex is \
+                 written ^…$ as a whole (\"^delete_.*$\"); a glob has no anchors (\"delete_*\")"
+            ));
+        }
         let kind = if text.len() >= 2 && text.starts_with('^') && text.ends_with('$') {
             // Anchored as a whole: "^a|b$" must not match "a-and-more".
             let inner = &text[1..text.len() - 1];
@@ -1256,6 +1264,10 @@ mod tests {
 
     #[test]
     fn regex_patterns_match_the_whole_name() {
+        for half in ["^delete_.*", "^delete_", "delete_.*$", "^", "$"] {
+            let e = Pattern::new(half, false).unwrap_err();
+            assert!(e.contains("not anchored at both ends"), "{half}: {e}");
+        }
         let p = Pattern::new("^get_note|list_notes$", false).unwrap();
         assert!(p.matches("get_note") && p.matches("list_notes"));
         assert!(!p.matches("get_note_and_wipe"));

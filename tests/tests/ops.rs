@@ -114,6 +114,15 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     assert_eq!(run_client(PROBE, &dir_b, &addr).errno, Some(ECONNREFUSED));
     cli_ok(&env, &["unrevoke", "--uid", "0"]);
 
+    // A cgroup outside the attach point is never intercepted: nothing to revoke there.
+    let out = env.cli(&["revoke", "--cgroup", "/"]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("outside daemon.cgroup_root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A revoked cgroup removed meanwhile is still found by its path, and unrevoked.
     let gone = env.cgroup("agents/gone");
     cli_ok(&env, &["revoke", "--cgroup", &gone]);
