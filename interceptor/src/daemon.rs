@@ -303,6 +303,15 @@ impl Daemon {
         if new.proxy != self.config.proxy {
             not_applied.push("[proxy]");
         }
+        if new.audit != self.config.audit {
+            not_applied.push("[audit]");
+        }
+        if new.naming != self.config.naming {
+            not_applied.push("[identity]");
+        }
+        if new.ca != self.config.ca {
+            not_applied.push("[ca]");
+        }
         let policy_changed = new.policy.fingerprint != self.policy().fingerprint;
         let roles = new.policy.role_names().len();
         let bindings = new.policy.binding_count();

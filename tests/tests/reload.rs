@@ -91,6 +91,19 @@ fn reload_applies_valid_policies_and_refuses_invalid_ones() {
     assert_eq!(out["tools"], json!(["read_note", "search"]), "{out}");
     assert_eq!(out["calls"]["read_note"]["ok"], true, "{out}");
 
+    // Sections that apply only at the next start are reported, not silently ignored.
+    w.write(&format!(
+        "{}\n[identity]\ntrust_domain = \"elsewhere.test\"\n",
+        policy(r#""search", "read_*""#)
+    ));
+    let r = w.env.cli(&["reload"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        said.contains("applied only at the next start: [identity]"),
+        "{said}"
+    );
+
     // Invalid: refused with the reason; the current policy stays.
     w.write(&policy(r#""^(broken$""#));
     let r = w.env.cli(&["reload"]);
@@ -137,25 +150,22 @@ fn reload_applies_valid_policies_and_refuses_invalid_ones() {
                 .into_iter()
                 .filter(|e| e["event"] == "policy.reload")
                 .collect();
-            (reloads.len() == 3).then_some(reloads)
+            (reloads.len() == 4).then_some(reloads)
         },
-        || {
-            format!(
-                "not three policy.reload events: {:#?}",
-                w.env.audit_events()
-            )
-        },
+        || format!("not four policy.reload events: {:#?}", w.env.audit_events()),
     );
-    let [by_cli, refused, by_signal] = &reloads[..] else {
+    let [by_cli, later, refused, by_signal] = &reloads[..] else {
         unreachable!()
     };
     for (event, outcome) in [
         (by_cli, "applied"),
+        (later, "applied"),
         (refused, "refused"),
         (by_signal, "applied"),
     ] {
         assert_eq!(event["outcome"], outcome, "{event}");
     }
+    assert_eq!(later["not_applied"], json!(["[identity]"]), "{later}");
     assert!(
         refused["reason"]
             .as_str()
