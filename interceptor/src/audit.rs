@@ -1515,6 +1515,26 @@ fn has_rotated_siblings(path: &Path, given: &[PathBuf]) -> bool {
 /// Verifies the chain across `paths`, put in chain order (by each file's first `seq`; a file
 /// without a readable first record keeps its place after those).
 pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
+    for path in paths {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "{} is not a file; pass the audit log and its rotated files",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot read audit file {}: {e}; pass the audit log and its rotated files",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+    }
     let mut order: Vec<(Option<u64>, usize, &PathBuf)> = paths
         .iter()
         .enumerate()
@@ -1529,7 +1549,12 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
     let mut prev: Option<String> = None;
     let mut prev_seq: Option<u64> = None;
     for (fi, path) in paths.iter().enumerate() {
-        let file = File::open(path)?;
+        let file = File::open(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot read audit file {}: {e}", path.display()),
+            )
+        })?;
         let mut reader = BufReader::new(file);
         let mut bytes = Vec::new();
         let mut n = 0;

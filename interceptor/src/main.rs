@@ -333,6 +333,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { json, config } => {
             let config = Config::load(&config.file())?;
+            // The node CA is read at start: a missing file or a key others can read would stop
+            // the daemon, so it is checked here too.
+            if let Some(raw) = &config.ca {
+                interceptor::ca::NodeCa::load(raw)
+                    .with_context(|| format!("{}: [ca] cannot be loaded", config.path.display()))?;
+            }
             // Where the programs would attach; a host without cgroup v2 is reported, not fatal.
             let mount = Hierarchy::discover().map(|h| h.mount);
             if json {
@@ -372,6 +378,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     m.display()
                 ),
                 Err(e) => println!("  warning: {e}"),
+            }
+            if let Ok(m) = &mount {
+                let root = m.join(config.daemon.cgroup_root.trim_start_matches('/'));
+                if !root.is_dir() {
+                    println!(
+                        "  warning: {} does not exist (daemon.cgroup_root): the daemon cannot \
+                         attach there until it does",
+                        root.display()
+                    );
+                }
             }
             println!(
                 "  proxy on 127.0.0.1:{0} and [::1]:{0}; pins in {1}; admin socket {2}",
@@ -572,6 +588,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ca(CaCommand::Init { dir }) => {
             let (cert, key) = interceptor::ca::init(&dir, &interceptor::workload::host_name())?;
+            // Absolute in the snippet: the daemon's working directory is not the shell's.
+            let absolute = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+            let (cert, key) = (absolute(cert), absolute(key));
             println!(
                 "node CA created:\n  cert {}\n  key  {} (mode 0600)",
                 cert.display(),
@@ -588,7 +607,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config.file())?;
             let Some(raw) = &config.ca else {
                 bail!(
-                    "{} has no [ca] section; configure the node CA first",
+                    "{} has no [ca] section; create the node CA with `interceptor ca init --dir \
+                     DIR` and add the [ca] section it prints",
                     config.path.display()
                 );
             };
@@ -597,7 +617,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit(AuditCommand::Verify { paths }) => {
-            let v = audit::verify(&paths).context("reading the audit files")?;
+            let v = audit::verify(&paths)?;
             if let Some((path, line, why)) = v.broken {
                 bail!(
                     "audit chain broken at {}:{line}: {why} ({} valid event(s) before it)",

@@ -249,3 +249,44 @@ fn policy_explain_prints_decision_and_rule() {
     let (ok, _, err) = policy_cmd(POLICY, &["explain", "--tool", "x", "--server", "wiki"]);
     assert!(!ok && err.contains("unknown server \"wiki\""), "{err}");
 }
+
+#[test]
+fn check_loads_the_node_ca_as_the_daemon_would() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let out = Command::new(interceptor_bin())
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .expect("ca init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.path().join("t.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[ca]\ncert = \"{0}/ca.pem\"\nkey = \"{0}/ca-key.pem\"\n",
+            ca.display()
+        ),
+    )
+    .expect("write");
+    let check = || {
+        Command::new(interceptor_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("check")
+    };
+    assert!(check().status.success());
+    // A key others can read stops the daemon at start; `check` says so first.
+    let key = ca.join("ca-key.pem");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("[ca]") && err.contains("chmod 600"), "{err}");
+}
