@@ -76,7 +76,7 @@ fn micro(c: &mut Criterion) {
 
     let policy = policy();
     let subject = Subject {
-        uid: 1000,
+        uid: Some(1000),
         ..Default::default()
     };
     // Per request: tier 1 (bindings, servers) is resolved once per connection.

@@ -266,6 +266,8 @@ enum AuditCommand {
     },
 }
 
+// Parsed once per invocation: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Validate the config's roles and bindings and list them.
@@ -292,10 +294,12 @@ enum PolicyCommand {
         /// The caller's cgroup path (relative to the cgroup v2 mount).
         #[arg(long)]
         cgroup: Option<String>,
-        #[arg(long, default_value_t = 0)]
-        uid: u32,
-        #[arg(long, default_value_t = 0)]
-        gid: u32,
+        /// The caller's uid (without it, bindings that select on uid do not match).
+        #[arg(long)]
+        uid: Option<u32>,
+        /// The caller's gid (without it, bindings that select on gid do not match).
+        #[arg(long)]
+        gid: Option<u32>,
         /// The caller's executable path.
         #[arg(long)]
         exe: Option<String>,

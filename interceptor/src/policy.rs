@@ -370,8 +370,9 @@ impl ToolIndex {
 #[derive(Debug, Clone, Default)]
 pub struct Subject<'a> {
     pub cgroup: Option<&'a str>,
-    pub uid: u32,
-    pub gid: u32,
+    /// Unknown only in `policy explain` without `--uid`: `uid` selectors do not match then.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
     pub exe: Option<&'a str>,
     pub comm: &'a str,
     pub workload_id: Option<&'a str>,
@@ -826,8 +827,14 @@ impl Binding {
             }),
         };
         any(&self.cgroup, s.cgroup, true)
-            && self.uid.as_ref().is_none_or(|u| u.contains(&s.uid))
-            && self.gid.as_ref().is_none_or(|g| g.contains(&s.gid))
+            && self
+                .uid
+                .as_ref()
+                .is_none_or(|u| s.uid.is_some_and(|x| u.contains(&x)))
+            && self
+                .gid
+                .as_ref()
+                .is_none_or(|g| s.gid.is_some_and(|x| g.contains(&x)))
             && any(&self.exe, s.exe, false)
             && any(&self.comm, Some(s.comm), false)
             && any(&self.workload_id, s.workload_id, false)
@@ -916,8 +923,8 @@ mod tests {
     fn agent() -> Subject<'static> {
         Subject {
             cgroup: Some("/agents/team-a"),
-            uid: 1000,
-            gid: 1000,
+            uid: Some(1000),
+            gid: Some(1000),
             exe: Some("/usr/bin/python3.11"),
             comm: "python3",
             workload_id: Some("spiffe://example.org/node/n1/cgroup/agents/team-a/uid/1000"),
@@ -969,7 +976,7 @@ mod tests {
         };
         let stranger = Subject {
             cgroup: Some("/other"),
-            uid: 1000,
+            uid: Some(1000),
             ..agent()
         };
         let args_ok = json!({"path": "/srv/notes/a/b.txt"});
@@ -1279,7 +1286,10 @@ mod tests {
     #[test]
     fn every_selector_of_a_binding_must_match() {
         let p = policy(ISSUE_EXAMPLE);
-        let wrong_uid = Subject { uid: 0, ..agent() };
+        let wrong_uid = Subject {
+            uid: Some(0),
+            ..agent()
+        };
         let wrong_exe = Subject {
             exe: Some("/usr/bin/node"),
             ..agent()

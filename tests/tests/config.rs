@@ -246,6 +246,20 @@ fn policy_explain_prints_decision_and_rule() {
         out.contains("bound roles: none") && out.contains("no binding matches"),
         "{out}"
     );
+    // A uid not given is unknown, not root: a binding on uid 0 does not match it.
+    let (_, out, _) = policy_cmd(
+        &POLICY.replace("uid = [1000]", "uid = [0]"),
+        &[
+            "explain",
+            "--tool",
+            "read_file",
+            "--server",
+            "notes",
+            "--cgroup",
+            "/agents/a",
+        ],
+    );
+    assert!(out.contains("bound roles: none"), "{out}");
     let (ok, _, err) = policy_cmd(POLICY, &["explain", "--tool", "x", "--server", "wiki"]);
     assert!(!ok && err.contains("unknown server \"wiki\""), "{err}");
 }

@@ -95,7 +95,7 @@ mod tests {
         )
         .unwrap();
         let subject = Subject {
-            uid: 7,
+            uid: Some(7),
             ..Default::default()
         };
         let mut batch = json!([

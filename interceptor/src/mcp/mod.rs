@@ -798,8 +798,8 @@ impl Conn {
     fn subject(&self) -> Subject<'_> {
         Subject {
             cgroup: self.identity.cgroup.as_deref(),
-            uid: self.identity.uid,
-            gid: self.identity.gid,
+            uid: Some(self.identity.uid),
+            gid: Some(self.identity.gid),
             exe: self.identity.exe.as_deref(),
             comm: &self.identity.comm,
             workload_id: self.identity.workload_id.as_deref(),
