@@ -30,7 +30,10 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/interceptor/admin.sock";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file could not be read.
-    #[error("cannot read config {path}: {error}")]
+    #[error(
+        "cannot read config {path}: {error}; pass the daemon's config with --config FILE \
+         (examples/interceptor.toml shows every key)"
+    )]
     Read {
         path: PathBuf,
         error: std::io::Error,
@@ -289,6 +292,30 @@ pub struct Server {
     pub pass_authorization: bool,
 }
 
+/// The section `name` of the file at `path` (its defaults when absent); the rest of the file
+/// need only be TOML.
+fn load_section<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    name: &str,
+) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
+        path: path.to_owned(),
+        error,
+    })?;
+    let parse_err = |message: String| Error::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| parse_err(e.to_string().trim_end().to_owned()))?;
+    match table.get(name) {
+        Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| {
+            parse_err(format!("[{name}]: {}", e.to_string().trim_end()))
+        }),
+        None => Ok(T::default()),
+    }
+}
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, Error> {
@@ -312,23 +339,13 @@ impl Config {
     /// pins (`tag`, `status`, `reload`, `uninstall`, …): they must work even while the rest of
     /// the file is being edited into something invalid.
     pub fn load_daemon(path: &Path) -> Result<Daemon, Error> {
-        let text = std::fs::read_to_string(path).map_err(|error| Error::Read {
-            path: path.to_owned(),
-            error,
-        })?;
-        let parse_err = |message: String| Error::Parse {
-            path: path.to_owned(),
-            message,
-        };
-        let table: toml::Table =
-            toml::from_str(&text).map_err(|e| parse_err(e.to_string().trim_end().to_owned()))?;
-        let raw: RawDaemon = match table.get("daemon") {
-            Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| {
-                parse_err(format!("[daemon]: {}", e.to_string().trim_end()))
-            })?,
-            None => RawDaemon::default(),
-        };
+        let raw: RawDaemon = load_section(path, "daemon")?;
         Validator { path }.daemon(raw)
+    }
+
+    /// Only the `[audit]` section, for `audit tail`: it reads the log, nothing else.
+    pub fn load_audit(path: &Path) -> Result<RawAudit, Error> {
+        load_section(path, "audit")
     }
 
     /// The built-in `[daemon]` settings (no file).

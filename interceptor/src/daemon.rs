@@ -776,12 +776,22 @@ impl Daemon {
     /// Everything `interceptor status` shows.
     pub fn status(&self) -> Value {
         let c = &self.counters;
-        let kernel: serde_json::Map<String, Value> = self
-            .kernel
-            .counters()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), json!(v)))
+        let counters = self.kernel.counters();
+        let mut kernel: serde_json::Map<String, Value> = counters
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), json!(v)))
             .collect();
+        // All refusals, whatever the reason (each is listed too).
+        let refused: u64 = counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("refused_"))
+            .map(|&(_, v)| v)
+            .sum();
+        kernel.insert("refused".into(), json!(refused));
+        let (up, down) = (
+            c.relayed_up.load(Ordering::Relaxed),
+            c.relayed_down.load(Ordering::Relaxed),
+        );
         json!({
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs(),
@@ -858,8 +868,9 @@ impl Daemon {
                     "active": c.active.load(Ordering::Relaxed),
                     // Streamable HTTP sessions bound to the identity that opened them.
                     "bound_sessions": self.bound_sessions.count(),
-                    "relayed_bytes_up": c.relayed_up.load(Ordering::Relaxed),
-                    "relayed_bytes_down": c.relayed_down.load(Ordering::Relaxed),
+                    "relayed_bytes": up + down,
+                    "relayed_bytes_up": up,
+                    "relayed_bytes_down": down,
                     "upstream_errors": c.upstream_errors.load(Ordering::Relaxed),
                     "requests_allowed": c.allowed.load(Ordering::Relaxed),
                     "requests_denied": c.denied.load(Ordering::Relaxed),

@@ -97,6 +97,16 @@ impl ConfigArg {
         }
         Config::load_daemon(&file)
     }
+
+    /// The `[audit]` section (`audit tail`), read the same way: the built-in defaults when no
+    /// file is at the default path and none was given.
+    fn audit(&self) -> Result<interceptor::audit::RawAudit, interceptor::config::Error> {
+        let file = self.file();
+        if self.given.is_none() && !file.exists() {
+            return Ok(interceptor::audit::RawAudit::default());
+        }
+        Config::load_audit(&file)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,7 +253,8 @@ enum AuditCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Print audit events readably (the file from `[audit] path` of the config).
+    /// Print audit events readably (the file from `[audit] path` of the config; without a
+    /// config file at the default path, the default log).
     Tail {
         #[command(flatten)]
         config: ConfigArg,
@@ -675,13 +686,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             decision,
             json,
         }) => {
-            let config = Config::load(&config.file())?;
+            let audit = config.audit()?;
             let filter = TailFilter {
                 identity,
                 tool,
                 decision,
             };
-            tail(&config.audit.path, follow, &filter, json)
+            tail(&audit.path, follow, &filter, json)
         }
         Command::Uninstall { config } => {
             // Never the built-in defaults: a daemon running from another file would not be

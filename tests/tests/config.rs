@@ -106,6 +106,17 @@ fn without_a_file_at_the_default_path_the_cli_uses_the_built_in_defaults() {
         err.contains("/run/interceptor/admin.sock") || out.status.success(),
         "{err}"
     );
+    // audit tail reads the default log.
+    let out = Command::new(interceptor_bin())
+        .args(["audit", "tail"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("cannot read config"), "{err}");
+    assert!(
+        err.contains("/var/log/interceptor/audit.jsonl") || out.status.success(),
+        "{err}"
+    );
     // A file named explicitly must exist, the default path too when named.
     for named in [
         "/nonexistent/interceptor.toml",

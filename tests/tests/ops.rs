@@ -83,6 +83,10 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     );
     assert_eq!(status["revocations"][0]["reason"], "incident 42");
     assert!(status["counters"]["kernel"]["refused_revoked"].as_u64() >= Some(1));
+    assert!(
+        status["counters"]["kernel"]["refused"].as_u64()
+            >= status["counters"]["kernel"]["refused_revoked"].as_u64()
+    );
     assert!(status["maps"].as_array().is_some_and(|m| {
         m.iter()
             .any(|x| x["name"] == "ICPT_BLOCKS" && x["entries"] == 1)

@@ -84,6 +84,13 @@ fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
     assert_eq!(status["counters"]["proxy"]["accepted"], 1, "{status}");
     let down = status["counters"]["proxy"]["relayed_bytes_down"].as_u64();
     assert!(down.is_some_and(|b| b > 0), "{status}");
+    let up = status["counters"]["proxy"]["relayed_bytes_up"].as_u64();
+    assert_eq!(
+        status["counters"]["proxy"]["relayed_bytes"].as_u64(),
+        up.zip(down).map(|(u, d)| u + d),
+        "{status}"
+    );
+    assert_eq!(status["counters"]["kernel"]["refused"], 0, "{status}");
     assert_eq!(status["programs"].as_array().map(Vec::len), Some(5));
     assert_eq!(
         status["tags"][0]["cgroup"],
