@@ -444,3 +444,39 @@ fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
     assert!(!reply.contains("delete_note"), "{r:?}");
     assert!(reply.contains(r#""name":"search""#), "{r:?}");
 }
+
+#[test]
+fn an_agents_answer_to_a_server_request_is_audited_before_it_is_forwarded() {
+    if !privileged() {
+        return;
+    }
+    let w = world("client-response");
+    let answer = br#"{"jsonrpc":"2.0","id":"srv-3","result":{"action":"accept","content":{"password":"hunter2","confirm":true}}}"#;
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(answer, ""),
+    );
+    assert!(r.status.is_some_and(|s| s < 300), "{r:?}");
+    assert_eq!(w.upstream.bodies().len(), 1, "the answer was not forwarded");
+    let event = eventually(
+        std::time::Duration::from_secs(10),
+        || {
+            w.env
+                .audit_events()
+                .into_iter()
+                .find(|e| e["event"] == "mcp.client_response")
+        },
+        || format!("no mcp.client_response: {:#?}", w.env.audit_events()),
+    );
+    assert_eq!(event["id"], "srv-3", "{event}");
+    assert_eq!(event["server"], "notes", "{event}");
+    assert_eq!(event["outcome"], "result", "{event}");
+    assert_eq!(event["body"]["result"]["action"], "accept", "{event}");
+    assert_ne!(
+        event["body"]["result"]["content"]["password"], "hunter2",
+        "not redacted: {event}"
+    );
+    assert_eq!(event["identity"]["kind"], "agent", "{event}");
+}

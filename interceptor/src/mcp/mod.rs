@@ -1156,8 +1156,8 @@ impl Conn {
                 .map(str::to_owned),
         };
         let (policy, grant) = self.policy();
-        // Responses to the server's requests have no method to judge (they pass, unaudited:
-        // they are no requests), but they reach the server only if it is granted (tier 1).
+        // Responses to the server's requests have no method to judge (they pass, audited as
+        // `mcp.client_response`), but they reach the server only if it is granted (tier 1).
         if body.messages.iter().any(|m| m.method().is_none()) {
             let decision = policy.check_server_granted(&grant, self.server_name());
             if !decision.allow {
@@ -1182,9 +1182,11 @@ impl Conn {
             .messages
             .iter()
             .zip(&decisions)
-            .filter_map(|(m, d)| {
-                let d = d.as_ref()?;
-                Some(self.request_event(m, d, session_id.as_deref(), &protocol))
+            .map(|(m, d)| match d {
+                Some(d) => self.request_event(m, d, session_id.as_deref(), &protocol),
+                // The agent's answers to the server's requests (sampling, elicitation, roots)
+                // are what the server acts on: on record too.
+                None => self.client_response_event(m, session_id.as_deref(), &protocol),
             })
             .collect();
         let denied = decisions.iter().flatten().any(|d| !d.allow);
@@ -1390,6 +1392,35 @@ impl Conn {
             .field("decision", if d.allow { "allow" } else { "deny" })
             .field("rule", &d.rule)
             .field("roles", &d.roles)
+            .field("session", &session)
+            .field("protocol", protocol)
+    }
+
+    /// `mcp.client_response`: the agent answering a request of the server (no method to
+    /// judge; it reaches the server only if a role grants the server).
+    fn client_response_event(
+        &self,
+        m: &Message,
+        session: Option<&str>,
+        protocol: &str,
+    ) -> audit::Event {
+        let (outcome, body) = match m {
+            Message::Response { body, .. } => (
+                if body.contains_key("error") {
+                    "error"
+                } else {
+                    "result"
+                },
+                Some(self.daemon.audit.redactor.redact_object(body)),
+            ),
+            _ => ("result", None),
+        };
+        audit::Event::new("mcp.client_response")
+            .raw("identity", &self.who)
+            .field("server", self.server_name())
+            .field("id", &m.id())
+            .field("outcome", outcome)
+            .raw("body", body.as_deref().unwrap_or("null"))
             .field("session", &session)
             .field("protocol", protocol)
     }
