@@ -15,7 +15,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use interceptor::{
     audit::{Event, RawAudit, Redactor},
     mcp::jsonrpc,
-    policy::{Call, Policy, RawBinding, RawPolicyOptions, RawRole, Subject},
+    policy::{Call, Ids, Policy, RawBinding, RawPolicyOptions, RawRole, Subject},
 };
 use serde_json::{Value, json};
 use std::hint::black_box;
@@ -38,7 +38,7 @@ fn policy() -> Policy {
         .map(|r| RawBinding {
             role: format!("r{r}"),
             cgroup: None,
-            uid: Some(vec![1000]),
+            uid: Some(Ids::One(1000)),
             gid: None,
             exe: None,
             comm: None,

@@ -312,6 +312,9 @@ impl Daemon {
         if new.ca != self.config.ca {
             not_applied.push("[ca]");
         }
+        for warning in new.policy.warnings() {
+            warn!("{warning}");
+        }
         let policy_changed = new.policy.fingerprint != self.policy().fingerprint;
         let roles = new.policy.role_names().len();
         let bindings = new.policy.binding_count();
@@ -1121,6 +1124,9 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
 
     let accepting = proxy.start(&daemon)?;
     daemon.register_listener()?;
+    for warning in daemon.policy().warnings() {
+        warn!("{warning}");
+    }
     info!(
         port = daemon.listener.port4,
         ipv6 = daemon.listener.port6 != 0,

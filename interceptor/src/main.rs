@@ -384,6 +384,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!("{} is valid", config.path.display());
+            for warning in config.policy.warnings() {
+                println!("  warning: {warning}");
+            }
             match &mount {
                 Ok(m) => println!(
                     "  programs attach at {} ({} under the cgroup v2 mount {})",
@@ -490,6 +493,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 roles.join(", "),
                 config.policy.binding_count()
             );
+            for warning in config.policy.warnings() {
+                println!("  warning: {warning}");
+            }
             Ok(())
         }
         Command::Policy(PolicyCommand::Explain {

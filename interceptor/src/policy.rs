@@ -90,12 +90,12 @@ pub struct RawBinding {
     /// cgroup path patterns (relative to the cgroup v2 mount); `/a/**` also matches `/a`.
     #[serde(default)]
     pub cgroup: Option<OneOrMany>,
-    /// uids.
+    /// uids: one, or a list.
     #[serde(default)]
-    pub uid: Option<Vec<u32>>,
-    /// gids.
+    pub uid: Option<Ids>,
+    /// gids: one, or a list.
     #[serde(default)]
-    pub gid: Option<Vec<u32>>,
+    pub gid: Option<Ids>,
     /// Executable path patterns.
     #[serde(default)]
     pub exe: Option<OneOrMany>,
@@ -109,10 +109,27 @@ pub struct RawBinding {
 
 /// A string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
+}
+
+/// A number (uid, gid) or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a number or a list of numbers")]
+pub enum Ids {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Ids {
+    fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Ids::One(id) => vec![*id],
+            Ids::Many(ids) => ids.clone(),
+        }
+    }
 }
 
 impl OneOrMany {
@@ -542,8 +559,8 @@ impl Policy {
                 index: i,
                 role,
                 cgroup: pats(&b.cgroup, "cgroup", true)?,
-                uid: b.uid.clone(),
-                gid: b.gid.clone(),
+                uid: b.uid.as_ref().map(Ids::to_vec),
+                gid: b.gid.as_ref().map(Ids::to_vec),
                 exe: pats(&b.exe, "exe", true)?,
                 comm: pats(&b.comm, "comm", false)?,
                 workload_id: pats(&b.workload_id, "workload_id", true)?,
@@ -802,6 +819,29 @@ impl Policy {
     /// Number of bindings.
     pub fn binding_count(&self) -> usize {
         self.bindings.len()
+    }
+
+    /// Warnings about bindings that grant their role to every process (no selector: "all
+    /// given must match" holds for none given). Allowed, but rarely meant.
+    pub fn warnings(&self) -> Vec<String> {
+        self.bindings
+            .iter()
+            .filter(|b| {
+                b.cgroup.is_none()
+                    && b.uid.is_none()
+                    && b.gid.is_none()
+                    && b.exe.is_none()
+                    && b.comm.is_none()
+                    && b.workload_id.is_none()
+            })
+            .map(|b| {
+                format!(
+                    "binding[{}] has no selector: it grants role {} to every process (give a \
+                     cgroup, uid, gid, exe, comm or workload_id to narrow it)",
+                    b.index, self.roles[b.role].name
+                )
+            })
+            .collect()
     }
 
     /// Names of the roles bound to `subject` (for `policy explain`).

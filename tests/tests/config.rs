@@ -257,9 +257,18 @@ fn policy_explain_prints_decision_and_rule() {
         out.contains("bound roles: none") && out.contains("no binding matches"),
         "{out}"
     );
+    // A binding without a selector grants its role to every process: said, not refused.
+    let (ok, out, _) = policy_cmd(
+        &POLICY.replace("cgroup = \"/agents/**\"\nuid = [1000]\n", ""),
+        &["check"],
+    );
+    assert!(
+        ok && out.contains("binding[0] has no selector: it grants role notes-reader to every"),
+        "{out}"
+    );
     // A uid not given is unknown, not root: a binding on uid 0 does not match it.
     let (_, out, _) = policy_cmd(
-        &POLICY.replace("uid = [1000]", "uid = [0]"),
+        &POLICY.replace("uid = [1000]", "uid = 0"),
         &[
             "explain",
             "--tool",

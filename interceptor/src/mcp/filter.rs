@@ -81,7 +81,7 @@ mod tests {
         let binding = RawBinding {
             role: "r".into(),
             cgroup: None,
-            uid: Some(vec![7]),
+            uid: Some(crate::policy::Ids::Many(vec![7])),
             gid: None,
             exe: None,
             comm: None,
