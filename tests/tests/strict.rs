@@ -446,7 +446,7 @@ fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
 }
 
 #[test]
-fn an_agents_answer_to_a_server_request_is_audited_before_it_is_forwarded() {
+fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     if !privileged() {
         return;
     }
@@ -479,4 +479,22 @@ fn an_agents_answer_to_a_server_request_is_audited_before_it_is_forwarded() {
         "not redacted: {event}"
     );
     assert_eq!(event["identity"]["kind"], "agent", "{event}");
+
+    // A tools/call's params beyond name and arguments reach the server too: recorded.
+    let call = br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"search","arguments":{},"_meta":{"step":5,"token":"s3cret"},"x":1}}"#;
+    let r = send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(call, ""));
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let event = eventually(
+        std::time::Duration::from_secs(10),
+        || {
+            w.env
+                .audit_events()
+                .into_iter()
+                .find(|e| e["event"] == "mcp.request" && e["id"] == 9)
+        },
+        || format!("no mcp.request: {:#?}", w.env.audit_events()),
+    );
+    assert_eq!(event["other_params"]["_meta"]["step"], 5, "{event}");
+    assert_eq!(event["other_params"]["x"], 1, "{event}");
+    assert_ne!(event["other_params"]["_meta"]["token"], "s3cret", "{event}");
 }

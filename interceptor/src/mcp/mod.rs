@@ -1380,6 +1380,19 @@ impl Conn {
             (_, Some(p)) => Some(redactor.redact_object(p)),
             (_, None) => None,
         };
+        // A tools/call's other params members (`_meta`, `task`, anything else) go to the
+        // server too: on record beside the arguments.
+        let other_params = match (method, m.params()) {
+            ("tools/call", Some(p)) if p.keys().any(|k| k != "name" && k != "arguments") => {
+                let other: serde_json::Map<String, Value> = p
+                    .iter()
+                    .filter(|(k, _)| *k != "name" && *k != "arguments")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                Some(redactor.redact_object(&other))
+            }
+            _ => None,
+        };
         let target = m.target().map(capped);
         audit::Event::new("mcp.request")
             .raw("identity", &self.who)
@@ -1389,6 +1402,7 @@ impl Conn {
             .field("name", &target)
             .field("id", &m.id())
             .raw("arguments", arguments.as_deref().unwrap_or("null"))
+            .raw("other_params", other_params.as_deref().unwrap_or("null"))
             .field("decision", if d.allow { "allow" } else { "deny" })
             .field("rule", &d.rule)
             .field("roles", &d.roles)
