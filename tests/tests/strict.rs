@@ -498,3 +498,36 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     assert_eq!(event["other_params"]["x"], 1, "{event}");
     assert_ne!(event["other_params"]["_meta"]["token"], "s3cret", "{event}");
 }
+
+#[test]
+fn subscriptions_listen_is_judged_per_resource_it_subscribes_to() {
+    if !privileged() {
+        return;
+    }
+    let w = world("listen");
+    let addr = w.upstream.addr.to_string();
+    // Resource subscriptions ride on subscriptions/listen (2026-07-28): each is judged as a
+    // resources/subscribe, which no role here grants.
+    let subscribe = br#"{"jsonrpc":"2.0","id":3,"method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true,"resourceSubscriptions":["notes://secret"]}}}"#;
+    let r = send_raw(PROBE, &w.dir, &addr, &post(subscribe, ""));
+    assert!(
+        error_code(r.reply.as_deref().unwrap_or("")).is_some(),
+        "{r:?}"
+    );
+    assert!(w.upstream.bodies().is_empty(), "forwarded");
+    let denied = eventually(
+        std::time::Duration::from_secs(10),
+        || {
+            w.env
+                .audit_events()
+                .into_iter()
+                .find(|e| e["event"] == "mcp.request" && e["method"] == "subscriptions/listen")
+        },
+        || format!("no mcp.request: {:#?}", w.env.audit_events()),
+    );
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    // Without resources to subscribe to, listening is plumbing: forwarded.
+    let listen = br#"{"jsonrpc":"2.0","id":4,"method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true}}}"#;
+    send_raw(PROBE, &w.dir, &addr, &post(listen, ""));
+    assert_eq!(w.upstream.bodies().len(), 1);
+}

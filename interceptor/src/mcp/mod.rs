@@ -1439,6 +1439,35 @@ impl Conn {
             .field("protocol", protocol)
     }
 
+    /// 2026-07-28: `subscriptions/listen` subscribes to resources too
+    /// (`params.notifications.resourceSubscriptions`, which replaces `resources/subscribe`):
+    /// each URI is judged as a `resources/subscribe` of it; the first denial, if any.
+    fn judge_subscriptions(&self, policy: &Policy, grant: &Grant, m: &Message) -> Option<Decision> {
+        let subscriptions = m
+            .params()?
+            .get("notifications")?
+            .get("resourceSubscriptions")?;
+        let Some(uris) = subscriptions.as_array() else {
+            return Some(Decision::refused(
+                "notifications.resourceSubscriptions is not a list of URIs",
+            ));
+        };
+        uris.iter().find_map(|uri| {
+            let Some(uri) = uri.as_str() else {
+                return Some(Decision::refused(
+                    "notifications.resourceSubscriptions holds something other than a URI",
+                ));
+            };
+            let call = Call {
+                method: "resources/subscribe",
+                name: Some(uri),
+                arguments: None,
+            };
+            let d = policy.check_granted(grant, self.server_name(), &call);
+            (!d.allow).then_some(d)
+        })
+    }
+
     /// Decides one message (responses to server requests carry no method and pass).
     fn decide(
         &self,
@@ -1453,7 +1482,10 @@ impl Conn {
             name: m.target(),
             arguments: m.arguments(),
         };
-        let d = policy.check_granted(grant, self.server_name(), &call);
+        let mut d = policy.check_granted(grant, self.server_name(), &call);
+        if d.allow && method == "subscriptions/listen" {
+            d = self.judge_subscriptions(policy, grant, m).unwrap_or(d);
+        }
         let counters = &self.daemon.counters;
         let metrics = &self.daemon.metrics;
         metrics
