@@ -82,7 +82,10 @@ const REJECT: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
 const ECONNREFUSED: i32 = 111;
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
 /// 127.0.0.1 as the kernel stores `user_ip4` (network byte order in memory).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// ::1 as four network-order words.
@@ -401,14 +404,20 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == BPF_SOCK_OPS_STATE_CB {
-        // args[1] is the new state; the agent's socket is gone, and so is getpeername's need.
-        // Its tuple record goes too if the proxy never took it (a connection reset in the
-        // accept queue, e.g. when the daemon stopped): another process that bound the same
-        // source port and dialled the proxy port directly would otherwise be served as it.
-        // (This runs before the socket releases its port, so no new connection can have
-        // published a record under the tuple yet.)
+        // args[0] is the old state, args[1] the new one; the agent's socket is gone, and so is
+        // getpeername's need. Its tuple record goes too when the connection died without a
+        // graceful close (reset from an open state, or a connect that never completed: e.g.
+        // reset in the accept queue when the daemon stopped), so the proxy never will take
+        // it: another process that bound the same source port and dialled the proxy port
+        // directly would otherwise be served as it. Not after a graceful close: an agent that
+        // sends and closes at once leaves its connection, data and FIN, in the accept queue,
+        // while its own socket closes (FIN_WAIT2 handed to a timewait socket) — the proxy
+        // still serves it. (This runs before the socket releases its port, so no new
+        // connection can have published a record under the tuple yet.)
+        let old = ctx.arg(0);
         if ctx.arg(1) == TCP_CLOSE {
-            if let Some(record) = unsafe { SOCKS.get(cookie) } {
+            let died = old == TCP_ESTABLISHED || old == TCP_SYN_SENT || old == TCP_CLOSE_WAIT;
+            if let Some(record) = unsafe { SOCKS.get(cookie) }.filter(|_| died) {
                 let netns_cookie = record.netns_cookie;
                 let key = if ctx.family() == AF_INET6 {
                     tuple_key::<true>(ctx, netns_cookie)

@@ -587,3 +587,38 @@ print(len(reply))
     );
     assert_eq!(w.upstream.count(), 0, "the impostor's request was relayed");
 }
+
+#[test]
+fn a_request_sent_and_closed_before_the_daemon_accepts_it_is_still_served() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("send-and-close", &["agents"]);
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let dialed = w.direct.addr.to_string();
+    w.env.start_daemon();
+    // The daemon does not accept for a while; the agent sends a notification and closes at
+    // once (its socket is gone before the proxy accepts: the kernel keeps the connection,
+    // request and FIN, in the accept queue).
+    let pid = nix::unistd::Pid::from_raw(w.env.daemon_pid().expect("daemon") as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop the daemon");
+    const AGENT: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+body = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+s.close()
+time.sleep(0.3)
+print("closed", flush=True)
+"#;
+    let (said, _agent) = interceptor_tests::python_in_cgroup(&agents, AGENT, &[&dialed]);
+    assert_eq!(said, "closed");
+    nix::sys::signal::kill(pid, Signal::SIGCONT).expect("resume the daemon");
+    eventually(
+        Duration::from_secs(10),
+        || (w.upstream.count() == 1).then_some(()),
+        || format!("the request was not served:\n{}", w.env.log_text()),
+    );
+    assert_eq!(w.direct.count(), 0);
+}
