@@ -208,9 +208,18 @@ fn a_legacy_session_belongs_to_the_identity_that_opened_it() {
         format!("{endpoint}&x=1"),
         format!("{path}session_id={}", id.to_uppercase()),
         format!("{path}session_id={{{id}}}"),
+        // Another path the server routes to the same handler (a mount takes any below).
+        format!("{}x?session_id={id}", path.trim_end_matches('?')),
+        format!("{}/?session_id={id}", path.trim_end_matches('?')),
     ] {
         let r = send_raw(PROBE, &w.writers, &addr, &post(&other));
         assert_eq!(r.status, Some(404), "{other}: {r:?}");
+        assert!(
+            r.reply
+                .as_deref()
+                .is_some_and(|b| b.contains("no legacy SSE session has this URL")),
+            "refused by the server, not the proxy: {other}: {r:?}"
+        );
     }
 }
 

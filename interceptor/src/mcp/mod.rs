@@ -1099,15 +1099,17 @@ impl Conn {
         };
         let (legacy, message_path) = {
             let sessions = lock(&self.daemon.sessions);
-            (sessions.get(&key).cloned(), sessions.message_path(&key))
+            let legacy = sessions.get(&key).cloned();
+            let names_one = legacy.is_none() && sessions.names_live_session(&key);
+            (legacy, names_one)
         };
         if legacy.is_none() && message_path {
             self.rejected();
-            warn!(target = %pq, "request refused: a legacy SSE message path, but no live session's URL");
+            warn!(target = %pq, "request refused: names a live legacy SSE session, but not by its URL");
             self.record_refused(
                 &parts.headers,
                 &body,
-                "not the URL of a live legacy SSE session",
+                "names a live legacy SSE session, but not by its URL",
             );
             return error_response(
                 StatusCode::NOT_FOUND,

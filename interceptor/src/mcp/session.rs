@@ -52,8 +52,9 @@ pub type Sessions = Mutex<LegacySessions>;
 #[derive(Default)]
 pub struct LegacySessions {
     live: HashMap<String, Arc<LegacySession>>,
-    /// Live sessions per message path (the key up to its `?`).
-    paths: HashMap<String, usize>,
+    /// What names a live session, counted: its message path (the key up to its `?`), and
+    /// each of its query values as servers may read them ([`lenient_value`]), per server.
+    names: HashMap<String, usize>,
 }
 
 /// The message path part of a [`session_key`].
@@ -61,20 +62,63 @@ fn path_of(key: &str) -> &str {
     key.split_once('?').map_or(key, |(path, _)| path)
 }
 
+/// A query value as a lenient server may read it: Python's `UUID(hex=…)` ignores case,
+/// hyphens, braces and a `urn:uuid:` prefix.
+fn lenient_value(value: &str) -> String {
+    let lower = value.to_ascii_lowercase();
+    let bare = lower.strip_prefix("urn:uuid:").unwrap_or(&lower);
+    bare.chars()
+        .filter(|c| !matches!(c, '-' | '{' | '}'))
+        .collect()
+}
+
+/// What names the session of `key` (see [`LegacySessions::names`]).
+fn names_of(key: &str) -> Vec<String> {
+    let server = key.split_once(' ').map_or("", |(s, _)| s);
+    let query = key.split_once('?').map_or("", |(_, q)| q);
+    let values = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').map(|(_, v)| v))
+        .filter(|v| v.len() >= 8)
+        .map(|v| format!("{server} value {}", lenient_value(v)));
+    std::iter::once(path_of(key).to_owned())
+        .chain(values)
+        .collect()
+}
+
 impl LegacySessions {
     pub fn get(&self, key: &str) -> Option<&Arc<LegacySession>> {
         self.live.get(key)
     }
 
-    /// Whether a live session posts to the path of `key` (so `key` must be one of them).
-    pub fn message_path(&self, key: &str) -> bool {
-        self.paths.contains_key(path_of(key))
+    /// Whether the request `key` (not a live session's key itself) names a live session
+    /// anyway: it posts to a live session's message path, or carries a query value a server
+    /// could read as a live session's id (`/messages/x?session_id=<A>` reaches the session
+    /// `/messages/?session_id=<A>` in the Python SDK: its mount takes any path below). Such a
+    /// request must name a live session exactly.
+    pub fn names_live_session(&self, key: &str) -> bool {
+        if self.names.contains_key(path_of(key)) {
+            return true;
+        }
+        let server = key.split_once(' ').map_or("", |(s, _)| s);
+        let query = key.split_once('?').map_or("", |(_, q)| q);
+        // Values as decoded into the key; any parameter name (servers differ in which they
+        // read, and some parse `sessionId[0]` as the same parameter).
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').map(|(_, v)| v))
+            .any(|v| {
+                self.names
+                    .contains_key(&format!("{server} value {}", lenient_value(v)))
+            })
     }
 
     pub fn insert(&mut self, key: String, session: Arc<LegacySession>) {
-        let path = path_of(&key).to_owned();
+        let names = names_of(&key);
         if self.live.insert(key, session).is_none() {
-            *self.paths.entry(path).or_default() += 1;
+            for name in names {
+                *self.names.entry(name).or_default() += 1;
+            }
         }
     }
 
@@ -84,10 +128,12 @@ impl LegacySessions {
             return;
         }
         self.live.remove(key);
-        if let Some(n) = self.paths.get_mut(path_of(key)) {
-            *n -= 1;
-            if *n == 0 {
-                self.paths.remove(path_of(key));
+        for name in names_of(key) {
+            if let Some(n) = self.names.get_mut(&name) {
+                *n -= 1;
+                if *n == 0 {
+                    self.names.remove(&name);
+                }
             }
         }
     }
