@@ -945,8 +945,10 @@ fn pending_tag_key(cgroup: &str) -> u64 {
 pub const PENDING_TAG: u64 = 1 << 63;
 
 /// Every address the kernel redirects, and the server each one is: first the `intercept`
-/// addresses; then each server's own upstream addresses (an agent dialling the real server
-/// directly must not pass policy by); then the addresses that reach a loopback one without
+/// addresses; then each plain-HTTP server's own upstream addresses (an agent dialling the
+/// real server directly must not pass policy by; an mTLS upstream refuses a caller without a
+/// node-issued certificate anyway, and may share its address with unrelated services behind
+/// the same load balancer); then the addresses that reach a loopback one without
 /// naming it (a connect to `0.0.0.0:P` goes to `127.0.0.1:P`, one to `[::]:P` to `[::1]:P`,
 /// or to `127.0.0.1:P` from a socket bound to a v4-mapped address: the kernel fills in
 /// loopback). An address already taken keeps its server.
@@ -960,7 +962,7 @@ pub fn intercepted(
             map.entry(addr).or_insert(id);
         }
     }
-    for (id, server) in servers.iter().enumerate() {
+    for (id, server) in servers.iter().enumerate().filter(|(_, s)| s.tls.is_none()) {
         for &addr in &server.upstream_addrs {
             map.entry(addr).or_insert(id);
         }
@@ -1247,6 +1249,18 @@ upstream = "127.0.0.1:8081"
         // An intercept address keeps its server over another server's upstream.
         assert_eq!(at("127.0.0.1:9000"), Some(1));
         assert_eq!(map.len(), 11, "{map:?}");
+        // An mTLS upstream's address is not: it refuses callers without a node certificate,
+        // and may be shared with unrelated services.
+        let mut servers = config.servers.clone();
+        servers[0].tls = Some(crate::config::RawTls {
+            ca: "ca.pem".into(),
+            server_name: "notes".into(),
+            server_id: None,
+        });
+        assert_eq!(
+            intercepted(&servers).get(&"127.0.0.3:9000".parse().unwrap()),
+            None
+        );
     }
 
     #[test]
