@@ -622,6 +622,12 @@ impl Audit {
             repaired = true;
         }
         if let Some(invalid) = &tail.invalid {
+            if tail.invalid_unterminated {
+                (&*writer.file)
+                    .write_all(b"\n")
+                    .map_err(|e| open_err(format!("ending the last line: {e}")))?;
+                writer.len += 1;
+            }
             warn!(
                 bytes = invalid.len(),
                 "the audit log's last line is not a valid record: it was edited (no crash leaves \
@@ -1201,10 +1207,12 @@ struct Tail {
     /// The last record is whole and continues the chain but its line break is missing (the
     /// write stopped just before it): the break is added at the next start.
     unterminated: bool,
-    /// A complete last line that is not a valid record: no crash leaves one (a write ends with
-    /// its line break), so it was edited. Kept as evidence (`audit verify` names it); the
-    /// chain continues from the last valid record before it.
+    /// A last line that is not a valid record, nor (unterminated) what a crash leaves of
+    /// one: it was edited. Kept as evidence (`audit verify` names it); the chain continues
+    /// from the last valid record before it.
     invalid: Option<Vec<u8>>,
+    /// That line lacks its line break: added at the next start, after it.
+    invalid_unterminated: bool,
 }
 
 /// A line that is a sealed record whose hash matches: its `seq` and hash.
@@ -1264,6 +1272,7 @@ fn read_tail(file: &mut File) -> io::Result<Tail> {
         torn: None,
         unterminated: false,
         invalid: None,
+        invalid_unterminated: false,
     };
     if let Some(last) = lines.next() {
         let found = match record_of(last) {
@@ -1290,7 +1299,25 @@ fn read_tail(file: &mut File) -> io::Result<Tail> {
                 tail.valid_len = len;
                 tail.unterminated = true;
             }
-            _ => tail.torn = Some(rest.to_vec()),
+            // What a crash leaves of the next record (or of any record, after an edited
+            // line or in a new file): cut off. A sealed line is no torn write (it ends with
+            // its whole hash): one that is not valid here was edited.
+            _ if !std::str::from_utf8(rest).is_ok_and(|t| unseal(t).is_some())
+                && torn_continues(
+                    rest,
+                    (tail.valid_len > 0 && tail.invalid.is_none())
+                        .then_some(tail.last_hash.as_str()),
+                    Some(tail.last_seq),
+                ) =>
+            {
+                tail.torn = Some(rest.to_vec());
+            }
+            // Anything else was written by someone other than the daemon: kept.
+            _ => {
+                tail.invalid = Some(rest.to_vec());
+                tail.invalid_unterminated = true;
+                tail.valid_len = len;
+            }
         }
     }
     Ok(tail)
@@ -1467,6 +1494,9 @@ pub struct Verification {
 /// (`prev_seq`, `prev_hash`): a record starts with its `seq` and `prev_hash`, so the bytes
 /// written must agree with those as far as they go.
 fn torn_continues(torn: &[u8], prev_hash: Option<&str>, prev_seq: Option<u64>) -> bool {
+    // A power loss can leave the end of an extended file zero-filled (delayed allocation).
+    let end = torn.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+    let torn = &torn[..end];
     let head = match (prev_hash, prev_seq) {
         (Some(hash), Some(seq)) => format!("{{\"seq\":{},\"prev_hash\":\"{hash}\",", seq + 1),
         _ => "{\"seq\":".to_owned(),
@@ -2115,6 +2145,48 @@ mod tests {
         let (_, fourth) = unseal(log.lines().nth(3).unwrap()).unwrap();
         assert_eq!(repair["prev_hash"], fourth, "{repair}");
         assert_eq!(repair["seq"], 5, "{repair}");
+    }
+
+    #[tokio::test]
+    async fn at_start_an_edit_without_its_line_break_is_kept_and_zeros_are_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        {
+            let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+            for i in 0..3 {
+                a.record(event(&format!("e{i}"))).await.unwrap();
+            }
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        // A power loss may leave the file's new end zero-filled: a torn write, cut off.
+        std::fs::write(&path, format!("{text}\0\0\0\0")).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert!(v.broken.is_none() && v.torn_tail.is_some(), "{v:?}");
+        drop(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
+        let log = std::fs::read_to_string(&path).unwrap();
+        assert!(log.starts_with(&text) && !log.contains('\0'), "{log:?}");
+        assert!(
+            verify(std::slice::from_ref(&path))
+                .unwrap()
+                .broken
+                .is_none()
+        );
+
+        // The last record edited and its line break removed: kept, ended, and still failing.
+        let edited = log
+            .trim_end()
+            .replace("\"audit.repair\"", "\"audit.other\"");
+        std::fs::write(&path, &edited).unwrap();
+        drop(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
+        let after = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            after.starts_with(&format!("{edited}\n")),
+            "the edit was cut: {after}"
+        );
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(v.broken.as_ref().map(|b| b.1), Some(4), "{v:?}");
+        let repair: Value = serde_json::from_str(after.lines().nth(4).unwrap()).unwrap();
+        assert!(repair["invalid_line_sha256"].is_string(), "{repair}");
     }
 
     #[tokio::test]
