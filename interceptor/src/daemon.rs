@@ -6,7 +6,7 @@ use std::{
     path::Path,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -136,6 +136,9 @@ pub struct Daemon {
     ns_listeners: std::sync::Mutex<std::collections::HashMap<u64, NsListener>>,
     /// Set on SIGTERM: connections finish their in-flight requests and close.
     pub draining: tokio::sync::watch::Sender<bool>,
+    /// Set once drained: the programs forget the daemon's identity (its exemption), which
+    /// its upstream connections need until then.
+    stopped: AtomicBool,
     /// Live agent connections, by connection number, so a revocation can close them.
     pub live: std::sync::Mutex<std::collections::HashMap<u64, Arc<crate::mcp::Conn>>>,
     /// Live agent connections per cgroup id, for `daemon.max_connections_per_cgroup`.
@@ -584,7 +587,7 @@ impl Daemon {
     fn sync_block_state(&self) -> Result<(), String> {
         let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
         let kernel: Vec<&Revocation> = list.iter().filter(|r| r.in_kernel()).collect();
-        let (daemon_tgid, daemon_cgroup) = if self.draining_or_stopped() {
+        let (daemon_tgid, daemon_cgroup) = if self.stopped.load(Ordering::Relaxed) {
             (0, 0)
         } else {
             own_identity()
@@ -599,10 +602,6 @@ impl Daemon {
         lock(&self.kernel.state)
             .set(0, state, 0)
             .map_err(|e| format!("cannot update the programs' state: {e}"))
-    }
-
-    fn draining_or_stopped(&self) -> bool {
-        *self.draining.borrow()
     }
 
     /// Loads the revocations persisted in the pinned map (at start).
@@ -1079,6 +1078,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         metrics,
         revocations: RwLock::new(Vec::new()),
         draining: tokio::sync::watch::Sender::new(false),
+        stopped: AtomicBool::new(false),
         ns_listeners: std::sync::Mutex::new(std::collections::HashMap::new()),
         live: std::sync::Mutex::new(std::collections::HashMap::new()),
         per_cgroup: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -1180,9 +1180,6 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     daemon.unregister_listener();
     daemon.unregister_ns_listeners();
     daemon.draining.send_replace(true);
-    // Forget the daemon's identity in the programs (a later process reusing the pid gets no
-    // exemption).
-    let _ = daemon.sync_block_state();
     let grace = daemon.config.daemon.drain_grace;
     let deadline = Instant::now() + grace;
     while daemon.counters.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
@@ -1196,6 +1193,10 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     }
     // Closes what is left (their tasks end with their workers' event loops).
     daemon.workers.stop();
+    // Forget the daemon's identity in the programs (a later process reusing the pid gets no
+    // exemption); kept while draining, for the upstream connections of requests in flight.
+    daemon.stopped.store(true, Ordering::Relaxed);
+    let _ = daemon.sync_block_state();
     admin_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
