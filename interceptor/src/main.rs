@@ -350,9 +350,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config.file())?;
             // The node CA is read at start: a missing file or a key others can read would stop
             // the daemon, so it is checked here too.
+            let mut ca_unread = None;
             if let Some(raw) = &config.ca {
-                interceptor::ca::NodeCa::load(raw)
-                    .with_context(|| format!("{}: [ca] cannot be loaded", config.path.display()))?;
+                // Run as a user who may not read the key (it is root's, mode 0600): said, not
+                // taken for a broken config.
+                match std::fs::File::open(&raw.key) {
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        ca_unread = Some(raw.key.clone());
+                    }
+                    _ => {
+                        interceptor::ca::NodeCa::load(raw).with_context(|| {
+                            format!("{}: [ca] cannot be loaded", config.path.display())
+                        })?;
+                    }
+                }
             }
             // Where the programs would attach; a host without cgroup v2 is reported, not fatal.
             let mount = Hierarchy::discover().map(|h| h.mount);
@@ -384,6 +395,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!("{} is valid", config.path.display());
+            if let Some(key) = &ca_unread {
+                println!(
+                    "  warning: the [ca] key {} is not readable by this user: not checked (run \
+                     check as the daemon's user, root)",
+                    key.display()
+                );
+            }
             for warning in config.policy.warnings() {
                 println!("  warning: {warning}");
             }

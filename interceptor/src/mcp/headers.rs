@@ -32,8 +32,9 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), String> {
 /// Hop-by-hop headers, those the proxy sets itself (`accept-encoding`: the proxy must be
 /// able to read what comes back, so it asks for identity encoding; `expect`: the body was
 /// read whole before anything is forwarded), and the headers proxies use to tell a server
-/// who the client is (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Client-IP`): an agent's
-/// own copies would be believed by a server that trusts its proxy.
+/// who the client is (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Client-IP`,
+/// `True-Client-IP`, and the like of CDNs and Envoy): an agent's own copies would be believed
+/// by a server that trusts its proxy.
 pub fn skip_header(name: &header::HeaderName) -> bool {
     let name = name.as_str();
     name.starts_with("x-forwarded-")
@@ -55,6 +56,12 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "forwarded"
                 | "x-real-ip"
                 | "x-client-ip"
+                | "x-cluster-client-ip"
+                | "x-original-forwarded-for"
+                | "true-client-ip"
+                | "cf-connecting-ip"
+                | "fastly-client-ip"
+                | "x-envoy-external-address"
         )
 }
 

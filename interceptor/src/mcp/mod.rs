@@ -1180,6 +1180,7 @@ impl Conn {
             .fetch_add(body.messages.len() as u64, Ordering::Relaxed);
         // Write-ahead: every request and notification is in the audit log before anything is
         // forwarded; if the log cannot be written, allowed requests are refused (fail closed).
+        let denied = decisions.iter().flatten().any(|d| !d.allow);
         let events: Vec<audit::Event> = body
             .messages
             .iter()
@@ -1187,11 +1188,13 @@ impl Conn {
             .map(|(m, d)| match d {
                 Some(d) => self.request_event(m, d, session_id.as_deref(), &protocol),
                 // The agent's answers to the server's requests (sampling, elicitation, roots)
-                // are what the server acts on: on record too.
-                None => self.client_response_event(m, session_id.as_deref(), &protocol),
+                // are what the server acts on: on record too (not forwarded when the batch
+                // they came in is refused).
+                None => self
+                    .client_response_event(m, session_id.as_deref(), &protocol)
+                    .field("forwarded", &!denied),
             })
             .collect();
-        let denied = decisions.iter().flatten().any(|d| !d.allow);
         // The allowed requests' answers are owed from here on: built before their events are
         // written, so one dropped meanwhile (agent gone, daemon stopping) still gets its
         // `cancelled` after them.
