@@ -716,6 +716,46 @@ impl Daemon {
         }
     }
 
+    /// Cgroup revocations follow their path as tags do: a revoked cgroup removed and made
+    /// again (a service restarted) is refused by the kernel under its new id too — all of its
+    /// egress, with `--all-egress`, which the proxy cannot enforce. (Its MCP connections the
+    /// proxy refuses by path meanwhile.)
+    pub fn follow_revocations(&self) {
+        let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
+        let mut moved = false;
+        for r in list.iter_mut() {
+            let Selector::Cgroup(path) = &r.selector else {
+                continue;
+            };
+            if r.key.kind != interceptor_common::block::CGROUP {
+                continue;
+            }
+            let Ok(id) = self.hierarchy.id(path) else {
+                continue;
+            };
+            if id == r.key.id {
+                continue;
+            }
+            let key = BlockKey { id, ..r.key };
+            let mut blocks = lock(&self.kernel.blocks);
+            match blocks.insert(key, r.row(), 0) {
+                Ok(()) => {
+                    let _ = blocks.remove(&r.key);
+                    r.key = key;
+                    moved = true;
+                    info!(cgroup = %path, cgroup.id = id, "revoked cgroup (re)created: refused under its new id");
+                }
+                Err(e) => {
+                    warn!(cgroup = %path, error = %e, "cannot follow the revoked cgroup's new id; the proxy still refuses its MCP connections");
+                }
+            }
+        }
+        drop(list);
+        if moved {
+            let _ = self.sync_block_state();
+        }
+    }
+
     /// Removes the tag of `cgroup`. New connections from it are no longer redirected.
     pub fn untag(&self, cgroup: &str, by: &str) -> Result<TagStatus, String> {
         let cgroup = config::normalize_cgroup_path(cgroup)?;
@@ -1155,6 +1195,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             let mut cache = NetnsCache::default();
             loop {
                 daemon.follow_tags();
+                daemon.follow_revocations();
                 daemon.refresh_namespaces(&mut cache).await;
                 tokio::time::sleep(NAMESPACE_SCAN).await;
             }

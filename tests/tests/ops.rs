@@ -309,6 +309,18 @@ fn all_egress_contains_a_cgroup() {
             .starts_with("other:")
     );
     assert_eq!(other.count(), 2);
+    // A contained cgroup removed and made again (a service restarted) stays contained.
+    std::fs::remove_dir(&dir_a).expect("remove the contained cgroup");
+    std::fs::create_dir(&dir_a).expect("make it again");
+    env.wait_log(
+        "revoked cgroup (re)created: refused under its new id",
+        |_| true,
+    );
+    assert_eq!(
+        run_client(PROBE, &dir_a, &other_addr).errno,
+        Some(ECONNREFUSED)
+    );
+    assert_eq!(other.count(), 2);
     cli_ok(&env, &["unrevoke", "--cgroup", &a]);
     assert!(
         run_client(PROBE, &dir_a, &other_addr)
