@@ -211,6 +211,9 @@ fn a_legacy_session_belongs_to_the_identity_that_opened_it() {
         // Another path the server routes to the same handler (a mount takes any below).
         format!("{}x?session_id={id}", path.trim_end_matches('?')),
         format!("{}/?session_id={id}", path.trim_end_matches('?')),
+        // The id as Python's UUID(hex=…) also reads it.
+        format!("{}x?session_id=uuid:{id}", path.trim_end_matches('?')),
+        format!("{}x?session_id[]={id}", path.trim_end_matches('?')),
     ] {
         let r = send_raw(PROBE, &w.writers, &addr, &post(&other));
         assert_eq!(r.status, Some(404), "{other}: {r:?}");
@@ -221,6 +224,20 @@ fn a_legacy_session_belongs_to_the_identity_that_opened_it() {
             "refused by the server, not the proxy: {other}: {r:?}"
         );
     }
+    // A request naming no session is not the check's business.
+    let r = send_raw(
+        PROBE,
+        &w.writers,
+        &addr,
+        &post("/elsewhere?tenant=acme-production"),
+    );
+    assert!(
+        !r.reply
+            .as_deref()
+            .unwrap_or("")
+            .contains("no legacy SSE session has this URL"),
+        "{r:?}"
+    );
 }
 
 /// Same checks with the Rust SDK as the client, against a server of either SDK.

@@ -1100,7 +1100,8 @@ impl Conn {
         let (legacy, message_path) = {
             let sessions = lock(&self.daemon.sessions);
             let legacy = sessions.get(&key).cloned();
-            let names_one = legacy.is_none() && sessions.names_live_session(&key);
+            let query = pq.split_once('?').map_or("", |(_, q)| q);
+            let names_one = legacy.is_none() && sessions.names_live_session(&key, query);
             (legacy, names_one)
         };
         if legacy.is_none() && message_path {

@@ -44,16 +44,14 @@ pub struct LegacySession {
 /// Live legacy sessions, keyed by [`session_key`].
 pub type Sessions = Mutex<LegacySessions>;
 
-/// Live legacy sessions, and the message paths they use: a POST to such a path must name a
-/// live session exactly. (Servers read only their session parameter, and leniently: Python's
-/// `UUID(hex=…)` takes upper case, hyphens, braces and a `urn:uuid:` prefix. A URL that is
-/// not the session's key but reaches its session anyway — `?session_id=<A>&x=1`, or the id
-/// written differently — would otherwise skip the owner check.)
+/// Live legacy sessions, and what names them (see [`LegacySessions::names_live_session`]): a
+/// URL that is not a session's key but reaches its session anyway would otherwise skip the
+/// owner check.
 #[derive(Default)]
 pub struct LegacySessions {
     live: HashMap<String, Arc<LegacySession>>,
     /// What names a live session, counted: its message path (the key up to its `?`), and
-    /// each of its query values as servers may read them ([`lenient_value`]), per server.
+    /// the names of its URL's query parameters, per server.
     names: HashMap<String, usize>,
 }
 
@@ -62,27 +60,22 @@ fn path_of(key: &str) -> &str {
     key.split_once('?').map_or(key, |(path, _)| path)
 }
 
-/// A query value as a lenient server may read it: Python's `UUID(hex=…)` ignores case,
-/// hyphens, braces and a `urn:uuid:` prefix.
-fn lenient_value(value: &str) -> String {
-    let lower = value.to_ascii_lowercase();
-    let bare = lower.strip_prefix("urn:uuid:").unwrap_or(&lower);
-    bare.chars()
-        .filter(|c| !matches!(c, '-' | '{' | '}'))
-        .collect()
+/// A query parameter's name as servers read it: Express (the TypeScript SDK's servers) reads
+/// `sessionId[]=A` and `sessionId[0]=A` as `sessionId`.
+fn param_name(name: &str) -> &str {
+    name.split_once('[').map_or(name, |(base, _)| base)
 }
 
 /// What names the session of `key` (see [`LegacySessions::names`]).
 fn names_of(key: &str) -> Vec<String> {
     let server = key.split_once(' ').map_or("", |(s, _)| s);
     let query = key.split_once('?').map_or("", |(_, q)| q);
-    let values = query
+    let params = query
         .split('&')
-        .filter_map(|pair| pair.split_once('=').map(|(_, v)| v))
-        .filter(|v| v.len() >= 8)
-        .map(|v| format!("{server} value {}", lenient_value(v)));
+        .filter_map(|pair| pair.split_once('=').map(|(name, _)| name))
+        .map(|name| format!("{server} param {}", param_name(name)));
     std::iter::once(path_of(key).to_owned())
-        .chain(values)
+        .chain(params)
         .collect()
 }
 
@@ -91,26 +84,23 @@ impl LegacySessions {
         self.live.get(key)
     }
 
-    /// Whether the request `key` (not a live session's key itself) names a live session
-    /// anyway: it posts to a live session's message path, or carries a query value a server
-    /// could read as a live session's id (`/messages/x?session_id=<A>` reaches the session
-    /// `/messages/?session_id=<A>` in the Python SDK: its mount takes any path below). Such a
-    /// request must name a live session exactly.
-    pub fn names_live_session(&self, key: &str) -> bool {
+    /// Whether a request to `key` (with the raw `query`), not a live session's key itself,
+    /// could reach a live session anyway: it posts to a live session's message path, or
+    /// carries the parameter a live session's URL names it by (`session_id`), whatever the
+    /// path and however the value is written. Servers route more than one path to their
+    /// message handler (the Python SDK's `/messages/` mount takes any path below it) and read
+    /// the id leniently (Python's `UUID(hex=…)` ignores case, hyphens, braces, `urn:` and
+    /// `uuid:`): `/messages/x?session_id=uuid:<A>` reaches the session
+    /// `/messages/?session_id=<A>`. Such a request must name a live session exactly.
+    pub fn names_live_session(&self, key: &str, query: &str) -> bool {
         if self.names.contains_key(path_of(key)) {
             return true;
         }
         let server = key.split_once(' ').map_or("", |(s, _)| s);
-        let query = key.split_once('?').map_or("", |(_, q)| q);
-        // Values as decoded into the key; any parameter name (servers differ in which they
-        // read, and some parse `sessionId[0]` as the same parameter).
-        query
-            .split('&')
-            .filter_map(|pair| pair.split_once('=').map(|(_, v)| v))
-            .any(|v| {
-                self.names
-                    .contains_key(&format!("{server} value {}", lenient_value(v)))
-            })
+        form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
+            self.names
+                .contains_key(&format!("{server} param {}", param_name(&name)))
+        })
     }
 
     pub fn insert(&mut self, key: String, session: Arc<LegacySession>) {
