@@ -84,6 +84,7 @@ const SOCK_STREAM: u32 = 1;
 const ECONNREFUSED: i32 = 111;
 const TCP_ESTABLISHED: u32 = 1;
 const TCP_SYN_SENT: u32 = 2;
+const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
 const TCP_CLOSE_WAIT: u32 = 8;
 /// 127.0.0.1 as the kernel stores `user_ip4` (network byte order in memory).
@@ -416,7 +417,11 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         // connection can have published a record under the tuple yet.)
         let old = ctx.arg(0);
         if ctx.arg(1) == TCP_CLOSE {
-            let died = old == TCP_ESTABLISHED || old == TCP_SYN_SENT || old == TCP_CLOSE_WAIT;
+            // FIN_WAIT1 too: a graceful close leaves it for FIN_WAIT2 (or CLOSING) first.
+            let died = matches!(
+                old,
+                TCP_ESTABLISHED | TCP_SYN_SENT | TCP_FIN_WAIT1 | TCP_CLOSE_WAIT
+            );
             if let Some(record) = unsafe { SOCKS.get(cookie) }.filter(|_| died) {
                 let netns_cookie = record.netns_cookie;
                 let key = if ctx.family() == AF_INET6 {

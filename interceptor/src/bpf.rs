@@ -327,6 +327,22 @@ impl Kernel {
         Ok(())
     }
 
+    /// Drops the records of connections to the listener of the namespace `netns_cookie`,
+    /// which closed: none will be taken (one left would be served to whoever binds its source
+    /// port and dials the proxy port there).
+    pub fn drop_conns_of(&self, netns_cookie: u64) -> usize {
+        let mut conns = lock(&self.conns);
+        let stale: Vec<TupleKey> = conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for key in &stale {
+            let _ = conns.remove(key);
+        }
+        stale.len()
+    }
+
     /// Takes (reads and removes) the record of the connection `key`.
     pub fn take_conn(&self, key: &TupleKey) -> Option<ConnRecord> {
         let mut conns = lock(&self.conns);

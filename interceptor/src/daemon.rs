@@ -389,6 +389,7 @@ impl Daemon {
             if let Some(l) = lock(&self.ns_listeners).remove(&ino) {
                 l.task.abort();
                 let _ = lock(&self.kernel.listeners).remove(&l.cookie);
+                self.kernel.drop_conns_of(l.cookie);
                 info!(
                     netns.inode = ino,
                     netns.cookie = l.cookie,
@@ -403,6 +404,7 @@ impl Daemon {
                     Some(l) if l.task.is_finished() => {
                         // Its listener died (closed under the daemon): open it again.
                         let _ = lock(&self.kernel.listeners).remove(&l.cookie);
+                        self.kernel.drop_conns_of(l.cookie);
                         warn!(
                             netns.inode = ino,
                             "the listener in this network namespace ended; opening it again"
@@ -721,39 +723,58 @@ impl Daemon {
     /// egress, with `--all-egress`, which the proxy cannot enforce. (Its MCP connections the
     /// proxy refuses by path meanwhile.)
     pub fn follow_revocations(&self) {
+        use interceptor_common::block;
+        // Looked at under the read lock (a revocation check of a new connection takes it):
+        // written only when a revoked cgroup has a new id.
+        let moved: Vec<(BlockKey, u64)> = {
+            let list = self.revocations.read().unwrap_or_else(|p| p.into_inner());
+            list.iter()
+                .filter_map(|r| match &r.selector {
+                    Selector::Cgroup(path) if r.key.kind == block::CGROUP => {
+                        let id = self.hierarchy.id(path).ok()?;
+                        (id != r.key.id).then_some((r.key, id))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        if moved.is_empty() {
+            return;
+        }
         let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
-        let mut moved = false;
-        for r in list.iter_mut() {
-            let Selector::Cgroup(path) = &r.selector else {
+        let mut stale = Vec::new();
+        for (old, id) in moved {
+            // Found again under the write lock: a revoke or unrevoke may have come between.
+            let Some(i) = list.iter().position(|r| r.key == old) else {
                 continue;
             };
-            if r.key.kind != interceptor_common::block::CGROUP {
-                continue;
-            }
-            let Ok(id) = self.hierarchy.id(path) else {
-                continue;
-            };
-            if id == r.key.id {
-                continue;
-            }
+            let r = &mut list[i];
             let key = BlockKey { id, ..r.key };
             let mut blocks = lock(&self.kernel.blocks);
+            if blocks.get(&key, 0).is_ok() {
+                // Revoked again under its new id meanwhile: that revocation stands; this one
+                // (the old id's) goes.
+                let _ = blocks.remove(&r.key);
+                stale.push(i);
+                continue;
+            }
             match blocks.insert(key, r.row(), 0) {
                 Ok(()) => {
                     let _ = blocks.remove(&r.key);
                     r.key = key;
-                    moved = true;
-                    info!(cgroup = %path, cgroup.id = id, "revoked cgroup (re)created: refused under its new id");
+                    info!(cgroup = %r.selector.label(), cgroup.id = id, "revoked cgroup (re)created: refused under its new id");
                 }
                 Err(e) => {
-                    warn!(cgroup = %path, error = %e, "cannot follow the revoked cgroup's new id; the proxy still refuses its MCP connections");
+                    warn!(cgroup = %r.selector.label(), error = %e, "cannot follow the revoked cgroup's new id; the proxy still refuses its MCP connections");
                 }
             }
         }
-        drop(list);
-        if moved {
-            let _ = self.sync_block_state();
+        stale.sort_unstable_by(|a, b| b.cmp(a));
+        for i in stale {
+            list.remove(i);
         }
+        drop(list);
+        let _ = self.sync_block_state();
     }
 
     /// Removes the tag of `cgroup`. New connections from it are no longer redirected.

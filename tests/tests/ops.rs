@@ -327,6 +327,24 @@ fn all_egress_contains_a_cgroup() {
             .expect_reply()
             .starts_with("other:")
     );
+    // Revoked (MCP only), made again, and revoked again with --all-egress before or after
+    // the daemon followed the first: one revocation stands, the newer, containing it.
+    cli_ok(&env, &["revoke", "--cgroup", &a]);
+    std::fs::remove_dir(&dir_a).expect("remove");
+    std::fs::create_dir(&dir_a).expect("make again");
+    cli_ok(&env, &["revoke", "--cgroup", &a, "--all-egress"]);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let revocations = env.status()["revocations"].clone();
+    assert_eq!(
+        revocations.as_array().map(Vec::len),
+        Some(1),
+        "{revocations}"
+    );
+    assert_eq!(revocations[0]["all_egress"], true, "{revocations}");
+    assert_eq!(
+        run_client(PROBE, &dir_a, &other_addr).errno,
+        Some(ECONNREFUSED)
+    );
 }
 
 #[test]
