@@ -574,7 +574,8 @@ impl Audit {
             ))
         })?;
         let mut tail = read_tail(&mut file).map_err(|e| open_err(e.to_string()))?;
-        if tail.valid_len == 0 && tail.torn.is_none() && tail.invalid.is_none() {
+        // (A torn first record too: a power loss just after a rotation.)
+        if tail.valid_len == 0 && tail.invalid.is_none() {
             // A new or emptied file (rotation, logrotate, removal): continue the chain from the
             // newest rotated file beside it.
             if let Some((seq, hash)) = newest_rotated_head(&config.path) {
@@ -2187,6 +2188,21 @@ mod tests {
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(4), "{v:?}");
         let repair: Value = serde_json::from_str(after.lines().nth(4).unwrap()).unwrap();
         assert!(repair["invalid_line_sha256"].is_string(), "{repair}");
+
+        // A power loss just after a rotation: the new file holds only zeros. The repair
+        // continues the rotated file's chain (it restarted at seq 1 before).
+        std::fs::rename(&path, dir.path().join("audit.jsonl.2026-01-01T000000Z")).unwrap();
+        std::fs::write(&path, "\0\0\0\0").unwrap();
+        drop(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
+        let fresh = std::fs::read_to_string(&path).unwrap();
+        let repair: Value = serde_json::from_str(fresh.lines().next().unwrap()).unwrap();
+        assert_eq!(repair["event"], "audit.repair", "{repair}");
+        let (_, last) = unseal(after.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (&repair["seq"], &repair["prev_hash"]),
+            (&json!(5), &json!(last)),
+            "{repair}"
+        );
     }
 
     #[tokio::test]

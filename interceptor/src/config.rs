@@ -203,6 +203,14 @@ pub struct RawServer {
     /// Forward the agent's own `Authorization` header (dropped by default).
     #[serde(default)]
     pub pass_authorization: bool,
+    /// Intercept a plain-HTTP upstream's own addresses too (default true); false for an
+    /// upstream that shares its address with other services (an ingress).
+    #[serde(default = "yes")]
+    pub intercept_upstream: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `tls = { … }` of a `[[server]]`.
@@ -290,6 +298,7 @@ pub struct Server {
     pub tls: Option<RawTls>,
     pub inject_headers: BTreeMap<String, RawInject>,
     pub pass_authorization: bool,
+    pub intercept_upstream: bool,
 }
 
 /// The section `name` of the file at `path` (its defaults when absent); the rest of the file
@@ -518,6 +527,7 @@ impl Validator<'_> {
                 tls: s.tls,
                 inject_headers: s.inject_headers,
                 pass_authorization: s.pass_authorization,
+                intercept_upstream: s.intercept_upstream,
             });
         }
         if raw.proxy.max_body_bytes == 0 || raw.proxy.max_response_bytes == 0 {

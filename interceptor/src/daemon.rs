@@ -1022,7 +1022,8 @@ pub fn intercepted(
             map.entry(addr).or_insert(id);
         }
     }
-    for (id, server) in servers.iter().enumerate().filter(|(_, s)| s.tls.is_none()) {
+    let plain = |s: &crate::config::Server| s.tls.is_none() && s.intercept_upstream;
+    for (id, server) in servers.iter().enumerate().filter(|(_, s)| plain(s)) {
         for &addr in &server.upstream_addrs {
             map.entry(addr).or_insert(id);
         }
@@ -1320,6 +1321,13 @@ upstream = "127.0.0.1:8081"
             server_name: "notes".into(),
             server_id: None,
         });
+        assert_eq!(
+            intercepted(&servers).get(&"127.0.0.3:9000".parse().unwrap()),
+            None
+        );
+        // Nor one the operator says shares its address.
+        let mut servers = config.servers.clone();
+        servers[0].intercept_upstream = false;
         assert_eq!(
             intercepted(&servers).get(&"127.0.0.3:9000".parse().unwrap()),
             None

@@ -356,6 +356,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // taken for a broken config.
                 match std::fs::File::open(&raw.key) {
                     Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        // What can be told without reading it: its mode.
+                        use std::os::unix::fs::PermissionsExt as _;
+                        let mode = std::fs::metadata(&raw.key).map(|m| m.permissions().mode());
+                        if let Ok(mode) = mode.as_ref().map(|m| m & 0o777)
+                            && mode & 0o077 != 0
+                        {
+                            bail!(
+                                "{}: [ca] key {} is readable by group or others (mode {mode:o}); \
+                                 the node CA key must be private: chmod 600 {}",
+                                config.path.display(),
+                                raw.key.display(),
+                                raw.key.display()
+                            );
+                        }
                         ca_unread = Some(raw.key.clone());
                     }
                     _ => {

@@ -479,7 +479,7 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
         "not redacted: {event}"
     );
     assert_eq!(event["identity"]["kind"], "agent", "{event}");
-    assert_eq!(event["forwarded"], true, "{event}");
+    assert_eq!(event["batch_refused"], false, "{event}");
 
     // A tools/call's params beyond name and arguments reach the server too: recorded.
     let call = br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"search","arguments":{},"_meta":{"step":5,"token":"s3cret"},"x":1}}"#;

@@ -1190,10 +1190,10 @@ impl Conn {
                 Some(d) => self.request_event(m, d, session_id.as_deref(), &protocol),
                 // The agent's answers to the server's requests (sampling, elicitation, roots)
                 // are what the server acts on: on record too (not forwarded when the batch
-                // they came in is refused).
+                // they came in is refused, nor when this write fails).
                 None => self
                     .client_response_event(m, session_id.as_deref(), &protocol)
-                    .field("forwarded", &!denied),
+                    .field("batch_refused", &denied),
             })
             .collect();
         // The allowed requests' answers are owed from here on: built before their events are
