@@ -522,19 +522,27 @@ fn identity_follows_exec_and_is_cached_until_the_process_changes() {
     assert!(cache["misses"].as_u64() >= Some(2), "{cache}");
 }
 
+/// A world whose daemon started and was then stopped (SIGSTOP: it accepts nothing, while
+/// the kernel still redirects to its listener): the world, the tagged cgroup's directory, the
+/// intercepted address, the daemon's pid.
+fn world_not_accepting(label: &str) -> (World, std::path::PathBuf, String, nix::unistd::Pid) {
+    let mut w = world(label, &["agents"]);
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let dialed = w.direct.addr.to_string();
+    w.env.start_daemon();
+    let pid = nix::unistd::Pid::from_raw(w.env.daemon_pid().expect("daemon") as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop the daemon");
+    (w, agents, dialed, pid)
+}
+
 #[test]
 fn a_connection_record_no_daemon_took_serves_nobody_later() {
     if !privileged() {
         return;
     }
-    let mut w = world("stale-record", &["agents"]);
-    let agents = w.env.dir(&format!("{}/agents", w.env.root));
-    let dialed = w.direct.addr.to_string();
-    w.env.start_daemon();
     // The daemon stops accepting; an agent's connection is redirected and waits in its accept
     // queue (the kernel published its record); then the daemon dies, which resets it.
-    let pid = nix::unistd::Pid::from_raw(w.env.daemon_pid().expect("daemon") as i32);
-    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop the daemon");
+    let (mut w, agents, dialed, _) = world_not_accepting("stale-record");
     const AGENT: &str = r#"
 import socket, sys
 host, port = sys.argv[1].rsplit(":", 1)
@@ -593,15 +601,10 @@ fn a_request_sent_and_closed_before_the_daemon_accepts_it_is_still_served() {
     if !privileged() {
         return;
     }
-    let mut w = world("send-and-close", &["agents"]);
-    let agents = w.env.dir(&format!("{}/agents", w.env.root));
-    let dialed = w.direct.addr.to_string();
-    w.env.start_daemon();
     // The daemon does not accept for a while; the agent sends a notification and closes at
     // once (its socket is gone before the proxy accepts: the kernel keeps the connection,
     // request and FIN, in the accept queue).
-    let pid = nix::unistd::Pid::from_raw(w.env.daemon_pid().expect("daemon") as i32);
-    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("stop the daemon");
+    let (w, agents, dialed, pid) = world_not_accepting("send-and-close");
     const AGENT: &str = r#"
 import socket, sys, time
 host, port = sys.argv[1].rsplit(":", 1)
