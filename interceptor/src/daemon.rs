@@ -502,7 +502,21 @@ impl Daemon {
             .map_err(|e| format!("cannot store the revocation: {e}"))?;
         {
             let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
-            list.retain(|r| r.key != key);
+            // This one replaces any earlier revocation of the same selector (one of a cgroup
+            // made again since, under its old id, would otherwise be followed to the new id
+            // over this one).
+            let replaced: Vec<BlockKey> = list
+                .iter()
+                .filter(|r| r.key != key && r.selector == revocation.selector)
+                .map(|r| r.key)
+                .collect();
+            if !replaced.is_empty() {
+                let mut blocks = lock(&self.kernel.blocks);
+                for old in &replaced {
+                    let _ = blocks.remove(old);
+                }
+            }
+            list.retain(|r| r.key != key && r.selector != revocation.selector);
             list.push(revocation.clone());
         }
         // Close live connections whatever happens next: the revocation is already in force at

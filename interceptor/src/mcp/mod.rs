@@ -1100,8 +1100,7 @@ impl Conn {
         let (legacy, message_path) = {
             let sessions = lock(&self.daemon.sessions);
             let legacy = sessions.get(&key).cloned();
-            let query = pq.split_once('?').map_or("", |(_, q)| q);
-            let names_one = legacy.is_none() && sessions.names_live_session(&key, query);
+            let names_one = legacy.is_none() && sessions.names_live_session(&key, pq);
             (legacy, names_one)
         };
         if legacy.is_none() && message_path {
@@ -1112,11 +1111,13 @@ impl Conn {
                 &body,
                 "names a live legacy SSE session, but not by its URL",
             );
+            // 400, not 404: a Streamable HTTP client takes 404 for "session gone" and would
+            // start over, into the same refusal.
             return error_response(
-                StatusCode::NOT_FOUND,
+                StatusCode::BAD_REQUEST,
                 code::INVALID_REQUEST,
-                "no legacy SSE session has this URL: post to the URL of your stream's endpoint \
-                 event, as given",
+                "no legacy SSE session has this URL, but it names one (its path, session \
+                 parameter or id): post to the URL of your stream's endpoint event, as given",
             );
         }
         if let Some(s) = &legacy
@@ -1972,7 +1973,7 @@ impl SseState {
             inject: tx,
             pending: std::sync::Mutex::new(Some(PendingMap::new())),
         });
-        lock(&self.conn.daemon.sessions).insert(key.clone(), session.clone());
+        lock(&self.conn.daemon.sessions).insert(key.clone(), &pq, session.clone());
         debug!(session = %pq, "legacy SSE session registered");
         self.session = Some((key, session));
     }

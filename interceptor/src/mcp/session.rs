@@ -49,80 +49,160 @@ pub type Sessions = Mutex<LegacySessions>;
 /// owner check.
 #[derive(Default)]
 pub struct LegacySessions {
-    live: HashMap<String, Arc<LegacySession>>,
-    /// What names a live session, counted: its message path (the key up to its `?`), and
-    /// the names of its URL's query parameters, per server.
+    /// By key: the session, and what names it (counted in `names`).
+    live: HashMap<String, (Arc<LegacySession>, Vec<String>)>,
+    /// What names a live session, counted, per server: its message path, the name of the
+    /// query parameter that carries its id, and the id ([`loose_path`], [`loose_name`],
+    /// [`loose_value`]: as lenient servers read them).
     names: HashMap<String, usize>,
 }
 
-/// The message path part of a [`session_key`].
-fn path_of(key: &str) -> &str {
-    key.split_once('?').map_or(key, |(path, _)| path)
+/// A path as lenient routers match it: without case (Express, ASP.NET Core), a trailing
+/// slash (Express) or repeated slashes.
+fn loose_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && out.ends_with('/')) {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    while out.len() > 1 && out.ends_with('/') {
+        out.pop();
+    }
+    out
 }
 
-/// A query parameter's name as servers read it: Express (the TypeScript SDK's servers) reads
-/// `sessionId[]=A` and `sessionId[0]=A` as `sessionId`.
-fn param_name(name: &str) -> &str {
-    name.split_once('[').map_or(name, |(base, _)| base)
+/// A query parameter's name as lenient parsers read it: without case (ASP.NET Core), and
+/// with brackets taken apart (`qs` reads `sessionId[]`, `sessionId[0]` and `[sessionId]` as
+/// `sessionId`).
+fn loose_name(name: &str) -> String {
+    name.split(['[', ']'])
+        .find(|part| !part.is_empty())
+        .unwrap_or("")
+        .to_ascii_lowercase()
 }
 
-/// What names the session of `key` (see [`LegacySessions::names`]).
-fn names_of(key: &str) -> Vec<String> {
+/// An id as lenient parsers read it: Python's `UUID(hex=…)` drops `urn:` and `uuid:`, braces
+/// and hyphens, ignores case, and `int(…, 16)` takes `_` between digits and leading zeros.
+/// Letters and digits only, lower case, and a hexadecimal value without its leading zeros.
+fn loose_value(value: &str) -> String {
+    let lower = value
+        .to_ascii_lowercase()
+        .replace("urn:", "")
+        .replace("uuid:", "");
+    let alnum: String = lower.chars().filter(char::is_ascii_alphanumeric).collect();
+    if alnum.chars().all(|c| c.is_ascii_hexdigit()) {
+        alnum.trim_start_matches('0').to_owned()
+    } else {
+        alnum
+    }
+}
+
+/// The query pairs of a session URL that carry its id: those whose name says `session`, or
+/// (none does) every pair with a value long enough to be an id.
+fn id_params(query: &str) -> Vec<(String, String)> {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let named: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|(k, _)| k.to_ascii_lowercase().contains("session"))
+        .cloned()
+        .collect();
+    if named.is_empty() {
+        pairs
+            .into_iter()
+            .filter(|(_, v)| loose_value(v).len() >= 16)
+            .collect()
+    } else {
+        named
+    }
+}
+
+/// What names the session of `key`, reached at `path_and_query` (see
+/// [`LegacySessions::names`]).
+fn names_of(key: &str, path_and_query: &str) -> Vec<String> {
     let server = key.split_once(' ').map_or("", |(s, _)| s);
-    let query = key.split_once('?').map_or("", |(_, q)| q);
-    let params = query
-        .split('&')
-        .filter_map(|pair| pair.split_once('=').map(|(name, _)| name))
-        .map(|name| format!("{server} param {}", param_name(name)));
-    std::iter::once(path_of(key).to_owned())
-        .chain(params)
-        .collect()
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut names = vec![format!("{server} path {}", loose_path(&path))];
+    for (name, value) in id_params(query) {
+        names.push(format!("{server} name {}", loose_name(&name)));
+        // Short values would match unrelated requests; ids are long.
+        let value = loose_value(&value);
+        if value.len() >= 8 {
+            names.push(format!("{server} value {value}"));
+        }
+    }
+    names
 }
 
 impl LegacySessions {
     pub fn get(&self, key: &str) -> Option<&Arc<LegacySession>> {
-        self.live.get(key)
+        self.live.get(key).map(|(session, _)| session)
     }
 
-    /// Whether a request to `key` (with the raw `query`), not a live session's key itself,
-    /// could reach a live session anyway: it posts to a live session's message path, or
-    /// carries the parameter a live session's URL names it by (`session_id`), whatever the
-    /// path and however the value is written. Servers route more than one path to their
-    /// message handler (the Python SDK's `/messages/` mount takes any path below it) and read
-    /// the id leniently (Python's `UUID(hex=…)` ignores case, hyphens, braces, `urn:` and
-    /// `uuid:`): `/messages/x?session_id=uuid:<A>` reaches the session
-    /// `/messages/?session_id=<A>`. Such a request must name a live session exactly.
-    pub fn names_live_session(&self, key: &str, query: &str) -> bool {
-        if self.names.contains_key(path_of(key)) {
-            return true;
+    /// Whether a request to `key` (at the raw `path_and_query`), not a live session's key
+    /// itself, could reach a live session anyway: its path, a query parameter's name or a
+    /// query value is one a live session is named by, as lenient servers read them. Servers
+    /// route more than one path to their message handler (the Python SDK's `/messages/` mount
+    /// takes any path below it; Express and ASP.NET Core ignore case) and read the id
+    /// leniently (`/messages/x?session_id=uuid:<A>` reaches the session
+    /// `/messages/?session_id=<A>` in the Python SDK). Such a request must name a live
+    /// session exactly.
+    pub fn names_live_session(&self, key: &str, path_and_query: &str) -> bool {
+        if self.names.is_empty() {
+            return false;
         }
         let server = key.split_once(' ').map_or("", |(s, _)| s);
-        form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
-            self.names
-                .contains_key(&format!("{server} param {}", param_name(&name)))
-        })
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        self.names
+            .contains_key(&format!("{server} path {}", loose_path(&path)))
+            || form_urlencoded::parse(query.as_bytes()).any(|(name, value)| {
+                self.names
+                    .contains_key(&format!("{server} name {}", loose_name(&name)))
+                    || self
+                        .names
+                        .contains_key(&format!("{server} value {}", loose_value(&value)))
+            })
     }
 
-    pub fn insert(&mut self, key: String, session: Arc<LegacySession>) {
-        let names = names_of(&key);
-        if self.live.insert(key, session).is_none() {
-            for name in names {
-                *self.names.entry(name).or_default() += 1;
-            }
+    /// Registers `session` under `key`, reached at `path_and_query` (its endpoint).
+    pub fn insert(&mut self, key: String, path_and_query: &str, session: Arc<LegacySession>) {
+        let names = names_of(&key, path_and_query);
+        for name in &names {
+            *self.names.entry(name.clone()).or_default() += 1;
+        }
+        if let Some((_, replaced)) = self.live.insert(key, (session, names)) {
+            self.forget(&replaced);
         }
     }
 
     /// Removes `key` if it is still `session` (a reconnect may have replaced it).
     pub fn remove(&mut self, key: &str, session: &Arc<LegacySession>) {
-        if !self.live.get(key).is_some_and(|s| Arc::ptr_eq(s, session)) {
+        if !self
+            .live
+            .get(key)
+            .is_some_and(|(s, _)| Arc::ptr_eq(s, session))
+        {
             return;
         }
-        self.live.remove(key);
-        for name in names_of(key) {
-            if let Some(n) = self.names.get_mut(&name) {
+        if let Some((_, names)) = self.live.remove(key) {
+            self.forget(&names);
+        }
+    }
+
+    fn forget(&mut self, names: &[String]) {
+        for name in names {
+            if let Some(n) = self.names.get_mut(name) {
                 *n -= 1;
                 if *n == 0 {
-                    self.names.remove(&name);
+                    self.names.remove(name);
                 }
             }
         }
@@ -294,6 +374,53 @@ impl Streams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_that_reaches_a_live_legacy_session_is_recognised_however_written() {
+        let (tx, _rx) = mpsc::channel(1);
+        let session = Arc::new(LegacySession {
+            owner: owner(1),
+            inject: tx,
+            pending: Mutex::new(None),
+        });
+        let id = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        let endpoint = format!("/messages/?session_id={id}&tenant=acme-production");
+        let key = session_key(0, &endpoint).unwrap();
+        let mut live = LegacySessions::default();
+        live.insert(key.clone(), &endpoint, session.clone());
+        let names = |live: &LegacySessions, pq: &str| {
+            live.names_live_session(&session_key(0, pq).unwrap(), pq)
+        };
+        let upper = id.to_uppercase();
+        let trimmed = id.trim_start_matches('0');
+        for other in [
+            format!("/messages/?session_id={id}&x=1"),
+            format!("/MESSAGES?session_id={upper}"),
+            format!("/messages//x?session_id=uuid:{id}"),
+            format!("/messages/x?session_id=urn:{{{id}}}"),
+            "/elsewhere?SESSION_ID=whatever".to_owned(),
+            "/elsewhere?[session_id]=whatever".to_owned(),
+            "/elsewhere?session_id[0]=whatever".to_owned(),
+            format!("/elsewhere?other={trimmed}"),
+            format!("/elsewhere?other=0_{trimmed}"),
+        ] {
+            assert!(names(&live, &other), "{other}");
+        }
+        for unrelated in [
+            "/mcp",
+            "/mcp?tenant=acme-production",
+            "/mcp?x=",
+            "/mcp?id=0000",
+        ] {
+            assert!(!names(&live, unrelated), "{unrelated}");
+        }
+        // Another server's requests are not this session's business.
+        let pq = format!("/messages/?session_id={id}");
+        assert!(!live.names_live_session(&session_key(1, &pq).unwrap(), &pq));
+        live.remove(&key, &session);
+        assert!(!names(&live, &format!("/messages/?session_id={id}&x=1")));
+        assert!(live.names.is_empty());
+    }
 
     fn owner(uid: u32) -> Owner {
         Owner {
