@@ -299,6 +299,10 @@ pub struct Server {
     pub inject_headers: BTreeMap<String, RawInject>,
     pub pass_authorization: bool,
     pub intercept_upstream: bool,
+    /// The first server with the same upstream (same authority or an address in common):
+    /// sessions live at the upstream, so their owners are kept per upstream, not per entry (two
+    /// entries for one server, with different policies, must not open each other's sessions).
+    pub session_scope: usize,
 }
 
 /// The section `name` of the file at `path` (its defaults when absent); the rest of the file
@@ -528,7 +532,20 @@ impl Validator<'_> {
                 inject_headers: s.inject_headers,
                 pass_authorization: s.pass_authorization,
                 intercept_upstream: s.intercept_upstream,
+                session_scope: servers.len(),
             });
+        }
+        for i in 0..servers.len() {
+            let same = |j: usize| {
+                servers[j].authority == servers[i].authority
+                    || servers[j]
+                        .upstream_addrs
+                        .iter()
+                        .any(|a| servers[i].upstream_addrs.contains(a))
+            };
+            servers[i].session_scope = (0..i)
+                .find(|&j| same(j))
+                .map_or(i, |j| servers[j].session_scope);
         }
         if raw.proxy.max_body_bytes == 0 || raw.proxy.max_response_bytes == 0 {
             return Err(self.invalid(
@@ -808,6 +825,30 @@ fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn servers_on_one_upstream_share_their_sessions_scope() {
+        let config = super::Config::parse(
+            std::path::Path::new("t.toml"),
+            r#"
+[[server]]
+name = "ro"
+intercept = ["127.0.0.2:8080"]
+upstream = "127.0.0.3:9000"
+[[server]]
+name = "admin"
+intercept = ["127.0.0.2:8081"]
+upstream = "http://127.0.0.3:9000"
+[[server]]
+name = "other"
+intercept = ["127.0.0.2:8082"]
+upstream = "127.0.0.4:9000"
+"#,
+        )
+        .unwrap();
+        let scopes: Vec<usize> = config.servers.iter().map(|s| s.session_scope).collect();
+        assert_eq!(scopes, [0, 0, 2]);
+    }
+
     #[test]
     fn the_programs_see_cgroups_below_the_attach_point_31_levels_deep() {
         let deep = |n: usize| (0..n).map(|i| format!("/l{i}")).collect::<String>();

@@ -683,6 +683,7 @@ mod tests {
             inject_headers: Default::default(),
             pass_authorization: false,
             intercept_upstream: true,
+            session_scope: 0,
         };
         let up = Upstream::new(&server, 2).unwrap();
         let workloads = |up: &Upstream| -> Vec<String> {

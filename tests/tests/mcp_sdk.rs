@@ -22,7 +22,7 @@ deny_tools = ["delete_*"]
 
 [[role]]
 name = "writer"
-servers = ["notes"]
+servers = ["notes", "notes-admin"]
 allow_tools = ["*"]
 deny_tools = ["delete_*"]
 "#;
@@ -32,6 +32,11 @@ struct World {
     server: McpServer,
     readers: std::path::PathBuf,
     writers: std::path::PathBuf,
+}
+
+/// Where agents dial the second config entry of `server` (see [`world_with`]).
+fn admin_addr(server: &McpServer) -> String {
+    format!("127.0.0.9:{}", server.addr.port())
 }
 
 fn world(label: &str, transport: &str) -> World {
@@ -47,11 +52,19 @@ fn world_with(label: &str, server: McpServer) -> World {
          \n[[binding]]\nrole = \"writer\"\ncgroup = \"{writers}\"\n"
     );
     env.write_config_with(
-        &[ServerSpec {
-            name: "notes".into(),
-            intercept: vec![server.addr.to_string()],
-            upstream: server.addr.to_string(),
-        }],
+        &[
+            ServerSpec {
+                name: "notes".into(),
+                intercept: vec![server.addr.to_string()],
+                upstream: server.addr.to_string(),
+            },
+            // A second entry for the same server (another address, other roles).
+            ServerSpec {
+                name: "notes-admin".into(),
+                intercept: vec![admin_addr(&server)],
+                upstream: server.addr.to_string(),
+            },
+        ],
         &[&env.root.clone()],
         &format!("{POLICY}{bindings}"),
     );
@@ -383,6 +396,14 @@ fn a_session_belongs_to_the_identity_that_opened_it() {
         &request("POST", Some(&spaced), list),
     );
     assert_eq!(r.status, Some(400), "{r:?}");
+    // Nor through another config entry for the same server: sessions live at the server.
+    let r = send_raw(
+        PROBE,
+        &w.writers,
+        &admin_addr(&w.server),
+        &request("POST", Some(&session), list),
+    );
+    assert_eq!(r.status, Some(403), "{r:?}");
     // Its owner still can, and ends it; the id is then nobody's (the server forgot it too).
     let r = send_raw(
         PROBE,

@@ -826,6 +826,12 @@ impl Conn {
         }
     }
 
+    /// Where this connection's sessions live: its upstream (see
+    /// [`crate::config::Server::session_scope`]).
+    fn session_scope(&self) -> usize {
+        self.daemon.config.servers[self.server_id].session_scope
+    }
+
     pub(crate) fn server_name(&self) -> &str {
         &self.daemon.config.servers[self.server_id].name
     }
@@ -978,11 +984,11 @@ impl Conn {
                 "Mcp-Session-Id must be visible ASCII (0x21-0x7E), without spaces or tabs",
             ));
         }
-        match self
-            .daemon
-            .bound_sessions
-            .check(self.server_id, id.as_bytes(), &self.session_owner())
-        {
+        match self.daemon.bound_sessions.check(
+            self.session_scope(),
+            id.as_bytes(),
+            &self.session_owner(),
+        ) {
             SessionUse::Own | SessionUse::Unbound => None,
             SessionUse::Foreign => {
                 self.rejected();
@@ -1088,7 +1094,7 @@ impl Conn {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let key = match session_key(self.server_id, pq) {
+        let key = match session_key(self.session_scope(), pq) {
             Ok(k) => k,
             Err(why) => {
                 self.rejected();
@@ -1700,15 +1706,21 @@ impl Conn {
             let named = response.headers().get("mcp-session-id");
             match (named, session) {
                 // A session this request ended is forgotten.
-                (_, Some(id)) if ending => sessions.end(self.server_id, id.as_bytes()),
+                (_, Some(id)) if ending => sessions.end(self.session_scope(), id.as_bytes()),
                 // Named by the upstream (the answer to initialize): the caller's from now on.
-                (Some(id), _) => {
-                    sessions.bind(self.server_id, id.as_bytes(), &self.session_owner(), true)
-                }
+                (Some(id), _) => sessions.bind(
+                    self.session_scope(),
+                    id.as_bytes(),
+                    &self.session_owner(),
+                    true,
+                ),
                 // A session the upstream accepted from the caller: its, unless bound already.
-                (None, Some(id)) => {
-                    sessions.bind(self.server_id, id.as_bytes(), &self.session_owner(), false)
-                }
+                (None, Some(id)) => sessions.bind(
+                    self.session_scope(),
+                    id.as_bytes(),
+                    &self.session_owner(),
+                    false,
+                ),
                 (None, None) => {}
             }
         }
@@ -1961,7 +1973,7 @@ impl SseState {
                 .unwrap_or_else(|| endpoint.to_owned()),
             Err(_) => endpoint.to_owned(),
         };
-        let key = match session_key(self.conn.server_id, &pq) {
+        let key = match session_key(self.conn.session_scope(), &pq) {
             Ok(k) => k,
             Err(why) => {
                 warn!(endpoint = %pq, reason = %why, "legacy SSE endpoint not registered");

@@ -99,7 +99,8 @@ fn loose_value(value: &str) -> String {
 }
 
 /// The query pairs of a session URL that carry its id: those whose name says `session`, or
-/// (none does) every pair with a value long enough to be an id.
+/// (none does) every pair with a value long enough to be an id — then by value only (see
+/// [`names_of`]).
 fn id_params(query: &str) -> Vec<(String, String)> {
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -129,7 +130,11 @@ fn names_of(key: &str, path_and_query: &str) -> Vec<String> {
     let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let mut names = vec![format!("{server} path {}", loose_path(&path))];
     for (name, value) in id_params(query) {
-        names.push(format!("{server} name {}", loose_name(&name)));
+        // Only a name that says what it carries: another (`token=…`) may be in every
+        // request of the server's other endpoints too.
+        if name.to_ascii_lowercase().contains("session") {
+            names.push(format!("{server} name {}", loose_name(&name)));
+        }
         // Short values would match unrelated requests; ids are long.
         let value = loose_value(&value);
         if value.len() >= 8 {
@@ -209,10 +214,10 @@ impl LegacySessions {
     }
 }
 
-/// A canonical key for a session URL: the percent-decoded path and the decoded query pairs in
+/// A canonical key for a session URL of the upstream `scope` (a server's `session_scope`): the percent-decoded path and the decoded query pairs in
 /// sorted order, so the same URL written differently (`%5F` for `_`, reordered parameters)
 /// finds the same session. A repeated parameter is ambiguous and refused.
-pub fn session_key(server_id: usize, path_and_query: &str) -> Result<String, String> {
+pub fn session_key(scope: usize, path_and_query: &str) -> Result<String, String> {
     let (path, query) = path_and_query
         .split_once('?')
         .unwrap_or((path_and_query, ""));
@@ -229,7 +234,7 @@ pub fn session_key(server_id: usize, path_and_query: &str) -> Result<String, Str
         }
     }
     let query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    Ok(format!("{server_id} {path}?{}", query.join("&")))
+    Ok(format!("{scope} {path}?{}", query.join("&")))
 }
 
 /// Most Streamable HTTP sessions whose owner is kept; beyond, those idle longest are forgotten.
@@ -268,10 +273,10 @@ pub enum SessionUse {
     Unbound,
 }
 
-fn session_digest(server_id: usize, session: &[u8]) -> [u8; 32] {
+fn session_digest(scope: usize, session: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
-    h.update((server_id as u64).to_le_bytes());
+    h.update((scope as u64).to_le_bytes());
     h.update(session);
     h.finalize().into()
 }
@@ -296,8 +301,8 @@ fn forget_oldest(
 
 impl BoundSessions {
     /// Whose `session` is, seen from `owner`.
-    pub fn check(&self, server_id: usize, session: &[u8], owner: &Owner) -> SessionUse {
-        let key = session_digest(server_id, session);
+    pub fn check(&self, scope: usize, session: &[u8], owner: &Owner) -> SessionUse {
+        let key = session_digest(scope, session);
         match lock(&self.map).get_mut(&key) {
             Some((bound, _)) if bound != owner => SessionUse::Foreign,
             Some((_, used)) => {
@@ -311,8 +316,8 @@ impl BoundSessions {
     /// Binds `session` to `owner` after the upstream accepted a request of `owner` with it, or
     /// named it in an answer to `owner`. `named`: the upstream named it (authoritative: a
     /// binding made before is replaced); else it is bound only if it is not already.
-    pub fn bind(&self, server_id: usize, session: &[u8], owner: &Owner, named: bool) {
-        let key = session_digest(server_id, session);
+    pub fn bind(&self, scope: usize, session: &[u8], owner: &Owner, named: bool) {
+        let key = session_digest(scope, session);
         let now = std::time::Instant::now();
         let mut map = lock(&self.map);
         if let Some((bound, used)) = map.get_mut(&key) {
@@ -334,8 +339,8 @@ impl BoundSessions {
     }
 
     /// Forgets `session` (ended).
-    pub fn end(&self, server_id: usize, session: &[u8]) {
-        lock(&self.map).remove(&session_digest(server_id, session));
+    pub fn end(&self, scope: usize, session: &[u8]) {
+        lock(&self.map).remove(&session_digest(scope, session));
     }
 
     /// Sessions bound now.
