@@ -1568,6 +1568,8 @@ impl Conn {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
+        // A GET's stream may carry a legacy `endpoint` relative to its path.
+        let get_target = from_get.then(|| pq.to_owned());
         // The authority without the configured scheme: hyper's client takes the request
         // target from this URI's path, and TLS (if any) is the pool's business.
         let uri = match format!("http://{}{pq}", server.authority).parse::<http::Uri>() {
@@ -1724,7 +1726,7 @@ impl Conn {
                 (None, None) => {}
             }
         }
-        self.respond(response, from_get, listen || from_get, pending)
+        self.respond(response, get_target, listen || from_get, pending)
             .await
     }
 
@@ -1733,7 +1735,7 @@ impl Conn {
     async fn respond(
         self: &Arc<Self>,
         response: Response<Incoming>,
-        from_get: bool,
+        get_target: Option<String>,
         server_stream: bool,
         mut pending: Awaiting,
     ) -> Response<ProxyBody> {
@@ -1754,7 +1756,7 @@ impl Conn {
         if sse {
             let body = self
                 .clone()
-                .sse_stream(body, from_get, server_stream, pending);
+                .sse_stream(body, get_target.as_deref(), server_stream, pending);
             return Response::from_parts(parts, body);
         }
         let limit = self.daemon.config.proxy.max_response_bytes;
@@ -1821,10 +1823,11 @@ impl Conn {
     fn sse_stream(
         self: Arc<Self>,
         body: Incoming,
-        from_get: bool,
+        get_target: Option<&str>,
         server_stream: bool,
         pending: Awaiting,
     ) -> ProxyBody {
+        let from_get = get_target.is_some();
         let (tx, rx) = mpsc::channel(INJECT_QUEUE);
         let stream_id = server_stream.then(|| self.daemon.streams.register(tx.clone()));
         let max = self.daemon.config.proxy.max_response_bytes;
@@ -1835,6 +1838,9 @@ impl Conn {
             conn: self,
             body,
             from_get,
+            get_path: get_target
+                .map(|t| t.split_once('?').map_or(t, |(path, _)| path).to_owned())
+                .unwrap_or_default(),
             tx: Some(tx),
             rx,
             queue: VecDeque::new(),
@@ -1916,6 +1922,8 @@ struct SseState {
     body: Incoming,
     parser: sse::Parser,
     from_get: bool,
+    /// The path of the GET this stream answers: what a relative `endpoint` is relative to.
+    get_path: String,
     tx: Option<mpsc::Sender<Bytes>>,
     rx: mpsc::Receiver<Bytes>,
     queue: VecDeque<Bytes>,
@@ -1965,14 +1973,7 @@ impl SseState {
 
     fn register(&mut self, endpoint: &str) {
         let Some(tx) = self.tx.take() else { return };
-        // The endpoint may be relative ("/messages/?session_id=…") or absolute.
-        let pq = match endpoint.parse::<http::Uri>() {
-            Ok(u) => u
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| endpoint.to_owned()),
-            Err(_) => endpoint.to_owned(),
-        };
+        let pq = endpoint_target(&self.get_path, endpoint);
         let key = match session_key(self.conn.session_scope(), &pq) {
             Ok(k) => k,
             Err(why) => {
@@ -1989,6 +1990,24 @@ impl SseState {
         debug!(session = %pq, "legacy SSE session registered");
         self.session = Some((key, session));
     }
+}
+
+/// The request target a legacy `endpoint` event names, as the client resolves it against the
+/// stream's URL: absolute (`http://host/messages/?…`), absolute-path (`/messages/?…`), or
+/// relative to the GET's path (`messages?…` from `/mcp/sse` is `/mcp/messages?…`).
+fn endpoint_target(get_path: &str, endpoint: &str) -> String {
+    let endpoint = endpoint.trim();
+    if endpoint.starts_with('/') && !endpoint.starts_with("//") {
+        return endpoint.to_owned();
+    }
+    if let Ok(u) = endpoint.parse::<http::Uri>()
+        && u.scheme().is_some()
+        && let Some(pq) = u.path_and_query()
+    {
+        return pq.as_str().to_owned();
+    }
+    let dir = get_path.rfind('/').map_or("/", |i| &get_path[..=i]);
+    format!("{dir}{endpoint}")
 }
 
 impl Drop for SseState {
@@ -2050,6 +2069,28 @@ impl RetainNonHop for HeaderMap {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn endpoints_resolve_as_clients_resolve_them() {
+        use super::endpoint_target;
+        for (get, endpoint, target) in [
+            ("/sse", "/messages/?session_id=a", "/messages/?session_id=a"),
+            (
+                "/sse",
+                "http://h:1/messages/?session_id=a",
+                "/messages/?session_id=a",
+            ),
+            (
+                "/mcp/sse",
+                "messages?sessionId=a",
+                "/mcp/messages?sessionId=a",
+            ),
+            ("/sse", "messages?sessionId=a", "/messages?sessionId=a"),
+            ("", "messages?x", "/messages?x"),
+        ] {
+            assert_eq!(endpoint_target(get, endpoint), target, "{get} {endpoint}");
+        }
+    }
 
     #[test]
     fn what_a_lenient_reader_takes_for_json() {
