@@ -43,11 +43,11 @@ use crate::bpf::lock;
 
 /// Version of the event schema (`"v"` in every event).
 pub const SCHEMA_VERSION: u64 = 1;
-/// `prev_hash` of the very first event.
 /// Most events recorded without a caller waiting (responses, closes, admin events) kept for
 /// a later write while the log is unwritable.
 pub const MAX_BACKLOG: usize = 10_000;
 
+/// `prev_hash` of the very first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Default `[audit] path`.
 pub const DEFAULT_PATH: &str = "/var/log/interceptor/audit.jsonl";

@@ -603,7 +603,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if all_egress && who.cgroup.is_none() {
                 // clap's `requires` does not reach into the flattened selector group.
                 use clap::CommandFactory as _;
-                Cli::command()
+                let cli = Cli::command();
+                // The usage shown is revoke's.
+                let mut revoke = cli
+                    .find_subcommand("revoke")
+                    .map_or_else(|| cli.clone(), |c| c.clone().bin_name("interceptor revoke"));
+                revoke
                     .error(
                         clap::error::ErrorKind::MissingRequiredArgument,
                         "--all-egress applies to a cgroup: give --cgroup P",
