@@ -207,6 +207,11 @@ pub struct RawServer {
     /// upstream that shares its address with other services (an ingress).
     #[serde(default = "yes")]
     pub intercept_upstream: bool,
+    /// The request paths of the server agents may use (`/mcp`; an entry ending in `/` covers
+    /// the paths below it: `/messages/`); unset, any path. Other endpoints the upstream serves
+    /// on the same port are then out of reach.
+    #[serde(default)]
+    pub paths: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -299,6 +304,8 @@ pub struct Server {
     pub inject_headers: BTreeMap<String, RawInject>,
     pub pass_authorization: bool,
     pub intercept_upstream: bool,
+    /// See [`RawServer::paths`].
+    pub paths: Option<Vec<String>>,
     /// The first server with the same upstream (same authority or an address in common):
     /// sessions live at the upstream, so their owners are kept per upstream, not per entry (two
     /// entries for one server, with different policies, must not open each other's sessions).
@@ -326,6 +333,33 @@ fn load_section<T: serde::de::DeserializeOwned + Default>(
             parse_err(format!("[{name}]: {}", e.to_string().trim_end()))
         }),
         None => Ok(T::default()),
+    }
+}
+
+impl Server {
+    /// Whether agents may use the request path `path` (raw, as sent) of this server.
+    pub fn serves_path(&self, path: &str) -> bool {
+        let Some(paths) = &self.paths else {
+            return true;
+        };
+        let Ok(path) = percent_encoding::percent_decode_str(path).decode_utf8() else {
+            return false;
+        };
+        // Routers differ on dot segments, empty segments and backslashes: such a path is never
+        // one of the listed ones.
+        if path
+            .split('/')
+            .skip(1)
+            .any(|seg| seg == "." || seg == ".." || seg.contains('\\'))
+            || path.contains("//")
+        {
+            return false;
+        }
+        paths.iter().any(|p| {
+            *path == **p
+                || p.ends_with('/') && path.starts_with(p.as_str())
+                || p.ends_with('/') && path == p[..p.len() - 1]
+        })
     }
 }
 
@@ -510,6 +544,17 @@ impl Validator<'_> {
                 }
                 (None, false) => {}
             }
+            for (j, path) in s.paths.iter().flatten().enumerate() {
+                if !path.starts_with('/') || path.contains(['?', '#']) {
+                    return Err(self.invalid(
+                        format!("server[{i}].paths[{j}]"),
+                        format!(
+                            "{path:?} is not a request path: write it as the agent's request \
+                             starts, e.g. \"/mcp\", or \"/messages/\" for the paths below it"
+                        ),
+                    ));
+                }
+            }
             for (name, inject) in &s.inject_headers {
                 let k = format!("server[{i}].inject_headers.{name}");
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -532,6 +577,7 @@ impl Validator<'_> {
                 inject_headers: s.inject_headers,
                 pass_authorization: s.pass_authorization,
                 intercept_upstream: s.intercept_upstream,
+                paths: s.paths,
                 session_scope: servers.len(),
             });
         }
@@ -825,6 +871,43 @@ fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_server_with_paths_serves_those_and_below_a_trailing_slash_only() {
+        let config = super::Config::parse(
+            std::path::Path::new("t.toml"),
+            "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.2:1\"]\nupstream = \"127.0.0.3:1\"\n\
+             paths = [\"/mcp\", \"/messages/\"]\n",
+        )
+        .unwrap();
+        let s = &config.servers[0];
+        for ok in ["/mcp", "/messages/", "/messages", "/messages/x", "/%6Dcp"] {
+            assert!(s.serves_path(ok), "{ok}");
+        }
+        for no in [
+            "/",
+            "/mcp/",
+            "/mcpx",
+            "/MCP",
+            "/admin",
+            "/mcp/../admin",
+            "/messages/../admin",
+            "//mcp",
+            "/messages/%2e%2e/admin",
+            "/messages\\x",
+            "/%ff",
+        ] {
+            assert!(!s.serves_path(no), "{no}");
+        }
+        let e = super::Config::parse(
+            std::path::Path::new("t.toml"),
+            "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.2:1\"]\nupstream = \"127.0.0.3:1\"\n\
+             paths = [\"mcp\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("server[0].paths[0]"), "{e}");
+    }
+
     #[test]
     fn servers_on_one_upstream_share_their_sessions_scope() {
         let config = super::Config::parse(

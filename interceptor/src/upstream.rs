@@ -683,6 +683,7 @@ mod tests {
             inject_headers: Default::default(),
             pass_authorization: false,
             intercept_upstream: true,
+            paths: None,
             session_scope: 0,
         };
         let up = Upstream::new(&server, 2).unwrap();

@@ -32,6 +32,11 @@ fn world(label: &str) -> World {
 }
 
 fn world_with(label: &str, upstream: LabelServer) -> World {
+    world_edited(label, upstream, |config| config)
+}
+
+/// [`world_with`], its config file edited by `edit` before the daemon starts.
+fn world_edited(label: &str, upstream: LabelServer, edit: impl Fn(String) -> String) -> World {
     let mut env = TestEnv::new(label);
     let agents = env.cgroup("agents");
     let binding = format!("\n[[binding]]\nrole = \"reader\"\ncgroup = \"{agents}\"\n");
@@ -46,6 +51,8 @@ fn world_with(label: &str, upstream: LabelServer) -> World {
         &[&agents],
         &format!("{POLICY}{binding}"),
     );
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    std::fs::write(&env.config_path, edit(text)).expect("config");
     env.start_daemon();
     let dir = env.dir(&agents);
     World { env, upstream, dir }
@@ -531,4 +538,50 @@ fn subscriptions_listen_is_judged_per_resource_it_subscribes_to() {
     let listen = br#"{"jsonrpc":"2.0","id":4,"method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true}}}"#;
     send_raw(PROBE, &w.dir, &addr, &post(listen, ""));
     assert_eq!(w.upstream.bodies().len(), 1);
+}
+
+#[test]
+fn a_server_with_paths_serves_only_those() {
+    if !privileged() {
+        return;
+    }
+    let w = world_edited(
+        "paths",
+        LabelServer::start("127.0.0.3", "upstream"),
+        |config| {
+            config.replacen(
+                "\nupstream = ",
+                "\npaths = [\"/mcp\", \"/messages/\"]\nupstream = ",
+                1,
+            )
+        },
+    );
+    let addr = w.upstream.addr.to_string();
+    let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let to = |target: &str, method: &str, body: &[u8]| {
+        let mut r = format!(
+            "{method} {target} HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        send_raw(PROBE, &w.dir, &addr, &r)
+    };
+    for (target, method, body) in [
+        ("/admin/reset?all=1", "GET", &b""[..]),
+        ("/internal/hook", "POST", &ping[..]),
+        ("/mcp/../admin", "POST", &ping[..]),
+        ("//mcp", "POST", &ping[..]),
+        ("/MCP", "DELETE", &b""[..]),
+    ] {
+        let r = to(target, method, body);
+        assert_eq!(r.status, Some(404), "{method} {target}: {r:?}");
+    }
+    assert_eq!(w.upstream.count(), 0, "a refused path reached the server");
+    for target in ["/mcp", "/messages/?session_id=x", "/messages"] {
+        let r = to(target, "POST", ping);
+        assert_eq!(r.status, Some(200), "{target}: {r:?}");
+    }
+    assert_eq!(w.upstream.count(), 3);
 }

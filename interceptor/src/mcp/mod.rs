@@ -881,6 +881,20 @@ impl Conn {
                 .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
             return resp;
         }
+        if !self.daemon.config.servers[self.server_id].serves_path(req.uri().path()) {
+            self.rejected();
+            info!(http.method = %method, target = %req.uri(), "request refused: path not in the server's paths");
+            return error_response(
+                StatusCode::NOT_FOUND,
+                code::INVALID_REQUEST,
+                format!(
+                    "{} is not a path of server {} agents may use (its paths in the \
+                     interceptor's config)",
+                    req.uri().path(),
+                    self.server_name()
+                ),
+            );
+        }
         let (parts, body) = req.into_parts();
         let limit = self.daemon.config.proxy.max_body_bytes;
         let bytes = match Limited::new(body, limit).collect().await {
