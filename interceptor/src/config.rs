@@ -337,29 +337,31 @@ fn load_section<T: serde::de::DeserializeOwned + Default>(
 }
 
 impl Server {
-    /// Whether agents may use the request path `path` (raw, as sent) of this server.
+    /// Whether agents may use the request path `path` (raw, as sent) of this server: as sent
+    /// and percent-decoded, both must be one of its paths (routers differ on decoding: axum
+    /// and Express match the raw path, Starlette the decoded one), with no dot segment (also
+    /// `..;`, which Tomcat resolves), empty segment or backslash.
     pub fn serves_path(&self, path: &str) -> bool {
         let Some(paths) = &self.paths else {
             return true;
         };
-        let Ok(path) = percent_encoding::percent_decode_str(path).decode_utf8() else {
+        let Ok(decoded) = percent_encoding::percent_decode_str(path).decode_utf8() else {
             return false;
         };
-        // Routers differ on dot segments, empty segments and backslashes: such a path is never
-        // one of the listed ones.
-        if path
-            .split('/')
-            .skip(1)
-            .any(|seg| seg == "." || seg == ".." || seg.contains('\\'))
-            || path.contains("//")
-        {
-            return false;
-        }
-        paths.iter().any(|p| {
-            *path == **p
-                || p.ends_with('/') && path.starts_with(p.as_str())
-                || p.ends_with('/') && path == p[..p.len() - 1]
-        })
+        let listed = |path: &str| {
+            let odd = path.contains("//")
+                || path.contains('\\')
+                || path.split('/').skip(1).any(|segment| {
+                    let bare = segment.split(';').next().unwrap_or("");
+                    bare == "." || bare == ".."
+                });
+            !odd && paths.iter().any(|p| {
+                path == p
+                    || p.ends_with('/') && path.starts_with(p.as_str())
+                    || p.ends_with('/') && path == &p[..p.len() - 1]
+            })
+        };
+        listed(path) && listed(&decoded)
     }
 }
 
@@ -581,17 +583,41 @@ impl Validator<'_> {
                 session_scope: servers.len(),
             });
         }
-        for i in 0..servers.len() {
-            let same = |j: usize| {
-                servers[j].authority == servers[i].authority
-                    || servers[j]
-                        .upstream_addrs
-                        .iter()
-                        .any(|a| servers[i].upstream_addrs.contains(a))
+        // Entries are one upstream when their authorities are equal, or an address of one is
+        // an address of the other — loopback addresses of one port counted as one (a server
+        // bound to 0.0.0.0 answers on each); grouped transitively.
+        let one_upstream = |a: &Server, b: &Server| {
+            let same = |x: &SocketAddr, y: &SocketAddr| {
+                let (x, y) = (normalize(*x), normalize(*y));
+                let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
+                x == y || x.port() == y.port() && local(x.ip()) && local(y.ip())
             };
-            servers[i].session_scope = (0..i)
-                .find(|&j| same(j))
-                .map_or(i, |j| servers[j].session_scope);
+            a.authority == b.authority
+                || a.upstream_addrs
+                    .iter()
+                    .any(|x| b.upstream_addrs.iter().any(|y| same(x, y)))
+        };
+        let mut scope: Vec<usize> = (0..servers.len()).collect();
+        loop {
+            let mut merged = false;
+            for i in 0..servers.len() {
+                for j in 0..i {
+                    if scope[i] != scope[j] && one_upstream(&servers[i], &servers[j]) {
+                        let (from, to) = (scope[i].max(scope[j]), scope[i].min(scope[j]));
+                        scope
+                            .iter_mut()
+                            .filter(|s| **s == from)
+                            .for_each(|s| *s = to);
+                        merged = true;
+                    }
+                }
+            }
+            if !merged {
+                break;
+            }
+        }
+        for (server, scope) in servers.iter_mut().zip(scope) {
+            server.session_scope = scope;
         }
         if raw.proxy.max_body_bytes == 0 || raw.proxy.max_response_bytes == 0 {
             return Err(self.invalid(
@@ -880,7 +906,13 @@ mod tests {
         )
         .unwrap();
         let s = &config.servers[0];
-        for ok in ["/mcp", "/messages/", "/messages", "/messages/x", "/%6Dcp"] {
+        for ok in [
+            "/mcp",
+            "/messages/",
+            "/messages",
+            "/messages/x",
+            "/messages/a%20b",
+        ] {
             assert!(s.serves_path(ok), "{ok}");
         }
         for no in [
@@ -895,6 +927,11 @@ mod tests {
             "/messages/%2e%2e/admin",
             "/messages\\x",
             "/%ff",
+            // Decoded, a listed path; raw, not (axum and Express route the raw one).
+            "/%6Dcp",
+            "/messages%2Fx",
+            // Tomcat drops ;params before resolving dot segments.
+            "/messages/..;/admin",
         ] {
             assert!(!s.serves_path(no), "{no}");
         }
@@ -924,12 +961,25 @@ upstream = "http://127.0.0.3:9000"
 [[server]]
 name = "other"
 intercept = ["127.0.0.2:8082"]
-upstream = "127.0.0.4:9000"
+upstream = "10.9.9.9:9000"
+[[server]]
+name = "v6"
+intercept = ["127.0.0.2:8083"]
+upstream = "[::1]:7000"
+[[server]]
+name = "v4"
+intercept = ["127.0.0.2:8084"]
+upstream = "127.0.0.1:7000"
+[[server]]
+name = "mapped"
+intercept = ["127.0.0.2:8085"]
+upstream = "[::ffff:10.9.9.9]:9000"
 "#,
         )
         .unwrap();
         let scopes: Vec<usize> = config.servers.iter().map(|s| s.session_scope).collect();
-        assert_eq!(scopes, [0, 0, 2]);
+        // Loopback addresses of one port are one server; a v4-mapped address its IPv4 one.
+        assert_eq!(scopes, [0, 0, 2, 3, 3, 2]);
     }
 
     #[test]

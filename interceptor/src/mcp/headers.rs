@@ -62,6 +62,9 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "cf-connecting-ip"
                 | "fastly-client-ip"
                 | "x-envoy-external-address"
+                // Route overrides some frameworks honour instead of the request path.
+                | "x-original-url"
+                | "x-rewrite-url"
         )
 }
 

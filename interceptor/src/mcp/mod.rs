@@ -1852,9 +1852,7 @@ impl Conn {
             conn: self,
             body,
             from_get,
-            get_path: get_target
-                .map(|t| t.split_once('?').map_or(t, |(path, _)| path).to_owned())
-                .unwrap_or_default(),
+            get_target: get_target.unwrap_or_default().to_owned(),
             tx: Some(tx),
             rx,
             queue: VecDeque::new(),
@@ -1936,8 +1934,8 @@ struct SseState {
     body: Incoming,
     parser: sse::Parser,
     from_get: bool,
-    /// The path of the GET this stream answers: what a relative `endpoint` is relative to.
-    get_path: String,
+    /// The target of the GET this stream answers: what a relative `endpoint` is relative to.
+    get_target: String,
     tx: Option<mpsc::Sender<Bytes>>,
     rx: mpsc::Receiver<Bytes>,
     queue: VecDeque<Bytes>,
@@ -1987,7 +1985,12 @@ impl SseState {
 
     fn register(&mut self, endpoint: &str) {
         let Some(tx) = self.tx.take() else { return };
-        let pq = endpoint_target(&self.get_path, endpoint);
+        let pq = endpoint_target(&self.get_target, endpoint);
+        if !self.conn.daemon.config.servers[self.conn.server_id]
+            .serves_path(pq.split_once('?').map_or(pq.as_str(), |(path, _)| path))
+        {
+            warn!(endpoint = %pq, server.name = self.conn.server_name(), "the legacy SSE endpoint is outside the server's paths: its POSTs will be refused (add it to paths)");
+        }
         let key = match session_key(self.conn.session_scope(), &pq) {
             Ok(k) => k,
             Err(why) => {
@@ -2006,22 +2009,21 @@ impl SseState {
     }
 }
 
-/// The request target a legacy `endpoint` event names, as the client resolves it against the
-/// stream's URL: absolute (`http://host/messages/?…`), absolute-path (`/messages/?…`), or
-/// relative to the GET's path (`messages?…` from `/mcp/sse` is `/mcp/messages?…`).
-fn endpoint_target(get_path: &str, endpoint: &str) -> String {
-    let endpoint = endpoint.trim();
-    if endpoint.starts_with('/') && !endpoint.starts_with("//") {
-        return endpoint.to_owned();
+/// The request target a legacy `endpoint` event names, resolved as the clients resolve it
+/// (RFC 3986, `urljoin` / `new URL`) against the stream's own URL (`get_target`): absolute
+/// (`http://host/messages/?…`), absolute-path (`/messages/?…`) or relative (`messages?…`,
+/// `../messages?…`, `?sessionId=…`); without its fragment.
+fn endpoint_target(get_target: &str, endpoint: &str) -> String {
+    let base = url::Url::parse("http://stream.invalid/")
+        .and_then(|b| b.join(get_target))
+        .and_then(|b| b.join(endpoint.trim()));
+    match base {
+        Ok(u) => match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_owned(),
+        },
+        Err(_) => endpoint.trim().to_owned(),
     }
-    if let Ok(u) = endpoint.parse::<http::Uri>()
-        && u.scheme().is_some()
-        && let Some(pq) = u.path_and_query()
-    {
-        return pq.as_str().to_owned();
-    }
-    let dir = get_path.rfind('/').map_or("/", |i| &get_path[..=i]);
-    format!("{dir}{endpoint}")
 }
 
 impl Drop for SseState {
@@ -2101,6 +2103,15 @@ mod tests {
             ),
             ("/sse", "messages?sessionId=a", "/messages?sessionId=a"),
             ("", "messages?x", "/messages?x"),
+            (
+                "/mcp/sse",
+                "../messages?sessionId=a",
+                "/messages?sessionId=a",
+            ),
+            ("/mcp/sse", "./messages?x", "/mcp/messages?x"),
+            ("/sse?x=1", "?sessionId=a", "/sse?sessionId=a"),
+            ("/sse", "//h:1/messages?x", "/messages?x"),
+            ("/sse", "/a/../m?x#frag", "/m?x"),
         ] {
             assert_eq!(endpoint_target(get, endpoint), target, "{get} {endpoint}");
         }
