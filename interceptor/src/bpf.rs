@@ -199,25 +199,10 @@ impl Kernel {
         let listeners = take(names::LISTENERS)?;
         let listen_socks = take(names::LISTEN_SOCKS)?;
         let conns = take(names::CONNS)?;
-        let mut conns = HashMap::try_from(conns).map_err(map_err(names::CONNS))?;
-        // Records of connections a previous daemon never accepted (reset with its listener)
-        // name no live connection; this daemon's listeners are not registered yet, so none
-        // is new. Kept, one could be claimed by a process dialling the proxy port directly
-        // from the same source port.
-        let stale: Vec<TupleKey> = conns.keys().filter_map(Result::ok).collect();
-        for key in &stale {
-            let _ = conns.remove(key);
-        }
-        if !stale.is_empty() {
-            info!(
-                records = stale.len(),
-                "dropped connection records no daemon took"
-            );
-        }
         let stats_map = take(names::STATS)?;
         let blocks = take(names::BLOCKS)?;
         let state = take(names::STATE)?;
-        Ok(Self {
+        let kernel = Self {
             attachments,
             tracepoints,
             _links: links,
@@ -228,12 +213,21 @@ impl Kernel {
             listen_socks: Mutex::new(
                 SockHash::try_from(listen_socks).map_err(map_err(names::LISTEN_SOCKS))?,
             ),
-            conns: Mutex::new(conns),
+            conns: Mutex::new(HashMap::try_from(conns).map_err(map_err(names::CONNS))?),
             blocks: Mutex::new(HashMap::try_from(blocks).map_err(map_err(names::BLOCKS))?),
             state: Mutex::new(Array::try_from(state).map_err(map_err(names::STATE))?),
             stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,
             bpffs_dir: bpffs_dir.to_owned(),
-        })
+        };
+        // Records of connections a previous daemon never accepted (reset with its listener)
+        // name no live connection; this daemon's listeners are not registered yet, so none
+        // is new. Kept, one could be claimed by a process dialling the proxy port directly
+        // from the same source port.
+        let stale = kernel.drop_conns(|_| true);
+        if stale > 0 {
+            info!(records = stale, "dropped connection records no daemon took");
+        }
+        Ok(kernel)
     }
 
     /// Kernel counters summed over CPUs, by name.
@@ -331,11 +325,16 @@ impl Kernel {
     /// which closed: none will be taken (one left would be served to whoever binds its source
     /// port and dials the proxy port there).
     pub fn drop_conns_of(&self, netns_cookie: u64) -> usize {
+        self.drop_conns(|k| k.netns_cookie == netns_cookie)
+    }
+
+    /// Drops the connection records whose tuple `stale` picks; how many.
+    fn drop_conns(&self, stale: impl Fn(&TupleKey) -> bool) -> usize {
         let mut conns = lock(&self.conns);
         let stale: Vec<TupleKey> = conns
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.netns_cookie == netns_cookie)
+            .filter(|k| stale(k))
             .collect();
         for key in &stale {
             let _ = conns.remove(key);

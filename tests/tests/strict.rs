@@ -63,8 +63,12 @@ fn post(body: &[u8], extra_headers: &str) -> Vec<u8> {
 }
 
 fn request(method: &str, body: &[u8], extra_headers: &str) -> Vec<u8> {
+    request_to(method, "/mcp", body, extra_headers)
+}
+
+fn request_to(method: &str, target: &str, body: &[u8], extra_headers: &str) -> Vec<u8> {
     let mut r = format!(
-        "{method} /mcp HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
+        "{method} {target} HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         body.len()
     )
@@ -559,14 +563,7 @@ fn a_server_with_paths_serves_only_those() {
     let addr = w.upstream.addr.to_string();
     let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let to = |target: &str, method: &str, body: &[u8]| {
-        let mut r = format!(
-            "{method} {target} HTTP/1.1\r\nHost: notes\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        r.extend_from_slice(body);
-        send_raw(PROBE, &w.dir, &addr, &r)
+        send_raw(PROBE, &w.dir, &addr, &request_to(method, target, body, ""))
     };
     for (target, method, body) in [
         ("/admin/reset?all=1", "GET", &b""[..]),

@@ -1117,13 +1117,13 @@ impl Conn {
                 return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
             }
         };
-        let (legacy, message_path) = {
+        let (legacy, names_live) = {
             let sessions = lock(&self.daemon.sessions);
             let legacy = sessions.get(&key).cloned();
-            let names_one = legacy.is_none() && sessions.names_live_session(&key, pq);
-            (legacy, names_one)
+            let names_live = legacy.is_none() && sessions.names_live_session(&key, pq);
+            (legacy, names_live)
         };
-        if legacy.is_none() && message_path {
+        if names_live {
             self.rejected();
             warn!(target = %pq, "request refused: names a live legacy SSE session, but not by its URL");
             self.record_refused(

@@ -98,10 +98,10 @@ fn loose_value(value: &str) -> String {
     }
 }
 
-/// The query pairs of a session URL that carry its id: those whose name says `session`, or
-/// (none does) every pair with a value long enough to be an id — then by value only (see
-/// [`names_of`]).
-fn id_params(query: &str) -> Vec<(String, String)> {
+/// The query pairs of a session URL that carry its id, and whether their names say so:
+/// those whose name says `session`, or (none does) every pair with a value long enough to be
+/// an id — then known by value only (see [`names_of`]).
+fn id_params(query: &str) -> (Vec<(String, String)>, bool) {
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
@@ -111,12 +111,13 @@ fn id_params(query: &str) -> Vec<(String, String)> {
         .cloned()
         .collect();
     if named.is_empty() {
-        pairs
+        let long = pairs
             .into_iter()
             .filter(|(_, v)| loose_value(v).len() >= 16)
-            .collect()
+            .collect();
+        (long, false)
     } else {
-        named
+        (named, true)
     }
 }
 
@@ -129,10 +130,11 @@ fn names_of(key: &str, path_and_query: &str) -> Vec<String> {
         .unwrap_or((path_and_query, ""));
     let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let mut names = vec![format!("{server} path {}", loose_path(&path))];
-    for (name, value) in id_params(query) {
+    let (params, named) = id_params(query);
+    for (name, value) in params {
         // Only a name that says what it carries: another (`token=…`) may be in every
         // request of the server's other endpoints too.
-        if name.to_ascii_lowercase().contains("session") {
+        if named {
             names.push(format!("{server} name {}", loose_name(&name)));
         }
         // Short values would match unrelated requests; ids are long.
