@@ -63,13 +63,15 @@ fn micro(c: &mut Criterion) {
     let kib = call(json!({"text": "x".repeat(1024)}));
     c.bench_function("parse_reserialise", |b| {
         b.iter(|| {
-            let body = jsonrpc::parse(black_box(typical.as_bytes()), 64).expect("parses");
+            let body =
+                jsonrpc::parse(black_box(typical.as_bytes()), &Default::default()).expect("parses");
             black_box(body.to_bytes())
         })
     });
     c.bench_function("parse_reserialise_1kib", |b| {
         b.iter(|| {
-            let body = jsonrpc::parse(black_box(kib.as_bytes()), 64).expect("parses");
+            let body =
+                jsonrpc::parse(black_box(kib.as_bytes()), &Default::default()).expect("parses");
             black_box(body.to_bytes())
         })
     });
@@ -117,7 +119,7 @@ fn micro(c: &mut Criterion) {
     });
 
     let redactor = Redactor::new(&RawAudit::default());
-    let parsed = jsonrpc::parse(kib.as_bytes(), 64).expect("parses");
+    let parsed = jsonrpc::parse(kib.as_bytes(), &Default::default()).expect("parses");
     let who = json!({"pid": 4242, "uid": 1000, "comm": "agent", "cgroup": "/agents/a", "workload_id": "spiffe://example.org/node/n/cgroup/agents/a/uid/1000"}).to_string();
     c.bench_function("audit_request_event", |b| {
         b.iter(|| {

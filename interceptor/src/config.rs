@@ -109,6 +109,10 @@ pub struct RawProxy {
     pub max_json_depth: usize,
     /// Largest JSON response body the proxy buffers to filter (bytes).
     pub max_response_bytes: usize,
+    /// Most JSON values (object keys included) accepted in a request.
+    pub max_json_values: usize,
+    /// Most messages accepted in a JSON-RPC batch.
+    pub max_batch: usize,
 }
 
 impl Default for RawProxy {
@@ -117,6 +121,19 @@ impl Default for RawProxy {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_json_depth: DEFAULT_MAX_JSON_DEPTH,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_json_values: DEFAULT_MAX_JSON_VALUES,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
+}
+
+impl RawProxy {
+    /// The bounds a request body is parsed within.
+    pub fn limits(&self) -> crate::mcp::jsonrpc::Limits {
+        crate::mcp::jsonrpc::Limits {
+            max_depth: self.max_json_depth,
+            max_values: self.max_json_values,
+            max_batch: self.max_batch,
         }
     }
 }
@@ -127,6 +144,11 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 /// Highest `proxy.max_json_depth` accepted (serde_json's own recursion limit is 128).
 pub const MAX_JSON_DEPTH_LIMIT: usize = 120;
+/// Default `proxy.max_json_values`: tool arguments rarely hold more than a few thousand; a
+/// body of tiny objects this large parses into ~25 MB (unbounded, 4 MiB of them: ~400 MB).
+pub const DEFAULT_MAX_JSON_VALUES: usize = 100_000;
+/// Default `proxy.max_batch` (batches were removed from MCP in 2025-06-18).
+pub const DEFAULT_MAX_BATCH: usize = 100;
 /// Default `proxy.max_response_bytes`: 16 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
 
@@ -623,6 +645,12 @@ impl Validator<'_> {
             return Err(self.invalid(
                 "proxy",
                 "max_body_bytes and max_response_bytes must be at least 1",
+            ));
+        }
+        if raw.proxy.max_json_values < 16 || raw.proxy.max_batch == 0 {
+            return Err(self.invalid(
+                "proxy",
+                "max_json_values must be at least 16 and max_batch at least 1",
             ));
         }
         if !(1..=MAX_JSON_DEPTH_LIMIT).contains(&raw.proxy.max_json_depth) {

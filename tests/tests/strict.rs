@@ -19,6 +19,8 @@ deny_tools = ["delete_*"]
 [proxy]
 max_body_bytes = 4096
 max_json_depth = 16
+max_json_values = 300
+max_batch = 4
 "#;
 
 struct World {
@@ -101,6 +103,21 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search","arguments":{{"q":"{}"}}}}}}"#,
         "x".repeat(5000)
     );
+    let many_values = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search","arguments":{{"q":[{}]}}}}}}"#,
+        vec![r#"{"":0}"#; 120].join(",")
+    );
+    let pings = |n: usize| {
+        let items: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"ping"}}"#))
+            .collect();
+        format!("[{}]", items.join(","))
+    };
+    let long_id = format!(
+        r#"{{"jsonrpc":"2.0","id":"{}","method":"ping"}}"#,
+        "i".repeat(300)
+    );
+    let long_session = format!("Mcp-Session-Id: {}\r\n", "s".repeat(1100));
     let cases: Vec<(&str, Vec<u8>, u16, i64)> = vec![
         ("duplicate key", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","name":"delete_note"}}"#, ""), 400, -32600),
         ("escaped duplicate key", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","n\u0061me":"delete_note"}}"#, ""), 400, -32600),
@@ -123,6 +140,11 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         ("PUT with a call", request("PUT", call("search").as_bytes(), ""), 405, -32600),
         ("GET with a body", request("GET", call("search").as_bytes(), ""), 400, -32600),
         ("plain body labelled gzip", post(call("search").as_bytes(), "Content-Encoding: gzip\r\n"), 415, -32600),
+        ("more JSON values than max_json_values", post(many_values.as_bytes(), ""), 400, -32600),
+        ("a batch longer than max_batch", post(pings(5).as_bytes(), ""), 400, -32600),
+        ("an id over 256 bytes", post(long_id.as_bytes(), ""), 400, -32600),
+        ("a protocol version that is not a revision", post(call("search").as_bytes(), "MCP-Protocol-Version: latest\r\n"), 400, -32600),
+        ("a session id over 1 KiB", post(call("search").as_bytes(), &long_session), 400, -32600),
     ];
     for (what, request, status, code) in cases {
         let r = send_raw(PROBE, &w.dir, &addr, &request);

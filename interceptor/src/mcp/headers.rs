@@ -29,6 +29,39 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest `Mcp-Session-Id` accepted (bytes): it is copied into every audit event of the
+/// request and held by its pending answers.
+pub const MAX_SESSION_ID_BYTES: usize = 1024;
+
+/// Refuses `Mcp-*` header values that cannot be what they claim, before anything is read or
+/// recorded: a protocol version that is not a revision date (`YYYY-MM-DD`; it is copied into
+/// every event of the request), a session id over [`MAX_SESSION_ID_BYTES`].
+pub fn check_value_shapes(headers: &HeaderMap) -> Result<(), String> {
+    for v in headers.get_all("mcp-protocol-version") {
+        let b = v.as_bytes();
+        let date = b.len() == 10
+            && b.iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == b'-',
+                _ => c.is_ascii_digit(),
+            });
+        if !date {
+            return Err(format!(
+                "Mcp-Protocol-Version {:?} is not a protocol revision (YYYY-MM-DD)",
+                String::from_utf8_lossy(&b[..b.len().min(32)])
+            ));
+        }
+    }
+    for v in headers.get_all("mcp-session-id") {
+        if v.len() > MAX_SESSION_ID_BYTES {
+            return Err(format!(
+                "Mcp-Session-Id of {} bytes; at most {MAX_SESSION_ID_BYTES} are accepted",
+                v.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Hop-by-hop headers, those the proxy sets itself (`accept-encoding`: the proxy must be
 /// able to read what comes back, so it asks for identity encoding; `expect`: the body was
 /// read whole before anything is forwarded), and the headers proxies use to tell a server
@@ -187,6 +220,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mcp_header_values_must_have_their_shape() {
+        assert!(check_value_shapes(&headers(&[("mcp-protocol-version", "2025-06-18")])).is_ok());
+        for bad in [
+            "2025-6-18",
+            "2025-06-18x",
+            "latest",
+            "2025/06/18",
+            "２025-06-18",
+        ] {
+            let e = check_value_shapes(&headers(&[("mcp-protocol-version", bad)])).expect_err(bad);
+            assert!(e.contains("not a protocol revision"), "{e}");
+        }
+        let long = "a".repeat(60_000);
+        let e = check_value_shapes(&headers(&[("mcp-protocol-version", &long)])).expect_err("long");
+        assert!(e.len() < 120, "the value is not echoed whole: {e}");
+        let id = "s".repeat(MAX_SESSION_ID_BYTES);
+        assert!(check_value_shapes(&headers(&[("mcp-session-id", &id)])).is_ok());
+        let id = "s".repeat(MAX_SESSION_ID_BYTES + 1);
+        let e = check_value_shapes(&headers(&[("mcp-session-id", &id)])).expect_err("long id");
+        assert!(e.contains("Mcp-Session-Id of 1025 bytes"), "{e}");
+    }
+
+    #[test]
     fn only_utf8_bodies_are_taken() {
         for ok in [
             "application/json",
@@ -251,7 +307,7 @@ mod tests {
     }
 
     fn body(text: &str) -> Body {
-        crate::mcp::jsonrpc::parse(text.as_bytes(), 64).unwrap()
+        crate::mcp::jsonrpc::parse(text.as_bytes(), &Default::default()).unwrap()
     }
 
     #[test]

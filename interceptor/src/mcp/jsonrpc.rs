@@ -6,7 +6,7 @@
 //! `"name"`, non-object params, batches hiding calls, deep nesting, invalid UTF-8) is an error
 //! here, before any decision is made.
 
-use std::fmt;
+use std::{cell::Cell, fmt};
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
@@ -224,14 +224,45 @@ impl serde::Serialize for Canonical<'_> {
     }
 }
 
+/// Bounds on one request body (`[proxy]` in the config): what an agent sends is parsed into
+/// memory, recorded and held until its answer, so its size in memory is bounded, not only
+/// its size on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Deepest nesting (`proxy.max_json_depth`).
+    pub max_depth: usize,
+    /// Most JSON values, object keys included (`proxy.max_json_values`): a small object
+    /// costs ~100 times its bytes once parsed (a 4 MiB body of `{"":0}` would be ~400 MB).
+    pub max_values: usize,
+    /// Most messages in a batch (`proxy.max_batch`): each is judged and recorded on its own.
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
+            max_values: crate::config::DEFAULT_MAX_JSON_VALUES,
+            max_batch: crate::config::DEFAULT_MAX_BATCH,
+        }
+    }
+}
+
+/// Longest string `id` accepted (bytes): ids are copied into every event and held by
+/// pending answers (a legacy SSE session keeps thousands).
+pub const MAX_ID_BYTES: usize = 256;
+
 /// Parses an agent's request body strictly.
-pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Body, RpcError> {
+pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Body, RpcError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("body is not valid UTF-8: {e}")))?;
     let mut de = serde_json::Deserializer::from_str(text);
+    let left = Cell::new(limits.max_values);
     let value = Strict {
         depth: 0,
-        max_depth,
+        max_depth: limits.max_depth,
+        left: &left,
+        max_values: limits.max_values,
     }
     .deserialize(&mut de)
     .map_err(|e| {
@@ -240,6 +271,7 @@ pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Body, RpcError> {
         if msg.contains("duplicate key")
             || msg.contains("differ only in case")
             || msg.contains("nesting deeper")
+            || msg.contains("proxy.max_json_values")
         {
             RpcError::invalid(msg)
         } else {
@@ -252,6 +284,14 @@ pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Body, RpcError> {
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(RpcError::invalid("empty batch"));
+            }
+            if items.len() > limits.max_batch {
+                return Err(RpcError::invalid(format!(
+                    "a batch of {} messages; at most {} are accepted (proxy.max_batch): send \
+                     them in several requests",
+                    items.len(),
+                    limits.max_batch
+                )));
             }
             let messages = items
                 .into_iter()
@@ -315,7 +355,19 @@ fn classify(value: Value) -> Result<Message, RpcError> {
     if let Some(id) = &id {
         let valid = id.is_string() || id.as_i64().is_some() || id.as_u64().is_some();
         if !valid {
-            return Err(fail(format!("id must be a string or an integer, not {id}")));
+            // Its type only: the value is the agent's (and is logged with the refusal).
+            return Err(fail(format!(
+                "id must be a string or an integer, not {}",
+                type_name(id)
+            )));
+        }
+        if let Some(text) = id.as_str()
+            && text.len() > MAX_ID_BYTES
+        {
+            return Err(RpcError::invalid(format!(
+                "id of {} bytes; at most {MAX_ID_BYTES} are accepted",
+                text.len()
+            )));
         }
     }
     match obj.remove("method") {
@@ -433,13 +485,17 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// A `serde_json::Value` deserializer that refuses duplicate keys (after unescaping, so
-/// `"n\u0061me"` duplicates `"name"`) and nesting deeper than `max_depth`.
-struct Strict {
+/// `"n\u0061me"` duplicates `"name"`), nesting deeper than `max_depth` and more than
+/// `max_values` values (`left` counts down, shared by the whole document).
+#[derive(Clone, Copy)]
+struct Strict<'a> {
     depth: usize,
     max_depth: usize,
+    left: &'a Cell<usize>,
+    max_values: usize,
 }
 
-impl<'de> DeserializeSeed<'de> for Strict {
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
     type Value = Value;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
@@ -447,57 +503,79 @@ impl<'de> DeserializeSeed<'de> for Strict {
     }
 }
 
-impl Strict {
-    fn nested<E: de::Error>(&self) -> Result<Strict, E> {
+impl Strict<'_> {
+    fn nested<E: de::Error>(&self) -> Result<Self, E> {
         if self.depth + 1 > self.max_depth {
             return Err(E::custom(format!(
                 "nesting deeper than {} levels",
                 self.max_depth
             )));
         }
-        Ok(Strict {
+        self.count()?;
+        Ok(Self {
             depth: self.depth + 1,
-            max_depth: self.max_depth,
+            ..*self
         })
+    }
+
+    /// One more value (or object key).
+    fn count<E: de::Error>(&self) -> Result<(), E> {
+        match self.left.get().checked_sub(1) {
+            Some(left) => {
+                self.left.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(format!(
+                "more than {} JSON values (proxy.max_json_values)",
+                self.max_values
+            ))),
+        }
+    }
+
+    /// A scalar, counted.
+    fn scalar<E: de::Error>(&self, v: Value) -> Result<Value, E> {
+        self.count()?;
+        Ok(v)
     }
 }
 
-impl<'de> Visitor<'de> for Strict {
+impl<'de> Visitor<'de> for Strict<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        self.scalar(Value::Bool(v))
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.scalar(Value::from(v))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        self.scalar(Value::from(v))
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        self.scalar(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.count()?;
         Ok(Value::String(v.to_owned()))
     }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        self.scalar(Value::String(v))
     }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.scalar(Value::Null)
     }
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.scalar(Value::Null)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let inner = self.nested()?;
         let mut out = Vec::new();
-        while let Some(v) = seq.next_element_seed(Strict { ..inner })? {
+        while let Some(v) = seq.next_element_seed(inner)? {
             out.push(v);
         }
         Ok(Value::Array(out))
@@ -510,7 +588,9 @@ impl<'de> Visitor<'de> for Strict {
         // or has a non-ASCII key (Unicode folding allocates: each key is folded once then).
         let mut folded: Option<std::collections::HashSet<String>> = None;
         while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(Strict { ..inner })?;
+            // A key costs more than most values (its map entry): counted too.
+            inner.count()?;
+            let value = map.next_value_seed(inner)?;
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
@@ -570,11 +650,11 @@ mod tests {
     use super::*;
 
     fn ok(text: &str) -> Body {
-        parse(text.as_bytes(), 64).unwrap_or_else(|e| panic!("{text}: {e}"))
+        parse(text.as_bytes(), &Limits::default()).unwrap_or_else(|e| panic!("{text}: {e}"))
     }
 
     fn err(text: &[u8]) -> RpcError {
-        parse(text, 64).expect_err("must be refused")
+        parse(text, &Limits::default()).expect_err("must be refused")
     }
 
     #[test]
@@ -738,6 +818,68 @@ mod tests {
         );
         let e = err(deep.as_bytes());
         assert!(e.message.contains("nesting deeper than 64"), "{e}");
+    }
+
+    #[test]
+    fn bounds_values_batches_and_ids() {
+        let limits = Limits {
+            max_depth: 64,
+            max_values: 40,
+            max_batch: 3,
+        };
+        let call = |args: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"a","arguments":{args}}}}}"#
+            )
+        };
+        // 9 values for the envelope (object, 4 keys, 3 scalars, params object) + name (2) +
+        // arguments key and object (2) = 13; each {"":0} element adds 3, the array 2 (key, array).
+        let elements = |n: usize| call(&format!(r#"{{"x":[{}]}}"#, vec![r#"{"":0}"#; n].join(",")));
+        assert!(parse(elements(8).as_bytes(), &limits).is_ok());
+        let e = parse(elements(9).as_bytes(), &limits).expect_err("over max_values");
+        assert_eq!(e.code, code::INVALID_REQUEST);
+        assert!(
+            e.message
+                .contains("more than 40 JSON values (proxy.max_json_values)"),
+            "{e}"
+        );
+        // Keys count: an object of many keys is bounded like an array of many values.
+        let keys: Vec<String> = (0..30).map(|i| format!(r#""k{i}":1"#)).collect();
+        let e = parse(call(&format!("{{{}}}", keys.join(","))).as_bytes(), &limits)
+            .expect_err("over max_values");
+        assert!(e.message.contains("max_json_values"), "{e}");
+
+        let batch = |n: usize| {
+            let items: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"ping"}}"#))
+                .collect();
+            format!("[{}]", items.join(","))
+        };
+        assert_eq!(
+            parse(batch(3).as_bytes(), &limits).map(|b| b.messages.len()),
+            Ok(3)
+        );
+        let e = parse(batch(4).as_bytes(), &limits).expect_err("over max_batch");
+        assert_eq!(e.code, code::INVALID_REQUEST);
+        assert!(
+            e.message.contains("a batch of 4 messages; at most 3"),
+            "{e}"
+        );
+
+        let id = |n: usize| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":"{}","method":"ping"}}"#,
+                "i".repeat(n)
+            )
+        };
+        assert!(parse(id(MAX_ID_BYTES).as_bytes(), &limits).is_ok());
+        let e = parse(id(MAX_ID_BYTES + 1).as_bytes(), &limits).expect_err("long id");
+        assert!(e.message.contains("id of 257 bytes; at most 256"), "{e}");
+        assert_eq!(e.id, None, "a refused id is not echoed");
+        // An id of the wrong type is named by its type, not echoed into logs and answers.
+        let e = err(br#"{"jsonrpc":"2.0","id":{"api_key":"sk-secret"},"method":"ping"}"#);
+        assert!(!e.message.contains("sk-secret"), "{e}");
+        assert!(e.message.contains("not an object"), "{e}");
     }
 
     #[test]

@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 
 pub use self::session::{BoundSessions, Sessions, Streams};
 use self::{
-    headers::{check_charset, check_framing, check_mcp_headers, skip_header},
+    headers::{check_charset, check_framing, check_mcp_headers, check_value_shapes, skip_header},
     jsonrpc::{Message, RpcError, code},
     session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, session_key},
 };
@@ -883,7 +883,8 @@ impl Conn {
         }
         if !self.daemon.config.servers[self.server_id].serves_path(req.uri().path()) {
             self.rejected();
-            info!(http.method = %method, target = %req.uri(), "request refused: path not in the server's paths");
+            // The path only: a query string may carry tokens.
+            info!(http.method = %method, path = %req.uri().path(), "request refused: path not in the server's paths");
             return error_response(
                 StatusCode::NOT_FOUND,
                 code::INVALID_REQUEST,
@@ -894,6 +895,11 @@ impl Conn {
                     self.server_name()
                 ),
             );
+        }
+        if let Err(why) = check_value_shapes(req.headers()) {
+            self.rejected();
+            info!(http.method = %method, reason = %why, "request refused: Mcp-* header value");
+            return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
         }
         let (parts, body) = req.into_parts();
         let limit = self.daemon.config.proxy.max_body_bytes;
@@ -1068,7 +1074,7 @@ impl Conn {
                 why,
             );
         }
-        let body = match jsonrpc::parse(&bytes, self.daemon.config.proxy.max_json_depth) {
+        let body = match jsonrpc::parse(&bytes, &self.daemon.config.proxy.limits()) {
             Ok(b) => b,
             Err(e) => {
                 self.rejected();
@@ -1125,7 +1131,7 @@ impl Conn {
         };
         if names_live {
             self.rejected();
-            warn!(target = %pq, "request refused: names a live legacy SSE session, but not by its URL");
+            warn!(path = %parts.uri.path(), "request refused: names a live legacy SSE session, but not by its URL");
             self.record_refused(
                 &parts.headers,
                 &body,
@@ -1533,7 +1539,9 @@ impl Conn {
                 .inc();
         }
         let id = m.id().map(ToString::to_string).unwrap_or_default();
-        let name = call.name.unwrap_or("");
+        // Capped: a resource URI or prompt name is the agent's and may be megabytes.
+        let name = capped(call.name.unwrap_or(""));
+        let name = name.as_str();
         if d.allow {
             counters.allowed.fetch_add(1, Ordering::Relaxed);
             debug!(mcp.method = method, mcp.name = name, mcp.id = %id, mcp.protocol = protocol,
@@ -1986,15 +1994,15 @@ impl SseState {
     fn register(&mut self, endpoint: &str) {
         let Some(tx) = self.tx.take() else { return };
         let pq = endpoint_target(&self.get_target, endpoint);
-        if !self.conn.daemon.config.servers[self.conn.server_id]
-            .serves_path(pq.split_once('?').map_or(pq.as_str(), |(path, _)| path))
-        {
-            warn!(endpoint = %pq, server.name = self.conn.server_name(), "the legacy SSE endpoint is outside the server's paths: its POSTs will be refused (add it to paths)");
+        // Logged by its path: the query holds the session id, which is the session's key.
+        let path = pq.split_once('?').map_or(pq.as_str(), |(path, _)| path);
+        if !self.conn.daemon.config.servers[self.conn.server_id].serves_path(path) {
+            warn!(endpoint.path = %path, server.name = self.conn.server_name(), "the legacy SSE endpoint is outside the server's paths: its POSTs will be refused (add it to paths)");
         }
         let key = match session_key(self.conn.session_scope(), &pq) {
             Ok(k) => k,
             Err(why) => {
-                warn!(endpoint = %pq, reason = %why, "legacy SSE endpoint not registered");
+                warn!(endpoint.path = %path, reason = %why, "legacy SSE endpoint not registered");
                 return;
             }
         };
@@ -2004,7 +2012,7 @@ impl SseState {
             pending: std::sync::Mutex::new(Some(PendingMap::new())),
         });
         lock(&self.conn.daemon.sessions).insert(key.clone(), &pq, session.clone());
-        debug!(session = %pq, "legacy SSE session registered");
+        debug!(endpoint.path = %path, "legacy SSE session registered");
         self.session = Some((key, session));
     }
 }
