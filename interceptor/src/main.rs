@@ -806,12 +806,21 @@ impl TailFilter {
     }
 }
 
-/// One event as a line a person reads.
+/// Whether `c` could forge or hide output on a terminal: control characters (line breaks,
+/// escape sequences) and the bidirectional overrides that reorder what is shown.
+fn deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// One event as a line a person reads. Text from agents and servers (a method, a rule quoting
+/// a name, a process name) is quoted with escapes when it holds [`deceptive`] characters: a
+/// method of `"x\n2026-… decision=allow"` must not print as a line of its own.
 fn render(v: &Value) -> String {
-    let s = |x: &Value| {
-        x.as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| x.to_string())
+    let s = |x: &Value| match x.as_str() {
+        Some(t) if t.chars().any(deceptive) => format!("{t:?}"),
+        Some(t) => t.to_owned(),
+        None => x.to_string(),
     };
     let who = &v["identity"];
     let who = match who["kind"].as_str() {
@@ -838,6 +847,7 @@ fn render(v: &Value) -> String {
         "server",
         "method",
         "tool",
+        "name",
         "decision",
         "rule",
         "outcome",
@@ -846,12 +856,17 @@ fn render(v: &Value) -> String {
         "cgroup",
         "reason",
     ] {
-        if !v[key].is_null() {
+        // `name` is the tool's for a tools/call: shown once.
+        let shown_as_tool = key == "name" && v["name"] == v["tool"];
+        if !v[key].is_null() && !shown_as_tool {
             line.push_str(&format!(" {key}={}", s(&v[key])));
         }
     }
-    if !v["arguments"].is_null() {
-        line.push_str(&format!(" arguments={}", v["arguments"]));
+    // JSON text: control characters in it are escaped already.
+    for key in ["arguments", "other_params", "body"] {
+        if !v[key].is_null() {
+            line.push_str(&format!(" {key}={}", v[key]));
+        }
     }
     line
 }
@@ -1169,5 +1184,50 @@ fn print_status(s: &Value) {
             let parts: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!("  {scope}: {}", parts.join(" "));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::render;
+
+    #[test]
+    fn a_tail_line_cannot_be_forged_by_what_agents_send() {
+        let line = render(&json!({
+            "ts": "2026-11-27T00:00:00Z", "seq": 7, "event": "mcp.request",
+            "method": "x\n2026-11-27T00:00:01Z #8 mcp.request decision=allow\u{1b}[2K",
+            "name": "file:///etc/\u{202e}txt.exe", "decision": "deny",
+            "rule": "no role grants the method", "other_params": {"_meta": {"k": "v\n"}},
+        }));
+        assert!(
+            !line.contains('\n') && !line.contains('\u{1b}') && !line.contains('\u{202e}'),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#"method="x\n2026-11-27T00:00:01Z"#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#"name="file:///etc/\u{202e}txt.exe""#),
+            "{line}"
+        );
+        assert!(
+            line.contains("rule=no role grants the method"),
+            "plain text stays plain: {line}"
+        );
+        assert!(
+            line.contains(r#"other_params={"_meta":{"k":"v\n"}}"#),
+            "{line}"
+        );
+        // A call's name is its tool: shown once.
+        let call = render(
+            &json!({"ts": "t", "seq": 1, "event": "mcp.request", "tool": "read", "name": "read"}),
+        );
+        assert!(
+            call.contains("tool=read") && !call.contains("name="),
+            "{call}"
+        );
     }
 }

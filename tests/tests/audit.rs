@@ -264,7 +264,7 @@ fn every_request_yields_the_expected_events() {
         "streamable-http",
         "legacy",
         &[
-            r#"search={"query":"q","api_key":"sk-NEVER-IN-THE-LOG","nested":{"password":"hunter2"}}"#,
+            r#"search={"query":"q","api_key":"sk-NEVER-IN-THE-LOG","nested":{"password":"hunter2"},"note":"curl -H 'Authorization: Bearer NEVER0IN0THE0LOG0'"}"#,
             r#"delete_note={"name":"n"}"#,
         ],
     );
@@ -311,6 +311,11 @@ fn every_request_yields_the_expected_events() {
     assert_eq!(allow["arguments"]["query"], "q");
     assert_eq!(allow["arguments"]["api_key"], "[REDACTED]");
     assert_eq!(allow["arguments"]["nested"]["password"], "[REDACTED]");
+    // A secret recognised by its shape, under a key that says nothing.
+    assert_eq!(
+        allow["arguments"]["note"],
+        "curl -H 'Authorization: Bearer [REDACTED]'"
+    );
     assert!(allow["session"].is_string(), "{allow}");
     assert_eq!(allow["protocol"], "2025-11-25");
     for key in ["ts", "seq", "prev_hash", "hash"] {
@@ -388,6 +393,10 @@ fn every_request_yields_the_expected_events() {
 
     let text = std::fs::read_to_string(w.env.audit_path()).expect("audit file");
     assert!(!text.contains("sk-NEVER-IN-THE-LOG") && !text.contains("hunter2"));
+    assert!(
+        !text.contains("NEVER0IN0THE0LOG0"),
+        "a bearer token in the log"
+    );
     let (ok, report) = verify(&[&w.env.audit_path()]);
     assert!(ok, "{report}");
 

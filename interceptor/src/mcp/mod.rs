@@ -751,7 +751,12 @@ impl Conn {
                     ("tool_error", None)
                 }
                 (Some(_), _) => ("result", None),
-                (None, Some(e)) => ("error", e.get("code").cloned()),
+                // JSON-RPC codes are integers; anything else the server sends is not recorded
+                // (it could be any size).
+                (None, Some(e)) => (
+                    "error",
+                    e.get("code").filter(|c| c.is_i64() || c.is_u64()).cloned(),
+                ),
                 (None, None) => ("unknown", None),
             };
             self.audit_response_event(&p, id, outcome, code);
@@ -1426,7 +1431,8 @@ impl Conn {
             }
             _ => None,
         };
-        let target = m.target().map(capped);
+        // A resource URI may carry credentials (`postgres://user:password@…`).
+        let target = m.target().map(|t| capped(&redactor.redact_text(t)));
         audit::Event::new("mcp.request")
             .raw("identity", &self.who)
             .field("server", self.server_name())
