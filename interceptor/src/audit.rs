@@ -78,7 +78,7 @@ pub struct RawAudit {
     pub durability: Durability,
     /// Rotate when the file would grow past this many bytes.
     pub max_file_bytes: u64,
-    /// Argument keys containing any of these (case-insensitive) are written as "[REDACTED]".
+    /// Argument keys containing any of these (case-insensitive) are written as `"[REDACTED]"`.
     pub redact_keys: Vec<String>,
     /// Arguments longer than this (serialised, after redaction) are shortened, within a
     /// marker with their length and SHA-256.
@@ -210,7 +210,7 @@ pub fn event(name: &str, fields: Value) -> Event {
 }
 
 /// Argument redaction: values of secret-looking keys at any depth become `"[REDACTED]"`, as do
-/// secrets recognised by their shape inside any string (see [`VALUE_RULES`]); arguments longer
+/// secrets recognised by their shape inside any string (see `VALUE_RULES`); arguments longer
 /// than `max_argument_bytes` (after redaction) are shortened so that every key stays visible
 /// as long as possible (see [`Redactor::redact`]).
 #[derive(Debug, Clone)]

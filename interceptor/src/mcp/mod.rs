@@ -45,7 +45,7 @@ pub use self::session::{BoundSessions, Sessions, Streams};
 use self::{
     headers::{check_charset, check_framing, check_mcp_headers, check_value_shapes, skip_header},
     jsonrpc::{Message, RpcError, code},
-    session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, session_key},
+    session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, request_names, session_key},
 };
 use crate::{
     audit,
@@ -1015,6 +1015,18 @@ impl Conn {
             &self.session_owner(),
         ) {
             SessionUse::Own | SessionUse::Unbound => None,
+            // Its owner was forgotten for room (closed, so it cannot be taken over): an
+            // expired session, which clients answer by starting a new one.
+            SessionUse::Forgotten => {
+                self.rejected();
+                info!("request refused: the Mcp-Session-Id was forgotten for room");
+                Some(error_response(
+                    StatusCode::NOT_FOUND,
+                    code::INVALID_REQUEST,
+                    "session expired at the interceptor (idle longest when room was needed); \
+                     start a new session",
+                ))
+            }
             SessionUse::Foreign => {
                 self.rejected();
                 warn!("request refused: the Mcp-Session-Id belongs to another identity");
@@ -1128,12 +1140,14 @@ impl Conn {
                 return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
             }
         };
-        let (legacy, names_live) = {
+        let (legacy, any_live) = {
             let sessions = lock(&self.daemon.sessions);
-            let legacy = sessions.get(&key).cloned();
-            let names_live = legacy.is_none() && sessions.names_live_session(&key, pq);
-            (legacy, names_live)
+            (sessions.get(&key).cloned(), sessions.any_live())
         };
+        // What the request names is built unlocked (a query may hold thousands of pairs).
+        let names_live = legacy.is_none()
+            && any_live
+            && lock(&self.daemon.sessions).names_any(&request_names(&key, pq));
         if names_live {
             self.rejected();
             warn!(path = %parts.uri.path(), "request refused: names a live legacy SSE session, but not by its URL");
@@ -1171,7 +1185,8 @@ impl Conn {
             self.record_refused(
                 &parts.headers,
                 &body,
-                "the session belongs to another identity (or its id is repeated)",
+                "the session belongs to another identity, was forgotten for room, or its id is \
+                 repeated",
             );
             return refused;
         }

@@ -3,7 +3,7 @@
 //! stream (for `notifications/tools/list_changed` after a policy reload).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -19,7 +19,7 @@ use crate::bpf::lock;
 pub const INJECT_QUEUE: usize = 64;
 
 /// Who opened a legacy session; only the same identity may post into it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
@@ -44,7 +44,7 @@ pub struct LegacySession {
 /// Live legacy sessions, keyed by [`session_key`].
 pub type Sessions = Mutex<LegacySessions>;
 
-/// Live legacy sessions, and what names them (see [`LegacySessions::names_live_session`]): a
+/// Live legacy sessions, and what names them (see [`request_names`]): a
 /// URL that is not a session's key but reaches its session anyway would otherwise skip the
 /// owner check.
 #[derive(Default)]
@@ -121,8 +121,8 @@ fn id_params(query: &str) -> (Vec<(String, String)>, bool) {
     }
 }
 
-/// What names the session of `key`, reached at `path_and_query` (see
-/// [`LegacySessions::names`]).
+/// What names the session of `key`, reached at `path_and_query` (compared with a request's
+/// [`request_names`]).
 fn names_of(key: &str, path_and_query: &str) -> Vec<String> {
     let server = key.split_once(' ').map_or("", |(s, _)| s);
     let (path, query) = path_and_query
@@ -146,37 +146,41 @@ fn names_of(key: &str, path_and_query: &str) -> Vec<String> {
     names
 }
 
+/// What a request to `key` (at the raw `path_and_query`) names, compared with what live
+/// sessions are named by: its path, each query parameter's name and each query value, as
+/// lenient servers read them. Servers route more than one path to their message handler (the
+/// Python SDK's `/messages/` mount takes any path below it; Express and ASP.NET Core ignore
+/// case) and read the id leniently (`/messages/x?session_id=uuid:<A>` reaches the session
+/// `/messages/?session_id=<A>` in the Python SDK): a request naming a live session must name
+/// it exactly. Built before the session table is locked (a query may hold thousands of pairs).
+pub fn request_names(key: &str, path_and_query: &str) -> Vec<String> {
+    let server = key.split_once(' ').map_or("", |(s, _)| s);
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut names = vec![format!("{server} path {}", loose_path(&path))];
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        names.push(format!("{server} name {}", loose_name(&name)));
+        names.push(format!("{server} value {}", loose_value(&value)));
+    }
+    names
+}
+
 impl LegacySessions {
     pub fn get(&self, key: &str) -> Option<&Arc<LegacySession>> {
         self.live.get(key).map(|(session, _)| session)
     }
 
-    /// Whether a request to `key` (at the raw `path_and_query`), not a live session's key
-    /// itself, could reach a live session anyway: its path, a query parameter's name or a
-    /// query value is one a live session is named by, as lenient servers read them. Servers
-    /// route more than one path to their message handler (the Python SDK's `/messages/` mount
-    /// takes any path below it; Express and ASP.NET Core ignore case) and read the id
-    /// leniently (`/messages/x?session_id=uuid:<A>` reaches the session
-    /// `/messages/?session_id=<A>` in the Python SDK). Such a request must name a live
-    /// session exactly.
-    pub fn names_live_session(&self, key: &str, path_and_query: &str) -> bool {
-        if self.names.is_empty() {
-            return false;
-        }
-        let server = key.split_once(' ').map_or("", |(s, _)| s);
-        let (path, query) = path_and_query
-            .split_once('?')
-            .unwrap_or((path_and_query, ""));
-        let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-        self.names
-            .contains_key(&format!("{server} path {}", loose_path(&path)))
-            || form_urlencoded::parse(query.as_bytes()).any(|(name, value)| {
-                self.names
-                    .contains_key(&format!("{server} name {}", loose_name(&name)))
-                    || self
-                        .names
-                        .contains_key(&format!("{server} value {}", loose_value(&value)))
-            })
+    /// Whether any session is live (then requests are looked up by [`Self::names_any`]).
+    pub fn any_live(&self) -> bool {
+        !self.names.is_empty()
+    }
+
+    /// Whether a request with these [`request_names`] (not a live session's key itself)
+    /// could reach a live session anyway.
+    pub fn names_any(&self, names: &[String]) -> bool {
+        names.iter().any(|n| self.names.contains_key(n))
     }
 
     /// Registers `session` under `key`, reached at `path_and_query` (its endpoint).
@@ -255,13 +259,26 @@ const MAX_SESSIONS_PER_OWNER: usize = 4;
 /// gid, cgroup), so that another identity that learns a session id cannot attach to its
 /// stream, answer its server's requests or end it. The upstream is the authority on which
 /// sessions exist: a session is bound when an answer of the upstream names it (the answer to
-/// `initialize`), and one the daemon has not seen (opened before it started, or forgotten) is
-/// bound to the first identity whose request with it the upstream accepts. It is forgotten
-/// when it is ended (`DELETE`). Keyed by a digest of server and id (ids are the server's, of
-/// any length).
+/// `initialize`), and one the daemon has not seen (opened before it started) is bound to the
+/// first identity whose request with it the upstream accepts. It is forgotten when it is ended
+/// (`DELETE`). Beyond the caps, the sessions idle longest are forgotten *closed*: their ids
+/// are remembered (up to as many again) as no one's, answered 404 — the owner's client starts
+/// a new session, as the specification has it for an expired one — so that a forgotten
+/// session cannot be taken over as one never seen. Keyed by a digest of server and id (ids are
+/// the server's, of any length).
 #[derive(Default)]
 pub struct BoundSessions {
-    map: Mutex<HashMap<[u8; 32], (Owner, std::time::Instant)>>,
+    inner: Mutex<Bound>,
+}
+
+#[derive(Default)]
+struct Bound {
+    map: HashMap<[u8; 32], (Owner, std::time::Instant)>,
+    /// Sessions bound per owner (the per-owner cap, without counting the map).
+    per_owner: HashMap<Owner, usize>,
+    /// Sessions forgotten for room, oldest first (and as a set): no one's.
+    forgotten: VecDeque<[u8; 32]>,
+    forgotten_set: HashSet<[u8; 32]>,
 }
 
 /// What [`BoundSessions::check`] found.
@@ -273,6 +290,8 @@ pub enum SessionUse {
     Foreign,
     /// Not bound (yet): bound to the caller once the upstream accepts the request.
     Unbound,
+    /// Forgotten for room: no one's any more (answered as an expired session).
+    Forgotten,
 }
 
 fn session_digest(scope: usize, session: &[u8]) -> [u8; 32] {
@@ -283,21 +302,49 @@ fn session_digest(scope: usize, session: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Forgets the eighth of `entries` idle longest (amortised: not a scan per new session).
-fn forget_oldest(
-    map: &mut HashMap<[u8; 32], (Owner, std::time::Instant)>,
-    of: Option<&Owner>,
-    entries: usize,
-) {
-    let mine = |o: &Owner| of.is_none_or(|of| of == o);
-    let mut ages: Vec<std::time::Instant> = map
-        .values()
-        .filter(|(o, _)| mine(o))
-        .map(|(_, t)| *t)
-        .collect();
-    ages.sort_unstable();
-    if let Some(&cut) = ages.get(entries / 8) {
-        map.retain(|_, (o, t)| !mine(o) || *t > cut);
+impl Bound {
+    /// Forgets the eighth of the sessions of `of` (all owners' with `None`) idle longest,
+    /// closed (amortised: not a scan per new session).
+    fn forget_oldest(&mut self, of: Option<&Owner>, entries: usize) {
+        let mine = |o: &Owner| of.is_none_or(|of| of == o);
+        let mut ages: Vec<std::time::Instant> = self
+            .map
+            .values()
+            .filter(|(o, _)| mine(o))
+            .map(|(_, t)| *t)
+            .collect();
+        ages.sort_unstable();
+        let Some(&cut) = ages.get(entries / 8) else {
+            return;
+        };
+        let gone: Vec<[u8; 32]> = self
+            .map
+            .iter()
+            .filter(|(_, (o, t))| mine(o) && *t <= cut)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            self.remove(&key);
+            if self.forgotten.len() >= MAX_BOUND_SESSIONS
+                && let Some(oldest) = self.forgotten.pop_front()
+            {
+                self.forgotten_set.remove(&oldest);
+            }
+            if self.forgotten_set.insert(key) {
+                self.forgotten.push_back(key);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &[u8; 32]) {
+        if let Some((owner, _)) = self.map.remove(key)
+            && let Some(n) = self.per_owner.get_mut(&owner)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&owner);
+            }
+        }
     }
 }
 
@@ -305,49 +352,70 @@ impl BoundSessions {
     /// Whose `session` is, seen from `owner`.
     pub fn check(&self, scope: usize, session: &[u8], owner: &Owner) -> SessionUse {
         let key = session_digest(scope, session);
-        match lock(&self.map).get_mut(&key) {
+        let mut b = lock(&self.inner);
+        let Bound {
+            map, forgotten_set, ..
+        } = &mut *b;
+        match map.get_mut(&key) {
             Some((bound, _)) if bound != owner => SessionUse::Foreign,
             Some((_, used)) => {
                 *used = std::time::Instant::now();
                 SessionUse::Own
             }
+            None if forgotten_set.contains(&key) => SessionUse::Forgotten,
             None => SessionUse::Unbound,
         }
     }
 
     /// Binds `session` to `owner` after the upstream accepted a request of `owner` with it, or
     /// named it in an answer to `owner`. `named`: the upstream named it (authoritative: a
-    /// binding made before is replaced); else it is bound only if it is not already.
+    /// binding made before is replaced); else it is bound only if it is not already (nor
+    /// forgotten).
     pub fn bind(&self, scope: usize, session: &[u8], owner: &Owner, named: bool) {
         let key = session_digest(scope, session);
         let now = std::time::Instant::now();
-        let mut map = lock(&self.map);
-        if let Some((bound, used)) = map.get_mut(&key) {
+        let mut b = lock(&self.inner);
+        if let Some((bound, _)) = b.map.get(&key) {
             if named || bound == owner {
-                *bound = owner.clone();
-                *used = now;
+                b.remove(&key);
+                b.insert(key, owner, now);
             }
             return;
         }
-        let own = map.values().filter(|(o, _)| o == owner).count();
+        if b.forgotten_set.contains(&key) {
+            if !named {
+                return;
+            }
+            // The upstream named it again, to this owner.
+            b.forgotten_set.remove(&key);
+            b.forgotten.retain(|k| *k != key);
+        }
+        let own = b.per_owner.get(owner).copied().unwrap_or(0);
         if own >= MAX_SESSIONS_PER_OWNER {
-            forget_oldest(&mut map, Some(owner), own);
+            b.forget_oldest(Some(owner), own);
         }
-        if map.len() >= MAX_BOUND_SESSIONS {
-            let all = map.len();
-            forget_oldest(&mut map, None, all);
+        if b.map.len() >= MAX_BOUND_SESSIONS {
+            let all = b.map.len();
+            b.forget_oldest(None, all);
         }
-        map.insert(key, (owner.clone(), now));
+        b.insert(key, owner, now);
     }
 
     /// Forgets `session` (ended).
     pub fn end(&self, scope: usize, session: &[u8]) {
-        lock(&self.map).remove(&session_digest(scope, session));
+        lock(&self.inner).remove(&session_digest(scope, session));
     }
 
     /// Sessions bound now.
     pub fn count(&self) -> usize {
-        lock(&self.map).len()
+        lock(&self.inner).map.len()
+    }
+}
+
+impl Bound {
+    fn insert(&mut self, key: [u8; 32], owner: &Owner, now: std::time::Instant) {
+        self.map.insert(key, (owner.clone(), now));
+        *self.per_owner.entry(owner.clone()).or_default() += 1;
     }
 }
 
@@ -396,7 +464,7 @@ mod tests {
         let mut live = LegacySessions::default();
         live.insert(key.clone(), &endpoint, session.clone());
         let names = |live: &LegacySessions, pq: &str| {
-            live.names_live_session(&session_key(0, pq).unwrap(), pq)
+            live.names_any(&request_names(&session_key(0, pq).unwrap(), pq))
         };
         let upper = id.to_uppercase();
         let trimmed = id.trim_start_matches('0');
@@ -423,7 +491,7 @@ mod tests {
         }
         // Another server's requests are not this session's business.
         let pq = format!("/messages/?session_id={id}");
-        assert!(!live.names_live_session(&session_key(1, &pq).unwrap(), &pq));
+        assert!(!live.names_any(&request_names(&session_key(1, &pq).unwrap(), &pq)));
         live.remove(&key, &session);
         assert!(!names(&live, &format!("/messages/?session_id={id}&x=1")));
         assert!(live.names.is_empty());
@@ -483,11 +551,42 @@ mod tests {
         s.bind(0, b"new", &owner(99), true);
         assert!(s.count() <= MAX_BOUND_SESSIONS);
         assert_eq!(s.check(0, b"s0", &owner(1)), SessionUse::Foreign);
-        assert_eq!(
-            s.check(0, b"s1", &owner(2)),
-            SessionUse::Unbound,
-            "s1 was forgotten"
-        );
+        // s1 was forgotten, closed: no one's, its owner's included (its client starts anew),
+        // and another identity's request cannot bind it as a session never seen.
+        assert_eq!(s.check(0, b"s1", &owner(2)), SessionUse::Forgotten);
+        assert_eq!(s.check(0, b"s1", &owner(1)), SessionUse::Forgotten);
+        s.bind(0, b"s1", &owner(2), false);
+        assert_eq!(s.check(0, b"s1", &owner(2)), SessionUse::Forgotten);
+        // Unless the upstream names it again (an answer to its owner's initialize).
+        s.bind(0, b"s1", &owner(1), true);
+        assert_eq!(s.check(0, b"s1", &owner(1)), SessionUse::Own);
+        assert_eq!(s.check(0, b"never-seen", &owner(2)), SessionUse::Unbound);
+    }
+
+    #[test]
+    fn per_owner_counts_follow_binds_rebinds_and_ends() {
+        let s = BoundSessions::default();
+        for i in 0..MAX_SESSIONS_PER_OWNER {
+            s.bind(0, format!("a{i}").as_bytes(), &owner(1), true);
+        }
+        // Rebinding (named to another owner) and ending move the counts: owner 1 has room
+        // for two more without forgetting any of its own.
+        s.bind(0, b"a0", &owner(2), true);
+        s.end(0, b"a1");
+        s.bind(0, b"b0", &owner(1), true);
+        s.bind(0, b"b1", &owner(1), true);
+        for i in 2..MAX_SESSIONS_PER_OWNER {
+            assert_eq!(
+                s.check(0, format!("a{i}").as_bytes(), &owner(1)),
+                SessionUse::Own,
+                "a{i}"
+            );
+        }
+        assert_eq!(s.check(0, b"a0", &owner(2)), SessionUse::Own);
+        let b = lock(&s.inner);
+        assert_eq!(b.per_owner.get(&owner(1)), Some(&MAX_SESSIONS_PER_OWNER));
+        assert_eq!(b.per_owner.get(&owner(2)), Some(&1));
+        assert_eq!(b.per_owner.values().sum::<usize>(), b.map.len());
     }
 
     #[test]
