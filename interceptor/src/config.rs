@@ -113,6 +113,20 @@ pub struct RawProxy {
     pub max_json_values: usize,
     /// Most messages accepted in a JSON-RPC batch.
     pub max_batch: usize,
+    /// How long an agent may take to send a request body once its head is read
+    /// (`"30s"`, humantime).
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: std::time::Duration,
+}
+
+/// A humantime duration (`"30s"`, `"1m 30s"`).
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration ({e}); write e.g. \"30s\""
+        ))
+    })
 }
 
 impl Default for RawProxy {
@@ -123,6 +137,7 @@ impl Default for RawProxy {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_json_values: DEFAULT_MAX_JSON_VALUES,
             max_batch: DEFAULT_MAX_BATCH,
+            body_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -647,6 +662,9 @@ impl Validator<'_> {
                 "max_body_bytes and max_response_bytes must be at least 1",
             ));
         }
+        if raw.proxy.body_timeout.is_zero() {
+            return Err(self.invalid("proxy.body_timeout", "must be more than 0s"));
+        }
         if raw.proxy.max_json_values < 16 || raw.proxy.max_batch == 0 {
             return Err(self.invalid(
                 "proxy",
@@ -1127,6 +1145,12 @@ upstream = "[::ffff:10.9.9.9]:9000"
         );
         let e = err("[audit]\nredact_keys = ['token', '-_']\n");
         assert!(e.contains("audit.redact_keys[1]"), "{e}");
+        let e = err("[proxy]\nbody_timeout = 'soon'\n");
+        assert!(e.contains("\"soon\" is not a duration"), "{e}");
+        let e = err("[proxy]\nbody_timeout = '0s'\n");
+        assert!(e.contains("proxy.body_timeout"), "{e}");
+        let e = err("[proxy]\nmax_batch = 0\n");
+        assert!(e.contains("max_batch at least 1"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ max_body_bytes = 4096
 max_json_depth = 16
 max_json_values = 300
 max_batch = 4
+body_timeout = "1s"
 "#;
 
 struct World {
@@ -118,6 +119,9 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         "i".repeat(300)
     );
     let long_session = format!("Mcp-Session-Id: {}\r\n", "s".repeat(1100));
+    // A head announcing 100 bytes, then 12 of them: the rest never comes.
+    let mut trickled = post(&[b' '; 100], "");
+    trickled.truncate(trickled.len() - 88);
     let cases: Vec<(&str, Vec<u8>, u16, i64)> = vec![
         ("duplicate key", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","name":"delete_note"}}"#, ""), 400, -32600),
         ("escaped duplicate key", post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","n\u0061me":"delete_note"}}"#, ""), 400, -32600),
@@ -145,6 +149,7 @@ fn malicious_forms_are_refused_and_never_forwarded() {
         ("an id over 256 bytes", post(long_id.as_bytes(), ""), 400, -32600),
         ("a protocol version that is not a revision", post(call("search").as_bytes(), "MCP-Protocol-Version: latest\r\n"), 400, -32600),
         ("a session id over 1 KiB", post(call("search").as_bytes(), &long_session), 400, -32600),
+        ("a body not sent within body_timeout", trickled, 408, -32600),
     ];
     for (what, request, status, code) in cases {
         let r = send_raw(PROBE, &w.dir, &addr, &request);

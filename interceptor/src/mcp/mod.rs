@@ -908,7 +908,23 @@ impl Conn {
         }
         let (parts, body) = req.into_parts();
         let limit = self.daemon.config.proxy.max_body_bytes;
-        let bytes = match Limited::new(body, limit).collect().await {
+        // Bounded in time too (HTTP/1 and HTTP/2): a body trickled in would hold its buffer
+        // and its connection slot for good.
+        let deadline = self.daemon.config.proxy.body_timeout;
+        let read = tokio::time::timeout(deadline, Limited::new(body, limit).collect());
+        let Ok(read) = read.await else {
+            self.rejected();
+            info!(http.method = %method, "request refused: body not sent in time");
+            return closing(error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                code::INVALID_REQUEST,
+                format!(
+                    "the request body did not arrive within {} (proxy.body_timeout)",
+                    humantime::format_duration(deadline)
+                ),
+            ));
+        };
+        let bytes = match read {
             Ok(c) => c.to_bytes(),
             Err(e) => {
                 self.rejected();
