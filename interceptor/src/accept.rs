@@ -435,12 +435,19 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
         _pad: 0,
     };
     let Some(record) = daemon.kernel.take_conn(&key) else {
-        counters.no_record.fetch_add(1, Ordering::Relaxed);
-        warn!(
-            client.addr = %peer,
-            "no kernel record for this connection; closing it. Only connections the kernel \
-             redirected are served (a direct connection to the proxy port has no identity)"
-        );
+        let closed = counters.no_record.fetch_add(1, Ordering::Relaxed) + 1;
+        // At most once a second, as over-limit refusals: a client dialling the proxy port in
+        // a loop cannot flood the log.
+        let now = crate::ca::unix_now();
+        if counters.no_record_logged.swap(now, Ordering::Relaxed) != now {
+            warn!(
+                client.addr = %peer,
+                closed_so_far = closed,
+                "no kernel record for this connection; closing it. Only connections the kernel \
+                 redirected are served (a direct connection to the proxy port has no identity; \
+                 logged at most once a second, closed_so_far counts all)"
+            );
+        }
         return Opened::Closed;
     };
     let Some(admission) = Admission::new(daemon, record.cgroup_id) else {

@@ -85,6 +85,8 @@ pub struct Counters {
     pub over_limit: AtomicU64,
     /// When (Unix seconds) a refusal over the limit was last logged.
     pub over_limit_logged: AtomicU64,
+    /// When a connection without a kernel record was last logged (unix seconds).
+    pub no_record_logged: AtomicU64,
     /// Refused connections being answered (see `accept::refuse_over_limit`).
     pub lingering: AtomicU64,
     /// Connections currently being relayed.
