@@ -299,6 +299,31 @@ cgroup = "{root}/**"
         last["x_forwarded_for"].is_null() && last["forwarded"].is_null(),
         "{last}"
     );
+    // A server that quotes the injected credential back (an error page naming the key it
+    // refused) does not hand it to the agent: neither in a header nor in the body.
+    let echo = format!(
+        "POST /echo-key HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let echoed = send_raw(PROBE, &env.dir(&readers), &intercept(p_ok), echo.as_bytes());
+    assert_eq!(
+        echoed.reply.as_deref(),
+        Some("invalid key [REDACTED]"),
+        "{echoed:?}"
+    );
+    assert_eq!(
+        echoed.header("x-rejected-key"),
+        Some("[REDACTED]"),
+        "{echoed:?}"
+    );
+    assert!(
+        !echoed
+            .head
+            .as_deref()
+            .unwrap_or("")
+            .contains("upstream-secret"),
+        "{echoed:?}"
+    );
     // A body declared in another charset (the TypeScript SDK would decode UTF-7, and so read
     // other JSON than the proxy judged) is refused, and nothing reaches the server.
     let before = json_lines(&seen_file).len();

@@ -80,6 +80,75 @@ const MAX_AUDIT_NAME: usize = 1024;
 const MAX_H2_STREAMS: u32 = 16;
 
 /// `s` cut to [`MAX_AUDIT_NAME`] bytes (on a character boundary), marked when cut.
+/// Credentials the proxy injected into a request (`inject_headers`), kept out of the answer
+/// the agent gets: an upstream that echoes the header it was sent (an error page quoting the
+/// token it refused, a debug endpoint) would otherwise hand the agent the secret it must
+/// never hold. Exact occurrences in headers, bodies and SSE events become `[REDACTED]`.
+#[derive(Default)]
+pub struct Secrets(Vec<Arc<str>>);
+
+/// Shortest credential scrubbed from answers (shorter text occurs by chance).
+const SHORTEST_SCRUBBED: usize = 8;
+
+impl Secrets {
+    fn add(&mut self, secret: Arc<str>) {
+        if secret.len() >= SHORTEST_SCRUBBED {
+            self.0.push(secret);
+        }
+    }
+
+    /// `bytes` with every occurrence of a secret replaced (the same bytes when none occurs).
+    fn scrub(&self, bytes: Bytes) -> Bytes {
+        let mut out: Option<Vec<u8>> = None;
+        for secret in &self.0 {
+            let text = out.as_deref().unwrap_or(&bytes);
+            if memchr::memmem::find(text, secret.as_bytes()).is_none() {
+                continue;
+            }
+            let mut replaced = Vec::with_capacity(text.len());
+            let mut at = 0;
+            for hit in memchr::memmem::find_iter(text, secret.as_bytes()) {
+                replaced.extend_from_slice(&text[at..hit]);
+                replaced.extend_from_slice(b"[REDACTED]");
+                at = hit + secret.len();
+            }
+            replaced.extend_from_slice(&text[at..]);
+            out = Some(replaced);
+        }
+        out.map_or(bytes, Bytes::from)
+    }
+
+    fn scrub_headers(&self, headers: &mut http::HeaderMap) {
+        if self.0.is_empty() {
+            return;
+        }
+        for value in headers.values_mut() {
+            let scrubbed = self.scrub(Bytes::copy_from_slice(value.as_bytes()));
+            if scrubbed != value.as_bytes()
+                && let Ok(v) = HeaderValue::from_maybe_shared(scrubbed)
+            {
+                *value = v;
+            }
+        }
+    }
+
+    fn scrub_event(&self, e: sse::Event) -> sse::Event {
+        if self.0.is_empty() {
+            return e;
+        }
+        let raw = self.scrub(e.raw.clone());
+        if raw == e.raw {
+            return e;
+        }
+        let data = self.scrub(Bytes::from(e.data.clone().into_bytes()));
+        sse::Event {
+            raw,
+            data: String::from_utf8_lossy(&data).into_owned(),
+            ..e
+        }
+    }
+}
+
 fn capped(s: &str) -> String {
     if s.len() <= MAX_AUDIT_NAME {
         return s.to_owned();
@@ -1666,9 +1735,14 @@ impl Conn {
             // What is forwarded is the canonical UTF-8 JSON the proxy judged.
             builder = builder.header(header::CONTENT_TYPE, "application/json");
         }
+        // The injected credentials, to keep out of what goes back to the agent.
+        let mut secrets = Secrets::default();
         for (name, inject) in &server.inject_headers {
             match self.daemon.upstreams[self.server_id].credential(&inject.file) {
-                Ok(v) => builder = builder.header(name.as_str(), format!("{}{v}", inject.prefix)),
+                Ok(v) => {
+                    builder = builder.header(name.as_str(), format!("{}{v}", inject.prefix));
+                    secrets.add(v);
+                }
                 Err(e) => {
                     warn!(server.name = %server.name, file = %inject.file.display(), error = %e, "credential file unreadable");
                     return self.upstream_failed(
@@ -1785,7 +1859,7 @@ impl Conn {
                 (None, None) => {}
             }
         }
-        self.respond(response, get_target, listen || from_get, pending)
+        self.respond(response, get_target, listen || from_get, pending, secrets)
             .await
     }
 
@@ -1797,8 +1871,10 @@ impl Conn {
         get_target: Option<String>,
         server_stream: bool,
         mut pending: Awaiting,
+        secrets: Secrets,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
+        secrets.scrub_headers(&mut parts.headers);
         if encoded(&parts.headers) {
             warn!("upstream answered with a content encoding the proxy cannot inspect");
             return self.upstream_failed(
@@ -1813,9 +1889,13 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/event-stream"));
         if sse {
-            let body = self
-                .clone()
-                .sse_stream(body, get_target.as_deref(), server_stream, pending);
+            let body = self.clone().sse_stream(
+                body,
+                get_target.as_deref(),
+                server_stream,
+                pending,
+                secrets,
+            );
             return Response::from_parts(parts, body);
         }
         let limit = self.daemon.config.proxy.max_response_bytes;
@@ -1829,6 +1909,7 @@ impl Conn {
                 );
             }
         };
+        let bytes = secrets.scrub(bytes);
         // Whatever its content type says, a body that parses as JSON is filtered: a lenient
         // client would read it as JSON too (also behind a UTF-8 BOM, which Python's json
         // skips; such a body goes out re-serialised, without it).
@@ -1885,6 +1966,7 @@ impl Conn {
         get_target: Option<&str>,
         server_stream: bool,
         pending: Awaiting,
+        secrets: Secrets,
     ) -> ProxyBody {
         let from_get = get_target.is_some();
         let (tx, rx) = mpsc::channel(INJECT_QUEUE);
@@ -1904,6 +1986,7 @@ impl Conn {
             session: None,
             done: false,
             ended: "cancelled",
+            secrets,
         };
         let s = stream::unfold(state, |mut st| async move {
             loop {
@@ -1995,10 +2078,13 @@ struct SseState {
     /// the stream ends: `no_response` if the upstream ended it, `upstream_error`, `revoked`,
     /// or `cancelled` if the agent went away first.
     ended: &'static str,
+    /// The credentials injected into the request this stream answers.
+    secrets: Secrets,
 }
 
 impl SseState {
     fn event(&mut self, e: sse::Event) -> Bytes {
+        let e = self.secrets.scrub_event(e);
         if self.from_get && e.event == "endpoint" && self.session.is_none() {
             self.register(&e.data);
             return e.raw;
@@ -2160,6 +2246,43 @@ mod tests {
         ] {
             assert_eq!(endpoint_target(get, endpoint), target, "{get} {endpoint}");
         }
+    }
+
+    #[test]
+    fn injected_credentials_are_scrubbed_from_answers() {
+        let mut secrets = Secrets::default();
+        secrets.add(Arc::from("tok-12345678"));
+        secrets.add(Arc::from("short"));
+        let body = Bytes::from_static(b"bad tok-12345678, again tok-12345678; short stays");
+        assert_eq!(
+            secrets.scrub(body),
+            Bytes::from_static(b"bad [REDACTED], again [REDACTED]; short stays")
+        );
+        let clean = Bytes::from_static(b"nothing here");
+        assert_eq!(
+            secrets.scrub(clean.clone()).as_ptr(),
+            clean.as_ptr(),
+            "not copied"
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "www-authenticate",
+            HeaderValue::from_static("Bearer tok-12345678"),
+        );
+        secrets.scrub_headers(&mut headers);
+        assert_eq!(headers["www-authenticate"], "Bearer [REDACTED]");
+        let event = sse::Event {
+            raw: Bytes::from_static(b"data: {\"k\":\"tok-12345678\"}\n\n"),
+            event: String::new(),
+            data: r#"{"k":"tok-12345678"}"#.into(),
+            id: None,
+        };
+        let e = secrets.scrub_event(event);
+        assert_eq!(
+            e.raw,
+            Bytes::from_static(b"data: {\"k\":\"[REDACTED]\"}\n\n")
+        );
+        assert_eq!(e.data, r#"{"k":"[REDACTED]"}"#);
     }
 
     #[test]

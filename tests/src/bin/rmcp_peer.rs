@@ -190,8 +190,24 @@ async fn server_tls(
                     {
                         let _ = writeln!(f, "{line}");
                     }
+                    // A misbehaving server: quotes the key it was sent, in a header and the body.
+                    let echo = (req.uri().path() == "/echo-key")
+                        .then(|| header("x-api-key").unwrap_or_default());
                     let mut service = service.clone();
-                    tower_service::Service::call(&mut service, req)
+                    let answer = tower_service::Service::call(&mut service, req);
+                    async move {
+                        let Some(key) = echo else {
+                            return answer.await;
+                        };
+                        let body = http_body_util::Full::new(bytes::Bytes::from(format!(
+                            "invalid key {key}"
+                        )));
+                        Ok(hyper::Response::builder()
+                            .header("content-type", "text/plain")
+                            .header("x-rejected-key", key)
+                            .body(http_body_util::BodyExt::boxed(body))
+                            .expect("response"))
+                    }
                 });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), svc)
