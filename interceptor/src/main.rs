@@ -862,10 +862,21 @@ fn render(v: &Value) -> String {
             line.push_str(&format!(" {key}={}", s(&v[key])));
         }
     }
-    // JSON text: control characters in it are escaped already.
+    // JSON text: serde_json escapes control characters below 0x20 only.
     for key in ["arguments", "other_params", "body"] {
         if !v[key].is_null() {
-            line.push_str(&format!(" {key}={}", v[key]));
+            let text = v[key].to_string();
+            let text: String = if text.chars().any(deceptive) {
+                text.chars()
+                    .map(|c| match c {
+                        c if deceptive(c) => format!("\\u{:04x}", u32::from(c)),
+                        c => c.to_string(),
+                    })
+                    .collect()
+            } else {
+                text
+            };
+            line.push_str(&format!(" {key}={text}"));
         }
     }
     line
@@ -1200,6 +1211,7 @@ mod tests {
             "method": "x\n2026-11-27T00:00:01Z #8 mcp.request decision=allow\u{1b}[2K",
             "name": "file:///etc/\u{202e}txt.exe", "decision": "deny",
             "rule": "no role grants the method", "other_params": {"_meta": {"k": "v\n"}},
+            "arguments": {"cmd": "rm -rf /\u{202e}gpj.txt\u{7f}"},
         }));
         assert!(
             !line.contains('\n') && !line.contains('\u{1b}') && !line.contains('\u{202e}'),
@@ -1221,6 +1233,11 @@ mod tests {
             line.contains(r#"other_params={"_meta":{"k":"v\n"}}"#),
             "{line}"
         );
+        assert!(
+            line.contains(r#"arguments={"cmd":"rm -rf /\u202egpj.txt\u007f"}"#),
+            "{line}"
+        );
+        assert!(!line.contains('\u{7f}'), "{line}");
         // A call's name is its tool: shown once.
         let call = render(
             &json!({"ts": "t", "seq": 1, "event": "mcp.request", "tool": "read", "name": "read"}),

@@ -252,6 +252,24 @@ impl Default for Limits {
 /// pending answers (a legacy SSE session keeps thousands).
 pub const MAX_ID_BYTES: usize = 256;
 
+/// A JSON value read as strictly as a request, with at most `max_values` values (object keys
+/// included) and the default depth: for JSON text inside what agents send (the audit log
+/// redacts it as JSON). `None` when it is not such JSON.
+pub fn parse_value(text: &str, max_values: usize) -> Option<Value> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let left = Cell::new(max_values);
+    let value = Strict {
+        depth: 0,
+        max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
+        left: &left,
+        max_values,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    de.end().ok()?;
+    Some(value)
+}
+
 /// Parses an agent's request body strictly.
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Body, RpcError> {
     let text = std::str::from_utf8(bytes)
@@ -880,6 +898,14 @@ mod tests {
         let e = err(br#"{"jsonrpc":"2.0","id":{"api_key":"sk-secret"},"method":"ping"}"#);
         assert!(!e.message.contains("sk-secret"), "{e}");
         assert!(e.message.contains("not an object"), "{e}");
+    }
+
+    #[test]
+    fn json_inside_a_string_is_read_within_its_own_bound() {
+        assert_eq!(parse_value(r#"{"a":[1,2]}"#, 5), Some(json!({"a": [1, 2]})));
+        assert_eq!(parse_value(r#"{"a":[1,2,3]}"#, 5), None, "6 values");
+        assert_eq!(parse_value(r#"{"a":1,"a":2}"#, 100), None, "duplicate key");
+        assert_eq!(parse_value("{} x", 100), None, "trailing text");
     }
 
     #[test]
