@@ -3,7 +3,7 @@
 //! stream (for `notifications/tools/list_changed` after a policy reload).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -262,9 +262,10 @@ const MAX_SESSIONS_PER_OWNER: usize = 4;
 /// `initialize`), and one the daemon has not seen (opened before it started) is bound to the
 /// first identity whose request with it the upstream accepts. It is forgotten when it is ended
 /// (`DELETE`). Beyond the caps, the sessions idle longest are forgotten *closed*: their ids
-/// are remembered (up to as many again) as no one's, answered 404 — the owner's client starts
-/// a new session, as the specification has it for an expired one — so that a forgotten
-/// session cannot be taken over as one never seen. Keyed by a digest of server and id (ids are
+/// are remembered as no one's (up to as many again per identity and in all; an identity's
+/// own churn ages out only its own), answered 404 — the owner's client starts a new session,
+/// as the specification has it for an expired one — so that a forgotten session cannot be
+/// taken over as one never seen. Keyed by a digest of server and id (ids are
 /// the server's, of any length).
 #[derive(Default)]
 pub struct BoundSessions {
@@ -276,9 +277,12 @@ struct Bound {
     map: HashMap<[u8; 32], (Owner, std::time::Instant)>,
     /// Sessions bound per owner (the per-owner cap, without counting the map).
     per_owner: HashMap<Owner, usize>,
-    /// Sessions forgotten for room, oldest first (and as a set): no one's.
-    forgotten: VecDeque<[u8; 32]>,
-    forgotten_set: HashSet<[u8; 32]>,
+    /// Sessions forgotten for room: no one's now; by whose they were.
+    forgotten: HashMap<[u8; 32], Owner>,
+    /// The same per owner, oldest first: an identity's own churn ages out only its own
+    /// (one identity opening sessions in a loop must not age out another's, which could then
+    /// be taken over as never seen).
+    forgotten_of: HashMap<Owner, VecDeque<[u8; 32]>>,
 }
 
 /// What [`BoundSessions::check`] found.
@@ -324,14 +328,43 @@ impl Bound {
             .map(|(k, _)| *k)
             .collect();
         for key in gone {
-            self.remove(&key);
-            if self.forgotten.len() >= MAX_BOUND_SESSIONS
-                && let Some(oldest) = self.forgotten.pop_front()
-            {
-                self.forgotten_set.remove(&oldest);
+            if let Some((owner, _)) = self.map.get(&key).cloned() {
+                self.remove(&key);
+                self.tombstone(key, owner);
             }
-            if self.forgotten_set.insert(key) {
-                self.forgotten.push_back(key);
+        }
+    }
+
+    /// Remembers `key`, forgotten, as no one's; `owner`'s oldest such beyond its cap go, and
+    /// beyond the total, the oldest of whoever has most.
+    fn tombstone(&mut self, key: [u8; 32], owner: Owner) {
+        let queue = self.forgotten_of.entry(owner.clone()).or_default();
+        queue.push_back(key);
+        let mut gone = Vec::new();
+        if queue.len() > MAX_SESSIONS_PER_OWNER {
+            gone.extend(queue.pop_front());
+        }
+        self.forgotten.insert(key, owner);
+        if self.forgotten.len() > MAX_BOUND_SESSIONS
+            && let Some(queue) = self.forgotten_of.values_mut().max_by_key(|q| q.len())
+        {
+            let n = queue.len().div_ceil(8);
+            gone.extend(queue.drain(..n));
+        }
+        for key in gone {
+            self.forgotten.remove(&key);
+        }
+        self.forgotten_of.retain(|_, q| !q.is_empty());
+    }
+
+    /// `key` is someone's again (the upstream named it): no longer a tombstone.
+    fn revive(&mut self, key: &[u8; 32]) {
+        if let Some(owner) = self.forgotten.remove(key)
+            && let Some(queue) = self.forgotten_of.get_mut(&owner)
+        {
+            queue.retain(|k| k != key);
+            if queue.is_empty() {
+                self.forgotten_of.remove(&owner);
             }
         }
     }
@@ -353,16 +386,14 @@ impl BoundSessions {
     pub fn check(&self, scope: usize, session: &[u8], owner: &Owner) -> SessionUse {
         let key = session_digest(scope, session);
         let mut b = lock(&self.inner);
-        let Bound {
-            map, forgotten_set, ..
-        } = &mut *b;
+        let Bound { map, forgotten, .. } = &mut *b;
         match map.get_mut(&key) {
             Some((bound, _)) if bound != owner => SessionUse::Foreign,
             Some((_, used)) => {
                 *used = std::time::Instant::now();
                 SessionUse::Own
             }
-            None if forgotten_set.contains(&key) => SessionUse::Forgotten,
+            None if forgotten.contains_key(&key) => SessionUse::Forgotten,
             None => SessionUse::Unbound,
         }
     }
@@ -382,13 +413,12 @@ impl BoundSessions {
             }
             return;
         }
-        if b.forgotten_set.contains(&key) {
+        if b.forgotten.contains_key(&key) {
             if !named {
                 return;
             }
             // The upstream named it again, to this owner.
-            b.forgotten_set.remove(&key);
-            b.forgotten.retain(|k| *k != key);
+            b.revive(&key);
         }
         let own = b.per_owner.get(owner).copied().unwrap_or(0);
         if own >= MAX_SESSIONS_PER_OWNER {
@@ -561,6 +591,30 @@ mod tests {
         s.bind(0, b"s1", &owner(1), true);
         assert_eq!(s.check(0, b"s1", &owner(1)), SessionUse::Own);
         assert_eq!(s.check(0, b"never-seen", &owner(2)), SessionUse::Unbound);
+    }
+
+    #[test]
+    fn one_identitys_churn_does_not_age_out_anothers_forgotten_sessions() {
+        let s = BoundSessions::default();
+        // The victim's session, forgotten for room (the victim's own churn).
+        s.bind(0, b"victim", &owner(1), true);
+        for i in 0..=MAX_SESSIONS_PER_OWNER {
+            s.bind(0, format!("v{i}").as_bytes(), &owner(1), true);
+        }
+        assert_eq!(s.check(0, b"victim", &owner(2)), SessionUse::Forgotten);
+        // Another identity opens sessions in a loop.
+        for i in 0..20 * MAX_BOUND_SESSIONS {
+            s.bind(0, format!("a{i}").as_bytes(), &owner(2), true);
+        }
+        assert_eq!(s.check(0, b"victim", &owner(2)), SessionUse::Forgotten);
+        s.bind(0, b"victim", &owner(2), false);
+        assert_eq!(s.check(0, b"victim", &owner(2)), SessionUse::Forgotten);
+        let b = lock(&s.inner);
+        assert!(b.forgotten.len() <= MAX_BOUND_SESSIONS);
+        assert_eq!(
+            b.forgotten_of.values().map(VecDeque::len).sum::<usize>(),
+            b.forgotten.len()
+        );
     }
 
     #[test]
