@@ -79,11 +79,12 @@ const MAX_AUDIT_NAME: usize = 1024;
 /// Concurrent h2c streams per agent connection (each may buffer up to `max_body_bytes`).
 const MAX_H2_STREAMS: u32 = 16;
 
-/// `s` cut to [`MAX_AUDIT_NAME`] bytes (on a character boundary), marked when cut.
 /// Credentials the proxy injected into a request (`inject_headers`), kept out of the answer
 /// the agent gets: an upstream that echoes the header it was sent (an error page quoting the
 /// token it refused, a debug endpoint) would otherwise hand the agent the secret it must
-/// never hold. Exact occurrences in headers, bodies and SSE events become `[REDACTED]`.
+/// never hold. Exact occurrences in headers, bodies and SSE events become `[REDACTED]` (also
+/// JSON-escaped with `\/` and percent-encoded). Taken when the request is sent: a stream
+/// open across a rotation of the credential file is scrubbed of the value it was sent.
 #[derive(Default)]
 pub struct Secrets(Vec<Arc<str>>);
 
@@ -91,10 +92,22 @@ pub struct Secrets(Vec<Arc<str>>);
 const SHORTEST_SCRUBBED: usize = 8;
 
 impl Secrets {
+    /// `secret`, and the forms an echo may take it in: JSON with `\/` (PHP's default) and
+    /// percent-encoded.
     fn add(&mut self, secret: Arc<str>) {
-        if secret.len() >= SHORTEST_SCRUBBED {
-            self.0.push(secret);
+        if secret.len() < SHORTEST_SCRUBBED {
+            return;
         }
+        let escaped = secret.replace('/', "\\/");
+        let encoded =
+            percent_encoding::utf8_percent_encode(&secret, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        for form in [escaped, encoded] {
+            if *form != *secret {
+                self.0.push(Arc::from(form));
+            }
+        }
+        self.0.push(secret);
     }
 
     /// `bytes` with every occurrence of a secret replaced (the same bytes when none occurs).
@@ -149,6 +162,7 @@ impl Secrets {
     }
 }
 
+/// `s` cut to [`MAX_AUDIT_NAME`] bytes (on a character boundary), marked when cut.
 fn capped(s: &str) -> String {
     if s.len() <= MAX_AUDIT_NAME {
         return s.to_owned();
@@ -2253,6 +2267,13 @@ mod tests {
         let mut secrets = Secrets::default();
         secrets.add(Arc::from("tok-12345678"));
         secrets.add(Arc::from("short"));
+        secrets.add(Arc::from("k/ey+12345"));
+        assert_eq!(
+            secrets.scrub(Bytes::from_static(
+                br#"{"e":"k\/ey+12345","q":"k%2Fey%2B12345","r":"k/ey+12345"}"#
+            )),
+            Bytes::from_static(br#"{"e":"[REDACTED]","q":"[REDACTED]","r":"[REDACTED]"}"#)
+        );
         let body = Bytes::from_static(b"bad tok-12345678, again tok-12345678; short stays");
         assert_eq!(
             secrets.scrub(body),
