@@ -88,21 +88,49 @@ const MAX_H2_STREAMS: u32 = 16;
 #[derive(Default)]
 pub struct Secrets(Vec<Arc<str>>);
 
+/// `text` with the hex digits of its `%XX` escapes in lower case.
+fn lower_hex(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut hex_left = 0;
+    for c in text.chars() {
+        if c == '%' {
+            hex_left = 2;
+            out.push(c);
+        } else if hex_left > 0 {
+            hex_left -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Shortest credential scrubbed from answers (shorter text occurs by chance).
 const SHORTEST_SCRUBBED: usize = 8;
 
 impl Secrets {
-    /// `secret`, and the forms an echo may take it in: JSON with `\/` (PHP's default) and
-    /// percent-encoded.
+    /// `secret`, and the forms an echo may take it in: JSON with `\/` (PHP's default), and
+    /// percent-encoded as encoders do it (every byte but letters and digits, or but RFC 3986's
+    /// unreserved `-._~`; upper- or lower-case hex).
     fn add(&mut self, secret: Arc<str>) {
+        const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'_')
+            .remove(b'~');
         if secret.len() < SHORTEST_SCRUBBED {
             return;
         }
-        let escaped = secret.replace('/', "\\/");
-        let encoded =
-            percent_encoding::utf8_percent_encode(&secret, percent_encoding::NON_ALPHANUMERIC)
-                .to_string();
-        for form in [escaped, encoded] {
+        let mut forms = vec![secret.replace('/', "\\/")];
+        for set in [percent_encoding::NON_ALPHANUMERIC, UNRESERVED] {
+            let upper = percent_encoding::utf8_percent_encode(&secret, set).to_string();
+            forms.push(lower_hex(&upper));
+            forms.push(upper);
+        }
+        forms.sort();
+        forms.dedup();
+        for form in forms {
             if *form != *secret {
                 self.0.push(Arc::from(form));
             }
@@ -2268,6 +2296,13 @@ mod tests {
         secrets.add(Arc::from("tok-12345678"));
         secrets.add(Arc::from("short"));
         secrets.add(Arc::from("k/ey+12345"));
+        secrets.add(Arc::from("sk-live/abc+1234"));
+        assert_eq!(
+            secrets.scrub(Bytes::from_static(
+                b"a=sk-live%2Fabc%2B1234&b=sk-live%2fabc%2b1234"
+            )),
+            Bytes::from_static(b"a=[REDACTED]&b=[REDACTED]")
+        );
         assert_eq!(
             secrets.scrub(Bytes::from_static(
                 br#"{"e":"k\/ey+12345","q":"k%2Fey%2B12345","r":"k/ey+12345"}"#

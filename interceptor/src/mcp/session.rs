@@ -336,25 +336,36 @@ impl Bound {
     }
 
     /// Remembers `key`, forgotten, as no one's; `owner`'s oldest such beyond its cap go, and
-    /// beyond the total, the oldest of whoever has most.
+    /// beyond the total, an eighth of the longest queue (`owner`'s own on a tie).
     fn tombstone(&mut self, key: [u8; 32], owner: Owner) {
         let queue = self.forgotten_of.entry(owner.clone()).or_default();
         queue.push_back(key);
-        let mut gone = Vec::new();
-        if queue.len() > MAX_SESSIONS_PER_OWNER {
-            gone.extend(queue.pop_front());
+        let aged = (queue.len() > MAX_SESSIONS_PER_OWNER)
+            .then(|| queue.pop_front())
+            .flatten();
+        let mine = queue.len();
+        self.forgotten.insert(key, owner.clone());
+        if let Some(aged) = aged {
+            self.forgotten.remove(&aged);
         }
-        self.forgotten.insert(key, owner);
-        if self.forgotten.len() > MAX_BOUND_SESSIONS
-            && let Some(queue) = self.forgotten_of.values_mut().max_by_key(|q| q.len())
-        {
+        if self.forgotten.len() <= MAX_BOUND_SESSIONS {
+            return;
+        }
+        let longest = self
+            .forgotten_of
+            .iter()
+            .filter(|(_, q)| q.len() > mine)
+            .max_by_key(|(_, q)| q.len())
+            .map_or(owner, |(o, _)| o.clone());
+        if let Some(queue) = self.forgotten_of.get_mut(&longest) {
             let n = queue.len().div_ceil(8);
-            gone.extend(queue.drain(..n));
+            for key in queue.drain(..n) {
+                self.forgotten.remove(&key);
+            }
+            if queue.is_empty() {
+                self.forgotten_of.remove(&longest);
+            }
         }
-        for key in gone {
-            self.forgotten.remove(&key);
-        }
-        self.forgotten_of.retain(|_, q| !q.is_empty());
     }
 
     /// `key` is someone's again (the upstream named it): no longer a tombstone.
