@@ -11,7 +11,9 @@
 //! 2. `connect()` to a non-MCP address: from a tagged cgroup with the programs attached vs from a
 //!    cgroup with no program.
 //! 3. First request on a fresh agent connection: warm (the workload's upstream pool is open)
-//!    and cold (a new workload: certificate minted, TLS handshake), vs direct.
+//!    and cold (a new workload: certificate minted, TLS handshake), vs direct. For reference,
+//!    the floor under cold: a new workload's first request straight to the mTLS upstream (a
+//!    certificate minted from the node CA, the handshake, the request), no proxy.
 //! 4. Daemon RSS idle and per idle agent connection (1,000 keep-alive connections).
 //! 5. Audit events/s with 16 writers, `write` and `fsync`; events per `fdatasync` and the
 //!    device's `fdatasync` time.
@@ -483,6 +485,32 @@ pub fn run(root: &Path, bin: &Path, peer: &Path, plan: Plan) -> Result<()> {
                 "hook_ratio": if no > 0.0 { 1.0 + hook_ns / no } else { 0.0 },
             });
             results["fresh"] = fresh(&plan, peer, &url, &tagged, &direct, &mut guard)?;
+            // The floor under the cold figure: the same first request of a new workload made
+            // straight to the mTLS upstream (mint, handshake, request), no proxy.
+            let floor = run_in(
+                &direct,
+                peer,
+                &[
+                    "fresh-mtls",
+                    &tls.to_string(),
+                    &pki.to_string_lossy(),
+                    &ca.to_string_lossy(),
+                    &plan.fresh_warm.to_string(),
+                ],
+            )?;
+            if floor["errors"].as_u64() != Some(0) {
+                bail!("direct mTLS first requests had errors: {floor}");
+            }
+            let direct_cold = results["fresh"]["cold"]["direct_us"]
+                .as_f64()
+                .unwrap_or(0.0);
+            let mtls = floor["p50_us"].as_f64().unwrap_or(0.0);
+            results["fresh"]["cold_floor"] = json!({
+                "direct_us": direct_cold,
+                "mtls_us": mtls,
+                "handshake_us": floor["handshake_p50_us"],
+                "added_us": mtls - direct_cold,
+            });
         }
         if let Some(mut d) = guard.0.pop() {
             let _ = nix::sys::signal::kill(
@@ -719,6 +747,17 @@ fn print_table(r: &Value) {
             format!("<= +{limit} {}", mark(add <= limit)),
         );
     }
+    let floor = &r["fresh"]["cold_floor"];
+    row(
+        "  reference: new workload, direct mTLS",
+        f(&floor["direct_us"]),
+        f(&floor["mtls_us"]),
+        format!("+{:.0}", floor["added_us"].as_f64().unwrap_or(0.0)),
+        format!(
+            "(floor of cold: mint, handshake, request; the last two {} µs)",
+            f(&floor["handshake_us"])
+        ),
+    );
     let idle = r["memory"]["idle_rss_kib"].as_f64().unwrap_or(f64::MAX);
     row(
         "daemon RSS idle KiB",

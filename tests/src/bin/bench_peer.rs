@@ -19,6 +19,11 @@
 //!   `kernel.bpf_stats_enabled` is 1).
 //! - `bench-peer fresh URL COUNT`: COUNT times: a new connection and its first request; latency
 //!   percentiles of connect + first response.
+//! - `bench-peer fresh-mtls ADDR PKI_DIR CA_DIR COUNT`: the floor of a new workload's first
+//!   request: COUNT times, a new key and certificate from the node CA in CA_DIR (as the daemon
+//!   mints them), a TLS 1.3 handshake with it to the `upstream-tls` peer at ADDR (trusting
+//!   PKI_DIR's CA, name `bench.test`), and one request; percentiles of the whole (`p50_us`)
+//!   and of the handshake and request alone (`handshake_p50_us`).
 
 use std::{
     net::SocketAddr,
@@ -168,6 +173,77 @@ fn call_request(uri: &hyper::Uri, addr: SocketAddr, id: u64) -> Request<Full<Byt
         .header("accept", "application/json, text/event-stream")
         .body(Full::new(Bytes::from(call_body(id))))
         .expect("request")
+}
+
+/// A new workload's first request straight to the mTLS upstream, without the proxy: mint,
+/// handshake, request. What any per-workload mTLS costs here.
+async fn fresh_mtls(addr: SocketAddr, pki: &str, ca: &str, count: u64) -> Value {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let ca = std::path::Path::new(ca);
+    let ca_pem = std::fs::read_to_string(ca.join("ca.pem")).expect("node CA certificate");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(ca.join("ca-key.pem")).expect("node CA key"),
+    )
+    .expect("node CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("node CA");
+    let ca_der = CertificateDer::from(pem::parse(&ca_pem).expect("CA PEM").into_contents());
+    let mut roots = rustls::RootCertStore::empty();
+    for item in interceptor_tests::pem_items(&std::path::Path::new(pki).join("upstream-ca.pem")) {
+        roots
+            .add(CertificateDer::from(item.into_contents()))
+            .expect("upstream CA");
+    }
+    let roots = Arc::new(roots);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let uri: hyper::Uri = format!("http://{addr}/mcp").parse().expect("uri");
+    let (mut whole, mut handshake) = (Vec::new(), Vec::new());
+    let mut errors = 0u64;
+    for i in 0..count {
+        let t = Instant::now();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            format!("spiffe://bench.test/workload/{i}")
+                .try_into()
+                .expect("URI SAN"),
+        ));
+        let leaf = params.signed_by(&key, &issuer).expect("leaf");
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(
+                vec![leaf.der().clone(), ca_der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("client configuration");
+        let minted = Instant::now();
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from("bench.test").expect("name");
+        let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+        else {
+            errors += 1;
+            continue;
+        };
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(conn);
+        match send.send_request(call_request(&uri, addr, i + 1)).await {
+            Ok(resp) if resp.status().is_success() => {
+                let _ = resp.into_body().collect().await;
+                whole.push(t.elapsed().as_micros() as u64);
+                handshake.push(minted.elapsed().as_micros() as u64);
+            }
+            _ => errors += 1,
+        }
+    }
+    whole.sort_unstable();
+    handshake.sort_unstable();
+    json!({"n": whole.len(), "errors": errors, "p50_us": percentile(&whole, 0.5), "handshake_p50_us": percentile(&handshake, 0.5)})
 }
 
 /// Connect + first request on fresh connections, one after another.
@@ -374,6 +450,10 @@ async fn main() {
             return;
         }
         "fresh" => fresh(&arg(1), num(2)).await,
+        "fresh-mtls" => {
+            let addr = arg(1).parse().expect("ADDR ip:port");
+            fresh_mtls(addr, &arg(2), &arg(3), num(4)).await
+        }
         _ => {
             eprintln!("usage: see the module documentation");
             std::process::exit(2);
