@@ -350,13 +350,27 @@ mod tests {
         drop(workers.handles[0].spawn(async move { on.spawn_connection(conn) }));
         assert_eq!(next(), 2);
         assert_eq!(load(&workers), [3, 3]);
+        // A worker may still be going idle after its last task, which clears its mark: marked
+        // again until the mark holds.
+        let mark = |i: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                workers.set_stalled(i);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                if workers.is_stalled(i) {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "mark {i} never held");
+            }
+        };
         // A stalled worker gets none while the other is not stalled.
-        assert!(!workers.set_stalled(0));
+        mark(0);
         assert!(workers.set_stalled(0), "marked already");
         workers.spawn_connection(hold(ran.clone()));
         assert_eq!(next(), 2);
         // Both stalled: placed by load as usual.
-        workers.set_stalled(1);
+        mark(1);
+        mark(0);
         workers.spawn_connection(hold(ran.clone()));
         assert_eq!(next(), 1);
         assert_eq!(load(&workers), [4, 4]);
