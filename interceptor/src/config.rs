@@ -113,6 +113,8 @@ pub struct RawProxy {
     pub max_json_values: usize,
     /// Most messages accepted in a JSON-RPC batch.
     pub max_batch: usize,
+    /// Most JSON values in an upstream answer or SSE event, objects counting 16.
+    pub max_response_values: usize,
     /// How long an agent may take to send a request body once its head is read
     /// (`"30s"`, humantime).
     #[serde(deserialize_with = "duration")]
@@ -137,6 +139,7 @@ impl Default for RawProxy {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_json_values: DEFAULT_MAX_JSON_VALUES,
             max_batch: DEFAULT_MAX_BATCH,
+            max_response_values: DEFAULT_MAX_RESPONSE_VALUES,
             body_timeout: std::time::Duration::from_secs(30),
         }
     }
@@ -162,6 +165,9 @@ pub const MAX_JSON_DEPTH_LIMIT: usize = 120;
 /// Default `proxy.max_json_values`: tool arguments rarely hold more than a few thousand; a
 /// body of tiny objects this large parses into ~25 MB (unbounded, 4 MiB of them: ~400 MB).
 pub const DEFAULT_MAX_JSON_VALUES: usize = 100_000;
+/// Default `proxy.max_response_values`: a 500-tool list with schemas is ~200,000; at most
+/// ~80 MB parsed (16 MiB of tiny objects unbounded: ~1.7 GB).
+pub const DEFAULT_MAX_RESPONSE_VALUES: usize = 2_000_000;
 /// Default `proxy.max_batch` (batches were removed from MCP in 2025-06-18).
 pub const DEFAULT_MAX_BATCH: usize = 100;
 /// Default `proxy.max_response_bytes`: 16 MiB.
@@ -665,10 +671,14 @@ impl Validator<'_> {
         if raw.proxy.body_timeout.is_zero() {
             return Err(self.invalid("proxy.body_timeout", "must be more than 0s"));
         }
-        if raw.proxy.max_json_values < 16 || raw.proxy.max_batch == 0 {
+        if raw.proxy.max_json_values < 16
+            || raw.proxy.max_batch == 0
+            || raw.proxy.max_response_values < 1024
+        {
             return Err(self.invalid(
                 "proxy",
-                "max_json_values must be at least 16 and max_batch at least 1",
+                "max_json_values must be at least 16, max_response_values at least 1024 and \
+                 max_batch at least 1",
             ));
         }
         if !(1..=MAX_JSON_DEPTH_LIMIT).contains(&raw.proxy.max_json_depth) {

@@ -484,6 +484,54 @@ fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
 }
 
 #[test]
+fn answers_are_read_as_lenient_clients_read_them() {
+    if !privileged() {
+        return;
+    }
+    let filtered = |r: &interceptor_tests::ClientResult| {
+        let reply = r.reply.as_deref().unwrap_or("");
+        assert_eq!(r.status, Some(200), "{r:?}");
+        assert!(!reply.contains("delete_note"), "{r:?}");
+        assert!(reply.contains(r#""name":"search""#), "{r:?}");
+    };
+    let refused = |r: &interceptor_tests::ClientResult| {
+        assert_eq!(r.status, Some(502), "{r:?}");
+        assert!(
+            !r.reply.as_deref().unwrap_or("").contains("delete_note"),
+            "{r:?}"
+        );
+    };
+    // A case variant a case-insensitive client (C#, Go) would read instead.
+    filtered(&tools_list_answered_with(
+        "variant",
+        listing!("", r#","Tools":[{"name":"delete_note"}]"#),
+    ));
+    // An event stream whose Content-Type only contains the stream's type (TypeScript SDK,
+    // httpx-sse) is one.
+    let stream = concat!(
+        "data: ",
+        r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_note"}]}}"#,
+        "\n\n"
+    );
+    filtered(&tools_list_answered_as(
+        "sse-param",
+        "application/json; profile=text/event-stream",
+        stream.as_bytes(),
+    ));
+    // Events in a body declared as something else: refused, not passed unread.
+    refused(&tools_list_answered_as(
+        "sse-plain",
+        "text/plain",
+        stream.as_bytes(),
+    ));
+    // UTF-16 JSON, which Python's json.loads(bytes) reads.
+    refused(&tools_list_answered_with(
+        "utf16",
+        b"\xff\xfe{\x00\"\x00r\x00\"\x00:\x001\x00}\x00",
+    ));
+}
+
+#[test]
 fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     if !privileged() {
         return;

@@ -33,11 +33,15 @@ pub fn filter_granted(policy: &Policy, grant: &Grant, server: &str, message: &mu
             .map(|m| filter_granted(policy, grant, server, m))
             .sum(),
         Value::Object(obj) => {
+            // Clients that read keys case-insensitively (the C# SDK; Go's encoding/json) would
+            // take a `Result` or `Tools` beside the filtered member, the last one read: such
+            // variants are dropped, counted as hidden (the answer is then re-serialised).
+            let mut hidden = drop_variants(obj, &["result"]);
             let Some(result) = obj.get_mut("result").and_then(Value::as_object_mut) else {
-                return 0;
+                return hidden;
             };
-            let mut hidden = 0;
             let mut listed = false;
+            hidden += drop_variants(result, &SHAPES.map(|(member, _, _)| member));
             for (member, key, method) in SHAPES {
                 let Some(items) = result.get_mut(member).and_then(Value::as_array_mut) else {
                     continue;
@@ -45,9 +49,15 @@ pub fn filter_granted(policy: &Policy, grant: &Grant, server: &str, message: &mu
                 listed = true;
                 let before = items.len();
                 items.retain(|item| {
-                    item.get(key)
-                        .and_then(Value::as_str)
-                        .is_some_and(|name| policy.shows_granted(grant, server, method, name))
+                    // An item with a case variant of its name member is named twice.
+                    let twice = item
+                        .as_object()
+                        .is_some_and(|o| o.keys().any(|k| k != key && same_name(k, key)));
+                    !twice
+                        && item
+                            .get(key)
+                            .and_then(Value::as_str)
+                            .is_some_and(|name| policy.shows_granted(grant, server, method, name))
                 });
                 hidden += before - items.len();
             }
@@ -59,6 +69,30 @@ pub fn filter_granted(policy: &Policy, grant: &Grant, server: &str, message: &mu
         }
         _ => 0,
     }
+}
+
+/// Whether `key` folds to `member` (the case-insensitive readers' view).
+fn same_name(key: &str, member: &str) -> bool {
+    if key.is_ascii() {
+        key.eq_ignore_ascii_case(member)
+    } else {
+        super::jsonrpc::fold(key) == member.to_ascii_lowercase()
+    }
+}
+
+/// Removes the members of `obj` that are case variants of one of `members` (not the member
+/// itself); returns how many (each at least 1, with the items of a list it held).
+fn drop_variants(obj: &mut serde_json::Map<String, Value>, members: &[&str]) -> usize {
+    let variants: Vec<String> = obj
+        .keys()
+        .filter(|k| members.iter().any(|m| k.as_str() != *m && same_name(k, m)))
+        .cloned()
+        .collect();
+    variants
+        .iter()
+        .filter_map(|k| obj.remove(k))
+        .map(|v| v.as_array().map_or(1, |a| a.len().max(1)))
+        .sum()
 }
 
 #[cfg(test)]
@@ -106,5 +140,18 @@ mod tests {
         assert_eq!(batch[0]["result"]["tools"], json!([{"name":"read_a"}]));
         assert_eq!(batch[0]["result"]["cacheScope"], "private");
         assert_eq!(batch[1]["result"], json!({"content":[]}));
+        // Case variants a case-insensitive client would read (the last one) are dropped.
+        let mut sly = json!({"jsonrpc":"2.0","id":2,"Result":{"tools":[{"name":"delete"}]},"result":{
+            "tools":[{"name":"read_a"},{"name":"read_b","Name":"delete"}],
+            "Tools":[{"name":"delete"}],"toolſ":[]}});
+        assert_eq!(filter(&policy, &subject, "s", &mut sly), 4);
+        assert_eq!(
+            sly,
+            json!({"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"read_a"}]}})
+        );
+        // structuredContent and other members are left alone.
+        let mut data =
+            json!({"jsonrpc":"2.0","id":3,"result":{"structuredContent":{"ID":1,"id":2}}});
+        assert_eq!(filter(&policy, &subject, "s", &mut data), 0);
     }
 }

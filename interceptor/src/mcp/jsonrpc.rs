@@ -257,17 +257,48 @@ pub const MAX_ID_BYTES: usize = 256;
 /// redacts it as JSON). `None` when it is not such JSON.
 pub fn parse_value(text: &str, max_values: usize) -> Option<Value> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let left = Cell::new(max_values);
-    let value = Strict {
-        depth: 0,
-        max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
-        left: &left,
-        max_values,
-    }
-    .deserialize(&mut de)
-    .ok()?;
+    let shape = (crate::config::DEFAULT_MAX_JSON_DEPTH, max_values, true, 1);
+    let value = read_strict(&mut de, shape).ok()?;
     de.end().ok()?;
     Some(value)
+}
+
+/// One value of `de`, read by [`Strict`] with (max depth, max values, check keys, object
+/// cost).
+fn read_strict<'de, R: serde_json::de::Read<'de>>(
+    de: &mut serde_json::Deserializer<R>,
+    (max_depth, max_values, check_keys, object_cost): (usize, usize, bool, usize),
+) -> Result<Value, serde_json::Error> {
+    let left = Cell::new(max_values);
+    Strict {
+        depth: 0,
+        max_depth,
+        left: &left,
+        max_values,
+        check_keys,
+        object_cost,
+    }
+    .deserialize(de)
+}
+
+/// What a small object counts in an upstream answer's budget (a one-entry map takes ~640
+/// bytes, a value in an array 32).
+pub const ANSWER_OBJECT_COST: usize = 16;
+
+/// An upstream's answer (a JSON body, an SSE event's data) read within `max_values` values,
+/// objects counting [`ANSWER_OBJECT_COST`] (`proxy.max_response_values`): 16 MiB of `{"":0}`
+/// would be ~1.7 GB as a tree. Keys are not checked (see `Strict::check_keys`).
+pub fn parse_answer(text: &[u8], max_values: usize) -> Result<Value, String> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let shape = (
+        crate::config::MAX_JSON_DEPTH_LIMIT,
+        max_values,
+        false,
+        ANSWER_OBJECT_COST,
+    );
+    let value = read_strict(&mut de, shape).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| format!("trailing data: {e}"))?;
+    Ok(value)
 }
 
 /// Parses an agent's request body strictly.
@@ -275,21 +306,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Body, RpcError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("body is not valid UTF-8: {e}")))?;
     let mut de = serde_json::Deserializer::from_str(text);
-    let left = Cell::new(limits.max_values);
-    let value = Strict {
-        depth: 0,
-        max_depth: limits.max_depth,
-        left: &left,
-        max_values: limits.max_values,
-    }
-    .deserialize(&mut de)
-    .map_err(|e| {
+    let shape = (limits.max_depth, limits.max_values, true, 1);
+    let value = read_strict(&mut de, shape).map_err(|e| {
         let msg = e.to_string();
         // Our own semantic refusals are invalid requests; the rest is malformed JSON.
         if msg.contains("duplicate key")
             || msg.contains("differ only in case")
             || msg.contains("nesting deeper")
-            || msg.contains("proxy.max_json_values")
+            || msg.contains("JSON values (proxy.")
         {
             RpcError::invalid(msg)
         } else {
@@ -511,6 +535,12 @@ struct Strict<'a> {
     max_depth: usize,
     left: &'a Cell<usize>,
     max_values: usize,
+    /// Refuse duplicate and case-variant keys (what agents send; not upstream answers, whose
+    /// tool output may hold `ID` beside `id`: there the last of a duplicate wins, as in
+    /// clients).
+    check_keys: bool,
+    /// What an object counts beyond its keys (its map's first node is most of its memory).
+    object_cost: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for Strict<'_> {
@@ -544,8 +574,13 @@ impl Strict<'_> {
                 Ok(())
             }
             None => Err(E::custom(format!(
-                "more than {} JSON values (proxy.max_json_values)",
-                self.max_values
+                "more than {} JSON values ({})",
+                self.max_values,
+                if self.check_keys {
+                    "proxy.max_json_values"
+                } else {
+                    "proxy.max_response_values; an object counts 16"
+                }
             ))),
         }
     }
@@ -601,6 +636,9 @@ impl<'de> Visitor<'de> for Strict<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let inner = self.nested()?;
+        for _ in 1..self.object_cost {
+            inner.count()?;
+        }
         let mut out = Map::new();
         // Folded keys, once the object is too large to compare each new key with every other,
         // or has a non-ASCII key (Unicode folding allocates: each key is folded once then).
@@ -609,6 +647,10 @@ impl<'de> Visitor<'de> for Strict<'_> {
             // A key costs more than most values (its map entry): counted too.
             inner.count()?;
             let value = map.next_value_seed(inner)?;
+            if !self.check_keys {
+                out.insert(key, value);
+                continue;
+            }
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {key:?}")));
             }
@@ -898,6 +940,30 @@ mod tests {
         let e = err(br#"{"jsonrpc":"2.0","id":{"api_key":"sk-secret"},"method":"ping"}"#);
         assert!(!e.message.contains("sk-secret"), "{e}");
         assert!(e.message.contains("not an object"), "{e}");
+    }
+
+    #[test]
+    fn upstream_answers_are_read_within_a_budget_objects_counting_more() {
+        // Tool output may hold keys only case tells apart, and duplicates (the last wins).
+        assert_eq!(
+            parse_answer(br#"{"ID":1,"id":2,"id":3}"#, 100),
+            Ok(json!({"ID": 1, "id": 3}))
+        );
+        // 1 (object) + 15 (its cost) + 2 keys + 2 values = 20.
+        assert!(parse_answer(br#"{"a":1,"b":2}"#, 20).is_ok());
+        let e = parse_answer(br#"{"a":1,"b":2}"#, 19).expect_err("over");
+        assert!(
+            e.contains("more than 19 JSON values (proxy.max_response_values"),
+            "{e}"
+        );
+        let tiny = format!("[{}]", vec![r#"{"":0}"#; 1000].join(","));
+        assert!(
+            parse_answer(tiny.as_bytes(), 10_000).is_err(),
+            "1,000 objects: 18,001"
+        );
+        assert!(parse_answer(tiny.as_bytes(), 20_000).is_ok());
+        assert!(parse_answer(b"{} x", 100).is_err());
+        assert!(parse_answer(b"NaN", 100).is_err());
     }
 
     #[test]

@@ -61,10 +61,28 @@ const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 /// Whether a lenient JSON reader would take `text` for a JSON object or array: its first byte
 /// past whitespace (and a byte order mark) opens one.
 fn looks_like_json(text: &[u8]) -> bool {
+    // UTF-16 (a byte order mark, or the NUL of an ASCII character's other byte): decoders
+    // that detect it (Python's json.loads on bytes) read JSON the proxy could not.
+    if text.starts_with(&[0xfe, 0xff]) || text.starts_with(&[0xff, 0xfe]) || text.contains(&0) {
+        return true;
+    }
     let text = text.strip_prefix(UTF8_BOM).unwrap_or(text);
     text.iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|b| matches!(b, b'{' | b'['))
+}
+
+/// Whether `body`, read as an event stream (as lenient clients read any answer), holds an event
+/// whose data looks like JSON.
+fn holds_json_events(body: &[u8], max_event: usize) -> bool {
+    let mut parser = sse::Parser::new(max_event);
+    let Ok(events) = parser.push(body) else {
+        return true;
+    };
+    events
+        .into_iter()
+        .chain(parser.finish())
+        .any(|e| looks_like_json(e.data.as_bytes()))
 }
 
 /// Errors carried by response bodies.
@@ -684,9 +702,14 @@ fn empty(status: StatusCode) -> Response<ProxyBody> {
 
 /// Whether a response body is encoded in a way the proxy cannot inspect.
 fn encoded(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    // Every value and every coding in it: clients that decode a list of codings (httpx)
+    // would read `identity` then a second header's `gzip`.
+    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .any(|c| !c.eq_ignore_ascii_case(b"identity"))
+    })
 }
 
 impl Conn {
@@ -1925,11 +1948,16 @@ impl Conn {
             );
         }
         parts.headers.retain_non_hop();
-        let sse = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/event-stream"));
+        // As clients tell an event stream: `text/event-stream` anywhere in any Content-Type
+        // (the TypeScript SDK and httpx-sse look for it so; two headers, parameters), and any
+        // successful answer to a GET (the TypeScript SDK reads those as a stream whatever
+        // they say).
+        let sse = parts.headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
+            v.as_bytes()
+                .to_ascii_lowercase()
+                .windows(17)
+                .any(|w| w == b"text/event-stream")
+        }) || (get_target.is_some() && parts.status.is_success());
         if sse {
             let body = self.clone().sse_stream(
                 body,
@@ -1941,7 +1969,21 @@ impl Conn {
             return Response::from_parts(parts, body);
         }
         let limit = self.daemon.config.proxy.max_response_bytes;
-        let bytes = match Limited::new(body, limit).collect().await {
+        // Once its head is here, a JSON answer's body comes within `body_timeout` too: an
+        // upstream trickling it would hold the agent's connection slot and its buffer.
+        let deadline = self.daemon.config.proxy.body_timeout;
+        let read = tokio::time::timeout(deadline, Limited::new(body, limit).collect());
+        let Ok(read) = read.await else {
+            warn!("upstream answer body not received in time");
+            return self.upstream_failed(
+                pending,
+                format!(
+                    "upstream answer body did not arrive within {} (proxy.body_timeout)",
+                    humantime::format_duration(deadline)
+                ),
+            );
+        };
+        let bytes = match read {
             Ok(c) => c.to_bytes(),
             Err(e) => {
                 warn!(error = %e, "upstream response unreadable or too large");
@@ -1956,7 +1998,7 @@ impl Conn {
         // client would read it as JSON too (also behind a UTF-8 BOM, which Python's json
         // skips; such a body goes out re-serialised, without it).
         let text = bytes.strip_prefix(UTF8_BOM).unwrap_or(&bytes);
-        let out = match serde_json::from_slice::<Value>(text) {
+        let out = match jsonrpc::parse_answer(text, self.daemon.config.proxy.max_response_values) {
             Ok(mut v) => {
                 self.audit_response(&mut pending, &v);
                 if self.filter(&mut v) > 0 || text.len() != bytes.len() {
@@ -1968,13 +2010,24 @@ impl Conn {
             // What a lenient client would still read as JSON (Python's json takes NaN and
             // Infinity) is refused: it could carry a list the filter never saw.
             Err(e) if looks_like_json(text) => {
-                warn!(error = %e, "upstream answer looks like JSON but is not strict JSON");
+                warn!(error = %e, "upstream answer looks like JSON but is not strict JSON or is over proxy.max_response_values");
                 return self.upstream_failed(
                     pending,
                     format!(
-                        "upstream answer is not strict JSON ({e}); the interceptor must read \
-                         what it passes on"
+                        "upstream answer is not strict JSON or is over \
+                         proxy.max_response_values ({e}); the interceptor must read what it \
+                         passes on"
                     ),
+                );
+            }
+            // Neither JSON nor declared a stream, but read as one by a lenient client: refused
+            // when it holds an event with JSON in it.
+            Err(_) if holds_json_events(&bytes, limit) => {
+                warn!("upstream answer holds SSE events but is not declared a stream");
+                return self.upstream_failed(
+                    pending,
+                    "upstream answer holds event-stream events with JSON but is not declared \
+                     text/event-stream; the interceptor must read what it passes on",
                 );
             }
             Err(_) => bytes,
@@ -2131,7 +2184,10 @@ impl SseState {
             self.register(&e.data);
             return e.raw;
         }
-        match serde_json::from_str::<Value>(&e.data) {
+        match jsonrpc::parse_answer(
+            e.data.as_bytes(),
+            self.conn.daemon.config.proxy.max_response_values,
+        ) {
             Ok(mut v) => {
                 match &self.session {
                     Some((_, s)) => {
@@ -2288,6 +2344,31 @@ mod tests {
         ] {
             assert_eq!(endpoint_target(get, endpoint), target, "{get} {endpoint}");
         }
+    }
+
+    #[test]
+    fn any_coding_but_identity_in_any_content_encoding_is_encoded() {
+        let with = |values: &[&'static str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_ENCODING, HeaderValue::from_static(v));
+            }
+            encoded(&h)
+        };
+        assert!(!with(&[]));
+        assert!(!with(&["identity"]));
+        assert!(!with(&["Identity, identity"]));
+        assert!(with(&["identity", "gzip"]));
+        assert!(with(&["identity, br"]));
+        assert!(with(&["gzip"]));
+    }
+
+    #[test]
+    fn events_in_a_body_not_declared_a_stream_are_found() {
+        assert!(holds_json_events(b"data: {\"a\":1}\n\n", 1 << 20));
+        assert!(holds_json_events(b"event: message\r\ndata: [1]", 1 << 20));
+        assert!(!holds_json_events(b"invalid key [REDACTED]", 1 << 20));
+        assert!(!holds_json_events(b"data: plain text\n\n", 1 << 20));
     }
 
     #[test]
