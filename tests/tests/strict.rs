@@ -468,7 +468,7 @@ fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
     assert!(!reply.contains("delete_note"), "{r:?}");
     assert_ne!(r.status, Some(200), "{r:?}");
     assert!(reply.contains("not strict JSON"), "{r:?}");
-    // In an SSE stream the event is dropped; the strict one after it is filtered and passed.
+    // In an SSE stream the stream ends there, the request answered with an error.
     let stream = concat!(
         "event: message\ndata: ",
         r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"delete_note"}],"x":NaN}}"#,
@@ -480,7 +480,14 @@ fn an_answer_only_a_lenient_reader_takes_for_json_is_refused() {
     let reply = r.reply.as_deref().unwrap_or("");
     assert_eq!(r.status, Some(200), "{r:?}");
     assert!(!reply.contains("delete_note"), "{r:?}");
-    assert!(reply.contains(r#""name":"search""#), "{r:?}");
+    assert!(
+        !reply.contains(r#""name":"search""#),
+        "nothing after it: {r:?}"
+    );
+    assert!(
+        reply.contains(r#""id":1"#) && reply.contains("an event of the upstream was refused"),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -517,6 +524,18 @@ fn answers_are_read_as_lenient_clients_read_them() {
         "sse-param",
         "application/json; profile=text/event-stream",
         stream.as_bytes(),
+    ));
+    // A duplicated list: the last is filtered (most clients keep it), the answer passed on
+    // re-serialised (readers that keep the first would see the one never judged).
+    filtered(&tools_list_answered_with(
+        "duplicate",
+        listing!("", r#","tools":[{"name":"search"}]"#),
+    ));
+    // JSON under such a Content-Type (the Python SDK reads it as JSON): filtered as JSON.
+    filtered(&tools_list_answered_as(
+        "json-param",
+        "application/json; profile=text/event-stream",
+        listing!("", ""),
     ));
     // Events in a body declared as something else: refused, not passed unread.
     refused(&tools_list_answered_as(

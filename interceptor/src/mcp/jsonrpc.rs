@@ -258,47 +258,50 @@ pub const MAX_ID_BYTES: usize = 256;
 pub fn parse_value(text: &str, max_values: usize) -> Option<Value> {
     let mut de = serde_json::Deserializer::from_str(text);
     let shape = (crate::config::DEFAULT_MAX_JSON_DEPTH, max_values, true, 1);
-    let value = read_strict(&mut de, shape).ok()?;
+    let (value, _) = read_strict(&mut de, shape).ok()?;
     de.end().ok()?;
     Some(value)
 }
 
 /// One value of `de`, read by [`Strict`] with (max depth, max values, check keys, object
-/// cost).
+/// cost); and whether a key was duplicated.
 fn read_strict<'de, R: serde_json::de::Read<'de>>(
     de: &mut serde_json::Deserializer<R>,
     (max_depth, max_values, check_keys, object_cost): (usize, usize, bool, usize),
-) -> Result<Value, serde_json::Error> {
+) -> Result<(Value, bool), serde_json::Error> {
     let left = Cell::new(max_values);
-    Strict {
+    let duplicate = Cell::new(false);
+    let value = Strict {
         depth: 0,
         max_depth,
         left: &left,
+        duplicate: &duplicate,
         max_values,
         check_keys,
         object_cost,
     }
-    .deserialize(de)
+    .deserialize(de)?;
+    Ok((value, duplicate.get()))
 }
 
 /// What a small object counts in an upstream answer's budget (a one-entry map takes ~640
 /// bytes, a value in an array 32).
 pub const ANSWER_OBJECT_COST: usize = 16;
 
+/// How deep an upstream answer may nest (serde_json's own limit).
+const ANSWER_MAX_DEPTH: usize = 128;
+
 /// An upstream's answer (a JSON body, an SSE event's data) read within `max_values` values,
 /// objects counting [`ANSWER_OBJECT_COST`] (`proxy.max_response_values`): 16 MiB of `{"":0}`
-/// would be ~1.7 GB as a tree. Keys are not checked (see `Strict::check_keys`).
-pub fn parse_answer(text: &[u8], max_values: usize) -> Result<Value, String> {
+/// would be ~1.7 GB as a tree. Keys are not checked (see `Strict::check_keys`); the flag says
+/// a key was duplicated (the last is kept, as most clients keep it: the answer must then be
+/// passed on re-serialised, for readers that keep the first).
+pub fn parse_answer(text: &[u8], max_values: usize) -> Result<(Value, bool), String> {
     let mut de = serde_json::Deserializer::from_slice(text);
-    let shape = (
-        crate::config::MAX_JSON_DEPTH_LIMIT,
-        max_values,
-        false,
-        ANSWER_OBJECT_COST,
-    );
-    let value = read_strict(&mut de, shape).map_err(|e| e.to_string())?;
+    let shape = (ANSWER_MAX_DEPTH, max_values, false, ANSWER_OBJECT_COST);
+    let read = read_strict(&mut de, shape).map_err(|e| e.to_string())?;
     de.end().map_err(|e| format!("trailing data: {e}"))?;
-    Ok(value)
+    Ok(read)
 }
 
 /// Parses an agent's request body strictly.
@@ -307,7 +310,7 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Body, RpcError> {
         .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("body is not valid UTF-8: {e}")))?;
     let mut de = serde_json::Deserializer::from_str(text);
     let shape = (limits.max_depth, limits.max_values, true, 1);
-    let value = read_strict(&mut de, shape).map_err(|e| {
+    let (value, _) = read_strict(&mut de, shape).map_err(|e| {
         let msg = e.to_string();
         // Our own semantic refusals are invalid requests; the rest is malformed JSON.
         if msg.contains("duplicate key")
@@ -534,6 +537,8 @@ struct Strict<'a> {
     depth: usize,
     max_depth: usize,
     left: &'a Cell<usize>,
+    /// Set when a duplicate key was read (with `check_keys` off).
+    duplicate: &'a Cell<bool>,
     max_values: usize,
     /// Refuse duplicate and case-variant keys (what agents send; not upstream answers, whose
     /// tool output may hold `ID` beside `id`: there the last of a duplicate wins, as in
@@ -648,7 +653,9 @@ impl<'de> Visitor<'de> for Strict<'_> {
             inner.count()?;
             let value = map.next_value_seed(inner)?;
             if !self.check_keys {
-                out.insert(key, value);
+                if out.insert(key, value).is_some() {
+                    self.duplicate.set(true);
+                }
                 continue;
             }
             if out.contains_key(&key) {
@@ -947,7 +954,7 @@ mod tests {
         // Tool output may hold keys only case tells apart, and duplicates (the last wins).
         assert_eq!(
             parse_answer(br#"{"ID":1,"id":2,"id":3}"#, 100),
-            Ok(json!({"ID": 1, "id": 3}))
+            Ok((json!({"ID": 1, "id": 3}), true))
         );
         // 1 (object) + 15 (its cost) + 2 keys + 2 values = 20.
         assert!(parse_answer(br#"{"a":1,"b":2}"#, 20).is_ok());
@@ -964,6 +971,15 @@ mod tests {
         assert!(parse_answer(tiny.as_bytes(), 20_000).is_ok());
         assert!(parse_answer(b"{} x", 100).is_err());
         assert!(parse_answer(b"NaN", 100).is_err());
+        assert_eq!(
+            parse_answer(br#"{"a":{"a":1}}"#, 100),
+            Ok((json!({"a": {"a": 1}}), false))
+        );
+        let deep = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        assert!(
+            parse_answer(deep.as_bytes(), 1000).is_ok(),
+            "serde_json's depth"
+        );
     }
 
     #[test]

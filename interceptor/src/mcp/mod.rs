@@ -61,15 +61,45 @@ const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 /// Whether a lenient JSON reader would take `text` for a JSON object or array: its first byte
 /// past whitespace (and a byte order mark) opens one.
 fn looks_like_json(text: &[u8]) -> bool {
-    // UTF-16 (a byte order mark, or the NUL of an ASCII character's other byte): decoders
-    // that detect it (Python's json.loads on bytes) read JSON the proxy could not.
-    if text.starts_with(&[0xfe, 0xff]) || text.starts_with(&[0xff, 0xfe]) || text.contains(&0) {
+    // UTF-16 or UTF-32, as Python's json.loads(bytes) detects them (a byte order mark, or a
+    // NUL in the first two bytes: the other half of an ASCII character): JSON the proxy could
+    // not read.
+    if text.starts_with(&[0xfe, 0xff])
+        || text.starts_with(&[0xff, 0xfe])
+        || text.iter().take(2).any(|b| *b == 0)
+    {
         return true;
     }
     let text = text.strip_prefix(UTF8_BOM).unwrap_or(text);
     text.iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|b| matches!(b, b'{' | b'['))
+}
+
+/// Reads `body` into `head` until its first byte that is not whitespace (nor a UTF-8 byte
+/// order mark) is in, the body ends, or `limit` bytes are read.
+async fn first_bytes(
+    body: &mut Incoming,
+    head: &mut Vec<u8>,
+    limit: usize,
+) -> Result<(), BoxError> {
+    let significant = |h: &[u8]| {
+        h.strip_prefix(UTF8_BOM)
+            .unwrap_or(h)
+            .iter()
+            .any(|b| !b.is_ascii_whitespace())
+    };
+    while !significant(head) && head.len() < limit {
+        match body.frame().await {
+            Some(frame) => {
+                if let Some(d) = frame?.data_ref() {
+                    head.extend_from_slice(d);
+                }
+            }
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 /// Whether `body`, read as an event stream (as lenient clients read any answer), holds an event
@@ -1948,19 +1978,40 @@ impl Conn {
             );
         }
         parts.headers.retain_non_hop();
-        // As clients tell an event stream: `text/event-stream` anywhere in any Content-Type
-        // (the TypeScript SDK and httpx-sse look for it so; two headers, parameters), and any
-        // successful answer to a GET (the TypeScript SDK reads those as a stream whatever
-        // they say).
-        let sse = parts.headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
+        // Clients disagree on what is an event stream: the Python SDK reads an answer whose
+        // Content-Type starts `application/json` as JSON, the TypeScript SDK and httpx-sse
+        // read one that contains `text/event-stream` anywhere as a stream (and the TypeScript
+        // SDK every successful answer to a GET). Declared a stream only: a stream. Ambiguous:
+        // its first bytes decide (JSON cannot hold a `data:` line, an event stream cannot
+        // start with `{`), so that every reader's view is the one judged.
+        let declared = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+            v.as_bytes()
+                .to_ascii_lowercase()
+                .starts_with(b"text/event-stream")
+        });
+        let mentioned = parts.headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
             v.as_bytes()
                 .to_ascii_lowercase()
                 .windows(17)
                 .any(|w| w == b"text/event-stream")
         }) || (get_target.is_some() && parts.status.is_success());
-        if sse {
+        let limit = self.daemon.config.proxy.max_response_bytes;
+        let deadline = self.daemon.config.proxy.body_timeout;
+        let mut body = body;
+        let mut head = Vec::new();
+        if mentioned && !declared {
+            let peek = tokio::time::timeout(deadline, first_bytes(&mut body, &mut head, limit));
+            if !matches!(peek.await, Ok(Ok(()))) {
+                return self.upstream_failed(
+                    pending,
+                    "upstream answer unreadable, or its first bytes not received in time",
+                );
+            }
+        }
+        if declared || (mentioned && !looks_like_json(&head)) {
             let body = self.clone().sse_stream(
                 body,
+                Bytes::from(head),
                 get_target.as_deref(),
                 server_stream,
                 pending,
@@ -1968,11 +2019,10 @@ impl Conn {
             );
             return Response::from_parts(parts, body);
         }
-        let limit = self.daemon.config.proxy.max_response_bytes;
         // Once its head is here, a JSON answer's body comes within `body_timeout` too: an
         // upstream trickling it would hold the agent's connection slot and its buffer.
-        let deadline = self.daemon.config.proxy.body_timeout;
-        let read = tokio::time::timeout(deadline, Limited::new(body, limit).collect());
+        let rest = limit.saturating_sub(head.len());
+        let read = tokio::time::timeout(deadline, Limited::new(body, rest).collect());
         let Ok(read) = read.await else {
             warn!("upstream answer body not received in time");
             return self.upstream_failed(
@@ -1984,7 +2034,11 @@ impl Conn {
             );
         };
         let bytes = match read {
-            Ok(c) => c.to_bytes(),
+            Ok(c) if head.is_empty() => c.to_bytes(),
+            Ok(c) => {
+                head.extend_from_slice(&c.to_bytes());
+                Bytes::from(head)
+            }
             Err(e) => {
                 warn!(error = %e, "upstream response unreadable or too large");
                 return self.upstream_failed(
@@ -1999,9 +2053,9 @@ impl Conn {
         // skips; such a body goes out re-serialised, without it).
         let text = bytes.strip_prefix(UTF8_BOM).unwrap_or(&bytes);
         let out = match jsonrpc::parse_answer(text, self.daemon.config.proxy.max_response_values) {
-            Ok(mut v) => {
+            Ok((mut v, duplicate)) => {
                 self.audit_response(&mut pending, &v);
-                if self.filter(&mut v) > 0 || text.len() != bytes.len() {
+                if self.filter(&mut v) > 0 || duplicate || text.len() != bytes.len() {
                     Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
                 } else {
                     bytes
@@ -2058,6 +2112,7 @@ impl Conn {
     fn sse_stream(
         self: Arc<Self>,
         body: Incoming,
+        first: Bytes,
         get_target: Option<&str>,
         server_stream: bool,
         pending: Awaiting,
@@ -2082,6 +2137,7 @@ impl Conn {
             done: false,
             ended: "cancelled",
             secrets,
+            first: (!first.is_empty()).then_some(first),
         };
         let s = stream::unfold(state, |mut st| async move {
             loop {
@@ -2096,6 +2152,13 @@ impl Conn {
                 }
                 if st.done {
                     return None;
+                }
+                // What was read to tell the answer a stream comes first.
+                if let Some(first) = st.first.take() {
+                    if let Err(e) = st.chunk(&first) {
+                        return Some((Err(e), st));
+                    }
+                    continue;
                 }
                 let listening = st.session.is_some() || st.stream_id.is_some();
                 tokio::select! {
@@ -2113,20 +2176,8 @@ impl Conn {
                     frame = st.body.frame() => match frame {
                         Some(Ok(f)) => {
                             let Some(d) = f.data_ref() else { continue };
-                            match st.parser.push(d) {
-                                Ok(events) => {
-                                    for e in events {
-                                        let out = st.event(e);
-                                        st.queue.push_back(out);
-                                    }
-                                }
-                                Err(e) => {
-                                    // Fail closed: never pass an event the proxy could not judge.
-                                    warn!(error = %e, "closing the stream");
-                                    st.ended = "upstream_error";
-                                    st.done = true;
-                                    return Some((Err(BoxError::from(e)), st));
-                                }
+                            if let Err(e) = st.chunk(d) {
+                                return Some((Err(e), st));
                             }
                         }
                         Some(Err(e)) => {
@@ -2175,9 +2226,34 @@ struct SseState {
     ended: &'static str,
     /// The credentials injected into the request this stream answers.
     secrets: Secrets,
+    /// The first bytes, read before the stream was relayed (to tell it a stream).
+    first: Option<Bytes>,
 }
 
 impl SseState {
+    /// Parses a chunk of the upstream's stream and queues its events, judged; an error ends
+    /// the stream (fail closed: never pass an event the proxy could not judge).
+    fn chunk(&mut self, d: &[u8]) -> Result<(), BoxError> {
+        match self.parser.push(d) {
+            Ok(events) => {
+                for e in events {
+                    if self.done {
+                        break;
+                    }
+                    let out = self.event(e);
+                    self.queue.push_back(out);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "closing the stream");
+                self.ended = "upstream_error";
+                self.done = true;
+                Err(BoxError::from(e))
+            }
+        }
+    }
+
     fn event(&mut self, e: sse::Event) -> Bytes {
         let e = self.secrets.scrub_event(e);
         if self.from_get && e.event == "endpoint" && self.session.is_none() {
@@ -2188,7 +2264,7 @@ impl SseState {
             e.data.as_bytes(),
             self.conn.daemon.config.proxy.max_response_values,
         ) {
-            Ok(mut v) => {
+            Ok((mut v, duplicate)) => {
                 match &self.session {
                     Some((_, s)) => {
                         if let Some(p) = lock(&s.pending).as_mut() {
@@ -2197,15 +2273,29 @@ impl SseState {
                     }
                     None => self.conn.audit_response(&mut self.pending, &v),
                 }
-                if self.conn.filter(&mut v) > 0 {
+                if self.conn.filter(&mut v) > 0 || duplicate {
                     e.with_data(&v.to_string())
                 } else {
                     e.raw
                 }
             }
-            // Not passed: a lenient client could read it as a list the filter never saw.
+            // Not passed: a lenient client could read it as a list the filter never saw. The
+            // stream ends there, its requests answered with an error (else they would wait
+            // for answers that never come).
             Err(err) if looks_like_json(e.data.as_bytes()) => {
-                warn!(error = %err, "SSE event from the upstream looks like JSON but is not strict JSON; dropped");
+                warn!(error = %err, "SSE event from the upstream looks like JSON but is not strict JSON or is over proxy.max_response_values; stream ended");
+                let message = format!(
+                    "interceptor: an event of the upstream was refused (not strict JSON or over \
+                     proxy.max_response_values): {err}"
+                );
+                for id in self.pending.keys() {
+                    let id = serde_json::from_str(id).ok();
+                    let e = jsonrpc::error_response(id, code::INTERNAL_ERROR, &message);
+                    self.queue.push_back(sse::Event::message(&e.to_string()));
+                }
+                self.pending.settle("upstream_error", None);
+                self.ended = "upstream_error";
+                self.done = true;
                 Bytes::new()
             }
             Err(_) => e.raw,
