@@ -76,6 +76,17 @@ fn looks_like_json(text: &[u8]) -> bool {
         .is_some_and(|b| matches!(b, b'{' | b'['))
 }
 
+/// Whether the first bytes of an answer hold one that tells JSON from an event stream: not
+/// whitespace, nor (part of) a UTF-8 byte order mark, which may come split across frames.
+fn decides(head: &[u8]) -> bool {
+    !(head.len() < UTF8_BOM.len() && UTF8_BOM.starts_with(head))
+        && head
+            .strip_prefix(UTF8_BOM)
+            .unwrap_or(head)
+            .iter()
+            .any(|b| !b.is_ascii_whitespace())
+}
+
 /// Reads `body` into `head` until its first byte that is not whitespace (nor a UTF-8 byte
 /// order mark) is in, the body ends, or `limit` bytes are read.
 async fn first_bytes(
@@ -83,13 +94,7 @@ async fn first_bytes(
     head: &mut Vec<u8>,
     limit: usize,
 ) -> Result<(), BoxError> {
-    let significant = |h: &[u8]| {
-        h.strip_prefix(UTF8_BOM)
-            .unwrap_or(h)
-            .iter()
-            .any(|b| !b.is_ascii_whitespace())
-    };
-    while !significant(head) && head.len() < limit {
+    while !decides(head) && head.len() < limit {
         match body.frame().await {
             Some(frame) => {
                 if let Some(d) = frame?.data_ref() {
@@ -1997,10 +2002,12 @@ impl Conn {
         }) || (get_target.is_some() && parts.status.is_success());
         let limit = self.daemon.config.proxy.max_response_bytes;
         let deadline = self.daemon.config.proxy.body_timeout;
+        // One deadline for the first bytes and the rest of a JSON answer.
+        let until = tokio::time::Instant::now() + deadline;
         let mut body = body;
         let mut head = Vec::new();
         if mentioned && !declared {
-            let peek = tokio::time::timeout(deadline, first_bytes(&mut body, &mut head, limit));
+            let peek = tokio::time::timeout_at(until, first_bytes(&mut body, &mut head, limit));
             if !matches!(peek.await, Ok(Ok(()))) {
                 return self.upstream_failed(
                     pending,
@@ -2022,7 +2029,7 @@ impl Conn {
         // Once its head is here, a JSON answer's body comes within `body_timeout` too: an
         // upstream trickling it would hold the agent's connection slot and its buffer.
         let rest = limit.saturating_sub(head.len());
-        let read = tokio::time::timeout(deadline, Limited::new(body, rest).collect());
+        let read = tokio::time::timeout_at(until, Limited::new(body, rest).collect());
         let Ok(read) = read.await else {
             warn!("upstream answer body not received in time");
             return self.upstream_failed(
@@ -2288,12 +2295,27 @@ impl SseState {
                     "interceptor: an event of the upstream was refused (not strict JSON or over \
                      proxy.max_response_values): {err}"
                 );
-                for id in self.pending.keys() {
+                let error = |id: &str| {
                     let id = serde_json::from_str(id).ok();
                     let e = jsonrpc::error_response(id, code::INTERNAL_ERROR, &message);
-                    self.queue.push_back(sse::Event::message(&e.to_string()));
+                    sse::Event::message(&e.to_string())
+                };
+                for id in self.pending.keys() {
+                    self.queue.push_back(error(id));
                 }
                 self.pending.settle("upstream_error", None);
+                // A legacy session's requests wait on this stream too (taken: not settled
+                // again when the stream goes).
+                let waiting = self
+                    .session
+                    .as_ref()
+                    .and_then(|(_, s)| lock(&s.pending).take());
+                if let Some(waiting) = waiting {
+                    for id in waiting.keys() {
+                        self.queue.push_back(error(id));
+                    }
+                    self.conn.audit_failed(waiting, "upstream_error", None);
+                }
                 self.ended = "upstream_error";
                 self.done = true;
                 Bytes::new()
@@ -2451,6 +2473,24 @@ mod tests {
         assert!(with(&["identity", "gzip"]));
         assert!(with(&["identity, br"]));
         assert!(with(&["gzip"]));
+    }
+
+    #[test]
+    fn an_answer_is_told_by_a_byte_that_is_not_whitespace_nor_a_byte_order_mark() {
+        for undecided in [
+            &b""[..],
+            b" \r\n",
+            b"\xef",
+            b"\xef\xbb",
+            b"\xef\xbb\xbf",
+            b"\xef\xbb\xbf \n",
+        ] {
+            assert!(!decides(undecided), "{undecided:?}");
+        }
+        for decided in [&b"{"[..], b"\xef\xbb\xbf{", b"  data: x", b"\xefx"] {
+            assert!(decides(decided), "{decided:?}");
+        }
+        assert!(looks_like_json(b"\xef\xbb\xbf {"));
     }
 
     #[test]
