@@ -296,28 +296,17 @@ const VALUE_RULES: [(&str, &str); 9] = [
 /// The rule of [`VALUE_RULES`] for PEM private keys (replaced by [`pem_body`]).
 const PEM_RULE: usize = 0;
 
-/// A PEM block's body redacted if it is a key: base64 (line breaks, also written `\n`, set
-/// aside) of one DER SEQUENCE whose length is the whole.
+/// A PEM block redacted (its body) if it is a key: a PEM block (its line breaks possibly
+/// written `\n`, inside JSON text) of one DER structure.
 fn pem_body(caps: &regex::Captures<'_>) -> String {
-    use base64::Engine as _;
-    let b64: String = caps[2]
-        .replace("\\n", "")
-        .replace("\\r", "")
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap_or_default();
-    let whole = match (der.first(), der.get(1), der.get(2), der.get(3)) {
-        (Some(0x30), Some(&n), _, _) if n < 0x80 => 2 + usize::from(n),
-        (Some(0x30), Some(0x81), Some(&n), _) => 3 + usize::from(n),
-        (Some(0x30), Some(0x82), Some(&hi), Some(&lo)) => {
-            4 + usize::from(u16::from_be_bytes([hi, lo]))
-        }
-        _ => 0,
-    };
-    if whole == der.len() && whole > 0 {
+    use x509_parser::der_parser;
+    let block = caps[0].replace("\\n", "\n").replace("\\r", "");
+    let key = pem::parse(block).is_ok_and(|p| {
+        der_parser::parse_der(p.contents()).is_ok_and(|(rest, der)| {
+            rest.is_empty() && der.header.tag() == der_parser::asn1_rs::Tag::Sequence
+        })
+    });
+    if key {
         format!("{}[REDACTED]{}", &caps[1], &caps[3])
     } else {
         caps[0].to_owned()
@@ -397,10 +386,7 @@ impl Cut {
 /// `text` cut to at most `bytes` (at a character boundary) with what was left out; `what`
 /// tells cut keys apart (two keys of one object may share their first bytes).
 fn cut_text(text: &str, bytes: usize, what: Option<usize>) -> String {
-    let mut end = bytes;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(bytes);
     match what {
         Some(i) => format!("{}…[+{} bytes, key {i}]", &text[..end], text.len() - end),
         None => format!("{}…[+{} bytes]", &text[..end], text.len() - end),
@@ -665,10 +651,7 @@ impl Redactor {
         }
         // Escaped as a string the text may grow (quotes), to at most twice: half the budget.
         let counted = String::from_utf8(counted).unwrap_or_default();
-        let mut end = (self.max_bytes / 2).min(counted.len());
-        while !counted.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = counted.floor_char_boundary(self.max_bytes / 2);
         let members = match target {
             Target::Value(Value::Object(m)) | Target::Object(m) => m.len(),
             Target::Value(Value::Array(a)) => a.len(),

@@ -573,7 +573,12 @@ impl Strict<'_> {
 
     /// One more value (or object key).
     fn count<E: de::Error>(&self) -> Result<(), E> {
-        match self.left.get().checked_sub(1) {
+        self.charge(1)
+    }
+
+    /// `n` values' worth.
+    fn charge<E: de::Error>(&self, n: usize) -> Result<(), E> {
+        match self.left.get().checked_sub(n) {
             Some(left) => {
                 self.left.set(left);
                 Ok(())
@@ -641,9 +646,8 @@ impl<'de> Visitor<'de> for Strict<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let inner = self.nested()?;
-        for _ in 1..self.object_cost {
-            inner.count()?;
-        }
+        // Its own count was taken by `nested`.
+        inner.charge(self.object_cost.saturating_sub(1))?;
         let mut out = Map::new();
         // Folded keys, once the object is too large to compare each new key with every other,
         // or has a non-ASCII key (Unicode folding allocates: each key is folded once then).

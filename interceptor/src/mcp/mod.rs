@@ -76,6 +76,15 @@ fn looks_like_json(text: &[u8]) -> bool {
         .is_some_and(|b| matches!(b, b'{' | b'['))
 }
 
+/// Where `text/event-stream` starts in a Content-Type value (in any case), if it is there.
+fn event_stream_at(value: &HeaderValue) -> Option<usize> {
+    const STREAM: &[u8] = b"text/event-stream";
+    value
+        .as_bytes()
+        .windows(STREAM.len())
+        .position(|w| w.eq_ignore_ascii_case(STREAM))
+}
+
 /// Whether the first bytes of an answer hold one that tells JSON from an event stream: not
 /// whitespace, nor (part of) a UTF-8 byte order mark, which may come split across frames.
 fn decides(head: &[u8]) -> bool {
@@ -1989,17 +1998,17 @@ impl Conn {
         // SDK every successful answer to a GET). Declared a stream only: a stream. Ambiguous:
         // its first bytes decide (JSON cannot hold a `data:` line, an event stream cannot
         // start with `{`), so that every reader's view is the one judged.
-        let declared = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-            v.as_bytes()
-                .to_ascii_lowercase()
-                .starts_with(b"text/event-stream")
-        });
-        let mentioned = parts.headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
-            v.as_bytes()
-                .to_ascii_lowercase()
-                .windows(17)
-                .any(|w| w == b"text/event-stream")
-        }) || (get_target.is_some() && parts.status.is_success());
+        let declared = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(event_stream_at)
+            == Some(0);
+        let mentioned = parts
+            .headers
+            .get_all(header::CONTENT_TYPE)
+            .iter()
+            .any(|v| event_stream_at(v).is_some())
+            || (get_target.is_some() && parts.status.is_success());
         let limit = self.daemon.config.proxy.max_response_bytes;
         let deadline = self.daemon.config.proxy.body_timeout;
         // One deadline for the first bytes and the rest of a JSON answer.
@@ -2170,15 +2179,9 @@ impl Conn {
                 let listening = st.session.is_some() || st.stream_id.is_some();
                 tokio::select! {
                     _ = st.conn.revoked.wait() => {
-                        let reason = st.conn.revoked_reason().unwrap_or_default();
-                        for id in st.pending.keys() {
-                            let id = serde_json::from_str(id).ok();
-                            let e = Conn::revoked_error(reason, id);
-                            st.queue.push_back(sse::Event::message(&e.to_string()));
-                        }
-                        st.pending.settle("revoked", None);
-                        st.ended = "revoked";
-                        st.done = true;
+                        let conn = st.conn.clone();
+                        let reason = conn.revoked_reason().unwrap_or_default();
+                        st.end("revoked", |id| Conn::revoked_error(reason, id));
                     }
                     frame = st.body.frame() => match frame {
                         Some(Ok(f)) => {
@@ -2238,6 +2241,18 @@ struct SseState {
 }
 
 impl SseState {
+    /// Ends the stream as `outcome`: each request still waiting on it is answered with
+    /// `error` (of its id) and settled.
+    fn end(&mut self, outcome: &'static str, error: impl Fn(Option<Value>) -> Value) {
+        for id in self.pending.keys() {
+            let e = error(serde_json::from_str(id).ok());
+            self.queue.push_back(sse::Event::message(&e.to_string()));
+        }
+        self.pending.settle(outcome, None);
+        self.ended = outcome;
+        self.done = true;
+    }
+
     /// Parses a chunk of the upstream's stream and queues its events, judged; an error ends
     /// the stream (fail closed: never pass an event the proxy could not judge).
     fn chunk(&mut self, d: &[u8]) -> Result<(), BoxError> {
@@ -2295,15 +2310,8 @@ impl SseState {
                     "interceptor: an event of the upstream was refused (not strict JSON or over \
                      proxy.max_response_values): {err}"
                 );
-                let error = |id: &str| {
-                    let id = serde_json::from_str(id).ok();
-                    let e = jsonrpc::error_response(id, code::INTERNAL_ERROR, &message);
-                    sse::Event::message(&e.to_string())
-                };
-                for id in self.pending.keys() {
-                    self.queue.push_back(error(id));
-                }
-                self.pending.settle("upstream_error", None);
+                let error = |id| jsonrpc::error_response(id, code::INTERNAL_ERROR, &message);
+                self.end("upstream_error", error);
                 // A legacy session's requests wait on this stream too (taken: not settled
                 // again when the stream goes).
                 let waiting = self
@@ -2312,12 +2320,11 @@ impl SseState {
                     .and_then(|(_, s)| lock(&s.pending).take());
                 if let Some(waiting) = waiting {
                     for id in waiting.keys() {
-                        self.queue.push_back(error(id));
+                        let e = error(serde_json::from_str(id).ok());
+                        self.queue.push_back(sse::Event::message(&e.to_string()));
                     }
                     self.conn.audit_failed(waiting, "upstream_error", None);
                 }
-                self.ended = "upstream_error";
-                self.done = true;
                 Bytes::new()
             }
             Err(_) => e.raw,
