@@ -28,7 +28,8 @@ pub mod maps {
     /// Global switches the programs read, one [`crate::State`] at index 0.
     pub const STATE: &str = "ICPT_STATE";
     /// Change counters of processes, by slot `tgid % capacity::PROC_SLOTS`: a `u64` bumped on
-    /// every `exec` and every task exit of a process in the slot. Not pinned: it serves the
+    /// every `exec` and every task exit of a process in the slot; an exec adds
+    /// [`crate::PROC_EXEC_STEP`], so the high half counts execs alone. Not pinned: it serves the
     /// running daemon's identity cache, which starts empty, and lives as long as the daemon
     /// holds it.
     pub const PROC_CHANGES: &str = "ICPT_PROC_CHANGES";
@@ -78,6 +79,15 @@ pub mod programs {
 
 /// Map capacities. The record maps are LRU so that records nobody consumes (a client that
 /// connected and vanished before the proxy accepted) age out instead of filling the map.
+/// What an `exec` adds to a [`names::PROC_CHANGES`] counter (a task exit adds 1): the high
+/// half of the counter is the slot's exec generation.
+pub const PROC_EXEC_STEP: u64 = 1 << 32;
+
+/// The exec generation in a [`names::PROC_CHANGES`] counter.
+pub const fn exec_gen(changes: u64) -> u32 {
+    (changes >> 32) as u32
+}
+
 pub mod capacity {
     pub const TAGS: u32 = 4096;
     pub const SERVERS: u32 = 4096;
@@ -236,7 +246,10 @@ pub struct ConnRecord {
     pub gid: u32,
     /// Socket family of the agent's socket (`AF_INET` or `AF_INET6`).
     pub family: u32,
-    pub _pad: u32,
+    /// The exec generation of the caller's process slot at connect (the high half of its
+    /// [`names::PROC_CHANGES`] counter): if it moved by the time the proxy reads the process's
+    /// executable, that executable may not be the one that connected.
+    pub exec_gen: u32,
     /// cgroup v2 id of the caller's cgroup.
     pub cgroup_id: u64,
     /// Cookie of the caller's network namespace.

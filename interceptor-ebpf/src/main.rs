@@ -41,8 +41,8 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     AF_INET, AF_INET6, Addr, BlockKey, BlockValue, ConnRecord, ListenKey, Listener,
-    MAX_CGROUP_DEPTH, ServerValue, State, TagValue, TupleKey, V4_MAPPED_WORD, block, capacity,
-    stats,
+    MAX_CGROUP_DEPTH, PROC_EXEC_STEP, ServerValue, State, TagValue, TupleKey, V4_MAPPED_WORD,
+    block, capacity, exec_gen, stats,
 };
 
 #[map(name = "ICPT_TAGS")]
@@ -128,7 +128,7 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 /// An `exec` replaced the calling process's image (its executable, hence its identity).
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn proc_exec(_ctx: RawTracePointContext) -> i32 {
-    process_changed();
+    process_changed(PROC_EXEC_STEP);
     0
 }
 
@@ -136,13 +136,13 @@ pub fn proc_exec(_ctx: RawTracePointContext) -> i32 {
 /// before its other threads, and only the last exit frees the process id for reuse.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn proc_exit(_ctx: RawTracePointContext) -> i32 {
-    process_changed();
+    process_changed(1);
     0
 }
 
-/// Bumps the change counter of the calling process's slot.
+/// Adds `step` to the change counter of the calling process's slot.
 #[inline(always)]
-fn process_changed() {
+fn process_changed(step: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if let Some(slot) = PROC_CHANGES.get_ptr_mut(tgid % capacity::PROC_SLOTS) {
         // SAFETY: an aligned u64 inside the map's value area, which other CPUs update only
@@ -150,9 +150,18 @@ fn process_changed() {
         // the counter back to a value the daemon has seen.
         unsafe {
             core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                slot, 1,
+                slot, step,
             )
         };
+    }
+}
+
+/// The exec generation of process `tgid`'s slot (see [`ConnRecord::exec_gen`]).
+#[inline(always)]
+fn exec_gen_of(tgid: u32) -> u32 {
+    match PROC_CHANGES.get(tgid % capacity::PROC_SLOTS) {
+        Some(changes) => exec_gen(*changes),
+        None => 0,
     }
 }
 
@@ -303,12 +312,13 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(server) = SERVERS.get_ptr(dst) else {
         return Ok(PROCEED);
     };
-    if !caller_is_tagged() {
-        return Ok(PROCEED);
-    }
-    // Revoked: refused here, at connect(), not only at the proxy.
+    // Revoked: refused here, at connect(), not only at the proxy; tagged or not, so that
+    // untagging a revoked cgroup (or revoking one no tag covers) never opens a direct path.
     if st.mcp_blocks != 0 && caller_blocks() & (block::MCP | block::ALL_EGRESS) != 0 {
         return refuse(stats::REFUSED_REVOKED);
+    }
+    if !caller_is_tagged() {
+        return Ok(PROCEED);
     }
     // SAFETY: helpers that take the context pointer.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -340,7 +350,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         family: if v6 { AF_INET6 } else { AF_INET },
-        _pad: 0,
+        exec_gen: exec_gen_of((pid_tgid >> 32) as u32),
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie,
         socket_cookie,

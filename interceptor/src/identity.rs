@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use interceptor_common::ConnRecord;
+use interceptor_common::{ConnRecord, exec_gen};
 use serde::Serialize;
 
 use crate::{
@@ -226,11 +226,14 @@ impl ProcCache {
     ) -> ProcFacts {
         // Only the cgroup the kernel saw at connect: a process that moved since (its `/proc`
         // shows another) is judged as of no cgroup (no cgroup binding, no workload id), never
-        // as of the one it moved to.
+        // as of the one it moved to; nor by its executable (a `/proc` entry in another cgroup
+        // may not be the caller at all: a daemon outside the host's pid namespace reads
+        // another process under the same number).
         let read = || {
             let mut facts = ProcFacts::of(record, proc_root);
             if facts.cgroup.as_deref().and_then(&cgroup_id) != Some(record.cgroup_id) {
                 facts.cgroup = None;
+                facts.exe = None;
             }
             facts
         };
@@ -238,6 +241,19 @@ impl ProcCache {
         let Some(before) = changes(record.tgid) else {
             return read();
         };
+        // An exec in the process's slot since the connect: the executable `/proc` shows may
+        // not be the one that connected. Not a race to win by luck only: a socket with
+        // `TCP_FASTOPEN_CONNECT` sends nothing (so reaches no proxy) until its first write,
+        // which may come after the process has exec'd a binary that bindings trust.
+        let exec_since_connect = |changes: u64| exec_gen(changes) != record.exec_gen;
+        let without_exe = |mut facts: ProcFacts| {
+            facts.exe = None;
+            facts
+        };
+        if exec_since_connect(before) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return without_exe(read());
+        }
         let key = (record.tgid, record.cgroup_id);
         {
             let entries = lock(&self.entries);
@@ -251,6 +267,10 @@ impl ProcCache {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let facts = read();
+        // And after: an exec during the reading.
+        if changes(record.tgid).is_none_or(exec_since_connect) {
+            return without_exe(facts);
+        }
         // Only a complete reading of a live process, in the cgroup it connected from.
         if facts.exe.is_some() && facts.cgroup.is_some() {
             let mut entries = lock(&self.entries);
@@ -753,6 +773,53 @@ mod tests {
     }
 
     #[test]
+    fn an_exec_since_the_connect_withholds_the_executable() {
+        let root = tempfile::tempdir().unwrap();
+        let mut record = record_for_self(u64::MAX / 2);
+        record.tgid = 4245;
+        record.cgroup_id = 7;
+        record.exec_gen = 2;
+        fake_proc(root.path(), 4245, "/usr/bin/trusted", "/agents/a");
+        let cache = ProcCache::default();
+        let exec = interceptor_common::PROC_EXEC_STEP;
+        let at_a = |path: &str| (path == "/agents/a").then_some(7);
+        // The counters the daemon reads, in turn (before and after the reading of /proc).
+        let id = |seen: &[Option<u64>]| {
+            let seen = std::cell::RefCell::new(seen.iter().copied());
+            Identity::from_record_cached(
+                &record,
+                root.path(),
+                &naming(),
+                &cache,
+                |_| seen.borrow_mut().next().flatten(),
+                at_a,
+            )
+        };
+        // The connecting image execs before the proxy reads /proc: whatever /proc names now
+        // did not connect.
+        let id_now = id(&[Some(3 * exec + 5)]);
+        assert_eq!(id_now.exe, None);
+        assert_eq!(id_now.cgroup.as_deref(), Some("/agents/a"));
+        // An exec while /proc is read.
+        assert_eq!(id(&[Some(2 * exec + 5), Some(3 * exec + 5)]).exe, None);
+        assert_eq!(id(&[Some(2 * exec + 5), None]).exe, None);
+        assert_eq!(cache.stats().entries, 0);
+        // Task exits (the low half) change nothing of that: the executable is named, cached.
+        assert_eq!(
+            id(&[Some(2 * exec + 5), Some(2 * exec + 5)]).exe.as_deref(),
+            Some("/usr/bin/trusted")
+        );
+        assert_eq!(
+            id(&[Some(2 * exec + 5)]).exe.as_deref(),
+            Some("/usr/bin/trusted")
+        );
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.entries), (1, 1));
+        // A cached reading is not served past an exec since the connect either.
+        assert_eq!(id(&[Some(3 * exec + 5)]).exe, None);
+    }
+
+    #[test]
     fn a_process_that_moved_after_connecting_has_no_cgroup_and_is_not_cached() {
         let root = tempfile::tempdir().unwrap();
         let mut record = record_for_self(u64::MAX / 2);
@@ -770,10 +837,11 @@ mod tests {
                 |_| Some(1),
                 |path| (path == "/agents/b").then_some(8),
             );
-            // Not the cgroup it moved to: judged as of no cgroup (no binding matches).
+            // Not the cgroup it moved to: judged as of no cgroup and no executable (no
+            // binding matches).
             assert_eq!(id.cgroup, None);
             assert_eq!(id.workload_id, None);
-            assert_eq!(id.exe.as_deref(), Some("/usr/bin/agent"));
+            assert_eq!(id.exe, None);
         }
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.entries), (0, 2, 0));

@@ -118,6 +118,27 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     assert_eq!(run_client(PROBE, &dir_b, &addr).errno, Some(ECONNREFUSED));
     cli_ok(&env, &["unrevoke", "--uid", "0"]);
 
+    // Tagged or not: a revoked cgroup that no tag covers (say, an agent untagged after its
+    // revocation) reaches no MCP server directly either.
+    let untagged = env.cgroup("untagged");
+    let dir_untagged = env.dir(&untagged);
+    let seen = upstream.count();
+    assert!(
+        run_client(PROBE, &dir_untagged, &addr)
+            .expect_reply()
+            .starts_with("upstream:")
+    );
+    assert_eq!(
+        upstream.count(),
+        seen + 1,
+        "not intercepted: straight there"
+    );
+    cli_ok(&env, &["revoke", "--cgroup", &untagged]);
+    let r = run_client(PROBE, &dir_untagged, &addr);
+    assert_eq!(r.errno, Some(ECONNREFUSED), "{r:?}");
+    assert_eq!(upstream.count(), seen + 1);
+    cli_ok(&env, &["unrevoke", "--cgroup", &untagged]);
+
     // A cgroup outside the attach point is never intercepted: nothing to revoke there.
     let out = env.cli(&["revoke", "--cgroup", "/"]);
     assert!(

@@ -522,6 +522,48 @@ fn identity_follows_exec_and_is_cached_until_the_process_changes() {
     assert!(cache["misses"].as_u64() >= Some(2), "{cache}");
 }
 
+#[test]
+fn an_exec_between_connect_and_the_first_byte_names_no_executable() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("tfo-exec", &["agents"]);
+    w.env.start_daemon();
+    // The probe connects with TCP_FASTOPEN_CONNECT (no SYN leaves before the first write, so
+    // the proxy sees nothing yet), then execs a copy of itself that sends the request: the
+    // executable /proc names when the proxy accepts did not make the connect.
+    let bin = tempfile::tempdir().expect("temp dir");
+    let other = bin.path().join("trusted-agent");
+    std::fs::copy(PROBE, &other).expect("copy the probe");
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let script = format!(
+        "echo $$ > '{}' && exec \"$@\"",
+        agents.join("cgroup.procs").display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script, "sh", PROBE, &w.direct.addr.to_string()])
+        .env("PROBE_EXEC_BEFORE_SEND", &other)
+        .output()
+        .expect("run the probe");
+    let line: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("probe output: {out:?}"));
+    assert!(
+        line["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("upstream:")),
+        "{line}"
+    );
+    let pid = line["pid"].as_u64().expect("pid");
+    let log = w.env.wait_log("connection redirected", |v| {
+        v["client.pid"].as_u64() == Some(pid)
+    });
+    assert_eq!(log["client.exe"], "?", "{log}");
+    assert_eq!(log["client.comm"], "probe-client", "{log}");
+}
+
 /// A world whose daemon started and was then stopped (SIGSTOP: it accepts nothing, while
 /// the kernel still redirects to its listener): the world, the tagged cgroup's directory, the
 /// intercepted address, the daemon's pid.

@@ -9,6 +9,9 @@
 //!
 //! `PROBE_CONNECTIONS` (default 1): send the request that many times, each on a new connection.
 //! `PROBE_THEN_EXEC=PATH`: afterwards, become PATH (same pid) with the same arguments.
+//! `PROBE_EXEC_BEFORE_SEND=PATH`: connect with `TCP_FASTOPEN_CONNECT` (nothing is sent until
+//! the first write), then become PATH (same pid), which sends the request on that socket
+//! (handed over in `PROBE_FD`).
 //!
 //! Prints one JSON line per connection with what happened: its pid, what `getpeername()` said,
 //! the response status and body, or the error.
@@ -43,8 +46,31 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    if let Some(fd) = std::env::var("PROBE_FD").ok().and_then(|v| v.parse().ok()) {
+        // SAFETY: the descriptor the previous image of this process left open for us.
+        let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        probe(&addr, raw, Some(stream));
+        return;
+    }
+    if let Some(next) = std::env::var_os("PROBE_EXEC_BEFORE_SEND") {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let stream = match fastopen_connect(&addr) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot connect to {addr}: {e}");
+                std::process::exit(2);
+            }
+        };
+        let e = std::process::Command::new(&next)
+            .args(std::env::args_os().skip(1))
+            .env_remove("PROBE_EXEC_BEFORE_SEND")
+            .env("PROBE_FD", stream.as_raw_fd().to_string())
+            .exec();
+        eprintln!("cannot exec {}: {e}", next.to_string_lossy());
+        std::process::exit(2);
+    }
     for _ in 0..connections {
-        probe(&addr, raw.clone());
+        probe(&addr, raw.clone(), None);
     }
     if let Some(next) = std::env::var_os("PROBE_THEN_EXEC") {
         use std::os::unix::process::CommandExt;
@@ -57,20 +83,43 @@ fn main() {
     }
 }
 
-/// One connection: send the request, print what happened.
-fn probe(addr: &str, raw: Option<Vec<u8>>) {
+fn parse_addr(addr: &str) -> std::io::Result<SocketAddr> {
+    addr.parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))
+}
+
+/// A socket connected with `TCP_FASTOPEN_CONNECT`: `connect()` returns at once and the
+/// handshake starts with the first write. Inherited across `exec` (no close-on-exec).
+fn fastopen_connect(addr: &str) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let target = parse_addr(addr)?;
+    let family = if target.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
+    setsockopt(&fd, sockopt::TcpFastOpenConnect, &true)?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(target))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// One connection (`connected`, or a new one): send the request, print what happened.
+fn probe(addr: &str, raw: Option<Vec<u8>>, connected: Option<TcpStream>) {
     let pid = std::process::id();
     let result = (|| -> std::io::Result<(String, String)> {
-        let target: SocketAddr = addr
-            .parse()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+        let mut stream = match connected {
+            Some(s) => s,
+            None => TcpStream::connect_timeout(&parse_addr(addr)?, Duration::from_secs(5))?,
+        };
         let timeout_ms = std::env::var("PROBE_READ_TIMEOUT_MS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(5000);
         stream.set_read_timeout(Some(Duration::from_millis(timeout_ms)))?;
-        let peer = stream.peer_addr()?.to_string();
         let request = raw.unwrap_or_else(|| {
             let body = format!(r#"{{"jsonrpc":"2.0","id":{pid},"method":"ping"}}"#);
             format!(
@@ -82,6 +131,8 @@ fn probe(addr: &str, raw: Option<Vec<u8>>) {
             .into_bytes()
         });
         stream.write_all(&request)?;
+        // After the write: a fast-open socket is connected only once it sent something.
+        let peer = stream.peer_addr()?.to_string();
         let mut response = Vec::new();
         if let Err(e) = stream.read_to_end(&mut response) {
             // A stream that is still open: report what arrived.
