@@ -44,6 +44,18 @@ pub enum Error {
     /// A file or folder under bpffs could not be created or removed.
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: io::Error },
+
+    #[error(
+        "{dir} is in use by another interceptor daemon (its pins are locked); stop that daemon, \
+         or give this one its own daemon.bpffs_dir"
+    )]
+    PinsInUse { dir: PathBuf },
+
+    #[error(
+        "{dir}: {message}; the pins decide what is intercepted and revoked, so only root may \
+         write there: remove it (interceptor uninstall) or fix its owner and mode"
+    )]
+    PinsUnsafe { dir: PathBuf, message: String },
     /// The object could not be loaded (maps created or opened from their pins).
     #[error(
         "loading the eBPF object failed: {0}; interceptor needs root (CAP_BPF, CAP_NET_ADMIN) on \
@@ -119,6 +131,8 @@ pub struct Kernel {
     pub state: Mutex<Array<MapData, State>>,
     stats: PerCpuArray<MapData, u64>,
     pub bpffs_dir: PathBuf,
+    /// The exclusive lock on `bpffs_dir`, held for the daemon's life: one daemon per pins.
+    _pins_lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Locks a map handle. A poisoned lock only means another task panicked mid-call; the map
@@ -143,6 +157,7 @@ impl Kernel {
                 error,
             })?;
         }
+        let pins_lock = lock_pins(bpffs_dir, &links_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs_dir)
             .load(OBJECT)
@@ -218,7 +233,18 @@ impl Kernel {
             state: Mutex::new(Array::try_from(state).map_err(map_err(names::STATE))?),
             stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,
             bpffs_dir: bpffs_dir.to_owned(),
+            _pins_lock: pins_lock,
         };
+        // Listener entries of a previous daemon (a crash leaves them; a graceful stop removes
+        // them): this daemon registers its own, and the scan those of the namespaces it serves.
+        // Kept, those of namespaces gone meanwhile would fill the map for good.
+        let stale = kernel.drop_listeners();
+        if stale > 0 {
+            info!(
+                entries = stale,
+                "dropped listener entries of a previous daemon"
+            );
+        }
         // Records of connections a previous daemon never accepted (reset with its listener)
         // name no live connection; this daemon's listeners are not registered yet, so none
         // is new. Kept, one could be claimed by a process dialling the proxy port directly
@@ -326,6 +352,16 @@ impl Kernel {
     /// port and dials the proxy port there).
     pub fn drop_conns_of(&self, netns_cookie: u64) -> usize {
         self.drop_conns(|k| k.netns_cookie == netns_cookie)
+    }
+
+    /// Drops every listener entry (only at start, before this daemon registers its own).
+    fn drop_listeners(&self) -> usize {
+        let mut listeners = lock(&self.listeners);
+        let stale: Vec<u64> = listeners.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = listeners.remove(key);
+        }
+        stale.len()
     }
 
     /// Drops the connection records whose tuple `stale` picks; how many.
@@ -560,6 +596,54 @@ fn track_processes(
     Ok((attached, map))
 }
 
+/// Takes the exclusive lock on the pin folder `dir` (a second daemon on the same pins would drop
+/// the first one's connection records and intercept addresses), after checking that only root
+/// can write to it and to `links` (anyone who can could unlink the tag or revocation maps, and
+/// the next start would begin with empty ones).
+fn lock_pins(dir: &Path, links_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    for d in [dir, links_dir] {
+        let meta = std::fs::symlink_metadata(d).map_err(|error| Error::Io {
+            path: d.to_owned(),
+            error,
+        })?;
+        let message = if !meta.is_dir() {
+            Some("not a directory".to_owned())
+        } else if meta.uid() != euid {
+            Some(format!(
+                "owned by uid {}, not this daemon's ({euid})",
+                meta.uid()
+            ))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!("mode {:o} lets others write", meta.mode() & 0o7777))
+        } else {
+            None
+        };
+        if let Some(message) = message {
+            return Err(Error::PinsUnsafe {
+                dir: d.to_owned(),
+                message,
+            });
+        }
+    }
+    let file = std::fs::File::open(dir).map_err(|error| Error::Io {
+        path: dir.to_owned(),
+        error,
+    })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => Error::PinsInUse {
+                dir: dir.to_owned(),
+            },
+            e => Error::Io {
+                path: dir.to_owned(),
+                error: e.into(),
+            },
+        },
+    )
+}
+
 /// Makes sure `dir` is on bpffs, mounting bpffs at /sys/fs/bpf when that is where it belongs.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     let mount = Path::new(BPFFS_MOUNT);
@@ -571,12 +655,29 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
         return Ok(());
     }
     if dir.starts_with(mount) && mount.is_dir() && !cgroup::is_bpffs(mount) {
+        // In a mount namespace of its own (a container without the host's /sys/fs/bpf), a
+        // bpffs mounted here would end with the namespace: the pinned links with it, so a
+        // restarted container would leave tagged agents unintercepted for a while, and lose
+        // every tag and revocation.
+        let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+        if own.is_some() && own != std::fs::read_link("/proc/1/ns/mnt").ok() {
+            return Err(Error::Bpffs {
+                dir: dir.to_owned(),
+                message: format!(
+                    "{} is not bpffs and this process is not in the host's mount namespace \
+                     (a bpffs mounted here would go with it); mount the host's {BPFFS_MOUNT} \
+                     into the container",
+                    probe.display()
+                ),
+            });
+        }
         nix::mount::mount(
             Some("bpf"),
             mount,
             Some("bpf"),
             nix::mount::MsFlags::empty(),
-            None::<&str>,
+            // Root only (the kernel's default is 1777: anyone could create the pin folder).
+            Some("mode=0700"),
         )
         .map_err(|e| Error::Bpffs {
             dir: dir.to_owned(),

@@ -564,6 +564,62 @@ fn an_exec_between_connect_and_the_first_byte_names_no_executable() {
     assert_eq!(log["client.comm"], "probe-client", "{log}");
 }
 
+#[test]
+fn a_second_daemon_on_the_same_pins_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("two-daemons", &["agents"]);
+    w.env.start_daemon();
+    // Another configuration (own port, admin socket and audit log) on the same pin folder:
+    // it would drop the first daemon's connection records and intercept addresses.
+    let text = std::fs::read_to_string(&w.env.config_path).expect("read the config");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let second = text
+        .replace(
+            &format!("listen_port = {}", w.env.port),
+            &format!("listen_port = {port}"),
+        )
+        .replace(
+            &w.env.tmp.path().display().to_string(),
+            &tmp.path().display().to_string(),
+        );
+    assert!(second.contains(&w.env.bpffs_dir.display().to_string()));
+    let config = tmp.path().join("second.toml");
+    std::fs::write(&config, &second).expect("write the config");
+    let mut child = std::process::Command::new(interceptor_tests::interceptor_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run a second daemon");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().expect("wait").is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("a second daemon runs on the same pins");
+    }
+    let out = child.wait_with_output().expect("its output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another interceptor daemon"),
+        "{stderr}"
+    );
+    // The first one is untouched.
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let r = run_client(PROBE, &agents, &w.direct.addr.to_string());
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+}
+
 /// A world whose daemon started and was then stopped (SIGSTOP: it accepts nothing, while
 /// the kernel still redirects to its listener): the world, the tagged cgroup's directory, the
 /// intercepted address, the daemon's pid.

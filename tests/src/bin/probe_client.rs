@@ -103,6 +103,23 @@ fn fastopen_connect(addr: &str) -> std::io::Result<TcpStream> {
     };
     let fd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
     setsockopt(&fd, sockopt::TcpFastOpenConnect, &true)?;
+    // Without a cookie cached for the destination the kernel would send the SYN at once;
+    // `TCP_FASTOPEN_NO_COOKIE` (any process may set it) defers it to the first write.
+    const TCP_FASTOPEN_NO_COOKIE: nix::libc::c_int = 34;
+    let on: nix::libc::c_int = 1;
+    // SAFETY: a valid socket and a pointer to an int of the length given.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            TCP_FASTOPEN_NO_COOKIE,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of_val(&on) as nix::libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     connect(fd.as_raw_fd(), &SockaddrStorage::from(target))?;
     Ok(TcpStream::from(fd))
 }
@@ -131,8 +148,6 @@ fn probe(addr: &str, raw: Option<Vec<u8>>, connected: Option<TcpStream>) {
             .into_bytes()
         });
         stream.write_all(&request)?;
-        // After the write: a fast-open socket is connected only once it sent something.
-        let peer = stream.peer_addr()?.to_string();
         let mut response = Vec::new();
         if let Err(e) = stream.read_to_end(&mut response) {
             // A stream that is still open: report what arrived.
@@ -144,6 +159,8 @@ fn probe(addr: &str, raw: Option<Vec<u8>>, connected: Option<TcpStream>) {
                 return Err(e);
             }
         }
+        // After the exchange: a fast-open socket is connected only once its SYN was answered.
+        let peer = stream.peer_addr()?.to_string();
         Ok((peer, String::from_utf8_lossy(&response).into_owned()))
     })();
     let out = match result {
