@@ -68,6 +68,9 @@ pub enum Error {
         server: String,
         message: String,
     },
+    /// The daemon stopped serving without being asked to.
+    #[error("{0}; the daemon stopped (see the log before this line), start it again")]
+    Stopped(&'static str),
 }
 
 /// Userspace counters (the kernel keeps its own; `status` reports both).
@@ -1239,10 +1242,21 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             }
         }
     });
+    // Set when a part the daemon cannot serve without ended on its own: it still drains and
+    // stops as for a signal, then exits with an error (a supervisor restarts it on failure).
+    let mut failed: Option<&str> = None;
     loop {
         tokio::select! {
-            _ = &mut proxy_task => { warn!("proxy listeners stopped"); break; }
-            _ = &mut admin_task => { warn!("admin socket stopped"); break; }
+            _ = &mut proxy_task => {
+                warn!("proxy listeners stopped");
+                failed = Some("the proxy listeners stopped");
+                break;
+            }
+            _ = &mut admin_task => {
+                warn!("admin socket stopped");
+                failed = Some("the admin socket stopped");
+                break;
+            }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
@@ -1293,7 +1307,10 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         warn!(error = %e, "could not record daemon.stop");
     }
     info!("stopped; programs, maps and tags stay pinned (interceptor uninstall removes them)");
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(what) => Err(Error::Stopped(what)),
+    }
 }
 
 #[cfg(test)]

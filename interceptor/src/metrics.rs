@@ -20,7 +20,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::daemon::Daemon;
 
@@ -233,13 +233,22 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
+/// Scrape connections served at once; more are closed at once (anyone on the node may connect:
+/// idle connections must not use up the daemon's file descriptors, which its listeners share).
+const MAX_SCRAPERS: usize = 32;
+/// How long a scraper may take to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a scrape connection lives at most (a scraper reconnects).
+const CONNECTION_LIFE: Duration = Duration::from_secs(60);
+
 /// Serves `GET /metrics` until the future is dropped.
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics endpoint listening");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "metrics accept failed");
@@ -247,8 +256,13 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "metrics: {MAX_SCRAPERS} scrape connections open; closing this one");
+            continue;
+        };
         let daemon = daemon.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let daemon = daemon.clone();
                 async move {
@@ -267,9 +281,13 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
                     resp.map_err(|e| std::io::Error::other(e.to_string()))
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFE, connection).await;
         });
     }
 }

@@ -829,6 +829,21 @@ impl TestEnv {
         panic!("daemon did not exit on {signal}");
     }
 
+    /// Waits up to `limit` for the daemon to exit on its own: its exit status, or `None` (it
+    /// still runs, and is stopped with the environment).
+    pub fn wait_daemon_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let child = self.daemon.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.daemon = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

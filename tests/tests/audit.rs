@@ -761,4 +761,34 @@ fn metrics_count_requests_denials_and_kernel_redirects() {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
     assert!(!text.contains("made_up_tool_7f3a"), "{text}");
+
+    // Anyone on the node may connect: idle connections beyond 32 are closed at once (they
+    // would use up the daemon's file descriptors), and scrapes work again once they go.
+    let idle: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    let closed_at_once = || {
+        use std::io::Read;
+        let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        extra
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        // EOF (or a reset), not a timeout.
+        match extra.read(&mut [0u8; 16]) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    assert!(closed_at_once(), "a 33rd scrape connection was kept");
+    drop(idle);
+    interceptor_tests::eventually(
+        std::time::Duration::from_secs(5),
+        || {
+            interceptor_tests::scrape_metrics(port)
+                .contains("interceptor_connections_total")
+                .then_some(())
+        },
+        || "no scrape after the idle connections closed".to_owned(),
+    );
 }

@@ -620,6 +620,35 @@ fn a_second_daemon_on_the_same_pins_is_refused() {
     assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
 }
 
+#[test]
+fn a_daemon_whose_listeners_were_closed_under_it_exits_with_an_error() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("listeners-killed", &["agents"]);
+    w.env.start_daemon();
+    // Root can close the daemon's listening sockets (`ss -K`): it then serves nothing, so it
+    // stops, and says so in its exit status (a supervisor restarts a failed service only).
+    let out = std::process::Command::new("ss")
+        .args(["-K", "-tl", &format!("sport = :{}", w.env.port)])
+        .output()
+        .expect("run ss");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&w.env.port.to_string()),
+        "ss -K closed nothing: {out:?}"
+    );
+    let status = w
+        .env
+        .wait_daemon_exit(Duration::from_secs(10))
+        .expect("the daemon keeps running without listeners");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        w.env.log_text().contains("the proxy listeners stopped"),
+        "{}",
+        w.env.log_text()
+    );
+}
+
 /// A world whose daemon started and was then stopped (SIGSTOP: it accepts nothing, while
 /// the kernel still redirects to its listener): the world, the tagged cgroup's directory, the
 /// intercepted address, the daemon's pid.
