@@ -279,7 +279,7 @@ cgroup = "{root}/**"
     let before = json_lines(&seen_file).len();
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let forged = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nX-Forwarded-For: 127.9.9.9\r\nForwarded: for=127.9.9.9\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nX-Forwarded-For: 127.9.9.9\r\nForwarded: for=127.9.9.9\r\nInterceptor_Identity: forged\r\nX_Api_Key: agent-key\r\nClient-Cert: :Zm9yZ2Vk:\r\nX-SSL-Client-Verify: SUCCESS\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     send_raw(
@@ -299,6 +299,16 @@ cgroup = "{root}/**"
         last["x_forwarded_for"].is_null() && last["forwarded"].is_null(),
         "{last}"
     );
+    // Nor their look-alikes a CGI-style gateway reads as the same names (`_` for `-`), nor
+    // claims about the client's certificate a TLS-terminating proxy would make.
+    for key in [
+        "identity_underscored",
+        "x_api_key_underscored",
+        "client_cert",
+        "x_ssl_client_verify",
+    ] {
+        assert!(last[key].is_null(), "{key}: {last}");
+    }
     // A server that quotes the injected credential back (an error page naming the key it
     // refused) does not hand it to the agent: neither in a header nor in the body.
     let echo = format!(
@@ -306,13 +316,19 @@ cgroup = "{root}/**"
         body.len()
     );
     let echoed = send_raw(PROBE, &env.dir(&readers), &intercept(p_ok), echo.as_bytes());
+    // The identity assertion too: a bearer token for its lifetime.
     assert_eq!(
         echoed.reply.as_deref(),
-        Some("invalid key [REDACTED]"),
+        Some("invalid key [REDACTED] for [REDACTED]"),
         "{echoed:?}"
     );
     assert_eq!(
         echoed.header("x-rejected-key"),
+        Some("[REDACTED]"),
+        "{echoed:?}"
+    );
+    assert_eq!(
+        echoed.header("x-rejected-identity"),
         Some("[REDACTED]"),
         "{echoed:?}"
     );

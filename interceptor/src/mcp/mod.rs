@@ -43,7 +43,10 @@ use tracing::{debug, info, warn};
 
 pub use self::session::{BoundSessions, Sessions, Streams};
 use self::{
-    headers::{check_charset, check_framing, check_mcp_headers, check_value_shapes, skip_header},
+    headers::{
+        check_charset, check_framing, check_mcp_headers, check_value_shapes, fold_header_name,
+        skip_header,
+    },
     jsonrpc::{Message, RpcError, code},
     session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, request_names, session_key},
 };
@@ -1821,17 +1824,20 @@ impl Conn {
             }
         };
         let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
+        let assertion_header = fold_header_name(&naming.assertion_header);
         for (name, value) in &parts.headers {
             // The agent may not speak for the node (assertion header) nor, unless the server
-            // allows it, pass its own credentials.
+            // allows it, pass its own credentials. Compared with `_` taken for `-`: servers
+            // behind CGI-style gateways (WSGI, PHP, Django) read both as one name.
+            let folded = fold_header_name(name.as_str());
             let dropped = skip_header(name)
-                || name == header::CONTENT_TYPE
-                || name.as_str() == naming.assertion_header
-                || (name == header::AUTHORIZATION && !server.pass_authorization)
+                || folded == header::CONTENT_TYPE.as_str()
+                || folded == assertion_header
+                || (folded == header::AUTHORIZATION.as_str() && !server.pass_authorization)
                 || server
                     .inject_headers
                     .keys()
-                    .any(|k| k.eq_ignore_ascii_case(name.as_str()));
+                    .any(|k| fold_header_name(k).eq_ignore_ascii_case(&folded));
             if !dropped {
                 builder = builder.header(name, value);
             }
@@ -1865,10 +1871,11 @@ impl Conn {
             }
         }
         if let (Some(ca), Some(wid)) = (&self.daemon.ca, &self.identity.workload_id) {
-            builder = builder.header(
-                naming.assertion_header.as_str(),
-                self.assertion(ca, wid, roles),
-            );
+            let token = self.assertion(ca, wid, roles);
+            // A bearer token for its lifetime: an upstream echoing it (an error page quoting
+            // the request's headers) must not hand it to the agent.
+            secrets.add(Arc::from(token.as_str()));
+            builder = builder.header(naming.assertion_header.as_str(), token);
         }
         let up_len = bytes.len() as u64;
         let request = match builder.body(Full::new(bytes)) {

@@ -180,6 +180,11 @@ async fn server_tls(
                         "content_type": header("content-type"),
                         "x_forwarded_for": header("x-forwarded-for"),
                         "forwarded": header("forwarded"),
+                        // Names a CGI-style gateway reads as the ones above.
+                        "identity_underscored": header("interceptor_identity"),
+                        "x_api_key_underscored": header("x_api_key"),
+                        "client_cert": header("client-cert"),
+                        "x_ssl_client_verify": header("x-ssl-client-verify"),
                         "method": req.method().as_str(),
                         "target": req.uri().path_and_query().map(|p| p.as_str()),
                     });
@@ -190,21 +195,27 @@ async fn server_tls(
                     {
                         let _ = writeln!(f, "{line}");
                     }
-                    // A misbehaving server: quotes the key it was sent, in a header and the body.
-                    let echo = (req.uri().path() == "/echo-key")
-                        .then(|| header("x-api-key").unwrap_or_default());
+                    // A misbehaving server: quotes the key and the identity assertion it was
+                    // sent, in a header and the body.
+                    let echo = (req.uri().path() == "/echo-key").then(|| {
+                        (
+                            header("x-api-key").unwrap_or_default(),
+                            header("interceptor-identity").unwrap_or_default(),
+                        )
+                    });
                     let mut service = service.clone();
                     let answer = tower_service::Service::call(&mut service, req);
                     async move {
-                        let Some(key) = echo else {
+                        let Some((key, assertion)) = echo else {
                             return answer.await;
                         };
                         let body = http_body_util::Full::new(bytes::Bytes::from(format!(
-                            "invalid key {key}"
+                            "invalid key {key} for {assertion}"
                         )));
                         Ok(hyper::Response::builder()
                             .header("content-type", "text/plain")
                             .header("x-rejected-key", key)
+                            .header("x-rejected-identity", assertion)
                             .body(http_body_util::BodyExt::boxed(body))
                             .expect("response"))
                     }
