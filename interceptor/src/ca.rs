@@ -28,6 +28,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use tracing::warn;
+
 use crate::bpf::lock;
 
 /// Default `[ca] leaf_ttl`.
@@ -62,6 +64,12 @@ pub enum Error {
         "{path} is readable by group or others (mode {mode:o}); the node CA key must be private: chmod 600 {path}"
     )]
     KeyExposed { path: PathBuf, mode: u32 },
+    /// The key file belongs to a user other than root and this process.
+    #[error(
+        "{path} is owned by uid {owner}: that user can read the node CA key (and replace it); \
+         chown root {path}"
+    )]
+    KeyForeign { path: PathBuf, owner: u32 },
     /// The certificate or key is not usable.
     #[error("{0}")]
     Invalid(String),
@@ -206,8 +214,16 @@ impl Leaf {
 
 /// The loaded node CA.
 pub struct NodeCa {
+    /// A digest of the certificate and key files as loaded (a reload tells a change).
+    files_digest: [u8; 32],
     issuer: Issuer<'static, KeyPair>,
+    /// The CA's subject as encoded in its certificate.
+    subject: Vec<u8>,
+    /// The CA certificate's `notAfter`.
+    not_after: SystemTime,
     ca_der: CertificateDer<'static>,
+    /// Certificates after the CA's in its file (the issuers above it), sent with each leaf.
+    above: Vec<CertificateDer<'static>>,
     /// The CA key as p256 knows it (for the JWKS).
     signer: SigningKey,
     /// The same key as ring knows it: signing with ring's P-256 is several times faster, and
@@ -237,15 +253,7 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
 impl NodeCa {
     /// Loads the CA; refuses a key readable by group or others.
     pub fn load(cfg: &RawCa) -> Result<Self, Error> {
-        let meta = std::fs::metadata(&cfg.key).map_err(file_err(&cfg.key))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(Error::KeyExposed {
-                path: cfg.key.clone(),
-                mode,
-            });
-        }
-        let key_text = std::fs::read_to_string(&cfg.key).map_err(file_err(&cfg.key))?;
+        let key_text = read_private(&cfg.key)?;
         let cert_pem = std::fs::read_to_string(&cfg.cert).map_err(file_err(&cfg.cert))?;
         let invalid = |what: &str, e: String| Error::Invalid(format!("{what}: {e}"));
         let key_pem = pkcs8_pem(&key_text).map_err(|e| {
@@ -265,14 +273,25 @@ impl NodeCa {
                 e.to_string(),
             )
         })?;
-        let ca_der = pem::parse(&cert_pem)
+        // The CA first, then any certificates above it (an organisation's intermediate and its
+        // issuers), sent after each leaf so upstreams that trust only the root can build the path.
+        let mut chain = pem::parse_many(&cert_pem)
             .map_err(|e| {
                 invalid(
                     &format!("CA certificate {}", cfg.cert.display()),
                     e.to_string(),
                 )
             })?
-            .into_contents();
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .map(pem::Pem::into_contents);
+        let ca_der = chain.next().ok_or_else(|| {
+            invalid(
+                &format!("CA certificate {}", cfg.cert.display()),
+                "no CERTIFICATE block in it".to_owned(),
+            )
+        })?;
+        let above: Vec<CertificateDer<'static>> = chain.map(CertificateDer::from).collect();
         // A key that is not the certificate's would mint leaves no upstream accepts.
         let (_, cert) = x509_parser::parse_x509_certificate(&ca_der).map_err(|e| {
             invalid(
@@ -292,12 +311,15 @@ impl NodeCa {
                 ),
             ));
         }
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| {
-            invalid(
-                &format!("CA certificate {}", cfg.cert.display()),
-                e.to_string(),
-            )
-        })?;
+        let not_after = usable_as_ca(&cert, SystemTime::now())
+            .map_err(|e| invalid(&format!("CA certificate {}", cfg.cert.display()), e))?;
+        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca_der.as_slice()), key)
+            .map_err(|e| {
+                invalid(
+                    &format!("CA certificate {}", cfg.cert.display()),
+                    e.to_string(),
+                )
+            })?;
         let leaf_ttl = parse_ttl(&cfg.leaf_ttl).map_err(Error::Invalid)?;
         let public = signer.verifying_key().to_encoded_point(false);
         let rng = ring::rand::SystemRandom::new();
@@ -312,9 +334,13 @@ impl NodeCa {
         let kid = hex16(&Sha256::digest(public.as_bytes()));
         let jws_header = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(json!({"alg": "ES256", "typ": "JWT", "kid": kid}).to_string());
-        Ok(Self {
+        let ca = Self {
+            files_digest: files_digest(&cert_pem, &key_text),
             issuer,
-            ca_der: CertificateDer::from(ca_der),
+            subject: cert.subject().as_raw().to_vec(),
+            not_after,
+            above,
+            ca_der: CertificateDer::from(ca_der.clone()),
             signer,
             jws_key,
             rng,
@@ -323,7 +349,54 @@ impl NodeCa {
             leaf_ttl,
             cache: Mutex::new(HashMap::new()),
             mints: AtomicU64::new(0),
-        })
+        };
+        // A leaf whose issuer is not written as the CA's subject chains to nothing (rcgen
+        // keeps one value per attribute type: `DC=corp, DC=example` loses one): found here,
+        // not by every upstream refusing every workload.
+        let probe = ca.mint("spiffe://interceptor.invalid/probe", SystemTime::now())?;
+        let issued_as = x509_parser::parse_x509_certificate(&probe.chain[0])
+            .map(|(_, leaf)| leaf.issuer().as_raw().to_vec())
+            .unwrap_or_default();
+        if issued_as != ca.subject {
+            return Err(invalid(
+                &format!("CA certificate {}", cfg.cert.display()),
+                format!(
+                    "its subject {:?} cannot be reproduced in the certificates it would issue \
+                     (a repeated attribute type?); use a CA with a simpler subject",
+                    cert.subject().to_string()
+                ),
+            ));
+        }
+        ca.mints.store(0, Ordering::Relaxed);
+        if let Ok(left) = not_after.duration_since(SystemTime::now())
+            && left < CA_EXPIRY_WARNING
+        {
+            warn!(
+                cert = %cfg.cert.display(),
+                days_left = left.as_secs() / 86_400,
+                "the node CA expires soon; every certificate it issues ends with it: renew it"
+            );
+        }
+        Ok(ca)
+    }
+
+    /// When the CA certificate expires (no leaf outlives it).
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The key id of the assertions' signing key (as in the JWKS).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// Whether the files at `cfg`'s paths now hold something else than what was loaded (a
+    /// renewed or replaced CA, which takes a restart), or cannot be read.
+    pub fn files_changed(&self, cfg: &RawCa) -> bool {
+        match (std::fs::read_to_string(&cfg.cert), read_private(&cfg.key)) {
+            (Ok(cert), Ok(key)) => files_digest(&cert, &key) != self.files_digest,
+            _ => true,
+        }
     }
 
     /// The client certificate for `workload_id`, minted on first use and renewed before expiry.
@@ -363,12 +436,17 @@ impl NodeCa {
         // X.509 times are whole seconds (rcgen drops the fraction): renewal and expiry are
         // judged on the time the certificate states, never past it (rounded up, so a leaf
         // lives at least `leaf_ttl`).
-        let not_after = whole_seconds(now + self.leaf_ttl);
+        // Never past the CA's own end (no verifier would accept it then).
+        let not_after = whole_seconds(now + self.leaf_ttl).min(self.not_after);
         params.not_after = time::OffsetDateTime::from(not_after);
         let cert = params.signed_by(&key, &self.issuer).map_err(invalid)?;
         self.mints.fetch_add(1, Ordering::Relaxed);
+        let mut chain = Vec::with_capacity(2 + self.above.len());
+        chain.push(cert.der().clone());
+        chain.push(self.ca_der.clone());
+        chain.extend(self.above.iter().cloned());
         Ok(Leaf {
-            chain: vec![cert.der().clone(), self.ca_der.clone()],
+            chain,
             key_der: key.serialize_der(),
             not_after,
             minted: now,
@@ -405,6 +483,86 @@ impl NodeCa {
         jwk["use"] = Value::from("sig");
         json!({"keys": [jwk]})
     }
+}
+
+fn files_digest(cert: &str, key: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(cert.len().to_le_bytes());
+    h.update(cert);
+    h.update(key);
+    h.finalize().into()
+}
+
+/// How long before the CA's end the daemon starts warning.
+const CA_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+/// Reads the CA key file, refusing one that another user could read or own: checked on the
+/// open file (no window between the check and the read), whatever links led to it (a
+/// Kubernetes secret volume is links).
+fn read_private(path: &Path) -> Result<String, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut file = std::fs::File::open(path).map_err(file_err(path))?;
+    let meta = file.metadata().map_err(file_err(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::KeyExposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let owner = meta.uid();
+    if owner != 0 && owner != nix::unistd::geteuid().as_raw() {
+        return Err(Error::KeyForeign {
+            path: path.to_owned(),
+            owner,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(file_err(path))?;
+    Ok(text)
+}
+
+/// Whether `cert` can issue certificates now: a CA (basic constraints), allowed to sign
+/// certificates (key usage, when it says), within its validity. Its `notAfter`.
+fn usable_as_ca(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    now: SystemTime,
+) -> Result<SystemTime, String> {
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err("it is not a CA certificate (basic constraints without cA)".to_owned());
+    }
+    if let Ok(Some(ku)) = cert.key_usage()
+        && !ku.value.key_cert_sign()
+    {
+        return Err("its key usage does not allow signing certificates (keyCertSign)".to_owned());
+    }
+    let at = |t: x509_parser::time::ASN1Time| {
+        UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    let (not_before, not_after) = (
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    );
+    let stamp = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    if now < not_before {
+        return Err(format!(
+            "it is valid only from {} (is this node's clock right?)",
+            stamp(not_before)
+        ));
+    }
+    if now >= not_after {
+        return Err(format!(
+            "it expired at {}; renew it (`interceptor ca init` makes a new one) and restart",
+            stamp(not_after)
+        ));
+    }
+    Ok(not_after)
 }
 
 /// Hex of the first 8 bytes.
@@ -466,6 +624,148 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    /// Writes a CA made from `params` (and, after it, `extra` PEM) to `dir`; loads it.
+    fn load_made(
+        dir: &Path,
+        params: CertificateParams,
+        extra: &str,
+        ttl: &str,
+    ) -> Result<NodeCa, Error> {
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert_path, format!("{}{extra}", cert.pem())).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        NodeCa::load(&RawCa {
+            cert: cert_path,
+            key: key_path,
+            leaf_ttl: ttl.into(),
+        })
+    }
+
+    fn ca_params(days: (i64, i64)) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "test CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(days.0);
+        params.not_after = now + time::Duration::days(days.1);
+        params
+    }
+
+    #[test]
+    fn a_ca_that_cannot_issue_now_is_refused_and_leaves_end_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let refused = |params, needle: &str| {
+            let e = load_made(d, params, "", "1h").err().expect("refused");
+            assert!(e.to_string().contains(needle), "{e}");
+        };
+        refused(ca_params((-10, -1)), "expired at");
+        refused(ca_params((1, 10)), "valid only from");
+        let mut leaf_like = ca_params((-1, 10));
+        leaf_like.is_ca = IsCa::NoCa;
+        refused(leaf_like, "not a CA certificate");
+        let mut no_signing = ca_params((-1, 10));
+        no_signing.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        refused(no_signing, "keyCertSign");
+        // A subject with a repeated attribute type (an Active Directory issuing CA's
+        // `DC=corp, DC=example`): rcgen keeps one value per type, so its leaves would name
+        // another issuer.
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/DC=corp/DC=example/CN=Issuing CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=keyCertSign",
+                "-days",
+                "10",
+                "-keyout",
+                "dc-key.pem",
+                "-out",
+                "dc.pem",
+            ])
+            .current_dir(d)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{out:?}");
+        std::fs::set_permissions(d.join("dc-key.pem"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let e = NodeCa::load(&RawCa {
+            cert: d.join("dc.pem"),
+            key: d.join("dc-key.pem"),
+            leaf_ttl: "1h".into(),
+        })
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("cannot be reproduced"), "{e}");
+
+        // A CA with an hour left: a leaf asked to live a day ends with it, and the
+        // certificates after the CA's in its file follow it in every chain.
+        let mut short = ca_params((-1, 0));
+        short.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let above = KeyPair::generate().unwrap();
+        let above = ca_params((-1, 10)).self_signed(&above).unwrap();
+        let ca = load_made(d, short, &above.pem(), "24h").unwrap();
+        let leaf = ca.leaf("spiffe://example.org/w").unwrap();
+        assert_eq!(leaf.not_after, ca.not_after());
+        assert!(leaf.not_after <= SystemTime::now() + Duration::from_secs(3_601));
+        assert_eq!(leaf.chain.len(), 3);
+        assert_eq!(leaf.chain[2].as_ref(), above.der().as_ref());
+        assert_eq!(
+            ca.mints.load(Ordering::Relaxed),
+            1,
+            "the load's probe is not counted"
+        );
+    }
+
+    #[test]
+    fn a_reload_tells_a_ca_whose_files_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = init(&dir.path().join("a"), "n").unwrap();
+        let raw = RawCa {
+            cert: cert.clone(),
+            key: key.clone(),
+            leaf_ttl: "1h".into(),
+        };
+        let ca = NodeCa::load(&raw).unwrap();
+        assert!(!ca.files_changed(&raw));
+        // Renewed in place: another CA at the same paths.
+        let (other, other_key) = init(&dir.path().join("b"), "n").unwrap();
+        std::fs::copy(&other, &cert).unwrap();
+        std::fs::copy(&other_key, &key).unwrap();
+        assert!(ca.files_changed(&raw));
+        std::fs::remove_file(&key).unwrap();
+        assert!(ca.files_changed(&raw));
+    }
+
+    #[test]
+    fn a_key_another_user_owns_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = init(dir.path(), "n").unwrap();
+        nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(65_534)), None).unwrap();
+        let e = NodeCa::load(&RawCa {
+            cert,
+            key,
+            leaf_ttl: "1h".into(),
+        })
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
     }
 
     #[test]

@@ -319,6 +319,11 @@ impl Daemon {
         }
         if new.ca != self.config.ca {
             not_applied.push("[ca]");
+        } else if let (Some(ca), Some(raw)) = (&self.ca, &new.ca)
+            && ca.files_changed(raw)
+        {
+            // The same paths, other contents: a renewed or replaced CA is not taken on.
+            not_applied.push("[ca] (its certificate or key file changed)");
         }
         for warning in new.policy.warnings() {
             warn!("{warning}");
@@ -923,6 +928,8 @@ impl Daemon {
             })).collect::<Vec<_>>(),
             "ca": self.ca.as_ref().map(|ca| json!({
                 "mints": ca.mints.load(Ordering::Relaxed),
+                "kid": ca.kid(),
+                "not_after": humantime::format_rfc3339_seconds(ca.not_after()).to_string(),
             })),
             "audit": {
                 "path": self.audit.config.path,
