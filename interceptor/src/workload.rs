@@ -28,24 +28,46 @@ fn is_container_id(s: &str) -> bool {
 }
 
 /// Parses a cgroup path (relative to the cgroup v2 mount).
+///
+/// The outermost match counts: a process allowed to make cgroups below its own (systemd
+/// delegation, rootless or nested containers) could otherwise name a pod and container of
+/// its choice by nesting `…/pod<uid>/docker-<id>.scope` under its own. A pod is taken only
+/// under the `kubepods` hierarchy (its QoS level between), a container only as the first
+/// container-shaped segment.
 pub fn placement(cgroup: &str) -> Placement {
     let mut p = Placement::default();
+    // Segments of the kubepods hierarchy seen so far, with nothing else between.
+    let mut in_kubepods = false;
     for seg in cgroup.split('/').filter(|s| !s.is_empty()) {
-        // Pods: "pod<uid>" (cgroupfs driver) or "kubepods[-<qos>]-pod<uid_with_underscores>.slice".
-        let pod_part = seg
-            .strip_suffix(".slice")
-            .and_then(|s| s.rsplit_once("-pod").map(|(_, uid)| uid))
-            .or_else(|| seg.strip_prefix("pod"));
-        if let Some(uid) = pod_part {
-            let uid = uid.replace('_', "-");
-            if uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
-                p.pod = Some(uid);
-            }
+        if p.container.is_some() {
+            break;
         }
-        for (qos_name, qos) in [("burstable", "burstable"), ("besteffort", "besteffort")] {
-            if seg == qos_name || seg.starts_with(&format!("kubepods-{qos_name}")) {
+        if p.pod.is_none() {
+            let qos_level = [("burstable", "burstable"), ("besteffort", "besteffort")]
+                .into_iter()
+                .find(|(name, _)| {
+                    (in_kubepods && seg == *name) || seg.starts_with(&format!("kubepods-{name}"))
+                });
+            if let Some((_, qos)) = qos_level {
                 p.qos = Some(qos);
             }
+            // Pods: "pod<uid>" (cgroupfs driver) or
+            // "kubepods[-<qos>]-pod<uid_with_underscores>.slice".
+            let pod_part = seg
+                .strip_suffix(".slice")
+                .and_then(|s| s.rsplit_once("-pod").map(|(_, uid)| uid))
+                .or_else(|| seg.strip_prefix("pod"));
+            let uid = pod_part.map(|uid| uid.replace('_', "-")).filter(|uid| {
+                uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+            });
+            let kubepods_level = seg.starts_with("kubepods");
+            if let Some(uid) = uid
+                && (in_kubepods || kubepods_level)
+            {
+                p.pod = Some(uid);
+                continue;
+            }
+            in_kubepods = kubepods_level || (in_kubepods && qos_level.is_some());
         }
         // Containers: "<runtime>-<id>.scope" (systemd driver) or a bare id (cgroupfs driver).
         let scoped = seg.strip_suffix(".scope").and_then(|s| {
@@ -77,6 +99,8 @@ pub fn placement(cgroup: &str) -> Placement {
                     "containerd"
                 });
             }
+            // A pod's container is the segment right below it, or none.
+            _ if p.pod.is_some() => break,
             _ => {}
         }
     }
@@ -300,6 +324,8 @@ mod tests {
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const POD: &str = "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718";
+    const OTHER: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+    const OTHER_POD: &str = "99999999-8888-7777-6666-555555555555";
 
     /// (cgroup path, container, runtime, pod, qos)
     type Case = (
@@ -481,6 +507,39 @@ mod tests {
                 Some("containerd"),
                 Some(POD),
                 Some("guaranteed"),
+            ),
+            // Cgroups a workload made below its own (nested containers, delegation) cannot
+            // name another pod or container: the outermost match counts, a pod only under
+            // kubepods, a pod's container only right below it.
+            (
+                format!("/kubepods/pod{POD}/{ID}/mine/pod{OTHER_POD}/docker-{OTHER}.scope"),
+                Some(ID),
+                Some("containerd"),
+                Some(POD),
+                Some("guaranteed"),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{POD}/mine/{OTHER}"),
+                None,
+                None,
+                Some(POD),
+                Some("besteffort"),
+            ),
+            (
+                format!(
+                    "/user.slice/user-1000.slice/user@1000.service/app.slice/pod{OTHER_POD}/burstable/kubepods-x"
+                ),
+                None,
+                None,
+                None,
+                None,
+            ),
+            (
+                format!("/system.slice/docker-{ID}.scope/inner/docker-{OTHER}.scope"),
+                Some(ID),
+                Some("docker"),
+                None,
+                None,
             ),
         ];
         for (path, container, runtime, pod, qos) in cases {
