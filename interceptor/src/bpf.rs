@@ -697,6 +697,8 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
 pub struct Removed {
     pub links: Vec<String>,
     pub maps: Vec<String>,
+    /// The revocations that were in force (selector and reason): gone with their map.
+    pub revocations: Vec<String>,
 }
 
 /// Detaches every pinned link and removes every pin under `bpffs_dir`. Interception stops for
@@ -707,6 +709,41 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Removed, Error> {
         let path = path.to_owned();
         move |error| Error::Io { path, error }
     };
+    // Not under a daemon that holds the pins (whatever its admin socket says).
+    let _pins_lock = match std::fs::File::open(bpffs_dir) {
+        Ok(dir) => Some(
+            nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+                |(_, errno)| match errno {
+                    nix::errno::Errno::EWOULDBLOCK => Error::PinsInUse {
+                        dir: bpffs_dir.to_owned(),
+                    },
+                    e => io_err(bpffs_dir)(e.into()),
+                },
+            )?,
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(bpffs_dir)(e)),
+    };
+    // The revocations that end with their map, to say so.
+    let blocks = bpffs_dir.join(names::BLOCKS);
+    if let Ok(data) = aya::maps::MapData::from_pin(&blocks)
+        && let Ok(map) =
+            HashMap::<MapData, BlockKey, BlockValue>::try_from(aya::maps::Map::HashMap(data))
+    {
+        removed.revocations = map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| {
+                let reason = v.reason();
+                if reason.is_empty() {
+                    v.label().to_owned()
+                } else {
+                    format!("{} ({reason})", v.label())
+                }
+            })
+            .collect();
+        removed.revocations.sort();
+    }
     let links_dir = bpffs_dir.join("links");
     for name in programs::ALL {
         let pin = links_dir.join(name);

@@ -761,6 +761,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     daemon.bpffs_dir.display()
                 );
             }
+            if !removed.revocations.is_empty() {
+                eprintln!(
+                    "warning: {} revocation(s) no longer hold (they lived in the removed maps; \
+                     revoke again after the next start): {}",
+                    removed.revocations.len(),
+                    removed.revocations.join("; ")
+                );
+            }
             Ok(())
         }
     }

@@ -430,13 +430,31 @@ fn uninstall_detaches_and_removes_every_pin() {
     let out = w.env.cli(&["uninstall"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("daemon is running"));
+    // The revocations in force are named when uninstall removes them (below).
+    let other = w.env.cgroup("other");
+    let out = w
+        .env
+        .cli(&["revoke", "--cgroup", &other, "--reason", "incident 7"]);
+    assert!(out.status.success(), "{out:?}");
+    // Refused also when its admin socket is gone: the daemon holds the pins.
+    std::fs::remove_file(w.env.tmp.path().join("admin.sock")).expect("remove the admin socket");
+    let out = w.env.cli(&["uninstall"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another interceptor daemon"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(w.env.bpffs_dir.join("links").exists());
 
     w.env.stop_daemon(Signal::SIGTERM);
     let out = w.env.cli(&["uninstall"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("1 revocation(s) no longer hold")
+            && stderr.contains(&format!("{other} (incident 7)")),
+        "{stderr}"
     );
     assert!(!w.env.bpffs_dir.exists(), "pins left behind");
     // Interception has stopped: the tagged cgroup reaches the dialed address again.
