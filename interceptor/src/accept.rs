@@ -74,13 +74,14 @@ impl Proxy {
 
     /// Binds inside the network namespace `ns` (e.g. `/proc/<pid>/ns/net`): a short-lived thread
     /// enters it, binds, and ends; the sockets stay in that namespace, the daemon does not.
-    pub async fn bind_in(ns: &std::path::Path, port: u16) -> io::Result<Self> {
+    pub async fn bind_in(ns: &std::path::Path, inode: u64, port: u16) -> io::Result<Self> {
         let ns = ns.to_owned();
         let (listeners, entry) = tokio::task::spawn_blocking(move || {
             std::thread::scope(|scope| {
                 scope
                     .spawn(|| {
                         let file = std::fs::File::open(&ns)?;
+                        crate::netns::check_served(&file, inode)?;
                         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                             |e| io::Error::other(format!("entering {}: {e}", ns.display())),
                         )?;

@@ -8,14 +8,14 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use interceptor_common::{Addr, BlockKey, ServerValue, TagValue};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     accept::Proxy,
@@ -190,7 +190,14 @@ const NAMESPACE_FULL_SCAN: u64 = 10;
 struct NetnsCache {
     known: std::collections::HashMap<u32, (u64, u64)>,
     scans: u64,
+    /// Namespaces whose listener could not be opened, by inode: failures in a row, and when
+    /// to try again (backing off: each attempt enters the namespace on a thread of its own).
+    refused: std::collections::HashMap<u64, (u32, Instant)>,
 }
+
+/// The wait before opening a refused namespace's listener again, doubling per failure.
+const NAMESPACE_RETRY: Duration = Duration::from_millis(500);
+const NAMESPACE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Network namespaces (inode → a pid in it) of the processes under the cgroup directories.
 /// A process's namespace is taken from `cache` while its change counter (`changes`, read
@@ -390,6 +397,7 @@ impl Daemon {
             .into_iter()
             .filter(|(ino, _)| Some(*ino) != own)
             .collect();
+        cache.refused.retain(|ino, _| wanted.contains_key(ino));
         let stale: Vec<u64> = lock(&self.ns_listeners)
             .keys()
             .filter(|ino| !wanted.contains_key(ino))
@@ -425,8 +433,15 @@ impl Daemon {
                     None => {}
                 }
             }
+            if cache
+                .refused
+                .get(&ino)
+                .is_some_and(|(_, next)| Instant::now() < *next)
+            {
+                continue;
+            }
             let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-            let bound = Proxy::bind_in(&ns, self.config.daemon.listen_port)
+            let bound = Proxy::bind_in(&ns, ino, self.config.daemon.listen_port)
                 .await
                 .and_then(|proxy| {
                     let (cookie, entry) = (proxy.netns_cookie, proxy.entry);
@@ -434,6 +449,7 @@ impl Daemon {
                 });
             match bound {
                 Ok((cookie, entry, accepting)) => {
+                    cache.refused.remove(&ino);
                     if let Err(e) = lock(&self.kernel.listeners).insert(cookie, entry, 0) {
                         warn!(netns.inode = ino, error = %e, "cannot register the listener");
                         continue;
@@ -456,7 +472,17 @@ impl Daemon {
                     );
                 }
                 Err(e) => {
-                    warn!(netns.inode = ino, pid, error = %e, "cannot open a listener in the network namespace; its tagged processes stay refused")
+                    let failures = cache.refused.get(&ino).map_or(0, |(n, _)| *n) + 1;
+                    let wait = NAMESPACE_RETRY
+                        .saturating_mul(1 << failures.min(8))
+                        .min(NAMESPACE_RETRY_MAX);
+                    cache.refused.insert(ino, (failures, Instant::now() + wait));
+                    // Once per namespace, not per attempt: an agent can make them at will.
+                    if failures == 1 {
+                        warn!(netns.inode = ino, pid, error = %e, retry_in = ?wait, "cannot open a listener in the network namespace; its tagged processes stay refused (tried again with a growing wait, logged once)");
+                    } else {
+                        debug!(netns.inode = ino, pid, error = %e, failures, retry_in = ?wait, "still cannot open a listener in the network namespace");
+                    }
                 }
             }
         }

@@ -26,6 +26,42 @@ pub fn cookie_of(socket: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// `NS_GET_USERNS` (`_IO(0xb7, 0x1)`): the user namespace that owns a namespace.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+/// Whether the network namespace open as `ns` is the one scanned (`inode`: its process may
+/// have exited and its pid gone to a process elsewhere since) and one the daemon serves: owned
+/// by the daemon's own user namespace. A namespace an unprivileged agent made for itself
+/// (`unshare -rn`: owned by a user namespace of its own) gets no listener, so its MCP connects
+/// stay refused; served, an agent could make a thousand of them and fill the listener map for
+/// every other namespace on the node.
+pub fn check_served(ns: &std::fs::File, inode: u64) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let opened = ns.metadata()?.ino();
+    if opened != inode {
+        return Err(io::Error::other(format!(
+            "the namespace changed under its process (inode {opened}, scanned {inode})"
+        )));
+    }
+    // SAFETY: an ioctl without argument on a valid descriptor; a descriptor it returns is ours.
+    let owner = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS) };
+    if owner < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor, owned by nothing else.
+    let owner = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(owner) };
+    let own = std::fs::metadata("/proc/self/ns/user")?;
+    let owner = owner.metadata()?;
+    if (owner.dev(), owner.ino()) != (own.dev(), own.ino()) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "it belongs to a user namespace of its own (made without privilege, e.g. \
+             `unshare -rn`); only namespaces of the host's user namespace get a listener",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -35,5 +71,15 @@ mod tests {
         let ca = super::cookie_of(&a).unwrap();
         assert_ne!(ca, 0);
         assert_eq!(ca, super::cookie_of(&b).unwrap());
+    }
+
+    #[test]
+    fn the_own_namespace_is_served_and_only_under_its_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let inode = ns.metadata().unwrap().ino();
+        super::check_served(&ns, inode).unwrap();
+        let e = super::check_served(&ns, inode + 1).unwrap_err();
+        assert!(e.to_string().contains("changed under its process"), "{e}");
     }
 }

@@ -215,4 +215,41 @@ fn agents_in_two_namespaces_are_intercepted_and_told_apart() {
         accept_failures < 10,
         "{accept_failures} accept failures logged"
     );
+
+    // A namespace an agent made for itself without privilege (its own user namespace, as
+    // `unshare -rn` does) gets no listener: its MCP connects stay refused, and an agent cannot
+    // fill the node's listener map with namespaces of its own.
+    let script = format!(
+        "echo $$ > '{}' && exec unshare --user --map-root-user --net sh -c 'ip link set lo up && exec sleep 60'",
+        dir_a.join("cgroup.procs").display()
+    );
+    let own = Holder(
+        Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .expect("own namespace"),
+    );
+    env.wait_log(
+        "cannot open a listener in the network namespace; its tagged processes stay refused (tried again with a growing wait, logged once)",
+        |v| {
+            v["pid"].as_u64() == Some(u64::from(own.0.id()))
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("user namespace of its own"))
+        },
+    );
+    let script = format!(
+        "echo $$ > '{}' && exec nsenter -t {} -U -n --preserve-credentials {PROBE} 127.0.0.2:8080",
+        dir_a.join("cgroup.procs").display(),
+        own.0.id()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("probe");
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {out:?}"));
+    assert_eq!(r["errno"], 111, "{r}");
+    assert_eq!(env.status()["listeners"].as_array().map_or(0, Vec::len), 3);
+    assert_eq!(upstream.count(), 3);
 }
