@@ -28,12 +28,15 @@ pub fn cookie_of(socket: &impl AsRawFd) -> io::Result<u64> {
 
 /// `NS_GET_USERNS` (`_IO(0xb7, 0x1)`): the user namespace that owns a namespace.
 const NS_GET_USERNS: libc::c_ulong = 0xb701;
+/// `NS_GET_OWNER_UID` (`_IO(0xb7, 0x4)`): the uid that made a user namespace.
+const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
 
 /// Whether the network namespace open as `ns` is the one scanned (`inode`: its process may
 /// have exited and its pid gone to a process elsewhere since) and one the daemon serves: owned
-/// by the daemon's own user namespace. A namespace an unprivileged agent made for itself
-/// (`unshare -rn`: owned by a user namespace of its own) gets no listener, so its MCP connects
-/// stay refused; served, an agent could make a thousand of them and fill the listener map for
+/// by the daemon's own user namespace, or by one root made (a container runtime's, for a pod
+/// with user namespaces). A namespace an unprivileged agent made for itself (`unshare -rn`:
+/// owned by a user namespace its own uid made) gets no listener, so its MCP connects stay
+/// refused; served, an agent could make a thousand of them and fill the listener map for
 /// every other namespace on the node.
 pub fn check_served(ns: &std::fs::File, inode: u64) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
@@ -51,12 +54,21 @@ pub fn check_served(ns: &std::fs::File, inode: u64) -> io::Result<()> {
     // SAFETY: a new descriptor, owned by nothing else.
     let owner = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(owner) };
     let own = std::fs::metadata("/proc/self/ns/user")?;
-    let owner = owner.metadata()?;
-    if (owner.dev(), owner.ino()) != (own.dev(), own.ino()) {
+    let meta = owner.metadata()?;
+    let mut made_by: libc::uid_t = libc::uid_t::MAX;
+    // SAFETY: a valid user-namespace descriptor and a pointer to a uid_t.
+    let rc = unsafe { libc::ioctl(owner.as_raw_fd(), NS_GET_OWNER_UID, &mut made_by) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (meta.dev(), meta.ino()) != (own.dev(), own.ino()) && made_by != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            "it belongs to a user namespace of its own (made without privilege, e.g. \
-             `unshare -rn`); only namespaces of the host's user namespace get a listener",
+            format!(
+                "it belongs to a user namespace uid {made_by} made (without privilege, e.g. \
+                 `unshare -rn`); only namespaces of the host's user namespace, or of one root \
+                 made, get a listener"
+            ),
         ));
     }
     Ok(())

@@ -219,8 +219,10 @@ fn agents_in_two_namespaces_are_intercepted_and_told_apart() {
     // A namespace an agent made for itself without privilege (its own user namespace, as
     // `unshare -rn` does) gets no listener: its MCP connects stay refused, and an agent cannot
     // fill the node's listener map with namespaces of its own.
+    // Made by a user other than root, as an unprivileged agent would.
     let script = format!(
-        "echo $$ > '{}' && exec unshare --user --map-root-user --net sh -c 'ip link set lo up && exec sleep 60'",
+        "echo $$ > '{}' && exec setpriv --reuid=65534 --regid=65534 --clear-groups \
+         unshare --user --map-root-user --net sh -c 'ip link set lo up && exec sleep 60'",
         dir_a.join("cgroup.procs").display()
     );
     let own = Holder(
@@ -235,7 +237,7 @@ fn agents_in_two_namespaces_are_intercepted_and_told_apart() {
             v["pid"].as_u64() == Some(u64::from(own.0.id()))
                 && v["error"]
                     .as_str()
-                    .is_some_and(|e| e.contains("user namespace of its own"))
+                    .is_some_and(|e| e.contains("a user namespace uid 65534 made"))
         },
     );
     let script = format!(
