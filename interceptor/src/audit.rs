@@ -1561,13 +1561,57 @@ fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
 }
 
 fn open_log(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let unsafe_place = |why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{why}; the daemon appends to the audit log as root and may cut a torn end off it: put it in a folder only root can write"
+            ),
+        )
+    };
+    // Anyone who can write the folder could put a link there to a file of root's (the daemon
+    // would append to it, and cut what it takes for a torn end off it).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let meta = std::fs::metadata(dir)?;
+        if meta.mode() & 0o002 != 0 {
+            return Err(unsafe_place(format!(
+                "{} is writable by every user (mode {:o})",
+                dir.display(),
+                meta.mode() & 0o7777
+            )));
+        }
+    }
     let file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .mode(0o600)
-        .open(path)?;
+        // Not through a link (see above).
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                unsafe_place(format!("{} is a symbolic link", path.display()))
+            } else {
+                e
+            }
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(unsafe_place(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(unsafe_place(format!(
+            "{} is owned by uid {}",
+            path.display(),
+            meta.uid()
+        )));
+    }
     // Created 0600; one found readable by others (arguments, identities) or writable by its
     // group is narrowed (a group allowed to read it, for a log shipper, stays).
     let mode = file.metadata()?.permissions().mode() & 0o7777;
@@ -2101,6 +2145,25 @@ mod tests {
         assert!(!files.is_empty(), "no rotation happened");
         files.push(live);
         files
+    }
+
+    #[test]
+    fn the_log_is_not_opened_through_a_link_nor_in_a_folder_anyone_may_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("root-owned");
+        std::fs::write(&target, "keep\n").unwrap();
+        let link = dir.path().join("audit.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = open_log(&link).unwrap_err();
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = open_log(&open.join("audit.jsonl")).unwrap_err();
+        assert!(e.to_string().contains("writable by every user"), "{e}");
+        assert!(open_log(&dir.path().join("fine.jsonl")).is_ok());
     }
 
     #[test]
