@@ -309,16 +309,20 @@ pub fn h2c_post(cgroup_dir: &Path, url: &str, body: &str, extra: &[&str]) -> Com
 
 /// The daemon's metrics page (`daemon.metrics_addr` = 127.0.0.1:`port`), HTTP head included.
 pub fn scrape_metrics(port: u16) -> String {
+    try_scrape_metrics(port).expect("metrics endpoint")
+}
+
+/// Like [`scrape_metrics`], the error when it fails.
+pub fn try_scrape_metrics(port: u16) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     write!(
         stream,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("metrics request");
+    )?;
     let mut text = String::new();
-    stream.read_to_string(&mut text).expect("metrics response");
-    text
+    stream.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// A port that was free a moment ago on 127.0.0.1 and [::1].

@@ -477,7 +477,8 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
         &mount,
         Some("tmpfs"),
         nix::mount::MsFlags::empty(),
-        Some("size=256k"),
+        // Root only, as an audit folder must be.
+        Some("size=256k,mode=0700"),
     )
     .expect("mount tmpfs");
     struct Unmount(PathBuf);
@@ -785,8 +786,8 @@ fn metrics_count_requests_denials_and_kernel_redirects() {
     interceptor_tests::eventually(
         std::time::Duration::from_secs(5),
         || {
-            interceptor_tests::scrape_metrics(port)
-                .contains("interceptor_connections_total")
+            interceptor_tests::try_scrape_metrics(port)
+                .is_ok_and(|t| t.contains("interceptor_connections_total"))
                 .then_some(())
         },
         || "no scrape after the idle connections closed".to_owned(),
