@@ -279,7 +279,7 @@ cgroup = "{root}/**"
     let before = json_lines(&seen_file).len();
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let forged = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nX-Forwarded-For: 127.9.9.9\r\nForwarded: for=127.9.9.9\r\nInterceptor_Identity: forged\r\nX_Api_Key: agent-key\r\nClient-Cert: :Zm9yZ2Vk:\r\nX-SSL-Client-Verify: SUCCESS\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nX-Forwarded-For: 127.9.9.9\r\nForwarded: for=127.9.9.9\r\nInterceptor_Identity: forged\r\nX_Api_Key: agent-key\r\nMcp_Session_Id: someone-elses\r\nClient-Cert: :Zm9yZ2Vk:\r\nX-SSL-Client-Verify: SUCCESS\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     send_raw(
@@ -299,11 +299,13 @@ cgroup = "{root}/**"
         last["x_forwarded_for"].is_null() && last["forwarded"].is_null(),
         "{last}"
     );
-    // Nor their look-alikes a CGI-style gateway reads as the same names (`_` for `-`), nor
-    // claims about the client's certificate a TLS-terminating proxy would make.
+    // Nor names with `_`, which a CGI-style gateway reads as the names with `-` (a session
+    // id the proxy never judged, a forged identity), nor claims about the client's
+    // certificate a TLS-terminating proxy would make.
     for key in [
         "identity_underscored",
         "x_api_key_underscored",
+        "session_underscored",
         "client_cert",
         "x_ssl_client_verify",
     ] {

@@ -62,33 +62,24 @@ pub fn check_value_shapes(headers: &HeaderMap) -> Result<(), String> {
     Ok(())
 }
 
-/// A header name as CGI-style gateways (WSGI, PHP, Django, Rack) read it: `_` and `-` are one
-/// (`X_Forwarded_For` reaches the application as `X-Forwarded-For`). Names are compared folded.
-pub fn fold_header_name(name: &str) -> std::borrow::Cow<'_, str> {
-    if name.contains('_') {
-        std::borrow::Cow::Owned(name.replace('_', "-"))
-    } else {
-        std::borrow::Cow::Borrowed(name)
-    }
-}
-
 /// Hop-by-hop headers, those the proxy sets itself (`accept-encoding`: the proxy must be
 /// able to read what comes back, so it asks for identity encoding; `expect`: the body was
 /// read whole before anything is forwarded), and the headers proxies use to tell a server
 /// who the client is (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Client-IP`,
 /// `True-Client-IP`, and the like of CDNs and Envoy) or its certificate (`Client-Cert`,
-/// `X-SSL-Client-*`): an agent's own copies would be believed by a server that trusts its
-/// proxy. Names compared folded ([`fold_header_name`]).
+/// `X-SSL-*`, `X-Client-Verify`, …): an agent's own copies would be believed by a server that
+/// trusts its proxy.
 pub fn skip_header(name: &header::HeaderName) -> bool {
-    let folded = fold_header_name(name.as_str());
-    let name = folded.as_ref();
+    let name = name.as_str();
     name.starts_with("x-forwarded-")
         // What a TLS-terminating front proxy says of the client's certificate (RFC 9440,
-        // nginx's and others' conventions): the agent's copies would speak for the node.
-        || name.starts_with("x-ssl-client")
+        // nginx's, IIS ARR's, AWS's and others' conventions): the agent's copies would speak
+        // for the node.
+        || name.starts_with("x-ssl-")
         || name.starts_with("ssl-client")
         || name.starts_with("x-client-cert")
         || name.starts_with("client-cert")
+        || name.starts_with("x-amzn-mtls-")
         || matches!(
             name,
             "accept-encoding"
@@ -113,6 +104,9 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "cf-connecting-ip"
                 | "fastly-client-ip"
                 | "x-envoy-external-address"
+                | "x-client-verify"
+                | "x-client-dn"
+                | "x-arr-clientcert"
                 // Route overrides some frameworks honour instead of the request path.
                 | "x-original-url"
                 | "x-rewrite-url"

@@ -43,10 +43,7 @@ use tracing::{debug, info, warn};
 
 pub use self::session::{BoundSessions, Sessions, Streams};
 use self::{
-    headers::{
-        check_charset, check_framing, check_mcp_headers, check_value_shapes, fold_header_name,
-        skip_header,
-    },
+    headers::{check_charset, check_framing, check_mcp_headers, check_value_shapes, skip_header},
     jsonrpc::{Message, RpcError, code},
     session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, request_names, session_key},
 };
@@ -1824,20 +1821,22 @@ impl Conn {
             }
         };
         let mut builder = Request::builder().method(parts.method.clone()).uri(uri);
-        let assertion_header = fold_header_name(&naming.assertion_header);
         for (name, value) in &parts.headers {
             // The agent may not speak for the node (assertion header) nor, unless the server
-            // allows it, pass its own credentials. Compared with `_` taken for `-`: servers
-            // behind CGI-style gateways (WSGI, PHP, Django) read both as one name.
-            let folded = fold_header_name(name.as_str());
+            // allows it, pass its own credentials. Nor send a name with `_`: servers behind
+            // CGI-style gateways (WSGI, PHP, Django, Rack) read `Mcp_Session_Id` as
+            // `Mcp-Session-Id`, a name the proxy judges (sessions, `Mcp-Method`) or drops
+            // (`Interceptor_Identity`, `X_Forwarded_For`) under its spelling with `-` only
+            // (nginx drops them too, by default).
             let dropped = skip_header(name)
-                || folded == header::CONTENT_TYPE.as_str()
-                || folded == assertion_header
-                || (folded == header::AUTHORIZATION.as_str() && !server.pass_authorization)
+                || name.as_str().contains('_')
+                || name == header::CONTENT_TYPE
+                || name.as_str() == naming.assertion_header
+                || (name == header::AUTHORIZATION && !server.pass_authorization)
                 || server
                     .inject_headers
                     .keys()
-                    .any(|k| fold_header_name(k).eq_ignore_ascii_case(&folded));
+                    .any(|k| k.eq_ignore_ascii_case(name.as_str()));
             if !dropped {
                 builder = builder.header(name, value);
             }

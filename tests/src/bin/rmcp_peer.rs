@@ -183,6 +183,7 @@ async fn server_tls(
                         // Names a CGI-style gateway reads as the ones above.
                         "identity_underscored": header("interceptor_identity"),
                         "x_api_key_underscored": header("x_api_key"),
+                        "session_underscored": header("mcp_session_id"),
                         "client_cert": header("client-cert"),
                         "x_ssl_client_verify": header("x-ssl-client-verify"),
                         "method": req.method().as_str(),
