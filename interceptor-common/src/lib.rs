@@ -69,6 +69,13 @@ pub mod programs {
     pub const PROC_EXEC: &str = "proc_exec";
     /// Raw tracepoint `sched_process_exit`: bumps [`crate::maps::PROC_CHANGES`].
     pub const PROC_EXIT: &str = "proc_exit";
+    /// Raw tracepoint `sched_prepare_exec` (Linux >= 6.10): bumps the exec generation when an
+    /// exec starts replacing the process, before its executable changes (`sched_process_exec`
+    /// comes only after the new image is set up: `/proc/<pid>/exe` names it in between).
+    /// Attached when the kernel has it.
+    pub const PROC_PREPARE_EXEC: &str = "proc_prepare_exec";
+    /// `PROC_PREPARE_EXEC`'s tracepoint.
+    pub const PREPARE_EXEC_TRACEPOINT: &str = "sched_prepare_exec";
     /// The raw tracepoint programs, attached while the daemon runs (not pinned), with the
     /// tracepoint each one serves (raw tracepoints need no tracefs).
     pub const TRACEPOINTS: [(&str, &str); 2] = [

@@ -132,6 +132,14 @@ pub fn proc_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// An exec is about to replace the calling process's image: counted before its executable
+/// changes, so a reading of `/proc/<pid>/exe` in between is known to be unsure.
+#[raw_tracepoint(tracepoint = "sched_prepare_exec")]
+pub fn proc_prepare_exec(_ctx: RawTracePointContext) -> i32 {
+    process_changed(PROC_EXEC_STEP);
+    0
+}
+
 /// A task exited. Any exit counts, not only the thread-group leader's: the leader may end
 /// before its other threads, and only the last exit frees the process id for reuse.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]

@@ -202,8 +202,9 @@ impl Kernel {
             Err(e) => {
                 warn!(
                     error = %e,
-                    "identity cache off: the process-change tracepoints could not be attached; \
-                     every connection reads /proc"
+                    "the process-change tracepoints could not be attached: identities carry no \
+                     executable (an exec since the connect could not be told), so no `exe` \
+                     binding matches; the identity cache is off (every connection reads /proc)"
                 );
                 (Vec::new(), None)
             }
@@ -589,6 +590,42 @@ fn track_processes(
             program_id: info.program_id(),
         });
         own.push(link);
+    }
+    // Optional: older kernels lack it (an exec's window before `sched_process_exec` then
+    // stays unguarded, and the daemon says so).
+    let (name, tracepoint) = (
+        programs::PROC_PREPARE_EXEC,
+        programs::PREPARE_EXEC_TRACEPOINT,
+    );
+    let prepare = (|| -> Result<(FdLink, Tracepoint), String> {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or("not in the object")?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        program.load().map_err(|e| e.to_string())?;
+        let id = program.attach(tracepoint).map_err(|e| e.to_string())?;
+        let link = FdLink::from(program.take_link(id).map_err(|e| e.to_string())?);
+        let info = link.info().map_err(|e| e.to_string())?;
+        let attached = Tracepoint {
+            program: name,
+            tracepoint,
+            link_id: info.id(),
+            program_id: info.program_id(),
+        };
+        Ok((link, attached))
+    })();
+    match prepare {
+        Ok((link, tracepoint)) => {
+            attached.push(tracepoint);
+            own.push(link);
+        }
+        Err(e) => warn!(
+            tracepoint,
+            error = %e,
+            "cannot attach to the start of an exec (Linux >= 6.10 has it): an executable read \
+             while a process execs may be the new one, for a connection the old one made"
+        ),
     }
     let map = Array::try_from(take_map(ebpf, names::PROC_CHANGES)?)
         .map_err(map_err(names::PROC_CHANGES))?;

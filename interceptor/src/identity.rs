@@ -118,13 +118,24 @@ impl ProcFacts {
         if liveness(start_time_ns, connect_boot_ns) == Liveness::Alive {
             // Paths that are not UTF-8 give no exe / no cgroup (and so no workload id), which
             // bindings never match: replaced bytes would let two paths share one identity.
-            facts.exe = std::fs::read_link(dir.join("exe"))
-                .ok()
+            // Only in the daemon's user namespace: a process in one of its own (any process
+            // may make one) may point its executable link at any file (`prctl(PR_SET_MM_MAP)`
+            // asks for CAP_CHECKPOINT_RESTORE there, which it then has).
+            facts.exe = in_own_user_namespace(dir)
+                .then(|| std::fs::read_link(dir.join("exe")).ok())
+                .flatten()
                 .and_then(|p| p.into_os_string().into_string().ok());
             facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(unified_path);
         }
         facts
     }
+}
+
+/// Whether the process of `/proc` entry `dir` is in the daemon's user namespace.
+fn in_own_user_namespace(dir: &Path) -> bool {
+    static OWN: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let own = OWN.get_or_init(|| std::fs::read_link("/proc/self/ns/user").ok());
+    own.is_some() && std::fs::read_link(dir.join("ns/user")).ok() == *own
 }
 
 /// The cgroup v2 path in a `/proc/…/cgroup` file (its `0::` line), if it is UTF-8.
@@ -237,19 +248,21 @@ impl ProcCache {
             }
             facts
         };
-        // Read before /proc: a change during the reading moves it past what is stored.
+        let without_exe = |mut facts: ProcFacts| {
+            facts.exe = None;
+            facts
+        };
+        // Read before /proc: a change during the reading moves it past what is stored. With
+        // no counter (the tracepoints could not be attached, or the map read failed) nothing
+        // tells whether the process exec'd since the connect: no executable.
         let Some(before) = changes(record.tgid) else {
-            return read();
+            return without_exe(read());
         };
         // An exec in the process's slot since the connect: the executable `/proc` shows may
         // not be the one that connected. Not a race to win by luck only: a socket with
         // `TCP_FASTOPEN_CONNECT` sends nothing (so reaches no proxy) until its first write,
         // which may come after the process has exec'd a binary that bindings trust.
         let exec_since_connect = |changes: u64| exec_gen(changes) != record.exec_gen;
-        let without_exe = |mut facts: ProcFacts| {
-            facts.exe = None;
-            facts
-        };
         if exec_since_connect(before) {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return without_exe(read());
@@ -701,6 +714,26 @@ mod tests {
         let _ = std::fs::remove_file(dir.join("exe"));
         std::os::unix::fs::symlink(exe, dir.join("exe")).unwrap();
         std::fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+        std::fs::create_dir_all(dir.join("ns")).unwrap();
+        let _ = std::fs::remove_file(dir.join("ns/user"));
+        let own = std::fs::read_link("/proc/self/ns/user").unwrap();
+        std::os::unix::fs::symlink(own, dir.join("ns/user")).unwrap();
+    }
+
+    #[test]
+    fn a_process_in_a_user_namespace_of_its_own_has_no_executable() {
+        let root = tempfile::tempdir().unwrap();
+        fake_proc(root.path(), 4246, "/usr/bin/trusted", "/agents/a");
+        let dir = root.path().join("4246");
+        assert_eq!(
+            ProcFacts::read(&dir, u64::MAX / 2).exe.as_deref(),
+            Some("/usr/bin/trusted")
+        );
+        std::fs::remove_file(dir.join("ns/user")).unwrap();
+        std::os::unix::fs::symlink("user:[4026532999]", dir.join("ns/user")).unwrap();
+        let facts = ProcFacts::read(&dir, u64::MAX / 2);
+        assert_eq!(facts.exe, None);
+        assert_eq!(facts.cgroup.as_deref(), Some("/agents/a"));
     }
 
     #[test]
@@ -761,9 +794,12 @@ mod tests {
         assert_eq!(id(&record, Some(4)).exe.as_deref(), Some("/tmp/other"));
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.entries), (1, 2, 1));
-        // No counter (tracepoints missing, map unreadable): always read, never cached.
+        // No counter (tracepoints missing, map unreadable): always read, never cached, and
+        // no executable (an exec since the connect could not be told).
         fake_proc(root.path(), 4242, "/usr/bin/third", "/agents/a");
-        assert_eq!(id(&record, None).exe.as_deref(), Some("/usr/bin/third"));
+        let uncounted = id(&record, None);
+        assert_eq!(uncounted.exe, None);
+        assert_eq!(uncounted.cgroup.as_deref(), Some("/agents/a"));
         assert_eq!(cache.stats().hits, 1);
         // Another cgroup id is another key.
         let mut moved = record;

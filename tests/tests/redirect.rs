@@ -479,7 +479,11 @@ fn identity_follows_exec_and_is_cached_until_the_process_changes() {
         .collect();
     assert_eq!(
         tracepoints,
-        ["sched_process_exec", "sched_process_exit"],
+        [
+            "sched_process_exec",
+            "sched_process_exit",
+            "sched_prepare_exec"
+        ],
         "{status}"
     );
     assert_eq!(status["identity_cache"]["enabled"], true, "{status}");
