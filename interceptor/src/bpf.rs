@@ -46,8 +46,8 @@ pub enum Error {
     Io { path: PathBuf, error: io::Error },
 
     #[error(
-        "{dir} is in use by another interceptor daemon (its pins are locked); stop that daemon, \
-         or give this one its own daemon.bpffs_dir"
+        "{dir} is in use by another interceptor daemon (it holds the lock on its pins); stop \
+         that daemon first (to run a second one beside it, give it its own daemon.bpffs_dir)"
     )]
     PinsInUse { dir: PathBuf },
 
@@ -152,10 +152,16 @@ impl Kernel {
         ensure_bpffs(bpffs_dir)?;
         let links_dir = bpffs_dir.join("links");
         for dir in [bpffs_dir, links_dir.as_path()] {
-            std::fs::create_dir_all(dir).map_err(|error| Error::Io {
-                path: dir.to_owned(),
-                error,
-            })?;
+            // Root only, whatever the umask (the folder is checked below).
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|error| Error::Io {
+                    path: dir.to_owned(),
+                    error,
+                })?;
         }
         let pins_lock = lock_pins(bpffs_dir, &links_dir)?;
         let mut ebpf = EbpfLoader::new()
@@ -696,8 +702,12 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
         // bpffs mounted here would end with the namespace: the pinned links with it, so a
         // restarted container would leave tagged agents unintercepted for a while, and lose
         // every tag and revocation.
+        // The host's init is pid 1 only in the host's pid namespace (its inode is fixed).
+        const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+        let host_pids = std::fs::metadata("/proc/self/ns/pid")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == PROC_PID_INIT_INO);
         let own = std::fs::read_link("/proc/self/ns/mnt").ok();
-        if own.is_some() && own != std::fs::read_link("/proc/1/ns/mnt").ok() {
+        if !host_pids || own.is_none() || own != std::fs::read_link("/proc/1/ns/mnt").ok() {
             return Err(Error::Bpffs {
                 dir: dir.to_owned(),
                 message: format!(
@@ -763,10 +773,16 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Removed, Error> {
     };
     // The revocations that end with their map, to say so.
     let blocks = bpffs_dir.join(names::BLOCKS);
-    if let Ok(data) = aya::maps::MapData::from_pin(&blocks)
-        && let Ok(map) =
-            HashMap::<MapData, BlockKey, BlockValue>::try_from(aya::maps::Map::HashMap(data))
-    {
+    let readable = aya::maps::MapData::from_pin(&blocks).ok().and_then(|data| {
+        HashMap::<MapData, BlockKey, BlockValue>::try_from(aya::maps::Map::HashMap(data)).ok()
+    });
+    if readable.is_none() && blocks.exists() {
+        removed.revocations.push(format!(
+            "those in {} (unreadable by this version: another layout?)",
+            blocks.display()
+        ));
+    }
+    if let Some(map) = readable {
         removed.revocations = map
             .iter()
             .filter_map(Result::ok)

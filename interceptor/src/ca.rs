@@ -305,8 +305,9 @@ impl NodeCa {
             return Err(invalid(
                 &format!("CA key {}", cfg.key.display()),
                 format!(
-                    "it is not the key of the CA certificate {}; point [ca] key at that \
-                     certificate's private key",
+                    "it is not the key of the CA certificate {} (the first certificate in \
+                     that file: the CA comes first, then the ones above it); point [ca] key at \
+                     that certificate's private key",
                     cfg.cert.display()
                 ),
             ));
@@ -418,6 +419,13 @@ impl NodeCa {
 
     fn mint(&self, workload_id: &str, now: SystemTime) -> Result<Leaf, Error> {
         let invalid = |e: rcgen::Error| Error::Invalid(format!("minting for {workload_id}: {e}"));
+        if now >= self.not_after {
+            return Err(Error::Invalid(format!(
+                "minting for {workload_id}: the node CA expired at {}; renew it and restart \
+                 the daemon",
+                humantime::format_rfc3339_seconds(self.not_after)
+            )));
+        }
         let key = KeyPair::generate().map_err(invalid)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -723,6 +731,15 @@ mod tests {
         let ca = load_made(d, short, &above.pem(), "24h").unwrap();
         let leaf = ca.leaf("spiffe://example.org/w").unwrap();
         assert_eq!(leaf.not_after, ca.not_after());
+        // Once the CA has ended, nothing is minted (a leaf would end before it starts).
+        let e = ca
+            .mint(
+                "spiffe://example.org/w",
+                ca.not_after() + Duration::from_secs(1),
+            )
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("the node CA expired at"), "{e}");
         assert!(leaf.not_after <= SystemTime::now() + Duration::from_secs(3_601));
         assert_eq!(leaf.chain.len(), 3);
         assert_eq!(leaf.chain[2].as_ref(), above.der().as_ref());
@@ -755,6 +772,11 @@ mod tests {
 
     #[test]
     fn a_key_another_user_owns_is_refused() {
+        // Giving a file away takes root (as the daemon runs); as another user there is
+        // nothing to give.
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = init(dir.path(), "n").unwrap();
         nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(65_534)), None).unwrap();

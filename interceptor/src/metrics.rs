@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -281,12 +281,13 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
                     resp.map_err(|e| std::io::Error::other(e.to_string()))
                 }
             });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
+            // HTTP/1 only (what scrapers speak): its head timeout also runs while nothing at
+            // all has arrived (a sniffing HTTP/1-or-2 builder would wait for the first bytes
+            // with no limit).
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFE, connection).await;
         });
     }

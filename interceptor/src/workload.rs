@@ -32,13 +32,14 @@ fn is_container_id(s: &str) -> bool {
 /// The outermost match counts: a process allowed to make cgroups below its own (systemd
 /// delegation, rootless or nested containers) could otherwise name a pod and container of
 /// its choice by nesting `…/pod<uid>/docker-<id>.scope` under its own. A pod is taken only
-/// under the `kubepods` hierarchy (its QoS level between), a container only as the first
-/// container-shaped segment.
+/// under the `kubepods` hierarchy at the top (its QoS level between), a container only as the
+/// first container-shaped segment (in Kubernetes nested in a container, as kind runs it, the
+/// node's container).
 pub fn placement(cgroup: &str) -> Placement {
     let mut p = Placement::default();
-    // Segments of the kubepods hierarchy seen so far, with nothing else between.
+    // Segments of the kubepods hierarchy seen so far from the top, with nothing else between.
     let mut in_kubepods = false;
-    for seg in cgroup.split('/').filter(|s| !s.is_empty()) {
+    for (depth, seg) in cgroup.split('/').filter(|s| !s.is_empty()).enumerate() {
         if p.container.is_some() {
             break;
         }
@@ -60,7 +61,7 @@ pub fn placement(cgroup: &str) -> Placement {
             let uid = pod_part.map(|uid| uid.replace('_', "-")).filter(|uid| {
                 uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
             });
-            let kubepods_level = seg.starts_with("kubepods");
+            let kubepods_level = seg.starts_with("kubepods") && (depth == 0 || in_kubepods);
             if let Some(uid) = uid
                 && (in_kubepods || kubepods_level)
             {
@@ -528,6 +529,26 @@ mod tests {
             (
                 format!(
                     "/user.slice/user-1000.slice/user@1000.service/app.slice/pod{OTHER_POD}/burstable/kubepods-x"
+                ),
+                None,
+                None,
+                None,
+                None,
+            ),
+            // kubepods only at the top: a delegated subtree cannot start one of its own.
+            (
+                format!(
+                    "/user.slice/user-1000.slice/user@1000.service/x.service/kubepods/pod{OTHER_POD}/{OTHER}"
+                ),
+                Some(OTHER),
+                Some("containerd"),
+                None,
+                None,
+            ),
+            (
+                format!(
+                    "/app.slice/kubepods-pod{}.slice",
+                    OTHER_POD.replace('-', "_")
                 ),
                 None,
                 None,
