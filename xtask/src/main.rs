@@ -109,6 +109,8 @@ fn run_task(cli: Cli) -> Result<()> {
             let bin = root.join("target/release/interceptor");
             let plan = bench::Plan::new(quick);
             // Micro-benchmarks first (criterion writes target/criterion; bench::run reads it).
+            // The same packages as the build (interceptor-tests' dependencies widen shared
+            // crates' features): otherwise half the dependency tree is built again.
             let _ = std::fs::remove_dir_all(root.join("target/criterion"));
             let (warm, measure) = plan.criterion_secs;
             run(cargo(&root, &tools).args([
@@ -117,6 +119,8 @@ fn run_task(cli: Cli) -> Result<()> {
                 "release",
                 "--package",
                 "interceptor",
+                "--package",
+                "interceptor-tests",
                 "--bench",
                 "micro",
                 "--",
