@@ -233,6 +233,8 @@ pub struct NodeCa {
     kid: String,
     /// The JWS protected header (`alg`, `typ`, `kid`), base64url-encoded once.
     jws_header: String,
+    /// `jws_header` and a dot.
+    token_prefix: Arc<str>,
     leaf_ttl: Duration,
     cache: Mutex<HashMap<String, Arc<Leaf>>>,
     /// Certificates minted so far.
@@ -346,6 +348,7 @@ impl NodeCa {
             jws_key,
             rng,
             kid,
+            token_prefix: Arc::from(format!("{jws_header}.")),
             jws_header,
             leaf_ttl,
             cache: Mutex::new(HashMap::new()),
@@ -389,6 +392,11 @@ impl NodeCa {
     /// The key id of the assertions' signing key (as in the JWKS).
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// How every assertion this CA signs starts: its encoded JWS header and the dot after it.
+    pub fn token_prefix(&self) -> Arc<str> {
+        self.token_prefix.clone()
     }
 
     /// Whether the files at `cfg`'s paths now hold something else than what was loaded (a

@@ -147,8 +147,15 @@ const MAX_H2_STREAMS: u32 = 16;
 /// never hold. Exact occurrences in headers, bodies and SSE events become `[REDACTED]` (also
 /// JSON-escaped with `\/` and percent-encoded). Taken when the request is sent: a stream
 /// open across a rotation of the credential file is scrubbed of the value it was sent.
+/// Identity assertions are scrubbed by their node's JWS header, whatever the request they
+/// were sent with (a legacy SSE stream carries the answers to other requests than its own).
 #[derive(Default)]
-pub struct Secrets(Vec<Arc<str>>);
+pub struct Secrets {
+    exact: Vec<Arc<str>>,
+    /// Starts of tokens (`<JWS header>.`): each occurrence and the token characters that
+    /// follow it are scrubbed.
+    tokens: Vec<Arc<str>>,
+}
 
 /// `text` with the hex digits of its `%XX` escapes in lower case.
 fn lower_hex(text: &str) -> String {
@@ -194,16 +201,28 @@ impl Secrets {
         forms.dedup();
         for form in forms {
             if *form != *secret {
-                self.0.push(Arc::from(form));
+                self.exact.push(Arc::from(form));
             }
         }
-        self.0.push(secret);
+        self.exact.push(secret);
+    }
+
+    /// Every token that starts with `prefix` (a JWS header and its dot), whole.
+    fn add_token_prefix(&mut self, prefix: Arc<str>) {
+        if !self.tokens.contains(&prefix) {
+            self.tokens.push(prefix);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.tokens.is_empty()
     }
 
     /// `bytes` with every occurrence of a secret replaced (the same bytes when none occurs).
     fn scrub(&self, bytes: Bytes) -> Bytes {
+        let bytes = self.scrub_tokens(bytes);
         let mut out: Option<Vec<u8>> = None;
-        for secret in &self.0 {
+        for secret in &self.exact {
             let text = out.as_deref().unwrap_or(&bytes);
             if memchr::memmem::find(text, secret.as_bytes()).is_none() {
                 continue;
@@ -221,8 +240,35 @@ impl Secrets {
         out.map_or(bytes, Bytes::from)
     }
 
+    /// `bytes` with every token that starts with a token prefix replaced, up to the first
+    /// byte that cannot be part of a compact JWS (base64url and dots).
+    fn scrub_tokens(&self, bytes: Bytes) -> Bytes {
+        let token_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        let mut out: Option<Vec<u8>> = None;
+        for prefix in &self.tokens {
+            let text = out.as_deref().unwrap_or(&bytes);
+            if memchr::memmem::find(text, prefix.as_bytes()).is_none() {
+                continue;
+            }
+            let mut replaced = Vec::with_capacity(text.len());
+            let mut at = 0;
+            for hit in memchr::memmem::find_iter(text, prefix.as_bytes()) {
+                if hit < at {
+                    continue;
+                }
+                replaced.extend_from_slice(&text[at..hit]);
+                replaced.extend_from_slice(b"[REDACTED]");
+                let rest = &text[hit + prefix.len()..];
+                at = hit + prefix.len() + rest.iter().take_while(|b| token_byte(b)).count();
+            }
+            replaced.extend_from_slice(&text[at..]);
+            out = Some(replaced);
+        }
+        out.map_or(bytes, Bytes::from)
+    }
+
     fn scrub_headers(&self, headers: &mut http::HeaderMap) {
-        if self.0.is_empty() {
+        if self.is_empty() {
             return;
         }
         for value in headers.values_mut() {
@@ -236,7 +282,7 @@ impl Secrets {
     }
 
     fn scrub_event(&self, e: sse::Event) -> sse::Event {
-        if self.0.is_empty() {
+        if self.is_empty() {
             return e;
         }
         let raw = self.scrub(e.raw.clone());
@@ -1872,8 +1918,9 @@ impl Conn {
         if let (Some(ca), Some(wid)) = (&self.daemon.ca, &self.identity.workload_id) {
             let token = self.assertion(ca, wid, roles);
             // A bearer token for its lifetime: an upstream echoing it (an error page quoting
-            // the request's headers) must not hand it to the agent.
-            secrets.add(Arc::from(token.as_str()));
+            // the request's headers) must not hand it to the agent; nor any other of this
+            // node's (a legacy stream answers other requests than the GET that opened it).
+            secrets.add_token_prefix(ca.token_prefix());
             builder = builder.header(naming.assertion_header.as_str(), token);
         }
         let up_len = bytes.len() as u64;
@@ -2563,6 +2610,19 @@ mod tests {
             Bytes::from_static(b"data: {\"k\":\"[REDACTED]\"}\n\n")
         );
         assert_eq!(e.data, r#"{"k":"[REDACTED]"}"#);
+
+        // Tokens by their start: every assertion of the node, whole, whichever request it
+        // came with; the text around them stays.
+        let mut tokens = Secrets::default();
+        tokens.add_token_prefix(Arc::from("eyJhbGci."));
+        tokens.add_token_prefix(Arc::from("eyJhbGci."));
+        assert_eq!(tokens.tokens.len(), 1);
+        assert_eq!(
+            tokens.scrub(Bytes::from_static(
+                b"{\"seen\":\"eyJhbGci.eyJzdWIi.c2ln-_x\",\"b\":\"eyJhbGci.eyJ.s2\"} eyJhbGci"
+            )),
+            Bytes::from_static(b"{\"seen\":\"[REDACTED]\",\"b\":\"[REDACTED]\"} eyJhbGci")
+        );
     }
 
     #[test]
