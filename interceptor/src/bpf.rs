@@ -674,6 +674,15 @@ fn lock_pins(dir: &Path, links_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::
         path: dir.to_owned(),
         error,
     })?;
+    lock_exclusive(file, dir)
+}
+
+/// The exclusive lock on the pin folder open as `file`; [`Error::PinsInUse`] while a daemon
+/// holds it.
+fn lock_exclusive(
+    file: std::fs::File,
+    dir: &Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
         |(_, errno)| match errno {
             nix::errno::Errno::EWOULDBLOCK => Error::PinsInUse {
@@ -711,9 +720,9 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
             return Err(Error::Bpffs {
                 dir: dir.to_owned(),
                 message: format!(
-                    "{} is not bpffs and this process is not in the host's mount namespace \
-                     (a bpffs mounted here would go with it); mount the host's {BPFFS_MOUNT} \
-                     into the container",
+                    "{} is not bpffs and this process is not in the host's mount and pid \
+                     namespaces (a bpffs mounted here would go with its container); mount the \
+                     host's {BPFFS_MOUNT} into the container, and run it with the host's pids",
                     probe.display()
                 ),
             });
@@ -758,16 +767,7 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Removed, Error> {
     };
     // Not under a daemon that holds the pins (whatever its admin socket says).
     let _pins_lock = match std::fs::File::open(bpffs_dir) {
-        Ok(dir) => Some(
-            nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
-                |(_, errno)| match errno {
-                    nix::errno::Errno::EWOULDBLOCK => Error::PinsInUse {
-                        dir: bpffs_dir.to_owned(),
-                    },
-                    e => io_err(bpffs_dir)(e.into()),
-                },
-            )?,
-        ),
+        Ok(dir) => Some(lock_exclusive(dir, bpffs_dir)?),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_err(bpffs_dir)(e)),
     };

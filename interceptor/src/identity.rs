@@ -307,7 +307,10 @@ impl ProcCache {
 }
 
 impl Identity {
-    /// Builds the identity for `record`, reading `/proc` under `proc_root` (normally `/proc`).
+    /// Builds the identity for `record`, reading `/proc` under `proc_root`, with none of the
+    /// kernel's change counters (tests of the reading itself; the daemon goes through
+    /// [`Identity::from_record_cached`], which also tells an exec since the connect).
+    #[cfg(test)]
     pub fn from_record(record: &ConnRecord, proc_root: &Path, naming: &Naming) -> Self {
         Self::build(record, ProcFacts::of(record, proc_root), naming)
     }
