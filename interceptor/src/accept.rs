@@ -81,7 +81,7 @@ impl Proxy {
                 scope
                     .spawn(|| {
                         let file = std::fs::File::open(&ns)?;
-                        crate::netns::check_served(&file, inode)?;
+                        crate::netns::check_scanned(&file, inode)?;
                         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                             |e| io::Error::other(format!("entering {}: {e}", ns.display())),
                         )?;

@@ -193,7 +193,12 @@ struct NetnsCache {
     /// Namespaces whose listener could not be opened, by inode: failures in a row, and when
     /// to try again (backing off: each attempt enters the namespace on a thread of its own).
     refused: std::collections::HashMap<u64, (u32, Instant)>,
+    /// cgroups with more namespaces than get a listener (warned about once while they do).
+    crowded: HashSet<std::path::PathBuf>,
 }
+
+/// Network namespaces served per cgroup (a pod or container has one).
+const MAX_NAMESPACES_PER_CGROUP: usize = 8;
 
 /// The wait before opening a refused namespace's listener again, doubling per failure.
 const NAMESPACE_RETRY: Duration = Duration::from_millis(500);
@@ -206,7 +211,7 @@ fn namespaces_under(
     dirs: &[std::path::PathBuf],
     cache: &mut NetnsCache,
     changes: impl Fn(u32) -> Option<u64>,
-) -> std::collections::HashMap<u64, u32> {
+) -> std::collections::HashMap<u64, (u32, std::path::PathBuf)> {
     let full = cache.scans.is_multiple_of(NAMESPACE_FULL_SCAN);
     cache.scans += 1;
     let mut known = std::collections::HashMap::new();
@@ -222,7 +227,7 @@ fn namespaces_under(
                     _ => netns_inode(pid),
                 };
                 if let Some(ino) = ino {
-                    found.entry(ino).or_insert(p);
+                    found.entry(ino).or_insert_with(|| (p, dir.clone()));
                     if let Some(counter) = counter {
                         known.insert(p, (counter, ino));
                     }
@@ -393,10 +398,38 @@ impl Daemon {
             }
             Err(_) => Default::default(),
         };
-        let wanted: std::collections::HashMap<u64, u32> = found
-            .into_iter()
-            .filter(|(ino, _)| Some(*ino) != own)
-            .collect();
+        // At most MAX_NAMESPACES_PER_CGROUP per cgroup (where their first process was found),
+        // those already served first: an agent that may make network namespaces (root in a
+        // container, or in a user namespace of its own) would otherwise fill the node's
+        // listener entries, and every other namespace's MCP connects would be refused.
+        let mut by_cgroup: std::collections::HashMap<std::path::PathBuf, Vec<(u64, u32)>> =
+            Default::default();
+        for (ino, (pid, dir)) in found {
+            if Some(ino) != own {
+                by_cgroup.entry(dir).or_default().push((ino, pid));
+            }
+        }
+        let served: HashSet<u64> = lock(&self.ns_listeners).keys().copied().collect();
+        let mut wanted = std::collections::HashMap::new();
+        let mut crowded = HashSet::new();
+        for (dir, mut list) in by_cgroup {
+            if list.len() > MAX_NAMESPACES_PER_CGROUP {
+                list.sort_unstable_by_key(|(ino, _)| (!served.contains(ino), *ino));
+                if !cache.crowded.contains(&dir) {
+                    warn!(
+                        cgroup = %dir.display(),
+                        namespaces = list.len(),
+                        "more network namespaces in this cgroup than get a listener \
+                         ({MAX_NAMESPACES_PER_CGROUP}); the others' MCP connects stay refused \
+                         (logged once while it lasts)"
+                    );
+                }
+                list.truncate(MAX_NAMESPACES_PER_CGROUP);
+                crowded.insert(dir);
+            }
+            wanted.extend(list);
+        }
+        cache.crowded = crowded;
         cache.refused.retain(|ino, _| wanted.contains_key(ino));
         let stale: Vec<u64> = lock(&self.ns_listeners)
             .keys()
@@ -445,15 +478,15 @@ impl Daemon {
                 .await
                 .and_then(|proxy| {
                     let (cookie, entry) = (proxy.netns_cookie, proxy.entry);
-                    Ok((cookie, entry, proxy.start(self)?))
+                    let accepting = proxy.start(self)?;
+                    lock(&self.kernel.listeners)
+                        .insert(cookie, entry, 0)
+                        .map_err(|e| std::io::Error::other(format!("registering it: {e}")))?;
+                    Ok((cookie, entry, accepting))
                 });
             match bound {
                 Ok((cookie, entry, accepting)) => {
                     cache.refused.remove(&ino);
-                    if let Err(e) = lock(&self.kernel.listeners).insert(cookie, entry, 0) {
-                        warn!(netns.inode = ino, error = %e, "cannot register the listener");
-                        continue;
-                    }
                     let task = tokio::spawn(accepting);
                     info!(
                         netns.inode = ino,
@@ -1424,7 +1457,9 @@ upstream = "127.0.0.1:8081"
         let scan = |cache: &mut NetnsCache, counter: Option<u64>| {
             let found = namespaces_under(&dirs, cache, |_| counter);
             assert_eq!(found.len(), 1, "{found:?}");
-            found.into_keys().next().unwrap()
+            let (ino, (pid, cgroup)) = found.into_iter().next().unwrap();
+            assert_eq!((pid, cgroup.as_path()), (me, dir.path()));
+            ino
         };
         assert_eq!(scan(&mut cache, Some(7)), real);
         assert_eq!(cache.known.get(&me), Some(&(7, real)));

@@ -26,50 +26,15 @@ pub fn cookie_of(socket: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// `NS_GET_USERNS` (`_IO(0xb7, 0x1)`): the user namespace that owns a namespace.
-const NS_GET_USERNS: libc::c_ulong = 0xb701;
-/// `NS_GET_OWNER_UID` (`_IO(0xb7, 0x4)`): the uid that made a user namespace.
-const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
-
-/// Whether the network namespace open as `ns` is the one scanned (`inode`: its process may
-/// have exited and its pid gone to a process elsewhere since) and one the daemon serves: owned
-/// by the daemon's own user namespace, or by one root made (a container runtime's, for a pod
-/// with user namespaces). A namespace an unprivileged agent made for itself (`unshare -rn`:
-/// owned by a user namespace its own uid made) gets no listener, so its MCP connects stay
-/// refused; served, an agent could make a thousand of them and fill the listener map for
-/// every other namespace on the node.
-pub fn check_served(ns: &std::fs::File, inode: u64) -> io::Result<()> {
+/// Whether the network namespace open as `ns` is the one scanned (`inode`): its process may
+/// have exited, and its pid gone to a process elsewhere, since.
+pub fn check_scanned(ns: &std::fs::File, inode: u64) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let opened = ns.metadata()?.ino();
     if opened != inode {
         return Err(io::Error::other(format!(
             "the namespace changed under its process (inode {opened}, scanned {inode})"
         )));
-    }
-    // SAFETY: an ioctl without argument on a valid descriptor; a descriptor it returns is ours.
-    let owner = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS) };
-    if owner < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor, owned by nothing else.
-    let owner = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(owner) };
-    let own = std::fs::metadata("/proc/self/ns/user")?;
-    let meta = owner.metadata()?;
-    let mut made_by: libc::uid_t = libc::uid_t::MAX;
-    // SAFETY: a valid user-namespace descriptor and a pointer to a uid_t.
-    let rc = unsafe { libc::ioctl(owner.as_raw_fd(), NS_GET_OWNER_UID, &mut made_by) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (meta.dev(), meta.ino()) != (own.dev(), own.ino()) && made_by != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "it belongs to a user namespace uid {made_by} made (without privilege, e.g. \
-                 `unshare -rn`); only namespaces of the host's user namespace, or of one root \
-                 made, get a listener"
-            ),
-        ));
     }
     Ok(())
 }
@@ -86,12 +51,12 @@ mod tests {
     }
 
     #[test]
-    fn the_own_namespace_is_served_and_only_under_its_inode() {
+    fn a_namespace_is_taken_only_under_its_scanned_inode() {
         use std::os::unix::fs::MetadataExt;
         let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
         let inode = ns.metadata().unwrap().ino();
-        super::check_served(&ns, inode).unwrap();
-        let e = super::check_served(&ns, inode + 1).unwrap_err();
+        super::check_scanned(&ns, inode).unwrap();
+        let e = super::check_scanned(&ns, inode + 1).unwrap_err();
         assert!(e.to_string().contains("changed under its process"), "{e}");
     }
 }
