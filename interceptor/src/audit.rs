@@ -934,7 +934,12 @@ impl Audit {
             message,
         };
         if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            // Readable by a log shipper's group, writable by root only, whatever the umask.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
                 .map_err(|e| open_err(format!("creating {}: {e}", dir.display())))?;
         }
         let mut file = open_log(&config.path).map_err(|e| open_err(e.to_string()))?;
@@ -1562,55 +1567,57 @@ fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
 
 fn open_log(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let unsafe_place = |why: String| {
+    let refused = |why: String| {
         io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{why}; the daemon appends to the audit log as root and may cut a torn end off it: put it in a folder only root can write"
+                "{why}; the daemon appends to the audit log as root, and may cut a torn end off it"
             ),
         )
     };
     // Anyone who can write the folder could put a link there to a file of root's (the daemon
-    // would append to it, and cut what it takes for a torn end off it).
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        let meta = std::fs::metadata(dir)?;
-        if meta.mode() & 0o002 != 0 {
-            return Err(unsafe_place(format!(
-                "{} is writable by every user (mode {:o})",
-                dir.display(),
-                meta.mode() & 0o7777
-            )));
-        }
-    }
+    // would append to it, and cut what it takes for a torn end off it), or the log itself.
+    let open_folder = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .and_then(|d| std::fs::metadata(d).ok())
+        .is_some_and(|m| m.mode() & 0o002 != 0);
     let file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .mode(0o600)
-        // Not through a link (see above).
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
-                unsafe_place(format!("{} is a symbolic link", path.display()))
+                refused(format!("{} is a symbolic link", path.display()))
             } else {
                 e
             }
         })?;
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Err(unsafe_place(format!(
-            "{} is not a regular file",
-            path.display()
+        return Err(refused(format!("{} is not a regular file", path.display())));
+    }
+    if meta.nlink() != 1 {
+        return Err(refused(format!(
+            "{} has {} names (a hard link to another file?)",
+            path.display(),
+            meta.nlink()
         )));
     }
     let euid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != euid && meta.uid() != 0 {
-        return Err(unsafe_place(format!(
-            "{} is owned by uid {}",
-            path.display(),
-            meta.uid()
-        )));
+    if open_folder {
+        // Root squashed on NFS writes as another user: that is fine where only it can write.
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(refused(format!(
+                "{} is owned by uid {}, in a folder every user may write (someone else made it)",
+                path.display(),
+                meta.uid()
+            )));
+        }
+        warn!(path = %path.display(), "the audit log's folder is writable by every user: anyone there could remove or replace the log between starts; give it a folder of its own");
     }
     // Created 0600; one found readable by others (arguments, identities) or writable by its
     // group is narrowed (a group allowed to read it, for a log shipper, stays).
@@ -2148,7 +2155,7 @@ mod tests {
     }
 
     #[test]
-    fn the_log_is_not_opened_through_a_link_nor_in_a_folder_anyone_may_write() {
+    fn the_log_is_not_opened_through_a_link_nor_when_someone_else_planted_it() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("root-owned");
@@ -2158,11 +2165,28 @@ mod tests {
         let e = open_log(&link).unwrap_err();
         assert!(e.to_string().contains("is a symbolic link"), "{e}");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
+        // A hard link (to a file of root's that someone could link to) is refused too.
+        let linked = dir.path().join("linked.jsonl");
+        std::fs::hard_link(&target, &linked).unwrap();
+        let e = open_log(&linked).unwrap_err();
+        assert!(e.to_string().contains("has 2 names"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
+        // In a folder every user may write (a Kubernetes emptyDir): a log someone else made
+        // is refused; one of root's is used (with a warning).
         let open = dir.path().join("open");
         std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        let e = open_log(&open.join("audit.jsonl")).unwrap_err();
-        assert!(e.to_string().contains("writable by every user"), "{e}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let planted = open.join("audit.jsonl");
+        std::fs::write(&planted, "").unwrap();
+        // (Giving a file away takes root, as the daemon runs.)
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&planted, Some(nix::unistd::Uid::from_raw(65_534)), None).unwrap();
+            let e = open_log(&planted).unwrap_err();
+            assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        } else {
+            eprintln!("not root: the planted-log case is not checked");
+        }
+        assert!(open_log(&open.join("own.jsonl")).is_ok());
         assert!(open_log(&dir.path().join("fine.jsonl")).is_ok());
     }
 

@@ -120,10 +120,11 @@ impl ProcFacts {
             // bindings never match: replaced bytes would let two paths share one identity.
             // Only in the daemon's user namespace: a process in one of its own (any process
             // may make one) may point its executable link at any file (`prctl(PR_SET_MM_MAP)`
-            // asks for CAP_CHECKPOINT_RESTORE there, which it then has).
-            facts.exe = in_own_user_namespace(dir)
-                .then(|| std::fs::read_link(dir.join("exe")).ok())
-                .flatten()
+            // asks for CAP_CHECKPOINT_RESTORE there, which it then has). Asked after the
+            // link is read: a process can enter a user namespace, never leave one.
+            let exe = std::fs::read_link(dir.join("exe")).ok();
+            facts.exe = exe
+                .filter(|_| in_own_user_namespace(dir))
                 .and_then(|p| p.into_os_string().into_string().ok());
             facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(unified_path);
         }

@@ -477,15 +477,22 @@ fn identity_follows_exec_and_is_cached_until_the_process_changes() {
         .flatten()
         .filter_map(|t| t["tracepoint"].as_str())
         .collect();
-    assert_eq!(
-        tracepoints,
-        [
+    // sched_prepare_exec is Linux 6.10's (attached when the kernel has it).
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let has_prepare = (version.next(), version.next()) >= (Some(6), Some(10));
+    let expected: &[&str] = if has_prepare {
+        &[
             "sched_process_exec",
             "sched_process_exit",
-            "sched_prepare_exec"
-        ],
-        "{status}"
-    );
+            "sched_prepare_exec",
+        ]
+    } else {
+        &["sched_process_exec", "sched_process_exit"]
+    };
+    assert_eq!(tracepoints, expected, "{status}");
     assert_eq!(status["identity_cache"]["enabled"], true, "{status}");
 
     // One process: two connections as the probe, then it execs another executable (same pid)
