@@ -934,7 +934,7 @@ impl Audit {
             message,
         };
         if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Readable by a log shipper's group, writable by root only, whatever the umask.
+            // Writable by root only (0750, or less if the umask says so).
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -1600,15 +1600,18 @@ fn open_log(path: &Path) -> io::Result<File> {
     if !meta.is_file() {
         return Err(refused(format!("{} is not a regular file", path.display())));
     }
-    if meta.nlink() != 1 {
-        return Err(refused(format!(
-            "{} has {} names (a hard link to another file?)",
-            path.display(),
-            meta.nlink()
-        )));
-    }
     let euid = nix::unistd::geteuid().as_raw();
     if open_folder {
+        // Where anyone may have made it: a second name is a hard link someone put there to
+        // another file (elsewhere, a snapshot's `cp -al` is not an attack).
+        if meta.nlink() != 1 {
+            return Err(refused(format!(
+                "{} has {} names, in a folder every user may write (a hard link to another \
+                 file?)",
+                path.display(),
+                meta.nlink()
+            )));
+        }
         // Root squashed on NFS writes as another user: that is fine where only it can write.
         if meta.uid() != euid && meta.uid() != 0 {
             return Err(refused(format!(
@@ -1617,7 +1620,7 @@ fn open_log(path: &Path) -> io::Result<File> {
                 meta.uid()
             )));
         }
-        warn!(path = %path.display(), "the audit log's folder is writable by every user: anyone there could remove or replace the log between starts; give it a folder of its own");
+        warn!(path = %path.display(), "the audit log's folder is writable by every user: anyone there may remove or replace the log at any time (writes then fail, and requests with them, until it is fixed); give it a folder of its own");
     }
     // Created 0600; one found readable by others (arguments, identities) or writable by its
     // group is narrowed (a group allowed to read it, for a log shipper, stays).
@@ -2165,17 +2168,17 @@ mod tests {
         let e = open_log(&link).unwrap_err();
         assert!(e.to_string().contains("is a symbolic link"), "{e}");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
-        // A hard link (to a file of root's that someone could link to) is refused too.
-        let linked = dir.path().join("linked.jsonl");
+        // In a folder every user may write (a Kubernetes emptyDir): a hard link (to a file of
+        // root's someone could link to) or a log someone else made is refused; one of root's
+        // is used (with a warning).
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let linked = open.join("linked.jsonl");
         std::fs::hard_link(&target, &linked).unwrap();
         let e = open_log(&linked).unwrap_err();
         assert!(e.to_string().contains("has 2 names"), "{e}");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
-        // In a folder every user may write (a Kubernetes emptyDir): a log someone else made
-        // is refused; one of root's is used (with a warning).
-        let open = dir.path().join("open");
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         let planted = open.join("audit.jsonl");
         std::fs::write(&planted, "").unwrap();
         // (Giving a file away takes root, as the daemon runs.)

@@ -200,6 +200,19 @@ struct NetnsCache {
 /// Network namespaces served per cgroup (a pod or container has one).
 const MAX_NAMESPACES_PER_CGROUP: usize = 8;
 
+impl NetnsCache {
+    /// Counts a failure of namespace `ino`'s listener: failures in a row, and the wait before
+    /// the next attempt (doubling, to [`NAMESPACE_RETRY_MAX`]).
+    fn back_off(&mut self, ino: u64) -> (u32, Duration) {
+        let failures = self.refused.get(&ino).map_or(0, |(n, _)| *n) + 1;
+        let wait = NAMESPACE_RETRY
+            .saturating_mul(1 << failures.min(8))
+            .min(NAMESPACE_RETRY_MAX);
+        self.refused.insert(ino, (failures, Instant::now() + wait));
+        (failures, wait)
+    }
+}
+
 /// The wait before opening a refused namespace's listener again, doubling per failure.
 const NAMESPACE_RETRY: Duration = Duration::from_millis(500);
 const NAMESPACE_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -207,11 +220,20 @@ const NAMESPACE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Network namespaces (inode → a pid in it) of the processes under the cgroup directories.
 /// A process's namespace is taken from `cache` while its change counter (`changes`, read
 /// before any lookup) has not moved since, except on every [`NAMESPACE_FULL_SCAN`]th scan.
+/// A network namespace the scan found: a tagged process in it, the cgroups its tagged
+/// processes are in, and how many there are.
+#[derive(Debug)]
+struct NsSeen {
+    pid: u32,
+    cgroups: Vec<std::path::PathBuf>,
+    procs: usize,
+}
+
 fn namespaces_under(
     dirs: &[std::path::PathBuf],
     cache: &mut NetnsCache,
     changes: impl Fn(u32) -> Option<u64>,
-) -> std::collections::HashMap<u64, (u32, std::path::PathBuf)> {
+) -> std::collections::HashMap<u64, NsSeen> {
     let full = cache.scans.is_multiple_of(NAMESPACE_FULL_SCAN);
     cache.scans += 1;
     let mut known = std::collections::HashMap::new();
@@ -227,7 +249,15 @@ fn namespaces_under(
                     _ => netns_inode(pid),
                 };
                 if let Some(ino) = ino {
-                    found.entry(ino).or_insert_with(|| (p, dir.clone()));
+                    let seen = found.entry(ino).or_insert_with(|| NsSeen {
+                        pid: p,
+                        cgroups: Vec::new(),
+                        procs: 0,
+                    });
+                    seen.procs += 1;
+                    if seen.cgroups.last() != Some(&dir) {
+                        seen.cgroups.push(dir.clone());
+                    }
                     if let Some(counter) = counter {
                         known.insert(p, (counter, ino));
                     }
@@ -398,39 +428,11 @@ impl Daemon {
             }
             Err(_) => Default::default(),
         };
-        // At most MAX_NAMESPACES_PER_CGROUP per cgroup (where their first process was found),
-        // those already served first: an agent that may make network namespaces (root in a
-        // container, or in a user namespace of its own) would otherwise fill the node's
-        // listener entries, and every other namespace's MCP connects would be refused.
-        let mut by_cgroup: std::collections::HashMap<std::path::PathBuf, Vec<(u64, u32)>> =
-            Default::default();
-        for (ino, (pid, dir)) in found {
-            if Some(ino) != own {
-                by_cgroup.entry(dir).or_default().push((ino, pid));
-            }
-        }
-        let served: HashSet<u64> = lock(&self.ns_listeners).keys().copied().collect();
-        let mut wanted = std::collections::HashMap::new();
-        let mut crowded = HashSet::new();
-        for (dir, mut list) in by_cgroup {
-            if list.len() > MAX_NAMESPACES_PER_CGROUP {
-                list.sort_unstable_by_key(|(ino, _)| (!served.contains(ino), *ino));
-                if !cache.crowded.contains(&dir) {
-                    warn!(
-                        cgroup = %dir.display(),
-                        namespaces = list.len(),
-                        "more network namespaces in this cgroup than get a listener \
-                         ({MAX_NAMESPACES_PER_CGROUP}); the others' MCP connects stay refused \
-                         (logged once while it lasts)"
-                    );
-                }
-                list.truncate(MAX_NAMESPACES_PER_CGROUP);
-                crowded.insert(dir);
-            }
-            wanted.extend(list);
-        }
-        cache.crowded = crowded;
-        cache.refused.retain(|ino, _| wanted.contains_key(ino));
+        let found: std::collections::HashMap<u64, NsSeen> = found
+            .into_iter()
+            .filter(|(ino, _)| Some(*ino) != own)
+            .collect();
+        let wanted = self.namespaces_to_serve(&found, cache);
         let stale: Vec<u64> = lock(&self.ns_listeners)
             .keys()
             .filter(|ino| !wanted.contains_key(ino))
@@ -453,25 +455,25 @@ impl Daemon {
                 let mut listeners = lock(&self.ns_listeners);
                 match listeners.get(&ino) {
                     Some(l) if l.task.is_finished() => {
-                        // Its listener died (closed under the daemon): open it again.
+                        // Its listener died (closed under the daemon: whoever owns the
+                        // namespace may `ss -K` it): opened again after a wait, as a failed
+                        // one, so that closing it in a loop costs the daemon little.
                         let _ = lock(&self.kernel.listeners).remove(&l.cookie);
                         self.kernel.drop_conns_of(l.cookie);
-                        warn!(
-                            netns.inode = ino,
-                            "the listener in this network namespace ended; opening it again"
-                        );
                         listeners.remove(&ino);
+                        let (failures, wait) = cache.back_off(ino);
+                        if failures == 1 {
+                            warn!(
+                                netns.inode = ino,
+                                retry_in = ?wait,
+                                "the listener in this network namespace ended; opening it again"
+                            );
+                        }
+                        continue;
                     }
                     Some(_) => continue,
                     None => {}
                 }
-            }
-            if cache
-                .refused
-                .get(&ino)
-                .is_some_and(|(_, next)| Instant::now() < *next)
-            {
-                continue;
             }
             let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
             let bound = Proxy::bind_in(&ns, ino, self.config.daemon.listen_port)
@@ -505,11 +507,7 @@ impl Daemon {
                     );
                 }
                 Err(e) => {
-                    let failures = cache.refused.get(&ino).map_or(0, |(n, _)| *n) + 1;
-                    let wait = NAMESPACE_RETRY
-                        .saturating_mul(1 << failures.min(8))
-                        .min(NAMESPACE_RETRY_MAX);
-                    cache.refused.insert(ino, (failures, Instant::now() + wait));
+                    let (failures, wait) = cache.back_off(ino);
                     // Once per namespace, not per attempt: an agent can make them at will.
                     if failures == 1 {
                         warn!(netns.inode = ino, pid, error = %e, retry_in = ?wait, "cannot open a listener in the network namespace; its tagged processes stay refused (tried again with a growing wait, logged once)");
@@ -519,6 +517,80 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Which found namespaces get a listener: every one served already, and per cgroup new
+    /// ones up to [`MAX_NAMESPACES_PER_CGROUP`] (counting those it has served), those with the
+    /// most tagged processes first, none waiting out a failure. A namespace counts in every
+    /// cgroup it has tagged processes in, and is served if any of them picks it. An agent that
+    /// may make network namespaces (root in a container, or anyone in a user namespace of its
+    /// own) would otherwise fill the node's listener entries, and every other namespace's MCP
+    /// connects would be refused; a served one is never closed for it (its connections
+    /// stay).
+    fn namespaces_to_serve(
+        &self,
+        found: &std::collections::HashMap<u64, NsSeen>,
+        cache: &mut NetnsCache,
+    ) -> std::collections::HashMap<u64, u32> {
+        let served: HashSet<u64> = lock(&self.ns_listeners).keys().copied().collect();
+        let now = Instant::now();
+        /// Per cgroup: namespaces seen, served, and those that could be opened now (with
+        /// their number of tagged processes).
+        #[derive(Default)]
+        struct Tally {
+            seen: usize,
+            served: usize,
+            candidates: Vec<(usize, u64)>,
+        }
+        let mut per_cgroup: std::collections::HashMap<&Path, Tally> = Default::default();
+        for (ino, seen) in found {
+            let waiting = cache.refused.get(ino).is_some_and(|(_, next)| now < *next);
+            for dir in &seen.cgroups {
+                let tally = per_cgroup.entry(dir).or_default();
+                tally.seen += 1;
+                if served.contains(ino) {
+                    tally.served += 1;
+                } else if !waiting {
+                    tally.candidates.push((seen.procs, *ino));
+                }
+            }
+        }
+        let mut wanted: std::collections::HashMap<u64, u32> = found
+            .iter()
+            .filter(|(ino, _)| served.contains(ino))
+            .map(|(ino, seen)| (*ino, seen.pid))
+            .collect();
+        let mut crowded = HashSet::new();
+        for (dir, tally) in per_cgroup {
+            let Tally {
+                seen,
+                served,
+                mut candidates,
+            } = tally;
+            if seen > MAX_NAMESPACES_PER_CGROUP {
+                if !cache.crowded.contains(dir) {
+                    warn!(
+                        cgroup = %dir.display(),
+                        namespaces = seen,
+                        "more network namespaces in this cgroup than get a listener \
+                         ({MAX_NAMESPACES_PER_CGROUP}); the others' MCP connects stay refused \
+                         (logged once while it lasts)"
+                    );
+                }
+                crowded.insert(dir.to_owned());
+            }
+            candidates.sort_unstable_by_key(|(procs, ino)| (std::cmp::Reverse(*procs), *ino));
+            for (_, ino) in candidates
+                .into_iter()
+                .take(MAX_NAMESPACES_PER_CGROUP.saturating_sub(served))
+            {
+                wanted.insert(ino, found[&ino].pid);
+            }
+        }
+        cache.crowded = crowded;
+        // Failures are remembered while the namespace lives (picked or not).
+        cache.refused.retain(|ino, _| found.contains_key(ino));
+        wanted
     }
 
     fn unregister_ns_listeners(&self) {
@@ -1457,8 +1529,10 @@ upstream = "127.0.0.1:8081"
         let scan = |cache: &mut NetnsCache, counter: Option<u64>| {
             let found = namespaces_under(&dirs, cache, |_| counter);
             assert_eq!(found.len(), 1, "{found:?}");
-            let (ino, (pid, cgroup)) = found.into_iter().next().unwrap();
-            assert_eq!((pid, cgroup.as_path()), (me, dir.path()));
+            let (ino, seen) = found.into_iter().next().unwrap();
+            assert_eq!(seen.pid, me);
+            assert_eq!(seen.cgroups, [dir.path().to_owned()]);
+            assert_eq!(seen.procs, 1);
             ino
         };
         assert_eq!(scan(&mut cache, Some(7)), real);

@@ -236,7 +236,7 @@ fn agents_in_two_namespaces_are_intercepted_and_told_apart() {
         .collect();
     env.wait_log(
         "more network namespaces in this cgroup than get a listener (8); the others' MCP connects stay refused (logged once while it lasts)",
-        |v| v["namespaces"] == 10 && v["cgroup"].as_str().is_some_and(|c| c.ends_with("/agents/crowded")),
+        |v| v["namespaces"].as_u64() > Some(8) && v["cgroup"].as_str().is_some_and(|c| c.ends_with("/agents/crowded")),
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

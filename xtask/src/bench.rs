@@ -741,7 +741,11 @@ fn print_table(r: &Value) {
         "  kernel hook run time per connect (bpf_stats)",
         f(&c["hook_base_ns"]),
         f(&c["hook_ns"]),
-        format!("x{hook_ratio:.4}"),
+        if hook_ratio == f64::MAX {
+            "n/a".to_owned()
+        } else {
+            format!("x{hook_ratio:.4}")
+        },
         format!("<= x1.03 {}", mark(hook_ratio <= 1.03)),
     );
     for (k, limit) in [("warm", 150.0), ("cold", 1500.0)] {
