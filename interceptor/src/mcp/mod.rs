@@ -157,6 +157,25 @@ pub struct Secrets {
     tokens: Vec<Arc<str>>,
 }
 
+/// `text` with each occurrence of `needle`, and the `tail(rest)` bytes after it, replaced by
+/// `[REDACTED]`; `None` when it does not occur.
+fn redact(text: &[u8], needle: &[u8], tail: impl Fn(&[u8]) -> usize) -> Option<Vec<u8>> {
+    memchr::memmem::find(text, needle)?;
+    let mut replaced = Vec::with_capacity(text.len());
+    let mut at = 0;
+    for hit in memchr::memmem::find_iter(text, needle) {
+        if hit < at {
+            continue;
+        }
+        replaced.extend_from_slice(&text[at..hit]);
+        replaced.extend_from_slice(b"[REDACTED]");
+        at = hit + needle.len();
+        at += tail(&text[at..]);
+    }
+    replaced.extend_from_slice(&text[at..]);
+    Some(replaced)
+}
+
 /// `text` with the hex digits of its `%XX` escapes in lower case.
 fn lower_hex(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -218,51 +237,21 @@ impl Secrets {
         self.exact.is_empty() && self.tokens.is_empty()
     }
 
-    /// `bytes` with every occurrence of a secret replaced (the same bytes when none occurs).
+    /// `bytes` with every occurrence of a secret replaced (the same bytes when none occurs):
+    /// exact secrets, and tokens from their prefix up to the first byte that cannot be part of
+    /// a compact JWS (base64url and dots).
     fn scrub(&self, bytes: Bytes) -> Bytes {
-        let bytes = self.scrub_tokens(bytes);
-        let mut out: Option<Vec<u8>> = None;
-        for secret in &self.exact {
-            let text = out.as_deref().unwrap_or(&bytes);
-            if memchr::memmem::find(text, secret.as_bytes()).is_none() {
-                continue;
-            }
-            let mut replaced = Vec::with_capacity(text.len());
-            let mut at = 0;
-            for hit in memchr::memmem::find_iter(text, secret.as_bytes()) {
-                replaced.extend_from_slice(&text[at..hit]);
-                replaced.extend_from_slice(b"[REDACTED]");
-                at = hit + secret.len();
-            }
-            replaced.extend_from_slice(&text[at..]);
-            out = Some(replaced);
-        }
-        out.map_or(bytes, Bytes::from)
-    }
-
-    /// `bytes` with every token that starts with a token prefix replaced, up to the first
-    /// byte that cannot be part of a compact JWS (base64url and dots).
-    fn scrub_tokens(&self, bytes: Bytes) -> Bytes {
         let token_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        let token_tail = |rest: &[u8]| rest.iter().take_while(|b| token_byte(b)).count();
         let mut out: Option<Vec<u8>> = None;
-        for prefix in &self.tokens {
+        let needles = self.tokens.iter().map(|t| (t, true));
+        for (needle, token) in needles.chain(self.exact.iter().map(|s| (s, false))) {
             let text = out.as_deref().unwrap_or(&bytes);
-            if memchr::memmem::find(text, prefix.as_bytes()).is_none() {
-                continue;
+            if let Some(replaced) = redact(text, needle.as_bytes(), |rest| {
+                if token { token_tail(rest) } else { 0 }
+            }) {
+                out = Some(replaced);
             }
-            let mut replaced = Vec::with_capacity(text.len());
-            let mut at = 0;
-            for hit in memchr::memmem::find_iter(text, prefix.as_bytes()) {
-                if hit < at {
-                    continue;
-                }
-                replaced.extend_from_slice(&text[at..hit]);
-                replaced.extend_from_slice(b"[REDACTED]");
-                let rest = &text[hit + prefix.len()..];
-                at = hit + prefix.len() + rest.iter().take_while(|b| token_byte(b)).count();
-            }
-            replaced.extend_from_slice(&text[at..]);
-            out = Some(replaced);
         }
         out.map_or(bytes, Bytes::from)
     }
