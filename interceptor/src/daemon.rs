@@ -164,6 +164,7 @@ struct NsListener {
     /// A process of a tagged cgroup seen in the namespace when it was opened.
     pid: u32,
     task: tokio::task::JoinHandle<()>,
+    opened: Instant,
 }
 
 /// How often the tagged cgroups are scanned for processes in other network namespaces.
@@ -190,9 +191,9 @@ const NAMESPACE_FULL_SCAN: u64 = 10;
 struct NetnsCache {
     known: std::collections::HashMap<u32, (u64, u64)>,
     scans: u64,
-    /// Namespaces whose listener could not be opened, by inode: failures in a row, and when
-    /// to try again (backing off: each attempt enters the namespace on a thread of its own).
-    refused: std::collections::HashMap<u64, (u32, Instant)>,
+    /// Namespaces whose listener could not be opened or ended, by inode (backing off: each
+    /// attempt enters the namespace on a thread of its own).
+    refused: std::collections::HashMap<u64, Retry>,
     /// cgroups with more namespaces than get a listener (warned about once while they do).
     crowded: HashSet<std::path::PathBuf>,
 }
@@ -200,16 +201,40 @@ struct NetnsCache {
 /// Network namespaces served per cgroup (a pod or container has one).
 const MAX_NAMESPACES_PER_CGROUP: usize = 8;
 
+/// A namespace's listener failures: how many in a row, when to try again, and whether it had
+/// a listener (then it keeps its place under the per-cgroup cap while it waits).
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    failures: u32,
+    next: Instant,
+    held: bool,
+}
+
 impl NetnsCache {
-    /// Counts a failure of namespace `ino`'s listener: failures in a row, and the wait before
-    /// the next attempt (doubling, to [`NAMESPACE_RETRY_MAX`]).
-    fn back_off(&mut self, ino: u64) -> (u32, Duration) {
-        let failures = self.refused.get(&ino).map_or(0, |(n, _)| *n) + 1;
+    /// Counts a failure of namespace `ino`'s listener (`held`: one that had been open ended):
+    /// failures in a row, and the wait before the next attempt (doubling, to
+    /// [`NAMESPACE_RETRY_MAX`]).
+    fn back_off(&mut self, ino: u64, held: bool) -> (u32, Duration) {
+        let last = self.refused.get(&ino);
+        let failures = last.map_or(0, |r| r.failures) + 1;
+        let held = held || last.is_some_and(|r| r.held);
         let wait = NAMESPACE_RETRY
             .saturating_mul(1 << failures.min(8))
             .min(NAMESPACE_RETRY_MAX);
-        self.refused.insert(ino, (failures, Instant::now() + wait));
+        self.refused.insert(
+            ino,
+            Retry {
+                failures,
+                next: Instant::now() + wait,
+                held,
+            },
+        );
         (failures, wait)
+    }
+
+    /// Whether namespace `ino` waits out a failure now.
+    fn waiting(&self, ino: u64, now: Instant) -> bool {
+        self.refused.get(&ino).is_some_and(|r| now < r.next)
     }
 }
 
@@ -239,7 +264,12 @@ fn namespaces_under(
     let mut known = std::collections::HashMap::new();
     let mut found = std::collections::HashMap::new();
     let mut stack: Vec<std::path::PathBuf> = dirs.to_vec();
+    // Nested tags (`/agents` and `/agents/a`) would walk a cgroup twice.
+    let mut walked = HashSet::new();
     while let Some(dir) = stack.pop() {
+        if !walked.insert(dir.clone()) {
+            continue;
+        }
         if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in procs.lines() {
                 let Ok(p) = pid.parse::<u32>() else { continue };
@@ -255,7 +285,7 @@ fn namespaces_under(
                         procs: 0,
                     });
                     seen.procs += 1;
-                    if seen.cgroups.last() != Some(&dir) {
+                    if !seen.cgroups.contains(&dir) {
                         seen.cgroups.push(dir.clone());
                     }
                     if let Some(counter) = counter {
@@ -276,6 +306,76 @@ fn namespaces_under(
     // Processes gone from the tagged cgroups are forgotten.
     cache.known = known;
     found
+}
+
+/// [`Daemon::namespaces_to_serve`]'s choice, given the namespaces served (`served`) at `now`.
+fn pick_namespaces(
+    served: &HashSet<u64>,
+    found: &std::collections::HashMap<u64, NsSeen>,
+    cache: &mut NetnsCache,
+    now: Instant,
+) -> std::collections::HashMap<u64, u32> {
+    let waiting = |ino: &u64| cache.waiting(*ino, now);
+    // Lost its listener: keeps its place, and is opened again once its wait is over.
+    let held = |ino: &u64| cache.refused.get(ino).is_some_and(|r| r.held);
+    let mut wanted: std::collections::HashMap<u64, u32> = found
+        .iter()
+        .filter(|(ino, _)| served.contains(ino) || (held(ino) && !waiting(ino)))
+        .map(|(ino, seen)| (*ino, seen.pid))
+        .collect();
+    // Per cgroup, in path order: its namespaces, and how many places they take.
+    let mut per_cgroup: std::collections::BTreeMap<&Path, (Vec<u64>, usize)> = Default::default();
+    for (ino, seen) in found {
+        let takes = served.contains(ino) || held(ino);
+        for dir in &seen.cgroups {
+            let entry = per_cgroup.entry(dir).or_default();
+            entry.0.push(*ino);
+            entry.1 += usize::from(takes);
+        }
+    }
+    let mut crowded = HashSet::new();
+    let dirs: Vec<&Path> = per_cgroup.keys().copied().collect();
+    for dir in dirs {
+        let inos = per_cgroup[dir].0.clone();
+        if inos.len() > MAX_NAMESPACES_PER_CGROUP {
+            if !cache.crowded.contains(dir) {
+                warn!(
+                    cgroup = %dir.display(),
+                    namespaces = inos.len(),
+                    "more network namespaces in this cgroup than get a listener \
+                     ({MAX_NAMESPACES_PER_CGROUP}); the others' MCP connects stay refused \
+                     (logged once while it lasts)"
+                );
+            }
+            crowded.insert(dir.to_owned());
+        }
+        let mut candidates: Vec<(usize, u64)> = inos
+            .iter()
+            .filter(|ino| !served.contains(ino) && !held(ino) && !waiting(ino))
+            .filter(|ino| !wanted.contains_key(ino))
+            .map(|ino| (found[ino].procs, *ino))
+            .collect();
+        candidates.sort_unstable_by_key(|(procs, ino)| (std::cmp::Reverse(*procs), *ino));
+        for (_, ino) in candidates {
+            // A place in every cgroup it is in, not only this one.
+            let cgroups = &found[&ino].cgroups;
+            let room = cgroups
+                .iter()
+                .all(|c| per_cgroup[c.as_path()].1 < MAX_NAMESPACES_PER_CGROUP);
+            if room {
+                for c in cgroups {
+                    if let Some(entry) = per_cgroup.get_mut(c.as_path()) {
+                        entry.1 += 1;
+                    }
+                }
+                wanted.insert(ino, found[&ino].pid);
+            }
+        }
+    }
+    cache.crowded = crowded;
+    // Failures are remembered while the namespace lives (picked or not).
+    cache.refused.retain(|ino, _| found.contains_key(ino));
+    wanted
 }
 
 /// This process's id and cgroup id, for the programs to recognise its own connections.
@@ -460,8 +560,13 @@ impl Daemon {
                         // one, so that closing it in a loop costs the daemon little.
                         let _ = lock(&self.kernel.listeners).remove(&l.cookie);
                         self.kernel.drop_conns_of(l.cookie);
+                        // A listener that served a while starts its count afresh; one closed
+                        // again soon after it opened waits longer each time.
+                        if l.opened.elapsed() > NAMESPACE_RETRY_MAX {
+                            cache.refused.remove(&ino);
+                        }
                         listeners.remove(&ino);
-                        let (failures, wait) = cache.back_off(ino);
+                        let (failures, wait) = cache.back_off(ino, true);
                         if failures == 1 {
                             warn!(
                                 netns.inode = ino,
@@ -488,7 +593,6 @@ impl Daemon {
                 });
             match bound {
                 Ok((cookie, entry, accepting)) => {
-                    cache.refused.remove(&ino);
                     let task = tokio::spawn(accepting);
                     info!(
                         netns.inode = ino,
@@ -503,11 +607,12 @@ impl Daemon {
                             entry,
                             pid,
                             task,
+                            opened: Instant::now(),
                         },
                     );
                 }
                 Err(e) => {
-                    let (failures, wait) = cache.back_off(ino);
+                    let (failures, wait) = cache.back_off(ino, false);
                     // Once per namespace, not per attempt: an agent can make them at will.
                     if failures == 1 {
                         warn!(netns.inode = ino, pid, error = %e, retry_in = ?wait, "cannot open a listener in the network namespace; its tagged processes stay refused (tried again with a growing wait, logged once)");
@@ -520,77 +625,21 @@ impl Daemon {
     }
 
     /// Which found namespaces get a listener: every one served already, and per cgroup new
-    /// ones up to [`MAX_NAMESPACES_PER_CGROUP`] (counting those it has served), those with the
-    /// most tagged processes first, none waiting out a failure. A namespace counts in every
-    /// cgroup it has tagged processes in, and is served if any of them picks it. An agent that
-    /// may make network namespaces (root in a container, or anyone in a user namespace of its
-    /// own) would otherwise fill the node's listener entries, and every other namespace's MCP
-    /// connects would be refused; a served one is never closed for it (its connections
-    /// stay).
+    /// ones up to [`MAX_NAMESPACES_PER_CGROUP`], counting those it has served, those picked for
+    /// an earlier cgroup (cgroups in path order), and those that lost their listener and wait
+    /// to open it again (they keep their place); new ones with the most tagged processes first,
+    /// none waiting out a failure. A namespace counts in every cgroup it has tagged processes
+    /// in. An agent that may make network namespaces (root in a container, or anyone in a user
+    /// namespace of its own) would otherwise fill the node's listener entries, and every other
+    /// namespace's MCP connects would be refused; a served one is never closed for it (its
+    /// connections stay).
     fn namespaces_to_serve(
         &self,
         found: &std::collections::HashMap<u64, NsSeen>,
         cache: &mut NetnsCache,
     ) -> std::collections::HashMap<u64, u32> {
         let served: HashSet<u64> = lock(&self.ns_listeners).keys().copied().collect();
-        let now = Instant::now();
-        /// Per cgroup: namespaces seen, served, and those that could be opened now (with
-        /// their number of tagged processes).
-        #[derive(Default)]
-        struct Tally {
-            seen: usize,
-            served: usize,
-            candidates: Vec<(usize, u64)>,
-        }
-        let mut per_cgroup: std::collections::HashMap<&Path, Tally> = Default::default();
-        for (ino, seen) in found {
-            let waiting = cache.refused.get(ino).is_some_and(|(_, next)| now < *next);
-            for dir in &seen.cgroups {
-                let tally = per_cgroup.entry(dir).or_default();
-                tally.seen += 1;
-                if served.contains(ino) {
-                    tally.served += 1;
-                } else if !waiting {
-                    tally.candidates.push((seen.procs, *ino));
-                }
-            }
-        }
-        let mut wanted: std::collections::HashMap<u64, u32> = found
-            .iter()
-            .filter(|(ino, _)| served.contains(ino))
-            .map(|(ino, seen)| (*ino, seen.pid))
-            .collect();
-        let mut crowded = HashSet::new();
-        for (dir, tally) in per_cgroup {
-            let Tally {
-                seen,
-                served,
-                mut candidates,
-            } = tally;
-            if seen > MAX_NAMESPACES_PER_CGROUP {
-                if !cache.crowded.contains(dir) {
-                    warn!(
-                        cgroup = %dir.display(),
-                        namespaces = seen,
-                        "more network namespaces in this cgroup than get a listener \
-                         ({MAX_NAMESPACES_PER_CGROUP}); the others' MCP connects stay refused \
-                         (logged once while it lasts)"
-                    );
-                }
-                crowded.insert(dir.to_owned());
-            }
-            candidates.sort_unstable_by_key(|(procs, ino)| (std::cmp::Reverse(*procs), *ino));
-            for (_, ino) in candidates
-                .into_iter()
-                .take(MAX_NAMESPACES_PER_CGROUP.saturating_sub(served))
-            {
-                wanted.insert(ino, found[&ino].pid);
-            }
-        }
-        cache.crowded = crowded;
-        // Failures are remembered while the namespace lives (picked or not).
-        cache.refused.retain(|ino, _| found.contains_key(ino));
-        wanted
+        pick_namespaces(&served, found, cache, Instant::now())
     }
 
     fn unregister_ns_listeners(&self) {
@@ -1516,6 +1565,90 @@ upstream = "127.0.0.1:8081"
         assert!(raised > lower, "{raised} <= {lower}");
         assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (raised, hard));
         setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    }
+
+    /// Namespaces `inos`, each with `procs` tagged processes in each of `cgroups`.
+    fn seen(
+        found: &mut std::collections::HashMap<u64, NsSeen>,
+        inos: std::ops::Range<u64>,
+        procs: usize,
+        cgroups: &[&str],
+    ) {
+        for ino in inos {
+            let entry = found.entry(ino).or_insert_with(|| NsSeen {
+                pid: ino as u32,
+                cgroups: Vec::new(),
+                procs: 0,
+            });
+            entry.procs += procs;
+            entry
+                .cgroups
+                .extend(cgroups.iter().map(std::path::PathBuf::from));
+        }
+    }
+
+    fn picked(map: &std::collections::HashMap<u64, u32>) -> Vec<u64> {
+        let mut v: Vec<u64> = map.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn each_cgroup_gets_listeners_for_eight_namespaces_and_keeps_them() {
+        let now = Instant::now();
+        let mut cache = NetnsCache::default();
+        let mut found = Default::default();
+        // Ten in one cgroup: the eight with the most tagged processes.
+        seen(&mut found, 1..11, 1, &["/a"]);
+        seen(&mut found, 9..11, 5, &[]);
+        let first = pick_namespaces(&HashSet::new(), &found, &mut cache, now);
+        assert_eq!(picked(&first), [1, 2, 3, 4, 5, 6, 9, 10]);
+        assert!(cache.crowded.contains(std::path::Path::new("/a")));
+        // Served ones stay, whatever the ranking says now.
+        seen(&mut found, 7..9, 9, &[]);
+        let served: HashSet<u64> = first.keys().copied().collect();
+        let again = pick_namespaces(&served, &found, &mut cache, now);
+        assert_eq!(picked(&again), picked(&first));
+        // One that lost its listener keeps its place while it waits; no other takes it.
+        let mut served = served;
+        served.remove(&3);
+        cache.back_off(3, true);
+        let waiting = pick_namespaces(&served, &found, &mut cache, now);
+        assert_eq!(picked(&waiting), [1, 2, 4, 5, 6, 9, 10]);
+        // Once its wait is over it is picked again (busier newcomers notwithstanding).
+        let later = now + NAMESPACE_RETRY_MAX;
+        let back = pick_namespaces(&served, &found, &mut cache, later);
+        assert_eq!(picked(&back), picked(&first));
+        assert!(!cache.crowded.is_empty());
+        // One that never had a listener holds no place while it waits.
+        let mut cache = NetnsCache::default();
+        cache.back_off(9, false);
+        let without = pick_namespaces(&HashSet::new(), &found, &mut cache, now);
+        assert!(!without.contains_key(&9));
+        assert_eq!(without.len(), 8);
+    }
+
+    #[test]
+    fn a_namespace_in_several_cgroups_counts_in_each() {
+        let now = Instant::now();
+        let mut cache = NetnsCache::default();
+        let mut found = Default::default();
+        // /a has eight of its own (busier) and shares eight with /b: /a's are picked for /a
+        // first (path order), then /b's eight shared ones would put /a at sixteen.
+        seen(&mut found, 1..9, 3, &["/a"]);
+        seen(&mut found, 11..19, 1, &["/a", "/b"]);
+        let picked_now = pick_namespaces(&HashSet::new(), &found, &mut cache, now);
+        let in_a = picked_now
+            .keys()
+            .filter(|ino| {
+                found[ino]
+                    .cgroups
+                    .iter()
+                    .any(|c| c == std::path::Path::new("/a"))
+            })
+            .count();
+        assert!(in_a <= MAX_NAMESPACES_PER_CGROUP, "{in_a} for /a");
+        assert_eq!(picked(&picked_now), (1..9).collect::<Vec<_>>());
     }
 
     #[test]
