@@ -112,6 +112,8 @@ impl ConfigArg {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon (root): attach the programs, tag the configured cgroups, serve the proxy.
+    /// SIGTERM/SIGINT stop it (exit 0); it exits non-zero when its listeners or admin socket
+    /// end under it. One daemon per bpffs folder.
     Run {
         #[command(flatten)]
         config: ConfigArg,
@@ -187,8 +189,9 @@ enum Command {
     /// The node CA: client certificates for upstream mTLS and identity assertions.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Detach the programs and remove every pin (maps, links, tags). The daemon must be stopped.
-    /// This is the only way interception stops for tagged cgroups.
+    /// Detach the programs and remove every pin (maps, links, tags, revocations: those in force
+    /// are named on stderr). The daemon must be stopped (refused while one answers on the admin
+    /// socket or holds the pins). This is the only way interception stops for tagged cgroups.
     Uninstall {
         #[command(flatten)]
         config: ConfigArg,
