@@ -32,28 +32,35 @@ pub struct Proxy {
 
 /// Binds `127.0.0.1:port` and, where IPv6 is available, `[::1]:port`, in the calling thread's
 /// network namespace.
-fn bind_std(port: u16) -> io::Result<(Vec<std::net::TcpListener>, Listener)> {
-    let v4 = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).map_err(
-        |e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or is the \
+fn bind_std(port: u16, in_agent_ns: bool) -> io::Result<(Vec<std::net::TcpListener>, Listener)> {
+    // In the daemon's own namespace the IPv4 port is taken as a sign of another daemon (with
+    // other pins, on overlapping cgroups): it does not start. In an agent's namespace, root
+    // there may hold it: another port is taken.
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let v4 = if in_agent_ns {
+        bind_or_any(v4)
+    } else {
+        std::net::TcpListener::bind(v4)
+    }
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or is the \
                  port taken? (daemon.listen_port)"
-                ),
-            )
-        },
-    )?;
+            ),
+        )
+    })?;
     v4.set_nonblocking(true)?;
     let mut entry = Listener {
-        port4: port,
+        port4: v4.local_addr()?.port(),
         ..Default::default()
     };
     let mut listeners = vec![v4];
-    match std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+    match bind_or_any(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
         Ok(v6) => {
             v6.set_nonblocking(true)?;
-            entry.port6 = port;
+            entry.port6 = v6.local_addr()?.port();
             listeners.push(v6);
         }
         // No IPv6 here: the kernel refuses IPv6 MCP connections rather than letting them go
@@ -65,10 +72,30 @@ fn bind_std(port: u16) -> io::Result<(Vec<std::net::TcpListener>, Listener)> {
     Ok((listeners, entry))
 }
 
+/// Binds `addr`; when another process holds its port (any user may bind an unprivileged port,
+/// say `[::1]` while the daemon restarts, or root in an agent's namespace), a port the kernel
+/// picks instead: the programs redirect to the port the daemon registers, not to a fixed one,
+/// so a squatted port costs nothing but this warning.
+fn bind_or_any(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    match std::net::TcpListener::bind(addr) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && addr.port() != 0 => {
+            let any = std::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))?;
+            warn!(
+                taken = %addr,
+                listening = %any.local_addr()?,
+                "daemon.listen_port is held by another process; listening on a port the kernel \
+                 chose instead (redirects follow it)"
+            );
+            Ok(any)
+        }
+        r => r,
+    }
+}
+
 impl Proxy {
     /// Binds in the daemon's own network namespace.
     pub async fn bind(port: u16) -> io::Result<Self> {
-        let (listeners, entry) = bind_std(port)?;
+        let (listeners, entry) = bind_std(port, false)?;
         Self::from_std(listeners, entry)
     }
 
@@ -85,7 +112,7 @@ impl Proxy {
                         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                             |e| io::Error::other(format!("entering {}: {e}", ns.display())),
                         )?;
-                        bind_std(port)
+                        bind_std(port, true)
                     })
                     .join()
                     .unwrap_or_else(|_| Err(io::Error::other("binding thread panicked")))
@@ -642,6 +669,20 @@ fn close(conn: &crate::mcp::Conn, id: u64) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_squatted_port_gives_way_to_one_the_kernel_picks_where_it_may() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = squatter.local_addr().unwrap().port();
+        // The daemon's own namespace: refused (another daemon?).
+        let e = super::bind_std(port, false).unwrap_err();
+        assert!(e.to_string().contains("is another daemon running"), "{e}");
+        // An agent's namespace: another port, the one registered for the kernel.
+        let (listeners, entry) = super::bind_std(port, true).unwrap();
+        let bound = listeners[0].local_addr().unwrap().port();
+        assert_ne!(bound, port);
+        assert_eq!(entry.port4, bound);
+    }
+
     use super::*;
 
     #[test]
