@@ -38,26 +38,26 @@ fn bind_std(port: u16, in_agent_ns: bool) -> io::Result<(Vec<std::net::TcpListen
     // there may hold it: another port is taken.
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let v4 = if in_agent_ns {
-        bind_or_any(v4)
+        bind_or_any(v4, false)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on 127.0.0.1: {e}")))?
     } else {
-        std::net::TcpListener::bind(v4)
-    }
-    .map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or is the \
-                 port taken? (daemon.listen_port)"
-            ),
-        )
-    })?;
+        std::net::TcpListener::bind(v4).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or is \
+                     the port taken? (daemon.listen_port)"
+                ),
+            )
+        })?
+    };
     v4.set_nonblocking(true)?;
     let mut entry = Listener {
         port4: v4.local_addr()?.port(),
         ..Default::default()
     };
     let mut listeners = vec![v4];
-    match bind_or_any(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+    match bind_or_any(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), !in_agent_ns) {
         Ok(v6) => {
             v6.set_nonblocking(true)?;
             entry.port6 = v6.local_addr()?.port();
@@ -75,17 +75,18 @@ fn bind_std(port: u16, in_agent_ns: bool) -> io::Result<(Vec<std::net::TcpListen
 /// Binds `addr`; when another process holds its port (any user may bind an unprivileged port,
 /// say `[::1]` while the daemon restarts, or root in an agent's namespace), a port the kernel
 /// picks instead: the programs redirect to the port the daemon registers, not to a fixed one,
-/// so a squatted port costs nothing but this warning.
-fn bind_or_any(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// so a squatted port costs nothing but a log line (a warning when `loud`: in an agent's
+/// namespace, whose listener its root may close again and again, a debug line).
+fn bind_or_any(addr: SocketAddr, loud: bool) -> io::Result<std::net::TcpListener> {
     match std::net::TcpListener::bind(addr) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse && addr.port() != 0 => {
             let any = std::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))?;
-            warn!(
-                taken = %addr,
-                listening = %any.local_addr()?,
-                "daemon.listen_port is held by another process; listening on a port the kernel \
-                 chose instead (redirects follow it)"
-            );
+            let listening = any.local_addr()?;
+            if loud {
+                warn!(taken = %addr, %listening, "daemon.listen_port is held by another process; listening on a port the kernel chose instead (redirects follow it)");
+            } else {
+                debug!(taken = %addr, %listening, "daemon.listen_port is held in this namespace; listening on a port the kernel chose instead");
+            }
             Ok(any)
         }
         r => r,

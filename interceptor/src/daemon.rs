@@ -1402,7 +1402,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     }
     info!(
         port = daemon.listener.port4,
-        ipv6 = daemon.listener.port6 != 0,
+        port6 = daemon.listener.port6,
         cgroup_mount = %daemon.hierarchy.mount.display(),
         attach_cgroup = %daemon.config.daemon.cgroup_root,
         admin_socket = %daemon.config.daemon.admin_socket.display(),

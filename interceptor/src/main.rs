@@ -443,7 +443,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             println!(
-                "  proxy on 127.0.0.1:{0} and [::1]:{0}; pins in {1}; admin socket {2}",
+                "  proxy on 127.0.0.1:{0} and [::1]:{0} (or, where another process holds it \
+                 in an agent's namespace or on [::1], a port the kernel picks); pins in {1}; \
+                 admin socket {2}",
                 config.daemon.listen_port,
                 config.daemon.bpffs_dir.display(),
                 config.daemon.admin_socket.display()
