@@ -223,13 +223,28 @@ fn block_flags(kind: u32, aux: u32, id: u64) -> u32 {
 /// its workload (own cgroup, and uid).
 #[inline(always)]
 fn caller_blocks() -> u32 {
+    caller_process_blocks() | caller_cgroup_blocks()
+}
+
+/// The block flags of the caller's uid and process.
+#[inline(always)]
+fn caller_process_blocks() -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
+    let uid = bpf_get_current_uid_gid() as u32;
+    block_flags(block::UID, 0, u64::from(uid)) | block_flags(block::PID, 0, pid_tgid >> 32)
+}
+
+/// The block flags the caller's cgroups name: its cgroup or an ancestor, its workload (own
+/// cgroup, and uid). These hold whether or not a tag covers the caller: the revocation named
+/// the cgroup itself (untagging it must not open a direct path). A uid or a pid names no
+/// population of its own: they apply to tagged callers only (the untagged processes of a
+/// revoked uid, a health checker say, are no agents).
+#[inline(always)]
+fn caller_cgroup_blocks() -> u32 {
     let uid = bpf_get_current_uid_gid() as u32;
     // SAFETY: helper without arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    let mut flags = block_flags(block::UID, 0, u64::from(uid))
-        | block_flags(block::PID, 0, pid_tgid >> 32)
-        | block_flags(block::WORKLOAD_CGROUP, 0, own)
+    let mut flags = block_flags(block::WORKLOAD_CGROUP, 0, own)
         | block_flags(block::WORKLOAD_CGROUP_UID, uid, own);
     for level in 0..MAX_CGROUP_DEPTH {
         // SAFETY: helper call with a plain integer.
@@ -320,13 +335,22 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(server) = SERVERS.get_ptr(dst) else {
         return Ok(PROCEED);
     };
-    // Revoked: refused here, at connect(), not only at the proxy; tagged or not, so that
-    // untagging a revoked cgroup (or revoking one no tag covers) never opens a direct path.
-    if st.mcp_blocks != 0 && caller_blocks() & (block::MCP | block::ALL_EGRESS) != 0 {
+    // Revoked: refused here, at connect(), not only at the proxy. A revoked cgroup tagged or
+    // not, so that untagging it (or revoking one no tag covers) never opens a direct path.
+    let revoked = block::MCP | block::ALL_EGRESS;
+    let cgroup_blocks = if st.mcp_blocks != 0 {
+        caller_cgroup_blocks()
+    } else {
+        0
+    };
+    if cgroup_blocks & revoked != 0 {
         return refuse(stats::REFUSED_REVOKED);
     }
     if !caller_is_tagged() {
         return Ok(PROCEED);
+    }
+    if st.mcp_blocks != 0 && caller_process_blocks() & revoked != 0 {
+        return refuse(stats::REFUSED_REVOKED);
     }
     // SAFETY: helpers that take the context pointer.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };

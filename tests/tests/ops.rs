@@ -138,6 +138,16 @@ fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     assert_eq!(r.errno, Some(ECONNREFUSED), "{r:?}");
     assert_eq!(upstream.count(), seen + 1);
     cli_ok(&env, &["unrevoke", "--cgroup", &untagged]);
+    // A uid names no population of its own: its untagged processes (a health checker, say)
+    // are no agents, and reach the server as before.
+    cli_ok(&env, &["revoke", "--uid", "65534"]);
+    let r = run_client_as(PROBE, &dir_untagged, &addr, 65534);
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    assert_eq!(
+        run_client_as(PROBE, &dir_b, &addr, 65534).errno,
+        Some(ECONNREFUSED)
+    );
+    cli_ok(&env, &["unrevoke", "--uid", "65534"]);
 
     // A cgroup outside the attach point is never intercepted: nothing to revoke there.
     let out = env.cli(&["revoke", "--cgroup", "/"]);
