@@ -573,57 +573,16 @@ fn track_processes(
     // Dropped (detached) on an error below: half of the set would only cost.
     let mut own = Vec::new();
     for (name, tracepoint) in programs::TRACEPOINTS {
-        let prog_err = |e: ProgramError| Error::Program {
-            name,
-            error: Box::new(e),
-        };
-        let program: &mut RawTracePoint = ebpf
-            .program_mut(name)
-            .ok_or_else(|| prog_err(ProgramError::UnexpectedProgramType))?
-            .try_into()
-            .map_err(prog_err)?;
-        program.load().map_err(prog_err)?;
-        let id = program.attach(tracepoint).map_err(prog_err)?;
-        let link = FdLink::from(program.take_link(id).map_err(prog_err)?);
-        let info = link.info().map_err(|e| Error::Link {
-            name,
-            message: e.to_string(),
-        })?;
-        attached.push(Tracepoint {
-            program: name,
-            tracepoint,
-            link_id: info.id(),
-            program_id: info.program_id(),
-        });
+        let (link, info) = attach_tracepoint(ebpf, name, tracepoint)?;
+        attached.push(info);
         own.push(link);
     }
     // Optional: older kernels lack it (an exec's window before `sched_process_exec` then
     // stays unguarded, and the daemon says so).
-    let (name, tracepoint) = (
-        programs::PROC_PREPARE_EXEC,
-        programs::PREPARE_EXEC_TRACEPOINT,
-    );
-    let prepare = (|| -> Result<(FdLink, Tracepoint), String> {
-        let program: &mut RawTracePoint = ebpf
-            .program_mut(name)
-            .ok_or("not in the object")?
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
-        program.load().map_err(|e| e.to_string())?;
-        let id = program.attach(tracepoint).map_err(|e| e.to_string())?;
-        let link = FdLink::from(program.take_link(id).map_err(|e| e.to_string())?);
-        let info = link.info().map_err(|e| e.to_string())?;
-        let attached = Tracepoint {
-            program: name,
-            tracepoint,
-            link_id: info.id(),
-            program_id: info.program_id(),
-        };
-        Ok((link, attached))
-    })();
-    match prepare {
-        Ok((link, tracepoint)) => {
-            attached.push(tracepoint);
+    let tracepoint = programs::PREPARE_EXEC_TRACEPOINT;
+    match attach_tracepoint(ebpf, programs::PROC_PREPARE_EXEC, tracepoint) {
+        Ok((link, info)) => {
+            attached.push(info);
             own.push(link);
         }
         Err(e) => warn!(
@@ -637,6 +596,38 @@ fn track_processes(
         .map_err(map_err(names::PROC_CHANGES))?;
     links.append(&mut own);
     Ok((attached, map))
+}
+
+/// Loads raw tracepoint program `name` and attaches it to `tracepoint`: its link (detached
+/// when dropped) and what status reports of it.
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &'static str,
+) -> Result<(FdLink, Tracepoint), Error> {
+    let prog_err = |e: ProgramError| Error::Program {
+        name,
+        error: Box::new(e),
+    };
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| prog_err(ProgramError::UnexpectedProgramType))?
+        .try_into()
+        .map_err(prog_err)?;
+    program.load().map_err(prog_err)?;
+    let id = program.attach(tracepoint).map_err(prog_err)?;
+    let link = FdLink::from(program.take_link(id).map_err(prog_err)?);
+    let info = link.info().map_err(|e| Error::Link {
+        name,
+        message: e.to_string(),
+    })?;
+    let attached = Tracepoint {
+        program: name,
+        tracepoint,
+        link_id: info.id(),
+        program_id: info.program_id(),
+    };
+    Ok((link, attached))
 }
 
 /// Takes the exclusive lock on the pin folder `dir` (a second daemon on the same pins would drop

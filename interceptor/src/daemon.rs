@@ -323,20 +323,18 @@ fn pick_namespaces(
         .filter(|(ino, _)| served.contains(ino) || (held(ino) && !waiting(ino)))
         .map(|(ino, seen)| (*ino, seen.pid))
         .collect();
-    // Per cgroup, in path order: its namespaces, and how many places they take.
-    let mut per_cgroup: std::collections::BTreeMap<&Path, (Vec<u64>, usize)> = Default::default();
+    // Per cgroup, in path order: its namespaces; and how many places they take.
+    let mut members: std::collections::BTreeMap<&Path, Vec<u64>> = Default::default();
+    let mut taken: std::collections::HashMap<&Path, usize> = Default::default();
     for (ino, seen) in found {
         let takes = served.contains(ino) || held(ino);
         for dir in &seen.cgroups {
-            let entry = per_cgroup.entry(dir).or_default();
-            entry.0.push(*ino);
-            entry.1 += usize::from(takes);
+            members.entry(dir).or_default().push(*ino);
+            *taken.entry(dir).or_default() += usize::from(takes);
         }
     }
     let mut crowded = HashSet::new();
-    let dirs: Vec<&Path> = per_cgroup.keys().copied().collect();
-    for dir in dirs {
-        let inos = per_cgroup[dir].0.clone();
+    for (&dir, inos) in &members {
         if inos.len() > MAX_NAMESPACES_PER_CGROUP {
             if !cache.crowded.contains(dir) {
                 warn!(
@@ -361,15 +359,13 @@ fn pick_namespaces(
             // gets its first whatever the others hold (a container sharing its pod's
             // namespace with a crowded one must not go without).
             let cgroups = &found[&ino].cgroups;
-            let room = per_cgroup[dir].1 == 0
+            let room = taken[dir] == 0
                 || cgroups
                     .iter()
-                    .all(|c| per_cgroup[c.as_path()].1 < MAX_NAMESPACES_PER_CGROUP);
+                    .all(|c| taken[c.as_path()] < MAX_NAMESPACES_PER_CGROUP);
             if room {
                 for c in cgroups {
-                    if let Some(entry) = per_cgroup.get_mut(c.as_path()) {
-                        entry.1 += 1;
-                    }
+                    *taken.entry(c.as_path()).or_default() += 1;
                 }
                 wanted.insert(ino, found[&ino].pid);
             }
