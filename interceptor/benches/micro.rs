@@ -5,7 +5,8 @@
 //!   `tools/call`, and of one with 1 KiB arguments (the request of the end-to-end benchmark).
 //! - `policy_decision`: one `tools/call` decision with 100 roles and 1,000 tool patterns
 //!   (globs, regexes, denies), all bound to the caller, as a request makes it (the identity's
-//!   roles resolved once per connection); `policy_decision_first` includes that resolution.
+//!   roles resolved once per connection); `policy_decision_denied` the same for a tool no
+//!   pattern allows; `policy_decision_first` includes the resolution.
 //! - `filter_500_tools`: filtering a 500-tool `tools/list` result under that policy.
 //! - `audit_request_event`: the `mcp.request` event of the 1 KiB call: redaction and
 //!   building the event text, then sealing it into a chained line (SHA-256).
@@ -89,6 +90,16 @@ fn micro(c: &mut Criterion) {
                 black_box(&grant),
                 "notes",
                 &Call::tool(black_box("tool_99_7_x"), None),
+            ))
+        })
+    });
+    // A tool no pattern allows: every role's globs and regexes looked at, then denied.
+    c.bench_function("policy_decision_denied", |b| {
+        b.iter(|| {
+            black_box(policy.check_granted(
+                black_box(&grant),
+                "notes",
+                &Call::tool(black_box("drop_database"), None),
             ))
         })
     });

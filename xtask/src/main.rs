@@ -90,6 +90,7 @@ fn run_task(cli: Cli) -> Result<()> {
             }
         }
         Task::Bench { quick } => {
+            let started = std::time::Instant::now();
             let tools = setup::setup(&root)?;
             // The daemon and the criterion benches in one build: with the benches' dev-
             // dependencies in the same feature resolution, `cargo bench` below reuses it
@@ -129,7 +130,13 @@ fn run_task(cli: Cli) -> Result<()> {
                 "--measurement-time",
                 measure,
             ]))?;
-            bench::run(&root, &bin, &root.join("target/release/bench-peer"), plan)?;
+            bench::run(
+                &root,
+                &bin,
+                &root.join("target/release/bench-peer"),
+                plan,
+                started,
+            )?;
         }
         Task::Demo => {
             let bin = build(&root, false)?;

@@ -3,15 +3,23 @@
 //! - `bench-peer upstream ADDR`: a minimal, fast MCP-ish upstream answering every POST with a
 //!   JSON-RPC result for the request's id (so the proxy, not the server, dominates).
 //! - `bench-peer client URL REQUESTS CONCURRENCY`: `tools/call` round trips with 1 KiB
-//!   arguments over keep-alive connections; latency percentiles and throughput.
-//! - `bench-peer connect ADDR COUNT`: connect+close loop; mean ns per connect.
+//!   arguments over keep-alive connections; latency percentiles and throughput. Each connection
+//!   first makes [`WARM_UP`] untimed calls, and the clock starts when all of them have (the
+//!   proxy's upstream connections open, the workload's certificate minted): steady keep-alive
+//!   traffic, not set-up.
+//! - `bench-peer connect ADDR COUNT`: connect+close loop; ns per connect (median, mean, p99).
 //! - `bench-peer hold URL COUNT SECONDS`: opens COUNT keep-alive connections, one request each,
 //!   and keeps them idle for SECONDS.
-//! - `bench-peer audit DIR MODE WRITERS EVENTS`: audit events/s with concurrent writers.
+//! - `bench-peer audit DIR MODE WRITERS EVENTS`: audit events/s with concurrent writers; each
+//!   event has the size and shape of the daemon's `mcp.request` for the 1 KiB call (~1.8 KB).
+//! - `bench-peer fdatasync DIR COUNT`: this device's `fdatasync` time: COUNT times, a 1.8 KB
+//!   append to a file in DIR and its `fdatasync` (timed alone); median and mean.
 //! - `bench-peer pki DIR`: a CA and a server certificate for `bench.test` / 127.0.0.0/8 peers
 //!   (`upstream-ca.pem`, `server.pem`, `server-key.pem`).
-//! - `bench-peer upstream-tls ADDR DIR CLIENT_CA`: the same upstream behind TLS 1.3 requiring a
-//!   client certificate issued by CLIENT_CA (the node CA).
+//! - `bench-peer upstream-tls ADDR DIR CLIENT_CA [close]`: the same upstream behind TLS 1.3
+//!   requiring a client certificate issued by CLIENT_CA (the node CA); with `close`, every
+//!   answer says `Connection: close`, so a client never reuses a connection (each request of
+//!   the proxy's finds its pool cold).
 //! - `bench-peer relay LISTEN TARGET`: a byte relay (no parsing at all): the cost of any extra
 //!   hop on this machine, for reference.
 //! - `bench-peer hook-stats BPFFS_DIR`: run count and total run time (ns) of the programs
@@ -45,12 +53,13 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Answers every POST with a JSON-RPC result for the request's id.
-async fn serve<I>(io: I)
+/// Answers every POST with a JSON-RPC result for the request's id (with `close`, and
+/// `Connection: close`).
+async fn serve<I>(io: I, close: bool)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
         let body = req
             .into_body()
             .collect()
@@ -63,9 +72,12 @@ where
             .unwrap_or(Value::Null);
         let out =
             json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"ok"}]}});
+        let mut answer = Response::builder().header("content-type", "application/json");
+        if close {
+            answer = answer.header("connection", "close");
+        }
         Ok::<_, std::convert::Infallible>(
-            Response::builder()
-                .header("content-type", "application/json")
+            answer
                 .body(Full::new(Bytes::from(out.to_string())))
                 .unwrap_or_default(),
         )
@@ -82,7 +94,7 @@ async fn upstream(addr: &str) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve(stream));
+        tokio::spawn(serve(stream, false));
     }
 }
 
@@ -96,7 +108,7 @@ fn pki(dir: &str) -> Value {
     json!({"pki": dir})
 }
 
-async fn upstream_tls(addr: &str, dir: &str, client_ca: &str) {
+async fn upstream_tls(addr: &str, dir: &str, client_ca: &str, close: bool) {
     let dir = std::path::Path::new(dir);
     let acceptor = interceptor_tests::mtls_acceptor(
         &dir.join("server.pem"),
@@ -113,7 +125,7 @@ async fn upstream_tls(addr: &str, dir: &str, client_ca: &str) {
         tokio::spawn(async move {
             // A client without a certificate from the node CA fails here.
             if let Ok(tls) = acceptor.accept(stream).await {
-                serve(tls).await;
+                serve(tls, close).await;
             }
         });
     }
@@ -145,14 +157,20 @@ fn call_body(id: u64) -> String {
     .to_string()
 }
 
-async fn connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn try_connection(addr: SocketAddr) -> Option<Sender> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let _ = stream.set_nodelay(true);
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .expect("handshake");
+        .ok()?;
     tokio::spawn(conn);
-    send
+    Some(send)
+}
+
+async fn connection(addr: SocketAddr) -> Sender {
+    try_connection(addr).await.expect("connect")
 }
 
 fn target(url: &str) -> (hyper::Uri, SocketAddr) {
@@ -266,17 +284,51 @@ async fn fresh(url: &str, count: u64) -> Value {
     json!({"n": lat.len(), "errors": errors, "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99), "first_us": lat.first()})
 }
 
+/// Untimed calls each connection makes before the clock starts.
+const WARM_UP: u64 = 20;
+
 async fn client(url: &str, requests: u64, concurrency: u64) -> Value {
     let (uri, addr) = target(url);
-    let per = requests / concurrency.max(1);
-    let started = Instant::now();
+    let concurrency = concurrency.max(1);
+    let per = requests / concurrency;
+    let ready = Arc::new(tokio::sync::Barrier::new(concurrency as usize));
     let mut tasks = Vec::new();
     for w in 0..concurrency {
         let uri = uri.clone();
+        let ready = ready.clone();
         tasks.push(tokio::spawn(async move {
-            let mut send = connection(addr).await;
+            // Every task reaches the barrier, or the others would wait for it for good.
+            let Some(mut send) = try_connection(addr).await else {
+                ready.wait().await;
+                let now = Instant::now();
+                return (Vec::new(), per.max(1), now, now);
+            };
+            let mut warm_errors = 0u64;
+            for i in 0..WARM_UP {
+                let req = call_request(&uri, addr, u64::MAX / 2 + w * WARM_UP + i);
+                match send.send_request(req).await {
+                    Ok(resp) => {
+                        let ok = resp.status().is_success();
+                        let _ = resp.into_body().collect().await;
+                        warm_errors += u64::from(!ok);
+                    }
+                    Err(_) => match try_connection(addr).await {
+                        Some(s) => {
+                            warm_errors += 1;
+                            send = s;
+                        }
+                        None => {
+                            ready.wait().await;
+                            let now = Instant::now();
+                            return (Vec::new(), per.max(1), now, now);
+                        }
+                    },
+                }
+            }
+            ready.wait().await;
+            let started = Instant::now();
             let mut lat = Vec::with_capacity(per as usize);
-            let mut errors = 0u64;
+            let mut errors = warm_errors;
             for i in 0..per {
                 let req = call_request(&uri, addr, w * per + i + 1);
                 let t = Instant::now();
@@ -296,24 +348,34 @@ async fn client(url: &str, requests: u64, concurrency: u64) -> Value {
                     }
                 }
             }
-            (lat, errors)
+            (lat, errors, started, Instant::now())
         }));
     }
     let mut all = Vec::new();
     let mut errors = 0;
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
     for t in tasks {
-        if let Ok((l, e)) = t.await {
-            all.extend(l);
-            errors += e;
+        match t.await {
+            Ok((l, e, started, ended)) => {
+                all.extend(l);
+                errors += e;
+                first = Some(first.map_or(started, |f| f.min(started)));
+                last = Some(last.map_or(ended, |x| x.max(ended)));
+            }
+            // A connection that could not be opened: its share of the requests failed.
+            Err(_) => errors += per,
         }
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f).as_secs_f64(),
+        _ => 0.0,
+    };
     all.sort_unstable();
     json!({
         "n": all.len(), "errors": errors,
         "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
         "mean_us": if all.is_empty() { 0 } else { all.iter().sum::<u64>() / all.len() as u64 },
-        "rps": all.len() as f64 / secs,
+        "rps": if secs > 0.0 { all.len() as f64 / secs } else { 0.0 },
     })
 }
 
@@ -340,7 +402,9 @@ fn connect_loop(addr: &str, count: u64) -> Value {
     let addr: SocketAddr = addr.parse().expect("addr");
     let started = Instant::now();
     let mut ok = 0;
+    let mut took = Vec::with_capacity(count as usize);
     for _ in 0..count {
+        let t = Instant::now();
         if let Ok(s) = std::net::TcpStream::connect(addr) {
             // Close with RST: no TIME_WAIT piles up, so later runs do not pay a longer
             // ephemeral-port search than earlier ones (that drowned the hook's cost).
@@ -351,9 +415,16 @@ fn connect_loop(addr: &str, count: u64) -> Value {
             let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger);
             ok += 1;
         }
+        took.push(t.elapsed().as_nanos() as u64);
     }
     let ns = started.elapsed().as_nanos() as u64 / count.max(1);
-    json!({"connects": ok, "ns_per_connect": ns})
+    took.sort_unstable();
+    // The median: a connect now and then waits ~1 s for a retransmitted SYN here (one of
+    // 5,000 took 1.02 s in a loop whose median was 30 µs), which swamps a mean.
+    json!({
+        "connects": ok, "ns_per_connect": ns, "p50_ns": percentile(&took, 0.5),
+        "p99_ns": percentile(&took, 0.99), "max_ns": took.last(),
+    })
 }
 
 async fn hold(url: &str, count: u64, seconds: u64) -> Value {
@@ -372,6 +443,53 @@ async fn hold(url: &str, count: u64, seconds: u64) -> Value {
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     drop(held);
     json!({"held": ok, "done": true})
+}
+
+/// The fields of the daemon's `mcp.request` event for the end-to-end benchmark's call (1 KiB
+/// arguments): the audit benchmark writes events of that size (~1.8 KB a line).
+fn request_event(id: u64) -> Value {
+    json!({
+        "identity": {
+            "cgroup": "/interceptor-bench/tagged", "cgroup_id": 36923, "comm": "tokio-rt-worker",
+            "container": null, "exe": "/usr/local/bin/agent", "gid": 1000, "kind": "agent",
+            "pid": 3406, "pod": null, "process": "alive", "qos": null, "runtime": null,
+            "tid": 3408, "uid": 1000,
+            "workload_id": "spiffe://interceptor.local/node/vm/cgroup/interceptor-bench/tagged/uid/1000",
+        },
+        "server": "bench", "method": "tools/call", "tool": "echo", "name": "echo", "id": id,
+        "arguments": {"text": "x".repeat(1024)}, "other_params": null,
+        "decision": "allow", "rule": "role bench: allow_tools \"echo\"", "roles": ["bench"],
+        "session": null, "protocol": "unspecified",
+    })
+}
+
+/// This device's `fdatasync`: a line like an audit event appended, then synced (timed).
+fn fdatasync_loop(dir: &str, count: u64) -> Value {
+    use std::io::Write;
+    let path = std::path::Path::new(dir).join("fdatasync-probe");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .expect("probe file");
+    let mut line = request_event(0).to_string().into_bytes();
+    line.push(b'\n');
+    let mut took = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        file.write_all(&line).expect("append");
+        let t = Instant::now();
+        file.sync_data().expect("fdatasync");
+        took.push(t.elapsed().as_micros() as u64);
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    took.sort_unstable();
+    json!({
+        "n": took.len(), "bytes_per_append": line.len(),
+        "p50_us": percentile(&took, 0.5), "p99_us": percentile(&took, 0.99),
+        "mean_us": if took.is_empty() { 0 } else { took.iter().sum::<u64>() / took.len() as u64 },
+    })
 }
 
 async fn audit_bench(dir: &str, mode: &str, writers: u64, events: u64) -> Value {
@@ -399,10 +517,7 @@ async fn audit_bench(dir: &str, mode: &str, writers: u64, events: u64) -> Value 
         let audit = audit.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..per {
-                let e = interceptor::audit::event(
-                    "mcp.request",
-                    json!({"server": "notes", "method": "tools/call", "tool": "echo", "id": w * per + i, "decision": "allow"}),
-                );
+                let e = interceptor::audit::event("mcp.request", request_event(w * per + i));
                 audit.record(e).await.expect("record");
             }
         }));
@@ -440,9 +555,10 @@ async fn main() {
         "hook-stats" => hook_stats(&arg(1)),
         "hold" => hold(&arg(1), num(2), num(3)).await,
         "audit" => audit_bench(&arg(1), &arg(2), num(3), num(4)).await,
+        "fdatasync" => fdatasync_loop(&arg(1), num(2)),
         "pki" => pki(&arg(1)),
         "upstream-tls" => {
-            upstream_tls(&arg(1), &arg(2), &arg(3)).await;
+            upstream_tls(&arg(1), &arg(2), &arg(3), arg(4) == "close").await;
             return;
         }
         "relay" => {
