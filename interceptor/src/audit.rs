@@ -78,6 +78,11 @@ pub struct RawAudit {
     pub durability: Durability,
     /// Rotate when the file would grow past this many bytes.
     pub max_file_bytes: u64,
+    /// The most files the log keeps, the live one included: at a rotation, the oldest rotated
+    /// files (`<path>.<UTC time>`, the daemon's own) beyond it are deleted and an
+    /// `audit.pruned` event in the new file names them and where the chain now starts. 0 (the
+    /// default): keep them all.
+    pub max_files: usize,
     /// Argument keys containing any of these (case-insensitive) are written as `"[REDACTED]"`.
     pub redact_keys: Vec<String>,
     /// Arguments longer than this (serialised, after redaction) are shortened, within a
@@ -94,6 +99,7 @@ impl Default for RawAudit {
             path: PathBuf::from(DEFAULT_PATH),
             durability: Durability::Write,
             max_file_bytes: 100 << 20,
+            max_files: 0,
             redact_keys: [
                 "password",
                 "passwd",
@@ -968,6 +974,8 @@ impl Audit {
             seq: tail.last_seq,
             prev_hash: tail.last_hash.clone(),
             max_file_bytes: config.max_file_bytes,
+            max_files: config.max_files,
+            opener: opener.to_owned(),
             dirty: false,
             path_checked: Instant::now(),
             stats: stats.clone(),
@@ -1547,6 +1555,62 @@ fn open_successor(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// The files the daemon rotated `path` into (`<path>.<UTC time>` exactly, as [`Writer::rotate`]
+/// names them: never an operator's `<path>.bak`), oldest first.
+fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .is_some_and(is_rotation_stamp)
+        })
+        .map(|e| e.path())
+        .collect();
+    // The stamps sort as the times they name.
+    files.sort();
+    files
+}
+
+/// `2026-11-27T230858.732993Z`: the UTC time a rotated file's name ends with.
+fn is_rotation_stamp(s: &str) -> bool {
+    const SHAPE: &[u8; 25] = b"0000-00-00T000000.000000Z";
+    s.len() == SHAPE.len()
+        && s.bytes().zip(SHAPE).all(|(b, &shape)| match shape {
+            b'0' => b.is_ascii_digit(),
+            other => b == other,
+        })
+}
+
+/// (seq, prev_hash) of the first record of `path`, if it is a valid one (its hash checked).
+fn first_record(path: &Path) -> Option<(u64, String)> {
+    let (body, hash) = first_sealed(path)?;
+    if hex(&Sha256::digest(body.as_bytes())) != hash {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    Some((v["seq"].as_u64()?, v["prev_hash"].as_str()?.to_owned()))
+}
+
+/// The first line of `path` as a sealed record: (body, hash), the hash not checked.
+fn first_sealed(path: &Path) -> Option<(String, String)> {
+    let mut line = Vec::new();
+    BufReader::new(File::open(path).ok()?)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    let text = std::str::from_utf8(&line).ok()?;
+    let (body, hash) = unseal(text.strip_suffix('\n')?)?;
+    Some((body, hash.to_owned()))
+}
+
 /// (seq, hash) of the last event in the newest `<path>.<time>` file beside `path`.
 fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
     let dir = path.parent()?;
@@ -1835,6 +1899,10 @@ struct Writer {
     seq: u64,
     prev_hash: String,
     max_file_bytes: u64,
+    /// `[audit] max_files`.
+    max_files: usize,
+    /// The daemon's `identity` (JSON text), for the events the writer records itself.
+    opener: String,
     /// Written since the last `fdatasync`.
     dirty: bool,
     /// When the path was last compared with the open file.
@@ -1850,15 +1918,24 @@ impl Writer {
     /// never leaves half a line in the middle of the chain.
     fn write_batch(&mut self, events: &[Event]) -> io::Result<()> {
         self.ensure_file()?;
-        let mut seq = self.seq;
-        let mut prev = self.prev_hash.clone();
-        let mut buf = Vec::with_capacity(events.iter().map(|e| e.0.len() + 200).sum());
-        for event in events {
-            seq += 1;
-            prev = seal_into(&mut buf, seq, &prev, &event.0);
-        }
+        // The chain continues from the same record whether or not the file rotates.
+        let (last_seq, last_hash) = (self.seq, self.prev_hash.clone());
+        let seal = |first: Option<&Event>| {
+            let mut seq = last_seq;
+            let mut prev = last_hash.clone();
+            let mut buf = Vec::with_capacity(events.iter().map(|e| e.0.len() + 200).sum());
+            for event in first.into_iter().chain(events) {
+                seq += 1;
+                prev = seal_into(&mut buf, seq, &prev, &event.0);
+            }
+            (buf, seq, prev)
+        };
+        let (mut buf, mut seq, mut prev) = seal(None);
         if self.len > 0 && self.len + buf.len() as u64 > self.max_file_bytes {
-            self.rotate()?;
+            // Files pruned at the rotation are named first in the new file.
+            if let Some(pruned) = self.rotate()? {
+                (buf, seq, prev) = seal(Some(&pruned));
+            }
         }
         if let Err(e) = (&*self.file).write_all(&buf) {
             let _ = self.file.set_len(self.len);
@@ -1890,7 +1967,9 @@ impl Writer {
         Ok(())
     }
 
-    fn rotate(&mut self) -> io::Result<()> {
+    /// Renames the file away and starts a new one; with `max_files`, prunes the oldest rotated
+    /// files and returns the `audit.pruned` event that names them.
+    fn rotate(&mut self) -> io::Result<Option<Event>> {
         // The rotated file is complete on disk before its successor starts.
         if self.file.sync_data().is_ok() {
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -1903,7 +1982,64 @@ impl Writer {
         self.file = Arc::new(open_successor(&self.path)?);
         self.len = 0;
         info!(rotated = %rotated.display(), "audit log rotated");
-        Ok(())
+        Ok(self.prune())
+    }
+
+    /// Deletes the oldest rotated files beyond `max_files` (oldest first, stopping at one that
+    /// cannot be deleted), and returns the event naming them and the record the chain now
+    /// starts after. Nothing is deleted when that record cannot be read: a chain whose start
+    /// no event names would look truncated to `audit verify`.
+    fn prune(&self) -> Option<Event> {
+        let keep = self
+            .max_files
+            .checked_sub(1)
+            .filter(|_| self.max_files > 0)?;
+        let rotated = rotated_files(&self.path);
+        let over = rotated.len().checked_sub(keep).filter(|n| *n > 0)?;
+        // The newest of the files to delete ends where the oldest kept one begins.
+        let Some((seq, prev_hash)) = first_record(&rotated[over]) else {
+            warn!(
+                file = %rotated[over].display(),
+                "audit.max_files: not pruning rotated audit files, the first record of the \
+                 oldest one kept cannot be read (the chain's new start could not be named)"
+            );
+            return None;
+        };
+        let mut removed = Vec::new();
+        for path in &rotated[..over] {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(file = %path.display(), error = %e, "audit.max_files: cannot delete a rotated audit file; keeping it and the newer ones");
+                break;
+            }
+            removed.push(
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        if removed.is_empty() {
+            return None;
+        }
+        // Stopped early: the chain starts at the oldest file left.
+        let (through_seq, through_hash) = if removed.len() == over {
+            (seq.saturating_sub(1), prev_hash)
+        } else {
+            let (seq, prev_hash) = first_record(&rotated[removed.len()])?;
+            (seq.saturating_sub(1), prev_hash)
+        };
+        info!(
+            files = removed.len(),
+            through_seq, "audit.max_files: pruned rotated audit files"
+        );
+        Some(
+            Event::new("audit.pruned")
+                .raw("identity", &self.opener)
+                .field("files", &removed)
+                .field("max_files", &self.max_files)
+                .field("through_seq", &through_seq)
+                .field("through_hash", &through_hash),
+        )
     }
 }
 
@@ -1920,8 +2056,11 @@ pub struct Verification {
     /// The files in the order verified (by their first record's `seq`).
     pub order: Vec<PathBuf>,
     /// The chain's first record, when it is not the log's first (`seq` 1): its earlier
-    /// records are in rotated files that were not given.
+    /// records are in rotated files that were not given, or were pruned.
     pub starts_at: Option<u64>,
+    /// The records up to this `seq` were deleted by `[audit] max_files`, as an `audit.pruned`
+    /// event in the chain records.
+    pub pruned_through: Option<u64>,
     /// `audit.repair` events met (file, line): what the daemon found at the log's end at a
     /// start (a torn line cut off, a line break added, an edited last line kept).
     pub repairs: Vec<(PathBuf, usize)>,
@@ -1944,12 +2083,7 @@ fn torn_continues(torn: &[u8], prev_hash: Option<&str>, prev_seq: Option<u64>) -
 
 /// The `seq` of the first record of `path`, if it has a readable one.
 fn first_seq(path: &Path) -> Option<u64> {
-    let mut line = Vec::new();
-    BufReader::new(File::open(path).ok()?)
-        .read_until(b'\n', &mut line)
-        .ok()?;
-    let text = std::str::from_utf8(&line).ok()?;
-    let (body, _) = unseal(text.strip_suffix('\n')?)?;
+    let (body, _) = first_sealed(path)?;
     serde_json::from_str::<Value>(&body).ok()?["seq"].as_u64()
 }
 
@@ -2015,7 +2149,10 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
     };
     let mut prev: Option<String> = None;
     let mut prev_seq: Option<u64> = None;
-    for (fi, path) in paths.iter().enumerate() {
+    // A chain that starts after seq 1: (file, line, the seq and hash before it, whether a
+    // rotated file not given may hold them), until an `audit.pruned` event names that record.
+    let mut unexplained_head: Option<(PathBuf, usize, u64, String, bool)> = None;
+    'files: for (fi, path) in paths.iter().enumerate() {
         let file = File::open(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -2048,7 +2185,7 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                         &bytes[..]
                     } else if torn_continues(&bytes, prev.as_deref(), prev_seq) {
                         out.torn_tail = Some((path.clone(), n));
-                        return Ok(out);
+                        break 'files;
                     } else {
                         out.broken = fail(
                             "the unterminated last line is neither a whole record nor the \
@@ -2099,16 +2236,20 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                     return Ok(out);
                 }
                 (None, None) if seq != 1 => {
-                    if !has_rotated_siblings(path, &paths) && prev.is_none() && fi == 0 {
-                        out.broken = fail(format!(
-                            "the log starts at seq {seq}, and no rotated file is beside it: \
-                             the records before it were deleted"
-                        ));
-                        return Ok(out);
-                    }
+                    let elsewhere = has_rotated_siblings(path, &paths) || fi > 0;
+                    unexplained_head = Some((path.clone(), n, seq - 1, p.to_owned(), elsewhere));
                     out.starts_at = Some(seq);
                 }
                 _ => {}
+            }
+            // `[audit] max_files` deleted the files before the head, and said so.
+            if v["event"] == "audit.pruned"
+                && let Some((_, _, through, hash, _)) = &unexplained_head
+                && v["through_seq"].as_u64() == Some(*through)
+                && v["through_hash"].as_str() == Some(hash)
+            {
+                out.pruned_through = Some(*through);
+                unexplained_head = None;
             }
             if v["event"] == "audit.repair" {
                 out.repairs.push((path.clone(), n));
@@ -2120,6 +2261,17 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                 out.unterminated = Some((path.clone(), n));
             }
         }
+    }
+    if let Some((path, line, through, _, false)) = unexplained_head {
+        out.broken = Some((
+            path,
+            line,
+            format!(
+                "the log starts at seq {}, no rotated file is beside it and no audit.pruned \
+                 event names the records before it: they were deleted",
+                through + 1
+            ),
+        ));
     }
     Ok(out)
 }
@@ -3092,5 +3244,67 @@ mod tests {
         let v = verify(std::slice::from_ref(live)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert!(v.starts_at.is_some_and(|s| s > 1), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn max_files_prunes_the_oldest_rotated_files_and_verify_accepts_the_new_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("audit.jsonl");
+        // An operator's copy is not the daemon's to delete.
+        let copy = dir.path().join("audit.jsonl.bak");
+        std::fs::write(&copy, "keep\n").unwrap();
+        let mut c = cfg(dir.path(), Durability::Fsync);
+        c.max_file_bytes = 600;
+        c.max_files = 3;
+        let a = Audit::open(c, OPENER).unwrap();
+        for i in 0..30 {
+            a.record(event(&format!("event-number-{i}"))).await.unwrap();
+        }
+        let rotated = rotated_files(&live);
+        assert_eq!(rotated.len(), 2, "{rotated:?}");
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "keep\n");
+        // The live file starts with the event naming what went, up to the oldest kept file.
+        let (first_kept, first_prev) = first_record(&rotated[0]).unwrap();
+        let text = std::fs::read_to_string(&live).unwrap();
+        let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first["event"], "audit.pruned", "{first}");
+        assert_eq!(first["through_seq"], first_kept - 1, "{first}");
+        assert_eq!(first["through_hash"], first_prev, "{first}");
+        assert_eq!(first["max_files"], 3);
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let last_seq = last["seq"].as_u64().unwrap();
+        assert!(
+            first["files"].as_array().is_some_and(|f| !f.is_empty()),
+            "{first}"
+        );
+        let mut kept = rotated.clone();
+        kept.push(live.clone());
+        let v = verify(&kept).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.pruned_through, Some(first_kept - 1));
+        assert_eq!(v.events, last_seq - (first_kept - 1));
+        // A file deleted by hand is named by no event: the start is unexplained.
+        std::fs::remove_file(&copy).unwrap();
+        std::fs::remove_file(&rotated[0]).unwrap();
+        let v = verify(&kept[1..]).unwrap();
+        let broken = v
+            .broken
+            .expect("a deleted file must break the chain's start");
+        assert_eq!((&broken.0, broken.1), (&kept[1], 1));
+        assert!(broken.2.contains("no audit.pruned event"), "{}", broken.2);
+    }
+
+    #[test]
+    fn rotation_stamps_are_the_daemons_own_names_only() {
+        assert!(is_rotation_stamp("2026-11-27T230858.732993Z"));
+        for other in [
+            "bak",
+            "1",
+            "2026-11-27T230858.732993",
+            "2026-11-27T23:08:58.732993Z",
+            "2026-11-27T230858.73299xZ",
+        ] {
+            assert!(!is_rotation_stamp(other), "{other}");
+        }
     }
 }

@@ -697,6 +697,13 @@ impl Validator<'_> {
         if audit.max_file_bytes < 4096 {
             return Err(self.invalid("audit.max_file_bytes", "must be at least 4096"));
         }
+        if audit.max_files == 1 {
+            return Err(self.invalid(
+                "audit.max_files",
+                "must be 0 (keep every rotated file) or at least 2 (the live file and one rotated \
+                 one): 1 would delete each file as it is rotated",
+            ));
+        }
         if let Some((i, k)) = audit
             .redact_keys
             .iter()
@@ -1161,6 +1168,11 @@ upstream = "[::ffff:10.9.9.9]:9000"
         assert!(e.contains("proxy.body_timeout"), "{e}");
         let e = err("[proxy]\nmax_batch = 0\n");
         assert!(e.contains("max_batch at least 1"), "{e}");
+        let e = err("[audit]\nmax_files = 1\n");
+        assert!(
+            e.contains("audit.max_files") && e.contains("at least 2"),
+            "{e}"
+        );
     }
 
     #[test]

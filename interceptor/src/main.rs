@@ -697,7 +697,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let order: Vec<String> = v.order.iter().map(|p| p.display().to_string()).collect();
                 println!("note: verified in chain order: {}", order.join(", "));
             }
-            if let Some(seq) = v.starts_at {
+            if let Some(through) = v.pruned_through {
+                println!(
+                    "note: the records up to seq {through} were deleted by [audit] max_files, as \
+                     an audit.pruned event in the chain records; the chain starts at seq {}",
+                    through + 1
+                );
+            } else if let Some(seq) = v.starts_at {
                 println!(
                     "note: the chain given starts at seq {seq}; the records before it are in \
                      rotated files not given (pass them too to verify from the start)"

@@ -583,6 +583,21 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
     );
 }
 
+/// Three client runs of one search each: several KiB of events each, more than one rotation
+/// with `max_file_bytes = 4096`.
+fn search_three_times(w: &World) {
+    for query in ["one", "two", "three"] {
+        let out = mcp_client(
+            &w.agents,
+            &w.url,
+            "streamable-http",
+            "legacy",
+            &[&format!(r#"search={{"query":"{query}"}}"#)],
+        );
+        assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
+    }
+}
+
 #[test]
 fn audit_tail_follows_the_log_across_rotations() {
     if !privileged() {
@@ -610,17 +625,7 @@ fn audit_tail_follows_the_log_across_rotations() {
         });
         rx
     };
-    // Each client run writes several KiB of events: the log rotates more than once.
-    for query in ["one", "two", "three"] {
-        let out = mcp_client(
-            &w.agents,
-            &w.url,
-            "streamable-http",
-            "legacy",
-            &[&format!(r#"search={{"query":"{query}"}}"#)],
-        );
-        assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
-    }
+    search_three_times(&w);
     let rotated = std::fs::read_dir(dir.path())
         .expect("log dir")
         .filter(|e| {
@@ -648,6 +653,44 @@ fn audit_tail_follows_the_log_across_rotations() {
     assert_eq!(seqs.len(), seen.len());
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, expected, "events missed or repeated across rotations");
+}
+
+#[test]
+fn max_files_keeps_the_newest_files_and_verify_accepts_the_chain_they_hold() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let audit = format!(
+        "\n[audit]\npath = \"{}\"\nmax_file_bytes = 4096\nmax_files = 2\n",
+        log.display()
+    );
+    let w = world("audit-prune", Some(&audit));
+    // The log rotates, and older files go.
+    search_three_times(&w);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p != &log)
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "max_files = 2 keeps one rotated file: {files:?}"
+    );
+    let pruned = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .chain(std::fs::read_to_string(&files[0]).expect("rotated").lines())
+        .filter(|l| l.contains("\"event\":\"audit.pruned\""))
+        .count();
+    assert!(pruned >= 1, "no audit.pruned event in the files kept");
+    files.push(log.clone());
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (ok, report) = verify(&paths);
+    assert!(ok, "{report}");
+    assert!(report.contains("deleted by [audit] max_files"), "{report}");
 }
 
 #[test]
