@@ -428,6 +428,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, daemon: Arc<Daemon>, id: u64
         id,
         _admission: admission,
     };
+    conn.warm_upstream();
     crate::mcp::serve(stream, conn).await;
 }
 

@@ -1100,10 +1100,16 @@ impl Daemon {
                 "roles": self.policy().role_names(),
                 "bindings": self.policy().binding_count(),
             },
-            "servers": self.config.servers.iter().map(|s| json!({
+            "servers": self.config.servers.iter().zip(&self.upstreams).map(|(s, u)| json!({
                 "name": s.name,
                 "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "upstream": s.upstream,
+                // Upstream connections opened as agents connected, and of those, taken by a
+                // request (the others closed unused after 2 s).
+                "connections_ahead": {
+                    "opened": u.ahead.opened.load(Ordering::Relaxed),
+                    "used": u.ahead.used.load(Ordering::Relaxed),
+                },
             })).collect::<Vec<_>>(),
             "ca": self.ca.as_ref().map(|ca| json!({
                 "mints": ca.mints.load(Ordering::Relaxed),

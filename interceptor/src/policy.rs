@@ -257,6 +257,13 @@ pub struct Grant {
     constraining: Vec<usize>,
 }
 
+impl Grant {
+    /// Whether a role of the identity grants the server (its tools are judged next).
+    pub fn grants_server(&self) -> bool {
+        self.roles.is_ok()
+    }
+}
+
 /// A compiled role.
 #[derive(Debug, Clone)]
 pub struct Role {

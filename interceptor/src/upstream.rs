@@ -11,6 +11,11 @@
 //! certificate in them expires), so the full handshakes of new workloads skip the chain's
 //! signature checks; the handshake signature, which proves the upstream holds the key, is
 //! checked on every handshake.
+//!
+//! A new agent connection whose workload has no upstream connection open on its worker gets
+//! one opened ahead of its first request ([`Upstream::warm`]): the TCP and TLS handshakes run
+//! while the request is read, parsed, judged and recorded, and the pool's next connect takes
+//! that connection (within [`AHEAD_LIFE`]; after it, it is closed unused).
 
 use std::{
     collections::HashMap,
@@ -19,9 +24,12 @@ use std::{
     net::SocketAddr,
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -59,8 +67,20 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP client for one server (plain) or one (workload, server) pair (TLS).
 pub type UpstreamClient = Client<MarkedConnector, Full<Bytes>>;
 
+/// How long a connection opened ahead of a request waits for it. An agent's first request
+/// follows its connect within milliseconds; one that has not come by then may never come (and
+/// the upstream may close idle connections), so the connection is closed unused.
+pub const AHEAD_LIFE: Duration = Duration::from_secs(2);
+
+/// A pool's client and its connector (which opens connections ahead for it).
+#[derive(Clone)]
+struct Pool {
+    client: UpstreamClient,
+    connector: MarkedConnector,
+}
+
 /// One client (and so one pool) per worker slot.
-type Pools = Box<[UpstreamClient]>;
+type Pools = Box<[Pool]>;
 
 /// Reads the PEM certificates in `path` into a root store.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
@@ -91,6 +111,15 @@ pub struct Upstream {
     tls: Option<TlsUpstream>,
     /// The `inject_headers` credential files.
     credentials: CredentialFiles,
+    /// Connections opened ahead of requests, and of those, taken by one.
+    pub ahead: Arc<AheadStats>,
+}
+
+/// Counts of connections opened ahead of requests ([`Upstream::warm`]).
+#[derive(Debug, Default)]
+pub struct AheadStats {
+    pub opened: AtomicU64,
+    pub used: AtomicU64,
 }
 
 /// What tells a changed file apart: device, inode, size, modification time (s, ns).
@@ -147,12 +176,14 @@ impl Upstream {
         let addrs: Arc<[SocketAddr]> = server.upstream_addrs.clone().into();
         let upstream: Arc<str> = server.upstream.clone().into();
         let tls = server.tls.as_ref().map(TlsUpstream::new).transpose()?;
+        let ahead = Arc::new(AheadStats::default());
         Ok(Self {
-            plain: pools(slots, &addrs, &upstream, None),
+            plain: pools(slots, &addrs, &upstream, None, &ahead),
             addrs,
             upstream,
             tls,
             credentials: CredentialFiles::default(),
+            ahead,
         })
     }
 
@@ -167,6 +198,20 @@ impl Upstream {
         ca: Option<&NodeCa>,
         workload_id: Option<&str>,
     ) -> Result<UpstreamClient, Error> {
+        Ok(self.pool(ca, workload_id)?.client)
+    }
+
+    /// For a new agent connection of `workload_id`: when the calling worker's pool for it has
+    /// no upstream connection open, opens one now (minting the workload's certificate if it
+    /// has none), so that its handshakes overlap the reading, judging and recording of the
+    /// agent's first request. At most one is opened ahead per pool at a time.
+    pub fn warm(&self, ca: Option<&NodeCa>, workload_id: Option<&str>) {
+        if let Ok(pool) = self.pool(ca, workload_id) {
+            pool.connector.open_ahead();
+        }
+    }
+
+    fn pool(&self, ca: Option<&NodeCa>, workload_id: Option<&str>) -> Result<Pool, Error> {
         let slot = crate::workers::slot() % self.plain.len();
         let Some(tls) = &self.tls else {
             return Ok(self.plain[slot].clone());
@@ -197,13 +242,14 @@ impl Upstream {
             &self.addrs,
             &self.upstream,
             Some((&connector, &tls.server_name)),
+            &self.ahead,
         );
-        let client = pools[slot].clone();
+        let pool = pools[slot].clone();
         // Pools of certificates that expired (workloads gone, or renewed) go, and the oldest
         // beyond the cap: requests still using one hold their own handle.
         crate::ca::evict(&mut clients, std::time::SystemTime::now(), |(l, _)| l);
         clients.insert(wid.to_owned(), (leaf, pools));
-        Ok(client)
+        Ok(pool)
     }
 }
 
@@ -233,33 +279,32 @@ fn pools(
     addrs: &Arc<[SocketAddr]>,
     upstream: &Arc<str>,
     tls: Option<(&TlsConnector, &ServerName<'static>)>,
+    stats: &Arc<AheadStats>,
 ) -> Pools {
     (0..slots.max(1))
         .map(|_| {
-            build(
-                addrs.clone(),
-                upstream.clone(),
-                tls.map(|(c, n)| (c.clone(), n.clone())),
-            )
+            let connector = MarkedConnector {
+                addrs: addrs.clone(),
+                upstream: upstream.clone(),
+                tls: tls.map(|(c, n)| (c.clone(), n.clone())),
+                ahead: Arc::new(Ahead::default()),
+                stats: stats.clone(),
+            };
+            Pool {
+                client: build(connector.clone()),
+                connector,
+            }
         })
         .collect()
 }
 
-fn build(
-    addrs: Arc<[SocketAddr]>,
-    upstream: Arc<str>,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
-) -> UpstreamClient {
+fn build(connector: MarkedConnector) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         // With a timer the pool closes idle connections on its own; without one only a later
         // checkout would (a departed workload's connections stayed open until its pool went).
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .build(MarkedConnector {
-            addrs,
-            upstream,
-            tls,
-        })
+        .build(connector)
 }
 
 /// How long an accepted chain is remembered (at most; never past a certificate's `notAfter`).
@@ -431,12 +476,121 @@ pub fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
 }
 
 /// Connects to the server's resolved upstream addresses (whatever the request URI says), with
-/// TLS when configured.
+/// TLS when configured; takes the connection opened ahead for its pool, if there is one.
 #[derive(Clone)]
 pub struct MarkedConnector {
     addrs: Arc<[SocketAddr]>,
     upstream: Arc<str>,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// This pool's connections open now, and the one opened ahead of a request.
+    ahead: Arc<Ahead>,
+    stats: Arc<AheadStats>,
+}
+
+/// A pool's upstream connections open now (each counted until dropped), and at most one opened
+/// ahead of a request ([`Upstream::warm`]).
+#[derive(Default)]
+struct Ahead {
+    open: AtomicUsize,
+    next: Mutex<Option<Opening>>,
+    opened: AtomicU64,
+}
+
+/// A connection being opened, or opened, ahead of a request.
+struct Opening {
+    /// Told apart from a later one (its task closes only its own).
+    id: u64,
+    at: Instant,
+    rx: tokio::sync::oneshot::Receiver<io::Result<Io>>,
+}
+
+impl MarkedConnector {
+    /// Opens a connection ahead of a request when none is open or being opened for this pool
+    /// (see [`Upstream::warm`]); closes it unused after [`AHEAD_LIFE`].
+    fn open_ahead(&self) {
+        if self.ahead.open.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        let mut next = lock(&self.ahead.next);
+        if next.as_ref().is_some_and(|o| o.at.elapsed() < AHEAD_LIFE) {
+            return;
+        }
+        let id = self.ahead.opened.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *next = Some(Opening {
+            id,
+            at: Instant::now(),
+            rx,
+        });
+        drop(next);
+        self.stats.opened.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(this.open().await);
+            tokio::time::sleep(AHEAD_LIFE).await;
+            // Not taken by then: closed (dropping it with its channel).
+            let mut next = lock(&this.ahead.next);
+            if next.as_ref().is_some_and(|o| o.id == id) {
+                *next = None;
+            }
+        });
+    }
+
+    /// The connection opened ahead for this pool, if one was opened less than [`AHEAD_LIFE`]
+    /// ago (an older one is closed).
+    fn take_ahead(&self) -> Option<Opening> {
+        lock(&self.ahead.next)
+            .take()
+            .filter(|o| o.at.elapsed() < AHEAD_LIFE)
+    }
+
+    /// A new connection: TCP to the first upstream address that answers, then TLS if
+    /// configured.
+    async fn open(&self) -> io::Result<Io> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        let mut tcp = None;
+        for &addr in self.addrs.iter() {
+            match connect_marked(addr).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let Some(tcp) = tcp else {
+            return Err(io::Error::new(
+                last.kind(),
+                format!("cannot connect to upstream {}: {last}", self.upstream),
+            ));
+        };
+        let counted = Open::new(self.ahead.clone());
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
+            Some((connector, name)) => {
+                let stream =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                        })?
+                        .map_err(|e| {
+                            io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                format!(
+                                    "TLS handshake with upstream {} failed: {e}",
+                                    self.upstream
+                                ),
+                            )
+                        })?;
+                Stream::Tls(Box::new(stream))
+            }
+        };
+        Ok(Io {
+            stream,
+            _open: counted,
+        })
+    }
 }
 
 impl tower_service::Service<http::Uri> for MarkedConnector {
@@ -449,51 +603,45 @@ impl tower_service::Service<http::Uri> for MarkedConnector {
     }
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let addrs = self.addrs.clone();
-        let upstream = self.upstream.clone();
-        let tls = self.tls.clone();
+        let this = self.clone();
         Box::pin(async move {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-            let mut tcp = None;
-            for &addr in addrs.iter() {
-                match connect_marked(addr).await {
-                    Ok(s) => {
-                        tcp = Some(s);
-                        break;
-                    }
-                    Err(e) => last = e,
-                }
+            // One opened ahead for this pool (still opening, perhaps): its handshake started
+            // when the agent connected. If it failed, a connection of our own.
+            if let Some(opening) = this.take_ahead()
+                && let Ok(Ok(io)) = opening.rx.await
+            {
+                this.stats.used.fetch_add(1, Ordering::Relaxed);
+                return Ok(TokioIo::new(io));
             }
-            let Some(tcp) = tcp else {
-                return Err(io::Error::new(
-                    last.kind(),
-                    format!("cannot connect to upstream {upstream}: {last}"),
-                ));
-            };
-            match tls {
-                None => Ok(TokioIo::new(Io::Plain(tcp))),
-                Some((connector, name)) => {
-                    let stream =
-                        tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
-                            .await
-                            .map_err(|_| {
-                                io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                            })?
-                            .map_err(|e| {
-                                io::Error::new(
-                                    io::ErrorKind::ConnectionAborted,
-                                    format!("TLS handshake with upstream {upstream} failed: {e}"),
-                                )
-                            })?;
-                    Ok(TokioIo::new(Io::Tls(Box::new(stream))))
-                }
-            }
+            Ok(TokioIo::new(this.open().await?))
         })
     }
 }
 
-/// A connection to an upstream: plain TCP or TLS.
-pub enum Io {
+/// Counts a pool's connection as open while it lives.
+struct Open(Arc<Ahead>);
+
+impl Open {
+    fn new(ahead: Arc<Ahead>) -> Self {
+        ahead.open.fetch_add(1, Ordering::Relaxed);
+        Self(ahead)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection to an upstream, counted as open in its pool while it lives.
+pub struct Io {
+    stream: Stream,
+    _open: Open,
+}
+
+/// Plain TCP or TLS.
+enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
@@ -510,9 +658,9 @@ impl AsyncRead for Io {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -523,21 +671,21 @@ impl AsyncWrite for Io {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().stream {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -104,6 +104,7 @@ fn upstream_sees_each_workloads_certificate_and_a_verifiable_assertion() {
     let writers = env.cgroup("writers");
     let intercept = |p: u16| format!("127.0.0.2:{p}");
     let (p_ok, p_name, p_id, p_ca) = (free_port(), free_port(), free_port(), free_port());
+    let p_ungranted = free_port();
     let upstream = format!("https://127.0.0.1:{port}");
     let tls = |ca: &str, name: &str, id: &str| {
         format!(
@@ -138,6 +139,12 @@ intercept = ["{ca}"]
 upstream = "{upstream}"
 {tls_ca}
 
+[[server]]
+name = "ungranted"
+intercept = ["{ungranted}"]
+upstream = "{upstream}"
+{tls_ok}
+
 [ca]
 cert = "{cacert}"
 key = "{cakey}"
@@ -145,7 +152,7 @@ leaf_ttl = "2s"
 
 [[role]]
 name = "all"
-servers = ["*"]
+servers = ["notes", "wrong-*", "untrusted"]
 allow_tools = ["*"]
 
 [[binding]]
@@ -156,6 +163,7 @@ cgroup = "{root}/**"
         name = intercept(p_name),
         id = intercept(p_id),
         ca = intercept(p_ca),
+        ungranted = intercept(p_ungranted),
         tls_ok = tls(
             "upstream-ca.pem",
             "notes.test",
@@ -373,6 +381,36 @@ cgroup = "{root}/**"
         metrics.contains(&format!("interceptor_certificate_mints_total {mints}\n")),
         "{metrics}"
     );
+    // New workloads' first requests took an upstream connection opened as their agent
+    // connected (its handshakes overlapped reading and judging the request).
+    let ahead = |server: &str| {
+        let status = env.status();
+        let entry = status["servers"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == server).cloned())
+            .expect("server in status");
+        entry["connections_ahead"].clone()
+    };
+    let notes = ahead("notes");
+    assert!(
+        notes["opened"].as_u64() >= Some(1) && notes["used"].as_u64() >= Some(1),
+        "{notes}"
+    );
+    // A server no role of the identity grants: refused at the first request, and no
+    // connection was opened to it with the workload's certificate before that.
+    let r = send_raw(
+        PROBE,
+        &env.dir(&readers),
+        &intercept(p_ungranted),
+        forged.as_bytes(),
+    );
+    assert!(
+        r.reply
+            .as_deref()
+            .is_some_and(|t| t.contains("refused by policy")),
+        "{r:?}"
+    );
+    assert_eq!(ahead("ungranted")["opened"], 0, "{}", ahead("ungranted"));
 
     // Wrong name, wrong server_id, untrusted CA: a clear error, and nothing reaches the server.
     let before = json_lines(&seen_file).len();

@@ -918,6 +918,20 @@ impl Conn {
         (policy, grant)
     }
 
+    /// Opens this workload's upstream connection ahead of its first request when its pool on
+    /// this worker has none open ([`crate::upstream::Upstream::warm`]): only for a server a
+    /// role of this identity grants, and not once revoked. The grant is the one the first
+    /// request is judged by (resolved here once per connection and policy).
+    pub fn warm_upstream(&self) {
+        if self.revoked_reason().is_some() || !self.policy().1.grants_server() {
+            return;
+        }
+        self.daemon.upstreams[self.server_id].warm(
+            self.daemon.ca.as_ref(),
+            self.identity.workload_id.as_deref(),
+        );
+    }
+
     /// Revokes this connection (idempotent).
     pub fn revoke(&self, reason: String) {
         self.revoked.set(reason);
