@@ -976,6 +976,7 @@ impl Audit {
             max_file_bytes: config.max_file_bytes,
             max_files: config.max_files,
             opener: opener.to_owned(),
+            prune: None,
             dirty: false,
             path_checked: Instant::now(),
             stats: stats.clone(),
@@ -1611,11 +1612,13 @@ fn first_sealed(path: &Path) -> Option<(String, String)> {
     Some((body, hash.to_owned()))
 }
 
-/// (seq, hash) of the last event in the newest `<path>.<time>` file beside `path`.
+/// (seq, hash) of the last event in the newest file the log was rotated into beside `path`
+/// (`<path>.<time>`, or `<path>.1` by logrotate): the one whose first record comes last in the
+/// chain (an operator's copy of an older log, `<path>.bak`, sorts by name after them all).
 fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
     let dir = path.parent()?;
     let prefix = format!("{}.", path.file_name()?.to_string_lossy());
-    let newest = std::fs::read_dir(dir)
+    let (_, newest) = std::fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -1623,6 +1626,7 @@ fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
         })
+        .filter_map(|p| first_seq(&p).map(|seq| (seq, p)))
         .max()?;
     let mut f = File::open(newest).ok()?;
     let t = read_tail(&mut f).ok()?;
@@ -1903,6 +1907,8 @@ struct Writer {
     max_files: usize,
     /// The daemon's `identity` (JSON text), for the events the writer records itself.
     opener: String,
+    /// Rotated files to delete, once the event naming them is written.
+    prune: Option<Prune>,
     /// Written since the last `fdatasync`.
     dirty: bool,
     /// When the path was last compared with the open file.
@@ -1930,12 +1936,12 @@ impl Writer {
             }
             (buf, seq, prev)
         };
-        let (mut buf, mut seq, mut prev) = seal(None);
+        // Files to prune are named first in the new file (a write that failed left the event
+        // pending: it goes first in the next one).
+        let (mut buf, mut seq, mut prev) = seal(self.prune.as_ref().map(|p| &p.event));
         if self.len > 0 && self.len + buf.len() as u64 > self.max_file_bytes {
-            // Files pruned at the rotation are named first in the new file.
-            if let Some(pruned) = self.rotate()? {
-                (buf, seq, prev) = seal(Some(&pruned));
-            }
+            self.rotate()?;
+            (buf, seq, prev) = seal(self.prune.as_ref().map(|p| &p.event));
         }
         if let Err(e) = (&*self.file).write_all(&buf) {
             let _ = self.file.set_len(self.len);
@@ -1945,6 +1951,9 @@ impl Writer {
         self.len += buf.len() as u64;
         self.seq = seq;
         self.prev_hash = prev;
+        if let Some(prune) = self.prune.take() {
+            self.delete_pruned(prune);
+        }
         Ok(())
     }
 
@@ -1967,9 +1976,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Renames the file away and starts a new one; with `max_files`, prunes the oldest rotated
-    /// files and returns the `audit.pruned` event that names them.
-    fn rotate(&mut self) -> io::Result<Option<Event>> {
+    /// Renames the file away and starts a new one; with `max_files`, plans the pruning of the
+    /// oldest rotated files (done once the event naming them is written).
+    fn rotate(&mut self) -> io::Result<()> {
         // The rotated file is complete on disk before its successor starts.
         if self.file.sync_data().is_ok() {
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -1982,65 +1991,97 @@ impl Writer {
         self.file = Arc::new(open_successor(&self.path)?);
         self.len = 0;
         info!(rotated = %rotated.display(), "audit log rotated");
-        Ok(self.prune())
+        if self.prune.is_none() {
+            self.prune = self.plan_prune();
+        }
+        Ok(())
     }
 
-    /// Deletes the oldest rotated files beyond `max_files` (oldest first, stopping at one that
-    /// cannot be deleted), and returns the event naming them and the record the chain now
-    /// starts after. Nothing is deleted when that record cannot be read: a chain whose start
-    /// no event names would look truncated to `audit verify`.
-    fn prune(&self) -> Option<Event> {
+    /// The rotated files beyond `max_files` and the `audit.pruned` event naming them and the
+    /// record the chain will start after. Only the daemon's own rotated files count (its
+    /// names, regular files of its user with one link, whose first record is valid), in chain
+    /// order (their first `seq`: not their names, whose times a clock step can disorder); none
+    /// in a folder other users may write (a file planted there must not decide what goes).
+    fn plan_prune(&self) -> Option<Prune> {
+        use std::os::unix::fs::MetadataExt;
         let keep = self
             .max_files
             .checked_sub(1)
             .filter(|_| self.max_files > 0)?;
-        let rotated = rotated_files(&self.path);
-        let over = rotated.len().checked_sub(keep).filter(|n| *n > 0)?;
-        // The newest of the files to delete ends where the oldest kept one begins.
-        let Some((seq, prev_hash)) = first_record(&rotated[over]) else {
-            warn!(
-                file = %rotated[over].display(),
-                "audit.max_files: not pruning rotated audit files, the first record of the \
-                 oldest one kept cannot be read (the chain's new start could not be named)"
-            );
+        let folder = self.path.parent()?;
+        if std::fs::metadata(folder).is_ok_and(|m| m.mode() & 0o002 != 0) {
+            warn!(folder = %folder.display(), "audit.max_files: not pruning rotated audit files in a folder every user may write; give the log a folder of its own");
             return None;
-        };
-        let mut removed = Vec::new();
-        for path in &rotated[..over] {
+        }
+        let euid = nix::unistd::geteuid().as_raw();
+        let mut files: Vec<(u64, String, PathBuf)> = rotated_files(&self.path)
+            .into_iter()
+            .filter(|p| {
+                std::fs::symlink_metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.uid() == euid && m.nlink() == 1)
+            })
+            .filter_map(|p| first_record(&p).map(|(seq, prev)| (seq, prev, p)))
+            .collect();
+        files.sort_by_key(|(seq, _, _)| *seq);
+        let over = files.len().checked_sub(keep).filter(|n| *n > 0)?;
+        // The oldest kept file starts right after the newest one deleted.
+        let (seq, prev_hash, _) = &files[over];
+        let (through_seq, through_hash) = (seq.saturating_sub(1), prev_hash.clone());
+        let files: Vec<PathBuf> = files.drain(..over).map(|(_, _, p)| p).collect();
+        let names: Vec<String> = files
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        Some(Prune {
+            event: Event::new("audit.pruned")
+                .raw("identity", &self.opener)
+                .field("files", &names)
+                .field("max_files", &self.max_files)
+                .field("through_seq", &through_seq)
+                .field("through_hash", &through_hash),
+            files,
+        })
+    }
+
+    /// Deletes the files of `prune`, oldest first, its event being written: made durable first
+    /// (the data, and the folder's entries of the rotation), so no crash or power loss leaves
+    /// files gone that no event names. A file that cannot be deleted stops it there (the event
+    /// then names more than went, which `audit verify` accepts: those records are still there).
+    fn delete_pruned(&mut self, prune: Prune) {
+        let durable = self.file.sync_data().and_then(|()| {
+            let folder = self.path.parent().unwrap_or(Path::new("."));
+            File::open(folder)?.sync_all()
+        });
+        if let Err(e) = durable {
+            warn!(error = %e, "audit.max_files: not pruning: the event naming the files could not be made durable");
+            return;
+        }
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.dirty = false;
+        let mut deleted = 0;
+        for path in &prune.files {
             if let Err(e) = std::fs::remove_file(path) {
                 warn!(file = %path.display(), error = %e, "audit.max_files: cannot delete a rotated audit file; keeping it and the newer ones");
                 break;
             }
-            removed.push(
-                path.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+            deleted += 1;
         }
-        if removed.is_empty() {
-            return None;
-        }
-        // Stopped early: the chain starts at the oldest file left.
-        let (through_seq, through_hash) = if removed.len() == over {
-            (seq.saturating_sub(1), prev_hash)
-        } else {
-            let (seq, prev_hash) = first_record(&rotated[removed.len()])?;
-            (seq.saturating_sub(1), prev_hash)
-        };
         info!(
-            files = removed.len(),
-            through_seq, "audit.max_files: pruned rotated audit files"
+            files = deleted,
+            "audit.max_files: pruned rotated audit files"
         );
-        Some(
-            Event::new("audit.pruned")
-                .raw("identity", &self.opener)
-                .field("files", &removed)
-                .field("max_files", &self.max_files)
-                .field("through_seq", &through_seq)
-                .field("through_hash", &through_hash),
-        )
     }
+}
+
+/// Rotated files to delete once the event naming them is written ([`Writer::plan_prune`]).
+struct Prune {
+    files: Vec<PathBuf>,
+    event: Event,
 }
 
 /// The outcome of verifying one or more files (in chain order).
@@ -2087,10 +2128,11 @@ fn first_seq(path: &Path) -> Option<u64> {
     serde_json::from_str::<Value>(&body).ok()?["seq"].as_u64()
 }
 
-/// Whether a file of the same log that was not given may sit beside `path`: one named like it
-/// up to the first `.` (`audit.jsonl` and `audit.jsonl.<time>` when rotated), other than the
-/// `given` ones.
-fn has_rotated_siblings(path: &Path, given: &[PathBuf]) -> bool {
+/// Whether a file of the same log that was not given sits beside `path` and holds records
+/// before `head` (its first `seq` is lower): one named like it up to the first `.`
+/// (`audit.jsonl` and `audit.jsonl.<time>` when rotated, `audit.jsonl.1` by logrotate), other
+/// than the `given` ones. An operator's unrelated `audit.jsonl.bak` does not count.
+fn has_rotated_siblings(path: &Path, given: &[PathBuf], head: u64) -> bool {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return false;
     };
@@ -2109,6 +2151,7 @@ fn has_rotated_siblings(path: &Path, given: &[PathBuf]) -> bool {
         entries.filter_map(Result::ok).any(|e| {
             e.file_name().to_string_lossy().starts_with(&stem)
                 && std::fs::canonicalize(e.path()).is_ok_and(|p| !given.contains(&p))
+                && first_seq(&e.path()).is_some_and(|seq| seq < head)
         })
     })
 }
@@ -2236,19 +2279,22 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                     return Ok(out);
                 }
                 (None, None) if seq != 1 => {
-                    let elsewhere = has_rotated_siblings(path, &paths) || fi > 0;
+                    let elsewhere = has_rotated_siblings(path, &paths, seq) || fi > 0;
                     unexplained_head = Some((path.clone(), n, seq - 1, p.to_owned(), elsewhere));
                     out.starts_at = Some(seq);
                 }
                 _ => {}
             }
-            // `[audit] max_files` deleted the files before the head, and said so.
+            // `[audit] max_files` deleted the files before the head, and said so: the record
+            // right before it (its hash checked), or later ones too (a deletion that stopped
+            // early, or a crash before it: those records are still here).
             if v["event"] == "audit.pruned"
-                && let Some((_, _, through, hash, _)) = &unexplained_head
-                && v["through_seq"].as_u64() == Some(*through)
-                && v["through_hash"].as_str() == Some(hash)
+                && let Some((_, _, before_head, hash, _)) = &unexplained_head
+                && let Some(through) = v["through_seq"].as_u64()
+                && (through > *before_head
+                    || (through == *before_head && v["through_hash"].as_str() == Some(hash)))
             {
-                out.pruned_through = Some(*through);
+                out.pruned_through = Some(*before_head);
                 unexplained_head = None;
             }
             if v["event"] == "audit.repair" {
@@ -3283,8 +3329,8 @@ mod tests {
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.pruned_through, Some(first_kept - 1));
         assert_eq!(v.events, last_seq - (first_kept - 1));
-        // A file deleted by hand is named by no event: the start is unexplained.
-        std::fs::remove_file(&copy).unwrap();
+        // A file deleted by hand is named by no event: the start is unexplained (the
+        // operator's copy beside it holds no records before it).
         std::fs::remove_file(&rotated[0]).unwrap();
         let v = verify(&kept[1..]).unwrap();
         let broken = v
@@ -3292,6 +3338,48 @@ mod tests {
             .expect("a deleted file must break the chain's start");
         assert_eq!((&broken.0, broken.1), (&kept[1], 1));
         assert!(broken.2.contains("no audit.pruned event"), "{}", broken.2);
+    }
+
+    #[tokio::test]
+    async fn max_files_prunes_in_chain_order_and_only_the_daemons_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("audit.jsonl");
+        let mut c = cfg(dir.path(), Durability::Write);
+        c.max_file_bytes = 600;
+        c.max_files = 3;
+        let a = Audit::open(c, OPENER).unwrap();
+        for i in 0..12 {
+            a.record(event(&format!("event-number-{i}"))).await.unwrap();
+        }
+        let rotated = rotated_files(&live);
+        assert_eq!(rotated.len(), 2, "{rotated:?}");
+        // The clock stepped back: the newest rotated file's name now sorts first. Its records
+        // are the newest still, and must outlive the older file's.
+        let back = dir.path().join("audit.jsonl.2000-01-01T000000.000000Z");
+        std::fs::rename(&rotated[1], &back).unwrap();
+        let (kept_seq, _) = first_record(&back).unwrap();
+        // A file of another user is not the daemon's to delete, whatever its name.
+        let foreign = dir.path().join("audit.jsonl.1999-01-01T000000.000000Z");
+        std::fs::copy(&rotated[0], &foreign).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
+        // Up to the next pruning.
+        for i in 12..40 {
+            a.record(event(&format!("event-number-{i}"))).await.unwrap();
+            if !rotated[0].exists() {
+                break;
+            }
+        }
+        assert!(!rotated[0].exists(), "the oldest file was not pruned");
+        assert!(back.exists(), "the newer records were deleted");
+        assert!(foreign.exists(), "another user's file was deleted");
+        let mut kept: Vec<PathBuf> = rotated_files(&live)
+            .into_iter()
+            .filter(|p| p != &foreign)
+            .collect();
+        kept.push(live.clone());
+        let v = verify(&kept).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert!(v.pruned_through.is_some_and(|t| t < kept_seq), "{v:?}");
     }
 
     #[test]
