@@ -1601,10 +1601,15 @@ fn first_record(path: &Path) -> Option<(u64, String)> {
     Some((v["seq"].as_u64()?, v["prev_hash"].as_str()?.to_owned()))
 }
 
-/// The first line of `path` as a sealed record: (body, hash), the hash not checked.
+/// The first line of `path` as a sealed record: (body, hash), the hash not checked. Only of a
+/// regular file (a FIFO would block), and only its first MiB (a file without line breaks is
+/// not read whole).
 fn first_sealed(path: &Path) -> Option<(String, String)> {
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let mut line = Vec::new();
-    BufReader::new(File::open(path).ok()?)
+    BufReader::new(File::open(path).ok()?.take(1 << 20))
         .read_until(b'\n', &mut line)
         .ok()?;
     let text = std::str::from_utf8(&line).ok()?;
@@ -1613,24 +1618,30 @@ fn first_sealed(path: &Path) -> Option<(String, String)> {
 }
 
 /// (seq, hash) of the last event in the newest file the log was rotated into beside `path`
-/// (`<path>.<time>`, or `<path>.1` by logrotate): the one whose first record comes last in the
-/// chain (an operator's copy of an older log, `<path>.bak`, sorts by name after them all).
+/// (`<path>.<time>`, or `<path>.1` by logrotate): of those that are the daemon's user's regular
+/// files with one link (not a FIFO that would block the start, nor what another user planted),
+/// the last record latest in the chain (an operator's copy of an older log, `<path>.bak`,
+/// sorts by name after them all, and must not fork the chain).
 fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
+    use std::os::unix::fs::MetadataExt;
     let dir = path.parent()?;
     let prefix = format!("{}.", path.file_name()?.to_string_lossy());
-    let (_, newest) = std::fs::read_dir(dir)
+    let euid = nix::unistd::geteuid().as_raw();
+    std::fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+                && std::fs::symlink_metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.uid() == euid && m.nlink() == 1)
         })
-        .filter_map(|p| first_seq(&p).map(|seq| (seq, p)))
-        .max()?;
-    let mut f = File::open(newest).ok()?;
-    let t = read_tail(&mut f).ok()?;
-    (t.last_seq > 0).then_some((t.last_seq, t.last_hash))
+        .filter_map(|p| {
+            let t = read_tail(&mut File::open(p).ok()?).ok()?;
+            (t.last_seq > 0).then_some((t.last_seq, t.last_hash))
+        })
+        .max_by_key(|(seq, _)| *seq)
 }
 
 fn open_log(path: &Path) -> io::Result<File> {
@@ -1998,10 +2009,11 @@ impl Writer {
     }
 
     /// The rotated files beyond `max_files` and the `audit.pruned` event naming them and the
-    /// record the chain will start after. Only the daemon's own rotated files count (its
-    /// names, regular files of its user with one link, whose first record is valid), in chain
-    /// order (their first `seq`: not their names, whose times a clock step can disorder); none
-    /// in a folder other users may write (a file planted there must not decide what goes).
+    /// record the chain will start after. The daemon's rotated files (its names) in chain
+    /// order (their first `seq`: not their names, whose times a clock step can disorder), the
+    /// oldest deleted up to the first that is not its own (a regular file of its user with one
+    /// link); none in a folder other users may write (a file planted there must not decide
+    /// what goes).
     fn plan_prune(&self) -> Option<Prune> {
         use std::os::unix::fs::MetadataExt;
         let keep = self
@@ -2013,21 +2025,36 @@ impl Writer {
             warn!(folder = %folder.display(), "audit.max_files: not pruning rotated audit files in a folder every user may write; give the log a folder of its own");
             return None;
         }
-        let euid = nix::unistd::geteuid().as_raw();
-        let mut files: Vec<(u64, String, PathBuf)> = rotated_files(&self.path)
-            .into_iter()
-            .filter(|p| {
-                std::fs::symlink_metadata(p)
-                    .is_ok_and(|m| m.is_file() && m.uid() == euid && m.nlink() == 1)
-            })
-            .filter_map(|p| first_record(&p).map(|(seq, prev)| (seq, prev, p)))
-            .collect();
+        // Every rotated file in chain order: one that cannot be placed stops it all (deleting
+        // around it could leave a hole in the chain).
+        let mut files = Vec::new();
+        for path in rotated_files(&self.path) {
+            let Some((seq, prev)) = first_record(&path) else {
+                warn!(file = %path.display(), "audit.max_files: not pruning: this rotated audit file has no valid first record (move it away to resume)");
+                return None;
+            };
+            files.push((seq, prev, path));
+        }
         files.sort_by_key(|(seq, _, _)| *seq);
         let over = files.len().checked_sub(keep).filter(|n| *n > 0)?;
-        // The oldest kept file starts right after the newest one deleted.
-        let (seq, prev_hash, _) = &files[over];
+        // The oldest, up to the first that is not the daemon's own (another user's, or linked
+        // elsewhere: a backup's hard link): the chain then starts at that one.
+        let euid = nix::unistd::geteuid().as_raw();
+        let own = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.is_file() && m.uid() == euid && m.nlink() == 1)
+        };
+        let go = files[..over].iter().take_while(|(_, _, p)| own(p)).count();
+        if go < over {
+            warn!(file = %files[go].2.display(), "audit.max_files: not pruning past a rotated audit file that is not the daemon's own (another user's, or hard-linked)");
+        }
+        if go == 0 {
+            return None;
+        }
+        // The first file kept starts right after the newest one deleted.
+        let (seq, prev_hash, _) = &files[go];
         let (through_seq, through_hash) = (seq.saturating_sub(1), prev_hash.clone());
-        let files: Vec<PathBuf> = files.drain(..over).map(|(_, _, p)| p).collect();
+        let files: Vec<PathBuf> = files.drain(..go).map(|(_, _, p)| p).collect();
         let names: Vec<String> = files
             .iter()
             .map(|p| {
@@ -2128,10 +2155,11 @@ fn first_seq(path: &Path) -> Option<u64> {
     serde_json::from_str::<Value>(&body).ok()?["seq"].as_u64()
 }
 
-/// Whether a file of the same log that was not given sits beside `path` and holds records
-/// before `head` (its first `seq` is lower): one named like it up to the first `.`
-/// (`audit.jsonl` and `audit.jsonl.<time>` when rotated, `audit.jsonl.1` by logrotate), other
-/// than the `given` ones. An operator's unrelated `audit.jsonl.bak` does not count.
+/// Whether a file of the same log that was not given sits beside `path` and may hold records
+/// before `head`: one named like it up to the first `.` (`audit.jsonl` and
+/// `audit.jsonl.<time>` when rotated, `audit.jsonl.1` by logrotate), other than the `given`
+/// ones, whose first `seq` is lower or cannot be read (`audit.jsonl.1.gz`). A copy of later
+/// records (`audit.jsonl.bak` of the live log) does not count.
 fn has_rotated_siblings(path: &Path, given: &[PathBuf], head: u64) -> bool {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return false;
@@ -2151,7 +2179,7 @@ fn has_rotated_siblings(path: &Path, given: &[PathBuf], head: u64) -> bool {
         entries.filter_map(Result::ok).any(|e| {
             e.file_name().to_string_lossy().starts_with(&stem)
                 && std::fs::canonicalize(e.path()).is_ok_and(|p| !given.contains(&p))
-                && first_seq(&e.path()).is_some_and(|seq| seq < head)
+                && first_seq(&e.path()).is_none_or(|seq| seq < head)
         })
     })
 }
@@ -2195,7 +2223,12 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
     // A chain that starts after seq 1: (file, line, the seq and hash before it, whether a
     // rotated file not given may hold them), until an `audit.pruned` event names that record.
     let mut unexplained_head: Option<(PathBuf, usize, u64, String, bool)> = None;
+    // Each file's last record (seq, hash), as verified: what a pruning names as deleted.
+    let mut file_ends: Vec<(u64, String)> = Vec::new();
     'files: for (fi, path) in paths.iter().enumerate() {
+        if let (Some(seq), Some(hash)) = (prev_seq, &prev) {
+            file_ends.push((seq, hash.clone()));
+        }
         let file = File::open(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -2286,13 +2319,19 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
                 _ => {}
             }
             // `[audit] max_files` deleted the files before the head, and said so: the record
-            // right before it (its hash checked), or later ones too (a deletion that stopped
-            // early, or a crash before it: those records are still here).
+            // right before it, or a later one (a deletion that stopped early, or a crash
+            // before it: those records are still here, and the one named ends a file seen
+            // before this event), its hash checked either way.
             if v["event"] == "audit.pruned"
                 && let Some((_, _, before_head, hash, _)) = &unexplained_head
-                && let Some(through) = v["through_seq"].as_u64()
-                && (through > *before_head
-                    || (through == *before_head && v["through_hash"].as_str() == Some(hash)))
+                && let (Some(through), Some(through_hash)) =
+                    (v["through_seq"].as_u64(), v["through_hash"].as_str())
+                && (through == *before_head && through_hash == hash
+                    || through > *before_head
+                        && through < seq
+                        && file_ends
+                            .iter()
+                            .any(|(s, h)| *s == through && h == through_hash))
             {
                 out.pruned_through = Some(*before_head);
                 unexplained_head = None;
@@ -3330,7 +3369,8 @@ mod tests {
         assert_eq!(v.pruned_through, Some(first_kept - 1));
         assert_eq!(v.events, last_seq - (first_kept - 1));
         // A file deleted by hand is named by no event: the start is unexplained (the
-        // operator's copy beside it holds no records before it).
+        // operator's copy beside it, of the live file, holds no records before it).
+        std::fs::copy(&live, &copy).unwrap();
         std::fs::remove_file(&rotated[0]).unwrap();
         let v = verify(&kept[1..]).unwrap();
         let broken = v
@@ -3358,10 +3398,6 @@ mod tests {
         let back = dir.path().join("audit.jsonl.2000-01-01T000000.000000Z");
         std::fs::rename(&rotated[1], &back).unwrap();
         let (kept_seq, _) = first_record(&back).unwrap();
-        // A file of another user is not the daemon's to delete, whatever its name.
-        let foreign = dir.path().join("audit.jsonl.1999-01-01T000000.000000Z");
-        std::fs::copy(&rotated[0], &foreign).unwrap();
-        std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
         // Up to the next pruning.
         for i in 12..40 {
             a.record(event(&format!("event-number-{i}"))).await.unwrap();
@@ -3371,15 +3407,26 @@ mod tests {
         }
         assert!(!rotated[0].exists(), "the oldest file was not pruned");
         assert!(back.exists(), "the newer records were deleted");
-        assert!(foreign.exists(), "another user's file was deleted");
-        let mut kept: Vec<PathBuf> = rotated_files(&live)
-            .into_iter()
-            .filter(|p| p != &foreign)
-            .collect();
+        let mut kept = rotated_files(&live);
         kept.push(live.clone());
         let v = verify(&kept).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert!(v.pruned_through.is_some_and(|t| t < kept_seq), "{v:?}");
+        // A file of another user is not the daemon's to delete, and nothing newer goes around
+        // it (a hole in the chain): pruning stops there.
+        std::os::unix::fs::chown(&back, Some(65534), None).unwrap();
+        for i in 40..80 {
+            a.record(event(&format!("event-number-{i}"))).await.unwrap();
+            if rotated_files(&live).len() > 2 {
+                break;
+            }
+        }
+        assert!(back.exists(), "another user's file was deleted");
+        assert_eq!(rotated_files(&live).len(), 3, "files were deleted past it");
+        let mut all = rotated_files(&live);
+        all.push(live.clone());
+        let v = verify(&all).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
     }
 
     #[test]
