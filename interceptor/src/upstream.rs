@@ -517,17 +517,15 @@ impl MarkedConnector {
         }
         let id = self.ahead.opened.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        *next = Some(Opening {
-            id,
-            at: Instant::now(),
-            rx,
-        });
+        let at = Instant::now();
+        *next = Some(Opening { id, at, rx });
         drop(next);
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         tokio::spawn(async move {
             let _ = tx.send(this.open().await);
-            tokio::time::sleep(AHEAD_LIFE).await;
+            // From when it was asked for, not from when it was open: no request takes it after.
+            tokio::time::sleep_until((at + AHEAD_LIFE).into()).await;
             // Not taken by then: closed (dropping it with its channel).
             let mut next = lock(&this.ahead.next);
             if next.as_ref().is_some_and(|o| o.id == id) {
@@ -606,12 +604,19 @@ impl tower_service::Service<http::Uri> for MarkedConnector {
         let this = self.clone();
         Box::pin(async move {
             // One opened ahead for this pool (still opening, perhaps): its handshake started
-            // when the agent connected. If it failed, a connection of our own.
+            // when the agent connected. Its failure is this request's (the same addresses and
+            // certificate, moments ago: trying again would double the wait and the upstream's
+            // failed handshakes). One the upstream has closed meanwhile (nothing reads it
+            // while it waits, and hyper retries no request on a fresh connection) gives way
+            // to a connection of our own.
             if let Some(opening) = this.take_ahead()
-                && let Ok(Ok(io)) = opening.rx.await
+                && let Ok(opened) = opening.rx.await
             {
-                this.stats.used.fetch_add(1, Ordering::Relaxed);
-                return Ok(TokioIo::new(io));
+                let io = opened?;
+                if !io.peer_closed() {
+                    this.stats.used.fetch_add(1, Ordering::Relaxed);
+                    return Ok(TokioIo::new(io));
+                }
             }
             Ok(TokioIo::new(this.open().await?))
         })
@@ -638,6 +643,26 @@ impl Drop for Open {
 pub struct Io {
     stream: Stream,
     _open: Open,
+}
+
+impl Io {
+    /// Whether the upstream closed (or reset) the connection: a hang-up waiting on the
+    /// socket. Data waiting is no sign of it (TLS 1.3 session tickets follow the handshake).
+    fn peer_closed(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.stream {
+            Stream::Plain(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.get_ref().0.as_raw_fd(),
+        };
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut poll, 1, 0) };
+        n > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
 }
 
 /// Plain TCP or TLS.

@@ -516,10 +516,24 @@ pub fn run_client_as(probe: &str, cgroup_dir: &Path, addr: &str, uid: u32) -> Cl
 
 /// Sends the raw HTTP request `request` to `addr` from inside `cgroup_dir`.
 pub fn send_raw(probe: &str, cgroup_dir: &Path, addr: &str, request: &[u8]) -> ClientResult {
+    send_raw_env(probe, cgroup_dir, addr, request, &[])
+}
+
+/// Like [`send_raw`], with `VAR=value` settings in the probe's environment (`env` execs it:
+/// same pid).
+pub fn send_raw_env(
+    probe: &str,
+    cgroup_dir: &Path,
+    addr: &str,
+    request: &[u8],
+    env: &[&str],
+) -> ClientResult {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), request).expect("write request");
     let path = file.path().to_string_lossy().into_owned();
-    parse_client(run_in_cgroup(cgroup_dir, probe, &[addr, "--raw", &path]))
+    let mut args = env.to_vec();
+    args.extend([probe, addr, "--raw", &path]);
+    parse_client(run_in_cgroup(cgroup_dir, "env", &args))
 }
 
 /// Like [`send_raw`] for a response that stays open (a stream): reads for `read_ms`

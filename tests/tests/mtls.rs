@@ -12,7 +12,7 @@ use std::{collections::HashSet, path::Path, process::Command};
 use base64::Engine as _;
 use interceptor_tests::{
     McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, json_lines, mcp_client, privileged,
-    rmcp_client, scrape_metrics, send_raw, write_server_pki,
+    rmcp_client, scrape_metrics, send_raw, send_raw_env, write_server_pki,
 };
 use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
@@ -426,10 +426,113 @@ cgroup = "{root}/**"
             reply.contains("-32603") && reply.contains(needle),
             "{reply}"
         );
+        // Answered by the request's id: a client matches answers by it.
+        let answer: Value = serde_json::from_str(&reply).expect("JSON-RPC error");
+        assert_eq!(answer["id"], 1, "{reply}");
     }
     assert_eq!(
         json_lines(&seen_file).len(),
         before,
         "a failed handshake must send nothing"
+    );
+}
+
+/// Answers one HTTP/1.1 JSON-RPC POST on `stream` with a result for its id, then closes.
+fn answer_once(stream: &mut std::net::TcpStream) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let id = serde_json::from_slice::<Value>(&body).map_or(Value::Null, |v| v["id"].clone());
+    let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"content": []}}).to_string();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+}
+
+#[test]
+fn an_upstream_connection_closed_before_its_request_gives_way_to_a_new_one() {
+    if !privileged() {
+        return;
+    }
+    let mut env = TestEnv::new("ahead");
+    // The upstream closes the first connection it accepts unread (the one the proxy opens
+    // as the agent connects) and answers on the later ones.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        for (i, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            if i > 0 {
+                std::thread::spawn(move || answer_once(&mut stream));
+            }
+        }
+    });
+    let agents = env.cgroup("agents");
+    let intercept = format!("127.0.0.2:{}", free_port());
+    let servers = format!(
+        r#"
+[[server]]
+name = "closing"
+intercept = ["{intercept}"]
+upstream = "http://127.0.0.1:{port}"
+
+[[role]]
+name = "all"
+servers = ["closing"]
+allow_tools = ["*"]
+
+[[binding]]
+role = "all"
+cgroup = "{root}/**"
+"#,
+        root = env.root,
+    );
+    env.write_config_with(&[] as &[ServerSpec], &[&agents], &servers);
+    env.start_daemon();
+    let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "search", "arguments": {}}})
+    .to_string();
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // The agent waits after connecting: the upstream has closed the connection opened for
+    // it by the time its request comes.
+    let r = send_raw_env(
+        PROBE,
+        &env.dir(&agents),
+        &intercept,
+        request.as_bytes(),
+        &["PROBE_DELAY_MS=300"],
+    );
+    assert_eq!(r.status, Some(200), "{r:?}\n{}", env.log_text());
+    assert!(
+        r.reply.as_deref().is_some_and(|t| t.contains("\"result\"")),
+        "{r:?}"
+    );
+    let status = env.status();
+    let ahead = &status["servers"][0]["connections_ahead"];
+    assert_eq!(
+        (&ahead["opened"], &ahead["used"]),
+        (&json!(1), &json!(0)),
+        "{ahead}"
     );
 }

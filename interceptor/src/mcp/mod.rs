@@ -920,8 +920,9 @@ impl Conn {
 
     /// Opens this workload's upstream connection ahead of its first request when its pool on
     /// this worker has none open ([`crate::upstream::Upstream::warm`]): only for a server a
-    /// role of this identity grants, and not once revoked. The grant is the one the first
-    /// request is judged by (resolved here once per connection and policy).
+    /// role of this identity grants, and not once revoked. (The grant, resolved here once per
+    /// connection and policy, is the first request's unless the policy is reloaded between:
+    /// then one connection may have been opened that no request uses.)
     pub fn warm_upstream(&self) {
         if self.revoked_reason().is_some() || !self.policy().1.grants_server() {
             return;
@@ -1014,8 +1015,27 @@ impl Conn {
         mut pending: Awaiting,
         message: impl Into<String>,
     ) -> Response<ProxyBody> {
+        let message = message.into();
+        let body = Self::errors_for(&pending, |id| {
+            jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
+        });
         pending.settle("upstream_error", None);
-        error_response(StatusCode::BAD_GATEWAY, code::INTERNAL_ERROR, message)
+        json_response(StatusCode::BAD_GATEWAY, &body)
+    }
+
+    /// The answer to requests that get no upstream answer: `error(id)` for each request
+    /// awaiting one, by its id (a client matches answers by id), as one object or a batch; with
+    /// none awaited (notifications only), one with no id.
+    fn errors_for(pending: &Awaiting, error: impl Fn(Option<Value>) -> Value) -> Value {
+        let mut ids: Vec<Value> = pending
+            .keys()
+            .filter_map(|k| serde_json::from_str(k).ok())
+            .collect();
+        match ids.len() {
+            0 => error(None),
+            1 => error(ids.pop()),
+            _ => Value::Array(ids.into_iter().map(|id| error(Some(id))).collect()),
+        }
     }
 
     /// `mcp.response` events for requests that will get no upstream answer.
@@ -1952,16 +1972,8 @@ impl Conn {
             biased;
             _ = self.revoked.wait() => {
                 let reason = self.revoked_reason().unwrap_or_default();
-                let ids: Vec<Value> = pending
-                    .keys()
-                    .filter_map(|k| serde_json::from_str(k).ok())
-                    .collect();
+                let body = Self::errors_for(&pending, |id| Self::revoked_error(reason, id));
                 pending.settle("revoked", None);
-                let body = match ids.len() {
-                    1 => Self::revoked_error(reason, ids.into_iter().next()),
-                    0 => Self::revoked_error(reason, None),
-                    _ => Value::Array(ids.into_iter().map(|id| Self::revoked_error(reason, Some(id))).collect()),
-                };
                 return json_response(StatusCode::FORBIDDEN, &body);
             }
             r = client.request(request) => r,

@@ -8,6 +8,7 @@
 //! longer ends the read there and what arrived is reported.
 //!
 //! `PROBE_CONNECTIONS` (default 1): send the request that many times, each on a new connection.
+//! `PROBE_DELAY_MS` (default 0): wait that long between connecting and sending.
 //! `PROBE_THEN_EXEC=PATH`: afterwards, become PATH (same pid) with the same arguments.
 //! `PROBE_EXEC_BEFORE_SEND=PATH`: connect with `TCP_FASTOPEN_CONNECT` (nothing is sent until
 //! the first write), then become PATH (same pid), which sends the request on that socket
@@ -137,6 +138,12 @@ fn probe(addr: &str, raw: Option<Vec<u8>>, connected: Option<TcpStream>) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(5000);
         stream.set_read_timeout(Some(Duration::from_millis(timeout_ms)))?;
+        if let Some(ms) = std::env::var("PROBE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let request = raw.unwrap_or_else(|| {
             let body = format!(r#"{{"jsonrpc":"2.0","id":{pid},"method":"ping"}}"#);
             format!(
