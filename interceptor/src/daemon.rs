@@ -1104,8 +1104,8 @@ impl Daemon {
                 "name": s.name,
                 "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "upstream": s.upstream,
-                // Upstream connections opened as agents connected, and of those, taken by a
-                // request (the others closed unused after 2 s).
+                // Upstream connections started as agents connected (failed ones included),
+                // and of those, taken by a request.
                 "connections_ahead": {
                     "opened": u.ahead.opened.load(Ordering::Relaxed),
                     "used": u.ahead.used.load(Ordering::Relaxed),

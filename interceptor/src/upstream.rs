@@ -523,9 +523,15 @@ impl MarkedConnector {
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         tokio::spawn(async move {
-            let _ = tx.send(this.open().await);
-            // From when it was asked for, not from when it was open: no request takes it after.
-            tokio::time::sleep_until((at + AHEAD_LIFE).into()).await;
+            let opened = this.open().await;
+            let failed = opened.is_err();
+            let _ = tx.send(opened);
+            // A failure is for a request already waiting for it, not kept for a later one
+            // (the upstream may be back by then); an open connection is kept until AHEAD_LIFE
+            // from when it was asked for.
+            if !failed {
+                tokio::time::sleep_until((at + AHEAD_LIFE).into()).await;
+            }
             // Not taken by then: closed (dropping it with its channel).
             let mut next = lock(&this.ahead.next);
             if next.as_ref().is_some_and(|o| o.id == id) {

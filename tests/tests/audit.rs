@@ -666,9 +666,12 @@ fn max_files_keeps_the_newest_files_and_verify_accepts_the_chain_they_hold() {
         "\n[audit]\npath = \"{}\"\nmax_file_bytes = 4096\nmax_files = 2\n",
         log.display()
     );
-    let w = world("audit-prune", Some(&audit));
+    let mut w = world("audit-prune", Some(&audit));
     // The log rotates, and older files go.
     search_three_times(&w);
+    // Stopped: nothing more is written (a later event could rotate and prune while the files
+    // are looked at).
+    w.env.stop_daemon(Signal::SIGTERM);
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .expect("log dir")
         .map(|e| e.expect("entry").path())

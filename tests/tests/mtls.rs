@@ -430,6 +430,22 @@ cgroup = "{root}/**"
         let answer: Value = serde_json::from_str(&reply).expect("JSON-RPC error");
         assert_eq!(answer["id"], 1, "{reply}");
     }
+    // A batch is answered by an array, whatever number of its requests await an answer.
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{batch}",
+        batch.len()
+    );
+    let r = send_raw(
+        PROBE,
+        &env.dir(&readers),
+        &intercept(p_name),
+        request.as_bytes(),
+    );
+    assert_eq!(r.status, Some(502), "{r:?}");
+    let answer: Value = serde_json::from_str(r.reply.as_deref().unwrap_or("")).expect("JSON");
+    assert_eq!(answer.as_array().map(Vec::len), Some(1), "{answer}");
+    assert_eq!(answer[0]["id"], 1, "{answer}");
     assert_eq!(
         json_lines(&seen_file).len(),
         before,
@@ -521,7 +537,7 @@ cgroup = "{root}/**"
         &env.dir(&agents),
         &intercept,
         request.as_bytes(),
-        &["PROBE_DELAY_MS=300"],
+        &["PROBE_DELAY_MS=1000"],
     );
     assert_eq!(r.status, Some(200), "{r:?}\n{}", env.log_text());
     assert!(

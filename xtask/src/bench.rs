@@ -1,6 +1,7 @@
-//! `cargo xtask bench [--quick]`: every cost against a baseline measured in the same run,
-//! alternating A and B rounds to cancel drift on a shared, noisy machine. Prints a table with
-//! the targets and writes `target/bench/results.json`.
+//! `cargo xtask bench [--quick]`: every cost against a baseline measured in the same run, the
+//! variants alternating round by round (their order rotating) to cancel drift on a shared,
+//! noisy machine; each difference is taken against its round's baseline and reported as median
+//! and spread. Prints a table with the targets and writes `target/bench/results.json`.
 //!
 //! Measured:
 //! 1. `tools/call` round trips (1 KiB arguments, keep-alive) at concurrency 1 and 16: direct
@@ -10,9 +11,10 @@
 //!    any extra hop on this machine, which no proxy can go below.
 //! 2. `connect()` to a non-MCP address: from a tagged cgroup with the programs attached vs from a
 //!    cgroup with no program.
-//! 3. First request on a fresh agent connection: warm (the workload's upstream pool is open)
-//!    and cold (a new workload: certificate minted, TLS handshake), vs direct. For reference,
-//!    the floor under cold: a new workload's first request straight to the mTLS upstream (a
+//! 3. First request on a fresh agent connection vs direct: warm pool (the workload's upstream
+//!    connections open), cold pool (a known workload, its upstream closing every connection),
+//!    and a new workload (certificate minted, full TLS handshake). For reference, the floor
+//!    under the last: a new workload's first request straight to the mTLS upstream (a
 //!    certificate minted from the node CA, the handshake, the request), no proxy.
 //! 4. Daemon RSS idle and per idle agent connection (1,000 keep-alive connections).
 //! 5. Audit events/s with 16 writers, `write` and `fsync`; events per `fdatasync` and the

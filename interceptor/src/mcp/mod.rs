@@ -524,13 +524,16 @@ pub type PendingMap = HashMap<String, Pending>;
 pub struct Awaiting {
     conn: Arc<Conn>,
     map: PendingMap,
+    /// The requests came as a batch (answered by an array, however many await an answer).
+    batch: bool,
 }
 
 impl Awaiting {
-    fn new(conn: &Arc<Conn>, map: PendingMap) -> Self {
+    fn new(conn: &Arc<Conn>, map: PendingMap, batch: bool) -> Self {
         Self {
             conn: conn.clone(),
             map,
+            batch,
         }
     }
 
@@ -1024,17 +1027,17 @@ impl Conn {
     }
 
     /// The answer to requests that get no upstream answer: `error(id)` for each request
-    /// awaiting one, by its id (a client matches answers by id), as one object or a batch; with
+    /// awaiting one, by its id (a client matches answers by id), as an array for a batch; with
     /// none awaited (notifications only), one with no id.
     fn errors_for(pending: &Awaiting, error: impl Fn(Option<Value>) -> Value) -> Value {
         let mut ids: Vec<Value> = pending
             .keys()
             .filter_map(|k| serde_json::from_str(k).ok())
             .collect();
-        match ids.len() {
-            0 => error(None),
-            1 => error(ids.pop()),
-            _ => Value::Array(ids.into_iter().map(|id| error(Some(id))).collect()),
+        match (pending.batch, ids.len()) {
+            (_, 0) => error(None),
+            (false, _) => error(ids.pop()),
+            (true, _) => Value::Array(ids.into_iter().map(|id| error(Some(id))).collect()),
         }
     }
 
@@ -1224,7 +1227,7 @@ impl Conn {
             parts,
             Bytes::new(),
             false,
-            Awaiting::new(self, PendingMap::new()),
+            Awaiting::new(self, PendingMap::new(), false),
             &decision.roles,
         )
         .await
@@ -1530,7 +1533,7 @@ impl Conn {
                 _ => None,
             })
             .collect();
-        let mut pending = Awaiting::new(self, map);
+        let mut pending = Awaiting::new(self, map, body.batch);
         if let Err(e) = self.daemon.audit.record_all(events).await {
             match e {
                 // In the file, not on stable storage: answered with the error below (or, in a
