@@ -88,16 +88,29 @@ struct ProcFacts {
 
 impl ProcFacts {
     /// Reads them for the process behind `record` from `proc_root` (normally `/proc`).
-    fn of(record: &ConnRecord, proc_root: &Path) -> Self {
+    /// With `cgroup_id` (the id of a cgroup path), only the cgroup the kernel saw at connect
+    /// is kept: a process that moved since (its `/proc` shows another) is judged as of no
+    /// cgroup, and by no executable (a `/proc` entry in another cgroup may not be the caller
+    /// at all: a daemon outside the host's pid namespace reads another process under the same
+    /// number).
+    fn of(record: &ConnRecord, proc_root: &Path, cgroup_id: Option<CgroupIds<'_>>) -> Self {
         let dir = proc_root.join(record.tgid.to_string());
         let mut facts = Self::read(&dir, record.connect_boot_ns);
+        let connected_from = |f: &Self| match cgroup_id {
+            Some(id) => f.cgroup.as_deref().and_then(id) == Some(record.cgroup_id),
+            None => false,
+        };
         // The kernel recorded the cgroup of the thread that connected; in a threaded cgroup
-        // subtree it is not the process's (the thread's own file says).
-        if record.pid != record.tgid && facts.cgroup.is_some() {
+        // subtree it is not the process's (the thread's own file says; read only then).
+        if record.pid != record.tgid && facts.cgroup.is_some() && !connected_from(&facts) {
             let task = dir.join("task").join(record.pid.to_string()).join("cgroup");
             if let Some(own) = read_proc(&task).ok().and_then(unified_path) {
                 facts.cgroup = Some(own);
             }
+        }
+        if cgroup_id.is_some() && !connected_from(&facts) {
+            facts.cgroup = None;
+            facts.exe = None;
         }
         facts
     }
@@ -131,6 +144,9 @@ impl ProcFacts {
         facts
     }
 }
+
+/// The id of a cgroup path (its directory's inode), if it exists.
+type CgroupIds<'a> = &'a dyn Fn(&str) -> Option<u64>;
 
 /// Whether the process of `/proc` entry `dir` is in the daemon's user namespace.
 fn in_own_user_namespace(dir: &Path) -> bool {
@@ -236,19 +252,9 @@ impl ProcCache {
         changes: impl Fn(u32) -> Option<u64>,
         cgroup_id: impl Fn(&str) -> Option<u64>,
     ) -> ProcFacts {
-        // Only the cgroup the kernel saw at connect: a process that moved since (its `/proc`
-        // shows another) is judged as of no cgroup (no cgroup binding, no workload id), never
-        // as of the one it moved to; nor by its executable (a `/proc` entry in another cgroup
-        // may not be the caller at all: a daemon outside the host's pid namespace reads
-        // another process under the same number).
-        let read = || {
-            let mut facts = ProcFacts::of(record, proc_root);
-            if facts.cgroup.as_deref().and_then(&cgroup_id) != Some(record.cgroup_id) {
-                facts.cgroup = None;
-                facts.exe = None;
-            }
-            facts
-        };
+        // Only the cgroup the kernel saw at connect (no cgroup binding, no workload id for a
+        // process that moved since, never the one it moved to; see `ProcFacts::of`).
+        let read = || ProcFacts::of(record, proc_root, Some(&cgroup_id));
         let without_exe = |mut facts: ProcFacts| {
             facts.exe = None;
             facts
@@ -313,7 +319,7 @@ impl Identity {
     /// [`Identity::from_record_cached`], which also tells an exec since the connect).
     #[cfg(test)]
     pub fn from_record(record: &ConnRecord, proc_root: &Path, naming: &Naming) -> Self {
-        Self::build(record, ProcFacts::of(record, proc_root), naming)
+        Self::build(record, ProcFacts::of(record, proc_root, None), naming)
     }
 
     /// Like [`Identity::from_record`], through `cache` (see [`ProcCache`]); `changes` reads the
@@ -722,6 +728,36 @@ mod tests {
         let _ = std::fs::remove_file(dir.join("ns/user"));
         let own = std::fs::read_link("/proc/self/ns/user").unwrap();
         std::os::unix::fs::symlink(own, dir.join("ns/user")).unwrap();
+    }
+
+    #[test]
+    fn a_thread_is_judged_by_the_cgroup_it_connected_from() {
+        let root = tempfile::tempdir().unwrap();
+        let mut record = record_for_self(u64::MAX / 2);
+        (record.tgid, record.pid) = (4247, 4250);
+        fake_proc(root.path(), 4247, "/usr/bin/agent", "/agents/a");
+        let task = root.path().join("4247/task/4250");
+        std::fs::create_dir_all(&task).unwrap();
+        std::fs::write(task.join("cgroup"), "0::/agents/a/worker\n").unwrap();
+        let ids = |path: &str| match path {
+            "/agents/a" => Some(7),
+            "/agents/a/worker" => Some(8),
+            _ => None,
+        };
+        // A threaded subtree: the thread connected from its own cgroup.
+        record.cgroup_id = 8;
+        let facts = ProcFacts::of(&record, root.path(), Some(&ids));
+        assert_eq!(facts.cgroup.as_deref(), Some("/agents/a/worker"));
+        // From the process's cgroup: that one (the thread's file is not read).
+        record.cgroup_id = 7;
+        std::fs::remove_file(task.join("cgroup")).unwrap();
+        let facts = ProcFacts::of(&record, root.path(), Some(&ids));
+        assert_eq!(facts.cgroup.as_deref(), Some("/agents/a"));
+        assert_eq!(facts.exe.as_deref(), Some("/usr/bin/agent"));
+        // From neither (moved since): no cgroup, no executable.
+        record.cgroup_id = 9;
+        let facts = ProcFacts::of(&record, root.path(), Some(&ids));
+        assert_eq!((facts.cgroup, facts.exe), (None, None));
     }
 
     #[test]
