@@ -995,8 +995,12 @@ fn tail(
             if std::mem::take(&mut switched)
                 && let Some(last) = last_seq
                 && seq > last + 1
+                && let Some((from, to)) = rotated_between(path, last, seq, &emit)
             {
-                rotated_between(path, last, seq, &emit);
+                eprintln!(
+                    "audit tail: the records from seq {from} to {to} are no longer beside the \
+                     log (pruned by [audit] max_files, or moved away); continuing after them"
+                );
             }
             last_seq = Some(seq);
         }
@@ -1005,12 +1009,18 @@ fn tail(
 }
 
 /// Emits the events with `after < seq < before` from the rotated files of the log at `path`
-/// (`<path>.<UTC time>`, in name order = time order), oldest first: from the newest file
-/// back to the one that holds `after + 1`, each read line by line.
-fn rotated_between(path: &std::path::Path, after: u64, before: u64, emit: &dyn Fn(&Value, &str)) {
+/// (`<path>.<…>`, in chain order: by their first record), oldest first: from the one that
+/// holds `after + 1` (or the oldest left), each read line by line. Returns the first range of
+/// those records that none of the files holds (gone: pruned, or moved away), if any.
+fn rotated_between(
+    path: &std::path::Path,
+    after: u64,
+    before: u64,
+    emit: &dyn Fn(&Value, &str),
+) -> Option<(u64, u64)> {
     use std::io::BufRead;
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
+        return Some((after + 1, before - 1));
     };
     let prefix = format!("{}.", name.to_string_lossy());
     let dir = if dir.as_os_str().is_empty() {
@@ -1018,14 +1028,13 @@ fn rotated_between(path: &std::path::Path, after: u64, before: u64, emit: &dyn F
     } else {
         dir
     };
-    let mut files: Vec<_> = std::fs::read_dir(dir)
+    let files: Vec<_> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path())
         .collect();
-    files.sort();
     let lines = |file: &std::path::Path| {
         std::fs::File::open(file)
             .map(|f| {
@@ -1041,19 +1050,39 @@ fn rotated_between(path: &std::path::Path, after: u64, before: u64, emit: &dyn F
     };
     let first_seq =
         |file: &std::path::Path| lines(file).next().and_then(|(v, _)| v["seq"].as_u64());
+    // Chain order, not name order (a clock stepped back disorders the times in the names).
+    let mut files: Vec<(Option<u64>, std::path::PathBuf)> =
+        files.into_iter().map(|f| (first_seq(&f), f)).collect();
+    files.sort();
     let from = files
         .iter()
-        .rposition(|f| first_seq(f).is_none_or(|s| s <= after + 1))
+        .rposition(|(first, _)| first.is_none_or(|s| s <= after + 1))
         .unwrap_or(0);
-    for file in &files[from..] {
+    // The next record expected, and the first range found missing.
+    let (mut next, mut gap) = (after + 1, None);
+    let mut missing = |upto: u64, next: u64| {
+        if gap.is_none() && upto > next {
+            gap = Some((next, upto - 1));
+        }
+    };
+    for (_, file) in &files[from..] {
         for (v, l) in lines(file) {
             match v["seq"].as_u64() {
-                Some(s) if s >= before => return,
-                Some(s) if s > after => emit(&v, &l),
+                Some(s) if s >= before => {
+                    missing(before, next);
+                    return gap;
+                }
+                Some(s) if s >= next => {
+                    missing(s, next);
+                    emit(&v, &l);
+                    next = s + 1;
+                }
                 _ => {}
             }
         }
     }
+    missing(before, next);
+    gap
 }
 
 fn print_status(s: &Value) {

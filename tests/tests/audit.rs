@@ -740,29 +740,72 @@ fn audit_tail_follows_a_log_cut_below_what_it_read() {
 
 /// `interceptor audit tail --follow --json` with `config`, running, and its lines as printed.
 fn follow_tail(config: &Path) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let (follow, out, _) = follow_tail_and_errors(config);
+    (follow, out)
+}
+
+/// [`follow_tail`], and what it writes to stderr, line by line.
+fn follow_tail_and_errors(
+    config: &Path,
+) -> (
+    KillOnDrop,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut follow = KillOnDrop(
         Command::new(interceptor_bin())
             .args(["audit", "tail", "--follow", "--json", "--config"])
             .arg(config)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start audit tail --follow"),
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = follow.0.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
+    let lines = |pipe: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            // Read to the end whether or not anyone listens (a full pipe would stall it).
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
             }
-        }
-    });
-    (follow, rx)
+        });
+        rx
+    };
+    let out = lines(Box::new(follow.0.stdout.take().expect("stdout")));
+    let err = lines(Box::new(follow.0.stderr.take().expect("stderr")));
+    (follow, out, err)
+}
+
+#[test]
+fn audit_tail_says_which_records_it_could_not_find_after_a_rotation() {
+    // No daemon needed: the files are written here as the daemon leaves them when the tail
+    // fell behind by more rotations than max_files keeps.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let config = dir.path().join("interceptor.toml");
+    std::fs::write(&config, format!("[audit]\npath = \"{}\"\n", log.display())).expect("config");
+    let line = |seq: u64| format!("{{\"event\":\"e\",\"seq\":{seq}}}\n");
+    std::fs::write(&log, format!("{}{}", line(1), line(2))).expect("log");
+    let (_follow, out, err) = follow_tail_and_errors(&config);
+    let next = || out.recv_timeout(Duration::from_secs(10)).expect("a line");
+    assert_eq!(next(), line(1).trim_end());
+    assert_eq!(next(), line(2).trim_end());
+    // Rotated away, and 3..4 pruned: 5..6 are in the one rotated file left, 7 in the new log.
+    std::fs::rename(&log, dir.path().join("moved-away")).expect("move");
+    std::fs::write(
+        dir.path().join("audit.jsonl.2026-11-28T000000.000000Z"),
+        format!("{}{}", line(5), line(6)),
+    )
+    .expect("rotated");
+    std::fs::write(&log, line(7)).expect("new log");
+    assert_eq!(next(), line(5).trim_end());
+    assert_eq!(next(), line(6).trim_end());
+    assert_eq!(next(), line(7).trim_end());
+    let notice = err
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a notice on stderr");
+    assert!(notice.contains("from seq 3 to 4"), "{notice}");
 }
 
 #[test]
