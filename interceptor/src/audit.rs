@@ -2155,8 +2155,9 @@ fn torn_continues(torn: &[u8], prev_hash: Option<&str>, prev_seq: Option<u64>) -
     torn.starts_with(head) || head.starts_with(torn)
 }
 
-/// The `seq` of the first record of `path`, if it has a readable one.
-fn first_seq(path: &Path) -> Option<u64> {
+/// The `seq` of the first record of `path`, if it has a readable one (read as
+/// [`first_sealed`] reads: a regular file's first MiB).
+pub fn first_seq(path: &Path) -> Option<u64> {
     let (body, _) = first_sealed(path)?;
     serde_json::from_str::<Value>(&body).ok()?["seq"].as_u64()
 }

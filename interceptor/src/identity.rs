@@ -100,15 +100,17 @@ impl ProcFacts {
             Some(id) => f.cgroup.as_deref().and_then(id) == Some(record.cgroup_id),
             None => false,
         };
+        let mut matched = connected_from(&facts);
         // The kernel recorded the cgroup of the thread that connected; in a threaded cgroup
         // subtree it is not the process's (the thread's own file says; read only then).
-        if record.pid != record.tgid && facts.cgroup.is_some() && !connected_from(&facts) {
+        if record.pid != record.tgid && facts.cgroup.is_some() && !matched {
             let task = dir.join("task").join(record.pid.to_string()).join("cgroup");
             if let Some(own) = read_proc(&task).ok().and_then(unified_path) {
                 facts.cgroup = Some(own);
+                matched = connected_from(&facts);
             }
         }
-        if cgroup_id.is_some() && !connected_from(&facts) {
+        if cgroup_id.is_some() && !matched {
             facts.cgroup = None;
             facts.exe = None;
         }

@@ -995,12 +995,14 @@ fn tail(
             if std::mem::take(&mut switched)
                 && let Some(last) = last_seq
                 && seq > last + 1
-                && let Some((from, to)) = rotated_between(path, last, seq, &emit)
             {
-                eprintln!(
-                    "audit tail: the records from seq {from} to {to} are no longer beside the \
-                     log (pruned by [audit] max_files, or moved away); continuing after them"
-                );
+                for (from, to) in rotated_between(path, last, seq, &emit) {
+                    eprintln!(
+                        "audit tail: the records from seq {from} to {to} are no longer beside \
+                         the log (pruned by [audit] max_files, or moved away); continuing after \
+                         them"
+                    );
+                }
             }
             last_seq = Some(seq);
         }
@@ -1009,18 +1011,19 @@ fn tail(
 }
 
 /// Emits the events with `after < seq < before` from the rotated files of the log at `path`
-/// (`<path>.<…>`, in chain order: by their first record), oldest first: from the one that
-/// holds `after + 1` (or the oldest left), each read line by line. Returns the first range of
-/// those records that none of the files holds (gone: pruned, or moved away), if any.
+/// (regular files named `<path>.<…>`, in chain order: by their first record), oldest first:
+/// from the first that holds `after + 1` (or the oldest left), each read line by line, each
+/// record once. Returns the ranges of those records that none of the files holds (gone:
+/// pruned, or moved away).
 fn rotated_between(
     path: &std::path::Path,
     after: u64,
     before: u64,
     emit: &dyn Fn(&Value, &str),
-) -> Option<(u64, u64)> {
+) -> Vec<(u64, u64)> {
     use std::io::BufRead;
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Some((after + 1, before - 1));
+        return vec![(after + 1, before - 1)];
     };
     let prefix = format!("{}.", name.to_string_lossy());
     let dir = if dir.as_os_str().is_empty() {
@@ -1028,13 +1031,18 @@ fn rotated_between(
     } else {
         dir
     };
-    let files: Vec<_> = std::fs::read_dir(dir)
+    // Regular files only (a FIFO would block), placed by their first record (one bounded line
+    // each: not a scan of a compressed file); the times in the names can be disordered.
+    let mut files: Vec<(Option<u64>, std::path::PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path())
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+        .map(|p| (audit::first_seq(&p), p))
         .collect();
+    files.sort();
     let lines = |file: &std::path::Path| {
         std::fs::File::open(file)
             .map(|f| {
@@ -1048,30 +1056,28 @@ fn rotated_between(
             .flatten()
             .filter_map(|l| Some((serde_json::from_str::<Value>(&l).ok()?, l)))
     };
-    let first_seq =
-        |file: &std::path::Path| lines(file).next().and_then(|(v, _)| v["seq"].as_u64());
-    // Chain order, not name order (a clock stepped back disorders the times in the names).
-    let mut files: Vec<(Option<u64>, std::path::PathBuf)> =
-        files.into_iter().map(|f| (first_seq(&f), f)).collect();
-    files.sort();
+    // From the first file of those starting latest at or before `after + 1` (a copy starting
+    // alike, `<path>.bak`, must not hide the file it copies).
+    let start = files
+        .iter()
+        .rev()
+        .find(|(first, _)| first.is_none_or(|s| s <= after + 1))
+        .map(|(first, _)| *first);
     let from = files
         .iter()
-        .rposition(|(first, _)| first.is_none_or(|s| s <= after + 1))
+        .position(|(first, _)| Some(*first) == start)
         .unwrap_or(0);
-    // The next record expected, and the first range found missing.
-    let (mut next, mut gap) = (after + 1, None);
+    // The next record expected, and the ranges found missing.
+    let (mut next, mut gaps) = (after + 1, Vec::new());
     let mut missing = |upto: u64, next: u64| {
-        if gap.is_none() && upto > next {
-            gap = Some((next, upto - 1));
+        if upto > next {
+            gaps.push((next, upto - 1));
         }
     };
-    for (_, file) in &files[from..] {
+    'files: for (_, file) in &files[from..] {
         for (v, l) in lines(file) {
             match v["seq"].as_u64() {
-                Some(s) if s >= before => {
-                    missing(before, next);
-                    return gap;
-                }
+                Some(s) if s >= before => break 'files,
                 Some(s) if s >= next => {
                     missing(s, next);
                     emit(&v, &l);
@@ -1082,7 +1088,7 @@ fn rotated_between(
         }
     }
     missing(before, next);
-    gap
+    gaps
 }
 
 fn print_status(s: &Value) {

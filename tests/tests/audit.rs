@@ -798,6 +798,8 @@ fn audit_tail_says_which_records_it_could_not_find_after_a_rotation() {
         format!("{}{}", line(5), line(6)),
     )
     .expect("rotated");
+    // An operator's shorter copy starting alike must not hide the file it copies.
+    std::fs::write(dir.path().join("audit.jsonl.bak"), line(5)).expect("copy");
     std::fs::write(&log, line(7)).expect("new log");
     assert_eq!(next(), line(5).trim_end());
     assert_eq!(next(), line(6).trim_end());
