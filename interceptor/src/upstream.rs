@@ -493,7 +493,8 @@ pub struct MarkedConnector {
 struct Ahead {
     open: AtomicUsize,
     next: Mutex<Option<Opening>>,
-    opened: AtomicU64,
+    /// The id the next [`Opening`] gets.
+    next_id: AtomicU64,
 }
 
 /// A connection being opened, or opened, ahead of a request.
@@ -515,7 +516,7 @@ impl MarkedConnector {
         if next.as_ref().is_some_and(|o| o.at.elapsed() < AHEAD_LIFE) {
             return;
         }
-        let id = self.ahead.opened.fetch_add(1, Ordering::Relaxed);
+        let id = self.ahead.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let at = Instant::now();
         *next = Some(Opening { id, at, rx });
