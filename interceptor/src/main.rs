@@ -1212,8 +1212,16 @@ fn print_status(s: &Value) {
             .flatten()
             .map(str_of)
             .collect();
+        // Absent from a daemon older than this command.
+        let ahead = &sv["connections_ahead"];
+        let ahead = match (ahead["opened"].as_u64(), ahead["used"].as_u64()) {
+            (Some(opened), Some(used)) => {
+                format!(" (upstream connections opened ahead {opened}, used {used})")
+            }
+            _ => String::new(),
+        };
         println!(
-            "  {}: {} -> {}",
+            "  {}: {} -> {}{ahead}",
             str_of(&sv["name"]),
             intercept.join(", "),
             str_of(&sv["upstream"])
