@@ -102,16 +102,55 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The longest a single measuring run may take (the longest take seconds): one that hangs stops
+/// the benchmark with an error instead of holding it for good.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Runs `program args…` in the cgroup `dir` and parses the JSON line it prints last.
 fn run_in(dir: &Path, program: &Path, args: &[&str]) -> Result<Value> {
-    let out = crate::in_cgroup(dir, program).args(args).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let mut child = crate::in_cgroup(dir, program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Read while it runs: a full pipe would stall it.
+    fn drain(
+        pipe: Option<impl std::io::Read + Send + 'static>,
+    ) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    // Waited for on a thread of its own: no wake-ups of this process while it measures.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    if rx.recv_timeout(RUN_TIMEOUT).is_err() {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        bail!(
+            "{} {args:?} did not finish within {} s; killed",
+            program.display(),
+            RUN_TIMEOUT.as_secs()
+        );
+    }
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    let text = String::from_utf8_lossy(&out);
     let last = text.lines().last().unwrap_or("");
     serde_json::from_str(last).with_context(|| {
         format!(
             "{} {args:?} printed no JSON: {text} {}",
             program.display(),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&err)
         )
     })
 }
