@@ -1559,26 +1559,43 @@ fn open_successor(path: &Path) -> io::Result<File> {
 /// The files the daemon rotated `path` into (`<path>.<UTC time>` exactly, as [`Writer::rotate`]
 /// names them: never an operator's `<path>.bak`), oldest first.
 fn rotated_files(path: &Path) -> Vec<PathBuf> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Vec::new();
-    };
-    let prefix = format!("{}.", name.to_string_lossy());
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix(&prefix))
-                .is_some_and(is_rotation_stamp)
-        })
-        .map(|e| e.path())
+    let mut files: Vec<PathBuf> = named_after(path)
+        .filter(|(_, rest, file_type)| file_type.is_file() && is_rotation_stamp(rest))
+        .map(|(p, _, _)| p)
         .collect();
     // The stamps sort as the times they name.
     files.sort();
     files
+}
+
+/// The entries beside `path` named `<its name>.<rest>` (its rotations, the daemon's or
+/// logrotate's, and copies an operator made), with `rest` and their type (links not followed).
+pub fn named_after(path: &Path) -> impl Iterator<Item = (PathBuf, String, std::fs::FileType)> {
+    let dir = match path.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => Path::new("/"),
+    };
+    let prefix = format!(
+        "{}.",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(move |e| {
+            let rest = e.file_name().to_str()?.strip_prefix(&prefix)?.to_owned();
+            Some((e.path(), rest, e.file_type().ok()?))
+        })
+}
+
+/// Whether `path` is a regular file of the daemon's user with one link (not another user's,
+/// not a FIFO, not a backup's hard link): one the daemon may continue from or delete.
+fn daemons_own(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.uid() == euid && m.nlink() == 1)
 }
 
 /// `2026-11-27T230858.732993Z`: the UTC time a rotated file's name ends with.
@@ -1624,22 +1641,9 @@ fn first_sealed(path: &Path) -> Option<(String, String)> {
 /// (not the last by name: an operator's `<path>.bak` copy of an older log sorts after them all,
 /// logrotate's `<path>.2` after `<path>.1`; either would fork the chain).
 fn newest_rotated_head(path: &Path) -> Option<(u64, String)> {
-    use std::os::unix::fs::MetadataExt;
-    let dir = path.parent()?;
-    let prefix = format!("{}.", path.file_name()?.to_string_lossy());
-    let euid = nix::unistd::geteuid().as_raw();
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter_map(|p| {
-            let named = p
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix));
-            let m = std::fs::symlink_metadata(&p).ok()?;
-            (named && m.is_file() && m.uid() == euid && m.nlink() == 1)
-                .then(|| (first_seq(&p), m.len(), p))
-        })
+    named_after(path)
+        .filter(|(p, _, _)| daemons_own(p))
+        .filter_map(|(p, _, _)| Some((first_seq(&p), std::fs::metadata(&p).ok()?.len(), p)))
         // Latest in the chain by the first record (one line read per file, not a tail each:
         // a log may have thousands of rotated files); of copies starting alike, the longest.
         .max_by_key(|(first, len, _)| (*first, *len))
@@ -2045,12 +2049,10 @@ impl Writer {
         let over = files.len().checked_sub(keep).filter(|n| *n > 0)?;
         // The oldest, up to the first that is not the daemon's own (another user's, or linked
         // elsewhere: a backup's hard link): the chain then starts at that one.
-        let euid = nix::unistd::geteuid().as_raw();
-        let own = |p: &Path| {
-            std::fs::symlink_metadata(p)
-                .is_ok_and(|m| m.is_file() && m.uid() == euid && m.nlink() == 1)
-        };
-        let go = files[..over].iter().take_while(|(_, _, p)| own(p)).count();
+        let go = files[..over]
+            .iter()
+            .take_while(|(_, _, p)| daemons_own(p))
+            .count();
         if go < over {
             warn!(file = %files[go].2.display(), "audit.max_files: not pruning past a rotated audit file that is not the daemon's own (another user's, or hard-linked)");
         }
@@ -3340,6 +3342,18 @@ mod tests {
         assert!(v.starts_at.is_some_and(|s| s > 1), "{v:?}");
     }
 
+    /// A log in `dir` rotating past 600 bytes and keeping 3 files, `n` events recorded.
+    async fn pruning_log(dir: &Path, durability: Durability, n: usize) -> Audit {
+        let mut c = cfg(dir, durability);
+        c.max_file_bytes = 600;
+        c.max_files = 3;
+        let a = Audit::open(c, OPENER).unwrap();
+        for i in 0..n {
+            a.record(event(&format!("event-number-{i}"))).await.unwrap();
+        }
+        a
+    }
+
     #[tokio::test]
     async fn max_files_prunes_the_oldest_rotated_files_and_verify_accepts_the_new_start() {
         let dir = tempfile::tempdir().unwrap();
@@ -3347,13 +3361,7 @@ mod tests {
         // An operator's copy is not the daemon's to delete.
         let copy = dir.path().join("audit.jsonl.bak");
         std::fs::write(&copy, "keep\n").unwrap();
-        let mut c = cfg(dir.path(), Durability::Fsync);
-        c.max_file_bytes = 600;
-        c.max_files = 3;
-        let a = Audit::open(c, OPENER).unwrap();
-        for i in 0..30 {
-            a.record(event(&format!("event-number-{i}"))).await.unwrap();
-        }
+        let _log = pruning_log(dir.path(), Durability::Fsync, 30).await;
         let rotated = rotated_files(&live);
         assert_eq!(rotated.len(), 2, "{rotated:?}");
         assert_eq!(std::fs::read_to_string(&copy).unwrap(), "keep\n");
@@ -3393,13 +3401,7 @@ mod tests {
     async fn max_files_prunes_in_chain_order_and_only_the_daemons_files() {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("audit.jsonl");
-        let mut c = cfg(dir.path(), Durability::Write);
-        c.max_file_bytes = 600;
-        c.max_files = 3;
-        let a = Audit::open(c, OPENER).unwrap();
-        for i in 0..12 {
-            a.record(event(&format!("event-number-{i}"))).await.unwrap();
-        }
+        let a = pruning_log(dir.path(), Durability::Write, 12).await;
         let rotated = rotated_files(&live);
         assert_eq!(rotated.len(), 2, "{rotated:?}");
         // The clock stepped back: the newest rotated file's name now sorts first. Its records

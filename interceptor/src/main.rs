@@ -1022,23 +1022,10 @@ fn rotated_between(
     emit: &dyn Fn(&Value, &str),
 ) -> Vec<(u64, u64)> {
     use std::io::BufRead;
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return vec![(after + 1, before - 1)];
-    };
-    let prefix = format!("{}.", name.to_string_lossy());
-    let dir = if dir.as_os_str().is_empty() {
-        std::path::Path::new(".")
-    } else {
-        dir
-    };
     // Regular files only (a FIFO would block), placed by their first record (one bounded line
     // each: not a scan of a compressed file); the times in the names can be disordered.
-    let mut files: Vec<(Option<u64>, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
+    let mut files: Vec<(Option<u64>, std::path::PathBuf)> = audit::named_after(path)
+        .map(|(p, _, _)| p)
         .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()))
         .map(|p| (audit::first_seq(&p), p))
         .collect();

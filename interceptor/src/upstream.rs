@@ -72,15 +72,15 @@ pub type UpstreamClient = Client<MarkedConnector, Full<Bytes>>;
 /// the upstream may close idle connections), so the connection is closed unused.
 pub const AHEAD_LIFE: Duration = Duration::from_secs(2);
 
-/// A pool's client and its connector (which opens connections ahead for it).
-#[derive(Clone)]
+/// A pool's client and its connector (which opens connections ahead for it). Shared, not
+/// cloned, per request: the connector holds the server name and TLS configuration.
 struct Pool {
     client: UpstreamClient,
     connector: MarkedConnector,
 }
 
 /// One client (and so one pool) per worker slot.
-type Pools = Box<[Pool]>;
+type Pools = Box<[Arc<Pool>]>;
 
 /// Reads the PEM certificates in `path` into a root store.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
@@ -198,7 +198,7 @@ impl Upstream {
         ca: Option<&NodeCa>,
         workload_id: Option<&str>,
     ) -> Result<UpstreamClient, Error> {
-        Ok(self.pool(ca, workload_id)?.client)
+        Ok(self.pool(ca, workload_id)?.client.clone())
     }
 
     /// For a new agent connection of `workload_id`: when the calling worker's pool for it has
@@ -211,7 +211,7 @@ impl Upstream {
         }
     }
 
-    fn pool(&self, ca: Option<&NodeCa>, workload_id: Option<&str>) -> Result<Pool, Error> {
+    fn pool(&self, ca: Option<&NodeCa>, workload_id: Option<&str>) -> Result<Arc<Pool>, Error> {
         let slot = crate::workers::slot() % self.plain.len();
         let Some(tls) = &self.tls else {
             return Ok(self.plain[slot].clone());
@@ -290,10 +290,10 @@ fn pools(
                 ahead: Arc::new(Ahead::default()),
                 stats: stats.clone(),
             };
-            Pool {
+            Arc::new(Pool {
                 client: build(connector.clone()),
                 connector,
-            }
+            })
         })
         .collect()
 }

@@ -515,6 +515,15 @@ pub fn run_client_as(probe: &str, cgroup_dir: &Path, addr: &str, uid: u32) -> Cl
 }
 
 /// Sends the raw HTTP request `request` to `addr` from inside `cgroup_dir`.
+/// A Streamable HTTP POST of `body` to `/mcp`, whole, as [`send_raw`] sends it.
+pub fn json_post(body: &str) -> String {
+    format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, \
+         text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 pub fn send_raw(probe: &str, cgroup_dir: &Path, addr: &str, request: &[u8]) -> ClientResult {
     send_raw_env(probe, cgroup_dir, addr, request, &[])
 }

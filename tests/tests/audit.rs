@@ -583,6 +583,19 @@ fn an_unwritable_log_refuses_allowed_calls_until_repaired() {
     );
 }
 
+/// A world whose audit log (in a folder of its own) rotates past 4 KiB, with `more` in its
+/// `[audit]` section.
+fn rotating_world(label: &str, more: &str) -> (tempfile::TempDir, PathBuf, World) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let audit = format!(
+        "\n[audit]\npath = \"{}\"\nmax_file_bytes = 4096\n{more}",
+        log.display()
+    );
+    let w = world(label, Some(&audit));
+    (dir, log, w)
+}
+
 /// Three client runs of one search each: several KiB of events each, more than one rotation
 /// with `max_file_bytes = 4096`.
 fn search_three_times(w: &World) {
@@ -603,13 +616,7 @@ fn audit_tail_follows_the_log_across_rotations() {
     if !privileged() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("audit.jsonl");
-    let audit = format!(
-        "\n[audit]\npath = \"{}\"\nmax_file_bytes = 4096\n",
-        log.display()
-    );
-    let w = world("audit-follow", Some(&audit));
+    let (dir, _log, w) = rotating_world("audit-follow", "");
     let (_follow, lines) = follow_tail(&w.env.config_path);
     let rx = {
         let (tx, rx) = std::sync::mpsc::channel::<Value>();
@@ -660,13 +667,7 @@ fn max_files_keeps_the_newest_files_and_verify_accepts_the_chain_they_hold() {
     if !privileged() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join("audit.jsonl");
-    let audit = format!(
-        "\n[audit]\npath = \"{}\"\nmax_file_bytes = 4096\nmax_files = 2\n",
-        log.display()
-    );
-    let mut w = world("audit-prune", Some(&audit));
+    let (dir, log, mut w) = rotating_world("audit-prune", "max_files = 2\n");
     // The log rotates, and older files go.
     search_three_times(&w);
     // Stopped: nothing more is written (a later event could rotate and prune while the files

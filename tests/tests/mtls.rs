@@ -11,8 +11,8 @@ use std::{collections::HashSet, path::Path, process::Command};
 
 use base64::Engine as _;
 use interceptor_tests::{
-    McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, json_lines, mcp_client, privileged,
-    rmcp_client, scrape_metrics, send_raw, send_raw_env, write_server_pki,
+    McpServer, ServerSpec, TestEnv, free_port, interceptor_bin, json_lines, json_post, mcp_client,
+    privileged, rmcp_client, scrape_metrics, send_raw, send_raw_env, write_server_pki,
 };
 use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
@@ -432,10 +432,7 @@ cgroup = "{root}/**"
     }
     // A batch is answered by an array, whatever number of its requests await an answer.
     let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
-    let request = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{batch}",
-        batch.len()
-    );
+    let request = json_post(batch);
     let r = send_raw(
         PROBE,
         &env.dir(&readers),
@@ -526,10 +523,7 @@ cgroup = "{root}/**"
     let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
         "params": {"name": "search", "arguments": {}}})
     .to_string();
-    let request = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let request = json_post(&body);
     // The agent waits after connecting: the upstream has closed the connection opened for
     // it by the time its request comes.
     let r = send_raw_env(
