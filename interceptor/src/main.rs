@@ -250,7 +250,8 @@ enum CaCommand {
 enum AuditCommand {
     /// Check the hash chain of audit files (oldest first; rotated files before the live one).
     /// Exits non-zero on any edit, deletion, reordering or truncation in the middle; a torn
-    /// last line (a crash mid-write) is reported but is not a failure.
+    /// last line (a crash mid-write) is reported but is not a failure, nor is a start that an
+    /// `audit.pruned` event names (files deleted by `[audit] max_files`).
     Verify {
         /// Audit files (the live one and rotated ones, any order: they are put in chain order).
         #[arg(required = true)]
@@ -261,7 +262,8 @@ enum AuditCommand {
     Tail {
         #[command(flatten)]
         config: ConfigArg,
-        /// Keep printing new events as they are written, across rotations of the file.
+        /// Keep printing new events as they are written, across rotations of the file (records
+        /// no file holds any more, pruned by `[audit] max_files`, are named on stderr).
         #[arg(long)]
         follow: bool,
         /// Only agents' events whose identity (pid, cgroup, exe, comm, uid, workload id)
