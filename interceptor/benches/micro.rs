@@ -11,6 +11,8 @@
 //! - `audit_request_event`: the `mcp.request` event of the 1 KiB call: redaction and
 //!   building the event text, then sealing it into a chained line (SHA-256).
 //! - `assertion_sign`: one ES256 identity assertion (JWS) with the node CA key.
+//! - `mint_leaf`: a new workload's client certificate (P-256 key generated, certificate signed
+//!   by the node CA, kept), the daemon's cache of them full of other workloads.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use interceptor::{
@@ -162,6 +164,21 @@ fn micro(c: &mut Criterion) {
     .expect("ca load");
     let claims = json!({"iss": "bench-node", "sub": "spiffe://example.org/w", "aud": "notes", "iat": 1, "exp": 61, "jti": "0123456789abcdef0123456789abcdef", "uid": 1000, "roles": ["r1"]});
     c.bench_function("assertion_sign", |b| b.iter(|| black_box(ca.sign(&claims))));
+    // Full of other workloads' certificates, as on a node where many came and went.
+    for i in 0..interceptor::ca::MAX_WORKLOADS {
+        ca.leaf(&format!("spiffe://example.org/full/{i}"))
+            .expect("mint");
+    }
+    let mut n = 0u64;
+    c.bench_function("mint_leaf", |b| {
+        b.iter(|| {
+            n += 1;
+            black_box(
+                ca.leaf(&format!("spiffe://example.org/w/{n}"))
+                    .expect("mint"),
+            )
+        })
+    });
 }
 
 criterion_group!(benches, micro);

@@ -133,19 +133,81 @@ pub const MAX_WORKLOADS: usize = 16_384;
 #[cfg(test)]
 pub const MAX_WORKLOADS: usize = 4;
 
-/// Drops the entries whose certificate expired and, to make room for one more, the oldest
-/// beyond [`MAX_WORKLOADS`].
-pub fn evict<V>(map: &mut HashMap<String, V>, now: SystemTime, leaf: impl Fn(&V) -> &Leaf) {
-    map.retain(|_, v| !leaf(v).expired(now));
-    while map.len() >= MAX_WORKLOADS {
-        let Some(oldest) = map
-            .iter()
-            .min_by_key(|(_, v)| leaf(v).minted)
-            .map(|(k, _)| k.clone())
-        else {
-            break;
-        };
-        map.remove(&oldest);
+/// How often at most the entries whose certificate expired are looked for (also whenever the
+/// map is full).
+#[cfg(not(test))]
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const SWEEP_INTERVAL: Duration = Duration::ZERO;
+
+/// What is kept per workload id (its certificate; the upstream pools built on it), at most
+/// [`MAX_WORKLOADS`] entries. Inserting costs O(1) amortised: entries whose certificate expired
+/// are dropped at most every [`SWEEP_INTERVAL`] or when the map is full, and a full map drops
+/// its oldest sixteenth at once (a walk over every entry on each mint, under the lock every
+/// new connection takes, made a workload id template with agent-settable parts a way to slow
+/// every agent's new connections).
+pub struct ByWorkload<V> {
+    map: HashMap<String, V>,
+    cap: usize,
+    sweep_every: Duration,
+    swept: SystemTime,
+}
+
+impl<V> Default for ByWorkload<V> {
+    fn default() -> Self {
+        Self::with_limits(MAX_WORKLOADS, SWEEP_INTERVAL)
+    }
+}
+
+impl<V> ByWorkload<V> {
+    fn with_limits(cap: usize, sweep_every: Duration) -> Self {
+        Self {
+            map: HashMap::new(),
+            cap: cap.max(1),
+            sweep_every,
+            swept: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    pub fn get(&self, workload_id: &str) -> Option<&V> {
+        self.map.get(workload_id)
+    }
+
+    /// The workload ids held.
+    pub fn ids(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+
+    /// Keeps `value` for `workload_id` (replacing what it had), making room first; `leaf` is
+    /// the certificate an entry was built on.
+    pub fn insert(
+        &mut self,
+        workload_id: String,
+        value: V,
+        now: SystemTime,
+        leaf: impl Fn(&V) -> &Leaf,
+    ) {
+        let full =
+            |map: &HashMap<String, V>| map.len() >= self.cap && !map.contains_key(&workload_id);
+        // A clock stepped back (now before the last sweep) counts as due.
+        let due = !now
+            .duration_since(self.swept)
+            .is_ok_and(|d| d < self.sweep_every);
+        if due || full(&self.map) {
+            self.map.retain(|_, v| !leaf(v).expired(now));
+            self.swept = now;
+        }
+        if full(&self.map) {
+            let n = (self.cap / 16).max(1);
+            let mut by_age: Vec<(SystemTime, &String)> =
+                self.map.iter().map(|(k, v)| (leaf(v).minted, k)).collect();
+            by_age.select_nth_unstable(n - 1);
+            let oldest: Vec<String> = by_age[..n].iter().map(|(_, k)| (*k).clone()).collect();
+            for k in oldest {
+                self.map.remove(&k);
+            }
+        }
+        self.map.insert(workload_id, value);
     }
 }
 
@@ -236,7 +298,7 @@ pub struct NodeCa {
     /// `jws_header` and a dot.
     token_prefix: Arc<str>,
     leaf_ttl: Duration,
-    cache: Mutex<HashMap<String, Arc<Leaf>>>,
+    cache: Mutex<ByWorkload<Arc<Leaf>>>,
     /// Certificates minted so far.
     pub mints: AtomicU64,
 }
@@ -351,7 +413,7 @@ impl NodeCa {
             token_prefix: Arc::from(format!("{jws_header}.")),
             jws_header,
             leaf_ttl,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::default(),
             mints: AtomicU64::new(0),
         };
         // A leaf whose issuer is not written as the CA's subject chains to nothing (rcgen
@@ -417,11 +479,9 @@ impl NodeCa {
             return Ok(l.clone());
         }
         let leaf = Arc::new(self.mint(workload_id, now)?);
-        let mut cache = lock(&self.cache);
-        // Workloads come and go (a cgroup per pod or job): certificates that expired go when
-        // another is minted, so the cache holds the workloads seen within one lifetime.
-        evict(&mut cache, now, |l| l);
-        cache.insert(workload_id.to_owned(), leaf.clone());
+        // Workloads come and go (a cgroup per pod or job): certificates that expired go, so
+        // the cache holds the workloads seen within one lifetime.
+        lock(&self.cache).insert(workload_id.to_owned(), leaf.clone(), now, |l| l);
         Ok(leaf)
     }
 
@@ -934,7 +994,7 @@ mod tests {
         sleep_until(gone + Duration::from_millis(50));
         ca.leaf("spiffe://x/new").unwrap();
         ca.leaf("spiffe://x/newer").unwrap();
-        let mut cached: Vec<String> = lock(&ca.cache).keys().cloned().collect();
+        let mut cached: Vec<String> = lock(&ca.cache).ids().cloned().collect();
         cached.sort();
         assert_eq!(
             cached,
@@ -952,9 +1012,72 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         let cache = lock(&ca.cache);
-        assert_eq!(cache.len(), MAX_WORKLOADS);
-        assert!(!cache.contains_key("spiffe://x/w0") && !cache.contains_key("spiffe://x/w1"));
-        assert!(cache.contains_key(&format!("spiffe://x/w{}", MAX_WORKLOADS + 1)));
+        assert_eq!(cache.map.len(), MAX_WORKLOADS);
+        assert!(cache.get("spiffe://x/w0").is_none() && cache.get("spiffe://x/w1").is_none());
+        assert!(
+            cache
+                .get(&format!("spiffe://x/w{}", MAX_WORKLOADS + 1))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_full_workload_map_drops_its_oldest_sixteenth_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1h");
+        let t0 = SystemTime::now();
+        let leaves: Vec<Arc<Leaf>> = (0..40u64)
+            .map(|i| {
+                Arc::new(
+                    ca.mint("spiffe://x/w", t0 + Duration::from_secs(i))
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let mut map = ByWorkload::with_limits(32, Duration::from_secs(10));
+        let ids = |map: &ByWorkload<Arc<Leaf>>| {
+            let mut ids: Vec<usize> = map.ids().map(|k| k[1..].parse().unwrap()).collect();
+            ids.sort();
+            ids
+        };
+        // Inserted newest first: the order of insertion is not what ages them.
+        for i in (0..32).rev() {
+            map.insert(format!("w{i}"), leaves[i].clone(), t0, |l| l);
+        }
+        assert_eq!(ids(&map), (0..32).collect::<Vec<_>>());
+        // Full: a new workload makes room by dropping the two oldest (32 / 16).
+        map.insert("w32".into(), leaves[32].clone(), t0, |l| l);
+        assert_eq!(ids(&map), (2..33).collect::<Vec<_>>());
+        // Then the next one fits without dropping any...
+        map.insert("w33".into(), leaves[33].clone(), t0, |l| l);
+        assert_eq!(ids(&map), (2..34).collect::<Vec<_>>());
+        // ...and renewing one held never drops another.
+        map.insert("w5".into(), leaves[34].clone(), t0, |l| l);
+        assert_eq!(ids(&map), (2..34).collect::<Vec<_>>());
+        assert!(Arc::ptr_eq(map.get("w5").unwrap(), &leaves[34]));
+    }
+
+    #[test]
+    fn expired_workloads_go_at_most_every_sweep_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1h");
+        let t0 = SystemTime::now();
+        let leaf = Arc::new(ca.mint("spiffe://x/w", t0).unwrap());
+        let expired = leaf.not_after;
+        let mut map = ByWorkload::with_limits(32, Duration::from_secs(10));
+        map.insert("old".into(), leaf.clone(), t0, |l| l);
+        // Expired, but the last sweep (at the first insert) was less than 10 s ago.
+        map.insert("a".into(), leaf.clone(), t0 + Duration::from_secs(5), |l| l);
+        assert!(map.get("old").is_some());
+        // Kept when its time comes, a sweep drops every expired one (a clock stepped back
+        // counts as due).
+        map.insert("b".into(), leaf.clone(), expired, |l| l);
+        assert_eq!(map.ids().count(), 1);
+        assert!(map.get("b").is_some());
+        map.insert("c".into(), leaf.clone(), t0, |l| l);
+        assert_eq!(map.ids().count(), 2);
+        map.insert("d".into(), leaf, expired, |l| l);
+        assert_eq!(map.ids().collect::<Vec<_>>(), ["d"]);
     }
 
     #[test]

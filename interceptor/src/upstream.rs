@@ -152,7 +152,7 @@ struct TlsUpstream {
     verifier: Arc<dyn ServerCertVerifier>,
     server_name: ServerName<'static>,
     /// Per workload id: the certificate the pools present, and a pool per worker slot.
-    clients: Mutex<HashMap<String, (Arc<Leaf>, Pools)>>,
+    clients: Mutex<crate::ca::ByWorkload<(Arc<Leaf>, Pools)>>,
 }
 
 /// Why no client could be had.
@@ -247,8 +247,12 @@ impl Upstream {
         let pool = pools[slot].clone();
         // Pools of certificates that expired (workloads gone, or renewed) go, and the oldest
         // beyond the cap: requests still using one hold their own handle.
-        crate::ca::evict(&mut clients, std::time::SystemTime::now(), |(l, _)| l);
-        clients.insert(wid.to_owned(), (leaf, pools));
+        clients.insert(
+            wid.to_owned(),
+            (leaf, pools),
+            std::time::SystemTime::now(),
+            |(l, _)| l,
+        );
         Ok(pool)
     }
 }
@@ -268,7 +272,7 @@ impl TlsUpstream {
         Ok(Self {
             verifier,
             server_name,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::default(),
         })
     }
 }
@@ -869,7 +873,7 @@ mod tests {
         let up = Upstream::new(&server, 2).unwrap();
         let workloads = |up: &Upstream| -> Vec<String> {
             let tls = up.tls.as_ref().unwrap();
-            let mut ids: Vec<String> = lock(&tls.clients).keys().cloned().collect();
+            let mut ids: Vec<String> = lock(&tls.clients).ids().cloned().collect();
             ids.sort();
             ids
         };
