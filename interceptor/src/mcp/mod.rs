@@ -459,20 +459,35 @@ enum Pace {
 /// roles (server, workload id, uid, exe, cgroup, container, pod; see [`Conn::presign_key`]).
 /// Paced like a connection's own, over all of the workload's requests that had none.
 #[derive(Default)]
-pub struct WorkloadPresigns(std::sync::Mutex<HashMap<Arc<str>, PresignState>>);
+pub struct WorkloadPresigns(std::sync::Mutex<Tracked>);
 
-/// Most workloads tracked: when full, those idle for [`PRESIGNED_MAX_AGE`] are dropped; if
-/// none is, a new workload is not tracked (its requests sign inline).
+#[derive(Default)]
+struct Tracked {
+    map: HashMap<Arc<str>, PresignState>,
+    /// When a full map was last looked through for idle workloads.
+    swept: Option<Instant>,
+}
+
+/// Most workloads tracked: when full, those idle for [`PRESIGNED_MAX_AGE`] are dropped (looked
+/// for at most every [`PRESIGN_SWEEP_EVERY`]: with more workloads active than this, every new
+/// one would walk them all); if none is, a new workload is not tracked (its requests sign
+/// inline).
 const WORKLOAD_PRESIGNS: usize = 4096;
+const PRESIGN_SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 impl WorkloadPresigns {
     fn take(&self, key: &str, roles: &[String], now: Instant) -> Option<String> {
-        lock(&self.0).get_mut(key)?.take(roles, now)
+        lock(&self.0).map.get_mut(key)?.take(roles, now)
     }
 
     fn wanted(&self, key: &Arc<str>, now: Instant) -> bool {
-        let mut map = lock(&self.0);
+        let mut tracked = lock(&self.0);
+        let Tracked { map, swept } = &mut *tracked;
         if map.len() >= WORKLOAD_PRESIGNS && !map.contains_key(key) {
+            if swept.is_some_and(|t| now.saturating_duration_since(t) < PRESIGN_SWEEP_EVERY) {
+                return false;
+            }
+            *swept = Some(now);
             map.retain(|_, state| !state.stale(now));
             if map.len() >= WORKLOAD_PRESIGNS {
                 return false;
@@ -482,7 +497,7 @@ impl WorkloadPresigns {
     }
 
     fn offer(&self, key: &str, p: Presigned) {
-        if let Some(state) = lock(&self.0).get_mut(key) {
+        if let Some(state) = lock(&self.0).map.get_mut(key) {
             state.waiting = Some(p);
         }
     }
@@ -2792,7 +2807,7 @@ mod tests {
         }
         let later = t0 + PRESIGNED_MAX_AGE * 2;
         assert!(!presigns.wanted(&Arc::from("[new]"), later));
-        assert!(lock(&presigns.0).len() < 10, "idle workloads dropped");
+        assert!(lock(&presigns.0).map.len() < 10, "idle workloads dropped");
         // A table full of active workloads tracks no new one.
         for i in 0..WORKLOAD_PRESIGNS {
             presigns.wanted(&Arc::from(format!("[{i}]")), later);
@@ -2800,7 +2815,18 @@ mod tests {
         let key: Arc<str> = Arc::from("[newer]");
         assert!(!presigns.wanted(&key, later + ms(1)));
         assert!(!presigns.wanted(&key, later + ms(2)));
-        assert!(!lock(&presigns.0).contains_key(&key));
+        assert!(!lock(&presigns.0).map.contains_key(&key));
+        // Once they are idle, the table is looked through again, but not more often than
+        // every PRESIGN_SWEEP_EVERY.
+        let idle = later + PRESIGNED_MAX_AGE * 2;
+        lock(&presigns.0).swept = Some(idle);
+        assert!(!presigns.wanted(&key, idle + ms(1)));
+        assert!(!lock(&presigns.0).map.contains_key(&key), "swept too soon");
+        presigns.wanted(&key, idle + PRESIGN_SWEEP_EVERY);
+        assert!(
+            lock(&presigns.0).map.contains_key(&key),
+            "idle ones dropped"
+        );
     }
 
     #[tokio::test]
