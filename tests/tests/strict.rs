@@ -61,6 +61,30 @@ fn world_edited(label: &str, upstream: LabelServer, edit: impl Fn(String) -> Str
     World { env, upstream, dir }
 }
 
+/// A world whose config has `from` replaced by `to` (once).
+fn world_replacing(label: &str, from: &str, to: &str) -> World {
+    world_edited(
+        label,
+        LabelServer::start("127.0.0.3", "upstream"),
+        |config| config.replacen(from, to, 1),
+    )
+}
+
+/// The first audit event called `event` that `pred` accepts, waited for (events about a
+/// response are written after it).
+fn audit_event(w: &World, event: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    eventually(
+        std::time::Duration::from_secs(10),
+        || {
+            w.env
+                .audit_events()
+                .into_iter()
+                .find(|e| e["event"] == event && pred(e))
+        },
+        || format!("no matching {event}: {:#?}", w.env.audit_events()),
+    )
+}
+
 fn post(body: &[u8], extra_headers: &str) -> Vec<u8> {
     request("POST", body, extra_headers)
 }
@@ -205,21 +229,9 @@ fn malicious_forms_are_refused_and_never_forwarded() {
     assert!(w.upstream.bodies().is_empty());
     // The allowed call it carried is recorded as answered with that error; the denied one has
     // its decision and no response.
-    let response = eventually(
-        std::time::Duration::from_secs(10),
-        || {
-            w.env
-                .audit_events()
-                .into_iter()
-                .find(|e| e["event"] == "mcp.response" && e["tool"] == "search" && e["id"] == 1)
-        },
-        || {
-            format!(
-                "no mcp.response for the batch's allowed call: {:#?}",
-                w.env.audit_events()
-            )
-        },
-    );
+    let response = audit_event(&w, "mcp.response", |e| {
+        e["tool"] == "search" && e["id"] == 1
+    });
     let events = w.env.audit_events();
     assert!(
         !events
@@ -565,16 +577,7 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     );
     assert!(r.status.is_some_and(|s| s < 300), "{r:?}");
     assert_eq!(w.upstream.bodies().len(), 1, "the answer was not forwarded");
-    let event = eventually(
-        std::time::Duration::from_secs(10),
-        || {
-            w.env
-                .audit_events()
-                .into_iter()
-                .find(|e| e["event"] == "mcp.client_response")
-        },
-        || format!("no mcp.client_response: {:#?}", w.env.audit_events()),
-    );
+    let event = audit_event(&w, "mcp.client_response", |_| true);
     assert_eq!(event["id"], "srv-3", "{event}");
     assert_eq!(event["server"], "notes", "{event}");
     assert_eq!(event["outcome"], "result", "{event}");
@@ -590,16 +593,7 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     let call = br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"search","arguments":{},"_meta":{"step":5,"token":"s3cret"},"x":1}}"#;
     let r = send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(call, ""));
     assert_eq!(r.status, Some(200), "{r:?}");
-    let event = eventually(
-        std::time::Duration::from_secs(10),
-        || {
-            w.env
-                .audit_events()
-                .into_iter()
-                .find(|e| e["event"] == "mcp.request" && e["id"] == 9)
-        },
-        || format!("no mcp.request: {:#?}", w.env.audit_events()),
-    );
+    let event = audit_event(&w, "mcp.request", |e| e["id"] == 9);
     assert_eq!(event["other_params"]["_meta"]["step"], 5, "{event}");
     assert_eq!(event["other_params"]["x"], 1, "{event}");
     assert_ne!(event["other_params"]["_meta"]["token"], "s3cret", "{event}");
@@ -621,17 +615,23 @@ fn subscriptions_listen_is_judged_per_resource_it_subscribes_to() {
         "{r:?}"
     );
     assert!(w.upstream.bodies().is_empty(), "forwarded");
-    let denied = eventually(
-        std::time::Duration::from_secs(10),
-        || {
-            w.env
-                .audit_events()
-                .into_iter()
-                .find(|e| e["event"] == "mcp.request" && e["method"] == "subscriptions/listen")
-        },
-        || format!("no mcp.request: {:#?}", w.env.audit_events()),
-    );
+    let denied = audit_event(&w, "mcp.request", |e| e["method"] == "subscriptions/listen");
     assert_eq!(denied["decision"], "deny", "{denied}");
+    // Spelled as the Python SDK also reads it (snake_case field names), or in another case:
+    // refused, never taken for a listen without subscriptions.
+    for variant in [
+        &br#"{"jsonrpc":"2.0","id":5,"method":"subscriptions/listen","params":{"notifications":{"resource_subscriptions":["notes://secret"]}}}"#[..],
+        br#"{"jsonrpc":"2.0","id":6,"method":"subscriptions/listen","params":{"Notifications":{"resourceSubscriptions":["notes://secret"]}}}"#,
+        br#"{"jsonrpc":"2.0","id":7,"method":"subscriptions/listen","params":{"notifications":{"ResourceSubscriptions":["notes://secret"]}}}"#,
+    ] {
+        let r = send_raw(PROBE, &w.dir, &addr, &post(variant, ""));
+        assert!(
+            error_code(r.reply.as_deref().unwrap_or("")).is_some(),
+            "{}: {r:?}",
+            String::from_utf8_lossy(variant)
+        );
+    }
+    assert!(w.upstream.bodies().is_empty(), "a variant was forwarded");
     // Without resources to subscribe to, listening is plumbing: forwarded.
     let listen = br#"{"jsonrpc":"2.0","id":4,"method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true}}}"#;
     send_raw(PROBE, &w.dir, &addr, &post(listen, ""));
@@ -639,20 +639,49 @@ fn subscriptions_listen_is_judged_per_resource_it_subscribes_to() {
 }
 
 #[test]
+fn credentials_in_a_resource_uri_stay_out_of_every_record() {
+    if !privileged() {
+        return;
+    }
+    let w = world_replacing(
+        "uri-secret",
+        "deny_tools = [\"delete_*\"]",
+        "deny_tools = [\"delete_*\"]\nallow_methods = [\"resources/read\"]",
+    );
+    let addr = w.upstream.addr.to_string();
+    let read = br#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"postgres://alice:hunter22@db/x"}}"#;
+    let r = send_raw(PROBE, &w.dir, &addr, &post(read, ""));
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let denied = br#"{"jsonrpc":"2.0","id":2,"method":"resources/subscribe","params":{"uri":"postgres://alice:hunter22@db/y"}}"#;
+    send_raw(PROBE, &w.dir, &addr, &post(denied, ""));
+    let response = audit_event(&w, "mcp.response", |e| e["method"] == "resources/read");
+    assert_eq!(
+        response["name"], "postgres://alice:[REDACTED]@db/x",
+        "{response}"
+    );
+    w.env
+        .wait_log("mcp request", |v| v["authz.decision"] == "deny");
+    let events: Vec<String> = w.env.audit_events().iter().map(Value::to_string).collect();
+    for (what, text) in [
+        ("audit log", events.join("\n")),
+        ("daemon log", w.env.log_text()),
+    ] {
+        assert!(
+            !text.contains("hunter22"),
+            "the password is in the {what}:\n{text}"
+        );
+    }
+}
+
+#[test]
 fn a_server_with_paths_serves_only_those() {
     if !privileged() {
         return;
     }
-    let w = world_edited(
+    let w = world_replacing(
         "paths",
-        LabelServer::start("127.0.0.3", "upstream"),
-        |config| {
-            config.replacen(
-                "\nupstream = ",
-                "\npaths = [\"/mcp\", \"/messages/\"]\nupstream = ",
-                1,
-            )
-        },
+        "\nupstream = ",
+        "\npaths = [\"/mcp\", \"/messages/\"]\nupstream = ",
     );
     let addr = w.upstream.addr.to_string();
     let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;

@@ -24,9 +24,10 @@ pub mod code {
 
 /// Top-level members of a JSON-RPC message.
 const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
-/// MCP members inside `params` whose case variants are refused (upstreams that decode
-/// case-insensitively would read the variant).
-const PARAM_MEMBERS: [&str; 9] = [
+/// MCP members inside `params` whose variants (see [`variant_of`]) are refused: upstreams
+/// that decode case-insensitively, or by the snake_case field name as well as the camelCase
+/// one (the Python SDK's models), would read the variant.
+const PARAM_MEMBERS: [&str; 10] = [
     "name",
     "arguments",
     "uri",
@@ -36,13 +37,54 @@ const PARAM_MEMBERS: [&str; 9] = [
     "capabilities",
     "clientInfo",
     "level",
+    "notifications",
 ];
+
+/// Members of `subscriptions/listen`'s `params.notifications` whose variants are refused
+/// (the policy judges the URIs of `resourceSubscriptions`).
+const NOTIFICATION_MEMBERS: [&str; 1] = ["resourceSubscriptions"];
 
 /// Case folding for key comparison: `to_uppercase().to_lowercase()` maps the Unicode
 /// look-alikes that case-insensitive decoders fold (`ſ` → `s`, Kelvin `K` → `k`) onto their
 /// ASCII letters, so `"argumentſ"` is caught as a variant of `"arguments"`.
 pub fn fold(key: &str) -> String {
     key.to_uppercase().to_lowercase()
+}
+
+/// The member of `members` that `key` is a variant of, if any: not the member itself, but the
+/// same once case is folded and the underscores and hyphens after its first character are
+/// dropped (`"Uri"`, `"protocol_version"`, `"resource_subscriptions"`, `"_Meta"`; not
+/// `"meta"`, which no decoder reads as `"_meta"`).
+fn variant_of<'m>(key: &str, members: &[&'m str]) -> Option<&'m str> {
+    if members.contains(&key) {
+        return None;
+    }
+    let canonical = |k: &str| -> String {
+        let mut chars = k.chars();
+        let first = chars.next().map(String::from).unwrap_or_default();
+        fold(
+            &(first
+                + &chars
+                    .filter(|c| !matches!(c, '_' | '-'))
+                    .collect::<String>()),
+        )
+    };
+    let key = canonical(key);
+    members.iter().copied().find(|m| canonical(m) == key)
+}
+
+/// Refuses the members of `obj` that are variants of `members` (`within` names `obj` in the
+/// message).
+fn refuse_variants(obj: &Map<String, Value>, members: &[&str], within: &str) -> Result<(), String> {
+    for key in obj.keys() {
+        if let Some(canon) = variant_of(key, members) {
+            return Err(format!(
+                "{within} member {key:?} is a case or snake_case variant of {canon:?}; \
+                 refused as ambiguous"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why a body was refused, with the JSON-RPC code to answer with.
@@ -471,18 +513,7 @@ fn classify(value: Value) -> Result<Message, RpcError> {
 }
 
 fn check_params(params: &Map<String, Value>) -> Result<(), String> {
-    for key in params.keys() {
-        if PARAM_MEMBERS.contains(&key.as_str()) {
-            continue;
-        }
-        let folded = fold(key);
-        if let Some(canon) = PARAM_MEMBERS.iter().find(|m| fold(m) == folded) {
-            return Err(format!(
-                "params member {key:?} is a case variant of {canon:?}; refused as ambiguous"
-            ));
-        }
-    }
-    Ok(())
+    refuse_variants(params, &PARAM_MEMBERS, "params")
 }
 
 /// Shape checks for the methods the policy looks into.
@@ -514,6 +545,18 @@ fn check_call(message: &Message) -> Result<(), String> {
         }
         "prompts/get" => string_member("name"),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string_member("uri"),
+        // Its resource subscriptions are judged (`resourceSubscriptions`): one the policy
+        // cannot find must not be one the upstream reads.
+        "subscriptions/listen" => match params.and_then(|p| p.get("notifications")) {
+            None => Ok(()),
+            Some(Value::Object(n)) => {
+                refuse_variants(n, &NOTIFICATION_MEMBERS, "params.notifications")
+            }
+            Some(other) => Err(format!(
+                "subscriptions/listen: params.notifications must be an object, not {}",
+                type_name(other)
+            )),
+        },
         _ => Ok(()),
     }
 }
@@ -851,6 +894,32 @@ mod tests {
                 "{body}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn refuses_snake_case_variants_of_what_the_policy_reads() {
+        for (body, member) in [
+            (&br#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":{"resource_subscriptions":["notes://secret"]}}}"#[..], "resourceSubscriptions"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":{"Resource-Subscriptions":["x"]}}}"#, "resourceSubscriptions"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"NOTIFICATIONS":{}}}"#, "notifications"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocol_version":"2025-06-18"}}"#, "protocolVersion"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","_Meta":{}}}"#, "_meta"),
+        ] {
+            let e = err(body);
+            assert_eq!(e.code, code::INVALID_REQUEST);
+            assert!(
+                e.message.contains("case variant") && e.message.contains(member),
+                "{}: {e}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":["notes://secret"]}}"#);
+        assert!(e.message.contains("must be an object"), "{e}");
+        // The members themselves pass, and so does a name no decoder reads as one of them.
+        ok(
+            r#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{"notifications":{"resourceSubscriptions":["a"],"toolsListChanged":true}}}"#,
+        );
+        ok(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r","meta":{}}}"#);
     }
 
     #[test]

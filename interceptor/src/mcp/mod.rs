@@ -1539,7 +1539,7 @@ impl Conn {
                     // (a URI or method may be megabytes; a session holds thousands).
                     Pending {
                         method: capped(method),
-                        target: m.target().map(capped),
+                        target: self.audit_target(m),
                         started: Instant::now(),
                         session: session_id.clone(),
                         post,
@@ -1727,8 +1727,7 @@ impl Conn {
             }
             _ => None,
         };
-        // A resource URI may carry credentials (`postgres://user:password@…`).
-        let target = m.target().map(|t| capped(&redactor.redact_text(t)));
+        let target = self.audit_target(m);
         audit::Event::new("mcp.request")
             .raw("identity", &self.who)
             .field("server", self.server_name())
@@ -1772,6 +1771,13 @@ impl Conn {
             .raw("body", body.as_deref().unwrap_or("null"))
             .field("session", &session)
             .field("protocol", protocol)
+    }
+
+    /// What a message's audit events name it by (tool, prompt, resource URI), redacted: a
+    /// resource URI may carry credentials (`postgres://user:password@…`).
+    fn audit_target(&self, m: &Message) -> Option<String> {
+        m.target()
+            .map(|t| capped(&self.daemon.audit.redactor.redact_text(t)))
     }
 
     /// 2026-07-28: `subscriptions/listen` subscribes to resources too
@@ -1841,17 +1847,17 @@ impl Conn {
                 .inc();
         }
         let id = m.id().map(ToString::to_string).unwrap_or_default();
-        // Capped: a resource URI or prompt name is the agent's and may be megabytes.
-        let name = capped(call.name.unwrap_or(""));
-        let name = name.as_str();
+        // Capped (a resource URI or prompt name is the agent's and may be megabytes) and
+        // redacted, as in the audit log; only when a line is written.
+        let name = || self.audit_target(m).unwrap_or_default();
         if d.allow {
             counters.allowed.fetch_add(1, Ordering::Relaxed);
-            debug!(mcp.method = method, mcp.name = name, mcp.id = %id, mcp.protocol = protocol,
+            debug!(mcp.method = method, mcp.name = name(), mcp.id = %id, mcp.protocol = protocol,
                 server.name = self.server_name(), authz.decision = "allow", authz.rule = %d.rule,
                 "mcp request");
         } else {
             counters.denied.fetch_add(1, Ordering::Relaxed);
-            info!(mcp.method = method, mcp.name = name, mcp.id = %id, mcp.protocol = protocol,
+            info!(mcp.method = method, mcp.name = name(), mcp.id = %id, mcp.protocol = protocol,
                 server.name = self.server_name(), authz.decision = "deny", authz.rule = %d.rule,
                 "mcp request");
         }
