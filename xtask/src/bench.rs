@@ -718,6 +718,19 @@ fn hook_cost(
         );
     }
     let hook_ns = delta("run_ns") / tagged_connects;
+    // Per program: runs and run time per connect (where the time goes: `sock_ops` runs five
+    // times a connect, four of them callbacks it returns from at once).
+    let mut by_program = json!({});
+    if let Some(after) = hook_after["by_program"].as_object() {
+        for (name, a) in after {
+            let b = &hook_before["by_program"][name];
+            let d = |k: &str| a[k].as_f64().unwrap_or(0.0) - b[k].as_f64().unwrap_or(0.0);
+            by_program[name] = json!({
+                "runs_per_connect": d("runs") / tagged_connects,
+                "ns_per_connect": d("run_ns") / tagged_connects,
+            });
+        }
+    }
     let (t, no) = (median(&mut t), median(&mut no));
     // What a connect costs without the programs, the lower of two estimates (the untagged
     // loop, and the tagged one less the programs' time): a noisy untagged loop must not make
@@ -729,6 +742,7 @@ fn hook_cost(
         "ratio": paired(&mut ratios),
         "hook_ns": hook_ns,
         "hook_runs_per_connect": delta("runs") / tagged_connects,
+        "hook_by_program": by_program,
         "hook_base_ns": base,
         // No sane estimate: judged as missed, not as free.
         "hook_ratio": if base > 0.0 { 1.0 + hook_ns / base } else { f64::MAX },

@@ -390,13 +390,17 @@ fn hook_stats(bpffs: &str) -> Value {
         ids.push(link.info().expect("link info").program_id());
     }
     let (mut run_ns, mut runs) = (0u64, 0u64);
+    let mut by_program = serde_json::Map::new();
     for info in aya::programs::loaded_programs().flatten() {
         if ids.contains(&info.id()) {
-            run_ns += info.run_time().as_nanos() as u64;
-            runs += info.run_count();
+            let (ns, n) = (info.run_time().as_nanos() as u64, info.run_count());
+            run_ns += ns;
+            runs += n;
+            let name = info.name_as_str().unwrap_or("?").to_owned();
+            by_program.insert(name, json!({"run_ns": ns, "runs": n}));
         }
     }
-    json!({"programs": ids.len(), "run_ns": run_ns, "runs": runs})
+    json!({"programs": ids.len(), "run_ns": run_ns, "runs": runs, "by_program": by_program})
 }
 
 fn connect_loop(addr: &str, count: u64) -> Value {
