@@ -119,6 +119,9 @@ pub struct Daemon {
     pub counters: Counters,
     /// The policy in force; replaced whole on reload, read per request.
     policy: RwLock<Arc<Policy>>,
+    /// Bumped when a reload changes the policy: server streams, judged when they opened,
+    /// are judged again (see `Conn::stream_withdrawn`).
+    pub policy_changes: tokio::sync::watch::Sender<u64>,
     /// The way to each server's upstream, by server index.
     pub upstreams: Vec<Upstream>,
     /// The node CA, when `[ca]` is configured.
@@ -473,9 +476,12 @@ impl Daemon {
         let roles = new.policy.role_names().len();
         let bindings = new.policy.binding_count();
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.policy);
-        // Agents with a server stream re-list their tools; those without see the new policy on
-        // their next request anyway (decisions are never cached).
+        // Server streams the new policy no longer allows end; agents with one that goes on
+        // re-list their tools; those without see the new policy on their next request anyway
+        // (decisions are never cached).
         let notified_streams = if policy_changed {
+            self.policy_changes
+                .send_modify(|generation| *generation += 1);
             crate::mcp::notify_tools_changed(&self.streams)
         } else {
             0
@@ -1341,6 +1347,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     let daemon = Arc::new(Daemon {
         workers,
         policy: RwLock::new(Arc::new(config.policy.clone())),
+        policy_changes: tokio::sync::watch::Sender::new(0),
         upstreams,
         ca,
         sessions: Sessions::default(),

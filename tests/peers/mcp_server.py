@@ -69,6 +69,12 @@ if args.with_slow_tool:
     server.tool()(read_slowly)
 
 
+@server.resource("notes://{name}")
+def note(name: str) -> str:
+    """A note, to read or subscribe to."""
+    return "note " + name
+
+
 @server.prompt()
 def summary() -> str:
     """Summarise the notes."""

@@ -1,6 +1,6 @@
 //! Policy reload: a valid new policy applies to the next request on every connection, an
-//! invalid one is refused and the old one stays, and agents holding a server stream are told to
-//! re-list their tools.
+//! invalid one is refused and the old one stays, agents holding a server stream are told to
+//! re-list their tools, and server streams the new policy no longer allows end.
 
 use std::time::Duration;
 
@@ -206,4 +206,139 @@ fn reload_tells_open_server_streams_to_relist_tools() {
     let body = got.reply.unwrap_or_default();
     assert!(body.contains("event: endpoint"), "{body}");
     assert!(body.contains("notifications/tools/list_changed"), "{body}");
+    // Still allowed: the stream went on (no last chunk) until the reader stopped.
+    assert!(!body.ends_with(LAST_CHUNK), "{body:?}");
+}
+
+/// The end of a chunked HTTP/1.1 body: the proxy ended the stream.
+const LAST_CHUNK: &str = "\r\n0\r\n\r\n";
+
+#[test]
+fn reload_ends_server_streams_the_new_policy_no_longer_allows() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new("reload-end", "sse");
+    w.env.start_daemon();
+    let addr = w.server.addr.to_string();
+    let request = format!("GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    let agents = w.agents.clone();
+    let reader =
+        std::thread::spawn(move || read_stream(PROBE, &agents, &addr, request.as_bytes(), 5000));
+    w.env.wait_log("legacy SSE session registered", |_| true);
+    // The reader's role now reaches another server only: the stream it holds to this one,
+    // judged when it opened, ends.
+    w.write("\n[[role]]\nname = \"reader\"\nservers = [\"notes-*\"]\nallow_tools = [\"search\"]\n");
+    let r = w.env.cli(&["reload"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let log = w.env.wait_log(
+        "server stream ended: the reloaded policy no longer allows it",
+        |_| true,
+    );
+    assert!(
+        log["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("grants server \"notes\" any more")),
+        "{log}"
+    );
+    let got = reader.join().expect("reader thread");
+    let body = got.reply.unwrap_or_default();
+    assert!(body.contains("event: endpoint"), "{body}");
+    assert!(
+        body.ends_with(LAST_CHUNK),
+        "the stream was not ended: {body:?}"
+    );
+    // A new stream is refused under the new policy.
+    let request = format!(
+        "GET /sse HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n",
+        w.server.addr
+    );
+    let again = read_stream(
+        PROBE,
+        &w.agents,
+        &w.server.addr.to_string(),
+        request.as_bytes(),
+        2000,
+    );
+    assert_eq!(again.status, Some(403), "{again:?}");
+}
+
+/// A raw 2026-07-28 `subscriptions/listen` (the server stream of that generation).
+fn listen(addr: &str, notifications: &str) -> String {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{{"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}},"notifications":{notifications}}}}}"#
+    );
+    format!(
+        "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nMCP-Protocol-Version: 2026-07-28\r\n\
+         Mcp-Method: subscriptions/listen\r\nAccept: application/json, text/event-stream\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn reload_ends_listen_streams_whose_subscriptions_are_no_longer_allowed() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new("reload-listen", "streamable-http");
+    let with_subscribe = "\n[[role]]\nname = \"reader\"\nservers = [\"notes\"]\nallow_tools = [\"search\"]\nallow_methods = [\"resources/subscribe\"]\n";
+    w.write(with_subscribe);
+    w.env.start_daemon();
+    let addr = w.server.addr.to_string();
+    let open = |notifications: &str| {
+        let request = listen(&addr, notifications);
+        let (agents, addr) = (w.agents.clone(), addr.clone());
+        std::thread::spawn(move || read_stream(PROBE, &agents, &addr, request.as_bytes(), 4000))
+    };
+    let subscribed = open(r#"{"resourceSubscriptions":["notes://a"]}"#);
+    let plain = open(r#"{"toolsListChanged":true}"#);
+    // Both streams open (their requests allowed and forwarded), then subscribing is withdrawn.
+    eventually(
+        Duration::from_secs(10),
+        || {
+            let n = w
+                .env
+                .audit_events()
+                .iter()
+                .filter(|e| e["method"] == "subscriptions/listen" && e["decision"] == "allow")
+                .count();
+            (n == 2).then_some(())
+        },
+        || format!("listen requests not allowed: {:#?}", w.env.audit_events()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    w.write(&policy(r#""search""#));
+    let r = w.env.cli(&["reload"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let log = w.env.wait_log(
+        "server stream ended: the reloaded policy no longer allows it",
+        |_| true,
+    );
+    assert!(
+        log["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("subscription to notes://a")),
+        "{log}"
+    );
+    let ended = subscribed.join().expect("reader").reply.unwrap_or_default();
+    assert!(ended.contains("subscriptions/acknowledged"), "{ended}");
+    assert!(ended.contains("stream ended by a policy reload"), "{ended}");
+    assert!(ended.ends_with(LAST_CHUNK), "not ended: {ended:?}");
+    let open = plain.join().expect("reader").reply.unwrap_or_default();
+    assert!(open.contains("subscriptions/acknowledged"), "{open}");
+    assert!(!open.ends_with(LAST_CHUNK), "ended: {open:?}");
+    // The listen request's answer is recorded as ended by the reload.
+    let response = eventually(
+        Duration::from_secs(10),
+        || {
+            w.env.audit_events().into_iter().find(|e| {
+                e["event"] == "mcp.response"
+                    && e["method"] == "subscriptions/listen"
+                    && e["outcome"] == "policy_changed"
+            })
+        },
+        || format!("no policy_changed response: {:#?}", w.env.audit_events()),
+    );
+    assert_eq!(response["id"], 1, "{response}");
 }

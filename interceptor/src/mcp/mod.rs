@@ -306,6 +306,30 @@ pub fn notify_tools_changed(streams: &Streams) -> usize {
     ))
 }
 
+/// The next change of policy a server stream watches for (never, for other streams).
+async fn policy_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match changes {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The resources a `subscriptions/listen` subscribes to (`params.notifications.
+/// resourceSubscriptions`; the parser refused any other shape).
+fn subscribed_resources(m: &Message) -> Vec<String> {
+    m.params()
+        .and_then(|p| p.get("notifications"))
+        .and_then(|n| n.get("resourceSubscriptions"))
+        .and_then(Value::as_array)
+        .map(|uris| {
+            uris.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Everything one agent connection's requests need.
 pub struct Conn {
     pub daemon: Arc<Daemon>,
@@ -1241,7 +1265,7 @@ impl Conn {
         self.forward(
             parts,
             Bytes::new(),
-            false,
+            None,
             Awaiting::new(self, PendingMap::new(), false),
             &decision.roles,
         )
@@ -1627,8 +1651,10 @@ impl Conn {
             Some(session) => self.move_to_session(session, &mut pending),
             None => Vec::new(),
         };
-        // 2026-07-28: subscriptions/listen keeps its response open as the server stream.
-        let listen = !body.batch && body.messages[0].method() == Some("subscriptions/listen");
+        // 2026-07-28: subscriptions/listen keeps its response open as the server stream,
+        // judged again with the resources it subscribes to when the policy changes.
+        let listen = (!body.batch && body.messages[0].method() == Some("subscriptions/listen"))
+            .then(|| subscribed_resources(&body.messages[0]));
         let mut roles: Vec<String> = decisions
             .iter()
             .flatten()
@@ -1780,6 +1806,34 @@ impl Conn {
             .map(|t| capped(&self.daemon.audit.redactor.redact_text(t)))
     }
 
+    /// Why a server stream opened under an earlier policy may not go on under the current
+    /// one: its server no longer granted, or (`subscriptions/listen`) a resource it
+    /// subscribed to no longer allowed. `None`: it goes on.
+    fn stream_withdrawn(&self, subscribed: &[String]) -> Option<String> {
+        let (policy, grant) = self.policy();
+        if !grant.grants_server() {
+            return Some(format!(
+                "no role of this identity grants server {:?} any more",
+                self.server_name()
+            ));
+        }
+        subscribed.iter().find_map(|uri| {
+            let call = Call {
+                method: "resources/subscribe",
+                name: Some(uri),
+                arguments: None,
+            };
+            let d = policy.check_granted(&grant, self.server_name(), &call);
+            (!d.allow).then(|| {
+                format!(
+                    "its subscription to {} is no longer allowed ({})",
+                    capped(&self.daemon.audit.redactor.redact_text(uri)),
+                    d.rule
+                )
+            })
+        })
+    }
+
     /// 2026-07-28: `subscriptions/listen` subscribes to resources too
     /// (`params.notifications.resourceSubscriptions`, which replaces `resources/subscribe`):
     /// each URI is judged as a `resources/subscribe` of it; the first denial, if any.
@@ -1868,7 +1922,7 @@ impl Conn {
         self: &Arc<Self>,
         parts: http::request::Parts,
         bytes: Bytes,
-        listen: bool,
+        listen: Option<Vec<String>>,
         mut pending: Awaiting,
         roles: &[String],
     ) -> Response<ProxyBody> {
@@ -1986,7 +2040,7 @@ impl Conn {
         let labels = crate::metrics::ServerLabels {
             server: server.name.clone(),
         };
-        if !from_get && !listen {
+        if !from_get && listen.is_none() {
             // Streams (GET, subscriptions/listen) are long-lived: no next request to sign for.
             self.presign(roles);
         }
@@ -2060,7 +2114,9 @@ impl Conn {
                 (None, None) => {}
             }
         }
-        self.respond(response, get_target, listen || from_get, pending, secrets)
+        // A GET's stream is judged again by its server's grant alone.
+        let server_stream = listen.or_else(|| from_get.then(Vec::new));
+        self.respond(response, get_target, server_stream, pending, secrets)
             .await
     }
 
@@ -2070,7 +2126,7 @@ impl Conn {
         self: &Arc<Self>,
         response: Response<Incoming>,
         get_target: Option<String>,
-        server_stream: bool,
+        server_stream: Option<Vec<String>>,
         mut pending: Awaiting,
         secrets: Secrets,
     ) -> Response<ProxyBody> {
@@ -2222,13 +2278,19 @@ impl Conn {
         body: Incoming,
         first: Bytes,
         get_target: Option<&str>,
-        server_stream: bool,
+        server_stream: Option<Vec<String>>,
         pending: Awaiting,
         secrets: Secrets,
     ) -> ProxyBody {
         let from_get = get_target.is_some();
         let (tx, rx) = mpsc::channel(INJECT_QUEUE);
-        let stream_id = server_stream.then(|| self.daemon.streams.register(tx.clone()));
+        let stream_id = server_stream
+            .is_some()
+            .then(|| self.daemon.streams.register(tx.clone()));
+        // Changes after this point count: the stream was judged under the policy before.
+        let policy_changes = server_stream
+            .is_some()
+            .then(|| self.daemon.policy_changes.subscribe());
         let max = self.daemon.config.proxy.max_response_bytes;
         let state = SseState {
             pending,
@@ -2246,6 +2308,8 @@ impl Conn {
             ended: "cancelled",
             secrets,
             first: (!first.is_empty()).then_some(first),
+            subscribed: server_stream.unwrap_or_default(),
+            policy_changes,
         };
         let s = stream::unfold(state, |mut st| async move {
             loop {
@@ -2297,6 +2361,17 @@ impl Conn {
                         }
                     },
                     Some(b) = st.rx.recv(), if listening => st.queue.push_back(b),
+                    Some(()) = policy_changed(&mut st.policy_changes) => {
+                        let conn = st.conn.clone();
+                        if let Some(why) = conn.stream_withdrawn(&st.subscribed) {
+                            info!(server.name = conn.server_name(), reason = %why,
+                                "server stream ended: the reloaded policy no longer allows it");
+                            let message = format!("interceptor: stream ended by a policy reload: {why}");
+                            st.end("policy_changed", |id| {
+                                jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
+                            });
+                        }
+                    }
                 }
             }
         });
@@ -2319,6 +2394,10 @@ struct SseState {
     session: Option<(String, Arc<LegacySession>)>,
     /// Registration in [`Streams`] of a server stream, removed on drop.
     stream_id: Option<u64>,
+    /// A server stream's changes of policy (see [`Conn::stream_withdrawn`]), and the resources
+    /// it subscribed to (`subscriptions/listen`).
+    policy_changes: Option<tokio::sync::watch::Receiver<u64>>,
+    subscribed: Vec<String>,
     /// Requests of the POST this stream answers.
     pending: Awaiting,
     done: bool,
