@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use interceptor_tests::{
-    McpServer, ServerSpec, TestEnv, eventually, mcp_client, privileged, read_stream,
+    ClientResult, McpServer, ServerSpec, TestEnv, eventually, mcp_client, privileged, read_stream,
 };
 use nix::sys::signal::{Signal, kill};
 use serde_json::{Value, json};
@@ -25,6 +25,21 @@ struct World {
 }
 
 impl World {
+    /// Starts the daemon and opens a legacy SSE session's stream from the agents' cgroup, read
+    /// for `read_ms` in a thread; returns once the proxy has registered the session.
+    fn open_legacy_stream(&mut self, read_ms: u64) -> std::thread::JoinHandle<ClientResult> {
+        self.env.start_daemon();
+        let addr = self.server.addr.to_string();
+        let request =
+            format!("GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        let agents = self.agents.clone();
+        let reader = std::thread::spawn(move || {
+            read_stream(PROBE, &agents, &addr, request.as_bytes(), read_ms)
+        });
+        self.env.wait_log("legacy SSE session registered", |_| true);
+        reader
+    }
+
     fn new(label: &str, transport: &str) -> Self {
         let mut env = TestEnv::new(label);
         let server = McpServer::start(transport);
@@ -189,14 +204,7 @@ fn reload_tells_open_server_streams_to_relist_tools() {
         return;
     }
     let mut w = World::new("reload-stream", "sse");
-    w.env.start_daemon();
-    let addr = w.server.addr.to_string();
-    let request = format!("GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
-    let agents = w.agents.clone();
-    let reader =
-        std::thread::spawn(move || read_stream(PROBE, &agents, &addr, request.as_bytes(), 3000));
-    // Wait until the stream is open, then change the policy.
-    w.env.wait_log("legacy SSE session registered", |_| true);
+    let reader = w.open_legacy_stream(3000);
     std::thread::sleep(Duration::from_millis(100));
     w.write(&policy(r#""search", "write_note""#));
     let r = w.env.cli(&["reload"]);
@@ -219,13 +227,7 @@ fn reload_ends_server_streams_the_new_policy_no_longer_allows() {
         return;
     }
     let mut w = World::new("reload-end", "sse");
-    w.env.start_daemon();
-    let addr = w.server.addr.to_string();
-    let request = format!("GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
-    let agents = w.agents.clone();
-    let reader =
-        std::thread::spawn(move || read_stream(PROBE, &agents, &addr, request.as_bytes(), 5000));
-    w.env.wait_log("legacy SSE session registered", |_| true);
+    let reader = w.open_legacy_stream(5000);
     // The reader's role now reaches another server only: the stream it holds to this one,
     // judged when it opened, ends.
     w.write("\n[[role]]\nname = \"reader\"\nservers = [\"notes-*\"]\nallow_tools = [\"search\"]\n");
