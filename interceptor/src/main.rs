@@ -869,6 +869,7 @@ fn render(v: &Value) -> String {
         "method",
         "tool",
         "name",
+        "path",
         "decision",
         "rule",
         "outcome",

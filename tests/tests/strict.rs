@@ -411,6 +411,10 @@ fn an_identity_without_a_role_gets_errors_not_silence() {
         0,
         "nothing may reach an ungranted server"
     );
+    let get = audit_event(&w, "http.request", |e| e["method"] == "GET");
+    assert_eq!(get["decision"], "deny", "{get}");
+    assert_eq!(get["path"], "/mcp", "{get}");
+    assert_eq!(get["identity"]["cgroup"], other.as_str(), "{get}");
     let line = w
         .env
         .wait_log("mcp request", |v| v["mcp.method"] == "initialize");
@@ -636,6 +640,42 @@ fn subscriptions_listen_is_judged_per_resource_it_subscribes_to() {
     let listen = br#"{"jsonrpc":"2.0","id":4,"method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true}}}"#;
     send_raw(PROBE, &w.dir, &addr, &post(listen, ""));
     assert_eq!(w.upstream.bodies().len(), 1);
+}
+
+#[test]
+fn requests_without_json_rpc_are_on_record_before_they_leave() {
+    if !privileged() {
+        return;
+    }
+    let w = world("http-audit");
+    let addr = w.upstream.addr.to_string();
+    for (method, target) in [
+        ("GET", "/export?access_token=abcdef0123456789"),
+        ("DELETE", "/mcp"),
+    ] {
+        let r = send_raw(
+            PROBE,
+            &w.dir,
+            &addr,
+            &request_to(method, target, b"", "Mcp-Session-Id: s-1\r\n"),
+        );
+        assert!(
+            r.status.is_some_and(|s| s < 300),
+            "{method} {target}: {r:?}"
+        );
+    }
+    assert_eq!(w.upstream.bodies().len(), 2, "not forwarded");
+    let get = audit_event(&w, "http.request", |e| e["method"] == "GET");
+    assert_eq!(get["decision"], "allow", "{get}");
+    assert_eq!(
+        get["rule"], "role reader: servers grants \"notes\"",
+        "{get}"
+    );
+    assert_eq!(get["path"], "/export?access_token=[REDACTED]", "{get}");
+    assert_eq!(get["server"], "notes", "{get}");
+    let delete = audit_event(&w, "http.request", |e| e["method"] == "DELETE");
+    assert_eq!(delete["session"], "s-1", "{delete}");
+    assert_eq!(delete["roles"], serde_json::json!(["reader"]), "{delete}");
 }
 
 #[test]

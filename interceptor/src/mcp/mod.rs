@@ -1257,10 +1257,31 @@ impl Conn {
         let (policy, grant) = self.policy();
         let decision = policy.check_server_granted(&grant, self.server_name());
         if !decision.allow {
+            // Refusals are recorded while the log is writable (they must not pile up in its
+            // backlog otherwise).
+            if self.daemon.audit.healthy() {
+                let event = self.http_request_event(&parts, &decision);
+                self.daemon.audit.record_later(event);
+            }
             return self.server_refused(method.as_str(), &decision);
         }
         if let Some(refused) = self.foreign_session(&parts.headers) {
             return refused;
+        }
+        // Forwarded without a JSON-RPC message (a stream opened, a session ended, any path
+        // when the server has no `paths`): on record first, as a request would be.
+        if let Err(e) = self
+            .daemon
+            .audit
+            .record(self.http_request_event(&parts, &decision))
+            .await
+        {
+            warn!(error = %e, "audit log unavailable; request not forwarded");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::INTERNAL_ERROR,
+                format!("interceptor: request not forwarded: {e}"),
+            );
         }
         self.forward(
             parts,
@@ -1768,6 +1789,31 @@ impl Conn {
             .field("roles", &d.roles)
             .field("session", &session)
             .field("protocol", protocol)
+    }
+
+    /// `http.request`: a GET or DELETE, which carries no JSON-RPC message but reaches the
+    /// server (its path and query redacted: a query may carry a token).
+    fn http_request_event(&self, parts: &http::request::Parts, d: &Decision) -> audit::Event {
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .map(|v| capped(&String::from_utf8_lossy(v.as_bytes())))
+        };
+        audit::Event::new("http.request")
+            .raw("identity", &self.who)
+            .field("server", self.server_name())
+            .field("method", parts.method.as_str())
+            .field(
+                "path",
+                &capped(&self.daemon.audit.redactor.redact_text(target)),
+            )
+            .field("decision", if d.allow { "allow" } else { "deny" })
+            .field("rule", &d.rule)
+            .field("roles", &d.roles)
+            .field("session", &header("mcp-session-id"))
+            .field("protocol", &header("mcp-protocol-version"))
     }
 
     /// `mcp.client_response`: the agent answering a request of the server (no method to
