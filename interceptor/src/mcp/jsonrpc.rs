@@ -44,6 +44,14 @@ const PARAM_MEMBERS: [&str; 10] = [
 /// (the policy judges the URIs of `resourceSubscriptions`).
 const NOTIFICATION_MEMBERS: [&str; 1] = ["resourceSubscriptions"];
 
+/// An id as every reader tells it apart: integers beyond ±2^53 as the double they round to.
+fn id_as_read(id: &Value) -> String {
+    match id.as_f64() {
+        Some(n) if id.is_number() => format!("{n:e}"),
+        _ => id.to_string(),
+    }
+}
+
 /// Case folding for key comparison: `to_uppercase().to_lowercase()` maps the Unicode
 /// look-alikes that case-insensitive decoders fold (`ſ` → `s`, Kelvin `K` → `k`) onto their
 /// ASCII letters, so `"argumentſ"` is caught as a variant of `"arguments"`.
@@ -384,11 +392,13 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Body, RpcError> {
                 .into_iter()
                 .map(classify)
                 .collect::<Result<Vec<_>, _>>()?;
-            // Two messages with one id would make their answers indistinguishable.
+            // Two messages with one id would make their answers indistinguishable; so would
+            // two integers beyond 2^53 that a reader holding numbers as doubles (JavaScript)
+            // takes for one (2^53 and 2^53 + 1): compared as such a reader sees them.
             let mut ids = std::collections::HashSet::new();
             for m in &messages {
                 if let Some(id) = m.id()
-                    && !ids.insert(id.to_string())
+                    && !ids.insert(id_as_read(id))
                 {
                     return Err(RpcError {
                         code: code::INVALID_REQUEST,
@@ -877,6 +887,17 @@ mod tests {
     fn refuses_duplicate_ids_in_a_batch() {
         let e = err(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#);
         assert!(e.message.contains("more than once"), "{e}");
+        // One id to a reader holding numbers as doubles (2^53 + 1 rounds to 2^53).
+        let e = err(br#"[{"jsonrpc":"2.0","id":9007199254740993,"method":"ping"},{"jsonrpc":"2.0","id":9007199254740992,"method":"tools/list"}]"#);
+        assert!(e.message.contains("more than once"), "{e}");
+        // Distinct to every reader: below 2^53, or a string beside the number.
+        ok(
+            r#"[{"jsonrpc":"2.0","id":9007199254740991,"method":"ping"},{"jsonrpc":"2.0","id":9007199254740990,"method":"ping"}]"#,
+        );
+        ok(
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":"1","method":"ping"}]"#,
+        );
+        ok(r#"{"jsonrpc":"2.0","id":18446744073709551615,"method":"ping"}"#);
     }
 
     #[test]
