@@ -244,6 +244,9 @@ pub(crate) fn sleep_until(t: SystemTime) {
     }
 }
 
+/// How far before its minting a certificate is valid (clock skew between node and upstream).
+const BACKDATE: Duration = Duration::from_secs(30);
+
 /// A minted client certificate.
 pub struct Leaf {
     pub chain: Vec<CertificateDer<'static>>,
@@ -262,15 +265,19 @@ impl Leaf {
         self.not_after <= now
     }
 
-    /// Still usable without renewal: more than a third of its lifetime left.
+    /// Still usable without renewal: valid already (a clock stepped back past its
+    /// `not_before` leaves it in the upstream's future) and more than a third of its lifetime
+    /// left.
     fn fresh(&self, now: SystemTime) -> bool {
         let life = self
             .not_after
             .duration_since(self.minted)
             .unwrap_or_default();
-        self.not_after
-            .duration_since(now)
-            .is_ok_and(|left| left > life / 3)
+        now + BACKDATE >= self.minted
+            && self
+                .not_after
+                .duration_since(now)
+                .is_ok_and(|left| left > life / 3)
     }
 }
 
@@ -508,7 +515,7 @@ impl NodeCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let start = time::OffsetDateTime::from(now);
         // A little backdating absorbs clock skew between node and upstream.
-        params.not_before = start - time::Duration::seconds(30);
+        params.not_before = start - BACKDATE;
         // X.509 times are whole seconds (rcgen drops the fraction): renewal and expiry are
         // judged on the time the certificate states, never past it (rounded up, so a leaf
         // lives at least `leaf_ttl`).
@@ -960,6 +967,20 @@ mod tests {
         assert_eq!(leaf.not_after, stated);
         assert!(stated >= before + Duration::from_secs(2));
         assert!(stated < SystemTime::now() + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_leaf_minted_before_the_clock_stepped_back_is_renewed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1h");
+        let now = SystemTime::now();
+        // Minted while the clock ran an hour ahead: not valid before then (less 30 s).
+        let ahead = ca
+            .mint("spiffe://x/w", now + Duration::from_secs(3600))
+            .unwrap();
+        assert!(!ahead.fresh(now), "valid only in an hour: renew");
+        assert!(ahead.fresh(now + Duration::from_secs(3600 - 20)));
+        assert!(ca.mint("spiffe://x/w", now).unwrap().fresh(now));
     }
 
     #[test]

@@ -301,6 +301,32 @@ pub struct Config {
     pub ca: Option<RawCa>,
 }
 
+impl Config {
+    /// What is valid but likely a mistake: the policy's warnings, and credential files any
+    /// user of the node may read (an agent could then send the credential itself, from an
+    /// address nobody intercepts).
+    pub fn warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out = self.policy.warnings();
+        for s in &self.servers {
+            for (name, inject) in &s.inject_headers {
+                let mode = std::fs::metadata(&inject.file).map_or(0, |m| m.permissions().mode());
+                if mode & 0o007 != 0 {
+                    out.push(format!(
+                        "server {:?} inject_headers.{name}: {} (mode {:o}) can be read by every \
+                         user of this node, agents included; make it readable by the daemon's \
+                         user only (chmod 600, or 640 with a group agents are not in)",
+                        s.name,
+                        inject.file.display(),
+                        mode & 0o777
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Validated `[daemon]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Daemon {
@@ -960,6 +986,33 @@ fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_credential_file_every_user_may_read_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret").unwrap();
+        let text = format!(
+            "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.2:1\"]\nupstream = \"127.0.0.3:1\"\n\
+             inject_headers = {{ Authorization = {{ file = \"{}\" }} }}\n",
+            token.display()
+        );
+        let warnings = |mode: u32| {
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+            super::Config::parse(std::path::Path::new("t.toml"), &text)
+                .unwrap()
+                .warnings()
+        };
+        let w = warnings(0o644);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("inject_headers.Authorization") && w[0].contains("mode 644"),
+            "{w:?}"
+        );
+        assert!(warnings(0o640).is_empty());
+        assert!(warnings(0o600).is_empty());
+    }
+
     #[test]
     fn a_server_with_paths_serves_those_and_below_a_trailing_slash_only() {
         let config = super::Config::parse(

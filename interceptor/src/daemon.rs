@@ -469,7 +469,7 @@ impl Daemon {
             // The same paths, other contents: a renewed or replaced CA is not taken on.
             not_applied.push("[ca] (its certificate or key file changed)");
         }
-        for warning in new.policy.warnings() {
+        for warning in new.warnings() {
             warn!("{warning}");
         }
         let policy_changed = new.policy.fingerprint != self.policy().fingerprint;
@@ -1406,7 +1406,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
 
     let accepting = proxy.start(&daemon)?;
     daemon.register_listener()?;
-    for warning in daemon.policy().warnings() {
+    for warning in daemon.config.warnings() {
         warn!("{warning}");
     }
     info!(

@@ -348,7 +348,7 @@ impl Identity {
         };
         let placement = cgroup.as_deref().map(placement).unwrap_or_default();
         let comm = record.comm().to_owned();
-        let workload_id = cgroup.as_deref().map(|cgroup_path| {
+        let workload_id = cgroup.as_deref().and_then(|cgroup_path| {
             workload_id(
                 naming,
                 cgroup_path,
@@ -406,7 +406,7 @@ fn workload_id(
     exe: Option<&str>,
     comm: &str,
     placement: &Placement,
-) -> String {
+) -> Option<String> {
     workload::render(
         &naming.template,
         &workload::Fields {
@@ -542,7 +542,7 @@ impl Actor {
             None => (ProcFacts::default(), String::new(), None),
         };
         let placement = facts.cgroup.as_deref().map(placement).unwrap_or_default();
-        let workload_id = facts.cgroup.as_deref().map(|cgroup_path| {
+        let workload_id = facts.cgroup.as_deref().and_then(|cgroup_path| {
             workload_id(
                 naming,
                 cgroup_path,

@@ -421,7 +421,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     key.display()
                 );
             }
-            for warning in config.policy.warnings() {
+            for warning in config.warnings() {
                 println!("  warning: {warning}");
             }
             match &mount {
@@ -532,7 +532,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 roles.join(", "),
                 config.policy.binding_count()
             );
-            for warning in config.policy.warnings() {
+            for warning in config.warnings() {
                 println!("  warning: {warning}");
             }
             Ok(())

@@ -200,9 +200,30 @@ pub struct Fields<'a> {
     pub pod: &'a str,
 }
 
-/// Fills `template`.
-pub fn render(template: &str, f: &Fields<'_>) -> String {
-    template
+/// Longest workload id given (bytes): longer ones (an agent's deep cgroup or executable path,
+/// each byte encoded as three) would be kept per workload in several caches and sent in
+/// every assertion.
+pub const MAX_ID_BYTES: usize = 2048;
+
+/// Fills `template`; `None` when a placeholder it uses has no value (a process with no known
+/// executable, a cgroup with no pod), or when the id would be no usable SPIFFE id: a path
+/// segment `.` or `..` (an agent may name itself `..`; a consumer normalising the URI would
+/// read another id), or longer than [`MAX_ID_BYTES`]. (The root cgroup's `//` stays: no
+/// agent chooses it.)
+pub fn render(template: &str, f: &Fields<'_>) -> Option<String> {
+    let optional = [
+        ("{exe}", f.exe),
+        ("{comm}", f.comm),
+        ("{container}", f.container),
+        ("{pod}", f.pod),
+    ];
+    if optional
+        .iter()
+        .any(|(name, value)| value.is_empty() && template.contains(name))
+    {
+        return None;
+    }
+    let id = template
         .replace("{trust_domain}", &encode(f.trust_domain, false))
         .replace("{node}", &encode(f.node, false))
         .replace("{cgroup_path}", &encode(f.cgroup_path, true))
@@ -211,7 +232,13 @@ pub fn render(template: &str, f: &Fields<'_>) -> String {
         .replace("{exe}", &encode(f.exe, true))
         .replace("{comm}", &encode(f.comm, false))
         .replace("{container}", &encode(f.container, false))
-        .replace("{pod}", &encode(f.pod, false))
+        .replace("{pod}", &encode(f.pod, false));
+    // The path: after the scheme and the trust domain.
+    let path = id.split_once("://").map_or(id.as_str(), |(_, rest)| {
+        rest.split_once('/').map_or("", |(_, p)| p)
+    });
+    let usable = id.len() <= MAX_ID_BYTES && path.split('/').all(|seg| !matches!(seg, "." | ".."));
+    usable.then_some(id)
 }
 
 /// What the kernel can match a workload id on: its process's own cgroup and, when the
@@ -292,7 +319,7 @@ pub fn kernel_match(
             container: placement.container.as_deref().unwrap_or(""),
             pod: placement.pod.as_deref().unwrap_or(""),
         },
-    );
+    )?;
     (again == id).then_some(KernelMatch { cgroup_path, uid })
 }
 
@@ -355,6 +382,7 @@ mod tests {
                     pod: p.pod.as_deref().unwrap_or(""),
                 },
             )
+            .expect("an id")
         };
         let read = |t: &str, w: &str| kernel_match(t, "example.org", "n 1", w);
         let pod_cgroup = format!("/kubepods/pod{POD}/{ID}");
@@ -573,6 +601,40 @@ mod tests {
     }
 
     #[test]
+    fn no_workload_id_without_a_value_for_the_template_or_with_a_dot_segment() {
+        let f = |exe: &'static str, comm: &'static str, cgroup_path: &'static str| Fields {
+            trust_domain: "example.org",
+            node: "n",
+            cgroup_path,
+            uid: 1,
+            gid: 1,
+            exe,
+            comm,
+            container: "",
+            pod: "",
+        };
+        let with_exe = "spiffe://{trust_domain}/cgroup{cgroup_path}/exe{exe}";
+        let with_comm = "spiffe://{trust_domain}/cgroup{cgroup_path}/comm/{comm}";
+        assert!(render(with_exe, &f("/usr/bin/agent", "agent", "/a")).is_some());
+        // No executable known (exec'd after connecting, another user namespace): no id, not
+        // one that leaves it out.
+        assert_eq!(render(with_exe, &f("", "agent", "/a")), None);
+        assert_eq!(render(with_comm, &f("/x", "", "/a")), None);
+        assert_eq!(
+            render("spiffe://{trust_domain}/pod/{pod}", &f("/x", "a", "/a")),
+            None
+        );
+        // An agent naming itself `..` (or `.`) would make an id a normalising reader shortens.
+        for comm in ["..", "."] {
+            assert_eq!(render(with_comm, &f("/x", comm, "/a")), None, "{comm}");
+        }
+        assert!(render(with_comm, &f("/x", "..a", "/a")).is_some());
+        // Deep paths, encoded three bytes to one, are no id past MAX_ID_BYTES.
+        let deep: &'static str = Box::leak(format!("/{}", "%".repeat(700)).into_boxed_str());
+        assert_eq!(render(DEFAULT_TEMPLATE, &f("/x", "a", deep)), None);
+    }
+
+    #[test]
     fn workload_ids_are_encoded_for_spiffe() {
         let f = Fields {
             trust_domain: "example.org",
@@ -586,8 +648,8 @@ mod tests {
             pod: "",
         };
         assert_eq!(
-            render(DEFAULT_TEMPLATE, &f),
-            "spiffe://example.org/node/node-1/cgroup/agents/team%20a/x%40y/uid/1000"
+            render(DEFAULT_TEMPLATE, &f).as_deref(),
+            Some("spiffe://example.org/node/node-1/cgroup/agents/team%20a/x%40y/uid/1000")
         );
         assert!(check_template(DEFAULT_TEMPLATE).is_ok());
         assert!(
