@@ -198,9 +198,10 @@ fn lower_hex(text: &str) -> String {
 const SHORTEST_SCRUBBED: usize = 8;
 
 impl Secrets {
-    /// `secret`, and the forms an echo may take it in: JSON with `\/` (PHP's default), and
-    /// percent-encoded as encoders do it (every byte but letters and digits, or but RFC 3986's
-    /// unreserved `-._~`; upper- or lower-case hex).
+    /// `secret`, and the forms an echo may take it in: as a JSON string escapes it (`\"`,
+    /// `\\`, control characters; Go's `\u003c`, `\u003e`, `\u0026`; `\/` as PHP writes
+    /// it), and percent-encoded as encoders do it (every byte but letters and digits, or but
+    /// RFC 3986's unreserved `-._~`; upper- or lower-case hex).
     fn add(&mut self, secret: Arc<str>) {
         const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
             .remove(b'-')
@@ -210,7 +211,20 @@ impl Secrets {
         if secret.len() < SHORTEST_SCRUBBED {
             return;
         }
-        let mut forms = vec![secret.replace('/', "\\/")];
+        let quoted = serde_json::to_string(&*secret).unwrap_or_default();
+        let json = quoted
+            .strip_prefix('"')
+            .and_then(|q| q.strip_suffix('"'))
+            .unwrap_or(&quoted);
+        let go = json
+            .replace('<', "\\u003c")
+            .replace('>', "\\u003e")
+            .replace('&', "\\u0026");
+        let mut forms = Vec::new();
+        for escaped in [&*secret, json, &go] {
+            forms.push(escaped.to_owned());
+            forms.push(escaped.replace('/', "\\/"));
+        }
         for set in [percent_encoding::NON_ALPHANUMERIC, UNRESERVED] {
             let upper = percent_encoding::utf8_percent_encode(&secret, set).to_string();
             forms.push(lower_hex(&upper));
@@ -2266,7 +2280,8 @@ impl Conn {
             Ok((mut v, duplicate)) => {
                 self.audit_response(&mut pending, &v);
                 if self.filter(&mut v) > 0 || duplicate || text.len() != bytes.len() {
-                    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+                    // Written anew, escapes the scrub looked through may be undone.
+                    secrets.scrub(Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
                 } else {
                     bytes
                 }
@@ -2513,7 +2528,8 @@ impl SseState {
                     None => self.conn.audit_response(&mut self.pending, &v),
                 }
                 if self.conn.filter(&mut v) > 0 || duplicate {
-                    e.with_data(&v.to_string())
+                    // Written anew, escapes the scrub looked through may be undone.
+                    self.secrets.scrub(e.with_data(&v.to_string()))
                 } else {
                     e.raw
                 }
@@ -2748,6 +2764,14 @@ mod tests {
         assert_eq!(
             secrets.scrub(body),
             Bytes::from_static(b"bad [REDACTED], again [REDACTED]; short stays")
+        );
+        // As JSON encoders escape it.
+        secrets.add(Arc::from(r#"p"w\d<&>/12"#));
+        assert_eq!(
+            secrets.scrub(Bytes::from_static(
+                br#"["p\"w\\d<&>/12","p\"w\\d\u003c\u0026\u003e\/12"]"#
+            )),
+            Bytes::from_static(br#"["[REDACTED]","[REDACTED]"]"#)
         );
         let clean = Bytes::from_static(b"nothing here");
         assert_eq!(
