@@ -125,8 +125,12 @@ pub mod stats {
     pub const REFUSED_REVOKED: u32 = 5;
     /// Connections (any destination) refused by an all-egress block.
     pub const REFUSED_EGRESS: u32 = 6;
+    /// Connects to `0.0.0.0:P` (P a port some server is intercepted on) refused because the
+    /// socket is tied to a device but not bound to an address: where they would go is that
+    /// device's address, which the program cannot tell.
+    pub const REFUSED_UNSPECIFIED: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Names, in index order, for status output.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -136,6 +140,7 @@ pub mod stats {
         "peername_rewritten",
         "refused_revoked",
         "refused_egress",
+        "refused_unspecified",
     ];
 }
 

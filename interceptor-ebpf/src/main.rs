@@ -332,6 +332,31 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         Addr::from_v4(unsafe { (*sa).user_ip4 }, port)
     };
 
+    // The unspecified IPv4 address (`0.0.0.0`, or `::ffff:0.0.0.0` on a dual-stack socket)
+    // goes where the socket's bound address is (`ip_route_output_key_hash_rcu`: a zero
+    // destination becomes the source), or to 127.0.0.1 from an unbound socket: judged as that
+    // address. `SERVERS` holds `0.0.0.0:P` for every port P a server is intercepted on.
+    let dst = if dst.is_v4_mapped() && dst.ip[3] == 0 {
+        if SERVERS.get_ptr(dst).is_none() {
+            return Ok(PROCEED);
+        }
+        // SAFETY: a sock_addr program's context always has its socket.
+        let (src, device) = unsafe {
+            let sk = (*sa).__bindgen_anon_1.sk;
+            ((*sk).src_ip4, (*sk).bound_dev_if)
+        };
+        if src != 0 {
+            Addr::from_v4(src, port)
+        } else if device != 0 {
+            // Unbound but tied to a device: the source, and so the destination, is that
+            // device's address, unknown here. Refused rather than let through.
+            return refuse(stats::REFUSED_UNSPECIFIED);
+        } else {
+            Addr::from_v4(LOOPBACK4, port)
+        }
+    } else {
+        dst
+    };
     let Some(server) = SERVERS.get_ptr(dst) else {
         return Ok(PROCEED);
     };

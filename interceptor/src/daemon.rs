@@ -1228,7 +1228,9 @@ pub const PENDING_TAG: u64 = 1 << 63;
 /// the same load balancer); then the addresses that reach a loopback one without
 /// naming it (a connect to `0.0.0.0:P` goes to `127.0.0.1:P`, one to `[::]:P` to `[::1]:P`,
 /// or to `127.0.0.1:P` from a socket bound to a v4-mapped address: the kernel fills in
-/// loopback). An address already taken keeps its server.
+/// loopback); and `0.0.0.0:P` for every other intercepted port P (from a socket bound to an
+/// address, `0.0.0.0:P` goes to that address: the programs look it up). An address already
+/// taken keeps its server.
 pub fn intercepted(
     servers: &[crate::config::Server],
 ) -> std::collections::BTreeMap<std::net::SocketAddr, usize> {
@@ -1260,6 +1262,12 @@ pub fn intercepted(
                 map.entry(SocketAddr::new(ip, addr.port())).or_insert(id);
             }
         }
+    }
+    // `0.0.0.0:P` for every intercepted port P: a connect to it goes to the socket's bound
+    // address (or 127.0.0.1), which the programs look up instead (the entry tells them P is
+    // worth the look).
+    for &(addr, id) in &direct {
+        map.entry(SocketAddr::new(any4, addr.port())).or_insert(id);
     }
     map
 }
@@ -1545,6 +1553,14 @@ upstream = "127.0.0.1:8081"
         // An intercept address keeps its server over another server's upstream.
         assert_eq!(at("127.0.0.1:9000"), Some(1));
         assert_eq!(map.len(), 11, "{map:?}");
+        // 0.0.0.0:P for every port, not only loopback's: from a socket bound to the address,
+        // it reaches the server there.
+        let mut servers = config.servers.clone();
+        servers[1].intercept = vec!["127.0.0.2:7000".parse().unwrap()];
+        assert_eq!(
+            intercepted(&servers).get(&"0.0.0.0:7000".parse().unwrap()),
+            Some(&1)
+        );
         // An mTLS upstream's address is not: it refuses callers without a node certificate,
         // and may be shared with unrelated services.
         let mut servers = config.servers.clone();

@@ -321,8 +321,46 @@ except OSError as e:
     let (reply, _agent) =
         interceptor_tests::python_in_cgroup(&dir, MAPPED_ANY, &[&local.addr.port().to_string()]);
     assert!(!reply.starts_with("local:"), "{reply}");
+    // 0.0.0.0:P from a socket bound to an address goes to that address (the kernel makes the
+    // source the destination): the server there, intercepted, not reached directly; also on
+    // a dual-stack socket. From a socket tied to a device but bound to no address it would
+    // go to the device's address: refused.
+    const BOUND_ANY: &str = r#"
+import socket, sys
+family, bind, dial, device = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+s = socket.socket(socket.AF_INET6 if family == "6" else socket.AF_INET)
+if bind:
+    s.bind((bind, 0))
+if device:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+try:
+    s.connect((dial, int(sys.argv[5])))
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    print(s.recv(4096).split(b"\r\n\r\n")[-1].decode(errors="replace"))
+except OSError as e:
+    print("error", e.errno)
+"#;
+    let port = direct4.addr.port().to_string();
+    for (family, bind, dial) in [
+        ("4", "127.0.0.2", "0.0.0.0"),
+        ("6", "::ffff:127.0.0.2", "::ffff:0.0.0.0"),
+    ] {
+        let (reply, _agent) =
+            interceptor_tests::python_in_cgroup(&dir, BOUND_ANY, &[family, bind, dial, "", &port]);
+        assert!(reply.starts_with("upstream:"), "{bind} -> {dial}: {reply}");
+    }
+    let (reply, _agent) =
+        interceptor_tests::python_in_cgroup(&dir, BOUND_ANY, &["4", "", "0.0.0.0", "lo", &port]);
+    assert_eq!(reply, "error 111", "device-bound");
+    assert_eq!(
+        env.status()["counters"]["kernel"]["refused_unspecified"],
+        1,
+        "{}",
+        env.status()
+    );
     assert_eq!(direct6.count() + direct4.count() + local.count(), 0);
-    assert_eq!(upstream.count(), 4);
+    assert_eq!(upstream.count(), 6);
 }
 
 #[test]
