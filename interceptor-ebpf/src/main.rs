@@ -507,16 +507,78 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     let Some(record) = (unsafe { SOCKS.get(cookie) }) else {
         return;
     };
-    if ctx.family() == AF_INET6 {
-        publish::<true>(ctx, record);
+    // Published only for a connection to the proxy listener of the record's namespace (a
+    // socket disconnected with AF_UNSPEC keeps its record into its next connect, redirected
+    // or not), and only while the caller may still connect: with TCP_FASTOPEN_CONNECT the SYN
+    // waits for the first write, which may come after a revocation. Otherwise the record
+    // goes, and the proxy serves no connection without one.
+    let v6 = ctx.family() == AF_INET6;
+    let (to_proxy, key) = if v6 {
+        (
+            to_proxy::<true>(ctx, record),
+            tuple_key::<true>(ctx, record.netns_cookie),
+        )
     } else {
-        publish::<false>(ctx, record);
+        (
+            to_proxy::<false>(ctx, record),
+            tuple_key::<false>(ctx, record.netns_cookie),
+        )
+    };
+    let revoked = block::MCP | block::ALL_EGRESS;
+    if !to_proxy || (state().mcp_blocks != 0 && caller_blocks() & revoked != 0) {
+        let _ = SOCKS.remove(cookie);
+        return;
+    }
+    publish(ctx, key, record);
+}
+
+/// Whether the socket of `ctx` is connecting to the proxy listener of `record`'s namespace
+/// (loopback, at the listener's port). One copy per family, not inlined: see [`tuple_key`].
+#[inline(never)]
+fn to_proxy<const V6: bool>(ctx: &SockOpsContext, record: &ConnRecord) -> bool {
+    // SAFETY: a map lookup; the value is read at once.
+    let Some(listener) = (unsafe { LISTENERS.get(record.netns_cookie) }) else {
+        return false;
+    };
+    let port = remote_port(ctx);
+    if V6 {
+        // SAFETY: the context's own field.
+        let ip = unsafe { ip6_words(&(*ctx.ops).remote_ip6) };
+        (ip == LOOPBACK6 && port == listener.port6)
+            || (ip == [0, 0, V4_MAPPED_WORD, LOOPBACK4] && port == listener.port4)
+    } else {
+        ctx.remote_ip4() == LOOPBACK4 && port == listener.port4
     }
 }
 
-/// Publishes `record` under the connection's tuple and asks for state callbacks.
-fn publish<const V6: bool>(ctx: &SockOpsContext, record: &ConnRecord) {
-    let key = tuple_key::<V6>(ctx, record.netns_cookie);
+/// The remote port of a sock_ops socket, host order: the kernel gives the network-order port,
+/// shifted into the upper 16 bits on little-endian machines.
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    let raw = ctx.remote_port();
+    u16::from_be(if raw >> 16 != 0 { raw >> 16 } else { raw } as u16)
+}
+
+/// An IPv6 address field of the sock_ops context, one volatile 4-byte load per word: the
+/// verifier rejects the 8-byte loads the compiler would otherwise combine them into.
+///
+/// # Safety
+/// `words` must be a field of the program's context.
+#[inline(always)]
+unsafe fn ip6_words(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: per the caller, a readable context field.
+    unsafe {
+        [
+            read_volatile(&words[0]),
+            read_volatile(&words[1]),
+            read_volatile(&words[2]),
+            read_volatile(&words[3]),
+        ]
+    }
+}
+
+/// Publishes `record` under the connection's tuple `key` and asks for state callbacks.
+fn publish(ctx: &SockOpsContext, key: TupleKey, record: &ConnRecord) {
     if CONNS.insert(key, *record, 0).is_ok() {
         count(stats::PUBLISHED);
     }
@@ -532,23 +594,12 @@ fn publish<const V6: bool>(ctx: &SockOpsContext, record: &ConnRecord) {
 // modified ctx ptr"), volatile or not.
 #[inline(never)]
 fn tuple_key<const V6: bool>(ctx: &SockOpsContext, netns_cookie: u64) -> TupleKey {
-    // local_port is in host byte order; remote_port is the network-order port, which the
-    // kernel shifts into the upper 16 bits on little-endian machines.
+    // local_port is in host byte order (remote_port: see `remote_port`).
     let local_port = ctx.local_port() as u16;
-    let raw = ctx.remote_port();
-    let proxy_port = u16::from_be(if raw >> 16 != 0 { raw >> 16 } else { raw } as u16);
+    let proxy_port = remote_port(ctx);
     let client = if V6 {
-        let ops = ctx.ops;
-        // One volatile 4-byte load per word: the verifier rejects the 8-byte loads the
-        // compiler would otherwise combine them into.
-        let ip = unsafe {
-            [
-                read_volatile(&(*ops).local_ip6[0]),
-                read_volatile(&(*ops).local_ip6[1]),
-                read_volatile(&(*ops).local_ip6[2]),
-                read_volatile(&(*ops).local_ip6[3]),
-            ]
-        };
+        // SAFETY: the context's own field.
+        let ip = unsafe { ip6_words(&(*ctx.ops).local_ip6) };
         Addr::from_v6(ip, local_port)
     } else {
         Addr::from_v4(ctx.local_ip4(), local_port)

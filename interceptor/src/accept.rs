@@ -504,7 +504,11 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
         std::path::Path::new("/proc"),
         &daemon.config.naming,
         &daemon.proc_cache,
-        |tgid| daemon.kernel.process_changes(tgid),
+        |tgid| {
+            daemon
+                .kernel
+                .process_changes_since(tgid, record.connect_boot_ns)
+        },
         |path| daemon.hierarchy.id(path).ok(),
     );
     let Some(server) = daemon.config.server(record.server_id) else {

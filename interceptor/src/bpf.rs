@@ -121,6 +121,10 @@ pub struct Kernel {
     _links: Vec<FdLink>,
     /// Per-slot change counters of processes, bumped by the tracepoints; `None` without them.
     proc_changes: Option<Array<MapData, u64>>,
+    /// When (CLOCK_BOOTTIME, ns) the process-change tracepoints were attached: a record of a
+    /// connect before then (a socket whose SYN waited across a restart, or a connect while
+    /// this daemon was starting) carries an exec count no tracepoint of this daemon kept.
+    tracking_since_ns: u64,
     pub tags: Mutex<HashMap<MapData, u64, TagValue>>,
     pub servers: Mutex<HashMap<MapData, interceptor_common::Addr, ServerValue>>,
     pub listeners: Mutex<HashMap<MapData, u64, Listener>>,
@@ -203,7 +207,9 @@ impl Kernel {
             links.push(link);
         }
 
-        let (tracepoints, proc_changes) = match track_processes(&mut ebpf, &mut links) {
+        let tracked = track_processes(&mut ebpf, &mut links);
+        let tracking_since_ns = boot_time_ns();
+        let (tracepoints, proc_changes) = match tracked {
             Ok((tracepoints, map)) => (tracepoints, Some(map)),
             Err(e) => {
                 warn!(
@@ -229,6 +235,7 @@ impl Kernel {
             tracepoints,
             _links: links,
             proc_changes,
+            tracking_since_ns,
             tags: Mutex::new(HashMap::try_from(tags).map_err(map_err(names::TAGS))?),
             servers: Mutex::new(HashMap::try_from(servers).map_err(map_err(names::SERVERS))?),
             listeners: Mutex::new(HashMap::try_from(listeners).map_err(map_err(names::LISTENERS))?),
@@ -322,6 +329,15 @@ impl Kernel {
         let map = self.proc_changes.as_ref()?;
         map.get(&(tgid % interceptor_common::capacity::PROC_SLOTS), 0)
             .ok()
+    }
+
+    /// [`Kernel::process_changes`] for a process that connected at `connect_boot_ns`: `None`
+    /// for a connect before this daemon's tracepoints were attached (its record's exec count
+    /// is not one they kept).
+    pub fn process_changes_since(&self, tgid: u32, connect_boot_ns: u64) -> Option<u64> {
+        (connect_boot_ns >= self.tracking_since_ns)
+            .then(|| self.process_changes(tgid))
+            .flatten()
     }
 
     /// Registers the proxy's listening sockets of the namespace `netns_cookie`: until then (and
@@ -565,6 +581,14 @@ fn attach(
 
 /// Loads and attaches the process-change tracepoints and takes their counter map, all or
 /// none; their links join `links` (not pinned: they serve this daemon's cache and go with it).
+/// CLOCK_BOOTTIME now, in ns (the clock of `bpf_ktime_get_boot_ns`); 0 if unreadable.
+fn boot_time_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
 fn track_processes(
     ebpf: &mut Ebpf,
     links: &mut Vec<FdLink>,

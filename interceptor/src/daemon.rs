@@ -775,12 +775,18 @@ impl Daemon {
         if let Some(r) = list.iter().find(|r| r.selector.matches(identity)) {
             return Some(format!("{} ({})", r.reason, r.selector.label()));
         }
-        // Workload-id revocations are enforced here only: an identity whose workload id could
-        // not be computed (its process vanished) cannot be cleared of them. Fail closed.
-        let workload_revocations = list
-            .iter()
-            .any(|r| matches!(r.selector, Selector::WorkloadId(_)));
-        (workload_revocations && identity.workload_id.is_none()).then(|| {
+        // An identity whose cgroup or workload id could not be established (its process
+        // exited, or left the cgroup it connected from: a connect whose SYN was deferred to a
+        // later write, `TCP_FASTOPEN_CONNECT`, made by a child that exited since) cannot be
+        // cleared of revocations by them. Fail closed.
+        let by = |kind: fn(&Selector) -> bool| list.iter().any(|r| kind(&r.selector));
+        if by(|s| matches!(s, Selector::Cgroup(_))) && identity.cgroup.is_none() {
+            return Some(
+                "the caller's cgroup could not be established while cgroup revocations are in force"
+                    .to_owned(),
+            );
+        }
+        (by(|s| matches!(s, Selector::WorkloadId(_))) && identity.workload_id.is_none()).then(|| {
             "the caller's identity could not be established while workload-id revocations are in force"
                 .to_owned()
         })

@@ -47,6 +47,115 @@ fn cli_ok(env: &TestEnv, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A socket connected with `TCP_FASTOPEN_CONNECT` (no SYN before the first write), by the
+/// script or (`child`) by a child that exits; the script writes once `go` exists, and puts
+/// what it got in `result`.
+const DEFERRED_CONNECT: &str = r#"
+import os, socket, sys, time
+addr, go, result = sys.argv[1], sys.argv[2], sys.argv[3]
+host, port = addr.rsplit(":", 1)
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_TCP, 30, 1)  # TCP_FASTOPEN_CONNECT
+s.setsockopt(socket.IPPROTO_TCP, 34, 1)  # TCP_FASTOPEN_NO_COOKIE
+if sys.argv[4] == "child":
+    pid = os.fork()
+    if pid == 0:
+        s.connect((host, int(port)))
+        os._exit(0)
+    os.waitpid(pid, 0)
+else:
+    s.connect((host, int(port)))
+print("connected", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.02)
+body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+try:
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    s.settimeout(5)
+    got = s.recv(4096).split(b"\r\n\r\n")[-1].decode(errors="replace")
+except OSError as e:
+    got = "error %d" % e.errno
+with open(result + ".tmp", "w") as f:
+    f.write(got)
+os.rename(result + ".tmp", result)
+"#;
+
+#[test]
+fn a_connect_deferred_past_a_revocation_is_not_served() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let mut env = TestEnv::new("revoke-deferred");
+    let a = env.cgroup("agents/a");
+    // Bound by uid: a process whose cgroup the proxy cannot tell still has its role.
+    env.write_config_with(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![upstream.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&a],
+        "\n[[role]]\nname = \"open\"\nservers = [\"*\"]\nallow_methods = [\"*\"]\n\
+         \n[[binding]]\nrole = \"open\"\nuid = 0\n",
+    );
+    env.start_daemon();
+    let dir = env.dir(&a);
+    let addr = upstream.addr.to_string();
+    let run = |go: &std::path::Path, result: &std::path::Path, by: &str| {
+        let (first, agent) = interceptor_tests::python_in_cgroup(
+            &dir,
+            DEFERRED_CONNECT,
+            &[&addr, &go.to_string_lossy(), &result.to_string_lossy(), by],
+        );
+        assert_eq!(first, "connected");
+        agent
+    };
+    let wait = |result: &std::path::Path| {
+        interceptor_tests::eventually(
+            Duration::from_secs(10),
+            || std::fs::read_to_string(result).ok(),
+            || "no result".to_owned(),
+        )
+    };
+    let files = |i: usize| {
+        (
+            env.tmp.path().join(format!("go{i}")),
+            env.tmp.path().join(format!("result{i}")),
+        )
+    };
+    // Not revoked: served (the deferred connect works at all).
+    let (go, result) = files(0);
+    let _agent = run(&go, &result, "self");
+    std::fs::write(&go, "").expect("go");
+    let got = wait(&result);
+    assert!(got.starts_with("upstream:"), "{got}");
+    // Connected (the redirect decided, the record made), then revoked, then the first write
+    // sends the SYN: not served, the upstream never reached; also when the process that
+    // connected has exited (the proxy cannot tell its cgroup any more).
+    let agents: Vec<_> = ["self", "child"]
+        .iter()
+        .enumerate()
+        .map(|(i, by)| {
+            let (go, result) = files(i + 1);
+            let agent = run(&go, &result, by);
+            (go, result, agent)
+        })
+        .collect();
+    cli_ok(&env, &["revoke", "--cgroup", &a]);
+    let seen = upstream.count();
+    for (go, result, _agent) in &agents {
+        std::fs::write(go, "").expect("go");
+        let got = wait(result);
+        assert!(!got.starts_with("upstream:"), "{got}");
+    }
+    assert_eq!(
+        upstream.count(),
+        seen,
+        "the revoked agent reached the upstream"
+    );
+}
+
 #[test]
 fn revocation_is_immediate_kernel_enforced_persistent_and_reversible() {
     if !privileged() {
