@@ -111,6 +111,34 @@ impl Hierarchy {
         }
     }
 
+    /// Why a tag on `cgroup` may not hold: the highest of its ancestors (below the root) that
+    /// a user other than root may move processes in and out of (its `cgroup.procs` that
+    /// user's, or writable by group or others: a delegated subtree, systemd's `Delegate=yes`
+    /// or a user's `user@UID.service`). That user's processes in `cgroup` can move to a
+    /// cgroup of that ancestor outside `cgroup`, away from the tag.
+    pub fn delegation_warning(&self, cgroup: &str) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut highest = None;
+        let mut path = cgroup.trim_end_matches('/');
+        while let Some((parent, _)) = path.rsplit_once('/') {
+            if parent.is_empty() {
+                break;
+            }
+            if let Ok(m) = std::fs::metadata(self.dir(parent).join("cgroup.procs"))
+                && (m.uid() != 0 || m.permissions().mode() & 0o022 != 0)
+            {
+                highest = Some((parent.to_owned(), m.uid()));
+            }
+            path = parent;
+        }
+        let (ancestor, uid) = highest?;
+        Some(format!(
+            "{ancestor}, above tagged {cgroup}, is delegated (uid {uid} may move processes \
+             within it): that user's processes can leave {cgroup} for an untagged cgroup below \
+             {ancestor}; tag {ancestor} instead"
+        ))
+    }
+
     /// Opens `cgroup`'s directory (to attach programs to it).
     pub fn open(&self, cgroup: &str) -> Result<std::fs::File, Error> {
         let dir = self.dir(cgroup);

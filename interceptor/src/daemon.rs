@@ -414,6 +414,9 @@ pub struct TagStatus {
     pub id: u64,
     /// False when the cgroup was removed after tagging.
     pub exists: bool,
+    /// Why the tag may not hold (see `Hierarchy::delegation_warning`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl Daemon {
@@ -854,6 +857,10 @@ impl Daemon {
             .insert(id, TagValue::new(&cgroup), 0)
             .map_err(|e| format!("cannot tag {cgroup}: {e}"))?;
         info!(cgroup = %cgroup, cgroup.id = id, "tagged");
+        let warning = self.hierarchy.delegation_warning(&cgroup);
+        if let Some(w) = &warning {
+            warn!("{w}");
+        }
         self.audit.record_later(self.event_by(
             by,
             "tag",
@@ -863,6 +870,7 @@ impl Daemon {
             cgroup,
             id,
             exists: true,
+            warning,
         })
     }
 
@@ -885,6 +893,7 @@ impl Daemon {
             cgroup,
             id,
             exists: false,
+            warning: None,
         })
     }
 
@@ -1022,7 +1031,12 @@ impl Daemon {
             json!({"cgroup": cgroup, "cgroup_id": id}),
         ));
         let exists = self.hierarchy.id(&cgroup).is_ok_and(|cur| cur == id);
-        Ok(TagStatus { cgroup, id, exists })
+        Ok(TagStatus {
+            cgroup,
+            id,
+            exists,
+            warning: None,
+        })
     }
 
     /// An audit event caused by the process whose `identity` object (JSON text) is `by`.
@@ -1041,10 +1055,16 @@ impl Daemon {
         let mut list: Vec<TagStatus> = tags
             .iter()
             .filter_map(Result::ok)
-            .map(|(id, v)| TagStatus {
-                cgroup: v.path().to_owned(),
-                id,
-                exists: self.hierarchy.id(v.path()).is_ok_and(|cur| cur == id),
+            .map(|(id, v)| {
+                let exists = self.hierarchy.id(v.path()).is_ok_and(|cur| cur == id);
+                TagStatus {
+                    cgroup: v.path().to_owned(),
+                    id,
+                    exists,
+                    warning: exists
+                        .then(|| self.hierarchy.delegation_warning(v.path()))
+                        .flatten(),
+                }
             })
             .collect();
         list.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));

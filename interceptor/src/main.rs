@@ -474,6 +474,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r["cgroup"].as_str().unwrap_or("?"),
                 r["id"]
             );
+            if let Some(w) = r["warning"].as_str() {
+                eprintln!("warning: {w}");
+            }
             Ok(())
         }
         Command::Untag { cgroup, config } => {

@@ -176,6 +176,46 @@ fn tags_cover_descendants_created_later_and_untag_stops_new_connections() {
     let out = w.env.cli(&["untag", &agents]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not tagged"));
+    // A tag below a cgroup delegated to a user (its cgroup.procs theirs): that user's
+    // processes can move out of the tagged cgroup, so tagging says so (and status too).
+    let delegated = w.env.cgroup("delegated");
+    let inner = w.env.cgroup("delegated/agent");
+    let procs = w.env.dir(&delegated).join("cgroup.procs");
+    nix::unistd::chown(&procs, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    let out = w.env.cli(&["tag", &inner]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{delegated}, above tagged {inner}, is delegated (uid 65534"
+        )) && err.contains(&format!("tag {delegated} instead")),
+        "{err}"
+    );
+    let status = w.env.status();
+    let tag = status["tags"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["cgroup"] == inner.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        tag["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("is delegated")),
+        "{status}"
+    );
+    // A tag with no delegated cgroup above it has no warning.
+    assert!(
+        status["tags"].as_array().is_some_and(|t| t
+            .iter()
+            .filter(|t| t["warning"].is_string())
+            .count()
+            == 1),
+        "{status}"
+    );
     // Tagging a cgroup that does not exist is refused with the path.
     let missing = format!("{}/nope", w.env.root);
     let out = w.env.cli(&["tag", &missing]);
