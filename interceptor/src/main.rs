@@ -1168,6 +1168,9 @@ fn print_status(s: &Value) {
             " (cgroup gone or re-created: the tag follows the path)"
         };
         println!("  {} (id {id}){gone}", str_of(&t["cgroup"]));
+        if let Some(w) = t["warning"].as_str() {
+            println!("    warning: {w}");
+        }
     }
     println!("revocations:");
     let revs = s["revocations"].as_array().cloned().unwrap_or_default();
