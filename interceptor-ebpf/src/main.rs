@@ -348,9 +348,15 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         if src != 0 {
             Addr::from_v4(src, port)
         } else if device != 0 {
-            // Unbound but tied to a device: the source, and so the destination, is that
-            // device's address, unknown here. Refused rather than let through.
-            return refuse(stats::REFUSED_UNSPECIFIED);
+            // Unbound but tied to a device (a VRF): the source, and so the destination, is
+            // that device's address, unknown here. Refused for an agent (or a revoked
+            // cgroup) rather than let through; anyone else's is none of ours.
+            let revoked = st.mcp_blocks != 0
+                && caller_cgroup_blocks() & (block::MCP | block::ALL_EGRESS) != 0;
+            if revoked || caller_is_tagged() {
+                return refuse(stats::REFUSED_UNSPECIFIED);
+            }
+            return Ok(PROCEED);
         } else {
             Addr::from_v4(LOOPBACK4, port)
         }
@@ -525,11 +531,26 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         )
     };
     let revoked = block::MCP | block::ALL_EGRESS;
-    if !to_proxy || (state().mcp_blocks != 0 && caller_blocks() & revoked != 0) {
+    if !to_proxy || (state().mcp_blocks != 0 && record_blocks(record) & revoked != 0) {
         let _ = SOCKS.remove(cookie);
         return;
     }
     publish(ctx, key, record);
+}
+
+/// The block flags that name what `record` recorded of its caller: its own cgroup (not its
+/// ancestors: sock_ops programs have no helpers for the current task's cgroups before Linux
+/// 6.16, and the current task need not be the caller), its workload, uid and process. The
+/// proxy judges the rest (a revoked ancestor cgroup, by the caller's cgroup path, failing
+/// closed when it cannot tell it).
+#[inline(always)]
+fn record_blocks(record: &ConnRecord) -> u32 {
+    let (cgroup, uid) = (record.cgroup_id, record.uid);
+    block_flags(block::CGROUP, 0, cgroup)
+        | block_flags(block::WORKLOAD_CGROUP, 0, cgroup)
+        | block_flags(block::WORKLOAD_CGROUP_UID, uid, cgroup)
+        | block_flags(block::UID, 0, u64::from(uid))
+        | block_flags(block::PID, 0, u64::from(record.tgid))
 }
 
 /// Whether the socket of `ctx` is connecting to the proxy listener of `record`'s namespace

@@ -1083,22 +1083,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = ca(dir.path(), "1h");
         let t0 = SystemTime::now();
-        let leaf = Arc::new(ca.mint("spiffe://x/w", t0).unwrap());
-        let expired = leaf.not_after;
+        // Expired an hour before t0; valid through t0 + 1 h.
+        let gone = Arc::new(
+            ca.mint("spiffe://x/w", t0 - Duration::from_secs(7200))
+                .unwrap(),
+        );
+        let live = Arc::new(ca.mint("spiffe://x/w", t0).unwrap());
+        assert!(gone.expired(t0) && !live.expired(t0 + Duration::from_secs(10)));
         let mut map = ByWorkload::with_limits(32, Duration::from_secs(10));
-        map.insert("old".into(), leaf.clone(), t0, |l| l);
-        // Expired, but the last sweep (at the first insert) was less than 10 s ago.
-        map.insert("a".into(), leaf.clone(), t0 + Duration::from_secs(5), |l| l);
+        // The first insert sweeps (none swept yet), then holds the expired one.
+        map.insert("old".into(), gone.clone(), t0, |l| l);
+        // Less than 10 s since that sweep: the expired one stays.
+        map.insert("a".into(), live.clone(), t0 + Duration::from_secs(5), |l| l);
         assert!(map.get("old").is_some());
-        // Kept when its time comes, a sweep drops every expired one (a clock stepped back
-        // counts as due).
-        map.insert("b".into(), leaf.clone(), expired, |l| l);
-        assert_eq!(map.ids().count(), 1);
-        assert!(map.get("b").is_some());
-        map.insert("c".into(), leaf.clone(), t0, |l| l);
-        assert_eq!(map.ids().count(), 2);
-        map.insert("d".into(), leaf, expired, |l| l);
-        assert_eq!(map.ids().collect::<Vec<_>>(), ["d"]);
+        // 10 s on, a sweep drops it, and only it.
+        map.insert(
+            "b".into(),
+            live.clone(),
+            t0 + Duration::from_secs(10),
+            |l| l,
+        );
+        let mut ids: Vec<&String> = map.ids().collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        // A clock stepped back counts as due: an expired one inserted goes at the next insert.
+        map.insert("old".into(), gone, t0 + Duration::from_secs(11), |l| l);
+        map.insert("c".into(), live, t0, |l| l);
+        assert!(map.get("old").is_none());
+        assert_eq!(map.ids().count(), 3);
     }
 
     #[test]

@@ -311,7 +311,15 @@ impl Config {
         for s in &self.servers {
             for (name, inject) in &s.inject_headers {
                 let mode = std::fs::metadata(&inject.file).map_or(0, |m| m.permissions().mode());
-                if mode & 0o007 != 0 {
+                // Readable by others, in folders others may pass through.
+                let passable = |dir: &std::path::Path| {
+                    std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+                };
+                let folders_open = inject
+                    .file
+                    .canonicalize()
+                    .is_ok_and(|f| f.ancestors().skip(1).all(passable));
+                if mode & 0o004 != 0 && folders_open {
                     out.push(format!(
                         "server {:?} inject_headers.{name}: {} (mode {:o}) can be read by every \
                          user of this node, agents included; make it readable by the daemon's \
@@ -1011,6 +1019,9 @@ mod tests {
         );
         assert!(warnings(0o640).is_empty());
         assert!(warnings(0o600).is_empty());
+        // In a folder others cannot pass through, nobody else reads it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(warnings(0o644).is_empty());
     }
 
     #[test]

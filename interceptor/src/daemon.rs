@@ -420,6 +420,12 @@ pub struct TagStatus {
 }
 
 impl Daemon {
+    /// How many reloads have changed the policy: read before a decision, it tells a server
+    /// stream whether the policy changed since it was judged.
+    pub fn policy_generation(&self) -> u64 {
+        *self.policy_changes.borrow()
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -1273,9 +1279,22 @@ pub fn intercepted(
             map.entry(addr).or_insert(id);
         }
     }
-    let direct: Vec<(SocketAddr, usize)> = map.iter().map(|(&a, &id)| (a, id)).collect();
     let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    // An unspecified address configured (an intercept of `0.0.0.0:P`, a plain upstream on
+    // `[::]:P`) is where the kernel sends it: loopback (the programs look `0.0.0.0:P` up as
+    // 127.0.0.1:P from an unbound socket).
+    let configured: Vec<(SocketAddr, usize)> = map.iter().map(|(&a, &id)| (a, id)).collect();
+    for (addr, id) in configured {
+        let loopback = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            _ => continue,
+        };
+        map.entry(SocketAddr::new(loopback, addr.port()))
+            .or_insert(id);
+    }
+    let direct: Vec<(SocketAddr, usize)> = map.iter().map(|(&a, &id)| (a, id)).collect();
     // [::1]:P before 127.0.0.1:P for [::]:P: that is where an ordinary IPv6 socket goes.
     for v6_first in [true, false] {
         for &(addr, id) in &direct {
@@ -1579,6 +1598,13 @@ upstream = "127.0.0.1:8081"
         // An intercept address keeps its server over another server's upstream.
         assert_eq!(at("127.0.0.1:9000"), Some(1));
         assert_eq!(map.len(), 11, "{map:?}");
+        // An unspecified address configured stands for loopback (where the kernel sends it).
+        let mut servers = config.servers.clone();
+        servers[0].intercept = vec!["0.0.0.0:7001".parse().unwrap()];
+        assert_eq!(
+            intercepted(&servers).get(&"127.0.0.1:7001".parse().unwrap()),
+            Some(&0)
+        );
         // 0.0.0.0:P for every port, not only loopback's: from a socket bound to the address,
         // it reaches the server there.
         let mut servers = config.servers.clone();

@@ -88,6 +88,7 @@ fn a_connect_deferred_past_a_revocation_is_not_served() {
     let upstream = LabelServer::start("127.0.0.3", "upstream");
     let mut env = TestEnv::new("revoke-deferred");
     let a = env.cgroup("agents/a");
+    let parent = format!("{}/agents", env.root);
     // Bound by uid: a process whose cgroup the proxy cannot tell still has its role.
     env.write_config_with(
         &[ServerSpec {
@@ -142,7 +143,11 @@ fn a_connect_deferred_past_a_revocation_is_not_served() {
             (go, result, agent)
         })
         .collect();
-    cli_ok(&env, &["revoke", "--cgroup", &a]);
+    // The revocation names the agents' parent cgroup: the kernel, at the SYN, knows only the
+    // cgroup the connect came from; the proxy tells the rest by the caller's cgroup path, and
+    // refuses a caller whose cgroup it cannot tell (the child has exited) while cgroup
+    // revocations are in force.
+    cli_ok(&env, &["revoke", "--cgroup", &parent]);
     let seen = upstream.count();
     for (go, result, _agent) in &agents {
         std::fs::write(go, "").expect("go");

@@ -393,6 +393,14 @@ except OSError as e:
     let (reply, _agent) =
         interceptor_tests::python_in_cgroup(&dir, BOUND_ANY, &["4", "", "0.0.0.0", "lo", &port]);
     assert_eq!(reply, "error 111", "device-bound");
+    // Not an agent's: none of ours (a VRF's sockets are all tied to a device).
+    let outsider = env.cgroup("outsider");
+    let (reply, _other) = interceptor_tests::python_in_cgroup(
+        &env.dir(&outsider),
+        BOUND_ANY,
+        &["4", "", "0.0.0.0", "lo", &port],
+    );
+    assert_eq!(reply, "error 111", "nothing listens at 127.0.0.1:{port}");
     assert_eq!(
         env.status()["counters"]["kernel"]["refused_unspecified"],
         1,

@@ -320,6 +320,14 @@ pub fn notify_tools_changed(streams: &Streams) -> usize {
     ))
 }
 
+/// A server stream (a GET's answer, a `subscriptions/listen`'s) as it was judged: the
+/// resources it subscribes to, and the policy generation its decision was taken under (see
+/// [`Conn::stream_withdrawn`]).
+struct ServerStream {
+    subscribed: Vec<String>,
+    generation: u64,
+}
+
 /// The next change of policy a server stream watches for (never, for other streams).
 async fn policy_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
     match changes {
@@ -1268,6 +1276,7 @@ impl Conn {
             ));
         }
         // No JSON-RPC to judge, but the server itself must be granted (tier 1).
+        let generation = self.daemon.policy_generation();
         let (policy, grant) = self.policy();
         let decision = policy.check_server_granted(&grant, self.server_name());
         if !decision.allow {
@@ -1297,10 +1306,15 @@ impl Conn {
                 format!("interceptor: request not forwarded: {e}"),
             );
         }
+        // A GET's answer is a server stream, judged again by its server's grant alone.
+        let stream = (method == Method::GET).then(|| ServerStream {
+            subscribed: Vec::new(),
+            generation,
+        });
         self.forward(
             parts,
             Bytes::new(),
-            None,
+            stream,
             Awaiting::new(self, PendingMap::new(), false),
             &decision.roles,
         )
@@ -1545,6 +1559,7 @@ impl Conn {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         };
+        let generation = self.daemon.policy_generation();
         let (policy, grant) = self.policy();
         // Responses to the server's requests have no method to judge (they pass, audited as
         // `mcp.client_response`), but they reach the server only if it is granted (tier 1).
@@ -1689,7 +1704,10 @@ impl Conn {
         // 2026-07-28: subscriptions/listen keeps its response open as the server stream,
         // judged again with the resources it subscribes to when the policy changes.
         let listen = (!body.batch && body.messages[0].method() == Some("subscriptions/listen"))
-            .then(|| subscribed_resources(&body.messages[0]));
+            .then(|| ServerStream {
+                subscribed: subscribed_resources(&body.messages[0]),
+                generation,
+            });
         let mut roles: Vec<String> = decisions
             .iter()
             .flatten()
@@ -1982,7 +2000,7 @@ impl Conn {
         self: &Arc<Self>,
         parts: http::request::Parts,
         bytes: Bytes,
-        listen: Option<Vec<String>>,
+        stream: Option<ServerStream>,
         mut pending: Awaiting,
         roles: &[String],
     ) -> Response<ProxyBody> {
@@ -2100,7 +2118,7 @@ impl Conn {
         let labels = crate::metrics::ServerLabels {
             server: server.name.clone(),
         };
-        if !from_get && listen.is_none() {
+        if stream.is_none() {
             // Streams (GET, subscriptions/listen) are long-lived: no next request to sign for.
             self.presign(roles);
         }
@@ -2174,9 +2192,7 @@ impl Conn {
                 (None, None) => {}
             }
         }
-        // A GET's stream is judged again by its server's grant alone.
-        let server_stream = listen.or_else(|| from_get.then(Vec::new));
-        self.respond(response, get_target, server_stream, pending, secrets)
+        self.respond(response, get_target, stream, pending, secrets)
             .await
     }
 
@@ -2186,7 +2202,7 @@ impl Conn {
         self: &Arc<Self>,
         response: Response<Incoming>,
         get_target: Option<String>,
-        server_stream: Option<Vec<String>>,
+        server_stream: Option<ServerStream>,
         mut pending: Awaiting,
         secrets: Secrets,
     ) -> Response<ProxyBody> {
@@ -2339,7 +2355,7 @@ impl Conn {
         body: Incoming,
         first: Bytes,
         get_target: Option<&str>,
-        server_stream: Option<Vec<String>>,
+        server_stream: Option<ServerStream>,
         pending: Awaiting,
         secrets: Secrets,
     ) -> ProxyBody {
@@ -2348,10 +2364,14 @@ impl Conn {
         let stream_id = server_stream
             .is_some()
             .then(|| self.daemon.streams.register(tx.clone()));
-        // Changes after this point count: the stream was judged under the policy before.
-        let policy_changes = server_stream
-            .is_some()
-            .then(|| self.daemon.policy_changes.subscribe());
+        // A change since the stream was judged counts, one before this point too.
+        let policy_changes = server_stream.as_ref().map(|s| {
+            let mut rx = self.daemon.policy_changes.subscribe();
+            if *rx.borrow() != s.generation {
+                rx.mark_changed();
+            }
+            rx
+        });
         let max = self.daemon.config.proxy.max_response_bytes;
         let state = SseState {
             pending,
@@ -2369,7 +2389,7 @@ impl Conn {
             ended: "cancelled",
             secrets,
             first: (!first.is_empty()).then_some(first),
-            subscribed: server_stream.unwrap_or_default(),
+            subscribed: server_stream.map(|s| s.subscribed).unwrap_or_default(),
             policy_changes,
         };
         let s = stream::unfold(state, |mut st| async move {
