@@ -13,6 +13,11 @@ pub mod maps {
     pub const TAGS: &str = "ICPT_TAGS";
     /// Intercepted destinations: [`crate::Addr`] → [`crate::ServerValue`].
     pub const SERVERS: &str = "ICPT_SERVERS";
+    /// The ports of [`SERVERS`]' addresses as a bitmap: word `port / 64`, bit `port % 64`
+    /// (an array read settles most connects, which go to no such port, before the hash
+    /// lookup). A port's bit is set before its first address is added and cleared after its
+    /// last is removed.
+    pub const PORTS: &str = "ICPT_PORTS";
     /// Proxy listeners by network-namespace cookie: `u64` → [`crate::Listener`].
     pub const LISTENERS: &str = "ICPT_LISTENERS";
     /// Records of redirected sockets by socket cookie: `u64` → [`crate::ConnRecord`].
@@ -41,9 +46,10 @@ pub mod maps {
     pub const LISTEN_SOCKS: &str = "ICPT_LISTEN_SK";
 
     /// Every map the daemon pins, for status and uninstall.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         TAGS,
         SERVERS,
+        PORTS,
         LISTENERS,
         LISTEN_SOCKS,
         SOCKS,
@@ -98,6 +104,8 @@ pub const fn exec_gen(changes: u64) -> u32 {
 pub mod capacity {
     pub const TAGS: u32 = 4096;
     pub const SERVERS: u32 = 4096;
+    /// Words of [`crate::maps::PORTS`]: 64 ports each.
+    pub const PORT_WORDS: u32 = 65536 / 64;
     pub const LISTENERS: u32 = 1024;
     /// Two sockets (IPv4, IPv6) per listener.
     pub const LISTEN_SOCKS: u32 = 2 * LISTENERS;

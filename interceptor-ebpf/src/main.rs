@@ -51,6 +51,9 @@ static TAGS: HashMap<u64, TagValue> = HashMap::pinned(capacity::TAGS, 0);
 #[map(name = "ICPT_SERVERS")]
 static SERVERS: HashMap<Addr, ServerValue> = HashMap::pinned(capacity::SERVERS, 0);
 
+#[map(name = "ICPT_PORTS")]
+static PORTS: Array<u64> = Array::pinned(capacity::PORT_WORDS, 0);
+
 #[map(name = "ICPT_LISTENERS")]
 static LISTENERS: HashMap<u64, Listener> = HashMap::pinned(capacity::LISTENERS, 0);
 
@@ -304,6 +307,16 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     if st.egress_blocks != 0 && caller_blocks() & block::ALL_EGRESS != 0 {
         return refuse(stats::REFUSED_EGRESS);
     }
+    if sock_type != SOCK_STREAM {
+        return Ok(PROCEED);
+    }
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = u16::from_be(user_port as u16);
+    // Most connects go to a port no server is intercepted on: one array read settles them.
+    let word = PORTS.get(u32::from(port >> 6)).copied().unwrap_or(0);
+    if word & (1 << (port & 63)) == 0 {
+        return Ok(PROCEED);
+    }
     // The daemon's own upstream connections, recognised by process and cgroup.
     if st.daemon_tgid != 0
         && (bpf_get_current_pid_tgid() >> 32) as u32 == st.daemon_tgid
@@ -312,11 +325,6 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     {
         return Ok(PROCEED);
     }
-    if sock_type != SOCK_STREAM {
-        return Ok(PROCEED);
-    }
-    // user_port holds the port in network byte order in its low 16 bits.
-    let port = u16::from_be(user_port as u16);
     let dst = if v6 {
         // user_ip6 must be read one word at a time (the verifier rejects wider loads).
         let ip = unsafe {

@@ -127,6 +127,8 @@ pub struct Kernel {
     tracking_since_ns: u64,
     pub tags: Mutex<HashMap<MapData, u64, TagValue>>,
     pub servers: Mutex<HashMap<MapData, interceptor_common::Addr, ServerValue>>,
+    /// The ports of `servers` (see [`interceptor_common::maps::PORTS`]).
+    pub ports: Mutex<Array<MapData, u64>>,
     pub listeners: Mutex<HashMap<MapData, u64, Listener>>,
     /// The proxy's listening sockets; the kernel redirects only to one that is in here.
     listen_socks: Mutex<SockHash<MapData, ListenKey>>,
@@ -224,6 +226,7 @@ impl Kernel {
         let mut take = |name| take_map(&mut ebpf, name);
         let tags = take(names::TAGS)?;
         let servers = take(names::SERVERS)?;
+        let ports = take(names::PORTS)?;
         let listeners = take(names::LISTENERS)?;
         let listen_socks = take(names::LISTEN_SOCKS)?;
         let conns = take(names::CONNS)?;
@@ -238,6 +241,7 @@ impl Kernel {
             tracking_since_ns,
             tags: Mutex::new(HashMap::try_from(tags).map_err(map_err(names::TAGS))?),
             servers: Mutex::new(HashMap::try_from(servers).map_err(map_err(names::SERVERS))?),
+            ports: Mutex::new(Array::try_from(ports).map_err(map_err(names::PORTS))?),
             listeners: Mutex::new(HashMap::try_from(listeners).map_err(map_err(names::LISTENERS))?),
             listen_socks: Mutex::new(
                 SockHash::try_from(listen_socks).map_err(map_err(names::LISTEN_SOCKS))?,
@@ -293,6 +297,16 @@ impl Kernel {
                 names::SERVERS,
                 lock(&self.servers).keys().count(),
                 capacity::SERVERS,
+            ),
+            (
+                names::PORTS,
+                // Ports set, of 65,536.
+                lock(&self.ports)
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|word| word.count_ones() as usize)
+                    .sum(),
+                capacity::PORT_WORDS * 64,
             ),
             (
                 names::LISTENERS,

@@ -1192,10 +1192,28 @@ impl Daemon {
         })
     }
 
-    /// Makes the kernel's server map equal to the config: new entries first, then stale ones
-    /// removed, so no configured address is ever briefly missing (that would let it go direct).
+    /// Makes the kernel's server map (and its port bitmap) equal to the config: new ports and
+    /// entries first, then stale ones removed, so no configured address is ever briefly
+    /// missing (that would let it go direct).
     fn sync_servers(&self) -> Result<(), bpf::Error> {
         let wanted = intercepted(&self.config.servers);
+        let words = port_words(wanted.keys().map(std::net::SocketAddr::port));
+        let mut ports = lock(&self.kernel.ports);
+        // Each word set to the wanted ports, and (`keep`) those set now.
+        let write_ports = |ports: &mut aya::maps::Array<aya::maps::MapData, u64>, keep: bool| {
+            for (index, &word) in (0u32..).zip(&words) {
+                let current = ports.get(&index, 0).unwrap_or(0);
+                let new = if keep { word | current } else { word };
+                if new != current {
+                    ports.set(index, new, 0).map_err(|e| bpf::Error::Map {
+                        name: interceptor_common::maps::PORTS,
+                        error: Box::new(e),
+                    })?;
+                }
+            }
+            Ok::<(), bpf::Error>(())
+        };
+        write_ports(&mut ports, true)?;
         let mut servers = lock(&self.kernel.servers);
         for (&addr, &id) in &wanted {
             servers
@@ -1221,7 +1239,8 @@ impl Daemon {
         for key in stale {
             let _ = servers.remove(&key);
         }
-        Ok(())
+        // The ports of addresses gone, now that no entry names them.
+        write_ports(&mut ports, false)
     }
 
     fn register_listener(&self) -> Result<(), bpf::Error> {
@@ -1315,6 +1334,15 @@ pub fn intercepted(
         map.entry(SocketAddr::new(any4, addr.port())).or_insert(id);
     }
     map
+}
+
+/// The bitmap of `ports` as [`interceptor_common::maps::PORTS`] holds it.
+fn port_words(ports: impl Iterator<Item = u16>) -> Vec<u64> {
+    let mut words = vec![0u64; interceptor_common::capacity::PORT_WORDS as usize];
+    for port in ports {
+        words[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+    words
 }
 
 /// Below this many open files the daemon warns that it may run out of descriptors.
@@ -1632,6 +1660,17 @@ upstream = "127.0.0.1:8081"
             intercepted(&servers).get(&"127.0.0.3:9000".parse().unwrap()),
             None
         );
+    }
+
+    #[test]
+    fn port_words_hold_each_port_once() {
+        let words = port_words([0u16, 63, 64, 8080, 65535, 8080].into_iter());
+        assert_eq!(words.len(), 1024);
+        assert_eq!(words[0], 1 | 1 << 63);
+        assert_eq!(words[1], 1);
+        assert_eq!(words[8080 / 64], 1 << (8080 % 64));
+        assert_eq!(words[1023], 1 << 63);
+        assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 5);
     }
 
     #[test]

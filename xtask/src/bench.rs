@@ -1061,6 +1061,7 @@ fn table(r: &Value) -> Vec<Value> {
         ("filter_500_tools", None),
         ("audit_request_event", None),
         ("assertion_sign", None),
+        ("mint_leaf", None),
     ] {
         let v = num(&r["micro"][k]);
         row(
