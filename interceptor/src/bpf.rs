@@ -170,6 +170,17 @@ impl Kernel {
                 })?;
         }
         let pins_lock = lock_pins(bpffs_dir, &links_dir)?;
+        // The loader takes a pinned map as it is: an older daemon's counter map, with fewer
+        // counters than this one's programs write, would never count the new ones. Replaced
+        // (its counts start again); the programs still using it are replaced below.
+        let stats_pin = bpffs_dir.join(names::STATS);
+        if aya::maps::MapInfo::from_pin(&stats_pin).is_ok_and(|m| m.max_entries() < stats::COUNT) {
+            info!(pin = %stats_pin.display(), "replacing an older daemon's counter map");
+            std::fs::remove_file(&stats_pin).map_err(|error| Error::Io {
+                path: stats_pin.clone(),
+                error,
+            })?;
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs_dir)
             .load(OBJECT)

@@ -47,6 +47,74 @@ fn cli_ok(env: &TestEnv, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Pins, at `path`, a per-CPU array of `entries` u64 counters: the counter map an older
+/// daemon (fewer counters) left.
+fn pin_counter_map(path: &std::path::Path, entries: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_MAP_CREATE: nix::libc::c_long = 0;
+    const BPF_OBJ_PIN: nix::libc::c_long = 6;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, entries]);
+    // SAFETY: bpf(2) with an attribute buffer of the size given.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), 128) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: as above; the path outlives the call.
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), 128) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: the map's own descriptor, closed once (the pin keeps the map).
+    unsafe { nix::libc::close(fd as i32) };
+}
+
+#[test]
+fn an_older_daemons_counter_map_is_replaced() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let mut env = TestEnv::new("old-stats");
+    let a = env.cgroup("agents/a");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![upstream.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&a],
+    );
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&env.bpffs_dir)
+            .expect("bpffs folder");
+    }
+    let pin = env.bpffs_dir.join("ICPT_STATS");
+    pin_counter_map(&pin, 7);
+    env.start_daemon();
+    // As many entries as the daemon has counters (all but the `refused` sum).
+    let status = env.status();
+    let counters = status["counters"]["kernel"]
+        .as_object()
+        .map_or(0, |c| c.keys().filter(|k| *k != "refused").count());
+    let entries = aya::maps::MapInfo::from_pin(&pin).map(|m| m.max_entries());
+    assert_eq!(entries.ok(), Some(counters as u32), "{status}");
+    assert!(counters > 7);
+    // And it counts: a redirected connect.
+    let r = run_client(PROBE, &env.dir(&a), &upstream.addr.to_string());
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    assert_eq!(env.status()["counters"]["kernel"]["redirected"], 1);
+}
+
 /// A socket connected with `TCP_FASTOPEN_CONNECT` (no SYN before the first write), by the
 /// script or (`child`) by a child that exits; the script writes once `go` exists, and puts
 /// what it got in `result`.
