@@ -185,6 +185,7 @@ impl Kernel {
             .default_map_pin_directory(bpffs_dir)
             .load(OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
+        open_every_port(&mut ebpf)?;
 
         let mut attachments = Vec::new();
         let mut links = Vec::new();
@@ -437,6 +438,30 @@ impl Kernel {
 }
 
 /// Takes the map `name` out of the loaded object.
+/// Sets every port's bit in the port bitmap, before programs that read it run: until the
+/// daemon writes the exact bitmap (with the server map, at start), every connect goes on to
+/// the server-map lookup, as without the bitmap. An upgrade from a daemon without it, or a
+/// bitmap an older binary left stale while it changed the server map, must not let a
+/// connect to a configured server through meanwhile.
+fn open_every_port(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let map = ebpf.map_mut(names::PORTS).ok_or(Error::Map {
+        name: names::PORTS,
+        error: Box::new(MapError::InvalidName {
+            name: names::PORTS.to_owned(),
+        }),
+    })?;
+    let mut ports: Array<&mut aya::maps::MapData, u64> =
+        Array::try_from(map).map_err(map_err(names::PORTS))?;
+    for index in 0..interceptor_common::capacity::PORT_WORDS {
+        if ports.get(&index, 0).ok() != Some(u64::MAX) {
+            ports
+                .set(index, u64::MAX, 0)
+                .map_err(map_err(names::PORTS))?;
+        }
+    }
+    Ok(())
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
     ebpf.take_map(name).ok_or(Error::Map {
         name,

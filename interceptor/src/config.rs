@@ -311,9 +311,9 @@ impl Config {
         for s in &self.servers {
             for (name, inject) in &s.inject_headers {
                 let mode = std::fs::metadata(&inject.file).map_or(0, |m| m.permissions().mode());
-                // Readable by others, in folders others may pass through.
+                // Readable by others, in folders others (or a group) may pass through.
                 let passable = |dir: &std::path::Path| {
-                    std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+                    std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o011 != 0)
                 };
                 let folders_open = inject
                     .file
@@ -321,9 +321,11 @@ impl Config {
                     .is_ok_and(|f| f.ancestors().skip(1).all(passable));
                 if mode & 0o004 != 0 && folders_open {
                     out.push(format!(
-                        "server {:?} inject_headers.{name}: {} (mode {:o}) can be read by every \
-                         user of this node, agents included; make it readable by the daemon's \
-                         user only (chmod 600, or 640 with a group agents are not in)",
+                        "server {:?} inject_headers.{name}: {} (mode {:o}) can be read by \
+                         users of this node other than the daemon's (every user, or a group's \
+                         members, through its folders), agents included; make it readable by \
+                         the daemon's user only (chmod 600, or 640 with a group agents are not \
+                         in)",
                         s.name,
                         inject.file.display(),
                         mode & 0o777
