@@ -308,6 +308,19 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt;
         let mut out = self.policy.warnings();
+        let optional: Vec<&str> = ["{exe}", "{comm}", "{container}", "{pod}"]
+            .into_iter()
+            .filter(|p| self.naming.template.contains(p))
+            .collect();
+        if !optional.is_empty() && self.ca.is_some() {
+            out.push(format!(
+                "[identity] workload_id uses {}: a process without one (no known executable: \
+                 another user namespace, an exec since its connect; no pod or container in \
+                 its cgroup path) gets no workload id, so no certificate and no assertion, \
+                 and is refused while workload-id revocations are in force",
+                optional.join(" ")
+            ));
+        }
         for s in &self.servers {
             for (name, inject) in &s.inject_headers {
                 let mode = std::fs::metadata(&inject.file).map_or(0, |m| m.permissions().mode());
@@ -1021,6 +1034,16 @@ mod tests {
         );
         assert!(warnings(0o640).is_empty());
         assert!(warnings(0o600).is_empty());
+        // A workload id template with a value a process may lack, with a CA.
+        let with_exe = format!(
+            "{text}\n[identity]\nworkload_id = \"spiffe://{{trust_domain}}/exe{{exe}}\"\n\
+             [ca]\ncert = \"{0}\"\nkey = \"{0}\"\n",
+            token.display()
+        );
+        let w = super::Config::parse(std::path::Path::new("t.toml"), &with_exe)
+            .unwrap()
+            .warnings();
+        assert!(w.iter().any(|w| w.contains("uses {exe}")), "{w:?}");
         // In a folder others cannot pass through, nobody else reads it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         assert!(warnings(0o644).is_empty());
