@@ -252,6 +252,85 @@ fn verify(paths: &[&Path]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A legacy SSE session, initialised; then a `read_slowly` call (2 s) with id argv[2] and a
+/// ping with id argv[3], each posted on its own connection; prints "done" once the stream has
+/// carried both answers (or 5 s passed).
+const LEGACY_CALLS: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+stream = socket.create_connection((host, int(port)))
+stream.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+got = b""
+while b"/messages/" not in got:
+    got += stream.recv(4096)
+endpoint = got[got.index(b"/messages/"):].split(b"\r\n")[0].split(b"\n")[0]
+def post(body):
+    c = socket.create_connection((host, int(port)))
+    c.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (endpoint, len(body), body))
+    c.recv(4096)
+    c.close()
+def wait_for(text, seconds):
+    global got
+    stream.settimeout(seconds)
+    try:
+        while text not in got:
+            got += stream.recv(4096)
+    except OSError:
+        pass
+post(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}')
+wait_for(b'"id":1', 5)
+post(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+post(b'{"jsonrpc":"2.0","id":%s,"method":"tools/call","params":{"name":"read_slowly","arguments":{"name":"n","seconds":2}}}' % sys.argv[2].encode())
+post(b'{"jsonrpc":"2.0","id":%s,"method":"ping"}' % sys.argv[3].encode())
+wait_for(b"read_slowly-never", 4)
+print("done", flush=True)
+"#;
+
+#[test]
+fn integer_ids_a_javascript_server_reads_as_one_are_not_answered_for_each_other() {
+    if !privileged() {
+        return;
+    }
+    let w = slow_world("rounded-ids", "sse", "");
+    // 2^53 + 1, then 2^53 (one number to a reader holding numbers as doubles) in one session
+    // while the first is unanswered: the first is displaced as a reused id would be
+    // (recorded without an answer, its late answer not taken for the other's), the second
+    // answered.
+    let server = w
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/sse")
+        .to_owned();
+    let (out, _agent) = interceptor_tests::python_in_cgroup(
+        &w.agents,
+        LEGACY_CALLS,
+        &[&server, "9007199254740993", "9007199254740992"],
+    );
+    assert_eq!(out, "done");
+    let response = |id: u64| {
+        eventually(
+            Duration::from_secs(10),
+            || {
+                w.env
+                    .audit_events()
+                    .into_iter()
+                    .find(|e| e["event"] == "mcp.response" && e["id"].as_u64() == Some(id))
+            },
+            || format!("no mcp.response for {id}: {:#?}", w.env.audit_events()),
+        )
+    };
+    assert_eq!(response(9_007_199_254_740_993)["outcome"], "no_response");
+    assert_eq!(response(9_007_199_254_740_992)["outcome"], "result");
+    // One response event each: the slow call's late answer is not recorded for either.
+    let responses = w
+        .env
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["event"] == "mcp.response" && e["id"].as_u64().is_some_and(|i| i > 1))
+        .count();
+    assert_eq!(responses, 2);
+}
+
 #[test]
 fn every_request_yields_the_expected_events() {
     if !privileged() {

@@ -45,11 +45,21 @@ const PARAM_MEMBERS: [&str; 10] = [
 const NOTIFICATION_MEMBERS: [&str; 1] = ["resourceSubscriptions"];
 
 /// An id as every reader tells it apart: integers beyond ±2^53 as the double they round to.
-fn id_as_read(id: &Value) -> String {
+pub fn id_as_read(id: &Value) -> String {
     match id.as_f64() {
         Some(n) if id.is_number() => format!("{n:e}"),
         _ => id.to_string(),
     }
+}
+
+/// For `id` (JSON text) an integer of ±2^53 or more (one id with a neighbour to a reader
+/// holding numbers as doubles: 2^53 + 1 reads as 2^53), how such a reader reads it.
+pub fn rounded_by_some_readers(id: &str) -> Option<String> {
+    const EXACT: u64 = 1 << 53;
+    let v: Value = serde_json::from_str(id).ok()?;
+    let big = v.as_u64().is_some_and(|n| n >= EXACT)
+        || v.as_i64().is_some_and(|n| n.unsigned_abs() >= EXACT);
+    big.then(|| id_as_read(&v))
 }
 
 /// Case folding for key comparison: `to_uppercase().to_lowercase()` maps the Unicode
@@ -880,6 +890,18 @@ mod tests {
                 serde_json::to_string(&expected).unwrap_or_default(),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn integers_from_2_pow_53_on_are_read_rounded_by_some() {
+        let read = |id: &str| rounded_by_some_readers(id);
+        assert_eq!(read("9007199254740993"), read("9007199254740992"));
+        assert!(read("9007199254740992").is_some());
+        assert_eq!(read("-9007199254740993"), read("-9007199254740992"));
+        assert_ne!(read("9007199254740994"), read("9007199254740992"));
+        for exact in ["9007199254740991", "1", "\"9007199254740993\"", "null"] {
+            assert_eq!(read(exact), None, "{exact}");
         }
     }
 

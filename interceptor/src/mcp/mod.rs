@@ -1767,6 +1767,22 @@ impl Conn {
             pending
                 .drain()
                 .map(|(id, request)| {
+                    // An integer id beyond 2^53 is one with its neighbours to a JavaScript
+                    // server (2^53 + 1 is read as 2^53): an earlier one of them is displaced
+                    // as a reused id is, so that no answer is recorded for the other.
+                    if let Some(read) = jsonrpc::rounded_by_some_readers(&id) {
+                        let aliases: Vec<String> = p
+                            .keys()
+                            .filter(|k| **k != id)
+                            .filter(|k| jsonrpc::rounded_by_some_readers(k) == Some(read.clone()))
+                            .cloned()
+                            .collect();
+                        for k in aliases {
+                            if let Some(earlier) = p.remove(&k) {
+                                displaced.insert(k, earlier);
+                            }
+                        }
+                    }
                     if let Some(earlier) = p.insert(id.clone(), request) {
                         displaced.insert(id.clone(), earlier);
                     }
