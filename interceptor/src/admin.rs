@@ -101,16 +101,15 @@ impl AdminServer {
 async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     // The socket is 0600 already; checking the peer too keeps a mis-set mode from opening it.
     // Its credentials also say who caused the audit events of what it asks.
-    let peer = stream
-        .peer_cred()
-        .ok()
-        .map(|c| Actor::admin(c.pid(), c.uid(), c.gid()));
+    let cred = stream.peer_cred().ok();
+    let peer_pid = cred.and_then(|c| c.pid()).unwrap_or(0);
+    let peer = cred.map(|c| Actor::admin(c.pid(), c.uid(), c.gid()));
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = TokioBufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
     let response = match peer {
         Some(peer) if peer.uid() == 0 => match reader.read_line(&mut line).await {
-            Ok(_) => handle(&daemon, &line, peer),
+            Ok(_) => handle(&daemon, &line, peer, peer_pid),
             Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
         },
         _ => json!({"ok": false, "error": "the admin socket is for root only"}),
@@ -122,12 +121,17 @@ async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     }
 }
 
-/// Answers one request of `peer`.
-fn handle(daemon: &Daemon, line: &str, peer: Actor) -> Value {
+/// Answers one request of `peer` (process `pid` as the daemon sees it).
+fn handle(daemon: &Daemon, line: &str, peer: Actor, pid: i32) -> Value {
     let request: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
     };
+    if !matches!(request, Request::Status)
+        && let Err(why) = may_change(Path::new("/proc"), pid)
+    {
+        return json!({"ok": false, "error": why});
+    }
     // Who asked, for the audit events of what changes (read from /proc when needed).
     let by = || daemon.identity_of(peer);
     let result = match request {
@@ -139,9 +143,20 @@ fn handle(daemon: &Daemon, line: &str, peer: Actor) -> Value {
             selector,
             reason,
             all_egress,
-        } => daemon
-            .revoke(selector, &reason, all_egress, &by())
-            .map(|(r, closed)| json!({"revocation": r, "closed_connections": closed})),
+        } => {
+            // A revoked cgroup below a delegated one: its processes can move out of it.
+            let warning = match &selector {
+                crate::revoke::Selector::Cgroup(p) => daemon
+                    .hierarchy
+                    .delegation_warning(p, crate::cgroup::Act::Revoke),
+                _ => None,
+            };
+            daemon
+                .revoke(selector, &reason, all_egress, &by())
+                .map(|(r, closed)| {
+                    json!({"revocation": r, "closed_connections": closed, "warning": warning})
+                })
+        }
         Request::Unrevoke { selector } => daemon
             .unrevoke(selector, &by())
             .map(|s| json!({"selector": s})),
@@ -149,6 +164,44 @@ fn handle(daemon: &Daemon, line: &str, peer: Actor) -> Value {
     match result {
         Ok(v) => json!({"ok": true, "result": v}),
         Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+/// CAP_SYS_ADMIN, as a bit of `CapEff`.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether process `pid` may change what the daemon enforces (tags, revocations, the policy):
+/// it holds CAP_SYS_ADMIN (what detaching the programs itself would take) in the daemon's user
+/// namespace. Root with its capabilities dropped (a sandboxed service, an agent running as
+/// root) or root of another user namespace may read `status` only: a uid alone must not let
+/// an agent untag or unrevoke itself.
+fn may_change(proc_root: &Path, pid: i32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let refused = |why: &str| {
+        Err(format!(
+            "refused: {why}; changing tags, revocations or the policy takes CAP_SYS_ADMIN in the \
+             daemon's user namespace (run it as root with full privileges, e.g. with sudo)"
+        ))
+    };
+    if pid <= 0 {
+        return refused("the caller's process is not visible from the daemon's pid namespace");
+    }
+    let dir = proc_root.join(pid.to_string());
+    let own_ns = |p: &Path| std::fs::metadata(p.join("ns/user")).map(|m| (m.dev(), m.ino()));
+    match (own_ns(&dir), own_ns(&proc_root.join("self"))) {
+        (Ok(theirs), Ok(ours)) if theirs == ours => {}
+        (Ok(_), Ok(_)) => return refused("the caller is in another user namespace"),
+        _ => return refused("the caller's user namespace could not be read"),
+    }
+    let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    match effective {
+        Some(caps) if caps & (1 << CAP_SYS_ADMIN) != 0 => Ok(()),
+        Some(_) => refused("the caller lacks CAP_SYS_ADMIN"),
+        None => refused("the caller's capabilities could not be read"),
     }
 }
 

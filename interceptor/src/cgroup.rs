@@ -74,6 +74,13 @@ fn unescape_octal(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// What a [`Hierarchy::delegation_warning`] is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Act {
+    Tag,
+    Revoke,
+}
+
 /// A cgroup v2 hierarchy rooted at its mount point.
 #[derive(Debug, Clone)]
 pub struct Hierarchy {
@@ -116,7 +123,7 @@ impl Hierarchy {
     /// user's, or writable by group or others: a delegated subtree, systemd's `Delegate=yes`
     /// or a user's `user@UID.service`). That user's processes in `cgroup` can move to a
     /// cgroup of that ancestor outside `cgroup`, away from the tag.
-    pub fn delegation_warning(&self, cgroup: &str) -> Option<String> {
+    pub fn delegation_warning(&self, cgroup: &str, act: Act) -> Option<String> {
         use std::os::unix::fs::PermissionsExt;
         let mut highest = None;
         let mut path = cgroup.trim_end_matches('/');
@@ -132,10 +139,14 @@ impl Hierarchy {
             path = parent;
         }
         let (ancestor, uid) = highest?;
+        let (done, verb) = match act {
+            Act::Tag => ("tagged", "tag"),
+            Act::Revoke => ("revoked", "revoke"),
+        };
         Some(format!(
-            "{ancestor}, above tagged {cgroup}, is delegated (uid {uid} may move processes \
-             within it): that user's processes can leave {cgroup} for an untagged cgroup below \
-             {ancestor}; tag {ancestor} instead"
+            "{ancestor}, above {done} {cgroup}, is delegated (uid {uid} may move processes \
+             within it): that user's processes can leave {cgroup} for a cgroup below \
+             {ancestor} that is not {done}; {verb} {ancestor} instead"
         ))
     }
 

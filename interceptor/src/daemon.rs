@@ -863,7 +863,9 @@ impl Daemon {
             .insert(id, TagValue::new(&cgroup), 0)
             .map_err(|e| format!("cannot tag {cgroup}: {e}"))?;
         info!(cgroup = %cgroup, cgroup.id = id, "tagged");
-        let warning = self.hierarchy.delegation_warning(&cgroup);
+        let warning = self
+            .hierarchy
+            .delegation_warning(&cgroup, crate::cgroup::Act::Tag);
         if let Some(w) = &warning {
             warn!("{w}");
         }
@@ -1068,7 +1070,10 @@ impl Daemon {
                     id,
                     exists,
                     warning: exists
-                        .then(|| self.hierarchy.delegation_warning(v.path()))
+                        .then(|| {
+                            self.hierarchy
+                                .delegation_warning(v.path(), crate::cgroup::Act::Tag)
+                        })
                         .flatten(),
                 }
             })

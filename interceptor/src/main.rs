@@ -641,6 +641,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r["closed_connections"],
                 r["revocation"]["enforced_by"].as_str().unwrap_or("proxy"),
             );
+            if let Some(w) = r["warning"].as_str() {
+                eprintln!("warning: {w}");
+            }
             Ok(())
         }
         Command::Unrevoke { who, config } => {
@@ -838,11 +841,12 @@ fn deceptive(c: char) -> bool {
 }
 
 /// One event as a line a person reads. Text from agents and servers (a method, a rule quoting
-/// a name, a process name) is quoted with escapes when it holds [`deceptive`] characters: a
-/// method of `"x\n2026-… decision=allow"` must not print as a line of its own.
+/// a name, a process name) is quoted with escapes when it holds [`deceptive`] characters or
+/// `=`: a method of `"x\n2026-… decision=allow"` must not print as a line of its own, nor
+/// one of `"x decision=allow"` as a field of its own.
 fn render(v: &Value) -> String {
     let s = |x: &Value| match x.as_str() {
-        Some(t) if t.chars().any(deceptive) => format!("{t:?}"),
+        Some(t) if t.chars().any(|c| deceptive(c) || c == '=') => format!("{t:?}"),
         Some(t) => t.to_owned(),
         None => x.to_string(),
     };
@@ -1296,6 +1300,15 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains('\u{7f}'), "{line}");
+        // A value with `=` cannot pass for fields of its own.
+        let forged = render(&json!({
+            "ts": "t", "seq": 2, "event": "mcp.request",
+            "method": "x decision=allow rule=role:admin", "decision": "deny",
+        }));
+        assert!(
+            forged.contains(r#"method="x decision=allow rule=role:admin" decision=deny"#),
+            "{forged}"
+        );
         // A call's name is its tool: shown once.
         let call = render(
             &json!({"ts": "t", "seq": 1, "event": "mcp.request", "tool": "read", "name": "read"}),

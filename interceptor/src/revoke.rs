@@ -77,6 +77,11 @@ impl Selector {
                 if w.is_empty() {
                     return Err("empty workload id".into());
                 }
+                if w.chars().any(char::is_control) {
+                    return Err(format!(
+                        "workload id {w:?} holds a control character; no workload id has one"
+                    ));
+                }
                 let in_kernel = crate::workload::kernel_match(
                     &naming.template,
                     &naming.trust_domain,

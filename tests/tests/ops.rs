@@ -75,6 +75,50 @@ fn pin_counter_map(path: &std::path::Path, entries: u32) {
 }
 
 #[test]
+fn root_without_privileges_may_read_status_but_not_change_tags_or_revocations() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let (env, a, _b) = world("unprivileged-admin", &upstream);
+    // uid 0 with every capability dropped: an agent running as root in a sandbox.
+    let dropped = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
+            .arg(interceptor_tests::interceptor_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&env.config_path)
+            .output()
+            .expect("run setpriv")
+    };
+    let status = dropped(&["status"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for args in [
+        &["untag", &format!("{}/agents", env.root)][..],
+        &["revoke", "--uid", "4242"],
+        &["reload"],
+    ] {
+        let out = dropped(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was allowed");
+        assert!(err.contains("lacks CAP_SYS_ADMIN"), "{args:?}: {err}");
+    }
+    // Nothing changed; with privileges it is allowed.
+    assert_eq!(env.status()["tags"][0]["exists"], true);
+    assert!(
+        env.status()["revocations"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    cli_ok(&env, &["revoke", "--cgroup", &a]);
+}
+
+#[test]
 fn an_older_daemons_counter_map_is_replaced() {
     if !privileged() {
         return;

@@ -182,18 +182,35 @@ fn tags_cover_descendants_created_later_and_untag_stops_new_connections() {
     let inner = w.env.cgroup("delegated/agent");
     let procs = w.env.dir(&delegated).join("cgroup.procs");
     nix::unistd::chown(&procs, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
-    let out = w.env.cli(&["tag", &inner]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Its warning on stderr (the command succeeds).
+    let warned = |args: &[&str]| {
+        let out = w.env.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = warned(&["tag", &inner]);
     assert!(
         err.contains(&format!(
             "{delegated}, above tagged {inner}, is delegated (uid 65534"
         )) && err.contains(&format!("tag {delegated} instead")),
         "{err}"
+    );
+    // Revoking it says the same (its processes can leave the revoked cgroup).
+    let err = warned(&["revoke", "--cgroup", &inner]);
+    assert!(
+        err.contains(&format!("above revoked {inner}"))
+            && err.contains(&format!("revoke {delegated} instead")),
+        "{err}"
+    );
+    let out = w.env.cli(&["unrevoke", "--cgroup", &inner]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let status = w.env.status();
     let tag = status["tags"]
