@@ -70,6 +70,12 @@ impl AdminServer {
         }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
+            if crate::audit::writable_by_others(dir) {
+                warn!(folder = %dir.display(), "the admin socket's folder is writable by others \
+                    than the daemon's user: while the daemon is down, anyone there may put a \
+                    socket of their own at daemon.admin_socket for the CLI to talk to; give it \
+                    a folder of root's (the default /run/interceptor)");
+            }
         }
         let listener = UnixListener::bind(path).map_err(|e| {
             io::Error::new(

@@ -1590,6 +1590,15 @@ pub fn named_after(path: &Path) -> impl Iterator<Item = (PathBuf, String, std::f
         })
 }
 
+/// Whether users other than the daemon's may write in folder `dir`: writable by its group or
+/// everyone, or owned by another user (root's or the daemon's own are not).
+pub fn writable_by_others(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    std::fs::metadata(dir)
+        .is_ok_and(|m| m.mode() & 0o022 != 0 || (m.uid() != euid && m.uid() != 0))
+}
+
 /// Whether `path` is a regular file of the daemon's user with one link (not another user's,
 /// not a FIFO, not a backup's hard link): one the daemon may continue from or delete.
 fn daemons_own(path: &Path) -> bool {
@@ -1668,8 +1677,7 @@ fn open_log(path: &Path) -> io::Result<File> {
     let open_folder = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
-        .and_then(|d| std::fs::metadata(d).ok())
-        .is_some_and(|m| m.mode() & 0o002 != 0);
+        .is_some_and(writable_by_others);
     let file = OpenOptions::new()
         .create(true)
         .read(true)
@@ -1694,7 +1702,7 @@ fn open_log(path: &Path) -> io::Result<File> {
         // another file (elsewhere, a snapshot's `cp -al` is not an attack).
         if meta.nlink() != 1 {
             return Err(refused(format!(
-                "{} has {} names, in a folder every user may write (a hard link to another \
+                "{} has {} names, in a folder others may write (a hard link to another \
                  file?)",
                 path.display(),
                 meta.nlink()
@@ -1703,12 +1711,12 @@ fn open_log(path: &Path) -> io::Result<File> {
         // Root squashed on NFS writes as another user: that is fine where only it can write.
         if meta.uid() != euid && meta.uid() != 0 {
             return Err(refused(format!(
-                "{} is owned by uid {}, in a folder every user may write (someone else made it)",
+                "{} is owned by uid {}, in a folder others may write (someone else made it)",
                 path.display(),
                 meta.uid()
             )));
         }
-        warn!(path = %path.display(), "the audit log's folder is writable by every user: anyone there may remove or replace the log at any time (writes then fail, and requests with them, until it is fixed); give it a folder of its own");
+        warn!(path = %path.display(), "the audit log's folder is writable by others than the daemon's user (its group, every user, or its owner): they may remove or replace the log at any time (writes then fail, and requests with them, until it is fixed); give it a folder of its own");
     }
     // Created 0600; one found readable by others (arguments, identities) or writable by its
     // group is narrowed (a group allowed to read it, for a log shipper, stays).
@@ -2026,13 +2034,12 @@ impl Writer {
     /// link); none in a folder other users may write (a file planted there must not decide
     /// what goes).
     fn plan_prune(&self) -> Option<Prune> {
-        use std::os::unix::fs::MetadataExt;
         // 0 keeps all; 1 is refused by the configuration (it would delete each file as it is
         // rotated): never here either.
         let keep = self.max_files.checked_sub(1).filter(|k| *k > 0)?;
         let folder = self.path.parent()?;
-        if std::fs::metadata(folder).is_ok_and(|m| m.mode() & 0o002 != 0) {
-            warn!(folder = %folder.display(), "audit.max_files: not pruning rotated audit files in a folder every user may write; give the log a folder of its own");
+        if writable_by_others(folder) {
+            warn!(folder = %folder.display(), "audit.max_files: not pruning rotated audit files in a folder others may write; give the log a folder of its own");
             return None;
         }
         // Every rotated file in chain order: one that cannot be placed stops it all (deleting
@@ -2439,6 +2446,15 @@ mod tests {
         }
         assert!(open_log(&open.join("own.jsonl")).is_ok());
         assert!(open_log(&dir.path().join("fine.jsonl")).is_ok());
+        // Writable by its group only (a shared log folder, root:syslog 0775): the same.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let linked = shared.join("linked.jsonl");
+        std::fs::hard_link(&target, &linked).unwrap();
+        let e = open_log(&linked).unwrap_err();
+        assert!(e.to_string().contains("has 3 names"), "{e}");
+        assert!(writable_by_others(&shared) && !writable_by_others(dir.path()));
     }
 
     #[test]
