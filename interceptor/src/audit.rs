@@ -1595,8 +1595,7 @@ pub fn named_after(path: &Path) -> impl Iterator<Item = (PathBuf, String, std::f
 pub fn writable_by_others(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let euid = nix::unistd::geteuid().as_raw();
-    std::fs::metadata(dir)
-        .is_ok_and(|m| m.mode() & 0o022 != 0 || (m.uid() != euid && m.uid() != 0))
+    std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o022 != 0 || (m.uid() != euid && m.uid() != 0))
 }
 
 /// Whether `path` is a regular file of the daemon's user with one link (not another user's,

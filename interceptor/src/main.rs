@@ -256,6 +256,11 @@ enum AuditCommand {
         /// Audit files (the live one and rotated ones, any order: they are put in chain order).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Fail when the chain given starts after seq 1 and no `audit.pruned` event in it says
+        /// why (without it, that is a note when other files beside the log may hold the
+        /// records before: deleting the oldest files is then noticed only by this flag).
+        #[arg(long)]
+        strict: bool,
     },
     /// Print audit events readably (the file from `[audit] path` of the config; without a
     /// config file at the default path, the default log).
@@ -687,13 +692,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&ca.jwks())?);
             Ok(())
         }
-        Command::Audit(AuditCommand::Verify { paths }) => {
+        Command::Audit(AuditCommand::Verify { paths, strict }) => {
             let v = audit::verify(&paths)?;
             if let Some((path, line, why)) = v.broken {
                 bail!(
                     "audit chain broken at {}:{line}: {why} ({} valid event(s) before it)",
                     path.display(),
                     v.events
+                );
+            }
+            if strict
+                && v.pruned_through.is_none()
+                && let Some(seq) = v.starts_at
+            {
+                bail!(
+                    "audit chain starts at seq {seq} and nothing in it says why the records \
+                     before are missing (--strict): pass the rotated files that hold them, \
+                     or verify without --strict if they are kept elsewhere"
                 );
             }
             println!(

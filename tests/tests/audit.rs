@@ -489,6 +489,27 @@ fn every_request_yields_the_expected_events() {
         report.contains("edited.jsonl:") && report.contains("hash mismatch"),
         "{report}"
     );
+
+    // Its first records cut off, with another file beside it that could hold them: a note,
+    // and a failure with --strict.
+    let cut_dir = w.env.tmp.path().join("cut");
+    std::fs::create_dir(&cut_dir).expect("mkdir");
+    let cut = cut_dir.join("audit.jsonl");
+    let rest: Vec<&str> = text.lines().skip(2).collect();
+    std::fs::write(&cut, rest.join("\n") + "\n").expect("write cut log");
+    std::fs::write(cut_dir.join("audit.jsonl.old"), "kept elsewhere\n").expect("write");
+    let (ok, report) = verify(&[&cut]);
+    assert!(ok && report.contains("starts at seq 3"), "{report}");
+    let strict = Command::new(interceptor_bin())
+        .args(["audit", "verify", "--strict"])
+        .arg(&cut)
+        .output()
+        .expect("run audit verify --strict");
+    let err = String::from_utf8_lossy(&strict.stderr);
+    assert!(
+        !strict.status.success() && err.contains("starts at seq 3"),
+        "{err}"
+    );
 }
 
 #[test]
