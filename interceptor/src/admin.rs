@@ -110,14 +110,20 @@ async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     let cred = stream.peer_cred().ok();
     let peer_pid = cred.and_then(|c| c.pid()).unwrap_or(0);
     let peer = cred.map(|c| Actor::admin(c.pid(), c.uid(), c.gid()));
+    // Judged now, before anything is read: the process that connected, not one given its pid
+    // later (confirmed through a pidfd where the kernel gives one).
+    let may = may_change(Path::new("/proc"), peer_pid, &stream);
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = TokioBufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
     let response = match peer {
-        Some(peer) if peer.uid() == 0 => match reader.read_line(&mut line).await {
-            Ok(_) => handle(&daemon, &line, peer, peer_pid),
-            Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
-        },
+        Some(peer) if peer.uid() == 0 => {
+            match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+                Ok(Ok(_)) => handle(&daemon, &line, peer, may),
+                Ok(Err(e)) => json!({"ok": false, "error": format!("reading request: {e}")}),
+                Err(_) => json!({"ok": false, "error": "no request within 10 s"}),
+            }
+        }
         _ => json!({"ok": false, "error": "the admin socket is for root only"}),
     };
     let mut out = response.to_string();
@@ -127,14 +133,17 @@ async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     }
 }
 
-/// Answers one request of `peer` (process `pid` as the daemon sees it).
-fn handle(daemon: &Daemon, line: &str, peer: Actor, pid: i32) -> Value {
+/// How long a client has to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers one request of `peer`; `may` says whether it may change what is enforced.
+fn handle(daemon: &Daemon, line: &str, peer: Actor, may: Result<(), String>) -> Value {
     let request: Request = match serde_json::from_str(line.trim()) {
         Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
     };
     if !matches!(request, Request::Status)
-        && let Err(why) = may_change(Path::new("/proc"), pid)
+        && let Err(why) = may
     {
         return json!({"ok": false, "error": why});
     }
@@ -176,25 +185,29 @@ fn handle(daemon: &Daemon, line: &str, peer: Actor, pid: i32) -> Value {
 /// CAP_SYS_ADMIN, as a bit of `CapEff`.
 const CAP_SYS_ADMIN: u32 = 21;
 
-/// Whether process `pid` may change what the daemon enforces (tags, revocations, the policy):
-/// it holds CAP_SYS_ADMIN (what detaching the programs itself would take) in the daemon's user
-/// namespace. Root with its capabilities dropped (a sandboxed service, an agent running as
-/// root) or root of another user namespace may read `status` only: a uid alone must not let
-/// an agent untag or unrevoke itself.
-fn may_change(proc_root: &Path, pid: i32) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
+/// Whether process `pid`, the peer of `stream`, may change what the daemon enforces (tags,
+/// revocations, the policy): it holds CAP_SYS_ADMIN (what detaching the programs itself would
+/// take) in the daemon's user namespace. Root with its capabilities dropped (a sandboxed
+/// service, an agent running as root) or root of another user namespace may read `status`
+/// only. The user namespace is told by `uid_map` (readable without ptrace access, which a
+/// daemon without CAP_SYS_PTRACE lacks towards a caller with more capabilities than its own):
+/// the same map as the daemon's own, which another namespace of root's can only have if made
+/// by a caller with CAP_SETUID. Where the kernel gives a pidfd of the peer (Linux 6.5+), the
+/// reading is confirmed to be of the process that connected (not one given its pid since).
+fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), String> {
     let refused = |why: &str| {
         Err(format!(
             "refused: {why}; changing tags, revocations or the policy takes CAP_SYS_ADMIN in the \
-             daemon's user namespace (run it as root with full privileges, e.g. with sudo)"
+             daemon's user namespace, from a process the daemon can see (its pid namespace)"
         ))
     };
     if pid <= 0 {
         return refused("the caller's process is not visible from the daemon's pid namespace");
     }
+    let pidfd = peer_pidfd(stream);
     let dir = proc_root.join(pid.to_string());
-    let own_ns = |p: &Path| std::fs::metadata(p.join("ns/user")).map(|m| (m.dev(), m.ino()));
-    match (own_ns(&dir), own_ns(&proc_root.join("self"))) {
+    let map = |p: &Path| std::fs::read_to_string(p.join("uid_map"));
+    match (map(&dir), map(&proc_root.join("self"))) {
         (Ok(theirs), Ok(ours)) if theirs == ours => {}
         (Ok(_), Ok(_)) => return refused("the caller is in another user namespace"),
         _ => return refused("the caller's user namespace could not be read"),
@@ -204,11 +217,47 @@ fn may_change(proc_root: &Path, pid: i32) -> Result<(), String> {
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    if let Some(fd) = &pidfd {
+        use std::os::fd::AsRawFd;
+        // SAFETY: signal 0 to the pidfd (existence only), no info struct, no flags.
+        let alive = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        } == 0;
+        if !alive {
+            return refused("the caller exited before it could be judged");
+        }
+    }
     match effective {
         Some(caps) if caps & (1 << CAP_SYS_ADMIN) != 0 => Ok(()),
         Some(_) => refused("the caller lacks CAP_SYS_ADMIN"),
         None => refused("the caller's capabilities could not be read"),
     }
+}
+
+/// A pidfd of the peer of `stream` (`SO_PEERPIDFD`, Linux 6.5+), if the kernel gives one.
+fn peer_pidfd(stream: &UnixStream) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into an int of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            std::ptr::from_mut(&mut fd).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: a descriptor the kernel just gave this process, owned here alone.
+    (rc == 0 && fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Errors of the admin client.

@@ -1590,12 +1590,12 @@ pub fn named_after(path: &Path) -> impl Iterator<Item = (PathBuf, String, std::f
         })
 }
 
-/// Whether users other than the daemon's may write in folder `dir`: writable by its group or
-/// everyone, or owned by another user (root's or the daemon's own are not).
+/// Whether users other than its owner may write in folder `dir`: writable by its group or
+/// everyone. (Its owner is not judged: root squashed on NFS makes folders another uid's, where
+/// only the daemon writes.)
 pub fn writable_by_others(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let euid = nix::unistd::geteuid().as_raw();
-    std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o022 != 0 || (m.uid() != euid && m.uid() != 0))
+    std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o022 != 0)
 }
 
 /// Whether `path` is a regular file of the daemon's user with one link (not another user's,
@@ -1715,7 +1715,7 @@ fn open_log(path: &Path) -> io::Result<File> {
                 meta.uid()
             )));
         }
-        warn!(path = %path.display(), "the audit log's folder is writable by others than the daemon's user (its group, every user, or its owner): they may remove or replace the log at any time (writes then fail, and requests with them, until it is fixed); give it a folder of its own");
+        warn!(path = %path.display(), "the audit log's folder is writable by its group or every user: they may remove or replace the log at any time (writes then fail, and requests with them, until it is fixed); give it a folder of its own");
     }
     // Created 0600; one found readable by others (arguments, identities) or writable by its
     // group is narrowed (a group allowed to read it, for a log shipper, stays).

@@ -437,7 +437,6 @@ impl Kernel {
     }
 }
 
-/// Takes the map `name` out of the loaded object.
 /// Sets every port's bit in the port bitmap, before programs that read it run: until the
 /// daemon writes the exact bitmap (with the server map, at start), every connect goes on to
 /// the server-map lookup, as without the bitmap. An upgrade from a daemon without it, or a
@@ -462,6 +461,7 @@ fn open_every_port(ebpf: &mut Ebpf) -> Result<(), Error> {
     Ok(())
 }
 
+/// Takes the map `name` out of the loaded object.
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
     ebpf.take_map(name).ok_or(Error::Map {
         name,

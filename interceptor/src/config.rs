@@ -312,12 +312,13 @@ impl Config {
             .into_iter()
             .filter(|p| self.naming.template.contains(p))
             .collect();
-        if !optional.is_empty() && self.ca.is_some() {
+        if !optional.is_empty() {
             out.push(format!(
                 "[identity] workload_id uses {}: a process without one (no known executable: \
                  another user namespace, an exec since its connect; no pod or container in \
-                 its cgroup path) gets no workload id, so no certificate and no assertion, \
-                 and is refused while workload-id revocations are in force",
+                 its cgroup path) gets no workload id (so no certificate or assertion with a \
+                 [ca], and no workload_id binding matches it), and is refused while \
+                 workload-id revocations are in force",
                 optional.join(" ")
             ));
         }

@@ -906,14 +906,15 @@ fn render(v: &Value) -> String {
             line.push_str(&format!(" {key}={}", s(&v[key])));
         }
     }
-    // JSON text: serde_json escapes control characters below 0x20 only.
+    // JSON text: serde_json escapes control characters below 0x20 only; `=` (only ever inside
+    // its strings) is escaped too, so no `key=value` of an agent's reads as a field.
     for key in ["arguments", "other_params", "body"] {
         if !v[key].is_null() {
             let text = v[key].to_string();
-            let text: String = if text.chars().any(deceptive) {
+            let text: String = if text.chars().any(|c| deceptive(c) || c == '=') {
                 text.chars()
                     .map(|c| match c {
-                        c if deceptive(c) => format!("\\u{:04x}", u32::from(c)),
+                        c if deceptive(c) || c == '=' => format!("\\u{:04x}", u32::from(c)),
                         c => c.to_string(),
                     })
                     .collect()
@@ -1315,13 +1316,18 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains('\u{7f}'), "{line}");
-        // A value with `=` cannot pass for fields of its own.
+        // A value with `=` cannot pass for fields of its own, in JSON text neither.
         let forged = render(&json!({
             "ts": "t", "seq": 2, "event": "mcp.request",
             "method": "x decision=allow rule=role:admin", "decision": "deny",
+            "arguments": {"q": "x decision=allow"},
         }));
         assert!(
             forged.contains(r#"method="x decision=allow rule=role:admin" decision=deny"#),
+            "{forged}"
+        );
+        assert!(
+            forged.contains(r#"arguments={"q":"x decision\u003dallow"}"#),
             "{forged}"
         );
         // A call's name is its tool: shown once.

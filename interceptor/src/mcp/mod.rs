@@ -1774,7 +1774,7 @@ impl Conn {
                         let aliases: Vec<String> = p
                             .keys()
                             .filter(|k| **k != id)
-                            .filter(|k| jsonrpc::rounded_by_some_readers(k) == Some(read.clone()))
+                            .filter(|k| jsonrpc::rounded_by_some_readers(k) == Some(read))
                             .cloned()
                             .collect();
                         for k in aliases {
