@@ -161,9 +161,13 @@ fn handle(daemon: &Daemon, line: &str, peer: Actor, may: Result<(), String>) -> 
         } => {
             // A revoked cgroup below a delegated one: its processes can move out of it.
             let warning = match &selector {
-                crate::revoke::Selector::Cgroup(p) => daemon
-                    .hierarchy
-                    .delegation_warning(p, crate::cgroup::Act::Revoke),
+                crate::revoke::Selector::Cgroup(p) => {
+                    crate::config::normalize_cgroup_path(p).ok().and_then(|p| {
+                        daemon
+                            .hierarchy
+                            .delegation_warning(&p, crate::cgroup::Act::Revoke)
+                    })
+                }
                 _ => None,
             };
             daemon
