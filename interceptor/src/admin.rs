@@ -192,13 +192,14 @@ const CAP_SYS_ADMIN: u32 = 21;
 /// Whether process `pid`, the peer of `stream`, may change what the daemon enforces (tags,
 /// revocations, the policy): it holds CAP_SYS_ADMIN (what detaching the programs itself would
 /// take) in the daemon's user namespace. Root with its capabilities dropped (a sandboxed
-/// service, an agent running as root) or root of another user namespace may read `status`
-/// only. The user namespace is told by `uid_map` (readable without ptrace access, which a
-/// daemon without CAP_SYS_PTRACE lacks towards a caller with more capabilities than its own):
-/// the same map as the daemon's own, which another namespace of root's can only have if made
-/// by a caller with CAP_SETUID. Where the kernel gives a pidfd of the peer (Linux 6.5+), the
-/// reading is confirmed to be of the process that connected (not one given its pid since).
+/// service, an agent running as root) or root of another user namespace (one it made to hold
+/// every capability there) may read `status` only. The user namespace is the caller's
+/// `ns/user` link (reading it takes ptrace access to the caller: a daemon without
+/// CAP_SYS_PTRACE is refused it for callers with more capabilities than its own, and refuses
+/// them). Where the kernel gives a pidfd of the peer (Linux 6.5+), the reading is confirmed
+/// to be of the process that connected, not one given its pid since.
 fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let refused = |why: &str| {
         Err(format!(
             "refused: {why}; changing tags, revocations or the policy takes CAP_SYS_ADMIN in the \
@@ -208,13 +209,21 @@ fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), Str
     if pid <= 0 {
         return refused("the caller's process is not visible from the daemon's pid namespace");
     }
-    let pidfd = peer_pidfd(stream);
+    let pidfd = match peer_pidfd(stream) {
+        Ok(fd) => fd,
+        Err(e) => return refused(&format!("the caller's process could not be held ({e})")),
+    };
     let dir = proc_root.join(pid.to_string());
-    let map = |p: &Path| std::fs::read_to_string(p.join("uid_map"));
-    match (map(&dir), map(&proc_root.join("self"))) {
+    let ns = |p: &Path| std::fs::metadata(p.join("ns/user")).map(|m| (m.dev(), m.ino()));
+    match (ns(&dir), ns(&proc_root.join("self"))) {
         (Ok(theirs), Ok(ours)) if theirs == ours => {}
         (Ok(_), Ok(_)) => return refused("the caller is in another user namespace"),
-        _ => return refused("the caller's user namespace could not be read"),
+        _ => {
+            return refused(
+                "the caller's user namespace could not be read (the daemon needs \
+                 CAP_SYS_PTRACE for a caller with more capabilities than its own)",
+            );
+        }
     }
     let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
     let effective = status
@@ -224,7 +233,7 @@ fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), Str
     if let Some(fd) = &pidfd {
         use std::os::fd::AsRawFd;
         // SAFETY: signal 0 to the pidfd (existence only), no info struct, no flags.
-        let alive = unsafe {
+        let rc = unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
                 fd.as_raw_fd(),
@@ -232,8 +241,10 @@ fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), Str
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
             )
-        } == 0;
-        if !alive {
+        };
+        // Gone: what was read may be another process's. (EPERM: there, but not ours to
+        // signal.)
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
             return refused("the caller exited before it could be judged");
         }
     }
@@ -244,9 +255,12 @@ fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), Str
     }
 }
 
-/// A pidfd of the peer of `stream` (`SO_PEERPIDFD`, Linux 6.5+), if the kernel gives one.
-fn peer_pidfd(stream: &UnixStream) -> Option<std::os::fd::OwnedFd> {
+/// A pidfd of the peer of `stream` (`SO_PEERPIDFD`); `None` where the kernel has no such
+/// option (before Linux 6.5). Any other failure (the peer already reaped) is an error: its pid
+/// may be another process's by now.
+fn peer_pidfd(stream: &UnixStream) -> io::Result<Option<std::os::fd::OwnedFd>> {
     use std::os::fd::{AsRawFd, FromRawFd};
+    // The asm-generic value (x86-64, arm64, …).
     const SO_PEERPIDFD: libc::c_int = 77;
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -260,8 +274,15 @@ fn peer_pidfd(stream: &UnixStream) -> Option<std::os::fd::OwnedFd> {
             &mut len,
         )
     };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOPROTOOPT) => Ok(None),
+            _ => Err(e),
+        };
+    }
     // SAFETY: a descriptor the kernel just gave this process, owned here alone.
-    (rc == 0 && fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    Ok((fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Errors of the admin client.

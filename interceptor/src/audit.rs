@@ -1590,12 +1590,12 @@ pub fn named_after(path: &Path) -> impl Iterator<Item = (PathBuf, String, std::f
         })
 }
 
-/// Whether users other than its owner may write in folder `dir`: writable by its group or
-/// everyone. (Its owner is not judged: root squashed on NFS makes folders another uid's, where
-/// only the daemon writes.)
+/// Whether users other than the daemon's may write in folder `dir`: writable by its group or
+/// everyone, or owned by another user (who may rename, remove or replace what is in it).
 pub fn writable_by_others(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o022 != 0)
+    let euid = nix::unistd::geteuid().as_raw();
+    std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o022 != 0 || (m.uid() != euid && m.uid() != 0))
 }
 
 /// Whether `path` is a regular file of the daemon's user with one link (not another user's,
@@ -1673,10 +1673,12 @@ fn open_log(path: &Path) -> io::Result<File> {
     };
     // Anyone who can write the folder could put a link there to a file of root's (the daemon
     // would append to it, and cut what it takes for a torn end off it), or the log itself.
-    let open_folder = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .is_some_and(writable_by_others);
+    let folder = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let open_folder = folder.is_some_and(writable_by_others);
+    // The folder's owner: on NFS with root squashed, the uid the daemon's own files get.
+    let folder_owner = folder
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map(|m| m.uid());
     let file = OpenOptions::new()
         .create(true)
         .read(true)
@@ -1707,15 +1709,16 @@ fn open_log(path: &Path) -> io::Result<File> {
                 meta.nlink()
             )));
         }
-        // Root squashed on NFS writes as another user: that is fine where only it can write.
-        if meta.uid() != euid && meta.uid() != 0 {
+        // Root squashed on NFS writes as another user, the folder's owner too: that is fine
+        // where only it can write.
+        if meta.uid() != euid && meta.uid() != 0 && Some(meta.uid()) != folder_owner {
             return Err(refused(format!(
                 "{} is owned by uid {}, in a folder others may write (someone else made it)",
                 path.display(),
                 meta.uid()
             )));
         }
-        warn!(path = %path.display(), "the audit log's folder is writable by its group or every user: they may remove or replace the log at any time (writes then fail, and requests with them, until it is fixed); give it a folder of its own");
+        warn!(path = %path.display(), "the audit log's folder is writable by its group, every user or another owner: they may remove or replace the log at any time (writes then fail, and requests with them, until it is fixed); give it a folder of its own");
     }
     // Created 0600; one found readable by others (arguments, identities) or writable by its
     // group is narrowed (a group allowed to read it, for a log shipper, stays).

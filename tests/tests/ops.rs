@@ -108,6 +108,27 @@ fn root_without_privileges_may_read_status_but_not_change_tags_or_revocations() 
         assert!(!out.status.success(), "{args:?} was allowed");
         assert!(err.contains("lacks CAP_SYS_ADMIN"), "{args:?}: {err}");
     }
+    // Root keeping CAP_SETUID may make a user namespace of its own, where it holds every
+    // capability: not the daemon's, so still refused.
+    let own_ns = std::process::Command::new("setpriv")
+        .args([
+            "--bounding-set=-all,+setuid,+setgid,+setfcap",
+            "--",
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--",
+        ])
+        .arg(interceptor_tests::interceptor_bin())
+        .args(["untag", &format!("{}/agents", env.root), "--config"])
+        .arg(&env.config_path)
+        .output()
+        .expect("run setpriv and unshare");
+    let err = String::from_utf8_lossy(&own_ns.stderr);
+    assert!(
+        !own_ns.status.success() && err.contains("another user namespace"),
+        "{err}"
+    );
     // Nothing changed; with privileges it is allowed.
     assert_eq!(env.status()["tags"][0]["exists"], true);
     assert!(
