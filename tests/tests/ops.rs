@@ -25,16 +25,24 @@ fn world(label: &str, upstream: &LabelServer) -> (TestEnv, String, String) {
     let mut env = TestEnv::new(label);
     let a = env.cgroup("agents/a");
     let b = env.cgroup("agents/b");
-    env.write_config(
-        &[ServerSpec {
-            name: "notes".into(),
-            intercept: vec![upstream.addr.to_string()],
-            upstream: upstream.addr.to_string(),
-        }],
-        &[&format!("{}/agents", env.root)],
-    );
+    let agents = format!("{}/agents", env.root);
+    write_config(&env, upstream, &agents, None);
     env.start_daemon();
     (env, a, b)
+}
+
+/// Writes the config of `env`: `upstream`, intercepted at its own address, with `tag` tagged
+/// and `policy` (`None`: the default, open to the tagged cgroups).
+fn write_config(env: &TestEnv, upstream: &LabelServer, tag: &str, policy: Option<&str>) {
+    let servers = [ServerSpec {
+        name: "notes".into(),
+        intercept: vec![upstream.addr.to_string()],
+        upstream: upstream.addr.to_string(),
+    }];
+    match policy {
+        Some(p) => env.write_config_with(&servers, &[tag], p),
+        None => env.write_config(&servers, &[tag]),
+    }
 }
 
 fn cli_ok(env: &TestEnv, args: &[&str]) -> String {
@@ -147,14 +155,7 @@ fn an_older_daemons_counter_map_is_replaced() {
     let upstream = LabelServer::start("127.0.0.3", "upstream");
     let mut env = TestEnv::new("old-stats");
     let a = env.cgroup("agents/a");
-    env.write_config(
-        &[ServerSpec {
-            name: "notes".into(),
-            intercept: vec![upstream.addr.to_string()],
-            upstream: upstream.addr.to_string(),
-        }],
-        &[&a],
-    );
+    write_config(&env, &upstream, &a, None);
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -223,15 +224,14 @@ fn a_connect_deferred_past_a_revocation_is_not_served() {
     let a = env.cgroup("agents/a");
     let parent = format!("{}/agents", env.root);
     // Bound by uid: a process whose cgroup the proxy cannot tell still has its role.
-    env.write_config_with(
-        &[ServerSpec {
-            name: "notes".into(),
-            intercept: vec![upstream.addr.to_string()],
-            upstream: upstream.addr.to_string(),
-        }],
-        &[&a],
-        "\n[[role]]\nname = \"open\"\nservers = [\"*\"]\nallow_methods = [\"*\"]\n\
-         \n[[binding]]\nrole = \"open\"\nuid = 0\n",
+    write_config(
+        &env,
+        &upstream,
+        &a,
+        Some(
+            "\n[[role]]\nname = \"open\"\nservers = [\"*\"]\nallow_methods = [\"*\"]\n\
+             \n[[binding]]\nrole = \"open\"\nuid = 0\n",
+        ),
     );
     env.start_daemon();
     let dir = env.dir(&a);

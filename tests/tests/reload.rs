@@ -40,6 +40,18 @@ impl World {
         reader
     }
 
+    /// Writes `policy`, reloads, and waits for a server stream to end: the reason it gives.
+    fn reload_ending_a_stream(&self, policy: &str) -> String {
+        self.write(policy);
+        let r = self.env.cli(&["reload"]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let log = self.env.wait_log(
+            "server stream ended: the reloaded policy no longer allows it",
+            |_| true,
+        );
+        log["reason"].as_str().unwrap_or_default().to_owned()
+    }
+
     fn new(label: &str, transport: &str) -> Self {
         let mut env = TestEnv::new(label);
         let server = McpServer::start(transport);
@@ -230,18 +242,12 @@ fn reload_ends_server_streams_the_new_policy_no_longer_allows() {
     let reader = w.open_legacy_stream(5000);
     // The reader's role now reaches another server only: the stream it holds to this one,
     // judged when it opened, ends.
-    w.write("\n[[role]]\nname = \"reader\"\nservers = [\"notes-*\"]\nallow_tools = [\"search\"]\n");
-    let r = w.env.cli(&["reload"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let log = w.env.wait_log(
-        "server stream ended: the reloaded policy no longer allows it",
-        |_| true,
+    let reason = w.reload_ending_a_stream(
+        "\n[[role]]\nname = \"reader\"\nservers = [\"notes-*\"]\nallow_tools = [\"search\"]\n",
     );
     assert!(
-        log["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("grants server \"notes\" any more")),
-        "{log}"
+        reason.contains("grants server \"notes\" any more"),
+        "{reason}"
     );
     let got = reader.join().expect("reader thread");
     let body = got.reply.unwrap_or_default();
@@ -310,19 +316,8 @@ fn reload_ends_listen_streams_whose_subscriptions_are_no_longer_allowed() {
         || format!("listen requests not allowed: {:#?}", w.env.audit_events()),
     );
     std::thread::sleep(Duration::from_millis(300));
-    w.write(&policy(r#""search""#));
-    let r = w.env.cli(&["reload"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let log = w.env.wait_log(
-        "server stream ended: the reloaded policy no longer allows it",
-        |_| true,
-    );
-    assert!(
-        log["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("subscription to notes://a")),
-        "{log}"
-    );
+    let reason = w.reload_ending_a_stream(&policy(r#""search""#));
+    assert!(reason.contains("subscription to notes://a"), "{reason}");
     let ended = subscribed.join().expect("reader").reply.unwrap_or_default();
     assert!(ended.contains("subscriptions/acknowledged"), "{ended}");
     assert!(ended.contains("stream ended by a policy reload"), "{ended}");

@@ -1407,9 +1407,13 @@ impl Conn {
             .get("mcp-protocol-version")
             .map_or("unspecified", |v| v.to_str().unwrap_or("invalid"));
         for m in body.messages.iter().filter(|m| m.method().is_some()) {
-            self.daemon
-                .audit
-                .record_later(self.request_event(m, &decision, session, protocol));
+            self.daemon.audit.record_later(self.request_event(
+                m,
+                &decision,
+                &self.audit_target(m),
+                session,
+                protocol,
+            ));
         }
     }
 
@@ -1584,12 +1588,16 @@ impl Conn {
         // Write-ahead: every request and notification is in the audit log before anything is
         // forwarded; if the log cannot be written, allowed requests are refused (fail closed).
         let denied = decisions.iter().flatten().any(|d| !d.allow);
+        // What each message is named by in its events (request, and response): redacted once.
+        let targets: Vec<Option<String>> =
+            body.messages.iter().map(|m| self.audit_target(m)).collect();
         let events: Vec<audit::Event> = body
             .messages
             .iter()
             .zip(&decisions)
-            .map(|(m, d)| match d {
-                Some(d) => self.request_event(m, d, session_id.as_deref(), &protocol),
+            .zip(&targets)
+            .map(|((m, d), target)| match d {
+                Some(d) => self.request_event(m, d, target, session_id.as_deref(), &protocol),
                 // The agent's answers to the server's requests (sampling, elicitation, roots)
                 // are what the server acts on: on record too (not forwarded when the batch
                 // they came in is refused, nor when this write fails).
@@ -1606,14 +1614,15 @@ impl Conn {
             .messages
             .iter()
             .zip(&decisions)
-            .filter_map(|(m, d)| match (m, d) {
+            .zip(targets)
+            .filter_map(|((m, d), target)| match (m, d) {
                 (Message::Request { id, method, .. }, Some(d)) if d.allow => Some((
                     id.to_string(),
                     // Kept until the response: as long as the audit event names them, no longer
                     // (a URI or method may be megabytes; a session holds thousands).
                     Pending {
                         method: capped(method),
-                        target: self.audit_target(m),
+                        target,
                         started: Instant::now(),
                         session: session_id.clone(),
                         post,
@@ -1794,11 +1803,12 @@ impl Conn {
         moved
     }
 
-    /// The `mcp.request` event for one message.
+    /// The `mcp.request` event for one message, named by `target` (its [`Conn::audit_target`]).
     fn request_event(
         &self,
         m: &Message,
         d: &Decision,
+        target: &Option<String>,
         session: Option<&str>,
         protocol: &str,
     ) -> audit::Event {
@@ -1822,7 +1832,6 @@ impl Conn {
             }
             _ => None,
         };
-        let target = self.audit_target(m);
         audit::Event::new("mcp.request")
             .raw("identity", &self.who)
             .field("server", self.server_name())
