@@ -13,6 +13,10 @@
 //!   the closing brace, i.e. of the event with its `seq` and `prev_hash` (the previous line's
 //!   hash). Editing, deleting, reordering or inserting a line breaks the chain; rotation keeps
 //!   it (the first line of a new file names the last hash of the previous one).
+//! - With a node CA, an `audit.checkpoint` event signs the chain's last hash (a JWS by the CA
+//!   key) within `[audit] checkpoint_interval` of a record, before a rotation and at a stop: a
+//!   copy of the log verifies against `interceptor ca jwks` (`audit verify --jwks`), so a
+//!   rewrite of the chain up to the last checkpoint needs the key, not only the files.
 //! - A torn last line (the daemon died mid-write) is cut off at the next start and the repair is
 //!   recorded as an `audit.repair` event; a complete last line that is not a valid record (an
 //!   edit: no crash leaves one) is kept, and the chain continues from the record before it.
@@ -91,6 +95,29 @@ pub struct RawAudit {
     /// Whether secrets are also recognised by their shape inside strings (`Bearer …`, JWTs,
     /// URL passwords, `password=…`, known token prefixes, private keys).
     pub redact_values: bool,
+    /// With a node CA: at most this long after a record, an `audit.checkpoint` event signs
+    /// the chain up to it ("1s"; from 100 ms to 1 h).
+    pub checkpoint_interval: String,
+}
+
+/// Default `[audit] checkpoint_interval`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: &str = "1s";
+
+impl RawAudit {
+    /// `checkpoint_interval` as a duration, or why it is not one that works.
+    pub fn checkpoint_every(&self) -> Result<Duration, String> {
+        let s = &self.checkpoint_interval;
+        let d = humantime::parse_duration(s).map_err(|e| {
+            format!("{s:?} is not a duration ({e}); write e.g. \"1s\" or \"500ms\"")
+        })?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+            return Err(format!(
+                "{s:?} is out of range: from 100ms (each checkpoint is a signature and a line) \
+                 to 1h (the records after the last checkpoint are not signed)"
+            ));
+        }
+        Ok(d)
+    }
 }
 
 impl Default for RawAudit {
@@ -117,6 +144,7 @@ impl Default for RawAudit {
             .to_vec(),
             max_argument_bytes: 4096,
             redact_values: true,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL.into(),
         }
     }
 }
@@ -773,6 +801,10 @@ pub struct Stats {
     /// Of those, how many no `audit.lost` event has recorded yet.
     lost_unrecorded: AtomicU64,
     pub syncs: AtomicU64,
+    /// `audit.checkpoint` events written.
+    pub checkpoints: AtomicU64,
+    /// The `seq` of the last record a checkpoint signed (0: none yet).
+    pub signed_through: AtomicU64,
     /// Total fdatasync time, µs.
     pub sync_micros: AtomicU64,
     /// Each fdatasync's time, seconds (the metrics' `audit_fsync_seconds`).
@@ -788,6 +820,8 @@ impl Default for Stats {
             lost: AtomicU64::new(0),
             lost_unrecorded: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            signed_through: AtomicU64::new(0),
             sync_micros: AtomicU64::new(0),
             // 50 µs … ~1.6 s
             sync_seconds: prometheus_client::metrics::histogram::Histogram::new(
@@ -977,6 +1011,7 @@ impl Audit {
             max_files: config.max_files,
             opener: opener.to_owned(),
             prune: None,
+            signing: None,
             dirty: false,
             path_checked: Instant::now(),
             stats: stats.clone(),
@@ -1064,6 +1099,26 @@ impl Audit {
     /// The `seq` of the last event written: what the log's last line must carry.
     pub fn last_seq(&self) -> u64 {
         lock(&self.shared.writer).seq
+    }
+
+    /// From now on, signs the chain with `key` in `audit.checkpoint` events: at most
+    /// `[audit] checkpoint_interval` after a record, before each rotation and when the log
+    /// closes (the daemon's stop). Records written before (the daemon's start, a crashed
+    /// run's tail) are signed by the first checkpoint.
+    pub fn sign_checkpoints(&self, key: Arc<crate::ca::JwsSigner>) {
+        let every = self
+            .config
+            .checkpoint_every()
+            .unwrap_or(Duration::from_secs(1));
+        let mut w = lock(&self.shared.writer);
+        // Whatever the file holds after its last checkpoint is signed by the first one.
+        let unsigned = u64::from(w.seq > 0);
+        w.signing = Some(Signing {
+            key,
+            every,
+            last: Instant::now(),
+            unsigned,
+        });
     }
 
     /// Records `event`; returns when it is durable according to the configured mode. The
@@ -1420,6 +1475,8 @@ impl Shared {
                 if !lock(&self.queue).later.is_empty() {
                     let _ = self.write(Vec::new());
                 }
+                // The log closes signed: a cleanly stopped daemon's log ends in a checkpoint.
+                self.checkpoint(true);
                 let result = self.sync();
                 for w in waiters {
                     let _ = w.send(result.clone());
@@ -1443,6 +1500,8 @@ impl Shared {
                 // Deferred on a worker that has not gone idle since (and written nothing).
                 let _ = self.write(Vec::new());
             }
+            // Signed here, off the callers' path (a signature costs tens of µs).
+            self.checkpoint(false);
             if !waiters.is_empty() && waiters.len() < last_group {
                 self.gather(&mut waiters, last_group);
             }
@@ -1487,6 +1546,23 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner().0);
         }
         bg
+    }
+
+    /// Writes an `audit.checkpoint` if records are unsigned and one is due (`force`: at all).
+    fn checkpoint(&self, force: bool) {
+        let mut w = lock(&self.writer);
+        let due = w
+            .signing
+            .as_ref()
+            .is_some_and(|s| s.unsigned > 0 && (force || s.last.elapsed() >= s.every));
+        if !due {
+            return;
+        }
+        if let Err(e) = w.ensure_file().and_then(|()| w.checkpoint()) {
+            // The next one tries again; a log that stays unwritable fails the callers' writes.
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, path = %self.path.display(), "could not write an audit checkpoint");
+        }
     }
 
     /// `fdatasync` of everything written so far (nothing to do if nothing was).
@@ -1939,11 +2015,24 @@ struct Writer {
     opener: String,
     /// Rotated files to delete, once the event naming them is written.
     prune: Option<Prune>,
+    /// How the chain is signed, with a node CA.
+    signing: Option<Signing>,
     /// Written since the last `fdatasync`.
     dirty: bool,
     /// When the path was last compared with the open file.
     path_checked: Instant,
     stats: Arc<Stats>,
+}
+
+/// Signed checkpoints of the chain ([`Audit::sign_checkpoints`]).
+struct Signing {
+    key: Arc<crate::ca::JwsSigner>,
+    /// `[audit] checkpoint_interval`.
+    every: Duration,
+    /// When the last checkpoint was written.
+    last: Instant,
+    /// Records written since.
+    unsigned: u64,
 }
 
 /// How often the writer checks that its path still names the file it writes.
@@ -1954,37 +2043,79 @@ impl Writer {
     /// never leaves half a line in the middle of the chain.
     fn write_batch(&mut self, events: &[Event]) -> io::Result<()> {
         self.ensure_file()?;
-        // The chain continues from the same record whether or not the file rotates.
-        let (last_seq, last_hash) = (self.seq, self.prev_hash.clone());
-        let seal = |first: Option<&Event>| {
-            let mut seq = last_seq;
-            let mut prev = last_hash.clone();
-            let mut buf = Vec::with_capacity(events.iter().map(|e| e.0.len() + 200).sum());
-            for event in first.into_iter().chain(events) {
-                seq += 1;
-                prev = seal_into(&mut buf, seq, &prev, &event.0);
-            }
-            (buf, seq, prev)
-        };
-        // Files to prune are named first in the new file (a write that failed left the event
-        // pending: it goes first in the next one).
-        let (mut buf, mut seq, mut prev) = seal(self.prune.as_ref().map(|p| &p.event));
+        let (mut buf, mut seq, mut prev) = self.seal(events);
         if self.len > 0 && self.len + buf.len() as u64 > self.max_file_bytes {
             self.rotate()?;
-            (buf, seq, prev) = seal(self.prune.as_ref().map(|p| &p.event));
+            // After the rotated file's checkpoint, with the pruning event first.
+            (buf, seq, prev) = self.seal(events);
         }
-        if let Err(e) = (&*self.file).write_all(&buf) {
-            let _ = self.file.set_len(self.len);
-            return Err(e);
+        self.append(&buf)?;
+        if let Some(signing) = &mut self.signing {
+            signing.unsigned += seq - self.seq;
         }
-        self.dirty = true;
-        self.len += buf.len() as u64;
         self.seq = seq;
         self.prev_hash = prev;
         if let Some(prune) = self.prune.take() {
             // Its event is in the chain: counted as the callers' are.
             self.stats.events.fetch_add(1, Ordering::Relaxed);
             self.delete_pruned(prune);
+        }
+        Ok(())
+    }
+
+    /// `events` chained after the last record: their lines, the last `seq` and hash. Files to
+    /// prune are named first (a write that failed left the event pending: it goes first in
+    /// the next one).
+    fn seal(&self, events: &[Event]) -> (Vec<u8>, u64, String) {
+        let first = self.prune.as_ref().map(|p| &p.event);
+        let mut seq = self.seq;
+        let mut prev = self.prev_hash.clone();
+        let mut buf = Vec::with_capacity(events.iter().map(|e| e.0.len() + 200).sum());
+        for event in first.into_iter().chain(events) {
+            seq += 1;
+            prev = seal_into(&mut buf, seq, &prev, &event.0);
+        }
+        (buf, seq, prev)
+    }
+
+    /// Appends whole lines, or nothing: a partial write is cut off again.
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        if let Err(e) = (&*self.file).write_all(buf) {
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.dirty = true;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Writes an `audit.checkpoint`: a JWS over the last record's `seq` and hash
+    /// (`through_seq`, `through_hash`), by the node CA key.
+    fn checkpoint(&mut self) -> io::Result<()> {
+        let Some(signing) = &self.signing else {
+            return Ok(());
+        };
+        let claims = json!({
+            "through_seq": self.seq,
+            "through_hash": self.prev_hash,
+            "iat": crate::ca::unix_now(),
+        });
+        let event = Event::new("audit.checkpoint")
+            .raw("identity", &self.opener)
+            .field("through_seq", &self.seq)
+            .field("records", &signing.unsigned)
+            .field("kid", signing.key.kid())
+            .field("signature", &signing.key.sign(&claims));
+        let (line, hash) = seal_line(self.seq + 1, &self.prev_hash, &event);
+        self.append(&line)?;
+        self.stats.signed_through.store(self.seq, Ordering::Relaxed);
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.seq += 1;
+        self.prev_hash = hash;
+        if let Some(signing) = &mut self.signing {
+            signing.unsigned = 0;
+            signing.last = Instant::now();
         }
         Ok(())
     }
@@ -2011,6 +2142,10 @@ impl Writer {
     /// Renames the file away and starts a new one; with `max_files`, plans the pruning of the
     /// oldest rotated files (done once the event naming them is written).
     fn rotate(&mut self) -> io::Result<()> {
+        // A rotated file ends signed (it may then be a checkpoint over `max_file_bytes`).
+        if self.signing.as_ref().is_some_and(|s| s.unsigned > 0) {
+            self.checkpoint()?;
+        }
         // The rotated file is complete on disk before its successor starts.
         if self.file.sync_data().is_ok() {
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -2149,6 +2284,52 @@ pub struct Verification {
     /// `audit.repair` events met (file, line): what the daemon found at the log's end at a
     /// start (a torn line cut off, a line break added, an edited last line kept).
     pub repairs: Vec<(PathBuf, usize)>,
+    /// `audit.checkpoint` events met (verified, when keys were given).
+    pub checkpoints: u64,
+    /// With keys: the last record a verified checkpoint signs (its `through_seq`).
+    pub signed_through: Option<u64>,
+    /// The `seq` of the chain's last record.
+    pub last_seq: Option<u64>,
+}
+
+impl Verification {
+    /// With keys: the records after the last verified checkpoint (itself not counted), which
+    /// nothing signs.
+    pub fn unsigned(&self) -> u64 {
+        let last = self.last_seq.unwrap_or(0);
+        // The checkpoint's own record follows the one it signs.
+        self.signed_through
+            .map_or(last, |through| last.saturating_sub(through + 1))
+    }
+}
+
+/// Why checkpoint `v` (at `seq`, after `prev_hash`) does not sign its place in the chain with
+/// one of `keys`.
+fn checkpoint_fault(
+    v: &Value,
+    seq: u64,
+    prev_hash: &str,
+    keys: &crate::ca::Jwks,
+) -> Option<String> {
+    let Some(jws) = v["signature"].as_str() else {
+        return Some("checkpoint without a signature".into());
+    };
+    let claims = match keys.verify(jws, crate::ca::CHECKPOINT_TYP) {
+        Ok(claims) => claims,
+        Err(why) => return Some(format!("checkpoint signature: {why}")),
+    };
+    let before = seq.checked_sub(1)?;
+    if claims["through_seq"] != before
+        || claims["through_hash"] != prev_hash
+        || v["through_seq"] != before
+    {
+        return Some(format!(
+            "checkpoint signs seq {} with hash {}, not the record before it (seq {before}): \
+             copied from elsewhere in the chain or edited",
+            claims["through_seq"], claims["through_hash"]
+        ));
+    }
+    None
 }
 
 /// Whether `torn` (an unterminated last line) can be what a crash left of the record after
@@ -2205,8 +2386,9 @@ fn has_rotated_siblings(path: &Path, given: &[PathBuf], head: u64) -> bool {
 }
 
 /// Verifies the chain across `paths`, put in chain order (by each file's first `seq`; a file
-/// without a readable first record keeps its place after those).
-pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
+/// without a readable first record keeps its place after those), and with `keys` the
+/// signature of every `audit.checkpoint`.
+pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<Verification> {
     for path in paths {
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => {}
@@ -2359,8 +2541,19 @@ pub fn verify(paths: &[PathBuf]) -> io::Result<Verification> {
             if v["event"] == "audit.repair" {
                 out.repairs.push((path.clone(), n));
             }
+            if v["event"] == "audit.checkpoint" {
+                if let Some(keys) = keys {
+                    if let Some(why) = checkpoint_fault(&v, seq, p, keys) {
+                        out.broken = fail(why);
+                        return Ok(out);
+                    }
+                    out.signed_through = Some(seq - 1);
+                }
+                out.checkpoints += 1;
+            }
             prev = Some(hash.to_owned());
             prev_seq = Some(seq);
+            out.last_seq = Some(seq);
             out.events += 1;
             if bytes.last() != Some(&b'\n') {
                 out.unterminated = Some((path.clone(), n));
@@ -2785,7 +2978,7 @@ mod tests {
         a.record_later(event("at-drop"));
         drop(a);
         assert!(std::fs::read_to_string(&path).unwrap().contains("at-drop"));
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 4);
     }
@@ -2809,7 +3002,7 @@ mod tests {
         let syncs = a.stats.syncs.load(Ordering::Relaxed);
         assert!(syncs >= 1, "fsync mode never ran fdatasync");
         drop(a);
-        let v = verify(&[dir.path().join("audit.jsonl")]).unwrap();
+        let v = verify(&[dir.path().join("audit.jsonl")], None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 200);
     }
@@ -2872,7 +3065,7 @@ mod tests {
         }
         workers.stop();
         drop(a);
-        let v = verify(&[dir.path().join("audit.jsonl")]).unwrap();
+        let v = verify(&[dir.path().join("audit.jsonl")], None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
     }
 
@@ -2943,7 +3136,7 @@ mod tests {
         let events = a.stats.events.load(Ordering::Relaxed);
         drop(a);
         let path = dir.path().join("audit.jsonl");
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 16 * 200 * 2);
         assert_eq!(events, 16 * 200 * 2);
@@ -3044,7 +3237,7 @@ mod tests {
         within(a.record(event("next"))).await.unwrap();
         drop(a);
         assert_eq!(names(&path), [&written[..], &["next"]].concat());
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
     }
 
@@ -3061,7 +3254,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let verify_with = |content: &str| {
             std::fs::write(&path, content).unwrap();
-            verify(std::slice::from_ref(&path)).unwrap()
+            verify(std::slice::from_ref(&path), None).unwrap()
         };
         // The last record edited and its line break removed: an edit, not a torn write.
         let edited = text.replace("\"e2\"", "\"eX\"");
@@ -3084,7 +3277,7 @@ mod tests {
             let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
             a.record(event("after")).await.unwrap();
         }
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none() && v.unterminated.is_none(), "{v:?}");
         assert_eq!((v.events, v.repairs.len()), (5, 1), "{v:?}");
         let log = std::fs::read_to_string(&path).unwrap();
@@ -3100,7 +3293,7 @@ mod tests {
         }
         let log = std::fs::read_to_string(&path).unwrap();
         assert!(log.starts_with(&edited), "the edited line was cut: {log}");
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(5), "{v:?}");
         let repair: Value = serde_json::from_str(log.lines().nth(5).unwrap()).unwrap();
         assert_eq!(repair["event"], "audit.repair", "{repair}");
@@ -3128,13 +3321,13 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         // A power loss may leave the file's new end zero-filled: a torn write, cut off.
         std::fs::write(&path, format!("{text}\0\0\0\0")).unwrap();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_some(), "{v:?}");
         drop(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
         let log = std::fs::read_to_string(&path).unwrap();
         assert!(log.starts_with(&text) && !log.contains('\0'), "{log:?}");
         assert!(
-            verify(std::slice::from_ref(&path))
+            verify(std::slice::from_ref(&path), None)
                 .unwrap()
                 .broken
                 .is_none()
@@ -3151,7 +3344,7 @@ mod tests {
             after.starts_with(&format!("{edited}\n")),
             "the edit was cut: {after}"
         );
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(4), "{v:?}");
         let repair: Value = serde_json::from_str(after.lines().nth(4).unwrap()).unwrap();
         assert!(repair["invalid_line_sha256"].is_string(), "{repair}");
@@ -3188,7 +3381,7 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(100));
         let path = dir.path().join("audit.jsonl");
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 4);
 
@@ -3197,17 +3390,17 @@ mod tests {
         // Edit
         let edited = text.replace("\"e1\"", "\"eX\"");
         std::fs::write(&path, &edited).unwrap();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(2), "{:?}", v.broken);
         // Delete a line in the middle
         let deleted = format!("{}\n{}\n{}\n", lines[0], lines[2], lines[3]);
         std::fs::write(&path, &deleted).unwrap();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(2), "{:?}", v.broken);
         // Delete the first line (nothing rotated beside it to hold it)
         let headless = format!("{}\n{}\n{}\n", lines[1], lines[2], lines[3]);
         std::fs::write(&path, &headless).unwrap();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(1), "{:?}", v.broken);
         // A byte that is not UTF-8, in the middle: that line, not an I/O error
         let mut garbled = lines[0].as_bytes().to_vec();
@@ -3215,13 +3408,13 @@ mod tests {
         garbled.extend(lines[2].as_bytes());
         garbled.push(b'\n');
         std::fs::write(&path, &garbled).unwrap();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.1), Some(2), "{:?}", v.broken);
         // Swap two lines
         let swapped = format!("{}\n{}\n{}\n{}\n", lines[0], lines[2], lines[1], lines[3]);
         std::fs::write(&path, &swapped).unwrap();
         assert!(
-            verify(std::slice::from_ref(&path))
+            verify(std::slice::from_ref(&path), None)
                 .unwrap()
                 .broken
                 .is_some()
@@ -3233,13 +3426,13 @@ mod tests {
             format!("{text}{{\"seq\":5,\"prev_hash\":\"{}", &last_hash[..20]),
         )
         .unwrap();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_some(), "{v:?}");
         {
             let a = Audit::open(cfg(dir.path(), Durability::Fsync), OPENER).unwrap();
             a.record(event("after-repair")).await.unwrap();
         }
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
         assert!(v.broken.is_none() && v.torn_tail.is_none(), "{v:?}");
         let text = std::fs::read_to_string(&path).unwrap();
         let repair: Value = text
@@ -3274,7 +3467,7 @@ mod tests {
         let a = Audit::open(c, OPENER).unwrap();
         a.record(event("after")).await.unwrap();
         drop(a);
-        let v = verify(&rotated_then_live(dir.path())).unwrap();
+        let v = verify(&rotated_then_live(dir.path()), None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         // The new file's first event continues the sequence of the rotated ones.
         let live = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
@@ -3330,7 +3523,7 @@ mod tests {
             a.record(event(&format!("event-number-{i}"))).await.unwrap();
         }
         let files = rotated_then_live(dir.path());
-        let v = verify(&files).unwrap();
+        let v = verify(&files, None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.events, 10);
         assert_eq!(v.starts_at, None);
@@ -3338,7 +3531,7 @@ mod tests {
         let mut shuffled = files.clone();
         shuffled.rotate_left(1);
         shuffled.reverse();
-        let v = verify(&shuffled).unwrap();
+        let v = verify(&shuffled, None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!((v.events, &v.order), (10, &files));
         // Every file given, the oldest's first line deleted: nothing else could hold it.
@@ -3346,7 +3539,7 @@ mod tests {
         let text = std::fs::read_to_string(oldest).unwrap();
         let rest: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
         std::fs::write(oldest, &rest).unwrap();
-        let v = verify(&files).unwrap();
+        let v = verify(&files, None).unwrap();
         assert_eq!(
             v.broken.as_ref().map(|b| (&b.0, b.1)),
             Some((oldest, 1)),
@@ -3355,7 +3548,7 @@ mod tests {
         std::fs::write(oldest, &text).unwrap();
         // The live file alone continues rotated ones: fine, and said so.
         let live = files.last().unwrap();
-        let v = verify(std::slice::from_ref(live)).unwrap();
+        let v = verify(std::slice::from_ref(live), None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert!(v.starts_at.is_some_and(|s| s > 1), "{v:?}");
     }
@@ -3399,7 +3592,7 @@ mod tests {
         );
         let mut kept = rotated.clone();
         kept.push(live.clone());
-        let v = verify(&kept).unwrap();
+        let v = verify(&kept, None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.pruned_through, Some(first_kept - 1));
         assert_eq!(v.events, last_seq - (first_kept - 1));
@@ -3407,7 +3600,7 @@ mod tests {
         // operator's copy beside it, of the live file, holds no records before it).
         std::fs::copy(&live, &copy).unwrap();
         std::fs::remove_file(&rotated[0]).unwrap();
-        let v = verify(&kept[1..]).unwrap();
+        let v = verify(&kept[1..], None).unwrap();
         let broken = v
             .broken
             .expect("a deleted file must break the chain's start");
@@ -3438,7 +3631,7 @@ mod tests {
         assert!(back.exists(), "the newer records were deleted");
         let mut kept = rotated_files(&live);
         kept.push(live.clone());
-        let v = verify(&kept).unwrap();
+        let v = verify(&kept, None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert!(v.pruned_through.is_some_and(|t| t < kept_seq), "{v:?}");
         // A file of another user is not the daemon's to delete, and nothing newer goes around
@@ -3459,7 +3652,7 @@ mod tests {
         assert_eq!(rotated_files(&live).len(), 3, "files were deleted past it");
         let mut all = rotated_files(&live);
         all.push(live.clone());
-        let v = verify(&all).unwrap();
+        let v = verify(&all, None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
     }
 
@@ -3475,5 +3668,160 @@ mod tests {
         ] {
             assert!(!is_rotation_stamp(other), "{other}");
         }
+    }
+
+    /// A node CA in `dir` and the key set that verifies what it signs.
+    fn node_ca(dir: &Path) -> (crate::ca::NodeCa, crate::ca::Jwks) {
+        let (cert, key) = crate::ca::init(dir, "test-node").unwrap();
+        let ca = crate::ca::NodeCa::load(&crate::ca::RawCa {
+            cert,
+            key,
+            leaf_ttl: "1h".into(),
+        })
+        .unwrap();
+        let jwks = crate::ca::Jwks::parse(&ca.jwks().to_string()).unwrap();
+        (ca, jwks)
+    }
+
+    /// `path`'s records rewritten from the first whose text contains `from` on: `edit` applied
+    /// to their text and every hash after recomputed, as one who may write the file can.
+    fn rewrite_chain(path: &Path, from: &str, edit: impl Fn(&str) -> String) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut out = String::new();
+        let mut prev: Option<String> = None;
+        for line in text.lines() {
+            let (body, hash) = unseal(line).unwrap();
+            match &prev {
+                None if !line.contains(from) => {
+                    out.push_str(line);
+                    out.push('\n');
+                    prev = Some(hash.to_owned());
+                    continue;
+                }
+                _ => {}
+            }
+            // {"seq":N,"prev_hash":"…",<members>}
+            let seq = serde_json::from_str::<Value>(&body).unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+            let members = body.split_once("\",").unwrap().1.strip_suffix('}').unwrap();
+            let before = prev.clone().unwrap_or_else(|| GENESIS.to_owned());
+            let (sealed, hash) = seal_line(seq, &before, &Event(edit(members).into_bytes()));
+            out.push_str(std::str::from_utf8(&sealed).unwrap());
+            prev = Some(hash);
+        }
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn checkpoints_sign_the_chain_so_a_rewrite_needs_the_ca_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, jwks) = node_ca(&dir.path().join("ca"));
+        let path = dir.path().join("audit.jsonl");
+        let mut c = cfg(dir.path(), Durability::Write);
+        c.checkpoint_interval = "100ms".into();
+        {
+            let a = Audit::open(c.clone(), OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer());
+            a.record_blocking(event("first")).unwrap();
+            assert!(
+                shows_up(&path, "audit.checkpoint", Duration::from_secs(5)),
+                "no checkpoint within the interval"
+            );
+            a.record_blocking(event("second")).unwrap();
+            // Nothing else: the stop signs "second".
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["event"], "audit.checkpoint", "{text}");
+        assert_eq!(last["through_seq"], 3, "{text}");
+        assert_eq!(last["records"], 1, "{text}");
+        assert_eq!(last["kid"], ca.kid());
+        // No empty checkpoints while nothing is written.
+        assert_eq!(text.matches("audit.checkpoint").count(), 2, "{text}");
+        let v = verify(std::slice::from_ref(&path), Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(
+            (v.checkpoints, v.signed_through, v.unsigned()),
+            (2, Some(3), 0)
+        );
+
+        // Another node's key set does not hold the key.
+        let (_, other) = node_ca(&dir.path().join("other"));
+        let v = verify(std::slice::from_ref(&path), Some(&other)).unwrap();
+        let (_, line, why) = v.broken.unwrap();
+        assert_eq!(line, 2);
+        assert!(why.contains("does not hold"), "{why}");
+
+        // An edit with every hash recomputed passes the bare chain, not the signatures.
+        rewrite_chain(&path, "\"second\"", |m| m.replace("second", "benign"));
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        let v = verify(std::slice::from_ref(&path), Some(&jwks)).unwrap();
+        let (_, line, why) = v.broken.unwrap();
+        assert_eq!(line, 4, "{why}");
+        assert!(why.contains("not the record before it"), "{why}");
+
+        // Dropping the checkpoints after the edit leaves it unsigned, which verify reports.
+        let kept: Vec<&str> = text.lines().take(2).collect();
+        std::fs::write(&path, format!("{}\n", kept.join("\n"))).unwrap();
+        let mut more = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let (line, _) = seal_line(3, unseal(kept[1]).unwrap().1, &Event::new("forged"));
+        more.write_all(&line).unwrap();
+        let v = verify(std::slice::from_ref(&path), Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!((v.signed_through, v.unsigned()), (Some(1), 1));
+    }
+
+    #[test]
+    fn a_rotated_file_ends_signed_and_a_restart_signs_what_a_crash_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, jwks) = node_ca(&dir.path().join("ca"));
+        let logs = dir.path().join("log");
+        let live = logs.join("audit.jsonl");
+        let mut c = cfg(&logs, Durability::Write);
+        c.max_file_bytes = 4096;
+        // Longer than the test: only rotations and stops sign.
+        c.checkpoint_interval = "1h".into();
+        {
+            let a = Audit::open(c.clone(), OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer());
+            for i in 0..40 {
+                a.record_blocking(event(&format!("event-number-{i:0>200}")))
+                    .unwrap();
+            }
+        }
+        let files = rotated_then_live(&logs);
+        assert!(files.len() > 2, "{files:?}");
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+            assert_eq!(last["event"], "audit.checkpoint", "{}", f.display());
+        }
+        let v = verify(&files, Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.unsigned(), 0);
+        // A rotated file alone verifies up to its end.
+        let v = verify(&files[..1], Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.unsigned(), 0);
+
+        // A run without a stop (its checkpoint cut off, as a kill leaves it): the next run's
+        // first checkpoint signs its records.
+        let text = std::fs::read_to_string(&live).unwrap();
+        let cut = text.trim_end().rfind('\n').map_or(0, |i| i + 1);
+        std::fs::write(&live, &text[..cut]).unwrap();
+        let v = verify(&files, Some(&jwks)).unwrap();
+        assert!(v.unsigned() > 0);
+        {
+            let a = Audit::open(c, OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer());
+        }
+        let v = verify(&files, Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.unsigned(), 0);
     }
 }

@@ -295,15 +295,10 @@ pub struct NodeCa {
     above: Vec<CertificateDer<'static>>,
     /// The CA key as p256 knows it (for the JWKS).
     signer: SigningKey,
-    /// The same key as ring knows it: signing with ring's P-256 is several times faster, and
-    /// every forwarded request carries a fresh assertion.
-    jws_key: ring::signature::EcdsaKeyPair,
-    rng: ring::rand::SystemRandom,
-    kid: String,
-    /// The JWS protected header (`alg`, `typ`, `kid`), base64url-encoded once.
-    jws_header: String,
-    /// `jws_header` and a dot.
-    token_prefix: Arc<str>,
+    /// The identity assertions' signer (`typ` `JWT`).
+    assertions: JwsSigner,
+    /// The audit checkpoints' signer (the same key, `typ` [`CHECKPOINT_TYP`]).
+    checkpoints: Arc<JwsSigner>,
     leaf_ttl: Duration,
     cache: Mutex<ByWorkload<Arc<Leaf>>>,
     /// Certificates minted so far.
@@ -393,19 +388,11 @@ impl NodeCa {
                 )
             })?;
         let leaf_ttl = parse_ttl(&cfg.leaf_ttl).map_err(Error::Invalid)?;
-        let public = signer.verifying_key().to_encoded_point(false);
-        let rng = ring::rand::SystemRandom::new();
-        // From the scalar and the point: PKCS#8 files without the optional public key work too.
-        let jws_key = ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &signer.to_bytes(),
-            public.as_bytes(),
-            &rng,
-        )
-        .map_err(|e| invalid(&format!("CA key {}", cfg.key.display()), e.to_string()))?;
-        let kid = hex16(&Sha256::digest(public.as_bytes()));
-        let jws_header = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(json!({"alg": "ES256", "typ": "JWT", "kid": kid}).to_string());
+        let jws = |typ| {
+            JwsSigner::new(&signer, typ)
+                .map_err(|e| invalid(&format!("CA key {}", cfg.key.display()), e))
+        };
+        let (assertions, checkpoints) = (jws(ASSERTION_TYP)?, Arc::new(jws(CHECKPOINT_TYP)?));
         let ca = Self {
             files_digest: files_digest(&cert_pem, &key_text),
             issuer,
@@ -414,11 +401,8 @@ impl NodeCa {
             above,
             ca_der: CertificateDer::from(ca_der.clone()),
             signer,
-            jws_key,
-            rng,
-            kid,
-            token_prefix: Arc::from(format!("{jws_header}.")),
-            jws_header,
+            assertions,
+            checkpoints,
             leaf_ttl,
             cache: Mutex::default(),
             mints: AtomicU64::new(0),
@@ -460,12 +444,18 @@ impl NodeCa {
 
     /// The key id of the assertions' signing key (as in the JWKS).
     pub fn kid(&self) -> &str {
-        &self.kid
+        &self.assertions.kid
     }
 
     /// How every assertion this CA signs starts: its encoded JWS header and the dot after it.
     pub fn token_prefix(&self) -> Arc<str> {
-        self.token_prefix.clone()
+        self.assertions.prefix.clone()
+    }
+
+    /// A signer of audit checkpoints with this CA's key (`typ`
+    /// [`CHECKPOINT_TYP`]: never taken for an assertion, nor an assertion for a checkpoint).
+    pub fn checkpoint_signer(&self) -> Arc<JwsSigner> {
+        self.checkpoints.clone()
     }
 
     /// Whether the files at `cfg`'s paths now hold something else than what was loaded (a
@@ -536,19 +526,81 @@ impl NodeCa {
         })
     }
 
-    /// A compact JWS (ES256) over `claims`.
+    /// An identity assertion: a compact JWS (ES256) over `claims`.
+    pub fn sign(&self, claims: &impl serde::Serialize) -> String {
+        self.assertions.sign(claims)
+    }
+
+    /// The JSON Web Key Set that verifies [`NodeCa::sign`] (and the audit checkpoints).
+    pub fn jwks(&self) -> Value {
+        let public = p256::PublicKey::from(self.signer.verifying_key());
+        let mut jwk: Value = serde_json::from_str(&public.to_jwk_string()).unwrap_or(json!({}));
+        jwk["kid"] = Value::from(self.kid());
+        jwk["alg"] = Value::from("ES256");
+        jwk["use"] = Value::from("sig");
+        json!({"keys": [jwk]})
+    }
+}
+
+/// The JWS `typ` of identity assertions.
+const ASSERTION_TYP: &str = "JWT";
+
+/// The JWS `typ` of audit checkpoints (`audit.checkpoint` events).
+pub const CHECKPOINT_TYP: &str = "interceptor-audit-checkpoint+jwt";
+
+/// Signs compact JWS (ES256) with one key and one protected header (`alg`, `typ`, `kid`).
+pub struct JwsSigner {
+    /// The key as ring knows it: signing with ring's P-256 is several times faster than
+    /// p256's, and every forwarded request carries a fresh assertion.
+    key: ring::signature::EcdsaKeyPair,
+    rng: ring::rand::SystemRandom,
+    /// The key id (as in the JWKS): the first 8 bytes of the SHA-256 of the public point, hex.
+    kid: String,
+    /// The protected header, base64url-encoded once, and the dot after it.
+    prefix: Arc<str>,
+}
+
+impl JwsSigner {
+    fn new(signer: &SigningKey, typ: &str) -> Result<Self, String> {
+        let public = signer.verifying_key().to_encoded_point(false);
+        let rng = ring::rand::SystemRandom::new();
+        // From the scalar and the point: PKCS#8 files without the optional public key work too.
+        let key = ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &signer.to_bytes(),
+            public.as_bytes(),
+            &rng,
+        )
+        .map_err(|e| e.to_string())?;
+        let kid = hex16(&Sha256::digest(public.as_bytes()));
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"alg": "ES256", "typ": typ, "kid": kid}).to_string());
+        Ok(Self {
+            key,
+            rng,
+            kid,
+            prefix: Arc::from(format!("{header}.")),
+        })
+    }
+
+    /// The key id the JWS header names.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// A compact JWS over `claims`.
     pub fn sign(&self, claims: &impl serde::Serialize) -> String {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         // Serialising plain data to a Vec cannot fail; an empty payload would fail upstream.
         let payload = serde_json::to_vec(claims).unwrap_or_default();
-        let mut jws = String::with_capacity(self.jws_header.len() + payload.len() * 4 / 3 + 100);
-        jws.push_str(&self.jws_header);
-        jws.push('.');
+        let mut jws = String::with_capacity(self.prefix.len() + payload.len() * 4 / 3 + 100);
+        jws.push_str(&self.prefix);
         b64.encode_string(&payload, &mut jws);
         // ring fails only if the system RNG does; an empty signature then fails verification
-        // upstream (the request is refused there) rather than the daemon panicking.
+        // (the request is refused upstream, the checkpoint by `audit verify`) rather than the
+        // daemon panicking.
         let sig = self
-            .jws_key
+            .key
             .sign(&self.rng, jws.as_bytes())
             .map(|s| s.as_ref().to_vec())
             .unwrap_or_default();
@@ -556,15 +608,79 @@ impl NodeCa {
         b64.encode_string(&sig, &mut jws);
         jws
     }
+}
 
-    /// The JSON Web Key Set that verifies [`NodeCa::sign`].
-    pub fn jwks(&self) -> Value {
-        let public = p256::PublicKey::from(self.signer.verifying_key());
-        let mut jwk: Value = serde_json::from_str(&public.to_jwk_string()).unwrap_or(json!({}));
-        jwk["kid"] = Value::from(self.kid.as_str());
-        jwk["alg"] = Value::from("ES256");
-        jwk["use"] = Value::from("sig");
-        json!({"keys": [jwk]})
+/// Public keys read from a JSON Web Key Set (`interceptor ca jwks`), by key id: what verifies
+/// audit checkpoints.
+#[derive(Debug)]
+pub struct Jwks {
+    keys: Vec<(String, p256::ecdsa::VerifyingKey)>,
+}
+
+impl Jwks {
+    /// Reads a key set (`{"keys": [...]}`, or a single key): its P-256 keys that have a `kid`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let list = match v.get("keys") {
+            Some(Value::Array(keys)) => keys.clone(),
+            Some(_) => return Err("\"keys\" is not an array".into()),
+            None => vec![v],
+        };
+        let mut keys = Vec::new();
+        for (i, k) in list.iter().enumerate() {
+            if k["kty"] != "EC" || k["crv"] != "P-256" {
+                continue;
+            }
+            let Some(kid) = k["kid"].as_str() else {
+                return Err(format!("key {i} has no \"kid\""));
+            };
+            let jwk = json!({"kty": "EC", "crv": "P-256", "x": k["x"], "y": k["y"]}).to_string();
+            let public = p256::PublicKey::from_jwk_str(&jwk)
+                .map_err(|e| format!("key {i} ({kid}) is not a P-256 public key: {e}"))?;
+            keys.push((kid.to_owned(), p256::ecdsa::VerifyingKey::from(public)));
+        }
+        if keys.is_empty() {
+            return Err("no P-256 key (kty EC, crv P-256) in it".into());
+        }
+        Ok(Self { keys })
+    }
+
+    /// The claims of compact JWS `token` if it is an ES256 signature of type `typ` by one of
+    /// these keys; why not otherwise.
+    pub fn verify(&self, token: &str, typ: &str) -> Result<Value, String> {
+        use p256::ecdsa::signature::Verifier;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = token.split('.');
+        let (Some(head), Some(body), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("not a compact JWS (three base64url parts)".into());
+        };
+        let decode = |part: &str, what: &str| {
+            b64.decode(part)
+                .map_err(|e| format!("its {what} is not base64url: {e}"))
+        };
+        let header: Value = serde_json::from_slice(&decode(head, "header")?)
+            .map_err(|e| format!("its header is not JSON: {e}"))?;
+        if header["alg"] != "ES256" || header["typ"] != typ {
+            return Err(format!(
+                "its header says alg {} typ {}, not ES256 {typ}",
+                header["alg"], header["typ"]
+            ));
+        }
+        let kid = header["kid"].as_str().unwrap_or_default();
+        let Some((_, key)) = self.keys.iter().find(|(k, _)| k == kid) else {
+            return Err(format!(
+                "signed with key {kid:?}, which the key set given does not hold (a node CA \
+                 renewed since? add its earlier key)"
+            ));
+        };
+        let sig = p256::ecdsa::Signature::from_slice(&decode(sig, "signature")?)
+            .map_err(|e| format!("its signature is malformed: {e}"))?;
+        key.verify(format!("{head}.{body}").as_bytes(), &sig)
+            .map_err(|_| format!("its signature does not verify with key {kid}"))?;
+        serde_json::from_slice(&decode(body, "payload")?)
+            .map_err(|e| format!("its payload is not JSON: {e}"))
     }
 }
 
@@ -689,6 +805,29 @@ mod tests {
             leaf_ttl: ttl.into(),
         })
         .unwrap()
+    }
+
+    #[test]
+    fn an_assertion_never_passes_for_a_checkpoint_nor_the_reverse() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path(), "1h");
+        let jwks = Jwks::parse(&ca.jwks().to_string()).unwrap();
+        let claims = json!({"through_seq": 1, "through_hash": "00"});
+        let assertion = ca.sign(&claims);
+        let checkpoint = ca.checkpoint_signer().sign(&claims);
+        assert_eq!(jwks.verify(&checkpoint, CHECKPOINT_TYP).unwrap(), claims);
+        assert_eq!(jwks.verify(&assertion, ASSERTION_TYP).unwrap(), claims);
+        let e = jwks.verify(&assertion, CHECKPOINT_TYP).unwrap_err();
+        assert!(e.contains("not ES256 interceptor-audit-checkpoint"), "{e}");
+        assert!(jwks.verify(&checkpoint, ASSERTION_TYP).is_err());
+        // A signature over other claims (the payload swapped) does not verify.
+        let mut parts: Vec<&str> = checkpoint.split('.').collect();
+        let other = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"through_seq": 2, "through_hash": "00"}).to_string());
+        parts[1] = &other;
+        let e = jwks.verify(&parts.join("."), CHECKPOINT_TYP).unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+        assert!(Jwks::parse("{\"keys\": []}").is_err());
     }
 
     #[test]

@@ -755,6 +755,9 @@ impl Validator<'_> {
                  one): 1 would delete each file as it is rotated",
             ));
         }
+        audit
+            .checkpoint_every()
+            .map_err(|m| self.invalid("audit.checkpoint_interval", m))?;
         if let Some((i, k)) = audit
             .redact_keys
             .iter()
@@ -1262,6 +1265,11 @@ upstream = "[::ffff:10.9.9.9]:9000"
         assert!(e.contains("proxy.body_timeout"), "{e}");
         let e = err("[proxy]\nmax_batch = 0\n");
         assert!(e.contains("max_batch at least 1"), "{e}");
+        let e = err("[audit]\ncheckpoint_interval = '10ms'\n");
+        assert!(
+            e.contains("audit.checkpoint_interval") && e.contains("from 100ms"),
+            "{e}"
+        );
         let e = err("[audit]\nmax_files = 1\n");
         assert!(
             e.contains("audit.max_files") && e.contains("at least 2"),

@@ -1174,6 +1174,13 @@ impl Daemon {
                 "syncs": self.audit.stats.syncs.load(Ordering::Relaxed),
                 // Total time in fdatasync, µs (the mean over syncs is what fsync mode adds).
                 "sync_us": self.audit.stats.sync_micros.load(Ordering::Relaxed),
+                // audit.checkpoint events written, and the last record one signs (null: no
+                // [ca], or none yet): a copy of the log verifies through it.
+                "checkpoints": self.audit.stats.checkpoints.load(Ordering::Relaxed),
+                "signed_through": match self.audit.stats.signed_through.load(Ordering::Relaxed) {
+                    0 => None,
+                    seq => Some(seq),
+                },
             },
             "counters": {
                 "kernel": kernel,
@@ -1404,6 +1411,12 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             path: path.clone(),
             error,
         })?;
+    match &ca {
+        Some(ca) => audit.sign_checkpoints(ca.checkpoint_signer()),
+        None => info!(
+            "no [ca]: the audit log is hash-chained but not signed (no audit.checkpoint events)"
+        ),
+    }
     let worker_count = config.daemon.worker_count();
     let upstreams = config
         .servers

@@ -239,7 +239,8 @@ enum CaCommand {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
-    /// Print the JSON Web Key Set that verifies the identity assertions.
+    /// Print the JSON Web Key Set that verifies the identity assertions and the audit
+    /// checkpoints (`interceptor audit verify --jwks`).
     Jwks {
         #[command(flatten)]
         config: ConfigArg,
@@ -251,16 +252,25 @@ enum AuditCommand {
     /// Check the hash chain of audit files (oldest first; rotated files before the live one).
     /// Exits non-zero on any edit, deletion, reordering or truncation in the middle; a torn
     /// last line (a crash mid-write) is reported but is not a failure, nor is a start that an
-    /// `audit.pruned` event names (files deleted by `[audit] max_files`).
+    /// `audit.pruned` event names (files deleted by `[audit] max_files`). With `--jwks`, also
+    /// the signature of every `audit.checkpoint`: the chain up to the last one was written by
+    /// the holder of the node CA key.
     Verify {
         /// Audit files (the live one and rotated ones, any order: they are put in chain order).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Fail when the chain given starts after seq 1 and no `audit.pruned` event in it says
         /// why (without it, that is a note when other files beside the log may hold the
-        /// records before: deleting the oldest files is then noticed only by this flag).
+        /// records before: deleting the oldest files is then noticed only by this flag); with
+        /// `--jwks`, also when records follow the last checkpoint (a live log has up to
+        /// `[audit] checkpoint_interval` of them: verify a copy made after a stop, or later).
         #[arg(long)]
         strict: bool,
+        /// Verify the checkpoints' signatures with this JSON Web Key Set (what `interceptor ca
+        /// jwks` prints; keep the keys of earlier node CAs in it to verify older files). Fails
+        /// on a checkpoint that does not verify and on a chain with no checkpoint.
+        #[arg(long, value_name = "FILE")]
+        jwks: Option<PathBuf>,
     },
     /// Print audit events readably (the file from `[audit] path` of the config; without a
     /// config file at the default path, the default log).
@@ -692,8 +702,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&ca.jwks())?);
             Ok(())
         }
-        Command::Audit(AuditCommand::Verify { paths, strict }) => {
-            let v = audit::verify(&paths)?;
+        Command::Audit(AuditCommand::Verify {
+            paths,
+            strict,
+            jwks,
+        }) => {
+            let keys = jwks
+                .as_ref()
+                .map(|file| {
+                    let text = std::fs::read_to_string(file)
+                        .with_context(|| format!("cannot read the key set {}", file.display()))?;
+                    interceptor::ca::Jwks::parse(&text).map_err(|why| {
+                        anyhow::anyhow!(
+                            "{} is not a usable JSON Web Key Set ({why}); pass what \
+                             `interceptor ca jwks` prints",
+                            file.display()
+                        )
+                    })
+                })
+                .transpose()?;
+            let v = audit::verify(&paths, keys.as_ref())?;
             if let Some((path, line, why)) = v.broken {
                 bail!(
                     "audit chain broken at {}:{line}: {why} ({} valid event(s) before it)",
@@ -711,11 +739,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      or verify without --strict if they are kept elsewhere"
                 );
             }
+            if let Some(file) = &jwks {
+                let Some(through) = v.signed_through else {
+                    bail!(
+                        "no audit.checkpoint in the chain given, so nothing in it is signed: the \
+                         daemon had no [ca], the files end within [audit] checkpoint_interval \
+                         of its start, or the checkpoints were removed ({} verifies nothing)",
+                        file.display()
+                    );
+                };
+                let unsigned = v.unsigned();
+                if strict && unsigned > 0 {
+                    bail!(
+                        "{unsigned} record(s) after seq {through} follow the last checkpoint, so \
+                         nothing signs them (--strict): they were written less than [audit] \
+                         checkpoint_interval before this copy, the daemon was killed, or they \
+                         were altered"
+                    );
+                }
+            }
             println!(
                 "audit chain intact: {} event(s) in {} file(s)",
                 v.events,
                 paths.len()
             );
+            match (&jwks, v.signed_through) {
+                (Some(file), Some(through)) => {
+                    println!(
+                        "signed: {} checkpoint(s) verify with {}; the records through seq \
+                         {through} are signed",
+                        v.checkpoints,
+                        file.display()
+                    );
+                    let unsigned = v.unsigned();
+                    if unsigned > 0 {
+                        println!(
+                            "note: {unsigned} record(s) after seq {through} follow the last \
+                             checkpoint and are not signed: written less than [audit] \
+                             checkpoint_interval before this copy, or the daemon was killed \
+                             (its next start signs them), or altered"
+                        );
+                    }
+                }
+                _ if v.checkpoints > 0 => println!(
+                    "note: {} signed checkpoint(s) not checked; pass --jwks with what \
+                     `interceptor ca jwks` prints to verify who wrote the chain",
+                    v.checkpoints
+                ),
+                _ => {}
+            }
             if v.order != paths {
                 let order: Vec<String> = v.order.iter().map(|p| p.display().to_string()).collect();
                 println!("note: verified in chain order: {}", order.join(", "));
@@ -1255,8 +1327,13 @@ fn print_status(s: &Value) {
         .as_u64()
         .map(|w| format!(" in {w} write(s)"))
         .unwrap_or_default();
+    let signed = match a["signed_through"].as_u64() {
+        Some(seq) => format!(", signed through seq {seq}"),
+        None if a["checkpoints"].is_u64() && s["ca"].is_null() => ", not signed (no [ca])".into(),
+        None => String::new(),
+    };
     println!(
-        "audit: {} ({}), {}, {} event(s){writes}, {} failure(s), {syncs} sync(s){mean_sync}",
+        "audit: {} ({}), {}, {} event(s){writes}, {} failure(s), {syncs} sync(s){mean_sync}{signed}",
         str_of(&a["path"]),
         str_of(&a["durability"]),
         if a["healthy"] == Value::Bool(true) {

@@ -17,6 +17,7 @@ use interceptor_tests::{
 use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::{Value, json};
+use sha2::Digest as _;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
 const RMCP_PEER: &str = env!("CARGO_BIN_EXE_rmcp-peer");
@@ -448,6 +449,87 @@ cgroup = "{root}/**"
         before,
         "a failed handshake must send nothing"
     );
+
+    // The audit chain is signed with the node CA key: within the interval of the last record
+    // while the daemon runs, and at its stop; a copy verifies against `ca jwks`.
+    let signed = interceptor_tests::eventually(
+        std::time::Duration::from_secs(5),
+        || env.status()["audit"]["signed_through"].as_u64(),
+        || format!("no checkpoint in status: {}", env.status()["audit"]),
+    );
+    assert!(signed > 1, "{}", env.status()["audit"]);
+    env.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    let audit = env.audit_path();
+    let events = json_lines(&audit);
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "audit.checkpoint", "{last}");
+    assert_eq!(events[events.len() - 2]["event"], "daemon.stop");
+    let jwks_file = dir.join("jwks.json");
+    let out = env.cli(&["ca", "jwks"]);
+    assert!(out.status.success());
+    std::fs::write(&jwks_file, &out.stdout).unwrap();
+    let verify = |args: &[&Path]| {
+        let out = Command::new(interceptor_bin())
+            .args(["audit", "verify", "--strict", "--jwks"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = verify(&[&jwks_file, &audit]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("through seq {}", last["through_seq"])),
+        "{text}"
+    );
+    // An edit whose hashes were all recomputed (the bare chain passes) fails the signature.
+    let lines: Vec<String> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let forged = events
+        .iter()
+        .rposition(|e| e["event"] == "mcp.request")
+        .unwrap();
+    let mut prev = events[forged - 1]["hash"].as_str().unwrap().to_owned();
+    let mut out = lines[..forged].join("\n") + "\n";
+    for line in &lines[forged..] {
+        let (body, _) = line.rsplit_once(",\"hash\":").unwrap();
+        let (head, members) = body.split_once("\",").unwrap();
+        let members = members.replacen(
+            "\"event\":\"mcp.request\"",
+            "\"event\":\"mcp.request\",\"edited\":true",
+            1,
+        );
+        let seq = head
+            .trim_start_matches("{\"seq\":")
+            .split(',')
+            .next()
+            .unwrap();
+        let text = format!("{{\"seq\":{seq},\"prev_hash\":\"{prev}\",{members}}}");
+        prev = sha2::Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        out += &format!("{},\"hash\":\"{prev}\"}}\n", &text[..text.len() - 1]);
+    }
+    std::fs::write(&audit, out).unwrap();
+    let bare = Command::new(interceptor_bin())
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(bare.status.success(), "{bare:?}");
+    assert!(
+        std::fs::read_to_string(&audit)
+            .unwrap()
+            .contains("\"edited\":true")
+    );
+    let (ok, text) = verify(&[&jwks_file, &audit]);
+    assert!(!ok && text.contains("checkpoint"), "{text}");
 }
 
 /// Answers one HTTP/1.1 JSON-RPC POST on `stream` with a result for its id, then closes.
