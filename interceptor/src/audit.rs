@@ -427,9 +427,19 @@ fn cut_text(text: &str, bytes: usize, what: Option<usize>) -> String {
     }
 }
 
+/// Strings at least this long are redacted once per [`Redactor::finish`], however many times
+/// it renders them (up to eight times for arguments over the budget).
+const MEMO_MIN: usize = 1024;
+
+/// The redacted text of the long strings of one value, by the address and length of the
+/// string (the value is borrowed, unchanged, for as long as the memo lives).
+type Memo = std::cell::RefCell<std::collections::HashMap<(usize, usize), String>>;
+
 /// One rendering of a value: its redacted JSON text, shortened as `cut` says.
 struct Render<'r> {
     r: &'r Redactor,
+    /// Long strings already redacted by an earlier rendering of the same value.
+    memo: Option<&'r Memo>,
     out: Vec<u8>,
     cut: Cut,
     /// Whether anything was redacted (JSON inside a string is replaced only then).
@@ -498,6 +508,7 @@ impl Render<'_> {
             // Rendered aside: kept if small, else counted.
             let mut aside = Render {
                 r: self.r,
+                memo: self.memo,
                 out: Vec::new(),
                 cut: self.cut,
                 redacted: false,
@@ -531,6 +542,33 @@ impl Render<'_> {
     }
 
     fn string(&mut self, s: &str) {
+        let key = (s.as_ptr() as usize, s.len());
+        let memo = self.memo.filter(|_| s.len() >= MEMO_MIN);
+        if let Some(memo) = memo
+            && let Some((redacted, text)) = memo.borrow().get(&key).map(|t| (t != s, t))
+        {
+            self.redacted |= redacted;
+            self.put_string(text);
+            return;
+        }
+        let text = self.redact_string(s);
+        if let Some(memo) = memo {
+            memo.borrow_mut().insert(key, text.clone().into_owned());
+        }
+        self.put_string(&text);
+    }
+
+    /// `s` as written, cut as this rendering says.
+    fn put_string(&mut self, text: &str) {
+        if text.len() > self.cut.bytes {
+            json_into(&mut self.out, &cut_text(text, self.cut.bytes, None));
+        } else {
+            json_into(&mut self.out, text);
+        }
+    }
+
+    /// `s` with its secrets redacted (JSON inside it as JSON, then by shape).
+    fn redact_string<'s>(&mut self, s: &'s str) -> std::borrow::Cow<'s, str> {
         let mut text = std::borrow::Cow::Borrowed(s);
         // JSON inside a string (a request body, a config file) is redacted as JSON.
         let trimmed = s.trim();
@@ -542,6 +580,7 @@ impl Render<'_> {
         {
             let mut nested = Render {
                 r: self.r,
+                memo: None,
                 out: Vec::with_capacity(s.len()),
                 cut: Cut::NONE,
                 redacted: false,
@@ -560,11 +599,7 @@ impl Render<'_> {
             self.redacted = true;
             text = std::borrow::Cow::Owned(t);
         }
-        if text.len() > self.cut.bytes {
-            json_into(&mut self.out, &cut_text(&text, self.cut.bytes, None));
-        } else {
-            json_into(&mut self.out, text.as_ref());
-        }
+        text
     }
 }
 
@@ -619,9 +654,10 @@ impl Redactor {
         std::borrow::Cow::Owned(out)
     }
 
-    fn render(&self, target: Target<'_>, cut: Cut) -> Vec<u8> {
+    fn render(&self, target: Target<'_>, cut: Cut, memo: &Memo) -> Vec<u8> {
         let mut r = Render {
             r: self,
+            memo: Some(memo),
             out: Vec::with_capacity(256),
             cut,
             redacted: false,
@@ -645,7 +681,8 @@ impl Redactor {
     /// `head`: the first half of the budget of that text, and `members`, how many the top
     /// level has.
     fn finish(&self, target: Target<'_>) -> String {
-        let text = self.render(target, Cut::NONE);
+        let memo = Memo::default();
+        let text = self.render(target, Cut::NONE, &memo);
         if text.len() <= self.max_bytes {
             return String::from_utf8(text).unwrap_or_else(|_| "null".into());
         }
@@ -661,7 +698,7 @@ impl Redactor {
             String::from_utf8(out).unwrap_or_else(|_| "null".into())
         };
         for bytes in STRING_CUTS {
-            let shortened = self.render(target, Cut::to(bytes));
+            let shortened = self.render(target, Cut::to(bytes), &memo);
             if shortened.len() <= self.max_bytes {
                 return marker(&format!(r#""strings_cut_to":{bytes},"value":"#), &shortened);
             }
@@ -675,6 +712,7 @@ impl Redactor {
                     count_over: over,
                     ..Cut::to(last)
                 },
+                &memo,
             );
             if counted.len() <= self.max_bytes {
                 return marker(

@@ -23,7 +23,24 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// connection is closed with the refusal).
 const MAX_HEAD: usize = 64 * 1024;
 const HEAD_TOO_LONG: &str = "request head over 64 KiB";
+/// What hyper may buffer of a connection's unparsed input: a head up to [`MAX_HEAD`] and the
+/// start of what follows. (hyper parses its buffer from the start at each read, so a head
+/// trickled a byte at a time costs the square of what it may hold: 400 KiB by default.)
+pub const HYPER_MAX_BUF: usize = MAX_HEAD + 16 * 1024;
 const MAX_HEADERS: usize = 128;
+
+/// Whether `data`, read after `pending` (the start of a request head), may end the head: a
+/// blank line (`\r\n\r\n`, or `\n\n` which httparse also takes) in `data` or across the two.
+fn ends_head(pending: &[u8], data: &[u8]) -> bool {
+    let tail = &pending[pending.len().saturating_sub(3)..];
+    let mut seam = [0u8; 6];
+    let n = tail.len() + data.len().min(3);
+    seam[..tail.len()].copy_from_slice(tail);
+    seam[tail.len()..n].copy_from_slice(&data[..data.len().min(3)]);
+    let blank =
+        |w: &[u8]| w.windows(2).any(|p| p == b"\n\n") || w.windows(3).any(|p| p == b"\n\r\n");
+    blank(&seam[..n]) || blank(data)
+}
 
 /// Verdicts, one per request head, in order: `Err(reason)` for ambiguous framing.
 pub type Verdicts = Arc<Mutex<VecDeque<Result<(), String>>>>;
@@ -64,7 +81,11 @@ impl Scanner {
             return;
         }
         let mut pending = std::mem::take(&mut self.pending);
-        if pending.is_empty() {
+        if self.state == State::Head && !pending.is_empty() && !ends_head(&pending, data) {
+            // A head is parsed once it is whole, not again at every read of a trickled one
+            // (parsing from its start each time would cost the square of its length).
+            pending.extend_from_slice(data);
+        } else if pending.is_empty() {
             let used = self.consume(data);
             pending.extend_from_slice(&data[used..]);
         } else {
@@ -335,6 +356,23 @@ mod tests {
         // Byte by byte gives the same answer.
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(verdicts(&bytes), v);
+    }
+
+    #[test]
+    fn a_trickled_head_is_parsed_once_it_can_be_whole() {
+        // The blank line that ends a head, in the new bytes or across the seam.
+        assert!(ends_head(b"POST / HTTP/1.1\r\nA: b\r", b"\n\r\n"));
+        assert!(ends_head(b"POST / HTTP/1.1\r\nA: b\r\n\r", b"\n"));
+        assert!(ends_head(b"POST / HTTP/1.1\nA: b\n", b"\n"));
+        assert!(ends_head(b"P", b"OST / HTTP/1.1\r\n\r\n"));
+        assert!(!ends_head(b"POST / HTTP/1.1\r\nA: b\r", b"\n"));
+        assert!(!ends_head(b"POST / HTTP/1.1\r\n", b"A: b\r\n"));
+        // Bare line feeds, byte by byte: judged as in one read.
+        let head: &[u8] = b"POST / HTTP/1.1\nContent-Length: 2\nContent-Length: 2\n\nhi";
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        let v = verdicts(&bytes);
+        assert_eq!(v, verdicts(&[head]));
+        assert!(v[0].is_err(), "{v:?}");
     }
 
     #[test]

@@ -100,12 +100,27 @@ fn refuse_variants(obj: &Map<String, Value>, members: &[&str], within: &str) -> 
     for key in obj.keys() {
         if let Some(canon) = variant_of(key, members) {
             return Err(format!(
-                "{within} member {key:?} is a case or snake_case variant of {canon:?}; \
-                 refused as ambiguous"
+                "{within} member {} is a case or snake_case variant of {canon:?}; \
+                 refused as ambiguous",
+                quoted(key)
             ));
         }
     }
     Ok(())
+}
+
+/// `key` quoted for a message (an error answered to the agent, a log line), cut to its first
+/// 128 bytes: a key of megabytes must not become a log line of megabytes.
+fn quoted(key: &str) -> String {
+    const MAX: usize = 128;
+    if key.len() <= MAX {
+        return format!("{key:?}");
+    }
+    let mut end = MAX;
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}…[{} bytes]", &key[..end], key.len())
 }
 
 /// Why a body was refused, with the JSON-RPC code to answer with.
@@ -452,11 +467,13 @@ fn classify(value: Value) -> Result<Message, RpcError> {
         let folded = fold(key);
         if let Some(canon) = MEMBERS.iter().find(|m| **m == folded) {
             return Err(fail(format!(
-                "member {key:?} is a case variant of {canon:?}; refused as ambiguous"
+                "member {} is a case variant of {canon:?}; refused as ambiguous",
+                quoted(key)
             )));
         }
         return Err(fail(format!(
-            "unexpected member {key:?} in a JSON-RPC message"
+            "unexpected member {} in a JSON-RPC message",
+            quoted(key)
         )));
     }
     if obj.get("jsonrpc") != Some(&Value::from("2.0")) {
@@ -502,6 +519,15 @@ fn classify(value: Value) -> Result<Message, RpcError> {
             };
             if method.is_empty() {
                 return Err(fail("empty method".into()));
+            }
+            if id.is_some() && method.starts_with("notifications/") {
+                // The policy lets every notification through: a request (which a server
+                // answers, and may act on) must not pass under a notification's name.
+                return Err(fail(
+                    "a request (with an id) cannot have a notifications/ method: notifications \
+                     carry no id"
+                        .into(),
+                ));
             }
             let message = match id {
                 Some(id) => Message::Request { id, method, params },
@@ -729,7 +755,7 @@ impl<'de> Visitor<'de> for Strict<'_> {
                 continue;
             }
             if out.contains_key(&key) {
-                return Err(de::Error::custom(format!("duplicate key {key:?}")));
+                return Err(de::Error::custom(format!("duplicate key {}", quoted(&key))));
             }
             // Case-insensitive decoders downstream would see one key where we see two.
             let variant = match &mut folded {
@@ -749,7 +775,9 @@ impl<'de> Visitor<'de> for Strict<'_> {
             };
             if let Some(first) = variant {
                 return Err(de::Error::custom(format!(
-                    "keys {first:?} and {key:?} differ only in case; refused as ambiguous"
+                    "keys {} and {} differ only in case; refused as ambiguous",
+                    quoted(&first),
+                    quoted(&key)
                 )));
             }
             out.insert(key, value);
@@ -822,10 +850,25 @@ mod tests {
     }
 
     #[test]
+    fn a_request_cannot_pass_for_a_notification() {
+        let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"notifications/initialized"}"#);
+        assert_eq!(e.code, code::INVALID_REQUEST);
+        assert!(e.message.contains("notifications carry no id"), "{e}");
+        ok(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    }
+
+    #[test]
     fn refuses_duplicate_and_escaped_duplicate_keys() {
         let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","name":"evil"}}"#);
         assert_eq!(e.code, code::INVALID_REQUEST);
         assert!(e.message.contains("duplicate key \"name\""), "{e}");
+        let long = "k".repeat(1 << 20);
+        let e = err(format!(r#"{{"{long}":1,"{long}":2}}"#).as_bytes());
+        assert!(
+            e.message.len() < 400 && e.message.contains("[1048576 bytes]"),
+            "{}",
+            e.message.len()
+        );
         let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","n\u0061me":"evil"}}"#);
         assert!(e.message.contains("duplicate key"), "{e}");
         let e = err(br#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}"#);

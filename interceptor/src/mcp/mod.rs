@@ -759,6 +759,9 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
                     // A client that trickles a request head forever does not hold a task forever.
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
+                    // hyper parses its buffer from the start at each read: bounded near the
+                    // head limit, a head trickled a byte at a time costs little.
+                    .max_buf_size(framing::HYPER_MAX_BUF)
                     .serve_connection(io, service)
             ),
             |c| c.graceful_shutdown(),
@@ -1555,13 +1558,15 @@ impl Conn {
             (None, Some(v)) => v.to_str().unwrap_or("invalid").to_owned(),
             (None, None) => "unspecified".to_owned(),
         };
+        // As recorded (and kept with each pending request until its answer): capped, so a
+        // session URL padded to the head limit is not copied into every event of the session.
         let session_id = match &legacy {
-            Some(_) => Some(pq.to_owned()),
+            Some(_) => Some(capped(pq)),
             None => parts
                 .headers
                 .get("mcp-session-id")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+                .map(capped),
         };
         let generation = self.daemon.policy_generation();
         let (policy, grant) = self.policy();
