@@ -124,7 +124,11 @@ fn micro(c: &mut Criterion) {
             || list.clone(),
             |mut v| {
                 black_box(interceptor::mcp::filter::filter(
-                    &policy, &subject, "notes", &mut v,
+                    &policy,
+                    &subject,
+                    "notes",
+                    &|_| false,
+                    &mut v,
                 ))
             },
             criterion::BatchSize::LargeInput,

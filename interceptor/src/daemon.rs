@@ -132,6 +132,8 @@ pub struct Daemon {
     pub streams: Streams,
     /// Streamable HTTP sessions and the identities that opened them.
     pub bound_sessions: crate::mcp::BoundSessions,
+    /// MCP tasks started through the proxy, and by whom.
+    pub tasks: crate::mcp::tasks::Tasks,
     /// The daemon's own `identity` object (JSON text), for the events it causes itself.
     own_identity: String,
     /// The audit log.
@@ -1192,6 +1194,8 @@ impl Daemon {
                     "active": c.active.load(Ordering::Relaxed),
                     // Streamable HTTP sessions bound to the identity that opened them.
                     "bound_sessions": self.bound_sessions.count(),
+                    // MCP tasks started through the proxy (only their starter may name them).
+                    "tasks": self.tasks.count(),
                     "relayed_bytes": up + down,
                     "relayed_bytes_up": up,
                     "relayed_bytes_down": down,
@@ -1451,6 +1455,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         ca,
         sessions: Sessions::default(),
         bound_sessions: Default::default(),
+        tasks: Default::default(),
         streams: Streams::default(),
         own_identity: daemon_identity.clone(),
         audit,

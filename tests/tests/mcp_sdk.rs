@@ -427,3 +427,131 @@ fn a_session_belongs_to_the_identity_that_opened_it() {
     );
     assert_ne!(r.status, Some(403), "{r:?}");
 }
+
+/// `rmcp-peer task-call` / `task-get` from inside `cgroup_dir`, parsed.
+fn rmcp_task(cgroup_dir: &std::path::Path, mode: &str, url: &str, arg: &str) -> Value {
+    let out = interceptor_tests::run_in_cgroup(cgroup_dir, RMCP_PEER, &[mode, url, arg]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "rmcp-peer {mode} printed no JSON ({e}): {stdout:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn a_task_is_reachable_only_by_the_identity_that_started_it() {
+    if !privileged() {
+        return;
+    }
+    // The Rust SDK's server keeps tasks for every session alike (bound to no caller): what
+    // tells two agents' tasks apart is the proxy.
+    let server = McpServer::start_rmcp(RMCP_PEER);
+    let mut env = TestEnv::new("tasks");
+    let starters = env.cgroup("starters");
+    let others = env.cgroup("others");
+    env.write_config_with(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![server.addr.to_string()],
+            upstream: server.addr.to_string(),
+        }],
+        &[&env.root.clone()],
+        &format!(
+            r#"
+[[role]]
+name = "starter"
+servers = ["notes"]
+allow_tools = ["search"]
+allow_methods = ["tasks/*"]
+
+[[role]]
+name = "other"
+servers = ["notes"]
+allow_tools = ["read_*"]
+allow_methods = ["tasks/*"]
+
+[[binding]]
+role = "starter"
+cgroup = "{starters}"
+
+[[binding]]
+role = "other"
+cgroup = "{others}"
+"#
+        ),
+    );
+    env.start_daemon();
+    let (starters, others) = (env.dir(&starters), env.dir(&others));
+    let url = format!("http://{}/mcp", server.addr);
+
+    let started = rmcp_task(&starters, "task-call", &url, "search");
+    let task = started["task_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no task: {started}\n{}", server.log_text()))
+        .to_owned();
+    let own = interceptor_tests::eventually(
+        std::time::Duration::from_secs(5),
+        || {
+            let got = rmcp_task(&starters, "task-get", &url, &task);
+            (got["task"]["status"] == "completed").then_some(got)
+        },
+        || "the task never completed for its starter".into(),
+    );
+    assert_eq!(
+        own["task"]["result"]["content"][0]["text"], "search done (task)",
+        "{own}"
+    );
+    // Another identity, granted tasks/* but not the tool, that learns the id gets nothing
+    // (the server alone would hand it the result); nor an id the proxy never saw start.
+    let theirs = rmcp_task(&others, "task-get", &url, &task);
+    assert_eq!(theirs["code"], -32602, "{theirs}");
+    assert!(
+        theirs["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused by policy")),
+        "{theirs}"
+    );
+    let unknown = rmcp_task(&starters, "task-get", &url, "no-such-task");
+    assert!(
+        unknown["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused by policy")),
+        "{unknown}"
+    );
+    assert_eq!(env.status()["counters"]["proxy"]["tasks"], 1);
+
+    let events = env.audit_events();
+    let created = events
+        .iter()
+        .find(|e| e["event"] == "mcp.response" && e["method"] == "tools/call")
+        .expect("the task's tools/call answer");
+    assert_eq!(created["task_id"], task.as_str(), "{created}");
+    let refused = events
+        .iter()
+        .find(|e| {
+            e["event"] == "mcp.request"
+                && e["method"] == "tasks/get"
+                && e["decision"] == "deny"
+                && e["name"] == task.as_str()
+        })
+        .expect("the other identity's tasks/get on record");
+    assert_eq!(refused["tool"], "search", "{refused}");
+    assert!(
+        refused["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("started by another identity")),
+        "{refused}"
+    );
+    let never = events
+        .iter()
+        .find(|e| e["event"] == "mcp.request" && e["name"] == "no-such-task")
+        .expect("the unknown task's request on record");
+    assert!(
+        never["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("not started by this identity")),
+        "{never}"
+    );
+}

@@ -1,6 +1,6 @@
 //! List filtering by shape: any JSON-RPC result carrying a `tools`, `prompts`, `resources` or
-//! `resourceTemplates` array is filtered to what the identity may use, whatever request it
-//! answers. Keying on request ids could be dodged (reused ids, replayed streams); the shape
+//! `resourceTemplates` array is filtered to what the identity may use, and a `tasks` array
+//! (`tasks/list`) to the tasks it started, whatever request it answers. Keying on request ids could be dodged (reused ids, replayed streams); the shape
 //! cannot.
 
 use serde_json::Value;
@@ -20,17 +20,35 @@ const SHAPES: [(&str, &str, &str); 4] = [
 ];
 
 /// Filters every list-shaped result in `message` (one JSON-RPC message or a batch); returns how
-/// many items were hidden.
-pub fn filter(policy: &Policy, subject: &Subject<'_>, server: &str, message: &mut Value) -> usize {
-    filter_granted(policy, &policy.grant(subject, server), server, message)
+/// many items were hidden. `own_task` says whether a task id is one the identity started.
+pub fn filter(
+    policy: &Policy,
+    subject: &Subject<'_>,
+    server: &str,
+    own_task: &dyn Fn(&str) -> bool,
+    message: &mut Value,
+) -> usize {
+    filter_granted(
+        policy,
+        &policy.grant(subject, server),
+        server,
+        own_task,
+        message,
+    )
 }
 
 /// [`filter`] with the identity's tier 1 already resolved (see [`Policy::grant`]).
-pub fn filter_granted(policy: &Policy, grant: &Grant, server: &str, message: &mut Value) -> usize {
+pub fn filter_granted(
+    policy: &Policy,
+    grant: &Grant,
+    server: &str,
+    own_task: &dyn Fn(&str) -> bool,
+    message: &mut Value,
+) -> usize {
     match message {
         Value::Array(items) => items
             .iter_mut()
-            .map(|m| filter_granted(policy, grant, server, m))
+            .map(|m| filter_granted(policy, grant, server, own_task, m))
             .sum(),
         Value::Object(obj) => {
             // Clients that read keys case-insensitively (the C# SDK; Go's encoding/json) would
@@ -42,6 +60,20 @@ pub fn filter_granted(policy: &Policy, grant: &Grant, server: &str, message: &mu
             };
             let mut listed = false;
             hidden += drop_variants(result, &SHAPES.map(|(member, _, _)| member));
+            hidden += drop_variants(result, &["tasks"]);
+            if let Some(items) = result.get_mut("tasks").and_then(Value::as_array_mut) {
+                listed = true;
+                let before = items.len();
+                items.retain(|item| {
+                    item.as_object().is_some_and(|o| {
+                        !o.keys().any(|k| k != "taskId" && same_name(k, "taskId"))
+                            && o.get("taskId")
+                                .and_then(Value::as_str)
+                                .is_some_and(own_task)
+                    })
+                });
+                hidden += before - items.len();
+            }
             for (member, key, method) in SHAPES {
                 let Some(items) = result.get_mut(member).and_then(Value::as_array_mut) else {
                     continue;
@@ -136,7 +168,7 @@ mod tests {
             {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"read_a"},{"name":"delete"},{"nameless":1}],"cacheScope":"public"}},
             {"jsonrpc":"2.0","id":1,"result":{"content":[]}}
         ]);
-        assert_eq!(filter(&policy, &subject, "s", &mut batch), 2);
+        assert_eq!(filter(&policy, &subject, "s", &|_| true, &mut batch), 2);
         assert_eq!(batch[0]["result"]["tools"], json!([{"name":"read_a"}]));
         assert_eq!(batch[0]["result"]["cacheScope"], "private");
         assert_eq!(batch[1]["result"], json!({"content":[]}));
@@ -144,7 +176,7 @@ mod tests {
         let mut sly = json!({"jsonrpc":"2.0","id":2,"Result":{"tools":[{"name":"delete"}]},"result":{
             "tools":[{"name":"read_a"},{"name":"read_b","Name":"delete"}],
             "Tools":[{"name":"delete"}],"toolſ":[]}});
-        assert_eq!(filter(&policy, &subject, "s", &mut sly), 4);
+        assert_eq!(filter(&policy, &subject, "s", &|_| true, &mut sly), 4);
         assert_eq!(
             sly,
             json!({"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"read_a"}]}})
@@ -152,6 +184,16 @@ mod tests {
         // structuredContent and other members are left alone.
         let mut data =
             json!({"jsonrpc":"2.0","id":3,"result":{"structuredContent":{"ID":1,"id":2}}});
-        assert_eq!(filter(&policy, &subject, "s", &mut data), 0);
+        assert_eq!(filter(&policy, &subject, "s", &|_| true, &mut data), 0);
+        // tasks/list: only the identity's own tasks (a variant of taskId names one twice).
+        let mut tasks = json!({"jsonrpc":"2.0","id":4,"result":{"tasks":[
+            {"taskId":"mine","status":"working"},{"taskId":"theirs"},{"status":"x"},
+            {"taskId":"mine","TaskId":"theirs"}],"Tasks":[]}});
+        let mine = |id: &str| id == "mine";
+        assert_eq!(filter(&policy, &subject, "s", &mine, &mut tasks), 4);
+        assert_eq!(
+            tasks["result"],
+            json!({"tasks":[{"taskId":"mine","status":"working"}]})
+        );
     }
 }

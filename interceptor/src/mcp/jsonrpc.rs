@@ -27,7 +27,7 @@ const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "erro
 /// MCP members inside `params` whose variants (see [`variant_of`]) are refused: upstreams
 /// that decode case-insensitively, or by the snake_case field name as well as the camelCase
 /// one (the Python SDK's models), would read the variant.
-const PARAM_MEMBERS: [&str; 10] = [
+const PARAM_MEMBERS: [&str; 12] = [
     "name",
     "arguments",
     "uri",
@@ -38,6 +38,9 @@ const PARAM_MEMBERS: [&str; 10] = [
     "clientInfo",
     "level",
     "notifications",
+    // Tasks: the task a `tools/call` asks for, and the task others name (judged by its id).
+    "task",
+    "taskId",
 ];
 
 /// Members of `subscriptions/listen`'s `params.notifications` whose variants are refused
@@ -208,12 +211,13 @@ impl Message {
         }
     }
 
-    /// The call's target: `params.name` (tools/call, prompts/get) or `params.uri`
-    /// (resources/read, resources/subscribe).
+    /// The call's target: `params.name` (tools/call, prompts/get), `params.uri`
+    /// (resources/read, resources/subscribe) or `params.taskId` (tasks/get, …).
     pub fn target(&self) -> Option<&str> {
         let key = match self.method()? {
             "tools/call" | "prompts/get" => "name",
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => "uri",
+            m if super::tasks::TASK_METHODS.contains(&m) => "taskId",
             _ => return None,
         };
         self.params()?.get(key)?.as_str()
@@ -593,6 +597,8 @@ fn check_call(message: &Message) -> Result<(), String> {
             }
         }
         "prompts/get" => string_member("name"),
+        // Judged by whose task it is.
+        m if super::tasks::TASK_METHODS.contains(&m) => string_member("taskId"),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string_member("uri"),
         // Its resource subscriptions are judged (`resourceSubscriptions`): one the policy
         // cannot find must not be one the upstream reads.

@@ -18,6 +18,7 @@ pub mod headers;
 pub mod jsonrpc;
 pub mod session;
 pub mod sse;
+pub mod tasks;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -1054,25 +1055,71 @@ impl Conn {
                 ),
                 (None, None) => ("unknown", None),
             };
-            self.audit_response_event(&p, id, outcome, code);
+            // A tools/call answered with a task: its id names it from now on, for its
+            // starter only.
+            let task = r
+                .get("result")
+                .filter(|_| p.method == "tools/call")
+                .and_then(tasks::started);
+            if let (Some((task_id, ttl)), Some(tool)) = (task, &p.target)
+                && !self.daemon.tasks.started(
+                    self.session_scope(),
+                    task_id,
+                    &self.owner(),
+                    tool,
+                    ttl,
+                )
+            {
+                warn!(
+                    server.name = self.server_name(),
+                    "an MCP task could not be remembered (its id is over 256 bytes, or the task \
+                     table is full): requests naming it will be refused"
+                );
+            }
+            self.audit_response_event(&p, id, outcome, code, task.map(|(t, _)| t));
         }
     }
 
     /// Records the `mcp.response` event of pending request `p`.
-    fn audit_response_event(&self, p: &Pending, id: Value, outcome: &str, code: Option<Value>) {
-        self.daemon.audit.record_later(
-            audit::Event::new("mcp.response")
-                .raw("identity", &self.who)
-                .field("server", self.server_name())
-                .field("method", &p.method)
-                .field("tool", &tool_of(&p.method, p.target.as_deref()))
-                .field("name", &p.target)
-                .field("id", &id)
-                .field("outcome", outcome)
-                .field("error_code", &code)
-                .field("latency_us", &(p.started.elapsed().as_micros() as u64))
-                .field("session", &p.session),
-        );
+    fn audit_response_event(
+        &self,
+        p: &Pending,
+        id: Value,
+        outcome: &str,
+        code: Option<Value>,
+        task: Option<&str>,
+    ) {
+        let mut event = audit::Event::new("mcp.response")
+            .raw("identity", &self.who)
+            .field("server", self.server_name())
+            .field("method", &p.method)
+            .field("tool", &self.tool_of(&p.method, p.target.as_deref()))
+            .field("name", &p.target)
+            .field("id", &id)
+            .field("outcome", outcome)
+            .field("error_code", &code)
+            .field("latency_us", &(p.started.elapsed().as_micros() as u64))
+            .field("session", &p.session);
+        if let Some(task) = task {
+            event = event.field(
+                "task_id",
+                &capped(&self.daemon.audit.redactor.redact_text(task)),
+            );
+        }
+        self.daemon.audit.record_later(event);
+    }
+
+    /// The tool a request's events name: a `tools/call`'s, or the one that started the task a
+    /// `tasks/…` request names (`target`: as the events name it).
+    fn tool_of(&self, method: &str, target: Option<&str>) -> Option<String> {
+        let target = target?;
+        if method == "tools/call" {
+            Some(target.to_owned())
+        } else if tasks::TASK_METHODS.contains(&method) {
+            self.daemon.tasks.tool(self.session_scope(), target)
+        } else {
+            None
+        }
     }
 
     /// The answer when the upstream side fails: the pending requests are audited as
@@ -1110,7 +1157,7 @@ impl Conn {
         let code = code.map(Value::from);
         for (id, p) in pending {
             let id = serde_json::from_str::<Value>(&id).unwrap_or(Value::Null);
-            self.audit_response_event(&p, id, outcome, code.clone());
+            self.audit_response_event(&p, id, outcome, code.clone(), None);
         }
     }
 
@@ -1841,7 +1888,7 @@ impl Conn {
             .raw("identity", &self.who)
             .field("server", self.server_name())
             .field("method", &capped(method))
-            .field("tool", &tool_of(method, target.as_deref()))
+            .field("tool", &self.tool_of(method, target.as_deref()))
             .field("name", &target)
             .field("id", &m.id())
             .raw("arguments", arguments.as_deref().unwrap_or("null"))
@@ -1971,6 +2018,39 @@ impl Conn {
         })
     }
 
+    /// A request naming a task (`tasks/get`, …): only the identity that started it through
+    /// this proxy may, and only while a role of it still allows the task's tool (judged as
+    /// listing judges it: argument constraints aside). The denial, if any.
+    fn judge_task(&self, policy: &Policy, grant: &Grant, m: &Message) -> Option<Decision> {
+        // A string (the parser checked).
+        let id = m.target()?;
+        let shown = || capped(&self.daemon.audit.redactor.redact_text(id));
+        match self
+            .daemon
+            .tasks
+            .check(self.session_scope(), id, &self.owner())
+        {
+            tasks::TaskUse::Own(tool) => {
+                (!policy.shows_granted(grant, self.server_name(), "tools/list", &tool)).then(|| {
+                    Decision::refused(format!(
+                        "task {:?}: its tool {:?} is no longer allowed for this identity",
+                        shown(),
+                        capped(&tool)
+                    ))
+                })
+            }
+            tasks::TaskUse::Foreign => Some(Decision::refused(format!(
+                "task {:?} was started by another identity",
+                shown()
+            ))),
+            tasks::TaskUse::Unknown => Some(Decision::refused(format!(
+                "task {:?} was not started by this identity through this proxy (or was \
+                 forgotten: expired, or before a restart)",
+                shown()
+            ))),
+        }
+    }
+
     /// Decides one message (responses to server requests carry no method and pass).
     fn decide(
         &self,
@@ -1988,6 +2068,9 @@ impl Conn {
         let mut d = policy.check_granted(grant, self.server_name(), &call);
         if d.allow && method == "subscriptions/listen" {
             d = self.judge_subscriptions(policy, grant, m).unwrap_or(d);
+        }
+        if d.allow && tasks::TASK_METHODS.contains(&method) {
+            d = self.judge_task(policy, grant, m).unwrap_or(d);
         }
         let counters = &self.daemon.counters;
         let metrics = &self.daemon.metrics;
@@ -2370,7 +2453,17 @@ impl Conn {
     /// Filters list-shaped results in `message`; returns how many items were hidden.
     fn filter(&self, message: &mut Value) -> usize {
         let (policy, grant) = self.policy();
-        let hidden = filter::filter_granted(&policy, &grant, self.server_name(), message);
+        // Only for a `tasks` array (rare): no work per answer otherwise.
+        let own_task = |id: &str| {
+            matches!(
+                self.daemon
+                    .tasks
+                    .check(self.session_scope(), id, &self.owner()),
+                tasks::TaskUse::Own(_)
+            )
+        };
+        let hidden =
+            filter::filter_granted(&policy, &grant, self.server_name(), &own_task, message);
         if hidden > 0 {
             debug!(hidden, "list filtered");
         }
@@ -2675,10 +2768,6 @@ impl Drop for SseState {
 }
 
 /// The `tool` member of audit events: the target of a `tools/call`, nothing for other methods.
-fn tool_of<'a>(method: &str, target: Option<&'a str>) -> Option<&'a str> {
-    target.filter(|_| method == "tools/call")
-}
-
 /// The answer to a denied request: -32602 for calls that name a target (the code MCP uses for
 /// an unknown tool), -32601 for other methods.
 fn denial(policy: &Policy, m: &Message, id: Option<Value>) -> Value {

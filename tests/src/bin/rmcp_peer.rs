@@ -7,6 +7,10 @@
 //! SEEN_FILE a JSON line with the client certificate's URI SANs and the identity-related headers.
 //! `rmcp-peer client URL [NAME=JSON …]`: list tools, call each, print one JSON object with what
 //! happened (the same shape as `tests/peers/mcp_client.py`).
+//! The server speaks the tasks extension (SEP-2663): a client that declares it gets `search`
+//! as a task. `rmcp-peer task-call URL NAME`: such a client; calls NAME and prints
+//! `{"task_id": …}` (or the error). `rmcp-peer task-get URL TASK_ID`: `tasks/get` of that id
+//! (any task the server holds: it binds tasks to no one), prints the task or the error.
 
 use std::{
     io::Write,
@@ -22,10 +26,12 @@ use hyper_util::{
 use rmcp::{
     ErrorData, RoleServer, ServerHandler, ServiceExt,
     model::{
-        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+        CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
+        ContentBlock, CreateTaskResult, GetTaskParams, GetTaskResult, ListToolsResult,
         PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
     },
     service::{RequestContext, ServiceError},
+    task_manager::{TaskManager, TaskOptions},
     transport::{
         StreamableHttpClientTransport,
         streamable_http_server::{
@@ -38,13 +44,20 @@ use serde_json::{Map, Value, json};
 #[derive(Clone)]
 struct Notes {
     calls: Arc<Mutex<PathBuf>>,
+    /// Tasks of every session (bound to no caller: the proxy must tell callers apart).
+    tasks: TaskManager,
 }
 
 const TOOLS: [&str; 4] = ["read_note", "search", "delete_note", "write_note"];
 
 impl ServerHandler for Notes {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
     }
 
     async fn list_tools(
@@ -64,10 +77,20 @@ impl ServerHandler for Notes {
         })
     }
 
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        self.tasks
+            .get_task(&request.task_id)
+            .map(GetTaskResult::new)
+    }
+
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         if !TOOLS.contains(&request.name.as_ref()) {
             return Err(ErrorData::invalid_params(
@@ -83,6 +106,20 @@ impl ServerHandler for Notes {
         {
             let _ = writeln!(f, "{}", request.name);
         }
+        if request.name == "search"
+            && context
+                .client_capabilities()
+                .is_some_and(|c| c.supports_tasks())
+        {
+            let task = self.tasks.spawn(TaskOptions::new(), |_| {
+                Box::pin(async {
+                    Ok(CallToolResult::success(vec![ContentBlock::text(
+                        "search done (task)",
+                    )]))
+                })
+            });
+            return Ok(CallToolResponse::Task(CreateTaskResult::new(task)));
+        }
         Ok(
             CallToolResult::success(vec![ContentBlock::text(format!("{} done", request.name))])
                 .into(),
@@ -93,6 +130,7 @@ impl ServerHandler for Notes {
 async fn server(addr: &str, calls: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let notes = Notes {
         calls: Arc::new(Mutex::new(calls)),
+        tasks: TaskManager::new(),
     };
     let mut config = StreamableHttpServerConfig::default();
     // Agents dial the server's own address; any loopback Host is fine for the test.
@@ -126,6 +164,7 @@ async fn server_tls(
     let acceptor = interceptor_tests::mtls_acceptor(&tls.cert, &tls.key, &tls.client_ca);
     let notes = Notes {
         calls: Arc::new(Mutex::new(calls)),
+        tasks: TaskManager::new(),
     };
     let mut config = StreamableHttpServerConfig::default();
     config.allowed_hosts = vec!["127.0.0.1".into(), "localhost".into(), "notes.test".into()];
@@ -267,6 +306,55 @@ async fn client(url: &str, calls: &[String]) -> Value {
     out
 }
 
+/// A client that declares the tasks extension.
+async fn task_client(
+    url: &str,
+) -> Result<rmcp::service::RunningService<rmcp::RoleClient, ClientConfig>, String> {
+    let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
+    let mut info = ClientConfig::default();
+    info.capabilities = ClientCapabilities::builder().enable_tasks().build();
+    info.serve(transport).await.map_err(|e| e.to_string())
+}
+
+fn error_json(e: ServiceError) -> Value {
+    match e {
+        ServiceError::McpError(e) => json!({"code": e.code.0, "message": e.message}),
+        e => json!({"error": e.to_string()}),
+    }
+}
+
+/// `task-call`: NAME called by a client that takes tasks.
+async fn task_call(url: &str, name: &str) -> Value {
+    let peer = match task_client(url).await {
+        Ok(p) => p,
+        Err(e) => return json!({"fatal": e}),
+    };
+    let out = match peer
+        .call_tool_once(CallToolRequestParams::new(name.to_owned()))
+        .await
+    {
+        Ok(CallToolResponse::Task(t)) => json!({"task_id": t.task.task_id}),
+        Ok(other) => json!({"not_a_task": format!("{other:?}")}),
+        Err(e) => error_json(e),
+    };
+    let _ = peer.cancel().await;
+    out
+}
+
+/// `task-get`: `tasks/get` of TASK_ID.
+async fn task_get(url: &str, task_id: &str) -> Value {
+    let peer = match task_client(url).await {
+        Ok(p) => p,
+        Err(e) => return json!({"fatal": e}),
+    };
+    let out = match peer.get_task(GetTaskParams::new(task_id.to_owned())).await {
+        Ok(task) => json!({"task": task}),
+        Err(e) => error_json(e),
+    };
+    let _ = peer.cancel().await;
+    out
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -289,6 +377,8 @@ async fn main() {
                 std::process::exit(1);
             }
         }
+        Some("task-call") if args.len() == 3 => println!("{}", task_call(&args[1], &args[2]).await),
+        Some("task-get") if args.len() == 3 => println!("{}", task_get(&args[1], &args[2]).await),
         Some("client") if args.len() >= 2 => {
             let out = client(&args[1], &args[2..]).await;
             println!("{out}");
