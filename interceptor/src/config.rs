@@ -119,6 +119,12 @@ pub struct RawProxy {
     /// (`"30s"`, humantime).
     #[serde(deserialize_with = "duration")]
     pub body_timeout: std::time::Duration,
+    /// Most bytes of request bodies and JSON answers held at once, node-wide (default 256 MiB,
+    /// or the per-cgroup bound if that is more).
+    pub max_buffered_bytes: Option<usize>,
+    /// Most of those held at once for the agents of one cgroup (default 64 MiB, or the
+    /// largest body `max_body_bytes` and `max_response_bytes` allow if that is more).
+    pub max_buffered_bytes_per_cgroup: Option<usize>,
 }
 
 /// A humantime duration (`"30s"`, `"1m 30s"`).
@@ -141,11 +147,25 @@ impl Default for RawProxy {
             max_batch: DEFAULT_MAX_BATCH,
             max_response_values: DEFAULT_MAX_RESPONSE_VALUES,
             body_timeout: std::time::Duration::from_secs(30),
+            max_buffered_bytes: None,
+            max_buffered_bytes_per_cgroup: None,
         }
     }
 }
 
 impl RawProxy {
+    /// (`max_buffered_bytes`, `max_buffered_bytes_per_cgroup`), defaults applied.
+    pub fn buffered(&self) -> (usize, usize) {
+        let largest = self.max_body_bytes.max(self.max_response_bytes);
+        let per_cgroup = self
+            .max_buffered_bytes_per_cgroup
+            .unwrap_or(DEFAULT_MAX_BUFFERED_BYTES_PER_CGROUP.max(largest));
+        let total = self
+            .max_buffered_bytes
+            .unwrap_or(DEFAULT_MAX_BUFFERED_BYTES.max(per_cgroup));
+        (total, per_cgroup)
+    }
+
     /// The bounds a request body is parsed within.
     pub fn limits(&self) -> crate::mcp::jsonrpc::Limits {
         crate::mcp::jsonrpc::Limits {
@@ -172,6 +192,10 @@ pub const DEFAULT_MAX_RESPONSE_VALUES: usize = 2_000_000;
 pub const DEFAULT_MAX_BATCH: usize = 100;
 /// Default `proxy.max_response_bytes`: 16 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// Default `proxy.max_buffered_bytes`: 256 MiB.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// Default `proxy.max_buffered_bytes_per_cgroup`: 64 MiB.
+pub const DEFAULT_MAX_BUFFERED_BYTES_PER_CGROUP: usize = 64 << 20;
 
 /// Most `daemon.workers` accepted.
 pub const MAX_WORKERS: usize = 1024;
@@ -719,6 +743,18 @@ impl Validator<'_> {
                 "max_body_bytes and max_response_bytes must be at least 1",
             ));
         }
+        let largest = raw.proxy.max_body_bytes.max(raw.proxy.max_response_bytes);
+        let (total, per_cgroup) = raw.proxy.buffered();
+        if per_cgroup < largest || total < per_cgroup {
+            return Err(self.invalid(
+                "proxy.max_buffered_bytes_per_cgroup",
+                format!(
+                    "is {per_cgroup}: it must be at least max_body_bytes and max_response_bytes \
+                     ({largest}: else a body within them could never be read) and at most \
+                     max_buffered_bytes ({total})"
+                ),
+            ));
+        }
         if raw.proxy.body_timeout.is_zero() {
             return Err(self.invalid("proxy.body_timeout", "must be more than 0s"));
         }
@@ -1263,6 +1299,10 @@ upstream = "[::ffff:10.9.9.9]:9000"
         assert!(e.contains("\"soon\" is not a duration"), "{e}");
         let e = err("[proxy]\nbody_timeout = '0s'\n");
         assert!(e.contains("proxy.body_timeout"), "{e}");
+        let e = err("[proxy]\nmax_buffered_bytes_per_cgroup = 1000\n");
+        assert!(e.contains("at least max_body_bytes"), "{e}");
+        let e = err("[proxy]\nmax_buffered_bytes = 67108863\n");
+        assert!(e.contains("at most max_buffered_bytes"), "{e}");
         let e = err("[proxy]\nmax_batch = 0\n");
         assert!(e.contains("max_batch at least 1"), "{e}");
         let e = err("[audit]\ncheckpoint_interval = '10ms'\n");

@@ -86,6 +86,9 @@ pub struct Counters {
     /// Accepted connections refused because their cgroup had as many as
     /// `daemon.max_connections_per_cgroup` open.
     pub over_limit: AtomicU64,
+    /// Request bodies and upstream answers not read: the buffer budget was spent
+    /// (`proxy.max_buffered_bytes`, `…_per_cgroup`).
+    pub over_budget: AtomicU64,
     /// When (Unix seconds) a refusal over the limit was last logged.
     pub over_limit_logged: AtomicU64,
     /// When a connection without a kernel record was last logged (unix seconds).
@@ -134,6 +137,8 @@ pub struct Daemon {
     pub bound_sessions: crate::mcp::BoundSessions,
     /// MCP tasks started through the proxy, and by whom.
     pub tasks: crate::mcp::tasks::Tasks,
+    /// The bytes of bodies read whole held now (`proxy.max_buffered_bytes`).
+    pub buffers: Arc<crate::mcp::budget::Budget>,
     /// The daemon's own `identity` object (JSON text), for the events it causes itself.
     own_identity: String,
     /// The audit log.
@@ -1190,12 +1195,15 @@ impl Daemon {
                     "accepted": c.accepted.load(Ordering::Relaxed),
                     "no_record": c.no_record.load(Ordering::Relaxed),
                     "over_limit": c.over_limit.load(Ordering::Relaxed),
+                    "over_budget": c.over_budget.load(Ordering::Relaxed),
                     "stall_takeovers": c.stall_takeovers.load(Ordering::Relaxed),
                     "active": c.active.load(Ordering::Relaxed),
                     // Streamable HTTP sessions bound to the identity that opened them.
                     "bound_sessions": self.bound_sessions.count(),
                     // MCP tasks started through the proxy (only their starter may name them).
                     "tasks": self.tasks.count(),
+                    // Bytes of request bodies and JSON answers held now (read whole).
+                    "buffered_bytes": self.buffers.used(),
                     "relayed_bytes": up + down,
                     "relayed_bytes_up": up,
                     "relayed_bytes_down": down,
@@ -1456,6 +1464,10 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         sessions: Sessions::default(),
         bound_sessions: Default::default(),
         tasks: Default::default(),
+        buffers: {
+            let (total, per_cgroup) = config.proxy.buffered();
+            crate::mcp::budget::Budget::new(total, per_cgroup)
+        },
         streams: Streams::default(),
         own_identity: daemon_identity.clone(),
         audit,

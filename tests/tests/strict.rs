@@ -750,3 +750,58 @@ fn a_server_with_paths_serves_only_those() {
     }
     assert_eq!(w.upstream.bodies().len(), 3);
 }
+
+/// Two bodies held half-sent, then a third from the same cgroup: the status line the third
+/// gets, printed once it came.
+const HOLD_TWO_BODIES: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+def start():
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 4000\r\n\r\n" + b" " * 3000)
+    return s
+held = [start(), start()]
+time.sleep(0.3)
+third = start()
+third.settimeout(5)
+print(third.recv(4096).split(b"\r\n")[0].decode(), flush=True)
+time.sleep(10)
+"#;
+
+#[test]
+fn bodies_held_at_once_are_bounded_per_cgroup() {
+    if !privileged() {
+        return;
+    }
+    let w = world_replacing(
+        "budget",
+        "max_body_bytes = 4096\n",
+        "max_body_bytes = 4096\nmax_response_bytes = 4096\nmax_buffered_bytes_per_cgroup = 8192\n",
+    );
+    let addr = w.upstream.addr.to_string();
+    let (status, holder) = interceptor_tests::python_in_cgroup(&w.dir, HOLD_TWO_BODIES, &[&addr]);
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    let counters = &w.env.status()["counters"]["proxy"];
+    assert_eq!(counters["over_budget"], 1, "{counters}");
+    assert_eq!(counters["buffered_bytes"], 6000, "{counters}");
+    // The held bodies' bytes are given back when they go (their connections closed).
+    drop(holder);
+    eventually(
+        std::time::Duration::from_secs(5),
+        || (w.env.status()["counters"]["proxy"]["buffered_bytes"] == 0).then_some(()),
+        || format!("bytes still held: {}", w.env.status()["counters"]["proxy"]),
+    );
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &addr,
+        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
+    );
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(
+        w.upstream.bodies().len(),
+        1,
+        "only the last request was forwarded"
+    );
+}

@@ -23,10 +23,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// connection is closed with the refusal).
 const MAX_HEAD: usize = 64 * 1024;
 const HEAD_TOO_LONG: &str = "request head over 64 KiB";
-/// What hyper may buffer of a connection's unparsed input: a head up to [`MAX_HEAD`] and the
-/// start of what follows. (hyper parses its buffer from the start at each read, so a head
-/// trickled a byte at a time costs the square of what it may hold: 400 KiB by default.)
-pub const HYPER_MAX_BUF: usize = MAX_HEAD + 16 * 1024;
 const MAX_HEADERS: usize = 128;
 
 /// Whether `data`, read after `pending` (the start of a request head), may end the head: a
@@ -83,7 +79,8 @@ impl Scanner {
         let mut pending = std::mem::take(&mut self.pending);
         if self.state == State::Head && !pending.is_empty() && !ends_head(&pending, data) {
             // A head is parsed once it is whole, not again at every read of a trickled one
-            // (parsing from its start each time would cost the square of its length).
+            // (parsing from its start each time would cost the square of its length; hyper
+            // waits for the blank line the same way).
             pending.extend_from_slice(data);
         } else if pending.is_empty() {
             let used = self.consume(data);

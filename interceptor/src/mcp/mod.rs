@@ -12,6 +12,7 @@
 //! - 2026-07-28 stateless: `Mcp-Method` / `Mcp-Name` must agree with the body (HTTP 400,
 //!   -32020 otherwise); the decision is made on the body.
 
+pub mod budget;
 pub mod filter;
 pub mod framing;
 pub mod headers;
@@ -35,7 +36,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::stream;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::Value;
@@ -760,9 +761,6 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
                     // A client that trickles a request head forever does not hold a task forever.
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
-                    // hyper parses its buffer from the start at each read: bounded near the
-                    // head limit, a head trickled a byte at a time costs little.
-                    .max_buf_size(framing::HYPER_MAX_BUF)
                     .serve_connection(io, service)
             ),
             |c| c.graceful_shutdown(),
@@ -814,6 +812,19 @@ async fn drive<F, E>(
 
 fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+/// HTTP 503 for a request body refused for the buffer budget (`Retry-After: 1`).
+fn busy(over: budget::Over) -> Response<ProxyBody> {
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        code::INTERNAL_ERROR,
+        format!("interceptor: request not read: {}", over.reason()),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
@@ -1270,9 +1281,10 @@ impl Conn {
         let (parts, body) = req.into_parts();
         let limit = self.daemon.config.proxy.max_body_bytes;
         // Bounded in time too (HTTP/1 and HTTP/2): a body trickled in would hold its buffer
-        // and its connection slot for good.
+        // and its connection slot for good. And in all: see `budget`.
         let deadline = self.daemon.config.proxy.body_timeout;
-        let read = tokio::time::timeout(deadline, Limited::new(body, limit).collect());
+        let mut held = self.daemon.buffers.hold(self.identity.cgroup_id);
+        let read = tokio::time::timeout(deadline, held.collect(body, limit));
         let Ok(read) = read.await else {
             self.rejected();
             info!(http.method = %method, "request refused: body not sent in time");
@@ -1286,28 +1298,40 @@ impl Conn {
             ));
         };
         let bytes = match read {
-            Ok(c) => c.to_bytes(),
-            Err(e) => {
+            Ok(bytes) => bytes,
+            Err(budget::Refused::TooLarge) => {
                 self.rejected();
-                let too_large = e.is::<http_body_util::LengthLimitError>();
-                info!(too_large, error = %e, "request body refused");
-                return if too_large {
-                    error_response(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        code::INVALID_REQUEST,
-                        format!("request body over {limit} bytes (proxy.max_body_bytes)"),
-                    )
-                } else {
-                    error_response(
-                        StatusCode::BAD_REQUEST,
-                        code::INVALID_REQUEST,
-                        format!("reading request body: {e}"),
-                    )
-                };
+                info!(too_large = true, "request body refused");
+                return error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    code::INVALID_REQUEST,
+                    format!("request body over {limit} bytes (proxy.max_body_bytes)"),
+                );
+            }
+            Err(budget::Refused::Over(over)) => {
+                self.rejected();
+                self.daemon
+                    .counters
+                    .over_budget
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(reason = over.reason(), "request body refused: buffers full");
+                return busy(over);
+            }
+            Err(budget::Refused::Read(e)) => {
+                self.rejected();
+                info!(error = %e, "request body refused");
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_REQUEST,
+                    format!("reading request body: {e}"),
+                );
             }
         };
         if method == Method::POST {
-            return self.post(parts, bytes).await;
+            // The body's bytes stay counted until it is judged and forwarded.
+            let response = self.post(parts, bytes).await;
+            drop(held);
+            return response;
         }
         if !bytes.is_empty() {
             self.rejected();
@@ -2373,9 +2397,14 @@ impl Conn {
             return Response::from_parts(parts, body);
         }
         // Once its head is here, a JSON answer's body comes within `body_timeout` too: an
-        // upstream trickling it would hold the agent's connection slot and its buffer.
+        // upstream trickling it would hold the agent's connection slot and its buffer. Counted
+        // as the agent's (see `budget`) until relayed.
         let rest = limit.saturating_sub(head.len());
-        let read = tokio::time::timeout_at(until, Limited::new(body, rest).collect());
+        let mut held = self.daemon.buffers.hold(self.identity.cgroup_id);
+        if let Err(over) = held.take(head.len()) {
+            return self.over_budget(pending, over);
+        }
+        let read = tokio::time::timeout_at(until, held.collect(body, rest));
         let Ok(read) = read.await else {
             warn!("upstream answer body not received in time");
             return self.upstream_failed(
@@ -2387,12 +2416,17 @@ impl Conn {
             );
         };
         let bytes = match read {
-            Ok(c) if head.is_empty() => c.to_bytes(),
+            Ok(c) if head.is_empty() => c,
             Ok(c) => {
-                head.extend_from_slice(&c.to_bytes());
+                head.extend_from_slice(&c);
                 Bytes::from(head)
             }
+            Err(budget::Refused::Over(over)) => return self.over_budget(pending, over),
             Err(e) => {
+                let e = match e {
+                    budget::Refused::Read(e) => e.to_string(),
+                    _ => "too large".to_owned(),
+                };
                 warn!(error = %e, "upstream response unreadable or too large");
                 return self.upstream_failed(
                     pending,
@@ -2447,7 +2481,32 @@ impl Conn {
             .relayed_down
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         self.down.fetch_add(out.len() as u64, Ordering::Relaxed);
-        Response::from_parts(parts, full(out))
+        let body = budget::HeldBody::new(out, held)
+            .map_err(|e| match e {})
+            .boxed();
+        Response::from_parts(parts, body)
+    }
+
+    /// The answer when an upstream answer would go over the buffer budget: its requests are
+    /// audited as `upstream_error`, the agent gets HTTP 503.
+    fn over_budget(&self, pending: Awaiting, over: budget::Over) -> Response<ProxyBody> {
+        self.daemon
+            .counters
+            .over_budget
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(
+            reason = over.reason(),
+            "upstream answer not read: buffers full"
+        );
+        let mut response = self.upstream_failed(
+            pending,
+            format!("upstream answer not read: {}", over.reason()),
+        );
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
     }
 
     /// Filters list-shaped results in `message`; returns how many items were hidden.

@@ -1,0 +1,245 @@
+//! What the proxy may hold in memory at once of the bodies it reads whole: agents' request
+//! bodies (judged before anything is forwarded) and upstream JSON answers (filtered before
+//! they are relayed).
+//!
+//! Each is bounded on its own (`proxy.max_body_bytes`, `proxy.max_response_bytes`), but many
+//! at once are not: one agent with a thousand connections of sixteen HTTP/2 streams, each
+//! sending a body just under the limit slowly, would hold gigabytes, and the daemon killed
+//! for memory refuses every agent on the node (fail closed). So the bytes held are counted as
+//! they arrive, node-wide (`proxy.max_buffered_bytes`) and per cgroup
+//! (`proxy.max_buffered_bytes_per_cgroup`, so one agent cannot take it all); a body that would
+//! go over is refused with HTTP 503 and its bytes released at once.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+
+use crate::bpf::lock;
+
+/// Bytes held, node-wide and by cgroup.
+#[derive(Debug)]
+pub struct Budget {
+    total: usize,
+    per_cgroup: usize,
+    used: Mutex<Used>,
+}
+
+#[derive(Debug, Default)]
+struct Used {
+    total: usize,
+    by_cgroup: HashMap<u64, usize>,
+}
+
+/// Which bound a body would have gone over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// `proxy.max_buffered_bytes`: every agent's bodies together.
+    Node,
+    /// `proxy.max_buffered_bytes_per_cgroup`: this cgroup's.
+    Cgroup,
+}
+
+impl Over {
+    /// What to tell the agent and the log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Over::Node => {
+                "the proxy holds as many request and answer bodies as it may \
+                 (proxy.max_buffered_bytes); try again shortly"
+            }
+            Over::Cgroup => {
+                "this cgroup's agents have as many request and answer bodies in flight as \
+                 they may (proxy.max_buffered_bytes_per_cgroup); try again once some are done"
+            }
+        }
+    }
+}
+
+/// Bytes a body holds of the budget; given back when dropped.
+#[derive(Debug)]
+pub struct Held {
+    budget: Arc<Budget>,
+    cgroup: u64,
+    bytes: usize,
+}
+
+/// Why a body was not read.
+#[derive(Debug)]
+pub enum Refused {
+    /// Over the body's own limit.
+    TooLarge,
+    /// Over the budget.
+    Over(Over),
+    /// The body could not be read.
+    Read(crate::mcp::BoxError),
+}
+
+impl Budget {
+    pub fn new(total: usize, per_cgroup: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total,
+            per_cgroup,
+            used: Mutex::default(),
+        })
+    }
+
+    /// An empty holding for a body of `cgroup`'s.
+    pub fn hold(self: &Arc<Self>, cgroup: u64) -> Held {
+        Held {
+            budget: self.clone(),
+            cgroup,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held now, node-wide.
+    pub fn used(&self) -> usize {
+        lock(&self.used).total
+    }
+}
+
+impl Held {
+    /// Takes `n` more bytes, unless that goes over a bound.
+    pub fn take(&mut self, n: usize) -> Result<(), Over> {
+        let budget = &self.budget;
+        let mut used = lock(&budget.used);
+        if used.total + n > budget.total {
+            return Err(Over::Node);
+        }
+        let mine = used.by_cgroup.entry(self.cgroup).or_default();
+        if *mine + n > budget.per_cgroup {
+            if *mine == 0 {
+                used.by_cgroup.remove(&self.cgroup);
+            }
+            return Err(Over::Cgroup);
+        }
+        *mine += n;
+        used.total += n;
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Reads `body` whole, at most `limit` bytes, taking each chunk from the budget as it
+    /// arrives (never more than what was read).
+    pub async fn collect<B>(&mut self, body: B, limit: usize) -> Result<Bytes, Refused>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<crate::mcp::BoxError>,
+    {
+        let mut body = std::pin::pin!(body);
+        let mut out = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Refused::Read(e.into()))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            if out.len() + data.len() > limit {
+                return Err(Refused::TooLarge);
+            }
+            self.take(data.len()).map_err(Refused::Over)?;
+            out.extend_from_slice(data);
+        }
+        Ok(out.freeze())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut used = lock(&self.budget.used);
+        used.total -= self.bytes;
+        if let Some(mine) = used.by_cgroup.get_mut(&self.cgroup) {
+            *mine -= self.bytes;
+            if *mine == 0 {
+                used.by_cgroup.remove(&self.cgroup);
+            }
+        }
+    }
+}
+
+/// A response body that holds its bytes' share of the budget until it is sent (or dropped):
+/// an agent reading its answers slowly holds them, not more.
+pub struct HeldBody {
+    inner: http_body_util::Full<Bytes>,
+    _held: Held,
+}
+
+impl HeldBody {
+    pub fn new(bytes: Bytes, held: Held) -> Self {
+        Self {
+            inner: http_body_util::Full::new(bytes),
+            _held: held,
+        }
+    }
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_counted_per_cgroup_and_node_wide_and_given_back() {
+        let budget = Budget::new(100, 60);
+        let mut a = budget.hold(1);
+        assert_eq!(a.take(50), Ok(()));
+        assert_eq!(a.take(20), Err(Over::Cgroup));
+        let mut b = budget.hold(2);
+        assert_eq!(b.take(51), Err(Over::Node));
+        assert_eq!(b.take(40), Ok(()));
+        assert_eq!(budget.used(), 90);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        let mut c = budget.hold(1);
+        assert_eq!(c.take(60), Ok(()));
+        drop((b, c));
+        assert_eq!(budget.used(), 0);
+        assert!(lock(&budget.used).by_cgroup.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_within_its_limit_and_the_budget() {
+        let budget = Budget::new(1000, 1000);
+        let mut held = budget.hold(1);
+        let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+        assert_eq!(held.collect(body, 5).await.unwrap(), "hello");
+        assert_eq!(budget.used(), 5);
+        let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+        assert!(matches!(
+            budget.hold(1).collect(body, 4).await,
+            Err(Refused::TooLarge)
+        ));
+        let small = Budget::new(3, 3);
+        let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+        assert!(matches!(
+            small.hold(1).collect(body, 10).await,
+            Err(Refused::Over(Over::Node))
+        ));
+        assert_eq!(small.used(), 0);
+    }
+}
