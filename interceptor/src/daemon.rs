@@ -137,6 +137,8 @@ pub struct Daemon {
     pub bound_sessions: crate::mcp::BoundSessions,
     /// MCP tasks started through the proxy, and by whom.
     pub tasks: crate::mcp::tasks::Tasks,
+    /// Requests whose answers are owed on a resumed stream (see [`crate::mcp::Parked`]).
+    pub parked: crate::mcp::Parked,
     /// The bytes of bodies read whole held now (`proxy.max_buffered_bytes`).
     pub buffers: Arc<crate::mcp::budget::Budget>,
     /// The daemon's own `identity` object (JSON text), for the events it causes itself.
@@ -1464,6 +1466,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         sessions: Sessions::default(),
         bound_sessions: Default::default(),
         tasks: Default::default(),
+        parked: Default::default(),
         buffers: {
             let (total, per_cgroup) = config.proxy.buffered();
             crate::mcp::budget::Budget::new(total, per_cgroup)
@@ -1601,6 +1604,8 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     }
     // Closes what is left (their tasks end with their workers' event loops).
     daemon.workers.stop();
+    // Requests still waiting for a resumed stream: cancelled, recorded before daemon.stop.
+    daemon.parked.cancel_all();
     // Forget the daemon's identity in the programs (a later process reusing the pid gets no
     // exemption); kept while draining, for the upstream connections of requests in flight.
     daemon.stopped.store(true, Ordering::Relaxed);

@@ -87,10 +87,16 @@ fn world_on(
 /// The `mcp.response` event of the `read_slowly` call, once written (deferred events follow
 /// their request shortly), checked against its `mcp.request`.
 fn slow_call_response(env: &TestEnv) -> Value {
+    call_response(env, "read_slowly")
+}
+
+/// The `mcp.response` event of the call of `tool`, once written, checked against its
+/// `mcp.request`.
+fn call_response(env: &TestEnv, tool: &str) -> Value {
     let find = |events: &[Value], name: &str| {
         events
             .iter()
-            .find(|e| e["event"] == name && e["tool"] == "read_slowly")
+            .find(|e| e["event"] == name && e["tool"] == tool)
             .cloned()
     };
     let (request, response) = eventually(
@@ -101,7 +107,7 @@ fn slow_call_response(env: &TestEnv) -> Value {
         },
         || {
             format!(
-                "no mcp.request and mcp.response pair for read_slowly in {:#?}",
+                "no mcp.request and mcp.response pair for {tool} in {:#?}",
                 env.audit_events()
             )
         },
@@ -983,5 +989,40 @@ fn metrics_count_requests_denials_and_kernel_redirects() {
                 .then_some(())
         },
         || "no scrape after the idle connections closed".to_owned(),
+    );
+}
+
+#[test]
+fn an_answer_on_a_resumed_stream_is_recorded_as_the_calls_response() {
+    if !privileged() {
+        return;
+    }
+    // The server closes the POST's event stream after its priming event (SSE polling); the
+    // official client resumes it with a GET and Last-Event-ID, where the answer comes.
+    let server = McpServer::start_with("streamable-http", &["--resumable"]);
+    let w = world_on("resumed", None, "", server, "mcp");
+    let out = mcp_client(
+        &w.agents,
+        &w.url,
+        "streamable-http",
+        "legacy",
+        &[r#"read_polled={"name":"n"}"#],
+    );
+    assert_eq!(out["calls"]["read_polled"]["ok"], true, "{out}");
+    let response = call_response(&w.env, "read_polled");
+    assert_eq!(response["outcome"], "result", "{response}");
+    // Recorded once.
+    let events = w.env.audit_events();
+    let responses = events
+        .iter()
+        .filter(|e| e["event"] == "mcp.response" && e["tool"] == "read_polled")
+        .count();
+    assert_eq!(responses, 1, "{events:#?}");
+    // The GET that resumed the stream is on record with the event id it resumed after.
+    assert!(
+        events.iter().any(|e| e["event"] == "http.request"
+            && e["method"] == "GET"
+            && e["last_event_id"].is_string()),
+        "{events:#?}"
     );
 }

@@ -635,6 +635,107 @@ impl Drop for Awaiting {
     }
 }
 
+/// Most POSTs parked at once (see [`Parked`]); beyond, a closed stream's requests are settled
+/// `no_response` at once.
+const MAX_PARKED: usize = 4096;
+/// How long a parked POST's requests wait for a GET that resumes their stream.
+const PARK_TTL: Duration = Duration::from_secs(300);
+
+/// Requests whose answers are owed on a resumed stream: the upstream closed a POST's event
+/// stream after an event `id` (2025-11-25 "polling": the client reconnects with a GET and
+/// `Last-Event-ID`, and the answers come there). Kept by session until an answer arrives on a
+/// GET stream of the session, the session ends, [`PARK_TTL`] passes (`no_response`) or the
+/// daemon stops (`cancelled`); their `mcp.response` is recorded by the connection that posted
+/// them, with the answer's outcome.
+#[derive(Default)]
+pub struct Parked {
+    inner: std::sync::Mutex<ParkedInner>,
+}
+
+#[derive(Default)]
+struct ParkedInner {
+    by_session: HashMap<(usize, String), Vec<(u64, Awaiting)>>,
+    count: usize,
+    next: u64,
+}
+
+impl Parked {
+    /// Parks `pending` under `session`; gives it back when the table is full.
+    fn park(&self, scope: usize, session: &str, pending: Awaiting) -> Result<u64, Awaiting> {
+        let mut inner = lock(&self.inner);
+        if inner.count >= MAX_PARKED {
+            return Err(pending);
+        }
+        inner.next += 1;
+        let ticket = inner.next;
+        inner.count += 1;
+        inner
+            .by_session
+            .entry((scope, session.to_owned()))
+            .or_default()
+            .push((ticket, pending));
+        Ok(ticket)
+    }
+
+    /// Takes what `ticket` parked, if still there.
+    fn take(&self, scope: usize, session: &str, ticket: u64) -> Option<Awaiting> {
+        let mut inner = lock(&self.inner);
+        let key = (scope, session.to_owned());
+        let list = inner.by_session.get_mut(&key)?;
+        let at = list.iter().position(|(t, _)| *t == ticket)?;
+        let (_, pending) = list.swap_remove(at);
+        if list.is_empty() {
+            inner.by_session.remove(&key);
+        }
+        inner.count -= 1;
+        Some(pending)
+    }
+
+    /// Takes everything parked under `session` (it ended), or everywhere (`None`: the daemon
+    /// stops).
+    fn take_all(&self, session: Option<(usize, &str)>) -> Vec<Awaiting> {
+        let mut inner = lock(&self.inner);
+        let lists: Vec<Vec<(u64, Awaiting)>> = match session {
+            Some((scope, id)) => inner
+                .by_session
+                .remove(&(scope, id.to_owned()))
+                .into_iter()
+                .collect(),
+            None => inner.by_session.drain().map(|(_, l)| l).collect(),
+        };
+        let taken: Vec<Awaiting> = lists.into_iter().flatten().map(|(_, a)| a).collect();
+        inner.count -= taken.len();
+        taken
+    }
+
+    /// Records the answers in `message` (read on a GET stream of `session`) of requests
+    /// parked there.
+    fn answered(&self, scope: usize, session: &str, message: &Value) {
+        let mut inner = lock(&self.inner);
+        let key = (scope, session.to_owned());
+        let Some(list) = inner.by_session.get_mut(&key) else {
+            return;
+        };
+        for (_, pending) in list.iter_mut() {
+            let conn = pending.conn.clone();
+            conn.audit_response(&mut pending.map, message);
+        }
+        let before = list.len();
+        list.retain(|(_, p)| !p.map.is_empty());
+        let done = before - list.len();
+        if list.is_empty() {
+            inner.by_session.remove(&key);
+        }
+        inner.count -= done;
+    }
+
+    /// Settles every parked request as `cancelled` (the daemon stops: recorded before its
+    /// `daemon.stop`).
+    pub fn cancel_all(&self) {
+        drop(self.take_all(None));
+    }
+}
+
 /// A connection's revocation: set once, with its reason; whoever waits for it is woken. (A
 /// `watch` channel would do, at ~350 bytes more per connection.)
 #[derive(Default)]
@@ -1947,6 +2048,7 @@ impl Conn {
             .field("roles", &d.roles)
             .field("session", &header("mcp-session-id"))
             .field("protocol", &header("mcp-protocol-version"))
+            .field("last_event_id", &header("last-event-id"))
     }
 
     /// `mcp.client_response`: the agent answering a request of the server (no method to
@@ -2309,9 +2411,21 @@ impl Conn {
         if response.status().is_success() {
             let sessions = &self.daemon.bound_sessions;
             let named = response.headers().get("mcp-session-id");
-            match (named, session) {
-                // A session this request ended is forgotten.
-                (_, Some(id)) if ending => sessions.end(self.session_scope(), id.as_bytes()),
+            match (named, &session) {
+                // A session this request ended is forgotten, and so are requests that waited
+                // for a resumed stream of it.
+                (_, Some(id)) if ending => {
+                    sessions.end(self.session_scope(), id.as_bytes());
+                    if let Ok(id) = id.to_str() {
+                        for mut parked in self
+                            .daemon
+                            .parked
+                            .take_all(Some((self.session_scope(), id)))
+                        {
+                            parked.settle("no_response", None);
+                        }
+                    }
+                }
                 // Named by the upstream (the answer to initialize): the caller's from now on.
                 (Some(id), _) => sessions.bind(
                     self.session_scope(),
@@ -2329,7 +2443,11 @@ impl Conn {
                 (None, None) => {}
             }
         }
-        self.respond(response, get_target, stream, pending, secrets)
+        let session = session
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.respond(response, get_target, stream, pending, secrets, session)
             .await
     }
 
@@ -2342,6 +2460,7 @@ impl Conn {
         server_stream: Option<ServerStream>,
         mut pending: Awaiting,
         secrets: Secrets,
+        session: Option<String>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         secrets.scrub_headers(&mut parts.headers);
@@ -2389,7 +2508,10 @@ impl Conn {
             let body = self.clone().sse_stream(
                 body,
                 Bytes::from(head),
-                get_target.as_deref(),
+                StreamOf {
+                    get_target: get_target.as_deref(),
+                    session,
+                },
                 server_stream,
                 pending,
                 secrets,
@@ -2536,11 +2658,15 @@ impl Conn {
         self: Arc<Self>,
         body: Incoming,
         first: Bytes,
-        get_target: Option<&str>,
+        of: StreamOf<'_>,
         server_stream: Option<ServerStream>,
         pending: Awaiting,
         secrets: Secrets,
     ) -> ProxyBody {
+        let StreamOf {
+            get_target,
+            session: session_id,
+        } = of;
         let from_get = get_target.is_some();
         let (tx, rx) = mpsc::channel(INJECT_QUEUE);
         let stream_id = server_stream
@@ -2567,6 +2693,8 @@ impl Conn {
             rx,
             queue: VecDeque::new(),
             session: None,
+            session_id,
+            resumable: false,
             done: false,
             ended: "cancelled",
             secrets,
@@ -2621,6 +2749,7 @@ impl Conn {
                                 let out = st.event(e);
                                 st.queue.push_back(out);
                             }
+                            st.park();
                         }
                     },
                     Some(b) = st.rx.recv(), if listening => st.queue.push_back(b),
@@ -2642,6 +2771,13 @@ impl Conn {
     }
 }
 
+/// The request an event stream answers: the target of a GET (none for a POST), and its
+/// Streamable HTTP session (`Mcp-Session-Id`).
+struct StreamOf<'a> {
+    get_target: Option<&'a str>,
+    session: Option<String>,
+}
+
 /// Per-stream state of [`Conn::sse_stream`].
 struct SseState {
     conn: Arc<Conn>,
@@ -2655,6 +2791,10 @@ struct SseState {
     queue: VecDeque<Bytes>,
     /// The legacy session this stream carries, removed from the registry on drop.
     session: Option<(String, Arc<LegacySession>)>,
+    /// The Streamable HTTP session (`Mcp-Session-Id`) of the request this stream answers.
+    session_id: Option<String>,
+    /// An event with an `id` came: the client may resume the stream (see [`Parked`]).
+    resumable: bool,
     /// Registration in [`Streams`] of a server stream, removed on drop.
     stream_id: Option<u64>,
     /// A server stream's changes of policy (see [`Conn::stream_withdrawn`]), and the resources
@@ -2675,6 +2815,37 @@ struct SseState {
 }
 
 impl SseState {
+    /// The upstream closed a POST's stream after an event id, answers still owed: the client
+    /// resumes it with a GET, where they come (see [`Parked`]). Its requests wait there.
+    fn park(&mut self) {
+        let (false, true, Some(session)) = (self.from_get, self.resumable, &self.session_id) else {
+            return;
+        };
+        if self.pending.is_empty() {
+            return;
+        }
+        let conn = self.conn.clone();
+        let pending = std::mem::replace(
+            &mut self.pending,
+            Awaiting::new(&conn, PendingMap::new(), false),
+        );
+        let scope = conn.session_scope();
+        match conn.daemon.parked.park(scope, session, pending) {
+            Ok(ticket) => {
+                let session = session.clone();
+                let daemon = conn.daemon.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(PARK_TTL).await;
+                    if let Some(mut left) = daemon.parked.take(scope, &session, ticket) {
+                        left.settle("no_response", None);
+                    }
+                });
+            }
+            // Full: settled when the stream goes, as if not resumable.
+            Err(pending) => self.pending = pending,
+        }
+    }
+
     /// Ends the stream as `outcome`: each request still waiting on it is answered with
     /// `error` (of its id) and settled.
     fn end(&mut self, outcome: &'static str, error: impl Fn(Option<Value>) -> Value) {
@@ -2712,6 +2883,9 @@ impl SseState {
 
     fn event(&mut self, e: sse::Event) -> Bytes {
         let e = self.secrets.scrub_event(e);
+        if e.id.as_deref().is_some_and(|id| !id.is_empty()) {
+            self.resumable = true;
+        }
         if self.from_get && e.event == "endpoint" && self.session.is_none() {
             self.register(&e.data);
             return e.raw;
@@ -2727,7 +2901,17 @@ impl SseState {
                             self.conn.audit_response(p, &v);
                         }
                     }
-                    None => self.conn.audit_response(&mut self.pending, &v),
+                    None => {
+                        self.conn.audit_response(&mut self.pending, &v);
+                        // A resumed stream carries answers owed to earlier POSTs.
+                        if let (true, Some(session)) = (self.from_get, &self.session_id) {
+                            self.conn.daemon.parked.answered(
+                                self.conn.session_scope(),
+                                session,
+                                &v,
+                            );
+                        }
+                    }
                 }
                 if self.conn.filter(&mut v) > 0 || duplicate {
                     // Written anew, escapes the scrub looked through may be undone.
@@ -2826,7 +3010,6 @@ impl Drop for SseState {
     }
 }
 
-/// The `tool` member of audit events: the target of a `tools/call`, nothing for other methods.
 /// The answer to a denied request: -32602 for calls that name a target (the code MCP uses for
 /// an unknown tool), -32601 for other methods.
 fn denial(policy: &Policy, m: &Message, id: Option<Value>) -> Value {
