@@ -450,6 +450,12 @@ impl Decision {
         Self::deny(rule)
     }
 
+    /// [`Decision::refused`] whose rule quotes the agent's input (a task id); `generic` says
+    /// it without, for metrics labels.
+    pub fn refused_quoting(rule: String, generic: impl Into<String>) -> Self {
+        Self::deny_quoting(rule, generic)
+    }
+
     fn deny(rule: impl Into<String>) -> Self {
         Self {
             allow: false,
@@ -800,22 +806,28 @@ impl Policy {
         };
         if method == "tools/call" {
             // Listing ignores argument constraints: the tool is usable with the right arguments.
-            if grant.roles.is_err() {
-                return false;
-            }
-            let granted = &grant.mask;
-            let candidate = Candidate::new(name);
-            return valid_tool_name(name)
-                && self
-                    .deny_index
-                    .first_granted(name, &candidate, granted)
-                    .is_none()
-                && self
-                    .allow_index
-                    .first_granted(name, &candidate, granted)
-                    .is_some();
+            return self.tool_usable(grant, name);
         }
         self.check_granted(grant, server, &call).allow
+    }
+
+    /// Whether a role of `grant` allows tool `name` and none denies it (argument constraints
+    /// aside: with the right arguments), whatever `show_denied_tools` says.
+    pub fn tool_usable(&self, grant: &Grant, name: &str) -> bool {
+        if grant.roles.is_err() {
+            return false;
+        }
+        let granted = &grant.mask;
+        let candidate = Candidate::new(name);
+        valid_tool_name(name)
+            && self
+                .deny_index
+                .first_granted(name, &candidate, granted)
+                .is_none()
+            && self
+                .allow_index
+                .first_granted(name, &candidate, granted)
+                .is_some()
     }
 
     /// Role names, in definition order.

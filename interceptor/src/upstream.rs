@@ -302,12 +302,18 @@ fn pools(
         .collect()
 }
 
+/// Idle upstream connections kept per pool (a workload's, on one worker).
+const MAX_IDLE_PER_POOL: usize = 32;
+
 fn build(connector: MarkedConnector) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         // With a timer the pool closes idle connections on its own; without one only a later
         // checkout would (a departed workload's connections stayed open until its pool went).
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
+        // A burst of concurrent requests leaves no more than this many open afterwards (each
+        // an open file, and a port towards the upstream, for 90 s).
+        .pool_max_idle_per_host(MAX_IDLE_PER_POOL)
         .build(connector)
 }
 

@@ -521,6 +521,22 @@ cgroup = "{others}"
         "{unknown}"
     );
     assert_eq!(env.status()["counters"]["proxy"]["tasks"], 1);
+    // Nor by subscribing to the task's notifications, which carry its result.
+    let listen = format!(
+        r#"{{"jsonrpc":"2.0","id":9,"method":"subscriptions/listen","params":{{"notifications":{{"taskIds":["{task}"]}}}}}}"#
+    );
+    let r = send_raw(
+        PROBE,
+        &others,
+        &server.addr.to_string(),
+        interceptor_tests::json_post(&listen).as_bytes(),
+    );
+    assert!(
+        r.reply
+            .as_deref()
+            .is_some_and(|t| t.contains("refused by policy")),
+        "{r:?}"
+    );
 
     let events = env.audit_events();
     let created = events
@@ -543,6 +559,16 @@ cgroup = "{others}"
             .as_str()
             .is_some_and(|r| r.contains("started by another identity")),
         "{refused}"
+    );
+    let listened = events
+        .iter()
+        .find(|e| e["event"] == "mcp.request" && e["method"] == "subscriptions/listen")
+        .expect("the subscription on record");
+    assert!(
+        listened["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("started by another identity")),
+        "{listened}"
     );
     let never = events
         .iter()

@@ -64,13 +64,18 @@ pub fn filter_granted(
             if let Some(items) = result.get_mut("tasks").and_then(Value::as_array_mut) {
                 listed = true;
                 let before = items.len();
+                // What names no task is no task (a vendor's list); what names one (or a
+                // variant a case-insensitive reader takes) must be the identity's own.
                 items.retain(|item| {
-                    item.as_object().is_some_and(|o| {
-                        !o.keys().any(|k| k != "taskId" && same_name(k, "taskId"))
+                    let Some(o) = item.as_object() else {
+                        return true;
+                    };
+                    let named = o.keys().any(|k| same_name(k, "taskId"));
+                    !named
+                        || (!o.keys().any(|k| k != "taskId" && same_name(k, "taskId"))
                             && o.get("taskId")
                                 .and_then(Value::as_str)
-                                .is_some_and(own_task)
-                    })
+                                .is_some_and(own_task))
                 });
                 hidden += before - items.len();
             }
@@ -188,12 +193,12 @@ mod tests {
         // tasks/list: only the identity's own tasks (a variant of taskId names one twice).
         let mut tasks = json!({"jsonrpc":"2.0","id":4,"result":{"tasks":[
             {"taskId":"mine","status":"working"},{"taskId":"theirs"},{"status":"x"},
-            {"taskId":"mine","TaskId":"theirs"}],"Tasks":[]}});
+            {"taskId":"mine","TaskId":"theirs"},{"TASKID":"theirs"},{"taskId":7}],"Tasks":[]}});
         let mine = |id: &str| id == "mine";
-        assert_eq!(filter(&policy, &subject, "s", &mine, &mut tasks), 4);
+        assert_eq!(filter(&policy, &subject, "s", &mine, &mut tasks), 5);
         assert_eq!(
             tasks["result"],
-            json!({"tasks":[{"taskId":"mine","status":"working"}]})
+            json!({"tasks":[{"taskId":"mine","status":"working"},{"status":"x"}]})
         );
     }
 }

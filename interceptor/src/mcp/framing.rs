@@ -24,6 +24,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const MAX_HEAD: usize = 64 * 1024;
 const HEAD_TOO_LONG: &str = "request head over 64 KiB";
 const MAX_HEADERS: usize = 128;
+/// Most empty-line bytes (CR, LF) accepted before a request head (RFC 9112 asks servers to
+/// skip at least one). More, and the connection is cut: hyper parses its whole buffer again
+/// at each read ending in a blank line, so a flood of them trickled in would cost the square
+/// of its length.
+const MAX_BLANK: usize = 1024;
 
 /// Whether `data`, read after `pending` (the start of a request head), may end the head: a
 /// blank line (`\r\n\r\n`, or `\n\n` which httparse also takes) in `data` or across the two.
@@ -59,6 +64,10 @@ pub struct Scanner {
     state: State,
     pending: Vec<u8>,
     verdicts: Verdicts,
+    /// Empty-line bytes read before the next head.
+    blank: usize,
+    /// Over [`MAX_BLANK`]: the connection is to be cut.
+    cut: bool,
 }
 
 impl Scanner {
@@ -67,6 +76,8 @@ impl Scanner {
             state: State::Head,
             pending: Vec::new(),
             verdicts,
+            blank: 0,
+            cut: false,
         }
     }
 
@@ -75,6 +86,28 @@ impl Scanner {
     pub fn feed(&mut self, data: &[u8]) {
         if self.state == State::Off {
             return;
+        }
+        let mut data = data;
+        if self.state == State::Head && self.pending.is_empty() {
+            // Empty lines before a head are skipped (by httparse too), not kept.
+            let blank = data
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
+            self.blank = if blank < data.len() {
+                0
+            } else {
+                self.blank + blank
+            };
+            if self.blank > MAX_BLANK {
+                self.cut = true;
+                self.state = State::Off;
+                return;
+            }
+            data = &data[blank..];
+            if data.is_empty() {
+                return;
+            }
         }
         let mut pending = std::mem::take(&mut self.pending);
         if self.state == State::Head && !pending.is_empty() && !ends_head(&pending, data) {
@@ -295,6 +328,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
             this.scanner.feed(&buf.filled()[before..]);
+            if this.scanner.cut {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "over 1 KiB of empty lines before a request head",
+                )));
+            }
         }
         res
     }
@@ -370,6 +409,24 @@ mod tests {
         let v = verdicts(&bytes);
         assert_eq!(v, verdicts(&[head]));
         assert!(v[0].is_err(), "{v:?}");
+    }
+
+    #[test]
+    fn empty_lines_before_a_head_are_skipped_up_to_a_bound() {
+        let v = Verdicts::default();
+        let mut s = Scanner::new(v.clone());
+        for _ in 0..100 {
+            s.feed(b"\r\n");
+        }
+        assert!(s.pending.is_empty() && !s.cut, "kept: {}", s.pending.len());
+        s.feed(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(v.lock().unwrap().len(), 1);
+        // A flood of them trickled in is cut, not parsed again and again.
+        let mut s = Scanner::new(Verdicts::default());
+        for _ in 0..=MAX_BLANK {
+            s.feed(b"\n");
+        }
+        assert!(s.cut);
     }
 
     #[test]

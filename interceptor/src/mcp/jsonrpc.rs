@@ -27,7 +27,7 @@ const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "erro
 /// MCP members inside `params` whose variants (see [`variant_of`]) are refused: upstreams
 /// that decode case-insensitively, or by the snake_case field name as well as the camelCase
 /// one (the Python SDK's models), would read the variant.
-const PARAM_MEMBERS: [&str; 12] = [
+const PARAM_MEMBERS: [&str; 10] = [
     "name",
     "arguments",
     "uri",
@@ -38,14 +38,11 @@ const PARAM_MEMBERS: [&str; 12] = [
     "clientInfo",
     "level",
     "notifications",
-    // Tasks: the task a `tools/call` asks for, and the task others name (judged by its id).
-    "task",
-    "taskId",
 ];
 
 /// Members of `subscriptions/listen`'s `params.notifications` whose variants are refused
 /// (the policy judges the URIs of `resourceSubscriptions`).
-const NOTIFICATION_MEMBERS: [&str; 1] = ["resourceSubscriptions"];
+const NOTIFICATION_MEMBERS: [&str; 2] = ["resourceSubscriptions", "taskIds"];
 
 /// An id as every reader tells it apart: integers beyond ±2^53 as the double they round to.
 pub fn id_as_read(id: &Value) -> String {
@@ -217,7 +214,7 @@ impl Message {
         let key = match self.method()? {
             "tools/call" | "prompts/get" => "name",
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => "uri",
-            m if super::tasks::TASK_METHODS.contains(&m) => "taskId",
+            m if super::tasks::names_task(m) => "taskId",
             _ => return None,
         };
         self.params()?.get(key)?.as_str()
@@ -588,6 +585,8 @@ fn check_call(message: &Message) -> Result<(), String> {
     match method {
         "tools/call" => {
             string_member("name")?;
+            // The task it asks for (the answer then names the task).
+            refuse_variants(params.unwrap_or(&Map::new()), &["task"], "params")?;
             match params.and_then(|p| p.get("arguments")) {
                 None | Some(Value::Object(_)) => Ok(()),
                 Some(other) => Err(format!(
@@ -598,7 +597,10 @@ fn check_call(message: &Message) -> Result<(), String> {
         }
         "prompts/get" => string_member("name"),
         // Judged by whose task it is.
-        m if super::tasks::TASK_METHODS.contains(&m) => string_member("taskId"),
+        m if super::tasks::names_task(m) => {
+            refuse_variants(params.unwrap_or(&Map::new()), &["taskId"], "params")?;
+            string_member("taskId")
+        }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string_member("uri"),
         // Its resource subscriptions are judged (`resourceSubscriptions`): one the policy
         // cannot find must not be one the upstream reads.

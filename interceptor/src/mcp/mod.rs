@@ -327,6 +327,8 @@ pub fn notify_tools_changed(streams: &Streams) -> usize {
 /// [`Conn::stream_withdrawn`]).
 struct ServerStream {
     subscribed: Vec<String>,
+    /// The tasks it subscribes to (`notifications.taskIds`).
+    tasks: Vec<String>,
     generation: u64,
 }
 
@@ -339,11 +341,16 @@ async fn policy_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>)
 }
 
 /// The resources a `subscriptions/listen` subscribes to (`params.notifications.
-/// resourceSubscriptions`; the parser refused any other shape).
+/// resourceSubscriptions`; the parser refused any other shape), or with `member`
+/// `"taskIds"` the tasks.
 fn subscribed_resources(m: &Message) -> Vec<String> {
+    subscribed(m, "resourceSubscriptions")
+}
+
+fn subscribed(m: &Message, member: &str) -> Vec<String> {
     m.params()
         .and_then(|p| p.get("notifications"))
-        .and_then(|n| n.get("resourceSubscriptions"))
+        .and_then(|n| n.get(member))
         .and_then(Value::as_array)
         .map(|uris| {
             uris.iter()
@@ -716,9 +723,14 @@ impl Parked {
         let Some(list) = inner.by_session.get_mut(&key) else {
             return;
         };
+        // One answer settles one request: the first parked POST that awaits its id.
         for (_, pending) in list.iter_mut() {
+            let before = pending.map.len();
             let conn = pending.conn.clone();
             conn.audit_response(&mut pending.map, message);
+            if pending.map.len() < before && !message.is_array() {
+                break;
+            }
         }
         let before = list.len();
         list.retain(|(_, p)| !p.map.is_empty());
@@ -1177,7 +1189,7 @@ impl Conn {
                 && !self.daemon.tasks.started(
                     self.session_scope(),
                     task_id,
-                    &self.owner(),
+                    &self.session_owner(),
                     tool,
                     ttl,
                 )
@@ -1227,7 +1239,7 @@ impl Conn {
         let target = target?;
         if method == "tools/call" {
             Some(target.to_owned())
-        } else if tasks::TASK_METHODS.contains(&method) {
+        } else if tasks::names_task(method) {
             self.daemon.tasks.tool(self.session_scope(), target)
         } else {
             None
@@ -1484,6 +1496,7 @@ impl Conn {
         // A GET's answer is a server stream, judged again by its server's grant alone.
         let stream = (method == Method::GET).then(|| ServerStream {
             subscribed: Vec::new(),
+            tasks: Vec::new(),
             generation,
         });
         self.forward(
@@ -1892,6 +1905,7 @@ impl Conn {
         let listen = (!body.batch && body.messages[0].method() == Some("subscriptions/listen"))
             .then(|| ServerStream {
                 subscribed: subscribed_resources(&body.messages[0]),
+                tasks: subscribed(&body.messages[0], "taskIds"),
                 generation,
             });
         let mut roles: Vec<String> = decisions
@@ -2090,7 +2104,7 @@ impl Conn {
     /// Why a server stream opened under an earlier policy may not go on under the current
     /// one: its server no longer granted, or (`subscriptions/listen`) a resource it
     /// subscribed to no longer allowed. `None`: it goes on.
-    fn stream_withdrawn(&self, subscribed: &[String]) -> Option<String> {
+    fn stream_withdrawn(&self, subscribed: &[String], tasks: &[String]) -> Option<String> {
         let (policy, grant) = self.policy();
         if !grant.grants_server() {
             return Some(format!(
@@ -2098,19 +2112,25 @@ impl Conn {
                 self.server_name()
             ));
         }
-        subscribed.iter().find_map(|uri| {
-            let call = Call {
-                method: "resources/subscribe",
-                name: Some(uri),
-                arguments: None,
-            };
-            let d = policy.check_granted(&grant, self.server_name(), &call);
-            (!d.allow).then(|| {
-                format!(
-                    "its subscription to {} is no longer allowed ({})",
-                    capped(&self.daemon.audit.redactor.redact_text(uri)),
-                    d.rule
-                )
+        let task = tasks.iter().find_map(|id| {
+            self.task_denial(&policy, &grant, id)
+                .map(|d| format!("its task subscription is no longer allowed ({})", d.rule))
+        });
+        task.or_else(|| {
+            subscribed.iter().find_map(|uri| {
+                let call = Call {
+                    method: "resources/subscribe",
+                    name: Some(uri),
+                    arguments: None,
+                };
+                let d = policy.check_granted(&grant, self.server_name(), &call);
+                (!d.allow).then(|| {
+                    format!(
+                        "its subscription to {} is no longer allowed ({})",
+                        capped(&self.daemon.audit.redactor.redact_text(uri)),
+                        d.rule
+                    )
+                })
             })
         })
     }
@@ -2119,10 +2139,27 @@ impl Conn {
     /// (`params.notifications.resourceSubscriptions`, which replaces `resources/subscribe`):
     /// each URI is judged as a `resources/subscribe` of it; the first denial, if any.
     fn judge_subscriptions(&self, policy: &Policy, grant: &Grant, m: &Message) -> Option<Decision> {
-        let subscriptions = m
-            .params()?
-            .get("notifications")?
-            .get("resourceSubscriptions")?;
+        let notifications = m.params()?.get("notifications")?;
+        // Task status subscriptions (the tasks extension) carry the task's result: judged as
+        // naming the task.
+        if let Some(ids) = notifications.get("taskIds") {
+            let Some(ids) = ids.as_array() else {
+                return Some(Decision::refused(
+                    "notifications.taskIds is not a list of task ids",
+                ));
+            };
+            for id in ids {
+                let Some(id) = id.as_str() else {
+                    return Some(Decision::refused(
+                        "notifications.taskIds holds something other than a task id",
+                    ));
+                };
+                if let Some(d) = self.task_denial(policy, grant, id) {
+                    return Some(d);
+                }
+            }
+        }
+        let subscriptions = notifications.get("resourceSubscriptions")?;
         let Some(uris) = subscriptions.as_array() else {
             return Some(Decision::refused(
                 "notifications.resourceSubscriptions is not a list of URIs",
@@ -2144,37 +2181,53 @@ impl Conn {
         })
     }
 
-    /// A request naming a task (`tasks/get`, …): only the identity that started it through
-    /// this proxy may, and only while a role of it still allows the task's tool (judged as
-    /// listing judges it: argument constraints aside). The denial, if any.
-    fn judge_task(&self, policy: &Policy, grant: &Grant, m: &Message) -> Option<Decision> {
-        // A string (the parser checked).
-        let id = m.target()?;
+    /// Whether this identity may name task `id`: its workload started it through this proxy,
+    /// and a role of it allows the task's tool (argument constraints aside). The denial, if
+    /// not (its metrics label without the id, which is the agent's).
+    fn task_denial(&self, policy: &Policy, grant: &Grant, id: &str) -> Option<Decision> {
         let shown = || capped(&self.daemon.audit.redactor.redact_text(id));
+        let refused = |why: &str, generic: &str| {
+            Some(Decision::refused_quoting(
+                format!("task {:?} {why}", shown()),
+                generic.to_owned(),
+            ))
+        };
         match self
             .daemon
             .tasks
-            .check(self.session_scope(), id, &self.owner())
+            .check(self.session_scope(), id, &self.session_owner())
         {
-            tasks::TaskUse::Own(tool) => {
-                (!policy.shows_granted(grant, self.server_name(), "tools/list", &tool)).then(|| {
-                    Decision::refused(format!(
-                        "task {:?}: its tool {:?} is no longer allowed for this identity",
-                        shown(),
-                        capped(&tool)
-                    ))
-                })
-            }
-            tasks::TaskUse::Foreign => Some(Decision::refused(format!(
-                "task {:?} was started by another identity",
-                shown()
-            ))),
-            tasks::TaskUse::Unknown => Some(Decision::refused(format!(
-                "task {:?} was not started by this identity through this proxy (or was \
-                 forgotten: expired, or before a restart)",
-                shown()
-            ))),
+            tasks::TaskUse::Own(tool) if policy.tool_usable(grant, &tool) => None,
+            tasks::TaskUse::Own(tool) => refused(
+                &format!(
+                    "started by tool {:?}, which no role of this identity allows",
+                    capped(&tool)
+                ),
+                "the task's tool is not allowed",
+            ),
+            tasks::TaskUse::Foreign => refused(
+                "was started by another identity (or two were answered with its id)",
+                "task of another identity",
+            ),
+            tasks::TaskUse::Unknown => refused(
+                "was not started by this identity through this proxy (or was forgotten: \
+                 expired, or before a restart)",
+                "task unknown to the proxy",
+            ),
         }
+    }
+
+    /// Whether `m` is a task notification (`notifications/tasks…`) about a task this identity
+    /// may not name (or about none): not relayed.
+    fn foreign_task_notice(&self, m: &Value) -> bool {
+        let (policy, grant) = self.policy();
+        m.get("method")
+            .and_then(Value::as_str)
+            .is_some_and(|method| method.starts_with("notifications/tasks"))
+            && m.get("params")
+                .and_then(|p| p.get("taskId"))
+                .and_then(Value::as_str)
+                .is_none_or(|id| self.task_denial(&policy, &grant, id).is_some())
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
@@ -2195,8 +2248,11 @@ impl Conn {
         if d.allow && method == "subscriptions/listen" {
             d = self.judge_subscriptions(policy, grant, m).unwrap_or(d);
         }
-        if d.allow && tasks::TASK_METHODS.contains(&method) {
-            d = self.judge_task(policy, grant, m).unwrap_or(d);
+        if d.allow && tasks::names_task(method) {
+            // A string (the parser checked).
+            if let Some(id) = m.target() {
+                d = self.task_denial(policy, grant, id).unwrap_or(d);
+            }
         }
         let counters = &self.daemon.counters;
         let metrics = &self.daemon.metrics;
@@ -2639,7 +2695,7 @@ impl Conn {
             matches!(
                 self.daemon
                     .tasks
-                    .check(self.session_scope(), id, &self.owner()),
+                    .check(self.session_scope(), id, &self.session_owner()),
                 tasks::TaskUse::Own(_)
             )
         };
@@ -2699,6 +2755,10 @@ impl Conn {
             ended: "cancelled",
             secrets,
             first: (!first.is_empty()).then_some(first),
+            tasks: server_stream
+                .as_ref()
+                .map(|s| s.tasks.clone())
+                .unwrap_or_default(),
             subscribed: server_stream.map(|s| s.subscribed).unwrap_or_default(),
             policy_changes,
         };
@@ -2755,7 +2815,7 @@ impl Conn {
                     Some(b) = st.rx.recv(), if listening => st.queue.push_back(b),
                     Some(()) = policy_changed(&mut st.policy_changes) => {
                         let conn = st.conn.clone();
-                        if let Some(why) = conn.stream_withdrawn(&st.subscribed) {
+                        if let Some(why) = conn.stream_withdrawn(&st.subscribed, &st.tasks) {
                             info!(server.name = conn.server_name(), reason = %why,
                                 "server stream ended: the reloaded policy no longer allows it");
                             let message = format!("interceptor: stream ended by a policy reload: {why}");
@@ -2798,9 +2858,10 @@ struct SseState {
     /// Registration in [`Streams`] of a server stream, removed on drop.
     stream_id: Option<u64>,
     /// A server stream's changes of policy (see [`Conn::stream_withdrawn`]), and the resources
-    /// it subscribed to (`subscriptions/listen`).
+    /// and tasks it subscribed to (`subscriptions/listen`).
     policy_changes: Option<tokio::sync::watch::Receiver<u64>>,
     subscribed: Vec<String>,
+    tasks: Vec<String>,
     /// Requests of the POST this stream answers.
     pending: Awaiting,
     done: bool,
@@ -2887,14 +2948,28 @@ impl SseState {
             self.resumable = true;
         }
         if self.from_get && e.event == "endpoint" && self.session.is_none() {
-            self.register(&e.data);
-            return e.raw;
+            return if self.register(&e.data) {
+                e.raw
+            } else {
+                Bytes::new()
+            };
         }
         match jsonrpc::parse_answer(
             e.data.as_bytes(),
             self.conn.daemon.config.proxy.max_response_values,
         ) {
             Ok((mut v, duplicate)) => {
+                // Task notifications carry the task (its result too): only its starter's.
+                let mut dropped = 0;
+                match &mut v {
+                    Value::Array(items) => {
+                        let before = items.len();
+                        items.retain(|m| !self.conn.foreign_task_notice(m));
+                        dropped = before - items.len();
+                    }
+                    m if self.conn.foreign_task_notice(m) => return Bytes::new(),
+                    _ => {}
+                }
                 match &self.session {
                     Some((_, s)) => {
                         if let Some(p) = lock(&s.pending).as_mut() {
@@ -2913,7 +2988,7 @@ impl SseState {
                         }
                     }
                 }
-                if self.conn.filter(&mut v) > 0 || duplicate {
+                if self.conn.filter(&mut v) + dropped > 0 || duplicate {
                     // Written anew, escapes the scrub looked through may be undone.
                     self.secrets.scrub(e.with_data(&v.to_string()))
                 } else {
@@ -2950,8 +3025,12 @@ impl SseState {
         }
     }
 
-    fn register(&mut self, endpoint: &str) {
-        let Some(tx) = self.tx.take() else { return };
+    /// Registers the legacy session an `endpoint` event names; `false` when its identity has
+    /// as many live sessions as it may (the stream then ends, the event not relayed).
+    fn register(&mut self, endpoint: &str) -> bool {
+        let Some(tx) = self.tx.take() else {
+            return true;
+        };
         let pq = endpoint_target(&self.get_target, endpoint);
         // Logged by its path: the query holds the session id, which is the session's key.
         let path = pq.split_once('?').map_or(pq.as_str(), |(path, _)| path);
@@ -2962,7 +3041,7 @@ impl SseState {
             Ok(k) => k,
             Err(why) => {
                 warn!(endpoint.path = %path, reason = %why, "legacy SSE endpoint not registered");
-                return;
+                return true;
             }
         };
         let session = Arc::new(LegacySession {
@@ -2970,9 +3049,15 @@ impl SseState {
             inject: tx,
             pending: std::sync::Mutex::new(Some(PendingMap::new())),
         });
-        lock(&self.conn.daemon.sessions).insert(key.clone(), &pq, session.clone());
+        if !lock(&self.conn.daemon.sessions).insert(key.clone(), &pq, session.clone()) {
+            warn!(endpoint.path = %path, limit = crate::mcp::session::MAX_LEGACY_PER_OWNER,
+                "legacy SSE stream ended: its identity has as many live sessions as it may");
+            self.done = true;
+            return false;
+        }
         debug!(endpoint.path = %path, "legacy SSE session registered");
         self.session = Some((key, session));
+        true
     }
 }
 

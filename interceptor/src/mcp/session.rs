@@ -31,6 +31,13 @@ pub struct Owner {
 /// as `mcp.response` — the requests themselves are always audited).
 pub const MAX_PENDING: usize = 4096;
 
+/// Most live legacy sessions per identity: each may hold [`MAX_PENDING`] requests' records,
+/// so one agent opening streams without end must not hold memory without end.
+#[cfg(not(test))]
+pub const MAX_LEGACY_PER_OWNER: usize = 64;
+#[cfg(test)]
+pub const MAX_LEGACY_PER_OWNER: usize = 2;
+
 /// A 2024-11-05 SSE session.
 pub struct LegacySession {
     pub owner: Owner,
@@ -55,6 +62,8 @@ pub struct LegacySessions {
     /// query parameter that carries its id, and the id ([`loose_path`], [`loose_name`],
     /// [`loose_value`]: as lenient servers read them).
     names: HashMap<String, usize>,
+    /// Live sessions per identity (at most [`MAX_LEGACY_PER_OWNER`]).
+    per_owner: HashMap<Owner, usize>,
 }
 
 /// A path as lenient routers match it: without case (Express, ASP.NET Core), a trailing
@@ -184,14 +193,28 @@ impl LegacySessions {
     }
 
     /// Registers `session` under `key`, reached at `path_and_query` (its endpoint).
-    pub fn insert(&mut self, key: String, path_and_query: &str, session: Arc<LegacySession>) {
+    /// Registers `session` under `key`; `false` (nothing registered) when its identity has
+    /// [`MAX_LEGACY_PER_OWNER`] live sessions already.
+    pub fn insert(
+        &mut self,
+        key: String,
+        path_and_query: &str,
+        session: Arc<LegacySession>,
+    ) -> bool {
+        let replacing = self.live.contains_key(&key);
+        let own = self.per_owner.get(&session.owner).copied().unwrap_or(0);
+        if !replacing && own >= MAX_LEGACY_PER_OWNER {
+            return false;
+        }
         let names = names_of(&key, path_and_query);
         for name in &names {
             *self.names.entry(name.clone()).or_default() += 1;
         }
-        if let Some((_, replaced)) = self.live.insert(key, (session, names)) {
-            self.forget(&replaced);
+        *self.per_owner.entry(session.owner.clone()).or_default() += 1;
+        if let Some((replaced, names)) = self.live.insert(key, (session, names)) {
+            self.forget(&replaced, &names);
         }
+        true
     }
 
     /// Removes `key` if it is still `session` (a reconnect may have replaced it).
@@ -203,12 +226,18 @@ impl LegacySessions {
         {
             return;
         }
-        if let Some((_, names)) = self.live.remove(key) {
-            self.forget(&names);
+        if let Some((session, names)) = self.live.remove(key) {
+            self.forget(&session, &names);
         }
     }
 
-    fn forget(&mut self, names: &[String]) {
+    fn forget(&mut self, session: &LegacySession, names: &[String]) {
+        if let Some(n) = self.per_owner.get_mut(&session.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&session.owner);
+            }
+        }
         for name in names {
             if let Some(n) = self.names.get_mut(name) {
                 *n -= 1;
@@ -503,7 +532,7 @@ mod tests {
         let endpoint = format!("/messages/?session_id={id}&tenant=acme-production");
         let key = session_key(0, &endpoint).unwrap();
         let mut live = LegacySessions::default();
-        live.insert(key.clone(), &endpoint, session.clone());
+        assert!(live.insert(key.clone(), &endpoint, session.clone()));
         let names = |live: &LegacySessions, pq: &str| {
             live.names_any(&request_names(&session_key(0, pq).unwrap(), pq))
         };
@@ -536,6 +565,31 @@ mod tests {
         live.remove(&key, &session);
         assert!(!names(&live, &format!("/messages/?session_id={id}&x=1")));
         assert!(live.names.is_empty());
+        assert!(live.per_owner.is_empty());
+    }
+
+    #[test]
+    fn an_identity_has_at_most_so_many_live_legacy_sessions() {
+        let mut live = LegacySessions::default();
+        let session = |uid| {
+            let (tx, _rx) = mpsc::channel(1);
+            Arc::new(LegacySession {
+                owner: owner(uid),
+                inject: tx,
+                pending: Mutex::new(None),
+            })
+        };
+        let key = |i: usize| session_key(0, &format!("/messages/?session_id={i:032x}")).unwrap();
+        let mine: Vec<_> = (0..MAX_LEGACY_PER_OWNER).map(|_| session(1)).collect();
+        for (i, s) in mine.iter().enumerate() {
+            assert!(live.insert(key(i), "/messages/", s.clone()));
+        }
+        assert!(!live.insert(key(100), "/messages/", session(1)));
+        // Another identity is not held back; a reconnect replacing a session is no new one.
+        assert!(live.insert(key(101), "/messages/", session(2)));
+        assert!(live.insert(key(0), "/messages/", session(1)));
+        live.remove(&key(1), &mine[1]);
+        assert!(live.insert(key(102), "/messages/", session(1)));
     }
 
     fn owner(uid: u32) -> Owner {

@@ -2,15 +2,17 @@
 //!
 //! A `tools/call` may be answered with a task (2025-11-25: `result.task.taskId`; the tasks
 //! extension, SEP-2663: `result.resultType` `"task"` and `result.taskId`) whose outcome the agent
-//! fetches later by its id (`tasks/get`, `tasks/result`, `tasks/update`, `tasks/cancel`). The
-//! id alone names the task upstream, and a server binds tasks at best to the caller it sees
-//! (the workload's certificate, or nobody on plain HTTP): two identities the policy tells
-//! apart (an `exe` binding, other cgroups sharing an upstream without `[ca]`) would reach
-//! each other's tasks, and so the result of a tool one of them may not call. So the proxy
-//! remembers which identity started which task with which tool, lets only that identity name
-//! the task, and only while its role still allows the tool; `tasks/list` answers are filtered
-//! to the caller's own tasks. A task it did not see start (another node, before a restart) is
-//! refused: fail closed.
+//! fetches later by its id (`tasks/get`, `tasks/result`, `tasks/update`, `tasks/cancel`, any
+//! `tasks/…` but `tasks/list`; `subscriptions/listen` with `notifications.taskIds`). The id
+//! alone names the task upstream, and a server binds tasks at best to the caller it sees (the
+//! workload's certificate, or nobody on plain HTTP): other cgroups sharing an upstream
+//! without `[ca]` would reach each other's tasks, and so the result of a tool one of them may
+//! not call. So the proxy remembers which workload (uid, gid, cgroup: as sessions are bound)
+//! started which task with which tool, and lets a caller name a task only if its workload
+//! started it and a role of the caller allows the tool (two processes of one workload with
+//! roles narrowed by `exe` still differ there); `tasks/list` answers and task notifications
+//! are filtered to the caller's own tasks. A task it did not see start (another node, before a
+//! restart), or whose id two workloads were answered with, is refused: fail closed.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -23,8 +25,12 @@ use serde_json::Value;
 use super::session::Owner;
 use crate::bpf::lock;
 
-/// The methods that name a task by `params.taskId`.
-pub const TASK_METHODS: [&str; 4] = ["tasks/get", "tasks/result", "tasks/update", "tasks/cancel"];
+/// Whether `method` names a task by `params.taskId`: every `tasks/…` method but `tasks/list`
+/// (`tasks/get`, `tasks/result`, `tasks/update`, `tasks/cancel`, and any later one, which
+/// then needs a `taskId` too: fail closed).
+pub fn names_task(method: &str) -> bool {
+    method.starts_with("tasks/") && method != "tasks/list"
+}
 
 /// Most tasks remembered in all; beyond, an identity's oldest make room for its new ones,
 /// and one with none is not remembered (its task cannot be named: refused, fail closed).
@@ -49,6 +55,9 @@ struct Task {
     owner: Owner,
     tool: String,
     expires: Instant,
+    /// Another workload (or the same with another tool) was answered with this id too: it is
+    /// no one's.
+    contested: bool,
 }
 
 /// The tasks seen starting, by upstream scope and task id.
@@ -69,7 +78,7 @@ struct Inner {
 pub enum TaskUse {
     /// The caller's own task, started with this tool.
     Own(String),
-    /// Another identity's.
+    /// Another identity's, or contested (two were answered with its id).
     Foreign,
     /// Not seen starting (or forgotten: expired, or aged out for room).
     Unknown,
@@ -91,8 +100,7 @@ pub fn started(result: &Value) -> Option<(&str, Option<u64>)> {
 
 impl Tasks {
     /// Remembers that `owner` started task `id` on upstream `scope` with `tool`. Returns
-    /// whether it is remembered (not when the id is too long, or the table is full of other
-    /// identities' tasks).
+    /// whether it is remembered (not when the id is empty or too long).
     pub fn started(
         &self,
         scope: usize,
@@ -108,11 +116,19 @@ impl Tasks {
         let life = ttl_ms.map_or(MAX_TTL, |ms| Duration::from_millis(ms).min(MAX_TTL));
         let key = (scope, id.to_owned());
         let mut inner = lock(&self.inner);
-        if inner.map.contains_key(&key) {
-            // The same id again (a server reusing ids): whoever started it last owns it.
-            inner.forget(&key);
+        if let Some(t) = inner.map.get_mut(&key)
+            && t.expires > now
+        {
+            // The same id again: the same answer relayed twice changes nothing; another
+            // workload's, or another tool's, makes it no one's (a server numbering tasks per
+            // backend, an answer recorded for two requests): never handed over.
+            if t.owner != *owner || t.tool != tool {
+                t.contested = true;
+            }
+            return true;
         }
-        let own = inner.of_owner.get(&owner.clone()).map_or(0, VecDeque::len);
+        inner.forget(&key);
+        let own = inner.of_owner.get(owner).map_or(0, VecDeque::len);
         if own >= MAX_PER_OWNER {
             inner.forget_oldest_of(owner);
         } else if inner.map.len() >= MAX_TASKS {
@@ -123,10 +139,19 @@ impl Tasks {
             }
             of_owner.retain(|_, keys| !keys.is_empty());
             if inner.map.len() >= MAX_TASKS {
-                if own == 0 {
-                    return false;
+                // The caller's own oldest, else the oldest of whoever holds the most.
+                let victim = if own > 0 {
+                    Some(owner.clone())
+                } else {
+                    inner
+                        .of_owner
+                        .iter()
+                        .max_by_key(|(_, keys)| keys.len())
+                        .map(|(o, _)| o.clone())
+                };
+                if let Some(victim) = victim {
+                    inner.forget_oldest_of(&victim);
                 }
-                inner.forget_oldest_of(owner);
             }
         }
         inner.map.insert(
@@ -135,6 +160,7 @@ impl Tasks {
                 owner: owner.clone(),
                 tool: tool.to_owned(),
                 expires: now + life,
+                contested: false,
             },
         );
         inner
@@ -150,7 +176,7 @@ impl Tasks {
         let inner = lock(&self.inner);
         match inner.map.get(&(scope, id.to_owned())) {
             Some(t) if t.expires <= Instant::now() => TaskUse::Unknown,
-            Some(t) if &t.owner == caller => TaskUse::Own(t.tool.clone()),
+            Some(t) if &t.owner == caller && !t.contested => TaskUse::Own(t.tool.clone()),
             Some(_) => TaskUse::Foreign,
             None => TaskUse::Unknown,
         }
@@ -222,7 +248,7 @@ mod tests {
     #[test]
     fn only_the_identity_that_started_a_task_may_name_it() {
         let tasks = Tasks::default();
-        let (a, b) = (owner(1, "/bin/agent"), owner(1, "/bin/other"));
+        let (a, b) = (owner(1, "/bin/agent"), owner(2, "/bin/agent"));
         assert!(tasks.started(0, "t1", &a, "export", None));
         assert_eq!(tasks.check(0, "t1", &a), TaskUse::Own("export".into()));
         assert_eq!(tasks.check(0, "t1", &b), TaskUse::Foreign);
@@ -233,6 +259,15 @@ mod tests {
         // Expired: forgotten.
         assert!(tasks.started(0, "t2", &a, "export", Some(0)));
         assert_eq!(tasks.check(0, "t2", &a), TaskUse::Unknown);
+        // The same answer again changes nothing; another workload answered with the id makes
+        // it no one's, its starter's included.
+        assert!(tasks.started(0, "t1", &a, "export", None));
+        assert_eq!(tasks.check(0, "t1", &a), TaskUse::Own("export".into()));
+        assert!(tasks.started(0, "t1", &b, "search", None));
+        assert_eq!(tasks.check(0, "t1", &a), TaskUse::Foreign);
+        assert_eq!(tasks.check(0, "t1", &b), TaskUse::Foreign);
+        assert!(names_task("tasks/get") && names_task("tasks/delete"));
+        assert!(!names_task("tasks/list") && !names_task("tools/call"));
     }
 
     #[test]
@@ -247,9 +282,12 @@ mod tests {
         assert_eq!(tasks.check(0, "a9", &a), TaskUse::Own("t".into()));
         assert_eq!(tasks.check(0, "a0", &a), TaskUse::Unknown);
         assert_eq!(tasks.count(), 1 + MAX_PER_OWNER);
-        // Full of others' tasks: a newcomer's is not remembered (fail closed), no one's goes.
+        // Full of others' tasks: a newcomer's takes the place of the oldest of whoever
+        // holds the most.
         let c = owner(3, "/c");
-        assert!(!tasks.started(0, "c1", &c, "t", None));
+        assert!(tasks.started(0, "c1", &c, "t", None));
+        assert_eq!(tasks.check(0, "c1", &c), TaskUse::Own("t".into()));
+        assert_eq!(tasks.check(0, "a7", &a), TaskUse::Unknown);
         assert_eq!(tasks.check(0, "b1", &b), TaskUse::Own("t".into()));
     }
 }
