@@ -1143,19 +1143,33 @@ impl Audit {
     /// `[audit] checkpoint_interval` after a record, before each rotation and when the log
     /// closes (the daemon's stop). Records written before (the daemon's start, a crashed
     /// run's tail) are signed by the first checkpoint.
-    pub fn sign_checkpoints(&self, key: Arc<crate::ca::JwsSigner>) {
+    ///
+    /// Records the log holds after its last checkpoint that `own` verifies (a killed run's
+    /// last records; or a log rewritten while no daemon ran, or one from before signing) are
+    /// signed by the first checkpoint as found, saying so (`adopted_after`,
+    /// `adopted_through`): `audit verify` names them, and `--strict` fails them.
+    pub fn sign_checkpoints(&self, key: Arc<crate::ca::JwsSigner>, own: &crate::ca::Jwks) {
         let every = self
             .config
             .checkpoint_every()
             .unwrap_or(Duration::from_secs(1));
+        let path = &self.config.path;
+        let found = last_checkpoint(path, own).or_else(|| {
+            let newest = named_after(path)
+                .filter(|(p, _, _)| daemons_own(p))
+                .filter_map(|(p, _, _)| Some((first_seq(&p)?, p)))
+                .max_by_key(|(first, _)| *first)?;
+            last_checkpoint(&newest.1, own)
+        });
         let mut w = lock(&self.shared.writer);
-        // Whatever the file holds after its last checkpoint is signed by the first one.
-        let unsigned = u64::from(w.seq > 0);
+        let after = found.unwrap_or(0);
+        let adopted = (w.seq > after).then_some((after, w.seq));
         w.signing = Some(Signing {
             key,
             every,
             last: Instant::now(),
-            unsigned,
+            unsigned: w.seq.saturating_sub(after),
+            adopted,
         });
     }
 
@@ -2071,6 +2085,34 @@ struct Signing {
     last: Instant,
     /// Records written since.
     unsigned: u64,
+    /// Records found unsigned when signing started (after the `seq` of the last checkpoint
+    /// found, through the last record then), for the first checkpoint to name.
+    adopted: Option<(u64, u64)>,
+}
+
+/// The `seq` of the last `audit.checkpoint` of `path` that `keys` verify and that signs the
+/// record before it (read whole, once, when signing starts).
+fn last_checkpoint(path: &Path, keys: &crate::ca::Jwks) -> Option<u64> {
+    let file = File::open(path).ok()?;
+    let mut last = None;
+    for line in BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        if !line.contains("\"event\":\"audit.checkpoint\"") {
+            continue;
+        }
+        let Some((body, _)) = unseal(&line) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&body) else {
+            continue;
+        };
+        if let (Some(seq), Some(prev)) = (v["seq"].as_u64(), v["prev_hash"].as_str())
+            && checkpoint_fault(&v, seq, prev, keys).is_none()
+        {
+            last = Some(seq);
+        }
+    }
+    last
 }
 
 /// How often the writer checks that its path still names the file it writes.
@@ -2133,15 +2175,23 @@ impl Writer {
         let Some(signing) = &self.signing else {
             return Ok(());
         };
-        let claims = json!({
+        let mut claims = json!({
             "through_seq": self.seq,
             "through_hash": self.prev_hash,
             "iat": crate::ca::unix_now(),
         });
-        let event = Event::new("audit.checkpoint")
+        let mut event = Event::new("audit.checkpoint")
             .raw("identity", &self.opener)
             .field("through_seq", &self.seq)
-            .field("records", &signing.unsigned)
+            .field("records", &signing.unsigned);
+        if let Some((after, through)) = signing.adopted {
+            claims["adopted_after"] = after.into();
+            claims["adopted_through"] = through.into();
+            event = event
+                .field("adopted_after", &after)
+                .field("adopted_through", &through);
+        }
+        let event = event
             .field("kid", signing.key.kid())
             .field("signature", &signing.key.sign(&claims));
         let (line, hash) = seal_line(self.seq + 1, &self.prev_hash, &event);
@@ -2153,6 +2203,7 @@ impl Writer {
         self.prev_hash = hash;
         if let Some(signing) = &mut self.signing {
             signing.unsigned = 0;
+            signing.adopted = None;
             signing.last = Instant::now();
         }
         Ok(())
@@ -2172,6 +2223,10 @@ impl Writer {
             return Ok(());
         }
         warn!(path = %self.path.display(), "audit log was removed or replaced; re-creating it");
+        // The file it wrote ends signed (logrotate's renamed file, as a rotated one).
+        if self.signing.as_ref().is_some_and(|s| s.unsigned > 0) {
+            self.checkpoint()?;
+        }
         self.file = Arc::new(open_successor(&self.path)?);
         self.len = self.file.metadata()?.len();
         Ok(())
@@ -2328,6 +2383,9 @@ pub struct Verification {
     pub signed_through: Option<u64>,
     /// The `seq` of the chain's last record.
     pub last_seq: Option<u64>,
+    /// With keys: ranges of records (after, through] a checkpoint signed as found when a
+    /// daemon started (a killed run's last records, or a log rewritten while none ran).
+    pub adopted: Vec<(u64, u64)>,
 }
 
 impl Verification {
@@ -2356,7 +2414,9 @@ fn checkpoint_fault(
         Ok(claims) => claims,
         Err(why) => return Some(format!("checkpoint signature: {why}")),
     };
-    let before = seq.checked_sub(1)?;
+    let Some(before) = seq.checked_sub(1) else {
+        return Some("a checkpoint cannot be the first record".into());
+    };
     if claims["through_seq"] != before
         || claims["through_hash"] != prev_hash
         || v["through_seq"] != before
@@ -2465,9 +2525,27 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
     let mut unexplained_head: Option<(PathBuf, usize, u64, String, bool)> = None;
     // Each file's last record (seq, hash), as verified: what a pruning names as deleted.
     let mut file_ends: Vec<(u64, String)> = Vec::new();
+    // With keys, once signing has begun: whether the last record read is a verified
+    // checkpoint, and where it was (every file the daemon left ends in one).
+    let mut signing = false;
+    let mut ends_signed = false;
+    let mut last_line: Option<(PathBuf, usize)> = None;
     'files: for (fi, path) in paths.iter().enumerate() {
         if let (Some(seq), Some(hash)) = (prev_seq, &prev) {
             file_ends.push((seq, hash.clone()));
+        }
+        if signing
+            && !ends_signed
+            && let Some((file, line)) = last_line.take()
+        {
+            out.broken = Some((
+                file,
+                line,
+                "the file does not end in a signed checkpoint, as every file the daemon left \
+                 does: its last records were altered or removed"
+                    .into(),
+            ));
+            return Ok(out);
         }
         let file = File::open(path).map_err(|e| {
             io::Error::new(
@@ -2579,6 +2657,7 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
             if v["event"] == "audit.repair" {
                 out.repairs.push((path.clone(), n));
             }
+            ends_signed = false;
             if v["event"] == "audit.checkpoint" {
                 if let Some(keys) = keys {
                     if let Some(why) = checkpoint_fault(&v, seq, p, keys) {
@@ -2586,9 +2665,23 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                         return Ok(out);
                     }
                     out.signed_through = Some(seq - 1);
+                    signing = true;
+                    ends_signed = true;
+                    // The claims, as signed (the event's members repeat them for readers).
+                    if let Some(claims) = v["signature"]
+                        .as_str()
+                        .and_then(|jws| keys.verify(jws, crate::ca::CHECKPOINT_TYP).ok())
+                        && let (Some(after), Some(through)) = (
+                            claims["adopted_after"].as_u64(),
+                            claims["adopted_through"].as_u64(),
+                        )
+                    {
+                        out.adopted.push((after, through));
+                    }
                 }
                 out.checkpoints += 1;
             }
+            last_line = Some((path.clone(), n));
             prev = Some(hash.to_owned());
             prev_seq = Some(seq);
             out.last_seq = Some(seq);
@@ -3722,31 +3815,43 @@ mod tests {
     }
 
     /// `path`'s records rewritten from the first whose text contains `from` on: `edit` applied
-    /// to their text and every hash after recomputed, as one who may write the file can.
+    /// to their text, renumbered and every hash after recomputed, as one who may write the
+    /// file can.
     fn rewrite_chain(path: &Path, from: &str, edit: impl Fn(&str) -> String) {
+        rewrite_chain_after(path, None, from, edit);
+    }
+
+    /// [`rewrite_chain`] of a file that continues the record `prev` (seq, hash).
+    fn rewrite_chain_after(
+        path: &Path,
+        mut prev: Option<(u64, String)>,
+        from: &str,
+        edit: impl Fn(&str) -> String,
+    ) {
         let text = std::fs::read_to_string(path).unwrap();
         let mut out = String::new();
-        let mut prev: Option<String> = None;
+        let mut rewriting = false;
         for line in text.lines() {
             let (body, hash) = unseal(line).unwrap();
-            match &prev {
-                None if !line.contains(from) => {
-                    out.push_str(line);
-                    out.push('\n');
-                    prev = Some(hash.to_owned());
-                    continue;
-                }
-                _ => {}
-            }
-            // {"seq":N,"prev_hash":"…",<members>}
             let seq = serde_json::from_str::<Value>(&body).unwrap()["seq"]
                 .as_u64()
                 .unwrap();
+            rewriting |= line.contains(from);
+            if !rewriting {
+                out.push_str(line);
+                out.push('\n');
+                prev = Some((seq, hash.to_owned()));
+                continue;
+            }
+            // {"seq":N,"prev_hash":"…",<members>}
             let members = body.split_once("\",").unwrap().1.strip_suffix('}').unwrap();
-            let before = prev.clone().unwrap_or_else(|| GENESIS.to_owned());
+            let (seq, before) = match &prev {
+                Some((s, h)) => (s + 1, h.clone()),
+                None => (seq, GENESIS.to_owned()),
+            };
             let (sealed, hash) = seal_line(seq, &before, &Event(edit(members).into_bytes()));
             out.push_str(std::str::from_utf8(&sealed).unwrap());
-            prev = Some(hash);
+            prev = Some((seq, hash));
         }
         std::fs::write(path, out).unwrap();
     }
@@ -3760,7 +3865,7 @@ mod tests {
         c.checkpoint_interval = "100ms".into();
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
             a.record_blocking(event("first")).unwrap();
             assert!(
                 shows_up(&path, "audit.checkpoint", Duration::from_secs(5)),
@@ -3826,7 +3931,7 @@ mod tests {
         c.checkpoint_interval = "1h".into();
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
             for i in 0..40 {
                 a.record_blocking(event(&format!("event-number-{i:0>200}")))
                     .unwrap();
@@ -3847,19 +3952,83 @@ mod tests {
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.unsigned(), 0);
 
+        // A rotated file whose closing checkpoint is gone (the next file's chain recomputed
+        // to hide it) fails there.
+        let seq_of = |line: &str| serde_json::from_str::<Value>(line).unwrap()["seq"].as_u64();
+        let signed_end = seq_of(
+            std::fs::read_to_string(&files[files.len() - 2])
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
+        // (The first file's closing checkpoint is the first: signing has begun after it.)
+        let saved: Vec<String> = files[1..3]
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        let cut = saved[0].trim_end().rfind('\n').map_or(0, |i| i + 1);
+        std::fs::write(&files[1], &saved[0][..cut]).unwrap();
+        let tail = saved[0][..cut].lines().last().unwrap().to_owned();
+        let tail_hash = unseal(&tail).unwrap().1.to_owned();
+        rewrite_chain_after(
+            &files[2],
+            Some((seq_of(&tail).unwrap(), tail_hash)),
+            "",
+            str::to_owned,
+        );
+        let v = verify(&files[..3], Some(&jwks)).unwrap();
+        let (file, _, why) = v.broken.expect("a rotated file must end signed");
+        assert_eq!(file, files[1]);
+        assert!(why.contains("does not end in a signed checkpoint"), "{why}");
+        for (f, text) in files[1..3].iter().zip(&saved) {
+            std::fs::write(f, text).unwrap();
+        }
+
         // A run without a stop (its checkpoint cut off, as a kill leaves it): the next run's
-        // first checkpoint signs its records.
+        // first checkpoint signs its records, saying they were found so.
         let text = std::fs::read_to_string(&live).unwrap();
         let cut = text.trim_end().rfind('\n').map_or(0, |i| i + 1);
         std::fs::write(&live, &text[..cut]).unwrap();
+        let found = seq_of(text[..cut].lines().last().unwrap()).unwrap();
         let v = verify(&files, Some(&jwks)).unwrap();
         assert!(v.unsigned() > 0);
         {
-            let a = Audit::open(c, OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            let a = Audit::open(c.clone(), OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
         }
         let v = verify(&files, Some(&jwks)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.unsigned(), 0);
+        assert_eq!(v.adopted, vec![(signed_end, found)]);
+
+        // A log rewritten whole while no daemon ran (every checkpoint gone, hashes
+        // recomputed): the next start signs it only as found, from the first record.
+        let all: Vec<String> = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        for f in &files[..files.len() - 1] {
+            std::fs::remove_file(f).unwrap();
+        }
+        let records: String = all
+            .concat()
+            .lines()
+            .filter(|l| !l.contains("\"audit.checkpoint\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&live, records).unwrap();
+        rewrite_chain(&live, "\"seq\":1,", |m| m.to_owned());
+        let v = verify(std::slice::from_ref(&live), None).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        let last = v.last_seq.unwrap();
+        {
+            let a = Audit::open(c, OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
+        }
+        let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.adopted, vec![(0, last)]);
     }
 }

@@ -122,8 +122,8 @@ pub struct RawProxy {
     /// Most bytes of request bodies and JSON answers held at once, node-wide (default 256 MiB,
     /// or the per-cgroup bound if that is more).
     pub max_buffered_bytes: Option<usize>,
-    /// Most of those held at once for the agents of one cgroup (default 64 MiB, or the
-    /// largest body `max_body_bytes` and `max_response_bytes` allow if that is more).
+    /// Most of those held at once for the agents of one cgroup (default 64 MiB, or what one
+    /// exchange may hold, `max_body_bytes` + `max_response_bytes`, if that is more).
     pub max_buffered_bytes_per_cgroup: Option<usize>,
 }
 
@@ -156,10 +156,10 @@ impl Default for RawProxy {
 impl RawProxy {
     /// (`max_buffered_bytes`, `max_buffered_bytes_per_cgroup`), defaults applied.
     pub fn buffered(&self) -> (usize, usize) {
-        let largest = self.max_body_bytes.max(self.max_response_bytes);
+        let exchange = self.max_body_bytes.saturating_add(self.max_response_bytes);
         let per_cgroup = self
             .max_buffered_bytes_per_cgroup
-            .unwrap_or(DEFAULT_MAX_BUFFERED_BYTES_PER_CGROUP.max(largest));
+            .unwrap_or(DEFAULT_MAX_BUFFERED_BYTES_PER_CGROUP.max(exchange));
         let total = self
             .max_buffered_bytes
             .unwrap_or(DEFAULT_MAX_BUFFERED_BYTES.max(per_cgroup));
@@ -743,14 +743,18 @@ impl Validator<'_> {
                 "max_body_bytes and max_response_bytes must be at least 1",
             ));
         }
-        let largest = raw.proxy.max_body_bytes.max(raw.proxy.max_response_bytes);
+        let exchange = raw
+            .proxy
+            .max_body_bytes
+            .saturating_add(raw.proxy.max_response_bytes);
         let (total, per_cgroup) = raw.proxy.buffered();
-        if per_cgroup < largest || total < per_cgroup {
+        if per_cgroup < exchange || total < per_cgroup {
             return Err(self.invalid(
                 "proxy.max_buffered_bytes_per_cgroup",
                 format!(
-                    "is {per_cgroup}: it must be at least max_body_bytes and max_response_bytes \
-                     ({largest}: else a body within them could never be read) and at most \
+                    "is {per_cgroup}: it must be at least max_body_bytes + max_response_bytes \
+                     ({exchange}: a request's body stays counted while its answer is read, \
+                     else an exchange within them could never complete) and at most \
                      max_buffered_bytes ({total})"
                 ),
             ));
@@ -1300,7 +1304,10 @@ upstream = "[::ffff:10.9.9.9]:9000"
         let e = err("[proxy]\nbody_timeout = '0s'\n");
         assert!(e.contains("proxy.body_timeout"), "{e}");
         let e = err("[proxy]\nmax_buffered_bytes_per_cgroup = 1000\n");
-        assert!(e.contains("at least max_body_bytes"), "{e}");
+        assert!(
+            e.contains("at least max_body_bytes + max_response_bytes"),
+            "{e}"
+        );
         let e = err("[proxy]\nmax_buffered_bytes = 67108863\n");
         assert!(e.contains("at most max_buffered_bytes"), "{e}");
         let e = err("[proxy]\nmax_batch = 0\n");

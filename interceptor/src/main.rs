@@ -748,6 +748,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         file.display()
                     );
                 };
+                if strict && let Some((after, through)) = v.adopted.first() {
+                    bail!(
+                        "the records from seq {} through {through} were signed as found when a \
+                         daemon started, not by the run that wrote them (--strict): a killed \
+                         daemon's last records, or a log altered while no daemon ran",
+                        after + 1
+                    );
+                }
                 let unsigned = v.unsigned();
                 if strict && unsigned > 0 {
                     bail!(
@@ -771,6 +779,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         v.checkpoints,
                         file.display()
                     );
+                    for (after, through) in &v.adopted {
+                        println!(
+                            "note: the records from seq {} through {through} were signed as found \
+                             when a daemon started, not by the run that wrote them (a killed \
+                             daemon's last records, or a log altered while no daemon ran; \
+                             --strict fails this)",
+                            after + 1
+                        );
+                    }
                     let unsigned = v.unsigned();
                     if unsigned > 0 {
                         println!(

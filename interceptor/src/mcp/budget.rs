@@ -163,18 +163,25 @@ impl Drop for Held {
     }
 }
 
-/// A response body that holds its bytes' share of the budget until it is sent (or dropped):
-/// an agent reading its answers slowly holds them, not more.
+/// Largest frame a [`HeldBody`] gives at once: hyper hands each frame whole to the
+/// connection's buffers (h2's send buffer, HTTP/1's write buffer), so one frame of a large
+/// answer would leave the budget while still in memory, waiting for a reader that may never
+/// read.
+const HELD_FRAME: usize = 64 * 1024;
+
+/// A response body that holds its bytes' share of the budget until its last frame is taken
+/// (or it is dropped): frames of at most [`HELD_FRAME`] bytes, so what an agent does not read
+/// stays counted.
 pub struct HeldBody {
-    inner: http_body_util::Full<Bytes>,
-    _held: Held,
+    rest: Bytes,
+    held: Option<Held>,
 }
 
 impl HeldBody {
     pub fn new(bytes: Bytes, held: Held) -> Self {
         Self {
-            inner: http_body_util::Full::new(bytes),
-            _held: held,
+            rest: bytes,
+            held: Some(held),
         }
     }
 }
@@ -185,17 +192,27 @@ impl hyper::body::Body for HeldBody {
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            this.held = None;
+            return std::task::Poll::Ready(None);
+        }
+        let frame = this.rest.split_to(this.rest.len().min(HELD_FRAME));
+        if this.rest.is_empty() {
+            // The last frame: hyper has the rest now.
+            this.held = None;
+        }
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        hyper::body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
@@ -220,6 +237,21 @@ mod tests {
         drop((b, c));
         assert_eq!(budget.used(), 0);
         assert!(lock(&budget.used).by_cgroup.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_answer_holds_its_share_until_its_last_frame_is_taken() {
+        let budget = Budget::new(1 << 20, 1 << 20);
+        let mut held = budget.hold(1);
+        held.take(100_000).unwrap();
+        let mut body = HeldBody::new(Bytes::from(vec![b'x'; 100_000]), held);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.len(), HELD_FRAME);
+        assert_eq!(budget.used(), 100_000, "still counted while frames remain");
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(last.len(), 100_000 - HELD_FRAME);
+        assert_eq!(budget.used(), 0);
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]

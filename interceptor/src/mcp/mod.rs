@@ -645,6 +645,8 @@ impl Drop for Awaiting {
 /// Most POSTs parked at once (see [`Parked`]); beyond, a closed stream's requests are settled
 /// `no_response` at once.
 const MAX_PARKED: usize = 4096;
+/// Most POSTs parked at once per workload: one agent cannot take every place.
+const MAX_PARKED_PER_OWNER: usize = 256;
 /// How long a parked POST's requests wait for a GET that resumes their stream.
 const PARK_TTL: Duration = Duration::from_secs(300);
 
@@ -671,6 +673,16 @@ impl Parked {
     fn park(&self, scope: usize, session: &str, pending: Awaiting) -> Result<u64, Awaiting> {
         let mut inner = lock(&self.inner);
         if inner.count >= MAX_PARKED {
+            return Err(pending);
+        }
+        let owner = pending.conn.session_owner();
+        let own = inner
+            .by_session
+            .values()
+            .flatten()
+            .filter(|(_, p)| p.conn.session_owner() == owner)
+            .count();
+        if own >= MAX_PARKED_PER_OWNER {
             return Err(pending);
         }
         inner.next += 1;
@@ -2666,7 +2678,8 @@ impl Conn {
     }
 
     /// The answer when an upstream answer would go over the buffer budget: its requests are
-    /// audited as `upstream_error`, the agent gets HTTP 503.
+    /// audited as `upstream_error`, the agent gets HTTP 502 (the upstream has acted on them:
+    /// no invitation to retry).
     fn over_budget(&self, pending: Awaiting, over: budget::Over) -> Response<ProxyBody> {
         self.daemon
             .counters
@@ -2676,15 +2689,13 @@ impl Conn {
             reason = over.reason(),
             "upstream answer not read: buffers full"
         );
-        let mut response = self.upstream_failed(
+        self.upstream_failed(
             pending,
-            format!("upstream answer not read: {}", over.reason()),
-        );
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        response
+            format!(
+                "interceptor: the upstream answered but its answer was not read: {}",
+                over.reason()
+            ),
+        )
     }
 
     /// Filters list-shaped results in `message`; returns how many items were hidden.
