@@ -1144,24 +1144,32 @@ impl Audit {
     /// closes (the daemon's stop). Records written before (the daemon's start, a crashed
     /// run's tail) are signed by the first checkpoint.
     ///
-    /// Records the log holds after its last checkpoint that `own` verifies (a killed run's
+    /// Records the log holds after its last checkpoint (a killed run's
     /// last records; or a log rewritten while no daemon ran, or one from before signing) are
     /// signed by the first checkpoint as found, saying so (`adopted_after`,
     /// `adopted_through`): `audit verify` names them, and `--strict` fails them.
-    pub fn sign_checkpoints(&self, key: Arc<crate::ca::JwsSigner>, own: &crate::ca::Jwks) {
+    pub fn sign_checkpoints(&self, key: Arc<crate::ca::JwsSigner>) {
         let every = self
             .config
             .checkpoint_every()
             .unwrap_or(Duration::from_secs(1));
         let path = &self.config.path;
-        let found = last_checkpoint(path, own).or_else(|| {
-            let newest = named_after(path)
-                .filter(|(p, _, _)| daemons_own(p))
-                .filter_map(|(p, _, _)| Some((first_seq(&p)?, p)))
-                .max_by_key(|(first, _)| *first)?;
-            last_checkpoint(&newest.1, own)
-        });
         let mut w = lock(&self.shared.writer);
+        // The last checkpoint in the chain the writer continues: in the live file, else at
+        // the end of the file the live one continues (a daemon-rotated file ending in the
+        // record before the live file's first, or in the writer's own last record). Whatever
+        // its key (a renewed CA's predecessor's too): `verify` checks the signature.
+        let tail = (w.seq, w.prev_hash.clone());
+        let (live, first) = last_checkpoint(path, (tail.0, &tail.1));
+        let found = live.or_else(|| {
+            let before = match &first {
+                Some((seq, prev)) => (seq.checked_sub(1)?, prev.clone()),
+                None => tail.clone(),
+            };
+            named_after(path)
+                .filter(|(p, _, _)| daemons_own(p))
+                .find_map(|(p, _, _)| last_checkpoint(&p, (before.0, &before.1)).0)
+        });
         let after = found.unwrap_or(0);
         let adopted = (w.seq > after).then_some((after, w.seq));
         w.signing = Some(Signing {
@@ -2090,29 +2098,62 @@ struct Signing {
     adopted: Option<(u64, u64)>,
 }
 
-/// The `seq` of the last `audit.checkpoint` of `path` that `keys` verify and that signs the
-/// record before it (read whole, once, when signing starts).
-fn last_checkpoint(path: &Path, keys: &crate::ca::Jwks) -> Option<u64> {
-    let file = File::open(path).ok()?;
+/// The `seq` of the last `audit.checkpoint` of `path` in the chain that ends at `tail` (the
+/// record the writer continues from: `seq` and hash), and the file's first record (`seq`,
+/// `prev_hash`); `None` for the checkpoint when the file does not end at `tail`. Links are
+/// followed by what the lines state (`seq`, `prev_hash`, `hash`, read from their fixed places,
+/// not hashed nor parsed: a log of 100 MiB is read in a moment): `audit verify` recomputes
+/// every hash and checks every checkpoint's signature, so a line that states falsely fails
+/// there. Read once, when signing starts.
+fn last_checkpoint(path: &Path, tail: (u64, &str)) -> (Option<u64>, Option<(u64, String)>) {
+    let Ok(file) = File::open(path) else {
+        return (None, None);
+    };
     let mut last = None;
+    let mut first = None;
+    let mut prev: Option<(u64, String)> = None;
     for line in BufReader::new(file).lines() {
         let Ok(line) = line else { break };
-        if !line.contains("\"event\":\"audit.checkpoint\"") {
+        let Some((seq, prev_hash, hash)) = stated_position(&line) else {
+            // Not a record (an edited line kept at a start): the chain goes on after it.
             continue;
+        };
+        if first.is_none() {
+            first = Some((seq, prev_hash.to_owned()));
         }
-        let Some((body, _)) = unseal(&line) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<Value>(&body) else {
-            continue;
-        };
-        if let (Some(seq), Some(prev)) = (v["seq"].as_u64(), v["prev_hash"].as_str())
-            && checkpoint_fault(&v, seq, prev, keys).is_none()
+        let linked = prev
+            .as_ref()
+            .is_some_and(|(s, h)| *s + 1 == seq && h == prev_hash);
+        if !linked {
+            // A break: what came before is another chain's.
+            last = None;
+        }
+        if line.contains(CHECKPOINT_MARK)
+            && seq
+                .checked_sub(1)
+                .is_some_and(|t| line.contains(&format!(",\"through_seq\":{t},")))
         {
             last = Some(seq);
         }
+        prev = Some((seq, hash.to_owned()));
     }
-    last
+    let ends_at_tail = prev
+        .as_ref()
+        .is_some_and(|(s, h)| *s == tail.0 && h == tail.1);
+    (last.filter(|_| ends_at_tail), first)
+}
+
+/// How a checkpoint's line names its event.
+const CHECKPOINT_MARK: &str = "\"event\":\"audit.checkpoint\"";
+
+/// A line's `seq`, `prev_hash` and `hash` as it states them (every record starts with the
+/// first two and ends with the last).
+fn stated_position(line: &str) -> Option<(u64, &str, &str)> {
+    let rest = line.strip_prefix("{\"seq\":")?;
+    let (seq, rest) = rest.split_once(',')?;
+    let prev = rest.strip_prefix("\"prev_hash\":\"")?.get(..64)?;
+    let (_, hash) = unseal(line)?;
+    Some((seq.parse().ok()?, prev, hash))
 }
 
 /// How often the writer checks that its path still names the file it writes.
@@ -2223,9 +2264,14 @@ impl Writer {
             return Ok(());
         }
         warn!(path = %self.path.display(), "audit log was removed or replaced; re-creating it");
-        // The file it wrote ends signed (logrotate's renamed file, as a rotated one).
-        if self.signing.as_ref().is_some_and(|s| s.unsigned > 0) {
-            self.checkpoint()?;
+        // The file it wrote ends signed (logrotate's renamed file, as a rotated one); not one
+        // removed (nothing reads it, and a full disk its space was freed for would refuse
+        // the write), and a failure does not keep the writer on the old file.
+        if current.links > 0
+            && self.signing.as_ref().is_some_and(|s| s.unsigned > 0)
+            && let Err(e) = self.checkpoint()
+        {
+            warn!(error = %e, "could not sign the renamed audit log's end");
         }
         self.file = Arc::new(open_successor(&self.path)?);
         self.len = self.file.metadata()?.len();
@@ -2399,6 +2445,11 @@ impl Verification {
     }
 }
 
+/// Why a file is refused that ends without a checkpoint once signing has begun.
+const UNSIGNED_END: &str = "the file does not end in a signed checkpoint, as every file the \
+     daemon leaves does, and no later checkpoint adopts its end: its last records were altered \
+     or removed";
+
 /// Why checkpoint `v` (at `seq`, after `prev_hash`) does not sign its place in the chain with
 /// one of `keys`.
 fn checkpoint_fault(
@@ -2530,22 +2581,19 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
     let mut signing = false;
     let mut ends_signed = false;
     let mut last_line: Option<(PathBuf, usize)> = None;
+    // A file end without a checkpoint, once signing had begun: accepted only if the next
+    // checkpoint adopts it (a killed daemon's file renamed before its restart).
+    let mut unsigned_end: Option<(PathBuf, usize, u64)> = None;
     'files: for (fi, path) in paths.iter().enumerate() {
         if let (Some(seq), Some(hash)) = (prev_seq, &prev) {
             file_ends.push((seq, hash.clone()));
         }
         if signing
             && !ends_signed
-            && let Some((file, line)) = last_line.take()
+            && unsigned_end.is_none()
+            && let (Some((file, line)), Some(seq)) = (last_line.take(), prev_seq)
         {
-            out.broken = Some((
-                file,
-                line,
-                "the file does not end in a signed checkpoint, as every file the daemon left \
-                 does: its last records were altered or removed"
-                    .into(),
-            ));
-            return Ok(out);
+            unsigned_end = Some((file, line, seq));
         }
         let file = File::open(path).map_err(|e| {
             io::Error::new(
@@ -2677,6 +2725,16 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                         )
                     {
                         out.adopted.push((after, through));
+                        if unsigned_end
+                            .as_ref()
+                            .is_some_and(|(_, _, end)| after < *end && *end <= through)
+                        {
+                            unsigned_end = None;
+                        }
+                    }
+                    if let Some((file, line, _)) = unsigned_end.take() {
+                        out.broken = Some((file, line, UNSIGNED_END.into()));
+                        return Ok(out);
                     }
                 }
                 out.checkpoints += 1;
@@ -2690,6 +2748,10 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                 out.unterminated = Some((path.clone(), n));
             }
         }
+    }
+    if let Some((file, line, _)) = unsigned_end {
+        out.broken = Some((file, line, UNSIGNED_END.into()));
+        return Ok(out);
     }
     if let Some((path, line, through, _, false)) = unexplained_head {
         out.broken = Some((
@@ -3815,8 +3877,8 @@ mod tests {
     }
 
     /// `path`'s records rewritten from the first whose text contains `from` on: `edit` applied
-    /// to their text, renumbered and every hash after recomputed, as one who may write the
-    /// file can.
+    /// to their text (a record it empties is dropped), renumbered and every hash after
+    /// recomputed, as one who may write the file can.
     fn rewrite_chain(path: &Path, from: &str, edit: impl Fn(&str) -> String) {
         rewrite_chain_after(path, None, from, edit);
     }
@@ -3849,7 +3911,12 @@ mod tests {
                 Some((s, h)) => (s + 1, h.clone()),
                 None => (seq, GENESIS.to_owned()),
             };
-            let (sealed, hash) = seal_line(seq, &before, &Event(edit(members).into_bytes()));
+            let members = edit(members);
+            if members.is_empty() {
+                // Dropped.
+                continue;
+            }
+            let (sealed, hash) = seal_line(seq, &before, &Event(members.into_bytes()));
             out.push_str(std::str::from_utf8(&sealed).unwrap());
             prev = Some((seq, hash));
         }
@@ -3865,7 +3932,7 @@ mod tests {
         c.checkpoint_interval = "100ms".into();
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
+            a.sign_checkpoints(ca.checkpoint_signer());
             a.record_blocking(event("first")).unwrap();
             assert!(
                 shows_up(&path, "audit.checkpoint", Duration::from_secs(5)),
@@ -3931,7 +3998,7 @@ mod tests {
         c.checkpoint_interval = "1h".into();
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
+            a.sign_checkpoints(ca.checkpoint_signer());
             for i in 0..40 {
                 a.record_blocking(event(&format!("event-number-{i:0>200}")))
                     .unwrap();
@@ -3972,11 +4039,18 @@ mod tests {
         std::fs::write(&files[1], &saved[0][..cut]).unwrap();
         let tail = saved[0][..cut].lines().last().unwrap().to_owned();
         let tail_hash = unseal(&tail).unwrap().1.to_owned();
+        // The later file's checkpoints go too (they sign the old hashes).
         rewrite_chain_after(
             &files[2],
             Some((seq_of(&tail).unwrap(), tail_hash)),
             "",
-            str::to_owned,
+            |m| {
+                if m.contains(CHECKPOINT_MARK) {
+                    String::new()
+                } else {
+                    m.to_owned()
+                }
+            },
         );
         let v = verify(&files[..3], Some(&jwks)).unwrap();
         let (file, _, why) = v.broken.expect("a rotated file must end signed");
@@ -3996,7 +4070,7 @@ mod tests {
         assert!(v.unsigned() > 0);
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
+            a.sign_checkpoints(ca.checkpoint_signer());
         }
         let v = verify(&files, Some(&jwks)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
@@ -4025,10 +4099,53 @@ mod tests {
         let last = v.last_seq.unwrap();
         {
             let a = Audit::open(c, OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys());
+            a.sign_checkpoints(ca.checkpoint_signer());
         }
         let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.adopted, vec![(0, last)]);
+    }
+
+    #[test]
+    fn a_log_forged_beside_the_genuine_one_is_signed_only_as_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, jwks) = node_ca(&dir.path().join("ca"));
+        let logs = dir.path().join("log");
+        let live = logs.join("audit.jsonl");
+        let c = cfg(&logs, Durability::Write);
+        {
+            let a = Audit::open(c.clone(), OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer());
+            for i in 0..5 {
+                a.record_blocking(event(&format!("genuine-{i}"))).unwrap();
+            }
+        }
+        // While no daemon runs: the genuine log moved aside (its last checkpoint is later in
+        // seq than anything the forgery holds), a forgery without checkpoints in its place.
+        let old = logs.join("audit.jsonl.old");
+        std::fs::rename(&live, &old).unwrap();
+        let genuine = std::fs::read_to_string(&old).unwrap();
+        std::fs::write(
+            &live,
+            genuine
+                .lines()
+                .filter(|l| !l.contains(CHECKPOINT_MARK) && !l.contains("genuine-3"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        )
+        .unwrap();
+        rewrite_chain(&live, "\"seq\":1,", str::to_owned);
+        let forged_last = verify(std::slice::from_ref(&live), None)
+            .unwrap()
+            .last_seq
+            .unwrap();
+        {
+            let a = Audit::open(c, OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer());
+        }
+        std::fs::remove_file(&old).unwrap();
+        let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(v.adopted, vec![(0, forged_last)], "signed as its own");
     }
 }

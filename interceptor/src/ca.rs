@@ -458,13 +458,6 @@ impl NodeCa {
         self.checkpoints.clone()
     }
 
-    /// The key set of this CA's own key (what verifies its checkpoints).
-    pub fn own_keys(&self) -> Jwks {
-        Jwks {
-            keys: vec![(self.kid().to_owned(), *self.signer.verifying_key())],
-        }
-    }
-
     /// Whether the files at `cfg`'s paths now hold something else than what was loaded (a
     /// renewed or replaced CA, which takes a restart), or cannot be read.
     pub fn files_changed(&self, cfg: &RawCa) -> bool {

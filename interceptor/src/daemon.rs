@@ -1426,7 +1426,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             error,
         })?;
     match &ca {
-        Some(ca) => audit.sign_checkpoints(ca.checkpoint_signer(), &ca.own_keys()),
+        Some(ca) => audit.sign_checkpoints(ca.checkpoint_signer()),
         None => info!(
             "no [ca]: the audit log is hash-chained but not signed (no audit.checkpoint events)"
         ),

@@ -70,9 +70,9 @@ pub fn filter_granted(
                     let Some(o) = item.as_object() else {
                         return true;
                     };
-                    let named = o.keys().any(|k| same_name(k, "taskId"));
+                    let named = o.keys().any(|k| names_like(k, "taskId"));
                     !named
-                        || (!o.keys().any(|k| k != "taskId" && same_name(k, "taskId"))
+                        || (!o.keys().any(|k| k != "taskId" && names_like(k, "taskId"))
                             && o.get("taskId")
                                 .and_then(Value::as_str)
                                 .is_some_and(own_task))
@@ -115,6 +115,13 @@ fn same_name(key: &str, member: &str) -> bool {
     } else {
         super::jsonrpc::fold(key) == member.to_ascii_lowercase()
     }
+}
+
+/// [`same_name`], or a snake_case or kebab-case spelling of it (`task_id`: the Python SDK's
+/// models read field names too).
+fn names_like(key: &str, member: &str) -> bool {
+    same_name(key, member)
+        || (key.contains(['_', '-']) && same_name(&key.replace(['_', '-'], ""), member))
 }
 
 /// Removes the members of `obj` that are case variants of one of `members` (not the member
@@ -193,9 +200,10 @@ mod tests {
         // tasks/list: only the identity's own tasks (a variant of taskId names one twice).
         let mut tasks = json!({"jsonrpc":"2.0","id":4,"result":{"tasks":[
             {"taskId":"mine","status":"working"},{"taskId":"theirs"},{"status":"x"},
-            {"taskId":"mine","TaskId":"theirs"},{"TASKID":"theirs"},{"taskId":7}],"Tasks":[]}});
+            {"taskId":"mine","TaskId":"theirs"},{"TASKID":"theirs"},{"taskId":7},
+            {"task_id":"theirs"}],"Tasks":[]}});
         let mine = |id: &str| id == "mine";
-        assert_eq!(filter(&policy, &subject, "s", &mine, &mut tasks), 5);
+        assert_eq!(filter(&policy, &subject, "s", &mine, &mut tasks), 6);
         assert_eq!(
             tasks["result"],
             json!({"tasks":[{"taskId":"mine","status":"working"},{"status":"x"}]})

@@ -127,6 +127,18 @@ impl Scanner {
                 pending = Vec::new();
             }
         }
+        if self.state == State::Head
+            && !pending.is_empty()
+            && pending.iter().all(|b| matches!(b, b'\r' | b'\n'))
+        {
+            // Empty lines after a request, in the same read: skipped and counted as above.
+            self.blank += pending.len();
+            pending.clear();
+            if self.blank > MAX_BLANK {
+                self.cut = true;
+                self.state = State::Off;
+            }
+        }
         if self.state == State::Head && pending.len() > MAX_HEAD {
             // Refused, not followed further (hyper would take up to ~400 KiB).
             self.push(Err(HEAD_TOO_LONG.to_owned()));
@@ -421,12 +433,20 @@ mod tests {
         assert!(s.pending.is_empty() && !s.cut, "kept: {}", s.pending.len());
         s.feed(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(v.lock().unwrap().len(), 1);
-        // A flood of them trickled in is cut, not parsed again and again.
+        // A flood of them trickled in is cut, not parsed again and again; also after a
+        // request in the same read.
         let mut s = Scanner::new(Verdicts::default());
         for _ in 0..=MAX_BLANK {
             s.feed(b"\n");
         }
         assert!(s.cut);
+        let mut s = Scanner::new(Verdicts::default());
+        s.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\r\n");
+        assert!(s.pending.is_empty());
+        for _ in 0..MAX_BLANK {
+            s.feed(b"\r\n");
+        }
+        assert!(s.cut && s.pending.is_empty());
     }
 
     #[test]

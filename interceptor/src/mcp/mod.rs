@@ -2977,6 +2977,10 @@ impl SseState {
                         let before = items.len();
                         items.retain(|m| !self.conn.foreign_task_notice(m));
                         dropped = before - items.len();
+                        if items.is_empty() && dropped > 0 {
+                            // Nothing left: no event (an empty batch is no message).
+                            return Bytes::new();
+                        }
                     }
                     m if self.conn.foreign_task_notice(m) => return Bytes::new(),
                     _ => {}

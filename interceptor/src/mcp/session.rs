@@ -62,7 +62,8 @@ pub struct LegacySessions {
     /// query parameter that carries its id, and the id ([`loose_path`], [`loose_name`],
     /// [`loose_value`]: as lenient servers read them).
     names: HashMap<String, usize>,
-    /// Live sessions per identity (at most [`MAX_LEGACY_PER_OWNER`]).
+    /// Live sessions per workload (at most [`MAX_LEGACY_PER_OWNER`]; copies of one binary
+    /// do not make more room).
     per_owner: HashMap<Owner, usize>,
 }
 
@@ -202,7 +203,11 @@ impl LegacySessions {
         session: Arc<LegacySession>,
     ) -> bool {
         let replacing = self.live.contains_key(&key);
-        let own = self.per_owner.get(&session.owner).copied().unwrap_or(0);
+        let own = self
+            .per_owner
+            .get(&workload(&session.owner))
+            .copied()
+            .unwrap_or(0);
         if !replacing && own >= MAX_LEGACY_PER_OWNER {
             return false;
         }
@@ -210,7 +215,7 @@ impl LegacySessions {
         for name in &names {
             *self.names.entry(name.clone()).or_default() += 1;
         }
-        *self.per_owner.entry(session.owner.clone()).or_default() += 1;
+        *self.per_owner.entry(workload(&session.owner)).or_default() += 1;
         if let Some((replaced, names)) = self.live.insert(key, (session, names)) {
             self.forget(&replaced, &names);
         }
@@ -232,10 +237,11 @@ impl LegacySessions {
     }
 
     fn forget(&mut self, session: &LegacySession, names: &[String]) {
-        if let Some(n) = self.per_owner.get_mut(&session.owner) {
+        let owner = workload(&session.owner);
+        if let Some(n) = self.per_owner.get_mut(&owner) {
             *n -= 1;
             if *n == 0 {
-                self.per_owner.remove(&session.owner);
+                self.per_owner.remove(&owner);
             }
         }
         for name in names {
@@ -246,6 +252,14 @@ impl LegacySessions {
                 }
             }
         }
+    }
+}
+
+/// `owner` without its executable: the workload (uid, gid, cgroup).
+fn workload(owner: &Owner) -> Owner {
+    Owner {
+        exe: None,
+        ..owner.clone()
     }
 }
 
