@@ -805,3 +805,37 @@ fn bodies_held_at_once_are_bounded_per_cgroup() {
         "only the last request was forwarded"
     );
 }
+
+#[test]
+fn requests_of_the_server_to_the_agent_are_on_record() {
+    if !privileged() {
+        return;
+    }
+    // A sampling request on the stream that answers the agent's ping: the prompt the server
+    // has the agent's model run (its secret redacted), before the agent answers it.
+    let upstream = LabelServer::start_fixed_as(
+        "127.0.0.3",
+        "text/event-stream",
+        b"data: {\"jsonrpc\":\"2.0\",\"id\":\"srv-1\",\"method\":\"sampling/createMessage\",\"params\":{\"messages\":[{\"role\":\"user\",\"content\":{\"type\":\"text\",\"text\":\"use api_key=sk-abcdefghijklmnop\"}}],\"temperature\":0.5}}\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n",
+    );
+    let w = world_with("server-request", upstream);
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
+    );
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let event = audit_event(&w, "mcp.server_request", |_| true);
+    assert_eq!(event["method"], "sampling/createMessage", "{event}");
+    assert_eq!(event["id"], "srv-1", "{event}");
+    assert_eq!(event["server"], "notes", "{event}");
+    assert_eq!(event["params"]["temperature"], 0.5, "{event}");
+    let text = event["params"]["messages"][0]["content"]["text"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        text.starts_with("use api_key=") && !text.contains("sk-abc"),
+        "{event}"
+    );
+}

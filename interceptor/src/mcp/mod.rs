@@ -2077,6 +2077,43 @@ impl Conn {
             .field("last_event_id", &header("last-event-id"))
     }
 
+    /// Records `mcp.server_request` for each request of the server in `message` (one message
+    /// or a batch, read on a stream): what the server asks the agent to do (sampling — with
+    /// the prompt and any tools it offers the agent's model —, elicitation, roots), which
+    /// the agent's answer (`mcp.client_response`, by the same `id`) then carries out.
+    fn record_server_requests(&self, message: &Value, session: Option<&str>) {
+        let items: Vec<&Value> = match message {
+            Value::Array(a) => a.iter().collect(),
+            other => vec![other],
+        };
+        for m in items {
+            let (Some(method), Some(id)) = (m.get("method").and_then(Value::as_str), m.get("id"))
+            else {
+                continue;
+            };
+            let params = m
+                .get("params")
+                .and_then(Value::as_object)
+                .map(|p| self.daemon.audit.redactor.redact_object(p));
+            self.daemon.audit.record_later(
+                audit::Event::new("mcp.server_request")
+                    .raw("identity", &self.who)
+                    .field("server", self.server_name())
+                    .field("method", &capped(method))
+                    .field(
+                        "id",
+                        &match id {
+                            // The server's: any size.
+                            Value::String(text) => Value::from(capped(text)),
+                            other => other.clone(),
+                        },
+                    )
+                    .raw("params", params.as_deref().unwrap_or("null"))
+                    .field("session", &session.map(capped)),
+            );
+        }
+    }
+
     /// `mcp.client_response`: the agent answering a request of the server (no method to
     /// judge; it reaches the server only if a role grants the server).
     fn client_response_event(
@@ -2985,6 +3022,8 @@ impl SseState {
                     m if self.conn.foreign_task_notice(m) => return Bytes::new(),
                     _ => {}
                 }
+                self.conn
+                    .record_server_requests(&v, self.session_id.as_deref());
                 match &self.session {
                     Some((_, s)) => {
                         if let Some(p) = lock(&s.pending).as_mut() {
