@@ -1160,16 +1160,35 @@ impl Audit {
         // record before the live file's first, or in the writer's own last record). Whatever
         // its key (a renewed CA's predecessor's too): `verify` checks the signature.
         let tail = (w.seq, w.prev_hash.clone());
-        let (live, first) = last_checkpoint(path, (tail.0, &tail.1));
-        let found = live.or_else(|| {
-            let before = match &first {
-                Some((seq, prev)) => (seq.checked_sub(1)?, prev.clone()),
-                None => tail.clone(),
+        let (mut found, mut first) = last_checkpoint(path, (tail.0, &tail.1));
+        // Back through the files the chain came through (a quick crash can leave one or two
+        // without a checkpoint), at most a few: each is read whole.
+        let mut end = tail;
+        let mut rotated: Vec<(u64, PathBuf)> = named_after(path)
+            .filter(|(p, _, _)| daemons_own(p))
+            .filter_map(|(p, _, _)| Some((first_seq(&p)?, p)))
+            .collect();
+        rotated.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        for _ in 0..MAX_FILES_BACK {
+            if found.is_some() {
+                break;
+            }
+            end = match first.take() {
+                Some((seq, prev)) => match seq.checked_sub(1) {
+                    Some(before) if before > 0 => (before, prev),
+                    _ => break,
+                },
+                None => end,
             };
-            named_after(path)
-                .filter(|(p, _, _)| daemons_own(p))
-                .find_map(|(p, _, _)| last_checkpoint(&p, (before.0, &before.1)).0)
-        });
+            // The file holding record `end`: the one that starts latest at or before it.
+            let Some((_, file)) = rotated.iter().find(|(start, _)| *start <= end.0) else {
+                break;
+            };
+            (found, first) = last_checkpoint(file, (end.0, &end.1));
+            if first.is_none() {
+                break;
+            }
+        }
         let after = found.unwrap_or(0);
         let adopted = (w.seq > after).then_some((after, w.seq));
         w.signing = Some(Signing {
@@ -2128,10 +2147,18 @@ fn last_checkpoint(path: &Path, tail: (u64, &str)) -> (Option<u64>, Option<(u64,
             // A break: what came before is another chain's.
             last = None;
         }
+        // A checkpoint as `verify` reads one: the whole record (its hash recomputed), its
+        // event at the top level, signing the record before it (its signature `verify`
+        // checks). Not a request whose arguments hold such text, nor a record naming two
+        // events (the parser keeps the last).
         if line.contains(CHECKPOINT_MARK)
-            && seq
-                .checked_sub(1)
-                .is_some_and(|t| line.contains(&format!(",\"through_seq\":{t},")))
+            && let Some((body, _)) =
+                unseal(&line).filter(|(body, hash)| hex(&Sha256::digest(body.as_bytes())) == *hash)
+            && let Ok(v) = serde_json::from_str::<Value>(&body)
+            && v["event"] == "audit.checkpoint"
+            && v["seq"] == seq
+            && seq.checked_sub(1).is_some_and(|t| v["through_seq"] == t)
+            && v["signature"].is_string()
         {
             last = Some(seq);
         }
@@ -2142,6 +2169,9 @@ fn last_checkpoint(path: &Path, tail: (u64, &str)) -> (Option<u64>, Option<(u64,
         .is_some_and(|(s, h)| *s == tail.0 && h == tail.1);
     (last.filter(|_| ends_at_tail), first)
 }
+
+/// Most files a start looks back through for the last checkpoint.
+const MAX_FILES_BACK: usize = 4;
 
 /// How a checkpoint's line names its event.
 const CHECKPOINT_MARK: &str = "\"event\":\"audit.checkpoint\"";
@@ -2583,17 +2613,16 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
     let mut last_line: Option<(PathBuf, usize)> = None;
     // A file end without a checkpoint, once signing had begun: accepted only if the next
     // checkpoint adopts it (a killed daemon's file renamed before its restart).
-    let mut unsigned_end: Option<(PathBuf, usize, u64)> = None;
+    let mut unsigned_ends: Vec<(PathBuf, usize, u64)> = Vec::new();
     'files: for (fi, path) in paths.iter().enumerate() {
         if let (Some(seq), Some(hash)) = (prev_seq, &prev) {
             file_ends.push((seq, hash.clone()));
         }
         if signing
             && !ends_signed
-            && unsigned_end.is_none()
             && let (Some((file, line)), Some(seq)) = (last_line.take(), prev_seq)
         {
-            unsigned_end = Some((file, line, seq));
+            unsigned_ends.push((file, line, seq));
         }
         let file = File::open(path).map_err(|e| {
             io::Error::new(
@@ -2725,14 +2754,9 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                         )
                     {
                         out.adopted.push((after, through));
-                        if unsigned_end
-                            .as_ref()
-                            .is_some_and(|(_, _, end)| after < *end && *end <= through)
-                        {
-                            unsigned_end = None;
-                        }
+                        unsigned_ends.retain(|(_, _, end)| !(after < *end && *end <= through));
                     }
-                    if let Some((file, line, _)) = unsigned_end.take() {
+                    if let Some((file, line, _)) = unsigned_ends.first().cloned() {
                         out.broken = Some((file, line, UNSIGNED_END.into()));
                         return Ok(out);
                     }
@@ -2749,7 +2773,7 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
             }
         }
     }
-    if let Some((file, line, _)) = unsigned_end {
+    if let Some((file, line, _)) = unsigned_ends.into_iter().next() {
         out.broken = Some((file, line, UNSIGNED_END.into()));
         return Ok(out);
     }
@@ -4106,20 +4130,27 @@ mod tests {
         assert_eq!(v.adopted, vec![(0, last)]);
     }
 
-    #[test]
-    fn a_log_forged_beside_the_genuine_one_is_signed_only_as_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, jwks) = node_ca(&dir.path().join("ca"));
-        let logs = dir.path().join("log");
-        let live = logs.join("audit.jsonl");
+    /// A log in `dir/log` of `n` events (`genuine-<i>`) written by a daemon that signs with
+    /// a node CA in `dir/ca`, stopped: its CA, key set, config and live file.
+    fn signed_log(dir: &Path, n: usize) -> (crate::ca::NodeCa, crate::ca::Jwks, RawAudit, PathBuf) {
+        let (ca, jwks) = node_ca(&dir.join("ca"));
+        let logs = dir.join("log");
         let c = cfg(&logs, Durability::Write);
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
             a.sign_checkpoints(ca.checkpoint_signer());
-            for i in 0..5 {
+            for i in 0..n {
                 a.record_blocking(event(&format!("genuine-{i}"))).unwrap();
             }
         }
+        (ca, jwks, c, logs.join("audit.jsonl"))
+    }
+
+    #[test]
+    fn a_log_forged_beside_the_genuine_one_is_signed_only_as_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, jwks, c, live) = signed_log(dir.path(), 5);
+        let logs = live.parent().unwrap().to_owned();
         // While no daemon runs: the genuine log moved aside (its last checkpoint is later in
         // seq than anything the forgery holds), a forgery without checkpoints in its place.
         let old = logs.join("audit.jsonl.old");
@@ -4147,5 +4178,53 @@ mod tests {
         let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
         assert_eq!(v.adopted, vec![(0, forged_last)], "signed as its own");
+    }
+
+    #[test]
+    fn a_record_that_only_looks_like_a_checkpoint_does_not_end_what_a_start_adopts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, jwks, c, live) = signed_log(dir.path(), 1);
+        let signed = verify(std::slice::from_ref(&live), Some(&jwks))
+            .unwrap()
+            .last_seq
+            .unwrap();
+        // Forged records after the last checkpoint, the last one of them holding checkpoint
+        // text: nested in arguments, then as a first `event` a parser reads past.
+        for members in [
+            format!(
+                r#""event":"mcp.request","arguments":{{"event":"audit.checkpoint","through_seq":{},"signature":"x"}}"#,
+                signed
+            ),
+            format!(
+                r#""event":"audit.checkpoint","through_seq":{},"signature":"x","event":"mcp.request""#,
+                signed + 1
+            ),
+        ] {
+            let text = std::fs::read_to_string(&live).unwrap();
+            let last = text.lines().last().unwrap();
+            let (seq, prev) = (
+                serde_json::from_str::<Value>(last).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap(),
+                unseal(last).unwrap().1.to_owned(),
+            );
+            let (line, _) = seal_line(seq + 1, &prev, &Event(members.into_bytes()));
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&live)
+                .unwrap();
+            f.write_all(&line).unwrap();
+        }
+        {
+            let a = Audit::open(c, OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer());
+        }
+        let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(
+            v.adopted,
+            vec![(signed, signed + 2)],
+            "the forgery was signed as its own"
+        );
     }
 }

@@ -157,11 +157,12 @@ impl RawProxy {
     /// (`max_buffered_bytes`, `max_buffered_bytes_per_cgroup`), defaults applied.
     pub fn buffered(&self) -> (usize, usize) {
         let exchange = self.max_body_bytes.saturating_add(self.max_response_bytes);
-        // Not over a node-wide bound set lower than the default (so long as an exchange fits).
+        // Under a node-wide bound set lower than the default: a quarter of it, as by default
+        // (so long as an exchange fits).
         let per_cgroup = self.max_buffered_bytes_per_cgroup.unwrap_or_else(|| {
             let default = DEFAULT_MAX_BUFFERED_BYTES_PER_CGROUP.max(exchange);
             self.max_buffered_bytes
-                .map_or(default, |total| default.min(total).max(exchange))
+                .map_or(default, |total| default.min(total / 4).max(exchange))
         });
         let total = self
             .max_buffered_bytes
@@ -1315,13 +1316,20 @@ upstream = "[::ffff:10.9.9.9]:9000"
             "[proxy]\nmax_buffered_bytes = 30000000\nmax_buffered_bytes_per_cgroup = 40000000\n",
         );
         assert!(e.contains("at most max_buffered_bytes"), "{e}");
-        // A node-wide bound under the per-cgroup default takes the default down with it.
+        // A node-wide bound set lower takes the per-cgroup default down to a quarter of it
+        // (not under what one exchange may hold).
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[proxy]\nmax_buffered_bytes = 200000000\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.buffered(), (200_000_000, 50_000_000));
         let c = Config::parse(
             Path::new("t.toml"),
             "[proxy]\nmax_buffered_bytes = 30000000\n",
         )
         .unwrap();
-        assert_eq!(c.proxy.buffered(), (30_000_000, 30_000_000));
+        assert_eq!(c.proxy.buffered(), (30_000_000, 20 << 20));
         let e = err("[proxy]\nmax_batch = 0\n");
         assert!(e.contains("max_batch at least 1"), "{e}");
         let e = err("[audit]\ncheckpoint_interval = '10ms'\n");
