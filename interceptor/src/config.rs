@@ -122,8 +122,9 @@ pub struct RawProxy {
     /// Most bytes of request bodies and JSON answers held at once, node-wide (default 256 MiB,
     /// or the per-cgroup bound if that is more).
     pub max_buffered_bytes: Option<usize>,
-    /// Most of those held at once for the agents of one cgroup (default 64 MiB, or what one
-    /// exchange may hold, `max_body_bytes` + `max_response_bytes`, if that is more).
+    /// Most of those held at once for the agents of one cgroup (default an eighth of
+    /// `max_buffered_bytes`, or what one exchange may hold, `max_body_bytes` +
+    /// `max_response_bytes`, if that is more).
     pub max_buffered_bytes_per_cgroup: Option<usize>,
 }
 
@@ -157,12 +158,13 @@ impl RawProxy {
     /// (`max_buffered_bytes`, `max_buffered_bytes_per_cgroup`), defaults applied.
     pub fn buffered(&self) -> (usize, usize) {
         let exchange = self.max_body_bytes.saturating_add(self.max_response_bytes);
-        // Under a node-wide bound set lower than the default: a quarter of it, as by default
-        // (so long as an exchange fits).
+        // An eighth of the node-wide bound (so long as an exchange fits): eight agents each
+        // holding what they may leave the others room.
         let per_cgroup = self.max_buffered_bytes_per_cgroup.unwrap_or_else(|| {
-            let default = DEFAULT_MAX_BUFFERED_BYTES_PER_CGROUP.max(exchange);
-            self.max_buffered_bytes
-                .map_or(default, |total| default.min(total / 4).max(exchange))
+            let total = self
+                .max_buffered_bytes
+                .unwrap_or(DEFAULT_MAX_BUFFERED_BYTES);
+            (total / 8).max(exchange)
         });
         let total = self
             .max_buffered_bytes
@@ -198,8 +200,6 @@ pub const DEFAULT_MAX_BATCH: usize = 100;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// Default `proxy.max_buffered_bytes`: 256 MiB.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 << 20;
-/// Default `proxy.max_buffered_bytes_per_cgroup`: 64 MiB.
-pub const DEFAULT_MAX_BUFFERED_BYTES_PER_CGROUP: usize = 64 << 20;
 
 /// Most `daemon.workers` accepted.
 pub const MAX_WORKERS: usize = 1024;
@@ -1316,14 +1316,14 @@ upstream = "[::ffff:10.9.9.9]:9000"
             "[proxy]\nmax_buffered_bytes = 30000000\nmax_buffered_bytes_per_cgroup = 40000000\n",
         );
         assert!(e.contains("at most max_buffered_bytes"), "{e}");
-        // A node-wide bound set lower takes the per-cgroup default down to a quarter of it
+        // A node-wide bound set lower takes the per-cgroup default down to an eighth of it
         // (not under what one exchange may hold).
         let c = Config::parse(
             Path::new("t.toml"),
             "[proxy]\nmax_buffered_bytes = 200000000\n",
         )
         .unwrap();
-        assert_eq!(c.proxy.buffered(), (200_000_000, 50_000_000));
+        assert_eq!(c.proxy.buffered(), (200_000_000, 25_000_000));
         let c = Config::parse(
             Path::new("t.toml"),
             "[proxy]\nmax_buffered_bytes = 30000000\n",

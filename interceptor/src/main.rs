@@ -268,7 +268,10 @@ enum AuditCommand {
         strict: bool,
         /// Verify the checkpoints' signatures with this JSON Web Key Set (what `interceptor ca
         /// jwks` prints; keep the keys of earlier node CAs in it to verify older files). Fails
-        /// on a checkpoint that does not verify and on a chain with no checkpoint.
+        /// on a checkpoint that does not verify or is not at its place, and on a file that does
+        /// not end in one once signing has begun (unless a later one adopts its end); with
+        /// `--strict` also on a chain with none, on records a start signed as found
+        /// (adopted), and on records after the last one.
         #[arg(long, value_name = "FILE")]
         jwks: Option<PathBuf>,
     },
@@ -739,25 +742,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      or verify without --strict if they are kept elsewhere"
                 );
             }
-            if let Some(file) = &jwks {
+            if let Some(file) = &jwks
+                && strict
+            {
                 let Some(through) = v.signed_through else {
                     bail!(
-                        "no audit.checkpoint in the chain given, so nothing in it is signed: the \
-                         daemon had no [ca], the files end within [audit] checkpoint_interval \
-                         of its start, or the checkpoints were removed ({} verifies nothing)",
+                        "no audit.checkpoint in the chain given, so nothing in it is signed \
+                         (--strict): the daemon had no [ca], the files end within [audit] \
+                         checkpoint_interval of its start or of a rotation, or the checkpoints \
+                         were removed ({} verifies nothing)",
                         file.display()
                     );
                 };
-                if strict && let Some((after, through)) = v.adopted.first() {
+                if let Some((after, through)) = v.adopted.first() {
                     bail!(
                         "the records from seq {} through {through} were signed as found when a \
-                         daemon started, not by the run that wrote them (--strict): a killed \
-                         daemon's last records, or a log altered while no daemon ran",
+                         daemon started, not by the run that wrote them (--strict): records \
+                         from before signing began (a log from before [ca] was set, or from an \
+                         earlier version), a killed daemon's last records, or a log altered \
+                         while no daemon ran",
                         after + 1
                     );
                 }
                 let unsigned = v.unsigned();
-                if strict && unsigned > 0 {
+                if unsigned > 0 {
                     bail!(
                         "{unsigned} record(s) after seq {through} follow the last checkpoint, so \
                          nothing signs them (--strict): they were written less than [audit] \
@@ -782,9 +790,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     for (after, through) in &v.adopted {
                         println!(
                             "note: the records from seq {} through {through} were signed as found \
-                             when a daemon started, not by the run that wrote them (a killed \
-                             daemon's last records, or a log altered while no daemon ran; \
-                             --strict fails this)",
+                             when a daemon started, not by the run that wrote them (records from \
+                             before signing began, a killed daemon's last records, or a log \
+                             altered while no daemon ran; --strict fails this)",
                             after + 1
                         );
                     }
@@ -798,6 +806,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         );
                     }
                 }
+                (Some(file), None) => println!(
+                    "note: no audit.checkpoint in the chain given, so nothing in it is signed \
+                     ({} verifies nothing): the daemon had no [ca], the files end within [audit] \
+                     checkpoint_interval of its start or of a rotation, or the checkpoints were \
+                     removed; --strict fails this",
+                    file.display()
+                ),
                 _ if v.checkpoints > 0 => println!(
                     "note: {} signed checkpoint(s) not checked; pass --jwks with what \
                      `interceptor ca jwks` prints to verify who wrote the chain",

@@ -506,7 +506,7 @@ cgroup = "{others}"
     // Another identity, granted tasks/* but not the tool, that learns the id gets nothing
     // (the server alone would hand it the result); nor an id the proxy never saw start.
     let theirs = rmcp_task(&others, "task-get", &url, &task);
-    assert_eq!(theirs["code"], -32602, "{theirs}");
+    assert_eq!(theirs["code"], -32601, "{theirs}");
     assert!(
         theirs["message"]
             .as_str()

@@ -90,8 +90,25 @@ fn variant_of<'m>(key: &str, members: &[&'m str]) -> Option<&'m str> {
                     .collect::<String>()),
         )
     };
-    let key = canonical(key);
-    members.iter().copied().find(|m| canonical(m) == key)
+    // An ASCII key can be a variant only of a member with as many letters once `_` and `-`
+    // are set aside (as `canonical` does: all but a first one): most keys are told apart
+    // without allocating (every `tools/call` runs this for each of its params members).
+    let kept = |k: &str| {
+        k.bytes()
+            .enumerate()
+            .filter(|(i, b)| *i == 0 || !matches!(b, b'_' | b'-'))
+            .count()
+    };
+    let ascii = key.is_ascii();
+    let key_kept = kept(key);
+    let mut folded: Option<String> = None;
+    members.iter().copied().find(|m| {
+        if ascii && kept(m) != key_kept {
+            return false;
+        }
+        let key = folded.get_or_insert_with(|| canonical(key));
+        canonical(m) == *key
+    })
 }
 
 /// Refuses the members of `obj` that are variants of `members` (`within` names `obj` in the
@@ -208,16 +225,24 @@ impl Message {
         }
     }
 
-    /// The call's target: `params.name` (tools/call, prompts/get), `params.uri`
-    /// (resources/read, resources/subscribe) or `params.taskId` (tasks/get, …).
+    /// The call's target: `params.name` (tools/call, prompts/get) or `params.uri`
+    /// (resources/read, resources/subscribe): what `Mcp-Name` names.
     pub fn target(&self) -> Option<&str> {
         let key = match self.method()? {
             "tools/call" | "prompts/get" => "name",
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => "uri",
-            m if super::tasks::names_task(m) => "taskId",
             _ => return None,
         };
         self.params()?.get(key)?.as_str()
+    }
+
+    /// The task a `tasks/…` request names (`params.taskId`; see [`super::tasks::names_task`]).
+    pub fn task_id(&self) -> Option<&str> {
+        let method = self.method()?;
+        if !super::tasks::names_task(method) {
+            return None;
+        }
+        self.params()?.get("taskId")?.as_str()
     }
 
     /// `params.arguments` of a tools/call.

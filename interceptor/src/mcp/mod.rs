@@ -663,9 +663,35 @@ pub struct Parked {
 
 #[derive(Default)]
 struct ParkedInner {
-    by_session: HashMap<(usize, String), Vec<(u64, Awaiting)>>,
+    by_session: HashMap<(usize, String), Vec<ParkedPost>>,
     count: usize,
     next: u64,
+}
+
+/// A parked POST's requests, and the timer that settles them when no answer comes.
+struct ParkedPost {
+    ticket: u64,
+    pending: Awaiting,
+    timer: Option<tokio::task::AbortHandle>,
+}
+
+impl ParkedPost {
+    /// Its requests, moved out (an empty set stays behind).
+    fn take_pending(&mut self) -> Awaiting {
+        let conn = self.pending.conn.clone();
+        std::mem::replace(
+            &mut self.pending,
+            Awaiting::new(&conn, PendingMap::new(), false),
+        )
+    }
+}
+
+impl Drop for ParkedPost {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+    }
 }
 
 impl Parked {
@@ -680,7 +706,7 @@ impl Parked {
             .by_session
             .values()
             .flatten()
-            .filter(|(_, p)| p.conn.session_owner() == owner)
+            .filter(|p| p.pending.conn.session_owner() == owner)
             .count();
         if own >= MAX_PARKED_PER_OWNER {
             return Err(pending);
@@ -692,8 +718,26 @@ impl Parked {
             .by_session
             .entry((scope, session.to_owned()))
             .or_default()
-            .push((ticket, pending));
+            .push(ParkedPost {
+                ticket,
+                pending,
+                timer: None,
+            });
         Ok(ticket)
+    }
+
+    /// Keeps `timer` with what `ticket` parked (aborted when it goes); aborts it at once if
+    /// that is gone already.
+    fn arm(&self, scope: usize, session: &str, ticket: u64, timer: tokio::task::AbortHandle) {
+        let mut inner = lock(&self.inner);
+        match inner
+            .by_session
+            .get_mut(&(scope, session.to_owned()))
+            .and_then(|list| list.iter_mut().find(|p| p.ticket == ticket))
+        {
+            Some(post) => post.timer = Some(timer),
+            None => timer.abort(),
+        }
     }
 
     /// Takes what `ticket` parked, if still there.
@@ -701,20 +745,22 @@ impl Parked {
         let mut inner = lock(&self.inner);
         let key = (scope, session.to_owned());
         let list = inner.by_session.get_mut(&key)?;
-        let at = list.iter().position(|(t, _)| *t == ticket)?;
-        let (_, pending) = list.swap_remove(at);
+        let at = list.iter().position(|p| p.ticket == ticket)?;
+        let mut post = list.swap_remove(at);
         if list.is_empty() {
             inner.by_session.remove(&key);
         }
         inner.count -= 1;
-        Some(pending)
+        // The timer is the caller (or is no longer needed): not aborted from here.
+        post.timer = None;
+        Some(post.take_pending())
     }
 
     /// Takes everything parked under `session` (it ended), or everywhere (`None`: the daemon
     /// stops).
     fn take_all(&self, session: Option<(usize, &str)>) -> Vec<Awaiting> {
         let mut inner = lock(&self.inner);
-        let lists: Vec<Vec<(u64, Awaiting)>> = match session {
+        let lists: Vec<Vec<ParkedPost>> = match session {
             Some((scope, id)) => inner
                 .by_session
                 .remove(&(scope, id.to_owned()))
@@ -722,7 +768,11 @@ impl Parked {
                 .collect(),
             None => inner.by_session.drain().map(|(_, l)| l).collect(),
         };
-        let taken: Vec<Awaiting> = lists.into_iter().flatten().map(|(_, a)| a).collect();
+        let taken: Vec<Awaiting> = lists
+            .into_iter()
+            .flatten()
+            .map(|mut post| post.take_pending())
+            .collect();
         inner.count -= taken.len();
         taken
     }
@@ -736,7 +786,8 @@ impl Parked {
             return;
         };
         // One answer settles one request: the first parked POST that awaits its id.
-        for (_, pending) in list.iter_mut() {
+        for post in list.iter_mut() {
+            let pending = &mut post.pending;
             let before = pending.map.len();
             let conn = pending.conn.clone();
             conn.audit_response(&mut pending.map, message);
@@ -745,7 +796,7 @@ impl Parked {
             }
         }
         let before = list.len();
-        list.retain(|(_, p)| !p.map.is_empty());
+        list.retain(|p| !p.pending.map.is_empty());
         let done = before - list.len();
         if list.is_empty() {
             inner.by_session.remove(&key);
@@ -2147,6 +2198,7 @@ impl Conn {
     /// resource URI may carry credentials (`postgres://user:password@…`).
     fn audit_target(&self, m: &Message) -> Option<String> {
         m.target()
+            .or_else(|| m.task_id())
             .map(|t| capped(&self.daemon.audit.redactor.redact_text(t)))
     }
 
@@ -2299,7 +2351,7 @@ impl Conn {
         }
         if d.allow && tasks::names_task(method) {
             // A string (the parser checked).
-            if let Some(id) = m.target() {
+            if let Some(id) = m.task_id() {
                 d = self.task_denial(policy, grant, id).unwrap_or(d);
             }
         }
@@ -2899,7 +2951,8 @@ struct SseState {
     queue: VecDeque<Bytes>,
     /// The legacy session this stream carries, removed from the registry on drop.
     session: Option<(String, Arc<LegacySession>)>,
-    /// The Streamable HTTP session (`Mcp-Session-Id`) of the request this stream answers.
+    /// The Streamable HTTP session (`Mcp-Session-Id`) of the request this stream answers, or
+    /// the legacy session URL this stream carries (capped, as its POSTs' events name it).
     session_id: Option<String>,
     /// An event with an `id` came: the client may resume the stream (see [`Parked`]).
     resumable: bool,
@@ -2941,14 +2994,17 @@ impl SseState {
         let scope = conn.session_scope();
         match conn.daemon.parked.park(scope, session, pending) {
             Ok(ticket) => {
-                let session = session.clone();
                 let daemon = conn.daemon.clone();
-                tokio::spawn(async move {
+                let key = session.clone();
+                let timer = tokio::spawn(async move {
                     tokio::time::sleep(PARK_TTL).await;
-                    if let Some(mut left) = daemon.parked.take(scope, &session, ticket) {
+                    if let Some(mut left) = daemon.parked.take(scope, &key, ticket) {
                         left.settle("no_response", None);
                     }
                 });
+                conn.daemon
+                    .parked
+                    .arm(scope, session, ticket, timer.abort_handle());
             }
             // Full: settled when the stream goes, as if not resumable.
             Err(pending) => self.pending = pending,
@@ -3111,6 +3167,7 @@ impl SseState {
         }
         debug!(endpoint.path = %path, "legacy SSE session registered");
         self.session = Some((key, session));
+        self.session_id = Some(capped(&pq));
         true
     }
 }
