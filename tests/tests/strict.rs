@@ -839,3 +839,93 @@ fn requests_of_the_server_to_the_agent_are_on_record() {
         "{event}"
     );
 }
+
+/// An upstream (argv[1] = port on 127.0.0.3) that answers every POST with an event stream
+/// whose first event never ends: 3,000 bytes of `data:` and then nothing.
+const HALF_EVENT_UPSTREAM: &str = r#"
+import socket, sys, threading, time
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.3", int(sys.argv[1])))
+srv.listen(16)
+print("ready", flush=True)
+def serve(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += c.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    n = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0]
+    while len(rest) < n:
+        rest += c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    part = b"data: " + b"x" * 3000
+    c.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+    time.sleep(30)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Three pings to argv[1], each on its own connection, their answers read for 1 s: how many
+/// were ended for the buffer budget.
+const THREE_STREAMS: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+conns = []
+for _ in range(3):
+    c = socket.create_connection((host, int(port)))
+    c.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    conns.append(c)
+    time.sleep(0.3)
+ended = 0
+for c in conns:
+    c.settimeout(1)
+    got = b""
+    try:
+        while b"max_buffered_bytes_per_cgroup" not in got:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except OSError:
+        pass
+    ended += b"max_buffered_bytes_per_cgroup" in got
+print("ended", ended, flush=True)
+time.sleep(5)
+"#;
+
+#[test]
+fn event_streams_holding_unfinished_events_are_bounded_too() {
+    if !privileged() {
+        return;
+    }
+    let port = interceptor_tests::free_port();
+    let mut upstream = std::process::Command::new(interceptor_tests::python())
+        .args(["-c", HALF_EVENT_UPSTREAM, &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the upstream");
+    let ready = upstream.stdout.take().expect("stdout");
+    let _upstream = interceptor_tests::KillOnDrop(upstream);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(ready), &mut line).expect("ready");
+    // The world's own upstream stands aside: its address in the config becomes this one's.
+    let addr = format!("127.0.0.3:{port}");
+    let unused = LabelServer::start("127.0.0.3", "unused");
+    let unused_addr = unused.addr.to_string();
+    let w = world_edited("sse-budget", unused, |config| {
+        config
+            .replace(
+                "max_body_bytes = 4096\n",
+                "max_body_bytes = 4096\nmax_response_bytes = 4096\n\
+                 max_buffered_bytes_per_cgroup = 8192\n",
+            )
+            .replace(&unused_addr, &addr)
+    });
+    // Two streams hold 3,000 bytes each of an unfinished event (and the third ping's body
+    // is held while its answer is read): the third stream's event goes over.
+    let (out, _agent) = interceptor_tests::python_in_cgroup(&w.dir, THREE_STREAMS, &[&addr]);
+    assert_eq!(out, "ended 1");
+    assert_eq!(w.env.status()["counters"]["proxy"]["over_budget"], 1);
+}

@@ -123,6 +123,27 @@ impl Held {
         Ok(())
     }
 
+    /// Holds `n` bytes from now on: takes more, unless that goes over a bound, or gives back
+    /// what is no longer held.
+    pub fn hold_exactly(&mut self, n: usize) -> Result<(), Over> {
+        if n > self.bytes {
+            return self.take(n - self.bytes);
+        }
+        let back = self.bytes - n;
+        if back > 0 {
+            let mut used = lock(&self.budget.used);
+            used.total -= back;
+            if let Some(mine) = used.by_cgroup.get_mut(&self.cgroup) {
+                *mine -= back;
+                if *mine == 0 {
+                    used.by_cgroup.remove(&self.cgroup);
+                }
+            }
+            self.bytes = n;
+        }
+        Ok(())
+    }
+
     /// Reads `body` whole, at most `limit` bytes, taking each chunk from the budget as it
     /// arrives (never more than what was read).
     pub async fn collect<B>(&mut self, body: B, limit: usize) -> Result<Bytes, Refused>
@@ -235,6 +256,14 @@ mod tests {
         let mut c = budget.hold(1);
         assert_eq!(c.take(60), Ok(()));
         drop((b, c));
+        assert_eq!(budget.used(), 0);
+        // What a stream's parser holds, followed up and down.
+        let mut d = budget.hold(3);
+        assert_eq!(d.hold_exactly(40), Ok(()));
+        assert_eq!(d.hold_exactly(70), Err(Over::Cgroup));
+        assert_eq!(d.hold_exactly(10), Ok(()));
+        assert_eq!(budget.used(), 10);
+        drop(d);
         assert_eq!(budget.used(), 0);
         assert!(lock(&budget.used).by_cgroup.is_empty());
     }

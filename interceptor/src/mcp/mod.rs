@@ -2770,14 +2770,7 @@ impl Conn {
     /// audited as `upstream_error`, the agent gets HTTP 502 (the upstream has acted on them:
     /// no invitation to retry).
     fn over_budget(&self, pending: Awaiting, over: budget::Over) -> Response<ProxyBody> {
-        self.daemon
-            .counters
-            .over_budget
-            .fetch_add(1, Ordering::Relaxed);
-        warn!(
-            reason = over.reason(),
-            "upstream answer not read: buffers full"
-        );
+        self.count_over_budget("upstream answer not read", over);
         self.upstream_failed(
             pending,
             format!(
@@ -2785,6 +2778,15 @@ impl Conn {
                 over.reason()
             ),
         )
+    }
+
+    /// Counts and logs what the buffer budget refused (`what`: what was not read).
+    fn count_over_budget(&self, what: &str, over: budget::Over) {
+        self.daemon
+            .counters
+            .over_budget
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(reason = over.reason(), "{what}: buffers full");
     }
 
     /// Filters list-shaped results in `message`; returns how many items were hidden.
@@ -2837,6 +2839,7 @@ impl Conn {
             rx
         });
         let max = self.daemon.config.proxy.max_response_bytes;
+        let held = self.daemon.buffers.hold(self.identity.cgroup_id);
         let state = SseState {
             pending,
             parser: sse::Parser::new(max),
@@ -2851,6 +2854,7 @@ impl Conn {
             session: None,
             session_id,
             resumable: false,
+            held,
             done: false,
             ended: "cancelled",
             secrets,
@@ -2956,6 +2960,8 @@ struct SseState {
     session_id: Option<String>,
     /// An event with an `id` came: the client may resume the stream (see [`Parked`]).
     resumable: bool,
+    /// What the parser holds of an incomplete event, counted in the buffer budget.
+    held: budget::Held,
     /// Registration in [`Streams`] of a server stream, removed on drop.
     stream_id: Option<u64>,
     /// A server stream's changes of policy (see [`Conn::stream_withdrawn`]), and the resources
@@ -3026,7 +3032,22 @@ impl SseState {
     /// Parses a chunk of the upstream's stream and queues its events, judged; an error ends
     /// the stream (fail closed: never pass an event the proxy could not judge).
     fn chunk(&mut self, d: &[u8]) -> Result<(), BoxError> {
-        match self.parser.push(d) {
+        let parsed = self.parser.push(d);
+        if let Err(over) = self.held.hold_exactly(self.parser.buffered()) {
+            // An event of megabytes trickled in by every stream at once must not hold memory
+            // past the budget: the stream ends, its requests answered with an error.
+            self.conn
+                .count_over_budget("upstream event stream ended", over);
+            let message = format!(
+                "interceptor: the upstream's stream was ended: {}",
+                over.reason()
+            );
+            self.end("upstream_error", |id| {
+                jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
+            });
+            return Ok(());
+        }
+        match parsed {
             Ok(events) => {
                 for e in events {
                     if self.done {

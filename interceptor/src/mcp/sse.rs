@@ -109,6 +109,11 @@ impl Parser {
 
     /// What is left at end of stream: an unterminated event, parsed like the others so it is
     /// judged the same way (some clients act on it).
+    /// Bytes held of an event not complete yet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn finish(&mut self) -> Option<Event> {
         if self.buf.is_empty() {
             return None;
