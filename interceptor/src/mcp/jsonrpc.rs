@@ -90,25 +90,22 @@ fn variant_of<'m>(key: &str, members: &[&'m str]) -> Option<&'m str> {
                     .collect::<String>()),
         )
     };
-    // An ASCII key can be a variant only of a member with as many letters once `_` and `-`
-    // are set aside (as `canonical` does: all but a first one): most keys are told apart
-    // without allocating (every `tools/call` runs this for each of its params members).
-    let kept = |k: &str| {
-        k.bytes()
-            .enumerate()
-            .filter(|(i, b)| *i == 0 || !matches!(b, b'_' | b'-'))
-            .count()
-    };
-    let ascii = key.is_ascii();
-    let key_kept = kept(key);
-    let mut folded: Option<String> = None;
-    members.iter().copied().find(|m| {
-        if ascii && kept(m) != key_kept {
-            return false;
+    // An ASCII key (members are ASCII) is compared as it goes, without allocating: every
+    // `tools/call` runs this for each of its params members.
+    if key.is_ascii() {
+        fn letters(k: &str) -> impl Iterator<Item = u8> + '_ {
+            k.bytes()
+                .enumerate()
+                .filter(|(i, b)| *i == 0 || !matches!(b, b'_' | b'-'))
+                .map(|(_, b)| b.to_ascii_lowercase())
         }
-        let key = folded.get_or_insert_with(|| canonical(key));
-        canonical(m) == *key
-    })
+        return members
+            .iter()
+            .copied()
+            .find(|m| letters(key).eq(letters(m)));
+    }
+    let key = canonical(key);
+    members.iter().copied().find(|m| canonical(m) == key)
 }
 
 /// Refuses the members of `obj` that are variants of `members` (`within` names `obj` in the
