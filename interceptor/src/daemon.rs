@@ -1204,6 +1204,8 @@ impl Daemon {
                     "bound_sessions": self.bound_sessions.count(),
                     // MCP tasks started through the proxy (only their starter may name them).
                     "tasks": self.tasks.count(),
+                    // Agent-caused log lines not written (over their call site's rate).
+                    "log_lines_suppressed": crate::telemetry::suppressed(),
                     // Bytes of request bodies and JSON answers held now (read whole).
                     "buffered_bytes": self.buffers.used(),
                     "relayed_bytes": up + down,
