@@ -2462,6 +2462,9 @@ pub struct Verification {
     /// With keys: ranges of records (after, through] a checkpoint signed as found when a
     /// daemon started (a killed run's last records, or a log rewritten while none ran).
     pub adopted: Vec<(u64, u64)>,
+    /// A `daemon.stop` or `audit.pruned` is in the chain: more than a live file's first
+    /// moments (with a node CA a checkpoint would follow).
+    pub lifecycle: bool,
 }
 
 impl Verification {
@@ -2733,6 +2736,9 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
             }
             if v["event"] == "audit.repair" {
                 out.repairs.push((path.clone(), n));
+            }
+            if v["event"] == "daemon.stop" || v["event"] == "audit.pruned" {
+                out.lifecycle = true;
             }
             ends_signed = false;
             if v["event"] == "audit.checkpoint" {

@@ -742,18 +742,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      or verify without --strict if they are kept elsewhere"
                 );
             }
+            // No checkpoint at all is a note only for what can be a live file in its first
+            // moments (one file, no stop, no pruning); a copy stripped of them fails.
             if let Some(file) = &jwks
-                && strict
+                && v.signed_through.is_none()
+                && (strict || paths.len() > 1 || v.lifecycle)
             {
-                let Some(through) = v.signed_through else {
-                    bail!(
-                        "no audit.checkpoint in the chain given, so nothing in it is signed \
-                         (--strict): the daemon had no [ca], the files end within [audit] \
-                         checkpoint_interval of its start or of a rotation, or the checkpoints \
-                         were removed ({} verifies nothing)",
-                        file.display()
-                    );
-                };
+                bail!(
+                    "no audit.checkpoint in the chain given, so nothing in it is signed: the \
+                     daemon had no [ca], the checkpoints were removed, or (a live file alone) \
+                     it is within [audit] checkpoint_interval of a start or rotation ({} \
+                     verifies nothing)",
+                    file.display()
+                );
+            }
+            if jwks.is_some()
+                && strict
+                && let Some(through) = v.signed_through
+            {
                 if let Some((after, through)) = v.adopted.first() {
                     bail!(
                         "the records from seq {} through {through} were signed as found when a \

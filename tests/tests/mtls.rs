@@ -494,28 +494,13 @@ cgroup = "{root}/**"
         .iter()
         .rposition(|e| e["event"] == "mcp.request")
         .unwrap();
-    let mut prev = events[forged - 1]["hash"].as_str().unwrap().to_owned();
-    let mut out = lines[..forged].join("\n") + "\n";
-    for line in &lines[forged..] {
-        let (body, _) = line.rsplit_once(",\"hash\":").unwrap();
-        let (head, members) = body.split_once("\",").unwrap();
-        let members = members.replacen(
+    let out = rechain(&lines, forged, |members| {
+        Some(members.replacen(
             "\"event\":\"mcp.request\"",
             "\"event\":\"mcp.request\",\"edited\":true",
             1,
-        );
-        let seq = head
-            .trim_start_matches("{\"seq\":")
-            .split(',')
-            .next()
-            .unwrap();
-        let text = format!("{{\"seq\":{seq},\"prev_hash\":\"{prev}\",{members}}}");
-        prev = sha2::Sha256::digest(text.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        out += &format!("{},\"hash\":\"{prev}\"}}\n", &text[..text.len() - 1]);
-    }
+        ))
+    });
     std::fs::write(&audit, out).unwrap();
     let bare = Command::new(interceptor_bin())
         .args(["audit", "verify"])
@@ -530,6 +515,50 @@ cgroup = "{root}/**"
     );
     let (ok, text) = verify(&[&jwks_file, &audit]);
     assert!(!ok && text.contains("checkpoint"), "{text}");
+    // Stripped of every checkpoint (hashes recomputed): a log that stopped is not a live
+    // file in its first moments, so it fails without --strict too.
+    let out = rechain(&lines, 1, |members| {
+        (!members.contains("\"event\":\"audit.checkpoint\"")).then(|| members.to_owned())
+    });
+    std::fs::write(&audit, out).unwrap();
+    let out = Command::new(interceptor_bin())
+        .args(["audit", "verify", "--jwks"])
+        .args([&jwks_file, &audit])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("no audit.checkpoint"),
+        "{out:?}"
+    );
+}
+
+/// The audit lines `lines` with the chain recomputed from line `from` on, as one who may
+/// write the file can: `edit` applied to each record's members (`None` drops it), `seq`
+/// renumbered, every hash after recomputed.
+fn rechain(lines: &[String], from: usize, edit: impl Fn(&str) -> Option<String>) -> String {
+    let stated = |line: &str, key: &str| -> String {
+        let v: Value = serde_json::from_str(line).unwrap();
+        v[key].to_string().trim_matches('"').to_owned()
+    };
+    let mut prev = stated(&lines[from - 1], "hash");
+    let mut seq: u64 = stated(&lines[from - 1], "seq").parse().unwrap();
+    let mut out = lines[..from].join("\n") + "\n";
+    for line in &lines[from..] {
+        let (body, _) = line.rsplit_once(",\"hash\":").unwrap();
+        let (_, members) = body.split_once("\",").unwrap();
+        let Some(members) = edit(members) else {
+            continue;
+        };
+        seq += 1;
+        let text = format!("{{\"seq\":{seq},\"prev_hash\":\"{prev}\",{members}}}");
+        prev = sha2::Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        out += &format!("{},\"hash\":\"{prev}\"}}\n", &text[..text.len() - 1]);
+    }
+    out
 }
 
 /// Answers one HTTP/1.1 JSON-RPC POST on `stream` with a result for its id, then closes.

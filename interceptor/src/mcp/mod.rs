@@ -3032,23 +3032,9 @@ impl SseState {
     /// Parses a chunk of the upstream's stream and queues its events, judged; an error ends
     /// the stream (fail closed: never pass an event the proxy could not judge).
     fn chunk(&mut self, d: &[u8]) -> Result<(), BoxError> {
-        let parsed = self.parser.push(d);
-        if let Err(over) = self.held.hold_exactly(self.parser.buffered()) {
-            // An event of megabytes trickled in by every stream at once must not hold memory
-            // past the budget: the stream ends, its requests answered with an error.
-            self.conn
-                .count_over_budget("upstream event stream ended", over);
-            let message = format!(
-                "interceptor: the upstream's stream was ended: {}",
-                over.reason()
-            );
-            self.end("upstream_error", |id| {
-                jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
-            });
-            return Ok(());
-        }
-        match parsed {
+        let result = match self.parser.push(d) {
             Ok(events) => {
+                // The whole events first: answered, judged, relayed as any.
                 for e in events {
                     if self.done {
                         break;
@@ -3064,6 +3050,44 @@ impl SseState {
                 self.done = true;
                 Err(BoxError::from(e))
             }
+        };
+        if !self.done
+            && let Err(over) = self.held.hold_exactly(self.parser.buffered())
+        {
+            // An event of megabytes trickled in by every stream at once must not hold memory
+            // past the budget: the stream ends, its requests (a legacy session's too)
+            // answered with an error, and what was read of the event goes at once.
+            self.conn
+                .count_over_budget("upstream event stream ended", over);
+            let message = format!(
+                "interceptor: the upstream's stream was ended: {}",
+                over.reason()
+            );
+            self.end_all("upstream_error", |id| {
+                jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
+            });
+        }
+        if self.done {
+            self.parser.clear();
+            let _ = self.held.hold_exactly(0);
+        }
+        result
+    }
+
+    /// [`SseState::end`], and the requests of the legacy session this stream carries too
+    /// (taken: not settled again when the stream goes).
+    fn end_all(&mut self, outcome: &'static str, error: impl Fn(Option<Value>) -> Value) {
+        self.end(outcome, &error);
+        let waiting = self
+            .session
+            .as_ref()
+            .and_then(|(_, s)| lock(&s.pending).take());
+        if let Some(waiting) = waiting {
+            for id in waiting.keys() {
+                let e = error(serde_json::from_str(id).ok());
+                self.queue.push_back(sse::Event::message(&e.to_string()));
+            }
+            self.conn.audit_failed(waiting, outcome, None);
         }
     }
 
@@ -3135,21 +3159,9 @@ impl SseState {
                     "interceptor: an event of the upstream was refused (not strict JSON or over \
                      proxy.max_response_values): {err}"
                 );
-                let error = |id| jsonrpc::error_response(id, code::INTERNAL_ERROR, &message);
-                self.end("upstream_error", error);
-                // A legacy session's requests wait on this stream too (taken: not settled
-                // again when the stream goes).
-                let waiting = self
-                    .session
-                    .as_ref()
-                    .and_then(|(_, s)| lock(&s.pending).take());
-                if let Some(waiting) = waiting {
-                    for id in waiting.keys() {
-                        let e = error(serde_json::from_str(id).ok());
-                        self.queue.push_back(sse::Event::message(&e.to_string()));
-                    }
-                    self.conn.audit_failed(waiting, "upstream_error", None);
-                }
+                self.end_all("upstream_error", |id| {
+                    jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
+                });
                 Bytes::new()
             }
             Err(_) => e.raw,

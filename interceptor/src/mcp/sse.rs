@@ -109,6 +109,12 @@ impl Parser {
 
     /// What is left at end of stream: an unterminated event, parsed like the others so it is
     /// judged the same way (some clients act on it).
+    /// Drops what is held of an event not complete yet (the stream ends).
+    pub fn clear(&mut self) {
+        self.buf = BytesMut::new();
+        self.scanned = 0;
+    }
+
     /// Bytes held of an event not complete yet.
     pub fn buffered(&self) -> usize {
         self.buf.len()
