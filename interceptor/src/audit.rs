@@ -2462,9 +2462,11 @@ pub struct Verification {
     /// With keys: ranges of records (after, through] a checkpoint signed as found when a
     /// daemon started (a killed run's last records, or a log rewritten while none ran).
     pub adopted: Vec<(u64, u64)>,
-    /// A `daemon.stop` or `audit.pruned` is in the chain: more than a live file's first
-    /// moments (with a node CA a checkpoint would follow).
+    /// A `daemon.stop`, or an `audit.pruned` after the chain's first record, is in the chain:
+    /// more than a live file's first moments (with a node CA a checkpoint would follow).
     pub lifecycle: bool,
+    /// The time between the chain's first and last records (`ts`).
+    pub span: Option<Duration>,
 }
 
 impl Verification {
@@ -2617,6 +2619,7 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
     // A file end without a checkpoint, once signing had begun: accepted only if the next
     // checkpoint adopts it (a killed daemon's file renamed before its restart).
     let mut unsigned_ends: Vec<(PathBuf, usize, u64)> = Vec::new();
+    let (mut first_ts, mut last_ts): (Option<SystemTime>, Option<SystemTime>) = (None, None);
     'files: for (fi, path) in paths.iter().enumerate() {
         if let (Some(seq), Some(hash)) = (prev_seq, &prev) {
             file_ends.push((seq, hash.clone()));
@@ -2737,8 +2740,16 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
             if v["event"] == "audit.repair" {
                 out.repairs.push((path.clone(), n));
             }
-            if v["event"] == "daemon.stop" || v["event"] == "audit.pruned" {
+            // (A rotation with `max_files` starts the new file with `audit.pruned`.)
+            if v["event"] == "daemon.stop" || (v["event"] == "audit.pruned" && out.events > 0) {
                 out.lifecycle = true;
+            }
+            if let Some(ts) = v["ts"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+            {
+                first_ts.get_or_insert(ts);
+                last_ts = Some(ts);
             }
             ends_signed = false;
             if v["event"] == "audit.checkpoint" {
@@ -2778,6 +2789,9 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                 out.unterminated = Some((path.clone(), n));
             }
         }
+    }
+    if let (Some(first), Some(last)) = (first_ts, last_ts) {
+        out.span = last.duration_since(first).ok();
     }
     if let Some((file, line, _)) = unsigned_ends.into_iter().next() {
         out.broken = Some((file, line, UNSIGNED_END.into()));

@@ -743,10 +743,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             // No checkpoint at all is a note only for what can be a live file in its first
-            // moments (one file, no stop, no pruning); a copy stripped of them fails.
+            // moments (one file, no stop, no pruning, records within the longest
+            // checkpoint_interval); a copy stripped of them fails.
+            let longer = v
+                .span
+                .is_some_and(|d| d > std::time::Duration::from_secs(3600));
             if let Some(file) = &jwks
                 && v.signed_through.is_none()
-                && (strict || paths.len() > 1 || v.lifecycle)
+                && (strict || paths.len() > 1 || v.lifecycle || longer)
             {
                 bail!(
                     "no audit.checkpoint in the chain given, so nothing in it is signed: the \

@@ -1,11 +1,13 @@
 //! Logging: `tracing` to stderr, plain or one JSON object per line (`--log-format json`), level
 //! from `RUST_LOG` (default `info`). Fields are dotted (`client.pid`, `server.name`).
 //!
-//! Lines an agent's traffic causes (the proxy's `interceptor::mcp` modules, below `error`: a
-//! denied request, a refused body) are kept to [`PER_SECOND`] per call site each second; the
-//! rest are counted ([`suppressed`], in `status`), so one agent sending refused requests in a
-//! loop cannot flood the journal (whose own rate limit would then drop the daemon's other
-//! warnings). Every request is in the audit log whatever the log keeps.
+//! Lines an agent's traffic causes (the proxy's `interceptor::mcp` modules at `info` and
+//! `warn`: a denied request, a refused body) are kept to [`PER_SECOND`] per call site each
+//! second; the rest are counted ([`suppressed`], in `status`), so one agent sending refused
+//! requests in a loop cannot flood the journal (whose own rate limit would then drop the
+//! daemon's other warnings). The limit is per call site, not per agent: in such a flood other
+//! agents' lines of the same kind go too. Every request is in the audit log whatever the log
+//! keeps. `debug` lines (asked for) are not limited.
 
 use std::{
     collections::HashMap,
@@ -47,7 +49,7 @@ pub fn suppressed() -> u64 {
 /// Whether `meta` is an event an agent's traffic causes.
 fn agent_caused(meta: &Metadata<'_>) -> bool {
     meta.is_event()
-        && *meta.level() != Level::ERROR
+        && matches!(*meta.level(), Level::INFO | Level::WARN)
         && meta.target().starts_with("interceptor::mcp")
 }
 
@@ -95,12 +97,13 @@ pub fn init(format: LogFormat) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let result = match format {
+        // The level filter outermost, asked first: a line it drops never counts toward the
+        // rate.
         LogFormat::Plain => tracing_subscriber::registry()
-            .with(filter)
             .with(layer.with_filter(rate_filter()))
+            .with(filter)
             .try_init(),
         LogFormat::Json => tracing_subscriber::registry()
-            .with(filter)
             .with(
                 layer
                     .json()
@@ -109,6 +112,7 @@ pub fn init(format: LogFormat) {
                     .with_span_list(false)
                     .with_filter(rate_filter()),
             )
+            .with(filter)
             .try_init(),
     };
     // Already installed (tests): keep the existing one.
@@ -154,8 +158,11 @@ mod tests {
             for _ in 0..30 {
                 tracing::error!(target: "interceptor::mcp::test", "errors are all written");
             }
+            for _ in 0..30 {
+                tracing::debug!(target: "interceptor::mcp::test", "debug lines asked for too");
+            }
         });
-        let agent_lines = written.load(Ordering::Relaxed) - 130;
+        let agent_lines = written.load(Ordering::Relaxed) - 160;
         // Within one second (or two, if the loop straddles a second's end).
         assert!(
             (u64::from(PER_SECOND)..=2 * u64::from(PER_SECOND)).contains(&agent_lines),

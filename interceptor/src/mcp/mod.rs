@@ -122,9 +122,10 @@ async fn first_bytes(
 /// whose data looks like JSON.
 fn holds_json_events(body: &[u8], max_event: usize) -> bool {
     let mut parser = sse::Parser::new(max_event);
-    let Ok(events) = parser.push(body) else {
+    let (events, fits) = parser.push(body);
+    if fits.is_err() {
         return true;
-    };
+    }
     events
         .into_iter()
         .chain(parser.finish())
@@ -3032,18 +3033,18 @@ impl SseState {
     /// Parses a chunk of the upstream's stream and queues its events, judged; an error ends
     /// the stream (fail closed: never pass an event the proxy could not judge).
     fn chunk(&mut self, d: &[u8]) -> Result<(), BoxError> {
-        let result = match self.parser.push(d) {
-            Ok(events) => {
-                // The whole events first: answered, judged, relayed as any.
-                for e in events {
-                    if self.done {
-                        break;
-                    }
-                    let out = self.event(e);
-                    self.queue.push_back(out);
-                }
-                Ok(())
+        let (events, fits) = self.parser.push(d);
+        // The whole events first (also those before an event over the size limit): answered,
+        // judged, relayed as any.
+        for e in events {
+            if self.done {
+                break;
             }
+            let out = self.event(e);
+            self.queue.push_back(out);
+        }
+        let result = match fits {
+            Ok(()) => Ok(()),
             Err(e) => {
                 warn!(error = %e, "closing the stream");
                 self.ended = "upstream_error";
@@ -3052,7 +3053,7 @@ impl SseState {
             }
         };
         if !self.done
-            && let Err(over) = self.held.hold_exactly(self.parser.buffered())
+            && let Err(over) = self.held.hold_exactly(self.parser.pending())
         {
             // An event of megabytes trickled in by every stream at once must not hold memory
             // past the budget: the stream ends, its requests (a legacy session's too)

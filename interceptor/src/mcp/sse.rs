@@ -75,12 +75,13 @@ impl Parser {
         }
     }
 
-    /// Feeds `chunk`; returns every event it completed.
-    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Event>, TooLarge> {
+    /// Feeds `chunk`; returns every event it completed, and whether the event left incomplete
+    /// is over the size limit (the events before it are whole and returned all the same).
+    pub fn push(&mut self, chunk: &[u8]) -> (Vec<Event>, Result<(), TooLarge>) {
         self.buf.extend_from_slice(chunk);
         if !self.started {
             if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) {
-                return Ok(Vec::new());
+                return (Vec::new(), Ok(()));
             }
             if self.buf.starts_with(BOM) {
                 let _ = self.buf.split_to(BOM.len());
@@ -97,9 +98,9 @@ impl Parser {
         }
         self.scanned = self.buf.len();
         if self.buf.len() > self.max_event {
-            return Err(TooLarge(self.max_event));
+            return (events, Err(TooLarge(self.max_event)));
         }
-        Ok(events)
+        (events, Ok(()))
     }
 
     /// Bytes of an incomplete event still held.
@@ -107,19 +108,14 @@ impl Parser {
         self.buf.len()
     }
 
-    /// What is left at end of stream: an unterminated event, parsed like the others so it is
-    /// judged the same way (some clients act on it).
     /// Drops what is held of an event not complete yet (the stream ends).
     pub fn clear(&mut self) {
         self.buf = BytesMut::new();
         self.scanned = 0;
     }
 
-    /// Bytes held of an event not complete yet.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
+    /// What is left at end of stream: an unterminated event, parsed like the others so it is
+    /// judged the same way (some clients act on it).
     pub fn finish(&mut self) -> Option<Event> {
         if self.buf.is_empty() {
             return None;
@@ -194,15 +190,15 @@ mod tests {
         let mut p = Parser::new(64);
         let mut got = Vec::new();
         for b in b"data: a\r\n\r\ndata: b\n\n".iter() {
-            got.extend(p.push(&[*b]).unwrap());
+            got.extend(p.push(&[*b]).0);
         }
         assert_eq!(
             got.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
         );
-        assert!(p.push(&[b'x'; 65]).is_err());
+        assert!(p.push(&[b'x'; 65]).1.is_err());
         let mut p = Parser::new(64);
-        p.push(b"data: tail").unwrap();
+        assert!(p.push(b"data: tail").1.is_ok());
         assert_eq!(p.finish().map(|e| e.data), Some("tail".to_owned()));
     }
 
@@ -213,7 +209,7 @@ mod tests {
             let mut p = Parser::new(1024);
             let mut got = Vec::new();
             for chunk in stream.chunks(size) {
-                got.extend(p.push(chunk).unwrap());
+                got.extend(p.push(chunk).0);
             }
             assert_eq!(got.len(), 2, "chunks of {size}");
             assert_eq!(got[0].data, "{\"a\":1}");
@@ -226,12 +222,8 @@ mod tests {
     #[test]
     fn splits_events_across_chunks() {
         let mut p = Parser::new(1024);
-        assert!(
-            p.push(b"event: endpoint\ndata: /messages?s")
-                .unwrap()
-                .is_empty()
-        );
-        let e = p.push(b"ession_id=1\n\nid: 7\ndata: {\"a\":\n").unwrap();
+        assert!(p.push(b"event: endpoint\ndata: /messages?s").0.is_empty());
+        let e = p.push(b"ession_id=1\n\nid: 7\ndata: {\"a\":\n").0;
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].event, "endpoint");
         assert_eq!(e[0].data, "/messages?session_id=1");
@@ -239,7 +231,7 @@ mod tests {
             &e[0].raw[..],
             b"event: endpoint\ndata: /messages?session_id=1\n\n"
         );
-        let e = p.push(b"data: 1}\r\n\r\n: comment\n\n").unwrap();
+        let e = p.push(b"data: 1}\r\n\r\n: comment\n\n").0;
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].data, "{\"a\":\n1}");
         assert_eq!(e[0].id.as_deref(), Some("7"));
@@ -249,10 +241,7 @@ mod tests {
     #[test]
     fn rewrites_keep_type_and_id() {
         let mut p = Parser::new(1024);
-        let e = p
-            .push(b"event: message\nid: 3\ndata: old\n\n")
-            .unwrap()
-            .remove(0);
+        let e = p.push(b"event: message\nid: 3\ndata: old\n\n").0.remove(0);
         assert_eq!(
             &e.with_data("new")[..],
             b"event: message\nid: 3\ndata: new\n\n"
