@@ -2465,7 +2465,8 @@ pub struct Verification {
     /// A `daemon.stop`, or an `audit.pruned` after the chain's first record, is in the chain:
     /// more than a live file's first moments (with a node CA a checkpoint would follow).
     pub lifecycle: bool,
-    /// The time between the chain's first and last records (`ts`).
+    /// The time from the chain's last `daemon.start` (or its first record) to its last record
+    /// (`ts`).
     pub span: Option<Duration>,
 }
 
@@ -2748,6 +2749,10 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                 .as_str()
                 .and_then(|t| humantime::parse_rfc3339(t).ok())
             {
+                // From the last daemon start: a run's records before its first checkpoint.
+                if v["event"] == "daemon.start" {
+                    first_ts = Some(ts);
+                }
                 first_ts.get_or_insert(ts);
                 last_ts = Some(ts);
             }

@@ -753,10 +753,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 && (strict || paths.len() > 1 || v.lifecycle || longer)
             {
                 bail!(
-                    "no audit.checkpoint in the chain given, so nothing in it is signed: the \
-                     daemon had no [ca], the checkpoints were removed, or (a live file alone) \
-                     it is within [audit] checkpoint_interval of a start or rotation ({} \
-                     verifies nothing)",
+                    "no audit.checkpoint in the chain given, so nothing in it is signed (and \
+                     it is more than a live file's first moments: several files, a stop, a \
+                     pruning, or over an hour of records since the last start, or --strict): \
+                     the daemon had no [ca], or the checkpoints were removed ({} verifies \
+                     nothing)",
                     file.display()
                 );
             }

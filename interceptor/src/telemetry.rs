@@ -141,11 +141,14 @@ mod tests {
     fn an_agent_caused_call_site_writes_so_many_lines_a_second() {
         let written = std::sync::Arc::new(AtomicU64::new(0));
         let counter = written.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            fmt::layer()
-                .with_writer(move || Lines(counter.clone()))
-                .with_filter(rate_filter()),
-        );
+        // As `init` stacks them: the level filter outermost.
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                fmt::layer()
+                    .with_writer(move || Lines(counter.clone()))
+                    .with_filter(rate_filter()),
+            )
+            .with(EnvFilter::new("debug,interceptor::mcp::hidden=info"));
         let before = suppressed();
         tracing::subscriber::with_default(subscriber, || {
             for _ in 0..100 {
@@ -160,6 +163,10 @@ mod tests {
             }
             for _ in 0..30 {
                 tracing::debug!(target: "interceptor::mcp::test", "debug lines asked for too");
+            }
+            // Lines the level filter hides do not count toward the rate.
+            for _ in 0..30 {
+                tracing::debug!(target: "interceptor::mcp::hidden", "not asked for");
             }
         });
         let agent_lines = written.load(Ordering::Relaxed) - 160;

@@ -2856,6 +2856,7 @@ impl Conn {
             session_id,
             resumable: false,
             held,
+            error: None,
             done: false,
             ended: "cancelled",
             secrets,
@@ -2879,13 +2880,12 @@ impl Conn {
                     return Some((Ok(Frame::data(b)), st));
                 }
                 if st.done {
-                    return None;
+                    // What was queued went first; then the stream breaks off if it failed.
+                    return st.error.take().map(|e| (Err(e), st));
                 }
                 // What was read to tell the answer a stream comes first.
                 if let Some(first) = st.first.take() {
-                    if let Err(e) = st.chunk(&first) {
-                        return Some((Err(e), st));
-                    }
+                    st.chunk(&first);
                     continue;
                 }
                 let listening = st.session.is_some() || st.stream_id.is_some();
@@ -2898,9 +2898,7 @@ impl Conn {
                     frame = st.body.frame() => match frame {
                         Some(Ok(f)) => {
                             let Some(d) = f.data_ref() else { continue };
-                            if let Err(e) = st.chunk(d) {
-                                return Some((Err(e), st));
-                            }
+                            st.chunk(d);
                         }
                         Some(Err(e)) => {
                             st.ended = "upstream_error";
@@ -2963,6 +2961,8 @@ struct SseState {
     resumable: bool,
     /// What the parser holds of an incomplete event, counted in the buffer budget.
     held: budget::Held,
+    /// Why the stream breaks off once what is queued is relayed.
+    error: Option<BoxError>,
     /// Registration in [`Streams`] of a server stream, removed on drop.
     stream_id: Option<u64>,
     /// A server stream's changes of policy (see [`Conn::stream_withdrawn`]), and the resources
@@ -3031,8 +3031,9 @@ impl SseState {
     }
 
     /// Parses a chunk of the upstream's stream and queues its events, judged; an error ends
-    /// the stream (fail closed: never pass an event the proxy could not judge).
-    fn chunk(&mut self, d: &[u8]) -> Result<(), BoxError> {
+    /// the stream (fail closed: never pass an event the proxy could not judge) once what was
+    /// queued is relayed (`error`).
+    fn chunk(&mut self, d: &[u8]) {
         let (events, fits) = self.parser.push(d);
         // The whole events first (also those before an event over the size limit): answered,
         // judged, relayed as any.
@@ -3043,15 +3044,12 @@ impl SseState {
             let out = self.event(e);
             self.queue.push_back(out);
         }
-        let result = match fits {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                warn!(error = %e, "closing the stream");
-                self.ended = "upstream_error";
-                self.done = true;
-                Err(BoxError::from(e))
-            }
-        };
+        if let Err(e) = fits {
+            warn!(error = %e, "closing the stream");
+            self.ended = "upstream_error";
+            self.done = true;
+            self.error = Some(BoxError::from(e));
+        }
         if !self.done
             && let Err(over) = self.held.hold_exactly(self.parser.pending())
         {
@@ -3072,7 +3070,6 @@ impl SseState {
             self.parser.clear();
             let _ = self.held.hold_exactly(0);
         }
-        result
     }
 
     /// [`SseState::end`], and the requests of the legacy session this stream carries too
