@@ -1148,7 +1148,7 @@ impl Audit {
     /// last records; or a log rewritten while no daemon ran, or one from before signing) are
     /// signed by the first checkpoint as found, saying so (`adopted_after`,
     /// `adopted_through`): `audit verify` names them, and `--strict` fails them.
-    pub fn sign_checkpoints(&self, key: Arc<crate::ca::JwsSigner>) {
+    pub fn sign_checkpoints(&self, key: Arc<crate::ca::JwsSigner>, node: &str) {
         let every = self
             .config
             .checkpoint_every()
@@ -1193,6 +1193,7 @@ impl Audit {
         let adopted = (w.seq > after).then_some((after, w.seq));
         w.signing = Some(Signing {
             key,
+            node: node.to_owned(),
             every,
             last: Instant::now(),
             unsigned: w.seq.saturating_sub(after),
@@ -2106,6 +2107,9 @@ struct Writer {
 /// Signed checkpoints of the chain ([`Audit::sign_checkpoints`]).
 struct Signing {
     key: Arc<crate::ca::JwsSigner>,
+    /// `[identity] node`: which node's log this is (in the signed claims: a key set that
+    /// holds several nodes' keys still tells them apart).
+    node: String,
     /// `[audit] checkpoint_interval`.
     every: Duration,
     /// When the last checkpoint was written.
@@ -2250,9 +2254,11 @@ impl Writer {
             "through_seq": self.seq,
             "through_hash": self.prev_hash,
             "iat": crate::ca::unix_now(),
+            "node": signing.node,
         });
         let mut event = Event::new("audit.checkpoint")
             .raw("identity", &self.opener)
+            .field("node", &signing.node)
             .field("through_seq", &self.seq)
             .field("records", &signing.unsigned);
         if let Some((after, through)) = signing.adopted {
@@ -2465,6 +2471,9 @@ pub struct Verification {
     /// A `daemon.stop`, or an `audit.pruned` after the chain's first record, is in the chain:
     /// more than a live file's first moments (with a node CA a checkpoint would follow).
     pub lifecycle: bool,
+    /// With keys: the nodes the verified checkpoints name (`[identity] node` of the daemon
+    /// that signed), in the order met.
+    pub nodes: Vec<String>,
     /// The time from the chain's last `daemon.start` (or its first record) to its last record
     /// (`ts`).
     pub span: Option<Duration>,
@@ -2767,9 +2776,18 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                     signing = true;
                     ends_signed = true;
                     // The claims, as signed (the event's members repeat them for readers).
-                    if let Some(claims) = v["signature"]
+                    let claims = v["signature"]
                         .as_str()
-                        .and_then(|jws| keys.verify(jws, crate::ca::CHECKPOINT_TYP).ok())
+                        .and_then(|jws| keys.verify(jws, crate::ca::CHECKPOINT_TYP).ok());
+                    let node = claims
+                        .as_ref()
+                        .and_then(|c| c["node"].as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    if !out.nodes.contains(&node) {
+                        out.nodes.push(node);
+                    }
+                    if let Some(claims) = claims
                         && let (Some(after), Some(through)) = (
                             claims["adopted_after"].as_u64(),
                             claims["adopted_through"].as_u64(),
@@ -3981,7 +3999,7 @@ mod tests {
         c.checkpoint_interval = "100ms".into();
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), "test-node");
             a.record_blocking(event("first")).unwrap();
             assert!(
                 shows_up(&path, "audit.checkpoint", Duration::from_secs(5)),
@@ -4047,7 +4065,7 @@ mod tests {
         c.checkpoint_interval = "1h".into();
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), "test-node");
             for i in 0..40 {
                 a.record_blocking(event(&format!("event-number-{i:0>200}")))
                     .unwrap();
@@ -4119,7 +4137,7 @@ mod tests {
         assert!(v.unsigned() > 0);
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), "test-node");
         }
         let v = verify(&files, Some(&jwks)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
@@ -4148,7 +4166,7 @@ mod tests {
         let last = v.last_seq.unwrap();
         {
             let a = Audit::open(c, OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), "test-node");
         }
         let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
@@ -4163,7 +4181,7 @@ mod tests {
         let c = cfg(&logs, Durability::Write);
         {
             let a = Audit::open(c.clone(), OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), "test-node");
             for i in 0..n {
                 a.record_blocking(event(&format!("genuine-{i}"))).unwrap();
             }
@@ -4197,7 +4215,7 @@ mod tests {
             .unwrap();
         {
             let a = Audit::open(c, OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), "test-node");
         }
         std::fs::remove_file(&old).unwrap();
         let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
@@ -4242,7 +4260,7 @@ mod tests {
         }
         {
             let a = Audit::open(c, OPENER).unwrap();
-            a.sign_checkpoints(ca.checkpoint_signer());
+            a.sign_checkpoints(ca.checkpoint_signer(), "test-node");
         }
         let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
@@ -4251,5 +4269,28 @@ mod tests {
             vec![(signed, signed + 2)],
             "the forgery was signed as its own"
         );
+    }
+
+    #[test]
+    fn checkpoints_name_the_node_whose_log_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, jwks, c, live) = signed_log(dir.path(), 1);
+        let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
+        assert_eq!(v.nodes, vec!["test-node".to_owned()]);
+        // Another node's daemon (or this one renamed) signing on: both named, in order.
+        {
+            let a = Audit::open(c, OPENER).unwrap();
+            a.sign_checkpoints(ca.checkpoint_signer(), "elsewhere");
+            a.record_blocking(event("after")).unwrap();
+        }
+        let v = verify(std::slice::from_ref(&live), Some(&jwks)).unwrap();
+        assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert_eq!(
+            v.nodes,
+            vec!["test-node".to_owned(), "elsewhere".to_owned()]
+        );
+        let text = std::fs::read_to_string(&live).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["node"], "elsewhere", "{last}");
     }
 }

@@ -1428,7 +1428,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             error,
         })?;
     match &ca {
-        Some(ca) => audit.sign_checkpoints(ca.checkpoint_signer()),
+        Some(ca) => audit.sign_checkpoints(ca.checkpoint_signer(), &config.naming.node),
         None => info!(
             "no [ca]: the audit log is hash-chained but not signed (no audit.checkpoint events)"
         ),

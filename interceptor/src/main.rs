@@ -765,6 +765,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 && strict
                 && let Some(through) = v.signed_through
             {
+                if v.nodes.len() > 1 {
+                    bail!(
+                        "the checkpoints name more than one node ({}) (--strict): a log is one \
+                         node's; a node renamed, or a key set holding several nodes' keys and \
+                         one node's key signing another's log",
+                        v.nodes.join(", ")
+                    );
+                }
                 if let Some((after, through)) = v.adopted.first() {
                     bail!(
                         "the records from seq {} through {through} were signed as found when a \
@@ -794,10 +802,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(file), Some(through)) => {
                     println!(
                         "signed: {} checkpoint(s) verify with {}; the records through seq \
-                         {through} are signed",
+                         {through} are signed, by node {}",
                         v.checkpoints,
-                        file.display()
+                        file.display(),
+                        v.nodes.join(" then ")
                     );
+                    if v.nodes.len() > 1 {
+                        println!(
+                            "note: the checkpoints name more than one node: a node renamed, or \
+                             one node's key signing another's log (use a key set per node); \
+                             --strict fails this"
+                        );
+                    }
                     for (after, through) in &v.adopted {
                         println!(
                             "note: the records from seq {} through {through} were signed as found \

@@ -484,6 +484,11 @@ cgroup = "{root}/**"
         text.contains(&format!("through seq {}", last["through_seq"])),
         "{text}"
     );
+    // The checkpoints name this node (the config's [identity] node).
+    assert!(
+        text.contains(&format!("by node {}", last["node"].as_str().unwrap_or("?"))),
+        "{text}"
+    );
     // An edit whose hashes were all recomputed (the bare chain passes) fails the signature.
     let lines: Vec<String> = std::fs::read_to_string(&audit)
         .unwrap()
