@@ -262,16 +262,19 @@ enum AuditCommand {
         /// Fail when the chain given starts after seq 1 and no `audit.pruned` event in it says
         /// why (without it, that is a note when other files beside the log may hold the
         /// records before: deleting the oldest files is then noticed only by this flag); with
-        /// `--jwks`, also when records follow the last checkpoint (a live log has up to
-        /// `[audit] checkpoint_interval` of them: verify a copy made after a stop, or later).
+        /// `--jwks`, also on a chain with no checkpoint, on records after the last one (a live
+        /// log has up to `[audit] checkpoint_interval` of them: verify a copy made after a
+        /// stop), on records a start signed as found (adopted) and on checkpoints naming more
+        /// than one node.
         #[arg(long)]
         strict: bool,
         /// Verify the checkpoints' signatures with this JSON Web Key Set (what `interceptor ca
         /// jwks` prints; keep the keys of earlier node CAs in it to verify older files). Fails
-        /// on a checkpoint that does not verify or is not at its place, and on a file that does
-        /// not end in one once signing has begun (unless a later one adopts its end); with
-        /// `--strict` also on a chain with none, on records a start signed as found
-        /// (adopted), and on records after the last one.
+        /// on a checkpoint that does not verify or is not at its place, on a file that does
+        /// not end in one once signing has begun (unless a later one adopts its end), and on a
+        /// chain with none that cannot be a live file's first moments (several files, a stop,
+        /// a pruning, over an hour of records since the last start); prints the node the
+        /// checkpoints name. See `--strict` for what else fails with it.
         #[arg(long, value_name = "FILE")]
         jwks: Option<PathBuf>,
     },
