@@ -2472,7 +2472,7 @@ pub struct Verification {
     /// more than a live file's first moments (with a node CA a checkpoint would follow).
     pub lifecycle: bool,
     /// With keys: the nodes the verified checkpoints name (`[identity] node` of the daemon
-    /// that signed), in the order met.
+    /// that signed), in the order met (each change of node once more).
     pub nodes: Vec<String>,
     /// The time from the chain's last `daemon.start` (or its first record) to its last record
     /// (`ts`).
@@ -2516,6 +2516,7 @@ fn checkpoint_fault(
     if claims["through_seq"] != before
         || claims["through_hash"] != prev_hash
         || v["through_seq"] != before
+        || v["node"] != claims["node"]
     {
         return Some(format!(
             "checkpoint signs seq {} with hash {}, not the record before it (seq {before}): \
@@ -2779,13 +2780,11 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                     let claims = v["signature"]
                         .as_str()
                         .and_then(|jws| keys.verify(jws, crate::ca::CHECKPOINT_TYP).ok());
-                    let node = claims
-                        .as_ref()
-                        .and_then(|c| c["node"].as_str())
-                        .unwrap_or_default()
-                        .to_owned();
-                    if !out.nodes.contains(&node) {
-                        out.nodes.push(node);
+                    // (A checkpoint without the claim names no node.)
+                    if let Some(node) = claims.as_ref().and_then(|c| c["node"].as_str())
+                        && out.nodes.last().is_none_or(|last| last != node)
+                    {
+                        out.nodes.push(node.to_owned());
                     }
                     if let Some(claims) = claims
                         && let (Some(after), Some(through)) = (

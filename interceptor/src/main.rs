@@ -768,7 +768,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 && strict
                 && let Some(through) = v.signed_through
             {
-                if v.nodes.len() > 1 {
+                let mut distinct = v.nodes.clone();
+                distinct.sort();
+                distinct.dedup();
+                if distinct.len() > 1 {
                     bail!(
                         "the checkpoints name more than one node ({}) (--strict): a log is one \
                          node's; a node renamed, or a key set holding several nodes' keys and \
@@ -803,12 +806,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             match (&jwks, v.signed_through) {
                 (Some(file), Some(through)) => {
+                    let by = match v.nodes.as_slice() {
+                        [] => String::new(),
+                        nodes => format!(
+                            ", by node {}",
+                            nodes
+                                .iter()
+                                .map(|n| format!("{n:?}"))
+                                .collect::<Vec<_>>()
+                                .join(" then ")
+                        ),
+                    };
                     println!(
                         "signed: {} checkpoint(s) verify with {}; the records through seq \
-                         {through} are signed, by node {}",
+                         {through} are signed{by}",
                         v.checkpoints,
                         file.display(),
-                        v.nodes.join(" then ")
                     );
                     if v.nodes.len() > 1 {
                         println!(

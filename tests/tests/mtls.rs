@@ -485,9 +485,15 @@ cgroup = "{root}/**"
         "{text}"
     );
     // The checkpoints name this node (the config's [identity] node).
+    let node = last["node"].as_str().unwrap_or_default();
+    assert!(!node.is_empty(), "{last}");
+    assert!(text.contains(&format!("by node {node:?}")), "{text}");
+    // The node of the workload ids (spiffe://<trust domain>/node/<node>/…).
     assert!(
-        text.contains(&format!("by node {}", last["node"].as_str().unwrap_or("?"))),
-        "{text}"
+        events.iter().any(|e| e["identity"]["workload_id"]
+            .as_str()
+            .is_some_and(|w| w.contains(&format!("/node/{node}/")))),
+        "no workload id names node {node}"
     );
     // An edit whose hashes were all recomputed (the bare chain passes) fails the signature.
     let lines: Vec<String> = std::fs::read_to_string(&audit)
