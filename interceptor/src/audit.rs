@@ -901,6 +901,9 @@ struct Shared {
     wake: Condvar,
     durability: Durability,
     healthy: AtomicBool,
+    /// Checkpoints are signed (see [`Audit::sign_checkpoints`]): without, the audit thread
+    /// does not take the writer's lock to look.
+    signs: AtomicBool,
     stats: Arc<Stats>,
 }
 
@@ -1113,6 +1116,7 @@ impl Audit {
             wake: Condvar::new(),
             durability: config.durability,
             healthy: AtomicBool::new(true),
+            signs: AtomicBool::new(false),
             stats: stats.clone(),
         });
         let bg = shared.clone();
@@ -1199,6 +1203,7 @@ impl Audit {
             unsigned: w.seq.saturating_sub(after),
             adopted,
         });
+        self.shared.signs.store(true, Ordering::Relaxed);
     }
 
     /// Records `event`; returns when it is durable according to the configured mode. The
@@ -1630,6 +1635,9 @@ impl Shared {
 
     /// Writes an `audit.checkpoint` if records are unsigned and one is due (`force`: at all).
     fn checkpoint(&self, force: bool) {
+        if !self.signs.load(Ordering::Relaxed) {
+            return;
+        }
         let mut w = lock(&self.writer);
         let due = w
             .signing
@@ -2495,36 +2503,35 @@ const UNSIGNED_END: &str = "the file does not end in a signed checkpoint, as eve
      daemon leaves does, and no later checkpoint adopts its end: its last records were altered \
      or removed";
 
-/// Why checkpoint `v` (at `seq`, after `prev_hash`) does not sign its place in the chain with
-/// one of `keys`.
-fn checkpoint_fault(
+/// The signed claims of checkpoint `v` (at `seq`, after `prev_hash`) if it signs its place in
+/// the chain with one of `keys`; why not otherwise.
+fn checkpoint_claims(
     v: &Value,
     seq: u64,
     prev_hash: &str,
     keys: &crate::ca::Jwks,
-) -> Option<String> {
+) -> Result<Value, String> {
     let Some(jws) = v["signature"].as_str() else {
-        return Some("checkpoint without a signature".into());
+        return Err("checkpoint without a signature".into());
     };
-    let claims = match keys.verify(jws, crate::ca::CHECKPOINT_TYP) {
-        Ok(claims) => claims,
-        Err(why) => return Some(format!("checkpoint signature: {why}")),
-    };
+    let claims = keys
+        .verify(jws, crate::ca::CHECKPOINT_TYP)
+        .map_err(|why| format!("checkpoint signature: {why}"))?;
     let Some(before) = seq.checked_sub(1) else {
-        return Some("a checkpoint cannot be the first record".into());
+        return Err("a checkpoint cannot be the first record".into());
     };
     if claims["through_seq"] != before
         || claims["through_hash"] != prev_hash
         || v["through_seq"] != before
         || v["node"] != claims["node"]
     {
-        return Some(format!(
+        return Err(format!(
             "checkpoint signs seq {} with hash {}, not the record before it (seq {before}): \
              copied from elsewhere in the chain or edited",
             claims["through_seq"], claims["through_hash"]
         ));
     }
-    None
+    Ok(claims)
 }
 
 /// Whether `torn` (an unterminated last line) can be what a crash left of the record after
@@ -2769,29 +2776,27 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
             ends_signed = false;
             if v["event"] == "audit.checkpoint" {
                 if let Some(keys) = keys {
-                    if let Some(why) = checkpoint_fault(&v, seq, p, keys) {
-                        out.broken = fail(why);
-                        return Ok(out);
-                    }
+                    // The claims, as signed (the event's members repeat them for readers).
+                    let claims = match checkpoint_claims(&v, seq, p, keys) {
+                        Ok(claims) => claims,
+                        Err(why) => {
+                            out.broken = fail(why);
+                            return Ok(out);
+                        }
+                    };
                     out.signed_through = Some(seq - 1);
                     signing = true;
                     ends_signed = true;
-                    // The claims, as signed (the event's members repeat them for readers).
-                    let claims = v["signature"]
-                        .as_str()
-                        .and_then(|jws| keys.verify(jws, crate::ca::CHECKPOINT_TYP).ok());
                     // (A checkpoint without the claim names no node.)
-                    if let Some(node) = claims.as_ref().and_then(|c| c["node"].as_str())
+                    if let Some(node) = claims["node"].as_str()
                         && out.nodes.last().is_none_or(|last| last != node)
                     {
                         out.nodes.push(node.to_owned());
                     }
-                    if let Some(claims) = claims
-                        && let (Some(after), Some(through)) = (
-                            claims["adopted_after"].as_u64(),
-                            claims["adopted_through"].as_u64(),
-                        )
-                    {
+                    if let (Some(after), Some(through)) = (
+                        claims["adopted_after"].as_u64(),
+                        claims["adopted_through"].as_u64(),
+                    ) {
                         out.adopted.push((after, through));
                         unsigned_ends.retain(|(_, _, end)| !(after < *end && *end <= through));
                     }

@@ -12,7 +12,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Mutex,
+        LazyLock, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
@@ -71,15 +71,12 @@ fn admit(meta: &Metadata<'_>) -> bool {
     if !agent_caused(meta) {
         return true;
     }
-    static SEEN: Mutex<Option<HashMap<Identifier, (u64, u32)>>> = Mutex::new(None);
+    static SEEN: LazyLock<Mutex<HashMap<Identifier, (u64, u32)>>> = LazyLock::new(Mutex::default);
     let second = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    let (at, count) = seen
-        .get_or_insert_with(HashMap::new)
-        .entry(meta.callsite())
-        .or_insert((second, 0));
+    let (at, count) = seen.entry(meta.callsite()).or_insert((second, 0));
     if *at != second {
         (*at, *count) = (second, 0);
     }

@@ -544,40 +544,30 @@ cgroup = "{others}"
         .find(|e| e["event"] == "mcp.response" && e["method"] == "tools/call")
         .expect("the task's tools/call answer");
     assert_eq!(created["task_id"], task.as_str(), "{created}");
-    let refused = events
-        .iter()
-        .find(|e| {
-            e["event"] == "mcp.request"
-                && e["method"] == "tasks/get"
-                && e["decision"] == "deny"
-                && e["name"] == task.as_str()
-        })
-        .expect("the other identity's tasks/get on record");
+    let request = |pred: &dyn Fn(&Value) -> bool, what: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == "mcp.request" && pred(e))
+            .unwrap_or_else(|| panic!("{what} not on record"))
+            .clone()
+    };
+    let says = |e: &Value, why: &str| {
+        assert!(e["rule"].as_str().is_some_and(|r| r.contains(why)), "{e}");
+    };
+    let refused = request(
+        &|e| e["method"] == "tasks/get" && e["decision"] == "deny" && e["name"] == task.as_str(),
+        "the other identity's tasks/get",
+    );
     assert_eq!(refused["tool"], "search", "{refused}");
-    assert!(
-        refused["rule"]
-            .as_str()
-            .is_some_and(|r| r.contains("started by another identity")),
-        "{refused}"
+    says(&refused, "started by another identity");
+    let listened = request(
+        &|e| e["method"] == "subscriptions/listen",
+        "the subscription",
     );
-    let listened = events
-        .iter()
-        .find(|e| e["event"] == "mcp.request" && e["method"] == "subscriptions/listen")
-        .expect("the subscription on record");
-    assert!(
-        listened["rule"]
-            .as_str()
-            .is_some_and(|r| r.contains("started by another identity")),
-        "{listened}"
+    says(&listened, "started by another identity");
+    let never = request(
+        &|e| e["name"] == "no-such-task",
+        "the unknown task's request",
     );
-    let never = events
-        .iter()
-        .find(|e| e["event"] == "mcp.request" && e["name"] == "no-such-task")
-        .expect("the unknown task's request on record");
-    assert!(
-        never["rule"]
-            .as_str()
-            .is_some_and(|r| r.contains("not started by this identity")),
-        "{never}"
-    );
+    says(&never, "not started by this identity");
 }

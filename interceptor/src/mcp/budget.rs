@@ -129,19 +129,24 @@ impl Held {
         if n > self.bytes {
             return self.take(n - self.bytes);
         }
-        let back = self.bytes - n;
-        if back > 0 {
-            let mut used = lock(&self.budget.used);
-            used.total -= back;
-            if let Some(mine) = used.by_cgroup.get_mut(&self.cgroup) {
-                *mine -= back;
-                if *mine == 0 {
-                    used.by_cgroup.remove(&self.cgroup);
-                }
-            }
-            self.bytes = n;
-        }
+        self.give_back(self.bytes - n);
         Ok(())
+    }
+
+    /// Gives `n` of the bytes held back to the budget.
+    fn give_back(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut used = lock(&self.budget.used);
+        used.total -= n;
+        if let Some(mine) = used.by_cgroup.get_mut(&self.cgroup) {
+            *mine -= n;
+            if *mine == 0 {
+                used.by_cgroup.remove(&self.cgroup);
+            }
+        }
+        self.bytes -= n;
     }
 
     /// Reads `body` whole, at most `limit` bytes, taking each chunk from the budget as it
@@ -170,17 +175,7 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.bytes == 0 {
-            return;
-        }
-        let mut used = lock(&self.budget.used);
-        used.total -= self.bytes;
-        if let Some(mine) = used.by_cgroup.get_mut(&self.cgroup) {
-            *mine -= self.bytes;
-            if *mine == 0 {
-                used.by_cgroup.remove(&self.cgroup);
-            }
-        }
+        self.give_back(self.bytes);
     }
 }
 

@@ -80,16 +80,6 @@ fn variant_of<'m>(key: &str, members: &[&'m str]) -> Option<&'m str> {
     if members.contains(&key) {
         return None;
     }
-    let canonical = |k: &str| -> String {
-        let mut chars = k.chars();
-        let first = chars.next().map(String::from).unwrap_or_default();
-        fold(
-            &(first
-                + &chars
-                    .filter(|c| !matches!(c, '_' | '-'))
-                    .collect::<String>()),
-        )
-    };
     // An ASCII key (members are ASCII) is compared as it goes, without allocating: every
     // `tools/call` runs this for each of its params members.
     if key.is_ascii() {
@@ -104,6 +94,16 @@ fn variant_of<'m>(key: &str, members: &[&'m str]) -> Option<&'m str> {
             .copied()
             .find(|m| letters(key).eq(letters(m)));
     }
+    let canonical = |k: &str| -> String {
+        let mut chars = k.chars();
+        let first = chars.next().map(String::from).unwrap_or_default();
+        fold(
+            &(first
+                + &chars
+                    .filter(|c| !matches!(c, '_' | '-'))
+                    .collect::<String>()),
+        )
+    };
     let key = canonical(key);
     members.iter().copied().find(|m| canonical(m) == key)
 }

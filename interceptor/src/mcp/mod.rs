@@ -341,13 +341,9 @@ async fn policy_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>)
     }
 }
 
-/// The resources a `subscriptions/listen` subscribes to (`params.notifications.
-/// resourceSubscriptions`; the parser refused any other shape), or with `member`
-/// `"taskIds"` the tasks.
-fn subscribed_resources(m: &Message) -> Vec<String> {
-    subscribed(m, "resourceSubscriptions")
-}
-
+/// What a `subscriptions/listen` subscribes to under `params.notifications.<member>`: the
+/// resources (`resourceSubscriptions`; the parser refused any other shape) or the tasks
+/// (`taskIds`).
 fn subscribed(m: &Message, member: &str) -> Vec<String> {
     m.params()
         .and_then(|p| p.get("notifications"))
@@ -1968,7 +1964,7 @@ impl Conn {
         // judged again with the resources it subscribes to when the policy changes.
         let listen = (!body.batch && body.messages[0].method() == Some("subscriptions/listen"))
             .then(|| ServerStream {
-                subscribed: subscribed_resources(&body.messages[0]),
+                subscribed: subscribed(&body.messages[0], "resourceSubscriptions"),
                 tasks: subscribed(&body.messages[0], "taskIds"),
                 generation,
             });
@@ -2322,14 +2318,17 @@ impl Conn {
     /// Whether `m` is a task notification (`notifications/tasks…`) about a task this identity
     /// may not name (or about none): not relayed.
     fn foreign_task_notice(&self, m: &Value) -> bool {
-        let (policy, grant) = self.policy();
+        // Asked of every message of every stream: the policy only for a task notification.
         m.get("method")
             .and_then(Value::as_str)
             .is_some_and(|method| method.starts_with("notifications/tasks"))
             && m.get("params")
                 .and_then(|p| p.get("taskId"))
                 .and_then(Value::as_str)
-                .is_none_or(|id| self.task_denial(&policy, &grant, id).is_some())
+                .is_none_or(|id| {
+                    let (policy, grant) = self.policy();
+                    self.task_denial(&policy, &grant, id).is_some()
+                })
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
