@@ -66,10 +66,20 @@ pub mod programs {
     pub const CONNECT6: &str = "connect6";
     pub const GETPEERNAME4: &str = "getpeername4";
     pub const GETPEERNAME6: &str = "getpeername6";
+    pub const SENDMSG4: &str = "sendmsg4";
+    pub const SENDMSG6: &str = "sendmsg6";
     pub const SOCK_OPS: &str = "sock_ops";
 
     /// Every program the daemon attaches to the cgroup (links pinned).
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS];
+    pub const ALL: [&str; 7] = [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SENDMSG4,
+        SENDMSG6,
+        SOCK_OPS,
+    ];
 
     /// Raw tracepoint `sched_process_exec`: bumps [`crate::maps::PROC_CHANGES`].
     pub const PROC_EXEC: &str = "proc_exec";
@@ -129,16 +139,19 @@ pub mod stats {
     pub const PUBLISHED: u32 = 3;
     /// `getpeername()` answers rewritten to the dialed address.
     pub const PEERNAME_REWRITTEN: u32 = 4;
-    /// MCP connections refused because the caller is revoked.
+    /// MCP connections (and datagrams to MCP addresses) refused because the caller is revoked.
     pub const REFUSED_REVOKED: u32 = 5;
-    /// Connections (any destination) refused by an all-egress block.
+    /// Connections and datagrams (any destination) refused by an all-egress block.
     pub const REFUSED_EGRESS: u32 = 6;
     /// Connects to `0.0.0.0:P` (P a port some server is intercepted on) refused because the
     /// socket is tied to a device but not bound to an address: where they would go is that
     /// device's address, which the program cannot tell.
     pub const REFUSED_UNSPECIFIED: u32 = 7;
+    /// Datagrams (UDP `connect` or send) refused: to an MCP server's address from an agent or
+    /// a revoked cgroup (the proxy serves TCP only; HTTP/3 would go past it).
+    pub const REFUSED_DATAGRAM: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// Names, in index order, for status output.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -149,6 +162,7 @@ pub mod stats {
         "refused_revoked",
         "refused_egress",
         "refused_unspecified",
+        "refused_datagram",
     ];
 }
 

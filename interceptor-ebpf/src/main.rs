@@ -7,6 +7,10 @@
 //! - `sock_ops`: when the redirected socket starts its handshake, publish the record under the
 //!   connection tuple the proxy will see from `accept()`.
 //! - `getpeername4`/`getpeername6`: give the agent back the address it dialed.
+//! - `sendmsg4`/`sendmsg6` (and `connect*` on a datagram socket): refuse a datagram from a
+//!   tagged (or revoked) cgroup to an MCP server's address — the proxy serves TCP only, and
+//!   HTTP/3 (QUIC, over UDP) to the server would go past it — and every datagram of a cgroup
+//!   under an all-egress block.
 //! - `proc_exec`/`proc_exit` (raw tracepoints `sched_process_exec`/`sched_process_exit`): count
 //!   each process's changes of image and of tasks, so the daemon knows when what it read from
 //!   `/proc` about a process may be out of date.
@@ -85,6 +89,7 @@ const REJECT: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
 const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
 const TCP_ESTABLISHED: u32 = 1;
 const TCP_SYN_SENT: u32 = 2;
 const TCP_FIN_WAIT1: u32 = 4;
@@ -105,6 +110,23 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     match try_connect::<true>(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+/// Unconnected UDP sends (`sendto`/`sendmsg` with an address; a connected socket was judged by
+/// `connect4`). An IPv4-mapped destination of an IPv6 socket comes here too: the kernel hands
+/// such a send to the IPv4 path before the IPv6 hook.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    match try_sendmsg::<false>(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    match try_sendmsg::<true>(&ctx) {
         Ok(ret) | Err(ret) => ret,
     }
 }
@@ -188,9 +210,15 @@ fn count(index: u32) {
 /// refusal and its traffic never leaves towards the real server.
 #[inline(always)]
 fn refuse(counter: u32) -> Result<i32, i32> {
+    refuse_with(counter, ECONNREFUSED)
+}
+
+/// Fail the call with `errno`, counted under `counter`.
+#[inline(always)]
+fn refuse_with(counter: u32, errno: i32) -> Result<i32, i32> {
     count(counter);
     // SAFETY: helper call with a plain integer.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    unsafe { bpf_set_retval(-errno) };
     Err(REJECT)
 }
 
@@ -301,95 +329,26 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let v6 = V6;
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: `sa` is the program's context pointer, valid for the whole call.
-    let (sock_type, user_port) = unsafe { ((*sa).type_, (*sa).user_port) };
+    let sock_type = unsafe { (*sa).type_ };
     let st = state();
-    // Containment: an all-egress block refuses every outbound connection of the cgroup.
+    // Containment: an all-egress block refuses every outbound connection of the cgroup (a
+    // datagram socket's with EPERM, as every refused datagram).
     if st.egress_blocks != 0 && caller_blocks() & block::ALL_EGRESS != 0 {
-        return refuse(stats::REFUSED_EGRESS);
+        let errno = if sock_type == SOCK_STREAM {
+            ECONNREFUSED
+        } else {
+            EPERM
+        };
+        return refuse_with(stats::REFUSED_EGRESS, errno);
     }
     if sock_type != SOCK_STREAM {
-        return Ok(PROCEED);
+        return judge_datagram::<V6>(ctx, &st);
     }
-    // user_port holds the port in network byte order in its low 16 bits.
-    let port = u16::from_be(user_port as u16);
-    // Most connects go to a port no server is intercepted on: one array read settles them.
-    let word = PORTS.get(u32::from(port >> 6)).copied().unwrap_or(0);
-    if word & (1 << (port & 63)) == 0 {
-        return Ok(PROCEED);
-    }
-    // The daemon's own upstream connections, recognised by process and cgroup.
-    if st.daemon_tgid != 0
-        && (bpf_get_current_pid_tgid() >> 32) as u32 == st.daemon_tgid
-        // SAFETY: helper without arguments.
-        && unsafe { bpf_get_current_cgroup_id() } == st.daemon_cgroup
-    {
-        return Ok(PROCEED);
-    }
-    let dst = if v6 {
-        // user_ip6 must be read one word at a time (the verifier rejects wider loads).
-        let ip = unsafe {
-            [
-                (*sa).user_ip6[0],
-                (*sa).user_ip6[1],
-                (*sa).user_ip6[2],
-                (*sa).user_ip6[3],
-            ]
-        };
-        Addr::from_v6(ip, port)
-    } else {
-        Addr::from_v4(unsafe { (*sa).user_ip4 }, port)
-    };
-
-    // The unspecified IPv4 address (`0.0.0.0`, or `::ffff:0.0.0.0` on a dual-stack socket)
-    // goes where the socket's bound address is (`ip_route_output_key_hash_rcu`: a zero
-    // destination becomes the source), or to 127.0.0.1 from an unbound socket: judged as that
-    // address. `SERVERS` holds `0.0.0.0:P` for every port P a server is intercepted on.
-    let dst = if dst.is_v4_mapped() && dst.ip[3] == 0 {
-        if SERVERS.get_ptr(dst).is_none() {
-            return Ok(PROCEED);
-        }
-        // SAFETY: a sock_addr program's context always has its socket.
-        let (src, device) = unsafe {
-            let sk = (*sa).__bindgen_anon_1.sk;
-            ((*sk).src_ip4, (*sk).bound_dev_if)
-        };
-        if src != 0 {
-            Addr::from_v4(src, port)
-        } else if device != 0 {
-            // Unbound but tied to a device (a VRF): the source, and so the destination, is
-            // that device's address, unknown here. Refused for an agent (or a revoked
-            // cgroup) rather than let through; anyone else's is none of ours.
-            let revoked = st.mcp_blocks != 0
-                && caller_cgroup_blocks() & (block::MCP | block::ALL_EGRESS) != 0;
-            if revoked || caller_is_tagged() {
-                return refuse(stats::REFUSED_UNSPECIFIED);
-            }
-            return Ok(PROCEED);
-        } else {
-            Addr::from_v4(LOOPBACK4, port)
-        }
-    } else {
-        dst
-    };
-    let Some(server) = SERVERS.get_ptr(dst) else {
+    let Some((dst, server)) = mcp_server::<V6>(ctx, &st, ECONNREFUSED)? else {
         return Ok(PROCEED);
     };
-    // Revoked: refused here, at connect(), not only at the proxy. A revoked cgroup tagged or
-    // not, so that untagging it (or revoking one no tag covers) never opens a direct path.
-    let revoked = block::MCP | block::ALL_EGRESS;
-    let cgroup_blocks = if st.mcp_blocks != 0 {
-        caller_cgroup_blocks()
-    } else {
-        0
-    };
-    if cgroup_blocks & revoked != 0 {
-        return refuse(stats::REFUSED_REVOKED);
-    }
-    if !caller_is_tagged() {
+    if !agent_may_reach_mcp(&st, ECONNREFUSED)? {
         return Ok(PROCEED);
-    }
-    if st.mcp_blocks != 0 && caller_process_blocks() & revoked != 0 {
-        return refuse(stats::REFUSED_REVOKED);
     }
     // SAFETY: helpers that take the context pointer.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -453,6 +412,133 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     }
     count(stats::REDIRECTED);
     Ok(PROCEED)
+}
+
+/// The MCP server the destination of `ctx` is an intercepted address of, with that address;
+/// `None` for any other destination (and for the daemon's own connections). `Err` when the
+/// call is refused here, with `errno` (an unspecified destination an agent's device-bound
+/// socket would send to an address this program cannot tell).
+#[inline(always)]
+fn mcp_server<const V6: bool>(
+    ctx: &SockAddrContext,
+    st: &State,
+    errno: i32,
+) -> Result<Option<(Addr, *const ServerValue)>, i32> {
+    let v6 = V6;
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context pointer, valid for the whole call.
+    let user_port = unsafe { (*sa).user_port };
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = u16::from_be(user_port as u16);
+    // Most connects go to a port no server is intercepted on: one array read settles them.
+    let word = PORTS.get(u32::from(port >> 6)).copied().unwrap_or(0);
+    if word & (1 << (port & 63)) == 0 {
+        return Ok(None);
+    }
+    // The daemon's own upstream connections, recognised by process and cgroup.
+    if st.daemon_tgid != 0
+        && (bpf_get_current_pid_tgid() >> 32) as u32 == st.daemon_tgid
+        // SAFETY: helper without arguments.
+        && unsafe { bpf_get_current_cgroup_id() } == st.daemon_cgroup
+    {
+        return Ok(None);
+    }
+    let dst = if v6 {
+        // user_ip6 must be read one word at a time (the verifier rejects wider loads).
+        let ip = unsafe {
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ]
+        };
+        Addr::from_v6(ip, port)
+    } else {
+        Addr::from_v4(unsafe { (*sa).user_ip4 }, port)
+    };
+
+    // The unspecified IPv4 address (`0.0.0.0`, or `::ffff:0.0.0.0` on a dual-stack socket)
+    // goes where the socket's bound address is (`ip_route_output_key_hash_rcu`: a zero
+    // destination becomes the source), or to 127.0.0.1 from an unbound socket: judged as that
+    // address. `SERVERS` holds `0.0.0.0:P` for every port P a server is intercepted on.
+    let dst = if dst.is_v4_mapped() && dst.ip[3] == 0 {
+        if SERVERS.get_ptr(dst).is_none() {
+            return Ok(None);
+        }
+        // SAFETY: a sock_addr program's context always has its socket.
+        let (src, device) = unsafe {
+            let sk = (*sa).__bindgen_anon_1.sk;
+            ((*sk).src_ip4, (*sk).bound_dev_if)
+        };
+        if src != 0 {
+            Addr::from_v4(src, port)
+        } else if device != 0 {
+            // Unbound but tied to a device (a VRF): the source, and so the destination, is
+            // that device's address, unknown here. Refused for an agent (or a revoked
+            // cgroup) rather than let through; anyone else's is none of ours.
+            let revoked = st.mcp_blocks != 0
+                && caller_cgroup_blocks() & (block::MCP | block::ALL_EGRESS) != 0;
+            if revoked || caller_is_tagged() {
+                return refuse_with(stats::REFUSED_UNSPECIFIED, errno).map(|_| None);
+            }
+            return Ok(None);
+        } else {
+            Addr::from_v4(LOOPBACK4, port)
+        }
+    } else {
+        dst
+    };
+    Ok(SERVERS.get_ptr(dst).map(|server| (dst, server)))
+}
+
+/// Whether the caller is an agent that may reach an MCP server (through the proxy): tagged
+/// and not revoked. `Ok(false)` for a caller that is none of ours; `Err` when refused here
+/// (with `errno`). Revoked: refused at the kernel, not only at the proxy. A revoked cgroup
+/// tagged or not, so that untagging it (or revoking one no tag covers) never opens a direct
+/// path.
+#[inline(always)]
+fn agent_may_reach_mcp(st: &State, errno: i32) -> Result<bool, i32> {
+    let revoked = block::MCP | block::ALL_EGRESS;
+    let cgroup_blocks = if st.mcp_blocks != 0 {
+        caller_cgroup_blocks()
+    } else {
+        0
+    };
+    if cgroup_blocks & revoked != 0 {
+        return refuse_with(stats::REFUSED_REVOKED, errno).map(|_| false);
+    }
+    if !caller_is_tagged() {
+        return Ok(false);
+    }
+    if st.mcp_blocks != 0 && caller_process_blocks() & revoked != 0 {
+        return refuse_with(stats::REFUSED_REVOKED, errno).map(|_| false);
+    }
+    Ok(true)
+}
+
+/// An unconnected UDP send: refused under an all-egress block, else judged as
+/// [`judge_datagram`] judges it.
+#[inline(always)]
+fn try_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let st = state();
+    if st.egress_blocks != 0 && caller_blocks() & block::ALL_EGRESS != 0 {
+        return refuse_with(stats::REFUSED_EGRESS, EPERM);
+    }
+    judge_datagram::<V6>(ctx, &st)
+}
+
+/// A datagram (a UDP `connect` or send) to an MCP server's address from an agent, or from a
+/// revoked cgroup, is refused with `EPERM` (every refusal of a datagram is): the proxy serves
+/// TCP only, and HTTP/3 (QUIC) to the
+/// server would go past it. A client that tries QUIC first falls back to TCP, which is
+/// redirected. Anyone else's goes on.
+#[inline(always)]
+fn judge_datagram<const V6: bool>(ctx: &SockAddrContext, st: &State) -> Result<i32, i32> {
+    if mcp_server::<V6>(ctx, st, EPERM)?.is_none() || !agent_may_reach_mcp(st, EPERM)? {
+        return Ok(PROCEED);
+    }
+    refuse_with(stats::REFUSED_DATAGRAM, EPERM)
 }
 
 #[inline(always)]

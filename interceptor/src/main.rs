@@ -170,7 +170,8 @@ enum Command {
         /// Why (recorded in status and the audit log).
         #[arg(long, default_value = "")]
         reason: String,
-        /// Refuse every outbound connection of the cgroup, not only MCP ones (with --cgroup).
+        /// Refuse every outbound connection and datagram of the cgroup, not only MCP ones (with
+        /// --cgroup).
         #[arg(long)]
         all_egress: bool,
         #[command(flatten)]

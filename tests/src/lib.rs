@@ -514,7 +514,20 @@ pub fn run_client_as(probe: &str, cgroup_dir: &Path, addr: &str, uid: u32) -> Cl
     ))
 }
 
-/// Sends the raw HTTP request `request` to `addr` from inside `cgroup_dir`.
+/// One UDP datagram to `addr` from inside `cgroup_dir` (`mode`: `send`, `connect` or
+/// `send-mapped`, see `probe-client`): `Ok(bytes sent)` or `Err(errno)`.
+pub fn send_datagram(probe: &str, cgroup_dir: &Path, addr: &str, mode: &str) -> Result<u64, i32> {
+    let out = run_in_cgroup(cgroup_dir, probe, &[addr, "--udp", mode]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("probe-client printed no JSON ({e}): {stdout:?}"));
+    match (v["sent"].as_u64(), v["errno"].as_i64()) {
+        (Some(sent), _) => Ok(sent),
+        (None, Some(errno)) => Err(errno as i32),
+        _ => panic!("probe-client --udp {mode}: {v}"),
+    }
+}
+
 /// A Streamable HTTP POST of `body` to `/mcp`, whole, as [`send_raw`] sends it.
 pub fn json_post(body: &str) -> String {
     format!(
@@ -524,6 +537,7 @@ pub fn json_post(body: &str) -> String {
     )
 }
 
+/// Sends the raw HTTP request `request` to `addr` from inside `cgroup_dir`.
 pub fn send_raw(probe: &str, cgroup_dir: &Path, addr: &str, request: &[u8]) -> ClientResult {
     send_raw_env(probe, cgroup_dir, addr, request, &[])
 }

@@ -5,12 +5,13 @@ use std::time::{Duration, Instant};
 
 use interceptor_tests::{
     LabelServer, McpServer, ServerSpec, TestEnv, eventually, privileged, read_stream, run_client,
-    run_client_as, send_raw,
+    run_client_as, send_datagram, send_raw,
 };
 use nix::sys::signal::Signal;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
 const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
 
 /// An MCP `ping` POST on a connection the client closes after the answer.
 fn ping_request() -> String {
@@ -576,11 +577,26 @@ fn all_egress_contains_a_cgroup() {
             "contain",
         ],
     );
-    // Not only MCP: any destination.
+    // Not only MCP: any destination, and datagrams too (sent or connected).
     assert_eq!(
         run_client(PROBE, &dir_a, &other_addr).errno,
         Some(ECONNREFUSED)
     );
+    let udp = std::net::UdpSocket::bind("127.0.0.4:0").expect("bind UDP");
+    let udp_addr = udp.local_addr().expect("address").to_string();
+    assert_eq!(send_datagram(PROBE, &dir_a, &udp_addr, "send"), Err(EPERM));
+    assert_eq!(
+        send_datagram(PROBE, &dir_a, &udp_addr, "connect"),
+        Err(EPERM)
+    );
+    assert!(send_datagram(PROBE, &dir_b, &udp_addr, "send").is_ok());
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("read timeout");
+    let mut buf = [0u8; 64];
+    assert!(udp.recv_from(&mut buf).is_ok(), "b's datagram arrives");
+    udp.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("read timeout");
+    assert!(udp.recv_from(&mut buf).is_err(), "a's datagrams never left");
     assert!(
         run_client(PROBE, &dir_b, &other_addr)
             .expect_reply()

@@ -3,11 +3,14 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use interceptor_tests::{LabelServer, ServerSpec, TestEnv, eventually, privileged, run_client};
+use interceptor_tests::{
+    LabelServer, ServerSpec, TestEnv, eventually, privileged, run_client, send_datagram,
+};
 use nix::sys::signal::Signal;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe-client");
 const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
 
 /// An upstream, a "direct" server on the intercepted address (so a connection that is not
 /// redirected gets an answer that says so), and a config intercepting that address.
@@ -91,7 +94,7 @@ fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
         "{status}"
     );
     assert_eq!(status["counters"]["kernel"]["refused"], 0, "{status}");
-    assert_eq!(status["programs"].as_array().map(Vec::len), Some(5));
+    assert_eq!(status["programs"].as_array().map(Vec::len), Some(7));
     assert_eq!(
         status["tags"][0]["cgroup"],
         format!("{}/agents", w.env.root)
@@ -133,6 +136,78 @@ fn untagged_cgroups_and_other_destinations_are_untouched() {
     // daemon.workers = 0: one connection worker per CPU.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     assert_eq!(status["workers"].as_u64(), Some(cpus), "{status}");
+}
+
+/// The datagrams waiting on `socket` (each read waits up to 300 ms).
+fn datagrams(socket: &std::net::UdpSocket) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("read timeout");
+    while let Ok((n, _)) = socket.recv_from(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    got
+}
+
+#[test]
+fn datagrams_to_mcp_addresses_are_refused_for_agents() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("datagram", &["agents"]);
+    let other = w.env.cgroup("other");
+    w.env.start_daemon();
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let untagged = w.env.dir(&other);
+    // Where an HTTP/3 (QUIC) server of the intercepted address would listen, and a UDP
+    // service that is no MCP server's.
+    let quic = std::net::UdpSocket::bind(w.direct.addr).expect("bind UDP on the MCP address");
+    let plain = std::net::UdpSocket::bind("127.0.0.4:0").expect("bind UDP");
+    let dialed = w.direct.addr.to_string();
+    let upstream = w.upstream.addr.to_string();
+
+    // An agent's datagram to an MCP server's address never leaves: sent from an unconnected
+    // socket, a connected one, or as an IPv4-mapped address from an IPv6 socket; to the
+    // plain upstream's address too (intercepted as the same server).
+    for mode in ["send", "connect", "send-mapped"] {
+        assert_eq!(
+            send_datagram(PROBE, &agents, &dialed, mode),
+            Err(EPERM),
+            "{mode}"
+        );
+    }
+    assert_eq!(send_datagram(PROBE, &agents, &upstream, "send"), Err(EPERM));
+    // Other destinations, and other cgroups, are untouched.
+    let plain_addr = plain.local_addr().expect("address").to_string();
+    assert!(send_datagram(PROBE, &agents, &plain_addr, "send").is_ok());
+    assert!(send_datagram(PROBE, &untagged, &dialed, "send").is_ok());
+    assert_eq!(datagrams(&plain).len(), 1);
+    assert_eq!(
+        datagrams(&quic).len(),
+        1,
+        "only the untagged datagram arrives"
+    );
+    let status = w.env.status();
+    assert_eq!(
+        status["counters"]["kernel"]["refused_datagram"], 4,
+        "{status}"
+    );
+
+    // A revoked cgroup is refused whether or not a tag covers it.
+    let out = w.env.cli(&["revoke", "--cgroup", &other]);
+    assert!(out.status.success(), "{out:?}");
+    for mode in ["send", "connect"] {
+        assert_eq!(
+            send_datagram(PROBE, &untagged, &dialed, mode),
+            Err(EPERM),
+            "{mode}"
+        );
+    }
+    assert!(send_datagram(PROBE, &untagged, &plain_addr, "send").is_ok());
+    assert!(datagrams(&quic).is_empty());
+    assert_eq!(datagrams(&plain).len(), 1);
 }
 
 #[test]
@@ -335,6 +410,18 @@ fn ipv6_and_v4_mapped_destinations_are_intercepted() {
     let r = run_client(PROBE, &dir, &v6);
     assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
     assert_eq!(r.peer.as_deref(), Some(v6.as_str()));
+    // Datagrams to the IPv6 server, and to the unspecified address standing for loopback,
+    // never leave.
+    let quic6 = std::net::UdpSocket::bind(direct6.addr).expect("bind UDP on the IPv6 address");
+    let any4 = format!("0.0.0.0:{}", local.addr.port());
+    for (to, mode) in [(&v6, "send"), (&v6, "connect"), (&any4, "send")] {
+        assert_eq!(
+            send_datagram(PROBE, &dir, to, mode),
+            Err(EPERM),
+            "{to} {mode}"
+        );
+    }
+    assert!(datagrams(&quic6).is_empty());
 
     // A dual-stack (AF_INET6) socket dialing the IPv4 server as ::ffff:a.b.c.d.
     let mapped = SocketAddr::new(

@@ -3,6 +3,9 @@
 //! `probe-client ADDR`: connect to ADDR, POST a JSON-RPC `ping`, read the response until EOF.
 //! `probe-client ADDR --raw FILE`: send FILE's bytes verbatim as the request (for malformed and
 //! malicious requests), then read the response until EOF.
+//! `probe-client ADDR --udp send|connect|send-mapped`: one UDP datagram (`probe <pid>`) to ADDR:
+//! `sendto` from an unconnected socket, `connect` then `send`, or (IPv4 ADDR) `sendto` its
+//! `::ffff:` form from an IPv6 socket; prints `sent` (bytes) or the error.
 //!
 //! `PROBE_READ_TIMEOUT_MS` (default 5000): how long a read may wait; a stream that stays open
 //! longer ends the read there and what arrived is reported.
@@ -29,7 +32,12 @@ fn main() {
         eprintln!("usage: probe-client ADDR [--raw FILE]");
         std::process::exit(2);
     };
-    let raw = match (args.next().as_deref(), args.next()) {
+    let (flag, value) = (args.next(), args.next());
+    if let (Some("--udp"), Some(mode)) = (flag.as_deref(), value.as_deref()) {
+        datagram(&addr, mode);
+        return;
+    }
+    let raw = match (flag.as_deref(), value) {
         (Some("--raw"), Some(file)) => match std::fs::read(&file) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -184,6 +192,46 @@ fn probe(addr: &str, raw: Option<Vec<u8>>, connected: Option<TcpStream>) {
             "error": e.to_string(),
             "errno": e.raw_os_error(),
         }),
+    };
+    println!("{out}");
+}
+
+/// One UDP datagram to `addr` as `mode` says (see the module documentation).
+fn datagram(addr: &str, mode: &str) {
+    use std::net::{IpAddr, UdpSocket};
+    let pid = std::process::id();
+    let result = (|| -> std::io::Result<usize> {
+        let target = parse_addr(addr)?;
+        let payload = format!("probe {pid}");
+        let any = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        match mode {
+            "send" => UdpSocket::bind(any)?.send_to(payload.as_bytes(), target),
+            "connect" => {
+                let socket = UdpSocket::bind(any)?;
+                socket.connect(target)?;
+                socket.send(payload.as_bytes())
+            }
+            "send-mapped" => {
+                let IpAddr::V4(v4) = target.ip() else {
+                    return Err(std::io::Error::other("send-mapped needs an IPv4 ADDR"));
+                };
+                let mapped = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), target.port());
+                UdpSocket::bind("[::]:0")?.send_to(payload.as_bytes(), mapped)
+            }
+            other => Err(std::io::Error::other(format!(
+                "unknown --udp mode {other:?} (send, connect, send-mapped)"
+            ))),
+        }
+    })();
+    let out = match result {
+        Ok(sent) => serde_json::json!({"pid": pid, "sent": sent}),
+        Err(e) => {
+            serde_json::json!({"pid": pid, "error": e.to_string(), "errno": e.raw_os_error()})
+        }
     };
     println!("{out}");
 }
