@@ -288,7 +288,7 @@ cgroup = "{root}/**"
     let before = json_lines(&seen_file).len();
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     let forged = format!(
-        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nX-Forwarded-For: 127.9.9.9\r\nForwarded: for=127.9.9.9\r\nInterceptor_Identity: forged\r\nX_Api_Key: agent-key\r\nMcp_Session_Id: someone-elses\r\nClient-Cert: :Zm9yZ2Vk:\r\nX-SSL-Client-Verify: SUCCESS\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nAccept: application/json, text/event-stream\r\nInterceptor-Identity: forged\r\nAuthorization: Bearer agent-token\r\nX-Api-Key: agent-key\r\nX-Forwarded-For: 127.9.9.9\r\nForwarded: for=127.9.9.9\r\nInterceptor_Identity: forged\r\nX_Api_Key: agent-key\r\nMcp_Session_Id: someone-elses\r\nClient-Cert: :Zm9yZ2Vk:\r\nX-SSL-Client-Verify: SUCCESS\r\nX-Remote-User: admin\r\nImpersonate-User: admin\r\nX-Auth-Request-Email: admin@example.org\r\nX-HTTP-Method-Override: DELETE\r\nX-Envoy-Original-Dst-Host: 127.0.0.9:80\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     send_raw(
@@ -310,13 +310,20 @@ cgroup = "{root}/**"
     );
     // Nor names with `_`, which a CGI-style gateway reads as the names with `-` (a session
     // id the proxy never judged, a forged identity), nor claims about the client's
-    // certificate a TLS-terminating proxy would make.
+    // certificate a TLS-terminating proxy would make, nor the user an authenticating proxy
+    // would vouch for (the upstream trusts this one's certificate), nor an override of the
+    // method the audit log records.
     for key in [
         "identity_underscored",
         "x_api_key_underscored",
         "session_underscored",
         "client_cert",
         "x_ssl_client_verify",
+        "x_remote_user",
+        "impersonate_user",
+        "x_auth_request_email",
+        "x_http_method_override",
+        "x_envoy_original_dst_host",
     ] {
         assert!(last[key].is_null(), "{key}: {last}");
     }

@@ -67,11 +67,32 @@ pub fn check_value_shapes(headers: &HeaderMap) -> Result<(), String> {
 /// read whole before anything is forwarded), and the headers proxies use to tell a server
 /// who the client is (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Client-IP`,
 /// `True-Client-IP`, and the like of CDNs and Envoy) or its certificate (`Client-Cert`,
-/// `X-SSL-*`, `X-Client-Verify`, …): an agent's own copies would be believed by a server that
-/// trusts its proxy.
+/// `X-SSL-*`, `X-Client-Verify`, …) or the user an authenticating proxy vouches for
+/// (`X-Remote-User`, `X-Auth-Request-*`, `Impersonate-*`, …): an agent's own copies would be
+/// believed by a server that trusts its proxy — which an upstream requiring the node's client
+/// certificates does. And the overrides some frameworks honour instead of the request's own
+/// method or target (`X-HTTP-Method-Override`, `X-Original-URI`, …): the audit log would
+/// record one request and the server act on another.
 pub fn skip_header(name: &header::HeaderName) -> bool {
     let name = name.as_str();
     name.starts_with("x-forwarded-")
+        // The user (and groups) an authenticating front proxy vouches for: Kubernetes'
+        // request-header authentication (trusted exactly when the client presents a
+        // front-proxy certificate, as this proxy does), oauth2-proxy, Kong, Google IAP, Azure
+        // App Service, AWS ALB, Cloudflare Access, Pomerium; Kubernetes impersonation; Envoy's
+        // internal headers.
+        || name.starts_with("x-remote-")
+        || name.starts_with("x-auth-request-")
+        || name.starts_with("x-webauth-")
+        || name.starts_with("x-authenticated-")
+        || name.starts_with("x-consumer-")
+        || name.starts_with("x-goog-authenticated-user-")
+        || name.starts_with("x-ms-client-principal")
+        || name.starts_with("x-amzn-oidc-")
+        || name.starts_with("cf-access-")
+        || name.starts_with("x-pomerium-")
+        || name.starts_with("impersonate-")
+        || name.starts_with("x-envoy-")
         // What a TLS-terminating front proxy says of the client's certificate (RFC 9440,
         // nginx's, IIS ARR's, AWS's and others' conventions): the agent's copies would speak
         // for the node.
@@ -103,13 +124,23 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "true-client-ip"
                 | "cf-connecting-ip"
                 | "fastly-client-ip"
-                | "x-envoy-external-address"
                 | "x-client-verify"
                 | "x-client-dn"
                 | "x-arr-clientcert"
-                // Route overrides some frameworks honour instead of the request path.
+                | "remote-user"
+                | "x-userinfo"
+                | "x-jwt-payload"
+                | "x-endpoint-api-userinfo"
+                // Route, host and method overrides some frameworks honour instead of the
+                // request's own (ASP.NET, Express, gorilla, Symfony, IIS, nginx setups).
                 | "x-original-url"
+                | "x-original-uri"
+                | "x-original-host"
                 | "x-rewrite-url"
+                | "x-host"
+                | "x-http-method-override"
+                | "x-http-method"
+                | "x-method-override"
         )
 }
 
@@ -252,6 +283,65 @@ mod tests {
         let id = "s".repeat(MAX_SESSION_ID_BYTES + 1);
         let e = check_value_shapes(&headers(&[("mcp-session-id", &id)])).expect_err("long id");
         assert!(e.contains("Mcp-Session-Id of 1025 bytes"), "{e}");
+    }
+
+    #[test]
+    fn claims_a_trusted_proxy_would_make_are_not_forwarded() {
+        for name in [
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+            "x-ssl-client-verify",
+            "client-cert",
+            "x-remote-user",
+            "x-remote-group",
+            "x-remote-extra-scopes",
+            "remote-user",
+            "x-auth-request-email",
+            "x-webauth-user",
+            "x-authenticated-userid",
+            "x-consumer-username",
+            "x-userinfo",
+            "x-jwt-payload",
+            "x-endpoint-api-userinfo",
+            "x-goog-authenticated-user-email",
+            "x-ms-client-principal-name",
+            "x-amzn-oidc-identity",
+            "cf-access-authenticated-user-email",
+            "x-pomerium-claim-email",
+            "impersonate-user",
+            "impersonate-group",
+            "x-envoy-original-dst-host",
+            "x-envoy-internal",
+            "x-original-uri",
+            "x-original-url",
+            "x-original-host",
+            "x-host",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+            "transfer-encoding",
+            "host",
+        ] {
+            let name = header::HeaderName::from_static(name);
+            assert!(skip_header(&name), "{name} is forwarded");
+        }
+        for name in [
+            "mcp-session-id",
+            "mcp-protocol-version",
+            "mcp-method",
+            "mcp-name",
+            "mcp-param-region",
+            "last-event-id",
+            "accept",
+            "user-agent",
+            "traceparent",
+            "x-request-id",
+            "content-type",
+        ] {
+            let name = header::HeaderName::from_static(name);
+            assert!(!skip_header(&name), "{name} is dropped");
+        }
     }
 
     #[test]

@@ -225,6 +225,13 @@ async fn server_tls(
                         "session_underscored": header("mcp_session_id"),
                         "client_cert": header("client-cert"),
                         "x_ssl_client_verify": header("x-ssl-client-verify"),
+                        // Whom an authenticating front proxy vouches for, and overrides of
+                        // the request's own method.
+                        "x_remote_user": header("x-remote-user"),
+                        "impersonate_user": header("impersonate-user"),
+                        "x_auth_request_email": header("x-auth-request-email"),
+                        "x_http_method_override": header("x-http-method-override"),
+                        "x_envoy_original_dst_host": header("x-envoy-original-dst-host"),
                         "method": req.method().as_str(),
                         "target": req.uri().path_and_query().map(|p| p.as_str()),
                     });
