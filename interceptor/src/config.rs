@@ -351,6 +351,12 @@ impl Config {
             ));
         }
         for s in &self.servers {
+            if !s.inject_headers.is_empty() && s.paths.is_none() {
+                out.push(format!(
+                    "server {:?} injects credentials but has no `paths`: agents may send requests                      (with those credentials) to any path of its upstream, endpoints it serves                      beside MCP included; list its MCP endpoint(s), e.g. paths = [\"/mcp\"]",
+                    s.name
+                ));
+            }
             for (name, inject) in &s.inject_headers {
                 let mode = std::fs::metadata(&inject.file).map_or(0, |m| m.permissions().mode());
                 // Readable by others, in folders others (or a group) may pass through.
@@ -1066,7 +1072,7 @@ mod tests {
         std::fs::write(&token, "s3cret").unwrap();
         let text = format!(
             "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.2:1\"]\nupstream = \"127.0.0.3:1\"\n\
-             inject_headers = {{ Authorization = {{ file = \"{}\" }} }}\n",
+             paths = [\"/mcp\"]\ninject_headers = {{ Authorization = {{ file = \"{}\" }} }}\n",
             token.display()
         );
         let warnings = |mode: u32| {
@@ -1083,6 +1089,15 @@ mod tests {
         );
         assert!(warnings(0o640).is_empty());
         assert!(warnings(0o600).is_empty());
+        // Credentials injected on any path of the upstream.
+        let anywhere = text.replace("paths = [\"/mcp\"]\n", "");
+        let w = super::Config::parse(std::path::Path::new("t.toml"), &anywhere)
+            .unwrap()
+            .warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("injects credentials but has no `paths`"),
+            "{w:?}"
+        );
         // A workload id template with a value a process may lack, with a CA.
         let with_exe = format!(
             "{text}\n[identity]\nworkload_id = \"spiffe://{{trust_domain}}/exe{{exe}}\"\n\

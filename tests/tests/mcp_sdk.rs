@@ -239,6 +239,22 @@ fn a_legacy_session_belongs_to_the_identity_that_opened_it() {
             "not refused by the proxy: {other}: {r:?}"
         );
     }
+    // Nor is it reached with another HTTP method (the server's message handler may not look
+    // at the method; the owner check judges POSTs): a message URL takes POSTs only.
+    for method in ["GET", "DELETE"] {
+        let request = format!(
+            "{method} {endpoint} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
+             Mcp-Session-Id: own\r\nConnection: close\r\n\r\n"
+        );
+        let r = send_raw(PROBE, &w.writers, &addr, request.as_bytes());
+        assert_eq!(r.status, Some(400), "{method}: {r:?}");
+        assert!(
+            r.reply
+                .as_deref()
+                .is_some_and(|b| b.contains("takes POSTs only")),
+            "{method}: {r:?}"
+        );
+    }
     // A request naming no session is not the check's business.
     let r = send_raw(
         PROBE,

@@ -649,9 +649,12 @@ fn requests_without_json_rpc_are_on_record_before_they_leave() {
     }
     let w = world("http-audit");
     let addr = w.upstream.addr.to_string();
-    for (method, target) in [
-        ("GET", "/export?access_token=abcdef0123456789"),
-        ("DELETE", "/mcp"),
+    // A GET is forwarded (recorded first), but its answer is relayed only as an event stream:
+    // this upstream answers plain text, as an endpoint beside MCP on a server without
+    // `paths` would.
+    for (method, target, status) in [
+        ("GET", "/export?access_token=abcdef0123456789", 502),
+        ("DELETE", "/mcp", 200),
     ] {
         let r = send_raw(
             PROBE,
@@ -659,12 +662,24 @@ fn requests_without_json_rpc_are_on_record_before_they_leave() {
             &addr,
             &request_to(method, target, b"", "Mcp-Session-Id: s-1\r\n"),
         );
-        assert!(
-            r.status.is_some_and(|s| s < 300),
-            "{method} {target}: {r:?}"
-        );
+        assert_eq!(r.status, Some(status), "{method} {target}: {r:?}");
+        if method == "GET" {
+            assert!(
+                !r.reply.as_deref().unwrap_or("").contains("upstream:"),
+                "{r:?}"
+            );
+        }
     }
     assert_eq!(w.upstream.bodies().len(), 2, "not forwarded");
+    // A DELETE ends the session its Mcp-Session-Id names: one naming none is no MCP request.
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &addr,
+        &request_to("DELETE", "/admin/users/1", b"", ""),
+    );
+    assert_eq!(r.status, Some(400), "{r:?}");
+    assert_eq!(w.upstream.bodies().len(), 2, "forwarded");
     let get = audit_event(&w, "http.request", |e| e["method"] == "GET");
     assert_eq!(get["decision"], "allow", "{get}");
     assert_eq!(
@@ -676,6 +691,21 @@ fn requests_without_json_rpc_are_on_record_before_they_leave() {
     let delete = audit_event(&w, "http.request", |e| e["method"] == "DELETE");
     assert_eq!(delete["session"], "s-1", "{delete}");
     assert_eq!(delete["roles"], serde_json::json!(["reader"]), "{delete}");
+    // A request's events say where on the server it went (the server may serve more than
+    // MCP on its port), redacted the same way.
+    let ping = br#"{"jsonrpc":"2.0","id":41,"method":"ping"}"#;
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &addr,
+        &request_to("POST", "/other/mcp?api_key=abcdef0123456789", ping, ""),
+    );
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let request = audit_event(&w, "mcp.request", |e| e["id"] == 41);
+    assert_eq!(
+        request["path"], "/other/mcp?api_key=[REDACTED]",
+        "{request}"
+    );
 }
 
 #[test]

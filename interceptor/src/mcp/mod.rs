@@ -1538,6 +1538,9 @@ impl Conn {
         if let Some(refused) = self.foreign_session(&parts.headers) {
             return refused;
         }
+        if let Some(refused) = self.not_mcp_shaped(&method, &parts) {
+            return refused;
+        }
         // Forwarded without a JSON-RPC message (a stream opened, a session ended, any path
         // when the server has no `paths`): on record first, as a request would be.
         if let Err(e) = self
@@ -1567,6 +1570,49 @@ impl Conn {
             &decision.roles,
         )
         .await
+    }
+
+    /// A GET or DELETE that is not what MCP sends (`Some` is the refusal): a DELETE ends the
+    /// Streamable HTTP session its `Mcp-Session-Id` names, so one without it is no MCP
+    /// request (on a server without `paths`, it would reach any endpoint of the upstream);
+    /// a legacy SSE session's message URL takes POSTs only (a GET or DELETE there would reach
+    /// another identity's session past the owner check, which judges POSTs).
+    fn not_mcp_shaped(
+        &self,
+        method: &Method,
+        parts: &http::request::Parts,
+    ) -> Option<Response<ProxyBody>> {
+        let refuse = |why: &str| {
+            self.rejected();
+            info!(http.method = %method, path = %parts.uri.path(), reason = why, "request refused: not an MCP request");
+            error_response(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                why.to_owned(),
+            )
+        };
+        if method == Method::DELETE && !parts.headers.contains_key("mcp-session-id") {
+            return Some(refuse(
+                "a DELETE ends the MCP session its Mcp-Session-Id header names; this one names none",
+            ));
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let Ok(key) = session_key(self.session_scope(), pq) else {
+            return Some(refuse("ambiguous request target"));
+        };
+        let (own_url, any_live) = {
+            let sessions = lock(&self.daemon.sessions);
+            (sessions.get(&key).is_some(), sessions.any_live())
+        };
+        let names_live =
+            own_url || any_live && lock(&self.daemon.sessions).names_any(&request_names(&key, pq));
+        names_live.then(|| {
+            refuse("a legacy SSE session's message URL takes POSTs only (its stream is the GET of the endpoint that announced it)")
+        })
     }
 
     /// The answer to an HTTP request that carries nothing to judge but the server (a GET or
@@ -1643,26 +1689,32 @@ impl Conn {
 
     /// Records the requests and notifications of a body refused before any policy decision
     /// (every JSON-RPC request is in the audit log, refused ones too), denied with `why`.
-    fn record_refused(&self, headers: &http::HeaderMap, body: &jsonrpc::Body, why: &str) {
+    fn record_refused(&self, parts: &http::request::Parts, body: &jsonrpc::Body, why: &str) {
         // While the log is unwritable nothing is recorded (requests are refused without events
         // then too): refusals must not pile up in its backlog.
         if !self.daemon.audit.healthy() {
             return;
         }
+        let headers = &parts.headers;
+        let path = self.audit_path(parts);
         let decision = Decision::refused(format!("refused before policy: {}", capped(why)));
         let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
         let protocol = headers
             .get("mcp-protocol-version")
             .map_or("unspecified", |v| v.to_str().unwrap_or("invalid"));
         for m in body.messages.iter().filter(|m| m.method().is_some()) {
-            self.daemon.audit.record_later(self.request_event(
-                m,
-                &decision,
-                &self.audit_target(m),
-                session,
-                protocol,
-            ));
+            self.daemon.audit.record_later(
+                self.request_event(m, &decision, &self.audit_target(m), session, protocol)
+                    .field("path", &path),
+            );
         }
+    }
+
+    /// The request's path and query as its events record them: redacted (a query may carry
+    /// a token) and capped.
+    fn audit_path(&self, parts: &http::request::Parts) -> String {
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        capped(&self.daemon.audit.redactor.redact_text(target))
     }
 
     async fn post(
@@ -1707,7 +1759,7 @@ impl Conn {
         };
         if let Some(reason) = self.revoked_reason() {
             info!(reason = %reason, "request refused: identity revoked");
-            self.record_refused(&parts.headers, &body, &format!("access revoked: {reason}"));
+            self.record_refused(&parts, &body, &format!("access revoked: {reason}"));
             let errors: Vec<Value> = body
                 .messages
                 .iter()
@@ -1729,7 +1781,7 @@ impl Conn {
         if let Err(e) = check_mcp_headers(&parts.headers, &body) {
             self.rejected();
             info!(error = %e, "request refused: Mcp-* header disagrees with the body");
-            self.record_refused(&parts.headers, &body, &e.message);
+            self.record_refused(&parts, &body, &e.message);
             return json_response(StatusCode::BAD_REQUEST, &e.to_response());
         }
         let pq = parts
@@ -1742,7 +1794,7 @@ impl Conn {
             Err(why) => {
                 self.rejected();
                 info!(reason = %why, "request refused: ambiguous request target");
-                self.record_refused(&parts.headers, &body, &why);
+                self.record_refused(&parts, &body, &why);
                 return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
             }
         };
@@ -1758,7 +1810,7 @@ impl Conn {
             self.rejected();
             warn!(path = %parts.uri.path(), "request refused: names a live legacy SSE session, but not by its URL");
             self.record_refused(
-                &parts.headers,
+                &parts,
                 &body,
                 "names a live legacy SSE session, but not by its URL",
             );
@@ -1776,11 +1828,7 @@ impl Conn {
         {
             self.rejected();
             warn!("request refused: legacy SSE session belongs to another identity");
-            self.record_refused(
-                &parts.headers,
-                &body,
-                "the session belongs to another identity",
-            );
+            self.record_refused(&parts, &body, "the session belongs to another identity");
             return error_response(
                 StatusCode::FORBIDDEN,
                 code::INVALID_REQUEST,
@@ -1789,7 +1837,7 @@ impl Conn {
         }
         if let Some(refused) = self.foreign_session(&parts.headers) {
             self.record_refused(
-                &parts.headers,
+                &parts,
                 &body,
                 "the session belongs to another identity, was forgotten for room, or its id is \
                  repeated",
@@ -1821,7 +1869,7 @@ impl Conn {
             let decision = policy.check_server_granted(&grant, self.server_name());
             if !decision.allow {
                 self.record_refused(
-                    &parts.headers,
+                    &parts,
                     &body,
                     &format!("no role grants the server ({})", decision.rule),
                 );
@@ -1841,19 +1889,24 @@ impl Conn {
         // What each message is named by in its events (request, and response): redacted once.
         let targets: Vec<Option<String>> =
             body.messages.iter().map(|m| self.audit_target(m)).collect();
+        // Where it went: the server may serve more than MCP on its port.
+        let path = self.audit_path(&parts);
         let events: Vec<audit::Event> = body
             .messages
             .iter()
             .zip(&decisions)
             .zip(&targets)
             .map(|((m, d), target)| match d {
-                Some(d) => self.request_event(m, d, target, session_id.as_deref(), &protocol),
+                Some(d) => self
+                    .request_event(m, d, target, session_id.as_deref(), &protocol)
+                    .field("path", &path),
                 // The agent's answers to the server's requests (sampling, elicitation, roots)
                 // are what the server acts on: on record too (not forwarded when the batch
                 // they came in is refused, nor when this write fails).
                 None => self
                     .client_response_event(m, session_id.as_deref(), &protocol)
-                    .field("batch_refused", &denied),
+                    .field("batch_refused", &denied)
+                    .field("path", &path),
             })
             .collect();
         // The allowed requests' answers are owed from here on: built before their events are
@@ -2102,7 +2155,6 @@ impl Conn {
     /// `http.request`: a GET or DELETE, which carries no JSON-RPC message but reaches the
     /// server (its path and query redacted: a query may carry a token).
     fn http_request_event(&self, parts: &http::request::Parts, d: &Decision) -> audit::Event {
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let header = |name: &str| {
             parts
                 .headers
@@ -2113,10 +2165,7 @@ impl Conn {
             .raw("identity", &self.who)
             .field("server", self.server_name())
             .field("method", parts.method.as_str())
-            .field(
-                "path",
-                &capped(&self.daemon.audit.redactor.redact_text(target)),
-            )
+            .field("path", &self.audit_path(parts))
             .field("decision", if d.allow { "allow" } else { "deny" })
             .field("rule", &d.rule)
             .field("roles", &d.roles)
@@ -2640,12 +2689,21 @@ impl Conn {
             .get(header::CONTENT_TYPE)
             .and_then(event_stream_at)
             == Some(0);
+        // A GET is answered with an event stream (or an error): anything else is no MCP
+        // answer (on a server without `paths`, a GET may name any endpoint of the upstream:
+        // what it serves beside MCP is not relayed).
+        if get_target.is_some() && parts.status.is_success() && !declared {
+            warn!(status = %parts.status, "upstream answered a GET with something other than an event stream");
+            return self.upstream_failed(
+                pending,
+                "the upstream answered a GET with something other than an event stream                  (text/event-stream): not an MCP server stream, not relayed",
+            );
+        }
         let mentioned = parts
             .headers
             .get_all(header::CONTENT_TYPE)
             .iter()
-            .any(|v| event_stream_at(v).is_some())
-            || (get_target.is_some() && parts.status.is_success());
+            .any(|v| event_stream_at(v).is_some());
         let limit = self.daemon.config.proxy.max_response_bytes;
         let deadline = self.daemon.config.proxy.body_timeout;
         // One deadline for the first bytes and the rest of a JSON answer.
