@@ -143,12 +143,16 @@ pub mod stats {
     pub const REFUSED_REVOKED: u32 = 5;
     /// Connections and datagrams (any destination) refused by an all-egress block.
     pub const REFUSED_EGRESS: u32 = 6;
-    /// Connects to `0.0.0.0:P` (P a port some server is intercepted on) refused because the
-    /// socket is tied to a device but not bound to an address: where they would go is that
-    /// device's address, which the program cannot tell.
+    /// Agents' connects and datagrams to `0.0.0.0:P` (P a port some server is intercepted on)
+    /// refused because the program cannot tell where they go (a socket tied to a device but
+    /// bound to no address, or bound to an address that is no server's — it may be a
+    /// broadcast one, sending to loopback —, or a datagram, which can pick its source per
+    /// message), and datagrams to a broadcast or multicast address at such a port.
     pub const REFUSED_UNSPECIFIED: u32 = 7;
-    /// Datagrams (UDP `connect` or send) refused: to an MCP server's address from an agent or
-    /// a revoked cgroup (the proxy serves TCP only; HTTP/3 would go past it).
+    /// Datagrams (UDP `connect` or send) refused: to an MCP server's address from an agent
+    /// (the proxy serves TCP only; HTTP/3 would go past it). A revoked cgroup's count as
+    /// [`REFUSED_REVOKED`], those to an unspecified, broadcast or multicast address as
+    /// [`REFUSED_UNSPECIFIED`].
     pub const REFUSED_DATAGRAM: u32 = 8;
     /// Number of counters.
     pub const COUNT: u32 = 9;

@@ -344,7 +344,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     if sock_type != SOCK_STREAM {
         return judge_datagram::<V6>(ctx, &st);
     }
-    let Some((dst, server)) = mcp_server::<V6>(ctx, &st, ECONNREFUSED)? else {
+    let Some((dst, server)) = mcp_server::<V6, false>(ctx, &st, ECONNREFUSED)? else {
         return Ok(PROCEED);
     };
     if !agent_may_reach_mcp(&st, ECONNREFUSED)? {
@@ -416,10 +416,11 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
 
 /// The MCP server the destination of `ctx` is an intercepted address of, with that address;
 /// `None` for any other destination (and for the daemon's own connections). `Err` when the
-/// call is refused here, with `errno` (an unspecified destination an agent's device-bound
-/// socket would send to an address this program cannot tell).
+/// call is refused here, with `errno`: an agent's (or a revoked cgroup's) to the unspecified
+/// address at an intercepted port where this program cannot tell where the kernel sends it
+/// (see below). `DATAGRAM`: a UDP connect or send.
 #[inline(always)]
-fn mcp_server<const V6: bool>(
+fn mcp_server<const V6: bool, const DATAGRAM: bool>(
     ctx: &SockAddrContext,
     st: &State,
     errno: i32,
@@ -459,9 +460,19 @@ fn mcp_server<const V6: bool>(
     };
 
     // The unspecified IPv4 address (`0.0.0.0`, or `::ffff:0.0.0.0` on a dual-stack socket)
-    // goes where the socket's bound address is (`ip_route_output_key_hash_rcu`: a zero
-    // destination becomes the source), or to 127.0.0.1 from an unbound socket: judged as that
-    // address. `SERVERS` holds `0.0.0.0:P` for every port P a server is intercepted on.
+    // goes where the socket's source address is (`ip_route_output_key_hash_rcu`: a zero
+    // destination becomes the source), or to 127.0.0.1 from a socket without one: judged as
+    // that address. `SERVERS` holds `0.0.0.0:P` for every port P a server is intercepted on.
+    // Where this program cannot tell the source, an agent's (or a revoked cgroup's) is
+    // refused rather than let through; anyone else's is none of ours:
+    // - a socket tied to a device (a VRF) but bound to no address: the device's address;
+    // - one bound to an address that is no server's: it may be a broadcast or multicast
+    //   address (the limited one, or a subnet's: any process may bind one), whose socket
+    //   sends from no address, so to 127.0.0.1 — and `src_ip4` is the bound address;
+    // - a datagram: a send can pick its source and interface per message (`IP_PKTINFO`,
+    //   `IP_UNICAST_IF`), which this program does not see.
+    // A datagram to a broadcast or multicast address at an intercepted port likewise: it
+    // reaches a server bound to the wildcard address.
     let dst = if dst.is_v4_mapped() && dst.ip[3] == 0 {
         if SERVERS.get_ptr(dst).is_none() {
             return Ok(None);
@@ -471,25 +482,46 @@ fn mcp_server<const V6: bool>(
             let sk = (*sa).__bindgen_anon_1.sk;
             ((*sk).src_ip4, (*sk).bound_dev_if)
         };
-        if src != 0 {
-            Addr::from_v4(src, port)
-        } else if device != 0 {
-            // Unbound but tied to a device (a VRF): the source, and so the destination, is
-            // that device's address, unknown here. Refused for an agent (or a revoked
-            // cgroup) rather than let through; anyone else's is none of ours.
-            let revoked = st.mcp_blocks != 0
-                && caller_cgroup_blocks() & (block::MCP | block::ALL_EGRESS) != 0;
-            if revoked || caller_is_tagged() {
-                return refuse_with(stats::REFUSED_UNSPECIFIED, errno).map(|_| None);
-            }
-            return Ok(None);
-        } else {
+        let bound = Addr::from_v4(src, port);
+        if !DATAGRAM && src == 0 && device == 0 {
             Addr::from_v4(LOOPBACK4, port)
+        } else if !DATAGRAM && src != 0 && SERVERS.get_ptr(bound).is_some() {
+            bound
+        } else {
+            return unknown_destination(st, errno);
         }
+    } else if DATAGRAM && fans_out(&dst) {
+        return unknown_destination(st, errno);
     } else {
         dst
     };
     Ok(SERVERS.get_ptr(dst).map(|server| (dst, server)))
+}
+
+/// A destination at an intercepted port whose address this program cannot tell (see
+/// [`mcp_server`]): refused with `errno` for an agent or a revoked cgroup, anyone else's goes
+/// on (`Ok(None)`).
+#[inline(always)]
+fn unknown_destination(st: &State, errno: i32) -> Result<Option<(Addr, *const ServerValue)>, i32> {
+    let revoked =
+        st.mcp_blocks != 0 && caller_cgroup_blocks() & (block::MCP | block::ALL_EGRESS) != 0;
+    if revoked || caller_is_tagged() {
+        return refuse_with(stats::REFUSED_UNSPECIFIED, errno).map(|_| None);
+    }
+    Ok(None)
+}
+
+/// IPv4 limited broadcast or multicast (`224.0.0.0/4`), IPv6 multicast (`ff00::/8`): a
+/// datagram there reaches every listener of the port, a wildcard-bound server's included.
+/// (A subnet's broadcast address cannot be told from the address alone.)
+#[inline(always)]
+fn fans_out(dst: &Addr) -> bool {
+    if dst.is_v4_mapped() {
+        let first = dst.ip[3].to_ne_bytes()[0];
+        dst.ip[3] == u32::MAX || (224..=239).contains(&first)
+    } else {
+        dst.ip[0].to_ne_bytes()[0] == 0xff
+    }
 }
 
 /// Whether the caller is an agent that may reach an MCP server (through the proxy): tagged
@@ -535,7 +567,7 @@ fn try_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
 /// redirected. Anyone else's goes on.
 #[inline(always)]
 fn judge_datagram<const V6: bool>(ctx: &SockAddrContext, st: &State) -> Result<i32, i32> {
-    if mcp_server::<V6>(ctx, st, EPERM)?.is_none() || !agent_may_reach_mcp(st, EPERM)? {
+    if mcp_server::<V6, true>(ctx, st, EPERM)?.is_none() || !agent_may_reach_mcp(st, EPERM)? {
         return Ok(PROCEED);
     }
     refuse_with(stats::REFUSED_DATAGRAM, EPERM)

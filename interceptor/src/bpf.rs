@@ -863,18 +863,26 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Removed, Error> {
         removed.revocations.sort();
     }
     let links_dir = bpffs_dir.join("links");
-    for name in programs::ALL {
-        let pin = links_dir.join(name);
-        if !pin.exists() {
-            continue;
-        }
+    // Every link pinned there, not only this version's programs: a newer daemon's (after a
+    // downgrade) would otherwise stay attached, and the folder could not be removed.
+    let mut pinned: Vec<String> = match std::fs::read_dir(&links_dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err(&links_dir)(e)),
+    };
+    pinned.sort();
+    for name in pinned {
+        let pin = links_dir.join(&name);
         match PinnedLink::from_pin(&pin) {
             // Unpinning drops the last reference the pin held: the link detaches when the
             // returned fd closes (unless a running daemon still holds it).
             Ok(link) => drop(link.unpin().map_err(io_err(&pin))?),
             Err(_) => std::fs::remove_file(&pin).map_err(io_err(&pin))?,
         }
-        removed.links.push(name.to_owned());
+        removed.links.push(name);
     }
     for name in names::ALL {
         let pin = bpffs_dir.join(name);

@@ -497,6 +497,29 @@ except OSError as e:
     let (reply, _agent) =
         interceptor_tests::python_in_cgroup(&dir, BOUND_ANY, &["4", "", "0.0.0.0", "lo", &port]);
     assert_eq!(reply, "error 111", "device-bound");
+    // A socket bound to a broadcast (or multicast) address sends from no address: 0.0.0.0:P
+    // from it goes to 127.0.0.1:P, which the bound address does not tell. Refused for an
+    // agent (unless the bound address is itself a server's, as above).
+    let local_port = local.addr.port().to_string();
+    for bind in ["255.255.255.255", "224.0.0.1"] {
+        let (reply, _agent) = interceptor_tests::python_in_cgroup(
+            &dir,
+            BOUND_ANY,
+            &["4", bind, "0.0.0.0", "", &local_port],
+        );
+        assert_eq!(reply, "error 111", "bound to {bind}");
+    }
+    // A datagram to the limited broadcast address at an intercepted port reaches a server
+    // bound to the wildcard address: refused for an agent.
+    assert_eq!(
+        send_datagram(
+            PROBE,
+            &dir,
+            &format!("255.255.255.255:{local_port}"),
+            "broadcast"
+        ),
+        Err(EPERM)
+    );
     // Not an agent's: none of ours (a VRF's sockets are all tied to a device).
     let outsider = env.cgroup("outsider");
     let (reply, _other) = interceptor_tests::python_in_cgroup(
@@ -505,9 +528,11 @@ except OSError as e:
         &["4", "", "0.0.0.0", "lo", &port],
     );
     assert_eq!(reply, "error 111", "nothing listens at 127.0.0.1:{port}");
+    // Device-bound, broadcast- and multicast-bound, the datagrams to 0.0.0.0 and to the
+    // broadcast address.
     assert_eq!(
         env.status()["counters"]["kernel"]["refused_unspecified"],
-        1,
+        5,
         "{}",
         env.status()
     );
@@ -638,9 +663,19 @@ fn uninstall_detaches_and_removes_every_pin() {
     assert!(w.env.bpffs_dir.join("links").exists());
 
     w.env.stop_daemon(Signal::SIGTERM);
+    // A link this version does not know (a newer daemon's program, after a downgrade) goes
+    // too: pinned here as another name of one of the links.
+    let links = w.env.bpffs_dir.join("links");
+    let link = aya::programs::links::PinnedLink::from_pin(links.join("connect4"))
+        .expect("the pinned connect4 link");
+    aya::programs::links::FdLink::from(link)
+        .pin(links.join("from-a-newer-daemon"))
+        .expect("pin it under another name");
     let out = w.env.cli(&["uninstall"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("from-a-newer-daemon"), "{stdout}");
     assert!(
         stderr.contains("1 revocation(s) no longer hold")
             && stderr.contains(&format!("{other} (incident 7)")),

@@ -3,15 +3,17 @@
 //! `probe-client ADDR`: connect to ADDR, POST a JSON-RPC `ping`, read the response until EOF.
 //! `probe-client ADDR --raw FILE`: send FILE's bytes verbatim as the request (for malformed and
 //! malicious requests), then read the response until EOF.
-//! `probe-client ADDR --udp send|connect|send-mapped`: one UDP datagram (`probe <pid>`) to ADDR:
-//! `sendto` from an unconnected socket, `connect` then `send`, or (IPv4 ADDR) `sendto` its
-//! `::ffff:` form from an IPv6 socket; prints `sent` (bytes) or the error.
+//! `probe-client ADDR --udp send|connect|send-mapped|broadcast`: one UDP datagram
+//! (`probe <pid>`) to ADDR: `sendto` from an unconnected socket, `connect` then `send`, (IPv4
+//! ADDR) `sendto` its `::ffff:` form from an IPv6 socket, or `sendto` with `SO_BROADCAST` set;
+//! prints `sent` (bytes) or the error.
 //!
 //! `PROBE_READ_TIMEOUT_MS` (default 5000): how long a read may wait; a stream that stays open
 //! longer ends the read there and what arrived is reported.
 //!
 //! `PROBE_CONNECTIONS` (default 1): send the request that many times, each on a new connection.
 //! `PROBE_DELAY_MS` (default 0): wait that long between connecting and sending.
+//! `PROBE_BIND=IP`: bind the socket to IP (any port) before connecting.
 //! `PROBE_THEN_EXEC=PATH`: afterwards, become PATH (same pid) with the same arguments.
 //! `PROBE_EXEC_BEFORE_SEND=PATH`: connect with `TCP_FASTOPEN_CONNECT` (nothing is sent until
 //! the first write), then become PATH (same pid), which sends the request on that socket
@@ -133,13 +135,35 @@ fn fastopen_connect(addr: &str) -> std::io::Result<TcpStream> {
     Ok(TcpStream::from(fd))
 }
 
+/// A TCP connection to `addr` from a socket bound to `ip` (any port) first.
+fn bound_connect(ip: &str, addr: &str) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
+    };
+    use std::os::fd::AsRawFd;
+    let target = parse_addr(addr)?;
+    let local = parse_addr(&format!("{ip}:0"))?;
+    let family = if target.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(target))?;
+    Ok(TcpStream::from(fd))
+}
+
 /// One connection (`connected`, or a new one): send the request, print what happened.
 fn probe(addr: &str, raw: Option<Vec<u8>>, connected: Option<TcpStream>) {
     let pid = std::process::id();
     let result = (|| -> std::io::Result<(String, String)> {
         let mut stream = match connected {
             Some(s) => s,
-            None => TcpStream::connect_timeout(&parse_addr(addr)?, Duration::from_secs(5))?,
+            None => match std::env::var("PROBE_BIND") {
+                Ok(ip) => bound_connect(&ip, addr)?,
+                Err(_) => TcpStream::connect_timeout(&parse_addr(addr)?, Duration::from_secs(5))?,
+            },
         };
         let timeout_ms = std::env::var("PROBE_READ_TIMEOUT_MS")
             .ok()
@@ -210,6 +234,11 @@ fn datagram(addr: &str, mode: &str) {
         };
         match mode {
             "send" => UdpSocket::bind(any)?.send_to(payload.as_bytes(), target),
+            "broadcast" => {
+                let socket = UdpSocket::bind(any)?;
+                socket.set_broadcast(true)?;
+                socket.send_to(payload.as_bytes(), target)
+            }
             "connect" => {
                 let socket = UdpSocket::bind(any)?;
                 socket.connect(target)?;
@@ -223,7 +252,7 @@ fn datagram(addr: &str, mode: &str) {
                 UdpSocket::bind("[::]:0")?.send_to(payload.as_bytes(), mapped)
             }
             other => Err(std::io::Error::other(format!(
-                "unknown --udp mode {other:?} (send, connect, send-mapped)"
+                "unknown --udp mode {other:?} (send, connect, send-mapped, broadcast)"
             ))),
         }
     })();
