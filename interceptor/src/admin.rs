@@ -323,7 +323,14 @@ pub fn request(socket: &Path, request: &Request) -> Result<Value, ClientError> {
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
-        .map_err(|e| protocol(e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => protocol(
+                "no answer within 10 s; the request may or may not have been applied: see \
+                 `interceptor status`"
+                    .into(),
+            ),
+            _ => protocol(e.to_string()),
+        })?;
     let value: Value =
         serde_json::from_str(&answer).map_err(|e| protocol(format!("bad answer: {e}")))?;
     if value["ok"] == Value::Bool(true) {

@@ -2452,6 +2452,10 @@ pub struct Verification {
     pub events: u64,
     /// The first broken record: (file, line number, reason).
     pub broken: Option<(PathBuf, usize, String)>,
+    /// The break was found once every record was read (and each was valid): what the chain
+    /// as a whole lacks (a file end without its checkpoint, records before its start), not a
+    /// bad line; `events` then counts them all, not those before it.
+    pub broken_as_a_whole: bool,
     /// A torn last line at the very end (a crash mid-write), not a break in the chain.
     pub torn_tail: Option<(PathBuf, usize)>,
     /// The last record is valid but lacks its line break (a write stopped just before it).
@@ -2591,9 +2595,21 @@ fn has_rotated_siblings(path: &Path, given: &[PathBuf], head: u64) -> bool {
 /// without a readable first record keeps its place after those), and with `keys` the
 /// signature of every `audit.checkpoint`.
 pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<Verification> {
+    use std::os::unix::fs::MetadataExt as _;
+    // A file given twice (a glob and its name, a link) would read as records reordered.
+    let mut seen: std::collections::HashMap<(u64, u64), &PathBuf> =
+        std::collections::HashMap::new();
     for path in paths {
         match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => {}
+            Ok(m) if m.is_file() => {
+                if let Some(first) = seen.insert((m.dev(), m.ino()), path) {
+                    return Err(io::Error::other(format!(
+                        "{} and {} are the same file; pass each file of the log once",
+                        first.display(),
+                        path.display()
+                    )));
+                }
+            }
             Ok(_) => {
                 return Err(io::Error::other(format!(
                     "{} is not a file; pass the audit log and its rotated files",
@@ -2822,9 +2838,11 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
     }
     if let Some((file, line, _)) = unsigned_ends.into_iter().next() {
         out.broken = Some((file, line, UNSIGNED_END.into()));
+        out.broken_as_a_whole = true;
         return Ok(out);
     }
     if let Some((path, line, through, _, false)) = unexplained_head {
+        out.broken_as_a_whole = true;
         out.broken = Some((
             path,
             line,
@@ -3268,7 +3286,25 @@ mod tests {
         drop(a);
         let v = verify(&[dir.path().join("audit.jsonl")], None).unwrap();
         assert!(v.broken.is_none(), "{:?}", v.broken);
+        assert!(!v.broken_as_a_whole);
         assert_eq!(v.events, 200);
+        // The same file twice (a glob and its name) is no chain reordered: said so.
+        let live = dir.path().join("audit.jsonl");
+        let link = dir.path().join("link.jsonl");
+        std::fs::hard_link(&live, &link).unwrap();
+        let e = verify(&[live.clone(), link], None).unwrap_err();
+        assert!(e.to_string().contains("are the same file"), "{e}");
+        // A chain whose head is missing is broken as a whole, all its records read.
+        let tail: String = std::fs::read_to_string(&live)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let headless = dir.path().join("headless.jsonl");
+        std::fs::write(&headless, tail).unwrap();
+        let v = verify(&[headless], None).unwrap();
+        assert!(v.broken.is_some() && v.broken_as_a_whole, "{v:?}");
     }
 
     /// The event names in `path`, in file order.

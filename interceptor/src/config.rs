@@ -608,7 +608,9 @@ impl Validator<'_> {
                 let k = format!("server[{i}].intercept[{j}]");
                 for addr in resolve(text).map_err(|m| self.invalid(&k, m))? {
                     let normalized = normalize(addr);
-                    if normalized.ip().is_loopback() && normalized.port() == daemon.listen_port {
+                    // Where the kernel sends it: one address whichever way it is written.
+                    let reached = stands_for(normalized);
+                    if reached.ip().is_loopback() && reached.port() == daemon.listen_port {
                         return Err(self.invalid(
                             &k,
                             format!(
@@ -618,12 +620,17 @@ impl Validator<'_> {
                             ),
                         ));
                     }
-                    if let Some(other) = owners.insert(normalized, s.name.clone()) {
+                    if let Some(other) = owners.insert(reached, s.name.clone()) {
                         if other != s.name {
+                            let also = if reached == normalized {
+                                String::new()
+                            } else {
+                                format!(" (where the kernel sends {normalized})")
+                            };
                             return Err(self.invalid(
                                 &k,
                                 format!(
-                                    "{normalized} is already intercepted for server {other:?}; \
+                                    "{reached}{also} is already intercepted for server {other:?}; \
                                      an address can belong to one server only"
                                 ),
                             ));
@@ -646,6 +653,20 @@ impl Validator<'_> {
             };
             let upstream_addrs =
                 resolve(&authority).map_err(|m| self.invalid(key("upstream"), m))?;
+            if let Some(own) = upstream_addrs
+                .iter()
+                .map(|&a| stands_for(normalize(a)))
+                .find(|a| a.ip().is_loopback() && a.port() == daemon.listen_port)
+            {
+                return Err(self.invalid(
+                    key("upstream"),
+                    format!(
+                        "{} reaches {own}, the proxy's own listener (port {}); the upstream is \
+                         the real server's address",
+                        s.upstream, daemon.listen_port
+                    ),
+                ));
+            }
             match (&s.tls, https) {
                 (None, true) => {
                     return Err(self.invalid(
@@ -759,13 +780,23 @@ impl Validator<'_> {
             .saturating_add(raw.proxy.max_response_bytes);
         let (total, per_cgroup) = raw.proxy.buffered();
         if per_cgroup < exchange || total < per_cgroup {
+            // Named as written: a per-cgroup bound left to its default is derived from the
+            // total, which is then what to change.
+            let (key, what) = match raw.proxy.max_buffered_bytes_per_cgroup {
+                Some(_) => ("proxy.max_buffered_bytes_per_cgroup", "it"),
+                None => (
+                    "proxy.max_buffered_bytes",
+                    "the per-cgroup bound (max_buffered_bytes_per_cgroup, not set: an eighth of \
+                     this, at least max_body_bytes + max_response_bytes)",
+                ),
+            };
             return Err(self.invalid(
-                "proxy.max_buffered_bytes_per_cgroup",
+                key,
                 format!(
-                    "is {per_cgroup}: it must be at least max_body_bytes + max_response_bytes \
-                     ({exchange}: a request's body stays counted while its answer is read, \
-                     else an exchange within them could never complete) and at most \
-                     max_buffered_bytes ({total})"
+                    "gives a per-cgroup bound of {per_cgroup}: {what} must be at least \
+                     max_body_bytes + max_response_bytes ({exchange}: a request's body stays \
+                     counted while its answer is read, else an exchange within them could never \
+                     complete) and at most max_buffered_bytes ({total})"
                 ),
             ));
         }
@@ -1006,6 +1037,21 @@ pub fn seen_by_programs(cgroup: &str, root: &str) -> Result<String, String> {
         ));
     }
     Ok(cgroup)
+}
+
+/// Where the kernel sends a connection to `addr`: loopback for the unspecified address
+/// (`0.0.0.0:P` to `127.0.0.1:P`, `[::]:P` to `[::1]:P`), else `addr`.
+fn stands_for(addr: SocketAddr) -> SocketAddr {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
 }
 
 /// IPv4-mapped IPv6 addresses become IPv4: one address, one key.
@@ -1331,6 +1377,12 @@ upstream = "[::ffff:10.9.9.9]:9000"
             "[proxy]\nmax_buffered_bytes = 30000000\nmax_buffered_bytes_per_cgroup = 40000000\n",
         );
         assert!(e.contains("at most max_buffered_bytes"), "{e}");
+        // The per-cgroup bound left to its default: the key set is named.
+        let e = err("[proxy]\nmax_body_bytes = 10\nmax_buffered_bytes = 5\n");
+        assert!(
+            e.contains("`proxy.max_buffered_bytes`") && e.contains("not set"),
+            "{e}"
+        );
         // A node-wide bound set lower takes the per-cgroup default down to an eighth of it
         // (not under what one exchange may hold).
         let c = Config::parse(

@@ -72,9 +72,11 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct ConfigArg {
-    /// The daemon's TOML config [default: /etc/interceptor/interceptor.toml]; the admin socket
-    /// and bpffs folder are read from it (commands that talk to the daemon use their built-in
-    /// defaults when no file is at the default path).
+    /// The daemon's TOML config [default: /etc/interceptor/interceptor.toml]; what the command
+    /// needs is read from it (admin socket, bpffs folder, audit log, policy). With no file at
+    /// the default path, the commands that only talk to the daemon (`status`, `tag`, `revoke`,
+    /// `reload`, …) and `audit tail` use the built-in defaults; `uninstall`, `run`, `check`,
+    /// `policy` and `ca jwks` need the file.
     #[arg(long = "config", value_name = "FILE")]
     given: Option<PathBuf>,
 }
@@ -341,9 +343,9 @@ enum PolicyCommand {
         /// The caller's executable path.
         #[arg(long)]
         exe: Option<String>,
-        /// The caller's comm.
-        #[arg(long, default_value = "")]
-        comm: String,
+        /// The caller's comm (left out: unknown, so bindings on `comm` do not match).
+        #[arg(long)]
+        comm: Option<String>,
         /// The caller's workload id.
         #[arg(long)]
         workload_id: Option<String>,
@@ -352,6 +354,13 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A command whose reader goes away (`audit tail | head -1`) ends quietly, as other
+        // command-line tools do, instead of panicking on the write (Rust ignores SIGPIPE).
+        // The daemon keeps ignoring it: a peer's closed socket is an error to handle there.
+        // SAFETY: restores the default disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -408,6 +417,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // Where the programs would attach; a host without cgroup v2 is reported, not fatal.
             let mount = Hierarchy::discover().map(|h| h.mount);
+            // What is valid but likely a mistake (printed, and in the JSON).
+            let mut warnings = Vec::new();
+            if let Some(key) = &ca_unread {
+                warnings.push(format!(
+                    "the [ca] key {} is not readable by this user: not checked (run check as \
+                     the daemon's user, root)",
+                    key.display()
+                ));
+            }
+            warnings.extend(config.warnings());
+            match &mount {
+                Ok(m) => {
+                    let root = m.join(config.daemon.cgroup_root.trim_start_matches('/'));
+                    if !root.is_dir() {
+                        warnings.push(format!(
+                            "{} does not exist (daemon.cgroup_root): the daemon cannot attach \
+                             there until it does",
+                            root.display()
+                        ));
+                    }
+                }
+                Err(e) => warnings.push(e.to_string()),
+            }
             if json {
                 let servers: Vec<Value> = config
                     .servers
@@ -431,40 +463,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "audit_path": config.audit.path,
                     "tags": config.tags,
                     "servers": servers,
+                    "warnings": warnings,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(());
             }
             println!("{} is valid", config.path.display());
-            if let Some(key) = &ca_unread {
-                println!(
-                    "  warning: the [ca] key {} is not readable by this user: not checked (run \
-                     check as the daemon's user, root)",
-                    key.display()
-                );
-            }
-            for warning in config.warnings() {
+            for warning in &warnings {
                 println!("  warning: {warning}");
             }
-            match &mount {
-                Ok(m) => println!(
+            if let Ok(m) = &mount {
+                println!(
                     "  programs attach at {} ({} under the cgroup v2 mount {})",
                     m.join(config.daemon.cgroup_root.trim_start_matches('/'))
                         .display(),
                     config.daemon.cgroup_root,
                     m.display()
-                ),
-                Err(e) => println!("  warning: {e}"),
-            }
-            if let Ok(m) = &mount {
-                let root = m.join(config.daemon.cgroup_root.trim_start_matches('/'));
-                if !root.is_dir() {
-                    println!(
-                        "  warning: {} does not exist (daemon.cgroup_root): the daemon cannot \
-                         attach there until it does",
-                        root.display()
-                    );
-                }
+                );
             }
             println!(
                 "  proxy on 127.0.0.1:{0} and [::1]:{0} (or, where another process holds it \
@@ -603,7 +618,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 uid,
                 gid,
                 exe: exe.as_deref(),
-                comm: &comm,
+                comm: comm.as_deref(),
                 workload_id: workload_id.as_deref(),
             };
             let call = Call {
@@ -730,10 +745,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?;
             let v = audit::verify(&paths, keys.as_ref())?;
             if let Some((path, line, why)) = v.broken {
+                let read = if v.broken_as_a_whole {
+                    format!("{} event(s) read, each valid", v.events)
+                } else {
+                    format!("{} valid event(s) before it", v.events)
+                };
                 bail!(
-                    "audit chain broken at {}:{line}: {why} ({} valid event(s) before it)",
-                    path.display(),
-                    v.events
+                    "audit chain broken at {}:{line}: {why} ({read})",
+                    path.display()
                 );
             }
             if strict
@@ -799,9 +818,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             println!(
-                "audit chain intact: {} event(s) in {} file(s)",
+                "audit chain intact: {} event(s) in {} file(s){}",
                 v.events,
-                paths.len()
+                paths.len(),
+                if v.events == 0 {
+                    " (they hold no events: is this the audit log?)"
+                } else {
+                    ""
+                }
             );
             match (&jwks, v.signed_through) {
                 (Some(file), Some(through)) => {

@@ -192,6 +192,9 @@ impl Pattern {
         }
         let kind = if text.len() >= 2 && text.starts_with('^') && text.ends_with('$') {
             // Anchored as a whole: "^a|b$" must not match "a-and-more".
+            // Errors are reported against the pattern as written (the wrapped one would show
+            // in the message, its positions shifted).
+            Regex::new(text).map_err(|e| format!("invalid regex {text:?}: {e}"))?;
             let inner = &text[1..text.len() - 1];
             PatternKind::Regex(
                 Regex::new(&format!("^(?:{inner})$"))
@@ -398,7 +401,8 @@ pub struct Subject<'a> {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub exe: Option<&'a str>,
-    pub comm: &'a str,
+    /// Unknown only in `policy explain` without `--comm`: `comm` selectors do not match then.
+    pub comm: Option<&'a str>,
     pub workload_id: Option<&'a str>,
 }
 
@@ -895,7 +899,7 @@ impl Binding {
                 .as_ref()
                 .is_none_or(|g| s.gid.is_some_and(|x| g.contains(&x)))
             && any(&self.exe, s.exe, false)
-            && any(&self.comm, Some(s.comm), false)
+            && any(&self.comm, s.comm, false)
             && any(&self.workload_id, s.workload_id, false)
     }
 }
@@ -985,7 +989,7 @@ mod tests {
             uid: Some(1000),
             gid: Some(1000),
             exe: Some("/usr/bin/python3.11"),
-            comm: "python3",
+            comm: Some("python3"),
             workload_id: Some("spiffe://example.org/node/n1/cgroup/agents/team-a/uid/1000"),
         }
     }
@@ -1339,7 +1343,13 @@ mod tests {
         assert!(!p.matches("get_note_and_wipe"));
         assert!(!p.matches("x_list_notes"));
         let g = Pattern::new("/srv/notes/*", true).unwrap();
-        assert!(g.matches("/srv/notes/a") && !g.matches("/srv/notes/a/b"));
+        assert!(g.matches("/srv/notes/a") && !g.matches("/srv/notes/a/b")); // A broken regex is reported as written, not as the proxy wraps it.
+        let e = Pattern::new("^(foo$", false).unwrap_err();
+        assert!(e.contains("invalid regex") && !e.contains("(?:"), "{e}");
+        assert!(
+            Pattern::new("^a)|(b$", false).is_err(),
+            "unbalanced as written"
+        );
     }
 
     #[test]

@@ -266,10 +266,10 @@ fn policy_explain_prints_decision_and_rule() {
         ok && out.contains("binding[0] has no selector: it grants role notes-reader to every"),
         "{out}"
     );
-    // A uid not given is unknown, not root: a binding on uid 0 does not match it.
-    let (_, out, _) = policy_cmd(
-        &POLICY.replace("uid = [1000]", "uid = 0"),
-        &[
+    // A selector not given is unknown: a binding on uid 0 does not match a uid left out, nor
+    // a binding on any comm a comm left out.
+    let explain = |policy: &str, extra: &[&str]| {
+        let who = [
             "explain",
             "--tool",
             "read_file",
@@ -277,9 +277,16 @@ fn policy_explain_prints_decision_and_rule() {
             "notes",
             "--cgroup",
             "/agents/a",
-        ],
-    );
+        ];
+        policy_cmd(policy, &[&who[..], extra].concat()).1
+    };
+    let out = explain(&POLICY.replace("uid = [1000]", "uid = 0"), &[]);
     assert!(out.contains("bound roles: none"), "{out}");
+    let by_comm = POLICY.replace("uid = [1000]", "comm = \"*\"");
+    let out = explain(&by_comm, &[]);
+    assert!(out.contains("bound roles: none"), "{out}");
+    let out = explain(&by_comm, &["--comm", "python3"]);
+    assert!(out.contains("bound roles: notes-reader"), "{out}");
     let (ok, _, err) = policy_cmd(POLICY, &["explain", "--tool", "x", "--server", "wiki"]);
     assert!(!ok && err.contains("unknown server \"wiki\""), "{err}");
 }
@@ -323,4 +330,95 @@ fn check_loads_the_node_ca_as_the_daemon_would() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("[ca]") && err.contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn addresses_the_kernel_sends_to_one_place_belong_to_one_server() {
+    // 0.0.0.0:P reaches 127.0.0.1:P: two servers cannot each claim one of them.
+    let (ok, err) = check(
+        "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.1:8080\"]\nupstream = \"127.0.0.3:9000\"\n\
+         [[server]]\nname = \"b\"\nintercept = [\"0.0.0.0:8080\"]\nupstream = \"127.0.0.3:9001\"\n",
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("server[1].intercept[0]")
+            && err.contains("127.0.0.1:8080 (where the kernel sends 0.0.0.0:8080) is already intercepted for server \"a\""),
+        "{err}"
+    );
+    // Nor is the proxy's own listener an address to intercept or an upstream, however written.
+    for (key, text) in [
+        (
+            "server[0].intercept[0]",
+            "intercept = [\"0.0.0.0:15001\"]\nupstream = \"127.0.0.3:9000\"\n",
+        ),
+        (
+            "server[0].upstream",
+            "intercept = [\"127.0.0.2:8080\"]\nupstream = \"[::]:15001\"\n",
+        ),
+        (
+            "server[0].upstream",
+            "intercept = [\"127.0.0.2:8080\"]\nupstream = \"127.0.0.1:15001\"\n",
+        ),
+    ] {
+        let (ok, err) = check(&format!(
+            "[daemon]\nlisten_port = 15001\n[[server]]\nname = \"a\"\n{text}"
+        ));
+        assert!(!ok, "{text}");
+        assert!(
+            err.contains(key) && err.contains("the proxy's own listener"),
+            "{text}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_a_command_quietly() {
+    // `audit tail | head -1`: the writes after the reader left must not panic.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let line = r#"{"seq":0,"time":"2026-11-28T00:00:00Z","event":"mcp.request","server":"s","method":"tools/call","tool":"x","decision":"allow"}"#;
+    std::fs::write(&log, format!("{line}\n").repeat(20_000)).expect("write log");
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[audit]\npath = {:?}\n", log)).expect("write config");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' audit tail --config '{}' | head -1",
+            interceptor_bin().display(),
+            config.display()
+        ))
+        .output()
+        .expect("run sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("mcp.request"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn check_json_carries_the_warnings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.2:8080\"]\nupstream = \"127.0.0.3:9000\"\n\
+         [[role]]\nname = \"r\"\nservers = [\"a\"]\n[[binding]]\nrole = \"r\"\n",
+    )
+    .expect("write");
+    let out = Command::new(interceptor_bin())
+        .args(["check", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run interceptor");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let warnings = v["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("has no selector"))),
+        "{v}"
+    );
 }

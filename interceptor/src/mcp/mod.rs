@@ -1351,7 +1351,7 @@ impl Conn {
             uid: Some(self.identity.uid),
             gid: Some(self.identity.gid),
             exe: self.identity.exe.as_deref(),
-            comm: &self.identity.comm,
+            comm: Some(&self.identity.comm),
             workload_id: self.identity.workload_id.as_deref(),
         }
     }
