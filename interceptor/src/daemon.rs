@@ -414,6 +414,10 @@ pub struct ReloadReport {
     pub not_applied: Vec<&'static str>,
     /// Server streams that were sent `notifications/tools/list_changed`.
     pub notified_streams: usize,
+    /// The file re-read: the one the daemon was started with.
+    pub config: std::path::PathBuf,
+    /// What is valid but likely a mistake in it (also logged).
+    pub warnings: Vec<String>,
 }
 
 /// A tag as `status` lists it.
@@ -487,7 +491,8 @@ impl Daemon {
             // The same paths, other contents: a renewed or replaced CA is not taken on.
             not_applied.push("[ca] (its certificate or key file changed)");
         }
-        for warning in new.warnings() {
+        let warnings = new.warnings();
+        for warning in &warnings {
             warn!("{warning}");
         }
         let policy_changed = new.policy.fingerprint != self.policy().fingerprint;
@@ -517,6 +522,8 @@ impl Daemon {
             }),
         ));
         Ok(ReloadReport {
+            config: self.config.path.clone(),
+            warnings,
             policy_changed,
             roles,
             bindings,

@@ -539,8 +539,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reload { config } => {
             let daemon = config.daemon()?;
             let r = admin::request(&daemon.admin_socket, &Request::Reload)?;
+            // The daemon re-reads the file it was started with, whatever file found its socket.
+            let reread = r["config"].as_str().map(PathBuf::from);
             println!(
-                "policy reloaded: {} role(s), {} binding(s){}; {} server stream(s) notified",
+                "policy reloaded from {}: {} role(s), {} binding(s){}; {} server stream(s) notified",
+                reread
+                    .as_ref()
+                    .map_or_else(|| "the daemon's config".into(), |p| p.display().to_string()),
                 r["roles"],
                 r["bindings"],
                 if r["policy_changed"] == Value::Bool(true) {
@@ -558,6 +563,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "changed but applied only at the next start: {}",
                     names.join(", ")
+                );
+            }
+            for warning in r["warnings"].as_array().into_iter().flatten() {
+                println!("  warning: {}", warning.as_str().unwrap_or_default());
+            }
+            let same = |a: &std::path::Path, b: &std::path::Path| {
+                a.canonicalize()
+                    .ok()
+                    .zip(b.canonicalize().ok())
+                    .is_some_and(|(a, b)| a == b)
+            };
+            if let Some(reread) = &reread
+                && !same(reread, &config.file())
+            {
+                println!(
+                    "  warning: the daemon re-read {}, the file it was started with, not {}; \
+                     edit that file (or restart the daemon with --config {})",
+                    reread.display(),
+                    config.file().display(),
+                    config.file().display()
                 );
             }
             Ok(())

@@ -107,7 +107,30 @@ fn reload_applies_valid_policies_and_refuses_invalid_ones() {
     w.write(&policy(r#""search", "read_*""#));
     let r = w.env.cli(&["reload"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    assert!(String::from_utf8_lossy(&r.stdout).contains("changed"));
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(said.contains("changed"), "{said}");
+    // It names the file the daemon re-read: the one it was started with, whichever file
+    // found its socket (a copy edited elsewhere is not it, and that is said).
+    assert!(
+        said.contains(&format!(
+            "policy reloaded from {}",
+            w.env.config_path.display()
+        )),
+        "{said}"
+    );
+    let copy = w.env.tmp.path().join("edited-copy.toml");
+    std::fs::copy(&w.env.config_path, &copy).expect("copy the config");
+    let r = std::process::Command::new(interceptor_tests::interceptor_bin())
+        .args(["reload", "--config"])
+        .arg(&copy)
+        .output()
+        .expect("run interceptor");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        said.contains("warning: the daemon re-read") && said.contains("edited-copy.toml"),
+        "{said}"
+    );
     let out = mcp_client(
         &w.agents,
         &url,
@@ -177,15 +200,16 @@ fn reload_applies_valid_policies_and_refuses_invalid_ones() {
                 .into_iter()
                 .filter(|e| e["event"] == "policy.reload")
                 .collect();
-            (reloads.len() == 4).then_some(reloads)
+            (reloads.len() == 5).then_some(reloads)
         },
-        || format!("not four policy.reload events: {:#?}", w.env.audit_events()),
+        || format!("not five policy.reload events: {:#?}", w.env.audit_events()),
     );
-    let [by_cli, later, refused, by_signal] = &reloads[..] else {
+    let [by_cli, by_copy, later, refused, by_signal] = &reloads[..] else {
         unreachable!()
     };
     for (event, outcome) in [
         (by_cli, "applied"),
+        (by_copy, "applied"),
         (later, "applied"),
         (refused, "refused"),
         (by_signal, "applied"),
