@@ -386,6 +386,13 @@ impl Config {
     }
 }
 
+/// Where a daemon's admin socket and pins are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonPaths {
+    pub admin_socket: PathBuf,
+    pub bpffs_dir: PathBuf,
+}
+
 /// Validated `[daemon]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Daemon {
@@ -515,9 +522,12 @@ impl Config {
     /// Only the `[daemon]` section, for the commands that talk to a running daemon or touch its
     /// pins (`tag`, `status`, `reload`, `uninstall`, …): they must work even while the rest of
     /// the file is being edited into something invalid.
-    pub fn load_daemon(path: &Path) -> Result<Daemon, Error> {
+    /// Only where the daemon's admin socket and pins are, for the commands that talk to it
+    /// or remove its pins: a mistake elsewhere in `[daemon]` (a metrics address, a duration)
+    /// must not keep `revoke` from reaching a running daemon.
+    pub fn load_daemon_paths(path: &Path) -> Result<DaemonPaths, Error> {
         let raw: RawDaemon = load_section(path, "daemon")?;
-        Validator { path }.daemon(raw)
+        Validator { path }.daemon_paths(&raw)
     }
 
     /// Only the `[audit]` section, for `audit tail`: it reads the log, nothing else.
@@ -525,12 +535,12 @@ impl Config {
         load_section(path, "audit")
     }
 
-    /// The built-in `[daemon]` settings (no file).
-    pub fn default_daemon() -> Result<Daemon, Error> {
+    /// The built-in [`DaemonPaths`] (no file).
+    pub fn default_daemon_paths() -> Result<DaemonPaths, Error> {
         Validator {
             path: Path::new(DEFAULT_CONFIG_PATH),
         }
-        .daemon(RawDaemon::default())
+        .daemon_paths(&RawDaemon::default())
     }
 
     /// The index of the server named `name`.
@@ -912,6 +922,21 @@ impl Validator<'_> {
         })
     }
 
+    fn daemon_paths(&self, raw: &RawDaemon) -> Result<DaemonPaths, Error> {
+        for (key, p) in [
+            ("daemon.bpffs_dir", &raw.bpffs_dir),
+            ("daemon.admin_socket", &raw.admin_socket),
+        ] {
+            if !p.is_absolute() {
+                return Err(self.invalid(key, format!("{} is not an absolute path", p.display())));
+            }
+        }
+        Ok(DaemonPaths {
+            admin_socket: raw.admin_socket.clone(),
+            bpffs_dir: raw.bpffs_dir.clone(),
+        })
+    }
+
     fn daemon(&self, raw: RawDaemon) -> Result<Daemon, Error> {
         if raw.listen_port == 0 {
             return Err(self.invalid(
@@ -925,14 +950,10 @@ impl Validator<'_> {
             normalize_cgroup_path(&raw.cgroup_root)
                 .map_err(|m| self.invalid("daemon.cgroup_root", m))?
         };
-        for (key, p) in [
-            ("daemon.bpffs_dir", &raw.bpffs_dir),
-            ("daemon.admin_socket", &raw.admin_socket),
-        ] {
-            if !p.is_absolute() {
-                return Err(self.invalid(key, format!("{} is not an absolute path", p.display())));
-            }
-        }
+        let DaemonPaths {
+            admin_socket,
+            bpffs_dir,
+        } = self.daemon_paths(&raw)?;
         let metrics_addr = if raw.metrics_addr.is_empty() {
             None
         } else {
@@ -968,8 +989,8 @@ impl Validator<'_> {
             max_connections_per_cgroup: raw.max_connections_per_cgroup,
             listen_port: raw.listen_port,
             cgroup_root,
-            bpffs_dir: raw.bpffs_dir,
-            admin_socket: raw.admin_socket,
+            bpffs_dir,
+            admin_socket,
             metrics_addr,
         })
     }

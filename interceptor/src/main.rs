@@ -92,12 +92,12 @@ impl ConfigArg {
     /// The `[daemon]` section the commands that talk to the daemon need: from the file given,
     /// else from the default path, else (no file there) the built-in defaults, which a daemon
     /// started from another file may well use.
-    fn daemon(&self) -> Result<interceptor::config::Daemon, interceptor::config::Error> {
+    fn daemon(&self) -> Result<interceptor::config::DaemonPaths, interceptor::config::Error> {
         let file = self.file();
         if self.given.is_none() && !file.exists() {
-            return Config::default_daemon();
+            return Config::default_daemon_paths();
         }
-        Config::load_daemon(&file)
+        Config::load_daemon_paths(&file)
     }
 
     /// The `[audit]` section (`audit tail`), read the same way: the built-in defaults when no
@@ -969,7 +969,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uninstall { config } => {
             // Never the built-in defaults: a daemon running from another file would not be
             // seen and its pins would go under it.
-            let daemon = Config::load_daemon(&config.file())?;
+            let daemon = Config::load_daemon_paths(&config.file())?;
             let socket = &daemon.admin_socket;
             if admin::request(socket, &Request::Status).is_ok() {
                 bail!(

@@ -422,3 +422,36 @@ fn check_json_carries_the_warnings() {
         "{v}"
     );
 }
+
+#[test]
+fn a_mistake_elsewhere_in_daemon_does_not_keep_commands_from_the_daemon() {
+    // `revoke` (the kill switch) and `status` need only the admin socket: a bad metrics
+    // address beside it is for `check` and the next start to report.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[daemon]\nmetrics_addr = \"x\"\nadmin_socket = {:?}\n",
+            socket.display().to_string()
+        ),
+    )
+    .expect("write");
+    for args in [&["status"][..], &["revoke", "--uid", "4242"][..]] {
+        let out = Command::new(interceptor_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run interceptor");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("cannot reach the interceptor daemon") && !err.contains("metrics_addr"),
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, err) = check(&std::fs::read_to_string(&path).expect("read"));
+    assert!(!ok && err.contains("daemon.metrics_addr"), "{err}");
+}
