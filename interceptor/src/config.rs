@@ -530,6 +530,12 @@ impl Config {
         Validator { path }.daemon_paths(&raw)
     }
 
+    /// Only the `[ca]` section, for `ca jwks`: printing the public keys needs nothing else
+    /// (an unrelated mistake, or a host name that does not resolve here, must not stop it).
+    pub fn load_ca(path: &Path) -> Result<Option<RawCa>, Error> {
+        load_section::<Option<RawCa>>(path, "ca")
+    }
+
     /// Only the `[audit]` section, for `audit tail`: it reads the log, nothing else.
     pub fn load_audit(path: &Path) -> Result<RawAudit, Error> {
         load_section(path, "audit")

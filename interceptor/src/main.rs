@@ -410,7 +410,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     _ => {
                         interceptor::ca::NodeCa::load(raw).with_context(|| {
-                            format!("{}: [ca] cannot be loaded", config.path.display())
+                            format!(
+                                "{}: [ca] cannot be loaded (cert {}, key {}); fix the paths, \
+                                 or make a node CA with `interceptor ca init --dir DIR`",
+                                config.path.display(),
+                                raw.cert.display(),
+                                raw.key.display()
+                            )
                         })?;
                     }
                 }
@@ -737,15 +743,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(CaCommand::Jwks { config }) => {
-            let config = Config::load(&config.file())?;
-            let Some(raw) = &config.ca else {
+            let file = config.file();
+            let Some(raw) = Config::load_ca(&file)? else {
                 bail!(
                     "{} has no [ca] section; create the node CA with `interceptor ca init --dir \
                      DIR` and add the [ca] section it prints",
-                    config.path.display()
+                    file.display()
                 );
             };
-            let ca = interceptor::ca::NodeCa::load(raw)?;
+            let ca = interceptor::ca::NodeCa::load(&raw).with_context(|| {
+                format!(
+                    "{}: [ca] cannot be loaded (cert {}, key {}); fix the paths, or make a node \
+                     CA with `interceptor ca init --dir DIR`",
+                    file.display(),
+                    raw.cert.display(),
+                    raw.key.display()
+                )
+            })?;
             println!("{}", serde_json::to_string_pretty(&ca.jwks())?);
             Ok(())
         }

@@ -322,6 +322,32 @@ fn check_loads_the_node_ca_as_the_daemon_would() {
             .expect("check")
     };
     assert!(check().status.success());
+    // `ca jwks` needs only [ca]: a mistake elsewhere does not keep the public keys from
+    // whoever verifies with them; a missing key file says which and what to do.
+    let jwks = |text: &str| {
+        std::fs::write(&path, text).expect("write");
+        Command::new(interceptor_bin())
+            .args(["ca", "jwks", "--config"])
+            .arg(&path)
+            .output()
+            .expect("ca jwks")
+    };
+    let ca_section = std::fs::read_to_string(&path).expect("read");
+    let out = jwks(&format!("{ca_section}[proxy]\nmax_body_bytes = 0\n"));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"keys\""),
+        "{out:?}"
+    );
+    let out = jwks(&ca_section.replace("ca-key.pem", "missing-key.pem"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("[ca] cannot be loaded")
+            && err.contains("missing-key.pem")
+            && err.contains("ca init"),
+        "{err}"
+    );
+    std::fs::write(&path, &ca_section).expect("write");
     // A key others can read stops the daemon at start; `check` says so first.
     let key = ca.join("ca-key.pem");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
