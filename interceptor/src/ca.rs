@@ -85,6 +85,14 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// `interceptor ca init --dir D`: a new node CA in `D/ca.pem` and `D/ca-key.pem` (ECDSA P-256,
 /// key mode 0600). Existing files are never overwritten.
 pub fn init(dir: &Path, node: &str) -> Result<(PathBuf, PathBuf), Error> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::File {
+            path: dir.to_owned(),
+            message: "is not a directory; --dir names the folder to write ca.pem and \
+                      ca-key.pem into"
+                .into(),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(file_err(dir))?;
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca-key.pem");

@@ -847,7 +847,8 @@ impl Policy {
     /// Warnings about bindings that grant their role to every process (no selector: "all
     /// given must match" holds for none given). Allowed, but rarely meant.
     pub fn warnings(&self) -> Vec<String> {
-        self.bindings
+        let mut out: Vec<String> = self
+            .bindings
             .iter()
             .filter(|b| {
                 b.cgroup.is_none()
@@ -864,7 +865,39 @@ impl Policy {
                     b.index, self.roles[b.role].name
                 )
             })
-            .collect()
+            .collect();
+        // Cgroup and executable paths are absolute: a pattern that starts with a name (a
+        // literal, a glob, or a regex after its `^`) never matches one.
+        let relative = |p: &Pattern| {
+            let text = p.as_str();
+            let text = text.strip_prefix('^').unwrap_or(text);
+            text.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+        };
+        for b in &self.bindings {
+            for (key, patterns) in [("cgroup", &b.cgroup), ("exe", &b.exe)] {
+                for (j, p) in patterns.iter().flatten().enumerate() {
+                    if relative(p) {
+                        out.push(format!(
+                            "binding[{}].{key}[{j}] {:?} never matches: {key} paths are \
+                             absolute (write \"/{}\")",
+                            b.index,
+                            p.as_str(),
+                            p.as_str().trim_start_matches('^')
+                        ));
+                    }
+                }
+            }
+        }
+        for r in &self.roles {
+            if let Some(p) = r.allow_methods.iter().find(|p| p.as_str() == "tools/call") {
+                out.push(format!(
+                    "role {} allow_methods {:?} has no effect: tools are granted by allow_tools",
+                    r.name,
+                    p.as_str()
+                ));
+            }
+        }
+        out
     }
 
     /// Names of the roles bound to `subject` (for `policy explain`).
@@ -1372,6 +1405,34 @@ mod tests {
         assert!(!p.check(&wrong_exe, "notes", &call).allow);
         // "/agents/**" covers "/agents" itself.
         assert!(p.check(&base, "notes", &call).allow);
+    }
+
+    #[test]
+    fn patterns_that_can_never_match_are_warned_about() {
+        let p = policy(&format!(
+            "{ISSUE_EXAMPLE}\n[[binding]]\nrole = \"admin\"\ncgroup = [\"agents/**\", \"/ok/**\", \"**\"]\n\
+             exe = \"^usr/bin/.*$\"\n"
+        ));
+        let w = p.warnings();
+        let never: Vec<&String> = w.iter().filter(|w| w.contains("never matches")).collect();
+        assert_eq!(never.len(), 2, "{w:?}");
+        assert!(
+            never[0].contains(".cgroup[0] \"agents/**\"") && never[0].contains("\"/agents/**\""),
+            "{w:?}"
+        );
+        assert!(never[1].contains(".exe[0]"), "{w:?}");
+        let p = policy(&ISSUE_EXAMPLE.replacen(
+            "allow_methods = [\"resources/read\"",
+            "allow_methods = [\"tools/call\", \"resources/read\"",
+            1,
+        ));
+        assert!(
+            p.warnings()
+                .iter()
+                .any(|w| w.contains("\"tools/call\" has no effect")),
+            "{:?}",
+            p.warnings()
+        );
     }
 
     #[test]
