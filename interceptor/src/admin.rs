@@ -2,7 +2,7 @@
 //! one JSON response per line. `interceptor tag|untag|status` are its clients.
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader},
     os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
     path::{Path, PathBuf},
     sync::Arc,
@@ -308,7 +308,7 @@ pub fn request(socket: &Path, request: &Request) -> Result<Value, ClientError> {
         socket: socket.to_owned(),
         message,
     };
-    let mut stream = StdUnixStream::connect(socket).map_err(|error| ClientError::Connect {
+    let stream = StdUnixStream::connect(socket).map_err(|error| ClientError::Connect {
         socket: socket.to_owned(),
         error,
     })?;
@@ -317,9 +317,19 @@ pub fn request(socket: &Path, request: &Request) -> Result<Value, ClientError> {
         .map_err(|e| protocol(e.to_string()))?;
     let mut line = serde_json::to_string(request).map_err(|e| protocol(e.to_string()))?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(|e| protocol(e.to_string()))?;
+    // MSG_NOSIGNAL: the command runs with SIGPIPE's default action (see main), and a daemon
+    // that closes the socket before reading must give an error, not end the command mute.
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        use std::os::fd::AsRawFd as _;
+        let sent = nix::sys::socket::send(
+            stream.as_raw_fd(),
+            rest,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        )
+        .map_err(|e| protocol(format!("sending the request: {e}")))?;
+        rest = &rest[sent..];
+    }
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)

@@ -2452,9 +2452,9 @@ pub struct Verification {
     pub events: u64,
     /// The first broken record: (file, line number, reason).
     pub broken: Option<(PathBuf, usize, String)>,
-    /// The break was found once every record was read (and each was valid): what the chain
-    /// as a whole lacks (a file end without its checkpoint, records before its start), not a
-    /// bad line; `events` then counts them all, not those before it.
+    /// The break is what the chain as a whole lacks (a file end without its checkpoint,
+    /// records before its start), found at a later record or at the end, not a bad line:
+    /// `events` then counts the valid records read, past the line named.
     pub broken_as_a_whole: bool,
     /// A torn last line at the very end (a crash mid-write), not a break in the chain.
     pub torn_tail: Option<(PathBuf, usize)>,
@@ -2817,7 +2817,9 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                         unsigned_ends.retain(|(_, _, end)| !(after < *end && *end <= through));
                     }
                     if let Some((file, line, _)) = unsigned_ends.first().cloned() {
+                        // Found at a later record: the events counted run past that line.
                         out.broken = Some((file, line, UNSIGNED_END.into()));
+                        out.broken_as_a_whole = true;
                         return Ok(out);
                     }
                 }

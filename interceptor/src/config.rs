@@ -353,7 +353,9 @@ impl Config {
         for s in &self.servers {
             if !s.inject_headers.is_empty() && s.paths.is_none() {
                 out.push(format!(
-                    "server {:?} injects credentials but has no `paths`: agents may send requests                      (with those credentials) to any path of its upstream, endpoints it serves                      beside MCP included; list its MCP endpoint(s), e.g. paths = [\"/mcp\"]",
+                    "server {:?} injects credentials but has no `paths`: agents may send requests \
+                     (with those credentials) to any path of its upstream, endpoints it serves \
+                     beside MCP included; list its MCP endpoint(s), e.g. paths = [\"/mcp\"]",
                     s.name
                 ));
             }

@@ -374,7 +374,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, log_format } => {
             telemetry::init(log_format);
-            let config = Config::load(&config.file())?;
+            // Absolute: `reload` re-reads it, and names it to a CLI in another folder.
+            let file = config.file();
+            let config = Config::load(&std::path::absolute(&file).unwrap_or(file))?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -581,6 +583,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .is_some_and(|(a, b)| a == b)
             };
             if let Some(reread) = &reread
+                && config.file().exists()
                 && !same(reread, &config.file())
             {
                 println!(
@@ -785,7 +788,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let v = audit::verify(&paths, keys.as_ref())?;
             if let Some((path, line, why)) = v.broken {
                 let read = if v.broken_as_a_whole {
-                    format!("{} event(s) read, each valid", v.events)
+                    format!("{} valid event(s) read", v.events)
                 } else {
                     format!("{} valid event(s) before it", v.events)
                 };

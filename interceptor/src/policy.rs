@@ -870,8 +870,16 @@ impl Policy {
         // literal, a glob, or a regex after its `^`) never matches one.
         let relative = |p: &Pattern| {
             let text = p.as_str();
-            let text = text.strip_prefix('^').unwrap_or(text);
-            text.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+            match text.strip_prefix('^') {
+                // In a regex `.` is any character, and an alternation has other starts.
+                Some(regex) => {
+                    !regex.contains('|')
+                        && regex.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                }
+                None => {
+                    text.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+                }
+            }
         };
         for b in &self.bindings {
             for (key, patterns) in [("cgroup", &b.cgroup), ("exe", &b.exe)] {
@@ -1421,6 +1429,15 @@ mod tests {
             "{w:?}"
         );
         assert!(never[1].contains(".exe[0]"), "{w:?}");
+        // A regex starting with any character, or with alternatives, may well match.
+        let p = policy(&format!(
+            "{ISSUE_EXAMPLE}\n[[binding]]\nrole = \"admin\"\nexe = [\"^.*/python3$\", \"^usr|/usr/bin/x$\"]\n"
+        ));
+        assert!(
+            !p.warnings().iter().any(|w| w.contains("never matches")),
+            "{:?}",
+            p.warnings()
+        );
         let p = policy(&ISSUE_EXAMPLE.replacen(
             "allow_methods = [\"resources/read\"",
             "allow_methods = [\"tools/call\", \"resources/read\"",

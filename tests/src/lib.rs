@@ -514,8 +514,8 @@ pub fn run_client_as(probe: &str, cgroup_dir: &Path, addr: &str, uid: u32) -> Cl
     ))
 }
 
-/// One UDP datagram to `addr` from inside `cgroup_dir` (`mode`: `send`, `connect` or
-/// `send-mapped`, see `probe-client`): `Ok(bytes sent)` or `Err(errno)`.
+/// One UDP datagram to `addr` from inside `cgroup_dir` (`mode`: `send`, `connect`,
+/// `send-mapped` or `broadcast`, see `probe-client`): `Ok(bytes sent)` or `Err(errno)`.
 pub fn send_datagram(probe: &str, cgroup_dir: &Path, addr: &str, mode: &str) -> Result<u64, i32> {
     let out = run_in_cgroup(cgroup_dir, probe, &[addr, "--udp", mode]);
     let stdout = String::from_utf8_lossy(&out.stdout);

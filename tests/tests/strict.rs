@@ -671,6 +671,16 @@ fn requests_without_json_rpc_are_on_record_before_they_leave() {
         }
     }
     assert_eq!(w.upstream.bodies().len(), 2, "not forwarded");
+    // But the metadata clients fetch for OAuth discovery is relayed as it is.
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &addr,
+        &request_to("GET", "/.well-known/oauth-protected-resource", b"", ""),
+    );
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(r.reply.as_deref(), Some("upstream:"), "{r:?}");
+    assert_eq!(w.upstream.bodies().len(), 3);
     // A DELETE ends the session its Mcp-Session-Id names: one naming none is no MCP request.
     let r = send_raw(
         PROBE,
@@ -679,7 +689,10 @@ fn requests_without_json_rpc_are_on_record_before_they_leave() {
         &request_to("DELETE", "/admin/users/1", b"", ""),
     );
     assert_eq!(r.status, Some(400), "{r:?}");
-    assert_eq!(w.upstream.bodies().len(), 2, "forwarded");
+    assert_eq!(w.upstream.bodies().len(), 3, "forwarded");
+    // Refused, and on record as such.
+    let refused = audit_event(&w, "http.request", |e| e["path"] == "/admin/users/1");
+    assert_eq!(refused["decision"], "deny", "{refused}");
     let get = audit_event(&w, "http.request", |e| e["method"] == "GET");
     assert_eq!(get["decision"], "allow", "{get}");
     assert_eq!(

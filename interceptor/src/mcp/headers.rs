@@ -89,7 +89,6 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
         || name.starts_with("x-goog-authenticated-user-")
         || name.starts_with("x-ms-client-principal")
         || name.starts_with("x-amzn-oidc-")
-        || name.starts_with("cf-access-")
         || name.starts_with("x-pomerium-")
         || name.starts_with("impersonate-")
         || name.starts_with("x-envoy-")
@@ -128,6 +127,10 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "x-client-dn"
                 | "x-arr-clientcert"
                 | "remote-user"
+                // Cloudflare Access's word on the user (not its service-token headers,
+                // `Cf-Access-Client-Id`/`-Secret`, which clients send).
+                | "cf-access-authenticated-user-email"
+                | "cf-access-jwt-assertion"
                 | "x-userinfo"
                 | "x-jwt-payload"
                 | "x-endpoint-api-userinfo"
@@ -338,6 +341,7 @@ mod tests {
             "traceparent",
             "x-request-id",
             "content-type",
+            "cf-access-client-id",
         ] {
             let name = header::HeaderName::from_static(name);
             assert!(!skip_header(&name), "{name} is dropped");

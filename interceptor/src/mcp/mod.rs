@@ -1585,6 +1585,14 @@ impl Conn {
         let refuse = |why: &str| {
             self.rejected();
             info!(http.method = %method, path = %parts.uri.path(), reason = why, "request refused: not an MCP request");
+            // On record, as other refused requests are (an attempt on another identity's
+            // session included), while the log is writable.
+            if self.daemon.audit.healthy() {
+                let decision = Decision::refused(format!("refused before policy: {why}"));
+                self.daemon
+                    .audit
+                    .record_later(self.http_request_event(parts, &decision));
+            }
             error_response(
                 StatusCode::BAD_REQUEST,
                 code::INVALID_REQUEST,
@@ -1608,8 +1616,14 @@ impl Conn {
             let sessions = lock(&self.daemon.sessions);
             (sessions.get(&key).is_some(), sessions.any_live())
         };
-        let names_live =
-            own_url || any_live && lock(&self.daemon.sessions).names_any(&request_names(&key, pq));
+        // By a query parameter naming a session (its name or id), not by the path alone: a
+        // session's message path may be where streams are opened too (the Go SDK announces
+        // `/sse?sessionid=…`, its GET path), and a path reaches no session without its id.
+        let names_live = own_url
+            || any_live && {
+                let names = request_names(&key, pq);
+                lock(&self.daemon.sessions).names_any(&names[1..])
+            };
         names_live.then(|| {
             refuse("a legacy SSE session's message URL takes POSTs only (its stream is the GET of the endpoint that announced it)")
         })
@@ -1803,9 +1817,10 @@ impl Conn {
             (sessions.get(&key).cloned(), sessions.any_live())
         };
         // What the request names is built unlocked (a query may hold thousands of pairs).
-        let names_live = legacy.is_none()
-            && any_live
-            && lock(&self.daemon.sessions).names_any(&request_names(&key, pq));
+        let names_live = legacy.is_none() && any_live && {
+            let names = request_names(&key, pq);
+            lock(&self.daemon.sessions).names_any(&names)
+        };
         if names_live {
             self.rejected();
             warn!(path = %parts.uri.path(), "request refused: names a live legacy SSE session, but not by its URL");
@@ -2691,12 +2706,18 @@ impl Conn {
             == Some(0);
         // A GET is answered with an event stream (or an error): anything else is no MCP
         // answer (on a server without `paths`, a GET may name any endpoint of the upstream:
-        // what it serves beside MCP is not relayed).
-        if get_target.is_some() && parts.status.is_success() && !declared {
+        // what it serves beside MCP is not relayed). But for the metadata clients fetch for
+        // OAuth discovery (RFC 8615 `/.well-known/`: RFC 9728, RFC 8414), public by design,
+        // read as any JSON answer is.
+        let metadata = get_target
+            .as_deref()
+            .is_some_and(|t| t.starts_with("/.well-known/"));
+        if get_target.is_some() && parts.status.is_success() && !declared && !metadata {
             warn!(status = %parts.status, "upstream answered a GET with something other than an event stream");
             return self.upstream_failed(
                 pending,
-                "the upstream answered a GET with something other than an event stream                  (text/event-stream): not an MCP server stream, not relayed",
+                "the upstream answered a GET with something other than an event stream \
+                 (text/event-stream): not an MCP server stream, not relayed",
             );
         }
         let mentioned = parts

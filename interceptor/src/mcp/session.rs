@@ -157,7 +157,7 @@ fn names_of(key: &str, path_and_query: &str) -> Vec<String> {
 }
 
 /// What a request to `key` (at the raw `path_and_query`) names, compared with what live
-/// sessions are named by: its path, each query parameter's name and each query value, as
+/// sessions are named by: its path (first), each query parameter's name and each query value, as
 /// lenient servers read them. Servers route more than one path to their message handler (the
 /// Python SDK's `/messages/` mount takes any path below it; Express and ASP.NET Core ignore
 /// case) and read the id leniently (`/messages/x?session_id=uuid:<A>` reaches the session
@@ -573,6 +573,11 @@ mod tests {
         ] {
             assert!(!names(&live, unrelated), "{unrelated}");
         }
+        // The path is named first (GETs and DELETEs are judged by the rest: a session's
+        // message path may be where streams are opened too).
+        let names_of_request = request_names(&key, "/messages/");
+        assert!(live.names_any(&names_of_request[..1]));
+        assert!(!live.names_any(&names_of_request[1..]));
         // Another server's requests are not this session's business.
         let pq = format!("/messages/?session_id={id}");
         assert!(!live.names_any(&request_names(&session_key(1, &pq).unwrap(), &pq)));
