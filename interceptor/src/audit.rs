@@ -467,7 +467,7 @@ impl Render<'_> {
                 json_into(&mut self.out, k);
             }
             self.out.push(b':');
-            if self.r.secret(k)
+            if (self.r.secret(k) && !counts_tokens(k, v))
                 || (pair_secret && PAIR_VALUES.iter().any(|n| n.eq_ignore_ascii_case(k)))
             {
                 self.redacted = true;
@@ -761,6 +761,14 @@ impl Redactor {
             self.keys.iter().any(|p| form.contains(p.as_str()))
         }
     }
+}
+
+/// A count of tokens, which language-model tools take (`max_tokens`, `maxTokens`,
+/// `num_tokens`): a number under a key about tokens in the plural is no credential, and
+/// redacting it hides what the call asked for. (A string or anything else there is still
+/// redacted, and a singular `token` always is.)
+fn counts_tokens(key: &str, value: &Value) -> bool {
+    value.is_number() && key.to_ascii_lowercase().contains("tokens")
 }
 
 /// Lower-case hex.
@@ -2986,6 +2994,16 @@ mod tests {
         assert_eq!(v["nested"]["list"][0]["password"], "[REDACTED]");
         assert_eq!(v["AccessToken"], "[REDACTED]");
         assert_eq!(v["note"], "token", "values are not keys");
+        // Counts of tokens are no credentials; tokens themselves are, whatever their type.
+        let t = redact(
+            json!({"max_tokens":4096,"maxTokens":100,"num_tokens":7,"token":"abc","tokens":["x"],"max_tokens_str":"s3cret","token_id":12,"password":1234}),
+        );
+        assert_eq!(t["max_tokens"], 4096);
+        assert_eq!(t["maxTokens"], 100);
+        assert_eq!(t["num_tokens"], 7);
+        for k in ["token", "tokens", "max_tokens_str", "token_id", "password"] {
+            assert_eq!(t[k], "[REDACTED]", "{k}");
+        }
         // Spelled the other usual ways.
         let w = redact(
             json!({"apiKey":"k","x-api-key":"k","Api.Key":"k","set-cookie":"c","apiary":"a"}),
