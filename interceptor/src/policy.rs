@@ -167,6 +167,8 @@ pub struct RawPolicyOptions {
 pub struct Pattern {
     text: String,
     kind: PatternKind,
+    /// Matched without regard to ASCII case (see [`Pattern::new_folded`]).
+    folded: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +181,18 @@ enum PatternKind {
 impl Pattern {
     /// Compiles `text`. `paths`: globs treat `/` as a separator (`*` stays in one segment).
     pub fn new(text: &str, paths: bool) -> Result<Self, String> {
+        Self::compile(text, paths, false)
+    }
+
+    /// [`Pattern::new`], matching without regard to ASCII case: for what denies (`deny_tools`,
+    /// the tool a `tool_args` constrains), since a server may look tool names up in any case
+    /// (`DELETE_file` would otherwise pass `delete_*` to run `delete_file`). Folding only adds
+    /// denials.
+    pub fn new_folded(text: &str, paths: bool) -> Result<Self, String> {
+        Self::compile(text, paths, true)
+    }
+
+    fn compile(text: &str, paths: bool, folded: bool) -> Result<Self, String> {
         if text.is_empty() {
             return Err("empty pattern".into());
         }
@@ -196,14 +210,16 @@ impl Pattern {
             // in the message, its positions shifted).
             Regex::new(text).map_err(|e| format!("invalid regex {text:?}: {e}"))?;
             let inner = &text[1..text.len() - 1];
+            let flags = if folded { "(?i)" } else { "" };
             PatternKind::Regex(
-                Regex::new(&format!("^(?:{inner})$"))
+                Regex::new(&format!("{flags}^(?:{inner})$"))
                     .map_err(|e| format!("invalid regex {text:?}: {e}"))?,
             )
         } else if text.contains(['*', '?', '[', '{']) {
             PatternKind::Glob(
                 GlobBuilder::new(text)
                     .literal_separator(paths)
+                    .case_insensitive(folded)
                     .build()
                     .map_err(|e| format!("invalid glob {text:?}: {e}"))?
                     .compile_matcher(),
@@ -214,12 +230,15 @@ impl Pattern {
         Ok(Self {
             text: text.to_owned(),
             kind,
+            folded,
         })
     }
 
-    /// Exact, case-sensitive match of the whole string.
+    /// Match of the whole string: exact and case-sensitive, or without regard to ASCII case
+    /// for a [`Pattern::new_folded`] one.
     pub fn matches(&self, s: &str) -> bool {
         match &self.kind {
+            PatternKind::Literal if self.folded => self.text.eq_ignore_ascii_case(s),
             PatternKind::Literal => self.text == s,
             PatternKind::Glob(g) => g.is_match(s),
             PatternKind::Regex(r) => r.is_match(s),
@@ -242,10 +261,20 @@ fn compile(list: &[String], paths: bool, key: &str) -> Result<Vec<Pattern>, (Str
         .collect()
 }
 
+/// [`compile`] for patterns that deny: matched without regard to ASCII case.
+fn compile_folded(list: &[String], key: &str) -> Result<Vec<Pattern>, (String, String)> {
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| Pattern::new_folded(p, false).map_err(|m| (format!("{key}[{i}]"), m)))
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 struct ArgRule {
     tool: Pattern,
     pointer: String,
+    /// `pointer`'s members, unescaped.
+    members: Vec<String>,
     allow: Vec<Pattern>,
 }
 
@@ -313,6 +342,8 @@ pub struct Policy {
 /// `GlobSet`, regexes in one `RegexSet`; a match names (role, pattern) pairs.
 #[derive(Debug, Clone, Default)]
 struct ToolIndex {
+    /// Names are matched without regard to ASCII case (literals are kept lower-cased).
+    fold: bool,
     literals: HashMap<String, Vec<(usize, usize)>>,
     globs: globset::GlobSet,
     glob_ids: Vec<(usize, usize)>,
@@ -321,7 +352,13 @@ struct ToolIndex {
 }
 
 impl ToolIndex {
-    fn build(roles: &[Role], patterns: fn(&Role) -> &Vec<Pattern>) -> Result<Self, String> {
+    /// `fold`: match without regard to ASCII case (the deny patterns; see
+    /// [`Pattern::new_folded`]).
+    fn build(
+        roles: &[Role],
+        patterns: fn(&Role) -> &Vec<Pattern>,
+        fold: bool,
+    ) -> Result<Self, String> {
         let mut literals: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
         let mut globs = globset::GlobSetBuilder::new();
         let mut glob_ids = Vec::new();
@@ -331,11 +368,16 @@ impl ToolIndex {
             for (i, p) in patterns(role).iter().enumerate() {
                 let id = (role.index, i);
                 match &p.kind {
+                    PatternKind::Literal if fold => literals
+                        .entry(p.text.to_ascii_lowercase())
+                        .or_default()
+                        .push(id),
                     PatternKind::Literal => literals.entry(p.text.clone()).or_default().push(id),
                     PatternKind::Glob(_) => {
                         globs.add(
                             GlobBuilder::new(&p.text)
                                 .literal_separator(false)
+                                .case_insensitive(fold)
                                 .build()
                                 .map_err(|e| e.to_string())?,
                         );
@@ -349,6 +391,7 @@ impl ToolIndex {
             }
         }
         Ok(Self {
+            fold,
             literals,
             globs: globs.build().map_err(|e| e.to_string())?,
             glob_ids,
@@ -362,7 +405,12 @@ impl ToolIndex {
     /// the usual case for deny patterns, and the regex set is only asked which patterns match
     /// once its DFA has said that one does.
     fn matches(&self, name: &str, candidate: &Candidate<'_>) -> Vec<(usize, usize)> {
-        let mut out: Vec<(usize, usize)> = self.literals.get(name).cloned().unwrap_or_default();
+        let literal = if self.fold && name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.literals.get(&name.to_ascii_lowercase())
+        } else {
+            self.literals.get(name)
+        };
+        let mut out: Vec<(usize, usize)> = literal.cloned().unwrap_or_default();
         let mut globs = Vec::new();
         self.globs.matches_candidate_into(candidate, &mut globs);
         out.extend(globs.into_iter().map(|i| self.glob_ids[i]));
@@ -538,8 +586,16 @@ impl Policy {
                     ));
                 }
                 tool_args.push(ArgRule {
-                    tool: Pattern::new(&a.tool, false).map_err(|m| (format!("{k}.tool"), m))?,
+                    tool: Pattern::new_folded(&a.tool, false)
+                        .map_err(|m| (format!("{k}.tool"), m))?,
                     pointer: a.pointer.clone(),
+                    // The pointer's members, unescaped (`~1` is `/`, `~0` is `~`).
+                    members: a
+                        .pointer
+                        .split('/')
+                        .skip(1)
+                        .map(|m| m.replace("~1", "/").replace("~0", "~"))
+                        .collect(),
                     allow: compile(&a.allow, true, &format!("{k}.allow"))?,
                 });
             }
@@ -553,7 +609,7 @@ impl Policy {
                     .map(|p| format!("role {}: allow_tools {:?}", r.name, p.as_str()))
                     .collect(),
                 allow_tools,
-                deny_tools: compile(&r.deny_tools, false, &key("deny_tools"))?,
+                deny_tools: compile_folded(&r.deny_tools, &key("deny_tools"))?,
                 allow_methods: compile(&r.allow_methods, false, &key("allow_methods"))?,
                 tool_args,
             });
@@ -589,8 +645,9 @@ impl Policy {
                 format!("compiling the tool patterns: {m}"),
             )
         };
-        let allow_index = ToolIndex::build(&compiled, |r| &r.allow_tools).map_err(index_err)?;
-        let deny_index = ToolIndex::build(&compiled, |r| &r.deny_tools).map_err(index_err)?;
+        let allow_index =
+            ToolIndex::build(&compiled, |r| &r.allow_tools, false).map_err(index_err)?;
+        let deny_index = ToolIndex::build(&compiled, |r| &r.deny_tools, true).map_err(index_err)?;
         Ok(Self {
             roles: compiled,
             bindings: compiled_bindings,
@@ -897,6 +954,31 @@ impl Policy {
             }
         }
         for r in &self.roles {
+            // Deny wins among the roles that grant the server: a role granting none is no
+            // deny overlay.
+            if r.servers.is_empty() && !(r.deny_tools.is_empty() && r.tool_args.is_empty()) {
+                out.push(format!(
+                    "role {} has deny_tools or tool_args but no servers: it denies nothing \
+                     (deny wins among the roles that grant a server; list the servers it \
+                     applies to)",
+                    r.name
+                ));
+            }
+            // Arguments constrained for tools, but a method judged by its name alone beside.
+            let unconstrained: Vec<&str> = ["resources/read", "prompts/get"]
+                .into_iter()
+                .filter(|m| r.allow_methods.iter().any(|p| p.matches(m)))
+                .collect();
+            if !r.tool_args.is_empty() && !unconstrained.is_empty() {
+                out.push(format!(
+                    "role {} constrains tool arguments but also allows {}, which is judged by \
+                     its method alone (any resource URI, any prompt and its arguments): a \
+                     server that reads files through resources or prompts is not held to the \
+                     tool_args",
+                    r.name,
+                    unconstrained.join(" and ")
+                ));
+            }
             if let Some(p) = r.allow_methods.iter().find(|p| p.as_str() == "tools/call") {
                 out.push(format!(
                     "role {} allow_methods {:?} has no effect: tools are granted by allow_tools",
@@ -945,10 +1027,63 @@ impl Binding {
     }
 }
 
+/// Whether `text` could climb out of where it points: a `..` segment as written, or once or
+/// twice percent-decoded, with `/` or `\` as separators; or a control character anywhere.
+fn traverses(text: &str) -> bool {
+    let once = percent_encoding::percent_decode_str(text).decode_utf8_lossy();
+    let twice = percent_encoding::percent_decode_str(&once)
+        .decode_utf8_lossy()
+        .into_owned();
+    [text, &once, &twice].iter().any(|t| {
+        t.chars().any(char::is_control) || t.split(['/', '\\']).any(|segment| segment == "..")
+    })
+}
+
+/// Two member names the same once case, `_` and `-` are set aside (`file_path`, `filePath`,
+/// `File-Path`): what lenient readers (pydantic aliases, case-insensitive binders) take for
+/// one member.
+fn same_member(a: &str, b: &str) -> bool {
+    let loose = |s: &str| {
+        s.chars()
+            .filter(|c| !matches!(c, '_' | '-'))
+            .flat_map(char::to_lowercase)
+            .collect::<String>()
+    };
+    loose(a) == loose(b)
+}
+
 impl ArgRule {
+    /// Whether an object on the way to the constrained value also holds its member under
+    /// another spelling (the proxy would judge one, a lenient server might read the other).
+    fn spelled_twice(&self, args: &Value) -> bool {
+        let mut at = Some(args);
+        for member in &self.members {
+            at = match at {
+                Some(Value::Object(m)) => {
+                    if m.keys().any(|k| k != member && same_member(k, member)) {
+                        return true;
+                    }
+                    m.get(member)
+                }
+                Some(Value::Array(items)) => {
+                    member.parse::<usize>().ok().and_then(|i| items.get(i))
+                }
+                _ => return false,
+            };
+        }
+        false
+    }
+
     /// Why the arguments fail this rule. The reason never quotes the value: it becomes the
     /// audit event's `rule`, which is not redacted (the value is in `arguments`, redacted).
     fn check(&self, args: &Value) -> Result<(), String> {
+        if self.spelled_twice(args) {
+            return Err(
+                "a member on the constrained path is given under another spelling too \
+                 (file_path beside filePath): the server may read either"
+                    .into(),
+            );
+        }
         let Some(value) = args.pointer(&self.pointer) else {
             return Err("argument missing".into());
         };
@@ -963,9 +1098,16 @@ impl ArgRule {
             };
             return Err(format!("argument is {kind}, not a string"));
         };
-        // "/srv/notes/../../etc/passwd" matches "/srv/notes/**" textually; refuse traversal.
-        if text.split('/').any(|seg| seg == "..") {
-            return Err("the value contains a '..' segment".into());
+        // "/srv/notes/../../etc/passwd" matches "/srv/notes/**" textually; refuse traversal,
+        // as the server may read it: percent-encoded (a URL's `%2e%2e`, twice encoded too),
+        // after a backslash (URL parsers take it for `/`), or cut short by a control character
+        // (a NUL ends a C string).
+        if traverses(text) {
+            return Err(
+                "the value contains a '..' segment (also percent-encoded or after a backslash) \
+                 or a control character"
+                    .into(),
+            );
         }
         if self.allow.iter().any(|p| p.matches(text)) {
             Ok(())
@@ -1302,6 +1444,111 @@ mod tests {
             assert!(!d.allow, "{args}");
             assert!(!d.rule.contains("hunter2"), "{}", d.rule);
         }
+    }
+
+    #[test]
+    fn denials_hold_whatever_the_case_and_spelling_a_server_may_read() {
+        let p = policy(
+            r#"
+            [[role]]
+            name = "wide"
+            servers = ["notes"]
+            allow_tools = ["*"]
+            deny_tools = ["delete_*", "drop_table", "^rm_.*$"]
+            [[role.tool_args]]
+            tool = "read_file"
+            pointer = "/file_path"
+            allow = ["/srv/notes/**"]
+            [[role.tool_args]]
+            tool = "fetch"
+            pointer = "/req/url"
+            allow = ["https://intranet/docs/**"]
+            [[binding]]
+            role = "wide"
+            cgroup = "/agents/**"
+            "#,
+        );
+        let who = agent();
+        let call = |tool: &str, args: Value| p.check(&who, "notes", &Call::tool(tool, Some(&args)));
+        // A server that looks tools up in any case runs `delete_file` for `DELETE_file`.
+        for tool in ["DELETE_file", "Delete_File", "DROP_TABLE", "RM_x"] {
+            let d = call(tool, json!({}));
+            assert!(!d.allow && d.rule.contains("deny_tools"), "{tool}: {d:?}");
+        }
+        assert!(call("search", json!({})).allow);
+        // The constraint on read_file holds for READ_FILE too.
+        let d = call("READ_FILE", json!({"file_path": "/etc/passwd"}));
+        assert!(!d.allow && d.rule.contains("tool_args"), "{d:?}");
+        assert!(call("read_file", json!({"file_path": "/srv/notes/100%.txt"})).allow);
+        // Traversal however a server may read it.
+        for path in [
+            "/srv/notes/../../etc/passwd",
+            "/srv/notes/%2e%2e/%2E%2E/etc/passwd",
+            "/srv/notes/.%2e/x",
+            "/srv/notes/%252e%252e/x",
+            "/srv/notes/..\\x",
+            "/srv/notes/a\u{0}",
+        ] {
+            let d = call("read_file", json!({"file_path": path}));
+            assert!(!d.allow && d.rule.contains("'..'"), "{path}: {d:?}");
+        }
+        let d = call(
+            "fetch",
+            json!({"req": {"url": "https://intranet/docs/%2e%2e/admin"}}),
+        );
+        assert!(!d.allow, "{d:?}");
+        // The constrained member spelled another way beside it, at any level.
+        for args in [
+            json!({"file_path": "/srv/notes/a", "filePath": "/etc/passwd"}),
+            json!({"file_path": "/srv/notes/a", "File-Path": "/etc/passwd"}),
+        ] {
+            let d = call("read_file", args.clone());
+            assert!(
+                !d.allow && d.rule.contains("another spelling"),
+                "{args}: {d:?}"
+            );
+        }
+        let d = call(
+            "fetch",
+            json!({"req": {"url": "https://intranet/docs/a"}, "Req": {"url": "https://evil"}}),
+        );
+        assert!(!d.allow && d.rule.contains("another spelling"), "{d:?}");
+        assert!(call("fetch", json!({"req": {"url": "https://intranet/docs/a"}})).allow);
+    }
+
+    #[test]
+    fn deny_rules_that_cannot_apply_are_warned_about() {
+        let p = policy(
+            r#"
+            [[role]]
+            name = "overlay"
+            deny_tools = ["delete_*"]
+            [[role]]
+            name = "reader"
+            servers = ["notes"]
+            allow_tools = ["read_file"]
+            allow_methods = ["resources/read"]
+            [[role.tool_args]]
+            tool = "read_file"
+            pointer = "/path"
+            allow = ["/srv/notes/**"]
+            [[binding]]
+            role = "reader"
+            cgroup = "/agents/**"
+            "#,
+        );
+        let w = p.warnings();
+        assert!(
+            w.iter()
+                .any(|w| w.contains("role overlay has deny_tools or tool_args but no servers")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|w| w.contains("role reader constrains tool arguments")
+                    && w.contains("resources/read")),
+            "{w:?}"
+        );
     }
 
     #[test]
