@@ -601,6 +601,43 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     assert_eq!(event["other_params"]["_meta"]["step"], 5, "{event}");
     assert_eq!(event["other_params"]["x"], 1, "{event}");
     assert_ne!(event["other_params"]["_meta"]["token"], "s3cret", "{event}");
+
+    // A sampling result asking the server to run tools (sampling with tools): each is judged
+    // as this identity's call of that tool.
+    let uses = |id: &str, tool: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":"{id}","result":{{"role":"assistant","model":"m","stopReason":"toolUse","content":[{{"type":"text","text":"ok"}},{{"type":"tool_use","id":"u1","name":"{tool}","input":{{"name":"n"}}}}]}}}}"#
+        )
+    };
+    let before = w.upstream.bodies().len();
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(uses("srv-4", "delete_note").as_bytes(), ""),
+    );
+    assert_eq!(r.status, Some(403), "{r:?}");
+    assert_eq!(
+        w.upstream.bodies().len(),
+        before,
+        "a denied tool_use was forwarded"
+    );
+    let refused = audit_event(&w, "mcp.client_response", |e| e["id"] == "srv-4");
+    assert_eq!(refused["decision"], "deny", "{refused}");
+    assert!(
+        refused["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("deny_tools")),
+        "{refused}"
+    );
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(uses("srv-5", "search").as_bytes(), ""),
+    );
+    assert!(r.status.is_some_and(|s| s < 300), "{r:?}");
+    assert_eq!(w.upstream.bodies().len(), before + 1);
 }
 
 #[test]

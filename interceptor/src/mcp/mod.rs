@@ -1890,6 +1890,44 @@ impl Conn {
                 );
                 return self.server_refused("POST (responses)", &decision);
             }
+            // A sampling result with `tool_use` content (2025-11-25 sampling with tools) has
+            // the server run those tools for the agent's model: each is judged as a call of
+            // that tool by this identity. A denied one refuses the POST (nothing forwarded).
+            let denied_use = body.messages.iter().find_map(|m| {
+                tool_uses(m).into_iter().find_map(|(name, input)| {
+                    let d =
+                        policy.check_granted(&grant, self.server_name(), &Call::tool(name, input));
+                    (!d.allow).then(|| (m, name, d))
+                })
+            });
+            if let Some((m, name, d)) = denied_use {
+                self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
+                warn!(tool = %capped(name), authz.rule = %d.rule, "answer refused: it asks the server to run a tool the policy denies");
+                if self.daemon.audit.healthy() {
+                    self.daemon.audit.record_later(
+                        self.client_response_event(m, session_id.as_deref(), &protocol)
+                            .field("path", &self.audit_path(&parts))
+                            .field("decision", "deny")
+                            .field("rule", &d.rule),
+                    );
+                }
+                self.record_refused(
+                    &parts,
+                    &body,
+                    "the body carries an answer that asks the server to run a tool the policy \
+                     denies",
+                );
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    code::INVALID_REQUEST,
+                    format!(
+                        "the answer asks server {} to run tool {:?}, which policy denies this \
+                         identity (interceptor)",
+                        self.server_name(),
+                        capped(name)
+                    ),
+                );
+            }
         }
         let decisions: Vec<Option<Decision>> = body
             .messages
@@ -3313,6 +3351,30 @@ impl Drop for SseState {
         }
         self.pending.settle(self.ended, None);
     }
+}
+
+/// The tools an agent's answer asks the server to run, by name, with their input: the
+/// `tool_use` blocks of a sampling result (`result.content`, one block or a list). A block
+/// without a name gives "" (which no policy allows).
+fn tool_uses(m: &Message) -> Vec<(&str, Option<&Value>)> {
+    let Message::Response { body, .. } = m else {
+        return Vec::new();
+    };
+    let blocks: Vec<&Value> = match body.get("result").and_then(|r| r.get("content")) {
+        Some(Value::Array(items)) => items.iter().collect(),
+        Some(block) => vec![block],
+        None => return Vec::new(),
+    };
+    blocks
+        .into_iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_use"))
+        .map(|b| {
+            (
+                b.get("name").and_then(Value::as_str).unwrap_or(""),
+                b.get("input"),
+            )
+        })
+        .collect()
 }
 
 /// The answer to a denied request: -32602 for calls that name a target (the code MCP uses for
