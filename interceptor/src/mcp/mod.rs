@@ -1897,7 +1897,7 @@ impl Conn {
                 tool_uses(m).into_iter().find_map(|(name, input)| {
                     let d =
                         policy.check_granted(&grant, self.server_name(), &Call::tool(name, input));
-                    (!d.allow).then(|| (m, name, d))
+                    (!d.allow).then_some((m, name, d))
                 })
             });
             if let Some((m, name, d)) = denied_use {
