@@ -34,6 +34,8 @@ fn policy() -> Policy {
                 .collect(),
             deny_tools: vec![format!("deny_{r}")],
             allow_methods: vec![],
+            allow_resources: vec![],
+            allow_prompts: vec![],
             tool_args: vec![],
         })
         .collect();

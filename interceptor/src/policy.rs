@@ -64,6 +64,13 @@ pub struct RawRole {
     /// Other MCP methods this role may use, e.g. `resources/read`, `prompts/*`.
     #[serde(default)]
     pub allow_methods: Vec<String>,
+    /// Resource URIs (patterns) its `resources/read` and `resources/(un)subscribe` may name;
+    /// empty: any.
+    #[serde(default)]
+    pub allow_resources: Vec<String>,
+    /// Prompt names (patterns) its `prompts/get` may name; empty: any.
+    #[serde(default)]
+    pub allow_prompts: Vec<String>,
     /// Constraints on tool arguments.
     #[serde(default)]
     pub tool_args: Vec<RawToolArgs>,
@@ -308,7 +315,26 @@ pub struct Role {
     allow_rules: Vec<String>,
     deny_tools: Vec<Pattern>,
     allow_methods: Vec<Pattern>,
+    /// URI patterns for the resource methods (empty: any URI).
+    allow_resources: Vec<Pattern>,
+    /// Name patterns for `prompts/get` (empty: any prompt).
+    allow_prompts: Vec<Pattern>,
     tool_args: Vec<ArgRule>,
+}
+
+impl Role {
+    /// The target patterns that bound `method` for this role, if it has any: `Some(patterns)`
+    /// for a resource method with `allow_resources`, `prompts/get` with `allow_prompts`.
+    fn targets(&self, method: &str) -> Option<&[Pattern]> {
+        let list = match method {
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                &self.allow_resources
+            }
+            "prompts/get" => &self.allow_prompts,
+            _ => return None,
+        };
+        (!list.is_empty()).then_some(list.as_slice())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -611,6 +637,8 @@ impl Policy {
                 allow_tools,
                 deny_tools: compile_folded(&r.deny_tools, &key("deny_tools"))?,
                 allow_methods: compile(&r.allow_methods, false, &key("allow_methods"))?,
+                allow_resources: compile(&r.allow_resources, true, &key("allow_resources"))?,
+                allow_prompts: compile(&r.allow_prompts, false, &key("allow_prompts"))?,
                 tool_args,
             });
         }
@@ -753,14 +781,57 @@ impl Policy {
         if call.method == "tools/call" {
             return self.check_tool(grant, call);
         }
-        // Other methods: deny wins is moot (no deny_methods); first allowing role decides.
+        // Other methods: deny wins is moot (no deny_methods); the first role that allows the
+        // method (and, where it bounds them, the resource or prompt it names) decides.
+        let mut bounded = false;
         for r in roles.iter().map(|&i| &self.roles[i]) {
-            if let Some(p) = r.allow_methods.iter().find(|p| p.matches(call.method)) {
+            let Some(p) = r.allow_methods.iter().find(|p| p.matches(call.method)) else {
+                continue;
+            };
+            let Some(targets) = r.targets(call.method) else {
                 return Decision::allow(
                     format!("role {}: allow_methods {:?}", r.name, p.as_str()),
                     vec![r.name.clone()],
                 );
+            };
+            bounded = true;
+            // A URI climbing out of an allowed tree is no URI in it (see `traverses`).
+            let target = call
+                .name
+                .filter(|t| !(call.method.starts_with("resources/") && traverses(t)));
+            if let Some(t) = target.and_then(|t| targets.iter().find(|p| p.matches(t))) {
+                let key = if call.method == "prompts/get" {
+                    "allow_prompts"
+                } else {
+                    "allow_resources"
+                };
+                return Decision::allow(
+                    format!(
+                        "role {}: allow_methods {:?}, {key} {:?}",
+                        r.name,
+                        p.as_str(),
+                        t.as_str()
+                    ),
+                    vec![r.name.clone()],
+                );
             }
+        }
+        if bounded {
+            return Decision::deny_quoting(
+                format!(
+                    "default deny: no role allows {} of {} on server {server:?}",
+                    quoted(call.method),
+                    call.name.map_or_else(|| "nothing named".to_owned(), quoted)
+                ),
+                format!(
+                    "default deny: no role allows the {} on server {server:?}",
+                    if call.method == "prompts/get" {
+                        "prompt"
+                    } else {
+                        "resource"
+                    }
+                ),
+            );
         }
         Decision::deny_quoting(
             format!(
@@ -967,14 +1038,14 @@ impl Policy {
             // Arguments constrained for tools, but a method judged by its name alone beside.
             let unconstrained: Vec<&str> = ["resources/read", "prompts/get"]
                 .into_iter()
-                .filter(|m| r.allow_methods.iter().any(|p| p.matches(m)))
+                .filter(|m| r.allow_methods.iter().any(|p| p.matches(m)) && r.targets(m).is_none())
                 .collect();
             if !r.tool_args.is_empty() && !unconstrained.is_empty() {
                 out.push(format!(
                     "role {} constrains tool arguments but also allows {}, which is judged by \
                      its method alone (any resource URI, any prompt and its arguments): a \
                      server that reads files through resources or prompts is not held to the \
-                     tool_args",
+                     tool_args; bound them with allow_resources / allow_prompts",
                     r.name,
                     unconstrained.join(" and ")
                 ));
@@ -1517,6 +1588,72 @@ mod tests {
     }
 
     #[test]
+    fn resources_and_prompts_are_bounded_by_the_roles_that_name_them() {
+        let p = policy(
+            r#"
+            [[role]]
+            name = "reader"
+            servers = ["notes"]
+            allow_methods = ["resources/read", "resources/subscribe", "prompts/get"]
+            allow_resources = ["file:///srv/notes/**", "notes://public/*"]
+            allow_prompts = ["summarize_*"]
+            [[role]]
+            name = "open"
+            servers = ["admin"]
+            allow_methods = ["resources/read"]
+            [[binding]]
+            role = "reader"
+            cgroup = "/agents/**"
+            [[binding]]
+            role = "open"
+            cgroup = "/agents/**"
+            "#,
+        );
+        let who = agent();
+        let check = |server: &str, method: &'static str, name: &str| {
+            p.check(
+                &who,
+                server,
+                &Call {
+                    method,
+                    name: Some(name),
+                    arguments: None,
+                },
+            )
+        };
+        let d = check("notes", "resources/read", "file:///srv/notes/a.txt");
+        assert!(
+            d.allow && d.rule.contains("allow_resources \"file:///srv/notes/**\""),
+            "{d:?}"
+        );
+        assert!(check("notes", "resources/subscribe", "notes://public/x").allow);
+        for uri in [
+            "file:///etc/passwd",
+            "file:///srv/notes/../../etc/passwd",
+            "file:///srv/notes/%2e%2e/x",
+            "notes://public/x/y",
+            "FILE:///srv/notes/a",
+        ] {
+            let d = check("notes", "resources/read", uri);
+            assert!(
+                !d.allow && d.rule.contains("no role allows"),
+                "{uri}: {d:?}"
+            );
+            assert!(!d.rule_label().contains(uri), "{d:?}");
+        }
+        assert!(check("notes", "prompts/get", "summarize_doc").allow);
+        assert!(!check("notes", "prompts/get", "delete_all").allow);
+        // A role without bounds allows any URI on the servers it grants.
+        assert!(check("admin", "resources/read", "file:///etc/passwd").allow);
+        // Listings show what may be read.
+        let grant = p.grant(&who, "notes");
+        assert!(p.shows_granted(&grant, "notes", "resources/list", "file:///srv/notes/x"));
+        assert!(!p.shows_granted(&grant, "notes", "resources/list", "file:///etc/x"));
+        assert!(p.shows_granted(&grant, "notes", "prompts/list", "summarize_x"));
+        assert!(!p.shows_granted(&grant, "notes", "prompts/list", "delete_all"));
+    }
+
+    #[test]
     fn deny_rules_that_cannot_apply_are_warned_about() {
         let p = policy(
             r#"
@@ -1739,6 +1876,8 @@ mod tests {
             allow_tools: tools.into_iter().map(Into::into).collect(),
             deny_tools: vec![],
             allow_methods: vec![],
+            allow_resources: vec![],
+            allow_prompts: vec![],
             tool_args: vec![],
         };
         let opts = RawPolicyOptions::default();

@@ -1009,3 +1009,41 @@ fn event_streams_holding_unfinished_events_are_bounded_too() {
     assert_eq!(out, "ended 1");
     assert_eq!(w.env.status()["counters"]["proxy"]["over_budget"], 1);
 }
+
+#[test]
+fn a_role_bounds_the_resources_it_reads() {
+    if !privileged() {
+        return;
+    }
+    let w = world_replacing(
+        "resources",
+        "deny_tools = [\"delete_*\"]",
+        "deny_tools = [\"delete_*\"]\nallow_methods = [\"resources/read\"]\nallow_resources = [\"notes://public/*\"]",
+    );
+    let addr = w.upstream.addr.to_string();
+    let read = |id: u32, uri: &str| {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"resources/read","params":{{"uri":"{uri}"}}}}"#
+        );
+        send_raw(PROBE, &w.dir, &addr, &post(body.as_bytes(), ""))
+    };
+    let r = read(1, "notes://public/a");
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(
+        w.upstream.bodies().len(),
+        1,
+        "the allowed read was not forwarded"
+    );
+    for (id, uri) in [
+        (2, "notes://private/a"),
+        (3, "notes://public/%2e%2e/private/a"),
+    ] {
+        let r = read(id, uri);
+        let reply = r.reply.as_deref().unwrap_or("");
+        assert_eq!(error_code(reply), Some(-32602), "{uri}: {r:?}");
+        assert_eq!(w.upstream.bodies().len(), 1, "{uri} was forwarded");
+    }
+    let denied = audit_event(&w, "mcp.request", |e| e["id"] == 2);
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    assert_eq!(denied["name"], "notes://private/a", "{denied}");
+}

@@ -154,6 +154,8 @@ mod tests {
             allow_tools: vec!["read_*".into()],
             deny_tools: vec![],
             allow_methods: vec![],
+            allow_resources: vec![],
+            allow_prompts: vec![],
             tool_args: vec![],
         };
         let binding = RawBinding {
