@@ -282,6 +282,8 @@ struct ArgRule {
     pointer: String,
     /// `pointer`'s members, unescaped.
     members: Vec<String>,
+    /// Their [`loose_member`] forms.
+    loose_members: Vec<String>,
     allow: Vec<Pattern>,
 }
 
@@ -622,6 +624,12 @@ impl Policy {
                         .skip(1)
                         .map(|m| m.replace("~1", "/").replace("~0", "~"))
                         .collect(),
+                    loose_members: a
+                        .pointer
+                        .split('/')
+                        .skip(1)
+                        .map(|m| loose_member(&m.replace("~1", "/").replace("~0", "~")))
+                        .collect(),
                     allow: compile(&a.allow, true, &format!("{k}.allow"))?,
                 });
             }
@@ -783,6 +791,14 @@ impl Policy {
         }
         // Other methods: deny wins is moot (no deny_methods); the first role that allows the
         // method (and, where it bounds them, the resource or prompt it names) decides.
+        // A target that reaches past what it names matches no bound (see `escapes`).
+        let bounded_method = matches!(
+            call.method,
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" | "prompts/get"
+        );
+        let escaping = bounded_method
+            .then(|| call.name.and_then(escapes))
+            .flatten();
         let mut bounded = false;
         for r in roles.iter().map(|&i| &self.roles[i]) {
             let Some(p) = r.allow_methods.iter().find(|p| p.matches(call.method)) else {
@@ -795,16 +811,13 @@ impl Policy {
                 );
             };
             bounded = true;
-            // A URI climbing out of an allowed tree is no URI in it (see `traverses`).
-            let target = call
-                .name
-                .filter(|t| !(call.method.starts_with("resources/") && traverses(t)));
+            let key = if call.method == "prompts/get" {
+                "allow_prompts"
+            } else {
+                "allow_resources"
+            };
+            let target = call.name.filter(|_| escaping.is_none());
             if let Some(t) = target.and_then(|t| targets.iter().find(|p| p.matches(t))) {
-                let key = if call.method == "prompts/get" {
-                    "allow_prompts"
-                } else {
-                    "allow_resources"
-                };
                 return Decision::allow(
                     format!(
                         "role {}: allow_methods {:?}, {key} {:?}",
@@ -817,21 +830,22 @@ impl Policy {
             }
         }
         if bounded {
-            return Decision::deny_quoting(
-                format!(
-                    "default deny: no role allows {} of {} on server {server:?}",
-                    quoted(call.method),
-                    call.name.map_or_else(|| "nothing named".to_owned(), quoted)
+            // The target is in the event's (redacted) `name`; a URI may carry credentials, so
+            // the rule does not quote it.
+            let what = if call.method == "prompts/get" {
+                "prompt"
+            } else {
+                "resource URI"
+            };
+            return Decision::deny(match escaping {
+                Some(why) => {
+                    format!("refused: the {what} has {why}, which no allow pattern vouches for")
+                }
+                None => format!(
+                    "default deny: no role allows {} of this {what} on server {server:?}",
+                    call.method
                 ),
-                format!(
-                    "default deny: no role allows the {} on server {server:?}",
-                    if call.method == "prompts/get" {
-                        "prompt"
-                    } else {
-                        "resource"
-                    }
-                ),
-            );
+            });
         }
         Decision::deny_quoting(
             format!(
@@ -1098,29 +1112,77 @@ impl Binding {
     }
 }
 
-/// Whether `text` could climb out of where it points: a `..` segment as written, or once or
-/// twice percent-decoded, with `/` or `\` as separators; or a control character anywhere.
-fn traverses(text: &str) -> bool {
+/// Why `text` (a constrained argument value, a resource URI or a prompt name) could reach
+/// outside what its pattern allows once a server reads it, if it could: checked as written and
+/// once and twice percent-decoded (a server may decode), without allocating when there is
+/// nothing to decode.
+/// - a `..` segment, whatever separates it: `/`, `\` (URL parsers take it for `/`), or `?`,
+///   `&`, `=`, `#`, `;` (a query's `p=..`, Tomcat's `..;`);
+/// - an encoded separator (`%2F`, `%5C`: one segment to the pattern, several to a decoding
+///   server), or an empty segment past a URL's `://` (a server joining the rest to its root
+///   may take `//etc` for an absolute path);
+/// - a control character other than tab, line feed and carriage return (a NUL ends a C
+///   string, and the server reads less than the proxy judged).
+fn escapes(text: &str) -> Option<&'static str> {
+    fn judge(t: &str) -> Option<&'static str> {
+        if t.chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        {
+            return Some("a control character");
+        }
+        if t.split(['/', '\\', '?', '&', '=', '#', ';'])
+            .any(|segment| segment == "..")
+        {
+            return Some("a '..' segment (also percent-encoded or after a backslash)");
+        }
+        let rest = t.split_once("://").map_or(t, |(_, rest)| rest);
+        if rest.contains("//") {
+            return Some("an empty path segment");
+        }
+        let lower = |b: &u8| b.to_ascii_lowercase();
+        let encoded_separator = t.as_bytes().windows(3).any(|w| {
+            w[0] == b'%' && w[1] == b'2' && lower(&w[2]) == b'f'
+                || w[0] == b'%' && w[1] == b'5' && lower(&w[2]) == b'c'
+        });
+        encoded_separator.then_some("an encoded path separator (%2F, %5C)")
+    }
+    if let Some(why) = judge(text) {
+        return Some(why);
+    }
+    if !text.contains('%') {
+        return None;
+    }
     let once = percent_encoding::percent_decode_str(text).decode_utf8_lossy();
-    let twice = percent_encoding::percent_decode_str(&once)
-        .decode_utf8_lossy()
-        .into_owned();
-    [text, &once, &twice].iter().any(|t| {
-        t.chars().any(char::is_control) || t.split(['/', '\\']).any(|segment| segment == "..")
-    })
+    if let Some(why) = judge(&once) {
+        return Some(why);
+    }
+    if !once.contains('%') {
+        return None;
+    }
+    judge(&percent_encoding::percent_decode_str(&once).decode_utf8_lossy())
 }
 
-/// Two member names the same once case, `_` and `-` are set aside (`file_path`, `filePath`,
-/// `File-Path`): what lenient readers (pydantic aliases, case-insensitive binders) take for
-/// one member.
-fn same_member(a: &str, b: &str) -> bool {
-    let loose = |s: &str| {
-        s.chars()
+/// The form lenient readers (pydantic aliases, case-insensitive binders) reduce a member name
+/// to, as it goes: lower case, `_` and `-` dropped but for a leading one (`file_path`,
+/// `filePath` and `File-Path` are one member; `_id` and `id` are two).
+fn loose_chars(name: &str) -> impl Iterator<Item = char> + '_ {
+    let mut chars = name.chars();
+    let first = chars.next().into_iter().flat_map(char::to_lowercase);
+    first.chain(
+        chars
             .filter(|c| !matches!(c, '_' | '-'))
-            .flat_map(char::to_lowercase)
-            .collect::<String>()
-    };
-    loose(a) == loose(b)
+            .flat_map(char::to_lowercase),
+    )
+}
+
+/// [`loose_chars`] collected: a pointer member's form, kept with its rule.
+fn loose_member(name: &str) -> String {
+    loose_chars(name).collect()
+}
+
+/// Whether `key` reduces to `loose` (a [`loose_member`] form), compared without allocating.
+fn loosely(key: &str, loose: &str) -> bool {
+    loose_chars(key).eq(loose.chars())
 }
 
 impl ArgRule {
@@ -1128,10 +1190,10 @@ impl ArgRule {
     /// another spelling (the proxy would judge one, a lenient server might read the other).
     fn spelled_twice(&self, args: &Value) -> bool {
         let mut at = Some(args);
-        for member in &self.members {
+        for (member, loose) in self.members.iter().zip(&self.loose_members) {
             at = match at {
                 Some(Value::Object(m)) => {
-                    if m.keys().any(|k| k != member && same_member(k, member)) {
+                    if m.keys().any(|k| k != member && loosely(k, loose)) {
                         return true;
                     }
                     m.get(member)
@@ -1173,12 +1235,8 @@ impl ArgRule {
         // as the server may read it: percent-encoded (a URL's `%2e%2e`, twice encoded too),
         // after a backslash (URL parsers take it for `/`), or cut short by a control character
         // (a NUL ends a C string).
-        if traverses(text) {
-            return Err(
-                "the value contains a '..' segment (also percent-encoded or after a backslash) \
-                 or a control character"
-                    .into(),
-            );
+        if let Some(why) = escapes(text) {
+            return Err(format!("the value has {why}"));
         }
         if self.allow.iter().any(|p| p.matches(text)) {
             Ok(())
@@ -1558,16 +1616,44 @@ mod tests {
             "/srv/notes/.%2e/x",
             "/srv/notes/%252e%252e/x",
             "/srv/notes/..\\x",
+            "/srv/notes/..;/x",
             "/srv/notes/a\u{0}",
+            "/srv/notes/a%00",
+            "/srv/notes/a%2F..%2Fb",
+            "/srv/notes//etc/passwd",
         ] {
             let d = call("read_file", json!({"file_path": path}));
-            assert!(!d.allow && d.rule.contains("'..'"), "{path}: {d:?}");
+            assert!(
+                !d.allow && d.rule.contains("the value has"),
+                "{path}: {d:?}"
+            );
         }
-        let d = call(
-            "fetch",
-            json!({"req": {"url": "https://intranet/docs/%2e%2e/admin"}}),
+        for url in [
+            "https://intranet/docs/%2e%2e/admin",
+            "https://intranet/docs/..;/admin",
+            "https://intranet/docs/x?p=..%2Fsecret",
+            "https://intranet/docs/a%2Fb",
+        ] {
+            let d = call("fetch", json!({"req": {"url": url}}));
+            assert!(!d.allow, "{url}: {d:?}");
+        }
+        // Text that is no path: whitespace controls, a lone percent, a dot-dot inside a name.
+        assert!(
+            call(
+                "fetch",
+                json!({"req": {"url": "https://intranet/docs/a?q=1%25"}})
+            )
+            .allow
         );
-        assert!(!d.allow, "{d:?}");
+        assert!(call("read_file", json!({"file_path": "/srv/notes/a..b\tc"})).allow);
+        // A member whose leading underscore makes it another one is no second spelling.
+        assert!(
+            call(
+                "read_file",
+                json!({"file_path": "/srv/notes/a", "_file_path": "x"})
+            )
+            .allow
+        );
         // The constrained member spelled another way beside it, at any level.
         for args in [
             json!({"file_path": "/srv/notes/a", "filePath": "/etc/passwd"}),
@@ -1632,15 +1718,16 @@ mod tests {
             "file:///srv/notes/../../etc/passwd",
             "file:///srv/notes/%2e%2e/x",
             "notes://public/x/y",
+            "notes://public/x%2Fy",
             "FILE:///srv/notes/a",
+            "postgres://u:secret@db/x",
         ] {
             let d = check("notes", "resources/read", uri);
-            assert!(
-                !d.allow && d.rule.contains("no role allows"),
-                "{uri}: {d:?}"
-            );
-            assert!(!d.rule_label().contains(uri), "{d:?}");
+            assert!(!d.allow, "{uri}: {d:?}");
+            // A URI may carry credentials: never in the rule (it is in the redacted `name`).
+            assert!(!d.rule.contains(uri) && !d.rule.contains("secret"), "{d:?}");
         }
+        assert!(!check("notes", "prompts/get", "summarize_../../etc/passwd").allow);
         assert!(check("notes", "prompts/get", "summarize_doc").allow);
         assert!(!check("notes", "prompts/get", "delete_all").allow);
         // A role without bounds allows any URI on the servers it grants.

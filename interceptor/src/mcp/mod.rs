@@ -1890,44 +1890,56 @@ impl Conn {
                 );
                 return self.server_refused("POST (responses)", &decision);
             }
-            // A sampling result with `tool_use` content (2025-11-25 sampling with tools) has
-            // the server run those tools for the agent's model: each is judged as a call of
-            // that tool by this identity. A denied one refuses the POST (nothing forwarded).
-            let denied_use = body.messages.iter().find_map(|m| {
-                tool_uses(m).into_iter().find_map(|(name, input)| {
-                    let d =
-                        policy.check_granted(&grant, self.server_name(), &Call::tool(name, input));
-                    (!d.allow).then_some((m, name, d))
+        }
+        // A sampling result with `tool_use` content (sampling with tools) has the server run
+        // those tools for the agent's model: the agent's answer to `sampling/createMessage`
+        // (2025-11-25), or a request's `params.inputResponses` (2026-07-28). Each is judged as
+        // a call of that tool by this identity; a denied one refuses the POST (nothing
+        // forwarded).
+        let denied_use = body.messages.iter().find_map(|m| {
+            tool_uses(m).into_iter().find_map(|(name, input)| {
+                let d = policy.check_granted(&grant, self.server_name(), &Call::tool(name, input));
+                (!d.allow).then_some((m, name, d))
+            })
+        });
+        if let Some((m, name, d)) = denied_use {
+            self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.daemon
+                .metrics
+                .denials
+                .get_or_create(&crate::metrics::RuleLabels {
+                    server: self.server_name().to_owned(),
+                    rule: d.rule_label().to_owned(),
                 })
-            });
-            if let Some((m, name, d)) = denied_use {
-                self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
-                warn!(tool = %capped(name), authz.rule = %d.rule, "answer refused: it asks the server to run a tool the policy denies");
-                if self.daemon.audit.healthy() {
-                    self.daemon.audit.record_later(
-                        self.client_response_event(m, session_id.as_deref(), &protocol)
-                            .field("path", &self.audit_path(&parts))
-                            .field("decision", "deny")
-                            .field("rule", &d.rule),
-                    );
-                }
-                self.record_refused(
-                    &parts,
-                    &body,
-                    "the body carries an answer that asks the server to run a tool the policy \
-                     denies",
-                );
-                return error_response(
-                    StatusCode::FORBIDDEN,
-                    code::INVALID_REQUEST,
-                    format!(
-                        "the answer asks server {} to run tool {:?}, which policy denies this \
-                         identity (interceptor)",
-                        self.server_name(),
-                        capped(name)
-                    ),
+                .inc();
+            warn!(tool = %capped(name), authz.rule = %d.rule, "refused: a sampling result asks the server to run a tool the policy denies");
+            if self.daemon.audit.healthy() && m.method().is_none() {
+                self.daemon.audit.record_later(
+                    self.client_response_event(m, session_id.as_deref(), &protocol)
+                        .field("path", &self.audit_path(&parts))
+                        .field("decision", "deny")
+                        .field("rule", &d.rule),
                 );
             }
+            self.record_refused(
+                &parts,
+                &body,
+                &format!(
+                    "a sampling result in the body asks the server to run a tool the policy \
+                     denies ({})",
+                    d.rule_label()
+                ),
+            );
+            return error_response(
+                StatusCode::FORBIDDEN,
+                code::INVALID_REQUEST,
+                format!(
+                    "a sampling result asks server {} to run tool {:?}, which policy denies \
+                     this identity (interceptor)",
+                    self.server_name(),
+                    capped(name)
+                ),
+            );
         }
         let decisions: Vec<Option<Decision>> = body
             .messages
@@ -3353,28 +3365,66 @@ impl Drop for SseState {
     }
 }
 
-/// The tools an agent's answer asks the server to run, by name, with their input: the
-/// `tool_use` blocks of a sampling result (`result.content`, one block or a list). A block
+/// Whether member name `key` is `name` as a lenient reader takes it: whatever its case, `_`
+/// and `-` (`Name`, `input_responses` for `inputResponses`).
+fn key_is(key: &str, name: &str) -> bool {
+    // Compared as they go: every request's params keys are looked through.
+    fn loose(s: &str) -> impl Iterator<Item = u8> + '_ {
+        s.bytes()
+            .filter(|b| !matches!(b, b'_' | b'-'))
+            .map(|b| b.to_ascii_lowercase())
+    }
+    loose(key).eq(loose(name))
+}
+
+/// `value`'s member `name`, as [`key_is`] reads keys.
+fn member<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
+    value
+        .as_object()?
+        .iter()
+        .find(|(k, _)| key_is(k, name))
+        .map(|(_, v)| v)
+}
+
+/// The tools a message asks the server to run for the agent's model, by name, with their
+/// input: the `tool_use` blocks of the sampling results it hands the server — its answer to a
+/// server request (`result.content`, one block or a list), or a request's
+/// `params.inputResponses` (2026-07-28: the answers to the server's input requests, each a
+/// result or holding one). Keys are read as lenient servers read them ([`key_is`]); a block
 /// without a name gives "" (which no policy allows).
 fn tool_uses(m: &Message) -> Vec<(&str, Option<&Value>)> {
-    let Message::Response { body, .. } = m else {
-        return Vec::new();
-    };
-    let blocks: Vec<&Value> = match body.get("result").and_then(|r| r.get("content")) {
-        Some(Value::Array(items)) => items.iter().collect(),
-        Some(block) => vec![block],
-        None => return Vec::new(),
-    };
-    blocks
-        .into_iter()
-        .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_use"))
-        .map(|b| {
-            (
-                b.get("name").and_then(Value::as_str).unwrap_or(""),
-                b.get("input"),
-            )
-        })
-        .collect()
+    let mut results: Vec<&Value> = Vec::new();
+    match m {
+        Message::Response { body, .. } => results.extend(body.get("result")),
+        _ => {
+            let answers = m
+                .params()
+                .and_then(|p| p.iter().find(|(k, _)| key_is(k, "inputResponses")))
+                .map(|(_, v)| v);
+            if let Some(Value::Object(answers)) = answers {
+                for answer in answers.values() {
+                    results.push(answer);
+                    results.extend(member(answer, "result"));
+                }
+            }
+        }
+    }
+    let mut uses = Vec::new();
+    for result in results {
+        let blocks: Vec<&Value> = match member(result, "content") {
+            Some(Value::Array(items)) => items.iter().collect(),
+            Some(block) => vec![block],
+            None => continue,
+        };
+        for block in blocks {
+            let kind = member(block, "type").and_then(Value::as_str);
+            if kind.is_some_and(|k| key_is(k, "tool_use")) {
+                let name = member(block, "name").and_then(Value::as_str).unwrap_or("");
+                uses.push((name, member(block, "input")));
+            }
+        }
+    }
+    uses
 }
 
 /// The answer to a denied request: -32602 for calls that name a target (the code MCP uses for
