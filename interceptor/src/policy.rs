@@ -327,12 +327,17 @@ pub struct Role {
 impl Role {
     /// The target patterns that bound `method` for this role, if it has any: `Some(patterns)`
     /// for a resource method with `allow_resources`, `prompts/get` with `allow_prompts`.
+    /// Every resource or prompt method but the lists (always allowed) and
+    /// `resources/unsubscribe` (ending a subscription needs no bound): a method this proxy
+    /// does not know names no target and so is refused where a bound applies.
     fn targets(&self, method: &str) -> Option<&[Pattern]> {
         let list = match method {
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                &self.allow_resources
-            }
-            "prompts/get" => &self.allow_prompts,
+            "resources/list"
+            | "resources/templates/list"
+            | "resources/unsubscribe"
+            | "prompts/list" => return None,
+            m if m.starts_with("resources/") => &self.allow_resources,
+            m if m.starts_with("prompts/") => &self.allow_prompts,
             _ => return None,
         };
         (!list.is_empty()).then_some(list.as_slice())
@@ -792,10 +797,8 @@ impl Policy {
         // Other methods: deny wins is moot (no deny_methods); the first role that allows the
         // method (and, where it bounds them, the resource or prompt it names) decides.
         // A target that reaches past what it names matches no bound (see `escapes`).
-        let bounded_method = matches!(
-            call.method,
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" | "prompts/get"
-        );
+        let bounded_method =
+            call.method.starts_with("resources/") || call.method.starts_with("prompts/");
         let escaping = bounded_method
             .then(|| call.name.and_then(escapes))
             .flatten();
@@ -811,13 +814,13 @@ impl Policy {
                 );
             };
             bounded = true;
-            let key = if call.method == "prompts/get" {
+            let key = if call.method.starts_with("prompts/") {
                 "allow_prompts"
             } else {
                 "allow_resources"
             };
             let target = call.name.filter(|_| escaping.is_none());
-            if let Some(t) = target.and_then(|t| targets.iter().find(|p| p.matches(t))) {
+            if let Some(t) = target.and_then(|t| allowed_by(targets, t)) {
                 return Decision::allow(
                     format!(
                         "role {}: allow_methods {:?}, {key} {:?}",
@@ -832,7 +835,7 @@ impl Policy {
         if bounded {
             // The target is in the event's (redacted) `name`; a URI may carry credentials, so
             // the rule does not quote it.
-            let what = if call.method == "prompts/get" {
+            let what = if call.method.starts_with("prompts/") {
                 "prompt"
             } else {
                 "resource URI"
@@ -841,9 +844,10 @@ impl Policy {
                 Some(why) => {
                     format!("refused: the {what} has {why}, which no allow pattern vouches for")
                 }
+                // (The method is not quoted either: past the known ones, the agent's text.)
                 None => format!(
-                    "default deny: no role allows {} of this {what} on server {server:?}",
-                    call.method
+                    "default deny: no role's bounds (allow_resources, allow_prompts) take this \
+                     {what} on server {server:?}"
                 ),
             });
         }
@@ -1112,17 +1116,41 @@ impl Binding {
     }
 }
 
+/// Calls `each` on the other forms a server may read `text` as, until one returns true
+/// (then true): without tab, CR and LF (URL parsers drop them), and once and twice
+/// percent-decoded. Allocates only when there is something to drop or decode.
+fn other_readings(text: &str, mut each: impl FnMut(&str) -> bool) -> bool {
+    let stripped: std::borrow::Cow<'_, str> = if text.contains(['\t', '\n', '\r']) {
+        let s = text.replace(['\t', '\n', '\r'], "");
+        if each(&s) {
+            return true;
+        }
+        s.into()
+    } else {
+        text.into()
+    };
+    if !stripped.contains('%') {
+        return false;
+    }
+    let once = percent_encoding::percent_decode_str(&stripped).decode_utf8_lossy();
+    if each(&once) {
+        return true;
+    }
+    once.contains('%') && each(&percent_encoding::percent_decode_str(&once).decode_utf8_lossy())
+}
+
 /// Why `text` (a constrained argument value, a resource URI or a prompt name) could reach
-/// outside what its pattern allows once a server reads it, if it could: checked as written and
-/// once and twice percent-decoded (a server may decode), without allocating when there is
-/// nothing to decode.
-/// - a `..` segment, whatever separates it: `/`, `\` (URL parsers take it for `/`), or `?`,
-///   `&`, `=`, `#`, `;` (a query's `p=..`, Tomcat's `..;`);
-/// - an encoded separator (`%2F`, `%5C`: one segment to the pattern, several to a decoding
-///   server), or an empty segment past a URL's `://` (a server joining the rest to its root
-///   may take `//etc` for an absolute path);
+/// outside what its pattern allows once a server reads it, if it could, in any of its
+/// readings (as written and [`other_readings`]):
+/// - a `..` segment, whatever separates it (`/`, `\` — URL parsers take it for `/` —, or
+///   `?`, `&`, `=`, `#`, `;`: a query's `p=..`, Tomcat's `..;`), whitespace around it aside;
+/// - an empty segment in the path (past a leading `scheme://`, before any `?` or `#`): a
+///   server joining the rest to its root may take `//etc` for an absolute path;
 /// - a control character other than tab, line feed and carriage return (a NUL ends a C
 ///   string, and the server reads less than the proxy judged).
+///
+/// (An encoded separator, `%2F`, is judged by matching: every reading must match an allow
+/// pattern too, see [`allowed_by`].)
 fn escapes(text: &str) -> Option<&'static str> {
     fn judge(t: &str) -> Option<&'static str> {
         if t.chars()
@@ -1131,35 +1159,44 @@ fn escapes(text: &str) -> Option<&'static str> {
             return Some("a control character");
         }
         if t.split(['/', '\\', '?', '&', '=', '#', ';'])
-            .any(|segment| segment == "..")
+            .any(|segment| segment.trim_matches(|c: char| c.is_ascii_whitespace()) == "..")
         {
-            return Some("a '..' segment (also percent-encoded or after a backslash)");
+            return Some("a '..' segment (also encoded, or after a backslash or in a query)");
         }
-        let rest = t.split_once("://").map_or(t, |(_, rest)| rest);
-        if rest.contains("//") {
-            return Some("an empty path segment");
-        }
-        let lower = |b: &u8| b.to_ascii_lowercase();
-        let encoded_separator = t.as_bytes().windows(3).any(|w| {
-            w[0] == b'%' && w[1] == b'2' && lower(&w[2]) == b'f'
-                || w[0] == b'%' && w[1] == b'5' && lower(&w[2]) == b'c'
+        // The path: past a leading scheme's `://`, up to a query or fragment.
+        let scheme = t
+            .find("://")
+            .filter(|&i| {
+                t[..i].starts_with(|c: char| c.is_ascii_alphabetic())
+                    && t[..i]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            })
+            .map_or(0, |i| i + 3);
+        let path = &t[scheme..];
+        let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+        let empty = ["//", "\\\\", "/\\", "\\/"]
+            .iter()
+            .any(|pair| path.contains(pair));
+        empty.then_some("an empty path segment")
+    }
+    let mut why = judge(text);
+    if why.is_none() {
+        other_readings(text, |t| {
+            why = judge(t);
+            why.is_some()
         });
-        encoded_separator.then_some("an encoded path separator (%2F, %5C)")
     }
-    if let Some(why) = judge(text) {
-        return Some(why);
-    }
-    if !text.contains('%') {
-        return None;
-    }
-    let once = percent_encoding::percent_decode_str(text).decode_utf8_lossy();
-    if let Some(why) = judge(&once) {
-        return Some(why);
-    }
-    if !once.contains('%') {
-        return None;
-    }
-    judge(&percent_encoding::percent_decode_str(&once).decode_utf8_lossy())
+    why
+}
+
+/// The pattern of `patterns` that allows `text`: one matches it as written, and every other
+/// reading of it ([`other_readings`]) matches one too (`notes://public/x%2Fy` is one segment
+/// to `notes://public/*`, two to a server that decodes it).
+fn allowed_by<'p>(patterns: &'p [Pattern], text: &str) -> Option<&'p Pattern> {
+    let found = patterns.iter().find(|p| p.matches(text))?;
+    let strays = other_readings(text, |t| !patterns.iter().any(|p| p.matches(t)));
+    (!strays).then_some(found)
 }
 
 /// The form lenient readers (pydantic aliases, case-insensitive binders) reduce a member name
@@ -1238,7 +1275,7 @@ impl ArgRule {
         if let Some(why) = escapes(text) {
             return Err(format!("the value has {why}"));
         }
-        if self.allow.iter().any(|p| p.matches(text)) {
+        if allowed_by(&self.allow, text).is_some() {
             Ok(())
         } else {
             Err("the value matches no allowed pattern".into())
@@ -1621,6 +1658,8 @@ mod tests {
             "/srv/notes/a%00",
             "/srv/notes/a%2F..%2Fb",
             "/srv/notes//etc/passwd",
+            "/srv/notes/..\n",
+            "/srv/notes/.\t./.\r./etc",
         ] {
             let d = call("read_file", json!({"file_path": path}));
             assert!(
@@ -1632,7 +1671,8 @@ mod tests {
             "https://intranet/docs/%2e%2e/admin",
             "https://intranet/docs/..;/admin",
             "https://intranet/docs/x?p=..%2Fsecret",
-            "https://intranet/docs/a%2Fb",
+            "https://intranet/docs/.\t./admin",
+            "https://intranet/docs//admin",
         ] {
             let d = call("fetch", json!({"req": {"url": url}}));
             assert!(!d.allow, "{url}: {d:?}");
@@ -1645,6 +1685,15 @@ mod tests {
             )
             .allow
         );
+        // An encoded separator is judged by where it leads once decoded; a query's `//` and
+        // encoded URLs are no path.
+        for url in [
+            "https://intranet/docs/group%2Fproject",
+            "https://intranet/docs/a?next=https://other//x",
+            "https://intranet/docs/a?redirect_uri=https%3A%2F%2Fother%2Fcb",
+        ] {
+            assert!(call("fetch", json!({"req": {"url": url}})).allow, "{url}");
+        }
         assert!(call("read_file", json!({"file_path": "/srv/notes/a..b\tc"})).allow);
         // A member whose leading underscore makes it another one is no second spelling.
         assert!(

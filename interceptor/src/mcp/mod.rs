@@ -1896,11 +1896,19 @@ impl Conn {
         // (2025-11-25), or a request's `params.inputResponses` (2026-07-28). Each is judged as
         // a call of that tool by this identity; a denied one refuses the POST (nothing
         // forwarded).
-        let denied_use = body.messages.iter().find_map(|m| {
-            tool_uses(m).into_iter().find_map(|(name, input)| {
+        let denied_use = body.messages.iter().find_map(|m| match tool_uses(m) {
+            Err(Ambiguous) => Some((
+                m,
+                "",
+                Decision::refused(
+                    "a sampling result spells one of its members (content, type, name, input, \
+                     inputResponses) two ways: the server might read the one not judged",
+                ),
+            )),
+            Ok(uses) => uses.into_iter().find_map(|(name, input)| {
                 let d = policy.check_granted(&grant, self.server_name(), &Call::tool(name, input));
                 (!d.allow).then_some((m, name, d))
-            })
+            }),
         });
         if let Some((m, name, d)) = denied_use {
             self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
@@ -1934,10 +1942,9 @@ impl Conn {
                 StatusCode::FORBIDDEN,
                 code::INVALID_REQUEST,
                 format!(
-                    "a sampling result asks server {} to run tool {:?}, which policy denies \
-                     this identity (interceptor)",
+                    "a sampling result for server {} is refused by policy (interceptor): {}",
                     self.server_name(),
-                    capped(name)
+                    d.rule
                 ),
             );
         }
@@ -3377,54 +3384,71 @@ fn key_is(key: &str, name: &str) -> bool {
     loose(key).eq(loose(name))
 }
 
-/// `value`'s member `name`, as [`key_is`] reads keys.
-fn member<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
+/// A member the [`tool_uses`] scan reads is spelled more than one way (`_type` beside
+/// `type`): the proxy would judge one spelling and the server might read another.
+struct Ambiguous;
+
+/// The one member of `map` named `name` as [`key_is`] reads keys.
+fn member_of<'v>(
+    map: &'v serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'v Value>, Ambiguous> {
+    let mut found = map.iter().filter(|(k, _)| key_is(k, name)).map(|(_, v)| v);
+    let first = found.next();
+    match found.next() {
+        Some(_) => Err(Ambiguous),
+        None => Ok(first),
+    }
+}
+
+/// [`member_of`] for any value (`None` for what is not an object).
+fn member<'v>(value: &'v Value, name: &str) -> Result<Option<&'v Value>, Ambiguous> {
     value
-        .as_object()?
-        .iter()
-        .find(|(k, _)| key_is(k, name))
-        .map(|(_, v)| v)
+        .as_object()
+        .map_or(Ok(None), |map| member_of(map, name))
 }
 
 /// The tools a message asks the server to run for the agent's model, by name, with their
 /// input: the `tool_use` blocks of the sampling results it hands the server — its answer to a
 /// server request (`result.content`, one block or a list), or a request's
 /// `params.inputResponses` (2026-07-28: the answers to the server's input requests, each a
-/// result or holding one). Keys are read as lenient servers read them ([`key_is`]); a block
-/// without a name gives "" (which no policy allows).
-fn tool_uses(m: &Message) -> Vec<(&str, Option<&Value>)> {
+/// result or holding one). Keys are read as lenient servers read them ([`key_is`]); a member
+/// spelled two ways is [`Ambiguous`]; a block without a name gives "" (which no policy
+/// allows).
+fn tool_uses(m: &Message) -> Result<Vec<(&str, Option<&Value>)>, Ambiguous> {
     let mut results: Vec<&Value> = Vec::new();
     match m {
         Message::Response { body, .. } => results.extend(body.get("result")),
         _ => {
-            let answers = m
+            if let Some(Value::Object(answers)) = m
                 .params()
-                .and_then(|p| p.iter().find(|(k, _)| key_is(k, "inputResponses")))
-                .map(|(_, v)| v);
-            if let Some(Value::Object(answers)) = answers {
+                .map(|p| member_of(p, "inputResponses"))
+                .transpose()?
+                .flatten()
+            {
                 for answer in answers.values() {
                     results.push(answer);
-                    results.extend(member(answer, "result"));
+                    results.extend(member(answer, "result")?);
                 }
             }
         }
     }
     let mut uses = Vec::new();
     for result in results {
-        let blocks: Vec<&Value> = match member(result, "content") {
+        let blocks: Vec<&Value> = match member(result, "content")? {
             Some(Value::Array(items)) => items.iter().collect(),
             Some(block) => vec![block],
             None => continue,
         };
         for block in blocks {
-            let kind = member(block, "type").and_then(Value::as_str);
+            let kind = member(block, "type")?.and_then(Value::as_str);
             if kind.is_some_and(|k| key_is(k, "tool_use")) {
-                let name = member(block, "name").and_then(Value::as_str).unwrap_or("");
-                uses.push((name, member(block, "input")));
+                let name = member(block, "name")?.and_then(Value::as_str).unwrap_or("");
+                uses.push((name, member(block, "input")?));
             }
         }
     }
-    uses
+    Ok(uses)
 }
 
 /// The answer to a denied request: -32602 for calls that name a target (the code MCP uses for
