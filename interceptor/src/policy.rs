@@ -799,9 +799,8 @@ impl Policy {
         // A target that reaches past what it names matches no bound (see `escapes`).
         let bounded_method =
             call.method.starts_with("resources/") || call.method.starts_with("prompts/");
-        let escaping = bounded_method
-            .then(|| call.name.and_then(escapes))
-            .flatten();
+        // Looked for once, when a bound is first met (a role without bounds may decide first).
+        let mut escaping: Option<Option<&'static str>> = None;
         let mut bounded = false;
         for r in roles.iter().map(|&i| &self.roles[i]) {
             let Some(p) = r.allow_methods.iter().find(|p| p.matches(call.method)) else {
@@ -819,7 +818,9 @@ impl Policy {
             } else {
                 "allow_resources"
             };
-            let target = call.name.filter(|_| escaping.is_none());
+            let escapes_here = *escaping
+                .get_or_insert_with(|| call.name.filter(|_| bounded_method).and_then(escapes));
+            let target = call.name.filter(|_| escapes_here.is_none());
             if let Some(t) = target.and_then(|t| allowed_by(targets, t)) {
                 return Decision::allow(
                     format!(
@@ -840,7 +841,7 @@ impl Policy {
             } else {
                 "resource URI"
             };
-            return Decision::deny(match escaping {
+            return Decision::deny(match escaping.flatten() {
                 Some(why) => {
                     format!("refused: the {what} has {why}, which no allow pattern vouches for")
                 }
@@ -1117,26 +1118,46 @@ impl Binding {
 }
 
 /// Calls `each` on the other forms a server may read `text` as, until one returns true
-/// (then true): without tab, CR and LF (URL parsers drop them), and once and twice
-/// percent-decoded. Allocates only when there is something to drop or decode.
+/// (then true): with `\` as `/` (URL parsers take it so), without tab, CR and LF (URL parsers
+/// drop them: also where decoding made them), and once and twice percent-decoded. Allocates
+/// only when there is something to turn, drop or decode.
 fn other_readings(text: &str, mut each: impl FnMut(&str) -> bool) -> bool {
-    let stripped: std::borrow::Cow<'_, str> = if text.contains(['\t', '\n', '\r']) {
-        let s = text.replace(['\t', '\n', '\r'], "");
-        if each(&s) {
-            return true;
+    use std::borrow::Cow;
+    const BLANKS: [char; 3] = ['\t', '\n', '\r'];
+    if text.contains('\\') && each(&text.replace('\\', "/")) {
+        return true;
+    }
+    // A reading, then (if it holds any) the same without tab, CR and LF: the one to go on from.
+    let mut visit = |t: Cow<'_, str>| -> Result<String, ()> {
+        if each(&t) {
+            return Err(());
         }
-        s.into()
+        if t.contains(BLANKS) {
+            let stripped = t.replace(BLANKS, "");
+            if each(&stripped) {
+                return Err(());
+            }
+            return Ok(stripped);
+        }
+        Ok(t.into_owned())
+    };
+    let stripped = if text.contains(BLANKS) {
+        match visit(Cow::Owned(text.replace(BLANKS, ""))) {
+            Ok(s) => Cow::Owned(s),
+            Err(()) => return true,
+        }
     } else {
-        text.into()
+        Cow::Borrowed(text)
     };
     if !stripped.contains('%') {
         return false;
     }
-    let once = percent_encoding::percent_decode_str(&stripped).decode_utf8_lossy();
-    if each(&once) {
+    let Ok(once) = visit(percent_encoding::percent_decode_str(&stripped).decode_utf8_lossy())
+    else {
         return true;
-    }
-    once.contains('%') && each(&percent_encoding::percent_decode_str(&once).decode_utf8_lossy())
+    };
+    once.contains('%')
+        && visit(percent_encoding::percent_decode_str(&once).decode_utf8_lossy()).is_err()
 }
 
 /// Why `text` (a constrained argument value, a resource URI or a prompt name) could reach
@@ -1173,6 +1194,11 @@ fn escapes(text: &str) -> Option<&'static str> {
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
             })
             .map_or(0, |i| i + 3);
+        // Only a path or a URL has segments: free text (code, a sentence with a URL in it)
+        // may well hold `//`.
+        if scheme == 0 && !t.starts_with(['/', '\\']) {
+            return None;
+        }
         let path = &t[scheme..];
         let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
         let empty = ["//", "\\\\", "/\\", "\\/"]
@@ -1195,7 +1221,13 @@ fn escapes(text: &str) -> Option<&'static str> {
 /// to `notes://public/*`, two to a server that decodes it).
 fn allowed_by<'p>(patterns: &'p [Pattern], text: &str) -> Option<&'p Pattern> {
     let found = patterns.iter().find(|p| p.matches(text))?;
-    let strays = other_readings(text, |t| !patterns.iter().any(|p| p.matches(t)));
+    // Only a reading with more separators than the text as written can lead elsewhere (one
+    // that decodes `%20` into a space does not need a pattern of its own).
+    let separators = |t: &str| t.matches(['/', '?', '#']).count();
+    let written = separators(text);
+    let strays = other_readings(text, |t| {
+        separators(t) > written && !patterns.iter().any(|p| p.matches(t))
+    });
     (!strays).then_some(found)
 }
 
@@ -1277,6 +1309,8 @@ impl ArgRule {
         }
         if allowed_by(&self.allow, text).is_some() {
             Ok(())
+        } else if self.allow.iter().any(|p| p.matches(text)) {
+            Err("a decoded form of the value leads past the allowed patterns".into())
         } else {
             Err("the value matches no allowed pattern".into())
         }
@@ -1787,6 +1821,59 @@ mod tests {
         assert!(!p.shows_granted(&grant, "notes", "resources/list", "file:///etc/x"));
         assert!(p.shows_granted(&grant, "notes", "prompts/list", "summarize_x"));
         assert!(!p.shows_granted(&grant, "notes", "prompts/list", "delete_all"));
+    }
+
+    #[test]
+    fn every_reading_of_a_value_is_judged_but_only_new_separators_need_a_pattern() {
+        let p = policy(
+            r#"
+            [[role]]
+            name = "r"
+            servers = ["notes"]
+            allow_tools = ["*"]
+            allow_methods = ["resources/read"]
+            allow_resources = ["file:///srv/My%20Notes/a.md", "https://intranet/*/readme"]
+            [[role.tool_args]]
+            tool = "fetch"
+            pointer = "/url"
+            allow = ["https://intranet/docs/**", "https://intranet/*/readme"]
+            [[role.tool_args]]
+            tool = "run_sql"
+            pointer = "/query"
+            allow = ["^SELECT .*$"]
+            [[binding]]
+            role = "r"
+            cgroup = "/agents/**"
+            "#,
+        );
+        let who = agent();
+        let call = |tool: &str, args: Value| p.check(&who, "notes", &Call::tool(tool, Some(&args)));
+        let read = |uri: &str| {
+            p.check(
+                &who,
+                "notes",
+                &Call {
+                    method: "resources/read",
+                    name: Some(uri),
+                    arguments: None,
+                },
+            )
+        };
+        // A tab that decoding makes is dropped by a URL parser too.
+        let d = call("fetch", json!({"url": "https://intranet/docs/.%09./admin"}));
+        assert!(!d.allow && d.rule.contains("'..'"), "{d:?}");
+        // A backslash is a separator to a URL parser: one segment more than `*` allows.
+        let d = call(
+            "fetch",
+            json!({"url": "https://intranet/admin\\secret/readme"}),
+        );
+        assert!(!d.allow && d.rule.contains("decoded form"), "{d:?}");
+        assert!(read("https://intranet/docs/readme").allow);
+        assert!(!read("https://intranet/a\\b/readme").allow);
+        // Decoding that adds no separator needs no pattern of its own.
+        assert!(read("file:///srv/My%20Notes/a.md").allow);
+        // Free text is no path: `//` in it is no empty segment.
+        assert!(call("run_sql", json!({"query": "SELECT 1 -- see https://x//y"})).allow);
     }
 
     #[test]

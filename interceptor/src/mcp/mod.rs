@@ -1899,7 +1899,7 @@ impl Conn {
         let denied_use = body.messages.iter().find_map(|m| match tool_uses(m) {
             Err(Ambiguous) => Some((
                 m,
-                "",
+                None,
                 Decision::refused(
                     "a sampling result spells one of its members (content, type, name, input, \
                      inputResponses) two ways: the server might read the one not judged",
@@ -1907,10 +1907,10 @@ impl Conn {
             )),
             Ok(uses) => uses.into_iter().find_map(|(name, input)| {
                 let d = policy.check_granted(&grant, self.server_name(), &Call::tool(name, input));
-                (!d.allow).then_some((m, name, d))
+                (!d.allow).then_some((m, Some(name), d))
             }),
         });
-        if let Some((m, name, d)) = denied_use {
+        if let Some((m, tool, d)) = denied_use {
             self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
             self.daemon
                 .metrics
@@ -1920,7 +1920,20 @@ impl Conn {
                     rule: d.rule_label().to_owned(),
                 })
                 .inc();
-            warn!(tool = %capped(name), authz.rule = %d.rule, "refused: a sampling result asks the server to run a tool the policy denies");
+            let why = match tool {
+                Some(tool) => {
+                    warn!(tool = %capped(tool), authz.rule = %d.rule, "refused: a sampling result asks the server to run a tool the policy denies");
+                    format!(
+                        "a sampling result in the body asks the server to run a tool the \
+                         policy denies ({})",
+                        d.rule_label()
+                    )
+                }
+                None => {
+                    warn!(authz.rule = %d.rule, "refused: a sampling result spells a member two ways");
+                    d.rule.clone()
+                }
+            };
             if self.daemon.audit.healthy() && m.method().is_none() {
                 self.daemon.audit.record_later(
                     self.client_response_event(m, session_id.as_deref(), &protocol)
@@ -1929,23 +1942,19 @@ impl Conn {
                         .field("rule", &d.rule),
                 );
             }
-            self.record_refused(
-                &parts,
-                &body,
-                &format!(
-                    "a sampling result in the body asks the server to run a tool the policy \
-                     denies ({})",
-                    d.rule_label()
-                ),
-            );
+            self.record_refused(&parts, &body, &why);
+            // Which rule refused it stays in the log and the audit event, as for any denial.
             return error_response(
                 StatusCode::FORBIDDEN,
                 code::INVALID_REQUEST,
-                format!(
-                    "a sampling result for server {} is refused by policy (interceptor): {}",
-                    self.server_name(),
-                    d.rule
-                ),
+                match tool {
+                    Some(_) => format!(
+                        "a sampling result for server {} asks it to run a tool refused by \
+                         policy (interceptor)",
+                        self.server_name()
+                    ),
+                    None => format!("{} (interceptor)", d.rule),
+                },
             );
         }
         let decisions: Vec<Option<Decision>> = body
