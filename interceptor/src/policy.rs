@@ -1129,7 +1129,7 @@ fn other_readings(text: &str, mut each: impl FnMut(&str) -> bool) -> bool {
     }
     // A reading, then (if it holds any) the same without tab, CR and LF: the one to go on from.
     let mut visit = |t: Cow<'_, str>| -> Result<String, ()> {
-        if each(&t) {
+        if each(&t) || t.contains('\\') && each(&t.replace('\\', "/")) {
             return Err(());
         }
         if t.contains(BLANKS) {
@@ -1870,6 +1870,7 @@ mod tests {
         assert!(!d.allow && d.rule.contains("decoded form"), "{d:?}");
         assert!(read("https://intranet/docs/readme").allow);
         assert!(!read("https://intranet/a\\b/readme").allow);
+        assert!(!read("https://intranet/a%5Cb/readme").allow);
         // Decoding that adds no separator needs no pattern of its own.
         assert!(read("file:///srv/My%20Notes/a.md").allow);
         // Free text is no path: `//` in it is no empty segment.
