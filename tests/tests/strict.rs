@@ -603,25 +603,34 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     assert_ne!(event["other_params"]["_meta"]["token"], "s3cret", "{event}");
 
     // A sampling result asking the server to run tools (sampling with tools): each is judged
-    // as this identity's call of that tool.
+    // as this identity's call of that tool. A refused answer reaches the server as an error
+    // for its request (so its call fails at once), recorded as the agent sent it, refused.
     let uses = |id: &str, tool: &str| {
         format!(
             r#"{{"jsonrpc":"2.0","id":"{id}","result":{{"role":"assistant","model":"m","stopReason":"toolUse","content":[{{"type":"text","text":"ok"}},{{"type":"tool_use","id":"u1","name":"{tool}","input":{{"name":"n"}}}}]}}}}"#
         )
     };
+    let addr = w.upstream.addr.to_string();
+    let forwarded_error = |id: &str| {
+        let bodies = w.upstream.bodies();
+        let last: Value = serde_json::from_str(bodies.last().expect("forwarded")).expect("JSON");
+        assert_eq!(last["id"], id, "{last}");
+        assert!(
+            last.get("result").is_none(),
+            "the refused answer reached the server: {last}"
+        );
+        assert_eq!(last["error"]["code"], -32600, "{last}");
+    };
     let before = w.upstream.bodies().len();
     let r = send_raw(
         PROBE,
         &w.dir,
-        &w.upstream.addr.to_string(),
+        &addr,
         &post(uses("srv-4", "delete_note").as_bytes(), ""),
     );
-    assert_eq!(r.status, Some(403), "{r:?}");
-    assert_eq!(
-        w.upstream.bodies().len(),
-        before,
-        "a denied tool_use was forwarded"
-    );
+    assert!(r.status.is_some_and(|s| s < 300), "{r:?}");
+    assert_eq!(w.upstream.bodies().len(), before + 1);
+    forwarded_error("srv-4");
     let refused = audit_event(&w, "mcp.client_response", |e| e["id"] == "srv-4");
     assert_eq!(refused["decision"], "deny", "{refused}");
     assert!(
@@ -630,26 +639,45 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
             .is_some_and(|r| r.contains("deny_tools")),
         "{refused}"
     );
+    assert_eq!(
+        refused["body"]["result"]["content"][1]["name"], "delete_note",
+        "recorded as the agent sent it: {refused}"
+    );
     let r = send_raw(
         PROBE,
         &w.dir,
-        &w.upstream.addr.to_string(),
+        &addr,
         &post(uses("srv-5", "search").as_bytes(), ""),
     );
     assert!(r.status.is_some_and(|s| s < 300), "{r:?}");
-    assert_eq!(w.upstream.bodies().len(), before + 1);
-    // Keys spelled as a lenient server still reads them, and (2026-07-28) the sampling results
-    // a request carries in params.inputResponses: judged the same.
+    assert!(
+        w.upstream
+            .bodies()
+            .last()
+            .is_some_and(|b| b.contains("\"result\""))
+    );
+    // Keys spelled as a lenient server still reads them, and a decoy spelling beside the member
+    // the server reads (keys are kept sorted: `_type` comes first): refused the same.
     let variant = br#"{"jsonrpc":"2.0","id":"srv-6","result":{"Content":{"Type":"tool_use","Name":"delete_note","Input":{}}}}"#;
-    let carried = br#"{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"name":"search","arguments":{},"inputResponses":{"s1":{"role":"assistant","content":[{"type":"tool_use","name":"delete_note","input":{}}]}}}}"#;
-    // A decoy spelling beside the member the server reads (keys are kept sorted: `_type`
-    // comes first) is no way around it either.
     let decoy = br#"{"jsonrpc":"2.0","id":"srv-7","result":{"content":{"_type":"text","type":"tool_use","name":"delete_note","input":{}}}}"#;
-    for body in [&variant[..], &carried[..], &decoy[..]] {
-        let r = send_raw(PROBE, &w.dir, &w.upstream.addr.to_string(), &post(body, ""));
-        assert_eq!(r.status, Some(403), "{r:?}");
-        assert_eq!(w.upstream.bodies().len(), before + 1, "forwarded");
+    for (id, body) in [("srv-6", &variant[..]), ("srv-7", &decoy[..])] {
+        let r = send_raw(PROBE, &w.dir, &addr, &post(body, ""));
+        assert!(r.status.is_some_and(|s| s < 300), "{r:?}");
+        forwarded_error(id);
     }
+    // (2026-07-28) The sampling results a request carries in params.inputResponses: the
+    // request is denied, not forwarded.
+    let sent = w.upstream.bodies().len();
+    let carried = br#"{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"name":"search","arguments":{},"inputResponses":{"s1":{"role":"assistant","content":[{"type":"tool_use","name":"delete_note","input":{}}]}}}}"#;
+    let r = send_raw(PROBE, &w.dir, &addr, &post(carried, ""));
+    assert_eq!(
+        error_code(r.reply.as_deref().unwrap_or("")),
+        Some(-32602),
+        "{r:?}"
+    );
+    assert_eq!(w.upstream.bodies().len(), sent, "forwarded");
+    let denied = audit_event(&w, "mcp.request", |e| e["id"] == 12);
+    assert_eq!(denied["decision"], "deny", "{denied}");
 }
 
 #[test]

@@ -1894,69 +1894,17 @@ impl Conn {
         // A sampling result with `tool_use` content (sampling with tools) has the server run
         // those tools for the agent's model: the agent's answer to `sampling/createMessage`
         // (2025-11-25), or a request's `params.inputResponses` (2026-07-28). Each is judged as
-        // a call of that tool by this identity; a denied one refuses the POST (nothing
-        // forwarded).
-        let denied_use = body.messages.iter().find_map(|m| match tool_uses(m) {
-            Err(Ambiguous) => Some((
-                m,
-                None,
-                Decision::refused(
-                    "a sampling result spells one of its members (content, type, name, input, \
-                     inputResponses) two ways: the server might read the one not judged",
-                ),
-            )),
-            Ok(uses) => uses.into_iter().find_map(|(name, input)| {
-                let d = policy.check_granted(&grant, self.server_name(), &Call::tool(name, input));
-                (!d.allow).then_some((m, Some(name), d))
-            }),
-        });
-        if let Some((m, tool, d)) = denied_use {
-            self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
-            self.daemon
-                .metrics
-                .denials
-                .get_or_create(&crate::metrics::RuleLabels {
-                    server: self.server_name().to_owned(),
-                    rule: d.rule_label().to_owned(),
-                })
-                .inc();
-            let why = match tool {
-                Some(tool) => {
-                    warn!(tool = %capped(tool), authz.rule = %d.rule, "refused: a sampling result asks the server to run a tool the policy denies");
-                    format!(
-                        "a sampling result in the body asks the server to run a tool the \
-                         policy denies ({})",
-                        d.rule_label()
-                    )
-                }
-                None => {
-                    warn!(authz.rule = %d.rule, "refused: a sampling result spells a member two ways");
-                    d.rule.clone()
-                }
-            };
-            if self.daemon.audit.healthy() && m.method().is_none() {
-                self.daemon.audit.record_later(
-                    self.client_response_event(m, session_id.as_deref(), &protocol)
-                        .field("path", &self.audit_path(&parts))
-                        .field("decision", "deny")
-                        .field("rule", &d.rule),
-                );
-            }
-            self.record_refused(&parts, &body, &why);
-            // Which rule refused it stays in the log and the audit event, as for any denial.
-            return error_response(
-                StatusCode::FORBIDDEN,
-                code::INVALID_REQUEST,
-                match tool {
-                    Some(_) => format!(
-                        "a sampling result for server {} asks it to run a tool refused by \
-                         policy (interceptor)",
-                        self.server_name()
-                    ),
-                    None => format!("{} (interceptor)", d.rule),
-                },
-            );
-        }
+        // a call of that tool by this identity: a request carrying a denied one is denied (in
+        // `decide`); an answer holding one is recorded as refused and reaches the server as an
+        // error for its request (which then fails at once instead of waiting for an answer).
+        let refused_answers: Vec<Option<Decision>> = body
+            .messages
+            .iter()
+            .map(|m| match m {
+                Message::Response { .. } => self.judge_tool_uses(&policy, &grant, m),
+                _ => None,
+            })
+            .collect();
         let decisions: Vec<Option<Decision>> = body
             .messages
             .iter()
@@ -1977,17 +1925,24 @@ impl Conn {
             .iter()
             .zip(&decisions)
             .zip(&targets)
-            .map(|((m, d), target)| match d {
+            .zip(&refused_answers)
+            .map(|(((m, d), target), refused)| match d {
                 Some(d) => self
                     .request_event(m, d, target, session_id.as_deref(), &protocol)
                     .field("path", &path),
                 // The agent's answers to the server's requests (sampling, elicitation, roots)
                 // are what the server acts on: on record too (not forwarded when the batch
                 // they came in is refused, nor when this write fails).
-                None => self
-                    .client_response_event(m, session_id.as_deref(), &protocol)
-                    .field("batch_refused", &denied)
-                    .field("path", &path),
+                None => {
+                    let event = self
+                        .client_response_event(m, session_id.as_deref(), &protocol)
+                        .field("batch_refused", &denied)
+                        .field("path", &path);
+                    match refused {
+                        Some(r) => event.field("decision", "deny").field("rule", &r.rule),
+                        None => event,
+                    }
+                }
             })
             .collect();
         // The allowed requests' answers are owed from here on: built before their events are
@@ -2109,6 +2064,20 @@ impl Conn {
             .collect();
         roles.sort();
         roles.dedup();
+        // A refused answer reaches the server as an error for its request (recorded above as
+        // the agent sent it, refused).
+        let mut body = body;
+        for (m, refused) in body.messages.iter_mut().zip(&refused_answers) {
+            if let (Message::Response { body: answer, .. }, Some(_)) = (m, refused) {
+                *answer = serde_json::Map::from_iter([(
+                    "error".to_owned(),
+                    serde_json::json!({
+                        "code": code::INVALID_REQUEST,
+                        "message": "the client's answer was refused by policy (interceptor)",
+                    }),
+                )]);
+            }
+        }
         let response = self
             .forward(parts, Bytes::from(body.to_bytes()), listen, pending, &roles)
             .await;
@@ -2462,6 +2431,46 @@ impl Conn {
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
+    /// The refusal for the sampling results `m` hands the server, if any ([`tool_uses`]): a
+    /// `tool_use` of a tool this identity may not call, or a member spelled two ways. Counted
+    /// and logged here.
+    fn judge_tool_uses(&self, policy: &Policy, grant: &Grant, m: &Message) -> Option<Decision> {
+        let (tool, d) = match tool_uses(m) {
+            Err(Ambiguous) => (
+                None,
+                Decision::refused(
+                    "a sampling result spells one of its members (content, type, name, input, \
+                     inputResponses) two ways: the server might read the one not judged",
+                ),
+            ),
+            Ok(uses) => uses.into_iter().find_map(|(name, input)| {
+                let d = policy.check_granted(grant, self.server_name(), &Call::tool(name, input));
+                (!d.allow).then_some((Some(name), d))
+            })?,
+        };
+        if m.method().is_none() {
+            // (A request's denial is counted with the request's.)
+            self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.daemon
+                .metrics
+                .denials
+                .get_or_create(&crate::metrics::RuleLabels {
+                    server: self.server_name().to_owned(),
+                    rule: d.rule_label().to_owned(),
+                })
+                .inc();
+        }
+        match tool {
+            Some(tool) => {
+                warn!(tool = %capped(tool), authz.rule = %d.rule, "refused: a sampling result asks the server to run a tool the policy denies")
+            }
+            None => {
+                warn!(authz.rule = %d.rule, "refused: a sampling result spells a member two ways")
+            }
+        }
+        Some(d)
+    }
+
     fn decide(
         &self,
         policy: &Policy,
@@ -2484,6 +2493,9 @@ impl Conn {
             if let Some(id) = m.task_id() {
                 d = self.task_denial(policy, grant, id).unwrap_or(d);
             }
+        }
+        if d.allow {
+            d = self.judge_tool_uses(policy, grant, m).unwrap_or(d);
         }
         let counters = &self.daemon.counters;
         let metrics = &self.daemon.metrics;
