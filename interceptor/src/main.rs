@@ -1064,16 +1064,47 @@ impl TailFilter {
 /// escape sequences) and the bidirectional overrides that reorder what is shown.
 fn deceptive(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{061c}'
+                | '\u{feff}'
+        )
+}
+
+/// A record's JSON line with the characters a terminal may act on or show deceptively
+/// ([`deceptive`]: C1 controls such as U+009B, which some terminals take for CSI, DEL,
+/// bidirectional overrides) written as `\uXXXX` escapes: the same JSON to any reader.
+fn terminal_safe_json(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(deceptive) {
+        return line.into();
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        if deceptive(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 /// One event as a line a person reads. Text from agents and servers (a method, a rule quoting
-/// a name, a process name) is quoted with escapes when it holds [`deceptive`] characters or
-/// `=`: a method of `"x\n2026-… decision=allow"` must not print as a line of its own, nor
-/// one of `"x decision=allow"` as a field of its own.
+/// a name, a process name) is quoted with escapes when it holds [`deceptive`] characters, `=`
+/// or anything but ASCII (a look-alike `꞊`, a zero-width or line-separator character): a
+/// method of `"x\n2026-… decision=allow"` must not print as a line of its own, nor one of
+/// `"x decision꞊allow"` as a field of its own.
 fn render(v: &Value) -> String {
     let s = |x: &Value| match x.as_str() {
-        Some(t) if t.chars().any(|c| deceptive(c) || c == '=') => format!("{t:?}"),
+        Some(t) if !t.is_ascii() || t.chars().any(|c| deceptive(c) || c == '=') => {
+            format!("{t:?}")
+        }
         Some(t) => t.to_owned(),
         None => x.to_string(),
     };
@@ -1174,7 +1205,7 @@ fn tail(
     let emit = |v: &Value, line: &str| {
         if filter.keeps(v) {
             if json {
-                println!("{line}");
+                println!("{}", terminal_safe_json(line));
             } else {
                 println!("{}", render(v));
             }

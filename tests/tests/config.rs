@@ -481,3 +481,40 @@ fn a_mistake_elsewhere_in_daemon_does_not_keep_commands_from_the_daemon() {
     let (ok, err) = check(&std::fs::read_to_string(&path).expect("read"));
     assert!(!ok && err.contains("daemon.metrics_addr"), "{err}");
 }
+
+#[test]
+fn audit_tail_shows_agent_text_as_text() {
+    // A method (agent text) with a C1 control some terminals act on, and a look-alike `=`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let line = serde_json::json!({
+        "seq": 1, "time": "2026-11-28T00:00:00Z", "event": "mcp.request", "server": "s",
+        "method": "x\u{9b}31m decision\u{a78a}allow", "decision": "deny",
+    });
+    std::fs::write(&log, format!("{line}\n")).expect("write log");
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[audit]\npath = {:?}\n", log)).expect("write config");
+    let tail = |json: bool| {
+        let mut cmd = Command::new(interceptor_bin());
+        cmd.args(["audit", "tail", "--config"]).arg(&config);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().expect("audit tail");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).expect("UTF-8")
+    };
+    let text = tail(false);
+    assert!(!text.contains('\u{9b}'), "{text:?}");
+    assert!(
+        text.contains(r#"method="x\u{9b}31m decision꞊allow""#),
+        "{text}"
+    );
+    let json = tail(true);
+    assert!(
+        !json.contains('\u{9b}') && json.contains(r"\u009b"),
+        "{json:?}"
+    );
+    let parsed: serde_json::Value = serde_json::from_str(json.trim()).expect("still JSON");
+    assert_eq!(parsed["method"], line["method"]);
+}
