@@ -348,7 +348,10 @@ fn dispatch(stream: std::net::TcpStream, peer: SocketAddr, daemon: &Arc<Daemon>,
             match TcpStream::from_std(stream) {
                 Ok(stream) => serve(stream, peer, daemon, id, at).await,
                 Err(e) => {
-                    warn!(error = %e, client.addr = %peer, "cannot register the accepted socket with its worker; closing it")
+                    warn!(error = %e, client.addr = %peer, "cannot register the accepted socket with its worker; closing it");
+                    // Its record goes too: left, it would serve whoever binds the same source
+                    // port and dials the proxy port as this agent.
+                    let _ = daemon.kernel.take_conn(&tuple_key(peer, at));
                 }
             }
         }
@@ -454,16 +457,21 @@ enum Opened {
     OverLimit,
 }
 
-/// Finds the kernel record of an accepted connection and builds its identity; registers the
-/// connection as live.
-fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
-    let counters = &daemon.counters;
-    let key = TupleKey {
+/// The key of the kernel record of the connection from `peer` accepted at `at`.
+fn tuple_key(peer: SocketAddr, at: Local) -> TupleKey {
+    TupleKey {
         netns_cookie: at.netns_cookie,
         client: Addr::from(peer),
         proxy_port: at.port,
         _pad: 0,
-    };
+    }
+}
+
+/// Finds the kernel record of an accepted connection and builds its identity; registers the
+/// connection as live.
+fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
+    let counters = &daemon.counters;
+    let key = tuple_key(peer, at);
     let Some(record) = daemon.kernel.take_conn(&key) else {
         let closed = counters.no_record.fetch_add(1, Ordering::Relaxed) + 1;
         // At most once a second, as over-limit refusals: a client dialling the proxy port in

@@ -340,6 +340,25 @@ impl Config {
             .into_iter()
             .filter(|p| self.naming.template.contains(p))
             .collect();
+        // Values the process chooses: where they tell workloads apart, one can take another's
+        // id (its certificate, its assertion's `sub`, its workload bindings and revocation).
+        let anchored = ["{cgroup_path}", "{pod}", "{container}"]
+            .iter()
+            .any(|p| self.naming.template.contains(p));
+        let chosen: Vec<&str> = ["{comm}", "{exe}"]
+            .into_iter()
+            .filter(|p| self.naming.template.contains(p) && (*p == "{comm}" || !anchored))
+            .collect();
+        if !chosen.is_empty() {
+            out.push(format!(
+                "[identity] workload_id uses {}, which a process sets itself (its name with \
+                 prctl; an executable path in its own filesystem): a process can render \
+                 another workload's id (its certificate, assertions and workload-id \
+                 revocation); build ids from {{cgroup_path}} (or {{pod}}/{{container}}) and \
+                 {{uid}}",
+                chosen.join(" ")
+            ));
+        }
         if !optional.is_empty() {
             out.push(format!(
                 "[identity] workload_id uses {}: a process without one (no known executable: \
@@ -1183,6 +1202,21 @@ mod tests {
             .unwrap()
             .warnings();
         assert!(w.iter().any(|w| w.contains("uses {exe}")), "{w:?}");
+        assert!(
+            w.iter()
+                .any(|w| w.contains("{exe}, which a process sets itself")),
+            "{w:?}"
+        );
+        // {comm} tells workloads apart by a name any process picks, anchored or not.
+        let with_comm = with_exe.replace("/exe{exe}", "/cgroup{cgroup_path}/comm/{comm}");
+        let w = super::Config::parse(std::path::Path::new("t.toml"), &with_comm)
+            .unwrap()
+            .warnings();
+        assert!(
+            w.iter()
+                .any(|w| w.contains("{comm}, which a process sets itself")),
+            "{w:?}"
+        );
         // In a folder others cannot pass through, nobody else reads it; one its group may
         // pass, that group's members may.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
