@@ -464,7 +464,12 @@ impl Render<'_> {
             if i > 0 {
                 self.out.push(b',');
             }
-            if k.len() > self.cut.bytes {
+            let secret_shaped = || matches!(self.r.redact_text(k), std::borrow::Cow::Owned(_));
+            if self.hiding && (!identifier(k) || secret_shaped()) {
+                // Under a secret key, a key may itself be the secret (a token as a map key).
+                self.redacted = true;
+                json_into(&mut self.out, &format!("[REDACTED key {i}]"));
+            } else if k.len() > self.cut.bytes {
                 json_into(&mut self.out, &cut_text(k, self.cut.bytes, Some(i)));
             } else {
                 json_into(&mut self.out, k);
@@ -783,6 +788,15 @@ impl Redactor {
             self.keys.iter().any(|p| form.contains(p.as_str()))
         }
     }
+}
+
+/// A key that looks like it names a member rather than holds data: short, of identifier
+/// characters (its shape as a secret is judged by the caller).
+fn identifier(key: &str) -> bool {
+    key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// A count of tokens, which language-model tools take (`max_tokens`, `maxTokens`,
@@ -1828,7 +1842,9 @@ fn first_sealed(path: &Path) -> Option<(String, String)> {
         return None;
     }
     let mut line = Vec::new();
-    BufReader::new(File::open(path).ok()?.take(1 << 20))
+    // Up to the first line break: a record may be megabytes (`max_argument_bytes = 0`), and
+    // only a bound against a file without one is wanted.
+    BufReader::new(File::open(path).ok()?.take(1 << 28))
         .read_until(b'\n', &mut line)
         .ok()?;
     let text = std::str::from_utf8(&line).ok()?;
@@ -3053,6 +3069,16 @@ mod tests {
             c["credential_source"],
             json!({"executable":{"command":"[REDACTED]","timeout_millis":"[REDACTED]","interactive":false}})
         );
+        // A key there may be the secret itself (a token as a map key).
+        let k = redact(
+            json!({"api_keys":{"sk_live_0123456789abcdefghij":{"scope":"ci"},"ghp/0123456789abcdef0123456789abcdef01234567":"ci"}}),
+        );
+        let text = k.to_string();
+        assert!(
+            !text.contains("sk_live_0123456789") && !text.contains("ghp/0123"),
+            "{text}"
+        );
+        assert!(text.contains("[REDACTED key"), "{text}");
         // Spelled the other usual ways.
         let w = redact(
             json!({"apiKey":"k","x-api-key":"k","Api.Key":"k","set-cookie":"c","apiary":"a"}),

@@ -1076,7 +1076,8 @@ fn deceptive(c: char) -> bool {
 
 /// A record's JSON line with the characters a terminal may act on or show deceptively
 /// ([`deceptive`]: C1 controls such as U+009B, which some terminals take for CSI, DEL,
-/// bidirectional overrides) written as `\uXXXX` escapes: the same JSON to any reader.
+/// bidirectional overrides) written as `\uXXXX` escapes: the same JSON to any reader, but
+/// not the same bytes (so only for a terminal).
 fn terminal_safe_json(line: &str) -> std::borrow::Cow<'_, str> {
     if !line.chars().any(deceptive) {
         return line.into();
@@ -1202,10 +1203,15 @@ fn tail(
     // Reading the first event of a file followed after another: a `seq` gap there means
     // files rotated away meanwhile.
     let mut switched = false;
+    // The raw lines, byte for byte (a copy verifies: each record's hash is of its bytes),
+    // but on a terminal, which some of their characters could drive.
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let emit = |v: &Value, line: &str| {
         if filter.keeps(v) {
-            if json {
-                println!("{}", terminal_safe_json(line));
+            if json && on_terminal {
+                println!("{}", terminal_safe_json(line.trim_end()));
+            } else if json {
+                println!("{line}");
             } else {
                 println!("{}", render(v));
             }
@@ -1528,7 +1534,25 @@ fn print_status(s: &Value) {
 mod tests {
     use serde_json::json;
 
-    use super::render;
+    use super::{render, terminal_safe_json};
+
+    #[test]
+    fn a_json_line_for_a_terminal_is_the_same_json_without_what_drives_one() {
+        let value = json!({"seq": 1, "method": "x\u{9b}31m\u{202e}y\u{7f}", "ok": "plain"});
+        let line = value.to_string();
+        let safe = terminal_safe_json(&line);
+        assert!(
+            !safe
+                .chars()
+                .any(|c| matches!(c, '\u{9b}' | '\u{202e}' | '\u{7f}')),
+            "{safe}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&safe).unwrap(),
+            value
+        );
+        assert_eq!(terminal_safe_json(r#"{"a":"b"}"#), r#"{"a":"b"}"#);
+    }
 
     #[test]
     fn a_tail_line_cannot_be_forged_by_what_agents_send() {

@@ -678,6 +678,13 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
     assert_eq!(w.upstream.bodies().len(), sent, "forwarded");
     let denied = audit_event(&w, "mcp.request", |e| e["id"] == 12);
     assert_eq!(denied["decision"], "deny", "{denied}");
+    // A refused batch answers the agent's requests only, not the answers it carried to the
+    // server's (their ids are the server's).
+    let batch = br#"[{"jsonrpc":"2.0","id":13,"method":"tools/call","params":{"name":"delete_note"}},{"jsonrpc":"2.0","id":"srv-8","result":{}}]"#;
+    let r = send_raw(PROBE, &w.dir, &addr, &post(batch, ""));
+    let v: Value = serde_json::from_str(r.reply.as_deref().unwrap_or("")).expect("batch answer");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["id"], 13, "{v}");
 }
 
 #[test]

@@ -1985,10 +1985,11 @@ impl Conn {
             }
             warn!(error = %e, "audit log unavailable; request not forwarded");
             if !denied {
-                let id = if body.batch {
+                let first = &body.messages[0];
+                let id = if body.batch || first.method().is_none() {
                     None
                 } else {
-                    body.messages[0].id().cloned()
+                    first.id().cloned()
                 };
                 return json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -2008,6 +2009,9 @@ impl Conn {
                 .iter()
                 .zip(&decisions)
                 .filter_map(|(m, d)| {
+                    // An answer to the server's request is owed no answer (its id is the
+                    // server's, and may be one of the agent's own).
+                    m.method()?;
                     let id = m.id()?.clone();
                     Some(match d {
                         Some(d) if !d.allow => denial(&policy, m, Some(id)),
@@ -2430,7 +2434,6 @@ impl Conn {
                 })
     }
 
-    /// Decides one message (responses to server requests carry no method and pass).
     /// The refusal for the sampling results `m` hands the server, if any ([`tool_uses`]): a
     /// `tool_use` of a tool this identity may not call, or a member spelled two ways. Counted
     /// and logged here.
@@ -2471,6 +2474,7 @@ impl Conn {
         Some(d)
     }
 
+    /// Decides one message (responses to server requests carry no method and pass).
     fn decide(
         &self,
         policy: &Policy,
