@@ -675,6 +675,12 @@ fn answers_to_server_requests_and_a_calls_other_params_are_audited() {
         Some(-32602),
         "{r:?}"
     );
+    assert!(
+        r.reply
+            .as_deref()
+            .is_some_and(|b| b.contains("sampling result") && !b.contains("\"search\"")),
+        "the request's own tool is not what was refused: {r:?}"
+    );
     assert_eq!(w.upstream.bodies().len(), sent, "forwarded");
     let denied = audit_event(&w, "mcp.request", |e| e["id"] == 12);
     assert_eq!(denied["decision"], "deny", "{denied}");

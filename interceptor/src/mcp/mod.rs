@@ -2013,7 +2013,16 @@ impl Conn {
                     // server's, and may be one of the agent's own).
                     m.method()?;
                     let id = m.id()?.clone();
+                    // A request refused for the sampling results it carries is not refused
+                    // for its own method or tool: said so, not as a denial of those.
+                    let carries_uses = tool_uses(m).map_or(true, |uses| !uses.is_empty());
                     Some(match d {
+                        Some(d) if !d.allow && carries_uses => jsonrpc::error_response(
+                            Some(id),
+                            code::INVALID_PARAMS,
+                            "a sampling result in params.inputResponses is refused by policy \
+                             (interceptor)",
+                        ),
                         Some(d) if !d.allow => denial(&policy, m, Some(id)),
                         _ => jsonrpc::error_response(
                             Some(id),
