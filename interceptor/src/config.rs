@@ -1089,7 +1089,7 @@ pub fn seen_by_programs(cgroup: &str, root: &str) -> Result<String, String> {
 
 /// Where the kernel sends a connection to `addr`: loopback for the unspecified address
 /// (`0.0.0.0:P` to `127.0.0.1:P`, `[::]:P` to `[::1]:P`), else `addr`.
-fn stands_for(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn stands_for(addr: SocketAddr) -> SocketAddr {
     use std::net::{Ipv4Addr, Ipv6Addr};
     match addr.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => {

@@ -1340,13 +1340,10 @@ pub fn intercepted(
     // 127.0.0.1:P from an unbound socket).
     let configured: Vec<(SocketAddr, usize)> = map.iter().map(|(&a, &id)| (a, id)).collect();
     for (addr, id) in configured {
-        let loopback = match addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            _ => continue,
-        };
-        map.entry(SocketAddr::new(loopback, addr.port()))
-            .or_insert(id);
+        let reached = crate::config::stands_for(addr);
+        if reached != addr {
+            map.entry(reached).or_insert(id);
+        }
     }
     let direct: Vec<(SocketAddr, usize)> = map.iter().map(|(&a, &id)| (a, id)).collect();
     // [::1]:P before 127.0.0.1:P for [::]:P: that is where an ordinary IPv6 socket goes.

@@ -797,8 +797,12 @@ impl Policy {
         // Other methods: deny wins is moot (no deny_methods); the first role that allows the
         // method (and, where it bounds them, the resource or prompt it names) decides.
         // A target that reaches past what it names matches no bound (see `escapes`).
-        let bounded_method =
-            call.method.starts_with("resources/") || call.method.starts_with("prompts/");
+        // (What a bound is called, and what it bounds, for the rules.)
+        let (key, what) = if call.method.starts_with("prompts/") {
+            ("allow_prompts", "prompt")
+        } else {
+            ("allow_resources", "resource URI")
+        };
         // Looked for once, when a bound is first met (a role without bounds may decide first).
         let mut escaping: Option<Option<&'static str>> = None;
         let mut bounded = false;
@@ -813,13 +817,7 @@ impl Policy {
                 );
             };
             bounded = true;
-            let key = if call.method.starts_with("prompts/") {
-                "allow_prompts"
-            } else {
-                "allow_resources"
-            };
-            let escapes_here = *escaping
-                .get_or_insert_with(|| call.name.filter(|_| bounded_method).and_then(escapes));
+            let escapes_here = *escaping.get_or_insert_with(|| call.name.and_then(escapes));
             let target = call.name.filter(|_| escapes_here.is_none());
             if let Some(t) = target.and_then(|t| allowed_by(targets, t)) {
                 return Decision::allow(
@@ -836,11 +834,6 @@ impl Policy {
         if bounded {
             // The target is in the event's (redacted) `name`; a URI may carry credentials, so
             // the rule does not quote it.
-            let what = if call.method.starts_with("prompts/") {
-                "prompt"
-            } else {
-                "resource URI"
-            };
             return Decision::deny(match escaping.flatten() {
                 Some(why) => {
                     format!("refused: the {what} has {why}, which no allow pattern vouches for")

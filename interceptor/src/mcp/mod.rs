@@ -1619,14 +1619,20 @@ impl Conn {
         // By a query parameter naming a session (its name or id), not by the path alone: a
         // session's message path may be where streams are opened too (the Go SDK announces
         // `/sse?sessionid=…`, its GET path), and a path reaches no session without its id.
-        let names_live = own_url
-            || any_live && {
-                let names = request_names(&key, pq);
-                lock(&self.daemon.sessions).names_any(&names[1..])
-            };
+        let names_live = own_url || any_live && self.names_live_session(&key, pq, false);
         names_live.then(|| {
             refuse("a legacy SSE session's message URL takes POSTs only (its stream is the GET of the endpoint that announced it)")
         })
+    }
+
+    /// Whether a request to `key` (at the raw `pq`) names a live legacy SSE session
+    /// ([`request_names`]), by its path too or only by its query (`by_path`). What it names is
+    /// built before the sessions are locked (a query may hold thousands of pairs).
+    fn names_live_session(&self, key: &str, pq: &str, by_path: bool) -> bool {
+        let names = request_names(key, pq);
+        // The path is named first.
+        let names = if by_path { &names[..] } else { &names[1..] };
+        lock(&self.daemon.sessions).names_any(names)
     }
 
     /// The answer to an HTTP request that carries nothing to judge but the server (a GET or
@@ -1816,11 +1822,7 @@ impl Conn {
             let sessions = lock(&self.daemon.sessions);
             (sessions.get(&key).cloned(), sessions.any_live())
         };
-        // What the request names is built unlocked (a query may hold thousands of pairs).
-        let names_live = legacy.is_none() && any_live && {
-            let names = request_names(&key, pq);
-            lock(&self.daemon.sessions).names_any(&names)
-        };
+        let names_live = legacy.is_none() && any_live && self.names_live_session(&key, pq, true);
         if names_live {
             self.rejected();
             warn!(path = %parts.uri.path(), "request refused: names a live legacy SSE session, but not by its URL");
@@ -2461,16 +2463,8 @@ impl Conn {
             })?,
         };
         if m.method().is_none() {
-            // (A request's denial is counted with the request's.)
-            self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
-            self.daemon
-                .metrics
-                .denials
-                .get_or_create(&crate::metrics::RuleLabels {
-                    server: self.server_name().to_owned(),
-                    rule: d.rule_label().to_owned(),
-                })
-                .inc();
+            // (A request's denial is counted with the request's, in `decide`.)
+            self.count_denial(&d);
         }
         match tool {
             Some(tool) => {
@@ -2481,6 +2475,19 @@ impl Conn {
             }
         }
         Some(d)
+    }
+
+    /// Counts a policy denial: in all, and by its rule (without what the agent sent).
+    fn count_denial(&self, d: &Decision) {
+        self.daemon.counters.denied.fetch_add(1, Ordering::Relaxed);
+        self.daemon
+            .metrics
+            .denials
+            .get_or_create(&crate::metrics::RuleLabels {
+                server: self.server_name().to_owned(),
+                rule: d.rule_label().to_owned(),
+            })
+            .inc();
     }
 
     /// Decides one message (responses to server requests carry no method and pass).
@@ -2520,15 +2527,6 @@ impl Conn {
                 decision: if d.allow { "allow" } else { "deny" }.to_owned(),
             })
             .inc();
-        if !d.allow {
-            metrics
-                .denials
-                .get_or_create(&crate::metrics::RuleLabels {
-                    server: self.server_name().to_owned(),
-                    rule: d.rule_label().to_owned(),
-                })
-                .inc();
-        }
         let id = m.id().map(ToString::to_string).unwrap_or_default();
         // Capped (a resource URI or prompt name is the agent's and may be megabytes) and
         // redacted, as in the audit log; only when a line is written.
@@ -2539,7 +2537,7 @@ impl Conn {
                 server.name = self.server_name(), authz.decision = "allow", authz.rule = %d.rule,
                 "mcp request");
         } else {
-            counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.count_denial(&d);
             info!(mcp.method = method, mcp.name = name(), mcp.id = %id, mcp.protocol = protocol,
                 server.name = self.server_name(), authz.decision = "deny", authz.rule = %d.rule,
                 "mcp request");
