@@ -647,7 +647,7 @@ impl Validator<'_> {
                     let normalized = normalize(addr);
                     // Where the kernel sends it: one address whichever way it is written.
                     let reached = stands_for(normalized);
-                    if reached.ip().is_loopback() && reached.port() == daemon.listen_port {
+                    if is_proxy_listener(reached, daemon.listen_port) {
                         return Err(self.invalid(
                             &k,
                             format!(
@@ -693,7 +693,7 @@ impl Validator<'_> {
             if let Some(own) = upstream_addrs
                 .iter()
                 .map(|&a| stands_for(normalize(a)))
-                .find(|a| a.ip().is_loopback() && a.port() == daemon.listen_port)
+                .find(|&a| is_proxy_listener(a, daemon.listen_port))
             {
                 return Err(self.invalid(
                     key("upstream"),
@@ -1102,6 +1102,15 @@ pub(crate) fn stands_for(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Whether a connection to `reached` (as [`stands_for`] gives it) lands on the proxy's own
+/// listener: `127.0.0.1:port` or `[::1]:port`, the addresses it binds and the programs redirect
+/// to. Another loopback address at that port (`127.0.0.3:port`) is another socket.
+fn is_proxy_listener(reached: SocketAddr, port: u16) -> bool {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    reached.port() == port
+        && (reached.ip() == Ipv4Addr::LOCALHOST || reached.ip() == Ipv6Addr::LOCALHOST)
+}
+
 /// IPv4-mapped IPv6 addresses become IPv4: one address, one key.
 fn normalize(addr: SocketAddr) -> SocketAddr {
     match addr {
@@ -1504,6 +1513,14 @@ upstream = "[::ffff:10.9.9.9]:9000"
         let e =
             err("[[server]]\nname='a'\nintercept=['127.0.0.1:15001']\nupstream='127.0.0.1:1'\n");
         assert!(e.contains("proxy's own listener"), "{e}");
+        let e = err("[[server]]\nname='a'\nintercept=['0.0.0.0:15001']\nupstream='127.0.0.1:1'\n");
+        assert!(e.contains("proxy's own listener"), "{e}");
+        let e = err("[[server]]\nname='a'\nintercept=['127.0.0.2:80']\nupstream='[::]:15001'\n");
+        assert!(e.contains("proxy's own listener"), "{e}");
+        // Another loopback address at the proxy's port is another socket (a test's upstream
+        // bound to 127.0.0.3 with a port the kernel chose).
+        parse("[[server]]\nname='a'\nintercept=['127.0.0.3:15001']\nupstream='127.0.0.4:15001'\n")
+            .expect("another loopback address is another socket");
     }
 
     #[test]
