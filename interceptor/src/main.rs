@@ -10,7 +10,7 @@ use interceptor::{
     cgroup::Hierarchy,
     config::{Config, DEFAULT_CONFIG_PATH},
     daemon,
-    policy::{Call, Subject},
+    policy::{Call, Reference, Subject},
     telemetry::{self, LogFormat},
 };
 use serde_json::Value;
@@ -323,11 +323,19 @@ enum PolicyCommand {
         #[arg(long)]
         server: String,
         /// Tool name (a tools/call).
-        #[arg(long, conflicts_with = "method")]
+        #[arg(long, conflicts_with_all = ["method", "prompt", "resource"])]
         tool: Option<String>,
-        /// Another MCP method, e.g. resources/read.
+        /// Another MCP method, e.g. resources/read (default: prompts/get with --prompt,
+        /// resources/read with --resource).
         #[arg(long)]
         method: Option<String>,
+        /// The prompt the method names (prompts/get), or completes for (completion/complete).
+        #[arg(long, conflicts_with = "resource")]
+        prompt: Option<String>,
+        /// The resource URI the method names (resources/read, resources/subscribe), or the
+        /// resource template it completes for (completion/complete).
+        #[arg(long, value_name = "URI")]
+        resource: Option<String>,
         /// The tool's arguments as JSON (for argument constraints).
         #[arg(long, value_name = "JSON")]
         arguments: Option<String>,
@@ -616,6 +624,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             tool,
             method,
+            prompt,
+            resource,
             arguments,
             cgroup,
             uid,
@@ -645,8 +655,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let method = match (&tool, &method) {
                 (Some(_), _) => "tools/call".to_owned(),
                 (None, Some(m)) => m.clone(),
-                (None, None) => bail!("give --tool NAME or --method METHOD"),
+                (None, None) if prompt.is_some() => "prompts/get".to_owned(),
+                (None, None) if resource.is_some() => "resources/read".to_owned(),
+                (None, None) => {
+                    bail!("give --tool NAME, --prompt NAME, --resource URI or --method METHOD")
+                }
             };
+            // What a completion completes for is the prompt or resource given.
+            let reference =
+                (method == "completion/complete").then_some(match (&prompt, &resource) {
+                    (Some(_), _) => Reference::Prompt,
+                    (None, Some(_)) => Reference::Resource,
+                    (None, None) => Reference::Other,
+                });
             let subject = Subject {
                 cgroup: cgroup.as_deref(),
                 uid,
@@ -657,8 +678,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let call = Call {
                 method: &method,
-                name: tool.as_deref(),
+                name: tool
+                    .as_deref()
+                    .or(prompt.as_deref())
+                    .or(resource.as_deref()),
                 arguments: arguments.as_ref(),
+                reference,
             };
             let bound = config.policy.bound_roles(&subject);
             if bound.is_empty() {

@@ -329,15 +329,27 @@ impl Role {
     /// for a resource method with `allow_resources`, `prompts/get` with `allow_prompts`.
     /// Every resource or prompt method but the lists (always allowed) and
     /// `resources/unsubscribe` (ending a subscription needs no bound): a method this proxy
-    /// does not know names no target and so is refused where a bound applies.
-    fn targets(&self, method: &str) -> Option<&[Pattern]> {
-        let list = match method {
-            "resources/list"
-            | "resources/templates/list"
-            | "resources/unsubscribe"
-            | "prompts/list" => return None,
-            m if m.starts_with("resources/") => &self.allow_resources,
-            m if m.starts_with("prompts/") => &self.allow_prompts,
+    /// does not know names no target and so is refused where a bound applies. A
+    /// `completion/complete` is bounded as what its reference names: a prompt's arguments by
+    /// `allow_prompts`, a resource template's by `allow_resources` (a reference of another
+    /// kind is refused where either bound applies).
+    fn targets(&self, call: &Call<'_>) -> Option<&[Pattern]> {
+        let list = match (call.method, call.reference) {
+            (
+                "resources/list"
+                | "resources/templates/list"
+                | "resources/unsubscribe"
+                | "prompts/list",
+                _,
+            ) => return None,
+            ("completion/complete", Some(Reference::Prompt)) => &self.allow_prompts,
+            ("completion/complete", Some(Reference::Resource)) => &self.allow_resources,
+            ("completion/complete", _) => {
+                let bounded = !self.allow_prompts.is_empty() || !self.allow_resources.is_empty();
+                return bounded.then_some(&[]);
+            }
+            (m, _) if m.starts_with("resources/") => &self.allow_resources,
+            (m, _) if m.starts_with("prompts/") => &self.allow_prompts,
             _ => return None,
         };
         (!list.is_empty()).then_some(list.as_slice())
@@ -495,6 +507,20 @@ pub struct Call<'a> {
     pub name: Option<&'a str>,
     /// `params.arguments`.
     pub arguments: Option<&'a Value>,
+    /// For `completion/complete`: the kind of what `params.ref` names (`name` is then the
+    /// prompt's name or the resource template's URI).
+    pub reference: Option<Reference>,
+}
+
+/// What a `completion/complete` completes an argument of: its `params.ref.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reference {
+    /// `ref/prompt`, named by `name`.
+    Prompt,
+    /// `ref/resource`, a resource template named by `uri`.
+    Resource,
+    /// A type this proxy does not know.
+    Other,
 }
 
 impl<'a> Call<'a> {
@@ -503,6 +529,7 @@ impl<'a> Call<'a> {
             method,
             name: None,
             arguments: None,
+            reference: None,
         }
     }
 
@@ -511,6 +538,7 @@ impl<'a> Call<'a> {
             method: "tools/call",
             name: Some(name),
             arguments,
+            reference: None,
         }
     }
 }
@@ -798,10 +826,13 @@ impl Policy {
         // method (and, where it bounds them, the resource or prompt it names) decides.
         // A target that reaches past what it names matches no bound (see `escapes`).
         // (What a bound is called, and what it bounds, for the rules.)
-        let (key, what) = if call.method.starts_with("prompts/") {
-            ("allow_prompts", "prompt")
-        } else {
-            ("allow_resources", "resource URI")
+        let (key, what) = match call.reference {
+            Some(Reference::Prompt) => ("allow_prompts", "prompt"),
+            Some(Reference::Resource) => ("allow_resources", "resource template"),
+            Some(Reference::Other) => ("", "completion reference"),
+            None if call.method.starts_with("prompts/") => ("allow_prompts", "prompt"),
+            None if call.method == "completion/complete" => ("", "completion reference"),
+            None => ("allow_resources", "resource URI"),
         };
         // Looked for once, when a bound is first met (a role without bounds may decide first).
         let mut escaping: Option<Option<&'static str>> = None;
@@ -810,7 +841,7 @@ impl Policy {
             let Some(p) = r.allow_methods.iter().find(|p| p.matches(call.method)) else {
                 continue;
             };
-            let Some(targets) = r.targets(call.method) else {
+            let Some(targets) = r.targets(call) else {
                 return Decision::allow(
                     format!("role {}: allow_methods {:?}", r.name, p.as_str()),
                     vec![r.name.clone()],
@@ -947,6 +978,7 @@ impl Policy {
             method,
             name: Some(name),
             arguments: None,
+            reference: None,
         };
         if method == "tools/call" {
             // Listing ignores argument constraints: the tool is usable with the right arguments.
@@ -1050,7 +1082,10 @@ impl Policy {
             // Arguments constrained for tools, but a method judged by its name alone beside.
             let unconstrained: Vec<&str> = ["resources/read", "prompts/get"]
                 .into_iter()
-                .filter(|m| r.allow_methods.iter().any(|p| p.matches(m)) && r.targets(m).is_none())
+                .filter(|m| {
+                    r.allow_methods.iter().any(|p| p.matches(m))
+                        && r.targets(&Call::method(m)).is_none()
+                })
                 .collect();
             if !r.tool_args.is_empty() && !unconstrained.is_empty() {
                 out.push(format!(
@@ -1780,6 +1815,7 @@ mod tests {
                     method,
                     name: Some(name),
                     arguments: None,
+                    reference: None,
                 },
             )
         };
@@ -1817,6 +1853,67 @@ mod tests {
     }
 
     #[test]
+    fn a_completion_is_bounded_as_what_it_completes_for() {
+        let p = policy(
+            r#"
+            [[role]]
+            name = "reader"
+            servers = ["notes"]
+            allow_methods = ["completion/complete", "prompts/get"]
+            allow_resources = ["notes://public/*"]
+            allow_prompts = ["summarize_*"]
+            [[role]]
+            name = "open"
+            servers = ["admin"]
+            allow_methods = ["completion/complete"]
+            [[binding]]
+            role = "reader"
+            cgroup = "/agents/**"
+            [[binding]]
+            role = "open"
+            cgroup = "/agents/**"
+            "#,
+        );
+        let who = agent();
+        let complete = |server: &str, reference: Option<Reference>, name: Option<&str>| {
+            p.check(
+                &who,
+                server,
+                &Call {
+                    method: "completion/complete",
+                    name,
+                    arguments: None,
+                    reference,
+                },
+            )
+        };
+        let prompt = Some(Reference::Prompt);
+        let resource = Some(Reference::Resource);
+        let d = complete("notes", prompt, Some("summarize_doc"));
+        assert!(
+            d.allow && d.rule.contains("allow_prompts \"summarize_*\""),
+            "{d:?}"
+        );
+        let d = complete("notes", prompt, Some("delete_all"));
+        assert!(!d.allow && d.rule.contains("prompt on server"), "{d:?}");
+        assert!(complete("notes", resource, Some("notes://public/{name}")).allow);
+        let d = complete("notes", resource, Some("file:///{path}"));
+        assert!(
+            !d.allow && d.rule.contains("resource template") && !d.rule.contains("file:"),
+            "{d:?}"
+        );
+        assert!(!complete("notes", resource, Some("notes://public/../{name}")).allow);
+        // A reference of a kind the proxy does not know, or none, names nothing it can judge.
+        for (reference, name) in [(Some(Reference::Other), Some("x")), (None, None)] {
+            let d = complete("notes", reference, name);
+            assert!(!d.allow && d.rule.contains("completion reference"), "{d:?}");
+        }
+        // A role without bounds completes for anything on the servers it grants.
+        assert!(complete("admin", prompt, Some("delete_all")).allow);
+        assert!(complete("admin", Some(Reference::Other), None).allow);
+    }
+
+    #[test]
     fn every_reading_of_a_value_is_judged_but_only_new_separators_need_a_pattern() {
         let p = policy(
             r#"
@@ -1849,6 +1946,7 @@ mod tests {
                     method: "resources/read",
                     name: Some(uri),
                     arguments: None,
+                    reference: None,
                 },
             )
         };

@@ -292,6 +292,82 @@ fn policy_explain_prints_decision_and_rule() {
 }
 
 #[test]
+fn policy_explain_judges_prompts_resources_and_completions() {
+    let bounded = POLICY.replace(
+        "deny_tools = [\"delete_*\"]",
+        "deny_tools = [\"delete_*\"]\nallow_methods = [\"prompts/get\", \"resources/read\", \
+         \"completion/complete\"]\nallow_prompts = [\"summary\"]\n\
+         allow_resources = [\"notes://public/*\"]",
+    );
+    let explain = |extra: &[&str]| {
+        let who = [
+            "explain",
+            "--server",
+            "notes",
+            "--cgroup",
+            "/agents/a",
+            "--uid",
+            "1000",
+        ];
+        let (ok, out, err) = policy_cmd(&bounded, &[&who[..], extra].concat());
+        assert!(ok, "{extra:?}: {err}");
+        out
+    };
+    for (extra, allow, rule) in [
+        (
+            &["--prompt", "summary"][..],
+            true,
+            "allow_prompts \"summary\"",
+        ),
+        (&["--prompt", "export"], false, "this prompt"),
+        (&["--resource", "notes://public/a"], true, "allow_resources"),
+        (
+            &["--resource", "notes://private/a"],
+            false,
+            "this resource URI",
+        ),
+        (
+            &["--method", "completion/complete", "--prompt", "summary"],
+            true,
+            "allow_prompts",
+        ),
+        (
+            &[
+                "--method",
+                "completion/complete",
+                "--resource",
+                "notes://private/{x}",
+            ],
+            false,
+            "this resource template",
+        ),
+        (
+            &["--method", "completion/complete"],
+            false,
+            "completion reference",
+        ),
+    ] {
+        let out = explain(extra);
+        let decision = if allow {
+            "decision: allow"
+        } else {
+            "decision: deny"
+        };
+        assert!(
+            out.contains(decision) && out.contains(rule),
+            "{extra:?}: {out}"
+        );
+    }
+    let (ok, _, err) = policy_cmd(
+        &bounded,
+        &[
+            "explain", "--server", "notes", "--tool", "x", "--prompt", "summary",
+        ],
+    );
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
 fn check_loads_the_node_ca_as_the_daemon_would() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");

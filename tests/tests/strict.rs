@@ -1097,3 +1097,66 @@ fn a_role_bounds_the_resources_it_reads() {
     assert_eq!(denied["decision"], "deny", "{denied}");
     assert_eq!(denied["name"], "notes://private/a", "{denied}");
 }
+
+#[test]
+fn a_completion_is_bounded_by_what_it_completes_for() {
+    if !privileged() {
+        return;
+    }
+    let w = world_replacing(
+        "completion",
+        "deny_tools = [\"delete_*\"]",
+        "deny_tools = [\"delete_*\"]\nallow_methods = [\"completion/complete\"]\n\
+         allow_prompts = [\"summary*\"]\nallow_resources = [\"notes://public/*\"]",
+    );
+    let addr = w.upstream.addr.to_string();
+    let complete = |id: u32, reference: &str| {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"completion/complete","params":{{"ref":{reference},"argument":{{"name":"topic","value":"a"}}}}}}"#
+        );
+        send_raw(PROBE, &w.dir, &addr, &post(body.as_bytes(), ""))
+    };
+    let mut forwarded = 0;
+    for (id, reference) in [
+        (1, r#"{"type":"ref/prompt","name":"summary"}"#),
+        (
+            2,
+            r#"{"type":"ref/resource","uri":"notes://public/{name}"}"#,
+        ),
+    ] {
+        let r = complete(id, reference);
+        assert_eq!(r.status, Some(200), "{reference}: {r:?}");
+        forwarded += 1;
+        assert_eq!(
+            w.upstream.bodies().len(),
+            forwarded,
+            "{reference} not forwarded"
+        );
+    }
+    for (id, reference) in [
+        (3, r#"{"type":"ref/prompt","name":"export_all"}"#),
+        (
+            4,
+            r#"{"type":"ref/resource","uri":"notes://private/{name}"}"#,
+        ),
+        (5, r#"{"type":"ref/tool","name":"summary"}"#),
+    ] {
+        let r = complete(id, reference);
+        let reply = r.reply.as_deref().unwrap_or("");
+        assert!(error_code(reply).is_some(), "{reference}: {r:?}");
+        assert_eq!(
+            w.upstream.bodies().len(),
+            forwarded,
+            "{reference} was forwarded"
+        );
+    }
+    let denied = audit_event(&w, "mcp.request", |e| e["id"] == 3);
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    assert_eq!(denied["name"], "export_all", "{denied}");
+    assert!(
+        denied["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("prompt")),
+        "{denied}"
+    );
+}

@@ -11,6 +11,8 @@ use std::{cell::Cell, fmt};
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
+use crate::policy::Reference;
+
 /// JSON-RPC error codes used by the proxy.
 pub mod code {
     pub const PARSE_ERROR: i64 = -32700;
@@ -231,6 +233,28 @@ impl Message {
             _ => return None,
         };
         self.params()?.get(key)?.as_str()
+    }
+
+    /// What a `completion/complete` completes an argument of (`params.ref`, an object the
+    /// parser checked): its kind and the prompt's name or the resource template's URI.
+    pub fn completion_ref(&self) -> Option<(Reference, Option<&str>)> {
+        if self.method()? != "completion/complete" {
+            return None;
+        }
+        let reference = self.params()?.get("ref")?;
+        let text = |key: &str| reference.get(key).and_then(Value::as_str);
+        Some(match text("type") {
+            Some("ref/prompt") => (Reference::Prompt, text("name")),
+            Some("ref/resource") => (Reference::Resource, text("uri")),
+            _ => (Reference::Other, None),
+        })
+    }
+
+    /// What a request names for the record and the denial: its [`Message::target`], or the
+    /// prompt or resource template a `completion/complete` completes for.
+    pub fn named(&self) -> Option<&str> {
+        self.target()
+            .or_else(|| self.completion_ref().and_then(|(_, name)| name))
     }
 
     /// The task a `tasks/…` request names (`params.taskId`; see [`super::tasks::names_task`]).
@@ -618,6 +642,26 @@ fn check_call(message: &Message) -> Result<(), String> {
             }
         }
         "prompts/get" => string_member("name"),
+        // Judged by what it completes for (allow_prompts, allow_resources).
+        "completion/complete" => {
+            let Some(Value::Object(reference)) = params.and_then(|p| p.get("ref")) else {
+                return Err("completion/complete: params.ref must be an object".into());
+            };
+            refuse_variants(params.unwrap_or(&Map::new()), &["ref"], "params")?;
+            refuse_variants(reference, &["type", "name", "uri"], "params.ref")?;
+            let member = |key: &str| match reference.get(key) {
+                Some(Value::String(_)) => Ok(()),
+                _ => Err(format!(
+                    "completion/complete: params.ref.{key} must be a string"
+                )),
+            };
+            member("type")?;
+            match reference.get("type").and_then(Value::as_str) {
+                Some("ref/prompt") => member("name"),
+                Some("ref/resource") => member("uri"),
+                _ => Ok(()),
+            }
+        }
         // Judged by whose task it is.
         m if super::tasks::names_task(m) => {
             refuse_variants(params.unwrap_or(&Map::new()), &["taskId"], "params")?;
@@ -1042,6 +1086,32 @@ mod tests {
     }
 
     #[test]
+    fn a_completion_names_what_it_completes_for() {
+        let m = |body: &str| ok(body).messages.remove(0);
+        let prompt = m(
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"summarize"},"argument":{"name":"a","value":"b"}}}"#,
+        );
+        assert_eq!(
+            prompt.completion_ref(),
+            Some((Reference::Prompt, Some("summarize")))
+        );
+        assert_eq!((prompt.target(), prompt.named()), (None, Some("summarize")));
+        let template = m(
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"file:///{path}"}}}"#,
+        );
+        assert_eq!(
+            template.completion_ref(),
+            Some((Reference::Resource, Some("file:///{path}")))
+        );
+        let other = m(
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/tool","name":"x"}}}"#,
+        );
+        assert_eq!(other.completion_ref(), Some((Reference::Other, None)));
+        let call = m(r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"p"}}"#);
+        assert_eq!((call.completion_ref(), call.named()), (None, Some("p")));
+    }
+
+    #[test]
     fn refuses_malformed_shapes() {
         for (body, needle) in [
             (&br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["read"]}"#[..], "params must be an object"),
@@ -1054,6 +1124,11 @@ mod tests {
             (br#"[]"#, "empty batch"),
             (br#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#, "exactly one"),
             (br#"{"jsonrpc":"2.0","id":1,"method":"x","extra":1}"#, "unexpected member"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{}}"#, "params.ref must be an object"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt"}}}"#, "params.ref.name must be a string"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":7}}}"#, "params.ref.uri must be a string"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a","na_me":"b"}}}"#, "variant of \"name\""),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a"},"r_ef":{}}}"#, "variant of \"ref\""),
         ] {
             let e = err(body);
             assert!(e.message.contains(needle), "{}: {e}", String::from_utf8_lossy(body));

@@ -2308,7 +2308,7 @@ impl Conn {
     /// What a message's audit events name it by (tool, prompt, resource URI), redacted: a
     /// resource URI may carry credentials (`postgres://user:password@…`).
     fn audit_target(&self, m: &Message) -> Option<String> {
-        m.target()
+        m.named()
             .or_else(|| m.task_id())
             .map(|t| capped(&self.daemon.audit.redactor.redact_text(t)))
     }
@@ -2334,6 +2334,7 @@ impl Conn {
                     method: "resources/subscribe",
                     name: Some(uri),
                     arguments: None,
+                    reference: None,
                 };
                 let d = policy.check_granted(&grant, self.server_name(), &call);
                 (!d.allow).then(|| {
@@ -2387,6 +2388,7 @@ impl Conn {
                 method: "resources/subscribe",
                 name: Some(uri),
                 arguments: None,
+                reference: None,
             };
             let d = policy.check_granted(grant, self.server_name(), &call);
             (!d.allow).then_some(d)
@@ -2499,10 +2501,15 @@ impl Conn {
         protocol: &str,
     ) -> Option<Decision> {
         let method = m.method()?;
+        let (name, reference) = match m.completion_ref() {
+            Some((kind, name)) => (name, Some(kind)),
+            None => (m.target(), None),
+        };
         let call = Call {
             method,
-            name: m.target(),
+            name,
             arguments: m.arguments(),
+            reference,
         };
         let mut d = policy.check_granted(grant, self.server_name(), &call);
         if d.allow && method == "subscriptions/listen" {
@@ -3487,7 +3494,7 @@ fn tool_uses(m: &Message) -> Result<Vec<(&str, Option<&Value>)>, Ambiguous> {
 /// an unknown tool), -32601 for other methods.
 fn denial(policy: &Policy, m: &Message, id: Option<Value>) -> Value {
     let method = m.method().unwrap_or("");
-    match (method, m.target()) {
+    match (method, m.named()) {
         ("tools/call", Some(tool)) if policy.deny_style == DenyStyle::UnknownTool => {
             jsonrpc::error_response(id, code::INVALID_PARAMS, &format!("Unknown tool: {tool}"))
         }
