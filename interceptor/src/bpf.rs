@@ -761,6 +761,44 @@ fn lock_exclusive(
     )
 }
 
+/// The process holding the daemon's lock on the pins under `dir` (see [`lock_pins`]), as
+/// `/proc/locks` names it in this pid namespace; `None` when no one holds it or `dir` is not
+/// there.
+pub fn pins_holder(dir: &Path) -> io::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let (major, minor) = (
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+    );
+    Ok(lock_holder(
+        &std::fs::read_to_string("/proc/locks")?,
+        (major, minor, meta.ino()),
+    ))
+}
+
+/// In `/proc/locks` text, the pid holding a `FLOCK` on file `(major, minor, inode)`. Lines:
+/// `1: FLOCK  ADVISORY  WRITE 28246 fe:00:10010721 0 EOF` (device numbers in hex); a
+/// waiter's line has `->` after the index and holds nothing.
+fn lock_holder(locks: &str, (major, minor, inode): (u64, u64, u64)) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, "FLOCK", _, _, pid, file, ..] = fields.as_slice() else {
+            return None;
+        };
+        let mut parts = file.split(':');
+        let (ma, mi, ino) = (parts.next()?, parts.next()?, parts.next()?);
+        let same = u64::from_str_radix(ma, 16).ok()? == major
+            && u64::from_str_radix(mi, 16).ok()? == minor
+            && ino.parse::<u64>().ok()? == inode;
+        same.then(|| pid.parse().ok()).flatten()
+    })
+}
+
 /// Makes sure `dir` is on bpffs, mounting bpffs at /sys/fs/bpf when that is where it belongs.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     let mount = Path::new(BPFFS_MOUNT);
@@ -899,4 +937,36 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Removed, Error> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pins_lock_holder_is_read_from_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 700 fe:00:42 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 28246 fe:00:10010721 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 999 00:1f:77 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 31337 00:1f:77 0 EOF\n";
+        assert_eq!(lock_holder(locks, (0xfe, 0, 10010721)), Some(28246));
+        // The holder, not a waiter; a POSIX lock is not the daemon's.
+        assert_eq!(lock_holder(locks, (0, 0x1f, 77)), Some(31337));
+        assert_eq!(lock_holder(locks, (0xfe, 0, 42)), None);
+        assert_eq!(lock_holder(locks, (0xfe, 1, 10010721)), None);
+        assert_eq!(lock_holder("", (0, 0, 1)), None);
+    }
+
+    #[test]
+    fn a_held_lock_is_found_on_this_kernel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(pins_holder(dir.path()).expect("read"), None);
+        let file = std::fs::File::open(dir.path()).expect("open");
+        let _lock = lock_exclusive(file, dir.path()).expect("lock");
+        assert_eq!(
+            pins_holder(dir.path()).expect("read"),
+            Some(std::process::id())
+        );
+        assert_eq!(pins_holder(&dir.path().join("absent")).expect("read"), None);
+    }
 }

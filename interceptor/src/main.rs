@@ -1,6 +1,6 @@
 //! The `interceptor` command: the daemon (`run`) and the operator's tools.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
@@ -192,9 +192,10 @@ enum Command {
     /// The node CA: client certificates for upstream mTLS and identity assertions.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Detach the programs and remove every pin (maps, links, tags, revocations: those in force
-    /// are named on stderr). The daemon must be stopped (refused while one answers on the admin
-    /// socket or holds the pins). This is the only way interception stops for tagged cgroups.
+    /// Stop the daemon (SIGTERM; it drains first), detach the programs and remove every pin
+    /// (maps, links, tags, revocations: those in force are named on stderr). This is the only
+    /// way interception stops for tagged cgroups. A daemon whose admin socket is gone, or
+    /// whose pins are held by another process, must be stopped by hand first.
     Uninstall {
         #[command(flatten)]
         config: ConfigArg,
@@ -1009,17 +1010,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tail(&audit.path, follow, &filter, json)
         }
         Command::Uninstall { config } => {
-            // Never the built-in defaults: a daemon running from another file would not be
-            // seen and its pins would go under it.
-            let daemon = Config::load_daemon_paths(&config.file())?;
-            let socket = &daemon.admin_socket;
-            if admin::request(socket, &Request::Status).is_ok() {
-                bail!(
-                    "the daemon is running (it answers on {}); stop it first (SIGTERM), then \
-                     run uninstall again",
-                    socket.display()
-                );
-            }
+            let daemon = config.daemon()?;
+            stop_for_uninstall(&daemon)?;
             let removed = bpf::uninstall(&daemon.bpffs_dir)?;
             if removed.links.is_empty() && removed.maps.is_empty() {
                 println!("nothing installed under {}", daemon.bpffs_dir.display());
@@ -1043,6 +1035,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Stops the daemon that answers on the admin socket and holds the pins, for `uninstall`:
+/// SIGTERM (it drains, up to its `drain_grace`), then waits until it lets go of the pins. Only
+/// a process that is both is signalled: a pid from the socket alone may be another pid
+/// namespace's, and the lock is also held for a moment by another `uninstall`.
+fn stop_for_uninstall(daemon: &interceptor::config::DaemonPaths) -> anyhow::Result<()> {
+    const PATIENCE: Duration = Duration::from_secs(300);
+    let socket = &daemon.admin_socket;
+    let Ok(status) = admin::request(socket, &Request::Status) else {
+        // No daemon answers: the pins are free, or uninstall says who holds them.
+        return Ok(());
+    };
+    let dir = &daemon.bpffs_dir;
+    let answering = status["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    let holder = bpf::pins_holder(dir).with_context(|| {
+        format!(
+            "cannot tell which process holds the pins under {}",
+            dir.display()
+        )
+    })?;
+    let pid = match (answering, holder) {
+        (Some(a), Some(h)) if a == h => h,
+        (_, None) => {
+            bail!(
+                "a daemon answers on {} but holds no pins under {}: it runs from another \
+                 bpffs_dir; give uninstall its config file (--config)",
+                socket.display(),
+                dir.display()
+            )
+        }
+        (a, Some(h)) => bail!(
+            "the pins under {} are held by pid {h}, the daemon answering on {} says it is pid \
+             {}: stop the daemon (SIGTERM), then run uninstall again",
+            dir.display(),
+            socket.display(),
+            a.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+        ),
+    };
+    let target = nix::unistd::Pid::from_raw(
+        i32::try_from(pid).with_context(|| format!("pid {pid} out of range"))?,
+    );
+    nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM)
+        .with_context(|| format!("cannot stop the daemon (pid {pid}) with SIGTERM"))?;
+    eprintln!(
+        "stopping the daemon (pid {pid}, SIGTERM): it drains its connections, then exits; a \
+         supervisor that restarts it must be stopped instead"
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while bpf::pins_holder(dir)?.is_some() {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the daemon (pid {pid}) still holds the pins under {} after {}s; stop it, then \
+                 run uninstall again",
+                dir.display(),
+                PATIENCE.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 struct TailFilter {

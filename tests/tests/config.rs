@@ -132,9 +132,9 @@ fn without_a_file_at_the_default_path_the_cli_uses_the_built_in_defaults() {
             "{named}"
         );
     }
-    // uninstall never guesses: a daemon running from another file would lose its pins.
+    // Nor does uninstall go on with the defaults when the file named is missing.
     let out = Command::new(interceptor_bin())
-        .arg("uninstall")
+        .args(["uninstall", "--config", "/nonexistent/interceptor.toml"])
         .output()
         .expect("run");
     assert!(!out.status.success());

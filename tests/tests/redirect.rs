@@ -641,17 +641,14 @@ fn uninstall_detaches_and_removes_every_pin() {
     let agents = w.env.dir(&format!("{}/agents", w.env.root));
     w.env.start_daemon();
 
-    // Refused while the daemon runs.
-    let out = w.env.cli(&["uninstall"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("daemon is running"));
     // The revocations in force are named when uninstall removes them (below).
     let other = w.env.cgroup("other");
     let out = w
         .env
         .cli(&["revoke", "--cgroup", &other, "--reason", "incident 7"]);
     assert!(out.status.success(), "{out:?}");
-    // Refused also when its admin socket is gone: the daemon holds the pins.
+    // Refused when its admin socket is gone: the daemon holds the pins, and uninstall does
+    // not know it to stop it.
     std::fs::remove_file(w.env.tmp.path().join("admin.sock")).expect("remove the admin socket");
     let out = w.env.cli(&["uninstall"]);
     assert!(!out.status.success());
@@ -661,8 +658,9 @@ fn uninstall_detaches_and_removes_every_pin() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(w.env.bpffs_dir.join("links").exists());
-
     w.env.stop_daemon(Signal::SIGTERM);
+    w.env.start_daemon();
+
     // A link this version does not know (a newer daemon's program, after a downgrade) goes
     // too: pinned here as another name of one of the links.
     let links = w.env.bpffs_dir.join("links");
@@ -671,9 +669,20 @@ fn uninstall_detaches_and_removes_every_pin() {
     aya::programs::links::FdLink::from(link)
         .pin(links.join("from-a-newer-daemon"))
         .expect("pin it under another name");
+    // With the daemon running, uninstall stops it first (SIGTERM: it drains and exits).
+    let daemon_pid = w.env.status()["pid"].as_u64().expect("the daemon's pid");
     let out = w.env.cli(&["uninstall"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("stopping the daemon (pid {daemon_pid}, SIGTERM)")),
+        "{stderr}"
+    );
+    let exit = w
+        .env
+        .daemon_exit()
+        .expect("the daemon exited before uninstall went on");
+    assert!(exit.success(), "the daemon ended with {exit}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("from-a-newer-daemon"), "{stdout}");
     assert!(
