@@ -249,8 +249,11 @@ pub fn event(name: &str, fields: Value) -> Event {
 /// as long as possible (see [`Redactor::redact`]).
 #[derive(Debug, Clone)]
 pub struct Redactor {
-    /// `redact_keys` in [`key_form`].
+    /// The words of `redact_keys` in [`key_form`] (a key containing one is redacted).
     keys: Vec<String>,
+    /// Its globs and `^regex$` entries (see [`redact_key_pattern`]): matched against the
+    /// whole key as written, ignoring ASCII case.
+    patterns: Vec<crate::policy::Pattern>,
     max_bytes: usize,
     /// Whether strings are scanned for secrets by their shape (`redact_values`).
     values: bool,
@@ -635,7 +638,18 @@ enum Target<'a> {
 impl Redactor {
     pub fn new(cfg: &RawAudit) -> Self {
         Self {
-            keys: cfg.redact_keys.iter().map(|k| key_form(k)).collect(),
+            keys: cfg
+                .redact_keys
+                .iter()
+                .filter(|k| redact_key_pattern(k).is_none())
+                .map(|k| key_form(k))
+                .collect(),
+            // Checked when the config was loaded.
+            patterns: cfg
+                .redact_keys
+                .iter()
+                .filter_map(|k| redact_key_pattern(k)?.ok())
+                .collect(),
             // 0: no limit (every byte the server receives is on record).
             max_bytes: match cfg.max_argument_bytes {
                 0 => usize::MAX,
@@ -766,8 +780,12 @@ impl Redactor {
         )
     }
 
-    /// Whether `key` contains one of the redacted keys, compared in [`key_form`].
+    /// Whether `key` contains one of the redacted words, compared in [`key_form`], or matches
+    /// one of the patterns.
     fn secret(&self, key: &str) -> bool {
+        if self.patterns.iter().any(|p| p.matches(key)) {
+            return true;
+        }
         if key.is_ascii() && key.len() <= 128 {
             // The common case, without allocating: short ASCII keys.
             let mut buf = [0u8; 128];
@@ -788,6 +806,15 @@ impl Redactor {
             self.keys.iter().any(|p| form.contains(p.as_str()))
         }
     }
+}
+
+/// A `redact_keys` entry written as a pattern — a glob (`*`, `?`, `[…]`, `{…}`) or `^regex$`
+/// — compiled to match whole keys without regard to ASCII case; `None` for a word (matched
+/// inside keys, see [`key_form`]).
+pub(crate) fn redact_key_pattern(entry: &str) -> Option<Result<crate::policy::Pattern, String>> {
+    let pattern =
+        entry.contains(['*', '?', '[', '{']) || entry.starts_with('^') || entry.ends_with('$');
+    pattern.then(|| crate::policy::Pattern::new_folded(entry, false))
 }
 
 /// A key that looks like it names a member rather than holds data: short, of identifier
@@ -3093,6 +3120,27 @@ mod tests {
         let r2 = Redactor::new(&cfg);
         let v: Value = serde_json::from_str(&r2.redact(&json!({"xPässwordx": 1}))).unwrap();
         assert_eq!(v["xPässwordx"], "[REDACTED]");
+        // Globs and ^regex$ entries match whole keys, in any ASCII case.
+        let r3 = Redactor::new(&RawAudit {
+            redact_keys: vec!["*_pin".into(), "^ssn[0-9]?$".into(), "word".into()],
+            ..RawAudit::default()
+        });
+        let v: Value = serde_json::from_str(&r3.redact(&json!({
+            "card_PIN": 1234, "pin": 5, "SSN2": "x", "ssn_last4": "y", "keyword": "z",
+            "token": "t"
+        })))
+        .unwrap();
+        assert_eq!(v["card_PIN"], "[REDACTED]");
+        assert_eq!(v["SSN2"], "[REDACTED]");
+        assert_eq!(
+            v["keyword"], "[REDACTED]",
+            "a word still matches inside keys"
+        );
+        assert_eq!(
+            (v["pin"].clone(), v["ssn_last4"].clone()),
+            (json!(5), json!("y"))
+        );
+        assert_eq!(v["token"], "t", "the defaults are replaced, not added to");
         let big = redact(json!({"token": "secret-value", "blob": "é".repeat(5000)}));
         assert_eq!(big["[TRUNCATED]"], true);
         assert!(!big.to_string().contains("secret-value"));

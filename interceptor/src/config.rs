@@ -876,12 +876,14 @@ impl Validator<'_> {
         audit
             .checkpoint_every()
             .map_err(|m| self.invalid("audit.checkpoint_interval", m))?;
-        if let Some((i, k)) = audit
-            .redact_keys
-            .iter()
-            .enumerate()
-            .find(|(_, k)| crate::audit::key_form(k).is_empty())
-        {
+        for (i, k) in audit.redact_keys.iter().enumerate() {
+            if let Some(Err(m)) = crate::audit::redact_key_pattern(k) {
+                return Err(self.invalid(format!("audit.redact_keys[{i}]"), m));
+            }
+        }
+        if let Some((i, k)) = audit.redact_keys.iter().enumerate().find(|(_, k)| {
+            crate::audit::redact_key_pattern(k).is_none() && crate::audit::key_form(k).is_empty()
+        }) {
             return Err(self.invalid(
                 format!("audit.redact_keys[{i}]"),
                 format!(
@@ -1436,6 +1438,17 @@ upstream = "[::ffff:10.9.9.9]:9000"
         );
         let e = err("[audit]\nredact_keys = ['token', '-_']\n");
         assert!(e.contains("audit.redact_keys[1]"), "{e}");
+        let e = err("[audit]\nredact_keys = ['token', 'pin_[']\n");
+        assert!(
+            e.contains("audit.redact_keys[1]") && e.contains("invalid glob"),
+            "{e}"
+        );
+        let e = err("[audit]\nredact_keys = ['^ssn']\n");
+        assert!(
+            e.contains("audit.redact_keys[0]") && e.contains("anchored"),
+            "{e}"
+        );
+        parse("[audit]\nredact_keys = ['*_pin', '^ssn[0-9]?$']\n").expect("patterns are valid");
         let e = err("[proxy]\nbody_timeout = 'soon'\n");
         assert!(e.contains("\"soon\" is not a duration"), "{e}");
         let e = err("[proxy]\nbody_timeout = '0s'\n");
