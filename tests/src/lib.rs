@@ -325,16 +325,50 @@ pub fn try_scrape_metrics(port: u16) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// A port that was free a moment ago on 127.0.0.1 and [::1].
+/// A port free on 127.0.0.1 and [::1] when picked, for something bound later (the daemon's
+/// listener, a Python server). Taken from just below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), which `bind(…:0)` and `connect()` never pick from, and
+/// handed out in turn within this process (test files run one at a time): a port picked here
+/// cannot be taken meanwhile by another test's kernel-chosen port.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let v4 = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = v4.local_addr().expect("local addr").port();
-        if TcpListener::bind(("::1", port)).is_ok() {
+    use std::sync::{OnceLock, atomic::AtomicU32};
+    static POOL: OnceLock<(u32, u32)> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SIZE: u32 = 8000;
+    let &(start, size) = POOL.get_or_init(|| {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("read net.ipv4.ip_local_port_range");
+        let mut bounds = range.split_whitespace().map(|n| n.parse::<u32>());
+        let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) else {
+            panic!("net.ipv4.ip_local_port_range is not two numbers: {range:?}");
+        };
+        let start = if low >= SIZE + 1024 {
+            low - SIZE
+        } else if high + SIZE <= 65535 {
+            high + 1
+        } else {
+            panic!(
+                "net.ipv4.ip_local_port_range {low}-{high} leaves no {SIZE} ports outside it \
+                 for the tests"
+            );
+        };
+        // Where this process starts in the pool: another suite run meanwhile starts elsewhere.
+        NEXT.store(std::process::id() % SIZE, Ordering::Relaxed);
+        (start, SIZE)
+    });
+    for _ in 0..size {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % size;
+        let port = u16::try_from(start + n).expect("port in range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
+        {
             return port;
         }
     }
-    panic!("no port free on both 127.0.0.1 and [::1]");
+    panic!(
+        "no port free on both 127.0.0.1 and [::1] in {start}..{}",
+        start + size
+    );
 }
 
 /// A minimal HTTP server that answers every request with the body `<label>:<request body>` and
@@ -869,7 +903,8 @@ impl TestEnv {
     pub fn stop_daemon(&mut self, signal: Signal) {
         let mut child = self.daemon.take().expect("daemon running");
         let _ = kill(Pid::from_raw(child.id() as i32), signal);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // SIGTERM drains for up to drain_grace (10 s by default) first.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 return;

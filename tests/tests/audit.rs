@@ -356,9 +356,20 @@ fn every_request_yields_the_expected_events() {
     assert_eq!(out["calls"]["search"]["ok"], true, "{out}");
     let pid = out["pid"].as_u64().expect("client pid");
     let cgroup = format!("{}/agents", w.env.root);
-    // mcp.response events are written after the answer; give the writer a moment.
-    std::thread::sleep(Duration::from_millis(300));
-    let events = w.env.audit_events();
+    // mcp.response and connection.close events are written after the answer: wait until every
+    // connection opened has closed and the log has stopped growing.
+    let events = eventually(
+        Duration::from_secs(15),
+        || {
+            let events = w.env.audit_events();
+            let count = |name: &str| events.iter().filter(|e| e["event"] == name).count();
+            let settled = count("connection.open") > 0
+                && count("connection.open") == count("connection.close");
+            std::thread::sleep(Duration::from_millis(200));
+            (settled && w.env.audit_events().len() == events.len()).then_some(events)
+        },
+        || format!("the log did not settle: {:#?}", w.env.audit_events()),
+    );
     let find = |event: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
         events
             .iter()
@@ -828,7 +839,7 @@ fn audit_tail_follows_a_log_cut_below_what_it_read() {
     };
     let (first, second) = (line(1, "a"), line(2, "a-long-event-name-to-be-rolled-back"));
     std::fs::write(&log, format!("{first}{second}{{\"event\":\"torn")).expect("log");
-    let (_follow, rx) = follow_tail(&config);
+    let (_follow, rx, errors) = follow_tail_and_errors(&config);
     let next = || rx.recv_timeout(Duration::from_secs(10)).expect("a line");
     assert_eq!(next(), first.trim_end());
     assert_eq!(next(), second.trim_end());
@@ -840,7 +851,15 @@ fn audit_tail_follows_a_log_cut_below_what_it_read() {
     assert_eq!(next(), line(3, "b").trim_end());
     settle();
     cut_to(first.len());
-    settle();
+    // Appended once the tail has seen the cut (else it finds the log longer again, and takes
+    // the new line for the rest of one it read).
+    let notice = errors
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a notice of the cut");
+    assert!(
+        notice.contains(&format!("was truncated to {} bytes", first.len())),
+        "{notice}"
+    );
     append(&line(4, "c"));
     assert_eq!(next(), line(4, "c").trim_end());
 }

@@ -508,7 +508,7 @@ fn revocation_closes_live_streams() {
     let dir = env.dir(&a);
     let reader = std::thread::spawn(move || {
         let started = Instant::now();
-        let r = read_stream(PROBE, &dir, &addr, request.as_bytes(), 8000);
+        let r = read_stream(PROBE, &dir, &addr, request.as_bytes(), 20_000);
         (r, started.elapsed())
     });
     env.wait_log("legacy SSE session registered", |_| true);
@@ -517,7 +517,7 @@ fn revocation_closes_live_streams() {
         let (dir, addr) = (env.dir(&a), server.addr.to_string());
         std::thread::spawn(move || {
             let started = Instant::now();
-            let r = read_stream(PROBE, &dir, &addr, b"", 8000);
+            let r = read_stream(PROBE, &dir, &addr, b"", 20_000);
             (r, started.elapsed())
         })
     };
@@ -538,17 +538,18 @@ fn revocation_closes_live_streams() {
     let (idle, idle_total) = idle.join().expect("idle reader");
     let after_revoke = revoked_at.elapsed();
     assert!(r.reply.unwrap_or_default().contains("event: endpoint"));
-    // The stream ended because of the revocation, long before the reader's own 8 s limit.
+    // The stream ended because of the revocation, long before the reader's own 20 s limit
+    // (generous bounds: a loaded machine is slow, never that slow).
     assert!(
-        total < Duration::from_secs(7),
+        total < Duration::from_secs(18),
         "stream still open after the revocation"
     );
     assert!(
-        idle_total < Duration::from_secs(7),
+        idle_total < Duration::from_secs(18),
         "idle connection still open after the revocation: {:?}",
         idle.error
     );
-    assert!(after_revoke < Duration::from_secs(3), "{after_revoke:?}");
+    assert!(after_revoke < Duration::from_secs(10), "{after_revoke:?}");
 }
 
 #[test]
@@ -646,7 +647,9 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
     if !privileged() {
         return;
     }
-    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(1500));
+    // Slow enough that both requests are still held while the third and the other cgroup's
+    // are sent on a loaded machine; within the probe's 5 s read timeout.
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(3500));
     let mut env = TestEnv::new("conn-limit");
     env.daemon_extra = "max_connections_per_cgroup = 2\n".into();
     let a = env.cgroup("agents/a");
@@ -835,11 +838,22 @@ fn a_stalled_worker_does_not_hold_up_new_connections() {
         "{}",
         env.log_text()
     );
-    // Going again, it accepts its listener's connections itself.
-    let before = env.status()["counters"]["proxy"]["stall_takeovers"].clone();
+    // Going again, it accepts its listener's connections itself: three in a row without a
+    // takeover. (It is marked stalled until it next goes idle, so a connection that comes
+    // before may still be taken over: a few rounds are allowed for that.)
+    let takeovers = || env.status()["counters"]["proxy"]["stall_takeovers"].clone();
+    let mut rounds = Vec::new();
     for _ in 0..3 {
-        let r = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
-        assert_eq!(r.status, Some(200), "{r:?}");
+        let before = takeovers();
+        for _ in 0..3 {
+            let r = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
+            assert_eq!(r.status, Some(200), "{r:?}");
+        }
+        let after = takeovers();
+        if after == before {
+            return;
+        }
+        rounds.push((before, after));
     }
-    assert_eq!(env.status()["counters"]["proxy"]["stall_takeovers"], before);
+    panic!("connections still taken over from the worker going again: {rounds:?}");
 }

@@ -240,7 +240,8 @@ fn reload_tells_open_server_streams_to_relist_tools() {
         return;
     }
     let mut w = World::new("reload-stream", "sse");
-    let reader = w.open_legacy_stream(3000);
+    // The reader stops after 6 s without a byte: the reload comes well within that.
+    let reader = w.open_legacy_stream(6000);
     std::thread::sleep(Duration::from_millis(100));
     w.write(&policy(r#""search", "write_note""#));
     let r = w.env.cli(&["reload"]);
@@ -321,7 +322,7 @@ fn reload_ends_listen_streams_whose_subscriptions_are_no_longer_allowed() {
     let open = |notifications: &str| {
         let request = listen(&addr, notifications);
         let (agents, addr) = (w.agents.clone(), addr.clone());
-        std::thread::spawn(move || read_stream(PROBE, &agents, &addr, request.as_bytes(), 4000))
+        std::thread::spawn(move || read_stream(PROBE, &agents, &addr, request.as_bytes(), 8000))
     };
     let subscribed = open(r#"{"resourceSubscriptions":["notes://a"]}"#);
     let plain = open(r#"{"toolsListChanged":true}"#);

@@ -66,7 +66,13 @@ fn world_replacing(label: &str, from: &str, to: &str) -> World {
     world_edited(
         label,
         LabelServer::start("127.0.0.3", "upstream"),
-        |config| config.replacen(from, to, 1),
+        |config| {
+            assert!(
+                config.contains(from),
+                "{from:?} is not in the world's config"
+            );
+            config.replacen(from, to, 1)
+        },
     )
 }
 
@@ -884,22 +890,29 @@ fn a_server_with_paths_serves_only_those() {
     assert_eq!(w.upstream.bodies().len(), 3);
 }
 
-/// Two bodies held half-sent, then a third from the same cgroup: the status line the third
-/// gets, printed once it came.
+/// Two bodies held half-sent (then it prints "held"), then, once the file `argv[2]` exists, a
+/// third from the same cgroup: the status line the third gets, written to the file `argv[3]`.
 const HOLD_TWO_BODIES: &str = r#"
-import socket, sys, time
+import os, socket, sys, time
 host, port = sys.argv[1].rsplit(":", 1)
+go, out = sys.argv[2], sys.argv[3]
 def start():
     s = socket.create_connection((host, int(port)))
     s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: 4000\r\n\r\n" + b" " * 3000)
     return s
 held = [start(), start()]
-time.sleep(0.3)
+print("held", flush=True)
+deadline = time.time() + 60
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.02)
 third = start()
-third.settimeout(5)
-print(third.recv(4096).split(b"\r\n")[0].decode(), flush=True)
-time.sleep(10)
+third.settimeout(30)
+line = third.recv(4096).split(b"\r\n")[0].decode()
+with open(out + ".tmp", "w") as f:
+    f.write(line)
+os.rename(out + ".tmp", out)
+time.sleep(60)
 "#;
 
 #[test]
@@ -907,13 +920,35 @@ fn bodies_held_at_once_are_bounded_per_cgroup() {
     if !privileged() {
         return;
     }
+    // Bodies held for the whole test (the world's 1 s body timeout would end them).
     let w = world_replacing(
         "budget",
-        "max_body_bytes = 4096\n",
-        "max_body_bytes = 4096\nmax_response_bytes = 4096\nmax_buffered_bytes_per_cgroup = 8192\n",
+        "max_body_bytes = 4096\nmax_json_depth = 16\nmax_json_values = 300\nmax_batch = 4\n\
+         body_timeout = \"1s\"\n",
+        "max_body_bytes = 4096\nmax_response_bytes = 4096\nmax_buffered_bytes_per_cgroup = 8192\n\
+         max_json_depth = 16\nmax_json_values = 300\nmax_batch = 4\nbody_timeout = \"60s\"\n",
     );
     let addr = w.upstream.addr.to_string();
-    let (status, holder) = interceptor_tests::python_in_cgroup(&w.dir, HOLD_TWO_BODIES, &[&addr]);
+    let files = tempfile::tempdir().expect("tempdir");
+    let (go, out) = (files.path().join("go"), files.path().join("out"));
+    let (held, holder) = interceptor_tests::python_in_cgroup(
+        &w.dir,
+        HOLD_TWO_BODIES,
+        &[&addr, &go.to_string_lossy(), &out.to_string_lossy()],
+    );
+    assert_eq!(held, "held");
+    // The third starts once the proxy holds both bodies' bytes.
+    eventually(
+        std::time::Duration::from_secs(30),
+        || (w.env.status()["counters"]["proxy"]["buffered_bytes"] == 6000).then_some(()),
+        || format!("bodies not held: {}", w.env.status()["counters"]["proxy"]),
+    );
+    std::fs::write(&go, "").expect("write the go file");
+    let status = eventually(
+        std::time::Duration::from_secs(30),
+        || std::fs::read_to_string(&out).ok(),
+        || "the third request got no answer".to_owned(),
+    );
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
     let counters = &w.env.status()["counters"]["proxy"];
     assert_eq!(counters["over_budget"], 1, "{counters}");
