@@ -834,6 +834,11 @@ impl Policy {
             None if call.method == "completion/complete" => ("", "completion reference"),
             None => ("allow_resources", "resource URI"),
         };
+        // A resource template is judged as the URIs it expands to.
+        let judged = match call.reference {
+            Some(Reference::Resource) => call.name.map(template_probe),
+            _ => call.name.map(std::borrow::Cow::Borrowed),
+        };
         // Looked for once, when a bound is first met (a role without bounds may decide first).
         let mut escaping: Option<Option<&'static str>> = None;
         let mut bounded = false;
@@ -848,8 +853,8 @@ impl Policy {
                 );
             };
             bounded = true;
-            let escapes_here = *escaping.get_or_insert_with(|| call.name.and_then(escapes));
-            let target = call.name.filter(|_| escapes_here.is_none());
+            let escapes_here = *escaping.get_or_insert_with(|| judged.as_deref().and_then(escapes));
+            let target = judged.as_deref().filter(|_| escapes_here.is_none());
             if let Some(t) = target.and_then(|t| allowed_by(targets, t)) {
                 return Decision::allow(
                     format!(
@@ -1200,6 +1205,41 @@ fn other_readings(text: &str, mut each: impl FnMut(&str) -> bool) -> bool {
 ///
 /// (An encoded separator, `%2F`, is judged by matching: every reading must match an allow
 /// pattern too, see [`allowed_by`].)
+/// A resource template (RFC 6570) as the URIs it expands to: each expression becomes a value
+/// — spanning path segments (`x/x`) where its operator's expansion may (`{+…}`, `{#…}`,
+/// `{/…}`), within one segment otherwise (a simple `{name}` percent-encodes a `/`) — so that
+/// `notes://public/{+path}` does not pass a bound `notes://public/*` that `{name}` passes.
+fn template_probe(template: &str) -> std::borrow::Cow<'_, str> {
+    if !template.contains('{') {
+        return std::borrow::Cow::Borrowed(template);
+    }
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            // Not a template expression: kept as written.
+            out.push_str(&rest[open..]);
+            rest = "";
+            break;
+        };
+        let expression = &rest[open + 1..open + close];
+        out.push_str(match expression.chars().next() {
+            Some('+') => "x/x",
+            Some('#') => "#x/x",
+            Some('/') => "/x/x",
+            Some('.') => ".x",
+            Some(';') => ";x=x",
+            Some('?') => "?x=x",
+            Some('&') => "&x=x",
+            _ => "x",
+        });
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 fn escapes(text: &str) -> Option<&'static str> {
     fn judge(t: &str) -> Option<&'static str> {
         if t.chars()
@@ -1903,6 +1943,23 @@ mod tests {
             "{d:?}"
         );
         assert!(!complete("notes", resource, Some("notes://public/../{name}")).allow);
+        // A reserved or path expansion may span segments: not within `*`.
+        for template in [
+            "notes://public/{+path}",
+            "notes://public{/a,b}",
+            "notes://public/{#f}",
+        ] {
+            assert!(
+                !complete("notes", resource, Some(template)).allow,
+                "{template}"
+            );
+        }
+        assert!(complete("notes", resource, Some("notes://public/{name}{?q}")).allow);
+        assert_eq!(
+            template_probe("a/{+p}/{x}{.e}{;m}{&q}"),
+            "a/x/x/x.x;x=x&x=x"
+        );
+        assert_eq!(template_probe("a/{unclosed"), "a/{unclosed");
         // A reference of a kind the proxy does not know, or none, names nothing it can judge.
         for (reference, name) in [(Some(Reference::Other), Some("x")), (None, None)] {
             let d = complete("notes", reference, name);

@@ -656,11 +656,25 @@ fn check_call(message: &Message) -> Result<(), String> {
                 )),
             };
             member("type")?;
-            match reference.get("type").and_then(Value::as_str) {
-                Some("ref/prompt") => member("name"),
-                Some("ref/resource") => member("uri"),
-                _ => Ok(()),
+            // The member of the other kind is refused beside it: a server that picks by which
+            // member is present would complete for what the policy did not judge.
+            let (named, other) = match reference.get("type").and_then(Value::as_str) {
+                Some("ref/prompt") => ("name", "uri"),
+                Some("ref/resource") => ("uri", "name"),
+                _ => return Ok(()),
+            };
+            member(named)?;
+            if reference.contains_key(other) {
+                return Err(format!(
+                    "completion/complete: params.ref of type {:?} names its target by {named}; \
+                     a {other} beside it is refused as ambiguous",
+                    reference
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                ));
             }
+            Ok(())
         }
         // Judged by whose task it is.
         m if super::tasks::names_task(m) => {
@@ -1128,6 +1142,8 @@ mod tests {
             (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt"}}}"#, "params.ref.name must be a string"),
             (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":7}}}"#, "params.ref.uri must be a string"),
             (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a","na_me":"b"}}}"#, "variant of \"name\""),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a","uri":"file:///{x}"}}}"#, "a uri beside it is refused"),
+            (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"file:///{x}","name":"a"}}}"#, "a name beside it is refused"),
             (br#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"a"},"r_ef":{}}}"#, "variant of \"ref\""),
         ] {
             let e = err(body);

@@ -3495,6 +3495,12 @@ fn tool_uses(m: &Message) -> Result<Vec<(&str, Option<&Value>)>, Ambiguous> {
 fn denial(policy: &Policy, m: &Message, id: Option<Value>) -> Value {
     let method = m.method().unwrap_or("");
     match (method, m.named()) {
+        // The method is allowed; what it completes for was refused (named or not).
+        ("completion/complete", None) => jsonrpc::error_response(
+            id,
+            code::INVALID_PARAMS,
+            "completion/complete refused by policy (interceptor)",
+        ),
         ("tools/call", Some(tool)) if policy.deny_style == DenyStyle::UnknownTool => {
             jsonrpc::error_response(id, code::INVALID_PARAMS, &format!("Unknown tool: {tool}"))
         }
