@@ -478,7 +478,8 @@ impl Render<'_> {
                 json_into(&mut self.out, k);
             }
             self.out.push(b':');
-            let secret_key = self.r.secret(k) && !counts_tokens(k, v);
+            // (A key an operator's pattern names is redacted whatever it holds.)
+            let secret_key = self.r.named_by_pattern(k) || self.r.secret(k) && !counts_tokens(k, v);
             if secret_key && matches!(v, Value::Object(_) | Value::Array(_)) {
                 // Its keys and shape stay on record (what a credential file configures, say);
                 // its strings and numbers do not.
@@ -780,10 +781,15 @@ impl Redactor {
         )
     }
 
+    /// Whether `key` matches one of the `redact_keys` patterns.
+    fn named_by_pattern(&self, key: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(key))
+    }
+
     /// Whether `key` contains one of the redacted words, compared in [`key_form`], or matches
     /// one of the patterns.
     fn secret(&self, key: &str) -> bool {
-        if self.patterns.iter().any(|p| p.matches(key)) {
+        if self.named_by_pattern(key) {
             return true;
         }
         if key.is_ascii() && key.len() <= 128 {
@@ -3122,12 +3128,17 @@ mod tests {
         assert_eq!(v["xPässwordx"], "[REDACTED]");
         // Globs and ^regex$ entries match whole keys, in any ASCII case.
         let r3 = Redactor::new(&RawAudit {
-            redact_keys: vec!["*_pin".into(), "^ssn[0-9]?$".into(), "word".into()],
+            redact_keys: vec![
+                "*_pin".into(),
+                "^ssn[0-9]?$".into(),
+                "word".into(),
+                "^refresh_tokens$".into(),
+            ],
             ..RawAudit::default()
         });
         let v: Value = serde_json::from_str(&r3.redact(&json!({
             "card_PIN": 1234, "pin": 5, "SSN2": "x", "ssn_last4": "y", "keyword": "z",
-            "token": "t"
+            "token": "t", "refresh_tokens": 3, "max_tokens": 4
         })))
         .unwrap();
         assert_eq!(v["card_PIN"], "[REDACTED]");
@@ -3141,6 +3152,9 @@ mod tests {
             (json!(5), json!("y"))
         );
         assert_eq!(v["token"], "t", "the defaults are replaced, not added to");
+        // A key a pattern names is redacted even where a count of tokens would be kept.
+        assert_eq!(v["refresh_tokens"], "[REDACTED]");
+        assert_eq!(v["max_tokens"], 4);
         let big = redact(json!({"token": "secret-value", "blob": "é".repeat(5000)}));
         assert_eq!(big["[TRUNCATED]"], true);
         assert!(!big.to_string().contains("secret-value"));

@@ -1120,6 +1120,7 @@ impl Daemon {
         json!({
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs(),
+            "drain_grace_ms": u64::try_from(self.config.daemon.drain_grace.as_millis()).unwrap_or(u64::MAX),
             "open_files_limit": nix::sys::resource::getrlimit(
                 nix::sys::resource::Resource::RLIMIT_NOFILE,
             )

@@ -1038,34 +1038,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Stops the daemon that answers on the admin socket and holds the pins, for `uninstall`:
-/// SIGTERM (it drains, up to its `drain_grace`), then waits until it lets go of the pins. Only
-/// a process that is both is signalled: a pid from the socket alone may be another pid
-/// namespace's, and the lock is also held for a moment by another `uninstall`.
+/// SIGTERM (it drains, up to its `drain_grace`), then waits until it has let go of the pins and
+/// exited. Only a process that is both is signalled, through a pidfd taken while it holds the
+/// lock: a pid from the socket alone may be another pid namespace's, and one read from
+/// `/proc/locks` another process's once the holder exits.
 fn stop_for_uninstall(daemon: &interceptor::config::DaemonPaths) -> anyhow::Result<()> {
-    const PATIENCE: Duration = Duration::from_secs(300);
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let socket = &daemon.admin_socket;
     let Ok(status) = admin::request(socket, &Request::Status) else {
         // No daemon answers: the pins are free, or uninstall says who holds them.
         return Ok(());
     };
     let dir = &daemon.bpffs_dir;
-    let answering = status["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
-    let holder = bpf::pins_holder(dir).with_context(|| {
-        format!(
-            "cannot tell which process holds the pins under {}",
-            dir.display()
-        )
-    })?;
-    let pid = match (answering, holder) {
-        (Some(a), Some(h)) if a == h => h,
-        (_, None) => {
-            bail!(
-                "a daemon answers on {} but holds no pins under {}: it runs from another \
-                 bpffs_dir; give uninstall its config file (--config)",
-                socket.display(),
+    let holder = || {
+        bpf::pins_holder(dir).with_context(|| {
+            format!(
+                "cannot tell which process holds the pins under {}",
                 dir.display()
             )
-        }
+        })
+    };
+    let answering = status["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    let pid = match (answering, holder()?) {
+        (Some(a), Some(h)) if a == h => h,
+        (_, None) => bail!(
+            "a daemon answers on {} but no process this command can see holds the pins under \
+             {}: it runs from another bpffs_dir (give uninstall its config file, --config) or \
+             in another pid namespace (stop it there); then run uninstall again",
+            socket.display(),
+            dir.display()
+        ),
         (a, Some(h)) => bail!(
             "the pins under {} are held by pid {h}, the daemon answering on {} says it is pid \
              {}: stop the daemon (SIGTERM), then run uninstall again",
@@ -1074,28 +1076,74 @@ fn stop_for_uninstall(daemon: &interceptor::config::DaemonPaths) -> anyhow::Resu
             a.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
         ),
     };
-    let target = nix::unistd::Pid::from_raw(
-        i32::try_from(pid).with_context(|| format!("pid {pid} out of range"))?,
-    );
-    nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM)
-        .with_context(|| format!("cannot stop the daemon (pid {pid}) with SIGTERM"))?;
+    if pid == 1 {
+        bail!(
+            "the daemon is pid 1 here, its container's main process: stopping it would end \
+             this command with it; stop the daemon's container (or run uninstall from the host \
+             with its config), then run uninstall again"
+        );
+    }
+    // SAFETY: pidfd_open(pid, 0) returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot hold the daemon's process (pid {pid})"));
+    }
+    // SAFETY: a descriptor this call just opened, owned from here.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    if holder()? != Some(pid) {
+        bail!("the daemon (pid {pid}) let go of the pins meanwhile; run uninstall again");
+    }
+    // SAFETY: SIGTERM to the pidfd, no info struct, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGTERM,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot stop the daemon (pid {pid}) with SIGTERM"));
+    }
+    let grace = Duration::from_millis(status["drain_grace_ms"].as_u64().unwrap_or(10_000));
+    let patience = grace + Duration::from_secs(30);
     eprintln!(
-        "stopping the daemon (pid {pid}, SIGTERM): it drains its connections, then exits; a \
-         supervisor that restarts it must be stopped instead"
+        "stopping the daemon (pid {pid}, SIGTERM): it drains its connections (up to {}), then \
+         exits; a supervisor that restarts it must be stopped instead",
+        humantime::format_duration(grace)
     );
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while bpf::pins_holder(dir)?.is_some() {
+    let deadline = std::time::Instant::now() + patience;
+    let exited = || {
+        let mut poll = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, no wait. A pidfd reads as ready once its process has exited.
+        unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+    };
+    loop {
+        match holder()? {
+            Some(other) if other != pid => bail!(
+                "the daemon was started again (now pid {other}; by its supervisor?) and holds \
+                 the pins under {}: stop it there, then run uninstall again",
+                dir.display()
+            ),
+            None if exited() => return Ok(()),
+            _ => {}
+        }
         if std::time::Instant::now() > deadline {
             bail!(
-                "the daemon (pid {pid}) still holds the pins under {} after {}s; stop it, then \
-                 run uninstall again",
-                dir.display(),
-                PATIENCE.as_secs()
+                "the daemon (pid {pid}) has not exited {}s after SIGTERM; stop it, then run \
+                 uninstall again",
+                patience.as_secs()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
 }
 
 struct TailFilter {

@@ -888,7 +888,6 @@ impl TestEnv {
         }
     }
 
-    /// Stops the daemon with `signal` and waits for it to exit.
     /// How the daemon ended, once it has (it is then no longer running); `None` while it runs.
     pub fn daemon_exit(&mut self) -> Option<std::process::ExitStatus> {
         let status = self
@@ -900,6 +899,7 @@ impl TestEnv {
         Some(status)
     }
 
+    /// Stops the daemon with `signal` and waits for it to exit.
     pub fn stop_daemon(&mut self, signal: Signal) {
         let mut child = self.daemon.take().expect("daemon running");
         let _ = kill(Pid::from_raw(child.id() as i32), signal);

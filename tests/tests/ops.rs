@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use interceptor_tests::{
     LabelServer, McpServer, ServerSpec, TestEnv, eventually, privileged, read_stream, run_client,
-    run_client_as, send_datagram, send_raw,
+    run_client_as, send_datagram, send_raw, send_raw_env,
 };
 use nix::sys::signal::Signal;
 
@@ -648,8 +648,9 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
         return;
     }
     // Slow enough that both requests are still held while the third and the other cgroup's
-    // are sent on a loaded machine; within the probe's 5 s read timeout.
-    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(3500));
+    // are sent on a loaded machine; the probes wait up to 30 s for their answers.
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(5000));
+    let patient = ["PROBE_READ_TIMEOUT_MS=30000"];
     let mut env = TestEnv::new("conn-limit");
     env.daemon_extra = "max_connections_per_cgroup = 2\n".into();
     let a = env.cgroup("agents/a");
@@ -665,7 +666,9 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
     let held: Vec<_> = (0..2)
         .map(|_| {
             let (dir, addr, request) = (env.dir(&a), addr.clone(), request.clone());
-            std::thread::spawn(move || send_raw(PROBE, &dir, &addr, request.as_bytes()))
+            std::thread::spawn(move || {
+                send_raw_env(PROBE, &dir, &addr, request.as_bytes(), &patient)
+            })
         })
         .collect();
     eventually(
@@ -687,7 +690,7 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
         "the refused request reached the upstream"
     );
     // …while another cgroup is served meanwhile.
-    let other = send_raw(PROBE, &env.dir(&b), &addr, request.as_bytes());
+    let other = send_raw_env(PROBE, &env.dir(&b), &addr, request.as_bytes(), &patient);
     assert_eq!(other.status, Some(200), "{other:?}");
     for h in held {
         let r = h.join().expect("client");
