@@ -389,7 +389,10 @@ impl LabelServer {
     /// Like [`LabelServer::start`], answering each request after `delay`.
     pub fn start_slow(ip: &str, label: &'static str, delay: Duration) -> Self {
         Self::serve(ip, delay, move |body| {
-            ("text/plain", format!("{label}:{body}").into_bytes())
+            (
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n".to_owned(),
+                format!("{label}:{body}").into_bytes(),
+            )
         })
     }
 
@@ -400,13 +403,26 @@ impl LabelServer {
 
     /// Answers every request with `body` as `content_type` (bytes as given).
     pub fn start_fixed_as(ip: &str, content_type: &'static str, body: &'static [u8]) -> Self {
-        Self::serve(ip, Duration::ZERO, move |_| (content_type, body.to_vec()))
+        Self::serve(ip, Duration::ZERO, move |_| {
+            (
+                format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"),
+                body.to_vec(),
+            )
+        })
+    }
+
+    /// Answers every request with `head` (its status line and headers, each line ended by
+    /// CRLF; `Content-Length` and `Connection` are added) and `body`.
+    pub fn start_with_head(ip: &str, head: &'static str, body: &'static [u8]) -> Self {
+        Self::serve(ip, Duration::ZERO, move |_| {
+            (head.to_owned(), body.to_vec())
+        })
     }
 
     fn serve(
         ip: &str,
         delay: Duration,
-        answer: impl Fn(&str) -> (&'static str, Vec<u8>) + Send + Sync + 'static,
+        answer: impl Fn(&str) -> (String, Vec<u8>) + Send + Sync + 'static,
     ) -> Self {
         let answer = Arc::new(answer);
         let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
@@ -454,11 +470,10 @@ impl LabelServer {
                         .unwrap_or_else(|p| p.into_inner())
                         .push(body.clone());
                     std::thread::sleep(delay);
-                    let (content_type, reply) = answer(&body);
+                    let (head, reply) = answer(&body);
                     let _ = write!(
                         stream,
-                        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-                         Connection: close\r\n\r\n",
+                        "{head}Content-Length: {}\r\nConnection: close\r\n\r\n",
                         reply.len()
                     );
                     let _ = stream.write_all(&reply);

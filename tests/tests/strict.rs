@@ -1196,3 +1196,40 @@ fn a_completion_is_bounded_by_what_it_completes_for() {
         "{denied}"
     );
 }
+
+#[test]
+fn an_upstreams_reason_phrase_and_session_cookies_do_not_reach_the_agent() {
+    if !privileged() {
+        return;
+    }
+    let files = tempfile::tempdir().expect("tempdir");
+    let token = files.path().join("token");
+    std::fs::write(&token, "upstream-secret\n").expect("write the credential");
+    // An upstream that quotes the key it was sent in its status line and opens a session for
+    // it (a cookie minted from the injected credential).
+    let upstream = LabelServer::start_with_head(
+        "127.0.0.3",
+        "HTTP/1.1 200 key upstream-secret accepted\r\nContent-Type: application/json\r\n\
+         Set-Cookie: session=minted-for-the-key\r\n",
+        br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+    );
+    let w = world_edited("reason-cookie", upstream, |config| {
+        let inject = format!(
+            "name = \"notes\"\ninject_headers = {{ X-Api-Key = {{ file = \"{}\" }} }}\n",
+            token.display()
+        );
+        config.replacen("name = \"notes\"\n", &inject, 1)
+    });
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
+    );
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(w.upstream.bodies().len(), 1, "not forwarded");
+    let head = r.head.clone().unwrap_or_default();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(!head.contains("upstream-secret"), "{head}");
+    assert!(r.header("set-cookie").is_none(), "{head}");
+}

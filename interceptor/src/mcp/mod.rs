@@ -2780,7 +2780,19 @@ impl Conn {
         session: Option<String>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
+        // The upstream's own reason phrase (hyper keeps one that is not the standard text, to
+        // write it back out) may quote what it was sent: the agent gets the standard one.
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
         secrets.scrub_headers(&mut parts.headers);
+        if !self.daemon.config.servers[self.server_id]
+            .inject_headers
+            .is_empty()
+        {
+            // A session the upstream opens for the credentials the proxy injected (a cookie
+            // minted from an injected token) would be a credential in the agent's hands, usable
+            // wherever the upstream is reachable without the proxy.
+            parts.headers.remove(header::SET_COOKIE);
+        }
         if encoded(&parts.headers) {
             warn!("upstream answered with a content encoding the proxy cannot inspect");
             return self.upstream_failed(
