@@ -158,8 +158,15 @@ struct TlsUpstream {
 /// Why no client could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The workload has no id (its process could not be inspected), so no certificate.
-    #[error("no workload id for this process, so no client certificate can be minted")]
+    /// The workload has no id (its process could not be inspected, or the template has no
+    /// value for it), so no certificate and no identity assertion: with a `[ca]`, nothing is
+    /// forwarded without them (an upstream that takes a missing assertion for an anonymous
+    /// caller must not be reached by one).
+    #[error(
+        "no workload id for this process (it exited or could not be inspected, or the \
+         workload_id template has no value for it), so no client certificate or identity \
+         assertion: with [ca] configured nothing is forwarded without one"
+    )]
     NoWorkloadId,
     /// Minting failed.
     #[error("minting the client certificate failed: {0}")]
@@ -214,6 +221,9 @@ impl Upstream {
     fn pool(&self, ca: Option<&NodeCa>, workload_id: Option<&str>) -> Result<Arc<Pool>, Error> {
         let slot = crate::workers::slot() % self.plain.len();
         let Some(tls) = &self.tls else {
+            if ca.is_some() && workload_id.is_none() {
+                return Err(Error::NoWorkloadId);
+            }
             return Ok(self.plain[slot].clone());
         };
         let wid = workload_id.ok_or(Error::NoWorkloadId)?;

@@ -675,3 +675,54 @@ cgroup = "{root}/**"
         "{ahead}"
     );
 }
+
+#[test]
+fn with_a_ca_a_caller_without_a_workload_id_reaches_no_upstream() {
+    if !privileged() {
+        return;
+    }
+    // A plain upstream: without a workload id there is no identity assertion to send it, and
+    // an upstream that takes a missing one for an anonymous caller must not be reached.
+    let upstream = interceptor_tests::LabelServer::start("127.0.0.3", "upstream");
+    let mut env = TestEnv::new("no-workload-id");
+    let dir = env.tmp.path().to_owned();
+    let out = Command::new(interceptor_bin())
+        .args(["ca", "init", "--dir"])
+        .arg(dir.join("ca"))
+        .output()
+        .expect("ca init");
+    assert!(out.status.success(), "{out:?}");
+    let agents = env.cgroup("agents");
+    // {pod}: no value for a process outside Kubernetes, so no workload id.
+    let extra = format!(
+        "\n[ca]\ncert = \"{0}/ca/ca.pem\"\nkey = \"{0}/ca/ca-key.pem\"\n\
+         [identity]\nworkload_id = \"spiffe://{{trust_domain}}/pod/{{pod}}\"\n\
+         [[role]]\nname = \"all\"\nservers = [\"notes\"]\nallow_tools = [\"*\"]\n\
+         [[binding]]\nrole = \"all\"\ncgroup = \"{1}/**\"\n",
+        dir.display(),
+        env.root
+    );
+    env.write_config_with(
+        &[ServerSpec::direct("notes", upstream.addr)],
+        &[&agents],
+        &extra,
+    );
+    env.start_daemon();
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let r = send_raw(
+        PROBE,
+        &env.dir(&agents),
+        &upstream.addr.to_string(),
+        request.as_bytes(),
+    );
+    let reply = r.reply.clone().unwrap_or_default();
+    assert!(
+        reply.contains("no workload id") && reply.contains("\"jsonrpc\""),
+        "{r:?}"
+    );
+    assert_eq!(upstream.count(), 0, "forwarded without an assertion");
+}
