@@ -126,6 +126,11 @@ pub struct RawProxy {
     /// `max_buffered_bytes`, or what one exchange may hold, `max_body_bytes` +
     /// `max_response_bytes`, if that is more).
     pub max_buffered_bytes_per_cgroup: Option<usize>,
+    /// Most requests in flight at once, node-wide: from a request's head to its answer's last
+    /// byte (a stream for as long as it is open), each holding an upstream connection.
+    pub max_requests_in_flight: usize,
+    /// Most of those at once for the agents of one cgroup.
+    pub max_requests_in_flight_per_cgroup: usize,
 }
 
 /// A humantime duration (`"30s"`, `"1m 30s"`).
@@ -150,6 +155,8 @@ impl Default for RawProxy {
             body_timeout: std::time::Duration::from_secs(30),
             max_buffered_bytes: None,
             max_buffered_bytes_per_cgroup: None,
+            max_requests_in_flight: DEFAULT_MAX_REQUESTS_IN_FLIGHT,
+            max_requests_in_flight_per_cgroup: DEFAULT_MAX_REQUESTS_IN_FLIGHT_PER_CGROUP,
         }
     }
 }
@@ -200,6 +207,10 @@ pub const DEFAULT_MAX_BATCH: usize = 100;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// Default `proxy.max_buffered_bytes`: 256 MiB.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// Default `proxy.max_requests_in_flight`.
+pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: usize = 4096;
+/// Default `proxy.max_requests_in_flight_per_cgroup`.
+pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT_PER_CGROUP: usize = 256;
 
 /// Most `daemon.workers` accepted.
 pub const MAX_WORKERS: usize = 1024;
@@ -834,6 +845,19 @@ impl Validator<'_> {
                      max_body_bytes + max_response_bytes ({exchange}: a request's body stays \
                      counted while its answer is read, else an exchange within them could never \
                      complete) and at most max_buffered_bytes ({total})"
+                ),
+            ));
+        }
+        let (flights, per_cgroup) = (
+            raw.proxy.max_requests_in_flight,
+            raw.proxy.max_requests_in_flight_per_cgroup,
+        );
+        if per_cgroup == 0 || flights < per_cgroup {
+            return Err(self.invalid(
+                "proxy.max_requests_in_flight_per_cgroup",
+                format!(
+                    "is {per_cgroup}: it must be at least 1 and at most max_requests_in_flight \
+                     ({flights})"
                 ),
             ));
         }

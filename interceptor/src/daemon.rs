@@ -89,6 +89,9 @@ pub struct Counters {
     /// Request bodies and upstream answers not read: the buffer budget was spent
     /// (`proxy.max_buffered_bytes`, `…_per_cgroup`).
     pub over_budget: AtomicU64,
+    /// Requests refused because their cgroup (or the node) had as many in flight as
+    /// `proxy.max_requests_in_flight*` allow.
+    pub over_in_flight: AtomicU64,
     /// When (Unix seconds) a refusal over the limit was last logged.
     pub over_limit_logged: AtomicU64,
     /// When a connection without a kernel record was last logged (unix seconds).
@@ -141,6 +144,9 @@ pub struct Daemon {
     pub parked: crate::mcp::Parked,
     /// The bytes of bodies read whole held now (`proxy.max_buffered_bytes`).
     pub buffers: Arc<crate::mcp::budget::Budget>,
+    /// Requests and streams in flight (`proxy.max_requests_in_flight*`): each holds an
+    /// upstream connection, and those hold descriptors every agent (and `revoke`) needs.
+    pub in_flight: Arc<crate::mcp::budget::Budget>,
     /// The daemon's own `identity` object (JSON text), for the events it causes itself.
     own_identity: String,
     /// The audit log.
@@ -1206,6 +1212,7 @@ impl Daemon {
                     "no_record": c.no_record.load(Ordering::Relaxed),
                     "over_limit": c.over_limit.load(Ordering::Relaxed),
                     "over_budget": c.over_budget.load(Ordering::Relaxed),
+                    "over_in_flight": c.over_in_flight.load(Ordering::Relaxed),
                     "stall_takeovers": c.stall_takeovers.load(Ordering::Relaxed),
                     "active": c.active.load(Ordering::Relaxed),
                     // Streamable HTTP sessions bound to the identity that opened them.
@@ -1476,8 +1483,13 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         parked: Default::default(),
         buffers: {
             let (total, per_cgroup) = config.proxy.buffered();
-            crate::mcp::budget::Budget::new(total, per_cgroup)
+            crate::mcp::budget::Budget::new(total, per_cgroup, crate::mcp::budget::Counted::Bytes)
         },
+        in_flight: crate::mcp::budget::Budget::new(
+            config.proxy.max_requests_in_flight,
+            config.proxy.max_requests_in_flight_per_cgroup,
+            crate::mcp::budget::Counted::Requests,
+        ),
         streams: Streams::default(),
         own_identity: daemon_identity.clone(),
         audit,

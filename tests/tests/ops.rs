@@ -642,30 +642,22 @@ fn all_egress_contains_a_cgroup() {
     );
 }
 
-#[test]
-fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
-    if !privileged() {
-        return;
-    }
-    // Slow enough that both requests are still held while the third and the other cgroup's
-    // are sent on a loaded machine; the probes wait up to 30 s for their answers.
-    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(5000));
+/// With `upstream` slow to answer (5 s), two requests of cgroup `a` held in flight: a third
+/// of `a` is refused with HTTP 503 and an answer naming `limit` (returned), never reaching the
+/// upstream, while cgroup `b` is served; then the two are answered.
+fn third_refused_while_two_held(
+    env: &TestEnv,
+    upstream: &LabelServer,
+    (a, b): (&str, &str),
+    limit: &str,
+) -> interceptor_tests::ClientResult {
+    let (addr, request) = (upstream.addr.to_string(), ping_request());
+    // The probes wait up to 30 s for their answers: both requests are still held while the
+    // third and the other cgroup's are sent on a loaded machine.
     let patient = ["PROBE_READ_TIMEOUT_MS=30000"];
-    let mut env = TestEnv::new("conn-limit");
-    env.daemon_extra = "max_connections_per_cgroup = 2\n".into();
-    let a = env.cgroup("agents/a");
-    let b = env.cgroup("agents/b");
-    env.write_config(
-        &[ServerSpec::direct("notes", upstream.addr)],
-        &[&format!("{}/agents", env.root)],
-    );
-    env.start_daemon();
-    let addr = upstream.addr.to_string();
-    let request = ping_request();
-    // Two requests in flight hold cgroup a's two connections.
     let held: Vec<_> = (0..2)
         .map(|_| {
-            let (dir, addr, request) = (env.dir(&a), addr.clone(), request.clone());
+            let (dir, addr, request) = (env.dir(a), addr.clone(), request.clone());
             std::thread::spawn(move || {
                 send_raw_env(PROBE, &dir, &addr, request.as_bytes(), &patient)
             })
@@ -677,11 +669,11 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
         || "the two requests never reached the upstream".into(),
     );
     // A third from the same cgroup is refused, with an answer that says why and what to do…
-    let refused = send_raw(PROBE, &env.dir(&a), &addr, request.as_bytes());
+    let refused = send_raw(PROBE, &env.dir(a), &addr, request.as_bytes());
     assert_eq!(refused.status, Some(503), "{refused:?}");
     let reply = refused.reply.clone().unwrap_or_default();
     assert!(
-        reply.contains("max_connections_per_cgroup") && reply.contains("\"jsonrpc\""),
+        reply.contains(limit) && reply.contains("\"jsonrpc\""),
         "{refused:?}"
     );
     assert_eq!(
@@ -690,12 +682,70 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
         "the refused request reached the upstream"
     );
     // …while another cgroup is served meanwhile.
-    let other = send_raw_env(PROBE, &env.dir(&b), &addr, request.as_bytes(), &patient);
+    let other = send_raw_env(PROBE, &env.dir(b), &addr, request.as_bytes(), &patient);
     assert_eq!(other.status, Some(200), "{other:?}");
     for h in held {
         let r = h.join().expect("client");
         assert_eq!(r.status, Some(200), "{r:?}");
     }
+    refused
+}
+
+#[test]
+fn a_cgroup_with_as_many_requests_in_flight_as_it_may_is_refused_more() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(5000));
+    let mut env = TestEnv::new("in-flight");
+    let a = env.cgroup("agents/a");
+    let b = env.cgroup("agents/b");
+    env.write_config_with(
+        &[ServerSpec::direct("notes", upstream.addr)],
+        &[&format!("{}/agents", env.root)],
+        &format!(
+            "\n[proxy]\nmax_requests_in_flight_per_cgroup = 2\n\
+             [[role]]\nname = \"open\"\nservers = [\"*\"]\nallow_methods = [\"*\"]\n\
+             [[binding]]\nrole = \"open\"\ncgroup = \"{}/**\"\n",
+            env.root
+        ),
+    );
+    env.start_daemon();
+    let refused = third_refused_while_two_held(
+        &env,
+        &upstream,
+        (&a, &b),
+        "max_requests_in_flight_per_cgroup",
+    );
+    assert_eq!(refused.header("retry-after"), Some("1"), "{refused:?}");
+    let (addr, request) = (upstream.addr.to_string(), ping_request());
+    let patient = ["PROBE_READ_TIMEOUT_MS=30000"];
+    // Their places are given back with their answers' last bytes.
+    let again = send_raw_env(PROBE, &env.dir(&a), &addr, request.as_bytes(), &patient);
+    assert_eq!(again.status, Some(200), "{again:?}");
+    let status = env.status();
+    assert_eq!(status["counters"]["proxy"]["over_in_flight"], 1, "{status}");
+}
+
+#[test]
+fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
+    if !privileged() {
+        return;
+    }
+    // Slow enough that both requests are still held while the third and the other cgroup's
+    // are sent on a loaded machine; the probes wait up to 30 s for their answers.
+    let upstream = LabelServer::start_slow("127.0.0.3", "slow", Duration::from_millis(5000));
+    let mut env = TestEnv::new("conn-limit");
+    env.daemon_extra = "max_connections_per_cgroup = 2\n".into();
+    let a = env.cgroup("agents/a");
+    let b = env.cgroup("agents/b");
+    env.write_config(
+        &[ServerSpec::direct("notes", upstream.addr)],
+        &[&format!("{}/agents", env.root)],
+    );
+    env.start_daemon();
+    third_refused_while_two_held(&env, &upstream, (&a, &b), "max_connections_per_cgroup");
+    let (addr, request) = (upstream.addr.to_string(), ping_request());
     // Once they closed (the proxy's side too: the clients may see the answer first), cgroup a
     // is served again.
     eventually(

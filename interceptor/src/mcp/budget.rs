@@ -20,12 +20,23 @@ use http_body_util::BodyExt;
 
 use crate::bpf::lock;
 
-/// Bytes held, node-wide and by cgroup.
+/// Bytes held (or, for [`Counted::Requests`], requests in flight), node-wide and by cgroup.
 #[derive(Debug)]
 pub struct Budget {
     total: usize,
     per_cgroup: usize,
+    counted: Counted,
     used: Mutex<Used>,
+}
+
+/// What a [`Budget`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Bytes of bodies held (`proxy.max_buffered_bytes*`).
+    Bytes,
+    /// Requests in flight, from their head to their answer's last byte: each holds an upstream
+    /// connection while it waits or streams (`proxy.max_requests_in_flight*`).
+    Requests,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +52,10 @@ pub enum Over {
     Node,
     /// `proxy.max_buffered_bytes_per_cgroup`: this cgroup's.
     Cgroup,
+    /// `proxy.max_requests_in_flight`: every agent's requests together.
+    NodeRequests,
+    /// `proxy.max_requests_in_flight_per_cgroup`: this cgroup's.
+    CgroupRequests,
 }
 
 impl Over {
@@ -54,6 +69,14 @@ impl Over {
             Over::Cgroup => {
                 "this cgroup's agents have as many request and answer bodies in flight as \
                  they may (proxy.max_buffered_bytes_per_cgroup); try again once some are done"
+            }
+            Over::NodeRequests => {
+                "the proxy has as many requests and streams in flight as it may \
+                 (proxy.max_requests_in_flight); try again shortly"
+            }
+            Over::CgroupRequests => {
+                "this cgroup's agents have as many requests and streams in flight as they may \
+                 (proxy.max_requests_in_flight_per_cgroup); try again once some are done"
             }
         }
     }
@@ -79,12 +102,23 @@ pub enum Refused {
 }
 
 impl Budget {
-    pub fn new(total: usize, per_cgroup: usize) -> Arc<Self> {
+    pub fn new(total: usize, per_cgroup: usize, counted: Counted) -> Arc<Self> {
         Arc::new(Self {
             total,
             per_cgroup,
+            counted,
             used: Mutex::default(),
         })
+    }
+
+    /// The bound gone over, node-wide or this cgroup's, in what this budget counts.
+    fn over(&self, node: bool) -> Over {
+        match (self.counted, node) {
+            (Counted::Bytes, true) => Over::Node,
+            (Counted::Bytes, false) => Over::Cgroup,
+            (Counted::Requests, true) => Over::NodeRequests,
+            (Counted::Requests, false) => Over::CgroupRequests,
+        }
     }
 
     /// An empty holding for a body of `cgroup`'s.
@@ -108,14 +142,14 @@ impl Held {
         let budget = &self.budget;
         let mut used = lock(&budget.used);
         if used.total + n > budget.total {
-            return Err(Over::Node);
+            return Err(budget.over(true));
         }
         let mine = used.by_cgroup.entry(self.cgroup).or_default();
         if *mine + n > budget.per_cgroup {
             if *mine == 0 {
                 used.by_cgroup.remove(&self.cgroup);
             }
-            return Err(Over::Cgroup);
+            return Err(budget.over(false));
         }
         *mine += n;
         used.total += n;
@@ -232,13 +266,82 @@ impl hyper::body::Body for HeldBody {
     }
 }
 
+/// A response body that holds its request's place among those in flight (a [`Held`] of a
+/// [`Counted::Requests`] budget) until its last frame is taken, or it is dropped.
+pub struct WithHeld<B> {
+    body: B,
+    held: Option<Held>,
+}
+
+impl<B> WithHeld<B> {
+    pub fn new(body: B, held: Held) -> Self {
+        Self {
+            body,
+            held: Some(held),
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for WithHeld<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            this.held = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn requests_in_flight_are_held_until_their_answer_ends() {
+        use http_body_util::{BodyExt, Full};
+        let budget = Budget::new(3, 2, Counted::Requests);
+        let mut a = budget.hold(1);
+        assert_eq!(a.take(1), Ok(()));
+        let mut b = budget.hold(1);
+        assert_eq!(b.take(1), Ok(()));
+        assert_eq!(budget.hold(1).take(1), Err(Over::CgroupRequests));
+        let mut c = budget.hold(2);
+        assert_eq!(c.take(1), Ok(()));
+        assert_eq!(budget.hold(3).take(1), Err(Over::NodeRequests));
+        // Given back when the answer's last frame is taken, not before.
+        let mut body = WithHeld::new(Full::new(Bytes::from_static(b"answer")), a);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let frame = rt.block_on(body.frame()).expect("a frame").expect("data");
+        assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"answer")));
+        assert_eq!(budget.used(), 3);
+        assert!(rt.block_on(body.frame()).is_none());
+        assert_eq!(budget.used(), 2);
+        // Or when it is dropped unread.
+        drop(WithHeld::new(Full::new(Bytes::new()), b));
+        drop(c);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
     fn bytes_are_counted_per_cgroup_and_node_wide_and_given_back() {
-        let budget = Budget::new(100, 60);
+        let budget = Budget::new(100, 60, Counted::Bytes);
         let mut a = budget.hold(1);
         assert_eq!(a.take(50), Ok(()));
         assert_eq!(a.take(20), Err(Over::Cgroup));
@@ -265,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_holds_its_share_until_its_last_frame_is_taken() {
-        let budget = Budget::new(1 << 20, 1 << 20);
+        let budget = Budget::new(1 << 20, 1 << 20, Counted::Bytes);
         let mut held = budget.hold(1);
         held.take(100_000).unwrap();
         let mut body = HeldBody::new(Bytes::from(vec![b'x'; 100_000]), held);
@@ -280,7 +383,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_is_read_within_its_limit_and_the_budget() {
-        let budget = Budget::new(1000, 1000);
+        let budget = Budget::new(1000, 1000, Counted::Bytes);
         let mut held = budget.hold(1);
         let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
         assert_eq!(held.collect(body, 5).await.unwrap(), "hello");
@@ -290,7 +393,7 @@ mod tests {
             budget.hold(1).collect(body, 4).await,
             Err(Refused::TooLarge)
         ));
-        let small = Budget::new(3, 3);
+        let small = Budget::new(3, 3, Counted::Bytes);
         let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
         assert!(matches!(
             small.hold(1).collect(body, 10).await,

@@ -906,7 +906,7 @@ pub async fn serve(stream: TcpStream, conn: Arc<Conn>) {
     // connection.
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        Box::pin(async move { Ok::<_, Infallible>(conn.handle(req).await) })
+        Box::pin(async move { Ok::<_, Infallible>(conn.handle_counted(req).await) })
     });
     // The connections are built inside the awaited expressions, never held in a local: a
     // moved-from local still takes room in this future's state.
@@ -987,7 +987,8 @@ fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into()).map_err(|e| match e {}).boxed()
 }
 
-/// HTTP 503 for a request body refused for the buffer budget (`Retry-After: 1`).
+/// HTTP 503 for a request refused for the buffer budget or the bound on requests in flight
+/// (`Retry-After: 1`).
 fn busy(over: budget::Over) -> Response<ProxyBody> {
     let mut response = error_response(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1391,6 +1392,27 @@ impl Conn {
             .counters
             .rejected
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// [`Conn::handle`] within the bound on requests in flight (`proxy.max_requests_in_flight`,
+    /// `…_per_cgroup`): each is counted from its head until its answer's last byte is handed on
+    /// (a stream for as long as it is open), for each holds an upstream connection, and one
+    /// agent with many connections of many HTTP/2 streams would otherwise take every
+    /// descriptor the daemon has (and with them the admin socket `revoke` needs).
+    async fn handle_counted(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let mut slot = self.daemon.in_flight.hold(self.identity.cgroup_id);
+        if let Err(over) = slot.take(1) {
+            self.rejected();
+            self.daemon
+                .counters
+                .over_in_flight
+                .fetch_add(1, Ordering::Relaxed);
+            info!(http.method = %req.method(), reason = over.reason(), "request refused: too many in flight");
+            return busy(over);
+        }
+        self.handle(req)
+            .await
+            .map(|body| budget::WithHeld::new(body, slot).boxed())
     }
 
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
