@@ -479,6 +479,15 @@ pub struct Server {
     pub session_scope: usize,
 }
 
+impl Server {
+    /// Whether the upstream's own addresses are intercepted too: a plain-HTTP upstream's,
+    /// unless `intercept_upstream = false` (an `https://` one refuses callers without a
+    /// node-issued certificate).
+    pub fn upstream_intercepted(&self) -> bool {
+        self.tls.is_none() && self.intercept_upstream
+    }
+}
+
 /// The section `name` of the file at `path` (its defaults when absent); the rest of the file
 /// need only be TOML.
 fn load_section<T: serde::de::DeserializeOwned + Default>(

@@ -1170,6 +1170,7 @@ impl Daemon {
                 "name": s.name,
                 "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "upstream": s.upstream,
+                "upstream_intercepted": s.upstream_intercepted(),
                 // Upstream connections started as agents connected (failed ones included),
                 // and of those, taken by a request.
                 "connections_ahead": {
@@ -1335,8 +1336,11 @@ pub fn intercepted(
             map.entry(addr).or_insert(id);
         }
     }
-    let plain = |s: &crate::config::Server| s.tls.is_none() && s.intercept_upstream;
-    for (id, server) in servers.iter().enumerate().filter(|(_, s)| plain(s)) {
+    for (id, server) in servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.upstream_intercepted())
+    {
         for &addr in &server.upstream_addrs {
             map.entry(addr).or_insert(id);
         }

@@ -509,10 +509,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for s in &config.servers {
                 let intercept: Vec<String> = s.intercept.iter().map(ToString::to_string).collect();
                 println!(
-                    "  server {}: intercept {} -> upstream {}",
+                    "  server {}: intercept {} -> upstream {}{}",
                     s.name,
                     intercept.join(", "),
-                    s.upstream
+                    s.upstream,
+                    if s.upstream_intercepted() {
+                        " (its addresses intercepted too: intercept_upstream)"
+                    } else {
+                        ""
+                    }
                 );
             }
             for t in &config.tags {
@@ -1611,8 +1616,13 @@ fn print_status(s: &Value) {
             }
             _ => String::new(),
         };
+        let also = if sv["upstream_intercepted"] == true {
+            " (intercepted too)"
+        } else {
+            ""
+        };
         println!(
-            "  {}: {} -> {}{ahead}",
+            "  {}: {} -> {}{also}{ahead}",
             str_of(&sv["name"]),
             intercept.join(", "),
             str_of(&sv["upstream"])

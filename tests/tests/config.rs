@@ -143,10 +143,31 @@ fn without_a_file_at_the_default_path_the_cli_uses_the_built_in_defaults() {
 
 #[test]
 fn a_valid_file_is_summarised() {
-    let (ok, err) = check(
-        "[[server]]\nname = \"notes\"\nintercept = [\"127.0.0.2:8080\", \"[::1]:8080\"]\nupstream = \"127.0.0.3:9000\"\n",
-    );
+    let text = "[[server]]\nname = \"notes\"\nintercept = [\"127.0.0.2:8080\", \"[::1]:8080\"]\nupstream = \"127.0.0.3:9000\"\n";
+    let (ok, err) = check(text);
     assert!(ok, "{err}");
+    let summary = |text: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("interceptor.toml");
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(interceptor_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run interceptor");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // A plain upstream's own address is intercepted too, and the summary says so.
+    let out = summary(text);
+    assert!(
+        out.contains(
+            "server notes: intercept 127.0.0.2:8080, [::1]:8080 -> upstream 127.0.0.3:9000 \
+             (its addresses intercepted too: intercept_upstream)"
+        ),
+        "{out}"
+    );
+    let out = summary(&format!("{text}intercept_upstream = false\n"));
+    assert!(out.contains("-> upstream 127.0.0.3:9000\n"), "{out}");
 }
 
 const POLICY: &str = r#"

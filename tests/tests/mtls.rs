@@ -397,6 +397,9 @@ cgroup = "{root}/**"
             .as_array()
             .and_then(|s| s.iter().find(|s| s["name"] == server).cloned())
             .expect("server in status");
+        // An https:// upstream's own address is not intercepted (it refuses callers without
+        // a node-issued certificate).
+        assert_eq!(entry["upstream_intercepted"], false, "{entry}");
         entry["connections_ahead"].clone()
     };
     let notes = ahead("notes");

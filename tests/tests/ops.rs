@@ -762,6 +762,7 @@ fn a_cgroup_over_its_connection_limit_is_refused_until_one_closes() {
     let text = cli_ok(&env, &["status"]);
     assert!(
         text.contains("over_limit=1")
+            && text.contains("(intercepted too)")
             && text.contains("open files up to")
             && text.contains("upstream connections opened ahead"),
         "{text}"
