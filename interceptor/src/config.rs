@@ -347,6 +347,13 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt;
         let mut out = self.policy.warnings();
+        if let Some(addr) = self.daemon.metrics_addr.filter(|a| !a.ip().is_loopback()) {
+            out.push(format!(
+                "daemon.metrics_addr {addr} is reachable from beyond this node's loopback: the \
+                 metrics name the policy's rules (denials by rule) and take any connection \
+                 (32 at once); bind it to 127.0.0.1 or let only the scraper reach it"
+            ));
+        }
         let optional: Vec<&str> = ["{exe}", "{comm}", "{container}", "{pod}"]
             .into_iter()
             .filter(|p| self.naming.template.contains(p))
@@ -1236,6 +1243,15 @@ mod tests {
             w.len() == 1 && w[0].contains("injects credentials but has no `paths`"),
             "{w:?}"
         );
+        // A metrics endpoint beyond loopback.
+        for (addr, warned) in [("0.0.0.0:9464", true), ("127.0.0.1:9464", false)] {
+            let with_metrics = format!("[daemon]\nmetrics_addr = \"{addr}\"\n{text}");
+            let w = super::Config::parse(std::path::Path::new("t.toml"), &with_metrics)
+                .unwrap()
+                .warnings();
+            let named = w.iter().any(|w| w.contains("daemon.metrics_addr"));
+            assert_eq!(named, warned, "{addr}: {w:?}");
+        }
         // A workload id template with a value a process may lack, with a CA.
         let with_exe = format!(
             "{text}\n[identity]\nworkload_id = \"spiffe://{{trust_domain}}/exe{{exe}}\"\n\
