@@ -5,8 +5,8 @@
 //! (`rmcp`) over Streamable HTTP, also across SDKs.
 
 use interceptor_tests::{
-    KillOnDrop, McpServer, ServerSpec, TestEnv, mcp_client, privileged, python_in_cgroup,
-    rmcp_client, send_raw,
+    KillOnDrop, McpServer, ServerSpec, TestEnv, eventually, mcp_client, privileged,
+    python_in_cgroup, rmcp_client, send_raw,
 };
 
 const RMCP_PEER: &str = env!("CARGO_BIN_EXE_rmcp-peer");
@@ -403,6 +403,23 @@ fn a_session_belongs_to_the_identity_that_opened_it() {
             "{method}: {r:?}"
         );
     }
+    // The attempts are on record (the POST's as mcp.request, the GET's and DELETE's as
+    // http.request), denied before any policy rule.
+    for method in ["GET", "DELETE"] {
+        let event = eventually(
+            std::time::Duration::from_secs(10),
+            || {
+                w.env.audit_events().into_iter().find(|e| {
+                    e["event"] == "http.request" && e["method"] == method && e["decision"] == "deny"
+                })
+            },
+            || format!("no refused {method} on record: {:#?}", w.env.audit_events()),
+        );
+        assert_eq!(
+            event["rule"], "refused before policy: the session belongs to another identity",
+            "{event}"
+        );
+    }
     // An id with a space in it is no id: refused before anything is looked up.
     let spaced = format!("{session} x");
     let r = send_raw(
@@ -420,7 +437,9 @@ fn a_session_belongs_to_the_identity_that_opened_it() {
         &request("POST", Some(&session), list),
     );
     assert_eq!(r.status, Some(403), "{r:?}");
-    // Its owner still can, and ends it; the id is then nobody's (the server forgot it too).
+    // Its owner still can, and ends it; the id is then nobody's: not taken by the next
+    // identity that names it (a server that keeps a session it answered DELETE for must not
+    // hand it over), answered as an ended session.
     let r = send_raw(
         PROBE,
         &w.readers,
@@ -441,7 +460,11 @@ fn a_session_belongs_to_the_identity_that_opened_it() {
         &addr,
         &request("POST", Some(&session), list),
     );
-    assert_ne!(r.status, Some(403), "{r:?}");
+    assert_eq!(r.status, Some(404), "{r:?}");
+    assert!(
+        r.reply.as_deref().unwrap_or("").contains("session ended"),
+        "{r:?}"
+    );
 }
 
 /// `rmcp-peer task-call` / `task-get` from inside `cgroup_dir`, parsed.

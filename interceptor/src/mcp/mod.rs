@@ -1538,6 +1538,7 @@ impl Conn {
             );
         }
         if let Some(reason) = self.revoked_reason() {
+            self.record_http_refusal(&parts, "access revoked");
             return closing(error_response(
                 StatusCode::FORBIDDEN,
                 code::INTERNAL_ERROR,
@@ -1557,7 +1558,9 @@ impl Conn {
             }
             return self.server_refused(method.as_str(), &decision);
         }
-        if let Some(refused) = self.foreign_session(&parts.headers) {
+        if let Some((refused, why)) = self.foreign_session(&parts.headers) {
+            // On record, as refused POSTs are: an attempt on another identity's session.
+            self.record_http_refusal(&parts, why);
             return refused;
         }
         if let Some(refused) = self.not_mcp_shaped(&method, &parts) {
@@ -1594,6 +1597,17 @@ impl Conn {
         .await
     }
 
+    /// Records a GET or DELETE refused before any policy rule (`http.request`, denied with
+    /// `why`), while the log is writable (refusals must not pile up in its backlog).
+    fn record_http_refusal(&self, parts: &http::request::Parts, why: &str) {
+        if self.daemon.audit.healthy() {
+            let decision = Decision::refused(format!("refused before policy: {why}"));
+            self.daemon
+                .audit
+                .record_later(self.http_request_event(parts, &decision));
+        }
+    }
+
     /// A GET or DELETE that is not what MCP sends (`Some` is the refusal): a DELETE ends the
     /// Streamable HTTP session its `Mcp-Session-Id` names, so one without it is no MCP
     /// request (on a server without `paths`, it would reach any endpoint of the upstream);
@@ -1608,13 +1622,8 @@ impl Conn {
             self.rejected();
             info!(http.method = %method, path = %parts.uri.path(), reason = why, "request refused: not an MCP request");
             // On record, as other refused requests are (an attempt on another identity's
-            // session included), while the log is writable.
-            if self.daemon.audit.healthy() {
-                let decision = Decision::refused(format!("refused before policy: {why}"));
-                self.daemon
-                    .audit
-                    .record_later(self.http_request_event(parts, &decision));
-            }
+            // session included).
+            self.record_http_refusal(parts, why);
             error_response(
                 StatusCode::BAD_REQUEST,
                 code::INVALID_REQUEST,
@@ -1675,16 +1684,19 @@ impl Conn {
 
     /// A Streamable HTTP session the request names must be the caller's own (see
     /// [`session::BoundSessions`]); `Some` is the refusal.
-    fn foreign_session(&self, headers: &http::HeaderMap) -> Option<Response<ProxyBody>> {
+    fn foreign_session(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Option<(Response<ProxyBody>, &'static str)> {
         let mut ids = headers.get_all("mcp-session-id").iter();
         let id = ids.next()?;
         if ids.next().is_some() {
             self.rejected();
             info!("request refused: repeated Mcp-Session-Id");
-            return Some(error_response(
-                StatusCode::BAD_REQUEST,
-                code::INVALID_REQUEST,
-                "repeated Mcp-Session-Id header",
+            let why = "repeated Mcp-Session-Id header";
+            return Some((
+                error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why),
+                why,
             ));
         }
         // Session ids are visible ASCII (the specification); a value with anything else
@@ -1693,10 +1705,13 @@ impl Conn {
         if !id.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b)) {
             self.rejected();
             info!("request refused: Mcp-Session-Id is not visible ASCII");
-            return Some(error_response(
-                StatusCode::BAD_REQUEST,
-                code::INVALID_REQUEST,
-                "Mcp-Session-Id must be visible ASCII (0x21-0x7E), without spaces or tabs",
+            return Some((
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_REQUEST,
+                    "Mcp-Session-Id must be visible ASCII (0x21-0x7E), without spaces or tabs",
+                ),
+                "the Mcp-Session-Id is not visible ASCII",
             ));
         }
         match self.daemon.bound_sessions.check(
@@ -1709,21 +1724,27 @@ impl Conn {
             // expired session, which clients answer by starting a new one.
             SessionUse::Forgotten => {
                 self.rejected();
-                info!("request refused: the Mcp-Session-Id was forgotten for room");
-                Some(error_response(
-                    StatusCode::NOT_FOUND,
-                    code::INVALID_REQUEST,
-                    "session expired at the interceptor (idle longest when room was needed); \
-                     start a new session",
+                info!("request refused: the Mcp-Session-Id was ended or forgotten for room");
+                Some((
+                    error_response(
+                        StatusCode::NOT_FOUND,
+                        code::INVALID_REQUEST,
+                        "session ended or expired at the interceptor (ended by a DELETE, or \
+                         idle longest when room was needed); start a new session",
+                    ),
+                    "the session was ended or forgotten for room",
                 ))
             }
             SessionUse::Foreign => {
                 self.rejected();
                 warn!("request refused: the Mcp-Session-Id belongs to another identity");
-                Some(error_response(
-                    StatusCode::FORBIDDEN,
-                    code::INVALID_REQUEST,
-                    "this session belongs to another identity",
+                Some((
+                    error_response(
+                        StatusCode::FORBIDDEN,
+                        code::INVALID_REQUEST,
+                        "this session belongs to another identity",
+                    ),
+                    "the session belongs to another identity",
                 ))
             }
         }
@@ -1874,13 +1895,8 @@ impl Conn {
                 "this session belongs to another identity",
             );
         }
-        if let Some(refused) = self.foreign_session(&parts.headers) {
-            self.record_refused(
-                &parts,
-                &body,
-                "the session belongs to another identity, was forgotten for room, or its id is \
-                 repeated",
-            );
+        if let Some((refused, why)) = self.foreign_session(&parts.headers) {
+            self.record_refused(&parts, &body, why);
             return refused;
         }
 
@@ -2747,7 +2763,15 @@ impl Conn {
             .relayed_up
             .fetch_add(up_len, Ordering::Relaxed);
         self.up.fetch_add(up_len, Ordering::Relaxed);
-        if response.status().is_success() {
+        // Sessions are bound by MCP answers only: a GET's is an event stream (a `/.well-known/`
+        // document or another endpoint's page, relayed or not, tells nothing of a session).
+        let mcp_answer = !from_get
+            || response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(event_stream_at)
+                == Some(0);
+        if response.status().is_success() && mcp_answer {
             let sessions = &self.daemon.bound_sessions;
             let named = response.headers().get("mcp-session-id");
             match (named, &session) {
@@ -2765,12 +2789,17 @@ impl Conn {
                         }
                     }
                 }
-                // Named by the upstream (the answer to initialize): the caller's from now on.
-                (Some(id), _) => sessions.bind(
+                // Named by the upstream (the answer to initialize, which carries none): the
+                // caller's from now on. The id the request carried, echoed back (as the SDKs
+                // do on every answer), names nothing new: it binds only a session no one holds
+                // (else the answer that arrives last would take a session from its owner).
+                (Some(id), requested) => sessions.bind(
                     self.session_scope(),
                     id.as_bytes(),
                     &self.session_owner(),
-                    true,
+                    requested
+                        .as_ref()
+                        .is_none_or(|r| r.as_bytes() != id.as_bytes()),
                 ),
                 // A session the upstream accepted from the caller: its, unless bound already.
                 (None, Some(id)) => sessions.bind(

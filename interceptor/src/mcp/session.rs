@@ -303,8 +303,8 @@ const MAX_SESSIONS_PER_OWNER: usize = 4;
 /// stream, answer its server's requests or end it. The upstream is the authority on which
 /// sessions exist: a session is bound when an answer of the upstream names it (the answer to
 /// `initialize`), and one the daemon has not seen (opened before it started) is bound to the
-/// first identity whose request with it the upstream accepts. It is forgotten when it is ended
-/// (`DELETE`). Beyond the caps, the sessions idle longest are forgotten *closed*: their ids
+/// first identity whose request with it the upstream accepts. It is forgotten, closed, when it
+/// is ended (`DELETE`). Beyond the caps, the sessions idle longest are forgotten *closed*: their ids
 /// are remembered as no one's (up to as many again per identity and in all; an identity's
 /// own churn ages out only its own), answered 404 — the owner's client starts a new session,
 /// as the specification has it for an expired one — so that a forgotten session cannot be
@@ -485,9 +485,16 @@ impl BoundSessions {
         b.insert(key, owner, now);
     }
 
-    /// Forgets `session` (ended).
+    /// Forgets `session` (ended), closed: remembered as no one's, as a session forgotten for
+    /// room is (a server that answers DELETE but keeps the session must not have it taken by
+    /// the next identity that names it).
     pub fn end(&self, scope: usize, session: &[u8]) {
-        lock(&self.inner).remove(&session_digest(scope, session));
+        let key = session_digest(scope, session);
+        let mut b = lock(&self.inner);
+        if let Some((owner, _)) = b.map.get(&key).cloned() {
+            b.remove(&key);
+            b.tombstone(key, owner);
+        }
     }
 
     /// Sessions bound now.
@@ -634,8 +641,11 @@ mod tests {
         assert_eq!(s.check(0, b"abc", &owner(2)), SessionUse::Own);
         // Another server's session of the same id is another session.
         assert_eq!(s.check(1, b"abc", &owner(1)), SessionUse::Unbound);
+        // Ended, it is no one's: not taken as never seen by the next identity naming it.
         s.end(0, b"abc");
-        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Unbound);
+        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Forgotten);
+        s.bind(0, b"abc", &owner(1), false);
+        assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Forgotten);
     }
 
     #[test]
