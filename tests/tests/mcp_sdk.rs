@@ -44,6 +44,11 @@ fn world(label: &str, transport: &str) -> World {
 }
 
 fn world_with(label: &str, server: McpServer) -> World {
+    world_with_extra(label, server, "")
+}
+
+/// [`world_with`], with `extra` TOML (a `[proxy]` table, say) in its config.
+fn world_with_extra(label: &str, server: McpServer, extra: &str) -> World {
     let mut env = TestEnv::new(label);
     let readers = env.cgroup("readers");
     let writers = env.cgroup("writers");
@@ -66,7 +71,7 @@ fn world_with(label: &str, server: McpServer) -> World {
             },
         ],
         &[&env.root.clone()],
-        &format!("{POLICY}{bindings}"),
+        &format!("{POLICY}{bindings}{extra}"),
     );
     env.start_daemon();
     let readers = env.dir(&readers);
@@ -192,6 +197,68 @@ time.sleep(30)
     let (line, child) = python_in_cgroup(cgroup_dir, HOLD, &[addr]);
     assert!(line.contains("session_id="), "no endpoint: {line:?}");
     (line, child)
+}
+
+#[test]
+fn requests_awaited_on_an_unread_legacy_stream_count_against_the_cgroups_buffers() {
+    if !privileged() {
+        return;
+    }
+    // A small budget: a request's records awaiting their answers on the session's stream
+    // (which the agent does not read) are charged to it.
+    let w = world_with_extra(
+        "sse-budget",
+        McpServer::start("sse"),
+        "\n[proxy]\nmax_body_bytes = 4096\nmax_response_bytes = 4096\n\
+         max_buffered_bytes_per_cgroup = 8192\n",
+    );
+    let addr = w.server.addr.to_string();
+    let (endpoint, _stream) = hold_legacy_stream(&w.readers, &addr);
+    // Posted by the same executable as the stream's (the session's owner: uid, gid, cgroup
+    // and executable): the status, its Retry-After and the body, a line each.
+    const POST: &str = r#"
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+endpoint, body = sys.argv[2], sys.argv[3].encode()
+s = socket.create_connection((host, int(port)))
+s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (endpoint.encode(), len(body), body))
+reply = b""
+while chunk := s.recv(65536):
+    reply += chunk
+head, _, rest = reply.partition(b"\r\n\r\n")
+lines = head.decode().split("\r\n")
+retry = [l.split(":", 1)[1].strip() for l in lines if l.lower().startswith("retry-after:")]
+print(lines[0].split(" ")[1], retry[0] if retry else "-", rest.decode().replace("\n", " "), sep="\n", flush=True)
+"#;
+    let post = |body: &str| -> Vec<String> {
+        let python = interceptor_tests::python().to_string_lossy().into_owned();
+        let out = interceptor_tests::run_in_cgroup(
+            &w.readers,
+            &python,
+            &["-c", POST, &addr, &endpoint, body],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines().map(str::to_owned).collect()
+    };
+    let r = post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#);
+    assert_eq!(r[0], "202", "{r:?}");
+    // Forty at once: each record holds a few hundred bytes, together over 8 KiB.
+    let pings: Vec<String> = (100..140)
+        .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"ping"}}"#))
+        .collect();
+    let r = post(&format!("[{}]", pings.join(",")));
+    assert_eq!((r[0].as_str(), r[1].as_str()), ("503", "1"), "{r:?}");
+    assert!(
+        r[2].contains("max_buffered_bytes_per_cgroup") && r[2].contains("\"id\":139"),
+        "{r:?}"
+    );
+    let status = w.env.status();
+    assert_eq!(status["counters"]["proxy"]["over_budget"], 1, "{status}");
 }
 
 #[test]

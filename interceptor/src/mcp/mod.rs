@@ -575,6 +575,18 @@ pub struct Pending {
     post: u64,
 }
 
+impl Pending {
+    /// About what this record, awaited under `id`, holds in memory (for the buffer budget).
+    fn weight(&self, id: &str) -> usize {
+        const RECORD: usize = 160;
+        RECORD
+            + id.len()
+            + self.method.len()
+            + self.target.as_ref().map_or(0, String::len)
+            + self.session.as_ref().map_or(0, String::len)
+    }
+}
+
 /// A number for each HTTP request carrying JSON-RPC requests.
 fn next_post() -> u64 {
     static POSTS: AtomicU64 = AtomicU64::new(0);
@@ -2099,7 +2111,10 @@ impl Conn {
         // 2024-11-05: responses arrive on the session's stream, unless it has ended meanwhile
         // (then the POST's own answer settles them).
         let moved = match &legacy {
-            Some(session) => self.move_to_session(session, &mut pending),
+            Some(session) => match self.move_to_session(session, &mut pending) {
+                Ok(moved) => moved,
+                Err(over) => return self.refused_for_budget(pending, over),
+            },
             None => Vec::new(),
         };
         // 2026-07-28: subscriptions/listen keeps its response open as the server stream,
@@ -2169,8 +2184,14 @@ impl Conn {
     /// Moves `pending` into the legacy session's map, whose stream carries their answers, and
     /// returns their ids; leaves them if the stream has ended or the map is full. A request
     /// whose id is still awaited in the session displaces that one, recorded as
-    /// `no_response` (one answer cannot be told from the other).
-    fn move_to_session(&self, session: &LegacySession, pending: &mut Awaiting) -> Vec<String> {
+    /// `no_response` (one answer cannot be told from the other). The records are charged to
+    /// the cgroup's buffer budget (an agent that never reads its stream must not hold memory
+    /// without end): `Err` when that would go over it, nothing moved.
+    fn move_to_session(
+        &self,
+        session: &LegacySession,
+        pending: &mut Awaiting,
+    ) -> Result<Vec<String>, budget::Over> {
         let mut displaced = PendingMap::new();
         let moved = {
             let mut p = lock(&session.pending);
@@ -2178,8 +2199,18 @@ impl Conn {
                 .as_mut()
                 .filter(|p| p.len() + pending.len() <= session::MAX_PENDING)
             else {
-                return Vec::new();
+                return Ok(Vec::new());
             };
+            // What the records will hold (those answered since are counted until the next
+            // move: an upper bound), taken before anything moves.
+            let bytes: usize = p
+                .iter()
+                .chain(pending.iter())
+                .map(|(id, r)| r.weight(id))
+                .sum();
+            lock(&session.charged)
+                .get_or_insert_with(|| self.daemon.buffers.hold(self.identity.cgroup_id))
+                .hold_exactly(bytes)?;
             pending
                 .drain()
                 .map(|(id, request)| {
@@ -2207,7 +2238,28 @@ impl Conn {
                 .collect()
         };
         self.audit_failed(displaced, "no_response", None);
-        moved
+        Ok(moved)
+    }
+
+    /// The answer to requests refused for the buffer budget after they were judged (and
+    /// recorded): each gets a JSON-RPC error by its id (`mcp.response` outcome `error`), HTTP
+    /// 503 with `Retry-After: 1`; nothing was forwarded.
+    fn refused_for_budget(&self, mut pending: Awaiting, over: budget::Over) -> Response<ProxyBody> {
+        self.daemon
+            .counters
+            .over_budget
+            .fetch_add(1, Ordering::Relaxed);
+        info!(reason = over.reason(), "request refused: buffers full");
+        let message = format!("interceptor: request not forwarded: {}", over.reason());
+        let body = Self::errors_for(&pending, |id| {
+            jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
+        });
+        pending.settle("error", Some(code::INTERNAL_ERROR));
+        let mut response = json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
     }
 
     /// The `mcp.request` event for one message, named by `target` (its [`Conn::audit_target`]).
@@ -3426,6 +3478,7 @@ impl SseState {
             owner: self.conn.owner(),
             inject: tx,
             pending: std::sync::Mutex::new(Some(PendingMap::new())),
+            charged: std::sync::Mutex::new(None),
         });
         if !lock(&self.conn.daemon.sessions).insert(key.clone(), &pq, session.clone()) {
             warn!(endpoint.path = %path, limit = crate::mcp::session::MAX_LEGACY_PER_OWNER,

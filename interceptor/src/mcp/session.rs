@@ -46,6 +46,11 @@ pub struct LegacySession {
     /// Requests posted to the session whose responses will arrive on the stream; `None` once
     /// the stream has ended (its unanswered requests are then audited).
     pub pending: Mutex<Option<super::PendingMap>>,
+    /// What those records hold of the poster's cgroup's buffer budget (`None` until the first
+    /// is moved in; followed up as requests are moved in, given back when the session goes):
+    /// an agent that posts without end and never reads its stream must not hold memory
+    /// without end.
+    pub charged: Mutex<Option<super::budget::Held>>,
 }
 
 /// Live legacy sessions, keyed by [`session_key`].
@@ -548,6 +553,7 @@ mod tests {
             owner: owner(1),
             inject: tx,
             pending: Mutex::new(None),
+            charged: Mutex::new(None),
         });
         let id = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
         let endpoint = format!("/messages/?session_id={id}&tenant=acme-production");
@@ -603,6 +609,7 @@ mod tests {
                 owner: owner(uid),
                 inject: tx,
                 pending: Mutex::new(None),
+                charged: Mutex::new(None),
             })
         };
         let key = |i: usize| session_key(0, &format!("/messages/?session_id={i:032x}")).unwrap();
