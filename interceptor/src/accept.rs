@@ -33,24 +33,14 @@ pub struct Proxy {
 /// Binds `127.0.0.1:port` and, where IPv6 is available, `[::1]:port`, in the calling thread's
 /// network namespace.
 fn bind_std(port: u16, in_agent_ns: bool) -> io::Result<(Vec<std::net::TcpListener>, Listener)> {
-    // In the daemon's own namespace the IPv4 port is taken as a sign of another daemon (with
-    // other pins, on overlapping cgroups): it does not start. In an agent's namespace, root
-    // there may hold it: another port is taken.
+    // Where another process holds the port (any user may bind an unprivileged port on the
+    // host, root in an agent's namespace), another port is taken: the programs redirect to
+    // the port registered, so a squatter cannot keep the daemon from starting (and with it
+    // every tagged agent from its MCP servers). A second daemon on the same pins is refused
+    // by their lock, not by the port.
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let v4 = if in_agent_ns {
-        bind_or_any(v4, false)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on 127.0.0.1: {e}")))?
-    } else {
-        std::net::TcpListener::bind(v4).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot listen on 127.0.0.1:{port}: {e}; is another daemon running, or is \
-                     the port taken? (daemon.listen_port)"
-                ),
-            )
-        })?
-    };
+    let v4 = bind_or_any(v4, !in_agent_ns)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on 127.0.0.1: {e}")))?;
     v4.set_nonblocking(true)?;
     let mut entry = Listener {
         port4: v4.local_addr()?.port(),
@@ -687,14 +677,14 @@ mod tests {
     fn a_squatted_port_gives_way_to_one_the_kernel_picks_where_it_may() {
         let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = squatter.local_addr().unwrap().port();
-        // The daemon's own namespace: refused (another daemon?).
-        let e = super::bind_std(port, false).unwrap_err();
-        assert!(e.to_string().contains("is another daemon running"), "{e}");
-        // An agent's namespace: another port, the one registered for the kernel.
-        let (listeners, entry) = super::bind_std(port, true).unwrap();
-        let bound = listeners[0].local_addr().unwrap().port();
-        assert_ne!(bound, port);
-        assert_eq!(entry.port4, bound);
+        // In the daemon's own namespace as in an agent's: another port, the one registered
+        // for the kernel (a squatter cannot keep the daemon from starting).
+        for in_agent_ns in [false, true] {
+            let (listeners, entry) = super::bind_std(port, in_agent_ns).unwrap();
+            let bound = listeners[0].local_addr().unwrap().port();
+            assert_ne!(bound, port);
+            assert_eq!(entry.port4, bound);
+        }
     }
 
     use super::*;

@@ -42,6 +42,33 @@ fn world(label: &str, tags_at_start: &[&str]) -> World {
 }
 
 #[test]
+fn a_process_holding_the_proxy_port_does_not_keep_the_daemon_from_serving() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("port-squatted", &["agents"]);
+    // Any user may bind an unprivileged port on the host.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", w.env.port)).expect("squat");
+    w.env.start_daemon();
+    let own = w.env.status()["listeners"][0].clone();
+    assert_eq!(own["own"], true, "{own}");
+    assert_ne!(own["port4"], w.env.port, "{own}");
+    assert!(
+        w.env
+            .log_text()
+            .contains("daemon.listen_port is held by another process"),
+        "{}",
+        w.env.log_text()
+    );
+    // Agents are redirected to the port the daemon listens on, never to the squatter.
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let r = run_client(PROBE, &agents, &w.direct.addr.to_string());
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
+    squatter.set_nonblocking(true).expect("nonblocking");
+    assert!(squatter.accept().is_err(), "the squatter got a connection");
+}
+
+#[test]
 fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
     if !privileged() {
         return;
