@@ -357,6 +357,10 @@ async fn accept_loop(
     at: Local,
     accepted: Arc<AtomicU64>,
 ) {
+    // Failures are logged at most once a second (with how many went unlogged): descriptors
+    // run out on every listener at once.
+    let mut warned: Option<std::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         // Waits for readiness and retries on WouldBlock itself, within the task's cooperative
         // budget (a burst of connects cannot hold the thread, nor delay an abort).
@@ -379,14 +383,29 @@ async fn accept_loop(
                 return;
             }
             Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning. Anything else
-                // concerns that one connection (aborted, refused by a firewall rule, …).
-                let exhausted = matches!(
+                // Out of descriptors or memory, or refused by a security module (before the
+                // connection left the queue: the same error would come at once): back off
+                // instead of spinning. Anything else concerns that one connection (aborted,
+                // refused by a firewall rule, …).
+                let back_off = matches!(
                     e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    Some(
+                        libc::EMFILE
+                            | libc::ENFILE
+                            | libc::ENOBUFS
+                            | libc::ENOMEM
+                            | libc::EACCES
+                            | libc::EPERM
+                    )
                 );
-                warn!(error = %e, "accept failed{}", if exhausted { "; retrying shortly" } else { "" });
-                if exhausted {
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(error = %e, unlogged, "accept failed{}", if back_off { "; retrying shortly" } else { "" });
+                    warned = Some(std::time::Instant::now());
+                    unlogged = 0;
+                } else {
+                    unlogged += 1;
+                }
+                if back_off {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

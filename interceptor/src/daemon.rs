@@ -272,11 +272,19 @@ struct NsSeen {
     procs: usize,
 }
 
+/// The network namespaces of the processes under `dirs`, and whether the scan is complete: a
+/// cgroup that could not be read (no descriptor left, say), unlike one removed meanwhile,
+/// leaves it incomplete — what it holds is unknown, not gone.
 fn namespaces_under(
     dirs: &[std::path::PathBuf],
     cache: &mut NetnsCache,
     changes: impl Fn(u32) -> Option<u64>,
-) -> std::collections::HashMap<u64, NsSeen> {
+) -> (std::collections::HashMap<u64, NsSeen>, bool) {
+    // Removed while it was walked (a cgroup's files go with it).
+    let gone = |e: &std::io::Error| {
+        e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+    };
+    let mut complete = true;
     let full = cache.scans.is_multiple_of(NAMESPACE_FULL_SCAN);
     cache.scans += 1;
     let mut known = std::collections::HashMap::new();
@@ -288,7 +296,14 @@ fn namespaces_under(
         if !walked.insert(dir.clone()) {
             continue;
         }
-        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(procs) => procs,
+            Err(e) => {
+                complete &= gone(&e);
+                String::new()
+            }
+        };
+        {
             for pid in procs.lines() {
                 let Ok(p) = pid.parse::<u32>() else { continue };
                 let counter = changes(p);
@@ -312,18 +327,19 @@ fn namespaces_under(
                 }
             }
         }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            stack.extend(
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => stack.extend(
                 entries
                     .filter_map(Result::ok)
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                     .map(|e| e.path()),
-            );
+            ),
+            Err(e) => complete &= gone(&e),
         }
     }
     // Processes gone from the tagged cgroups are forgotten.
     cache.known = known;
-    found
+    (found, complete)
 }
 
 /// [`Daemon::namespaces_to_serve`]'s choice, given the namespaces served (`served`) at `now`.
@@ -551,19 +567,25 @@ impl Daemon {
             .collect();
         let mut taken = std::mem::take(cache);
         let daemon = self.clone();
-        let found = match tokio::task::spawn_blocking(move || {
+        let (found, complete) = match tokio::task::spawn_blocking(move || {
             let found =
                 namespaces_under(&dirs, &mut taken, |pid| daemon.kernel.process_changes(pid));
             (found, taken)
         })
         .await
         {
-            Ok((found, taken)) => {
+            Ok(((found, complete), taken)) => {
                 *cache = taken;
-                found
+                (found, complete)
             }
-            Err(_) => Default::default(),
+            Err(_) => (Default::default(), false),
         };
+        if !complete {
+            // What the unread cgroups hold is unknown, not gone: no listener is closed and no
+            // failure forgotten on such a scan (descriptors run out, the next one reads them).
+            debug!("namespace scan incomplete (a tagged cgroup could not be read); listeners kept");
+            return;
+        }
         let found: std::collections::HashMap<u64, NsSeen> = found
             .into_iter()
             .filter(|(ino, _)| Some(*ino) != own)
@@ -1838,7 +1860,8 @@ upstream = "127.0.0.1:8081"
         let real = netns_inode("self").unwrap();
         let mut cache = NetnsCache::default();
         let scan = |cache: &mut NetnsCache, counter: Option<u64>| {
-            let found = namespaces_under(&dirs, cache, |_| counter);
+            let (found, complete) = namespaces_under(&dirs, cache, |_| counter);
+            assert!(complete);
             assert_eq!(found.len(), 1, "{found:?}");
             let (ino, seen) = found.into_iter().next().unwrap();
             assert_eq!(seen.pid, me);
@@ -1863,7 +1886,15 @@ upstream = "127.0.0.1:8081"
         // A process gone from the cgroups is forgotten.
         scan(&mut cache, Some(9));
         std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
-        assert!(namespaces_under(&dirs, &mut cache, |_| Some(9)).is_empty());
+        let (found, complete) = namespaces_under(&dirs, &mut cache, |_| Some(9));
+        assert!(found.is_empty() && complete);
         assert!(cache.known.is_empty());
+        // A cgroup removed meanwhile is gone; one that cannot be read leaves the scan
+        // incomplete (what it holds is unknown).
+        let removed = vec![dir.path().join("removed")];
+        assert!(namespaces_under(&removed, &mut cache, |_| None).1);
+        std::fs::remove_file(dir.path().join("cgroup.procs")).unwrap();
+        std::fs::create_dir(dir.path().join("cgroup.procs")).unwrap();
+        assert!(!namespaces_under(&dirs, &mut cache, |_| None).1);
     }
 }

@@ -118,12 +118,22 @@ impl Workers {
                     let _ = ready.send(Ok(runtime.handle().clone()));
                     // Runs the spawned connections until told to stop (or the sender is
                     // gone); dropping the runtime then closes the connections still open.
-                    runtime.block_on(async {
-                        tokio::select! {
-                            _ = stopped => {}
-                            _ = heartbeat() => {}
-                        }
-                    });
+                    // A panic that escapes it (one in the idle hook: a connection's own is
+                    // caught by its task) would leave a worker that takes connections and
+                    // drops them: the daemon ends instead (fail closed: the kernel refuses
+                    // tagged agents' MCP connects until it is restarted).
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        runtime.block_on(async {
+                            tokio::select! {
+                                _ = stopped => {}
+                                _ = heartbeat() => {}
+                            }
+                        })
+                    }));
+                    if ran.is_err() {
+                        tracing::error!(worker = index, "connection worker panicked; the daemon stops (its supervisor restarts it)");
+                        std::process::exit(70);
+                    }
                 })
                 .map_err(|e| {
                     io::Error::other(format!(
