@@ -129,8 +129,9 @@ pub struct RawProxy {
     /// Most requests in flight at once, node-wide: from a request's head to its answer's last
     /// byte (a stream for as long as it is open), each holding an upstream connection.
     pub max_requests_in_flight: usize,
-    /// Most of those at once for the agents of one cgroup.
-    pub max_requests_in_flight_per_cgroup: usize,
+    /// Most of those at once for the agents of one cgroup (default 256, or
+    /// `max_requests_in_flight` if that is less).
+    pub max_requests_in_flight_per_cgroup: Option<usize>,
 }
 
 /// A humantime duration (`"30s"`, `"1m 30s"`).
@@ -156,12 +157,20 @@ impl Default for RawProxy {
             max_buffered_bytes: None,
             max_buffered_bytes_per_cgroup: None,
             max_requests_in_flight: DEFAULT_MAX_REQUESTS_IN_FLIGHT,
-            max_requests_in_flight_per_cgroup: DEFAULT_MAX_REQUESTS_IN_FLIGHT_PER_CGROUP,
+            max_requests_in_flight_per_cgroup: None,
         }
     }
 }
 
 impl RawProxy {
+    /// (`max_requests_in_flight`, `max_requests_in_flight_per_cgroup`), defaults applied.
+    pub fn in_flight(&self) -> (usize, usize) {
+        let per_cgroup = self
+            .max_requests_in_flight_per_cgroup
+            .unwrap_or(DEFAULT_MAX_REQUESTS_IN_FLIGHT_PER_CGROUP.min(self.max_requests_in_flight));
+        (self.max_requests_in_flight, per_cgroup)
+    }
+
     /// (`max_buffered_bytes`, `max_buffered_bytes_per_cgroup`), defaults applied.
     pub fn buffered(&self) -> (usize, usize) {
         let exchange = self.max_body_bytes.saturating_add(self.max_response_bytes);
@@ -864,10 +873,13 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let (flights, per_cgroup) = (
-            raw.proxy.max_requests_in_flight,
-            raw.proxy.max_requests_in_flight_per_cgroup,
-        );
+        let (flights, per_cgroup) = raw.proxy.in_flight();
+        if flights == 0 {
+            return Err(self.invalid(
+                "proxy.max_requests_in_flight",
+                "is 0: no request could ever be served; at least 1",
+            ));
+        }
         if per_cgroup == 0 || flights < per_cgroup {
             return Err(self.invalid(
                 "proxy.max_requests_in_flight_per_cgroup",
@@ -1502,6 +1514,20 @@ upstream = "[::ffff:10.9.9.9]:9000"
         assert!(e.contains("\"soon\" is not a duration"), "{e}");
         let e = err("[proxy]\nbody_timeout = '0s'\n");
         assert!(e.contains("proxy.body_timeout"), "{e}");
+        // Requests in flight: each bound named, the per-cgroup default within the total.
+        let e = err("[proxy]\nmax_requests_in_flight = 0\n");
+        assert!(e.contains("proxy.max_requests_in_flight`"), "{e}");
+        let e =
+            err("[proxy]\nmax_requests_in_flight = 10\nmax_requests_in_flight_per_cgroup = 11\n");
+        assert!(
+            e.contains("proxy.max_requests_in_flight_per_cgroup") && e.contains("at most"),
+            "{e}"
+        );
+        let e = err("[proxy]\nmax_requests_in_flight_per_cgroup = 0\n");
+        assert!(e.contains("at least 1"), "{e}");
+        let c = parse("[proxy]\nmax_requests_in_flight = 100\n").expect("the default follows");
+        assert_eq!(c.proxy.in_flight(), (100, 100));
+        assert_eq!(parse("").expect("defaults").proxy.in_flight(), (4096, 256));
         let e = err("[proxy]\nmax_buffered_bytes_per_cgroup = 1000\n");
         assert!(
             e.contains("at least max_body_bytes + max_response_bytes"),

@@ -280,9 +280,15 @@ fn namespaces_under(
     cache: &mut NetnsCache,
     changes: impl Fn(u32) -> Option<u64>,
 ) -> (std::collections::HashMap<u64, NsSeen>, bool) {
-    // Removed while it was walked (a cgroup's files go with it).
+    // Only a shortage makes a cgroup's contents unknown: a cgroup removed while it was
+    // walked, or one whose processes cannot be listed (a threaded one: EOPNOTSUPP; a path past
+    // PATH_MAX), holds none this scan can serve, and an agent that makes one must not stop
+    // every scan on the node.
     let gone = |e: &std::io::Error| {
-        e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+        !matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+        )
     };
     let mut complete = true;
     let full = cache.scans.is_multiple_of(NAMESPACE_FULL_SCAN);
@@ -582,18 +588,24 @@ impl Daemon {
         };
         if !complete {
             // What the unread cgroups hold is unknown, not gone: no listener is closed and no
-            // failure forgotten on such a scan (descriptors run out, the next one reads them).
-            debug!("namespace scan incomplete (a tagged cgroup could not be read); listeners kept");
-            return;
+            // failure forgotten on such a scan (descriptors ran out: the next one reads them);
+            // the namespaces found are served.
+            warn!(
+                "namespace scan incomplete (a tagged cgroup could not be read: out of descriptors or memory); no listener closed"
+            );
         }
         let found: std::collections::HashMap<u64, NsSeen> = found
             .into_iter()
             .filter(|(ino, _)| Some(*ino) != own)
             .collect();
+        let kept = (!complete).then(|| cache.refused.clone());
         let wanted = self.namespaces_to_serve(&found, cache);
+        if let Some(kept) = kept {
+            cache.refused.extend(kept);
+        }
         let stale: Vec<u64> = lock(&self.ns_listeners)
             .keys()
-            .filter(|ino| !wanted.contains_key(ino))
+            .filter(|ino| complete && !wanted.contains_key(ino))
             .copied()
             .collect();
         for ino in stale {
@@ -1511,11 +1523,14 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             let (total, per_cgroup) = config.proxy.buffered();
             crate::mcp::budget::Budget::new(total, per_cgroup, crate::mcp::budget::Counted::Bytes)
         },
-        in_flight: crate::mcp::budget::Budget::new(
-            config.proxy.max_requests_in_flight,
-            config.proxy.max_requests_in_flight_per_cgroup,
-            crate::mcp::budget::Counted::Requests,
-        ),
+        in_flight: {
+            let (total, per_cgroup) = config.proxy.in_flight();
+            crate::mcp::budget::Budget::new(
+                total,
+                per_cgroup,
+                crate::mcp::budget::Counted::Requests,
+            )
+        },
         streams: Streams::default(),
         own_identity: daemon_identity.clone(),
         audit,
@@ -1889,12 +1904,14 @@ upstream = "127.0.0.1:8081"
         let (found, complete) = namespaces_under(&dirs, &mut cache, |_| Some(9));
         assert!(found.is_empty() && complete);
         assert!(cache.known.is_empty());
-        // A cgroup removed meanwhile is gone; one that cannot be read leaves the scan
-        // incomplete (what it holds is unknown).
+        // A cgroup removed meanwhile, or one whose processes cannot be listed (a threaded
+        // cgroup refuses it), holds none: the scan is complete (only a shortage of
+        // descriptors or memory leaves it incomplete, and keeps every listener).
         let removed = vec![dir.path().join("removed")];
         assert!(namespaces_under(&removed, &mut cache, |_| None).1);
         std::fs::remove_file(dir.path().join("cgroup.procs")).unwrap();
         std::fs::create_dir(dir.path().join("cgroup.procs")).unwrap();
-        assert!(!namespaces_under(&dirs, &mut cache, |_| None).1);
+        let (found, complete) = namespaces_under(&dirs, &mut cache, |_| None);
+        assert!(found.is_empty() && complete);
     }
 }

@@ -467,6 +467,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             "intercept": s.intercept.iter().map(ToString::to_string).collect::<Vec<_>>(),
                             "upstream": s.upstream,
                             "upstream_addrs": s.upstream_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                            "upstream_intercepted": s.upstream_intercepted(),
                         })
                     })
                     .collect();
@@ -499,9 +500,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "  proxy on 127.0.0.1:{0} and [::1]:{0} (or, where another process holds it \
-                 in an agent's namespace or on [::1], a port the kernel picks); pins in {1}; \
-                 admin socket {2}",
+                "  proxy on 127.0.0.1:{0} and [::1]:{0} (or, where another process holds it, a \
+                 port the kernel picks); pins in {1}; admin socket {2}",
                 config.daemon.listen_port,
                 config.daemon.bpffs_dir.display(),
                 config.daemon.admin_socket.display()

@@ -575,6 +575,18 @@ pub struct Pending {
     post: u64,
 }
 
+/// Gives back a legacy session's charge on the buffer budget once nothing awaits an answer on
+/// its stream (`p`, its pending map, locked: pending before charged, as everywhere). Between,
+/// the charge is followed up as requests are moved in (see [`Conn::move_to_session`]).
+fn release_if_answered(session: &LegacySession, p: &PendingMap) {
+    if p.is_empty()
+        && let Some(held) = lock(&session.charged).as_mut()
+    {
+        // Taking nothing more cannot go over.
+        let _ = held.hold_exactly(0);
+    }
+}
+
 impl Pending {
     /// About what this record, awaited under `id`, holds in memory (for the buffer budget).
     fn weight(&self, id: &str) -> usize {
@@ -1420,6 +1432,13 @@ impl Conn {
                 .over_in_flight
                 .fetch_add(1, Ordering::Relaxed);
             info!(http.method = %req.method(), reason = over.reason(), "request refused: too many in flight");
+            if req.version() < http::Version::HTTP_2 {
+                // This request's framing verdict is taken (the next request's must be the
+                // next one's), and the connection closed: a body left unread would be taken
+                // for the next request.
+                lock(&self.verdicts).pop_front();
+                return closing(busy(over));
+            }
             return busy(over);
         }
         self.handle(req)
@@ -2177,6 +2196,7 @@ impl Conn {
                     taken.insert(id, request);
                 }
             }
+            release_if_answered(session, p);
         }
         taken
     }
@@ -2830,7 +2850,7 @@ impl Conn {
                 // A session this request ended is forgotten, and so are requests that waited
                 // for a resumed stream of it.
                 (_, Some(id)) if ending => {
-                    sessions.end(self.session_scope(), id.as_bytes());
+                    sessions.end(self.session_scope(), id.as_bytes(), &self.session_owner());
                     if let Ok(id) = id.to_str() {
                         for mut parked in self
                             .daemon
@@ -3416,6 +3436,7 @@ impl SseState {
                     Some((_, s)) => {
                         if let Some(p) = lock(&s.pending).as_mut() {
                             self.conn.audit_response(p, &v);
+                            release_if_answered(s, p);
                         }
                     }
                     None => {

@@ -490,16 +490,22 @@ impl BoundSessions {
         b.insert(key, owner, now);
     }
 
-    /// Forgets `session` (ended), closed: remembered as no one's, as a session forgotten for
-    /// room is (a server that answers DELETE but keeps the session must not have it taken by
-    /// the next identity that names it).
-    pub fn end(&self, scope: usize, session: &[u8]) {
+    /// Forgets `session` (ended by `by`), closed: remembered as no one's, as a session
+    /// forgotten for room is (a server that answers DELETE but keeps the session must not have
+    /// it taken by the next identity that names it) — one never bound too (opened before the
+    /// daemon started), counted as its ender's.
+    pub fn end(&self, scope: usize, session: &[u8], by: &Owner) {
         let key = session_digest(scope, session);
         let mut b = lock(&self.inner);
-        if let Some((owner, _)) = b.map.get(&key).cloned() {
-            b.remove(&key);
-            b.tombstone(key, owner);
-        }
+        let owner = match b.map.get(&key).cloned() {
+            Some((owner, _)) => {
+                b.remove(&key);
+                owner
+            }
+            None if b.forgotten.contains_key(&key) => return,
+            None => by.clone(),
+        };
+        b.tombstone(key, owner);
     }
 
     /// Sessions bound now.
@@ -649,10 +655,13 @@ mod tests {
         // Another server's session of the same id is another session.
         assert_eq!(s.check(1, b"abc", &owner(1)), SessionUse::Unbound);
         // Ended, it is no one's: not taken as never seen by the next identity naming it.
-        s.end(0, b"abc");
+        s.end(0, b"abc", &owner(2));
         assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Forgotten);
         s.bind(0, b"abc", &owner(1), false);
         assert_eq!(s.check(0, b"abc", &owner(1)), SessionUse::Forgotten);
+        // So is one never bound (opened before the daemon started) that is ended.
+        s.end(0, b"older", &owner(1));
+        assert_eq!(s.check(0, b"older", &owner(2)), SessionUse::Forgotten);
     }
 
     #[test]
@@ -727,7 +736,7 @@ mod tests {
         // Rebinding (named to another owner) and ending move the counts: owner 1 has room
         // for two more without forgetting any of its own.
         s.bind(0, b"a0", &owner(2), true);
-        s.end(0, b"a1");
+        s.end(0, b"a1", &owner(1));
         s.bind(0, b"b0", &owner(1), true);
         s.bind(0, b"b1", &owner(1), true);
         for i in 2..MAX_SESSIONS_PER_OWNER {
