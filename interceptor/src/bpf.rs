@@ -140,6 +140,8 @@ pub struct Kernel {
     /// The proxy's listening sockets; the kernel redirects only to one that is in here.
     listen_socks: Mutex<SockHash<MapData, ListenKey>>,
     pub conns: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
+    /// The same map through a second descriptor, for walks (see [`Kernel::drop_conns`]).
+    conns_walk: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
     pub blocks: Mutex<HashMap<MapData, BlockKey, BlockValue>>,
     pub state: Mutex<Array<MapData, State>>,
     stats: PerCpuArray<MapData, u64>,
@@ -254,6 +256,10 @@ impl Kernel {
         let listeners = take(names::LISTENERS)?;
         let listen_socks = take(names::LISTEN_SOCKS)?;
         let conns = take(names::CONNS)?;
+        // A second handle on the records, from their pin: walked (a closed listener's records
+        // dropped, the fill counted) without holding up `take_conn` on every accept.
+        let conns_walk = aya::maps::MapData::from_pin(bpffs_dir.join(names::CONNS))
+            .map_err(map_err(names::CONNS))?;
         let stats_map = take(names::STATS)?;
         let blocks = take(names::BLOCKS)?;
         let state = take(names::STATE)?;
@@ -271,6 +277,10 @@ impl Kernel {
                 SockHash::try_from(listen_socks).map_err(map_err(names::LISTEN_SOCKS))?,
             ),
             conns: Mutex::new(HashMap::try_from(conns).map_err(map_err(names::CONNS))?),
+            conns_walk: Mutex::new(
+                HashMap::try_from(aya::maps::Map::HashMap(conns_walk))
+                    .map_err(map_err(names::CONNS))?,
+            ),
             blocks: Mutex::new(HashMap::try_from(blocks).map_err(map_err(names::BLOCKS))?),
             state: Mutex::new(Array::try_from(state).map_err(map_err(names::STATE))?),
             stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,
@@ -345,7 +355,7 @@ impl Kernel {
             ),
             (
                 names::CONNS,
-                lock(&self.conns).keys().count(),
+                lock(&self.conns_walk).keys().count(),
                 capacity::CONNS,
             ),
             (
@@ -427,8 +437,10 @@ impl Kernel {
     }
 
     /// Drops the connection records whose tuple `stale` picks; how many.
+    /// Walked through the second handle: up to 65,536 records, a syscall each, while every
+    /// worker takes records on accepts through the first.
     fn drop_conns(&self, stale: impl Fn(&TupleKey) -> bool) -> usize {
-        let mut conns = lock(&self.conns);
+        let mut conns = lock(&self.conns_walk);
         let stale: Vec<TupleKey> = conns
             .keys()
             .filter_map(Result::ok)
