@@ -28,7 +28,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock,
         bpf_sock_addr,
     },
     helpers::{
@@ -288,8 +288,14 @@ fn caller_cgroup_blocks() -> u32 {
     flags
 }
 
-/// Whether the daemon still holds its listening socket of `family` in the namespace. Its
-/// port alone proves nothing once the daemon is gone: any process may bind it then.
+/// `TCP_LISTEN` (`include/net/tcp_states.h`).
+const TCP_LISTEN: u32 = 10;
+
+/// Whether the daemon still holds its listening socket of `family` in the namespace, and it
+/// still listens. Its port alone proves nothing once the daemon is gone: any process may bind
+/// it then. Nor does the socket's presence in the map: one closed under the daemon (`ss -K`
+/// by whoever owns the namespace) stays there until the daemon closes its descriptor, while
+/// another process may bind and listen on the port.
 #[inline(always)]
 fn daemon_listens(netns_cookie: u64, family: u32) -> bool {
     let key = ListenKey {
@@ -298,7 +304,8 @@ fn daemon_listens(netns_cookie: u64, family: u32) -> bool {
         _pad: 0,
     };
     // SAFETY: a map lookup with a pointer to a key on the stack; a socket map hands out a
-    // referenced socket (or null), released at once: only its presence matters.
+    // referenced socket (or null), whose state is read (a field the verifier allows for a
+    // socket pointer) before it is released.
     unsafe {
         let sk = bpf_map_lookup_elem(
             core::ptr::from_ref(&LISTEN_SOCKS).cast_mut().cast(),
@@ -307,9 +314,10 @@ fn daemon_listens(netns_cookie: u64, family: u32) -> bool {
         if sk.is_null() {
             return false;
         }
+        let listening = (*sk.cast::<bpf_sock>()).state == TCP_LISTEN;
         bpf_sk_release(sk);
+        listening
     }
-    true
 }
 
 /// Global switches (userspace keeps the block counts so the common case skips the lookups).
