@@ -3,6 +3,7 @@
 //! attaching twice, and tags survive), and typed handles on the maps.
 
 use std::{
+    collections::HashSet,
     io,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
@@ -50,13 +51,6 @@ pub enum Error {
          that daemon first (to run a second one beside it, give it its own daemon.bpffs_dir)"
     )]
     PinsInUse { dir: PathBuf },
-
-    #[error(
-        "cgroup {cgroup:?} (daemon.cgroup_root) is served by another interceptor daemon, \
-         attached {place}: two daemons' programs on one cgroup would both redirect its \
-         connections; stop that daemon, or give this one a cgroup_root outside its subtree"
-    )]
-    CgroupInUse { cgroup: String, place: &'static str },
 
     #[error(
         "{dir}: {message}; the pins decide what is intercepted and revoked, so only root may \
@@ -148,10 +142,6 @@ pub struct Kernel {
     pub bpffs_dir: PathBuf,
     /// The exclusive lock on `bpffs_dir`, held for the daemon's life: one daemon per pins.
     _pins_lock: nix::fcntl::Flock<std::fs::File>,
-    /// Locks on the attach cgroup (exclusive) and the cgroups above it (shared), held for the
-    /// daemon's life: one daemon per cgroup subtree, whatever its pins (see
-    /// [`lock_attach_cgroup`]).
-    _cgroup_locks: Vec<nix::fcntl::Flock<std::fs::File>>,
 }
 
 /// Locks a map handle. A poisoned lock only means another task panicked mid-call; the map
@@ -183,7 +173,6 @@ impl Kernel {
                 })?;
         }
         let pins_lock = lock_pins(bpffs_dir, &links_dir)?;
-        let cgroup_locks = lock_attach_cgroup(hierarchy, attach_cgroup)?;
         // The loader takes a pinned map as it is: an older daemon's counter map, with fewer
         // counters than this one's programs write, would never count the new ones. Replaced
         // (its counts start again); the programs still using it are replaced below.
@@ -286,7 +275,6 @@ impl Kernel {
             stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,
             bpffs_dir: bpffs_dir.to_owned(),
             _pins_lock: pins_lock,
-            _cgroup_locks: cgroup_locks,
         };
         // Listener entries of a previous daemon (a crash leaves them; a graceful stop removes
         // them): this daemon registers its own, and the scan those of the namespaces it serves.
@@ -355,7 +343,11 @@ impl Kernel {
             ),
             (
                 names::CONNS,
-                lock(&self.conns_walk).keys().count(),
+                // A record taken meanwhile may restart the walk: never more than the map holds.
+                lock(&self.conns_walk)
+                    .keys()
+                    .count()
+                    .min(capacity::CONNS as usize),
                 capacity::CONNS,
             ),
             (
@@ -439,9 +431,10 @@ impl Kernel {
     /// Drops the connection records whose tuple `stale` picks; how many.
     /// Walked through the second handle: up to 65,536 records, a syscall each, while every
     /// worker takes records on accepts through the first.
+    /// (A record taken meanwhile may restart the walk: keys are collected once each.)
     fn drop_conns(&self, stale: impl Fn(&TupleKey) -> bool) -> usize {
         let mut conns = lock(&self.conns_walk);
-        let stale: Vec<TupleKey> = conns
+        let stale: HashSet<TupleKey> = conns
             .keys()
             .filter_map(Result::ok)
             .filter(|k| stale(k))
@@ -822,50 +815,6 @@ fn lock_holder(locks: &str, (major, minor, inode): (u64, u64, u64)) -> Option<u3
             && ino.parse::<u64>().ok()? == inode;
         same.then(|| pid.parse().ok()).flatten()
     })
-}
-
-/// Locks the attach cgroup `cgroup` exclusively and every cgroup above it shared, for the
-/// daemon's life: a second daemon attached at, above or below it (with other pins, which their
-/// own lock does not cover) is refused, while daemons on disjoint subtrees (a test suite's)
-/// run side by side.
-fn lock_attach_cgroup(
-    hierarchy: &Hierarchy,
-    cgroup: &str,
-) -> Result<Vec<nix::fcntl::Flock<std::fs::File>>, Error> {
-    use nix::fcntl::{Flock, FlockArg};
-    let dir = hierarchy.dir(cgroup);
-    let lock = |path: &Path, arg: FlockArg, place: &'static str| {
-        let file = std::fs::File::open(path).map_err(|error| Error::Io {
-            path: path.to_owned(),
-            error,
-        })?;
-        Flock::lock(file, arg).map_err(|(_, errno)| match errno {
-            nix::errno::Errno::EWOULDBLOCK => Error::CgroupInUse {
-                cgroup: cgroup.to_owned(),
-                place,
-            },
-            e => Error::Io {
-                path: path.to_owned(),
-                error: e.into(),
-            },
-        })
-    };
-    let mut held = Vec::new();
-    // Outermost first: the mount, down to the attach cgroup's parent.
-    let above: Vec<&Path> = dir
-        .ancestors()
-        .skip(1)
-        .take_while(|p| p.starts_with(&hierarchy.mount))
-        .collect();
-    for path in above.into_iter().rev() {
-        held.push(lock(path, FlockArg::LockSharedNonblock, "above it")?);
-    }
-    held.push(lock(
-        &dir,
-        FlockArg::LockExclusiveNonblock,
-        "at it or below it",
-    )?);
-    Ok(held)
 }
 
 /// Makes sure `dir` is on bpffs, mounting bpffs at /sys/fs/bpf when that is where it belongs.

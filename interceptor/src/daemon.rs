@@ -302,7 +302,15 @@ fn namespaces_under(
         if !walked.insert(dir.clone()) {
             continue;
         }
+        // A threaded cgroup lists no processes (EOPNOTSUPP): its threads, whose /proc entries
+        // name their namespaces as a process's do.
         let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                std::fs::read_to_string(dir.join("cgroup.threads"))
+            }
+            read => read,
+        };
+        let procs = match procs {
             Ok(procs) => procs,
             Err(e) => {
                 complete &= gone(&e);

@@ -69,46 +69,6 @@ fn a_process_holding_the_proxy_port_does_not_keep_the_daemon_from_serving() {
 }
 
 #[test]
-fn a_second_daemon_on_the_same_cgroups_is_refused_whatever_its_pins() {
-    if !privileged() {
-        return;
-    }
-    let mut first = world("cgroup-lock", &["agents"]);
-    first.env.start_daemon();
-    // Another configuration (its own pins, port and admin socket) attached below the first
-    // one's cgroup_root: both would redirect the same agents.
-    let mut second = TestEnv::new("cgroup-lock-2");
-    second.root = first.env.cgroup("inner");
-    second.write_config(&[ServerSpec::direct("notes", first.upstream.addr)], &[]);
-    let mut run = interceptor_tests::KillOnDrop(
-        std::process::Command::new(interceptor_tests::interceptor_bin())
-            .args(["run", "--config"])
-            .arg(&second.config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the second daemon"),
-    );
-    let status = eventually(
-        Duration::from_secs(30),
-        || run.0.try_wait().expect("wait"),
-        || "the second daemon did not stop".into(),
-    );
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut run.0.stderr.take().expect("stderr"), &mut stderr)
-        .expect("read stderr");
-    assert!(!status.success(), "{stderr}");
-    assert!(
-        stderr.contains("is served by another interceptor daemon, attached above it"),
-        "{stderr}"
-    );
-    // The first one serves on.
-    let agents = first.env.dir(&format!("{}/agents", first.env.root));
-    let r = run_client(PROBE, &agents, &first.direct.addr.to_string());
-    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
-}
-
-#[test]
 fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
     if !privileged() {
         return;
