@@ -74,9 +74,9 @@ struct Cli {
 struct ConfigArg {
     /// The daemon's TOML config [default: /etc/interceptor/interceptor.toml]; what the command
     /// needs is read from it (admin socket, bpffs folder, audit log, policy). With no file at
-    /// the default path, the commands that only talk to the daemon (`status`, `tag`, `revoke`,
-    /// `reload`, …) and `audit tail` use the built-in defaults; `uninstall`, `run`, `check`,
-    /// `policy` and `ca jwks` need the file.
+    /// the default path, the commands that only talk to the daemon or its pins (`status`,
+    /// `tag`, `revoke`, `reload`, `uninstall`, …) and `audit tail` use the built-in defaults;
+    /// `run`, `check`, `policy` and `ca jwks` need the file.
     #[arg(long = "config", value_name = "FILE")]
     given: Option<PathBuf>,
 }
