@@ -199,6 +199,36 @@ time.sleep(30)
     (line, child)
 }
 
+/// Posts `body` to the legacy session `endpoint` from a Python process in the readers' cgroup
+/// (the session's owner is its workload and executable, as the stream's holder): the status,
+/// its Retry-After (`-` when none) and the body, a line each.
+fn post_legacy(w: &World, addr: &str, endpoint: &str, body: &str) -> Vec<String> {
+    const POST: &str = r#"
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+endpoint, body = sys.argv[2], sys.argv[3].encode()
+s = socket.create_connection((host, int(port)))
+s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (endpoint.encode(), len(body), body))
+reply = b""
+while chunk := s.recv(65536):
+    reply += chunk
+head, _, rest = reply.partition(b"\r\n\r\n")
+lines = head.decode().split("\r\n")
+retry = [l.split(":", 1)[1].strip() for l in lines if l.lower().startswith("retry-after:")]
+print(lines[0].split(" ")[1], retry[0] if retry else "-", rest.decode().replace("\n", " "), sep="\n", flush=True)
+"#;
+    let python = interceptor_tests::python().to_string_lossy().into_owned();
+    let out =
+        interceptor_tests::run_in_cgroup(&w.readers, &python, &["-c", POST, addr, endpoint, body]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().map(str::to_owned).collect()
+}
+
 #[test]
 fn requests_awaited_on_an_unread_legacy_stream_count_against_the_cgroups_buffers() {
     if !privileged() {
@@ -214,37 +244,7 @@ fn requests_awaited_on_an_unread_legacy_stream_count_against_the_cgroups_buffers
     );
     let addr = w.server.addr.to_string();
     let (endpoint, _stream) = hold_legacy_stream(&w.readers, &addr);
-    // Posted by the same executable as the stream's (the session's owner: uid, gid, cgroup
-    // and executable): the status, its Retry-After and the body, a line each.
-    const POST: &str = r#"
-import socket, sys
-host, port = sys.argv[1].rsplit(":", 1)
-endpoint, body = sys.argv[2], sys.argv[3].encode()
-s = socket.create_connection((host, int(port)))
-s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (endpoint.encode(), len(body), body))
-reply = b""
-while chunk := s.recv(65536):
-    reply += chunk
-head, _, rest = reply.partition(b"\r\n\r\n")
-lines = head.decode().split("\r\n")
-retry = [l.split(":", 1)[1].strip() for l in lines if l.lower().startswith("retry-after:")]
-print(lines[0].split(" ")[1], retry[0] if retry else "-", rest.decode().replace("\n", " "), sep="\n", flush=True)
-"#;
-    let post = |body: &str| -> Vec<String> {
-        let python = interceptor_tests::python().to_string_lossy().into_owned();
-        let out = interceptor_tests::run_in_cgroup(
-            &w.readers,
-            &python,
-            &["-c", POST, &addr, &endpoint, body],
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text.lines().map(str::to_owned).collect()
-    };
+    let post = |body: &str| post_legacy(&w, &addr, &endpoint, body);
     let r = post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#);
     assert_eq!(r[0], "202", "{r:?}");
     // Forty at once: each record holds a few hundred bytes, together over 8 KiB.
@@ -259,6 +259,48 @@ print(lines[0].split(" ")[1], retry[0] if retry else "-", rest.decode().replace(
     );
     let status = w.env.status();
     assert_eq!(status["counters"]["proxy"]["over_budget"], 1, "{status}");
+}
+
+#[test]
+fn a_legacy_answer_is_recorded_under_the_process_that_posted_its_request() {
+    if !privileged() {
+        return;
+    }
+    let w = world("sse-poster", "sse");
+    let addr = w.server.addr.to_string();
+    let (endpoint, stream) = hold_legacy_stream(&w.readers, &addr);
+    let holder = u64::from(stream.0.id());
+    // Another process of the same workload (and executable) posts to the session.
+    let r = post_legacy(
+        &w,
+        &addr,
+        &endpoint,
+        r#"{"jsonrpc":"2.0","id":77,"method":"ping"}"#,
+    );
+    assert_eq!(r[0], "202", "{r:?}");
+    let (request, response) = eventually(
+        std::time::Duration::from_secs(15),
+        || {
+            let events = w.env.audit_events();
+            let find = |name: &str| {
+                events
+                    .iter()
+                    .find(|e| e["event"] == name && e["id"] == 77)
+                    .cloned()
+            };
+            Some((find("mcp.request")?, find("mcp.response")?))
+        },
+        || {
+            format!(
+                "no request and answer on record: {:#?}",
+                w.env.audit_events()
+            )
+        },
+    );
+    let poster = &request["identity"]["pid"];
+    assert_ne!(poster, &Value::from(holder), "{request}");
+    assert_eq!(&response["identity"]["pid"], poster, "{response}");
+    assert_eq!(response["outcome"], "result", "{response}");
 }
 
 #[test]

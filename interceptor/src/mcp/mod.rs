@@ -573,6 +573,9 @@ pub struct Pending {
     /// The HTTP request that carried it (see [`next_post`]): a failed legacy POST takes back
     /// its own requests from the session, not a later one's that reused an id.
     post: u64,
+    /// Who sent it (the `identity` of its events): a legacy session's answers come on the
+    /// stream its opener holds, and another process of the same workload may post to it.
+    who: Arc<str>,
 }
 
 /// Gives back a legacy session's charge on the buffer budget once nothing awaits an answer on
@@ -1299,7 +1302,7 @@ impl Conn {
         task: Option<&str>,
     ) {
         let mut event = audit::Event::new("mcp.response")
-            .raw("identity", &self.who)
+            .raw("identity", &p.who)
             .field("server", self.server_name())
             .field("method", &p.method)
             .field("tool", &self.tool_of(&p.method, p.target.as_deref()))
@@ -2036,6 +2039,7 @@ impl Conn {
                         started: Instant::now(),
                         session: session_id.clone(),
                         post,
+                        who: self.who.clone(),
                     },
                 )),
                 _ => None,
