@@ -260,3 +260,85 @@ fn agents_in_two_namespaces_are_intercepted_and_told_apart() {
     );
     assert_eq!(upstream.count(), 3);
 }
+
+/// A thread that enters network namespace `argv[1]` (a path), moves itself into the threaded
+/// cgroup `argv[2]` (its `cgroup.threads`), then dials `argv[3]` until served (up to 20 s):
+/// prints the reply's first line, or what went wrong.
+const THREAD_AGENT: &str = r#"
+import ctypes, os, socket, sys, threading, time
+ns, cg, dialed = sys.argv[1], sys.argv[2], sys.argv[3]
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+out = []
+def agent():
+    fd = os.open(ns, os.O_RDONLY)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        out.append("setns failed: %d" % ctypes.get_errno()); return
+    with open(os.path.join(cg, "cgroup.threads"), "w") as f:
+        f.write(str(threading.get_native_id()))
+    host, port = dialed.rsplit(":", 1)
+    body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+    deadline = time.time() + 20
+    while True:
+        try:
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+            out.append(reply.split(b"\r\n\r\n", 1)[-1].decode()); return
+        except OSError as e:
+            if time.time() > deadline:
+                out.append("never served: %s" % e); return
+            time.sleep(0.1)
+t = threading.Thread(target=agent)
+t.start()
+t.join()
+print(out[0] if out else "no result", flush=True)
+"#;
+
+#[test]
+fn a_tagged_threaded_cgroups_namespace_is_served() {
+    if !privileged() {
+        return;
+    }
+    // Only a thread of the process is in the tagged cgroup, a threaded one: its cgroup.procs
+    // cannot be listed (EOPNOTSUPP), its cgroup.threads can.
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let mut env = TestEnv::new("threaded");
+    let domain = env.cgroup("agents");
+    let threaded = env.cgroup("agents/t");
+    std::fs::write(env.dir(&threaded).join("cgroup.type"), "threaded")
+        .expect("make the cgroup threaded");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec!["127.0.0.2:8080".into()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&threaded],
+    );
+    let ns = Netns::new(format!("icpt-{}-{}-thr", std::process::id(), env.port));
+    env.start_daemon();
+    let script = format!(
+        "echo $$ > '{}' && exec \"$@\"",
+        env.dir(&domain).join("cgroup.procs").display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script, "sh"])
+        .arg(interceptor_tests::python())
+        .args(["-c", THREAD_AGENT])
+        .arg(format!("/var/run/netns/{}", ns.0))
+        .arg(env.dir(&threaded))
+        .arg("127.0.0.2:8080")
+        .output()
+        .expect("run the agent");
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        reply.trim().starts_with("upstream:"),
+        "{reply} / {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.log_text()
+    );
+    assert_eq!(upstream.count(), 1);
+}
