@@ -115,7 +115,8 @@ impl ConfigArg {
 enum Command {
     /// Run the daemon (root): attach the programs, tag the configured cgroups, serve the proxy.
     /// SIGTERM/SIGINT stop it (exit 0); it exits non-zero when its listeners or admin socket
-    /// end under it. One daemon per bpffs folder.
+    /// end under it, and with 70 when a connection worker panics (fail closed). One daemon per
+    /// node (per bpffs folder: a second one on the same pins is refused).
     Run {
         #[command(flatten)]
         config: ConfigArg,
@@ -192,10 +193,11 @@ enum Command {
     /// The node CA: client certificates for upstream mTLS and identity assertions.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Stop the daemon (SIGTERM; it drains first), detach the programs and remove every pin
-    /// (maps, links, tags, revocations: those in force are named on stderr). This is the only
-    /// way interception stops for tagged cgroups. A daemon whose admin socket is gone, or
-    /// whose pins are held by another process, must be stopped by hand first.
+    /// Stop the daemon (SIGTERM; it drains first: waited for up to its drain_grace and 30 s
+    /// more), detach the programs and remove every pin (maps, links, tags, revocations: those
+    /// in force are named on stderr). This is the only way interception stops for tagged
+    /// cgroups. A daemon whose admin socket is gone, whose pins are held by another process, or
+    /// that is pid 1 here (run inside its container) must be stopped by hand first.
     Uninstall {
         #[command(flatten)]
         config: ConfigArg,
