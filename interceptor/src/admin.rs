@@ -231,20 +231,10 @@ fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), Str
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
     if let Some(fd) = &pidfd {
-        use std::os::fd::AsRawFd;
-        // SAFETY: signal 0 to the pidfd (existence only), no info struct, no flags.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                0,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        // Gone: what was read may be another process's. (EPERM: there, but not ours to
-        // signal.)
-        if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        // Signal 0: existence only. Gone: what was read may be another process's. (EPERM:
+        // there, but not ours to signal.)
+        use std::os::fd::AsFd;
+        if pidfd_signal(fd.as_fd(), 0).is_err_and(|e| e.raw_os_error() == Some(libc::ESRCH)) {
             return refused("the caller exited before it could be judged");
         }
     }
@@ -253,6 +243,38 @@ fn may_change(proc_root: &Path, pid: i32, stream: &UnixStream) -> Result<(), Str
         Some(_) => refused("the caller lacks CAP_SYS_ADMIN"),
         None => refused("the caller's capabilities could not be read"),
     }
+}
+
+/// A pidfd of process `pid` (`pidfd_open(2)`): signals sent through it reach that process
+/// only, never one given its pid later.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open(pid, 0) returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the call just opened, owned from here.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Sends `signal` (0: checks existence) to the process of `pidfd`.
+pub fn pidfd_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a signal to a pidfd, no info struct, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A pidfd of the peer of `stream` (`SO_PEERPIDFD`); `None` where the kernel has no such

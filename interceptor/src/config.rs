@@ -929,20 +929,15 @@ impl Validator<'_> {
             .checkpoint_every()
             .map_err(|m| self.invalid("audit.checkpoint_interval", m))?;
         for (i, k) in audit.redact_keys.iter().enumerate() {
-            if let Some(Err(m)) = crate::audit::redact_key_pattern(k) {
-                return Err(self.invalid(format!("audit.redact_keys[{i}]"), m));
-            }
-        }
-        if let Some((i, k)) = audit.redact_keys.iter().enumerate().find(|(_, k)| {
-            crate::audit::redact_key_pattern(k).is_none() && crate::audit::key_form(k).is_empty()
-        }) {
-            return Err(self.invalid(
-                format!("audit.redact_keys[{i}]"),
-                format!(
+            let why = match crate::audit::redact_key_pattern(k) {
+                Some(Err(m)) => m,
+                None if crate::audit::key_form(k).is_empty() => format!(
                     "{k:?} has nothing left to match once case, '_', '-', '.' and spaces are set \
                      aside: it would redact every key; name a word such as \"token\""
                 ),
-            ));
+                _ => continue,
+            };
+            return Err(self.invalid(format!("audit.redact_keys[{i}]"), why));
         }
         let id = raw.identity;
         if id.trust_domain.is_empty()

@@ -317,27 +317,25 @@ fn namespaces_under(
                 String::new()
             }
         };
-        {
-            for pid in procs.lines() {
-                let Ok(p) = pid.parse::<u32>() else { continue };
-                let counter = changes(p);
-                let ino = match (counter, cache.known.get(&p)) {
-                    (Some(now), Some(&(then, ino))) if !full && now == then => Some(ino),
-                    _ => netns_inode(pid),
-                };
-                if let Some(ino) = ino {
-                    let seen = found.entry(ino).or_insert_with(|| NsSeen {
-                        pid: p,
-                        cgroups: Vec::new(),
-                        procs: 0,
-                    });
-                    seen.procs += 1;
-                    if !seen.cgroups.contains(&dir) {
-                        seen.cgroups.push(dir.clone());
-                    }
-                    if let Some(counter) = counter {
-                        known.insert(p, (counter, ino));
-                    }
+        for pid in procs.lines() {
+            let Ok(p) = pid.parse::<u32>() else { continue };
+            let counter = changes(p);
+            let ino = match (counter, cache.known.get(&p)) {
+                (Some(now), Some(&(then, ino))) if !full && now == then => Some(ino),
+                _ => netns_inode(pid),
+            };
+            if let Some(ino) = ino {
+                let seen = found.entry(ino).or_insert_with(|| NsSeen {
+                    pid: p,
+                    cgroups: Vec::new(),
+                    procs: 0,
+                });
+                seen.procs += 1;
+                if !seen.cgroups.contains(&dir) {
+                    seen.cgroups.push(dir.clone());
+                }
+                if let Some(counter) = counter {
+                    known.insert(p, (counter, ino));
                 }
             }
         }
@@ -420,8 +418,6 @@ fn pick_namespaces(
         }
     }
     cache.crowded = crowded;
-    // Failures are remembered while the namespace lives (picked or not).
-    cache.refused.retain(|ino, _| found.contains_key(ino));
     wanted
 }
 
@@ -606,10 +602,11 @@ impl Daemon {
             .into_iter()
             .filter(|(ino, _)| Some(*ino) != own)
             .collect();
-        let kept = (!complete).then(|| cache.refused.clone());
         let wanted = self.namespaces_to_serve(&found, cache);
-        if let Some(kept) = kept {
-            cache.refused.extend(kept);
+        // Failures are remembered while the namespace lives (picked or not): forgotten only
+        // for one a complete scan no longer finds.
+        if complete {
+            cache.refused.retain(|ino, _| found.contains_key(ino));
         }
         let stale: Vec<u64> = lock(&self.ns_listeners)
             .keys()

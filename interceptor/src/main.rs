@@ -1050,7 +1050,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// lock: a pid from the socket alone may be another pid namespace's, and one read from
 /// `/proc/locks` another process's once the holder exits.
 fn stop_for_uninstall(daemon: &interceptor::config::DaemonPaths) -> anyhow::Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd};
     let socket = &daemon.admin_socket;
     let Ok(status) = admin::request(socket, &Request::Status) else {
         // No daemon answers: the pins are free, or uninstall says who holds them.
@@ -1090,31 +1090,15 @@ fn stop_for_uninstall(daemon: &interceptor::config::DaemonPaths) -> anyhow::Resu
              with its config), then run uninstall again"
         );
     }
-    // SAFETY: pidfd_open(pid, 0) returns a new descriptor or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot hold the daemon's process (pid {pid})"));
-    }
-    // SAFETY: a descriptor this call just opened, owned from here.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let pidfd = libc::pid_t::try_from(pid)
+        .map_err(std::io::Error::other)
+        .and_then(admin::pidfd_open)
+        .with_context(|| format!("cannot hold the daemon's process (pid {pid})"))?;
     if holder()? != Some(pid) {
         bail!("the daemon (pid {pid}) let go of the pins meanwhile; run uninstall again");
     }
-    // SAFETY: SIGTERM to the pidfd, no info struct, no flags.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGTERM,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot stop the daemon (pid {pid}) with SIGTERM"));
-    }
+    admin::pidfd_signal(pidfd.as_fd(), libc::SIGTERM)
+        .with_context(|| format!("cannot stop the daemon (pid {pid}) with SIGTERM"))?;
     let grace = Duration::from_millis(status["drain_grace_ms"].as_u64().unwrap_or(10_000));
     let patience = grace + Duration::from_secs(30);
     eprintln!(

@@ -533,6 +533,14 @@ impl<'a> Call<'a> {
         }
     }
 
+    /// A call of `method` naming `name` (a resource URI, a prompt), without arguments.
+    pub fn named(method: &'a str, name: &'a str) -> Self {
+        Self {
+            name: Some(name),
+            ..Self::method(method)
+        }
+    }
+
     pub fn tool(name: &'a str, arguments: Option<&'a Value>) -> Self {
         Self {
             method: "tools/call",
@@ -979,12 +987,7 @@ impl Policy {
             "resources/list" | "resources/templates/list" => "resources/read",
             _ => return true,
         };
-        let call = Call {
-            method,
-            name: Some(name),
-            arguments: None,
-            reference: None,
-        };
+        let call = Call::named(method, name);
         if method == "tools/call" {
             // Listing ignores argument constraints: the tool is usable with the right arguments.
             return self.tool_usable(grant, name);
@@ -1824,40 +1827,33 @@ mod tests {
         assert!(call("fetch", json!({"req": {"url": "https://intranet/docs/a"}})).allow);
     }
 
+    /// A role bounding the resources and prompts it reaches on one server, and one bounding
+    /// nothing on another.
+    const BOUNDED: &str = r#"
+        [[role]]
+        name = "reader"
+        servers = ["notes"]
+        allow_methods = ["resources/read", "resources/subscribe", "prompts/get", "completion/complete"]
+        allow_resources = ["file:///srv/notes/**", "notes://public/*"]
+        allow_prompts = ["summarize_*"]
+        [[role]]
+        name = "open"
+        servers = ["admin"]
+        allow_methods = ["resources/read", "completion/complete"]
+        [[binding]]
+        role = "reader"
+        cgroup = "/agents/**"
+        [[binding]]
+        role = "open"
+        cgroup = "/agents/**"
+        "#;
+
     #[test]
     fn resources_and_prompts_are_bounded_by_the_roles_that_name_them() {
-        let p = policy(
-            r#"
-            [[role]]
-            name = "reader"
-            servers = ["notes"]
-            allow_methods = ["resources/read", "resources/subscribe", "prompts/get"]
-            allow_resources = ["file:///srv/notes/**", "notes://public/*"]
-            allow_prompts = ["summarize_*"]
-            [[role]]
-            name = "open"
-            servers = ["admin"]
-            allow_methods = ["resources/read"]
-            [[binding]]
-            role = "reader"
-            cgroup = "/agents/**"
-            [[binding]]
-            role = "open"
-            cgroup = "/agents/**"
-            "#,
-        );
+        let p = policy(BOUNDED);
         let who = agent();
         let check = |server: &str, method: &'static str, name: &str| {
-            p.check(
-                &who,
-                server,
-                &Call {
-                    method,
-                    name: Some(name),
-                    arguments: None,
-                    reference: None,
-                },
-            )
+            p.check(&who, server, &Call::named(method, name))
         };
         let d = check("notes", "resources/read", "file:///srv/notes/a.txt");
         assert!(
@@ -1894,26 +1890,7 @@ mod tests {
 
     #[test]
     fn a_completion_is_bounded_as_what_it_completes_for() {
-        let p = policy(
-            r#"
-            [[role]]
-            name = "reader"
-            servers = ["notes"]
-            allow_methods = ["completion/complete", "prompts/get"]
-            allow_resources = ["notes://public/*"]
-            allow_prompts = ["summarize_*"]
-            [[role]]
-            name = "open"
-            servers = ["admin"]
-            allow_methods = ["completion/complete"]
-            [[binding]]
-            role = "reader"
-            cgroup = "/agents/**"
-            [[binding]]
-            role = "open"
-            cgroup = "/agents/**"
-            "#,
-        );
+        let p = policy(BOUNDED);
         let who = agent();
         let complete = |server: &str, reference: Option<Reference>, name: Option<&str>| {
             p.check(
@@ -1995,18 +1972,7 @@ mod tests {
         );
         let who = agent();
         let call = |tool: &str, args: Value| p.check(&who, "notes", &Call::tool(tool, Some(&args)));
-        let read = |uri: &str| {
-            p.check(
-                &who,
-                "notes",
-                &Call {
-                    method: "resources/read",
-                    name: Some(uri),
-                    arguments: None,
-                    reference: None,
-                },
-            )
-        };
+        let read = |uri: &str| p.check(&who, "notes", &Call::named("resources/read", uri));
         // A tab that decoding makes is dropped by a URL parser too.
         let d = call("fetch", json!({"url": "https://intranet/docs/.%09./admin"}));
         assert!(!d.allow && d.rule.contains("'..'"), "{d:?}");

@@ -325,6 +325,20 @@ pub fn try_scrape_metrics(port: u16) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// A node CA made with `interceptor ca init --dir ca_dir` (`ca.pem`, `ca-key.pem`).
+pub fn node_ca(ca_dir: &Path) {
+    let out = Command::new(interceptor_bin())
+        .args(["ca", "init", "--dir"])
+        .arg(ca_dir)
+        .output()
+        .expect("ca init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A port free on 127.0.0.1 and [::1] when picked, for something bound later (the daemon's
 /// listener, a Python server). Taken from just below the kernel's ephemeral range
 /// (`net.ipv4.ip_local_port_range`), which `bind(…:0)` and `connect()` never pick from, and

@@ -392,16 +392,7 @@ fn policy_explain_judges_prompts_resources_and_completions() {
 fn check_loads_the_node_ca_as_the_daemon_would() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
-    let out = Command::new(interceptor_bin())
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .output()
-        .expect("ca init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    interceptor_tests::node_ca(&ca);
     let path = dir.path().join("t.toml");
     std::fs::write(
         &path,

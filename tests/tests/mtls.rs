@@ -72,16 +72,7 @@ fn upstream_sees_each_workloads_certificate_and_a_verifiable_assertion() {
     }
     let mut env = TestEnv::new("mtls");
     let dir = env.tmp.path().to_owned();
-    let out = Command::new(interceptor_bin())
-        .args(["ca", "init", "--dir"])
-        .arg(dir.join("ca"))
-        .output()
-        .expect("ca init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    interceptor_tests::node_ca(&dir.join("ca"));
     upstream_pki(&dir);
     let token = dir.join("token");
     std::fs::write(&token, "upstream-secret\n").unwrap();
@@ -689,12 +680,7 @@ fn with_a_ca_a_caller_without_a_workload_id_reaches_no_upstream() {
     let upstream = interceptor_tests::LabelServer::start("127.0.0.3", "upstream");
     let mut env = TestEnv::new("no-workload-id");
     let dir = env.tmp.path().to_owned();
-    let out = Command::new(interceptor_bin())
-        .args(["ca", "init", "--dir"])
-        .arg(dir.join("ca"))
-        .output()
-        .expect("ca init");
-    assert!(out.status.success(), "{out:?}");
+    interceptor_tests::node_ca(&dir.join("ca"));
     let agents = env.cgroup("agents");
     // {pod}: no value for a process outside Kubernetes, so no workload id.
     let extra = format!(

@@ -1017,11 +1017,15 @@ fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 /// HTTP 503 for a request refused for the buffer budget or the bound on requests in flight
 /// (`Retry-After: 1`).
 fn busy(over: budget::Over) -> Response<ProxyBody> {
-    let mut response = error_response(
+    retry_soon(error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         code::INTERNAL_ERROR,
         format!("interceptor: request not read: {}", over.reason()),
-    );
+    ))
+}
+
+/// `response` with `Retry-After: 1` (a bound on what agents hold at once was reached).
+fn retry_soon(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -2279,11 +2283,7 @@ impl Conn {
             jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
         });
         pending.settle("error", Some(code::INTERNAL_ERROR));
-        let mut response = json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        response
+        retry_soon(json_response(StatusCode::SERVICE_UNAVAILABLE, &body))
     }
 
     /// The `mcp.request` event for one message, named by `target` (its [`Conn::audit_target`]).
@@ -2444,12 +2444,7 @@ impl Conn {
         });
         task.or_else(|| {
             subscribed.iter().find_map(|uri| {
-                let call = Call {
-                    method: "resources/subscribe",
-                    name: Some(uri),
-                    arguments: None,
-                    reference: None,
-                };
+                let call = Call::named("resources/subscribe", uri);
                 let d = policy.check_granted(&grant, self.server_name(), &call);
                 (!d.allow).then(|| {
                     format!(
@@ -2498,12 +2493,7 @@ impl Conn {
                     "notifications.resourceSubscriptions holds something other than a URI",
                 ));
             };
-            let call = Call {
-                method: "resources/subscribe",
-                name: Some(uri),
-                arguments: None,
-                reference: None,
-            };
+            let call = Call::named("resources/subscribe", uri);
             let d = policy.check_granted(grant, self.server_name(), &call);
             (!d.allow).then_some(d)
         })
