@@ -455,9 +455,10 @@ impl NodeCa {
         &self.assertions.kid
     }
 
-    /// How every assertion this CA signs starts: its encoded JWS header and the dot after it.
-    pub fn token_prefix(&self) -> Arc<str> {
-        self.assertions.prefix.clone()
+    /// How every assertion this CA signs starts (its encoded JWS header and the dot after
+    /// it), as a searcher.
+    pub fn token_prefix(&self) -> Arc<crate::mcp::Needle> {
+        self.assertions.prefix_needle.clone()
     }
 
     /// A signer of audit checkpoints with this CA's key (`typ`
@@ -566,6 +567,8 @@ pub struct JwsSigner {
     kid: String,
     /// The protected header, base64url-encoded once, and the dot after it.
     prefix: Arc<str>,
+    /// The same, as a searcher (assertions are scrubbed from answers by it).
+    prefix_needle: Arc<crate::mcp::Needle>,
 }
 
 impl JwsSigner {
@@ -583,11 +586,13 @@ impl JwsSigner {
         let kid = hex16(&Sha256::digest(public.as_bytes()));
         let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(json!({"alg": "ES256", "typ": typ, "kid": kid}).to_string());
+        let prefix = format!("{header}.");
         Ok(Self {
             key,
             rng,
             kid,
-            prefix: Arc::from(format!("{header}.")),
+            prefix_needle: Arc::new(memchr::memmem::Finder::new(prefix.as_bytes()).into_owned()),
+            prefix: Arc::from(prefix),
         })
     }
 

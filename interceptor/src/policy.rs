@@ -361,6 +361,10 @@ struct Binding {
     index: usize,
     role: usize,
     cgroup: Option<Vec<Pattern>>,
+    /// For each `cgroup` glob ending in `/**`, what precedes it, as a pattern of its own: the
+    /// cgroup it names matches too (`/teams/{a,b}/**` binds `/teams/a`, not a cgroup named
+    /// `/teams/{a,b}`).
+    cgroup_bases: Vec<Pattern>,
     uid: Option<Vec<u32>>,
     gid: Option<Vec<u32>>,
     exe: Option<Vec<Pattern>>,
@@ -705,10 +709,23 @@ impl Policy {
                     .map(|v| compile(&v.into_vec(), paths, &key(k)))
                     .transpose()
             };
+            let cgroup = pats(&b.cgroup, "cgroup", true)?;
+            let mut cgroup_bases = Vec::new();
+            for (j, p) in cgroup.iter().flatten().enumerate() {
+                if let PatternKind::Glob(_) = p.kind
+                    && let Some(base) = p.as_str().strip_suffix("/**")
+                    && !base.is_empty()
+                {
+                    cgroup_bases.push(
+                        Pattern::new(base, true).map_err(|m| (key(&format!("cgroup[{j}]")), m))?,
+                    );
+                }
+            }
             compiled_bindings.push(Binding {
                 index: i,
                 role,
-                cgroup: pats(&b.cgroup, "cgroup", true)?,
+                cgroup,
+                cgroup_bases,
                 uid: b.uid.as_ref().map(Ids::to_vec),
                 gid: b.gid.as_ref().map(Ids::to_vec),
                 exe: pats(&b.exe, "exe", true)?,
@@ -1128,17 +1145,17 @@ impl Policy {
 
 impl Binding {
     fn matches(&self, s: &Subject<'_>) -> bool {
-        let any = |pats: &Option<Vec<Pattern>>, value: Option<&str>, prefix_ok: bool| match pats {
+        let any = |pats: &Option<Vec<Pattern>>, value: Option<&str>| match pats {
             None => true,
-            Some(pats) => value.is_some_and(|v| {
-                pats.iter().any(|p| {
-                    p.matches(v)
-                        || (prefix_ok
-                            && p.as_str().strip_suffix("/**").is_some_and(|base| base == v))
-                })
-            }),
+            Some(pats) => value.is_some_and(|v| pats.iter().any(|p| p.matches(v))),
         };
-        any(&self.cgroup, s.cgroup, true)
+        let cgroup = match &self.cgroup {
+            None => true,
+            Some(pats) => s
+                .cgroup
+                .is_some_and(|v| pats.iter().chain(&self.cgroup_bases).any(|p| p.matches(v))),
+        };
+        cgroup
             && self
                 .uid
                 .as_ref()
@@ -1147,9 +1164,9 @@ impl Binding {
                 .gid
                 .as_ref()
                 .is_none_or(|g| s.gid.is_some_and(|x| g.contains(&x)))
-            && any(&self.exe, s.exe, false)
-            && any(&self.comm, s.comm, false)
-            && any(&self.workload_id, s.workload_id, false)
+            && any(&self.exe, s.exe)
+            && any(&self.comm, s.comm)
+            && any(&self.workload_id, s.workload_id)
     }
 }
 
@@ -1201,7 +1218,8 @@ fn other_readings(text: &str, mut each: impl FnMut(&str) -> bool) -> bool {
 /// readings (as written and [`other_readings`]):
 /// - a `..` segment, whatever separates it (`/`, `\` — URL parsers take it for `/` —, or
 ///   `?`, `&`, `=`, `#`, `;`: a query's `p=..`, Tomcat's `..;`), whitespace around it aside;
-/// - an empty segment in the path (past a leading `scheme://`, before any `?` or `#`): a
+/// - an empty segment in the path (past a leading `scheme://`, or from a `scheme:/`, before
+///   any `?` or `#`): a
 ///   server joining the rest to its root may take `//etc` for an absolute path;
 /// - a control character other than tab, line feed and carriage return (a NUL ends a C
 ///   string, and the server reads less than the proxy judged).
@@ -1255,22 +1273,27 @@ fn escapes(text: &str) -> Option<&'static str> {
         {
             return Some("a '..' segment (also encoded, or after a backslash or in a query)");
         }
-        // The path: past a leading scheme's `://`, up to a query or fragment.
+        // The path: past a leading scheme's `://` (its authority included), or from the `/`
+        // after a scheme without one (`file:/srv/x`, RFC 8089), up to a query or fragment.
         let scheme = t
-            .find("://")
+            .find(':')
             .filter(|&i| {
                 t[..i].starts_with(|c: char| c.is_ascii_alphabetic())
                     && t[..i]
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
             })
-            .map_or(0, |i| i + 3);
+            .and_then(|i| match &t[i + 1..] {
+                rest if rest.starts_with("//") => Some(i + 3),
+                rest if rest.starts_with(['/', '\\']) => Some(i + 1),
+                _ => None,
+            });
         // Only a path or a URL has segments: free text (code, a sentence with a URL in it)
         // may well hold `//`.
-        if scheme == 0 && !t.starts_with(['/', '\\']) {
+        if scheme.is_none() && !t.starts_with(['/', '\\']) {
             return None;
         }
-        let path = &t[scheme..];
+        let path = &t[scheme.unwrap_or(0)..];
         let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
         let empty = ["//", "\\\\", "/\\", "\\/"]
             .iter()
@@ -1834,7 +1857,7 @@ mod tests {
         name = "reader"
         servers = ["notes"]
         allow_methods = ["resources/read", "resources/subscribe", "prompts/get", "completion/complete"]
-        allow_resources = ["file:///srv/notes/**", "notes://public/*"]
+        allow_resources = ["file:///srv/notes/**", "file:/srv/notes/**", "notes://public/*"]
         allow_prompts = ["summarize_*"]
         [[role]]
         name = "open"
@@ -1869,12 +1892,21 @@ mod tests {
             "notes://public/x%2Fy",
             "FILE:///srv/notes/a",
             "postgres://u:secret@db/x",
+            // A scheme without an authority: its path's empty segments count as well.
+            "file:/srv/notes//etc/passwd",
+            "file:/srv/notes/%2Fetc/passwd",
+            "file:/srv/notes/\\etc/passwd",
+            "file:/srv/notes/a//b",
         ] {
             let d = check("notes", "resources/read", uri);
             assert!(!d.allow, "{uri}: {d:?}");
             // A URI may carry credentials: never in the rule (it is in the redacted `name`).
             assert!(!d.rule.contains(uri) && !d.rule.contains("secret"), "{d:?}");
         }
+        assert!(check("notes", "resources/read", "file:/srv/notes/a/b.txt").allow);
+        // Free text is no path: a `//` in it is not an empty segment.
+        assert!(escapes("see: https://x/y and a//b").is_none());
+        assert!(escapes("ratio:1//2").is_none());
         assert!(!check("notes", "prompts/get", "summarize_../../etc/passwd").allow);
         assert!(check("notes", "prompts/get", "summarize_doc").allow);
         assert!(!check("notes", "prompts/get", "delete_all").allow);
@@ -2189,6 +2221,39 @@ mod tests {
             ..Default::default()
         };
         assert!(!p.check(&other, "admin", &Call::tool("x", None)).allow);
+    }
+
+    #[test]
+    fn a_cgroup_glob_ending_in_any_depth_binds_the_cgroups_its_base_matches() {
+        let p = policy(&format!(
+            "{ISSUE_EXAMPLE}\n[[binding]]\nrole = \"admin\"\n\
+             cgroup = [\"/teams/{{alpha,beta}}/**\", \"/svc/agent-*/**\", \"^/re/x/\\\\*\\\\*$\"]\n"
+        ));
+        let bound = |cgroup: &'static str| {
+            let s = Subject {
+                cgroup: Some(cgroup),
+                ..Default::default()
+            };
+            p.check(&s, "admin", &Call::tool("x", None)).allow
+        };
+        for cgroup in [
+            "/teams/alpha",
+            "/teams/beta/x",
+            "/svc/agent-7",
+            "/svc/agent-7/sub",
+        ] {
+            assert!(bound(cgroup), "{cgroup}");
+        }
+        // The base as text is a cgroup name an agent allowed to make cgroups could pick (it
+        // was bound); a regex is matched as written.
+        for cgroup in [
+            "/teams/{alpha,beta}",
+            "/teams/gamma",
+            "/svc",
+            "/re/x",
+        ] {
+            assert!(!bound(cgroup), "{cgroup}");
+        }
     }
 
     #[test]

@@ -129,11 +129,18 @@ type FileStamp = (u64, u64, u64, i64, i64);
 /// from the next request), otherwise served from memory: one `statx` per request instead of
 /// open, read and close.
 #[derive(Default)]
-pub struct CredentialFiles(Mutex<HashMap<std::path::PathBuf, (FileStamp, Arc<str>)>>);
+pub struct CredentialFiles(Mutex<HashMap<std::path::PathBuf, (FileStamp, Credential)>>);
+
+/// A credential read from its file, and the forms it is scrubbed from answers in.
+#[derive(Clone)]
+pub struct Credential {
+    pub value: Arc<str>,
+    pub forms: crate::mcp::SecretForms,
+}
 
 impl CredentialFiles {
     /// The credential in `path`, trailing whitespace trimmed.
-    pub fn read(&self, path: &Path) -> io::Result<Arc<str>> {
+    pub fn read(&self, path: &Path) -> io::Result<Credential> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path)?;
         let stamp = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
@@ -143,8 +150,12 @@ impl CredentialFiles {
             return Ok(value.clone());
         }
         let value: Arc<str> = std::fs::read_to_string(path)?.trim_end().into();
-        lock(&self.0).insert(path.to_owned(), (stamp, value.clone()));
-        Ok(value)
+        let credential = Credential {
+            forms: crate::mcp::SecretForms::of(&value),
+            value,
+        };
+        lock(&self.0).insert(path.to_owned(), (stamp, credential.clone()));
+        Ok(credential)
     }
 }
 
@@ -195,7 +206,7 @@ impl Upstream {
     }
 
     /// The credential of an `inject_headers` entry (see [`CredentialFiles`]).
-    pub fn credential(&self, path: &Path) -> io::Result<Arc<str>> {
+    pub fn credential(&self, path: &Path) -> io::Result<Credential> {
         self.credentials.read(path)
     }
 
@@ -910,20 +921,20 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "first\n").unwrap();
         let files = CredentialFiles::default();
-        let a = files.read(&path).unwrap();
+        let a = files.read(&path).unwrap().value;
         assert_eq!(&*a, "first");
         assert!(
-            Arc::ptr_eq(&a, &files.read(&path).unwrap()),
+            Arc::ptr_eq(&a, &files.read(&path).unwrap().value),
             "served from memory"
         );
         // Rotation by rename (a new inode), as secret managers do.
         let next = dir.path().join("token.new");
         std::fs::write(&next, "second").unwrap();
         std::fs::rename(&next, &path).unwrap();
-        assert_eq!(&*files.read(&path).unwrap(), "second");
+        assert_eq!(&*files.read(&path).unwrap().value, "second");
         // Rewritten in place with another length.
         std::fs::write(&path, "third-value").unwrap();
-        assert_eq!(&*files.read(&path).unwrap(), "third-value");
+        assert_eq!(&*files.read(&path).unwrap().value, "third-value");
         std::fs::remove_file(&path).unwrap();
         assert!(
             files.read(&path).is_err(),

@@ -154,30 +154,39 @@ const MAX_H2_STREAMS: u32 = 16;
 /// were sent with (a legacy SSE stream carries the answers to other requests than its own).
 #[derive(Default)]
 pub struct Secrets {
-    exact: Vec<Arc<str>>,
+    exact: Vec<SecretForms>,
     /// Starts of tokens (`<JWS header>.`): each occurrence and the token characters that
     /// follow it are scrubbed.
-    tokens: Vec<Arc<str>>,
+    tokens: Vec<Arc<Needle>>,
 }
+
+/// A searcher for one byte string, built once (building one costs more than searching a
+/// short answer with it).
+pub type Needle = memchr::memmem::Finder<'static>;
 
 /// `text` with each occurrence of `needle`, and the `tail(rest)` bytes after it, replaced by
 /// `[REDACTED]`; `None` when it does not occur.
-fn redact(text: &[u8], needle: &[u8], tail: impl Fn(&[u8]) -> usize) -> Option<Vec<u8>> {
-    memchr::memmem::find(text, needle)?;
+fn redact(text: &[u8], needle: &Needle, tail: impl Fn(&[u8]) -> usize) -> Option<Vec<u8>> {
+    needle.find(text)?;
     let mut replaced = Vec::with_capacity(text.len());
     let mut at = 0;
-    for hit in memchr::memmem::find_iter(text, needle) {
+    for hit in needle.find_iter(text) {
         if hit < at {
             continue;
         }
         replaced.extend_from_slice(&text[at..hit]);
         replaced.extend_from_slice(b"[REDACTED]");
-        at = hit + needle.len();
+        at = hit + needle.needle().len();
         at += tail(&text[at..]);
     }
     replaced.extend_from_slice(&text[at..]);
     Some(replaced)
 }
+
+/// The forms an injected credential is scrubbed in (see [`SecretForms::of`]), built once per
+/// value of its file, not per request.
+#[derive(Clone, Default)]
+pub struct SecretForms(Arc<[Needle]>);
 
 /// `text` with the hex digits of its `%XX` escapes in lower case.
 fn lower_hex(text: &str) -> String {
@@ -200,21 +209,22 @@ fn lower_hex(text: &str) -> String {
 /// Shortest credential scrubbed from answers (shorter text occurs by chance).
 const SHORTEST_SCRUBBED: usize = 8;
 
-impl Secrets {
+impl SecretForms {
     /// `secret`, and the forms an echo may take it in: as a JSON string escapes it (`\"`,
     /// `\\`, control characters; Go's `\u003c`, `\u003e`, `\u0026`; `\/` as PHP writes
     /// it), and percent-encoded as encoders do it (every byte but letters and digits, or but
-    /// RFC 3986's unreserved `-._~`; upper- or lower-case hex).
-    fn add(&mut self, secret: Arc<str>) {
+    /// RFC 3986's unreserved `-._~`; upper- or lower-case hex). None for a secret shorter than
+    /// [`SHORTEST_SCRUBBED`].
+    pub fn of(secret: &str) -> Self {
         const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
             .remove(b'-')
             .remove(b'.')
             .remove(b'_')
             .remove(b'~');
         if secret.len() < SHORTEST_SCRUBBED {
-            return;
+            return Self::default();
         }
-        let quoted = serde_json::to_string(&*secret).unwrap_or_default();
+        let quoted = serde_json::to_string(secret).unwrap_or_default();
         let json = quoted
             .strip_prefix('"')
             .and_then(|q| q.strip_suffix('"'))
@@ -224,28 +234,40 @@ impl Secrets {
             .replace('>', "\\u003e")
             .replace('&', "\\u0026");
         let mut forms = Vec::new();
-        for escaped in [&*secret, json, &go] {
+        for escaped in [secret, json, &go] {
             forms.push(escaped.to_owned());
             forms.push(escaped.replace('/', "\\/"));
         }
         for set in [percent_encoding::NON_ALPHANUMERIC, UNRESERVED] {
-            let upper = percent_encoding::utf8_percent_encode(&secret, set).to_string();
+            let upper = percent_encoding::utf8_percent_encode(secret, set).to_string();
             forms.push(lower_hex(&upper));
             forms.push(upper);
         }
         forms.sort();
         forms.dedup();
-        for form in forms {
-            if *form != *secret {
-                self.exact.push(Arc::from(form));
-            }
+        // The secret itself last, as it was sent.
+        forms.retain(|f| f != secret);
+        forms.push(secret.to_owned());
+        Self(
+            forms
+                .iter()
+                .map(|f| memchr::memmem::Finder::new(f.as_bytes()).into_owned())
+                .collect(),
+        )
+    }
+}
+
+impl Secrets {
+    /// An injected credential, in each of its `forms`.
+    fn add(&mut self, forms: SecretForms) {
+        if !forms.0.is_empty() {
+            self.exact.push(forms);
         }
-        self.exact.push(secret);
     }
 
     /// Every token that starts with `prefix` (a JWS header and its dot), whole.
-    fn add_token_prefix(&mut self, prefix: Arc<str>) {
-        if !self.tokens.contains(&prefix) {
+    fn add_token_prefix(&mut self, prefix: Arc<Needle>) {
+        if !self.tokens.iter().any(|t| t.needle() == prefix.needle()) {
             self.tokens.push(prefix);
         }
     }
@@ -261,12 +283,21 @@ impl Secrets {
         let token_byte = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
         let token_tail = |rest: &[u8]| rest.iter().take_while(|b| token_byte(b)).count();
         let mut out: Option<Vec<u8>> = None;
-        let needles = self.tokens.iter().map(|t| (t, true));
-        for (needle, token) in needles.chain(self.exact.iter().map(|s| (s, false))) {
+        let tokens = self.tokens.iter().map(|t| (&**t, true));
+        let exact = self
+            .exact
+            .iter()
+            .flat_map(|f| f.0.iter())
+            .map(|n| (n, false));
+        for (needle, token) in tokens.chain(exact) {
             let text = out.as_deref().unwrap_or(&bytes);
-            if let Some(replaced) = redact(text, needle.as_bytes(), |rest| {
-                if token { token_tail(rest) } else { 0 }
-            }) {
+            if let Some(replaced) = redact(
+                text,
+                needle,
+                |rest| {
+                    if token { token_tail(rest) } else { 0 }
+                },
+            ) {
                 out = Some(replaced);
             }
         }
@@ -2739,8 +2770,9 @@ impl Conn {
         for (name, inject) in &server.inject_headers {
             match self.daemon.upstreams[self.server_id].credential(&inject.file) {
                 Ok(v) => {
-                    builder = builder.header(name.as_str(), format!("{}{v}", inject.prefix));
-                    secrets.add(v);
+                    builder =
+                        builder.header(name.as_str(), format!("{}{}", inject.prefix, v.value));
+                    secrets.add(v.forms);
                 }
                 Err(e) => {
                     warn!(server.name = %server.name, file = %inject.file.display(), error = %e, "credential file unreadable");
@@ -3742,10 +3774,10 @@ mod tests {
     #[test]
     fn injected_credentials_are_scrubbed_from_answers() {
         let mut secrets = Secrets::default();
-        secrets.add(Arc::from("tok-12345678"));
-        secrets.add(Arc::from("short"));
-        secrets.add(Arc::from("k/ey+12345"));
-        secrets.add(Arc::from("sk-live/abc+1234"));
+        secrets.add(SecretForms::of("tok-12345678"));
+        secrets.add(SecretForms::of("short"));
+        secrets.add(SecretForms::of("k/ey+12345"));
+        secrets.add(SecretForms::of("sk-live/abc+1234"));
         assert_eq!(
             secrets.scrub(Bytes::from_static(
                 b"a=sk-live%2Fabc%2B1234&b=sk-live%2fabc%2b1234"
@@ -3764,7 +3796,7 @@ mod tests {
             Bytes::from_static(b"bad [REDACTED], again [REDACTED]; short stays")
         );
         // As JSON encoders escape it.
-        secrets.add(Arc::from(r#"p"w\d<&>/12"#));
+        secrets.add(SecretForms::of(r#"p"w\d<&>/12"#));
         assert_eq!(
             secrets.scrub(Bytes::from_static(
                 br#"["p\"w\\d<&>/12","p\"w\\d\u003c\u0026\u003e\/12"]"#
@@ -3800,8 +3832,9 @@ mod tests {
         // Tokens by their start: every assertion of the node, whole, whichever request it
         // came with; the text around them stays.
         let mut tokens = Secrets::default();
-        tokens.add_token_prefix(Arc::from("eyJhbGci."));
-        tokens.add_token_prefix(Arc::from("eyJhbGci."));
+        let prefix = || Arc::new(Needle::new(b"eyJhbGci."));
+        tokens.add_token_prefix(prefix());
+        tokens.add_token_prefix(prefix());
         assert_eq!(tokens.tokens.len(), 1);
         assert_eq!(
             tokens.scrub(Bytes::from_static(
