@@ -69,9 +69,10 @@ pub mod programs {
     pub const SENDMSG4: &str = "sendmsg4";
     pub const SENDMSG6: &str = "sendmsg6";
     pub const SOCK_OPS: &str = "sock_ops";
+    pub const SOCK_RELEASE: &str = "sock_release";
 
     /// Every program the daemon attaches to the cgroup (links pinned).
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
@@ -79,6 +80,7 @@ pub mod programs {
         SENDMSG4,
         SENDMSG6,
         SOCK_OPS,
+        SOCK_RELEASE,
     ];
 
     /// Raw tracepoint `sched_process_exec`: bumps [`crate::maps::PROC_CHANGES`].

@@ -7,6 +7,8 @@
 //! - `sock_ops`: when the redirected socket starts its handshake, publish the record under the
 //!   connection tuple the proxy will see from `accept()`.
 //! - `getpeername4`/`getpeername6`: give the agent back the address it dialed.
+//! - `sock_release` (cgroup/sock_release): drop a closed socket's record, whatever became of
+//!   its connect (one that failed before its handshake started gets no `sock_ops` callback).
 //! - `sendmsg4`/`sendmsg6` (and `connect*` on a datagram socket): refuse a datagram from a
 //!   tagged (or revoked) cgroup to an MCP server's address — the proxy serves TCP only, and
 //!   HTTP/3 (QUIC, over UDP) to the server would go past it — and every datagram of a cgroup
@@ -39,9 +41,9 @@ use aya_ebpf::{
             bpf_sk_release,
         },
     },
-    macros::{cgroup_sock_addr, map, raw_tracepoint, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{RawTracePointContext, SockAddrContext, SockOpsContext},
+    programs::{RawTracePointContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use interceptor_common::{
     AF_INET, AF_INET6, Addr, BlockKey, BlockValue, ConnRecord, ListenKey, Listener,
@@ -140,6 +142,20 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     try_getpeername::<true>(&ctx);
+    PROCEED
+}
+
+/// A socket of the attach cgroup is closed: its record goes (a connect that failed after
+/// `connect*` recorded it and before the handshake started — an IPv4-mapped address on an
+/// `IPV6_V6ONLY` socket, a source port already in use, a `TCP_FASTOPEN_CONNECT` socket closed
+/// before its first write — gets no `sock_ops` callback; left to the LRU, such records would
+/// push other agents' out). A connection that reached the proxy has its tuple record, which
+/// `sock_ops` drops when it dies.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the helper reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = SOCKS.remove(&cookie);
     PROCEED
 }
 
@@ -629,8 +645,12 @@ fn try_sock_ops(ctx: &SockOpsContext) {
                 old,
                 TCP_ESTABLISHED | TCP_SYN_SENT | TCP_FIN_WAIT1 | TCP_CLOSE_WAIT
             );
-            if let Some(record) = unsafe { SOCKS.get(cookie) }.filter(|_| died) {
-                let netns_cookie = record.netns_cookie;
+            // Only published sockets ask for state callbacks. Their record may be gone already
+            // (`sock_release` runs at `close()`, before the states that follow it): the key is
+            // built from the socket, in its own namespace (the one `connect*` recorded).
+            if died {
+                // SAFETY: the helper reads the context's socket.
+                let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
                 let key = if ctx.family() == AF_INET6 {
                     tuple_key::<true>(ctx, netns_cookie)
                 } else {

@@ -1118,6 +1118,14 @@ impl Audit {
                 tail.last_hash = hash;
             }
         }
+        if tail.last_seq == u64::MAX {
+            return Err(open_err(
+                "its last record has seq 18446744073709551615, the last there is: no record \
+                 can follow (an edited log); move the log and its rotated files away to start \
+                 a new chain"
+                    .into(),
+            ));
+        }
         let stats = Arc::new(Stats::default());
         let mut writer = Writer {
             path: config.path.clone(),
@@ -2070,7 +2078,7 @@ fn read_tail(file: &mut File) -> io::Result<Tail> {
             Some((seq, prev, hash))
                 if tail.valid_len == 0
                     || (tail.invalid.is_none()
-                        && seq == tail.last_seq + 1
+                        && Some(seq) == tail.last_seq.checked_add(1)
                         && prev == tail.last_hash) =>
             {
                 (tail.last_seq, tail.last_hash) = (seq, hash);
@@ -2233,7 +2241,7 @@ fn last_checkpoint(path: &Path, tail: (u64, &str)) -> (Option<u64>, Option<(u64,
         }
         let linked = prev
             .as_ref()
-            .is_some_and(|(s, h)| *s + 1 == seq && h == prev_hash);
+            .is_some_and(|(s, h)| s.checked_add(1) == Some(seq) && h == prev_hash);
         if !linked {
             // A break: what came before is another chain's.
             last = None;
@@ -2625,7 +2633,11 @@ fn torn_continues(torn: &[u8], prev_hash: Option<&str>, prev_seq: Option<u64>) -
     let end = torn.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
     let torn = &torn[..end];
     let head = match (prev_hash, prev_seq) {
-        (Some(hash), Some(seq)) => format!("{{\"seq\":{},\"prev_hash\":\"{hash}\",", seq + 1),
+        (Some(hash), Some(seq)) => match seq.checked_add(1) {
+            Some(next) => format!("{{\"seq\":{next},\"prev_hash\":\"{hash}\","),
+            // No record can follow the last seq there is.
+            None => return false,
+        },
         _ => "{\"seq\":".to_owned(),
     };
     let head = head.as_bytes();
@@ -2685,6 +2697,20 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                     return Err(io::Error::other(format!(
                         "{} and {} are the same file; pass each file of the log once",
                         first.display(),
+                        path.display()
+                    )));
+                }
+                // logrotate's compressed files (docs/audit.md suggests `delaycompress`): not
+                // an edit, but not readable here either.
+                let mut magic = [0u8; 2];
+                if File::open(path)
+                    .and_then(|mut f| f.read_exact(&mut magic))
+                    .is_ok()
+                    && magic == [0x1f, 0x8b]
+                {
+                    return Err(io::Error::other(format!(
+                        "{} is gzip-compressed: decompress it first (zcat {0} > {0}.jsonl) \
+                         and pass the plain file",
                         path.display()
                     )));
                 }
@@ -2823,6 +2849,10 @@ pub fn verify(paths: &[PathBuf], keys: Option<&crate::ca::Jwks>) -> io::Result<V
                 // The chain's head: the log's first record, or one continuing rotated files.
                 (None, None) if seq == 1 && p != GENESIS => {
                     out.broken = fail("seq 1 does not start from the genesis hash".into());
+                    return Ok(out);
+                }
+                (None, None) if seq == 0 => {
+                    out.broken = fail("seq 0: a chain starts at 1 (edited)".into());
                     return Ok(out);
                 }
                 (None, None) if seq != 1 => {
@@ -3968,6 +3998,44 @@ mod tests {
     #[test]
     fn tampered_multibyte_lines_do_not_panic() {
         assert!(unseal(&format!("{{\"a\":\"{}\"}}", "é".repeat(60))).is_none());
+    }
+
+    #[test]
+    fn a_compressed_rotated_file_is_named_as_such_not_as_an_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let gz = dir.path().join("audit.jsonl.1.gz");
+        std::fs::write(&gz, [0x1f, 0x8b, 8, 0, 0, 0]).unwrap();
+        let e = verify(&[gz], None).unwrap_err().to_string();
+        assert!(e.contains("gzip-compressed") && e.contains("zcat"), "{e}");
+    }
+
+    #[test]
+    fn chains_at_the_ends_of_the_seq_range_are_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let record = |seq: u64| {
+            let (line, _) = seal_line(seq, GENESIS, &Event(b"\"event\":\"x\"".to_vec()));
+            line
+        };
+        std::fs::write(&path, record(0)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
+        assert!(
+            v.broken.as_ref().is_some_and(|b| b.2.contains("seq 0")),
+            "{v:?}"
+        );
+        // The last seq there is, then what looks like a torn write.
+        let mut text = record(u64::MAX);
+        text.extend_from_slice(b"{\"seq\":0");
+        std::fs::write(&path, &text).unwrap();
+        let v = verify(std::slice::from_ref(&path), None).unwrap();
+        assert!(v.broken.is_some(), "{v:?}");
+        // A daemon does not continue it (the next seq would wrap to 0).
+        std::fs::write(&path, record(u64::MAX)).unwrap();
+        let e = Audit::open(cfg(dir.path(), Durability::Write), OPENER)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("no record can follow"), "{e}");
     }
 
     #[tokio::test]

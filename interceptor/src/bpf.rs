@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, RawTracePoint, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -136,6 +136,9 @@ pub struct Kernel {
     pub conns: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
     /// The same map through a second descriptor, for walks (see [`Kernel::drop_conns`]).
     conns_walk: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
+    /// Records by socket cookie, from `connect*` to the handshake (walked: the fill, and a
+    /// previous daemon's dropped at start).
+    socks: Mutex<HashMap<MapData, u64, ConnRecord>>,
     pub blocks: Mutex<HashMap<MapData, BlockKey, BlockValue>>,
     pub state: Mutex<Array<MapData, State>>,
     stats: PerCpuArray<MapData, u64>,
@@ -192,6 +195,9 @@ impl Kernel {
 
         let mut attachments = Vec::new();
         let mut links = Vec::new();
+        // A connect program left running from an earlier daemon reads that daemon's process
+        // change counters (not pinned: gone with it), never this one's.
+        let mut stale_connect = false;
         for name in programs::ALL {
             let pin = links_dir.join(name);
             let (link, adopted) = match adopt(&pin) {
@@ -199,6 +205,7 @@ impl Kernel {
                     // This binary's program replaces the one the link runs (an upgrade takes
                     // effect at restart, with no moment without a program: the kernel swaps it).
                     if let Err(e) = replace_program(&mut ebpf, name, &pin) {
+                        stale_connect |= matches!(name, programs::CONNECT4 | programs::CONNECT6);
                         warn!(program = name, error = %e,
                             "cannot replace the program of the pinned link; it keeps running the \
                              program of the daemon that attached it (`interceptor uninstall` \
@@ -224,7 +231,17 @@ impl Kernel {
             links.push(link);
         }
 
-        let tracked = track_processes(&mut ebpf, &mut links);
+        let tracked = if stale_connect {
+            Err(Error::Link {
+                name: programs::CONNECT4,
+                message: "a connect program of an earlier daemon still runs (its replacement \
+                          failed, above): what it records of an exec is not counted where \
+                          this daemon reads"
+                    .into(),
+            })
+        } else {
+            track_processes(&mut ebpf, &mut links)
+        };
         let tracking_since_ns = boot_time_ns();
         let (tracepoints, proc_changes) = match tracked {
             Ok((tracepoints, map)) => (tracepoints, Some(map)),
@@ -245,6 +262,7 @@ impl Kernel {
         let listeners = take(names::LISTENERS)?;
         let listen_socks = take(names::LISTEN_SOCKS)?;
         let conns = take(names::CONNS)?;
+        let socks = take(names::SOCKS)?;
         // A second handle on the records, from their pin: walked (a closed listener's records
         // dropped, the fill counted) without holding up `take_conn` on every accept.
         let conns_walk = aya::maps::MapData::from_pin(bpffs_dir.join(names::CONNS))
@@ -270,6 +288,7 @@ impl Kernel {
                 HashMap::try_from(aya::maps::Map::HashMap(conns_walk))
                     .map_err(map_err(names::CONNS))?,
             ),
+            socks: Mutex::new(HashMap::try_from(socks).map_err(map_err(names::SOCKS))?),
             blocks: Mutex::new(HashMap::try_from(blocks).map_err(map_err(names::BLOCKS))?),
             state: Mutex::new(Array::try_from(state).map_err(map_err(names::STATE))?),
             stats: PerCpuArray::try_from(stats_map).map_err(map_err(names::STATS))?,
@@ -293,6 +312,18 @@ impl Kernel {
         let stale = kernel.drop_conns(|_| true);
         if stale > 0 {
             info!(records = stale, "dropped connection records no daemon took");
+        }
+        // Likewise the records of sockets that had not started their handshake (a
+        // `TCP_FASTOPEN_CONNECT` one before its first write, one disconnected with
+        // `AF_UNSPEC`): they name servers by their place in the previous daemon's
+        // configuration, which may have changed. Such a socket's connection is then refused
+        // (no record), as one no daemon accepted.
+        let stale = kernel.drop_socks();
+        if stale > 0 {
+            info!(
+                records = stale,
+                "dropped socket records of a previous daemon"
+            );
         }
         Ok(kernel)
     }
@@ -340,6 +371,14 @@ impl Kernel {
                 names::LISTEN_SOCKS,
                 lock(&self.listen_socks).keys().count(),
                 capacity::LISTEN_SOCKS,
+            ),
+            (
+                names::SOCKS,
+                lock(&self.socks)
+                    .keys()
+                    .count()
+                    .min(capacity::SOCKS as usize),
+                capacity::SOCKS,
             ),
             (
                 names::CONNS,
@@ -416,6 +455,17 @@ impl Kernel {
     /// port and dials the proxy port there).
     pub fn drop_conns_of(&self, netns_cookie: u64) -> usize {
         self.drop_conns(|k| k.netns_cookie == netns_cookie)
+    }
+
+    /// Drops every socket record (only at start, before this daemon registers its listeners:
+    /// until then `connect*` records none).
+    fn drop_socks(&self) -> usize {
+        let mut socks = lock(&self.socks);
+        let stale: HashSet<u64> = socks.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = socks.remove(key);
+        }
+        stale.len()
     }
 
     /// Drops every listener entry (only at start, before this daemon registers its own).
@@ -523,19 +573,35 @@ fn program<'a>(
         .ok_or_else(|| program_error(name)(ProgramError::UnexpectedProgramType))
 }
 
+/// The cgroup program `$name` of `$program` loaded as its aya type, bound to `$p` in `$body`
+/// (the types share no trait for loading and attaching).
+macro_rules! loaded {
+    ($name:expr, $program:expr, $prog_err:expr, |$p:ident| $body:expr) => {
+        if $name == programs::SOCK_OPS {
+            let $p: &mut SockOps = $program.try_into().map_err($prog_err)?;
+            $p.load().map_err($prog_err)?;
+            $body
+        } else if $name == programs::SOCK_RELEASE {
+            let $p: &mut CgroupSock = $program.try_into().map_err($prog_err)?;
+            $p.load().map_err($prog_err)?;
+            $body
+        } else {
+            let $p: &mut CgroupSockAddr = $program.try_into().map_err($prog_err)?;
+            $p.load().map_err($prog_err)?;
+            $body
+        }
+    };
+}
+
 /// Loads program `name` and makes the link pinned at `pin` run it.
 fn replace_program(ebpf: &mut Ebpf, name: &'static str, pin: &Path) -> Result<(), Error> {
     let prog_err = program_error(name);
     let program = program(ebpf, name)?;
-    let fd = if name == programs::SOCK_OPS {
-        let p: &mut SockOps = program.try_into().map_err(prog_err)?;
-        p.load().map_err(prog_err)?;
-        p.fd().map_err(prog_err)?.as_fd().as_raw_fd()
-    } else {
-        let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
-        p.load().map_err(prog_err)?;
-        p.fd().map_err(prog_err)?.as_fd().as_raw_fd()
-    };
+    let fd = loaded!(name, program, prog_err, |p| p
+        .fd()
+        .map_err(prog_err)?
+        .as_fd()
+        .as_raw_fd());
     update_link(pin, fd).map_err(|e| Error::Pin {
         path: pin.to_owned(),
         message: format!("BPF_LINK_UPDATE: {e}"),
@@ -612,9 +678,7 @@ fn attach(
     let program = program(ebpf, name)?;
     // aya 0.14 on kernels >= 5.7 attaches cgroup programs as BPF links, which always coexist;
     // `Single` is the only mode the kernel accepts for links (AllowMultiple gives EINVAL).
-    let link: FdLink = if name == programs::SOCK_OPS {
-        let p: &mut SockOps = program.try_into().map_err(prog_err)?;
-        p.load().map_err(prog_err)?;
+    let link: FdLink = loaded!(name, program, prog_err, |p| {
         let id = p
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(prog_err)?;
@@ -625,20 +689,7 @@ fn attach(
                 path: pin.to_owned(),
                 message: e.to_string(),
             })?
-    } else {
-        let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
-        p.load().map_err(prog_err)?;
-        let id = p
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(prog_err)?;
-        p.take_link(id)
-            .map_err(prog_err)?
-            .try_into()
-            .map_err(|e: LinkError| Error::Pin {
-                path: pin.to_owned(),
-                message: e.to_string(),
-            })?
-    };
+    });
     let pinned = link.pin(pin).map_err(|e| Error::Pin {
         path: pin.to_owned(),
         message: e.to_string(),

@@ -504,8 +504,15 @@ impl Server {
     }
 }
 
+/// The top-level keys of the file: [`RawConfig`]'s tables.
+const SECTIONS: [&str; 10] = [
+    "daemon", "tag", "server", "role", "binding", "policy", "proxy", "audit", "identity", "ca",
+];
+
 /// The section `name` of the file at `path` (its defaults when absent); the rest of the file
-/// need only be TOML.
+/// need only be TOML with known sections (a misspelt `[deamon]`, or daemon keys written above
+/// the `[daemon]` header, would otherwise leave the command on the defaults: another
+/// daemon's socket and pins).
 fn load_section<T: serde::de::DeserializeOwned + Default>(
     path: &Path,
     name: &str,
@@ -520,6 +527,15 @@ fn load_section<T: serde::de::DeserializeOwned + Default>(
     };
     let table: toml::Table =
         toml::from_str(&text).map_err(|e| parse_err(e.to_string().trim_end().to_owned()))?;
+    if let Some(unknown) = table.keys().find(|k| !SECTIONS.contains(&k.as_str())) {
+        return Err(parse_err(format!(
+            "unknown top-level key `{unknown}`: the file's sections are [daemon], [[tag]], \
+             [[server]], [[role]], [[binding]], [policy], [proxy], [audit], [identity] and \
+             [ca], and every setting belongs under one (a misspelt section would leave its \
+             settings at their defaults); `interceptor check --config {}` lists every error",
+            path.display()
+        )));
+    }
     match table.get(name) {
         Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| {
             parse_err(format!("[{name}]: {}", e.to_string().trim_end()))
@@ -576,9 +592,6 @@ impl Config {
         Validator { path }.validate(raw)
     }
 
-    /// Only the `[daemon]` section, for the commands that talk to a running daemon or touch its
-    /// pins (`tag`, `status`, `reload`, `uninstall`, …): they must work even while the rest of
-    /// the file is being edited into something invalid.
     /// Only where the daemon's admin socket and pins are, for the commands that talk to it
     /// or remove its pins: a mistake elsewhere in `[daemon]` (a metrics address, a duration)
     /// must not keep `revoke` from reaching a running daemon.
@@ -628,6 +641,22 @@ impl Validator<'_> {
             key: key.into(),
             message: message.into(),
         }
+    }
+
+    /// `path` must be absolute: the daemon runs from `/` under its service manager, so a path
+    /// `check` found from another directory would not be found there.
+    fn absolute(&self, key: impl Into<String>, path: &Path) -> Result<(), Error> {
+        if path.is_absolute() {
+            return Ok(());
+        }
+        Err(self.invalid(
+            key,
+            format!(
+                "{} is a relative path; write it absolute (the daemon does not run from the \
+                 directory `check` was run in)",
+                path.display()
+            ),
+        ))
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, Error> {
@@ -724,6 +753,17 @@ impl Validator<'_> {
                 }
                 None => (false, s.upstream.clone()),
             };
+            if let Some((_, path)) = authority.split_once('/') {
+                return Err(self.invalid(
+                    key("upstream"),
+                    format!(
+                        "{:?} has a path (/{path}): an upstream is where the proxy connects, \
+                         host:port only; the agent's request path is forwarded as sent \
+                         (restrict it with paths = [\"/{path}\"])",
+                        s.upstream
+                    ),
+                ));
+            }
             let upstream_addrs =
                 resolve(&authority).map_err(|m| self.invalid(key("upstream"), m))?;
             if let Some(own) = upstream_addrs
@@ -757,6 +797,18 @@ impl Validator<'_> {
                     ));
                 }
                 (Some(tls), true) => {
+                    self.absolute(format!("server[{i}].tls.ca"), &tls.ca)?;
+                    if let Some(id) = &tls.server_id
+                        && url::Url::parse(id).is_err()
+                    {
+                        return Err(self.invalid(
+                            format!("server[{i}].tls.server_id"),
+                            format!(
+                                "{id:?} is not a URI: write the URI SAN the upstream's \
+                                 certificate carries, e.g. \"spiffe://example.org/notes\""
+                            ),
+                        ));
+                    }
                     crate::upstream::load_roots(&tls.ca)
                         .map_err(|m| self.invalid(format!("server[{i}].tls.ca"), m))?;
                     if rustls::pki_types::ServerName::try_from(tls.server_name.as_str()).is_err() {
@@ -784,6 +836,7 @@ impl Validator<'_> {
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                     return Err(self.invalid(k, format!("{name:?} is not a valid header name")));
                 }
+                self.absolute(format!("{k}.file"), &inject.file)?;
                 if !inject.file.is_file() {
                     return Err(self.invalid(
                         k,
@@ -915,6 +968,16 @@ impl Validator<'_> {
                 format!("{} is not an absolute path", audit.path.display()),
             ));
         }
+        if audit.path.is_dir() {
+            return Err(self.invalid(
+                "audit.path",
+                format!(
+                    "{} is a directory; name the log file in it (e.g. {})",
+                    audit.path.display(),
+                    audit.path.join("audit.jsonl").display()
+                ),
+            ));
+        }
         if audit.max_file_bytes < 4096 {
             return Err(self.invalid("audit.max_file_bytes", "must be at least 4096"));
         }
@@ -964,6 +1027,8 @@ impl Validator<'_> {
         let assertion_ttl = crate::ca::parse_ttl(&id.assertion_ttl)
             .map_err(|m| self.invalid("identity.assertion_ttl", m))?;
         if let Some(ca) = &raw.ca {
+            self.absolute("ca.cert", &ca.cert)?;
+            self.absolute("ca.key", &ca.key)?;
             crate::ca::parse_ttl(&ca.leaf_ttl).map_err(|m| self.invalid("ca.leaf_ttl", m))?;
         } else if let Some(i) = servers.iter().position(|s| s.tls.is_some()) {
             return Err(self.invalid(
@@ -1216,6 +1281,103 @@ fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_one_section_commands_refuse_a_file_with_an_unknown_section() {
+        // Every name in SECTIONS is one RawConfig knows (a wrong type, not an unknown field).
+        for name in super::SECTIONS {
+            let e = toml::from_str::<super::RawConfig>(&format!("{name} = 1"))
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("unknown field"), "{name}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.toml");
+        let fine = "[daemon]\nadmin_socket = \"/tmp/x.sock\"\n";
+        std::fs::write(&path, fine).unwrap();
+        let paths = super::Config::load_daemon_paths(&path).unwrap();
+        assert_eq!(paths.admin_socket, std::path::Path::new("/tmp/x.sock"));
+        for (text, unknown) in [
+            (fine.replace("daemon", "deamon"), "deamon"),
+            (fine.replace("[daemon]\n", ""), "admin_socket"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            for e in [
+                super::Config::load_daemon_paths(&path).err(),
+                super::Config::load_audit(&path).err(),
+                super::Config::load_ca(&path).err(),
+            ] {
+                let e = e.expect("refused").to_string();
+                assert!(
+                    e.contains(&format!("unknown top-level key `{unknown}`"))
+                        && e.contains("interceptor check --config"),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_upstream_with_a_path_is_told_where_the_path_goes() {
+        let text = "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.2:1\"]\n\
+                    upstream = \"http://127.0.0.3:9000/mcp\"\n";
+        let e = super::Config::parse(std::path::Path::new("t.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has a path (/mcp)") && e.contains("paths = [\"/mcp\"]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn files_the_daemon_reads_are_named_by_absolute_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = "[[server]]\nname = \"a\"\nintercept = [\"127.0.0.2:1\"]\n";
+        let cases = [
+            (
+                format!(
+                    "{server}upstream = \"127.0.0.3:1\"\ninject_headers = {{ X = {{ file = \"token\" }} }}\n"
+                ),
+                "server[0].inject_headers.X.file",
+            ),
+            (
+                format!(
+                    "{server}upstream = \"https://127.0.0.3:1\"\ntls = {{ ca = \"ca.pem\", server_name = \"a\" }}\n[ca]\ncert = \"/x/ca.pem\"\nkey = \"/x/k.pem\"\n"
+                ),
+                "server[0].tls.ca",
+            ),
+            (
+                "[ca]\ncert = \"ca.pem\"\nkey = \"/x/k.pem\"\n".to_owned(),
+                "ca.cert",
+            ),
+            (
+                "[ca]\ncert = \"/x/ca.pem\"\nkey = \"k.pem\"\n".to_owned(),
+                "ca.key",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = super::Config::parse(&dir.path().join("t.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(key) && e.contains("is a relative path"),
+                "{key}: {e}"
+            );
+        }
+        let text = format!(
+            "{server}upstream = \"https://127.0.0.3:1\"\n\
+             tls = {{ ca = \"/nonexistent/ca.pem\", server_name = \"a\", server_id = \"notaurl\" }}\n\
+             [ca]\ncert = \"/x/ca.pem\"\nkey = \"/x/k.pem\"\n"
+        );
+        let e = super::Config::parse(&dir.path().join("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls.server_id") && e.contains("not a URI"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_credential_file_every_user_may_read_is_warned_about() {
         use std::os::unix::fs::PermissionsExt;

@@ -784,10 +784,12 @@ impl Daemon {
             list.retain(|r| r.key != key && r.selector != revocation.selector);
             list.push(revocation.clone());
         }
-        // Close live connections whatever happens next: the revocation is already in force at
-        // the proxy.
+        // The kernel's block counts first (until then its connect programs skip the block
+        // lookups of a first revocation); then the live connections, closed whatever the
+        // sync's outcome: the revocation is already in force at the proxy.
+        let synced = self.sync_block_state();
         let closed = self.close_revoked();
-        self.sync_block_state()?;
+        synced?;
         warn!(revoked = %revocation.selector.label(), reason = %revocation.reason, all_egress, closed, "revoked");
         self.audit.record_later(self.event_by(
             by,

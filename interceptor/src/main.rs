@@ -654,12 +654,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .join(", ")
                 );
             }
-            let arguments: Option<Value> = arguments
+            let arguments = arguments
                 .map(|a| {
-                    serde_json::from_str(&a)
-                        .with_context(|| format!("--arguments is not JSON: {a}"))
+                    let value: Value = serde_json::from_str(&a)
+                        .with_context(|| format!("--arguments is not JSON: {a}"))?;
+                    if !value.is_object() {
+                        bail!("--arguments must be a JSON object, as a tools/call's arguments are: {a}");
+                    }
+                    Ok((a, value))
                 })
-                .transpose()?;
+                .transpose()?
+                .map(|(text, value)| {
+                    // Parsed as the proxy parses a request (duplicate keys, depth, size): what
+                    // it refuses before any policy is said so, not judged on one reading.
+                    let body = format!(
+                        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"x","arguments":{text}}}}}"#
+                    );
+                    match interceptor::mcp::jsonrpc::parse(body.as_bytes(), &config.proxy.limits()) {
+                        Ok(_) => Ok(value),
+                        // (Its position would be in the request the proxy would see.)
+                        Err(e) => Err(e.message.split(" at line ").next().unwrap_or_default().to_owned()),
+                    }
+                });
+            let arguments = match arguments {
+                Some(Err(why)) => {
+                    println!("decision: deny");
+                    println!("rule: refused before policy (the proxy's request parser): {why}");
+                    return Ok(());
+                }
+                Some(Ok(v)) => Some(v),
+                None => None,
+            };
             let method = match (&tool, &method) {
                 (Some(_), _) => "tools/call".to_owned(),
                 (None, Some(m)) => m.clone(),
@@ -1304,6 +1329,12 @@ fn tail(
         os::unix::fs::MetadataExt,
     };
     let open = || {
+        if path.is_dir() {
+            anyhow::bail!(
+                "the audit log {} ([audit] path) is a directory; [audit] path names the log file",
+                path.display()
+            );
+        }
         std::fs::File::open(path).with_context(|| {
             format!(
                 "cannot open the audit log {} ([audit] path)",
@@ -1312,9 +1343,10 @@ fn tail(
         })
     };
     let mut reader = std::io::BufReader::new(open()?);
-    // Bytes: a line torn inside a multi-byte character, or garbled, is shown, not fatal.
+    // Bytes: a line torn inside a multi-byte character, or garbled, is not fatal: it is named
+    // on stderr (the records around it are shown).
     let mut buf: Vec<u8> = Vec::new();
-    let mut last_seq = None;
+    let mut last_seq: Option<u64> = None;
     // When another file was first seen at the path (rotated, or re-created).
     let mut replaced_at: Option<std::time::Instant> = None;
     // Reading the first event of a file followed after another: a `seq` gap there means
@@ -1381,18 +1413,33 @@ fn tail(
         }
         let line = String::from_utf8_lossy(&buf);
         let Ok(v) = serde_json::from_str::<Value>(line.trim_end()) else {
+            let after = last_seq.map_or("the file's start".to_owned(), |s| format!("seq {s}"));
+            eprintln!(
+                "audit tail: {}: a line after {after} is not a JSON record ({} bytes: edited or \
+                 corrupted; `interceptor audit verify` checks the chain); skipped",
+                path.display(),
+                buf.len()
+            );
             continue;
         };
         if let Some(seq) = v["seq"].as_u64() {
-            if std::mem::take(&mut switched)
-                && let Some(last) = last_seq
-                && seq > last + 1
+            let switched = std::mem::take(&mut switched);
+            if let Some(last) = last_seq
+                && seq > last.saturating_add(1)
             {
-                for (from, to) in rotated_between(path, last, seq, &emit) {
+                if switched {
+                    for (from, to) in rotated_between(path, last, seq, &emit) {
+                        eprintln!(
+                            "audit tail: the records from seq {from} to {to} are no longer \
+                             beside the log (pruned by [audit] max_files, or moved away); \
+                             continuing after them"
+                        );
+                    }
+                } else {
                     eprintln!(
-                        "audit tail: the records from seq {from} to {to} are no longer beside \
-                         the log (pruned by [audit] max_files, or moved away); continuing after \
-                         them"
+                        "audit tail: {}: seq {seq} follows seq {last}: the records between are \
+                         not in the file (edited; `interceptor audit verify` checks the chain)",
+                        path.display()
                     );
                 }
             }

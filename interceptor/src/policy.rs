@@ -268,12 +268,38 @@ fn compile(list: &[String], paths: bool, key: &str) -> Result<Vec<Pattern>, (Str
         .collect()
 }
 
-/// [`compile`] for patterns that deny: matched without regard to ASCII case.
+/// [`compile`] for patterns of tool names that deny: matched without regard to ASCII case,
+/// and refused when they can match no tool name.
 fn compile_folded(list: &[String], key: &str) -> Result<Vec<Pattern>, (String, String)> {
     list.iter()
         .enumerate()
-        .map(|(i, p)| Pattern::new_folded(p, false).map_err(|m| (format!("{key}[{i}]"), m)))
+        .map(|(i, p)| tool_denial(p).map_err(|m| (format!("{key}[{i}]"), m)))
         .collect()
+}
+
+/// A pattern of tool names that denies (`deny_tools`, a `tool_args` `tool`), matched without
+/// regard to ASCII case; a literal or glob with a character no tool name has (a space, a
+/// look-alike letter, a stray quote) could never match: a deny that denies nothing, refused.
+/// (A regex is taken as written.)
+fn tool_denial(text: &str) -> Result<Pattern, String> {
+    let pattern = Pattern::new_folded(text, false)?;
+    let glob_syntax = |c: char| matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | ',' | '!' | '\\');
+    let stray = match pattern.kind {
+        PatternKind::Regex(_) => None,
+        PatternKind::Literal => text
+            .chars()
+            .find(|&c| !valid_tool_name(c.encode_utf8(&mut [0; 4]))),
+        PatternKind::Glob(_) => text
+            .chars()
+            .find(|&c| !glob_syntax(c) && !valid_tool_name(c.encode_utf8(&mut [0; 4]))),
+    };
+    match stray {
+        Some(c) => Err(format!(
+            "{text:?} can never match a tool name: it has {c:?}, and tool names hold only \
+             A-Z a-z 0-9 _ - . / (a deny that denies nothing); remove it"
+        )),
+        None => Ok(pattern),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -385,6 +411,9 @@ pub struct Policy {
     allow_index: ToolIndex,
     /// Every role's `deny_tools` in one matcher.
     deny_index: ToolIndex,
+    /// Role `servers` globs and regexes that match no configured server (see
+    /// [`Policy::warnings`]).
+    unmatched_servers: Vec<String>,
 }
 
 /// Tool patterns of every role compiled together: literals in a hash map, globs in one
@@ -625,6 +654,7 @@ impl Policy {
     ) -> Result<Self, (String, String)> {
         let mut by_name = HashMap::new();
         let mut compiled = Vec::with_capacity(roles.len());
+        let mut unmatched_servers = Vec::new();
         for (i, r) in roles.iter().enumerate() {
             let key = |k: &str| format!("role[{i}].{k}");
             if r.name.is_empty() {
@@ -645,6 +675,16 @@ impl Policy {
                         ),
                     ));
                 }
+                if !servers.iter().any(|s| p.matches(s)) {
+                    unmatched_servers.push(format!(
+                        "role {}: servers[{j}] {:?} matches no configured server (matching is \
+                         case-sensitive; known servers: {}): the role grants and denies \
+                         nothing there",
+                        r.name,
+                        p.as_str(),
+                        servers.join(", ")
+                    ));
+                }
             }
             let mut tool_args = Vec::new();
             for (j, a) in r.tool_args.iter().enumerate() {
@@ -659,8 +699,7 @@ impl Policy {
                     ));
                 }
                 tool_args.push(ArgRule {
-                    tool: Pattern::new_folded(&a.tool, false)
-                        .map_err(|m| (format!("{k}.tool"), m))?,
+                    tool: tool_denial(&a.tool).map_err(|m| (format!("{k}.tool"), m))?,
                     pointer: a.pointer.clone(),
                     // The pointer's members, unescaped (`~1` is `/`, `~0` is `~`).
                     members: a
@@ -750,6 +789,7 @@ impl Policy {
             fingerprint: format!("{roles:?}|{bindings:?}|{options:?}"),
             allow_index,
             deny_index,
+            unmatched_servers,
         })
     }
 
@@ -1093,6 +1133,7 @@ impl Policy {
                 }
             }
         }
+        out.extend(self.unmatched_servers.iter().cloned());
         for r in &self.roles {
             // Deny wins among the roles that grant the server: a role granting none is no
             // deny overlay.
@@ -1219,8 +1260,8 @@ fn other_readings(text: &str, mut each: impl FnMut(&str) -> bool) -> bool {
 /// - a `..` segment, whatever separates it (`/`, `\` — URL parsers take it for `/` —, or
 ///   `?`, `&`, `=`, `#`, `;`: a query's `p=..`, Tomcat's `..;`), whitespace around it aside;
 /// - an empty segment in the path (past a leading `scheme://`, or from a `scheme:/`, before
-///   any `?` or `#`): a
-///   server joining the rest to its root may take `//etc` for an absolute path;
+///   any `?` or `#`): a server joining the rest to its root may take `//etc` for an
+///   absolute path;
 /// - a control character other than tab, line feed and carriage return (a NUL ends a C
 ///   string, and the server reads less than the proxy judged).
 ///
@@ -2031,6 +2072,10 @@ mod tests {
             name = "overlay"
             deny_tools = ["delete_*"]
             [[role]]
+            name = "misspelt"
+            servers = ["Notes*", "^wikis$", "wiki-*"]
+            deny_tools = ["delete_*"]
+            [[role]]
             name = "reader"
             servers = ["notes"]
             allow_tools = ["read_file"]
@@ -2056,6 +2101,13 @@ mod tests {
                     && w.contains("resources/read")),
             "{w:?}"
         );
+        let unmatched: Vec<_> = w
+            .iter()
+            .filter(|w| w.contains("matches no configured server"))
+            .collect();
+        assert_eq!(unmatched.len(), 2, "{w:?}");
+        assert!(unmatched[0].contains("role misspelt: servers[0] \"Notes*\""));
+        assert!(unmatched[1].contains("servers[1] \"^wikis$\""));
     }
 
     #[test]
@@ -2246,12 +2298,7 @@ mod tests {
         }
         // The base as text is a cgroup name an agent allowed to make cgroups could pick (it
         // was bound); a regex is matched as written.
-        for cgroup in [
-            "/teams/{alpha,beta}",
-            "/teams/gamma",
-            "/svc",
-            "/re/x",
-        ] {
+        for cgroup in ["/teams/{alpha,beta}", "/teams/gamma", "/svc", "/re/x"] {
             assert!(!bound(cgroup), "{cgroup}");
         }
     }
@@ -2301,5 +2348,42 @@ mod tests {
         };
         let e = Policy::compile(&[], &[b], &opts, &servers).unwrap_err();
         assert!(e.1.contains("unknown role \"ghost\""), "{e:?}");
+        // A denial no tool name can meet is refused, not kept as a deny that denies nothing.
+        let deny = |pattern: &str| {
+            let mut r = role(vec!["notes"], vec!["*"]);
+            r.deny_tools = vec!["delete_*".into(), pattern.into()];
+            Policy::compile(&[r], &[], &opts, &servers)
+        };
+        for bad in [
+            "delete_* ",
+            "drop table",
+            "d\u{435}lete_all",
+            "\"rm\"",
+            "x;y",
+        ] {
+            let e = deny(bad).unwrap_err();
+            assert_eq!(e.0, "role[0].deny_tools[1]", "{bad}");
+            assert!(e.1.contains("can never match a tool name"), "{bad}: {e:?}");
+        }
+        for fine in [
+            "drop_*",
+            "{drop,rm}_*",
+            "[a-z]?_x",
+            "admin/x.y-z",
+            "^drop .*$",
+        ] {
+            assert!(deny(fine).is_ok(), "{fine}");
+        }
+        let mut r = role(vec!["notes"], vec!["*"]);
+        r.tool_args = vec![RawToolArgs {
+            tool: "read_file ".into(),
+            pointer: "/path".into(),
+            allow: vec!["/srv/**".into()],
+        }];
+        let e = Policy::compile(&[r], &[], &opts, &servers).unwrap_err();
+        assert!(
+            e.0.ends_with(".tool") && e.1.contains("can never match"),
+            "{e:?}"
+        );
     }
 }

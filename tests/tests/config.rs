@@ -254,6 +254,33 @@ fn policy_explain_prints_decision_and_rule() {
             && out.contains("rule: role notes-reader: allow_tools \"read_*\""),
         "{out}"
     );
+    // Arguments as the proxy parses them: a duplicated key is refused before any policy
+    // (judged on its last value, this one would be allowed).
+    let dup = r#"{"path":"/etc/shadow","path":"/srv/notes/a"}"#;
+    let (ok, out, err) = policy_cmd(
+        POLICY,
+        &[
+            &["explain", "--tool", "read_file", "--arguments", dup][..],
+            &who,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("decision: deny")
+            && out.contains("refused before policy")
+            && out.contains("duplicate key \"path\""),
+        "{out}"
+    );
+    let (ok, _, err) = policy_cmd(
+        POLICY,
+        &[
+            &["explain", "--tool", "read_file", "--arguments", "[1]"][..],
+            &who,
+        ]
+        .concat(),
+    );
+    assert!(!ok && err.contains("must be a JSON object"), "{err}");
     let (_, out, _) = policy_cmd(
         POLICY,
         &[&["explain", "--tool", "delete_x"][..], &who].concat(),
@@ -601,4 +628,40 @@ fn audit_tail_shows_agent_text_as_text() {
     // Not to a terminal, --json gives the lines byte for byte: a copy still verifies.
     let json = tail(true);
     assert_eq!(json, format!("{line}\n"));
+}
+
+#[test]
+fn audit_tail_names_what_it_cannot_show() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("audit.jsonl");
+    let record = |seq: u64| {
+        serde_json::json!({"seq": seq, "ts": "2026-11-28T00:00:00Z", "event": "mcp.request"})
+            .to_string()
+    };
+    let text = format!(
+        "{}\n{{\"seq\":2,\"ts\":\"2026-11-2\n{}\n{}\n",
+        record(1),
+        record(2),
+        record(5)
+    );
+    std::fs::write(&log, text).expect("write log");
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[audit]\npath = {:?}\n", log)).expect("write config");
+    let out = Command::new(interceptor_bin())
+        .args(["audit", "tail", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .expect("audit tail");
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        shown,
+        format!("{}\n{}\n{}\n", record(1), record(2), record(5))
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a line after seq 1 is not a JSON record") && err.contains("audit verify"),
+        "{err}"
+    );
+    assert!(err.contains("seq 5 follows seq 2"), "{err}");
 }

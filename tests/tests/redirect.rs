@@ -121,7 +121,7 @@ fn tagged_client_reaches_upstream_and_daemon_knows_who_dialed() {
         "{status}"
     );
     assert_eq!(status["counters"]["kernel"]["refused"], 0, "{status}");
-    assert_eq!(status["programs"].as_array().map(Vec::len), Some(7));
+    assert_eq!(status["programs"].as_array().map(Vec::len), Some(8));
     assert_eq!(
         status["tags"][0]["cgroup"],
         format!("{}/agents", w.env.root)
@@ -1038,4 +1038,71 @@ print("closed", flush=True)
         || format!("the request was not served:\n{}", w.env.log_text()),
     );
     assert_eq!(w.direct.count(), 0);
+}
+
+/// A connect that fails after the kernel recorded it and before its handshake starts (an
+/// IPv4-mapped MCP address on an `IPV6_V6ONLY` socket: `ENETUNREACH`) leaves no record once
+/// its socket is closed: left to the LRU, an agent could push every other agent's records out.
+#[test]
+fn records_of_connects_that_never_started_go_with_their_socket() {
+    if !privileged() {
+        return;
+    }
+    let mut env = TestEnv::new("sockrel");
+    let upstream = LabelServer::start("127.0.0.3", "upstream");
+    let direct4 = LabelServer::start("127.0.0.2", "direct4");
+    let agents = env.cgroup("agents");
+    env.write_config(
+        &[ServerSpec {
+            name: "notes".into(),
+            intercept: vec![direct4.addr.to_string()],
+            upstream: upstream.addr.to_string(),
+        }],
+        &[&agents],
+    );
+    env.start_daemon();
+    let dir = env.dir(&agents);
+    let socks = |env: &TestEnv| {
+        env.status()["maps"]
+            .as_array()
+            .expect("maps")
+            .iter()
+            .find(|m| m["name"] == "ICPT_SOCKS")
+            .and_then(|m| m["entries"].as_u64())
+            .expect("ICPT_SOCKS in status")
+    };
+    let before = socks(&env);
+    let script = "import errno, socket, sys\n\
+        n = 0\n\
+        for _ in range(200):\n\
+        \x20   s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+        \x20   s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n\
+        \x20   try:\n\
+        \x20       s.connect((sys.argv[1], int(sys.argv[2])))\n\
+        \x20   except OSError as e:\n\
+        \x20       n += e.errno == errno.ENETUNREACH\n\
+        \x20   s.close()\n\
+        print(n)\n";
+    let mapped = match direct4.addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().to_string(),
+        std::net::IpAddr::V6(v6) => v6.to_string(),
+    };
+    let python = interceptor_tests::python().to_string_lossy().into_owned();
+    let port = direct4.addr.port().to_string();
+    let out = interceptor_tests::run_in_cgroup(&dir, &python, &["-c", script, &mapped, &port]);
+    assert!(out.status.success(), "{out:?}");
+    // Every connect failed where the record was already made (the kernel redirected it).
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200",
+        "{out:?}"
+    );
+    let after = socks(&env);
+    assert!(
+        after <= before + 2,
+        "records left behind by closed sockets: {before} before, {after} after"
+    );
+    // And connections still work (their records made and taken as before).
+    let r = run_client(PROBE, &dir, &direct4.addr.to_string());
+    assert!(r.expect_reply().starts_with("upstream:"), "{r:?}");
 }
