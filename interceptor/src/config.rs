@@ -585,9 +585,18 @@ impl Config {
 
     /// Validates `text`, reporting errors against `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string().trim_end().to_owned();
+            if message.ends_with("invalid type: map, expected a sequence") {
+                message.push_str(
+                    "\n(the tables that repeat are written with double brackets: [[tag]], \
+                     [[server]], [[role]], [[binding]])",
+                );
+            }
+            Error::Parse {
+                path: path.to_owned(),
+                message,
+            }
         })?;
         Validator { path }.validate(raw)
     }

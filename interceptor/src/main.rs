@@ -855,6 +855,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     path.display()
                 );
             }
+            if strict && v.events == 0 {
+                bail!(
+                    "the files given hold no audit event (--strict): an empty file, or not the \
+                     audit log ([audit] path, and its rotated files beside it)"
+                );
+            }
             if strict
                 && v.pruned_through.is_none()
                 && let Some(seq) = v.starts_at

@@ -124,7 +124,7 @@ pub enum OneOrMany {
 
 /// A number (uid, gid) or a list of them.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged, expecting = "a number or a list of numbers")]
+#[serde(untagged, expecting = "an id from 0 to 4294967295, or a list of them")]
 pub enum Ids {
     One(u32),
     Many(Vec<u32>),
@@ -1119,6 +1119,45 @@ impl Policy {
             }
         };
         for b in &self.bindings {
+            let never =
+                |what: String| format!("binding[{}].{what}: the binding never matches", b.index);
+            if b.uid.as_ref().is_some_and(Vec::is_empty) {
+                out.push(never("uid is an empty list".into()));
+            }
+            if b.gid.as_ref().is_some_and(Vec::is_empty) {
+                out.push(never("gid is an empty list".into()));
+            }
+            for (key, patterns) in [
+                ("cgroup", &b.cgroup),
+                ("exe", &b.exe),
+                ("comm", &b.comm),
+                ("workload_id", &b.workload_id),
+            ] {
+                if patterns.as_ref().is_some_and(Vec::is_empty) {
+                    out.push(never(format!("{key} is an empty list")));
+                }
+            }
+            for (j, p) in b.comm.iter().flatten().enumerate() {
+                // The kernel keeps 15 bytes of a process name.
+                if p.is_literal() && p.as_str().len() > 15 {
+                    out.push(never(format!(
+                        "comm[{j}] {:?} is longer than the 15 bytes the kernel keeps of a \
+                         process name (write its first 15, or bind by exe)",
+                        p.as_str()
+                    )));
+                }
+            }
+            for (j, p) in b.cgroup.iter().flatten().enumerate() {
+                if p.is_literal() && p.as_str().len() > 1 && p.as_str().ends_with('/') {
+                    out.push(never(format!(
+                        "cgroup[{j}] {:?} ends with '/', which no cgroup path does (write {:?}, \
+                         or {:?} for those below it)",
+                        p.as_str(),
+                        p.as_str().trim_end_matches('/'),
+                        format!("{}**", p.as_str())
+                    )));
+                }
+            }
             for (key, patterns) in [("cgroup", &b.cgroup), ("exe", &b.exe)] {
                 for (j, p) in patterns.iter().flatten().enumerate() {
                     if relative(p) {
@@ -2101,6 +2140,33 @@ mod tests {
                     && w.contains("resources/read")),
             "{w:?}"
         );
+        let p = policy(
+            r#"
+            [[role]]
+            name = "r"
+            servers = ["notes"]
+            [[binding]]
+            role = "r"
+            uid = []
+            comm = ["a-very-long-agent-name"]
+            cgroup = "/agents/"
+            "#,
+        );
+        let never: Vec<String> = p
+            .warnings()
+            .into_iter()
+            .filter(|w| w.contains("never matches"))
+            .collect();
+        assert_eq!(never.len(), 3, "{never:?}");
+        assert!(
+            never[0].contains("binding[0].uid is an empty list"),
+            "{never:?}"
+        );
+        assert!(
+            never[1].contains("comm[0]") && never[1].contains("15 bytes"),
+            "{never:?}"
+        );
+        assert!(never[2].contains("cgroup[0] \"/agents/\""), "{never:?}");
         let unmatched: Vec<_> = w
             .iter()
             .filter(|w| w.contains("matches no configured server"))
