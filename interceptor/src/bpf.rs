@@ -460,22 +460,12 @@ impl Kernel {
     /// Drops every socket record (only at start, before this daemon registers its listeners:
     /// until then `connect*` records none).
     fn drop_socks(&self) -> usize {
-        let mut socks = lock(&self.socks);
-        let stale: HashSet<u64> = socks.keys().filter_map(Result::ok).collect();
-        for key in &stale {
-            let _ = socks.remove(key);
-        }
-        stale.len()
+        clear(&mut lock(&self.socks))
     }
 
     /// Drops every listener entry (only at start, before this daemon registers its own).
     fn drop_listeners(&self) -> usize {
-        let mut listeners = lock(&self.listeners);
-        let stale: Vec<u64> = listeners.keys().filter_map(Result::ok).collect();
-        for key in &stale {
-            let _ = listeners.remove(key);
-        }
-        stale.len()
+        clear(&mut lock(&self.listeners))
     }
 
     /// Drops the connection records whose tuple `stale` picks; how many.
@@ -503,6 +493,18 @@ impl Kernel {
         let _ = conns.remove(key);
         Some(record)
     }
+}
+
+/// Removes every entry of `map` (keys collected once: a walk restarts when its key goes);
+/// how many.
+fn clear<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+) -> usize {
+    let keys: HashSet<K> = map.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        let _ = map.remove(key);
+    }
+    keys.len()
 }
 
 /// Sets every port's bit in the port bitmap, before programs that read it run: until the
