@@ -151,11 +151,22 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 /// before its first write — gets no `sock_ops` callback; left to the LRU, such records would
 /// push other agents' out). A connection that reached the proxy has its tuple record, which
 /// `sock_ops` drops when it dies.
+///
+/// Only sockets such a record can be left on are looked up (every socket of the cgroup is
+/// closed through here, and non-MCP connect+close loops must stay within a few percent): a
+/// TCP socket still in `SYN_SENT` (a deferred SYN, or a connect in progress), or closed with
+/// no destination kept (a connect that failed before its SYN resets it). A published one, in
+/// any other state, has the state callbacks of `sock_ops`, which drop its record.
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
-    // SAFETY: the helper reads the context's socket.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = SOCKS.remove(&cookie);
+    // SAFETY: fields of the context's socket.
+    let (type_, state, dst_port) =
+        unsafe { ((*ctx.sock).type_, (*ctx.sock).state, (*ctx.sock).dst_port) };
+    if type_ == SOCK_STREAM && (state == TCP_SYN_SENT || (state == TCP_CLOSE && dst_port == 0)) {
+        // SAFETY: the helper reads the context's socket.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = SOCKS.remove(&cookie);
+    }
     PROCEED
 }
 
@@ -656,7 +667,12 @@ fn try_sock_ops(ctx: &SockOpsContext) {
                 } else {
                     tuple_key::<false>(ctx, netns_cookie)
                 };
-                let _ = CONNS.remove(&key);
+                // This socket's own (a socket disconnected and connected elsewhere from the
+                // same port keeps its callbacks: it must not drop another's record).
+                // SAFETY: a map lookup; the value is read at once.
+                if unsafe { CONNS.get(&key) }.is_some_and(|r| r.socket_cookie == cookie) {
+                    let _ = CONNS.remove(&key);
+                }
             }
             let _ = SOCKS.remove(cookie);
         }

@@ -198,14 +198,31 @@ impl Kernel {
         // A connect program left running from an earlier daemon reads that daemon's process
         // change counters (not pinned: gone with it), never this one's.
         let mut stale_connect = false;
+        // A sock_ops program left from an earlier daemon drops a dying connection's tuple
+        // record only while the socket's own record is there, which `sock_release` removes
+        // at `close()`: the two go together.
+        let mut stale_sock_ops = false;
         for name in programs::ALL {
             let pin = links_dir.join(name);
+            if name == programs::SOCK_RELEASE && stale_sock_ops {
+                warn!(
+                    "not attaching sock_release beside the earlier daemon's sock_ops program \
+                     (its replacement failed, above); `interceptor uninstall` and a start \
+                     attach this binary's programs"
+                );
+                if let Ok(link) = PinnedLink::from_pin(&pin) {
+                    // Detached when dropped.
+                    let _ = link.unpin();
+                }
+                continue;
+            }
             let (link, adopted) = match adopt(&pin) {
                 Some(link) => {
                     // This binary's program replaces the one the link runs (an upgrade takes
                     // effect at restart, with no moment without a program: the kernel swaps it).
                     if let Err(e) = replace_program(&mut ebpf, name, &pin) {
                         stale_connect |= matches!(name, programs::CONNECT4 | programs::CONNECT6);
+                        stale_sock_ops |= name == programs::SOCK_OPS;
                         warn!(program = name, error = %e,
                             "cannot replace the program of the pinned link; it keeps running the \
                              program of the daemon that attached it (`interceptor uninstall` \

@@ -39,11 +39,7 @@ fn quoted(s: &str) -> String {
 /// Tool names outside this set are refused whatever the patterns say: invisible characters and
 /// look-alikes are how a denied tool hides behind an allowed name.
 fn valid_tool_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'))
+    !name.is_empty() && name.len() <= 128 && name.chars().all(tool_char)
 }
 
 /// `[[role]]` as written.
@@ -283,23 +279,83 @@ fn compile_folded(list: &[String], key: &str) -> Result<Vec<Pattern>, (String, S
 /// (A regex is taken as written.)
 fn tool_denial(text: &str) -> Result<Pattern, String> {
     let pattern = Pattern::new_folded(text, false)?;
-    let glob_syntax = |c: char| matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | ',' | '!' | '\\');
     let stray = match pattern.kind {
         PatternKind::Regex(_) => None,
-        PatternKind::Literal => text
-            .chars()
-            .find(|&c| !valid_tool_name(c.encode_utf8(&mut [0; 4]))),
-        PatternKind::Glob(_) => text
-            .chars()
-            .find(|&c| !glob_syntax(c) && !valid_tool_name(c.encode_utf8(&mut [0; 4]))),
+        PatternKind::Literal => text.chars().find(|&c| !tool_char(c)),
+        PatternKind::Glob(_) => glob_stray(text),
     };
     match stray {
         Some(c) => Err(format!(
-            "{text:?} can never match a tool name: it has {c:?}, and tool names hold only \
-             A-Z a-z 0-9 _ - . / (a deny that denies nothing); remove it"
+            "{text:?} can never match a tool name: it has {c:?} where a character of the \
+             name goes, and tool names hold only A-Z a-z 0-9 _ - . / (a deny that denies \
+             nothing); remove it, or write two patterns for two (\"a_*\", \"b_*\")"
         )),
         None => Ok(pattern),
     }
+}
+
+/// Whether `c` may be in a tool name ([`valid_tool_name`]).
+fn tool_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')
+}
+
+/// The first character of the glob `text` (as globset reads it) that stands for itself and
+/// is no tool name's, or the `[` of a class no tool-name character is in: such a glob matches
+/// no tool name. `*`, `?`, classes and `{…,…}` alternatives are syntax; a `,` outside braces,
+/// a `]` or `}` that closes nothing, a `!` or `^` not opening a class stand for themselves,
+/// as does the character after `\`.
+fn glob_stray(text: &str) -> Option<char> {
+    let mut chars = text.chars().peekable();
+    let mut braces = 0usize;
+    while let Some(c) = chars.next() {
+        match c {
+            '*' | '?' => {}
+            '\\' => match chars.next() {
+                Some(e) if tool_char(e) => {}
+                Some(e) => return Some(e),
+                None => return Some('\\'),
+            },
+            '{' => braces += 1,
+            '}' if braces > 0 => braces -= 1,
+            ',' if braces > 0 => {}
+            '[' => {
+                let negated = chars.next_if(|&n| n == '!' || n == '^').is_some();
+                // A `]` right after the opening (and its negation) is a member.
+                let mut members: Vec<char> = chars.next_if_eq(&']').into_iter().collect();
+                let mut closed = false;
+                for m in chars.by_ref() {
+                    if m == ']' {
+                        closed = true;
+                        break;
+                    }
+                    members.push(m);
+                }
+                if !closed {
+                    return Some('[');
+                }
+                // A range `a-z` counts by every character it spans.
+                let mut any = false;
+                let mut i = 0;
+                while i < members.len() {
+                    if i + 2 < members.len() && members[i + 1] == '-' {
+                        any |= (members[i]..=members[i + 2]).any(tool_char);
+                        i += 3;
+                    } else {
+                        any |= tool_char(members[i]);
+                        i += 1;
+                    }
+                }
+                // (A negated class matches some tool character unless it lists all of them:
+                // not told apart.)
+                if !negated && !any {
+                    return Some('[');
+                }
+            }
+            c if tool_char(c) => {}
+            c => return Some(c),
+        }
+    }
+    None
 }
 
 #[derive(Debug, Clone)]
@@ -2426,6 +2482,11 @@ mod tests {
             "d\u{435}lete_all",
             "\"rm\"",
             "x;y",
+            "delete_*,drop_*",
+            "rm_*]",
+            "x!",
+            "delete\\*",
+            "[ ;]x",
         ] {
             let e = deny(bad).unwrap_err();
             assert_eq!(e.0, "role[0].deny_tools[1]", "{bad}");
@@ -2437,6 +2498,11 @@ mod tests {
             "[a-z]?_x",
             "admin/x.y-z",
             "^drop .*$",
+            "delete_[^a]*",
+            "delete_[!a]*",
+            "[_ ]x",
+            "[ -~]x",
+            "delete\\__*",
         ] {
             assert!(deny(fine).is_ok(), "{fine}");
         }
