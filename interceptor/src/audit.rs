@@ -276,16 +276,19 @@ pub(crate) fn key_form(key: &str) -> String {
 /// never a line break: `TOKEN=\n/tmp/x` runs `/tmp/x`) and not with a path (`/`, `.`, `~`,
 /// `!`).
 const VALUE_RULES: [(&str, &str); 9] = [
-    // The base64 body of a PEM private key, between its markers; replaced only when it
-    // decodes to a DER structure (see [`PEM_RULE`]), so text between two marker lines that
-    // is not a key (commands) stays.
+    // The body of a private key, between its markers (PEM, OpenSSH, PGP armour, with the
+    // header lines of an encrypted PEM or an armour); replaced only when it decodes as such
+    // a key (see [`pem_body`]), so text between two marker lines that is not a key
+    // (commands) stays.
     (
-        r"(-----BEGIN [A-Z ]*PRIVATE KEY-----)([A-Za-z0-9+/=\s\\]+)(-----END [A-Z ]*PRIVATE KEY-----)",
+        r"(-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)([A-Za-z0-9+/=\s\\:,.-]+?)(-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)",
         "",
     ),
-    // Credentials in a URL: scheme://user:password@host.
+    // Credentials in a URL: scheme://user:password@host, up to the last `@` of the
+    // authority (a password may hold `&`, `;`, `(`, `'`, `$`, even `@`), but never a command
+    // substitution (`$(`, `${`, a backtick) or a pipe, which stay on record.
     (
-        r#"(://[^/?#\s:@]*):[^/?#\s@$()|;&<>`{}'"]+@"#,
+        r#"(://[^/?#\s:@]*):(?:[^/?#\s$|<>`{}"]|\$[^({/?#\s])+@"#,
         "$1:[REDACTED]@",
     ),
     // An `Authorization` header value, whatever its scheme (Bearer, Basic, Token, …).
@@ -293,9 +296,9 @@ const VALUE_RULES: [(&str, &str); 9] = [
         r#"(?i)((?:proxy-)?authorization['"]?[ \t]*(?::[ \t]*|=)['"]?(?:[A-Za-z]+[ \t]+)?)[A-Za-z0-9_+-][A-Za-z0-9._~+/=-]{7,}"#,
         "${1}[REDACTED]",
     ),
-    // `Bearer <token>` elsewhere (as sent: capitalised, and long: prose has "Bearer tokens").
+    // `Bearer <token>` elsewhere (any case, and long: prose has "bearer tokens").
     (
-        r"(?-u:\b)(Bearer[ \t]+)[A-Za-z0-9_+-][A-Za-z0-9._~+/=-]{15,}",
+        r"(?-u:\b)((?i:bearer)[ \t]+)[A-Za-z0-9_+-][A-Za-z0-9._~+/=-]{15,}",
         "${1}[REDACTED]",
     ),
     // A JSON Web Token.
@@ -314,7 +317,7 @@ const VALUE_RULES: [(&str, &str); 9] = [
     ),
     // Command-line flags: `--password VALUE`, `--token=VALUE`.
     (
-        r#"(--(?:password|passwd|pass|token|secret|api-key|apikey|access-token|auth-token)(?:[ \t]+|=)['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,}"#,
+        r#"(--(?:password|passwd|passphrase|pass|token|secret|client-secret|client_secret|secret-key|api-key|apikey|access-token|auth-token)(?:[ \t]+|=)['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,}"#,
         "${1}[REDACTED]",
     ),
     // `-u user:password` / `--user user:password` (curl, wget).
@@ -333,21 +336,48 @@ const VALUE_RULES: [(&str, &str); 9] = [
 /// The rule of [`VALUE_RULES`] for PEM private keys (replaced by [`pem_body`]).
 const PEM_RULE: usize = 0;
 
-/// A PEM block redacted (its body) if it is a key: a PEM block (its line breaks possibly
-/// written `\n`, inside JSON text) of one DER structure.
+/// A private key block redacted (its body) if it is a key (its line breaks possibly written
+/// `\n`, inside JSON text): an OpenSSH key (`openssh-key-v1`), a PGP armour or an encrypted
+/// PEM whose body decodes, or a PEM block of one DER structure.
 fn pem_body(caps: &regex::Captures<'_>) -> String {
     use x509_parser::der_parser;
     let block = caps[0].replace("\\n", "\n").replace("\\r", "");
-    let key = pem::parse(block).is_ok_and(|p| {
-        der_parser::parse_der(p.contents()).is_ok_and(|(rest, der)| {
-            rest.is_empty() && der.header.tag() == der_parser::asn1_rs::Tag::Sequence
+    let label = &caps[1];
+    let key = if label.contains("OPENSSH") {
+        armoured_body(&block).is_some_and(|b| b.starts_with(b"openssh-key-v1\0"))
+    } else if label.contains("PGP") || block.contains("Proc-Type:") {
+        armoured_body(&block).is_some_and(|b| b.len() >= 32)
+    } else {
+        pem::parse(block).is_ok_and(|p| {
+            der_parser::parse_der(p.contents()).is_ok_and(|(rest, der)| {
+                rest.is_empty() && der.header.tag() == der_parser::asn1_rs::Tag::Sequence
+            })
         })
-    });
+    };
     if key {
         format!("{}[REDACTED]{}", &caps[1], &caps[3])
     } else {
         caps[0].to_owned()
     }
+}
+
+/// The decoded body of an armoured block (between its marker lines): header lines
+/// (`Name: value`, up to a blank line) and a PGP checksum line (`=XXXX`) left out; `None`
+/// unless the rest is base64.
+fn armoured_body(block: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let lines: Vec<&str> = block.lines().map(str::trim).collect();
+    let inner = lines.get(1..lines.len().checked_sub(1)?)?;
+    let text: String = inner
+        .iter()
+        .filter(|l| {
+            let header = l.contains(':');
+            let checksum = l.starts_with('=') && l.len() == 5;
+            !header && !checksum
+        })
+        .copied()
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 /// [`VALUE_RULES`], compiled once: all of them as one expression, to tell quickly whether a
@@ -467,11 +497,21 @@ impl Render<'_> {
             if i > 0 {
                 self.out.push(b',');
             }
-            let secret_shaped = || matches!(self.r.redact_text(k), std::borrow::Cow::Owned(_));
-            if self.hiding && (!identifier(k) || secret_shaped()) {
+            let redacted_key = self.r.redact_text(k);
+            let secret_shaped = matches!(redacted_key, std::borrow::Cow::Owned(_));
+            if self.hiding && (!identifier(k) || secret_shaped) {
                 // Under a secret key, a key may itself be the secret (a token as a map key).
                 self.redacted = true;
                 json_into(&mut self.out, &format!("[REDACTED key {i}]"));
+            } else if secret_shaped {
+                // A key holding a secret of a known shape (a URL with its password).
+                self.redacted = true;
+                let shown = if redacted_key.len() > self.cut.bytes {
+                    cut_text(&redacted_key, self.cut.bytes, Some(i))
+                } else {
+                    redacted_key.into_owned()
+                };
+                json_into(&mut self.out, &shown);
             } else if k.len() > self.cut.bytes {
                 json_into(&mut self.out, &cut_text(k, self.cut.bytes, Some(i)));
             } else {
@@ -501,13 +541,22 @@ impl Render<'_> {
     }
 
     fn array(&mut self, a: &[Value]) {
+        // A `["Authorization", "Basic …"]` pair (headers as a list of pairs).
+        let pair_secret = a.len() == 2
+            && a[0].as_str().is_some_and(|name| self.r.secret(name))
+            && !matches!(a[1], Value::Object(_) | Value::Array(_) | Value::Null);
         self.depth += 1;
         self.out.push(b'[');
         for (i, v) in a.iter().take(self.cut.items).enumerate() {
             if i > 0 {
                 self.out.push(b',');
             }
-            self.value(v);
+            if pair_secret && i == 1 {
+                self.redacted = true;
+                self.out.extend_from_slice(b"\"[REDACTED]\"");
+            } else {
+                self.value(v);
+            }
         }
         if a.len() > self.cut.items {
             if self.cut.items > 0 {
@@ -3263,6 +3312,91 @@ mod tests {
             head.len() <= 2048 && head.starts_with(r#"{"key000":"yyyyyyyyyyyyyyyy…[+24 bytes]""#),
             "{head}"
         );
+    }
+
+    #[test]
+    fn key_files_urls_pairs_and_flags_that_used_to_pass_are_redacted() {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| {
+            let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+            text.as_bytes()
+                .chunks(70)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let mut openssh = b"openssh-key-v1\0".to_vec();
+        openssh.extend_from_slice(&[7u8; 200]);
+        let openssh = format!(
+            "-----BEGIN OPENSSH PRIVATE KEY-----\n{}\n-----END OPENSSH PRIVATE KEY-----\n",
+            b64(&openssh)
+        );
+        let body = b64(&[9u8; 120]);
+        let pgp = format!(
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: GnuPG v2\n\n{body}\n=AbCd\n\
+             -----END PGP PRIVATE KEY BLOCK-----"
+        );
+        let encrypted = format!(
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+             DEK-Info: AES-128-CBC,0123456789ABCDEF0123456789ABCDEF\n\n{body}\n\
+             -----END RSA PRIVATE KEY-----"
+        );
+        let r = Redactor::new(&RawAudit::default());
+        let secret_part = body.lines().next().unwrap_or_default().to_owned();
+        let ssh_part = openssh.lines().nth(1).unwrap_or_default().to_owned();
+        let cases = [
+            (json!({"content": openssh}), ssh_part.as_str()),
+            (json!({"content": pgp}), secret_part.as_str()),
+            (json!({"content": encrypted}), secret_part.as_str()),
+            (
+                json!({"dsn": "postgres://admin:Tr0ub4dor&3@db:5432/app"}),
+                "Tr0ub4dor",
+            ),
+            (json!({"uri": "mysql://root:S3cr3t(1)@h/db"}), "S3cr3t"),
+            (
+                json!({"uri": "mysql://root:p@ssw0rd@localhost/db"}),
+                "ssw0rd",
+            ),
+            (
+                json!({"headers": [["Authorization", "Basic dXNlcjpwYXNzd29yZA=="], ["X-Api-Key", "a1b2c3d4e5f6"]]}),
+                "dXNlcjpwYXNzd29yZA",
+            ),
+            (
+                json!({"headers": [["X-Api-Key", "a1b2c3d4e5f6"]]}),
+                "a1b2c3d4e5f6",
+            ),
+            (
+                json!({"registries": {"https://ci:S3cretpw@npm.corp/": {"scope": "@corp"}}}),
+                "S3cretpw",
+            ),
+            (
+                json!({"cmd": "curl -H 'authorization: bearer abcdefghijklmnop0123'"}),
+                "abcdefghijklmnop0123",
+            ),
+            (
+                json!({"cmd": "x bearer abcdefghijklmnop0123"}),
+                "abcdefghijklmnop0123",
+            ),
+            (
+                json!({"cmd": "gpg --passphrase hunter2hunter2 -d f"}),
+                "hunter2hunter2",
+            ),
+            (
+                json!({"cmd": "az login --client-secret abcdef123456"}),
+                "abcdef123456",
+            ),
+        ];
+        for (v, secret) in cases {
+            let text = r.redact(&v);
+            assert!(!text.contains(secret), "{secret} in {text}");
+            assert!(text.contains("[REDACTED]"), "{text}");
+        }
+        // What runs stays on record: a command substitution in a URL's password place.
+        let text = r.redact(&json!({"cmd": "curl http://u:$(id)@h/x"}));
+        assert!(text.contains("$(id)"), "{text}");
+        // Text between key markers that is not a key (a script printing them) stays.
+        let script = "echo -----BEGIN OPENSSH PRIVATE KEY-----\nrm -rf tmp\n-----END OPENSSH PRIVATE KEY-----";
+        assert!(r.redact(&json!({"s": script})).contains("rm -rf tmp"));
     }
 
     #[test]

@@ -1525,7 +1525,7 @@ impl Conn {
         if !self.daemon.config.servers[self.server_id].serves_path(req.uri().path()) {
             self.rejected();
             // The path only: a query string may carry tokens.
-            info!(http.method = %method, path = %req.uri().path(), "request refused: path not in the server's paths");
+            info!(http.method = %method, path = %self.daemon.audit.redactor.redact_text(req.uri().path()), "request refused: path not in the server's paths");
             return error_response(
                 StatusCode::NOT_FOUND,
                 code::INVALID_REQUEST,
@@ -1689,7 +1689,7 @@ impl Conn {
     ) -> Option<Response<ProxyBody>> {
         let refuse = |why: &str| {
             self.rejected();
-            info!(http.method = %method, path = %parts.uri.path(), reason = why, "request refused: not an MCP request");
+            info!(http.method = %method, path = %self.daemon.audit.redactor.redact_text(parts.uri.path()), reason = why, "request refused: not an MCP request");
             // On record, as other refused requests are (an attempt on another identity's
             // session included).
             self.record_http_refusal(parts, why);
@@ -1937,7 +1937,7 @@ impl Conn {
         let names_live = legacy.is_none() && any_live && self.names_live_session(&key, pq, true);
         if names_live {
             self.rejected();
-            warn!(path = %parts.uri.path(), "request refused: names a live legacy SSE session, but not by its URL");
+            warn!(path = %self.daemon.audit.redactor.redact_text(parts.uri.path()), "request refused: names a live legacy SSE session, but not by its URL");
             self.record_refused(
                 &parts,
                 &body,
@@ -1977,8 +1977,9 @@ impl Conn {
         };
         // As recorded (and kept with each pending request until its answer): capped, so a
         // session URL padded to the head limit is not copied into every event of the session.
+        // Redacted as the path is (an endpoint may carry a credential beside the session id).
         let session_id = match &legacy {
-            Some(_) => Some(capped(pq)),
+            Some(_) => Some(capped(&self.daemon.audit.redactor.redact_text(pq))),
             None => parts
                 .headers
                 .get("mcp-session-id")
@@ -3535,7 +3536,7 @@ impl SseState {
         }
         debug!(endpoint.path = %path, "legacy SSE session registered");
         self.session = Some((key, session));
-        self.session_id = Some(capped(&pq));
+        self.session_id = Some(capped(&self.conn.daemon.audit.redactor.redact_text(&pq)));
         true
     }
 }
