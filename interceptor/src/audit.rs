@@ -285,10 +285,10 @@ const VALUE_RULES: [(&str, &str); 9] = [
         "",
     ),
     // Credentials in a URL: scheme://user:password@host, up to the last `@` of the
-    // authority (a password may hold `&`, `;`, `(`, `'`, `$`, even `@`), but never a command
+    // authority (a password may hold `&`, `(`, `'`, `$`, even `@`), but never `;`, a command
     // substitution (`$(`, `${`, a backtick) or a pipe, which stay on record.
     (
-        r#"(://[^/?#\s:@]*):(?:[^/?#\s$|<>`{}"]|\$[^({/?#\s])+@"#,
+        r#"(://[^/?#\s:@]*):(?:[^/?#\s$|;<>`{}"]|\$[^({/?#\s;])+@"#,
         "$1:[REDACTED]@",
     ),
     // An `Authorization` header value, whatever its scheme (Bearer, Basic, Token, …).
@@ -3392,8 +3392,10 @@ mod tests {
             assert!(text.contains("[REDACTED]"), "{text}");
         }
         // What runs stays on record: a command substitution in a URL's password place.
-        let text = r.redact(&json!({"cmd": "curl http://u:$(id)@h/x"}));
-        assert!(text.contains("$(id)"), "{text}");
+        for cmd in ["curl http://u:$(id)@h/x", "curl http://u:x;reboot;@h/x"] {
+            let text = r.redact(&json!({ "cmd": cmd }));
+            assert!(!text.contains("[REDACTED]"), "{text}");
+        }
         // Text between key markers that is not a key (a script printing them) stays.
         let script = "echo -----BEGIN OPENSSH PRIVATE KEY-----\nrm -rf tmp\n-----END OPENSSH PRIVATE KEY-----";
         assert!(r.redact(&json!({"s": script})).contains("rm -rf tmp"));

@@ -76,7 +76,9 @@ struct ConfigArg {
     /// needs is read from it (admin socket, bpffs folder, audit log, policy). With no file at
     /// the default path, the commands that only talk to the daemon or its pins (`status`,
     /// `tag`, `revoke`, `reload`, `uninstall`, …) and `audit tail` use the built-in defaults;
-    /// `run`, `check`, `policy` and `ca jwks` need the file.
+    /// `run`, `check`, `policy` and `ca jwks` need the file. Those that read one section still
+    /// refuse a file with an unknown top-level key (a misspelt `[deamon]`, daemon keys above
+    /// the `[daemon]` header).
     #[arg(long = "config", value_name = "FILE")]
     given: Option<PathBuf>,
 }
@@ -271,7 +273,8 @@ enum AuditCommand {
         /// `--jwks`, also on a chain with no checkpoint, on records after the last one (a live
         /// log has up to `[audit] checkpoint_interval` of them: verify a copy made after a
         /// stop), on records a start signed as found (adopted) and on checkpoints naming more
-        /// than one node.
+        /// than one node. Also fails when the files hold no audit event (an empty file, or
+        /// not the audit log).
         #[arg(long)]
         strict: bool,
         /// Verify the checkpoints' signatures with this JSON Web Key Set (what `interceptor ca
@@ -290,7 +293,9 @@ enum AuditCommand {
         #[command(flatten)]
         config: ConfigArg,
         /// Keep printing new events as they are written, across rotations of the file (records
-        /// no file holds any more, pruned by `[audit] max_files`, are named on stderr).
+        /// no file holds any more, pruned by `[audit] max_files`, are named on stderr). With or
+        /// without it, a line that is not a JSON record and a `seq` gap within a file are named
+        /// on stderr.
         #[arg(long)]
         follow: bool,
         /// Only agents' events whose identity (pid, cgroup, exe, comm, uid, workload id)
@@ -339,7 +344,9 @@ enum PolicyCommand {
         /// resource template it completes for (completion/complete).
         #[arg(long, value_name = "URI")]
         resource: Option<String>,
-        /// The tool's arguments as JSON (for argument constraints).
+        /// The tool's arguments, a JSON object (for argument constraints), parsed as the proxy
+        /// parses a request: one it would refuse before any policy (a duplicated key, too
+        /// deep) prints `decision: deny` and `rule: refused before policy …`.
         #[arg(long, value_name = "JSON")]
         arguments: Option<String>,
         /// The caller's cgroup path (relative to the cgroup v2 mount).
