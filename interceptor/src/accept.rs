@@ -540,7 +540,8 @@ fn open(peer: SocketAddr, daemon: &Arc<Daemon>, id: u64, at: Local) -> Opened {
         client.tid = identity.tid,
         client.uid = identity.uid,
         client.gid = identity.gid,
-        client.comm = %identity.comm,
+        // Quoted: the process names itself (a line break would forge a log line).
+        client.comm = identity.comm.as_str(),
         client.exe = identity.exe.as_deref().unwrap_or("?"),
         client.cgroup = identity.cgroup.as_deref().unwrap_or("?"),
         client.cgroup_id = identity.cgroup_id,

@@ -129,7 +129,15 @@ pub fn init(dir: &Path, node: &str) -> Result<(PathBuf, PathBuf), Error> {
         .map_err(file_err(&key_path))?;
     std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes())
         .map_err(file_err(&key_path))?;
-    std::fs::write(&cert_path, cert.pem()).map_err(file_err(&cert_path))?;
+    // Created, never opened through a link planted meanwhile (existing files are never
+    // overwritten).
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&cert_path)
+        .map_err(file_err(&cert_path))?;
+    std::io::Write::write_all(&mut f, cert.pem().as_bytes()).map_err(file_err(&cert_path))?;
     Ok((cert_path, key_path))
 }
 
