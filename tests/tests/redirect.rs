@@ -967,23 +967,19 @@ try:
 except OSError:
     pass
 "#;
-    let (port, mut agent) = interceptor_tests::python_in_cgroup(&agents, AGENT, &[&dialed]);
-    let port: u16 = port.parse().expect("a port");
-    w.env.stop_daemon(Signal::SIGKILL);
-    eventually(
-        Duration::from_secs(5),
-        || agent.0.try_wait().ok().flatten(),
-        || "the agent's connection was not reset".into(),
-    );
-    w.env.start_daemon();
-
     // Another process (untagged: this test's own) binds the agent's source port and dials
     // the proxy port directly: it must not be served as the agent.
     const IMPOSTOR: &str = r#"
-import socket, sys
+import errno, socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError as e:
+    if e.errno == errno.EADDRINUSE:
+        print("in-use")
+        sys.exit(0)
+    raise
 s.connect(("127.0.0.1", int(sys.argv[2])))
 body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -996,17 +992,38 @@ except OSError:
     pass
 print(len(reply))
 "#;
-    let out = std::process::Command::new(interceptor_tests::python())
-        .args(["-c", IMPOSTOR, &port.to_string(), &w.env.port.to_string()])
-        .output()
-        .expect("run the impostor");
-    let received = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        received.trim(),
-        "0",
-        "served as the agent: {received} / {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The source port may be taken meanwhile by another test's connection (tests run in
+    // parallel): then the scenario is played again.
+    for attempt in 1..=3 {
+        if attempt > 1 {
+            let daemon = nix::unistd::Pid::from_raw(w.env.daemon_pid().expect("daemon") as i32);
+            nix::sys::signal::kill(daemon, Signal::SIGSTOP).expect("stop the daemon");
+        }
+        let (port, mut agent) = interceptor_tests::python_in_cgroup(&agents, AGENT, &[&dialed]);
+        let port: u16 = port.parse().expect("a port");
+        w.env.stop_daemon(Signal::SIGKILL);
+        eventually(
+            Duration::from_secs(5),
+            || agent.0.try_wait().ok().flatten(),
+            || "the agent's connection was not reset".into(),
+        );
+        w.env.start_daemon();
+        let out = std::process::Command::new(interceptor_tests::python())
+            .args(["-c", IMPOSTOR, &port.to_string(), &w.env.port.to_string()])
+            .output()
+            .expect("run the impostor");
+        let received = String::from_utf8_lossy(&out.stdout);
+        if received.trim() == "in-use" && attempt < 3 {
+            continue;
+        }
+        assert_eq!(
+            received.trim(),
+            "0",
+            "served as the agent: {received} / {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        break;
+    }
     assert_eq!(w.upstream.count(), 0, "the impostor's request was relayed");
 }
 
