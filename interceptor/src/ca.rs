@@ -394,8 +394,22 @@ impl NodeCa {
                 ),
             ));
         }
-        let not_after = usable_as_ca(&cert, SystemTime::now())
+        let mut not_after = usable_as_ca(&cert, SystemTime::now())
             .map_err(|e| invalid(&format!("CA certificate {}", cfg.cert.display()), e))?;
+        // The certificates above it end the chain's validity too: a leaf outliving one is
+        // refused by every upstream that builds its path through it.
+        for (i, der) in above.iter().enumerate() {
+            let what = format!(
+                "certificate {} above the CA in {}",
+                i + 1,
+                cfg.cert.display()
+            );
+            let (_, above_cert) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| invalid(&what, e.to_string()))?;
+            let end = valid_at(&above_cert, SystemTime::now())
+                .map_err(|e| invalid(&what, format!("{e} (upstreams would refuse every leaf)")))?;
+            not_after = not_after.min(end);
+        }
         let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca_der.as_slice()), key)
             .map_err(|e| {
                 invalid(
@@ -447,13 +461,13 @@ impl NodeCa {
             warn!(
                 cert = %cfg.cert.display(),
                 days_left = left.as_secs() / 86_400,
-                "the node CA expires soon; every certificate it issues ends with it: renew it"
+                "the node CA (or a certificate above it in its file) expires soon; every certificate it issues ends with it: renew it"
             );
         }
         Ok(ca)
     }
 
-    /// When the CA certificate expires (no leaf outlives it).
+    /// When the CA certificate, or one above it, expires (no leaf outlives it).
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
@@ -762,6 +776,14 @@ fn usable_as_ca(
     {
         return Err("its key usage does not allow signing certificates (keyCertSign)".to_owned());
     }
+    valid_at(cert, now)
+}
+
+/// When `cert` stops being valid, if it is valid at `now`.
+fn valid_at(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    now: SystemTime,
+) -> Result<SystemTime, String> {
     let at = |t: x509_parser::time::ASN1Time| {
         UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
     };
@@ -983,6 +1005,25 @@ mod tests {
             1,
             "the load's probe is not counted"
         );
+
+        // A certificate above the CA ends the chain too: an expired one is refused, one
+        // ending first caps the leaves.
+        let expired = KeyPair::generate().unwrap();
+        let expired = ca_params((-10, -1)).self_signed(&expired).unwrap();
+        let e = load_made(d, ca_params((-1, 10)), &expired.pem(), "24h")
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string().contains("certificate 1 above the CA")
+                && e.to_string().contains("expired"),
+            "{e}"
+        );
+        let mut soon = ca_params((-1, 0));
+        soon.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+        let soon = soon.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let ca = load_made(d, ca_params((-1, 10)), &soon.pem(), "24h").unwrap();
+        let leaf = ca.leaf("spiffe://example.org/w").unwrap();
+        assert!(leaf.not_after <= SystemTime::now() + Duration::from_secs(2 * 3_600 + 1));
     }
 
     #[test]
