@@ -94,7 +94,12 @@ impl ProcFacts {
     /// at all: a daemon outside the host's pid namespace reads another process under the same
     /// number).
     fn of(record: &ConnRecord, proc_root: &Path, cgroup_id: Option<CgroupIds<'_>>) -> Self {
-        let dir = proc_root.join(record.tgid.to_string());
+        // Every file is read through one handle on the process's directory: if the process
+        // exits and its number is taken by another meanwhile, the reads fail (the handle
+        // stays the first process's) instead of mixing two processes' facts.
+        let Ok(dir) = std::fs::File::open(proc_root.join(record.tgid.to_string())) else {
+            return Self::default();
+        };
         let mut facts = Self::read(&dir, record.connect_boot_ns);
         let connected_from = |f: &Self| match cgroup_id {
             Some(id) => f.cgroup.as_deref().and_then(id) == Some(record.cgroup_id),
@@ -104,8 +109,8 @@ impl ProcFacts {
         // The kernel recorded the cgroup of the thread that connected; in a threaded cgroup
         // subtree it is not the process's (the thread's own file says; read only then).
         if record.pid != record.tgid && facts.cgroup.is_some() && !matched {
-            let task = dir.join("task").join(record.pid.to_string()).join("cgroup");
-            if let Some(own) = read_proc(&task).ok().and_then(unified_path) {
+            let task = format!("task/{}/cgroup", record.pid);
+            if let Some(own) = read_proc(&dir, &task).ok().and_then(unified_path) {
                 facts.cgroup = Some(own);
                 matched = connected_from(&facts);
             }
@@ -119,10 +124,10 @@ impl ProcFacts {
 
     /// Reads them; exe and cgroup only from a process that started before `connect_boot_ns`
     /// (otherwise it is not the caller).
-    fn read(dir: &Path, connect_boot_ns: u64) -> Self {
+    fn read(dir: &std::fs::File, connect_boot_ns: u64) -> Self {
         // A process may give itself any name, and `stat` carries it: bytes that are not UTF-8
         // are replaced (the fields after the name are digits).
-        let start_time_ns = read_proc(&dir.join("stat"))
+        let start_time_ns = read_proc(dir, "stat")
             .ok()
             .and_then(|stat| start_time_ticks(&String::from_utf8_lossy(&stat)))
             .map(ticks_to_ns);
@@ -137,11 +142,11 @@ impl ProcFacts {
             // may make one) may point its executable link at any file (`prctl(PR_SET_MM_MAP)`
             // asks for CAP_CHECKPOINT_RESTORE there, which it then has). Asked after the
             // link is read: a process can enter a user namespace, never leave one.
-            let exe = std::fs::read_link(dir.join("exe")).ok();
+            let exe = nix::fcntl::readlinkat(dir, "exe").ok();
             facts.exe = exe
                 .filter(|_| in_own_user_namespace(dir))
-                .and_then(|p| p.into_os_string().into_string().ok());
-            facts.cgroup = read_proc(&dir.join("cgroup")).ok().and_then(unified_path);
+                .and_then(|p| p.into_string().ok());
+            facts.cgroup = read_proc(dir, "cgroup").ok().and_then(unified_path);
         }
         facts
     }
@@ -151,10 +156,14 @@ impl ProcFacts {
 type CgroupIds<'a> = &'a dyn Fn(&str) -> Option<u64>;
 
 /// Whether the process of `/proc` entry `dir` is in the daemon's user namespace.
-fn in_own_user_namespace(dir: &Path) -> bool {
-    static OWN: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    let own = OWN.get_or_init(|| std::fs::read_link("/proc/self/ns/user").ok());
-    own.is_some() && std::fs::read_link(dir.join("ns/user")).ok() == *own
+fn in_own_user_namespace(dir: &std::fs::File) -> bool {
+    static OWN: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+    let own = OWN.get_or_init(|| {
+        std::fs::read_link("/proc/self/ns/user")
+            .ok()
+            .map(std::path::PathBuf::into_os_string)
+    });
+    own.is_some() && nix::fcntl::readlinkat(dir, "ns/user").ok() == *own
 }
 
 /// The cgroup v2 path in a `/proc/…/cgroup` file (its `0::` line), if it is UTF-8.
@@ -168,9 +177,11 @@ fn unified_path(bytes: Vec<u8>) -> Option<String> {
 /// Reads a small `/proc` file in one `read(2)` and one that sees the end (`read_to_string`
 /// asks `statx` for a length, which `/proc` reports as 0, then grows its buffer from 32 bytes:
 /// eight syscalls for `stat`).
-fn read_proc(path: &Path) -> std::io::Result<Vec<u8>> {
+fn read_proc(dir: &std::fs::File, name: &str) -> std::io::Result<Vec<u8>> {
+    use nix::{fcntl::OFlag, sys::stat::Mode};
     use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    let fd = nix::fcntl::openat(dir, name, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let mut file = std::fs::File::from(fd);
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     loop {
@@ -526,19 +537,21 @@ impl Actor {
         cgroup_id: impl Fn(&str) -> Option<u64>,
     ) -> String {
         let (facts, comm, process) = match self.pid {
-            Some(pid) => {
-                let dir = proc_root.join(pid.to_string());
-                let facts = ProcFacts::read(&dir, self.seen_boot_ns);
-                let process = liveness(facts.start_time_ns, self.seen_boot_ns);
-                let comm = if process == Liveness::Alive {
-                    read_proc(&dir.join("comm"))
-                        .map(|b| String::from_utf8_lossy(&b).trim_end().to_owned())
-                        .unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                (facts, comm, Some(process))
-            }
+            Some(pid) => match std::fs::File::open(proc_root.join(pid.to_string())) {
+                Ok(dir) => {
+                    let facts = ProcFacts::read(&dir, self.seen_boot_ns);
+                    let process = liveness(facts.start_time_ns, self.seen_boot_ns);
+                    let comm = if process == Liveness::Alive {
+                        read_proc(&dir, "comm")
+                            .map(|b| String::from_utf8_lossy(&b).trim_end().to_owned())
+                            .unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    (facts, comm, Some(process))
+                }
+                Err(_) => (ProcFacts::default(), String::new(), Some(Liveness::Exited)),
+            },
             None => (ProcFacts::default(), String::new(), None),
         };
         let placement = facts.cgroup.as_deref().map(placement).unwrap_or_default();
@@ -718,6 +731,10 @@ mod tests {
     }
 
     /// A fake `/proc/<tgid>` with start time tick 100, `exe` → `exe` and cgroup `cgroup`.
+    fn opened(dir: &Path) -> std::fs::File {
+        std::fs::File::open(dir).unwrap()
+    }
+
     fn fake_proc(root: &Path, tgid: u32, exe: &str, cgroup: &str) {
         let dir = root.join(tgid.to_string());
         std::fs::create_dir_all(&dir).unwrap();
@@ -763,17 +780,31 @@ mod tests {
     }
 
     #[test]
+    fn every_fact_comes_from_the_process_first_opened() {
+        // Its number taken by another process between two reads (here: the entry replaced
+        // after the handle was opened): the reads stay with the first.
+        let root = tempfile::tempdir().unwrap();
+        fake_proc(root.path(), 4248, "/usr/bin/agent", "/agents/a");
+        let dir = opened(&root.path().join("4248"));
+        std::fs::rename(root.path().join("4248"), root.path().join("gone")).unwrap();
+        fake_proc(root.path(), 4248, "/usr/bin/trusted", "/ops");
+        let facts = ProcFacts::read(&dir, u64::MAX / 2);
+        assert_eq!(facts.exe.as_deref(), Some("/usr/bin/agent"));
+        assert_eq!(facts.cgroup.as_deref(), Some("/agents/a"));
+    }
+
+    #[test]
     fn a_process_in_a_user_namespace_of_its_own_has_no_executable() {
         let root = tempfile::tempdir().unwrap();
         fake_proc(root.path(), 4246, "/usr/bin/trusted", "/agents/a");
         let dir = root.path().join("4246");
         assert_eq!(
-            ProcFacts::read(&dir, u64::MAX / 2).exe.as_deref(),
+            ProcFacts::read(&opened(&dir), u64::MAX / 2).exe.as_deref(),
             Some("/usr/bin/trusted")
         );
         std::fs::remove_file(dir.join("ns/user")).unwrap();
         std::os::unix::fs::symlink("user:[4026532999]", dir.join("ns/user")).unwrap();
-        let facts = ProcFacts::read(&dir, u64::MAX / 2);
+        let facts = ProcFacts::read(&opened(&dir), u64::MAX / 2);
         assert_eq!(facts.exe, None);
         assert_eq!(facts.cgroup.as_deref(), Some("/agents/a"));
     }
@@ -789,7 +820,7 @@ mod tests {
             b"4242 (ag\xff\xfe) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 100 0 0",
         )
         .unwrap();
-        let facts = ProcFacts::read(&root.path().join("4242"), u64::MAX / 2);
+        let facts = ProcFacts::read(&opened(&root.path().join("4242")), u64::MAX / 2);
         assert_eq!(facts.start_time_ns, Some(ticks_to_ns(100)));
         assert_eq!(facts.exe.as_deref(), Some("/usr/bin/agent"));
         assert_eq!(facts.cgroup.as_deref(), Some("/agents/a"));
@@ -799,7 +830,7 @@ mod tests {
         std::fs::remove_file(&exe).unwrap();
         std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(b"/usr/bin/ag\xffent"), &exe)
             .unwrap();
-        let facts = ProcFacts::read(&root.path().join("4242"), u64::MAX / 2);
+        let facts = ProcFacts::read(&opened(&root.path().join("4242")), u64::MAX / 2);
         assert_eq!(facts.cgroup, None);
         assert_eq!(facts.exe, None);
         assert!(facts.start_time_ns.is_some());
