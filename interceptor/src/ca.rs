@@ -121,23 +121,19 @@ pub fn init(dir: &Path, node: &str) -> Result<(PathBuf, PathBuf), Error> {
     let cert = params
         .self_signed(&key)
         .map_err(|e| Error::Invalid(e.to_string()))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(file_err(&key_path))?;
-    std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes())
-        .map_err(file_err(&key_path))?;
     // Created, never opened through a link planted meanwhile (existing files are never
-    // overwritten).
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&cert_path)
-        .map_err(file_err(&cert_path))?;
-    std::io::Write::write_all(&mut f, cert.pem().as_bytes()).map_err(file_err(&cert_path))?;
+    // overwritten); the key readable by its owner only.
+    let create = |path: &Path, mode: u32, text: &str| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(file_err(path))?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(file_err(path))
+    };
+    create(&key_path, 0o600, &key.serialize_pem())?;
+    create(&cert_path, 0o644, &cert.pem())?;
     Ok((cert_path, key_path))
 }
 

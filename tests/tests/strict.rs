@@ -62,6 +62,12 @@ fn world_edited(label: &str, upstream: LabelServer, edit: impl Fn(String) -> Str
 }
 
 /// A world whose config has `from` replaced by `to` (once).
+/// The world with `lines` added to its role (after its `deny_tools`).
+fn world_with_role(label: &str, lines: &str) -> World {
+    const DENY: &str = "deny_tools = [\"delete_*\"]";
+    world_replacing(label, DENY, &format!("{DENY}\n{lines}"))
+}
+
 fn world_replacing(label: &str, from: &str, to: &str) -> World {
     world_edited(
         label,
@@ -822,11 +828,7 @@ fn credentials_in_a_resource_uri_stay_out_of_every_record() {
     if !privileged() {
         return;
     }
-    let w = world_replacing(
-        "uri-secret",
-        "deny_tools = [\"delete_*\"]",
-        "deny_tools = [\"delete_*\"]\nallow_methods = [\"resources/read\"]",
-    );
+    let w = world_with_role("uri-secret", "allow_methods = [\"resources/read\"]");
     let addr = w.upstream.addr.to_string();
     let read = br#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"postgres://alice:hunter22@db/x"}}"#;
     let r = send_raw(PROBE, &w.dir, &addr, &post(read, ""));
@@ -1103,10 +1105,9 @@ fn a_role_bounds_the_resources_it_reads() {
     if !privileged() {
         return;
     }
-    let w = world_replacing(
+    let w = world_with_role(
         "resources",
-        "deny_tools = [\"delete_*\"]",
-        "deny_tools = [\"delete_*\"]\nallow_methods = [\"resources/read\"]\nallow_resources = [\"notes://public/*\"]",
+        "allow_methods = [\"resources/read\"]\nallow_resources = [\"notes://public/*\"]",
     );
     let addr = w.upstream.addr.to_string();
     let read = |id: u32, uri: &str| {
@@ -1138,10 +1139,9 @@ fn a_completion_is_bounded_by_what_it_completes_for() {
     if !privileged() {
         return;
     }
-    let w = world_replacing(
+    let w = world_with_role(
         "completion",
-        "deny_tools = [\"delete_*\"]",
-        "deny_tools = [\"delete_*\"]\nallow_methods = [\"completion/complete\"]\n\
+        "allow_methods = [\"completion/complete\"]\n\
          allow_prompts = [\"summary*\"]\nallow_resources = [\"notes://public/*\"]",
     );
     let addr = w.upstream.addr.to_string();

@@ -1348,10 +1348,7 @@ impl Conn {
             .field("latency_us", &(p.started.elapsed().as_micros() as u64))
             .field("session", &p.session);
         if let Some(task) = task {
-            event = event.field(
-                "task_id",
-                &capped(&self.daemon.audit.redactor.redact_text(task)),
-            );
+            event = event.field("task_id", &self.recorded(task));
         }
         self.daemon.audit.record_later(event);
     }
@@ -1525,7 +1522,7 @@ impl Conn {
         if !self.daemon.config.servers[self.server_id].serves_path(req.uri().path()) {
             self.rejected();
             // The path only: a query string may carry tokens.
-            info!(http.method = %method, path = %self.daemon.audit.redactor.redact_text(req.uri().path()), "request refused: path not in the server's paths");
+            info!(http.method = %method, path = %self.redacted(req.uri().path()), "request refused: path not in the server's paths");
             return error_response(
                 StatusCode::NOT_FOUND,
                 code::INVALID_REQUEST,
@@ -1689,7 +1686,7 @@ impl Conn {
     ) -> Option<Response<ProxyBody>> {
         let refuse = |why: &str| {
             self.rejected();
-            info!(http.method = %method, path = %self.daemon.audit.redactor.redact_text(parts.uri.path()), reason = why, "request refused: not an MCP request");
+            info!(http.method = %method, path = %self.redacted(parts.uri.path()), reason = why, "request refused: not an MCP request");
             // On record, as other refused requests are (an attempt on another identity's
             // session included).
             self.record_http_refusal(parts, why);
@@ -1845,8 +1842,17 @@ impl Conn {
     /// The request's path and query as its events record them: redacted (a query may carry
     /// a token) and capped.
     fn audit_path(&self, parts: &http::request::Parts) -> String {
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        capped(&self.daemon.audit.redactor.redact_text(target))
+        self.recorded(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()))
+    }
+
+    /// Agent text as events record it: secrets of a known shape redacted, capped.
+    fn recorded(&self, text: &str) -> String {
+        capped(&self.redacted(text))
+    }
+
+    /// Agent text as the daemon's log lines show it: secrets of a known shape redacted.
+    fn redacted<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        self.daemon.audit.redactor.redact_text(text)
     }
 
     async fn post(
@@ -1937,7 +1943,7 @@ impl Conn {
         let names_live = legacy.is_none() && any_live && self.names_live_session(&key, pq, true);
         if names_live {
             self.rejected();
-            warn!(path = %self.daemon.audit.redactor.redact_text(parts.uri.path()), "request refused: names a live legacy SSE session, but not by its URL");
+            warn!(path = %self.redacted(parts.uri.path()), "request refused: names a live legacy SSE session, but not by its URL");
             self.record_refused(
                 &parts,
                 &body,
@@ -1975,11 +1981,14 @@ impl Conn {
             (None, Some(v)) => v.to_str().unwrap_or("invalid").to_owned(),
             (None, None) => "unspecified".to_owned(),
         };
+        // Where it went: the server may serve more than MCP on its port.
+        let path = self.audit_path(&parts);
         // As recorded (and kept with each pending request until its answer): capped, so a
         // session URL padded to the head limit is not copied into every event of the session.
-        // Redacted as the path is (an endpoint may carry a credential beside the session id).
+        // A legacy session's is its URL, recorded as the path (an endpoint may carry a
+        // credential beside the session id).
         let session_id = match &legacy {
-            Some(_) => Some(capped(&self.daemon.audit.redactor.redact_text(pq))),
+            Some(_) => Some(path.clone()),
             None => parts
                 .headers
                 .get("mcp-session-id")
@@ -2028,8 +2037,6 @@ impl Conn {
         // What each message is named by in its events (request, and response): redacted once.
         let targets: Vec<Option<String>> =
             body.messages.iter().map(|m| self.audit_target(m)).collect();
-        // Where it went: the server may serve more than MCP on its port.
-        let path = self.audit_path(&parts);
         let events: Vec<audit::Event> = body
             .messages
             .iter()
@@ -2454,9 +2461,7 @@ impl Conn {
     /// What a message's audit events name it by (tool, prompt, resource URI), redacted: a
     /// resource URI may carry credentials (`postgres://user:password@…`).
     fn audit_target(&self, m: &Message) -> Option<String> {
-        m.named()
-            .or_else(|| m.task_id())
-            .map(|t| capped(&self.daemon.audit.redactor.redact_text(t)))
+        m.named().or_else(|| m.task_id()).map(|t| self.recorded(t))
     }
 
     /// Why a server stream opened under an earlier policy may not go on under the current
@@ -2481,7 +2486,7 @@ impl Conn {
                 (!d.allow).then(|| {
                     format!(
                         "its subscription to {} is no longer allowed ({})",
-                        capped(&self.daemon.audit.redactor.redact_text(uri)),
+                        self.recorded(uri),
                         d.rule
                     )
                 })
@@ -2535,7 +2540,7 @@ impl Conn {
     /// and a role of it allows the task's tool (argument constraints aside). The denial, if
     /// not (its metrics label without the id, which is the agent's).
     fn task_denial(&self, policy: &Policy, grant: &Grant, id: &str) -> Option<Decision> {
-        let shown = || capped(&self.daemon.audit.redactor.redact_text(id));
+        let shown = || self.recorded(id);
         let refused = |why: &str, generic: &str| {
             Some(Decision::refused_quoting(
                 format!("task {:?} {why}", shown()),
@@ -3536,7 +3541,7 @@ impl SseState {
         }
         debug!(endpoint.path = %path, "legacy SSE session registered");
         self.session = Some((key, session));
-        self.session_id = Some(capped(&self.conn.daemon.audit.redactor.redact_text(&pq)));
+        self.session_id = Some(self.conn.recorded(&pq));
         true
     }
 }
