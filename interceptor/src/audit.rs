@@ -991,6 +991,9 @@ pub struct Stats {
     /// Of those, how many no `audit.lost` event has recorded yet.
     lost_unrecorded: AtomicU64,
     pub syncs: AtomicU64,
+    /// The `seq` of the last record written (read without the writer's lock, which a
+    /// `write(2)` or a rotation on slow storage holds).
+    last_seq: AtomicU64,
     /// `audit.checkpoint` events written.
     pub checkpoints: AtomicU64,
     /// The `seq` of the last record a checkpoint signed (0: none yet).
@@ -1010,6 +1013,7 @@ impl Default for Stats {
             lost: AtomicU64::new(0),
             lost_unrecorded: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             signed_through: AtomicU64::new(0),
             sync_micros: AtomicU64::new(0),
@@ -1202,6 +1206,7 @@ impl Audit {
             ));
         }
         let stats = Arc::new(Stats::default());
+        stats.last_seq.store(tail.last_seq, Ordering::Relaxed);
         let mut writer = Writer {
             path: config.path.clone(),
             file: Arc::new(file),
@@ -1214,6 +1219,7 @@ impl Audit {
             prune: None,
             signing: None,
             dirty: false,
+            left_unsynced: None,
             path_checked: Instant::now(),
             stats: stats.clone(),
         };
@@ -1300,7 +1306,7 @@ impl Audit {
 
     /// The `seq` of the last event written: what the log's last line must carry.
     pub fn last_seq(&self) -> u64 {
-        lock(&self.shared.writer).seq
+        self.shared.stats.last_seq.load(Ordering::Relaxed)
     }
 
     /// From now on, signs the chain with `key` in `audit.checkpoint` events: at most
@@ -1815,13 +1821,17 @@ impl Shared {
 
     /// `fdatasync` of everything written so far (nothing to do if nothing was).
     fn sync(&self) -> Result<(), Error> {
-        let file = {
+        let (file, left_unsynced) = {
             let mut w = lock(&self.writer);
+            let left = w.left_unsynced.take();
             if !w.dirty {
-                return self.healthy_or_err();
+                return match left {
+                    Some(why) => Err(Error::NotDurable(why)),
+                    None => self.healthy_or_err(),
+                };
             }
             w.dirty = false;
-            w.file.clone()
+            (w.file.clone(), left)
         };
         let started = Instant::now();
         match file.sync_data() {
@@ -1832,7 +1842,10 @@ impl Shared {
                     .sync_micros
                     .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
                 self.stats.sync_seconds.observe(took.as_secs_f64());
-                Ok(())
+                match left_unsynced {
+                    Some(why) => Err(Error::NotDurable(why)),
+                    None => Ok(()),
+                }
             }
             Err(e) => {
                 lock(&self.writer).dirty = true;
@@ -2269,6 +2282,10 @@ struct Writer {
     signing: Option<Signing>,
     /// Written since the last `fdatasync`.
     dirty: bool,
+    /// Why what was written to a file the writer left (renamed or rotated away, removed) may
+    /// not be on stable storage: its `fdatasync` failed. Reported to the next sync's waiters,
+    /// whose events may be among those (a sync of the new file does not cover them).
+    left_unsynced: Option<String>,
     /// When the path was last compared with the open file.
     path_checked: Instant,
     stats: Arc<Stats>,
@@ -2379,6 +2396,7 @@ impl Writer {
             signing.unsigned += seq - self.seq;
         }
         self.seq = seq;
+        self.stats.last_seq.store(seq, Ordering::Relaxed);
         self.prev_hash = prev;
         if let Some(prune) = self.prune.take() {
             // Its event is in the chain: counted as the callers' are.
@@ -2447,6 +2465,7 @@ impl Writer {
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         self.seq += 1;
+        self.stats.last_seq.store(self.seq, Ordering::Relaxed);
         self.prev_hash = hash;
         if let Some(signing) = &mut self.signing {
             signing.unsigned = 0;
@@ -2479,9 +2498,33 @@ impl Writer {
         {
             warn!(error = %e, "could not sign the renamed audit log's end");
         }
+        self.sync_before_leaving();
         self.file = Arc::new(open_successor(&self.path)?);
         self.len = self.file.metadata()?.len();
         Ok(())
+    }
+
+    /// `fdatasync` of what was written to the file since the last one, before the writer
+    /// leaves it: a sync of the next file would not cover it, yet `fsync`-mode callers whose
+    /// events are in it wait for the next sync. A failure is kept for those callers (see
+    /// `left_unsynced`); the writer moves on (the next file may be fine).
+    fn sync_before_leaving(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                self.dirty = false;
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, path = %self.path.display(), "fdatasync of the audit log file being left (renamed, rotated or removed) failed: requests waiting for its events to be durable are refused");
+                self.left_unsynced = Some(format!(
+                    "fdatasync of the audit log file left behind (renamed, rotated or removed) failed: {e}"
+                ));
+            }
+        }
     }
 
     /// Renames the file away and starts a new one; with `max_files`, plans the pruning of the
@@ -2492,9 +2535,7 @@ impl Writer {
             self.checkpoint()?;
         }
         // The rotated file is complete on disk before its successor starts.
-        if self.file.sync_data().is_ok() {
-            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        }
+        self.sync_before_leaving();
         let stamp = humantime::format_rfc3339_micros(SystemTime::now())
             .to_string()
             .replace(':', "");
@@ -3738,7 +3779,7 @@ mod tests {
     fn events_deferred_on_a_worker_are_written_when_it_goes_idle() {
         let dir = tempfile::tempdir().unwrap();
         let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
-        let workers = crate::workers::Workers::start(1, a.idle_flusher()).unwrap();
+        let workers = crate::workers::Workers::start(1, Duration::ZERO, a.idle_flusher()).unwrap();
         {
             // The audit thread is held: it cannot write them, and a deferral that tried to
             // wake it would block the worker.
@@ -3764,7 +3805,7 @@ mod tests {
     fn events_deferred_on_a_worker_that_stays_busy_are_written_by_the_audit_thread() {
         let dir = tempfile::tempdir().unwrap();
         let a = Arc::new(Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap());
-        let workers = crate::workers::Workers::start(1, a.idle_flusher()).unwrap();
+        let workers = crate::workers::Workers::start(1, Duration::ZERO, a.idle_flusher()).unwrap();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let on_worker = a.clone();
         workers.spawn(async move {
@@ -4197,6 +4238,30 @@ mod tests {
         assert_eq!(names(&kept), ["after-rename"]);
         let again = File::open(&path).unwrap();
         assert!(lock_exclusive(&again).is_err(), "the new file is locked");
+    }
+
+    #[tokio::test]
+    async fn a_file_the_writer_leaves_is_synced_first() {
+        // What was written to a renamed (or rotated) file is synced before the writer moves on:
+        // `fsync`-mode callers whose events are there wait for a sync that, later, covers the
+        // new file only.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+        let mut w = lock(&a.shared.writer);
+        w.append(b"{}\n").unwrap();
+        let syncs = a.shared.stats.syncs.load(Ordering::Relaxed);
+        std::fs::rename(&path, dir.path().join("moved.jsonl")).unwrap();
+        w.path_checked = Instant::now() - PATH_CHECK_INTERVAL;
+        w.ensure_file().unwrap();
+        assert!(!w.dirty, "the file left behind was synced");
+        assert_eq!(a.shared.stats.syncs.load(Ordering::Relaxed), syncs + 1);
+        // A failed sync of a left file is reported to the next sync's waiters, once.
+        w.left_unsynced = Some("fdatasync of the audit log file left behind failed".into());
+        drop(w);
+        let e = a.shared.sync().unwrap_err().to_string();
+        assert!(e.contains("left behind"), "{e}");
+        a.shared.sync().unwrap();
     }
 
     #[test]
