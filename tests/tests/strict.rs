@@ -1010,6 +1010,39 @@ fn requests_of_the_server_to_the_agent_are_on_record() {
     );
 }
 
+#[test]
+fn messages_beside_the_response_in_a_json_answer_are_treated_as_in_a_stream() {
+    if !privileged() {
+        return;
+    }
+    // A JSON batch answer (2025-03-26): a sampling request to the agent, another identity's
+    // task notification, and the response. Clients hand every message of it to their
+    // handlers, as they do a stream's events: the request goes on record, the notification
+    // is not passed on.
+    let upstream = LabelServer::start_fixed_as(
+        "127.0.0.3",
+        "application/json",
+        b"[{\"jsonrpc\":\"2.0\",\"id\":\"srv-2\",\"method\":\"sampling/createMessage\",\"params\":{\"maxTokens\":7}},{\"jsonrpc\":\"2.0\",\"method\":\"notifications/tasks/status\",\"params\":{\"taskId\":\"not-yours\",\"status\":\"completed\"}},{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}]",
+    );
+    let w = world_with("json-batch-answer", upstream);
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
+    );
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let reply = r.reply.as_deref().unwrap_or("");
+    assert!(
+        reply.contains("srv-2") && reply.contains("\"id\":1") && !reply.contains("not-yours"),
+        "{r:?}"
+    );
+    let event = audit_event(&w, "mcp.server_request", |_| true);
+    assert_eq!(event["method"], "sampling/createMessage", "{event}");
+    assert_eq!(event["id"], "srv-2", "{event}");
+    assert_eq!(event["params"]["maxTokens"], 7, "{event}");
+}
+
 /// An upstream (argv[1] = port on 127.0.0.3) that answers every POST with an event stream
 /// whose first event never ends: 3,000 bytes of `data:` and then nothing.
 const HALF_EVENT_UPSTREAM: &str = r#"

@@ -75,7 +75,7 @@ pub fn check_value_shapes(headers: &HeaderMap) -> Result<(), String> {
 /// record one request and the server act on another.
 pub fn skip_header(name: &header::HeaderName) -> bool {
     let name = name.as_str();
-    name.starts_with("x-forwarded-")
+    name.starts_with("x-forwarded")
         // The user (and groups) an authenticating front proxy vouches for: Kubernetes'
         // request-header authentication (trusted exactly when the client presents a
         // front-proxy certificate, as this proxy does), oauth2-proxy, Kong, Google IAP, Azure
@@ -90,6 +90,11 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
         || name.starts_with("x-ms-client-principal")
         || name.starts_with("x-amzn-oidc-")
         || name.starts_with("x-pomerium-")
+        // Authelia's `Remote-User`/`-Groups`/`-Email`/`-Name`, authentik's, Tailscale
+        // Serve's `Tailscale-User-*`.
+        || name.starts_with("remote-")
+        || name.starts_with("x-authentik-")
+        || name.starts_with("tailscale-")
         || name.starts_with("impersonate-")
         || name.starts_with("x-envoy-")
         // What a TLS-terminating front proxy says of the client's certificate (RFC 9440,
@@ -120,13 +125,20 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "x-client-ip"
                 | "x-cluster-client-ip"
                 | "x-original-forwarded-for"
+                // Client-address headers that libraries read after the above (npm's
+                // `request-ip`, WebLogic's and Oracle's proxies, App Engine).
+                | "forwarded-for"
+                | "x-0-client-ip"
+                | "x-appengine-user-ip"
+                | "proxy-client-ip"
+                | "wl-proxy-client-ip"
+                | "x-originating-ip"
                 | "true-client-ip"
                 | "cf-connecting-ip"
                 | "fastly-client-ip"
                 | "x-client-verify"
                 | "x-client-dn"
                 | "x-arr-clientcert"
-                | "remote-user"
                 // Cloudflare Access's word on the user (not its service-token headers,
                 // `Cf-Access-Client-Id`/`-Secret`, which clients send).
                 | "cf-access-authenticated-user-email"
@@ -300,6 +312,16 @@ mod tests {
             "x-remote-group",
             "x-remote-extra-scopes",
             "remote-user",
+            "remote-groups",
+            "remote-email",
+            "x-authentik-groups",
+            "tailscale-user-login",
+            "x-forwarded",
+            "forwarded-for",
+            "x-0-client-ip",
+            "x-appengine-user-ip",
+            "proxy-client-ip",
+            "wl-proxy-client-ip",
             "x-auth-request-email",
             "x-webauth-user",
             "x-authenticated-userid",

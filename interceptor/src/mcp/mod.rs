@@ -3062,8 +3062,30 @@ impl Conn {
         let text = bytes.strip_prefix(UTF8_BOM).unwrap_or(&bytes);
         let out = match jsonrpc::parse_answer(text, self.daemon.config.proxy.max_response_values) {
             Ok((mut v, duplicate)) => {
+                // As in a stream's events (`SseState::event`): a JSON answer may carry other
+                // messages beside the response (a batch), which clients hand to their handlers
+                // alike. Task notifications only for the task's starter; requests to the agent
+                // on record.
+                let dropped = match &mut v {
+                    Value::Array(items) => {
+                        let before = items.len();
+                        items.retain(|m| !self.foreign_task_notice(m));
+                        before - items.len()
+                    }
+                    m => usize::from(self.foreign_task_notice(m)),
+                };
+                let emptied = dropped > 0 && v.as_array().is_none_or(Vec::is_empty);
+                self.record_server_requests(&v, session.as_deref());
                 self.audit_response(&mut pending, &v);
-                if self.filter(&mut v) > 0 || duplicate || text.len() != bytes.len() {
+                if emptied {
+                    // Nothing left to pass on: answered as a notification is.
+                    parts.status = StatusCode::ACCEPTED;
+                    parts.headers.remove(header::CONTENT_TYPE);
+                    Bytes::new()
+                } else if self.filter(&mut v) + dropped > 0
+                    || duplicate
+                    || text.len() != bytes.len()
+                {
                     // Written anew, escapes the scrub looked through may be undone.
                     secrets.scrub(Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
                 } else {
