@@ -3,7 +3,10 @@
 
 use std::{
     io::{self, BufRead, BufReader},
-    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    os::unix::{
+        fs::{DirBuilderExt, PermissionsExt},
+        net::UnixStream as StdUnixStream,
+    },
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -77,14 +80,44 @@ impl AdminServer {
                     a folder of root's (the default /run/interceptor)");
             }
         }
-        let listener = UnixListener::bind(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot bind admin socket {}: {e}", path.display()),
-            )
-        })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(Self { listener })
+        // Bound and made 0600 in a folder of its own (0700, a fresh name) and then renamed
+        // into place: a chmod at the final path would follow a link planted there meanwhile
+        // (in a folder others may write), and `rename` replaces a link itself.
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let mut nonce = [0u8; 6];
+        getrandom::fill(&mut nonce).map_err(|e| io::Error::other(e.to_string()))?;
+        let staging = folder.join(format!(
+            ".icpt-{}",
+            nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create {} to bind the admin socket in: {e}",
+                        staging.display()
+                    ),
+                )
+            })?;
+        let staged = staging.join("s");
+        let bound = UnixListener::bind(&staged)
+            .and_then(|l| {
+                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+                std::fs::rename(&staged, path)?;
+                Ok(l)
+            })
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot bind admin socket {}: {e}", path.display()),
+                )
+            });
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_dir(&staging);
+        Ok(Self { listener: bound? })
     }
 
     /// Serves requests until the future is dropped.
@@ -119,7 +152,13 @@ async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
     let response = match peer {
         Some(peer) if peer.uid() == 0 => {
             match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-                Ok(Ok(_)) => handle(&daemon, &line, peer, may),
+                // Off the async threads: a reload resolves names, tag and revoke read /proc
+                // and update maps.
+                Ok(Ok(_)) => tokio::task::spawn_blocking(move || handle(&daemon, &line, peer, may))
+                    .await
+                    .unwrap_or_else(
+                        |e| json!({"ok": false, "error": format!("the request failed: {e}")}),
+                    ),
                 Ok(Err(e)) => json!({"ok": false, "error": format!("reading request: {e}")}),
                 Err(_) => json!({"ok": false, "error": "no request within 10 s"}),
             }
@@ -374,5 +413,35 @@ pub fn request(socket: &Path, request: &Request) -> Result<Value, ClientError> {
                 .unwrap_or("unknown error")
                 .to_owned(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    #[tokio::test]
+    async fn the_socket_is_made_private_before_it_takes_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.sock");
+        // A link planted at the path (a folder others may write): replaced, its target's
+        // mode untouched.
+        let target = dir.path().join("precious");
+        std::fs::write(&target, "x").expect("write");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::os::unix::fs::symlink(&target, &path).expect("symlink");
+        let _server = AdminServer::bind(&path).expect("bind");
+        let meta = std::fs::symlink_metadata(&path).expect("stat");
+        assert!(meta.file_type().is_socket(), "{meta:?}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let precious = std::fs::metadata(&target).expect("stat target");
+        assert_eq!(precious.permissions().mode() & 0o777, 0o644);
+        // Nothing of the staging is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
     }
 }
