@@ -223,6 +223,8 @@ pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT_PER_CGROUP: usize = 256;
 
 /// Most `daemon.workers` accepted.
 pub const MAX_WORKERS: usize = 1024;
+/// Default `daemon.busy_poll`.
+pub const DEFAULT_BUSY_POLL: &str = "50us";
 /// Default `daemon.max_connections_per_cgroup`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CGROUP: u32 = 1024;
 
@@ -248,6 +250,9 @@ pub struct RawDaemon {
     pub workers: usize,
     /// Agent connections served at once for one cgroup; more are refused; 0 = no limit.
     pub max_connections_per_cgroup: u32,
+    /// How long a connection worker keeps polling for I/O, without sleeping, once its
+    /// connections have nothing to do; "0" = off.
+    pub busy_poll: String,
 }
 
 impl Default for RawDaemon {
@@ -261,6 +266,7 @@ impl Default for RawDaemon {
             drain_grace: "10s".into(),
             workers: 0,
             max_connections_per_cgroup: DEFAULT_MAX_CONNECTIONS_PER_CGROUP,
+            busy_poll: DEFAULT_BUSY_POLL.into(),
         }
     }
 }
@@ -457,6 +463,8 @@ pub struct Daemon {
     pub workers: usize,
     /// Agent connections served at once per cgroup (0 = no limit).
     pub max_connections_per_cgroup: u32,
+    /// How long a connection worker polls without sleeping after its work (zero: off).
+    pub busy_poll: std::time::Duration,
 }
 
 impl Daemon {
@@ -1133,8 +1141,30 @@ impl Validator<'_> {
                 format!("{workers} is more than {MAX_WORKERS}; write 0 for one per CPU"),
             ));
         }
+        let busy_poll = humantime::parse_duration(&raw.busy_poll)
+            .map_err(|e| {
+                format!(
+                    "{:?} is not a duration ({e}); write e.g. \"50us\", or \"0\" to turn busy \
+                     polling off",
+                    raw.busy_poll
+                )
+            })
+            .and_then(|d| {
+                if d > crate::workers::MAX_BUSY_POLL {
+                    Err(format!(
+                        "{:?} is more than {}: a worker would spend whole time slices polling; \
+                         write e.g. \"50us\", or \"0\" to turn busy polling off",
+                        raw.busy_poll,
+                        humantime::format_duration(crate::workers::MAX_BUSY_POLL)
+                    ))
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|m| self.invalid("daemon.busy_poll", m))?;
         Ok(Daemon {
             drain_grace,
+            busy_poll,
             workers,
             max_connections_per_cgroup: raw.max_connections_per_cgroup,
             listen_port: raw.listen_port,
@@ -1628,6 +1658,30 @@ upstream = "[::ffff:10.9.9.9]:9000"
             e.contains("daemon.workers") && e.contains("5000") && e.contains("write 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn busy_poll_is_a_bounded_duration() {
+        let d = |text: &str| parse(text).expect("valid").daemon.busy_poll;
+        assert_eq!(d(""), std::time::Duration::from_micros(50));
+        assert_eq!(
+            d("[daemon]\nbusy_poll = \"0\"\n"),
+            std::time::Duration::ZERO
+        );
+        assert_eq!(
+            d("[daemon]\nbusy_poll = \"200us\"\n"),
+            std::time::Duration::from_micros(200)
+        );
+        for (text, says) in [
+            ("[daemon]\nbusy_poll = \"20ms\"\n", "more than 10ms"),
+            ("[daemon]\nbusy_poll = \"fast\"\n", "not a duration"),
+        ] {
+            let e = err(text);
+            assert!(
+                e.contains("daemon.busy_poll") && e.contains(says) && e.contains("\"0\""),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct Daemon {
     /// Bumped when a reload changes the policy: server streams, judged when they opened,
     /// are judged again (see `Conn::stream_withdrawn`).
     pub policy_changes: tokio::sync::watch::Sender<u64>,
+    /// Held through a reload, from reading the file to the swap: two at once (SIGHUP and
+    /// `interceptor reload`) could otherwise end with the older file's policy in force.
+    reloading: std::sync::Mutex<()>,
     /// The way to each server's upstream, by server index.
     pub upstreams: Vec<Upstream>,
     /// The node CA, when `[ca]` is configured.
@@ -481,7 +484,9 @@ impl Daemon {
 
     /// Re-reads the config file and applies its policy to the next request on every
     /// connection. An invalid file changes nothing and says why.
+    /// Blocking (it reads the file and resolves names): call it off the async threads.
     pub fn reload(&self, by: &str) -> Result<ReloadReport, String> {
+        let _one_at_a_time = lock(&self.reloading);
         let new = match Config::load(&self.config.path) {
             Ok(new) => new,
             Err(e) => {
@@ -1164,7 +1169,7 @@ impl Daemon {
             c.relayed_up.load(Ordering::Relaxed),
             c.relayed_down.load(Ordering::Relaxed),
         );
-        json!({
+        let mut status = json!({
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs(),
             "drain_grace_ms": u64::try_from(self.config.daemon.drain_grace.as_millis()).unwrap_or(u64::MAX),
@@ -1274,7 +1279,11 @@ impl Daemon {
                     "requests_rejected": c.rejected.load(Ordering::Relaxed),
                 },
             },
-        })
+        });
+        let (busy_poll, busy_polls) = self.workers.busy_polling();
+        status["busy_poll_us"] = json!(u64::try_from(busy_poll.as_micros()).unwrap_or(u64::MAX));
+        status["busy_polls"] = json!(busy_polls);
+        status
     }
 
     /// Makes the kernel's server map (and its port bitmap) equal to the config: new ports and
@@ -1514,12 +1523,13 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let workers = Workers::start(worker_count, audit.idle_flusher())?;
+    let workers = Workers::start(worker_count, config.daemon.busy_poll, audit.idle_flusher())?;
     let metrics = crate::metrics::Metrics::new(&audit.stats);
     let daemon = Arc::new(Daemon {
         workers,
         policy: RwLock::new(Arc::new(config.policy.clone())),
         policy_changes: tokio::sync::watch::Sender::new(0),
+        reloading: std::sync::Mutex::new(()),
         upstreams,
         ca,
         sessions: Sessions::default(),
@@ -1637,6 +1647,10 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
                 failed = Some("the proxy listeners stopped");
                 break;
             }
+            () = daemon.workers.failure() => {
+                failed = Some("a connection worker panicked");
+                break;
+            }
             _ = &mut admin_task => {
                 warn!("admin socket stopped");
                 failed = Some("the admin socket stopped");
@@ -1645,9 +1659,13 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
-                if let Err(e) = daemon.reload(&daemon_identity) {
-                    warn!(error = %e, "SIGHUP reload failed");
-                }
+                // Off this loop (a reload resolves names): a SIGTERM meanwhile is not held up.
+                let (daemon, by) = (daemon.clone(), daemon_identity.clone());
+                drop(tokio::task::spawn_blocking(move || {
+                    if let Err(e) = daemon.reload(&by) {
+                        warn!(error = %e, "SIGHUP reload failed");
+                    }
+                }));
             }
         }
     }

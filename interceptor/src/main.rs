@@ -1541,8 +1541,13 @@ fn print_status(s: &Value) {
         .as_u64()
         .map(|n| format!(", open files up to {n}"))
         .unwrap_or_default();
+    let busy = match s["busy_poll_us"].as_u64() {
+        Some(0) => " (busy polling off)".to_owned(),
+        Some(us) => format!(" (busy polling {us} µs)"),
+        None => String::new(),
+    };
     println!(
-        "daemon pid {} up {}s, {} connection workers{files}, config {}",
+        "daemon pid {} up {}s, {} connection workers{busy}{files}, config {}",
         s["pid"],
         s["uptime_s"],
         s["workers"],

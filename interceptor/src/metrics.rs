@@ -204,6 +204,11 @@ impl Metrics {
                 load(&stats.syncs),
             ),
             (
+                "worker_busy_polls",
+                "Zero-timeout polls connection workers made busy polling (daemon.busy_poll)",
+                daemon.workers.busy_polling().1,
+            ),
+            (
                 "certificate_mints",
                 "Workload certificates minted by the node CA",
                 daemon.ca.as_ref().map_or(0, |ca| load(&ca.mints)),

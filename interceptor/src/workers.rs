@@ -16,20 +16,29 @@ use std::{
     cell::Cell,
     future::Future,
     io,
+    pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use tokio::{runtime::Handle, sync::oneshot};
+use tokio::{
+    runtime::Handle,
+    sync::{Notify, oneshot},
+};
 
 use crate::bpf::lock;
 
 thread_local! {
     static SLOT: Cell<usize> = const { Cell::new(0) };
+    /// Polls of this thread's connection tasks so far: the work [`busy_poll_task`] watches for.
+    static WORK: Cell<u64> = const { Cell::new(0) };
+    /// Notified each time this worker's event loop wakes from a park (see [`busy_poll_task`]).
+    static UNPARKED: Arc<Notify> = Arc::new(Notify::new());
 }
 
 /// The current thread's slot for per-worker state: `1..=count` on a worker, 0 anywhere else
@@ -55,6 +64,71 @@ async fn heartbeat() {
     }
 }
 
+/// Most `daemon.busy_poll` accepted: past this a worker spends whole time slices polling.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
+/// Busy-poll turns a worker counts before adding them to [`Workers::busy_polling`]'s total.
+const TURNS_PUBLISHED: u64 = 64;
+
+/// Busy polling (`daemon.busy_poll`), after HAProxy's `busy-polling`: a worker that waits in
+/// `epoll_wait` lets its CPU go idle, and on a VM the next wake-up of an idle vCPU costs an
+/// inter-processor interrupt and VM exits, and finds the caches cold; at concurrency 1 that
+/// was most of the proxy's added latency (docs/benchmarks.md, round 18). Each time the worker
+/// wakes from a park, this task keeps it polling the I/O driver and timers without blocking
+/// (it yields, so the event loop looks with a zero timeout and runs what is ready first)
+/// until no connection task has run for `period`; then the worker parks as before. When the
+/// worker runs out of work meanwhile it calls `idle` (what the park hook does: the deferred
+/// audit events are written then, not `period` later). `turns` counts the polls.
+async fn busy_poll_task(period: Duration, turns: Arc<AtomicU64>, idle: impl Fn()) {
+    let unparked = UNPARKED.with(Arc::clone);
+    loop {
+        unparked.notified().await;
+        let mut seen = WORK.get();
+        let mut quiet_since = Instant::now();
+        let mut idle_done = false;
+        let mut n = 0;
+        loop {
+            tokio::task::yield_now().await;
+            n += 1;
+            // Published now and then (the counter is shared by the workers).
+            if n == TURNS_PUBLISHED {
+                turns.fetch_add(n, Ordering::Relaxed);
+                n = 0;
+            }
+            let work = WORK.get();
+            if work != seen {
+                seen = work;
+                quiet_since = Instant::now();
+                idle_done = false;
+            } else if !idle_done {
+                idle();
+                idle_done = true;
+            } else if quiet_since.elapsed() >= period {
+                break;
+            }
+        }
+        turns.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task, counted as work on its worker each time it is polled (see
+    /// [`busy_poll_task`]).
+    struct Counted<F> {
+        #[pin]
+        task: F,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        WORK.set(WORK.get().wrapping_add(1));
+        self.project().task.poll(cx)
+    }
+}
+
 /// The worker threads.
 pub struct Workers {
     handles: Vec<Handle>,
@@ -66,62 +140,82 @@ pub struct Workers {
     stalled: Arc<[AtomicBool]>,
     /// Each worker's stop signal and thread; emptied by [`Workers::stop`].
     threads: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
+    /// `daemon.busy_poll` (zero: off).
+    busy_poll: Duration,
+    /// Zero-timeout polls made busy polling, all workers together.
+    busy_polls: Arc<AtomicU64>,
+    /// Notified when a worker's event loop panicked (see [`Workers::failure`]).
+    failed: Arc<Notify>,
 }
 
 impl Workers {
-    /// Starts `count` (at least 1) workers, named `worker-1`…; each calls `on_idle` when it
-    /// starts and whenever it is about to wait for I/O or timers (the audit log's deferred
-    /// events). Each runtime
+    /// Starts `count` (at least 1) workers, named `worker-1`…, busy polling for `busy_poll`
+    /// after each wake-up (zero: never; see [`busy_poll_task`]); each calls `on_idle` when it
+    /// starts and whenever it is about to wait for I/O or timers or runs out of work while
+    /// busy polling (the audit log's deferred events). Each runtime
     /// is built on its own thread (a runtime must not be dropped inside another one's async
     /// context, which is where this is called from, should a later worker fail to start).
     pub fn start(
         count: usize,
+        busy_poll: Duration,
         on_idle: impl Fn() + Send + Sync + Clone + 'static,
     ) -> io::Result<Self> {
         let count = count.max(1);
+        let busy_poll = busy_poll.min(MAX_BUSY_POLL);
         let mut workers = Self {
             handles: Vec::with_capacity(count),
             next: AtomicUsize::new(0),
             connections: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             stalled: (0..count).map(|_| AtomicBool::new(false)).collect(),
             threads: Mutex::new(Vec::with_capacity(count)),
+            busy_poll,
+            busy_polls: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(Notify::new()),
         };
         for index in 1..=count {
             let (stop, stopped) = oneshot::channel::<()>();
             let (ready, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
-            let on_idle = on_idle.clone();
             let stalled = workers.stalled.clone();
+            let on_idle = on_idle.clone();
+            let idle = move || {
+                // Read first: a store on every park would dirty a line other workers read.
+                let mark = &stalled[index - 1];
+                if mark.load(Ordering::Relaxed) {
+                    mark.store(false, Ordering::Relaxed);
+                }
+                on_idle();
+            };
+            let turns = workers.busy_polls.clone();
+            let (failed, unplaced) = (workers.failed.clone(), workers.stalled.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     SLOT.set(index);
-                    on_idle();
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .on_thread_park(move || {
-                            // Read first: a store on every park would dirty a line other
-                            // workers read.
-                            let mark = &stalled[index - 1];
-                            if mark.load(Ordering::Relaxed) {
-                                mark.store(false, Ordering::Relaxed);
-                            }
-                            on_idle();
-                        })
-                        .build()
-                    {
+                    idle();
+                    let mut builder = tokio::runtime::Builder::new_current_thread();
+                    builder.enable_all().on_thread_park(idle.clone());
+                    if !busy_poll.is_zero() {
+                        builder.on_thread_unpark(|| UNPARKED.with(|u| u.notify_one()));
+                    }
+                    let runtime = match builder.build() {
                         Ok(r) => r,
                         Err(e) => {
                             let _ = ready.send(Err(e));
                             return;
                         }
                     };
+                    if !busy_poll.is_zero() {
+                        drop(runtime.spawn(busy_poll_task(busy_poll, turns, idle)));
+                    }
                     let _ = ready.send(Ok(runtime.handle().clone()));
                     // Runs the spawned connections until told to stop (or the sender is
                     // gone); dropping the runtime then closes the connections still open.
                     // A panic that escapes it (one in the idle hook: a connection's own is
                     // caught by its task) would leave a worker that takes connections and
-                    // drops them: the daemon ends instead (fail closed: the kernel refuses
-                    // tagged agents' MCP connects until it is restarted).
+                    // drops them: the daemon stops instead, the way it does on SIGTERM (its
+                    // audit events written, the kernel refusing tagged agents' MCP connects
+                    // until it is restarted), and this worker gets no new connection
+                    // meanwhile.
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         runtime.block_on(async {
                             tokio::select! {
@@ -132,7 +226,8 @@ impl Workers {
                     }));
                     if ran.is_err() {
                         tracing::error!(worker = index, "connection worker panicked; the daemon stops (its supervisor restarts it)");
-                        std::process::exit(70);
+                        unplaced[index - 1].store(true, Ordering::Relaxed);
+                        failed.notify_one();
                     }
                 })
                 .map_err(|e| {
@@ -157,6 +252,17 @@ impl Workers {
     /// Number of workers.
     pub fn count(&self) -> usize {
         self.handles.len()
+    }
+
+    /// Resolves once a worker's event loop has panicked (its connections are closed): the
+    /// daemon cannot serve as configured and stops.
+    pub async fn failure(&self) {
+        self.failed.notified().await;
+    }
+
+    /// `daemon.busy_poll` as applied, and the zero-timeout polls made busy polling so far.
+    pub fn busy_polling(&self) -> (Duration, u64) {
+        (self.busy_poll, self.busy_polls.load(Ordering::Relaxed))
     }
 
     /// Slots of per-worker state to keep: one per worker plus slot 0.
@@ -219,7 +325,7 @@ impl Workers {
         // A combinator, not an `async` block: a block holding `task` and awaiting it keeps two
         // copies of its state (rust-lang/rust#62958), +1.7 KiB per idle connection measured.
         let task = futures_util::FutureExt::map(task, move |()| drop(serving));
-        drop(self.handles[target].spawn(task));
+        drop(self.handles[target].spawn(Counted { task }));
     }
 
     /// Stops every worker and waits for its thread: connections still open are closed. Call it
@@ -271,7 +377,7 @@ mod tests {
 
     #[test]
     fn tasks_run_on_worker_threads_round_robin_and_stop_closes_them() {
-        let workers = Workers::start(2, || {}).expect("start");
+        let workers = Workers::start(2, Duration::ZERO, || {}).expect("start");
         assert_eq!(slot(), 0, "the calling thread is not a worker");
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..4 {
@@ -318,8 +424,90 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_polling_worker_polls_after_work_then_sleeps() {
+        let idles = Arc::new(AtomicUsize::new(0));
+        let counted = idles.clone();
+        let workers = Workers::start(1, Duration::from_millis(2), move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        })
+        .expect("start");
+        assert_eq!(workers.busy_polling().0, Duration::from_millis(2));
+        let (ran, done) = std::sync::mpsc::channel();
+        workers.spawn_connection(async move {
+            // Work in several polls, as a connection's request and answer come.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            let _ = ran.send(());
+        });
+        done.recv_timeout(Duration::from_secs(5)).expect("ran");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // It polls without sleeping after the work...
+        while workers.busy_polling().1 == 0 {
+            assert!(Instant::now() < deadline, "no busy polling after work");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // ...and then sleeps: the count stops moving (the heartbeat's wake-ups, seconds apart,
+        // are followed by 2 ms of polling each).
+        let mut last = workers.busy_polling().1;
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = workers.busy_polling().1;
+            if now == last {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still busy polling after 10 s");
+            last = now;
+        }
+        assert!(idles.load(Ordering::Relaxed) > 1, "the idle hook ran");
+    }
+
+    #[test]
+    fn a_worker_whose_event_loop_panics_is_reported_and_given_no_connections() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let failing = fail.clone();
+        let workers = Workers::start(2, Duration::ZERO, move || {
+            if failing.load(Ordering::Relaxed) && slot() == 1 {
+                panic!("idle hook");
+            }
+        })
+        .expect("start");
+        fail.store(true, Ordering::Relaxed);
+        // Woken, worker 1 goes idle again: its hook panics.
+        drop(workers.handles[0].spawn(async {}));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), workers.failure()).await
+        })
+        .expect("the panic was reported");
+        assert!(workers.is_stalled(0) && !workers.is_stalled(1));
+        let (ran, on) = std::sync::mpsc::channel();
+        workers.spawn_connection(async move {
+            let _ = ran.send(slot());
+        });
+        assert_eq!(on.recv_timeout(Duration::from_secs(5)), Ok(2));
+    }
+
+    #[test]
+    fn busy_polling_is_bounded_and_off_at_zero() {
+        let workers = Workers::start(1, Duration::from_secs(1), || {}).expect("start");
+        assert_eq!(workers.busy_polling().0, MAX_BUSY_POLL);
+        let workers = Workers::start(1, Duration::ZERO, || {}).expect("start");
+        let (ran, done) = std::sync::mpsc::channel();
+        workers.spawn_connection(async move {
+            let _ = ran.send(());
+        });
+        done.recv_timeout(Duration::from_secs(5)).expect("ran");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(workers.busy_polling(), (Duration::ZERO, 0));
+    }
+
+    #[test]
     fn connections_go_to_the_least_loaded_worker_the_accepting_one_on_a_tie() {
-        let workers = Arc::new(Workers::start(2, || {}).expect("start"));
+        let workers = Arc::new(Workers::start(2, Duration::ZERO, || {}).expect("start"));
         let (ran, slots) = std::sync::mpsc::channel();
         let (release, released) = tokio::sync::watch::channel(false);
         let hold = |ran: std::sync::mpsc::Sender<usize>| {
