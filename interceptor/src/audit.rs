@@ -50,6 +50,12 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// Most events recorded without a caller waiting (responses, closes, admin events) kept for
 /// a later write while the log is unwritable.
 pub const MAX_BACKLOG: usize = 10_000;
+/// Most bytes those events may hold together (the oldest go first beyond either bound).
+pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
+/// While the log is unwritable, how often a write is tried at most: each try seals the whole
+/// backlog again (hashing up to [`MAX_BACKLOG_BYTES`]), and requests (each of which would try)
+/// keep coming; those in between are refused at once.
+pub const UNHEALTHY_RETRY: Duration = Duration::from_millis(200);
 
 /// `prev_hash` of the very first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -1221,6 +1227,7 @@ impl Audit {
             dirty: false,
             left_unsynced: None,
             path_checked: Instant::now(),
+            retried: None,
             stats: stats.clone(),
         };
         let mut repair = Event::new("audit.repair").raw("identity", opener);
@@ -1618,16 +1625,33 @@ impl Shared {
             return Ok(());
         }
         let n = batch.len() as u64;
-        let result = w.write_batch(&batch);
+        let paced = !self.healthy.load(Ordering::Relaxed)
+            && w.retried.is_some_and(|t| t.elapsed() < UNHEALTHY_RETRY);
+        let result = if paced {
+            Err(io::Error::other(format!(
+                "the last write failed; while it fails the log is tried again at most every {} ms",
+                UNHEALTHY_RETRY.as_millis()
+            )))
+        } else {
+            let written = w.write_batch(&batch);
+            w.retried = written.is_err().then(Instant::now);
+            written
+        };
         if result.is_err() && deferred > 0 {
             // Under the writer lock still: no other write comes between.
             batch.truncate(deferred);
             let mut q = lock(&self.queue);
             batch.append(&mut q.later);
-            if batch.len() > MAX_BACKLOG {
+            let mut bytes: usize = batch.iter().map(|e| e.0.len()).sum();
+            let mut over = batch.len().saturating_sub(MAX_BACKLOG);
+            while bytes > MAX_BACKLOG_BYTES && over < batch.len() {
+                bytes -= batch[over].0.len();
+                over += 1;
+            }
+            if over > 0 {
                 // The log stays unwritable: the oldest go (counted, and recorded once it
                 // takes events again), rather than memory and every retry growing for good.
-                let lost = batch.len() - MAX_BACKLOG;
+                let lost = over;
                 batch.drain(..lost);
                 self.stats.lost.fetch_add(lost as u64, Ordering::Relaxed);
                 self.stats
@@ -2288,6 +2312,8 @@ struct Writer {
     left_unsynced: Option<String>,
     /// When the path was last compared with the open file.
     path_checked: Instant,
+    /// When a write was last tried while the log was unwritable (see [`UNHEALTHY_RETRY`]).
+    retried: Option<Instant>,
     stats: Arc<Stats>,
 }
 
@@ -4238,6 +4264,55 @@ mod tests {
         assert_eq!(names(&kept), ["after-rename"]);
         let again = File::open(&path).unwrap();
         assert!(lock_exclusive(&again).is_err(), "the new file is locked");
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_log_is_tried_at_a_bounded_pace_with_a_bounded_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+        let writable = lock(&a.shared.writer).file.clone();
+        // A handle that cannot write: every write fails (as on a full disk).
+        lock(&a.shared.writer).file = Arc::new(File::open(&path).unwrap());
+        a.record(event("refused")).await.unwrap_err();
+        assert!(!a.healthy());
+        // Tried again only after the pause: meanwhile refused without a write (which would
+        // seal the whole backlog again).
+        let e = a.record(event("paced")).await.unwrap_err().to_string();
+        assert!(e.contains("at most every 200 ms"), "{e}");
+        // What no caller waits for is kept, up to the byte bound: the oldest go.
+        let blob = "a".repeat(1 << 20);
+        for _ in 0..20 {
+            lock(&a.shared.queue)
+                .later
+                .push(event("big").field("blob", &blob));
+        }
+        lock(&a.shared.writer).retried = None;
+        a.shared.write(Vec::new()).unwrap_err();
+        let kept: usize = lock(&a.shared.queue).later.iter().map(|e| e.0.len()).sum();
+        assert!(
+            kept <= MAX_BACKLOG_BYTES && kept > MAX_BACKLOG_BYTES / 2,
+            "{kept}"
+        );
+        assert!(a.shared.stats.lost.load(Ordering::Relaxed) >= 4);
+        // Repaired: taken at the first try after the pause.
+        lock(&a.shared.writer).file = writable;
+        lock(&a.shared.writer).retried = Some(Instant::now());
+        a.record(event("still-paced")).await.unwrap_err();
+        lock(&a.shared.writer).retried = Some(Instant::now() - UNHEALTHY_RETRY);
+        a.record(event("after")).await.unwrap();
+        assert!(a.healthy());
+        let written = names(&path);
+        assert!(
+            written.iter().filter(|n| *n == "big").count() >= 8,
+            "{written:?}"
+        );
+        // The kept events go first, then the request's (an `audit.lost` may follow).
+        let after = written.iter().position(|n| n == "after");
+        assert!(
+            after.is_some_and(|i| written[..i].iter().all(|n| n == "big")),
+            "{written:?}"
+        );
     }
 
     #[tokio::test]
