@@ -192,7 +192,9 @@ struct Accepting {
     spare: socket2::Socket,
     at: Local,
     worker: usize,
-    /// Connections its worker accepted so far: its progress.
+    /// Accepts its worker made so far that took a connection or failed (out of descriptors:
+    /// it backs off and tries again; such a worker is not stalled, and taking its queue over
+    /// would fail the same way): its progress.
     accepted: Arc<AtomicU64>,
     task: AbortOnDrop,
 }
@@ -406,6 +408,8 @@ async fn accept_loop(
                     unlogged += 1;
                 }
                 if back_off {
+                    // Attending to the listener, not stalled (see `Accepting::accepted`).
+                    accepted.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

@@ -1470,6 +1470,12 @@ fn identity_json(by: Actor, naming: &config::Naming, hierarchy: &Hierarchy) -> S
 /// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
 /// binary hands start-up garbage back to the kernel there).
 pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
+    // First of all: a SIGTERM while the daemon starts (its start event written, tags applied
+    // with their events deferred) waits for the stop it asks for, not the default action
+    // (which would end it with no `daemon.stop` and deferred events unwritten).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     if let Some(limit) = raise_fd_limit().filter(|&l| l < FEW_FILES) {
         warn!(
             open_files = limit,
@@ -1581,27 +1587,48 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             }),
         ))
         .await?;
-    daemon
-        .load_revocations()
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-    daemon.sync_servers()?;
-    for (index, cgroup) in daemon.config.tags.iter().enumerate() {
-        let missing =
-            config::normalize_cgroup_path(cgroup).is_ok_and(|c| daemon.hierarchy.id(&c).is_err());
-        if missing {
-            daemon.tag_pending(cgroup)
-        } else {
-            daemon.tag(cgroup, &daemon_identity)
+    let starting = async {
+        daemon
+            .load_revocations()
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        daemon.sync_servers()?;
+        for (index, cgroup) in daemon.config.tags.iter().enumerate() {
+            let missing = config::normalize_cgroup_path(cgroup)
+                .is_ok_and(|c| daemon.hierarchy.id(&c).is_err());
+            if missing {
+                daemon.tag_pending(cgroup)
+            } else {
+                daemon.tag(cgroup, &daemon_identity)
+            }
+            .map_err(|message| Error::Tag {
+                path: daemon.config.path.display().to_string(),
+                index,
+                message,
+            })?;
         }
-        .map_err(|message| Error::Tag {
-            path: daemon.config.path.display().to_string(),
-            index,
-            message,
-        })?;
-    }
-
-    let accepting = proxy.start(&daemon)?;
-    daemon.register_listener()?;
+        let accepting = proxy.start(&daemon)?;
+        daemon.register_listener()?;
+        Ok::<_, Error>(accepting)
+    };
+    let accepting = match starting.await {
+        Ok(accepting) => accepting,
+        Err(e) => {
+            // Its start is on record: so is its end, and the programs forget its identity
+            // (a later process with its pid would be exempt from redirection).
+            daemon.stopped.store(true, Ordering::Relaxed);
+            let _ = daemon.sync_block_state();
+            daemon.workers.stop();
+            let stop = json!({"pid": std::process::id(), "error": e.to_string()});
+            if let Err(e) = daemon
+                .audit
+                .record(daemon.event_by(&daemon_identity, "daemon.stop", stop))
+                .await
+            {
+                warn!(error = %e, "could not record daemon.stop");
+            }
+            return Err(e);
+        }
+    };
     for warning in daemon.config.warnings() {
         warn!("{warning}");
     }
@@ -1617,9 +1644,6 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     );
     on_ready();
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let socket_path = daemon.config.daemon.admin_socket.clone();
     let mut proxy_task = tokio::spawn(accepting);
     let mut admin_task = tokio::spawn(admin.run(daemon.clone()));
