@@ -80,14 +80,25 @@ impl AdminServer {
                     a folder of root's (the default /run/interceptor)");
             }
         }
-        // Bound and made 0600 in a folder of its own (0700, a fresh name) and then renamed
-        // into place: a chmod at the final path would follow a link planted there meanwhile
-        // (in a folder others may write), and `rename` replaces a link itself.
         let folder = path.parent().unwrap_or(Path::new("."));
-        let mut nonce = [0u8; 6];
+        if !crate::audit::writable_by_others(folder) {
+            // Only root can put anything at the path meanwhile.
+            let listener = UnixListener::bind(path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot bind admin socket {}: {e}", path.display()),
+                )
+            })?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            return Ok(Self { listener });
+        }
+        // In a folder others may write: bound and made 0600 in a folder of its own (0700, a
+        // fresh name) and then renamed into place: a chmod at the final path would follow a
+        // link planted there meanwhile, and `rename` replaces a link itself.
+        let mut nonce = [0u8; 4];
         getrandom::fill(&mut nonce).map_err(|e| io::Error::other(e.to_string()))?;
         let staging = folder.join(format!(
-            ".icpt-{}",
+            ".i{}",
             nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
         ));
         std::fs::DirBuilder::new()
@@ -424,9 +435,11 @@ mod tests {
     #[tokio::test]
     async fn the_socket_is_made_private_before_it_takes_its_path() {
         let dir = tempfile::tempdir().expect("tempdir");
+        // A folder others may write (as /tmp is).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod folder");
         let path = dir.path().join("admin.sock");
-        // A link planted at the path (a folder others may write): replaced, its target's
-        // mode untouched.
+        // A link planted at the path: replaced, its target's mode untouched.
         let target = dir.path().join("precious");
         std::fs::write(&target, "x").expect("write");
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).expect("chmod");

@@ -1642,8 +1642,8 @@ impl Shared {
             batch.truncate(deferred);
             let mut q = lock(&self.queue);
             batch.append(&mut q.later);
-            let mut bytes: usize = batch.iter().map(|e| e.0.len()).sum();
             let mut over = batch.len().saturating_sub(MAX_BACKLOG);
+            let mut bytes: usize = batch[over..].iter().map(|e| e.0.len()).sum();
             while bytes > MAX_BACKLOG_BYTES && over < batch.len() {
                 bytes -= batch[over].0.len();
                 over += 1;
@@ -1745,14 +1745,16 @@ impl Shared {
             };
             if stop {
                 // Deferred events, then one last fdatasync for them and for any waiter. A write
-                // that finds the log writable again defers an `audit.lost`: written too.
+                // that finds the log writable again defers an `audit.lost`: written too. Tried
+                // now, whatever the pace of retries (see `UNHEALTHY_RETRY`): the last chance.
+                lock(&self.writer).retried = None;
                 let _ = self.write(Vec::new());
                 if !lock(&self.queue).later.is_empty() {
                     let _ = self.write(Vec::new());
                 }
                 // The log closes signed: a cleanly stopped daemon's log ends in a checkpoint.
                 self.checkpoint(true);
-                let result = self.sync();
+                let result = self.sync(!waiters.is_empty());
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
@@ -1782,7 +1784,7 @@ impl Shared {
             }
             if !waiters.is_empty() || last_sync.elapsed() >= SYNC_INTERVAL {
                 last_group = waiters.len();
-                let result = self.sync();
+                let result = self.sync(!waiters.is_empty());
                 last_sync = Instant::now();
                 for w in waiters {
                     let _ = w.send(result.clone());
@@ -1843,11 +1845,16 @@ impl Shared {
         }
     }
 
-    /// `fdatasync` of everything written so far (nothing to do if nothing was).
-    fn sync(&self) -> Result<(), Error> {
+    /// `fdatasync` of everything written so far (nothing to do if nothing was). `answers`:
+    /// callers wait for the result (a failed sync of a file left behind is theirs to hear).
+    fn sync(&self, answers: bool) -> Result<(), Error> {
         let (file, left_unsynced) = {
             let mut w = lock(&self.writer);
-            let left = w.left_unsynced.take();
+            let left = if answers {
+                w.left_unsynced.take()
+            } else {
+                None
+            };
             if !w.dirty {
                 return match left {
                     Some(why) => Err(Error::NotDurable(why)),
@@ -4334,9 +4341,11 @@ mod tests {
         // A failed sync of a left file is reported to the next sync's waiters, once.
         w.left_unsynced = Some("fdatasync of the audit log file left behind failed".into());
         drop(w);
-        let e = a.shared.sync().unwrap_err().to_string();
+        // Not taken by a sync nobody waits for (the background thread's periodic one).
+        a.shared.sync(false).unwrap();
+        let e = a.shared.sync(true).unwrap_err().to_string();
         assert!(e.contains("left behind"), "{e}");
-        a.shared.sync().unwrap();
+        a.shared.sync(true).unwrap();
     }
 
     #[test]

@@ -1150,7 +1150,13 @@ impl Validator<'_> {
                 )
             })
             .and_then(|d| {
-                if d > crate::workers::MAX_BUSY_POLL {
+                if !d.is_zero() && d < std::time::Duration::from_micros(1) {
+                    Err(format!(
+                        "{:?} is under a microsecond; write e.g. \"50us\", or \"0\" to turn \
+                         busy polling off",
+                        raw.busy_poll
+                    ))
+                } else if d > crate::workers::MAX_BUSY_POLL {
                     Err(format!(
                         "{:?} is more than {}: a worker would spend whole time slices polling; \
                          write e.g. \"50us\", or \"0\" to turn busy polling off",
@@ -1675,6 +1681,7 @@ upstream = "[::ffff:10.9.9.9]:9000"
         for (text, says) in [
             ("[daemon]\nbusy_poll = \"20ms\"\n", "more than 10ms"),
             ("[daemon]\nbusy_poll = \"fast\"\n", "not a duration"),
+            ("[daemon]\nbusy_poll = \"500ns\"\n", "under a microsecond"),
         ] {
             let e = err(text);
             assert!(

@@ -1469,6 +1469,9 @@ fn identity_json(by: Actor, naming: &config::Naming, hierarchy: &Hierarchy) -> S
 
 /// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
 /// binary hands start-up garbage back to the kernel there).
+/// How long the stop waits for a SIGHUP reload still running.
+const RELOAD_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     // First of all: a SIGTERM while the daemon starts (its start event written, tags applied
     // with their events deferred) waits for the stop it asks for, not the default action
@@ -1664,6 +1667,8 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     // Set when a part the daemon cannot serve without ended on its own: it still drains and
     // stops as for a signal, then exits with an error (a supervisor restarts it on failure).
     let mut failed: Option<&str> = None;
+    // SIGHUP reloads running: finished (their events recorded) before `daemon.stop`.
+    let mut reloads = Vec::new();
     loop {
         tokio::select! {
             _ = &mut proxy_task => {
@@ -1685,7 +1690,8 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             _ = hup.recv() => {
                 // Off this loop (a reload resolves names): a SIGTERM meanwhile is not held up.
                 let (daemon, by) = (daemon.clone(), daemon_identity.clone());
-                drop(tokio::task::spawn_blocking(move || {
+                reloads.retain(|r: &tokio::task::JoinHandle<()>| !r.is_finished());
+                reloads.push(tokio::task::spawn_blocking(move || {
                     if let Err(e) = daemon.reload(&by) {
                         warn!(error = %e, "SIGHUP reload failed");
                     }
@@ -1724,6 +1730,13 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         t.abort();
     }
     let _ = std::fs::remove_file(&socket_path);
+    for reload in reloads {
+        if tokio::time::timeout(RELOAD_AT_STOP, reload).await.is_err() {
+            warn!(
+                "a SIGHUP reload still runs at the stop (a name lookup that does not end?); stopping without it"
+            );
+        }
+    }
     if let Err(e) = daemon
         .audit
         .record(daemon.event_by(

@@ -204,9 +204,9 @@ impl Workers {
                             return;
                         }
                     };
-                    if !busy_poll.is_zero() {
-                        drop(runtime.spawn(busy_poll_task(busy_poll, turns, idle)));
-                    }
+                    // Its panic (one in the idle hook it calls) is the event loop's: see below.
+                    let mut polling = (!busy_poll.is_zero())
+                        .then(|| runtime.spawn(busy_poll_task(busy_poll, turns, idle)));
                     let _ = ready.send(Ok(runtime.handle().clone()));
                     // Runs the spawned connections until told to stop (or the sender is
                     // gone); dropping the runtime then closes the connections still open.
@@ -218,9 +218,20 @@ impl Workers {
                     // meanwhile.
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         runtime.block_on(async {
+                            let polled = async {
+                                match polling.as_mut() {
+                                    Some(task) => task.await,
+                                    None => std::future::pending().await,
+                                }
+                            };
                             tokio::select! {
                                 _ = stopped => {}
                                 _ = heartbeat() => {}
+                                Err(e) = polled => {
+                                    if e.is_panic() {
+                                        std::panic::resume_unwind(e.into_panic());
+                                    }
+                                }
                             }
                         })
                     }));
@@ -489,6 +500,45 @@ mod tests {
             let _ = ran.send(slot());
         });
         assert_eq!(on.recv_timeout(Duration::from_secs(5)), Ok(2));
+    }
+
+    #[test]
+    fn a_panic_in_the_idle_hook_while_busy_polling_is_reported_too() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let failing = fail.clone();
+        // The park hook and the busy-poll task both call the idle hook: the first call after
+        // the work below is the task's (the worker does not park while it polls), and only
+        // that one panics (a park hook's panic would be reported anyway).
+        let calls = Arc::new(AtomicUsize::new(0));
+        let called = calls.clone();
+        let workers = Workers::start(1, Duration::from_millis(5), move || {
+            called.fetch_add(1, Ordering::Relaxed);
+            if failing.swap(false, Ordering::Relaxed) {
+                panic!("idle hook");
+            }
+        })
+        .expect("start");
+        // Parked: called as it started and as it went idle.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while calls.load(Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "the worker never went idle");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        fail.store(true, Ordering::Relaxed);
+        workers.spawn_connection(async {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), workers.failure()).await
+        })
+        .expect("the panic was reported");
     }
 
     #[test]

@@ -1043,6 +1043,33 @@ fn messages_beside_the_response_in_a_json_answer_are_treated_as_in_a_stream() {
     assert_eq!(event["params"]["maxTokens"], 7, "{event}");
 }
 
+#[test]
+fn a_json_answer_left_with_no_response_answers_the_request_with_an_error() {
+    if !privileged() {
+        return;
+    }
+    // All the answer holds is another identity's task notification: not passed on, and the
+    // request still gets an answer (a 202 would leave the client waiting for one).
+    let upstream = LabelServer::start_fixed_as(
+        "127.0.0.3",
+        "application/json",
+        b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/tasks/status\",\"params\":{\"taskId\":\"not-yours\",\"status\":\"completed\"}}",
+    );
+    let w = world_with("json-answer-emptied", upstream);
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
+    );
+    assert_eq!(r.status, Some(502), "{r:?}");
+    let reply = r.reply.as_deref().unwrap_or("");
+    assert!(
+        reply.contains("\"id\":1") && reply.contains("no response") && !reply.contains("not-yours"),
+        "{r:?}"
+    );
+}
+
 /// An upstream (argv[1] = port on 127.0.0.3) that answers every POST with an event stream
 /// whose first event never ends: 3,000 bytes of `data:` and then nothing.
 const HALF_EVENT_UPSTREAM: &str = r#"

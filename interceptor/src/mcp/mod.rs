@@ -3077,7 +3077,15 @@ impl Conn {
                 let emptied = dropped > 0 && v.as_array().is_none_or(Vec::is_empty);
                 self.record_server_requests(&v, session.as_deref());
                 self.audit_response(&mut pending, &v);
-                if emptied {
+                if emptied && !pending.is_empty() {
+                    // Requests await answers the upstream did not give: each gets an error (a
+                    // 202 would leave the client waiting for them).
+                    return self.upstream_failed(
+                        pending,
+                        "the upstream's answer held no response to this request (only \
+                         notifications of another identity's task, which are not passed on)",
+                    );
+                } else if emptied {
                     // Nothing left to pass on: answered as a notification is.
                     parts.status = StatusCode::ACCEPTED;
                     parts.headers.remove(header::CONTENT_TYPE);
