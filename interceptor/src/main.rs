@@ -1546,11 +1546,14 @@ fn print_status(s: &Value) {
         Some(us) => format!(" (busy polling {us} µs)"),
         None => String::new(),
     };
+    let workers = match s["workers"].as_u64() {
+        Some(1) => "1 connection worker".to_owned(),
+        _ => format!("{} connection workers", s["workers"]),
+    };
     println!(
-        "daemon pid {} up {}s, {} connection workers{busy}{files}, config {}",
+        "daemon pid {} up {}s, {workers}{busy}{files}, config {}",
         s["pid"],
         s["uptime_s"],
-        s["workers"],
         str_of(&s["config"])
     );
     println!(
