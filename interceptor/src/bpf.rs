@@ -57,6 +57,20 @@ pub enum Error {
          write there: remove it (interceptor uninstall) or fix its owner and mode"
     )]
     PinsUnsafe { dir: PathBuf, message: String },
+    /// Another interceptor's programs already run for the connects this one would redirect.
+    #[error(
+        "another interceptor daemon's connect program (program id {ids}) already runs for the \
+         connects of processes in {cgroup} (attached there or above, with other pins than \
+         {dir}): two daemons would both redirect those connections. Stop that daemon and remove \
+         its programs (`interceptor uninstall --config <its config>`), or give this one a \
+         daemon.cgroup_root outside that daemon's (and the same daemon.bpffs_dir to run it in \
+         its place)"
+    )]
+    Foreign {
+        cgroup: String,
+        dir: PathBuf,
+        ids: String,
+    },
     /// The object could not be loaded (maps created or opened from their pins).
     #[error(
         "loading the eBPF object failed: {0}; interceptor needs root (CAP_BPF, CAP_NET_ADMIN) on \
@@ -163,6 +177,32 @@ impl Kernel {
     ) -> Result<Self, Error> {
         ensure_bpffs(bpffs_dir)?;
         let links_dir = bpffs_dir.join("links");
+        // Another daemon's programs, attached at or above this cgroup with other pins: both
+        // would redirect its processes' connections. (One attached below is not seen from
+        // here; that daemon refuses to start after this one.)
+        let own = PinnedLink::from_pin(links_dir.join(programs::CONNECT4))
+            .ok()
+            .and_then(|link| FdLink::from(link).info().ok())
+            .map(|info| info.program_id());
+        let foreign =
+            foreign_redirectors(&hierarchy.open(attach_cgroup)?, own).map_err(|error| {
+                Error::Io {
+                    path: hierarchy.dir(attach_cgroup),
+                    error,
+                }
+            })?;
+        if !foreign.is_empty() {
+            return Err(Error::Foreign {
+                cgroup: attach_cgroup.to_owned(),
+                dir: bpffs_dir.to_owned(),
+                ids: foreign
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+
         for dir in [bpffs_dir, links_dir.as_path()] {
             // Root only, whatever the umask (the folder is checked below).
             use std::os::unix::fs::DirBuilderExt;
@@ -629,6 +669,91 @@ fn replace_program(ebpf: &mut Ebpf, name: &'static str, pin: &Path) -> Result<()
     Ok(())
 }
 
+/// `bpf(cmd, attr)`: `attr` a `bpf_attr` member (repr(C), its padding explicit and zero: the
+/// kernel refuses non-zero bytes past the fields a command uses), which the kernel may write
+/// back to. The result or the error.
+fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is valid for reads and writes of its own size for the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The connect (IPv4) programs of another interceptor that run for the processes of `cgroup`
+/// (an open cgroup v2 folder): attached to it or to an ancestor (the kernel's effective list),
+/// other than `own`, told by their name and by a map of theirs named as ours are.
+fn foreign_redirectors(cgroup: &std::fs::File, own: Option<u32>) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut query = Query {
+            target_fd: cgroup.as_raw_fd() as u32,
+            attach_type: BPF_CGROUP_INET4_CONNECT,
+            query_flags: BPF_F_QUERY_EFFECTIVE,
+            attach_flags: 0,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            _pad: 0,
+            prog_attach_flags: 0,
+            link_ids: 0,
+            link_attach_flags: 0,
+            revision: 0,
+        };
+        match bpf_call(BPF_PROG_QUERY, &mut query) {
+            Ok(_) => {
+                ids.truncate(query.prog_cnt as usize);
+                break;
+            }
+            // More than the room given: the kernel said how many.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOSPC)
+                    && query.prog_cnt as usize > ids.len() =>
+            {
+                ids = vec![0; query.prog_cnt as usize];
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    ids.retain(|id| Some(*id) != own);
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    let ours = |info: &aya::programs::ProgramInfo| {
+        info.name_as_str() == Some(programs::CONNECT4)
+            && info.map_ids().ok().flatten().is_some_and(|maps| {
+                maps.iter().any(|m| {
+                    aya::maps::MapInfo::from_id(*m)
+                        .is_ok_and(|m| m.name_as_str().is_some_and(|n| n.starts_with("ICPT_")))
+                })
+            })
+    };
+    Ok(aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| ids.contains(&info.id()) && ours(info))
+        .map(|info| info.id())
+        .collect())
+}
+
 /// `BPF_LINK_UPDATE` of the link pinned at `pin` to program `prog_fd` (aya 0.14 offers it only
 /// for XDP and TC links): the kernel swaps the program atomically.
 fn update_link(pin: &Path, prog_fd: std::os::fd::RawFd) -> io::Result<()> {
@@ -655,36 +780,24 @@ fn update_link(pin: &Path, prog_fd: std::os::fd::RawFd) -> io::Result<()> {
         flags: u32,
         old_prog_fd: u32,
     }
-    /// `bpf(cmd, attr)`, the result or the error.
-    fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-        // SAFETY: `attr` is a `bpf_attr` member (repr(C), zero padding) that outlives the
-        // call; the size is its own.
-        let r =
-            unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    }
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let get = ObjGet {
+    let mut get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
         _pad: 0,
     };
-    let fd = bpf(BPF_OBJ_GET, &get)?;
+    let fd = bpf_call(BPF_OBJ_GET, &mut get)?;
     // SAFETY: a descriptor the kernel just gave us, owned from here on.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let update = LinkUpdate {
+    let mut update = LinkUpdate {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog_fd as u32,
         flags: 0,
         old_prog_fd: 0,
     };
-    bpf(BPF_LINK_UPDATE, &update).map(drop)
+    bpf_call(BPF_LINK_UPDATE, &mut update).map(drop)
 }
 
 fn attach(

@@ -911,3 +911,54 @@ fn a_stalled_worker_does_not_hold_up_new_connections() {
     }
     panic!("connections still taken over from the worker going again: {rounds:?}");
 }
+
+#[test]
+fn a_daemon_where_another_already_redirects_refuses_to_start() {
+    if !privileged() {
+        return;
+    }
+    let mut outer = TestEnv::new("outer");
+    outer.write_config(&[], &[]);
+    outer.start_daemon();
+    let below = outer.cgroup("inner");
+    let mut second = TestEnv::new("second");
+    // With other pins, attached below the first daemon's attach point, or at it: both would
+    // redirect the same processes' connections. Refused before anything is installed.
+    for root in [below, outer.root.clone()] {
+        second.root = root.clone();
+        second.write_config(&[], &[]);
+        let mut child = std::process::Command::new(interceptor_tests::interceptor_bin())
+            .args(["run", "--config"])
+            .arg(&second.config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn interceptor");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("a second daemon at {root} started beside the first");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("read stderr");
+        assert!(!status.success(), "{stderr}");
+        assert!(
+            stderr.contains("another interceptor daemon's connect program")
+                && stderr.contains("interceptor uninstall"),
+            "{stderr}"
+        );
+        assert!(!second.bpffs_dir.exists(), "nothing installed for it");
+    }
+    // The first one goes on serving, its own restart included.
+    outer.stop_daemon(Signal::SIGTERM);
+    outer.start_daemon();
+    assert_eq!(outer.status()["programs"].as_array().map(Vec::len), Some(8));
+}
