@@ -325,8 +325,9 @@ fn accept_one(listener: &socket2::Socket) -> io::Result<(std::net::TcpStream, So
     Ok((socket.into(), peer))
 }
 
-/// Has an accepted connection served: on the least loaded worker, the current one when it is
-/// among them (see [`crate::workers::Workers::spawn_connection`]).
+/// Has an accepted connection served: on the least loaded worker, the current one unless it
+/// serves more than [`crate::workers::BALANCE_SLACK`] more (see
+/// [`crate::workers::Workers::spawn_connection`]).
 fn dispatch(stream: std::net::TcpStream, peer: SocketAddr, daemon: &Arc<Daemon>, at: Local) {
     let id = daemon.counters.accepted.fetch_add(1, Ordering::Relaxed) + 1;
     let task = {

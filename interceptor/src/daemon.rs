@@ -131,6 +131,9 @@ pub struct Daemon {
     /// Held through a reload, from reading the file to the swap: two at once (SIGHUP and
     /// `interceptor reload`) could otherwise end with the older file's policy in force.
     reloading: std::sync::Mutex<()>,
+    /// Held (shared) by each admin request and SIGHUP reload while it runs, taken whole by the
+    /// stop before `daemon.stop` is recorded: what they change (and record) comes before it.
+    pub changes: Arc<tokio::sync::RwLock<()>>,
     /// The way to each server's upstream, by server index.
     pub upstreams: Vec<Upstream>,
     /// The node CA, when `[ca]` is configured.
@@ -1467,11 +1470,12 @@ fn identity_json(by: Actor, naming: &config::Naming, hierarchy: &Hierarchy) -> S
     })
 }
 
+/// How long the stop waits for admin requests and reloads still running (see
+/// [`Daemon::changes`]).
+const CHANGES_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
 /// binary hands start-up garbage back to the kernel there).
-/// How long the stop waits for a SIGHUP reload still running.
-const RELOAD_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
-
 pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     // First of all: a SIGTERM while the daemon starts (its start event written, tags applied
     // with their events deferred) waits for the stop it asks for, not the default action
@@ -1539,6 +1543,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         policy_changes: tokio::sync::watch::Sender::new(0),
         reloading: std::sync::Mutex::new(()),
+        changes: Arc::new(tokio::sync::RwLock::new(())),
         upstreams,
         ca,
         sessions: Sessions::default(),
@@ -1622,6 +1627,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             let _ = daemon.sync_block_state();
             daemon.workers.stop();
             let stop = json!({"pid": std::process::id(), "error": e.to_string()});
+            daemon.audit.try_now();
             if let Err(e) = daemon
                 .audit
                 .record(daemon.event_by(&daemon_identity, "daemon.stop", stop))
@@ -1667,8 +1673,6 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     // Set when a part the daemon cannot serve without ended on its own: it still drains and
     // stops as for a signal, then exits with an error (a supervisor restarts it on failure).
     let mut failed: Option<&str> = None;
-    // SIGHUP reloads running: finished (their events recorded) before `daemon.stop`.
-    let mut reloads = Vec::new();
     loop {
         tokio::select! {
             _ = &mut proxy_task => {
@@ -1690,8 +1694,9 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             _ = hup.recv() => {
                 // Off this loop (a reload resolves names): a SIGTERM meanwhile is not held up.
                 let (daemon, by) = (daemon.clone(), daemon_identity.clone());
-                reloads.retain(|r: &tokio::task::JoinHandle<()>| !r.is_finished());
-                reloads.push(tokio::task::spawn_blocking(move || {
+                let running = daemon.changes.clone().read_owned().await;
+                drop(tokio::task::spawn_blocking(move || {
+                    let _running = running;
                     if let Err(e) = daemon.reload(&by) {
                         warn!(error = %e, "SIGHUP reload failed");
                     }
@@ -1730,13 +1735,16 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         t.abort();
     }
     let _ = std::fs::remove_file(&socket_path);
-    for reload in reloads {
-        if tokio::time::timeout(RELOAD_AT_STOP, reload).await.is_err() {
-            warn!(
-                "a SIGHUP reload still runs at the stop (a name lookup that does not end?); stopping without it"
-            );
-        }
+    // Admin requests and reloads still running finish first (held from here on: none starts).
+    let held = tokio::time::timeout(CHANGES_AT_STOP, daemon.changes.clone().write_owned()).await;
+    if held.is_err() {
+        warn!(
+            "an admin request or reload still runs after 10 s (a name lookup that does not \
+             end?); stopping without it"
+        );
     }
+    // Tried now whatever the pace of retries of a failing log: its last event.
+    daemon.audit.try_now();
     if let Err(e) = daemon
         .audit
         .record(daemon.event_by(

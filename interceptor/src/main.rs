@@ -399,7 +399,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(daemon::run(config, release_freed_memory))?;
+            let ran = runtime.block_on(daemon::run(config, release_freed_memory));
+            // An admin request or reload still running past the stop's wait for them (a name
+            // lookup that does not end) does not hold the exit up.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            ran?;
             Ok(())
         }
         Command::Check { json, config } => {

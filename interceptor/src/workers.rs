@@ -7,8 +7,8 @@
 //! inter-processor interrupt on a VM. Here an agent connection, the upstream connections its
 //! requests use and their I/O stay on one thread. Each proxy listener is accepted on by one
 //! worker, which serves a new connection itself unless another worker has fewer connections
-//! (after Envoy's exact connection balancing), so the accepted socket is handed to another
-//! thread only when that balances the load (or when its worker stalls: see
+//! by more than [`BALANCE_SLACK`] (after Envoy's exact connection balancing), so the accepted
+//! socket is handed to another thread only when that balances the load (or when its worker stalls: see
 //! `accept::STALL_CHECK`). The main runtime keeps the control plane (admin socket,
 //! metrics, namespace discovery), as Envoy keeps its main thread apart from its workers.
 
@@ -70,9 +70,9 @@ pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 /// How many more connections than the least loaded worker the accepting worker may serve
 /// and still take a new one itself. With none, an agent that opens a connection as its last
 /// one closes (the closing one still counted) had every new connection handed to the other
-/// worker: an eventfd write and a wake-up of that thread each, +80 µs on a fresh connection's
-/// first request here (docs/benchmarks.md, round 18); the workers stay within one connection
-/// of each other.
+/// worker: an eventfd write and a wake-up of that thread each, about +90 µs on a fresh
+/// connection's first request here (docs/benchmarks.md, round 18). A worker takes a new
+/// connection while it serves at most this many more than the least loaded one.
 pub const BALANCE_SLACK: usize = 1;
 
 /// Busy-poll turns a worker counts before adding them to [`Workers::busy_polling`]'s total.
