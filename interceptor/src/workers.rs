@@ -494,6 +494,17 @@ mod tests {
         fail.store(true, Ordering::Relaxed);
         // Woken, worker 1 goes idle again: its hook panics.
         drop(workers.handles[0].spawn(async {}));
+        reported(&workers);
+        assert!(workers.is_stalled(0) && !workers.is_stalled(1));
+        let (ran, on) = std::sync::mpsc::channel();
+        workers.spawn_connection(async move {
+            let _ = ran.send(slot());
+        });
+        assert_eq!(on.recv_timeout(Duration::from_secs(5)), Ok(2));
+    }
+
+    /// Waits (5 s at most) for `workers` to report a worker's failure.
+    fn reported(workers: &Workers) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -502,12 +513,6 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), workers.failure()).await
         })
         .expect("the panic was reported");
-        assert!(workers.is_stalled(0) && !workers.is_stalled(1));
-        let (ran, on) = std::sync::mpsc::channel();
-        workers.spawn_connection(async move {
-            let _ = ran.send(slot());
-        });
-        assert_eq!(on.recv_timeout(Duration::from_secs(5)), Ok(2));
     }
 
     #[test]
@@ -539,14 +544,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         });
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), workers.failure()).await
-        })
-        .expect("the panic was reported");
+        reported(&workers);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! status and JSON-RPC code, and the upstream must never receive it.
 
 use interceptor_tests::{
-    LabelServer, ServerSpec, TestEnv, eventually, h2c_post, privileged, send_raw,
+    ClientResult, LabelServer, ServerSpec, TestEnv, eventually, h2c_post, privileged, send_raw,
 };
 use serde_json::Value;
 
@@ -1010,6 +1010,18 @@ fn requests_of_the_server_to_the_agent_are_on_record() {
     );
 }
 
+/// A world whose upstream is `upstream`, and an agent's `ping` through it.
+fn ping_answered_by(label: &str, upstream: LabelServer) -> (World, ClientResult) {
+    let w = world_with(label, upstream);
+    let r = send_raw(
+        PROBE,
+        &w.dir,
+        &w.upstream.addr.to_string(),
+        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
+    );
+    (w, r)
+}
+
 #[test]
 fn messages_beside_the_response_in_a_json_answer_are_treated_as_in_a_stream() {
     if !privileged() {
@@ -1024,13 +1036,7 @@ fn messages_beside_the_response_in_a_json_answer_are_treated_as_in_a_stream() {
         "application/json",
         b"[{\"jsonrpc\":\"2.0\",\"id\":\"srv-2\",\"method\":\"sampling/createMessage\",\"params\":{\"maxTokens\":7}},{\"jsonrpc\":\"2.0\",\"method\":\"notifications/tasks/status\",\"params\":{\"taskId\":\"not-yours\",\"status\":\"completed\"}},{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}]",
     );
-    let w = world_with("json-batch-answer", upstream);
-    let r = send_raw(
-        PROBE,
-        &w.dir,
-        &w.upstream.addr.to_string(),
-        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
-    );
+    let (w, r) = ping_answered_by("json-batch-answer", upstream);
     assert_eq!(r.status, Some(200), "{r:?}");
     let reply = r.reply.as_deref().unwrap_or("");
     assert!(
@@ -1055,13 +1061,7 @@ fn a_json_answer_left_with_no_response_answers_the_request_with_an_error() {
         "application/json",
         b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/tasks/status\",\"params\":{\"taskId\":\"not-yours\",\"status\":\"completed\"}}",
     );
-    let w = world_with("json-answer-emptied", upstream);
-    let r = send_raw(
-        PROBE,
-        &w.dir,
-        &w.upstream.addr.to_string(),
-        &post(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, ""),
-    );
+    let (_w, r) = ping_answered_by("json-answer-emptied", upstream);
     assert_eq!(r.status, Some(502), "{r:?}");
     let reply = r.reply.as_deref().unwrap_or("");
     assert!(
