@@ -1406,6 +1406,8 @@ impl Audit {
             Durability::Write => self.shared.write_in_turn(events).await,
             Durability::Fsync => {
                 self.shared.write_in_turn(events).await?;
+                // Its worker keeps polling meanwhile (see `workers::AwaitingAnswer`).
+                let _awaiting = crate::workers::AwaitingAnswer::new();
                 match self.shared.request_sync().await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(Error::Unavailable(why) | Error::NotDurable(why))) => {

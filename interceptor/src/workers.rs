@@ -37,6 +37,8 @@ thread_local! {
     static SLOT: Cell<usize> = const { Cell::new(0) };
     /// Polls of this thread's connection tasks so far: the work [`busy_poll_task`] watches for.
     static WORK: Cell<u64> = const { Cell::new(0) };
+    /// Requests of this thread waiting for another thread's answer (see [`Awaiting`]).
+    static AWAITING: Cell<usize> = const { Cell::new(0) };
     /// Notified each time this worker's event loop wakes from a park (see [`busy_poll_task`]).
     static UNPARKED: Arc<Notify> = Arc::new(Notify::new());
 }
@@ -111,12 +113,53 @@ async fn busy_poll_task(period: Duration, turns: Arc<AtomicU64>, idle: impl Fn()
             } else if !idle_done {
                 idle();
                 idle_done = true;
-            } else if quiet_since.elapsed() >= period {
+            } else if !keeps_polling(quiet_since.elapsed(), period, AWAITING.get()) {
                 break;
             }
         }
         turns.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+/// A request of this thread waiting for another thread's answer that comes soon (an audit
+/// `fdatasync`, hundreds of µs): while one is held, the worker's busy polling goes on past its
+/// period, up to [`MAX_AWAITING_POLL`], so the answer is taken by a running CPU (see
+/// [`busy_poll_task`]; `fsync` mode at c=1 here: about −100 µs per request). Nothing on a
+/// thread without busy polling.
+pub struct AwaitingAnswer(bool);
+
+impl AwaitingAnswer {
+    /// Counted on a worker thread only (its tasks stay on it, so the drop is on it too).
+    pub fn new() -> Self {
+        let counted = slot() > 0;
+        if counted {
+            AWAITING.set(AWAITING.get() + 1);
+        }
+        Self(counted)
+    }
+}
+
+impl Default for AwaitingAnswer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AwaitingAnswer {
+    fn drop(&mut self) {
+        if self.0 {
+            AWAITING.set(AWAITING.get().saturating_sub(1));
+        }
+    }
+}
+
+/// How long a worker busy polls at most for the answer of an [`AwaitingAnswer`] (past its
+/// period): an `fdatasync` takes ~0.1–0.5 ms on SSDs; a slower disk's is waited for parked.
+pub const MAX_AWAITING_POLL: Duration = Duration::from_millis(1);
+
+/// Whether a worker whose connections have been quiet for `quiet` keeps busy polling.
+fn keeps_polling(quiet: Duration, period: Duration, awaiting: usize) -> bool {
+    quiet < period || awaiting > 0 && quiet < MAX_AWAITING_POLL
 }
 
 pin_project_lite::pin_project! {
@@ -545,6 +588,30 @@ mod tests {
             }
         });
         reported(&workers);
+    }
+
+    #[test]
+    fn a_worker_polls_on_for_an_awaited_answer_within_a_bound() {
+        let period = Duration::from_micros(50);
+        let ms = Duration::from_millis;
+        assert!(keeps_polling(Duration::from_micros(10), period, 0));
+        assert!(!keeps_polling(Duration::from_micros(60), period, 0));
+        assert!(keeps_polling(Duration::from_micros(600), period, 1));
+        assert!(!keeps_polling(ms(2), period, 1));
+        // Counted on workers only (elsewhere a task may move between threads).
+        drop(AwaitingAnswer::new());
+        let held = AwaitingAnswer::new();
+        assert_eq!(AWAITING.get(), 0);
+        drop(held);
+        let workers = Workers::start(1, period, || {}).expect("start");
+        let (seen, got) = std::sync::mpsc::channel();
+        workers.spawn_connection(async move {
+            let held = AwaitingAnswer::new();
+            let during = AWAITING.get();
+            drop(held);
+            let _ = seen.send((during, AWAITING.get()));
+        });
+        assert_eq!(got.recv_timeout(Duration::from_secs(5)), Ok((1, 0)));
     }
 
     #[test]
