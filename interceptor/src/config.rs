@@ -243,6 +243,8 @@ pub struct RawDaemon {
     pub admin_socket: PathBuf,
     /// Prometheus endpoint (`ip:port`, serving `/metrics`); "" = off.
     pub metrics_addr: String,
+    /// A file holding the bearer token scrapers must present; "" = none.
+    pub metrics_token_file: String,
     /// On SIGTERM, how long in-flight requests may take to finish before the daemon exits.
     pub drain_grace: String,
     /// Threads serving agent connections, each with its own event loop and upstream pools;
@@ -263,6 +265,7 @@ impl Default for RawDaemon {
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
             admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             metrics_addr: String::new(),
+            metrics_token_file: String::new(),
             drain_grace: "10s".into(),
             workers: 0,
             max_connections_per_cgroup: DEFAULT_MAX_CONNECTIONS_PER_CGROUP,
@@ -366,7 +369,13 @@ impl Config {
             out.push(format!(
                 "daemon.metrics_addr {addr} is reachable from beyond this node's loopback: the \
                  metrics name the policy's rules (denials by rule) and take any connection \
-                 (32 at once); bind it to 127.0.0.1 or let only the scraper reach it"
+                 (32 at once); bind it to 127.0.0.1 or let only the scraper reach it{}",
+                if self.daemon.metrics_token_file.is_some() {
+                    " (daemon.metrics_token_file keeps others from reading them, not from \
+                     holding its connections)"
+                } else {
+                    ", and require a token (daemon.metrics_token_file)"
+                }
             ));
         }
         let optional: Vec<&str> = ["{exe}", "{comm}", "{container}", "{pod}"]
@@ -457,6 +466,8 @@ pub struct Daemon {
     pub admin_socket: PathBuf,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// The file of the bearer token `/metrics` requires, if any.
+    pub metrics_token_file: Option<PathBuf>,
     /// SIGTERM grace period.
     pub drain_grace: std::time::Duration,
     /// Connection worker threads as configured (0 = one per CPU; see [`Daemon::worker_count`]).
@@ -1125,6 +1136,20 @@ impl Validator<'_> {
                 )
             })?)
         };
+        let metrics_token_file = if raw.metrics_token_file.is_empty() {
+            None
+        } else {
+            let path = PathBuf::from(&raw.metrics_token_file);
+            self.absolute("daemon.metrics_token_file", &path)?;
+            if metrics_addr.is_none() {
+                return Err(self.invalid(
+                    "daemon.metrics_token_file",
+                    "is set but daemon.metrics_addr is not: there is no metrics endpoint to \
+                     protect; set both, or neither",
+                ));
+            }
+            Some(path)
+        };
         let drain_grace = humantime::parse_duration(&raw.drain_grace).map_err(|e| {
             self.invalid(
                 "daemon.drain_grace",
@@ -1178,6 +1203,7 @@ impl Validator<'_> {
             bpffs_dir,
             admin_socket,
             metrics_addr,
+            metrics_token_file,
         })
     }
 }
@@ -1664,6 +1690,24 @@ upstream = "[::ffff:10.9.9.9]:9000"
             e.contains("daemon.workers") && e.contains("5000") && e.contains("write 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_metrics_token_file_is_absolute_and_protects_an_endpoint() {
+        let c =
+            parse("[daemon]\nmetrics_addr = \"127.0.0.1:9464\"\nmetrics_token_file = \"/etc/t\"\n")
+                .expect("valid");
+        assert_eq!(
+            c.daemon.metrics_token_file.as_deref(),
+            Some(Path::new("/etc/t"))
+        );
+        let e = err("[daemon]\nmetrics_addr = \"127.0.0.1:9464\"\nmetrics_token_file = \"t\"\n");
+        assert!(
+            e.contains("metrics_token_file") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = err("[daemon]\nmetrics_token_file = \"/etc/t\"\n");
+        assert!(e.contains("metrics_addr is not"), "{e}");
     }
 
     #[test]

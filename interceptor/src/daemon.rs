@@ -1496,6 +1496,12 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     let daemon_identity = identity_json(Actor::daemon(), &config.naming, &hierarchy);
     // First: nothing is served unless it can be audited.
     let audit = Audit::open(config.audit.clone(), &daemon_identity)?;
+    let metrics_token = config
+        .daemon
+        .metrics_token_file
+        .as_deref()
+        .map(crate::metrics::load_token)
+        .transpose()?;
     let path = config.path.display().to_string();
     let ca = config
         .ca
@@ -1656,8 +1662,8 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
     let socket_path = daemon.config.daemon.admin_socket.clone();
     let mut proxy_task = tokio::spawn(accepting);
     let mut admin_task = tokio::spawn(admin.run(daemon.clone()));
-    let metrics_task =
-        metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, daemon.clone())));
+    let metrics_task = metrics_listener
+        .map(|l| tokio::spawn(crate::metrics::serve(l, daemon.clone(), metrics_token)));
     let ns_task = tokio::spawn({
         let daemon = daemon.clone();
         async move {

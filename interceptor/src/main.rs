@@ -456,6 +456,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     key.display()
                 ));
             }
+            // The metrics token is read at start as well.
+            if let Some(path) = &config.daemon.metrics_token_file {
+                match interceptor::metrics::load_token(path) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        warnings.push(format!(
+                            "daemon.metrics_token_file {} is not readable by this user: not \
+                             checked (run check as the daemon's user, root)",
+                            path.display()
+                        ));
+                    }
+                    Err(e) => bail!("{}: {e}", config.path.display()),
+                }
+            }
             warnings.extend(config.warnings());
             match &mount {
                 Ok(m) => {

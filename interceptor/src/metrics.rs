@@ -228,6 +228,79 @@ impl Metrics {
     }
 }
 
+/// Longest metrics token accepted (a bearer token, not a document).
+const MAX_TOKEN_BYTES: usize = 4096;
+
+/// Reads the bearer token scrapers must present (`daemon.metrics_token_file`): a file only
+/// root (or the daemon's user) can read, checked on the open file, holding one line.
+pub fn load_token(path: &std::path::Path) -> std::io::Result<Arc<str>> {
+    use std::{
+        io::Read as _,
+        os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    };
+    let err = |what: String| {
+        std::io::Error::other(format!(
+            "daemon.metrics_token_file {}: {what}",
+            path.display()
+        ))
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("daemon.metrics_token_file {}: {e}", path.display()),
+        )
+    })?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(err(format!(
+            "readable by group or others (mode {mode:o}); the token must be private: chmod 600 {}",
+            path.display()
+        )));
+    }
+    if meta.uid() != 0 && meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(err(format!(
+            "owned by uid {}: it must be root's (another user could change it)",
+            meta.uid()
+        )));
+    }
+    let mut text = String::new();
+    (&mut file)
+        .take(MAX_TOKEN_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| err(format!("not UTF-8 text ({e})")))?;
+    let token = text.trim();
+    if token.is_empty() || text.len() > MAX_TOKEN_BYTES {
+        return Err(err(format!(
+            "must hold one token of 1 to {MAX_TOKEN_BYTES} bytes"
+        )));
+    }
+    if token.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(err(
+            "the token must be one word of visible ASCII (what an HTTP header can carry)".into(),
+        ));
+    }
+    Ok(Arc::from(token))
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Binds the metrics listener (so a taken address fails at start-up).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -246,8 +319,9 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a scrape connection lives at most (a scraper reconnects).
 const CONNECTION_LIFE: Duration = Duration::from_secs(60);
 
-/// Serves `GET /metrics` until the future is dropped.
-pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+/// Serves `GET /metrics` until the future is dropped; with `token`, only to requests that
+/// present it (`Authorization: Bearer …`; others get 401).
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, token: Option<Arc<str>>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics endpoint listening");
     }
@@ -266,12 +340,24 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
             continue;
         };
         let daemon = daemon.clone();
+        let token = token.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let daemon = daemon.clone();
+                let allowed = token.as_deref().is_none_or(|t| authorized(&req, t));
                 async move {
-                    let resp = if req.uri().path() == "/metrics" {
+                    let resp = if !allowed {
+                        Response::builder()
+                            .status(StatusCode::UNAUTHORIZED)
+                            .header(
+                                header::WWW_AUTHENTICATE,
+                                "Bearer realm=\"interceptor metrics\"",
+                            )
+                            .body(Full::new(Bytes::from_static(
+                                b"a bearer token is required (daemon.metrics_token_file)\n",
+                            )))
+                    } else if req.uri().path() == "/metrics" {
                         Response::builder()
                             .header(
                                 header::CONTENT_TYPE,

@@ -1045,3 +1045,60 @@ fn an_answer_on_a_resumed_stream_is_recorded_as_the_calls_response() {
         "{events:#?}"
     );
 }
+
+#[test]
+fn metrics_answer_only_the_token_holder_when_one_is_configured() {
+    if !privileged() {
+        return;
+    }
+    let port = interceptor_tests::free_port();
+    let files = tempfile::tempdir().expect("tempdir");
+    let token = files.path().join("metrics-token");
+    std::fs::write(&token, "s3cret-scrape-token\n").expect("write token");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod token");
+    let w = world_with(
+        "metrics-token",
+        None,
+        &format!(
+            "metrics_addr = \"127.0.0.1:{port}\"\nmetrics_token_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    let scrape = |auth: Option<&str>| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let header = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read");
+        text
+    };
+    for refused in [None, Some("Bearer wrong-token"), Some("Basic czNjcmV0")] {
+        let text = scrape(refused);
+        assert!(
+            text.starts_with("HTTP/1.1 401") && !text.contains("interceptor_"),
+            "{refused:?}: {text}"
+        );
+    }
+    let text = scrape(Some("Bearer s3cret-scrape-token"));
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("interceptor_audit_events_total"),
+        "{text}"
+    );
+    // A token file others may read is refused, by `check` as by the daemon.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod token");
+    let out = w.env.cli(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("readable by group or others"),
+        "{err}"
+    );
+}
