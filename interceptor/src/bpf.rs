@@ -179,18 +179,28 @@ impl Kernel {
         let links_dir = bpffs_dir.join("links");
         // Another daemon's programs, attached at or above this cgroup with other pins: both
         // would redirect its processes' connections. (One attached below is not seen from
-        // here; that daemon refuses to start after this one.)
-        let own = PinnedLink::from_pin(links_dir.join(programs::CONNECT4))
-            .ok()
-            .and_then(|link| FdLink::from(link).info().ok())
-            .map(|info| info.program_id());
-        let foreign =
-            foreign_redirectors(&hierarchy.open(attach_cgroup)?, own).map_err(|error| {
-                Error::Io {
-                    path: hierarchy.dir(attach_cgroup),
-                    error,
-                }
+        // here: it refuses to start after this one, but one already running there is not
+        // noticed.) The program behind this daemon's own pin is read again after the query:
+        // a running daemon of these pins replacing it meanwhile is no foreign one (that start
+        // then fails on the pins' lock).
+        let own_program = || {
+            PinnedLink::from_pin(links_dir.join(programs::CONNECT4))
+                .ok()
+                .and_then(|link| FdLink::from(link).info().ok())
+                .map(|info| info.program_id())
+        };
+        let cgroup = hierarchy.open(attach_cgroup)?;
+        let mut foreign = Vec::new();
+        for _ in 0..3 {
+            let own = own_program();
+            foreign = foreign_redirectors(&cgroup, own).map_err(|e| Error::Io {
+                path: hierarchy.dir(attach_cgroup),
+                error: io::Error::new(e.kind(), format!("BPF_PROG_QUERY (connect4): {e}")),
             })?;
+            if own_program() == own {
+                break;
+            }
+        }
         if !foreign.is_empty() {
             return Err(Error::Foreign {
                 cgroup: attach_cgroup.to_owned(),
@@ -672,8 +682,13 @@ fn replace_program(ebpf: &mut Ebpf, name: &'static str, pin: &Path) -> Result<()
 /// `bpf(cmd, attr)`: `attr` a `bpf_attr` member (repr(C), its padding explicit and zero: the
 /// kernel refuses non-zero bytes past the fields a command uses), which the kernel may write
 /// back to. The result or the error.
-fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is valid for reads and writes of its own size for the call.
+///
+/// # Safety
+/// Every pointer inside `attr` (a path, a buffer of ids) must be valid for what `cmd` does
+/// with it, for the length `attr` gives, during the call.
+unsafe fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is valid for reads and writes of its own size for the call; the pointers
+    // in it are the caller's to vouch for.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -719,7 +734,8 @@ fn foreign_redirectors(cgroup: &std::fs::File, own: Option<u32>) -> io::Result<V
             link_attach_flags: 0,
             revision: 0,
         };
-        match bpf_call(BPF_PROG_QUERY, &mut query) {
+        // SAFETY: `prog_ids` points at `ids`, of `prog_cnt` ids; the other pointers are null.
+        match unsafe { bpf_call(BPF_PROG_QUERY, &mut query) } {
             Ok(_) => {
                 ids.truncate(query.prog_cnt as usize);
                 break;
@@ -788,7 +804,8 @@ fn update_link(pin: &Path, prog_fd: std::os::fd::RawFd) -> io::Result<()> {
         path_fd: 0,
         _pad: 0,
     };
-    let fd = bpf_call(BPF_OBJ_GET, &mut get)?;
+    // SAFETY: `pathname` points at `path`, a NUL-terminated string that outlives the call.
+    let fd = unsafe { bpf_call(BPF_OBJ_GET, &mut get) }?;
     // SAFETY: a descriptor the kernel just gave us, owned from here on.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let mut update = LinkUpdate {
@@ -797,7 +814,8 @@ fn update_link(pin: &Path, prog_fd: std::os::fd::RawFd) -> io::Result<()> {
         flags: 0,
         old_prog_fd: 0,
     };
-    bpf_call(BPF_LINK_UPDATE, &mut update).map(drop)
+    // SAFETY: no pointers in this command's attributes.
+    unsafe { bpf_call(BPF_LINK_UPDATE, &mut update) }.map(drop)
 }
 
 fn attach(

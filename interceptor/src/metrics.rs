@@ -244,13 +244,22 @@ pub fn load_token(path: &std::path::Path) -> std::io::Result<Arc<str>> {
             path.display()
         ))
     };
-    let mut file = std::fs::File::open(path).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("daemon.metrics_token_file {}: {e}", path.display()),
-        )
-    })?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Non-blocking: a FIFO planted there must not hang the start.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("daemon.metrics_token_file {}: {e}", path.display()),
+            )
+        })?;
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("is not a regular file".into()));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(err(format!(
@@ -266,11 +275,14 @@ pub fn load_token(path: &std::path::Path) -> std::io::Result<Arc<str>> {
     }
     let mut text = String::new();
     (&mut file)
-        .take(MAX_TOKEN_BYTES as u64 + 1)
+        .take(MAX_TOKEN_BYTES as u64 + 2)
         .read_to_string(&mut text)
-        .map_err(|e| err(format!("not UTF-8 text ({e})")))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => err("is not UTF-8 text".into()),
+            _ => err(format!("cannot be read: {e}")),
+        })?;
     let token = text.trim();
-    if token.is_empty() || text.len() > MAX_TOKEN_BYTES {
+    if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
         return Err(err(format!(
             "must hold one token of 1 to {MAX_TOKEN_BYTES} bytes"
         )));
@@ -283,10 +295,11 @@ pub fn load_token(path: &std::path::Path) -> std::io::Result<Arc<str>> {
     Ok(Arc::from(token))
 }
 
-/// Whether `req` carries `Authorization: Bearer <token>` (compared in constant time).
-fn authorized(req: &Request<Incoming>, token: &str) -> bool {
-    let Some(given) = req
-        .headers()
+/// Whether `headers` carry `Authorization: Bearer <token>` (their SHA-256 digests compared:
+/// the time taken tells nothing of the token, its length included).
+fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+    use sha2::{Digest as _, Sha256};
+    let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -297,8 +310,11 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
     else {
         return false;
     };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let (a, b) = (Sha256::digest(given.trim()), Sha256::digest(token));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Binds the metrics listener (so a taken address fails at start-up).
@@ -345,7 +361,9 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, token: Option<Arc
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let daemon = daemon.clone();
-                let allowed = token.as_deref().is_none_or(|t| authorized(&req, t));
+                let allowed = token
+                    .as_deref()
+                    .is_none_or(|t| authorized(req.headers(), t));
                 async move {
                     let resp = if !allowed {
                         Response::builder()
@@ -387,6 +405,69 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, token: Option<Arc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scrape_is_authorized_by_its_bearer_token_only() {
+        let with = |value: &[u8]| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                http::HeaderValue::from_bytes(value).expect("header value"),
+            );
+            authorized(&h, "s3cret")
+        };
+        assert!(with(b"Bearer s3cret"));
+        assert!(with(b"bearer s3cret"));
+        assert!(with(b"Bearer   s3cret "));
+        for refused in [
+            &b"Bearer s3cre"[..],
+            b"Bearer s3cret2",
+            b"Basic s3cret",
+            b"Bearers3cret",
+            b"s3cret",
+            b"Bearer s3cr\xc3\xa9t",
+        ] {
+            assert!(!with(refused), "{}", String::from_utf8_lossy(refused));
+        }
+        assert!(!authorized(&http::HeaderMap::new(), "s3cret"));
+    }
+
+    #[test]
+    fn a_token_file_is_private_one_word_and_bounded() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str, text: &[u8], mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            path
+        };
+        let ok = file("ok", b"tok-en\n", 0o600);
+        assert_eq!(&*load_token(&ok).expect("loaded"), "tok-en");
+        let at_limit = file(
+            "limit",
+            format!("{}\n", "a".repeat(MAX_TOKEN_BYTES)).as_bytes(),
+            0o600,
+        );
+        assert_eq!(
+            load_token(&at_limit).expect("at the limit").len(),
+            MAX_TOKEN_BYTES
+        );
+        for (path, says) in [
+            (file("open", b"tok\n", 0o640), "readable by group or others"),
+            (file("empty", b"\n", 0o600), "one token"),
+            (file("two", b"two words\n", 0o600), "one word"),
+            (
+                file("long", "a".repeat(MAX_TOKEN_BYTES + 1).as_bytes(), 0o600),
+                "one token",
+            ),
+            (file("binary", b"\xff\xfe", 0o600), "not UTF-8"),
+            (dir.path().to_owned(), "not a regular file"),
+        ] {
+            let e = load_token(&path).expect_err("refused").to_string();
+            assert!(e.contains(says), "{}: {e}", path.display());
+        }
+    }
 
     #[test]
     fn only_mcp_methods_name_a_series() {

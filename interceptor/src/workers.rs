@@ -37,7 +37,7 @@ thread_local! {
     static SLOT: Cell<usize> = const { Cell::new(0) };
     /// Polls of this thread's connection tasks so far: the work [`busy_poll_task`] watches for.
     static WORK: Cell<u64> = const { Cell::new(0) };
-    /// Requests of this thread waiting for another thread's answer (see [`Awaiting`]).
+    /// Requests of this thread waiting for another thread's answer (see [`AwaitingAnswer`]).
     static AWAITING: Cell<usize> = const { Cell::new(0) };
     /// Notified each time this worker's event loop wakes from a park (see [`busy_poll_task`]).
     static UNPARKED: Arc<Notify> = Arc::new(Notify::new());
@@ -122,8 +122,8 @@ async fn busy_poll_task(period: Duration, turns: Arc<AtomicU64>, idle: impl Fn()
 }
 
 /// A request of this thread waiting for another thread's answer that comes soon (an audit
-/// `fdatasync`, hundreds of µs): while one is held, the worker's busy polling goes on past its
-/// period, up to [`MAX_AWAITING_POLL`], so the answer is taken by a running CPU (see
+/// `fdatasync`, hundreds of µs): while one is held, the worker's busy polling goes on until
+/// its connections have been quiet for [`MAX_AWAITING_POLL`] (its period, if longer), so the answer is taken by a running CPU (see
 /// [`busy_poll_task`]; `fsync` mode at c=1 here: about −100 µs per request). Nothing on a
 /// thread without busy polling.
 pub struct AwaitingAnswer(bool);
