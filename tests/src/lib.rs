@@ -773,6 +773,8 @@ pub struct TestEnv {
     log_path: PathBuf,
     /// Extra `key = value` lines for the `[daemon]` table.
     pub daemon_extra: String,
+    /// The daemon's open-files limit (soft and hard), when a test sets one.
+    pub open_files: Option<u64>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -800,6 +802,7 @@ impl TestEnv {
             created: Vec::new(),
             daemon: None,
             daemon_extra: String::new(),
+            open_files: None,
         };
         let root = env.root.clone();
         env.mkdir(&root);
@@ -882,14 +885,27 @@ impl TestEnv {
             .append(true)
             .open(&self.log_path)
             .expect("log file");
-        let child = Command::new(interceptor_bin())
-            .args(["run", "--log-format", "json", "--config"])
+        let mut cmd = Command::new(interceptor_bin());
+        cmd.args(["run", "--log-format", "json", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info,interceptor=debug")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn interceptor");
+            .stderr(log);
+        if let Some(limit) = self.open_files {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: only setrlimit(2) runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn interceptor");
         self.daemon = Some(child);
         let ready_before = self.count_logs("interceptor ready");
         let deadline = Instant::now() + Duration::from_secs(30);

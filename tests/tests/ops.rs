@@ -962,3 +962,80 @@ fn a_daemon_where_another_already_redirects_refuses_to_start() {
     outer.start_daemon();
     assert_eq!(outer.status()["programs"].as_array().map(Vec::len), Some(8));
 }
+
+/// Holds argv[2] connections to argv[1] (`ip:port`), opened without a request; prints "held".
+const HOLD_CONNECTIONS: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect((host, int(port)))
+    except BlockingIOError:
+        pass
+    held.append(s)
+time.sleep(1)
+print("held", flush=True)
+time.sleep(120)
+"#;
+
+#[test]
+fn out_of_descriptors_the_daemon_backs_off_quietly_and_recovers() {
+    if !privileged() {
+        return;
+    }
+    let upstream = LabelServer::start("127.0.0.3", "fd");
+    let mut env = TestEnv::new("fds");
+    let agents = env.cgroup("agents");
+    write_config(&env, &upstream, &agents, None);
+    // ~50 descriptors at rest: room for a few dozen agent connections.
+    env.open_files = Some(128);
+    env.start_daemon();
+    let lines = |needle: &str| {
+        env.logs()
+            .iter()
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .count()
+    };
+    let (before_accept, before_stall) = (lines("accept failed"), lines("left new connections"));
+    let (held, holder) = interceptor_tests::python_in_cgroup(
+        &env.dir(&agents),
+        HOLD_CONNECTIONS,
+        &[&upstream.addr.to_string(), "200"],
+    );
+    assert_eq!(held, "held");
+    std::thread::sleep(Duration::from_secs(2));
+    // The worker backs off its accept errors, logged at most once a second; it is not taken
+    // for a stalled one (whose queue the control plane would take over, failing the same way
+    // and warning every 100 ms).
+    let accept_failed = lines("accept failed") - before_accept;
+    assert!(
+        (1..=5).contains(&accept_failed),
+        "{accept_failed} accept failures logged in ~3 s:\n{}",
+        env.log_text()
+    );
+    assert_eq!(
+        lines("left new connections") - before_stall,
+        0,
+        "{}",
+        env.log_text()
+    );
+    // Descriptors back: served again.
+    drop(holder);
+    let r = eventually(
+        Duration::from_secs(20),
+        || {
+            let r = send_raw(
+                PROBE,
+                &env.dir(&agents),
+                &upstream.addr.to_string(),
+                ping_request().as_bytes(),
+            );
+            (r.status == Some(200)).then_some(r)
+        },
+        || format!("not served again:\n{}", env.log_text()),
+    );
+    assert!(r.expect_reply().contains("\"id\":7"), "{r:?}");
+}
