@@ -117,8 +117,9 @@ impl ConfigArg {
 enum Command {
     /// Run the daemon (root): attach the programs, tag the configured cgroups, serve the proxy.
     /// SIGTERM/SIGINT stop it (exit 0); it exits non-zero when its listeners or admin socket
-    /// end under it, and with 70 when a connection worker panics (fail closed). One daemon per
-    /// node (per bpffs folder: a second one on the same pins is refused).
+    /// end under it, or when a connection worker's event loop panics (after draining as on
+    /// SIGTERM; fail closed). One daemon per node (per bpffs folder: a second one on the same
+    /// pins is refused, as is one where another's programs run at or above its cgroup_root).
     Run {
         #[command(flatten)]
         config: ConfigArg,
