@@ -165,18 +165,13 @@ async fn serve(stream: UnixStream, daemon: Arc<Daemon>) {
             match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
                 // Off the async threads: a reload resolves names, tag and revoke read /proc
                 // and update maps.
-                Ok(Ok(_)) => {
-                    // Finished before the daemon records its stop (see `Daemon::changes`).
-                    let running = daemon.changes.clone().read_owned().await;
-                    tokio::task::spawn_blocking(move || {
-                        let _running = running;
-                        handle(&daemon, &line, peer, may)
-                    })
+                Ok(Ok(_)) => daemon
+                    .change(move |d| handle(d, &line, peer, may))
+                    .await
                     .await
                     .unwrap_or_else(
                         |e| json!({"ok": false, "error": format!("the request failed: {e}")}),
-                    )
-                }
+                    ),
                 Ok(Err(e)) => json!({"ok": false, "error": format!("reading request: {e}")}),
                 Err(_) => json!({"ok": false, "error": "no request within 10 s"}),
             }

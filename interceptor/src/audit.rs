@@ -1455,7 +1455,7 @@ impl Audit {
     /// The next write is tried even within [`UNHEALTHY_RETRY`] of a failed one (the daemon's
     /// last event, at its stop).
     pub fn try_now(&self) {
-        lock(&self.shared.writer).retried = None;
+        self.shared.try_now();
     }
 
     /// Records `event` and waits, from synchronous code (start-up, shutdown, admin).
@@ -1585,6 +1585,11 @@ impl Shared {
             result.get_or_insert(outcome);
         }
         result.unwrap_or(Ok(()))
+    }
+
+    /// See [`Audit::try_now`].
+    fn try_now(&self) {
+        lock(&self.writer).retried = None;
     }
 
     /// Ends a turn: the log is free again, and callers still queued try again.
@@ -1755,7 +1760,7 @@ impl Shared {
                 // Deferred events, then one last fdatasync for them and for any waiter. A write
                 // that finds the log writable again defers an `audit.lost`: written too. Tried
                 // now, whatever the pace of retries (see `UNHEALTHY_RETRY`): the last chance.
-                lock(&self.writer).retried = None;
+                self.try_now();
                 let _ = self.write(Vec::new());
                 if !lock(&self.queue).later.is_empty() {
                     let _ = self.write(Vec::new());

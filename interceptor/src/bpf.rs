@@ -177,41 +177,7 @@ impl Kernel {
     ) -> Result<Self, Error> {
         ensure_bpffs(bpffs_dir)?;
         let links_dir = bpffs_dir.join("links");
-        // Another daemon's programs, attached at or above this cgroup with other pins: both
-        // would redirect its processes' connections. (One attached below is not seen from
-        // here: it refuses to start after this one, but one already running there is not
-        // noticed.) The program behind this daemon's own pin is read again after the query:
-        // a running daemon of these pins replacing it meanwhile is no foreign one (that start
-        // then fails on the pins' lock).
-        let own_program = || {
-            PinnedLink::from_pin(links_dir.join(programs::CONNECT4))
-                .ok()
-                .and_then(|link| FdLink::from(link).info().ok())
-                .map(|info| info.program_id())
-        };
-        let cgroup = hierarchy.open(attach_cgroup)?;
-        let mut foreign = Vec::new();
-        for _ in 0..3 {
-            let own = own_program();
-            foreign = foreign_redirectors(&cgroup, own).map_err(|e| Error::Io {
-                path: hierarchy.dir(attach_cgroup),
-                error: io::Error::new(e.kind(), format!("BPF_PROG_QUERY (connect4): {e}")),
-            })?;
-            if own_program() == own {
-                break;
-            }
-        }
-        if !foreign.is_empty() {
-            return Err(Error::Foreign {
-                cgroup: attach_cgroup.to_owned(),
-                dir: bpffs_dir.to_owned(),
-                ids: foreign
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
+        refuse_foreign(bpffs_dir, &links_dir, hierarchy, attach_cgroup)?;
 
         for dir in [bpffs_dir, links_dir.as_path()] {
             // Root only, whatever the umask (the folder is checked below).
@@ -695,6 +661,50 @@ unsafe fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_lon
     } else {
         Ok(r)
     }
+}
+
+/// Refuses to install where another daemon's programs, attached at or above `attach_cgroup`
+/// with other pins than `bpffs_dir`'s, run for its processes' connects: both would redirect
+/// them. (One attached below is not seen from here: it refuses to start after this one, but
+/// one already running there is not noticed.) The program behind this daemon's own pin is
+/// read again after the query: a running daemon of these pins replacing it meanwhile is no
+/// foreign one (that start then fails on the pins' lock).
+fn refuse_foreign(
+    bpffs_dir: &Path,
+    links_dir: &Path,
+    hierarchy: &Hierarchy,
+    attach_cgroup: &str,
+) -> Result<(), Error> {
+    let own_program = || {
+        PinnedLink::from_pin(links_dir.join(programs::CONNECT4))
+            .ok()
+            .and_then(|link| FdLink::from(link).info().ok())
+            .map(|info| info.program_id())
+    };
+    let cgroup = hierarchy.open(attach_cgroup)?;
+    let mut foreign = Vec::new();
+    for _ in 0..3 {
+        let own = own_program();
+        foreign = foreign_redirectors(&cgroup, own).map_err(|e| Error::Io {
+            path: hierarchy.dir(attach_cgroup),
+            error: io::Error::new(e.kind(), format!("BPF_PROG_QUERY (connect4): {e}")),
+        })?;
+        if own_program() == own {
+            break;
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Foreign {
+        cgroup: attach_cgroup.to_owned(),
+        dir: bpffs_dir.to_owned(),
+        ids: foreign
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// The connect (IPv4) programs of another interceptor that run for the processes of `cgroup`

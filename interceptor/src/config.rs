@@ -1166,33 +1166,26 @@ impl Validator<'_> {
                 format!("{workers} is more than {MAX_WORKERS}; write 0 for one per CPU"),
             ));
         }
-        let busy_poll = humantime::parse_duration(&raw.busy_poll)
-            .map_err(|e| {
+        let busy_poll = match humantime::parse_duration(&raw.busy_poll) {
+            Err(e) => Err(format!("is not a duration ({e})")),
+            Ok(d) if !d.is_zero() && d < std::time::Duration::from_micros(1) => {
+                Err("is under a microsecond".to_owned())
+            }
+            Ok(d) if d > crate::workers::MAX_BUSY_POLL => Err(format!(
+                "is more than {}: a worker would spend whole time slices polling",
+                humantime::format_duration(crate::workers::MAX_BUSY_POLL)
+            )),
+            Ok(d) => Ok(d),
+        }
+        .map_err(|why| {
+            self.invalid(
+                "daemon.busy_poll",
                 format!(
-                    "{:?} is not a duration ({e}); write e.g. \"50us\", or \"0\" to turn busy \
-                     polling off",
+                    "{:?} {why}; write e.g. \"50us\", or \"0\" to turn busy polling off",
                     raw.busy_poll
-                )
-            })
-            .and_then(|d| {
-                if !d.is_zero() && d < std::time::Duration::from_micros(1) {
-                    Err(format!(
-                        "{:?} is under a microsecond; write e.g. \"50us\", or \"0\" to turn \
-                         busy polling off",
-                        raw.busy_poll
-                    ))
-                } else if d > crate::workers::MAX_BUSY_POLL {
-                    Err(format!(
-                        "{:?} is more than {}: a worker would spend whole time slices polling; \
-                         write e.g. \"50us\", or \"0\" to turn busy polling off",
-                        raw.busy_poll,
-                        humantime::format_duration(crate::workers::MAX_BUSY_POLL)
-                    ))
-                } else {
-                    Ok(d)
-                }
-            })
-            .map_err(|m| self.invalid("daemon.busy_poll", m))?;
+                ),
+            )
+        })?;
         Ok(Daemon {
             drain_grace,
             busy_poll,

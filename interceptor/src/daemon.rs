@@ -131,9 +131,10 @@ pub struct Daemon {
     /// Held through a reload, from reading the file to the swap: two at once (SIGHUP and
     /// `interceptor reload`) could otherwise end with the older file's policy in force.
     reloading: std::sync::Mutex<()>,
-    /// Held (shared) by each admin request and SIGHUP reload while it runs, taken whole by the
-    /// stop before `daemon.stop` is recorded: what they change (and record) comes before it.
-    pub changes: Arc<tokio::sync::RwLock<()>>,
+    /// Held (shared) by each admin request and SIGHUP reload while it runs (see
+    /// [`Daemon::change`]), taken whole by the stop before `daemon.stop` is recorded: what
+    /// they change (and record) comes before it.
+    changes: Arc<tokio::sync::RwLock<()>>,
     /// The way to each server's upstream, by server index.
     pub upstreams: Vec<Upstream>,
     /// The node CA, when `[ca]` is configured.
@@ -485,9 +486,37 @@ impl Daemon {
             .clone()
     }
 
+    /// Runs `change` (an admin request, a reload: blocking, it may read /proc, update maps,
+    /// resolve names) off the async threads, before the stop records `daemon.stop` (see
+    /// `changes`); its result once it has run.
+    pub async fn change<R: Send + 'static>(
+        self: &Arc<Self>,
+        change: impl FnOnce(&Daemon) -> R + Send + 'static,
+    ) -> tokio::task::JoinHandle<R> {
+        let running = self.changes.clone().read_owned().await;
+        let daemon = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _running = running;
+            change(&daemon)
+        })
+    }
+
+    /// Records `daemon.stop` with `fields`, the last event: tried whatever the pace of
+    /// retries of a failing log.
+    async fn record_stop(&self, by: &str, fields: Value) {
+        self.audit.try_now();
+        if let Err(e) = self
+            .audit
+            .record(self.event_by(by, "daemon.stop", fields))
+            .await
+        {
+            warn!(error = %e, "could not record daemon.stop");
+        }
+    }
+
     /// Re-reads the config file and applies its policy to the next request on every
-    /// connection. An invalid file changes nothing and says why.
-    /// Blocking (it reads the file and resolves names): call it off the async threads.
+    /// connection. An invalid file changes nothing and says why. Blocking (it reads the file
+    /// and resolves names): run it through [`Daemon::change`].
     pub fn reload(&self, by: &str) -> Result<ReloadReport, String> {
         let _one_at_a_time = lock(&self.reloading);
         let new = match Config::load(&self.config.path) {
@@ -1633,14 +1662,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             let _ = daemon.sync_block_state();
             daemon.workers.stop();
             let stop = json!({"pid": std::process::id(), "error": e.to_string()});
-            daemon.audit.try_now();
-            if let Err(e) = daemon
-                .audit
-                .record(daemon.event_by(&daemon_identity, "daemon.stop", stop))
-                .await
-            {
-                warn!(error = %e, "could not record daemon.stop");
-            }
+            daemon.record_stop(&daemon_identity, stop).await;
             return Err(e);
         }
     };
@@ -1699,14 +1721,12 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
                 // Off this loop (a reload resolves names): a SIGTERM meanwhile is not held up.
-                let (daemon, by) = (daemon.clone(), daemon_identity.clone());
-                let running = daemon.changes.clone().read_owned().await;
-                drop(tokio::task::spawn_blocking(move || {
-                    let _running = running;
-                    if let Err(e) = daemon.reload(&by) {
+                let by = daemon_identity.clone();
+                drop(daemon.change(move |d| {
+                    if let Err(e) = d.reload(&by) {
                         warn!(error = %e, "SIGHUP reload failed");
                     }
-                }));
+                }).await);
             }
         }
     }
@@ -1749,19 +1769,9 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
              end?); stopping without it"
         );
     }
-    // Tried now whatever the pace of retries of a failing log: its last event.
-    daemon.audit.try_now();
-    if let Err(e) = daemon
-        .audit
-        .record(daemon.event_by(
-            &daemon_identity,
-            "daemon.stop",
-            json!({"pid": std::process::id()}),
-        ))
-        .await
-    {
-        warn!(error = %e, "could not record daemon.stop");
-    }
+    daemon
+        .record_stop(&daemon_identity, json!({"pid": std::process::id()}))
+        .await;
     info!("stopped; programs, maps and tags stay pinned (interceptor uninstall removes them)");
     match failed {
         None => Ok(()),

@@ -8,8 +8,8 @@
 //! requests use and their I/O stay on one thread. Each proxy listener is accepted on by one
 //! worker, which serves a new connection itself unless another worker has fewer connections
 //! by more than [`BALANCE_SLACK`] (after Envoy's exact connection balancing), so the accepted
-//! socket is handed to another thread only when that balances the load (or when its worker stalls: see
-//! `accept::STALL_CHECK`). The main runtime keeps the control plane (admin socket,
+//! socket is handed to another thread only when that balances the load (or when its worker
+//! stalls: see `accept::STALL_CHECK`). The main runtime keeps the control plane (admin socket,
 //! metrics, namespace discovery), as Envoy keeps its main thread apart from its workers.
 
 use std::{
@@ -123,9 +123,9 @@ async fn busy_poll_task(period: Duration, turns: Arc<AtomicU64>, idle: impl Fn()
 
 /// A request of this thread waiting for another thread's answer that comes soon (an audit
 /// `fdatasync`, hundreds of µs): while one is held, the worker's busy polling goes on until
-/// its connections have been quiet for [`MAX_AWAITING_POLL`] (its period, if longer), so the answer is taken by a running CPU (see
-/// [`busy_poll_task`]; `fsync` mode at c=1 here: about −100 µs per request). Nothing on a
-/// thread without busy polling.
+/// its connections have been quiet for [`MAX_AWAITING_POLL`] (its period, if longer), so the
+/// answer is taken by a running CPU (see [`busy_poll_task`]; `fsync` mode at c=1 here: about
+/// −100 µs per request). Nothing on a thread without busy polling.
 pub struct AwaitingAnswer(bool);
 
 impl AwaitingAnswer {
@@ -153,8 +153,9 @@ impl Drop for AwaitingAnswer {
     }
 }
 
-/// How long a worker busy polls at most for the answer of an [`AwaitingAnswer`] (past its
-/// period): an `fdatasync` takes ~0.1–0.5 ms on SSDs; a slower disk's is waited for parked.
+/// How long a worker's connections may be quiet while it busy polls for the answer of an
+/// [`AwaitingAnswer`] (its period, if longer): an `fdatasync` takes ~0.1–0.5 ms on SSDs; a
+/// slower disk's is waited for parked.
 pub const MAX_AWAITING_POLL: Duration = Duration::from_millis(1);
 
 /// Whether a worker whose connections have been quiet for `quiet` keeps busy polling.
@@ -365,8 +366,8 @@ impl Workers {
 
     /// Runs a connection's `task` on the worker serving the fewest connections, the calling
     /// worker when it serves at most [`BALANCE_SLACK`] more than that (no hand-off to another
-    /// thread, no wake-up of it), and not on a stalled worker while there is another. The worker's count includes the task
-    /// until the task ends or is dropped.
+    /// thread, no wake-up of it), and not on a stalled worker while there is another. The
+    /// worker's count includes the task until the task ends or is dropped.
     pub fn spawn_connection(&self, task: impl Future<Output = ()> + Send + 'static) {
         let open = |i: &usize| !self.stalled[*i].load(Ordering::Relaxed);
         let any_open = (0..self.handles.len()).any(|i| open(&i));

@@ -2572,6 +2572,22 @@ impl Conn {
         }
     }
 
+    /// Drops from `message` (one message or a batch) the task notifications this identity may
+    /// not see (they carry the task, its result too: only its starter's); how many, or `None`
+    /// when nothing is left (an emptied batch is no message either).
+    fn drop_foreign_task_notices(&self, message: &mut Value) -> Option<usize> {
+        let dropped = match &mut *message {
+            Value::Array(items) => {
+                let before = items.len();
+                items.retain(|m| !self.foreign_task_notice(m));
+                before - items.len()
+            }
+            m => usize::from(self.foreign_task_notice(m)),
+        };
+        let emptied = dropped > 0 && message.as_array().is_none_or(Vec::is_empty);
+        (!emptied).then_some(dropped)
+    }
+
     /// Whether `m` is a task notification (`notifications/tasks…`) about a task this identity
     /// may not name (or about none): not relayed.
     fn foreign_task_notice(&self, m: &Value) -> bool {
@@ -3066,15 +3082,8 @@ impl Conn {
                 // messages beside the response (a batch), which clients hand to their handlers
                 // alike. Task notifications only for the task's starter; requests to the agent
                 // on record.
-                let dropped = match &mut v {
-                    Value::Array(items) => {
-                        let before = items.len();
-                        items.retain(|m| !self.foreign_task_notice(m));
-                        before - items.len()
-                    }
-                    m => usize::from(self.foreign_task_notice(m)),
-                };
-                let emptied = dropped > 0 && v.as_array().is_none_or(Vec::is_empty);
+                let kept = self.drop_foreign_task_notices(&mut v);
+                let (emptied, dropped) = (kept.is_none(), kept.unwrap_or(0));
                 self.record_server_requests(&v, session.as_deref());
                 self.audit_response(&mut pending, &v);
                 if emptied && !pending.is_empty() {
@@ -3477,21 +3486,10 @@ impl SseState {
             self.conn.daemon.config.proxy.max_response_values,
         ) {
             Ok((mut v, duplicate)) => {
-                // Task notifications carry the task (its result too): only its starter's.
-                let mut dropped = 0;
-                match &mut v {
-                    Value::Array(items) => {
-                        let before = items.len();
-                        items.retain(|m| !self.conn.foreign_task_notice(m));
-                        dropped = before - items.len();
-                        if items.is_empty() && dropped > 0 {
-                            // Nothing left: no event (an empty batch is no message).
-                            return Bytes::new();
-                        }
-                    }
-                    m if self.conn.foreign_task_notice(m) => return Bytes::new(),
-                    _ => {}
-                }
+                let Some(dropped) = self.conn.drop_foreign_task_notices(&mut v) else {
+                    // Nothing left: no event.
+                    return Bytes::new();
+                };
                 self.conn
                     .record_server_requests(&v, self.session_id.as_deref());
                 match &self.session {
