@@ -1500,7 +1500,7 @@ fn identity_json(by: Actor, naming: &config::Naming, hierarchy: &Hierarchy) -> S
 }
 
 /// How long the stop waits for admin requests and reloads still running (see
-/// [`Daemon::changes`]).
+/// [`Daemon::change`]).
 const CHANGES_AT_STOP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Starts the daemon and serves until SIGTERM or SIGINT; `on_ready` runs once it serves (the
