@@ -147,7 +147,7 @@ pub struct Kernel {
     pub listeners: Mutex<HashMap<MapData, u64, Listener>>,
     /// The proxy's listening sockets; the kernel redirects only to one that is in here.
     listen_socks: Mutex<SockHash<MapData, ListenKey>>,
-    pub conns: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
+    conns: TupleRecords,
     /// The same map through a second descriptor, for walks (see [`Kernel::drop_conns`]).
     conns_walk: Mutex<HashMap<MapData, TupleKey, ConnRecord>>,
     /// Records by socket cookie, from `connect*` to the handshake (walked: the fill, and a
@@ -316,7 +316,7 @@ impl Kernel {
             listen_socks: Mutex::new(
                 SockHash::try_from(listen_socks).map_err(map_err(names::LISTEN_SOCKS))?,
             ),
-            conns: Mutex::new(HashMap::try_from(conns).map_err(map_err(names::CONNS))?),
+            conns: TupleRecords::new(conns)?,
             conns_walk: Mutex::new(
                 HashMap::try_from(aya::maps::Map::HashMap(conns_walk))
                     .map_err(map_err(names::CONNS))?,
@@ -520,11 +520,56 @@ impl Kernel {
 
     /// Takes (reads and removes) the record of the connection `key`.
     pub fn take_conn(&self, key: &TupleKey) -> Option<ConnRecord> {
-        let mut conns = lock(&self.conns);
-        let record = conns.get(key, 0).ok()?;
         // Consumed: a later connection reusing the tuple must not inherit this identity.
-        let _ = conns.remove(key);
-        Some(record)
+        self.conns.take(key)
+    }
+}
+
+/// The tuple records (`ICPT_CONNS`), each taken with one `BPF_MAP_LOOKUP_AND_DELETE_ELEM`
+/// (hash maps since Linux 5.14): a read and a remove were two system calls on every accepted
+/// connection, under a lock the workers shared.
+struct TupleRecords(MapData);
+
+impl TupleRecords {
+    fn new(map: aya::maps::Map) -> Result<Self, Error> {
+        // The map type and the key and value sizes, checked as aya checks them.
+        HashMap::<_, TupleKey, ConnRecord>::try_from(&map).map_err(map_err(names::CONNS))?;
+        match map {
+            aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => Ok(Self(data)),
+            // Refused by `try_from` above.
+            _ => Err(map_err(names::CONNS)(MapError::InvalidName {
+                name: names::CONNS.to_owned(),
+            })),
+        }
+    }
+
+    /// The record of `key`, removed from the map; `None` when there is none (or the kernel
+    /// refused the call: no record is served then either).
+    fn take(&self, key: &TupleKey) -> Option<ConnRecord> {
+        const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+        // The `bpf_attr` member of the `BPF_MAP_*_ELEM` commands; explicit padding, zero.
+        #[repr(C)]
+        struct Elem {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut record = std::mem::MaybeUninit::<ConnRecord>::uninit();
+        let mut elem = Elem {
+            map_fd: self.0.fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: record.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `key` points at a `TupleKey` and `value` at room for a `ConnRecord`, the
+        // map's key and value sizes (checked in `new`), both alive for the call.
+        unsafe { bpf_call(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut elem) }.ok()?;
+        // SAFETY: the kernel wrote the whole value (the call succeeded); every bit pattern is a
+        // valid `ConnRecord` (plain integers: `aya::Pod`).
+        Some(unsafe { record.assume_init() })
     }
 }
 

@@ -949,27 +949,10 @@ fn world_not_accepting(label: &str) -> (World, std::path::PathBuf, String, nix::
     (w, agents, dialed, pid)
 }
 
-#[test]
-fn a_connection_record_no_daemon_took_serves_nobody_later() {
-    if !privileged() {
-        return;
-    }
-    // The daemon stops accepting; an agent's connection is redirected and waits in its accept
-    // queue (the kernel published its record); then the daemon dies, which resets it.
-    let (mut w, agents, dialed, _) = world_not_accepting("stale-record");
-    const AGENT: &str = r#"
-import socket, sys
-host, port = sys.argv[1].rsplit(":", 1)
-s = socket.create_connection((host, int(port)))
-print(s.getsockname()[1], flush=True)
-try:
-    s.recv(1)
-except OSError:
-    pass
-"#;
-    // Another process (untagged: this test's own) binds the agent's source port and dials
-    // the proxy port directly: it must not be served as the agent.
-    const IMPOSTOR: &str = r#"
+/// Another process (untagged: the test's own) binds an agent's source port (argv[1]) and
+/// dials the proxy port (argv[2]) directly: prints how many bytes it was answered, or
+/// `in-use` when the port is taken. It must never be served as the agent.
+const IMPOSTOR: &str = r#"
 import errno, socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -991,6 +974,80 @@ try:
 except OSError:
     pass
 print(len(reply))
+"#;
+
+#[test]
+fn a_served_connections_record_is_consumed_and_serves_no_impostor_on_its_port() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world("consumed-record", &["agents"]);
+    let agents = w.env.dir(&format!("{}/agents", w.env.root));
+    let dialed = w.direct.addr.to_string();
+    w.env.start_daemon();
+    // Served through the redirect, closed gracefully by the proxy first (`Connection:
+    // close`): the kernel leaves the record to the proxy, and no TIME_WAIT on the agent's side
+    // holds its source port.
+    const AGENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+s.settimeout(5)
+reply = b""
+while chunk := s.recv(4096):
+    reply += chunk
+source = s.getsockname()[1]
+s.close()
+print(source, b"upstream" in reply, flush=True)
+"#;
+    // The source port may be taken meanwhile by another test's connection (tests run in
+    // parallel): then the scenario is played again.
+    for attempt in 1..=3 {
+        let (said, _agent) = interceptor_tests::python_in_cgroup(&agents, AGENT, &[&dialed]);
+        let (port, served) = said.split_once(' ').expect("port and verdict");
+        assert_eq!(served, "True", "the agent was not served: {said}");
+        let out = std::process::Command::new(interceptor_tests::python())
+            .args(["-c", IMPOSTOR, port, &w.env.port.to_string()])
+            .output()
+            .expect("run the impostor");
+        let received = String::from_utf8_lossy(&out.stdout);
+        if received.trim() == "in-use" && attempt < 3 {
+            continue;
+        }
+        assert_eq!(
+            received.trim(),
+            "0",
+            "served as the agent on its record: {received} / {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            w.upstream.count(),
+            attempt,
+            "the impostor's request was relayed"
+        );
+        break;
+    }
+}
+
+#[test]
+fn a_connection_record_no_daemon_took_serves_nobody_later() {
+    if !privileged() {
+        return;
+    }
+    // The daemon stops accepting; an agent's connection is redirected and waits in its accept
+    // queue (the kernel published its record); then the daemon dies, which resets it.
+    let (mut w, agents, dialed, _) = world_not_accepting("stale-record");
+    const AGENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+print(s.getsockname()[1], flush=True)
+try:
+    s.recv(1)
+except OSError:
+    pass
 "#;
     // The source port may be taken meanwhile by another test's connection (tests run in
     // parallel): then the scenario is played again.
