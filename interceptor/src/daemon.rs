@@ -179,6 +179,8 @@ pub struct Daemon {
     pub proc_cache: crate::identity::ProcCache,
     /// Identity assertions signed ahead for workloads' next requests.
     pub presigns: crate::mcp::WorkloadPresigns,
+    /// Tools' `x-mcp-header` annotations, learned from the lists relayed (`Mcp-Param-*`).
+    pub mirrors: crate::mcp::params::Mirrors,
     started: Instant,
 }
 
@@ -1614,6 +1616,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         counters: Counters::default(),
         proc_cache: crate::identity::ProcCache::default(),
         presigns: crate::mcp::WorkloadPresigns::default(),
+        mirrors: crate::mcp::params::Mirrors::default(),
         started: Instant::now(),
         config,
     });

@@ -470,6 +470,56 @@ macro_rules! listing {
 }
 
 #[test]
+fn mirrored_tool_parameters_must_agree_with_the_arguments() {
+    if !privileged() {
+        return;
+    }
+    // The server mirrors `search`'s `region` argument into `Mcp-Param-Region` (2026-07-28's
+    // `x-mcp-header`); it answers every request with that list.
+    const LIST: &[u8] = br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search","inputSchema":{"type":"object","properties":{"q":{"type":"string"},"region":{"type":"string","x-mcp-header":"Region"}}}}]}}"#;
+    let w = world_with("mirrored", LabelServer::start_fixed("127.0.0.3", LIST));
+    let addr = w.upstream.addr.to_string();
+    let send = |body: &[u8], headers: &str| send_raw(PROBE, &w.dir, &addr, &post(body, headers));
+    let listed = send(br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#, "");
+    assert_eq!(listed.status, Some(200), "{listed:?}");
+    let call = br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"search","arguments":{"q":"x","region":"us-west1"}}}"#;
+    let modern =
+        "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: search\r\n";
+    let calls = || {
+        w.upstream
+            .bodies()
+            .iter()
+            .filter(|b| b.contains("tools/call"))
+            .count()
+    };
+    for (what, headers) in [
+        (
+            "another region",
+            format!("{modern}Mcp-Param-Region: eu-west1\r\n"),
+        ),
+        ("no header", modern.to_owned()),
+        (
+            "a malformed value",
+            format!("{modern}Mcp-Param-Region: =?base64?***?=\r\n"),
+        ),
+    ] {
+        let r = send(call, &headers);
+        assert_eq!(r.status, Some(400), "{what}: {r:?}");
+        assert_eq!(
+            error_code(r.reply.as_deref().unwrap_or("")),
+            Some(-32020),
+            "{what}: {r:?}"
+        );
+    }
+    assert_eq!(calls(), 0, "a refused call reached the server");
+    // Agreeing (here in the base64 form), it is forwarded.
+    let agreeing = format!("{modern}Mcp-Param-Region: =?base64?dXMtd2VzdDE=?=\r\n");
+    let r = send(call, &agreeing);
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(calls(), 1);
+}
+
+#[test]
 fn list_results_behind_a_byte_order_mark_are_filtered_too() {
     if !privileged() {
         return;

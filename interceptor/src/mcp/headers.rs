@@ -187,7 +187,7 @@ pub fn check_charset(headers: &HeaderMap) -> Result<(), String> {
 }
 
 /// A header value as text, decoding the `=?base64?…?=` form MCP uses for non-ASCII values.
-fn header_text(v: &HeaderValue) -> Option<String> {
+pub(super) fn header_text(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;
     if let Some(inner) = s
         .strip_prefix("=?base64?")
@@ -199,6 +199,15 @@ fn header_text(v: &HeaderValue) -> Option<String> {
         return String::from_utf8(bytes).ok();
     }
     Some(s.to_owned())
+}
+
+/// Whether the request's `MCP-Protocol-Version` is 2026-07-28 or later: its `Mcp-*` headers are
+/// then required.
+pub(super) fn is_stateless(headers: &HeaderMap) -> bool {
+    headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v >= STATELESS_VERSION)
 }
 
 /// 2026-07-28: `Mcp-Method` / `Mcp-Name` must agree with the body (and are required from that
@@ -215,10 +224,7 @@ pub fn check_mcp_headers(headers: &HeaderMap, body: &Body) -> Result<(), RpcErro
             return Err(mismatch(format!("repeated {name} header"), None));
         }
     }
-    let stateless = headers
-        .get("mcp-protocol-version")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v >= STATELESS_VERSION);
+    let stateless = is_stateless(headers);
     let method_h = headers.get("mcp-method");
     let name_h = headers.get("mcp-name");
     if body.batch {

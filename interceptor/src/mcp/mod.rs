@@ -17,6 +17,7 @@ pub mod filter;
 pub mod framing;
 pub mod headers;
 pub mod jsonrpc;
+pub mod params;
 pub mod session;
 pub mod sse;
 pub mod tasks;
@@ -1916,7 +1917,11 @@ impl Conn {
                 (true, _) => json_response(StatusCode::FORBIDDEN, &Value::Array(errors)),
             });
         }
-        if let Err(e) = check_mcp_headers(&parts.headers, &body) {
+        if let Err(e) = check_mcp_headers(&parts.headers, &body).and_then(|()| {
+            self.daemon
+                .mirrors
+                .check(self.server_name(), &parts.headers, &body)
+        }) {
             self.rejected();
             info!(error = %e, "request refused: Mcp-* header disagrees with the body");
             self.record_refused(&parts, &body, &e.message);
@@ -3172,6 +3177,8 @@ impl Conn {
 
     /// Filters list-shaped results in `message`; returns how many items were hidden.
     fn filter(&self, message: &mut Value) -> usize {
+        // Before filtering: a tool this identity may not see can still be called by another.
+        self.daemon.mirrors.learn(self.server_name(), message);
         let (policy, grant) = self.policy();
         // Only for a `tasks` array (rare): no work per answer otherwise.
         let own_task = |id: &str| {
