@@ -60,14 +60,16 @@ pub enum Error {
     /// Another interceptor's programs already run for the connects this one would redirect.
     #[error(
         "another interceptor daemon's connect program (program id {ids}) already runs for the \
-         connects of processes in {cgroup} (attached there or above, with other pins than \
-         {dir}): two daemons would both redirect those connections. Stop that daemon and remove \
-         its programs (`interceptor uninstall --config <its config>`), or give this one a \
+         connects of processes in {cgroup} (attached {attached}, with other pins than {dir}): \
+         two daemons would both redirect those connections. Stop that daemon and remove its \
+         programs (`interceptor uninstall --config <its config>`), or give this one a \
          daemon.cgroup_root outside that daemon's (and the same daemon.bpffs_dir to run it in \
          its place)"
     )]
     Foreign {
         cgroup: String,
+        /// Where: "there or above", or the cgroup below it.
+        attached: String,
         dir: PathBuf,
         ids: String,
     },
@@ -708,12 +710,13 @@ unsafe fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_lon
     }
 }
 
-/// Refuses to install where another daemon's programs, attached at or above `attach_cgroup`
-/// with other pins than `bpffs_dir`'s, run for its processes' connects: both would redirect
-/// them. (One attached below is not seen from here: it refuses to start after this one, but
-/// one already running there is not noticed.) The program behind this daemon's own pin is
-/// read again after the query: a running daemon of these pins replacing it meanwhile is no
-/// foreign one (that start then fails on the pins' lock).
+/// Refuses to install where another daemon's programs, with other pins than `bpffs_dir`'s, run
+/// for the connects of processes in `attach_cgroup`: attached there or above (the kernel's
+/// effective list), or to a cgroup below it (its subtree walked; a daemon attaching there
+/// after this walk refuses to start, seeing this one above it). Both would redirect those
+/// connections. The program behind this daemon's own pin is read again after the query: a
+/// running daemon of these pins replacing it meanwhile is no foreign one (that start then
+/// fails on the pins' lock).
 fn refuse_foreign(
     bpffs_dir: &Path,
     links_dir: &Path,
@@ -728,9 +731,10 @@ fn refuse_foreign(
     };
     let cgroup = hierarchy.open(attach_cgroup)?;
     let mut foreign = Vec::new();
+    let mut own = None;
     for _ in 0..3 {
-        let own = own_program();
-        foreign = foreign_redirectors(&cgroup, own).map_err(|e| Error::Io {
+        own = own_program();
+        foreign = foreign_redirectors(&cgroup, own, true).map_err(|e| Error::Io {
             path: hierarchy.dir(attach_cgroup),
             error: io::Error::new(e.kind(), format!("BPF_PROG_QUERY (connect4): {e}")),
         })?;
@@ -738,11 +742,18 @@ fn refuse_foreign(
             break;
         }
     }
+    let mut attached = "there or above".to_owned();
     if foreign.is_empty() {
-        return Ok(());
+        let Some((below, ids)) = foreign_below(&hierarchy.dir(attach_cgroup), own) else {
+            return Ok(());
+        };
+        let below = below.strip_prefix(&hierarchy.mount).unwrap_or(&below);
+        attached = format!("to /{} below it", below.display());
+        foreign = ids;
     }
     Err(Error::Foreign {
         cgroup: attach_cgroup.to_owned(),
+        attached,
         dir: bpffs_dir.to_owned(),
         ids: foreign
             .iter()
@@ -752,10 +763,42 @@ fn refuse_foreign(
     })
 }
 
-/// The connect (IPv4) programs of another interceptor that run for the processes of `cgroup`
-/// (an open cgroup v2 folder): attached to it or to an ancestor (the kernel's effective list),
-/// other than `own`, told by their name and by a map of theirs named as ours are.
-fn foreign_redirectors(cgroup: &std::fs::File, own: Option<u32>) -> io::Result<Vec<u32>> {
+/// The first cgroup below the cgroup folder `top` (depth first) to which another interceptor's
+/// connect program is attached, with the programs' ids. Cgroups that vanish or cannot be
+/// queried meanwhile are passed over: this guards against a mistake of configuration, not
+/// against a race with a daemon starting at the same moment.
+fn foreign_below(top: &Path, own: Option<u32>) -> Option<(PathBuf, Vec<u32>)> {
+    let mut folders = vec![top.to_owned()];
+    while let Some(folder) = folders.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            let found = std::fs::File::open(&path)
+                .and_then(|cgroup| foreign_redirectors(&cgroup, own, false))
+                .unwrap_or_default();
+            if !found.is_empty() {
+                return Some((path, found));
+            }
+            folders.push(path);
+        }
+    }
+    None
+}
+
+/// The connect (IPv4) programs of another interceptor attached to `cgroup` (an open cgroup v2
+/// folder), or with `effective` that run for its processes (attached to it or to an ancestor:
+/// the kernel's effective list), other than `own`, told by their name and by a map of theirs
+/// named as ours are.
+fn foreign_redirectors(
+    cgroup: &std::fs::File,
+    own: Option<u32>,
+    effective: bool,
+) -> io::Result<Vec<u32>> {
     use std::os::fd::AsRawFd as _;
     const BPF_PROG_QUERY: libc::c_long = 16;
     const BPF_F_QUERY_EFFECTIVE: u32 = 1;
@@ -779,7 +822,7 @@ fn foreign_redirectors(cgroup: &std::fs::File, own: Option<u32>) -> io::Result<V
         let mut query = Query {
             target_fd: cgroup.as_raw_fd() as u32,
             attach_type: BPF_CGROUP_INET4_CONNECT,
-            query_flags: BPF_F_QUERY_EFFECTIVE,
+            query_flags: if effective { BPF_F_QUERY_EFFECTIVE } else { 0 },
             attach_flags: 0,
             prog_ids: ids.as_mut_ptr() as u64,
             prog_cnt: ids.len() as u32,

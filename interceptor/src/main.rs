@@ -119,7 +119,8 @@ enum Command {
     /// SIGTERM/SIGINT stop it (exit 0); it exits non-zero when its listeners or admin socket
     /// end under it, or when a connection worker's event loop panics (after draining as on
     /// SIGTERM; fail closed). One daemon per node (per bpffs folder: a second one on the same
-    /// pins is refused, as is one where another's programs run at or above its cgroup_root).
+    /// pins is refused, as is one where another's programs run at, above or below its
+    /// cgroup_root).
     Run {
         #[command(flatten)]
         config: ConfigArg,

@@ -912,6 +912,41 @@ fn a_stalled_worker_does_not_hold_up_new_connections() {
     panic!("connections still taken over from the worker going again: {rounds:?}");
 }
 
+/// Starts `env`'s daemon, which must refuse to start (within 20 s) because another daemon's
+/// connect program already runs for its cgroups, having installed nothing; its error.
+fn refused_beside_another(env: &TestEnv) -> String {
+    let mut child = std::process::Command::new(interceptor_tests::interceptor_bin())
+        .args(["run", "--config"])
+        .arg(&env.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn interceptor");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a second daemon at {} started beside the first", env.root);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another interceptor daemon's connect program")
+            && stderr.contains("interceptor uninstall"),
+        "{stderr}"
+    );
+    assert!(!env.bpffs_dir.exists(), "nothing installed for it");
+    stderr
+}
+
 #[test]
 fn a_daemon_where_another_already_redirects_refuses_to_start() {
     if !privileged() {
@@ -927,40 +962,39 @@ fn a_daemon_where_another_already_redirects_refuses_to_start() {
     for root in [below, outer.root.clone()] {
         second.root = root.clone();
         second.write_config(&[], &[]);
-        let mut child = std::process::Command::new(interceptor_tests::interceptor_bin())
-            .args(["run", "--config"])
-            .arg(&second.config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn interceptor");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("a second daemon at {root} started beside the first");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-            .expect("read stderr");
-        assert!(!status.success(), "{stderr}");
-        assert!(
-            stderr.contains("another interceptor daemon's connect program")
-                && stderr.contains("interceptor uninstall"),
-            "{stderr}"
-        );
-        assert!(!second.bpffs_dir.exists(), "nothing installed for it");
+        let stderr = refused_beside_another(&second);
+        assert!(stderr.contains("attached there or above"), "{stderr}");
     }
     // The first one goes on serving, its own restart included.
     outer.stop_daemon(Signal::SIGTERM);
     outer.start_daemon();
     assert_eq!(outer.status()["programs"].as_array().map(Vec::len), Some(8));
+}
+
+#[test]
+fn a_daemon_above_one_that_already_redirects_refuses_to_start() {
+    if !privileged() {
+        return;
+    }
+    // The first daemon is attached below the second's attach point: found by walking the
+    // second's subtree, which the kernel's effective list at its own cgroup does not show.
+    let mut above = TestEnv::new("above");
+    let mut first = TestEnv::new("below");
+    first.root = above.cgroup("team/agents");
+    first.write_config(&[], &[]);
+    first.start_daemon();
+    above.write_config(&[], &[]);
+    let stderr = refused_beside_another(&above);
+    assert!(
+        stderr.contains(&format!("attached to {} below it", first.root)),
+        "{stderr}"
+    );
+    // Gone, the first no longer keeps the second from starting.
+    first.stop_daemon(Signal::SIGTERM);
+    let out = first.cli(&["uninstall"]);
+    assert!(out.status.success(), "{out:?}");
+    above.start_daemon();
+    assert_eq!(above.status()["programs"].as_array().map(Vec::len), Some(8));
 }
 
 /// Holds argv[2] connections to argv[1] (`ip:port`), opened without a request; prints "held".
