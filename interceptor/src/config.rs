@@ -132,6 +132,10 @@ pub struct RawProxy {
     /// Most of those at once for the agents of one cgroup (default 256, or
     /// `max_requests_in_flight` if that is less).
     pub max_requests_in_flight_per_cgroup: Option<usize>,
+    /// Requests a second the agents of one cgroup may send (0: no limit).
+    pub max_requests_per_second_per_cgroup: u32,
+    /// How many of those may come at once (default: a second's worth).
+    pub request_burst_per_cgroup: Option<u32>,
 }
 
 /// A humantime duration (`"30s"`, `"1m 30s"`).
@@ -158,6 +162,8 @@ impl Default for RawProxy {
             max_buffered_bytes_per_cgroup: None,
             max_requests_in_flight: DEFAULT_MAX_REQUESTS_IN_FLIGHT,
             max_requests_in_flight_per_cgroup: None,
+            max_requests_per_second_per_cgroup: 0,
+            request_burst_per_cgroup: None,
         }
     }
 }
@@ -169,6 +175,13 @@ impl RawProxy {
             .max_requests_in_flight_per_cgroup
             .unwrap_or(DEFAULT_MAX_REQUESTS_IN_FLIGHT_PER_CGROUP.min(self.max_requests_in_flight));
         (self.max_requests_in_flight, per_cgroup)
+    }
+
+    /// (`max_requests_per_second_per_cgroup`, `request_burst_per_cgroup`), the burst's default
+    /// applied; `None` without a rate.
+    pub fn rate(&self) -> Option<(u32, u32)> {
+        let rate = self.max_requests_per_second_per_cgroup;
+        (rate > 0).then(|| (rate, self.request_burst_per_cgroup.unwrap_or(rate)))
     }
 
     /// (`max_buffered_bytes`, `max_buffered_bytes_per_cgroup`), defaults applied.
@@ -220,6 +233,8 @@ pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 << 20;
 pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: usize = 4096;
 /// Default `proxy.max_requests_in_flight_per_cgroup`.
 pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT_PER_CGROUP: usize = 256;
+/// Highest `proxy.max_requests_per_second_per_cgroup` and `request_burst_per_cgroup`.
+pub const MAX_REQUEST_RATE: u32 = 1_000_000;
 
 /// Most `daemon.workers` accepted.
 pub const MAX_WORKERS: usize = 1024;
@@ -969,6 +984,28 @@ impl Validator<'_> {
                      ({flights})"
                 ),
             ));
+        }
+        if raw.proxy.max_requests_per_second_per_cgroup > MAX_REQUEST_RATE {
+            return Err(self.invalid(
+                "proxy.max_requests_per_second_per_cgroup",
+                format!("is over {MAX_REQUEST_RATE}; 0 for no limit"),
+            ));
+        }
+        match (raw.proxy.rate(), raw.proxy.request_burst_per_cgroup) {
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    "proxy.request_burst_per_cgroup",
+                    "is set without proxy.max_requests_per_second_per_cgroup: set the rate too, \
+                     or remove the burst",
+                ));
+            }
+            (Some(_), Some(burst)) if burst == 0 || burst > MAX_REQUEST_RATE => {
+                return Err(self.invalid(
+                    "proxy.request_burst_per_cgroup",
+                    format!("is {burst}: it must be from 1 to {MAX_REQUEST_RATE}"),
+                ));
+            }
+            _ => {}
         }
         if raw.proxy.body_timeout.is_zero() {
             return Err(self.invalid("proxy.body_timeout", "must be more than 0s"));
@@ -1778,6 +1815,32 @@ upstream = "[::ffff:10.9.9.9]:9000"
         assert!(e.contains("\"soon\" is not a duration"), "{e}");
         let e = err("[proxy]\nbody_timeout = '0s'\n");
         assert!(e.contains("proxy.body_timeout"), "{e}");
+        // A request rate: the burst defaults to a second's worth, needs a rate, is at least 1.
+        let rate = |text: &str| parse(text).expect("valid").proxy.rate();
+        assert_eq!(rate(""), None);
+        assert_eq!(
+            rate("[proxy]\nmax_requests_per_second_per_cgroup = 20\n"),
+            Some((20, 20))
+        );
+        assert_eq!(
+            rate(
+                "[proxy]\nmax_requests_per_second_per_cgroup = 20\nrequest_burst_per_cgroup = 5\n"
+            ),
+            Some((20, 5))
+        );
+        let e = err("[proxy]\nrequest_burst_per_cgroup = 5\n");
+        assert!(
+            e.contains("proxy.request_burst_per_cgroup") && e.contains("without"),
+            "{e}"
+        );
+        let e =
+            err("[proxy]\nmax_requests_per_second_per_cgroup = 2\nrequest_burst_per_cgroup = 0\n");
+        assert!(e.contains("from 1 to"), "{e}");
+        let e = err("[proxy]\nmax_requests_per_second_per_cgroup = 1000001\n");
+        assert!(
+            e.contains("proxy.max_requests_per_second_per_cgroup"),
+            "{e}"
+        );
         // Requests in flight: each bound named, the per-cgroup default within the total.
         let e = err("[proxy]\nmax_requests_in_flight = 0\n");
         assert!(e.contains("proxy.max_requests_in_flight`"), "{e}");

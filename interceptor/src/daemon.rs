@@ -92,6 +92,9 @@ pub struct Counters {
     /// Requests refused because their cgroup (or the node) had as many in flight as
     /// `proxy.max_requests_in_flight*` allow.
     pub over_in_flight: AtomicU64,
+    /// Requests refused because their cgroup sent more than
+    /// `proxy.max_requests_per_second_per_cgroup` allows.
+    pub over_rate: AtomicU64,
     /// When (Unix seconds) a refusal over the limit was last logged.
     pub over_limit_logged: AtomicU64,
     /// When a connection without a kernel record was last logged (unix seconds).
@@ -154,6 +157,8 @@ pub struct Daemon {
     /// Requests and streams in flight (`proxy.max_requests_in_flight*`): each holds an
     /// upstream connection, and those hold descriptors every agent (and `revoke`) needs.
     pub in_flight: Arc<crate::mcp::budget::Budget>,
+    /// Requests a second per cgroup (`proxy.max_requests_per_second_per_cgroup`), if bounded.
+    pub rate: Option<crate::mcp::rate::RateLimit>,
     /// The daemon's own `identity` object (JSON text), for the events it causes itself.
     own_identity: String,
     /// The audit log.
@@ -1317,6 +1322,8 @@ impl Daemon {
         let (busy_poll, busy_polls) = self.workers.busy_polling();
         status["busy_poll_us"] = json!(u64::try_from(busy_poll.as_micros()).unwrap_or(u64::MAX));
         status["busy_polls"] = json!(busy_polls);
+        // Beside `over_in_flight` (the macro above is at its recursion limit).
+        status["counters"]["proxy"]["over_rate"] = json!(c.over_rate.load(Ordering::Relaxed));
         status
     }
 
@@ -1591,6 +1598,10 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
             let (total, per_cgroup) = config.proxy.buffered();
             crate::mcp::budget::Budget::new(total, per_cgroup, crate::mcp::budget::Counted::Bytes)
         },
+        rate: config
+            .proxy
+            .rate()
+            .map(|(per_second, burst)| crate::mcp::rate::RateLimit::new(per_second, burst)),
         in_flight: {
             let (total, per_cgroup) = config.proxy.in_flight();
             crate::mcp::budget::Budget::new(

@@ -470,6 +470,68 @@ macro_rules! listing {
 }
 
 #[test]
+fn a_cgroup_over_its_request_rate_is_told_when_to_come_back() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world_replacing(
+        "rate",
+        "body_timeout = \"1s\"",
+        "body_timeout = \"1s\"\nmax_requests_per_second_per_cgroup = 1\nrequest_burst_per_cgroup = 2",
+    );
+    let addr = w.upstream.addr.to_string();
+    let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let started = std::time::Instant::now();
+    let replies: Vec<ClientResult> = (0..6)
+        .map(|_| send_raw(PROBE, &w.dir, &addr, &post(ping, "")))
+        .collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    let served = replies.iter().filter(|r| r.status == Some(200)).count();
+    let limited: Vec<&ClientResult> = replies.iter().filter(|r| r.status == Some(429)).collect();
+    assert_eq!(served + limited.len(), 6, "{replies:?}");
+    // The burst, and one more a second since.
+    assert!(
+        served >= 2 && served as f64 <= 2.0 + elapsed + 1.0,
+        "{served} in {elapsed}s"
+    );
+    assert!(
+        !limited.is_empty(),
+        "none refused in {elapsed}s: {replies:?}"
+    );
+    for r in &limited {
+        let head = r.head.as_deref().unwrap_or("").to_ascii_lowercase();
+        assert!(head.contains("retry-after: 1"), "{r:?}");
+        assert_eq!(
+            error_code(r.reply.as_deref().unwrap_or("")),
+            Some(-32603),
+            "{r:?}"
+        );
+        assert!(
+            r.reply
+                .as_deref()
+                .unwrap_or("")
+                .contains("max_requests_per_second_per_cgroup"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        w.env.status()["counters"]["proxy"]["over_rate"].as_u64(),
+        Some(limited.len() as u64)
+    );
+    // Another tagged cgroup has its own: answered by the proxy (an error: no role binds it),
+    // not limited.
+    let other = w.env.cgroup("others");
+    let out = w.env.cli(&["tag", &other]);
+    assert!(out.status.success(), "{out:?}");
+    let r = send_raw(PROBE, &w.env.dir(&other), &addr, &post(ping, ""));
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert!(
+        error_code(r.reply.as_deref().unwrap_or("")).is_some(),
+        "{r:?}"
+    );
+}
+
+#[test]
 fn mirrored_tool_parameters_must_agree_with_the_arguments() {
     if !privileged() {
         return;

@@ -18,6 +18,7 @@ pub mod framing;
 pub mod headers;
 pub mod jsonrpc;
 pub mod params;
+pub mod rate;
 pub mod session;
 pub mod sse;
 pub mod tasks;
@@ -1056,6 +1057,25 @@ fn busy(over: budget::Over) -> Response<ProxyBody> {
     ))
 }
 
+/// The answer to a request over its cgroup's rate, which may come again after `wait`.
+fn too_many(wait: Duration) -> Response<ProxyBody> {
+    let mut response = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        code::INTERNAL_ERROR,
+        format!(
+            "interceptor: request not read: this cgroup's agents send more requests than \
+             proxy.max_requests_per_second_per_cgroup allows; try again in {} ms",
+            wait.as_millis().max(1)
+        ),
+    );
+    // Whole seconds, rounded up.
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}
+
 /// `response` with `Retry-After: 1` (a bound on what agents hold at once was reached).
 fn retry_soon(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
     response
@@ -1460,6 +1480,17 @@ impl Conn {
     /// agent with many connections of many HTTP/2 streams would otherwise take every
     /// descriptor the daemon has (and with them the admin socket `revoke` needs).
     async fn handle_counted(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        if let Some(rate) = &self.daemon.rate
+            && let Err(wait) = rate.take(self.identity.cgroup_id, Instant::now())
+        {
+            self.rejected();
+            self.daemon
+                .counters
+                .over_rate
+                .fetch_add(1, Ordering::Relaxed);
+            info!(http.method = %req.method(), wait_ms = wait.as_millis() as u64, "request refused: over its cgroup's request rate (proxy.max_requests_per_second_per_cgroup)");
+            return self.refused_unread(&req, too_many(wait));
+        }
         let mut slot = self.daemon.in_flight.hold(self.identity.cgroup_id);
         if let Err(over) = slot.take(1) {
             self.rejected();
@@ -1468,18 +1499,26 @@ impl Conn {
                 .over_in_flight
                 .fetch_add(1, Ordering::Relaxed);
             info!(http.method = %req.method(), reason = over.reason(), "request refused: too many in flight");
-            if req.version() < http::Version::HTTP_2 {
-                // This request's framing verdict is taken (the next request's must be the
-                // next one's), and the connection closed: a body left unread would be taken
-                // for the next request.
-                lock(&self.verdicts).pop_front();
-                return closing(busy(over));
-            }
-            return busy(over);
+            return self.refused_unread(&req, busy(over));
         }
         self.handle(req)
             .await
             .map(|body| budget::WithHeld::new(body, slot).boxed())
+    }
+
+    /// `response` to `req`, refused before its body is read: on HTTP/1 this request's framing
+    /// verdict is taken (the next request's must be the next one's), and the connection
+    /// closed: a body left unread would be taken for the next request.
+    fn refused_unread(
+        &self,
+        req: &Request<Incoming>,
+        response: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        if req.version() < http::Version::HTTP_2 {
+            lock(&self.verdicts).pop_front();
+            return closing(response);
+        }
+        response
     }
 
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
