@@ -591,20 +591,26 @@ impl Server {
             return false;
         };
         let listed = |path: &str| {
-            let odd = path.contains("//")
-                || path.contains('\\')
-                || path.split('/').skip(1).any(|segment| {
-                    let bare = segment.split(';').next().unwrap_or("");
-                    bare == "." || bare == ".."
-                });
-            !odd && paths.iter().any(|p| {
-                path == p
-                    || p.ends_with('/') && path.starts_with(p.as_str())
-                    || p.ends_with('/') && path == &p[..p.len() - 1]
-            })
+            !odd_path(path)
+                && paths.iter().any(|p| {
+                    path == p
+                        || p.ends_with('/') && path.starts_with(p.as_str())
+                        || p.ends_with('/') && path == &p[..p.len() - 1]
+                })
         };
         listed(path) && listed(&decoded)
     }
+}
+
+/// Whether a request path (raw or decoded) is one servers may resolve to another: a dot
+/// segment (also `..;`, which Tomcat resolves), an empty segment or a backslash.
+pub fn odd_path(path: &str) -> bool {
+    path.contains("//")
+        || path.contains('\\')
+        || path.split('/').skip(1).any(|segment| {
+            let bare = segment.split(';').next().unwrap_or("");
+            bare == "." || bare == ".."
+        })
 }
 
 impl Config {

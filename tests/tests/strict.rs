@@ -933,6 +933,26 @@ fn requests_without_json_rpc_are_on_record_before_they_leave() {
         request["path"], "/other/mcp?api_key=[REDACTED]",
         "{request}"
     );
+    // A path that leaves /.well-known/ once a server resolves it is no metadata: not relayed.
+    for target in [
+        "/.well-known/../admin/keys",
+        "/.well-known/%2e%2e/admin/keys",
+        "/.well-known//admin",
+    ] {
+        let r = send_raw(PROBE, &w.dir, &addr, &request_to("GET", target, b"", ""));
+        assert_eq!(r.status, Some(502), "{target}: {r:?}");
+        assert!(
+            !r.reply.as_deref().unwrap_or("").contains("upstream:"),
+            "{r:?}"
+        );
+    }
+    // A query some frameworks take for the method: refused, not forwarded.
+    let before = w.upstream.bodies().len();
+    for target in ["/mcp?_method=DELETE", "/mcp?X-HTTP-Method-Override=PUT"] {
+        let r = send_raw(PROBE, &w.dir, &addr, &request_to("POST", target, ping, ""));
+        assert_eq!(r.status, Some(400), "{target}: {r:?}");
+    }
+    assert_eq!(w.upstream.bodies().len(), before, "forwarded");
 }
 
 #[test]

@@ -29,6 +29,50 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), String> {
     Ok(())
 }
 
+/// Query parameters frameworks read as the request's method instead of its own (Laravel and
+/// Symfony `_method`, Express's and Hono's `methodOverride`), compared as [`override_form`]
+/// gives them: the audit log would record a POST the server routes as a DELETE or a PUT.
+const METHOD_OVERRIDES: [&str; 6] = [
+    "method",
+    "httpmethod",
+    "methodoverride",
+    "xhttpmethod",
+    "xhttpmethodoverride",
+    "xmethodoverride",
+];
+
+/// A query parameter's name as [`METHOD_OVERRIDES`] lists them: percent-decoded, lower case,
+/// letters and digits only (`_method`, `X-HTTP-Method-Override`, `_method[]`).
+fn override_form(name: &str) -> String {
+    name.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// Refuses a request target an upstream could read as another request than the one judged and
+/// recorded: a path that does not start with `/` (joined to the upstream's authority, it would
+/// be read as part of it), and a query naming another method (`?_method=DELETE`).
+pub fn check_target(uri: &http::Uri) -> Result<(), String> {
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return Err(format!(
+            "request target {:?} does not start with /",
+            &path[..path.floor_char_boundary(64)]
+        ));
+    }
+    for (name, _) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        if METHOD_OVERRIDES.contains(&override_form(&name).as_str()) {
+            return Err(format!(
+                "query parameter {:?} would override the request's method; MCP requests use \
+                 POST, GET and DELETE as sent",
+                &name[..name.floor_char_boundary(64)]
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Longest `Mcp-Session-Id` accepted (bytes): it is copied into every audit event of the
 /// request and held by its pending answers.
 pub const MAX_SESSION_ID_BYTES: usize = 1024;
@@ -90,6 +134,11 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
         || name.starts_with("x-ms-client-principal")
         || name.starts_with("x-amzn-oidc-")
         || name.starts_with("x-pomerium-")
+        // Vouch Proxy's, Azure App Service's tokens, Linkerd's (`l5d-client-id` names the
+        // mesh identity; `l5d-dst-override` reroutes).
+        || name.starts_with("x-vouch-")
+        || name.starts_with("x-ms-token-aad-")
+        || name.starts_with("l5d-")
         // Authelia's `Remote-User`/`-Groups`/`-Email`/`-Name`, authentik's, Tailscale
         // Serve's `Tailscale-User-*`.
         || name.starts_with("remote-")
@@ -145,6 +194,16 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "cf-access-jwt-assertion"
                 | "x-userinfo"
                 | "x-jwt-payload"
+                // The user names nginx `auth_request` setups, Oathkeeper and oauth2_proxy's
+                // older `GAP-Auth` pass on.
+                | "x-user"
+                | "x-user-id"
+                | "x-user-email"
+                | "x-email"
+                | "x-auth-user"
+                | "x-auth-email"
+                | "x-auth-userid"
+                | "gap-auth"
                 | "x-endpoint-api-userinfo"
                 // Route, host and method overrides some frameworks honour instead of the
                 // request's own (ASP.NET, Express, gorilla, Symfony, IIS, nginx setups).
@@ -156,6 +215,9 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 | "x-http-method-override"
                 | "x-http-method"
                 | "x-method-override"
+                | "x-original-method"
+                // Werkzeug's and WSGI `ReverseProxied` shims' mount prefix.
+                | "x-script-name"
         )
 }
 
@@ -201,8 +263,36 @@ pub(super) fn header_text(v: &HeaderValue) -> Option<String> {
     Some(s.to_owned())
 }
 
+/// Where a 2026-07-28 message names its protocol revision, in `params._meta`.
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+
+/// The protocol revision `msg` names in `params._meta`, if any; refused when it is no string, or
+/// when a key differing only in case stands beside it or for it (a server reading keys
+/// without case would take that one).
+fn meta_version(msg: &super::jsonrpc::Message) -> Result<Option<&str>, String> {
+    let Some(meta) = msg
+        .params()
+        .and_then(|p| p.get("_meta"))
+        .and_then(Value::as_object)
+    else {
+        return Ok(None);
+    };
+    if meta
+        .keys()
+        .any(|k| k != META_VERSION && k.eq_ignore_ascii_case(META_VERSION))
+    {
+        return Err(format!("_meta holds a variant of {META_VERSION:?}"));
+    }
+    match meta.get(META_VERSION) {
+        None => Ok(None),
+        Some(Value::String(v)) => Ok(Some(v)),
+        Some(_) => Err(format!("_meta's {META_VERSION:?} is not a string")),
+    }
+}
+
 /// Whether the request's `MCP-Protocol-Version` is 2026-07-28 or later: its `Mcp-*` headers are
-/// then required.
+/// then required. (A body naming such a revision without the header, or another one, is
+/// refused by [`check_mcp_headers`] first.)
 pub(super) fn is_stateless(headers: &HeaderMap) -> bool {
     headers
         .get("mcp-protocol-version")
@@ -224,7 +314,37 @@ pub fn check_mcp_headers(headers: &HeaderMap, body: &Body) -> Result<(), RpcErro
             return Err(mismatch(format!("repeated {name} header"), None));
         }
     }
-    let stateless = is_stateless(headers);
+    // The header must name the revision the body's `_meta` names, and is required when that
+    // is 2026-07-28 or later: a server acts on the body's.
+    let header_version = headers
+        .get("mcp-protocol-version")
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let mut body_stateless = false;
+    for msg in &body.messages {
+        let version = meta_version(msg).map_err(|why| mismatch(why, msg.id()))?;
+        match (header_version, version) {
+            (Some(h), Some(b)) if h != b => {
+                return Err(mismatch(
+                    format!(
+                        "MCP-Protocol-Version header {h:?} does not match the body's _meta \
+                         protocol version {b:?}"
+                    ),
+                    msg.id(),
+                ));
+            }
+            (None, Some(b)) if b >= STATELESS_VERSION => {
+                return Err(mismatch(
+                    format!(
+                        "MCP-Protocol-Version header is required: the body's _meta names {b:?}"
+                    ),
+                    msg.id(),
+                ));
+            }
+            _ => {}
+        }
+        body_stateless |= version.is_some_and(|b| b >= STATELESS_VERSION);
+    }
+    let stateless = is_stateless(headers) || body_stateless;
     let method_h = headers.get("mcp-method");
     let name_h = headers.get("mcp-name");
     if body.batch {
@@ -500,5 +620,76 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_protocol_version_header_must_name_the_bodys() {
+        let meta = |version: &str| {
+            body(&format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"read","_meta":{{"io.modelcontextprotocol/protocolVersion":{version}}}}}}}"#
+            ))
+        };
+        let modern = [("mcp-method", "tools/call"), ("mcp-name", "read")];
+        let with = |version: &str| {
+            let mut h = vec![("mcp-protocol-version", version)];
+            h.extend(modern);
+            headers(&h)
+        };
+        assert!(check_mcp_headers(&with("2026-07-28"), &meta("\"2026-07-28\"")).is_ok());
+        let refused = |h: &HeaderMap, b: &Body, want: &str| {
+            let e = check_mcp_headers(h, b).expect_err(want);
+            assert_eq!(e.code, code::HEADER_MISMATCH);
+            assert!(e.message.contains(want), "{} / {want}", e.message);
+        };
+        refused(
+            &with("2025-11-25"),
+            &meta("\"2026-07-28\""),
+            "does not match",
+        );
+        // The body names 2026-07-28: the header, and the Mcp-* headers, are required.
+        refused(
+            &headers(&modern),
+            &meta("\"2026-07-28\""),
+            "header is required",
+        );
+        refused(&headers(&[]), &meta("\"2026-07-28\""), "header is required");
+        // No string, or a variant a case-insensitive reader takes.
+        refused(&with("2026-07-28"), &meta("20260728"), "not a string");
+        let variant = body(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read","_meta":{"io.modelcontextprotocol/ProtocolVersion":"2025-06-18"}}}"#,
+        );
+        refused(&with("2026-07-28"), &variant, "variant");
+        // An earlier revision in the body needs no header.
+        assert!(check_mcp_headers(&headers(&[]), &meta("\"2025-11-25\"")).is_ok());
+    }
+
+    #[test]
+    fn targets_a_server_could_read_as_another_request_are_refused() {
+        for ok in [
+            "/mcp",
+            "/mcp?session_id=abc",
+            "/messages/?method_name=x",
+            "http://h/mcp",
+        ] {
+            let uri: http::Uri = ok.parse().unwrap();
+            assert!(check_target(&uri).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/mcp?_method=DELETE",
+            "/mcp?x=1&_METHOD=put",
+            "/mcp?X-HTTP-Method-Override=DELETE",
+            "/mcp?%5Fmethod=PATCH",
+            "/mcp?_method%5B%5D=DELETE",
+        ] {
+            let uri: http::Uri = bad.parse().unwrap();
+            let e = check_target(&uri).expect_err(bad);
+            assert!(e.contains("override the request's method"), "{e}");
+        }
+        // A target that is no path (`OPTIONS *` form; `http` refuses others without a `/`).
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("*"));
+        let uri = http::Uri::from_parts(parts).expect("a path-only URI");
+        let e = check_target(&uri).expect_err("no leading slash");
+        assert!(e.contains("does not start with /"), "{e}");
     }
 }

@@ -47,7 +47,10 @@ use tracing::{debug, info, warn};
 
 pub use self::session::{BoundSessions, Sessions, Streams};
 use self::{
-    headers::{check_charset, check_framing, check_mcp_headers, check_value_shapes, skip_header},
+    headers::{
+        check_charset, check_framing, check_mcp_headers, check_target, check_value_shapes,
+        skip_header,
+    },
     jsonrpc::{Message, RpcError, code},
     session::{INJECT_QUEUE, LegacySession, Owner, SessionUse, request_names, session_key},
 };
@@ -1559,6 +1562,11 @@ impl Conn {
                 .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
             return resp;
         }
+        if let Err(why) = check_target(req.uri()) {
+            self.rejected();
+            info!(http.method = %method, reason = %why, "request refused: request target");
+            return error_response(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, why);
+        }
         if !self.daemon.config.servers[self.server_id].serves_path(req.uri().path()) {
             self.rejected();
             // The path only: a query string may carry tokens.
@@ -3032,9 +3040,16 @@ impl Conn {
         // what it serves beside MCP is not relayed). But for the metadata clients fetch for
         // OAuth discovery (RFC 8615 `/.well-known/`: RFC 9728, RFC 8414), public by design,
         // read as any JSON answer is.
-        let metadata = get_target
-            .as_deref()
-            .is_some_and(|t| t.starts_with("/.well-known/"));
+        let metadata = get_target.as_deref().is_some_and(|t| {
+            // The path, as sent and decoded, with nothing a server resolves elsewhere
+            // (`/.well-known/../admin` is no metadata).
+            let path = t.split(['?', '#']).next().unwrap_or("");
+            let clean = |p: &str| p.starts_with("/.well-known/") && !crate::config::odd_path(p);
+            clean(path)
+                && percent_encoding::percent_decode_str(path)
+                    .decode_utf8()
+                    .is_ok_and(|decoded| clean(&decoded))
+        });
         if get_target.is_some() && parts.status.is_success() && !declared && !metadata {
             warn!(status = %parts.status, "upstream answered a GET with something other than an event stream");
             return self.upstream_failed(
