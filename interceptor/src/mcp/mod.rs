@@ -1967,7 +1967,7 @@ impl Conn {
         if let Err(e) = check_mcp_headers(&parts.headers, &body).and_then(|()| {
             self.daemon
                 .mirrors
-                .check(self.server_name(), &parts.headers, &body)
+                .check(self.session_scope(), &parts.headers, &body)
         }) {
             self.rejected();
             info!(error = %e, "request refused: Mcp-* header disagrees with the body");
@@ -3232,7 +3232,7 @@ impl Conn {
     /// Filters list-shaped results in `message`; returns how many items were hidden.
     fn filter(&self, message: &mut Value) -> usize {
         // Before filtering: a tool this identity may not see can still be called by another.
-        self.daemon.mirrors.learn(self.server_name(), message);
+        self.daemon.mirrors.learn(self.session_scope(), message);
         let (policy, grant) = self.policy();
         // Only for a `tasks` array (rare): no work per answer otherwise.
         let own_task = |id: &str| {

@@ -4,12 +4,16 @@
 //! the body. The two must agree: a load balancer routing on the header while the server acts
 //! on the body is the attack the rule is there to stop. The proxy learns each tool's
 //! annotations from the `tools/list` results it relays (before filtering: a server's schemas
-//! are the same for every agent), and refuses a `tools/call` whose headers disagree with its
-//! arguments, with `400` and `HeaderMismatch` (-32020), before anything is forwarded; from
-//! 2026-07-28 on (`MCP-Protocol-Version`), also one that lacks the header of an argument it
-//! carries (earlier clients know nothing of the annotation). Headers of a tool not listed
-//! through this daemon, or names no annotation declares, are forwarded unchecked, as the
-//! specification requires of intermediaries; their values must still be well-formed.
+//! are the same for every agent), by upstream (two `[[server]]` entries for one server share
+//! them) and by tool name without case (servers may look names up so), and refuses a
+//! `tools/call` whose headers disagree with its arguments, with `400` and `HeaderMismatch`
+//! (-32020), before anything is forwarded; from 2026-07-28 on (`MCP-Protocol-Version`), also
+//! one that lacks the header of an argument its tool's latest listing mirrors (earlier
+//! clients know nothing of the annotation). An annotation a later listing drops is no longer
+//! required, but a header sent for it must still agree (an agent cannot clear the check by
+//! having the server list the tool without it). Headers of a tool not listed through this
+//! daemon, or names no annotation declares, are forwarded unchecked, as the specification
+//! requires of intermediaries; their values must still be well-formed.
 
 use std::{
     collections::HashMap,
@@ -27,14 +31,14 @@ use crate::bpf::lock;
 
 /// Header name prefix (lower case, as `http` keeps names).
 const PREFIX: &str = "mcp-param-";
-/// Tools remembered per server; when full, all of the server's are forgotten (and learned
-/// again from the next lists).
-const CAPACITY: usize = 16_384;
+/// Bytes the learned annotations may take (names and paths, roughly); beyond, all are
+/// forgotten and learned again from the next lists.
+const MAX_BYTES: usize = 4 << 20;
+/// Longest tool name, property key or annotation kept (a longer one is not learned).
+const MAX_NAME: usize = 1024;
 /// Annotations kept per tool, and how deep the `properties` chain to one may go.
 const MAX_MIRRORS: usize = 64;
 const MAX_DEPTH: usize = 16;
-/// JavaScript's safe integers: the range an annotated integer must keep to.
-const SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
 /// One annotated property: its header's name (lower case) and the chain of `properties` keys
 /// from the arguments' root to it.
@@ -44,51 +48,86 @@ struct Mirror {
     path: Vec<String>,
 }
 
-/// A server's tools' annotations, by tool name.
-type Tools = HashMap<String, Arc<[Mirror]>>;
+impl Mirror {
+    fn bytes(&self) -> usize {
+        self.header.len() + self.path.iter().map(|k| k.len() + 24).sum::<usize>() + 48
+    }
+}
 
-/// The annotations learned, by server name.
+/// What is known of one tool: the annotations of its latest listing (their headers are
+/// required) and every one seen (a header sent for one must agree).
+#[derive(Debug, Default)]
+struct Tool {
+    current: Vec<Mirror>,
+    known: Vec<Mirror>,
+}
+
+impl Tool {
+    fn bytes(&self) -> usize {
+        self.current
+            .iter()
+            .chain(&self.known)
+            .map(Mirror::bytes)
+            .sum::<usize>()
+            + 64
+    }
+}
+
 #[derive(Default)]
-pub struct Mirrors(Mutex<HashMap<String, Tools>>);
+struct Learned {
+    /// By upstream (a server's `session_scope`) and tool name in lower case.
+    tools: HashMap<(usize, String), Arc<Tool>>,
+    bytes: usize,
+}
+
+/// The annotations learned.
+#[derive(Default)]
+pub struct Mirrors(Mutex<Learned>);
 
 impl Mirrors {
     /// Learns the annotations of every tool listed in `message` (a JSON-RPC message or batch,
-    /// as relayed from `server`): each listed tool's entry is replaced, so a schema that
-    /// dropped an annotation stops being checked for it.
-    pub fn learn(&self, server: &str, message: &Value) {
-        match message {
-            Value::Array(items) => items.iter().for_each(|m| self.learn(server, m)),
-            Value::Object(obj) => {
-                let Some(tools) = obj
-                    .get("result")
-                    .and_then(|r| r.get("tools"))
-                    .and_then(Value::as_array)
-                else {
-                    return;
-                };
-                let mut map = lock(&self.0);
-                let map = map.entry(server.to_owned()).or_default();
-                for tool in tools {
-                    let Some(name) = tool.get("name").and_then(Value::as_str) else {
-                        continue;
-                    };
-                    let mut found = Vec::new();
-                    if let Some(schema) = tool.get("inputSchema") {
-                        collect(schema, &mut Vec::new(), &mut found);
-                    }
-                    if map.len() >= CAPACITY {
-                        map.clear();
-                    }
-                    map.insert(name.to_owned(), found.into());
+    /// as relayed from the upstream `scope`). Only tools with annotations, or that had some,
+    /// are kept.
+    pub fn learn(&self, scope: usize, message: &Value) {
+        // Read before the lock is taken: checks of calls to every server wait on it.
+        let mut listed: HashMap<String, Vec<Mirror>> = HashMap::new();
+        listing(message, &mut listed);
+        if listed.is_empty() {
+            return;
+        }
+        let mut learned = lock(&self.0);
+        for (name, mirrors) in listed {
+            let key = (scope, name);
+            let old = learned.tools.get(&key).cloned();
+            if mirrors.is_empty() && old.as_ref().is_none_or(|t| t.known.is_empty()) {
+                continue;
+            }
+            let mut known = old.as_ref().map(|t| t.known.clone()).unwrap_or_default();
+            for m in &mirrors {
+                if !known.contains(m) && known.len() < MAX_MIRRORS * 4 {
+                    known.push(m.clone());
                 }
             }
-            _ => {}
+            let tool = Tool {
+                current: mirrors,
+                known,
+            };
+            // The name counts too: what a tool costs is its key and its annotations.
+            let name = key.1.len();
+            let (added, removed) = (tool.bytes() + name, old.map_or(0, |t| t.bytes() + name));
+            learned.bytes = learned.bytes.saturating_sub(removed) + added;
+            if learned.bytes > MAX_BYTES {
+                learned.tools.clear();
+                learned.bytes = added;
+            }
+            learned.tools.insert(key, Arc::new(tool));
         }
     }
 
-    /// Refuses `body` (from an agent to `server`) when its `Mcp-Param-*` headers are malformed
-    /// or disagree with the arguments of its `tools/call` (see the module's comment).
-    pub fn check(&self, server: &str, headers: &HeaderMap, body: &Body) -> Result<(), RpcError> {
+    /// Refuses `body` (from an agent to the upstream `scope`) when its `Mcp-Param-*` headers
+    /// are malformed or disagree with the arguments of its `tools/call` (see the module's
+    /// comment).
+    pub fn check(&self, scope: usize, headers: &HeaderMap, body: &Body) -> Result<(), RpcError> {
         let id = body.messages.first().and_then(|m| m.id()).cloned();
         let mismatch = |message: String| RpcError {
             code: code::HEADER_MISMATCH,
@@ -104,70 +143,119 @@ impl Mirrors {
             if headers.get_all(name).iter().count() > 1 {
                 return Err(mismatch(format!("repeated Mcp-Param-{param} header")));
             }
-            let Some(text) = header_text(value) else {
+            // Plain values with spaces at either end must come base64-encoded: HTTP/1 hops
+            // trim them, h2 keeps them.
+            let padded = value
+                .as_bytes()
+                .first()
+                .is_some_and(|b| matches!(b, b' ' | b'\t'))
+                || value
+                    .as_bytes()
+                    .last()
+                    .is_some_and(|b| matches!(b, b' ' | b'\t'));
+            let Some(text) = header_text(value).filter(|_| !padded) else {
                 return Err(mismatch(format!(
-                    "Mcp-Param-{param} header is neither visible ASCII nor a valid =?base64?…?= value"
+                    "Mcp-Param-{param} header is neither visible ASCII nor a valid =?base64?…?= \
+                     value (values with spaces at either end must be base64-encoded)"
                 )));
             };
             sent.insert(name.as_str(), text);
         }
-        let call = body
-            .messages
-            .first()
-            .filter(|m| m.method() == Some("tools/call"));
         if body.batch {
             return match sent.is_empty() {
                 true => Ok(()),
                 false => Err(mismatch("Mcp-Param-* headers on a batch".into())),
             };
         }
-        let Some((call, tool)) = call.and_then(|m| Some((m, m.target()?))) else {
+        let Some((call, tool)) = body
+            .messages
+            .first()
+            .filter(|m| m.method() == Some("tools/call"))
+            .and_then(|m| Some((m, m.target()?)))
+        else {
             return Ok(());
         };
-        let Some(mirrors) = lock(&self.0)
-            .get(server)
-            .and_then(|tools| tools.get(tool))
+        let Some(learned) = lock(&self.0)
+            .tools
+            .get(&(scope, tool.to_lowercase()))
             .cloned()
         else {
             return Ok(());
         };
         let stateless = is_stateless(headers);
         let arguments = call.arguments();
-        for mirror in mirrors.iter() {
-            let value = arguments
+        let value_of = |mirror: &Mirror| {
+            arguments
                 .and_then(|a| mirror.path.iter().try_fold(a, |v, key| v.get(key)))
-                .filter(|v| !v.is_null());
-            let header = sent.get(mirror.header.as_str());
-            let display = || format!("Mcp-Param-{}", &mirror.header[PREFIX.len()..]);
-            let argument = || mirror.path.join(".");
-            match (value, header) {
-                (None, None) => {}
-                (Some(_), None) if !stateless => {}
-                (Some(_), None) => {
-                    return Err(mismatch(format!(
-                        "{} header is required: tool {tool:?} mirrors its argument {:?} there",
-                        display(),
-                        argument()
-                    )));
-                }
-                (None, Some(_)) => {
+                .filter(|v| !v.is_null())
+        };
+        let display = |mirror: &Mirror| format!("Mcp-Param-{}", &mirror.header[PREFIX.len()..]);
+        for mirror in &learned.known {
+            let Some(header) = sent.get(mirror.header.as_str()) else {
+                continue;
+            };
+            match value_of(mirror) {
+                None => {
                     return Err(mismatch(format!(
                         "{} header names a value the body does not have (argument {:?})",
-                        display(),
-                        argument()
+                        display(mirror),
+                        mirror.path.join(".")
                     )));
                 }
-                (Some(v), Some(h)) if !agrees(v, h) => {
+                Some(v) if !agrees(v, header) => {
                     return Err(mismatch(format!(
                         "{} header does not match the body's argument {:?}",
-                        display(),
-                        argument()
+                        display(mirror),
+                        mirror.path.join(".")
                     )));
                 }
-                (Some(_), Some(_)) => {}
+                Some(_) => {}
+            }
+        }
+        if stateless {
+            for mirror in &learned.current {
+                if value_of(mirror).is_some() && !sent.contains_key(mirror.header.as_str()) {
+                    return Err(mismatch(format!(
+                        "{} header is required: tool {tool:?} mirrors its argument {:?} there",
+                        display(mirror),
+                        mirror.path.join(".")
+                    )));
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// The tools `message` lists (a result's `tools` array; a batch's every message), by name in
+/// lower case, with their annotations (those of tools whose names differ only in case, put
+/// together).
+fn listing(message: &Value, listed: &mut HashMap<String, Vec<Mirror>>) {
+    match message {
+        Value::Array(items) => items.iter().for_each(|m| listing(m, listed)),
+        Value::Object(obj) => {
+            let Some(tools) = obj
+                .get("result")
+                .and_then(|r| r.get("tools"))
+                .and_then(Value::as_array)
+            else {
+                return;
+            };
+            for tool in tools {
+                let Some(name) = tool
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .filter(|n| n.len() <= MAX_NAME)
+                else {
+                    continue;
+                };
+                let mirrors = listed.entry(name.to_lowercase()).or_default();
+                if let Some(schema) = tool.get("inputSchema") {
+                    collect(schema, &mut Vec::new(), mirrors);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -181,17 +269,21 @@ fn collect(schema: &Value, path: &mut Vec<String>, found: &mut Vec<Mirror>) {
         return;
     }
     for (key, property) in properties {
-        if found.len() >= MAX_MIRRORS {
+        if found.len() >= MAX_MIRRORS || key.len() > MAX_NAME {
             return;
         }
         path.push(key.clone());
         if let Some(name) = property.get("x-mcp-header").and_then(Value::as_str)
+            && name.len() <= MAX_NAME
             && is_token(name)
         {
-            found.push(Mirror {
+            let mirror = Mirror {
                 header: format!("{PREFIX}{}", name.to_ascii_lowercase()),
                 path: path.clone(),
-            });
+            };
+            if !found.contains(&mirror) {
+                found.push(mirror);
+            }
         }
         collect(property, path, found);
         path.pop();
@@ -207,20 +299,67 @@ fn is_token(name: &str) -> bool {
 }
 
 /// Whether header text `h` carries the argument `v` (the specification's conversions: a
-/// string as is, an integer in decimal and compared as a number, a boolean as `true` or
-/// `false`; nothing else can be mirrored).
+/// string as is, an integer in decimal — `42`, or `42.0`, which it says compares equal —, a
+/// boolean as `true` or `false`). What else intermediaries might read as another number
+/// (`4.2e1`, `+42`, `042`, spaces) does not agree. A fraction (a `number` property, which
+/// the specification does not allow to be mirrored but SDKs mirror) must be a JSON number
+/// of the same value.
 fn agrees(v: &Value, h: &str) -> bool {
     match v {
         Value::String(s) => s == h,
         Value::Bool(b) => h == if *b { "true" } else { "false" },
         Value::Number(n) => {
-            let (Some(body), Ok(header)) = (n.as_f64(), h.trim().parse::<f64>()) else {
-                return false;
-            };
-            body.fract() == 0.0 && body.abs() <= SAFE_INTEGER && body == header
+            let integer = n
+                .as_i64()
+                .map(i128::from)
+                .or_else(|| n.as_u64().map(i128::from));
+            match integer {
+                Some(i) => integer_text(h) == Some(i),
+                None => json_number(h).is_some_and(|x| Some(x) == n.as_f64()),
+            }
         }
         _ => false,
     }
+}
+
+/// `h` as an integer written `-?(0|[1-9][0-9]*)`, optionally followed by `.0…`.
+fn integer_text(h: &str) -> Option<i128> {
+    let (whole, fraction) = h.split_once('.').unwrap_or((h, ""));
+    if h.contains('.') && (fraction.is_empty() || fraction.bytes().any(|b| b != b'0')) {
+        return None;
+    }
+    let digits = whole.strip_prefix('-').unwrap_or(whole);
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    canonical.then(|| whole.parse().ok()).flatten()
+}
+
+/// `h` as a JSON number (RFC 8259's grammar: no `+`, no leading zeros, no spaces).
+fn json_number(h: &str) -> Option<f64> {
+    let rest = h.strip_prefix('-').unwrap_or(h);
+    let int_end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (int, mut tail) = rest.split_at(int_end);
+    if int.is_empty() || (int.len() > 1 && int.starts_with('0')) {
+        return None;
+    }
+    if let Some(f) = tail.strip_prefix('.') {
+        let end = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
+        if end == 0 {
+            return None;
+        }
+        tail = &f[end..];
+    }
+    if let Some(e) = tail.strip_prefix(['e', 'E']) {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        if e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        tail = "";
+    }
+    tail.is_empty().then(|| h.parse().ok()).flatten()
 }
 
 #[cfg(test)]
@@ -265,18 +404,22 @@ mod tests {
         h
     }
 
-    fn learned() -> (Mirrors, &'static str) {
+    fn learned() -> (Mirrors, usize) {
         let m = Mirrors::default();
-        m.learn("db", &listed());
-        (m, "db")
+        m.learn(3, &listed());
+        (m, 3)
+    }
+
+    fn tool(m: &Mirrors, scope: usize, name: &str) -> Option<Arc<Tool>> {
+        lock(&m.0).tools.get(&(scope, name.to_owned())).cloned()
     }
 
     #[test]
     fn annotations_are_learned_through_properties_only() {
-        let (m, server) = learned();
-        let map = lock(&m.0);
-        let mirrors = &map[server]["execute_sql"];
-        let mut got: Vec<(&str, String)> = mirrors
+        let (m, s) = learned();
+        let t = tool(&m, s, "execute_sql").expect("learned");
+        let mut got: Vec<(&str, String)> = t
+            .current
             .iter()
             .map(|x| (x.header.as_str(), x.path.join(".")))
             .collect();
@@ -290,7 +433,9 @@ mod tests {
                 ("mcp-param-region", "region".to_owned()),
             ]
         );
-        assert!(map[server]["plain"].is_empty());
+        assert_eq!(t.known, t.current);
+        // A tool without annotations takes no room.
+        assert!(tool(&m, s, "plain").is_none());
     }
 
     #[test]
@@ -307,7 +452,9 @@ mod tests {
             // Not declared: forwarded unchecked.
             ("Mcp-Param-Other", "anything"),
         ]);
-        assert!(m.check(s, &h, &call("execute_sql", args)).is_ok());
+        assert!(m.check(s, &h, &call("execute_sql", args.clone())).is_ok());
+        // The tool named in another case: the same tool (servers may look names up so).
+        assert!(m.check(s, &h, &call("EXECUTE_SQL", args)).is_ok());
         // Null and absent arguments want no header.
         let args = serde_json::json!({"region": null, "query": "x"});
         assert!(
@@ -325,17 +472,27 @@ mod tests {
             ("mcp-param-limit", "42"),
             ("mcp-param-dry", "true"),
         ];
-        let refuse = |extra: &[(&str, &str)], args: Value, want: &str| {
+        let refuse_as = |name: &str, extra: &[(&str, &str)], args: Value, want: &str| {
             let mut pairs = full.to_vec();
             pairs.extend_from_slice(extra);
             let e = m
-                .check(s, &headers(&pairs), &call("execute_sql", args))
+                .check(s, &headers(&pairs), &call(name, args))
                 .expect_err(want);
             assert_eq!(e.code, code::HEADER_MISMATCH);
             assert_eq!(e.id, Some(Value::from(7)));
             assert!(e.message.contains(want), "{} / {want}", e.message);
         };
+        let refuse = |extra: &[(&str, &str)], args: Value, want: &str| {
+            refuse_as("execute_sql", extra, args, want)
+        };
         refuse(
+            &[("mcp-param-region", "eu-west1")],
+            args(),
+            "does not match",
+        );
+        // Named in another case, the tool is still checked.
+        refuse_as(
+            "Execute_SQL",
             &[("mcp-param-region", "eu-west1")],
             args(),
             "does not match",
@@ -362,12 +519,21 @@ mod tests {
         let mut a = args();
         a["limit"] = Value::from(42.5);
         refuse(&[("mcp-param-region", "us-west1")], a, "does not match");
-        // Malformed, repeated.
+        // Integers only as written in decimal: what other readers take for another number.
+        for other in ["4.2e1", "+42", "042", "42.", "42.5", " 42", "0x2a"] {
+            let mut pairs = full.to_vec();
+            pairs.retain(|(k, _)| *k != "mcp-param-limit");
+            pairs.extend([("mcp-param-region", "us-west1"), ("mcp-param-limit", other)]);
+            let r = m.check(s, &headers(&pairs), &call("execute_sql", args()));
+            assert!(r.is_err(), "{other:?} taken for 42");
+        }
+        // Malformed, padded, repeated.
         refuse(
             &[("mcp-param-region", "=?base64?not base64?=")],
             args(),
             "neither",
         );
+        refuse(&[("mcp-param-region", "us-west1 ")], args(), "neither");
         refuse(
             &[
                 ("mcp-param-region", "us-west1"),
@@ -379,7 +545,45 @@ mod tests {
     }
 
     #[test]
-    fn unlisted_tools_and_other_methods_are_not_judged_on_values() {
+    fn numbers_compare_as_numbers_written_plainly() {
+        assert!(agrees(&Value::from(42), "42"));
+        assert!(agrees(&Value::from(42), "42.00"));
+        assert!(agrees(&Value::from(-7), "-7"));
+        assert!(agrees(&Value::from(0), "0"));
+        assert!(!agrees(&Value::from(0), "-"));
+        assert!(!agrees(
+            &Value::from(9_007_199_254_740_991_i64),
+            "9007199254740990.9"
+        ));
+        // A fraction (SDKs mirror `number` properties) as a JSON number of its value.
+        assert!(agrees(&serde_json::json!(0.7), "0.7"));
+        assert!(agrees(&serde_json::json!(0.7), "7e-1"));
+        assert!(!agrees(&serde_json::json!(0.7), ".7"));
+        assert!(!agrees(&serde_json::json!(0.7), "0.70001"));
+        assert!(!agrees(&Value::from(true), "True"));
+    }
+
+    #[test]
+    fn a_dropped_annotation_is_no_longer_required_but_still_checked() {
+        let (m, s) = learned();
+        let relisted = serde_json::json!({"jsonrpc": "2.0", "id": 2, "result": {"tools": [
+            {"name": "execute_sql", "inputSchema": {"type": "object", "properties": {
+                "region": {"type": "string"}}}}]}});
+        m.learn(s, &relisted);
+        let modern = ("mcp-protocol-version", "2026-07-28");
+        let args = || serde_json::json!({"region": "us", "limit": 1});
+        assert!(
+            m.check(s, &headers(&[modern]), &call("execute_sql", args()))
+                .is_ok()
+        );
+        let h = headers(&[modern, ("mcp-param-region", "eu")]);
+        assert!(m.check(s, &h, &call("execute_sql", args())).is_err());
+        // Another upstream's tool of the same name knows nothing of these.
+        assert!(m.check(s + 1, &h, &call("execute_sql", args())).is_ok());
+    }
+
+    #[test]
+    fn unlisted_tools_and_earlier_revisions_are_not_judged_on_missing_headers() {
         let (m, s) = learned();
         // Before 2026-07-28 a client knows nothing of the annotation: no header is required
         // (one sent must still agree).
@@ -391,34 +595,37 @@ mod tests {
             ("mcp-param-limit", "2"),
         ]);
         assert!(m.check(s, &h, &call("execute_sql", args)).is_err());
+        // A tool this daemon never saw listed.
         let h = headers(&[("mcp-param-region", "eu")]);
-        // A tool this daemon never saw listed, another server's tool of the same name.
-        assert!(
-            m.check(s, &h, &call("unknown", serde_json::json!({"region": "us"})))
-                .is_ok()
-        );
-        assert!(
-            m.check("other", &h, &call("execute_sql", serde_json::json!({})))
-                .is_ok()
-        );
-        // A later listing without the annotation stops the check.
-        let relisted = serde_json::json!({"jsonrpc": "2.0", "id": 2, "result": {"tools": [
-            {"name": "execute_sql", "inputSchema": {"type": "object", "properties": {
-                "region": {"type": "string"}}}}]}});
-        m.learn(s, &relisted);
-        assert!(
-            m.check(
-                s,
-                &h,
-                &call("execute_sql", serde_json::json!({"region": "us"}))
-            )
-            .is_ok()
-        );
+        let unknown = call("unknown", serde_json::json!({"region": "us"}));
+        assert!(m.check(s, &h, &unknown).is_ok());
         // Malformed values are refused whatever the request.
         let bad = headers(&[("mcp-param-x", "=?base64?***?=")]);
-        let e = m
-            .check(s, &bad, &call("unknown", serde_json::json!({})))
-            .expect_err("bad");
+        let e = m.check(s, &bad, &unknown).expect_err("bad");
         assert_eq!(e.code, code::HEADER_MISMATCH);
+    }
+
+    #[test]
+    fn what_is_learned_stays_within_its_bytes() {
+        let m = Mirrors::default();
+        let property = "p".repeat(MAX_NAME);
+        for round in 0..200 {
+            let tools: Vec<Value> = (0..100)
+                .map(|i| {
+                    serde_json::json!({"name": format!("t{round}-{i}"), "inputSchema": {
+                        "properties": {property.clone(): {"x-mcp-header": "P"}}}})
+                })
+                .collect();
+            m.learn(1, &serde_json::json!({"result": {"tools": tools}}));
+            assert!(lock(&m.0).bytes <= MAX_BYTES);
+        }
+        let learned = lock(&m.0);
+        assert!(!learned.tools.is_empty());
+        let counted: usize = learned
+            .tools
+            .iter()
+            .map(|((_, name), t)| t.bytes() + name.len())
+            .sum();
+        assert_eq!(counted, learned.bytes);
     }
 }
