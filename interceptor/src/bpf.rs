@@ -734,7 +734,7 @@ fn refuse_foreign(
     let mut own = None;
     for _ in 0..3 {
         own = own_program();
-        foreign = foreign_redirectors(&cgroup, own, true).map_err(|e| Error::Io {
+        foreign = foreign_redirectors(&cgroup, own, true, &mut None).map_err(|e| Error::Io {
             path: hierarchy.dir(attach_cgroup),
             error: io::Error::new(e.kind(), format!("BPF_PROG_QUERY (connect4): {e}")),
         })?;
@@ -769,6 +769,7 @@ fn refuse_foreign(
 /// against a race with a daemon starting at the same moment.
 fn foreign_below(top: &Path, own: Option<u32>) -> Option<(PathBuf, Vec<u32>)> {
     let mut folders = vec![top.to_owned()];
+    let mut interceptors = None;
     while let Some(folder) = folders.pop() {
         let Ok(entries) = std::fs::read_dir(&folder) else {
             continue;
@@ -779,7 +780,7 @@ fn foreign_below(top: &Path, own: Option<u32>) -> Option<(PathBuf, Vec<u32>)> {
             }
             let path = entry.path();
             let found = std::fs::File::open(&path)
-                .and_then(|cgroup| foreign_redirectors(&cgroup, own, false))
+                .and_then(|cgroup| foreign_redirectors(&cgroup, own, false, &mut interceptors))
                 .unwrap_or_default();
             if !found.is_empty() {
                 return Some((path, found));
@@ -793,11 +794,12 @@ fn foreign_below(top: &Path, own: Option<u32>) -> Option<(PathBuf, Vec<u32>)> {
 /// The connect (IPv4) programs of another interceptor attached to `cgroup` (an open cgroup v2
 /// folder), or with `effective` that run for its processes (attached to it or to an ancestor:
 /// the kernel's effective list), other than `own`, told by their name and by a map of theirs
-/// named as ours are.
+/// named as ours are (`interceptors`: [`interceptor_programs`], filled when first needed).
 fn foreign_redirectors(
     cgroup: &std::fs::File,
     own: Option<u32>,
     effective: bool,
+    interceptors: &mut Option<HashSet<u32>>,
 ) -> io::Result<Vec<u32>> {
     use std::os::fd::AsRawFd as _;
     const BPF_PROG_QUERY: libc::c_long = 16;
@@ -852,6 +854,14 @@ fn foreign_redirectors(
     if ids.is_empty() {
         return Ok(ids);
     }
+    let interceptors = interceptors.get_or_insert_with(interceptor_programs);
+    ids.retain(|id| interceptors.contains(id));
+    Ok(ids)
+}
+
+/// The ids of the loaded programs that are an interceptor's connect program: named as ours,
+/// with a map named as ours are (the loaded programs walked once).
+fn interceptor_programs() -> HashSet<u32> {
     let ours = |info: &aya::programs::ProgramInfo| {
         info.name_as_str() == Some(programs::CONNECT4)
             && info.map_ids().ok().flatten().is_some_and(|maps| {
@@ -861,11 +871,11 @@ fn foreign_redirectors(
                 })
             })
     };
-    Ok(aya::programs::loaded_programs()
+    aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|info| ids.contains(&info.id()) && ours(info))
+        .filter(ours)
         .map(|info| info.id())
-        .collect())
+        .collect()
 }
 
 /// `BPF_LINK_UPDATE` of the link pinned at `pin` to program `prog_fd` (aya 0.14 offers it only
