@@ -333,14 +333,17 @@ const VALUE_RULES: [(&str, &str); 13] = [
         "${1}[REDACTED]",
     ),
     // A `.netrc` entry, on one line or several: `machine HOST login USER password SECRET`
-    // (or `password` before `login`, or after `login USER` alone; quoted or not).
+    // (or `default …`, `password` before `login`, an `account` between, quoted or not; a
+    // quoted one whole, spaces included, but never one holding `$` or a backtick).
     (
-        r#"((?-u:\b)(?:login[ \t]+[^\s'"]+|machine[ \t]+[^\s'"]+(?:[ \t]+login[ \t]+[^\s'"]+)?)\s+password[ \t]+['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,}"#,
+        r#"((?-u:\b)(?:login[ \t]+[^\s'"]+|machine[ \t]+[^\s'"]+(?:[ \t]+login[ \t]+[^\s'"]+)?|default(?:[ \t]+login[ \t]+[^\s'"]+)?)(?:\s+account[ \t]+[^\s'"]+)?\s+password[ \t]+)(?:"[^"\n$`]{3,}"|'[^'\n$`]{3,}'|[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{3,})"#,
         "${1}[REDACTED]",
     ),
     // MySQL's and MariaDB's clients take the password glued to `-p` (`-pSECRET`, `-p'SECRET'`;
     // a lone `-p` asks for it, and `-P` is the port), looked for within the one command (not
-    // past `$(`, a backtick or braces), and `mysqladmin … password NEWPASS`.
+    // past `$(`, a backtick or braces), and `mysqladmin … password NEWPASS`. Only where the
+    // client is the command run (see [`at_command`]): `sudo -u mysql perl -pi …` or `find
+    // /var/lib/mysql -perm …` are other commands' options.
     (
         r#"((?-u:\b)(?:mysql(?:dump|admin|import|check|show|slap|pump|sh)?|mariadb(?:-dump|-admin|-import|-check|-show|-slap)?)[ \t](?:[^\n|;&$`(){}]*?[ \t])?-p['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
         "${1}[REDACTED]",
@@ -349,10 +352,11 @@ const VALUE_RULES: [(&str, &str); 13] = [
         r#"((?-u:\b)mysqladmin[ \t][^\n|;&$`(){}]*?[ \t]password[ \t]+['"]?)[^\s&"',;{}$()|<>`/.~!-][^\s&"',;{}$()|<>`]{2,}"#,
         "${1}[REDACTED]",
     ),
-    // `sshpass -p SECRET`: only sshpass's own options before it (`-v`, `-P PROMPT`), so that
-    // a `-p` of the command it runs (`scp -p`, `ssh -p 22`) is not taken for one.
+    // `sshpass -p SECRET`: only sshpass's own options before it (`-v`, `-P PROMPT`, grouped
+    // as `-vp`), so that a `-p` of the command it runs (`scp -p`, `ssh -p 22`) is not taken
+    // for one.
     (
-        r#"((?-u:\b)sshpass(?:[ \t]+(?:-v|-P[ \t]*[^\s-]\S*))*[ \t]+-p[ \t]*['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
+        r#"((?-u:\b)sshpass(?:[ \t]+(?:-v+|-P[ \t]*(?:"[^"\n]*"|'[^'\n]*'|[^\s-]\S*)))*[ \t]+-v*p[ \t]*['"]?)[^\s&"',;{}$()|<>`/.~!][^\s&"',;{}$()|<>`]{2,}"#,
         "${1}[REDACTED]",
     ),
     // Tokens known by their prefix (GitHub, OpenAI, Stripe, Slack, AWS access key ids,
@@ -365,6 +369,35 @@ const VALUE_RULES: [(&str, &str); 13] = [
 
 /// The rule of [`VALUE_RULES`] for PEM private keys (replaced by [`pem_body`]).
 const PEM_RULE: usize = 0;
+/// The rules of [`VALUE_RULES`] that apply only where their program is the command run
+/// ([`at_command`]): MySQL's clients.
+const COMMAND_RULES: [usize; 2] = [9, 10];
+
+/// Whether the program named at `start` of `text` is the command run there: its word (a path
+/// to it allowed) begins the text or follows a shell separator (`; & | ( { \n`, a backtick,
+/// `$(`) or a command that runs another (`sudo`, `exec`, `env`, `nice`, `time`, `nohup`,
+/// `command`, `then`, `do`, `else`), not another program's arguments.
+fn at_command(text: &str, start: usize) -> bool {
+    let before = &text[..start];
+    // The word's own start: a path to the program (`/usr/bin/mysql`) is the program.
+    let word = before
+        .rfind(|c: char| c.is_whitespace() || "`;&|({".contains(c))
+        .map_or(0, |i| {
+            i + before[i..].chars().next().map_or(1, char::len_utf8)
+        });
+    if !before[word..].is_empty() && !before[word..].ends_with('/') {
+        return false;
+    }
+    let rest = before[..word].trim_end_matches([' ', '\t']);
+    if rest.is_empty() || rest.ends_with([';', '&', '|', '(', '{', '\n', '`']) {
+        return true;
+    }
+    let last = rest.rsplit([' ', '\t', '\n']).next().unwrap_or("");
+    matches!(
+        last,
+        "sudo" | "exec" | "env" | "nice" | "time" | "nohup" | "command" | "then" | "do" | "else"
+    )
+}
 
 /// A private key block redacted (its body) if it is a key (its line breaks possibly written
 /// `\n`, inside JSON text): an OpenSSH key (`openssh-key-v1`), a PGP armour or an encrypted
@@ -789,6 +822,14 @@ impl Redactor {
         for (i, (re, with)) in rules.each.iter().enumerate() {
             let replaced = if i == PEM_RULE {
                 re.replace_all(&out, pem_body)
+            } else if COMMAND_RULES.contains(&i) {
+                re.replace_all(&out, |caps: &regex::Captures<'_>| {
+                    if at_command(&out, caps.get(0).map_or(0, |m| m.start())) {
+                        format!("{}[REDACTED]", &caps[1])
+                    } else {
+                        caps[0].to_owned()
+                    }
+                })
             } else {
                 re.replace_all(&out, *with)
             };
@@ -3708,6 +3749,36 @@ mod tests {
                 "mysql -p[REDACTED] -u root",
             ),
             (
+                json!({"cmd": "cd /srv && sudo /usr/bin/mysqldump -u root -phunter22 app"}),
+                "hunter22",
+                "-p[REDACTED] app",
+            ),
+            (
+                json!({"cmd": "x=$(mysql -uroot -phunter22 -e 'select 1')"}),
+                "hunter22",
+                "-p[REDACTED] -e",
+            ),
+            (
+                json!({"cmd": "sshpass -P 'Pass phrase:' -p hunter22 ssh h"}),
+                "hunter22",
+                "-p [REDACTED] ssh",
+            ),
+            (
+                json!({"cmd": "sshpass -vp hunter22 ssh h"}),
+                "hunter22",
+                "-vp [REDACTED] ssh",
+            ),
+            (
+                json!({"netrc": "default login bob password hunter22"}),
+                "hunter22",
+                "password [REDACTED]",
+            ),
+            (
+                json!({"netrc": "machine h login bob account acme password \"hunter 22\""}),
+                "hunter 22",
+                "password [REDACTED]",
+            ),
+            (
                 json!({"cmd": "mysqladmin -u root -p password hunter22"}),
                 "hunter22",
                 "password [REDACTED]",
@@ -3720,13 +3791,17 @@ mod tests {
             (
                 json!({"netrc": "machine h login bob password \"hunter22\""}),
                 "hunter22",
-                "password \\\"[REDACTED]\\\"",
+                "login bob password [REDACTED]",
             ),
         ];
         for (args, secret, shown) in cases {
             let text = redact(args.clone());
             assert!(!text.contains(secret), "{args} -> {text}");
             assert!(text.contains(shown), "{args} -> {text}, expected {shown}");
+        }
+        // The rules judged at command position are MySQL's.
+        for i in COMMAND_RULES {
+            assert!(VALUE_RULES[i].0.contains("mysql"), "rule {i}");
         }
         // Ordinary text is left alone.
         for plain in [
@@ -3789,6 +3864,16 @@ mod tests {
                 "docker run --name mysql -e X=$(id) -p3306:3306 mysql:8",
                 "-p3306:3306 mysql:8",
             ),
+            (
+                "docker run --name mysql -d -p3306:3306 mysql:8",
+                "-p3306:3306 mysql:8",
+            ),
+            (
+                "sudo -u mysql perl -pi.bak -e 's/^root:[^:]*/root:/' /etc/shadow",
+                "perl -pi.bak -e",
+            ),
+            ("find /var/lib/mysql -perm -4000", "-perm -4000"),
+            ("ls /var/lib/mysql -print", "-print"),
             (
                 "git -c credential.helper=!/tmp/x/evil fetch",
                 "!/tmp/x/evil",

@@ -198,7 +198,10 @@ pub fn skip_header(name: &header::HeaderName) -> bool {
                 // older `GAP-Auth` pass on.
                 | "x-user"
                 | "x-user-id"
+                | "x-user-name"
                 | "x-user-email"
+                | "x-user-groups"
+                | "x-user-roles"
                 | "x-email"
                 | "x-auth-user"
                 | "x-auth-email"

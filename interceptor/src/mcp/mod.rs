@@ -1483,6 +1483,18 @@ impl Conn {
     /// agent with many connections of many HTTP/2 streams would otherwise take every
     /// descriptor the daemon has (and with them the admin socket `revoke` needs).
     async fn handle_counted(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let mut slot = self.daemon.in_flight.hold(self.identity.cgroup_id);
+        if let Err(over) = slot.take(1) {
+            self.rejected();
+            self.daemon
+                .counters
+                .over_in_flight
+                .fetch_add(1, Ordering::Relaxed);
+            info!(http.method = %req.method(), reason = over.reason(), "request refused: too many in flight");
+            return self.refused_unread(&req, busy(over));
+        }
+        // After the bound on requests in flight: one refused there spends no request of the
+        // rate.
         if let Some(rate) = &self.daemon.rate
             && let Err(wait) = rate.take(self.identity.cgroup_id, Instant::now())
         {
@@ -1493,16 +1505,6 @@ impl Conn {
                 .fetch_add(1, Ordering::Relaxed);
             info!(http.method = %req.method(), wait_ms = wait.as_millis() as u64, "request refused: over its cgroup's request rate (proxy.max_requests_per_second_per_cgroup)");
             return self.refused_unread(&req, too_many(wait));
-        }
-        let mut slot = self.daemon.in_flight.hold(self.identity.cgroup_id);
-        if let Err(over) = slot.take(1) {
-            self.rejected();
-            self.daemon
-                .counters
-                .over_in_flight
-                .fetch_add(1, Ordering::Relaxed);
-            info!(http.method = %req.method(), reason = over.reason(), "request refused: too many in flight");
-            return self.refused_unread(&req, busy(over));
         }
         self.handle(req)
             .await

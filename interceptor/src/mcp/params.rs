@@ -34,11 +34,14 @@ const PREFIX: &str = "mcp-param-";
 /// Bytes the learned annotations may take (names and paths, roughly); beyond, all are
 /// forgotten and learned again from the next lists.
 const MAX_BYTES: usize = 4 << 20;
-/// Longest tool name, property key or annotation kept (a longer one is not learned).
+/// Longest tool name, chain of property keys or annotation kept (a longer one is not learned).
 const MAX_NAME: usize = 1024;
 /// Annotations kept per tool, and how deep the `properties` chain to one may go.
 const MAX_MIRRORS: usize = 64;
 const MAX_DEPTH: usize = 16;
+/// JavaScript's safe integers: a whole number in the body beyond them is compared as a
+/// fraction would be.
+const SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
 /// One annotated property: its header's name (lower case) and the chain of `properties` keys
 /// from the arguments' root to it.
@@ -104,7 +107,7 @@ impl Mirrors {
             }
             let mut known = old.as_ref().map(|t| t.known.clone()).unwrap_or_default();
             for m in &mirrors {
-                if !known.contains(m) && known.len() < MAX_MIRRORS * 4 {
+                if !known.contains(m) && known.len() < MAX_MIRRORS * 2 {
                     known.push(m.clone());
                 }
             }
@@ -190,26 +193,47 @@ impl Mirrors {
                 .filter(|v| !v.is_null())
         };
         let display = |mirror: &Mirror| format!("Mcp-Param-{}", &mirror.header[PREFIX.len()..]);
-        for mirror in &learned.known {
-            let Some(header) = sent.get(mirror.header.as_str()) else {
-                continue;
-            };
-            match value_of(mirror) {
-                None => {
+        let disagrees = |mirror: &Mirror| {
+            mismatch(format!(
+                "{} header does not match the body's argument {:?}",
+                display(mirror),
+                mirror.path.join(".")
+            ))
+        };
+        for (&header, text) in &sent {
+            // The latest listing's annotations of this header: the body must carry the value
+            // (one of them, should two share the header) and agree.
+            let current: Vec<&Mirror> = learned
+                .current
+                .iter()
+                .filter(|m| m.header == header)
+                .collect();
+            if let Some(first) = current.first() {
+                let mut carried = false;
+                for mirror in &current {
+                    if let Some(v) = value_of(mirror) {
+                        carried = true;
+                        if !agrees(v, text) {
+                            return Err(disagrees(mirror));
+                        }
+                    }
+                }
+                if !carried {
                     return Err(mismatch(format!(
                         "{} header names a value the body does not have (argument {:?})",
-                        display(mirror),
-                        mirror.path.join(".")
+                        display(first),
+                        first.path.join(".")
                     )));
                 }
-                Some(v) if !agrees(v, header) => {
-                    return Err(mismatch(format!(
-                        "{} header does not match the body's argument {:?}",
-                        display(mirror),
-                        mirror.path.join(".")
-                    )));
+                continue;
+            }
+            // An annotation a listing since dropped: a value the body carries must agree.
+            for mirror in learned.known.iter().filter(|m| m.header == header) {
+                if let Some(v) = value_of(mirror)
+                    && !agrees(v, text)
+                {
+                    return Err(disagrees(mirror));
                 }
-                Some(_) => {}
             }
         }
         if stateless {
@@ -269,8 +293,12 @@ fn collect(schema: &Value, path: &mut Vec<String>, found: &mut Vec<Mirror>) {
         return;
     }
     for (key, property) in properties {
-        if found.len() >= MAX_MIRRORS || key.len() > MAX_NAME {
+        if found.len() >= MAX_MIRRORS {
             return;
+        }
+        // The whole chain within the bound on names: a longer one is not learned.
+        if path.iter().map(String::len).sum::<usize>() + key.len() > MAX_NAME {
+            continue;
         }
         path.push(key.clone());
         if let Some(name) = property.get("x-mcp-header").and_then(Value::as_str)
@@ -309,10 +337,16 @@ fn agrees(v: &Value, h: &str) -> bool {
         Value::String(s) => s == h,
         Value::Bool(b) => h == if *b { "true" } else { "false" },
         Value::Number(n) => {
+            // `42.0` in the body is the integer 42 to the SDKs' servers (pydantic, zod).
             let integer = n
                 .as_i64()
                 .map(i128::from)
-                .or_else(|| n.as_u64().map(i128::from));
+                .or_else(|| n.as_u64().map(i128::from))
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|x| x.fract() == 0.0 && x.abs() <= SAFE_INTEGER)
+                        .map(|x| x as i128)
+                });
             match integer {
                 Some(i) => integer_text(h) == Some(i),
                 None => json_number(h).is_some_and(|x| Some(x) == n.as_f64()),
@@ -558,6 +592,10 @@ mod tests {
         // A fraction (SDKs mirror `number` properties) as a JSON number of its value.
         assert!(agrees(&serde_json::json!(0.7), "0.7"));
         assert!(agrees(&serde_json::json!(0.7), "7e-1"));
+        // A whole number written as a fraction in the body is an integer all the same.
+        assert!(agrees(&serde_json::json!(42.0), "42"));
+        assert!(!agrees(&serde_json::json!(42.0), "4.2e1"));
+        assert!(!agrees(&serde_json::json!(42.0), "420e-1"));
         assert!(!agrees(&serde_json::json!(0.7), ".7"));
         assert!(!agrees(&serde_json::json!(0.7), "0.70001"));
         assert!(!agrees(&Value::from(true), "True"));
@@ -578,6 +616,19 @@ mod tests {
         );
         let h = headers(&[modern, ("mcp-param-region", "eu")]);
         assert!(m.check(s, &h, &call("execute_sql", args())).is_err());
+        // A renamed property keeping its header: the current one is judged (the old one is
+        // then no argument the server reads).
+        let renamed = serde_json::json!({"jsonrpc": "2.0", "id": 3, "result": {"tools": [
+            {"name": "execute_sql", "inputSchema": {"type": "object", "properties": {
+                "location": {"type": "string", "x-mcp-header": "Region"}}}}]}});
+        m.learn(s, &renamed);
+        let h = headers(&[modern, ("mcp-param-region", "eu")]);
+        let moved = serde_json::json!({"location": "eu"});
+        assert!(m.check(s, &h, &call("execute_sql", moved)).is_ok());
+        let both = serde_json::json!({"location": "eu", "region": "us"});
+        assert!(m.check(s, &h, &call("execute_sql", both)).is_ok());
+        let other = serde_json::json!({"location": "us", "region": "eu"});
+        assert!(m.check(s, &h, &call("execute_sql", other)).is_err());
         // Another upstream's tool of the same name knows nothing of these.
         assert!(m.check(s + 1, &h, &call("execute_sql", args())).is_ok());
     }

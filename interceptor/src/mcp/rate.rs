@@ -15,15 +15,24 @@ use std::{
 use crate::bpf::lock;
 
 /// Cgroups tracked before those whose bucket has refilled are forgotten (they would start
-/// full anyway).
+/// full anyway), looked for at most every [`PRUNE_EVERY`] (with more cgroups sending, every
+/// new one would walk them all); beyond [`MOST_TRACKED`], all are forgotten.
 const PRUNE_AT: usize = 4096;
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+const MOST_TRACKED: usize = 65_536;
 
 /// Buckets by cgroup id.
 #[derive(Debug)]
 pub struct RateLimit {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<u64, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_cgroup: HashMap<u64, Bucket>,
+    pruned: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -46,14 +55,24 @@ impl RateLimit {
     /// one is.
     pub fn take(&self, cgroup: u64, now: Instant) -> Result<(), Duration> {
         let mut buckets = lock(&self.buckets);
-        if buckets.len() >= PRUNE_AT && !buckets.contains_key(&cgroup) {
+        let Buckets { by_cgroup, pruned } = &mut *buckets;
+        if by_cgroup.len() >= PRUNE_AT
+            && !by_cgroup.contains_key(&cgroup)
+            && pruned.is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY)
+        {
             let (per_second, burst) = (self.per_second, self.burst);
-            buckets.retain(|_, b| b.refilled(now, per_second) < burst);
+            by_cgroup.retain(|_, b| b.refilled(now, per_second) < burst);
+            *pruned = Some(now);
         }
-        let bucket = buckets.entry(cgroup).or_insert(Bucket {
+        if by_cgroup.len() >= MOST_TRACKED && !by_cgroup.contains_key(&cgroup) {
+            by_cgroup.clear();
+        }
+        let bucket = by_cgroup.entry(cgroup).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
+        // Read before the lock: another thread's later reading may have been stored.
+        let now = now.max(bucket.at);
         bucket.tokens = bucket.refilled(now, self.per_second).min(self.burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
@@ -68,7 +87,7 @@ impl RateLimit {
 
     /// Cgroups tracked now.
     pub fn tracked(&self) -> usize {
-        lock(&self.buckets).len()
+        lock(&self.buckets).by_cgroup.len()
     }
 }
 
@@ -130,6 +149,13 @@ mod tests {
         );
         assert_eq!(limit.tracked(), PRUNE_AT + 1);
         assert!(limit.take(0, t + Duration::from_millis(10)).is_err());
+        // Refilled, but looked for less than a second ago: kept for now.
+        assert!(
+            limit
+                .take(u64::MAX - 1, t + Duration::from_millis(500))
+                .is_ok()
+        );
+        assert_eq!(limit.tracked(), PRUNE_AT + 2);
         // Refilled: forgotten (and as full as they would be).
         let later = t + Duration::from_secs(2);
         assert!(limit.take(u64::MAX, later).is_ok());
