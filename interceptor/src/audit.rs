@@ -52,6 +52,11 @@ pub const SCHEMA_VERSION: u64 = 1;
 pub const MAX_BACKLOG: usize = 10_000;
 /// Most bytes those events may hold together (the oldest go first beyond either bound).
 pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
+/// Most events, and bytes, waiting for a write while the log is writable (events come faster
+/// than they are written: an agent sending refused requests in a loop, which wait for no
+/// write); beyond, new ones are dropped, counted and recorded as `audit.lost`.
+pub const MAX_DEFERRED: usize = 200_000;
+pub const MAX_DEFERRED_BYTES: usize = 128 << 20;
 /// While the log is unwritable, how often a write is tried at most: each try seals the whole
 /// backlog again (hashing up to [`MAX_BACKLOG_BYTES`]), and requests (each of which would try)
 /// keep coming; those in between are refused at once.
@@ -1107,7 +1112,7 @@ impl Default for Stats {
 /// `fsync`-mode callers wait for, and the periodic one of `write` mode.
 pub struct Audit {
     shared: Arc<Shared>,
-    background: Option<std::thread::JoinHandle<()>>,
+    background: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub stats: Arc<Stats>,
     pub config: RawAudit,
     pub redactor: Redactor,
@@ -1158,9 +1163,26 @@ type SyncWaiter = tokio::sync::oneshot::Sender<Result<(), Error>>;
 struct Queue {
     /// Deferred events, written before the next batch.
     later: Vec<Event>,
+    /// Their bytes (kept as they come and go; see [`MAX_DEFERRED_BYTES`]).
+    later_bytes: usize,
     /// A caller is writing; callers that come meanwhile wait in `waiting`.
     busy: bool,
     waiting: VecDeque<Waiter>,
+}
+
+impl Queue {
+    /// Keeps `events` for the next write, whatever the bounds (they are few: callers that
+    /// gave up, the record of what was lost).
+    fn keep_later(&mut self, events: Vec<Event>) {
+        self.later_bytes += events.iter().map(|e| e.0.len()).sum::<usize>();
+        self.later.extend(events);
+    }
+
+    /// The deferred events, for a write.
+    fn take_later(&mut self) -> Vec<Event> {
+        self.later_bytes = 0;
+        std::mem::take(&mut self.later)
+    }
 }
 
 /// A caller queued behind the one writing.
@@ -1290,6 +1312,7 @@ impl Audit {
             signing: None,
             dirty: false,
             left_unsynced: None,
+            poisoned: None,
             path_checked: Instant::now(),
             retried: None,
             stats: stats.clone(),
@@ -1363,7 +1386,7 @@ impl Audit {
             .map_err(|e| open_err(format!("starting the background thread: {e}")))?;
         Ok(Self {
             shared,
-            background: Some(background),
+            background: Mutex::new(Some(background)),
             stats,
             redactor: Redactor::new(&config),
             config,
@@ -1522,6 +1545,19 @@ impl Audit {
         self.shared.try_now();
     }
 
+    /// Ends the log as a daemon's stop does (not waiting for the last owner to drop it: an admin
+    /// request still running past the stop's wait may hold the daemon): the deferred events
+    /// written, the closing checkpoint, the last `fdatasync`; the audit thread stops. A later
+    /// `fsync`-mode record fails (nobody syncs any more). Idempotent.
+    pub fn close(&self) {
+        lock(&self.shared.bg).stop = true;
+        self.shared.wake.notify_one();
+        let thread = lock(&self.background).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
     /// Records `event` and waits, from synchronous code (start-up, shutdown, admin).
     pub fn record_blocking(&self, event: Event) -> Result<(), Error> {
         self.shared.write(vec![event])?;
@@ -1543,11 +1579,7 @@ fn thread_stopped(_: tokio::sync::oneshot::error::RecvError) -> Error {
 
 impl Drop for Audit {
     fn drop(&mut self) {
-        lock(&self.shared.bg).stop = true;
-        self.shared.wake.notify_one();
-        if let Some(t) = self.background.take() {
-            let _ = t.join();
-        }
+        self.close();
     }
 }
 
@@ -1631,7 +1663,7 @@ impl Shared {
             if q.waiting.is_empty() && mine.is_none() {
                 break;
             }
-            let mut batch = std::mem::take(&mut q.later);
+            let mut batch = q.take_later();
             let deferred = batch.len();
             let queued: Vec<Waiter> = q.waiting.drain(..).collect();
             drop(q);
@@ -1669,7 +1701,7 @@ impl Shared {
                     // with the next write. Deferred under the queue lock, which the caller's
                     // `Queued::drop` takes before its connection can defer anything else (its
                     // close), so they stay ahead of it.
-                    q.later.extend(events);
+                    q.keep_later(events);
                     gave_up = true;
                 }
             }
@@ -1682,7 +1714,7 @@ impl Shared {
     /// Writes the deferred events and then `events` in one `write(2)`, under the writer lock.
     fn write(&self, events: Vec<Event>) -> Result<(), Error> {
         let writer = lock(&self.writer);
-        let mut batch = std::mem::take(&mut lock(&self.queue).later);
+        let mut batch = lock(&self.queue).take_later();
         let deferred = batch.len();
         batch.extend(events);
         self.write_locked(writer, batch, deferred)
@@ -1736,6 +1768,7 @@ impl Shared {
                     .fetch_add(lost as u64, Ordering::Relaxed);
             }
             q.later = batch;
+            q.later_bytes = bytes;
         }
         drop(w);
         match result {
@@ -1744,13 +1777,19 @@ impl Shared {
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
                 if !self.healthy.swap(true, Ordering::Relaxed) {
                     info!("audit log writable again");
-                    let lost = self.stats.lost_unrecorded.swap(0, Ordering::Relaxed);
-                    if lost > 0 {
-                        error!(lost, "audit events were lost while the log was unwritable");
-                        let lost = event("audit.lost", json!({ "events": lost }))
-                            .raw("identity", &self.opener);
-                        self.defer(vec![lost]);
-                    }
+                }
+                // Dropped while the log was unwritable, or while events came faster than it
+                // took them: on record now.
+                let lost = self.stats.lost_unrecorded.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    error!(
+                        lost,
+                        "audit events were lost (the log was unwritable, or they came faster than it was written)"
+                    );
+                    let lost = event("audit.lost", json!({ "events": lost }))
+                        .raw("identity", &self.opener);
+                    lock(&self.queue).keep_later(vec![lost]);
+                    self.deferred();
                 }
                 Ok(())
             }
@@ -1767,7 +1806,24 @@ impl Shared {
     /// Queues `events` for the next write: this worker's when it goes idle (see
     /// [`Audit::idle_flusher`]), otherwise the background thread's.
     fn defer(&self, events: Vec<Event>) {
-        lock(&self.queue).later.extend(events);
+        let bytes: usize = events.iter().map(|e| e.0.len()).sum();
+        {
+            let mut q = lock(&self.queue);
+            if q.later.len() + events.len() > MAX_DEFERRED
+                || q.later_bytes + bytes > MAX_DEFERRED_BYTES
+            {
+                drop(q);
+                let n = events.len() as u64;
+                self.stats.lost.fetch_add(n, Ordering::Relaxed);
+                self.stats.lost_unrecorded.fetch_add(n, Ordering::Relaxed);
+                warn!(
+                    events = n,
+                    "audit events dropped: they come faster than the log is written (recorded as audit.lost)"
+                );
+            } else {
+                q.keep_later(events);
+            }
+        }
         self.deferred();
     }
 
@@ -1798,8 +1854,12 @@ impl Shared {
     /// Asks for an `fdatasync` covering everything written so far.
     fn request_sync(&self) -> tokio::sync::oneshot::Receiver<Result<(), Error>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&self.bg).sync_waiters.push(tx);
-        self.wake.notify_one();
+        let mut bg = lock(&self.bg);
+        // Once the thread is told to stop, nobody would answer: the sender goes at once.
+        if !bg.stop {
+            bg.sync_waiters.push(tx);
+            self.wake.notify_one();
+        }
         rx
     }
 
@@ -1927,6 +1987,9 @@ impl Shared {
     fn sync(&self, answers: bool) -> Result<(), Error> {
         let (file, left_unsynced) = {
             let mut w = lock(&self.writer);
+            if let Some(why) = &w.poisoned {
+                return Err(Error::NotDurable(why.clone()));
+            }
             let left = if answers {
                 w.left_unsynced.take()
             } else {
@@ -1956,7 +2019,11 @@ impl Shared {
                 }
             }
             Err(e) => {
-                lock(&self.writer).dirty = true;
+                {
+                    let mut w = lock(&self.writer);
+                    w.dirty = true;
+                    w.poisoned = Some(format!("fdatasync of the audit log failed: {e}"));
+                }
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.healthy.store(false, Ordering::Relaxed);
                 error!(error = %e, path = %self.path.display(), "audit log fdatasync failed; refusing requests until a write succeeds");
@@ -2394,6 +2461,11 @@ struct Writer {
     /// not be on stable storage: its `fdatasync` failed. Reported to the next sync's waiters,
     /// whose events may be among those (a sync of the new file does not cover them).
     left_unsynced: Option<String>,
+    /// Why the open file is not trusted any more: an `fdatasync` of it failed. Linux reports a
+    /// failed write-back once and marks its pages clean, so a later sync of the same file can
+    /// succeed although events written before it are lost. Every sync reports it until the
+    /// writer leaves the file, which its next write does (see [`Writer::write_batch`]).
+    poisoned: Option<String>,
     /// When the path was last compared with the open file.
     path_checked: Instant,
     /// When a write was last tried while the log was unwritable (see [`UNHEALTHY_RETRY`]).
@@ -2495,6 +2567,17 @@ impl Writer {
     /// never leaves half a line in the middle of the chain.
     fn write_batch(&mut self, events: &[Event]) -> io::Result<()> {
         self.ensure_file()?;
+        if self.poisoned.is_some() {
+            // Its failed fdatasync makes the file untrustworthy: new events go to a new one,
+            // and the next sync's waiters hear of the failure (their events may be there).
+            if let Err(e) = self.rotate() {
+                // Still on it: every sync goes on failing.
+                if self.poisoned.is_none() {
+                    self.poisoned = self.left_unsynced.clone();
+                }
+                return Err(e);
+            }
+        }
         let (mut buf, mut seq, mut prev) = self.seal(events);
         if self.len > 0 && self.len + buf.len() as u64 > self.max_file_bytes {
             self.rotate()?;
@@ -2534,7 +2617,11 @@ impl Writer {
     /// Appends whole lines, or nothing: a partial write is cut off again.
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         if let Err(e) = (&*self.file).write_all(buf) {
-            let _ = self.file.set_len(self.len);
+            // Cut back to where the chain ended, never past the file's end: a file truncated
+            // under the writer (logrotate's `copytruncate`) is not filled with zeros.
+            if self.file.metadata().is_ok_and(|m| m.len() >= self.len) {
+                let _ = self.file.set_len(self.len);
+            }
             return Err(e);
         }
         self.dirty = true;
@@ -2619,6 +2706,11 @@ impl Writer {
     /// events are in it wait for the next sync. A failure is kept for those callers (see
     /// `left_unsynced`); the writer moves on (the next file may be fine).
     fn sync_before_leaving(&mut self) {
+        // A file whose fdatasync failed before: its waiters hear of it whatever this one says.
+        let poisoned = self.poisoned.take();
+        if let Some(why) = &poisoned {
+            self.left_unsynced = Some(why.clone());
+        }
         if !self.dirty {
             return;
         }
@@ -2634,6 +2726,10 @@ impl Writer {
                     "fdatasync of the audit log file left behind (renamed, rotated or removed) failed: {e}"
                 ));
             }
+        }
+        if poisoned.is_some() {
+            // Whatever the sync said: the earlier failure is what the waiters must hear.
+            self.left_unsynced = poisoned;
         }
     }
 
@@ -2728,11 +2824,15 @@ impl Writer {
     /// files gone that no event names. A file that cannot be deleted stops it there (the event
     /// then names more than went, which `audit verify` accepts: those records are still there).
     fn delete_pruned(&mut self, prune: Prune) {
-        let durable = self.file.sync_data().and_then(|()| {
-            let folder = self.path.parent().unwrap_or(Path::new("."));
-            File::open(folder)?.sync_all()
-        });
-        if let Err(e) = durable {
+        if let Err(e) = self.file.sync_data() {
+            // As a failed group sync: the file is left at the next write, its waiters told.
+            self.poisoned = Some(format!("fdatasync of the audit log failed: {e}"));
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "audit.max_files: not pruning: the event naming the files could not be made durable");
+            return;
+        }
+        let folder = self.path.parent().unwrap_or(Path::new("."));
+        if let Err(e) = File::open(folder).and_then(|f| f.sync_all()) {
             warn!(error = %e, "audit.max_files: not pruning: the event naming the files could not be made durable");
             return;
         }
@@ -4560,6 +4660,77 @@ mod tests {
         a.shared.sync(false).unwrap();
         let e = a.shared.sync(true).unwrap_err().to_string();
         assert!(e.contains("left behind"), "{e}");
+        a.shared.sync(true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn deferred_events_beyond_the_bound_are_dropped_and_recorded_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+        // As if events came faster than the log took them (no real ones: the background
+        // thread has nothing to write meanwhile).
+        lock(&a.shared.queue).later_bytes = MAX_DEFERRED_BYTES;
+        a.record_later(event("dropped"));
+        assert_eq!(a.shared.stats.lost.load(Ordering::Relaxed), 1);
+        lock(&a.shared.queue).later_bytes = 0;
+        a.record_later(event("kept"));
+        // The next write takes the kept one; the one after it records what was lost.
+        a.record(event("now")).await.unwrap();
+        a.record(event("next")).await.unwrap();
+        let written = names(&path);
+        assert_eq!(
+            written,
+            ["kept", "now", "audit.lost", "next"],
+            "{written:?}"
+        );
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("\"events\":1")
+        );
+    }
+
+    #[test]
+    fn a_closed_log_has_written_what_was_deferred_and_syncs_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(cfg(dir.path(), Durability::Fsync), OPENER).unwrap();
+        a.record_later(event("deferred"));
+        a.close();
+        assert_eq!(names(&path), ["deferred"]);
+        // Whoever still holds it: an fsync-mode record is refused at once, not left waiting.
+        let e = a.record_blocking(event("late")).unwrap_err().to_string();
+        assert!(e.contains("stopped"), "{e}");
+        a.close();
+    }
+
+    #[tokio::test]
+    async fn a_file_whose_fdatasync_failed_is_not_trusted_again() {
+        // Linux reports a failed write-back once: a later sync of the same file may succeed
+        // although what was written before it is lost.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(cfg(dir.path(), Durability::Write), OPENER).unwrap();
+        {
+            let mut w = lock(&a.shared.writer);
+            w.append(b"{}\n").unwrap();
+            w.poisoned = Some("fdatasync of the audit log failed: EIO".into());
+        }
+        // Every sync says so while the writer is on the file (the waiters' events are there).
+        for _ in 0..2 {
+            let e = a.shared.sync(true).unwrap_err().to_string();
+            assert!(e.contains("EIO"), "{e}");
+        }
+        let before = FileId::of_path(&path).unwrap();
+        // The next write goes to a new file; the sync after it tells its waiters once.
+        lock(&a.shared.writer)
+            .write_batch(&[Event(b"\"event\":\"x\"".to_vec())])
+            .unwrap();
+        let now = FileId::of_path(&path).unwrap();
+        assert!(!now.same_file(&before), "the untrusted file was left");
+        let e = a.shared.sync(true).unwrap_err().to_string();
+        assert!(e.contains("EIO"), "{e}");
         a.shared.sync(true).unwrap();
     }
 

@@ -509,7 +509,8 @@ impl Daemon {
     }
 
     /// Records `daemon.stop` with `fields`, the last event: tried whatever the pace of
-    /// retries of a failing log.
+    /// retries of a failing log; then closes the log (its closing checkpoint and last sync,
+    /// whoever still holds the daemon).
     async fn record_stop(&self, by: &str, fields: Value) {
         self.audit.try_now();
         if let Err(e) = self
@@ -518,6 +519,11 @@ impl Daemon {
             .await
         {
             warn!(error = %e, "could not record daemon.stop");
+        }
+        // Joins the audit thread (its last sync): off this worker where the runtime allows.
+        match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => self.audit.close(),
+            _ => tokio::task::block_in_place(|| self.audit.close()),
         }
     }
 
@@ -574,6 +580,26 @@ impl Daemon {
         let policy_changed = new.policy.fingerprint != self.policy().fingerprint;
         let roles = new.policy.role_names().len();
         let bindings = new.policy.binding_count();
+        // On record before it applies (a request judged by the new policy comes after it in
+        // the log), or not applied.
+        self.audit
+            .record_blocking(self.event_by(
+                by,
+                "policy.reload",
+                json!({
+                    "outcome": "applied",
+                    "policy_changed": policy_changed,
+                    "roles": roles,
+                    "bindings": bindings,
+                    "not_applied": not_applied,
+                }),
+            ))
+            .map_err(|e| {
+                format!(
+                    "reload refused, the current policy stays active: the audit log cannot \
+                     record it ({e})"
+                )
+            })?;
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.policy);
         // Server streams the new policy no longer allows end; agents with one that goes on
         // re-list their tools; those without see the new policy on their next request anyway
@@ -586,17 +612,6 @@ impl Daemon {
             0
         };
         info!(policy_changed, roles, bindings, notified_streams, not_applied = ?not_applied, "policy reloaded");
-        self.audit.record_later(self.event_by(
-            by,
-            "policy.reload",
-            json!({
-                "outcome": "applied",
-                "policy_changed": policy_changed,
-                "roles": roles,
-                "bindings": bindings,
-                "not_applied": not_applied,
-            }),
-        ));
         Ok(ReloadReport {
             config: self.config.path.clone(),
             warnings,
@@ -858,11 +873,33 @@ impl Daemon {
             .key(&self.hierarchy, &self.config.naming)
             .ok()
             .map(|(_, k)| k);
+        let revoked = |r: &Revocation| r.selector == selector || Some(r.key) == current;
+        if !self
+            .revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(revoked)
+        {
+            return Err(format!(
+                "{} is not revoked; `interceptor status` lists the revocations",
+                selector.label()
+            ));
+        }
+        // On record before the identity is let through again, or not made.
+        self.audit
+            .record_blocking(self.event_by(by, "unrevoke", json!({"selector": selector})))
+            .map_err(|e| {
+                format!(
+                    "unrevoke of {} refused: the audit log cannot record it ({e})",
+                    selector.label()
+                )
+            })?;
         let removed: Vec<BlockKey> = {
             let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
             let (gone, kept) = std::mem::take(&mut *list)
                 .into_iter()
-                .partition(|r: &Revocation| r.selector == selector || Some(r.key) == current);
+                .partition(|r: &Revocation| revoked(r));
             *list = kept;
             gone.into_iter().map(|r| r.key).collect()
         };
@@ -880,8 +917,6 @@ impl Daemon {
         }
         self.sync_block_state()?;
         info!(unrevoked = %selector.label(), "unrevoked");
-        self.audit
-            .record_later(self.event_by(by, "unrevoke", json!({"selector": selector})));
         Ok(selector)
     }
 
@@ -1135,16 +1170,17 @@ impl Daemon {
                 "{cgroup} is not tagged; `interceptor status` lists the tags"
             ));
         };
+        // On record before its agents reach MCP servers directly, or not made.
+        self.audit
+            .record_blocking(self.event_by(by, "untag", json!({"cgroup": cgroup, "cgroup_id": id})))
+            .map_err(|e| {
+                format!("untag of {cgroup} refused: the audit log cannot record it ({e})")
+            })?;
         for key in &ids {
             tags.remove(key)
                 .map_err(|e| format!("cannot untag {cgroup}: {e}"))?;
         }
         info!(cgroup = %cgroup, cgroup.id = id, "untagged");
-        self.audit.record_later(self.event_by(
-            by,
-            "untag",
-            json!({"cgroup": cgroup, "cgroup_id": id}),
-        ));
         let exists = self.hierarchy.id(&cgroup).is_ok_and(|cur| cur == id);
         Ok(TagStatus {
             cgroup,
