@@ -76,14 +76,16 @@ pub enum Error {
     /// The object could not be loaded (maps created or opened from their pins).
     #[error(
         "loading the eBPF object failed: {0}; interceptor needs root (CAP_BPF, CAP_NET_ADMIN) on \
-         Linux >= 5.18 with BTF"
+         Linux >= 6.1 with BTF"
     )]
     Load(Box<aya::EbpfError>),
     /// A program could not be loaded into the kernel or attached.
-    #[error("program {name}: {error}")]
+    #[error("program {name}: {error}{hint}")]
     Program {
         name: &'static str,
         error: Box<ProgramError>,
+        /// What to do about it, when the kernel's version says (see [`older_kernel_hint`]).
+        hint: &'static str,
     },
     /// A link's kernel details could not be read.
     #[error("program {name}: link: {message}")]
@@ -643,6 +645,33 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> Error + Copy {
     move |e| Error::Program {
         name,
         error: Box::new(e),
+        hint: older_kernel_hint(),
+    }
+}
+
+/// Whether a kernel release (`5.19.0-50-generic`) is older than 6.1; `false` when unreadable.
+fn before_6_1(release: &str) -> bool {
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok());
+    matches!(
+        (parts.next().flatten(), parts.next().flatten()),
+        (Some(major), Some(minor)) if (major, minor) < (6, 1)
+    )
+}
+
+/// What a program failing to load means on a kernel older than 6.1 (its release): the
+/// connect and sendmsg programs refuse with `bpf_set_retval`, which those hooks only have
+/// from 6.1 on. Empty on a newer kernel, or when the release cannot be read.
+fn older_kernel_hint() -> &'static str {
+    let older = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .is_ok_and(|release| before_6_1(&release));
+    if older {
+        "; this kernel is older than Linux 6.1, which interceptor needs (its connect and sendmsg \
+         programs call bpf_set_retval, which those hooks have from 6.1 on): upgrade the kernel"
+    } else {
+        ""
     }
 }
 
@@ -1009,6 +1038,7 @@ fn attach_tracepoint(
     let prog_err = |e: ProgramError| Error::Program {
         name,
         error: Box::new(e),
+        hint: older_kernel_hint(),
     };
     let program: &mut RawTracePoint = ebpf
         .program_mut(name)
@@ -1264,6 +1294,26 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<Removed, Error> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod kernel_release_tests {
+    #[test]
+    fn kernels_before_6_1_are_told_apart() {
+        for older in ["5.18.0", "5.19.0-50-generic", "6.0.19-arch1-1"] {
+            assert!(super::before_6_1(older), "{older}");
+        }
+        for newer in ["6.1.0", "6.18.2\n", "7.0", "", "unknown"] {
+            assert!(!super::before_6_1(newer), "{newer:?}");
+        }
+        // This machine's: no hint on a kernel that loads the programs.
+        assert!(
+            super::older_kernel_hint().is_empty()
+                || super::before_6_1(
+                    &std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
+                )
+        );
+    }
 }
 
 #[cfg(test)]

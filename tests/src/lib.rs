@@ -40,7 +40,7 @@ pub fn privileged() -> bool {
     );
     assert!(
         Path::new("/sys/kernel/btf/vmlinux").exists(),
-        "this kernel has no BTF (/sys/kernel/btf/vmlinux); interceptor needs Linux >= 5.18 with \
+        "this kernel has no BTF (/sys/kernel/btf/vmlinux); interceptor needs Linux >= 6.1 with \
          BTF. Set {SKIP_ENV}=1 to skip these tests"
     );
     true
