@@ -57,6 +57,10 @@ pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
 /// write); beyond, new ones are dropped, counted and recorded as `audit.lost`.
 pub const MAX_DEFERRED: usize = 200_000;
 pub const MAX_DEFERRED_BYTES: usize = 128 << 20;
+/// The first wait before the writer leaves another file whose `fdatasync` failed, and the
+/// longest (the wait doubles while syncs keep failing).
+const POISON_WAIT_MIN: Duration = Duration::from_secs(1);
+const POISON_WAIT_MAX: Duration = Duration::from_secs(300);
 /// While the log is unwritable, how often a write is tried at most: each try seals the whole
 /// backlog again (hashing up to [`MAX_BACKLOG_BYTES`]), and requests (each of which would try)
 /// keep coming; those in between are refused at once.
@@ -1130,6 +1134,8 @@ struct Shared {
     queue: Mutex<Queue>,
     bg: Mutex<Background>,
     wake: Condvar,
+    /// Set by [`Audit::close`]: deferred events are written at once from then on.
+    closed: AtomicBool,
     durability: Durability,
     healthy: AtomicBool,
     /// Checkpoints are signed (see [`Audit::sign_checkpoints`]): without, the audit thread
@@ -1156,7 +1162,12 @@ struct Background {
     stop: bool,
 }
 
-type SyncWaiter = tokio::sync::oneshot::Sender<Result<(), Error>>;
+/// Who waits for an `fdatasync`, and the last `seq` its events may be at (see
+/// [`Writer::unsafe_through`]).
+type SyncWaiter = (tokio::sync::oneshot::Sender<Result<(), Error>>, u64);
+
+/// A write's outcome: the `seq` of the last record it wrote (or of the last record there is).
+type Written = Result<u64, Error>;
 
 /// What waits to be written.
 #[derive(Default)]
@@ -1171,8 +1182,8 @@ struct Queue {
 }
 
 impl Queue {
-    /// Keeps `events` for the next write, whatever the bounds (they are few: callers that
-    /// gave up, the record of what was lost).
+    /// Keeps `events` for the next write, whatever the bounds (they are few: the events of
+    /// callers a turn ends without writing for, the record of what was lost).
     fn keep_later(&mut self, events: Vec<Event>) {
         self.later_bytes += events.iter().map(|e| e.0.len()).sum::<usize>();
         self.later.extend(events);
@@ -1194,7 +1205,7 @@ struct Waiter {
 /// What a queued caller is told.
 enum Turn {
     /// Its events were written by the caller whose turn it was (with this outcome).
-    Written(Result<(), Error>),
+    Written(Written),
     /// That turn ended first: try again with these (its own) events.
     Retry(Vec<Event>),
 }
@@ -1233,7 +1244,8 @@ impl Drop for Queued<'_> {
             events.extend(mine);
         }
         if !events.is_empty() {
-            self.shared.defer(events);
+            // Over the bound these go too (their requests were not forwarded), counted.
+            let _ = self.shared.defer(events);
         }
     }
 }
@@ -1311,8 +1323,9 @@ impl Audit {
             prune: None,
             signing: None,
             dirty: false,
-            left_unsynced: None,
+            unsafe_through: None,
             poisoned: None,
+            poison_left: None,
             path_checked: Instant::now(),
             retried: None,
             stats: stats.clone(),
@@ -1374,6 +1387,7 @@ impl Audit {
             queue: Mutex::new(Queue::default()),
             bg: Mutex::new(Background::default()),
             wake: Condvar::new(),
+            closed: AtomicBool::new(false),
             durability: config.durability,
             healthy: AtomicBool::new(true),
             signs: AtomicBool::new(false),
@@ -1485,17 +1499,22 @@ impl Audit {
                 if self.shared.healthy_or_err().is_err() {
                     // After a failure, written now: that tries the log again (a repaired one
                     // takes them and is healthy again; a broken one refuses them).
-                    return self.shared.write(events);
+                    return self.shared.write(events).map(drop);
                 }
-                self.shared.defer(events);
+                // Over the bound, refused: a request is never forwarded with no record.
+                if !self.shared.defer(events) {
+                    return Err(Error::Unavailable(
+                        "events come faster than the log takes them".into(),
+                    ));
+                }
                 Ok(())
             }
-            Durability::Write => self.shared.write_in_turn(events).await,
+            Durability::Write => self.shared.write_in_turn(events).await.map(drop),
             Durability::Fsync => {
-                self.shared.write_in_turn(events).await?;
+                let through = self.shared.write_in_turn(events).await?;
                 // Its worker keeps polling meanwhile (see `workers::AwaitingAnswer`).
                 let _awaiting = crate::workers::AwaitingAnswer::new();
-                match self.shared.request_sync().await {
+                match self.shared.request_sync(through).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(Error::Unavailable(why) | Error::NotDurable(why))) => {
                         Err(Error::NotDurable(why))
@@ -1512,7 +1531,8 @@ impl Audit {
     /// [`Audit::idle_flusher`]), or by the background thread (within [`FLUSH_DELAY`] off the
     /// workers, [`SYNC_INTERVAL`] for a worker that stays busy), whichever is first.
     pub fn record_later(&self, event: Event) {
-        self.shared.defer(vec![event]);
+        // Dropped over the bound: counted, and recorded as `audit.lost`.
+        let _ = self.shared.defer(vec![event]);
     }
 
     /// The function a connection worker calls when it starts and whenever it is about to go
@@ -1550,6 +1570,7 @@ impl Audit {
     /// written, the closing checkpoint, the last `fdatasync`; the audit thread stops. A later
     /// `fsync`-mode record fails (nobody syncs any more). Idempotent.
     pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
         lock(&self.shared.bg).stop = true;
         self.shared.wake.notify_one();
         let thread = lock(&self.background).take();
@@ -1560,11 +1581,11 @@ impl Audit {
 
     /// Records `event` and waits, from synchronous code (start-up, shutdown, admin).
     pub fn record_blocking(&self, event: Event) -> Result<(), Error> {
-        self.shared.write(vec![event])?;
+        let through = self.shared.write(vec![event])?;
         if self.shared.durability == Durability::Fsync {
             return self
                 .shared
-                .request_sync()
+                .request_sync(through)
                 .blocking_recv()
                 .map_err(thread_stopped)?;
         }
@@ -1593,7 +1614,7 @@ impl Shared {
     /// that queue never block their thread, and no caller waits for another particular task to
     /// be polled. The caller whose turn it is may wait for the background thread's `write(2)`.
     /// All or none of a group is written; every member gets the outcome.
-    async fn write_in_turn(&self, mut events: Vec<Event>) -> Result<(), Error> {
+    async fn write_in_turn(&self, mut events: Vec<Event>) -> Written {
         loop {
             let rx = {
                 let mut q = lock(&self.queue);
@@ -1652,7 +1673,7 @@ impl Shared {
     /// The writing part of a turn (the caller set `busy` and ends the turn): the deferred
     /// events, `events` and the queued callers' events in one `write(2)`, then the groups that
     /// queued meanwhile (see [`Shared::write_in_turn`]).
-    fn write_turn(&self, events: Vec<Event>) -> Result<(), Error> {
+    fn write_turn(&self, events: Vec<Event>) -> Written {
         let mut result = None;
         let mut mine = Some(events);
         for _ in 0..=EXTRA_ROUNDS {
@@ -1680,7 +1701,7 @@ impl Shared {
             }
             result.get_or_insert(outcome);
         }
-        result.unwrap_or(Ok(()))
+        result.unwrap_or_else(|| Ok(lock(&self.writer).seq))
     }
 
     /// See [`Audit::try_now`].
@@ -1712,7 +1733,7 @@ impl Shared {
     }
 
     /// Writes the deferred events and then `events` in one `write(2)`, under the writer lock.
-    fn write(&self, events: Vec<Event>) -> Result<(), Error> {
+    fn write(&self, events: Vec<Event>) -> Written {
         let writer = lock(&self.writer);
         let mut batch = lock(&self.queue).take_later();
         let deferred = batch.len();
@@ -1729,9 +1750,9 @@ impl Shared {
         mut w: std::sync::MutexGuard<'_, Writer>,
         mut batch: Vec<Event>,
         deferred: usize,
-    ) -> Result<(), Error> {
+    ) -> Written {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(w.seq);
         }
         let n = batch.len() as u64;
         let paced = !self.healthy.load(Ordering::Relaxed)
@@ -1770,6 +1791,7 @@ impl Shared {
             q.later = batch;
             q.later_bytes = bytes;
         }
+        let through = w.seq;
         drop(w);
         match result {
             Ok(()) => {
@@ -1791,7 +1813,7 @@ impl Shared {
                     lock(&self.queue).keep_later(vec![lost]);
                     self.deferred();
                 }
-                Ok(())
+                Ok(through)
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -1805,9 +1827,15 @@ impl Shared {
 
     /// Queues `events` for the next write: this worker's when it goes idle (see
     /// [`Audit::idle_flusher`]), otherwise the background thread's.
-    fn defer(&self, events: Vec<Event>) {
+    /// Whether they were kept (or, the log closed, written); `false`: dropped, over the bound.
+    fn defer(&self, events: Vec<Event>) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            // Closed (the daemon stopping; an admin request that outlasted its wait): no
+            // thread writes them later, so now.
+            return self.write(events).is_ok();
+        }
         let bytes: usize = events.iter().map(|e| e.0.len()).sum();
-        {
+        let kept = {
             let mut q = lock(&self.queue);
             if q.later.len() + events.len() > MAX_DEFERRED
                 || q.later_bytes + bytes > MAX_DEFERRED_BYTES
@@ -1820,11 +1848,14 @@ impl Shared {
                     events = n,
                     "audit events dropped: they come faster than the log is written (recorded as audit.lost)"
                 );
+                false
             } else {
                 q.keep_later(events);
+                true
             }
-        }
+        };
         self.deferred();
+        kept
     }
 
     /// Events were deferred: noted for this thread's idle moment if it writes them then,
@@ -1851,13 +1882,14 @@ impl Shared {
         }
     }
 
-    /// Asks for an `fdatasync` covering everything written so far.
-    fn request_sync(&self) -> tokio::sync::oneshot::Receiver<Result<(), Error>> {
+    /// Asks for an `fdatasync` covering everything written so far, for events at `seq` or
+    /// before.
+    fn request_sync(&self, seq: u64) -> tokio::sync::oneshot::Receiver<Result<(), Error>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut bg = lock(&self.bg);
         // Once the thread is told to stop, nobody would answer: the sender goes at once.
         if !bg.stop {
-            bg.sync_waiters.push(tx);
+            bg.sync_waiters.push((tx, seq));
             self.wake.notify_one();
         }
         rx
@@ -1891,10 +1923,8 @@ impl Shared {
                 }
                 // The log closes signed: a cleanly stopped daemon's log ends in a checkpoint.
                 self.checkpoint(true);
-                let result = self.sync(!waiters.is_empty());
-                for w in waiters {
-                    let _ = w.send(result.clone());
-                }
+                let result = self.sync();
+                self.answer(waiters, &result);
                 return;
             }
             if flush {
@@ -1921,11 +1951,9 @@ impl Shared {
             }
             if !waiters.is_empty() || last_sync.elapsed() >= SYNC_INTERVAL {
                 last_group = waiters.len();
-                let result = self.sync(!waiters.is_empty());
+                let result = self.sync();
                 last_sync = Instant::now();
-                for w in waiters {
-                    let _ = w.send(result.clone());
-                }
+                self.answer(waiters, &result);
             }
         }
     }
@@ -1982,27 +2010,36 @@ impl Shared {
         }
     }
 
-    /// `fdatasync` of everything written so far (nothing to do if nothing was). `answers`:
-    /// callers wait for the result (a failed sync of a file left behind is theirs to hear).
-    fn sync(&self, answers: bool) -> Result<(), Error> {
-        let (file, left_unsynced) = {
+    /// Tells each of `waiters` the outcome of the `fdatasync` that covers their events:
+    /// `result`, unless its events may be in a file the writer left without a successful sync
+    /// (see [`Writer::unsafe_through`]).
+    fn answer(&self, waiters: Vec<SyncWaiter>, result: &Result<(), Error>) {
+        if waiters.is_empty() {
+            return;
+        }
+        let unsafe_through = lock(&self.writer).unsafe_through.clone();
+        for (tx, seq) in waiters {
+            let verdict = match &unsafe_through {
+                Some((through, why)) if seq <= *through => Err(Error::NotDurable(why.clone())),
+                _ => result.clone(),
+            };
+            let _ = tx.send(verdict);
+        }
+    }
+
+    /// `fdatasync` of everything written so far to the open file (nothing to do if nothing
+    /// was).
+    fn sync(&self) -> Result<(), Error> {
+        let file = {
             let mut w = lock(&self.writer);
             if let Some(why) = &w.poisoned {
                 return Err(Error::NotDurable(why.clone()));
             }
-            let left = if answers {
-                w.left_unsynced.take()
-            } else {
-                None
-            };
             if !w.dirty {
-                return match left {
-                    Some(why) => Err(Error::NotDurable(why)),
-                    None => self.healthy_or_err(),
-                };
+                return self.healthy_or_err();
             }
             w.dirty = false;
-            (w.file.clone(), left)
+            w.file.clone()
         };
         let started = Instant::now();
         match file.sync_data() {
@@ -2013,16 +2050,26 @@ impl Shared {
                     .sync_micros
                     .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
                 self.stats.sync_seconds.observe(took.as_secs_f64());
-                match left_unsynced {
-                    Some(why) => Err(Error::NotDurable(why)),
-                    None => Ok(()),
+                let mut w = lock(&self.writer);
+                if Arc::ptr_eq(&w.file, &file) {
+                    // Syncs work again: leaving a poisoned file is no longer paced.
+                    w.poison_left = None;
                 }
+                Ok(())
             }
             Err(e) => {
                 {
                     let mut w = lock(&self.writer);
-                    w.dirty = true;
-                    w.poisoned = Some(format!("fdatasync of the audit log failed: {e}"));
+                    // The file synced, not one the writer moved to meanwhile (that one's
+                    // records are another sync's).
+                    if Arc::ptr_eq(&w.file, &file) {
+                        w.dirty = true;
+                        w.poisoned = Some(format!("fdatasync of the audit log failed: {e}"));
+                    } else {
+                        let why =
+                            format!("fdatasync of the audit log file left behind failed: {e}");
+                        w.mark_unsafe(why);
+                    }
                 }
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.healthy.store(false, Ordering::Relaxed);
@@ -2457,10 +2504,14 @@ struct Writer {
     signing: Option<Signing>,
     /// Written since the last `fdatasync`.
     dirty: bool,
-    /// Why what was written to a file the writer left (renamed or rotated away, removed) may
-    /// not be on stable storage: its `fdatasync` failed. Reported to the next sync's waiters,
-    /// whose events may be among those (a sync of the new file does not cover them).
-    left_unsynced: Option<String>,
+    /// The last `seq` written to a file the writer left (renamed or rotated away, removed)
+    /// without a successful `fdatasync`, and why: a waiter whose events are at that `seq` or
+    /// before is refused whatever later syncs say (they cover other files).
+    unsafe_through: Option<(u64, String)>,
+    /// When the writer last left a poisoned file, and how long it waits before leaving the
+    /// next one (doubling up to [`POISON_WAIT_MAX`]): a device whose syncs keep failing must
+    /// not make a new file per write.
+    poison_left: Option<(Instant, Duration)>,
     /// Why the open file is not trusted any more: an `fdatasync` of it failed. Linux reports a
     /// failed write-back once and marks its pages clean, so a later sync of the same file can
     /// succeed although events written before it are lost. Every sync reports it until the
@@ -2567,14 +2618,20 @@ impl Writer {
     /// never leaves half a line in the middle of the chain.
     fn write_batch(&mut self, events: &[Event]) -> io::Result<()> {
         self.ensure_file()?;
-        if self.poisoned.is_some() {
-            // Its failed fdatasync makes the file untrustworthy: new events go to a new one,
-            // and the next sync's waiters hear of the failure (their events may be there).
+        let leave = self
+            .poison_left
+            .is_none_or(|(at, wait)| at.elapsed() >= wait);
+        if let Some(why) = self.poisoned.clone().filter(|_| leave) {
+            // Its failed fdatasync makes the file untrustworthy: new events go to a new one
+            // (the waiters of those written there are refused: `unsafe_through`). Paced: while
+            // syncs keep failing, the writer stays on it (and every sync refuses).
+            let wait = self
+                .poison_left
+                .map_or(POISON_WAIT_MIN, |(_, w)| (w * 2).min(POISON_WAIT_MAX));
+            self.poison_left = Some((Instant::now(), wait));
             if let Err(e) = self.rotate() {
                 // Still on it: every sync goes on failing.
-                if self.poisoned.is_none() {
-                    self.poisoned = self.left_unsynced.clone();
-                }
+                self.poisoned = Some(why);
                 return Err(e);
             }
         }
@@ -2706,10 +2763,9 @@ impl Writer {
     /// events are in it wait for the next sync. A failure is kept for those callers (see
     /// `left_unsynced`); the writer moves on (the next file may be fine).
     fn sync_before_leaving(&mut self) {
-        // A file whose fdatasync failed before: its waiters hear of it whatever this one says.
-        let poisoned = self.poisoned.take();
-        if let Some(why) = &poisoned {
-            self.left_unsynced = Some(why.clone());
+        // A file whose fdatasync failed before: its waiters are refused whatever this one says.
+        if let Some(why) = self.poisoned.take() {
+            self.mark_unsafe(why);
         }
         if !self.dirty {
             return;
@@ -2722,15 +2778,21 @@ impl Writer {
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, path = %self.path.display(), "fdatasync of the audit log file being left (renamed, rotated or removed) failed: requests waiting for its events to be durable are refused");
-                self.left_unsynced = Some(format!(
+                self.mark_unsafe(format!(
                     "fdatasync of the audit log file left behind (renamed, rotated or removed) failed: {e}"
                 ));
             }
         }
-        if poisoned.is_some() {
-            // Whatever the sync said: the earlier failure is what the waiters must hear.
-            self.left_unsynced = poisoned;
-        }
+    }
+
+    /// Records written so far (through `seq`) may not be on stable storage: their waiters are
+    /// refused with `why` (the first reason kept for a range already marked).
+    fn mark_unsafe(&mut self, why: String) {
+        let why = match self.unsafe_through.take() {
+            Some((_, earlier)) => earlier,
+            None => why,
+        };
+        self.unsafe_through = Some((self.seq, why));
     }
 
     /// Renames the file away and starts a new one; with `max_files`, plans the pruning of the
@@ -4653,14 +4715,27 @@ mod tests {
         w.ensure_file().unwrap();
         assert!(!w.dirty, "the file left behind was synced");
         assert_eq!(a.shared.stats.syncs.load(Ordering::Relaxed), syncs + 1);
-        // A failed sync of a left file is reported to the next sync's waiters, once.
-        w.left_unsynced = Some("fdatasync of the audit log file left behind failed".into());
+        // A failed sync of a left file: the waiters of its records are refused, however late
+        // they ask; those of later records hear the new file's sync.
+        w.write_batch(&[event("in-the-left-file")]).unwrap();
+        let left = w.seq;
+        w.mark_unsafe("fdatasync of the audit log file left behind failed".into());
+        w.write_batch(&[event("after")]).unwrap();
+        let after = w.seq;
         drop(w);
-        // Not taken by a sync nobody waits for (the background thread's periodic one).
-        a.shared.sync(false).unwrap();
-        let e = a.shared.sync(true).unwrap_err().to_string();
-        assert!(e.contains("left behind"), "{e}");
-        a.shared.sync(true).unwrap();
+        for _ in 0..2 {
+            let e = verdict(&a, left).unwrap_err().to_string();
+            assert!(e.contains("left behind"), "{e}");
+        }
+        verdict(&a, after).unwrap();
+    }
+
+    /// What the audit thread tells a caller waiting for the records through `seq`.
+    fn verdict(a: &Audit, seq: u64) -> Result<(), Error> {
+        let result = a.shared.sync();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        a.shared.answer(vec![(tx, seq)], &result);
+        rx.try_recv().expect("answered")
     }
 
     #[tokio::test]
@@ -4699,9 +4774,12 @@ mod tests {
         a.record_later(event("deferred"));
         a.close();
         assert_eq!(names(&path), ["deferred"]);
-        // Whoever still holds it: an fsync-mode record is refused at once, not left waiting.
+        // Whoever still holds it: an fsync-mode record is refused at once, not left waiting
+        // (written, not synced), and a deferred event is written at once, not left unwritten.
         let e = a.record_blocking(event("late")).unwrap_err().to_string();
         assert!(e.contains("stopped"), "{e}");
+        a.record_later(event("deferred-after"));
+        assert_eq!(names(&path), ["deferred", "late", "deferred-after"]);
         a.close();
     }
 
@@ -4719,19 +4797,45 @@ mod tests {
         }
         // Every sync says so while the writer is on the file (the waiters' events are there).
         for _ in 0..2 {
-            let e = a.shared.sync(true).unwrap_err().to_string();
+            let e = a.shared.sync().unwrap_err().to_string();
             assert!(e.contains("EIO"), "{e}");
         }
         let before = FileId::of_path(&path).unwrap();
-        // The next write goes to a new file; the sync after it tells its waiters once.
-        lock(&a.shared.writer)
-            .write_batch(&[Event(b"\"event\":\"x\"".to_vec())])
-            .unwrap();
+        let in_it = lock(&a.shared.writer).seq;
+        // The next write goes to a new file: the waiters of records in the left one are
+        // refused, however late they ask; those of the new one hear its sync.
+        lock(&a.shared.writer).write_batch(&[event("x")]).unwrap();
         let now = FileId::of_path(&path).unwrap();
         assert!(!now.same_file(&before), "the untrusted file was left");
-        let e = a.shared.sync(true).unwrap_err().to_string();
-        assert!(e.contains("EIO"), "{e}");
-        a.shared.sync(true).unwrap();
+        // The new file's syncs failing at once too: the writer stays on it (a new file per
+        // write would pile up), every sync refusing, until the wait has passed.
+        lock(&a.shared.writer).poisoned = Some("fdatasync of the audit log failed: EIO".into());
+        lock(&a.shared.writer).write_batch(&[event("y")]).unwrap();
+        assert!(
+            FileId::of_path(&path).unwrap().same_file(&now),
+            "left again at once"
+        );
+        assert!(a.shared.sync().is_err());
+        lock(&a.shared.writer).poison_left =
+            Some((Instant::now() - POISON_WAIT_MAX, POISON_WAIT_MIN));
+        lock(&a.shared.writer).write_batch(&[event("z")]).unwrap();
+        assert!(
+            !FileId::of_path(&path).unwrap().same_file(&now),
+            "never left"
+        );
+        assert_eq!(
+            lock(&a.shared.writer).poison_left.map(|(_, w)| w),
+            Some(POISON_WAIT_MIN * 2),
+            "the wait doubles"
+        );
+        // The waiters of records in the left files are refused, however late they ask; those
+        // of the last one hear its sync (which, succeeding, ends the pacing).
+        let last = lock(&a.shared.writer).seq;
+        assert!(verdict(&a, in_it).unwrap_err().to_string().contains("EIO"));
+        assert!(verdict(&a, last - 1).is_err());
+        verdict(&a, last).unwrap();
+        assert!(verdict(&a, in_it).is_err());
+        assert!(lock(&a.shared.writer).poison_left.is_none());
     }
 
     #[test]

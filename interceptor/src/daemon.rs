@@ -134,6 +134,9 @@ pub struct Daemon {
     /// Held through a reload, from reading the file to the swap: two at once (SIGHUP and
     /// `interceptor reload`) could otherwise end with the older file's policy in force.
     reloading: std::sync::Mutex<()>,
+    /// Held through a revoke or unrevoke, from the check to the change: an unrevoke recorded
+    /// before it applies must not remove a revocation made meanwhile.
+    revoking: std::sync::Mutex<()>,
     /// Held (shared) by each admin request and SIGHUP reload while it runs (see
     /// [`Daemon::change`]), taken whole by the stop before `daemon.stop` is recorded: what
     /// they change (and record) comes before it.
@@ -582,24 +585,18 @@ impl Daemon {
         let bindings = new.policy.binding_count();
         // On record before it applies (a request judged by the new policy comes after it in
         // the log), or not applied.
-        self.audit
-            .record_blocking(self.event_by(
-                by,
-                "policy.reload",
-                json!({
-                    "outcome": "applied",
-                    "policy_changed": policy_changed,
-                    "roles": roles,
-                    "bindings": bindings,
-                    "not_applied": not_applied,
-                }),
-            ))
-            .map_err(|e| {
-                format!(
-                    "reload refused, the current policy stays active: the audit log cannot \
-                     record it ({e})"
-                )
-            })?;
+        self.record_before(
+            by,
+            "policy.reload",
+            json!({
+                "outcome": "applied",
+                "policy_changed": policy_changed,
+                "roles": roles,
+                "bindings": bindings,
+                "not_applied": not_applied,
+            }),
+            "reload refused, the current policy stays active:",
+        )?;
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.policy);
         // Server streams the new policy no longer allows end; agents with one that goes on
         // re-list their tools; those without see the new policy on their next request anyway
@@ -792,6 +789,7 @@ impl Daemon {
         all_egress: bool,
         by: &str,
     ) -> Result<(Revocation, usize), String> {
+        let _one_at_a_time = lock(&self.revoking);
         if let Selector::Cgroup(cgroup) = &selector {
             // Outside the attach point its connections are never intercepted: nothing to
             // refuse, and a kernel row there would claim an enforcement that never happens.
@@ -865,6 +863,7 @@ impl Daemon {
 
     /// Lifts the revocation of `selector`.
     pub fn unrevoke(&self, selector: Selector, by: &str) -> Result<Selector, String> {
+        let _one_at_a_time = lock(&self.revoking);
         let selector = selector.normalized()?;
         // Found by what was revoked, not only by the current key: a revoked cgroup may have
         // been removed, or re-created at its path (another id), since.
@@ -887,14 +886,13 @@ impl Daemon {
             ));
         }
         // On record before the identity is let through again, or not made.
-        self.audit
-            .record_blocking(self.event_by(by, "unrevoke", json!({"selector": selector})))
-            .map_err(|e| {
-                format!(
-                    "unrevoke of {} refused: the audit log cannot record it ({e})",
-                    selector.label()
-                )
-            })?;
+        let fields = json!({"selector": selector});
+        self.record_before(
+            by,
+            "unrevoke",
+            fields.clone(),
+            &format!("unrevoke of {} refused:", selector.label()),
+        )?;
         let removed: Vec<BlockKey> = {
             let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
             let (gone, kept) = std::mem::take(&mut *list)
@@ -904,10 +902,10 @@ impl Daemon {
             gone.into_iter().map(|r| r.key).collect()
         };
         if removed.is_empty() {
-            return Err(format!(
-                "{} is not revoked; `interceptor status` lists the revocations",
-                selector.label()
-            ));
+            // Checked above, under the same lock: only if the list changed another way.
+            let why = format!("{} is not revoked", selector.label());
+            self.not_made(by, "unrevoke", fields, &why);
+            return Err(why);
         }
         {
             let mut blocks = lock(&self.kernel.blocks);
@@ -915,7 +913,10 @@ impl Daemon {
                 let _ = blocks.remove(key);
             }
         }
-        self.sync_block_state()?;
+        if let Err(e) = self.sync_block_state() {
+            self.not_made(by, "unrevoke", fields, &e);
+            return Err(e);
+        }
         info!(unrevoked = %selector.label(), "unrevoked");
         Ok(selector)
     }
@@ -1171,14 +1172,19 @@ impl Daemon {
             ));
         };
         // On record before its agents reach MCP servers directly, or not made.
-        self.audit
-            .record_blocking(self.event_by(by, "untag", json!({"cgroup": cgroup, "cgroup_id": id})))
-            .map_err(|e| {
-                format!("untag of {cgroup} refused: the audit log cannot record it ({e})")
-            })?;
+        let fields = json!({"cgroup": cgroup, "cgroup_id": id});
+        self.record_before(
+            by,
+            "untag",
+            fields.clone(),
+            &format!("untag of {cgroup} refused:"),
+        )?;
         for key in &ids {
-            tags.remove(key)
-                .map_err(|e| format!("cannot untag {cgroup}: {e}"))?;
+            if let Err(e) = tags.remove(key) {
+                let why = format!("cannot untag {cgroup}: {e}");
+                self.not_made(by, "untag", fields, &why);
+                return Err(why);
+            }
         }
         info!(cgroup = %cgroup, cgroup.id = id, "untagged");
         let exists = self.hierarchy.id(&cgroup).is_ok_and(|cur| cur == id);
@@ -1188,6 +1194,34 @@ impl Daemon {
             exists,
             warning: None,
         })
+    }
+
+    /// Records a change that widens access (`name`, `fields`) before it applies, synced in
+    /// `fsync` mode; when the log cannot take it, the change is refused (`refused`: how the
+    /// error begins) and, as its event may be in the file all the same (written, its sync
+    /// failed), followed by one saying it was not made.
+    fn record_before(
+        &self,
+        by: &str,
+        name: &str,
+        fields: Value,
+        refused: &str,
+    ) -> Result<(), String> {
+        self.audit
+            .record_blocking(self.event_by(by, name, fields.clone()))
+            .map_err(|e| {
+                let why = format!("the audit log cannot record it ({e})");
+                self.not_made(by, name, fields, &why);
+                format!("{refused} {why}")
+            })
+    }
+
+    /// Follows the record of a change that was then not made: the same event, with `outcome`
+    /// `refused` and the `reason`.
+    fn not_made(&self, by: &str, name: &str, mut fields: Value, reason: &str) {
+        fields["outcome"] = json!("refused");
+        fields["reason"] = json!(reason);
+        self.audit.record_later(self.event_by(by, name, fields));
     }
 
     /// An audit event caused by the process whose `identity` object (JSON text) is `by`.
@@ -1623,6 +1657,7 @@ pub async fn run(config: Config, on_ready: fn()) -> Result<(), Error> {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         policy_changes: tokio::sync::watch::Sender::new(0),
         reloading: std::sync::Mutex::new(()),
+        revoking: std::sync::Mutex::new(()),
         changes: Arc::new(tokio::sync::RwLock::new(())),
         upstreams,
         ca,
