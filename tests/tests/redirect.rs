@@ -976,6 +976,21 @@ except OSError:
 print(len(reply))
 "#;
 
+/// Runs [`IMPOSTOR`] from an agent's source `port` to the proxy port: what it was answered
+/// (the number of bytes) and its stderr; `None` when the port is taken and `attempt` is not
+/// the last of 3 (the scenario is then played again).
+fn impostor(port: &str, proxy_port: u16, attempt: usize) -> Option<(String, String)> {
+    let out = std::process::Command::new(interceptor_tests::python())
+        .args(["-c", IMPOSTOR, port, &proxy_port.to_string()])
+        .output()
+        .expect("run the impostor");
+    let received = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if received == "in-use" && attempt < 3 {
+        return None;
+    }
+    Some((received, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
 #[test]
 fn a_served_connections_record_is_consumed_and_serves_no_impostor_on_its_port() {
     if !privileged() {
@@ -1008,19 +1023,12 @@ print(source, b"upstream" in reply, flush=True)
         let (said, _agent) = interceptor_tests::python_in_cgroup(&agents, AGENT, &[&dialed]);
         let (port, served) = said.split_once(' ').expect("port and verdict");
         assert_eq!(served, "True", "the agent was not served: {said}");
-        let out = std::process::Command::new(interceptor_tests::python())
-            .args(["-c", IMPOSTOR, port, &w.env.port.to_string()])
-            .output()
-            .expect("run the impostor");
-        let received = String::from_utf8_lossy(&out.stdout);
-        if received.trim() == "in-use" && attempt < 3 {
+        let Some((received, stderr)) = impostor(port, w.env.port, attempt) else {
             continue;
-        }
+        };
         assert_eq!(
-            received.trim(),
-            "0",
-            "served as the agent on its record: {received} / {}",
-            String::from_utf8_lossy(&out.stderr)
+            received, "0",
+            "served as the agent on its record: {received} / {stderr}"
         );
         assert_eq!(
             w.upstream.count(),
@@ -1065,20 +1073,10 @@ except OSError:
             || "the agent's connection was not reset".into(),
         );
         w.env.start_daemon();
-        let out = std::process::Command::new(interceptor_tests::python())
-            .args(["-c", IMPOSTOR, &port.to_string(), &w.env.port.to_string()])
-            .output()
-            .expect("run the impostor");
-        let received = String::from_utf8_lossy(&out.stdout);
-        if received.trim() == "in-use" && attempt < 3 {
+        let Some((received, stderr)) = impostor(&port.to_string(), w.env.port, attempt) else {
             continue;
-        }
-        assert_eq!(
-            received.trim(),
-            "0",
-            "served as the agent: {received} / {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        };
+        assert_eq!(received, "0", "served as the agent: {received} / {stderr}");
         break;
     }
     assert_eq!(w.upstream.count(), 0, "the impostor's request was relayed");
