@@ -1348,7 +1348,8 @@ impl Daemon {
                 // write(2) calls: concurrent requests share them.
                 "writes": self.audit.stats.writes.load(Ordering::Relaxed),
                 "failures": self.audit.stats.failures.load(Ordering::Relaxed),
-                // Events dropped while the log stayed unwritable (an audit.lost event says so).
+                // Events dropped while the log stayed unwritable, or over the bound on deferred
+                // events while it was writable (an audit.lost event says so).
                 "lost": self.audit.stats.lost.load(Ordering::Relaxed),
                 "syncs": self.audit.stats.syncs.load(Ordering::Relaxed),
                 // Total time in fdatasync, µs (the mean over syncs is what fsync mode adds).
