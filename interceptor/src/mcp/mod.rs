@@ -1053,37 +1053,40 @@ fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 /// HTTP 503 for a request refused for the buffer budget or the bound on requests in flight
 /// (`Retry-After: 1`).
 fn busy(over: budget::Over) -> Response<ProxyBody> {
-    retry_soon(error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        code::INTERNAL_ERROR,
-        format!("interceptor: request not read: {}", over.reason()),
-    ))
+    retry_after(
+        1,
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::INTERNAL_ERROR,
+            format!("interceptor: request not read: {}", over.reason()),
+        ),
+    )
 }
 
 /// The answer to a request over its cgroup's rate, which may come again after `wait`.
 fn too_many(wait: Duration) -> Response<ProxyBody> {
-    let mut response = error_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        code::INTERNAL_ERROR,
-        format!(
-            "interceptor: request not read: this cgroup's agents send more requests than \
-             proxy.max_requests_per_second_per_cgroup allows; try again in {} ms",
-            wait.as_millis().max(1)
-        ),
-    );
     // Whole seconds, rounded up.
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-    response
+    retry_after(
+        seconds.max(1),
+        error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            code::INTERNAL_ERROR,
+            format!(
+                "interceptor: request not read: this cgroup's agents send more requests than \
+                 proxy.max_requests_per_second_per_cgroup allows; try again in {} ms",
+                wait.as_millis().max(1)
+            ),
+        ),
+    )
 }
 
-/// `response` with `Retry-After: 1` (a bound on what agents hold at once was reached).
-fn retry_soon(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+/// `response` with `Retry-After: seconds` (a bound on what agents hold at once, or on their
+/// rate, was reached).
+fn retry_after(seconds: u64, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
     response
         .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     response
 }
 
@@ -2376,7 +2379,7 @@ impl Conn {
             jsonrpc::error_response(id, code::INTERNAL_ERROR, &message)
         });
         pending.settle("error", Some(code::INTERNAL_ERROR));
-        retry_soon(json_response(StatusCode::SERVICE_UNAVAILABLE, &body))
+        retry_after(1, json_response(StatusCode::SERVICE_UNAVAILABLE, &body))
     }
 
     /// The `mcp.request` event for one message, named by `target` (its [`Conn::audit_target`]).

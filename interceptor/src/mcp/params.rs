@@ -303,7 +303,9 @@ fn collect(schema: &Value, path: &mut Vec<String>, found: &mut Vec<Mirror>) {
         path.push(key.clone());
         if let Some(name) = property.get("x-mcp-header").and_then(Value::as_str)
             && name.len() <= MAX_NAME
-            && is_token(name)
+            // RFC 9110's `token`, as `http` checks header names.
+            && !name.is_empty()
+            && http::HeaderName::from_bytes(name.as_bytes()).is_ok()
         {
             let mirror = Mirror {
                 header: format!("{PREFIX}{}", name.to_ascii_lowercase()),
@@ -316,14 +318,6 @@ fn collect(schema: &Value, path: &mut Vec<String>, found: &mut Vec<Mirror>) {
         collect(property, path, found);
         path.pop();
     }
-}
-
-/// RFC 9110's `token` (`1*tchar`).
-fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Whether header text `h` carries the argument `v` (the specification's conversions: a
@@ -369,31 +363,13 @@ fn integer_text(h: &str) -> Option<i128> {
     canonical.then(|| whole.parse().ok()).flatten()
 }
 
-/// `h` as a JSON number (RFC 8259's grammar: no `+`, no leading zeros, no spaces).
+/// `h` as a JSON number (RFC 8259's grammar, as serde_json reads it: no `+`, no leading
+/// zeros), with nothing around it.
 fn json_number(h: &str) -> Option<f64> {
-    let rest = h.strip_prefix('-').unwrap_or(h);
-    let int_end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    let (int, mut tail) = rest.split_at(int_end);
-    if int.is_empty() || (int.len() > 1 && int.starts_with('0')) {
+    if h.trim() != h {
         return None;
     }
-    if let Some(f) = tail.strip_prefix('.') {
-        let end = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
-        if end == 0 {
-            return None;
-        }
-        tail = &f[end..];
-    }
-    if let Some(e) = tail.strip_prefix(['e', 'E']) {
-        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
-        if e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        tail = "";
-    }
-    tail.is_empty().then(|| h.parse().ok()).flatten()
+    serde_json::from_str::<serde_json::Number>(h).ok()?.as_f64()
 }
 
 #[cfg(test)]
